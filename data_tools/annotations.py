@@ -1,0 +1,171 @@
+"""Annotation readers shared by the shard builder and fine-tuning: COCO JSON, YOLO txt folders,
+VOC XML folders and binary/label masks. Annotations match images by file stem.
+
+Boxes are (x, y, w, h) in pixels of the original image. Readers never raise on a bad file: they
+record an issue (file + reason) and go on, so one broken label file cannot stop a corpus build.
+"""
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ISSUE_REASONS = {
+    "annotation_without_image": "an annotation names an image that the source does not contain",
+    "annotation_parse_error": "an annotation file could not be parsed",
+    "box_clipped": "a box extending outside the image was clipped to it",
+    "box_empty": "a box with zero area (after clipping) was dropped",
+    "mask_size_mismatch": "a mask's size differs from its image's; its boxes were not used",
+    "mask_unreadable": "a mask file could not be decoded",
+}
+
+
+@dataclass
+class BoxRecord:
+    box: tuple[float, float, float, float]  # x, y, w, h (normalised to [0, 1] if `normalized`)
+    label: str | int
+    normalized: bool = False
+
+
+@dataclass
+class AnnotationSet:
+    """Boxes per image stem, mask files per stem, and the issues met while reading."""
+
+    boxes: dict[str, list[BoxRecord]] = field(default_factory=dict)
+    masks: dict[str, str] = field(default_factory=dict)
+    issues: list[dict] = field(default_factory=list)
+
+    def stems(self) -> set[str]:
+        return set(self.boxes) | set(self.masks)
+
+    def merge(self, other: "AnnotationSet") -> None:
+        for stem, recs in other.boxes.items():
+            self.boxes.setdefault(stem, []).extend(recs)
+        self.masks.update(other.masks)
+        self.issues.extend(other.issues)
+
+
+def issue(file: str, reason: str, detail: str = "") -> dict:
+    assert reason in ISSUE_REASONS, reason
+    return {"file": file, "reason": reason, "detail": detail}
+
+
+def _stem(name: str) -> str:
+    return Path(name).stem
+
+
+def read_coco(path: str) -> AnnotationSet:
+    out = AnnotationSet()
+    try:
+        data = json.loads(Path(path).read_text())
+        images = {img["id"]: img["file_name"] for img in data["images"]}
+        cats = {c["id"]: c["name"] for c in data.get("categories", [])}
+        for stem in (_stem(f) for f in images.values()):
+            out.boxes.setdefault(stem, [])
+        for ann in data.get("annotations", []):
+            stem = _stem(images[ann["image_id"]])
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            out.boxes[stem].append(BoxRecord((x, y, w, h), cats.get(ann["category_id"], ann["category_id"])))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
+    return out
+
+
+def read_yolo(folder: str, classes: tuple[str, ...] = ()) -> AnnotationSet:
+    """YOLO txt: one file per image, lines ``class cx cy w h`` normalised to the image size."""
+    out = AnnotationSet()
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".txt") or name == "classes.txt":
+            continue
+        path = os.path.join(folder, name)
+        recs = []
+        try:
+            for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                parts = line.split()
+                if len(parts) != 5:
+                    raise ValueError(f"line {line_no}: expected 5 fields, got {len(parts)}")
+                cls = int(float(parts[0]))
+                cx, cy, w, h = (float(v) for v in parts[1:])
+                label = classes[cls] if cls < len(classes) else cls
+                recs.append(BoxRecord((cx - w / 2, cy - h / 2, w, h), label, normalized=True))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            out.issues.append(issue(path, "annotation_parse_error", str(e)))
+            continue
+        out.boxes[_stem(name)] = recs
+    return out
+
+
+def read_voc(folder: str) -> AnnotationSet:
+    out = AnnotationSet()
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".xml"):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            root = ET.parse(path).getroot()
+            recs = []
+            for obj in root.iter("object"):
+                bb = obj.find("bndbox")
+                x1, y1, x2, y2 = (float(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
+                recs.append(BoxRecord((x1, y1, x2 - x1, y2 - y1), obj.findtext("name", "object")))
+        except (OSError, ET.ParseError, AttributeError, TypeError, ValueError) as e:
+            out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
+            continue
+        out.boxes[_stem(name)] = recs
+    return out
+
+
+def index_masks(folder: str, suffix: str) -> AnnotationSet:
+    out = AnnotationSet()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(suffix):
+            out.masks[name[: -len(suffix)]] = os.path.join(folder, name)
+    return out
+
+
+def read_annotations(fmt: str, path: str, suffix: str = "", classes: tuple[str, ...] = ()) -> AnnotationSet:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"annotation path does not exist: {path}")
+    if fmt == "coco":
+        return read_coco(path)
+    if fmt == "yolo":
+        return read_yolo(path, classes)
+    if fmt == "voc":
+        return read_voc(path)
+    if fmt == "mask":
+        return index_masks(path, suffix)
+    raise ValueError(f"unknown annotation format {fmt!r}")
+
+
+def boxes_to_pixels(records: list[BoxRecord], width: int, height: int) -> np.ndarray:
+    """(N, 4) float64 xywh in pixels."""
+    out = np.zeros((len(records), 4), np.float64)
+    for i, r in enumerate(records):
+        x, y, w, h = r.box
+        out[i] = (x * width, y * height, w * width, h * height) if r.normalized else (x, y, w, h)
+    return out
+
+
+def clip_boxes(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clip xywh boxes to the image. Returns (clipped boxes, keep mask, was-clipped mask)."""
+    x1 = np.clip(boxes[:, 0], 0, width)
+    y1 = np.clip(boxes[:, 1], 0, height)
+    x2 = np.clip(boxes[:, 0] + boxes[:, 2], 0, width)
+    y2 = np.clip(boxes[:, 1] + boxes[:, 3], 0, height)
+    clipped = np.stack([x1, y1, x2 - x1, y2 - y1], axis=1)
+    keep = (clipped[:, 2] > 0) & (clipped[:, 3] > 0)
+    changed = np.any(np.abs(clipped - boxes) > 0.01, axis=1)  # ignore sub-pixel rounding (YOLO decimals)
+    return clipped, keep, changed & keep
+
+
+def boxes_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Bounding boxes (xywh) of the 8-connected foreground components of a mask."""
+    n, _, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8), connectivity=8)
+    return stats[1:, :4].astype(np.float64).reshape(-1, 4)

@@ -1,0 +1,353 @@
+"""Build WebDataset shards with region proposals from infrared sources.
+
+Frames are processed in parallel (read, crop, check, propose, encode) and written in corpus order
+by the parent, so the output depends only on the inputs and the config, never on the number of
+workers: same inputs + config -> byte-identical shards and manifest.
+
+Resume: each finished shard is renamed into place and followed by a small progress record
+(``.progress/shard-NNNNNN.json``: item range, sha256, skips). A rerun keeps every shard whose
+record and checksum agree and continues after the last one.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from data_tools import SAMPLE_SCHEMA_VERSION
+from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, boxes_from_mask,
+                                    boxes_to_pixels, clip_boxes, issue, read_annotations)
+from data_tools.config import config_hash, save_resolved, to_container
+from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, encode_png, read_frame
+from data_tools.proposals import ProposalConfig, compute_proposals, unique_boxes
+from data_tools.shards import (ShardFile, atomic_write_text, encode_sample, sample_key, sha256_file,
+                               tar_bytes)
+from data_tools.sources import Source, discover
+
+MANIFEST = "manifest.json"
+PROGRESS_DIR = ".progress"
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-frame work (runs in worker processes)
+# ----------------------------------------------------------------------------------------------
+
+def _annotation_boxes(records: list[BoxRecord], mask_path: str | None, orig_w: int, orig_h: int,
+                      source: Source, rel: str) -> tuple[np.ndarray, list[dict]]:
+    """Annotation boxes of one frame in the stored (border-cropped) frame's pixels."""
+    issues: list[dict] = []
+    boxes = boxes_to_pixels(records, orig_w, orig_h)
+    if mask_path is not None:
+        mask = cv2.imread(mask_path, cv2.IMREAD_UNCHANGED)
+        if mask is None:
+            issues.append(issue(mask_path, "mask_unreadable"))
+        elif mask.shape[:2] != (orig_h, orig_w):
+            issues.append(issue(mask_path, "mask_size_mismatch",
+                                f"mask {mask.shape[1]}x{mask.shape[0]}, image {orig_w}x{orig_h} ({rel})"))
+        else:
+            boxes = np.concatenate([boxes, boxes_from_mask(mask if mask.ndim == 2 else mask[..., 0])])
+    top, bottom, left, right = source.border_crop
+    boxes = boxes - np.array([left, top, 0, 0], np.float64)
+    w, h = orig_w - left - right, orig_h - top - bottom
+    clipped, keep, changed = clip_boxes(boxes, w, h)
+    for i in np.flatnonzero(changed):
+        issues.append(issue(rel, "box_clipped", f"box {np.round(boxes[i], 1).tolist()} in {w}x{h}"))
+    for i in np.flatnonzero(~keep):
+        issues.append(issue(rel, "box_empty", f"box {np.round(boxes[i], 1).tolist()} in {w}x{h}"))
+    return clipped[keep], issues
+
+
+def process_item(task: tuple) -> dict[str, Any]:
+    index, item, source, records, mask_path, cfg = task
+    image_cfg, pcfg = cfg["image"], ProposalConfig(**cfg["proposals"])
+    try:
+        frame = read_frame(item.path, image_cfg["grey_tolerance"])
+        orig_h, orig_w = frame.image.shape
+        image = crop_border(frame.image, source.border_crop)
+        if min(image.shape) < image_cfg["min_side"]:
+            raise SkipSample("too_small", f"{image.shape[1]}x{image.shape[0]} after crop, "
+                                          f"minimum side {image_cfg['min_side']}")
+        if source.black_threshold is not None and float(image.max()) <= source.black_threshold:
+            raise SkipSample("black_frame", f"max {int(image.max())} <= {source.black_threshold:g}")
+    except SkipSample as s:
+        return {"index": index, "source": item.source,
+                "skip": {"source": item.source, "path": item.rel, "reason": s.reason, "detail": s.detail}}
+    ann, issues = _annotation_boxes(records, mask_path, orig_w, orig_h, source, item.rel)
+    for it in issues:
+        it["source"] = item.source
+    found = compute_proposals(image, pcfg)
+    ann_int = unique_boxes(ann)
+    proposals = unique_boxes(np.concatenate([ann_int, found])) if len(ann_int) else found
+    meta = {
+        "schema": SAMPLE_SCHEMA_VERSION, "source": item.source, "path": item.rel,
+        "sequence": item.sequence, "frame": item.frame,
+        "orig_width": orig_w, "orig_height": orig_h,
+        "width": int(image.shape[1]), "height": int(image.shape[0]),
+        "dtype": str(image.dtype), "format": frame.format, "colour": frame.colour,
+        "crop": list(source.border_crop),
+        "proposals_from_annotations": int(len(ann_int)),
+        "proposals_from_selective_search": int(len(found)),
+    }
+    png = encode_png(image, cfg["shards"]["png_compression"])
+    key = sample_key(item.source, index - cfg["_source_offsets"][item.source])
+    return {"index": index, "source": item.source, "path": item.rel, "colour": frame.colour,
+            "issues": issues, "proposals": int(len(proposals)),
+            "sample": encode_sample(key, png, proposals, meta)}
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one OpenCV thread per process; parallelism comes from processes
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning, resume, manifest
+# ----------------------------------------------------------------------------------------------
+
+def build_identity(sources: list[Source], cfg: dict) -> dict[str, Any]:
+    """Everything that determines the output bytes (the worker count does not)."""
+    return {
+        "schema_version": SAMPLE_SCHEMA_VERSION,
+        "sources": [s.describe() for s in sources],
+        "image": cfg["image"], "proposals": cfg["proposals"], "shards": cfg["shards"],
+    }
+
+
+def _shard_name(cfg: dict, n: int) -> str:
+    return f"{cfg['shards']['prefix']}-{n:06d}.tar"
+
+
+def _load_progress(out: Path, cfg: dict) -> list[dict]:
+    """Progress records of complete shards, contiguous from the first, checksums verified."""
+    records = []
+    pdir = out / PROGRESS_DIR
+    n = 0
+    while (pdir / f"{n:06d}.json").is_file():
+        rec = json.loads((pdir / f"{n:06d}.json").read_text())
+        if rec["shard"] is not None:
+            tar = out / rec["shard"]
+            if not tar.is_file() or sha256_file(str(tar)) != rec["sha256"]:
+                break
+        records.append(rec)
+        n += 1
+    # Forget anything after the last good record (partial or mismatching work is redone).
+    for stale in sorted(pdir.glob("*.json")) if pdir.is_dir() else []:
+        if int(stale.stem) >= n:
+            stale.unlink()
+    keep = {r["shard"] for r in records}
+    for tar in out.glob(f"{cfg['shards']['prefix']}-*.tar*"):
+        if tar.name not in keep:
+            tar.unlink()
+    return records
+
+
+def _prepare_out_dir(out: Path, identity: dict, ident_hash: str, overwrite: bool) -> dict | None:
+    """Returns the existing manifest when the output is already complete for this config."""
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if old.get("config_hash") != ident_hash and not overwrite:
+            raise BuildError(
+                f"{out} holds shards of a different config (hash {old.get('config_hash')} != "
+                f"{ident_hash}); pass --overwrite to replace them or choose another --out")
+        if old.get("config_hash") != ident_hash:
+            _clear(out)
+        elif old.get("status") == "complete":
+            return old
+    elif out.is_dir() and any(out.glob("*.tar")) and not overwrite:
+        raise BuildError(f"{out} contains .tar files but no {MANIFEST}; pass --overwrite to replace them")
+    elif overwrite and out.is_dir():
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(str(manifest_path), json.dumps(
+        {"status": "building", "config_hash": ident_hash, "config": identity}, indent=1))
+    return None
+
+
+def _clear(out: Path) -> None:
+    for p in list(out.glob("*.tar")) + list(out.glob("*.tar.tmp")) + [out / MANIFEST]:
+        if p.exists():
+            p.unlink()
+    if (out / PROGRESS_DIR).is_dir():
+        shutil.rmtree(out / PROGRESS_DIR)
+
+
+def _new_record(number: int, start: int) -> dict:
+    return {"number": number, "shard": None, "start": start, "end": start, "samples": 0, "bytes": 0,
+            "sha256": None, "first_key": None, "last_key": None, "proposals": 0,
+            "written": {}, "skipped": [], "colour_converted": [], "issues": []}
+
+
+def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[Source],
+                    discoveries: dict, orphan_issues: list[dict], records: list[dict]) -> dict:
+    per_source = {}
+    for s in sources:
+        d = discoveries[s.name]
+        per_source[s.name] = {"root": s.root, "matched": d.matched, "found": len(d.items),
+                              "written": 0, "skipped": 0, "skipped_by_reason": {},
+                              "colour_converted": 0, "annotation_issues": 0}
+    skipped, colour, issues, shards = [], [], list(orphan_issues), []
+    proposals = 0
+    for rec in records:
+        for name, n in rec["written"].items():
+            per_source[name]["written"] += n
+        skipped += rec["skipped"]
+        colour += rec["colour_converted"]
+        issues += rec["issues"]
+        proposals += rec["proposals"]
+        if rec["shard"] is not None:
+            shards.append({k: rec[k] for k in ("shard", "samples", "bytes", "sha256", "first_key", "last_key")})
+    for s in skipped:
+        ps = per_source[s["source"]]
+        ps["skipped"] += 1
+        ps["skipped_by_reason"][s["reason"]] = ps["skipped_by_reason"].get(s["reason"], 0) + 1
+    for c in colour:
+        per_source[c["source"]]["colour_converted"] += 1
+    for i in issues:
+        per_source[i["source"]]["annotation_issues"] += 1
+    for name, ps in per_source.items():
+        if ps["found"] != ps["written"] + ps["skipped"]:
+            raise BuildError(f"internal accounting error for source '{name}': {ps}")
+    totals = {k: sum(ps[k] for ps in per_source.values())
+              for k in ("found", "written", "skipped", "colour_converted", "annotation_issues")}
+    totals.update(proposals=proposals, shards=len(shards), bytes=sum(s["bytes"] for s in shards))
+    manifest = {
+        "status": "complete", "schema_version": SAMPLE_SCHEMA_VERSION,
+        "config_hash": ident_hash, "config": identity, "totals": totals, "sources": per_source,
+        "shards": shards, "skipped": skipped, "colour_converted": colour, "annotation_issues": issues,
+        "skip_reasons": SKIP_REASONS, "issue_reasons": ISSUE_REASONS,
+        "sample_format": {
+            "png": "the frame, lossless PNG, one channel, uint8 or uint16 exactly as read",
+            "proposals.npy": "(N, 4) int32 x, y, w, h in the stored frame's pixels",
+            "json": "metadata: source, path, sequence, frame, sizes, dtype, crop, colour, proposal counts",
+        },
+    }
+    atomic_write_text(str(out / MANIFEST), json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _annotations_for(source: Source, discovery) -> tuple[AnnotationSet, list[dict]]:
+    anns = AnnotationSet()
+    for spec in source.annotations:
+        anns.merge(read_annotations(spec.format, spec.path, spec.suffix, spec.classes))
+    image_stems = {Path(rel).stem for rel in discovery.all_rel}
+    orphans = [issue(f"{stem}", "annotation_without_image", "no image with this stem in the source")
+               for stem in sorted(anns.stems() - image_stems)]
+    for it in anns.issues + orphans:
+        it["source"] = source.name
+    return anns, anns.issues + orphans
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: int = 1,
+                 overwrite: bool = False, progress: bool = True,
+                 stop_after_shards: int | None = None) -> dict:
+    """Build (or resume, or confirm) the shards of ``sources`` in ``out_dir``; returns the manifest.
+
+    ``stop_after_shards`` ends the run early after that many new shards, leaving an unfinished
+    build exactly as a kill would (used to test resume).
+    """
+    cfg = to_container(cfg)
+    out = Path(out_dir)
+    identity = build_identity(sources, cfg)
+    ident_hash = config_hash(identity)
+    done = _prepare_out_dir(out, identity, ident_hash, overwrite)
+    if done is not None:
+        print(f"{out}: already complete ({done['totals']['written']} samples); nothing to do", file=sys.stderr)
+        return done
+    save_resolved({"build": cfg, "sources": [s.describe() for s in sources]}, out, "config.yaml")
+
+    discoveries, items, offsets, orphan_issues, per_item_ann = {}, [], {}, [], []
+    for s in sources:
+        d = discover(s)
+        discoveries[s.name] = d
+        anns, issues = _annotations_for(s, d)
+        orphan_issues += issues
+        offsets[s.name] = len(items)
+        for it in d.items:
+            stem = Path(it.rel).stem
+            per_item_ann.append((s, anns.boxes.get(stem, []), anns.masks.get(stem)))
+            items.append(it)
+    worker_cfg = dict(cfg, _source_offsets=offsets)
+
+    records = _load_progress(out, cfg)
+    start = records[-1]["end"] if records else 0
+    if records:
+        print(f"resuming: {len(records)} complete shard record(s), continuing at frame {start}/{len(items)}",
+              file=sys.stderr)
+    tasks = ((i, items[i], *per_item_ann[i], worker_cfg) for i in range(start, len(items)))
+    max_samples = int(cfg["shards"].get("max_samples") or 0)
+    max_bytes = int(cfg["shards"].get("max_bytes") or 0)
+
+    pool = None
+    if workers > 1:
+        ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
+        pool = ctx.Pool(workers, initializer=_init_worker)
+        results: Iterable[dict] = pool.imap(process_item, tasks, chunksize=1)
+    else:
+        _init_worker()
+        results = map(process_item, tasks)
+
+    rec = _new_record(len(records), start)
+    shard: ShardFile | None = None
+    new_shards = 0
+    bar = tqdm(total=len(items), initial=start, unit="frame", disable=not progress, desc="shards")
+
+    def finish(end: int) -> None:
+        nonlocal shard, rec, new_shards
+        rec["end"] = end
+        if shard is not None:
+            rec["sha256"] = shard.close()
+            rec.update(shard=os.path.basename(shard.path), samples=shard.count, bytes=os.path.getsize(shard.path),
+                       first_key=shard.keys[0], last_key=shard.keys[-1])
+            new_shards += 1
+        atomic_write_text(str(out / PROGRESS_DIR / f"{rec['number']:06d}.json"), json.dumps(rec))
+        records.append(rec)
+        rec, shard = _new_record(rec["number"] + 1, end), None
+
+    (out / PROGRESS_DIR).mkdir(exist_ok=True)
+    try:
+        for res in results:
+            bar.update(1)
+            if "skip" in res:
+                rec["skipped"].append(res["skip"])
+                continue
+            sample = res["sample"]
+            if shard is not None and ((max_samples and shard.count >= max_samples) or
+                                      (max_bytes and shard.bytes + tar_bytes(sample) > max_bytes)):
+                finish(res["index"])
+                if stop_after_shards is not None and new_shards >= stop_after_shards:
+                    return {"status": "stopped", "shards_written": new_shards}
+            if shard is None:
+                shard = ShardFile(str(out / _shard_name(cfg, rec["number"])))
+            shard.write(sample)
+            rec["written"][res["source"]] = rec["written"].get(res["source"], 0) + 1
+            rec["proposals"] += res["proposals"]
+            rec["issues"] += res["issues"]
+            if res["colour"] == "colour":
+                rec["colour_converted"].append({"source": res["source"], "path": res["path"],
+                                                "kind": "colour_converted_to_luma"})
+        if shard is not None or rec["skipped"] or not records:
+            finish(len(items))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if shard is not None:  # interrupted mid-shard: no half-written tar survives
+            shard.abandon()
+    return _write_manifest(out, identity, ident_hash, sources, discoveries, orphan_issues, records)

@@ -1,0 +1,113 @@
+"""``python -m data_tools`` (or ``irpt-data``): build, verify, preview, synth."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from data_tools.config import CONFIG_DIR, load_config
+
+DEFAULT_BUILD_CONFIG = CONFIG_DIR / "data" / "build.yaml"
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from data_tools.build import BuildError, build_shards
+    from data_tools.sources import SourceError, load_sources, source_from_shortcut
+
+    try:
+        sources = load_sources(args.sources) if args.sources else []
+        sources += [source_from_shortcut(s) for s in args.source]
+        if not sources:
+            raise SourceError("no sources: pass --sources FILE.yaml and/or --source NAME=PATH")
+        cfg = load_config(args.config, args.overrides)
+        manifest = build_shards(sources, cfg, args.out, workers=args.workers or os.cpu_count() or 1,
+                                overwrite=args.overwrite, progress=not args.quiet)
+    except (SourceError, BuildError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t = manifest["totals"]
+    print(f"{args.out}: {t['shards']} shard(s), {t['written']} samples written, {t['skipped']} skipped "
+          f"of {t['found']} found, {t['proposals']} proposals, {t['annotation_issues']} annotation issue(s), "
+          f"{t['colour_converted']} colour frame(s) converted")
+    for name, ps in manifest["sources"].items():
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(ps["skipped_by_reason"].items())) or "none"
+        print(f"  {name}: found {ps['found']} (of {ps['matched']} matched), written {ps['written']}, "
+              f"skipped {ps['skipped']} ({reasons})")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from data_tools.verify import verify_shards
+
+    problems = verify_shards(args.dir)
+    for p in problems:
+        print(f"MISMATCH {p}")
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    manifest = json.loads((Path(args.dir) / "manifest.json").read_text())
+    print(f"{args.dir}: OK ({len(manifest['shards'])} shards, {manifest['totals']['written']} samples)")
+    return 0
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from data_tools.preview import preview_shards
+
+    path = preview_shards(args.dir, args.out, samples=args.samples, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from data_tools.synth import SynthConfig, write_corpus
+
+    cfg = SynthConfig(num_images=args.num, width=args.width, height=args.height, seed=args.seed,
+                      bit_depth=args.bit_depth)
+    out = write_corpus(args.out, cfg)
+    print(f"wrote {cfg.num_images} scenes to {out} (sources file: {out / 'sources.yaml'})")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="data_tools", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build WebDataset shards with region proposals")
+    b.add_argument("--sources", help="sources YAML (see README)")
+    b.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
+                   help="add every image under PATH as source NAME (repeatable)")
+    b.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    b.add_argument("--config", default=str(DEFAULT_BUILD_CONFIG), help="build settings YAML")
+    b.add_argument("--workers", type=int, default=0, help="worker processes (default: all CPUs)")
+    b.add_argument("--overwrite", action="store_true", help="replace shards built with another config")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("overrides", nargs="*", help="config overrides, e.g. shards.max_samples=500")
+    b.set_defaults(func=_cmd_build)
+
+    v = sub.add_parser("verify", help="re-read shards against manifest.json (exit 1 on mismatch)")
+    v.add_argument("dir")
+    v.set_defaults(func=_cmd_verify)
+
+    pv = sub.add_parser("preview", help="draw samples with proposals and an online RoI crop")
+    pv.add_argument("dir")
+    pv.add_argument("--out", required=True)
+    pv.add_argument("--samples", type=int, default=8)
+    pv.add_argument("--seed", type=int, default=0)
+    pv.set_defaults(func=_cmd_preview)
+
+    s = sub.add_parser("synth", help="generate the synthetic thermal/visible demo corpus")
+    s.add_argument("--out", required=True)
+    s.add_argument("--num", type=int, default=96)
+    s.add_argument("--width", type=int, default=320)
+    s.add_argument("--height", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
+    s.set_defaults(func=_cmd_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    return args.func(args)

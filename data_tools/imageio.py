@@ -1,0 +1,129 @@
+"""Robust reading of infrared frames: every failure becomes a named skip reason.
+
+Accepted containers: PNG, JPEG, TIFF, BMP; 8- and 16-bit. Grey stored as RGB is detected and
+stored as one channel. Truly colour input is converted to luma (ITU-R BT.601 weights, OpenCV's
+BGR2GRAY) and reported as a warning, because an infrared corpus should not silently contain
+visible images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# Every reason a frame can be skipped, with the meaning written into the manifest's docs.
+SKIP_REASONS = {
+    "unreadable": "the file could not be opened or read (permissions, I/O error)",
+    "empty_file": "the file has zero bytes",
+    "not_an_image": "the bytes are not PNG, JPEG, TIFF or BMP, whatever the extension says",
+    "truncated": "the container ends before its end marker (PNG IEND / JPEG EOI)",
+    "decode_failed": "the decoder rejected the data (corrupt content)",
+    "unsupported_dtype": "pixels are neither 8- nor 16-bit unsigned integers",
+    "too_small": "after the border crop, a side is shorter than the crop minimum",
+    "black_frame": "the frame's maximum is at or below the source's black-frame threshold",
+}
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),
+    (b"MM\x00+", "tiff"),
+    (b"BM", "bmp"),
+)
+
+
+class SkipSample(Exception):
+    """A frame that cannot enter the corpus; ``reason`` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Frame:
+    image: np.ndarray  # (H, W), uint8 or uint16
+    format: str  # png / jpeg / tiff / bmp
+    colour: str  # "grey", "grey_rgb" (grey stored as 3 equal channels) or "colour" (converted)
+
+
+def read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SkipSample("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
+    if not data:
+        raise SkipSample("empty_file")
+    return data
+
+
+def sniff_format(data: bytes) -> str:
+    for magic, name in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    raise SkipSample("not_an_image", f"leading bytes {data[:8].hex()}")
+
+
+def check_complete(data: bytes, fmt: str) -> None:
+    """Catch truncation that decoders tolerate (libjpeg pads a cut JPEG with grey)."""
+    if fmt == "png" and b"IEND" not in data[-32:]:
+        raise SkipSample("truncated", "PNG has no IEND chunk")
+    if fmt == "jpeg" and b"\xff\xd9" not in data.rstrip(b"\x00\r\n ")[-4096:]:
+        raise SkipSample("truncated", "JPEG has no end-of-image marker")
+
+
+def to_single_channel(image: np.ndarray, grey_tolerance: int) -> tuple[np.ndarray, str]:
+    if image.ndim == 2:
+        return image, "grey"
+    if image.ndim == 3 and image.shape[2] == 1:
+        return image[:, :, 0], "grey"
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        bgr = image[:, :, :3]
+        spread = int((bgr.max(axis=2).astype(np.int32) - bgr.min(axis=2)).max())
+        grey = cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_BGR2GRAY)
+        return grey, ("grey_rgb" if spread <= grey_tolerance else "colour")
+    raise SkipSample("decode_failed", f"unexpected array shape {image.shape}")
+
+
+def decode_frame(data: bytes, grey_tolerance: int = 2) -> Frame:
+    fmt = sniff_format(data)
+    check_complete(data, fmt)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise SkipSample("decode_failed", f"OpenCV could not decode this {fmt}")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise SkipSample("unsupported_dtype", str(image.dtype))
+    image, colour = to_single_channel(image, grey_tolerance)
+    return Frame(np.ascontiguousarray(image), fmt, colour)
+
+
+def read_frame(path: str, grey_tolerance: int = 2) -> Frame:
+    return decode_frame(read_bytes(path), grey_tolerance)
+
+
+def crop_border(image: np.ndarray, border: tuple[int, int, int, int]) -> np.ndarray:
+    """Remove (top, bottom, left, right) pixels, e.g. DroneVehicle's 100 px white frame."""
+    top, bottom, left, right = border
+    h, w = image.shape[:2]
+    return image[top : max(top, h - bottom), left : max(left, w - right)]
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Decode a shard's lossless image exactly as stored (uint8 or uint16, one channel)."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError("image bytes do not decode as PNG")
+    return image
+
+
+def encode_png(image: np.ndarray, compression: int = 3) -> bytes:
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()

@@ -1,0 +1,176 @@
+"""Corpus sources and their frame rules (SPEC §1).
+
+A source is a root folder, glob patterns, a frame stride, a sort order, an optional border crop,
+an optional black-frame threshold and optional annotations. The stride applies per folder, so
+a video sequence stored as one folder of frames keeps every n-th frame of each sequence, and a
+flat folder keeps every n-th image. Frames sort naturally (``frame2`` before ``frame10``).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DEFAULT_GLOBS = ("**/*",)  # every file with an image extension, recursively
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class SourceError(ValueError):
+    """A source description that cannot be used (missing root, no files, bad option)."""
+
+
+@dataclass(frozen=True)
+class AnnotationSpec:
+    format: str  # coco | yolo | voc | mask
+    path: str  # COCO: a JSON file; others: a folder
+    suffix: str = ""  # mask files are <stem><suffix>, e.g. "_pixels0.png"
+    classes: tuple[str, ...] = ()  # YOLO class names (index order), optional
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    root: str
+    globs: tuple[str, ...] = DEFAULT_GLOBS
+    stride: int = 1
+    sort: str = "natural"  # natural | lexical
+    border_crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, bottom, left, right
+    black_threshold: float | None = None  # drop frames whose max <= this
+    annotations: tuple[AnnotationSpec, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One selected frame of a source, in corpus order."""
+
+    source: str
+    path: str  # absolute
+    rel: str  # relative to the source root, POSIX separators
+    sequence: str  # folder of the frame, relative to the root ("." for the root)
+    frame: int  # position of the frame in its folder's sorted listing (before the stride)
+
+
+@dataclass
+class Discovery:
+    items: list[Item] = field(default_factory=list)
+    matched: int = 0  # files matching the globs, before the stride
+    all_rel: list[str] = field(default_factory=list)  # every matched file (annotations match these)
+
+
+def natural_key(text: str) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def _border(value: Any, name: str) -> tuple[int, int, int, int]:
+    if value is None:
+        return (0, 0, 0, 0)
+    if isinstance(value, int):
+        values = [value] * 4
+    else:
+        values = list(value)
+        if len(values) == 2:  # (vertical, horizontal)
+            values = [values[0], values[0], values[1], values[1]]
+    if len(values) != 4 or any((not isinstance(v, int)) or v < 0 for v in values):
+        raise SourceError(f"source '{name}': border_crop must be an int >= 0, [v, h] or "
+                          f"[top, bottom, left, right], got {value!r}")
+    return tuple(values)  # type: ignore[return-value]
+
+
+def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
+    d = dict(d)
+    name = str(d.pop("name", ""))
+    if not _NAME_RE.match(name):
+        raise SourceError(f"source name {name!r} must be letters, digits, '_' or '-'")
+    if "root" not in d:
+        raise SourceError(f"source '{name}': 'root' is required")
+    root = (base_dir / os.path.expanduser(str(d.pop("root")))).resolve()
+    globs = d.pop("glob", d.pop("globs", DEFAULT_GLOBS))
+    globs = (globs,) if isinstance(globs, str) else tuple(globs)
+    stride = int(d.pop("stride", 1))
+    if stride < 1:
+        raise SourceError(f"source '{name}': stride must be >= 1, got {stride}")
+    sort = str(d.pop("sort", "natural"))
+    if sort not in ("natural", "lexical"):
+        raise SourceError(f"source '{name}': sort must be 'natural' or 'lexical'")
+    border = _border(d.pop("border_crop", None), name)
+    black = d.pop("black_threshold", None)
+    anns = []
+    for key in ("boxes", "masks"):
+        spec = d.pop(key, None)
+        if spec is None:
+            continue
+        spec = dict(spec)
+        fmt = "mask" if key == "masks" else str(spec.pop("format", ""))
+        if fmt not in ("coco", "yolo", "voc", "mask"):
+            raise SourceError(f"source '{name}': boxes.format must be coco, yolo or voc")
+        path = (base_dir / str(spec.pop("path"))).resolve()
+        anns.append(AnnotationSpec(fmt, str(path), str(spec.pop("suffix", ".png" if fmt == "mask" else "")),
+                                   tuple(spec.pop("classes", ()) or ())))
+        if spec:
+            raise SourceError(f"source '{name}': unknown {key} option(s) {sorted(spec)}")
+    if d:
+        raise SourceError(f"source '{name}': unknown option(s) {sorted(d)}")
+    return Source(name, str(root), globs, stride, sort, border,
+                  None if black is None else float(black), tuple(anns))
+
+
+def load_sources(path: str | Path) -> list[Source]:
+    """Read a sources YAML: ``sources: [{name, root, glob, stride, ...}, ...]``.
+
+    Relative paths are taken relative to the YAML file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"sources file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    entries = data.get("sources") if isinstance(data, dict) else None
+    if not entries:
+        raise SourceError(f"{path}: expected a top-level 'sources:' list")
+    sources = [source_from_dict(e, path.parent.resolve()) for e in entries]
+    names = [s.name for s in sources]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise SourceError(f"{path}: duplicate source names {sorted(dup)}")
+    return sources
+
+
+def source_from_shortcut(text: str) -> Source:
+    """``NAME=PATH``: every image under PATH, recursively, with default rules."""
+    if "=" not in text:
+        raise SourceError(f"--source expects NAME=PATH, got {text!r}")
+    name, path = text.split("=", 1)
+    return source_from_dict({"name": name, "root": path}, Path.cwd())
+
+
+def discover(source: Source) -> Discovery:
+    root = Path(source.root)
+    if not root.is_dir():
+        raise SourceError(f"source '{source.name}': root folder does not exist: {root}")
+    files: set[str] = set()
+    for pattern in source.globs:
+        for p in glob.glob(os.path.join(glob.escape(str(root)), pattern), recursive=True):
+            if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS):
+                files.add(os.path.relpath(p, root).replace(os.sep, "/"))
+    if not files:
+        raise SourceError(f"source '{source.name}': no image files match {list(source.globs)} "
+                          f"under {root}")
+    key = natural_key if source.sort == "natural" else (lambda s: s)
+    by_folder: dict[str, list[str]] = {}
+    for rel in files:
+        by_folder.setdefault(os.path.dirname(rel) or ".", []).append(rel)
+    out = Discovery(matched=len(files), all_rel=sorted(files))
+    for folder in sorted(by_folder, key=key):
+        frames = sorted(by_folder[folder], key=lambda r: key(os.path.basename(r)))
+        for index in range(0, len(frames), source.stride):
+            rel = frames[index]
+            out.items.append(Item(source.name, str(root / rel), rel, folder, index))
+    return out

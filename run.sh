@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# End-to-end pipeline. Orchestration only: every stage is a call of a project CLI.
+#
+#   ./run.sh                      set up, then run every stage on the embedded synthetic corpus
+#   ./run.sh test [pytest args]   set up, then run the test suite
+#   ./run.sh --data SOURCES.yaml  run the stages on your own infrared sources
+#   ./run.sh setup|synth|shards   run one stage (finished stages are skipped, interrupted ones resume)
+#
+# Options (before or after the stage name):
+#   --data FILE      sources YAML for the shard builder (default: the synthetic corpus)
+#   --out DIR        where outputs go (default: ./outputs)
+#   --workers N      shard-builder worker processes (default: number of CPUs)
+#   --python PY      interpreter used to create the environment (default: python3)
+# Environment: IRPT_VENV (default ./.venv) to place the environment elsewhere.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${IRPT_VENV:-$ROOT/.venv}"
+PYTHON_BOOT="python3"
+OUT="$ROOT/outputs"
+DATA=""
+WORKERS=""
+STAGES=()
+TEST_ARGS=()
+
+say()  { printf '\n==> %s\n' "$*"; }
+fail() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --data)    DATA="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
+    --out)     mkdir -p "$2"; OUT="$(cd "$2" && pwd)"; shift 2 ;;
+    --workers) WORKERS="$2"; shift 2 ;;
+    --python)  PYTHON_BOOT="$2"; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    test)      STAGES+=(test); shift; TEST_ARGS=("$@"); break ;;
+    setup|synth|shards|all) STAGES+=("$1"); shift ;;
+    *) fail "unknown argument '$1' (see ./run.sh --help)" ;;
+  esac
+done
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(all)
+
+# --- set-up: a virtual environment with the pinned dependencies; a no-op when already done ---
+setup() {
+  local stamp_src stamp
+  stamp_src="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
+  stamp="$VENV/.irpt-installed-$stamp_src"
+  if [[ -f "$stamp" ]]; then return 0; fi
+  say "setup: creating $VENV and installing pinned dependencies (first run only, ~2 min)"
+  local t0=$SECONDS
+  [[ -x "$VENV/bin/python" ]] || "$PYTHON_BOOT" -m venv "$VENV" || fail "could not create a venv with $PYTHON_BOOT"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[test]" \
+    || fail "dependency installation failed (see pip's message above)"
+  rm -f "$VENV"/.irpt-installed-*
+  touch "$stamp"
+  say "setup: done in $((SECONDS - t0)) s"
+}
+
+PY() { "$VENV/bin/python" "$@"; }
+
+# Offline everywhere: no code path may reach a model hub.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+stage_synth() {
+  [[ -n "$DATA" ]] && return 0
+  say "synth: generating the embedded demo corpus in $OUT/synth"
+  PY -m data_tools synth --out "$OUT/synth" || fail "stage synth failed"
+}
+
+stage_shards() {
+  local sources="$DATA"
+  if [[ -z "$sources" ]]; then
+    sources="$OUT/synth/sources.yaml"
+    [[ -f "$sources" ]] || stage_synth
+  fi
+  local wargs=()
+  [[ -n "$WORKERS" ]] && wargs=(--workers "$WORKERS")
+  say "shards: building WebDataset shards with region proposals from $sources into $OUT/shards"
+  PY -m data_tools build --sources "$sources" --out "$OUT/shards" "${wargs[@]}" \
+    || fail "stage shards failed (rerun the same command to resume)"
+  PY -m data_tools verify "$OUT/shards" || fail "shard verification failed"
+  PY -m data_tools preview "$OUT/shards" --out "$OUT/shards/preview.png" || fail "shard preview failed"
+}
+
+summary() {
+  say "summary"
+  PY - "$OUT" <<'EOF'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+m = json.loads((out / "shards" / "manifest.json").read_text())
+t = m["totals"]
+print(f"  shards     {out/'shards'}: {len(m['shards'])} shards, {t['written']} samples "
+      f"({t['skipped']} skipped of {t['found']} found), {t['proposals']} proposals")
+print(f"  preview    {out/'shards'/'preview.png'}")
+EOF
+}
+
+setup
+for stage in "${STAGES[@]}"; do
+  case "$stage" in
+    setup)  ;;
+    test)   say "test: running the test suite"
+            cd "$ROOT" && PY -m pytest "${TEST_ARGS[@]}" ;;
+    synth)  stage_synth ;;
+    shards) stage_shards ;;
+    all)    stage_synth; stage_shards; summary ;;
+  esac
+done
