@@ -103,6 +103,7 @@ def process_item(task: tuple) -> dict[str, Any]:
     png = encode_png(image, cfg["shards"]["png_compression"])
     key = sample_key(item.source, index - cfg["_source_offsets"][item.source])
     return {"index": index, "source": item.source, "path": item.rel, "colour": frame.colour,
+            "channel_spread": frame.channel_spread,
             "issues": issues, "proposals": int(len(proposals)),
             "sample": encode_sample(key, png, proposals, meta)}
 
@@ -233,8 +234,9 @@ def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[So
             "json": "metadata: source, path, sequence, frame, sizes, dtype, crop, colour, proposal counts",
         },
     }
-    atomic_write_text(str(out / MANIFEST), json.dumps(manifest, indent=1))
-    return manifest
+    text = json.dumps(manifest, indent=1)
+    atomic_write_text(str(out / MANIFEST), text)
+    return json.loads(text)  # exactly what the file says (tuples become lists)
 
 
 def _annotations_for(source: Source, discovery) -> tuple[AnnotationSet, list[dict]]:
@@ -340,7 +342,8 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
             rec["issues"] += res["issues"]
             if res["colour"] == "colour":
                 rec["colour_converted"].append({"source": res["source"], "path": res["path"],
-                                                "kind": "colour_converted_to_luma"})
+                                                "kind": "colour_converted_to_luma",
+                                                "mean_channel_spread": res["channel_spread"]})
         if shard is not None or rec["skipped"] or not records:
             finish(len(items))
     finally:

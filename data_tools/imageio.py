@@ -50,6 +50,7 @@ class Frame:
     image: np.ndarray  # (H, W), uint8 or uint16
     format: str  # png / jpeg / tiff / bmp
     colour: str  # "grey", "grey_rgb" (grey stored as 3 equal channels) or "colour" (converted)
+    channel_spread: float = 0.0  # mean over pixels of max - min across colour channels
 
 
 def read_bytes(path: str) -> bytes:
@@ -78,16 +79,24 @@ def check_complete(data: bytes, fmt: str) -> None:
         raise SkipSample("truncated", "JPEG has no end-of-image marker")
 
 
-def to_single_channel(image: np.ndarray, grey_tolerance: int) -> tuple[np.ndarray, str]:
+def to_single_channel(image: np.ndarray, grey_tolerance: int) -> tuple[np.ndarray, str, float]:
+    """One channel from a decoded frame: (image, colour class, mean channel spread).
+
+    Grey stored as RGB (every pixel's channels within ``grey_tolerance``) converts losslessly.
+    Anything else is colour: tinted or pseudo-coloured infrared and visible photos alike (their
+    channel statistics overlap, e.g. dark night photos vs tinted screenshots), so it is converted
+    to luma and reported rather than guessed about. Alpha is ignored.
+    """
     if image.ndim == 2:
-        return image, "grey"
+        return image, "grey", 0.0
     if image.ndim == 3 and image.shape[2] == 1:
-        return image[:, :, 0], "grey"
+        return image[:, :, 0], "grey", 0.0
     if image.ndim == 3 and image.shape[2] in (3, 4):
-        bgr = image[:, :, :3]
-        spread = int((bgr.max(axis=2).astype(np.int32) - bgr.min(axis=2)).max())
-        grey = cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_BGR2GRAY)
-        return grey, ("grey_rgb" if spread <= grey_tolerance else "colour")
+        bgr = np.ascontiguousarray(image[:, :, :3])
+        spread = bgr.max(axis=2).astype(np.int32) - bgr.min(axis=2)
+        grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+        colour = "grey_rgb" if int(spread.max()) <= grey_tolerance else "colour"
+        return grey, colour, round(float(spread.mean()), 3)
     raise SkipSample("decode_failed", f"unexpected array shape {image.shape}")
 
 
@@ -99,8 +108,8 @@ def decode_frame(data: bytes, grey_tolerance: int = 2) -> Frame:
         raise SkipSample("decode_failed", f"OpenCV could not decode this {fmt}")
     if image.dtype not in (np.uint8, np.uint16):
         raise SkipSample("unsupported_dtype", str(image.dtype))
-    image, colour = to_single_channel(image, grey_tolerance)
-    return Frame(np.ascontiguousarray(image), fmt, colour)
+    image, colour, spread = to_single_channel(image, grey_tolerance)
+    return Frame(np.ascontiguousarray(image), fmt, colour, spread)
 
 
 def read_frame(path: str, grey_tolerance: int = 2) -> Frame:

@@ -1,0 +1,199 @@
+"""Every bad input the shard builder handles: skipped or reported with its reason, never lost."""
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from data_tools.build import BuildError, build_shards
+from data_tools.cli import DEFAULT_BUILD_CONFIG, main as cli_main
+from data_tools.config import load_config
+from data_tools.imageio import SkipSample, read_frame
+from data_tools.shards import decode_sample, iter_shard
+from data_tools.sources import Source, SourceError, discover, load_sources
+
+
+def _scene(h=96, w=128, seed=0, dtype=np.uint8):
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w), 40, np.float64) + rng.normal(0, 3, (h, w))
+    cv2.rectangle(img, (20, 20), (70, 80), 200, -1)
+    cv2.circle(img, (100, 40), 15, 150, -1)
+    if dtype == np.uint16:
+        return (img * 40 + 5000).astype(np.uint16)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _png(img) -> bytes:
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+@pytest.fixture
+def bad_corpus(tmp_path):
+    root = tmp_path / "frames"
+    root.mkdir()
+    cv2.imwrite(str(root / "good.png"), _scene())
+    cv2.imwrite(str(root / "good16.png"), _scene(dtype=np.uint16))
+    cv2.imwrite(str(root / "greyrgb.png"), cv2.cvtColor(_scene(), cv2.COLOR_GRAY2BGR))
+    colour = cv2.cvtColor(_scene(), cv2.COLOR_GRAY2BGR)
+    colour[:, :, 2] = 255 - colour[:, :, 2]
+    cv2.imwrite(str(root / "colour.png"), colour)
+    cv2.imwrite(str(root / "jpeg_ok.jpg"), _scene())
+    full_png = _png(_scene())
+    (root / "truncated.png").write_bytes(full_png[: len(full_png) // 2])
+    full_jpg = cv2.imencode(".jpg", _scene())[1].tobytes()
+    (root / "truncated.jpg").write_bytes(full_jpg[: len(full_jpg) // 2])
+    (root / "empty.png").write_bytes(b"")
+    (root / "notimage.png").write_text("this is a text file with an image extension\n")
+    corrupt = bytearray(full_png)
+    corrupt[40:200] = b"\x00" * 160  # damaged IDAT, intact IEND
+    (root / "corrupt.png").write_bytes(bytes(corrupt))
+    cv2.imwrite(str(root / "tiny.png"), _scene(40, 50))
+    cv2.imwrite(str(root / "black.png"), np.full((96, 128), 10, np.uint8))
+    os.symlink("/proc/self/mem", root / "unreadable.png")  # open() works, read() fails (EIO)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "good.txt").write_text("0 0.5 0.5 0.25 0.25\n0 0.95 0.5 0.3 0.2\n")  # second leaves the image
+    (labels / "jpeg_ok.txt").write_text("0 1.2 0.5 0.1 0.1\n")  # entirely outside: zero area
+    (labels / "ghost.txt").write_text("0 0.5 0.5 0.2 0.2\n")  # no image "ghost"
+    (labels / "broken.txt").write_text("0 0.5 oops\n")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    cv2.imwrite(str(masks / "good_mask.png"), np.zeros((50, 50), np.uint8))  # wrong size
+    m = np.zeros((96, 128), np.uint8)
+    m[10:60, 60:110] = 255
+    cv2.imwrite(str(masks / "good16_mask.png"), m)
+    (tmp_path / "sources.yaml").write_text(f"""
+sources:
+  - name: bad
+    root: frames
+    black_threshold: 20
+    boxes: {{format: yolo, path: labels}}
+    masks: {{path: masks, suffix: _mask.png}}
+""")
+    return tmp_path
+
+
+EXPECTED_SKIPS = {
+    "truncated.png": "truncated", "truncated.jpg": "truncated", "empty.png": "empty_file",
+    "notimage.png": "not_an_image", "corrupt.png": "decode_failed", "tiny.png": "too_small",
+    "black.png": "black_frame", "unreadable.png": "unreadable",
+}
+
+
+def test_bad_inputs_are_skipped_with_reasons(bad_corpus):
+    cfg = load_config(DEFAULT_BUILD_CONFIG)
+    m = build_shards(load_sources(bad_corpus / "sources.yaml"), cfg, bad_corpus / "out", workers=2, progress=False)
+    skipped = {s["path"]: s["reason"] for s in m["skipped"]}
+    assert skipped == EXPECTED_SKIPS
+    ps = m["sources"]["bad"]
+    assert ps["found"] == 13 and ps["written"] == 5 and ps["skipped"] == 8
+    assert ps["found"] == ps["written"] + ps["skipped"]
+    assert ps["skipped_by_reason"]["truncated"] == 2
+    assert [c["path"] for c in m["colour_converted"]] == ["colour.png"]
+    issues = {(Path(i["file"]).name, i["reason"]) for i in m["annotation_issues"]}
+    assert ("ghost", "annotation_without_image") in issues
+    assert ("broken.txt", "annotation_parse_error") in issues
+    assert ("good.png", "box_clipped") in issues
+    assert ("jpeg_ok.jpg", "box_empty") in issues
+    assert ("good_mask.png", "mask_size_mismatch") in issues
+    samples = {}
+    for e in m["shards"]:
+        for key, members in iter_shard(str(bad_corpus / "out" / e["shard"])):
+            image, props, meta = decode_sample(members)
+            samples[meta["path"]] = (image, props, meta)
+    assert set(samples) == {"good.png", "good16.png", "greyrgb.png", "colour.png", "jpeg_ok.jpg"}
+    # 16-bit keeps its full range; grey stored as RGB becomes one identical channel.
+    np.testing.assert_array_equal(samples["good16.png"][0], _scene(dtype=np.uint16))
+    np.testing.assert_array_equal(samples["greyrgb.png"][0], _scene())
+    assert samples["greyrgb.png"][2]["colour"] == "grey_rgb" and samples["colour.png"][2]["colour"] == "colour"
+    # YOLO box (0.5, 0.5, 0.25, 0.25) on 128x96 -> x 48, y 36, w 32, h 24; the clipped one stays.
+    props = samples["good.png"][1].tolist()
+    assert [48, 36, 32, 24] in props and [102, 38, 26, 19] in props
+    # The mask of good16 (rows 10-59, cols 60-109) gives a box.
+    assert [60, 10, 50, 50] in samples["good16.png"][1].tolist()
+
+
+# too_small and black_frame are decided by the source rules, not by the reader.
+@pytest.mark.parametrize("name,reason", sorted((n, r) for n, r in EXPECTED_SKIPS.items()
+                                               if r not in ("too_small", "black_frame")))
+def test_read_frame_reasons(bad_corpus, name, reason):
+    with pytest.raises(SkipSample) as e:
+        read_frame(str(bad_corpus / "frames" / name))
+    assert e.value.reason == reason
+
+
+def test_directory_is_unreadable(tmp_path):
+    with pytest.raises(SkipSample) as e:
+        read_frame(str(tmp_path))
+    assert e.value.reason == "unreadable"
+
+
+def test_empty_source_is_an_error_naming_it(tmp_path, capsys):
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "readme.txt").write_text("no frames here")
+    with pytest.raises(SourceError, match="source 'lonely'"):
+        discover(Source("lonely", str(tmp_path / "nothing")))
+    assert cli_main(["build", "--source", f"lonely={tmp_path / 'nothing'}", "--out", str(tmp_path / "o")]) == 2
+    assert "lonely" in capsys.readouterr().err
+
+
+def test_missing_root_is_an_error(tmp_path):
+    with pytest.raises(SourceError, match="root folder does not exist"):
+        discover(Source("gone", str(tmp_path / "gone")))
+
+
+def test_output_of_a_different_config_is_refused_unless_overwrite(bad_corpus, capsys):
+    src = load_sources(bad_corpus / "sources.yaml")
+    out = bad_corpus / "out"
+    build_shards(src, load_config(DEFAULT_BUILD_CONFIG), out, progress=False)
+    other = load_config(DEFAULT_BUILD_CONFIG, ["shards.max_samples=2"])
+    with pytest.raises(BuildError, match="different config"):
+        build_shards(src, other, out, progress=False)
+    m = build_shards(src, other, out, overwrite=True, progress=False)
+    assert [e["samples"] for e in m["shards"]] == [2, 2, 1]
+    assert sorted(p.name for p in out.glob("*.tar")) == [e["shard"] for e in m["shards"]]
+    # Through the CLI the refusal is exit code 2 with the reason.
+    args = ["build", "--sources", str(bad_corpus / "sources.yaml"), "--out", str(out), "--quiet"]
+    assert cli_main(args) == 2 and "different config" in capsys.readouterr().err
+    assert cli_main(args + ["--overwrite"]) == 0
+
+
+def test_unknown_override_and_source_option_are_errors(tmp_path):
+    with pytest.raises(KeyError, match="no key 'shards.max_sample'"):
+        load_config(DEFAULT_BUILD_CONFIG, ["shards.max_sample=3"])
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: a, root: ., strde: 2}\n")
+    with pytest.raises(SourceError, match="unknown option"):
+        load_sources(tmp_path / "s.yaml")
+
+
+def test_stride_per_sequence_folder_and_natural_sort(tmp_path):
+    for seq in ("seq2", "seq10"):
+        (tmp_path / seq).mkdir()
+        for i in range(1, 13):
+            cv2.imwrite(str(tmp_path / seq / f"frame{i}.png"), _scene(seed=i))
+    items = discover(Source("video", str(tmp_path), stride=5)).items
+    assert [it.rel for it in items] == [f"{s}/frame{i}.png" for s in ("seq2", "seq10") for i in (1, 6, 11)]
+    assert [it.frame for it in items] == [0, 5, 10] * 2
+    assert [it.sequence for it in items] == ["seq2"] * 3 + ["seq10"] * 3
+
+
+def test_border_crop_moves_boxes_and_records_crop(tmp_path):
+    root = tmp_path / "frames"
+    root.mkdir()
+    img = _scene(120, 160)
+    cv2.imwrite(str(root / "a.png"), img)
+    (tmp_path / "a.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 160, "height": 120}],
+        "annotations": [{"image_id": 1, "bbox": [30, 20, 50, 60], "category_id": 1}],
+        "categories": [{"id": 1, "name": "person"}]}))
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: c, root: frames, border_crop: [10, 5, 20, 0], "
+                                     "boxes: {format: coco, path: a.json}}\n")
+    m = build_shards(load_sources(tmp_path / "s.yaml"), load_config(DEFAULT_BUILD_CONFIG), tmp_path / "out",
+                     progress=False)
+    (_, members), = iter_shard(str(tmp_path / "out" / m["shards"][0]["shard"]))
+    image, props, meta = decode_sample(members)
+    np.testing.assert_array_equal(image, img[10:115, 20:160])
+    assert meta["crop"] == [10, 5, 20, 0] and (meta["orig_width"], meta["width"]) == (160, 140)
+    assert [10, 10, 50, 60] in props.tolist()  # COCO box moved by (-20, -10)
