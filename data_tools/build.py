@@ -297,8 +297,9 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
 
     pool = None
     if workers > 1:
-        ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
-        pool = ctx.Pool(workers, initializer=_init_worker)
+        # spawn, not fork: a forked child inherits OpenCV's (or torch's) thread-pool locks in
+        # whatever state the parent's threads left them, and can deadlock on its first call.
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
         results: Iterable[dict] = pool.imap(process_item, tasks, chunksize=1)
     else:
         _init_worker()

@@ -1,0 +1,109 @@
+"""Statistics and invariants of PAD's object-sensitive random RoI crop (SPEC §2)."""
+import numpy as np
+import pytest
+
+from data_tools.transforms import (IntensityConfig, RoICropConfig, object_sensitive_crop,
+                                   random_hflip, random_resized_crop_box, to_unit_intensity)
+from data_tools.imageio import read_frame
+from data_tools.proposals import ProposalConfig, compute_proposals
+from tests.conftest import shared_path
+
+
+@pytest.fixture(scope="module")
+def real_frame():
+    """A real RoadScene frame and its selective-search proposals."""
+    path = shared_path("roadscene", "cropinfrared", "FLIR_00006.jpg")
+    image = read_frame(str(path)).image
+    proposals = compute_proposals(image, ProposalConfig())
+    assert len(proposals) > 10
+    return image, proposals
+
+
+def test_crop_statistics_on_a_real_frame(real_frame):
+    image, proposals = real_frame
+    h, w = image.shape
+    rng = np.random.default_rng(0)
+    n = 4000
+    results = [object_sensitive_crop(image, proposals, rng) for _ in range(n)]
+    for r in results:
+        assert r.image.shape == (224, 224) and r.image.dtype == image.dtype
+        x, y, bw, bh = r.box
+        assert 0 <= x and 0 <= y and x + bw <= w and y + bh <= h
+        if not r.fallback:
+            assert bw >= 60 and bh >= 60
+            if r.need_big:
+                assert bw * bh / (w * h) >= 0.15
+    big = np.mean([r.need_big for r in results])
+    assert abs(big - 0.15) < 0.025  # 1 - p; binomial std at n=4000 is 0.0056
+    assert np.mean([r.fallback for r in results]) < 0.1  # proposals drive most crops
+
+
+def test_fallback_when_no_proposals(real_frame):
+    image, _ = real_frame
+    rng = np.random.default_rng(1)
+    h, w = image.shape
+    for _ in range(200):
+        r = object_sensitive_crop(image, np.zeros((0, 4), np.int32), rng)
+        assert r.fallback
+        x, y, bw, bh = r.box
+        assert 0.2 * w * h - 2 * (w + h) <= bw * bh <= w * h
+
+
+def test_fallback_when_every_proposal_is_invalid(real_frame):
+    image, _ = real_frame
+    h, w = image.shape
+    invalid = np.array([[w - 10, 0, 50, 50], [0, 0, 30, 100], [5, 5, 39, 200]], np.int32)  # leave image / < 40
+    rng = np.random.default_rng(2)
+    assert all(object_sensitive_crop(image, invalid, rng).fallback for _ in range(100))
+
+
+def test_crop_follows_the_proposal(real_frame):
+    """With one proposal, the crop centre lies within the +-40% jitter of that proposal's centre."""
+    image, _ = real_frame
+    prop = np.array([[100, 80, 120, 100]], np.int32)
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        r = object_sensitive_crop(image, prop, rng, RoICropConfig(p=1.0))  # never needs a big crop
+        assert not r.fallback
+        x, y, bw, bh = r.box
+        cx, cy = x + bw / 2, y + bh / 2
+        # Clipping can shift the centre by up to half the clipped amount; this box is far from the border.
+        assert abs(cx - 160) <= 0.4 * 120 + 1 and abs(cy - 130) <= 0.4 * 100 + 1
+        assert 0.7 * 120 - 1 <= bw <= 1.5 * 120 + 1 and 0.7 * 100 - 1 <= bh <= 1.5 * 100 + 1
+
+
+def test_same_seed_same_crops(real_frame):
+    image, proposals = real_frame
+    a = [object_sensitive_crop(image, proposals, np.random.default_rng(7)).box for _ in range(1)]
+    b = [object_sensitive_crop(image, proposals, np.random.default_rng(7)).box for _ in range(1)]
+    ra, rb = np.random.default_rng(9), np.random.default_rng(9)
+    seq_a = [object_sensitive_crop(image, proposals, ra).box for _ in range(50)]
+    seq_b = [object_sensitive_crop(image, proposals, rb).box for _ in range(50)]
+    assert a == b and seq_a == seq_b and len(set(seq_a)) > 10
+
+
+def test_random_resized_crop_box_bounds():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        x, y, w, h = random_resized_crop_box(640, 512, (0.2, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= x and 0 <= y and x + w <= 640 and y + h <= 512
+        assert w * h >= 0.2 * 640 * 512 * 0.97
+
+
+def test_hflip_probability_and_content():
+    img = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    rng = np.random.default_rng(0)
+    flips = [not np.array_equal(random_hflip(img, rng), img) for _ in range(2000)]
+    assert abs(np.mean(flips) - 0.5) < 0.05
+    np.testing.assert_array_equal(random_hflip(img, np.random.default_rng(0), p=1.0), img[:, ::-1])
+
+
+def test_intensity_normalisation():
+    u8 = np.array([[0, 255]], np.uint8)
+    np.testing.assert_allclose(to_unit_intensity(u8), [[0, 1]])
+    u16 = np.linspace(7000, 11000, 101).astype(np.uint16).reshape(1, -1)
+    pct = to_unit_intensity(u16)
+    assert pct.min() == 0 and pct.max() == 1  # 1st and 99th percentiles map to 0 and 1, clipped
+    np.testing.assert_allclose(to_unit_intensity(u16, IntensityConfig("range")), u16 / 65535.0, rtol=1e-6)
+    mm = to_unit_intensity(u16, IntensityConfig("minmax"))
+    np.testing.assert_allclose(mm, (u16 - 7000.0) / 4000.0, atol=1e-6)
