@@ -49,7 +49,6 @@ setup() {
   say "setup: creating $VENV and installing pinned dependencies (first run only, ~2 min)"
   local t0=$SECONDS
   [[ -x "$VENV/bin/python" ]] || "$PYTHON_BOOT" -m venv "$VENV" || fail "could not create a venv with $PYTHON_BOOT"
-  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[test]" \
     || fail "dependency installation failed (see pip's message above)"
   rm -f "$VENV"/.irpt-installed-*

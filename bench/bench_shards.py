@@ -19,7 +19,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -79,6 +78,8 @@ def main() -> None:
                 decode_png(data)
 
         def loader():
+            import webdataset as wds  # here, not at the top: spawned build workers re-import this script
+
             rng = np.random.default_rng(0)
             ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None)
             for sample in ds:

@@ -18,7 +18,6 @@ import tarfile
 from typing import Iterator
 
 import numpy as np
-import webdataset as wds
 
 from data_tools.imageio import decode_png
 
@@ -76,39 +75,63 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+class _HashingFile:
+    """A write-only file that hashes what passes through it (no re-read to checksum a shard)."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self._f.write(data)
+
+    def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
 class ShardFile:
     """A tar written under a temporary name and renamed only once complete, so a killed build
     never leaves a shard that looks finished. Members carry fixed metadata (mtime 0, fixed
-    owner), so the same samples always give byte-identical tars."""
+    owner, mode 0444), so the same samples always give byte-identical tars.
+
+    Written with ``tarfile`` rather than ``webdataset.TarWriter`` (same layout) because importing
+    webdataset imports torch, over a second of start-up in every build worker process.
+    """
 
     def __init__(self, path: str):
         self.path = path
         self.tmp_path = path + ".tmp"
-        self._file = open(self.tmp_path, "wb")
-        self._writer = wds.TarWriter(self._file, user="irpt", group="irpt", mtime=0, encoder=False)
+        self._file = _HashingFile(self.tmp_path)
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
         self.count = 0
         self.bytes = 0
         self.keys: list[str] = []
 
     def write(self, sample: dict[str, bytes]) -> None:
-        self._writer.write(sample)
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if k != "__key__"):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(sample[ext]), 0, 0o444
+            info.uname = info.gname = "irpt"
+            self._tar.addfile(info, io.BytesIO(sample[ext]))
         self.count += 1
         self.bytes += tar_bytes(sample)
-        self.keys.append(sample["__key__"])
+        self.keys.append(key)
 
     def close(self) -> str:
         """Finish the tar, make it durable, rename it into place; returns its sha256."""
-        self._writer.close()  # closes the tar stream
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+        self._tar.close()
+        self._file.close()
         os.replace(self.tmp_path, self.path)
-        return sha256_file(self.path)
+        return self._file.sha256.hexdigest()
 
     def abandon(self) -> None:
         try:
-            self._writer.close()
+            self._tar.close()
+            self._file.close()
         finally:
             if os.path.exists(self.tmp_path):
                 os.remove(self.tmp_path)
