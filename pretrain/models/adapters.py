@@ -1,0 +1,130 @@
+"""One mechanism to attach adapters to the blocks of a timm ViT.
+
+Each timm ``Block`` is replaced by an ``AdaptedBlock`` that adopts the block's own submodules
+under their own names (``norm1``, ``attn``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``,
+``drop_path2``), so the state-dict keys of the ViT stay timm's, and adds three named slots:
+
+    x = x + DropPath(LS1(Attn(LN1(x))))
+    x = post_attn adapters (x, ctx)                 # Mona, IV-tuning: residual modules on x
+    m = LS2(MLP(LN2(x)))
+    x = x + DropPath(m) + sum(parallel_mlp adapters (x, m, ctx))   # PAD, AdaptFormer
+    x = post_mlp adapters (x, ctx)
+
+With no adapters attached the block computes exactly timm's ``Block.forward``. Adapters get a
+``TokenContext``: the token grid (H, W), or None when tokens are masked, the number of prefix
+(CLS) tokens, and a dict of extras (e.g. IV-tuning's prompt stream). A new adapter type (LoRA,
+AdaptFormer, ...) subclasses one of the base classes and needs no new plumbing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+POSITIONS = ("post_attn", "parallel_mlp", "post_mlp")
+_BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+@dataclass
+class TokenContext:
+    grid: tuple[int, int] | None  # (H, W) of the patch tokens; None when tokens are masked/shuffled
+    num_prefix: int = 1
+    extras: dict = field(default_factory=dict)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[:, : self.num_prefix], x[:, self.num_prefix :]
+
+    def to_map(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """(N, H*W, C) patch tokens -> (N, C, H, W), rows first (the patch embedding's order)."""
+        if self.grid is None:
+            raise ValueError("this adapter needs the full token grid; it cannot run on masked tokens")
+        h, w = self.grid
+        n, length, c = patch_tokens.shape
+        if length != h * w:
+            raise ValueError(f"{length} patch tokens do not fill a {h}x{w} grid")
+        return patch_tokens.transpose(1, 2).reshape(n, c, h, w)
+
+    @staticmethod
+    def from_map(feature_map: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, H*W, C)."""
+        return feature_map.flatten(2).transpose(1, 2)
+
+
+class ResidualAdapter(nn.Module):
+    """Runs after the attention or MLP residual: returns the new token tensor."""
+
+    def forward(self, x: torch.Tensor, ctx: TokenContext) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ParallelMLPAdapter(nn.Module):
+    """Runs beside the MLP: gets x (after the attention residual) and the MLP output m,
+    returns a term added to the residual stream together with DropPath(m)."""
+
+    def forward(self, x: torch.Tensor, mlp_out: torch.Tensor, ctx: TokenContext) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class AdaptedBlock(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        for name in _BLOCK_CHILDREN:
+            if not hasattr(block, name):
+                raise TypeError(f"{type(block).__name__} has no '{name}': not a timm ViT Block")
+            self.add_module(name, getattr(block, name))
+        self.post_attn = nn.ModuleDict()
+        self.parallel_mlp = nn.ModuleDict()
+        self.post_mlp = nn.ModuleDict()
+
+    def forward(self, x: torch.Tensor, ctx: TokenContext | None = None) -> torch.Tensor:
+        if ctx is None:
+            ctx = TokenContext(grid=None)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        for adapter in self.post_attn.values():
+            x = adapter(x, ctx)
+        m = self.ls2(self.mlp(self.norm2(x)))
+        update = self.drop_path2(m)
+        for adapter in self.parallel_mlp.values():
+            update = update + adapter(x, m, ctx)
+        x = x + update
+        for adapter in self.post_mlp.values():
+            x = adapter(x, ctx)
+        return x
+
+    def adapters(self) -> Iterator[nn.Module]:
+        for slot in (self.post_attn, self.parallel_mlp, self.post_mlp):
+            yield from slot.values()
+
+
+def attach(vit: nn.Module, name: str, position: str, factory: Callable[[int, int], nn.Module],
+           blocks: list[int] | None = None) -> None:
+    """Attach ``factory(block_index, dim)`` as adapter ``name`` at ``position`` of each block."""
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}")
+    dim = vit.embed_dim
+    for i, block in enumerate(vit.blocks):
+        if blocks is not None and i not in blocks:
+            continue
+        if not isinstance(block, AdaptedBlock):
+            raise TypeError("build the encoder with pretrain.models.vit.build_encoder (blocks must be AdaptedBlock)")
+        slot = getattr(block, position)
+        if name in slot:
+            raise ValueError(f"block {i} already has an adapter '{name}' at {position}")
+        slot[name] = factory(i, dim)
+
+
+def adapter_modules(vit: nn.Module) -> Iterator[nn.Module]:
+    for block in vit.blocks:
+        if isinstance(block, AdaptedBlock):
+            yield from block.adapters()
+
+
+def adapter_parameter_names(vit: nn.Module, prefix: str = "") -> set[str]:
+    names = set()
+    for i, block in enumerate(vit.blocks):
+        for slot in POSITIONS:
+            for n, _ in getattr(block, slot).named_parameters():
+                names.add(f"{prefix}blocks.{i}.{slot}.{n}")
+    return names

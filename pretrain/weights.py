@@ -1,0 +1,198 @@
+"""Weight loading and backbone export.
+
+Loads official MAE pre-training checkpoints (``{'model': ...}``, encoder + decoder), timm ViT
+state dicts (``.pth`` / ``.safetensors``), our exported backbones and our MAE state dicts. Never
+unpickles code: ``torch.load(weights_only=True)`` or safetensors. Position embeddings are
+resampled to the configured grid (non-square too); 3-channel patch weights are folded into one
+channel when the model takes 1 (summed, timm's ``adapt_input_conv``), and a 3-channel MAE pixel
+predictor is averaged over its colour outputs. Missing backbone weights are an error unless
+explicitly allowed; every missing / unexpected key is reported.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from timm.layers import resample_abs_pos_embed
+from timm.models._manipulate import adapt_input_conv
+
+BACKBONE_FORMAT = "irpt-backbone"
+BACKBONE_VERSION = 1
+_WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
+_DECODER_PREFIXES = ("mask_token", "decoder_")
+
+
+class WeightsError(ValueError):
+    pass
+
+
+@dataclass
+class LoadReport:
+    path: str
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)  # keys resampled / folded to fit the model
+
+    def summary(self) -> str:
+        return (f"{self.path}: loaded {self.loaded} tensors, {len(self.missing)} missing, "
+                f"{len(self.unexpected)} unexpected, adapted {self.adapted or 'none'}")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # pickles with code objects are refused here
+            raise WeightsError(f"{path}: not loadable as plain tensors (weights_only=True): {e}") from None
+    for key in _WRAPPER_KEYS:
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            out[k[len("module."):] if k.startswith("module.") else k] = v
+    if not out:
+        raise WeightsError(f"{path}: no tensors found")
+    return out
+
+
+def _resample_pos(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    length = pos.shape[1] - 1
+    side = int(round(length**0.5))
+    if side * side != length:
+        raise WeightsError(f"cannot infer the grid of a position embedding with {length} tokens")
+    return resample_abs_pos_embed(pos, new_size=list(grid), old_size=[side, side], num_prefix_tokens=1)
+
+
+def adapt_encoder_state(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], grid: tuple[int, int],
+                        prefix: str, report: LoadReport) -> None:
+    """Make encoder tensors (keys under ``prefix``) fit the target shapes, in place."""
+    pos, proj = f"{prefix}pos_embed", f"{prefix}patch_embed.proj.weight"
+    if pos in sd and pos in target and sd[pos].shape != target[pos].shape:
+        sd[pos] = _resample_pos(sd[pos], grid)
+        report.adapted.append(pos)
+    if proj in sd and proj in target and sd[proj].shape != target[proj].shape:
+        src, dst = sd[proj], target[proj]
+        if src.shape[2:] != dst.shape[2:]:
+            raise WeightsError(f"patch size {tuple(src.shape[2:])} in the weights, {tuple(dst.shape[2:])} in the model")
+        if src.shape[1] == 3 and dst.shape[1] == 1:
+            sd[proj] = adapt_input_conv(1, src)
+        elif src.shape[1] == 1 and dst.shape[1] == 3:
+            sd[proj] = src.repeat(1, 3, 1, 1) / 3
+        report.adapted.append(proj)
+
+
+def _adapt_decoder(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], grid: tuple[int, int],
+                   report: LoadReport) -> None:
+    if "decoder_pos_embed" in sd and sd["decoder_pos_embed"].shape != target["decoder_pos_embed"].shape:
+        sd["decoder_pos_embed"] = _resample_pos(sd["decoder_pos_embed"], grid)
+        report.adapted.append("decoder_pos_embed")
+    for key in ("decoder_pred.weight", "decoder_pred.bias"):
+        if key in sd and sd[key].shape != target[key].shape and sd[key].shape[0] == 3 * target[key].shape[0]:
+            # (p*p*3, ...) in MAE's (p, q, c) order -> mean over c for a 1-channel target.
+            src = sd[key]
+            sd[key] = src.reshape(src.shape[0] // 3, 3, *src.shape[1:]).mean(dim=1)
+            report.adapted.append(key)
+
+
+def to_mae_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official MAE / timm / exported-backbone keys -> our MAE's (encoder under ``encoder.``)."""
+    if any(k.startswith("encoder.") for k in sd):
+        return dict(sd)
+    return {(k if k.startswith(_DECODER_PREFIXES) else f"encoder.{k}"): v for k, v in sd.items()}
+
+
+def load_into_mae(model: nn.Module, path: str | Path, allow_missing: bool = False) -> LoadReport:
+    """Load weights into an MAE. Missing encoder (non-adapter) weights raise unless allowed;
+    a checkpoint without a decoder (timm classification weights) leaves the decoder initialised."""
+    report = LoadReport(str(path))
+    sd = to_mae_keys(read_state_dict(path))
+    target = model.state_dict()
+    adapt_encoder_state(sd, target, model.grid, "encoder.", report)
+    _adapt_decoder(sd, target, model.grid, report)
+    adapters = model.encoder_adapter_names()
+    backbone_missing = sorted(k for k in target if k.startswith("encoder.") and k not in sd and k not in adapters)
+    if backbone_missing and not allow_missing:
+        raise WeightsError(f"{path}: {len(backbone_missing)} backbone weight(s) missing, e.g. "
+                           f"{backbone_missing[:5]}; pass allow_missing to accept")
+    _load_matching(model, sd, target, report)
+    return report
+
+
+def _load_matching(model: nn.Module, sd: dict, target: dict, report: LoadReport) -> None:
+    mismatched = [f"{k}: {tuple(sd[k].shape)} vs {tuple(target[k].shape)}"
+                  for k in sd if k in target and sd[k].shape != target[k].shape]
+    if mismatched:
+        raise WeightsError(f"{report.path}: shape mismatch for {mismatched[:5]}")
+    usable = {k: v for k, v in sd.items() if k in target}
+    model.load_state_dict(usable, strict=False)
+    report.loaded = len(usable)
+    report.missing = sorted(set(target) - set(usable))
+    report.unexpected = sorted(set(sd) - set(target))
+
+
+# --- the backbone handed to fine-tuning ------------------------------------------------------
+
+def export_backbone(model: nn.Module, out_path: str | Path) -> tuple[Path, Path]:
+    """Encoder + adapters (decoder dropped) with timm names, and a JSON that rebuilds it."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k[len("encoder."):]: v.detach().cpu().contiguous()
+          for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    torch.save(sd, out_path)
+    cfg = model.cfg
+    meta = {
+        "format": BACKBONE_FORMAT, "version": BACKBONE_VERSION,
+        "encoder": asdict(cfg.encoder), "adapter": cfg.adapter,
+        "pad": asdict(cfg.pad) if cfg.adapter == "pad" else None,
+        "num_tensors": len(sd), "num_parameters": int(sum(v.numel() for v in sd.values())),
+    }
+    json_path = out_path.with_suffix(".json")
+    json_path.write_text(json.dumps(meta, indent=1))
+    return out_path, json_path
+
+
+def read_backbone_meta(path: str | Path) -> dict:
+    json_path = Path(path).with_suffix(".json")
+    if not json_path.is_file():
+        raise FileNotFoundError(f"{json_path}: the backbone's config JSON is missing (written by export)")
+    meta = json.loads(json_path.read_text())
+    if meta.get("format") != BACKBONE_FORMAT:
+        raise WeightsError(f"{json_path}: not an exported backbone (format {meta.get('format')!r})")
+    return meta
+
+
+def load_backbone(path: str | Path, img_size: tuple[int, int] | None = None):
+    """Rebuild an exported encoder with its adapters and load it (strict). ``img_size`` resamples
+    the position embedding to another input size. Returns (vit, meta, report)."""
+    from pretrain.models.pad import PADConfig, attach_pad
+    from pretrain.models.vit import EncoderConfig, build_encoder
+
+    meta = read_backbone_meta(path)
+    enc = dict(meta["encoder"], img_size=tuple(img_size or meta["encoder"]["img_size"]))
+    enc_cfg = EncoderConfig(**enc)
+    vit = build_encoder(enc_cfg)
+    if meta["adapter"] == "pad":
+        attach_pad(vit, PADConfig(**meta["pad"]))
+    report = LoadReport(str(path))
+    sd = read_state_dict(path)
+    target = vit.state_dict()
+    adapt_encoder_state(sd, target, enc_cfg.grid, "", report)
+    missing = sorted(set(target) - set(sd))
+    if missing:
+        raise WeightsError(f"{path}: exported backbone lacks {missing[:5]}")
+    _load_matching(vit, sd, target, report)
+    return vit, meta, report

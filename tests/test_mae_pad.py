@@ -1,0 +1,218 @@
+"""MAE + PAD model (SPEC §3-4): identity at init, the adapter formula, masking, loss, gradients,
+parameter counts, layer decay."""
+import json
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from pretrain.cli import main as pretrain_main
+from pretrain.models.mae import build_mae, patchify, random_masking
+from pretrain.models.pad import (SCALE_VARIANTS, PADAdapter, scale_predictor_trainable,
+                                 set_scale_predictors_trainable)
+from pretrain.models.vit import encode
+from pretrain.optim import param_groups
+from pretrain.params import parameter_report
+
+TINY = {"encoder": {"size": "tiny", "depth": 2, "img_size": [64, 80]}, "decoder": {"dim": 64, "depth": 1, "num_heads": 2}}
+
+
+def tiny(**kw):
+    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+    for k, v in kw.items():
+        if isinstance(v, dict):
+            cfg.setdefault(k, {}).update(v)
+        else:
+            cfg[k] = v
+    return build_mae(cfg)
+
+
+def plain_vit(model) -> VisionTransformer:
+    """timm's own ViT with the same weights and no adapters."""
+    enc = model.cfg.encoder
+    dim, depth, heads = enc.dims()
+    vit = VisionTransformer(img_size=enc.img_size, patch_size=enc.patch_size, in_chans=enc.in_chans, num_classes=0,
+                            global_pool="", embed_dim=dim, depth=depth, num_heads=heads, qkv_bias=True,
+                            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    sd = {k: v for k, v in model.encoder.state_dict().items() if ".parallel_mlp." not in k}
+    vit.load_state_dict(sd, strict=True)
+    return vit.eval()
+
+
+def randomize(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("scale", SCALE_VARIANTS)
+def test_step0_encoder_equals_plain_vit(scale):
+    torch.manual_seed(0)
+    model = tiny(pad={"scale": scale}).eval()
+    randomize(model.encoder.blocks)  # any backbone weights; adapters keep their PAD init
+    for a in model.modules():
+        if isinstance(a, PADAdapter):
+            a.reset_parameters()
+    x = torch.randn(2, 1, 64, 80)
+    ours, _ = encode(model.encoder, x)
+    ref = plain_vit(model).forward_features(x.expand(-1, 3, -1, -1))
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scale", SCALE_VARIANTS)
+def test_block_matches_spec_formula_with_random_adapter(scale):
+    torch.manual_seed(1)
+    model = tiny(pad={"scale": scale}).eval()
+    block = model.encoder.blocks[0]
+    adapter = block.parallel_mlp["pad"]
+    randomize(adapter, seed=3)
+    x = torch.randn(2, 7, model.encoder.embed_dim)
+    # SPEC §4 by hand:
+    x1 = x + block.attn(block.norm1(x))
+    a_in = F.layer_norm(x1, (x1.shape[-1],), adapter.norm.weight, adapter.norm.bias, eps=1e-5)
+    a = F.linear(F.relu(F.linear(a_in, adapter.down.weight, adapter.down.bias)), adapter.up.weight, adapter.up.bias)
+    m = block.mlp(block.norm2(x1))
+    if scale == "fixed":
+        s = 0.5
+    elif scale == "layer":
+        s = adapter.scale
+    else:
+        inp = {"concat": torch.cat([m, a], -1), "sum": m + a, "side": a, "gside": m}[scale]
+        s = torch.sigmoid(inp @ adapter.scale.weight.t())
+        assert s.shape == (2, 7, 1)  # one scale per token
+    expected = x1 + s * a + m
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_masking_keeps_round_quarter_and_restores_order():
+    g = torch.Generator().manual_seed(0)
+    for length in (20, 30, 196, 1280):
+        x = torch.arange(3 * length, dtype=torch.float32).reshape(3, length, 1).expand(-1, -1, 4).contiguous()
+        kept, mask, ids_restore = random_masking(x, 0.75, g)
+        keep = round(length * 0.25)
+        assert kept.shape == (3, keep, 4)
+        assert (mask.sum(1) == length - keep).all()
+        # The kept tokens are exactly the unmasked positions; ids_restore inverts the shuffle.
+        for n in range(3):
+            visible = torch.nonzero(mask[n] == 0).flatten()
+            assert sorted(kept[n, :, 0].long().tolist()) == sorted((x[n, visible, 0]).long().tolist())
+        ids_shuffle = torch.argsort(ids_restore, dim=1)
+        assert torch.equal(torch.gather(ids_shuffle, 1, ids_restore), torch.arange(length).expand(3, -1))
+    assert not torch.equal(mask[0], mask[1])  # per-sample masks
+
+
+def test_loss_ignores_visible_patches_and_targets_are_per_patch():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    imgs = torch.rand(2, 1, 64, 80)
+    loss, pred, mask = model(imgs)
+    pred2 = pred.clone()
+    pred2[mask == 0] += 10.0  # change predictions of visible patches only
+    assert torch.allclose(model.forward_loss(imgs, pred2, mask), loss)
+    pred3 = pred.clone()
+    pred3[mask == 1] += 0.5
+    assert not torch.allclose(model.forward_loss(imgs, pred3, mask), loss)
+    target = model.targets(imgs)
+    raw = patchify(imgs.expand(-1, 3, -1, -1), 16)
+    i = 5
+    hand = (raw[0, i] - raw[0, i].mean()) / (raw[0, i].var() + 1e-6) ** 0.5
+    torch.testing.assert_close(target[0, i], hand)
+    expected = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("paradigm,adapter,in_chans", [("pad", "pad", 3), ("pad", "pad", 1), ("continual", "none", 3),
+                                                       ("scratch", "none", 1), ("continual", "pad", 3)])
+def test_gradients_reach_exactly_the_trainable_set_on_640x512(paradigm, adapter, in_chans):
+    torch.manual_seed(0)
+    model = tiny(paradigm=paradigm, adapter=adapter, encoder={"img_size": [512, 640], "in_chans": in_chans})
+    loss, pred, mask = model(torch.rand(2, 1, 512, 640))
+    assert pred.shape == (2, 32 * 40, 16 * 16 * in_chans) and mask.shape == (2, 1280)
+    loss.backward()
+    trainable = model.trainable_names()
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None, f"{name} should train under {paradigm}"
+        else:
+            assert p.grad is None, f"{name} must stay frozen under {paradigm}"
+    if paradigm == "pad":
+        assert not any(n.startswith("encoder.") and ".parallel_mlp." not in n for n in trainable)
+        ups = [p for n, p in model.named_parameters() if n.endswith("pad.up.weight")]
+        assert all(p.grad.abs().sum() > 0 for p in ups)
+
+
+def test_scale_predictor_gate():
+    assert not scale_predictor_trainable(59, 100, 0.6) and scale_predictor_trainable(60, 100, 0.6)
+    model = tiny()
+    set_scale_predictors_trainable(model, False)
+    model(torch.rand(1, 1, 64, 80))[0].backward()
+    scales = [p for n, p in model.named_parameters() if n.endswith("pad.scale.weight")]
+    assert len(scales) == 2 and all(p.grad is None for p in scales)
+    set_scale_predictors_trainable(model, True)
+    model(torch.rand(1, 1, 64, 80))[0].backward()
+    assert all(p.grad is not None for p in scales)
+
+
+def _vit_b_encoder_params() -> int:
+    d, h = 768, 3072
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
+    return (16 * 16 * 3 * d + d) + d + 197 * d + 12 * block + 2 * d
+
+
+def _decoder_trainable() -> int:
+    d, h, e = 512, 2048, 768
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
+    return d + (e * d + d) + 8 * block + 2 * d + (d * 16 * 16 * 3 + 16 * 16 * 3)
+
+
+@pytest.mark.parametrize("scale,per_block", [("concat", 102208), ("sum", 101440), ("side", 101440),
+                                             ("gside", 101440), ("fixed", 100672), ("layer", 100673)])
+def test_vit_b_pad_parameter_counts(scale, per_block):
+    with torch.device("meta"):
+        model = build_mae({"pad": {"scale": scale}})
+    r = parameter_report(model)
+    assert r["trainable_encoder"] == 12 * per_block
+    assert r["trainable_decoder"] == _decoder_trainable()
+    assert r["total"] == _vit_b_encoder_params() + 12 * per_block + _decoder_trainable() + 197 * 512
+    assert r["per_module"]["encoder.blocks"]["trainable"] == 0
+
+
+def test_vit_b_pad_concat_is_the_papers_1_23m():
+    with torch.device("meta"):
+        r = parameter_report(build_mae({}))
+    assert r["trainable_encoder"] == 1_226_496 and r["scale_predictor"] == 12 * 1536
+
+
+@pytest.mark.parametrize("paradigm", ["continual", "scratch"])
+def test_vit_b_full_paradigms_train_the_whole_encoder(paradigm):
+    with torch.device("meta"):
+        r = parameter_report(build_mae({"paradigm": paradigm, "adapter": "none"}))
+    assert r["trainable_encoder"] == _vit_b_encoder_params() - 197 * 768  # all but the fixed sin-cos
+    assert r["frozen"] == 197 * 768 + 197 * 512
+
+
+def test_params_cli_prints_json(capsys):
+    assert pretrain_main(["params"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trainable_encoder"] == 1_226_496
+    assert {"total", "trainable", "frozen", "trainable_encoder", "trainable_decoder", "per_module"} <= set(out)
+    assert pretrain_main(["params", "model.pad.scale=side", "model.encoder.size=large"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainable_encoder"] == 24 * (2 * 1024 + 2 * 64 * 1024 + 64 + 1024 + 1024)
+    assert pretrain_main(["params", "model.pad.scale=bogus"]) == 2
+
+
+def test_layer_decay_groups():
+    model = tiny(paradigm="continual", adapter="none")
+    groups = param_groups(model, 0.05, layer_decay=0.7, num_layers=2)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["encoder.patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.7**3)
+    assert by_name["encoder.blocks.0.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.7**2)
+    assert by_name["encoder.blocks.1.mlp.fc1.weight"]["lr_scale"] == pytest.approx(0.7)
+    assert by_name["decoder_pred.weight"]["lr_scale"] == 1.0
+    assert by_name["encoder.blocks.0.norm1.weight"]["weight_decay"] == 0.0
+    assert by_name["encoder.blocks.0.attn.qkv.bias"]["weight_decay"] == 0.0
+    assert by_name["encoder.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
+    assert "encoder.pos_embed" not in by_name  # fixed

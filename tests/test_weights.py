@@ -1,0 +1,126 @@
+"""Weight loading (official MAE, timm .pth / .safetensors, ours) and the backbone export."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pretrain.models.mae import build_mae
+from pretrain.models.pos_embed import sincos_2d
+from pretrain.models.vit import encode
+from pretrain.weights import WeightsError, export_backbone, load_backbone, load_into_mae, read_state_dict
+from tests.test_mae_pad import TINY, tiny
+
+
+def official_mae_checkpoint(path, seed=0, img_size=(64, 80), in_chans=3):
+    """An official-MAE-layout checkpoint: real key names (no 'encoder.' prefix), random weights."""
+    ref = tiny(adapter="none", paradigm="scratch", encoder={"img_size": list(img_size), "in_chans": in_chans})
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in ref.state_dict().items():
+        key = k[len("encoder."):] if k.startswith("encoder.") else k
+        sd[key] = v if "pos_embed" in k else torch.randn(v.shape, generator=g) * 0.05
+    torch.save({"model": sd, "optimizer": {}, "epoch": 799}, path)
+    return sd
+
+
+def test_official_mae_round_trip_through_export(tmp_path):
+    sd = official_mae_checkpoint(tmp_path / "mae_pretrain.pth")
+    assert "blocks.0.attn.qkv.weight" in sd and "decoder_blocks.0.mlp.fc1.weight" in sd and "mask_token" in sd
+    model = tiny()
+    report = load_into_mae(model, tmp_path / "mae_pretrain.pth")
+    assert report.unexpected == [] and all(".parallel_mlp." in k for k in report.missing)
+    assert torch.equal(model.encoder.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
+    assert torch.equal(model.decoder_pred.weight, sd["decoder_pred.weight"])
+    with torch.no_grad():  # give the adapters non-trivial weights so the export carries them
+        for n, p in model.named_parameters():
+            if ".parallel_mlp." in n:
+                p.normal_(0, 0.1)
+    model.eval()
+    pth, js = export_backbone(model, tmp_path / "backbone.pth")
+    meta = json.loads(js.read_text())
+    assert meta["adapter"] == "pad" and meta["encoder"]["size"] == "tiny"
+    exported = torch.load(pth, weights_only=True)
+    assert "blocks.0.attn.qkv.weight" in exported and "blocks.0.parallel_mlp.pad.up.weight" in exported
+    assert not any(k.startswith(("decoder", "mask_token")) for k in exported)
+    vit, meta2, rep2 = load_backbone(pth)
+    vit.eval()
+    x = torch.rand(2, 1, 64, 80)
+    with torch.no_grad():
+        a, _ = encode(model.encoder, x)
+        b, _ = encode(vit, x)
+    assert torch.equal(a, b)
+    # Our own MAE state dict (encoder.* keys) reloads too.
+    torch.save(model.state_dict(), tmp_path / "ours.pth")
+    other = tiny()
+    assert load_into_mae(other, tmp_path / "ours.pth").missing == []
+
+
+def test_timm_safetensors_without_decoder_reports_keys(tmp_path):
+    model = tiny(adapter="none", paradigm="continual")
+    timm_sd = {k[len("encoder."):]: torch.randn(v.shape) for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    timm_sd["head.weight"] = torch.zeros(10, model.encoder.embed_dim)
+    save_file(timm_sd, str(tmp_path / "vit.safetensors"))
+    report = load_into_mae(model, tmp_path / "vit.safetensors")
+    assert report.unexpected == ["encoder.head.weight"]
+    assert "mask_token" in report.missing and "decoder_pred.weight" in report.missing
+    assert torch.equal(model.encoder.blocks[0].norm1.weight, timm_sd["blocks.0.norm1.weight"])
+
+
+def test_missing_backbone_weights_fail_unless_allowed(tmp_path):
+    sd = official_mae_checkpoint(tmp_path / "full.pth")
+    del sd["blocks.1.attn.proj.weight"]
+    torch.save({"model": sd}, tmp_path / "partial.pth")
+    with pytest.raises(WeightsError, match="blocks.1.attn.proj.weight"):
+        load_into_mae(tiny(), tmp_path / "partial.pth")
+    report = load_into_mae(tiny(), tmp_path / "partial.pth", allow_missing=True)
+    assert "encoder.blocks.1.attn.proj.weight" in report.missing
+
+
+def test_position_embedding_resampled_to_a_non_square_grid(tmp_path):
+    official_mae_checkpoint(tmp_path / "sq.pth", img_size=(64, 64))  # 4x4 grid
+    model = tiny(encoder={"img_size": [128, 160]})  # 8x10 grid
+    report = load_into_mae(model, tmp_path / "sq.pth")
+    assert "encoder.pos_embed" in report.adapted and "decoder_pos_embed" in report.adapted
+    assert model.encoder.pos_embed.shape == (1, 1 + 80, model.encoder.embed_dim)
+    # Resampling a sin-cos grid gives a smooth embedding close to the exact sin-cos of the new grid
+    # in its low-frequency channels; the cls slot is kept as is.
+    assert torch.equal(model.encoder.pos_embed[0, 0], torch.zeros(model.encoder.embed_dim))
+    model(torch.rand(1, 1, 128, 160))  # and the model runs on that grid
+
+
+def test_three_channel_weights_fold_into_one_channel_model(tmp_path):
+    sd = official_mae_checkpoint(tmp_path / "rgb.pth")
+    model = tiny(encoder={"in_chans": 1})
+    report = load_into_mae(model, tmp_path / "rgb.pth")
+    assert {"encoder.patch_embed.proj.weight", "decoder_pred.weight", "decoder_pred.bias"} <= set(report.adapted)
+    torch.testing.assert_close(model.encoder.patch_embed.proj.weight, sd["patch_embed.proj.weight"].sum(1, keepdim=True))
+    # A grey image through the folded 1-channel embedding equals it replicated through the RGB one.
+    x = torch.rand(1, 1, 64, 80)
+    rgb = torch.nn.functional.conv2d(x.expand(-1, 3, -1, -1), sd["patch_embed.proj.weight"], stride=16)
+    grey = torch.nn.functional.conv2d(x, model.encoder.patch_embed.proj.weight, stride=16)
+    torch.testing.assert_close(grey, rgb, atol=1e-5, rtol=1e-5)
+    w = sd["decoder_pred.weight"].reshape(-1, 3, sd["decoder_pred.weight"].shape[1]).mean(1)
+    torch.testing.assert_close(model.decoder_pred.weight, w)
+
+
+class NotATensor:
+    pass
+
+
+def test_pickled_code_is_refused(tmp_path):
+    torch.save({"model": {"x": torch.zeros(1)}, "extra": NotATensor()}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match="weights_only"):
+        read_state_dict(tmp_path / "evil.pth")
+
+
+def test_sincos_matches_mae_reference_layout():
+    """First half of the channels encodes the column, second half the row (MAE's layout)."""
+    emb = sincos_2d(8, 2, 3, cls_token=False)  # 2 rows x 3 cols
+    assert emb.shape == (6, 8)
+    # Tokens in the same column share the first half; tokens in the same row share the second.
+    assert torch.equal(emb[0, :4], emb[3, :4]) and not torch.equal(emb[0, :4], emb[1, :4])
+    assert torch.equal(emb[0, 4:], emb[2, 4:]) and not torch.equal(emb[0, 4:], emb[3, 4:])
+    # Column 1: sin(1 * omega), cos(1 * omega) with omega = 1 / 10000^(k / 2), k = 0, 1.
+    omega = torch.tensor([1.0, 0.01])
+    torch.testing.assert_close(emb[1, :4], torch.cat([torch.sin(omega), torch.cos(omega)]))
