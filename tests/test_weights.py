@@ -124,3 +124,22 @@ def test_sincos_matches_mae_reference_layout():
     # Column 1: sin(1 * omega), cos(1 * omega) with omega = 1 / 10000^(k / 2), k = 0, 1.
     omega = torch.tensor([1.0, 0.01])
     torch.testing.assert_close(emb[1, :4], torch.cat([torch.sin(omega), torch.cos(omega)]))
+
+
+def test_load_check_cli(tmp_path, capsys):
+    from pretrain.cli import main
+
+    official_mae_checkpoint(tmp_path / "mae.pth")
+    from data_tools.config import CONFIG_DIR
+
+    tiny_cfg = str(CONFIG_DIR / "pretrain" / "tiny.yaml")
+    assert main(["load-check", "--config", tiny_cfg, f"init.checkpoint={tmp_path / 'mae.pth'}"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["unexpected"] == [] and report["loaded"] > 0
+    assert all(".parallel_mlp." in k for k in report["missing"])
+    # scratch refuses a checkpoint; a missing file is a clear error.
+    assert main(["load-check", "--config", tiny_cfg, "model.paradigm=scratch",
+                 f"init.checkpoint={tmp_path / 'mae.pth'}"]) == 2
+    assert "random init" in capsys.readouterr().err
+    assert main(["load-check", "--config", tiny_cfg, f"init.checkpoint={tmp_path / 'nope.pth'}"]) == 2
+    assert "not found" in capsys.readouterr().err
