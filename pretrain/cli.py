@@ -1,4 +1,4 @@
-"""``python -m pretrain``: params, load-check (train and export come with the trainer)."""
+"""``python -m pretrain``: train, export, params, load-check."""
 from __future__ import annotations
 
 import argparse
@@ -7,31 +7,8 @@ import sys
 
 import torch
 
-from data_tools.config import CONFIG_DIR, load_config, to_container
-
-
-def build_model_from_config(cfg, device: str | torch.device = "cpu"):
-    from pretrain.models.mae import build_mae
-
-    with torch.device(device):
-        return build_mae(to_container(cfg)["model"])
-
-
-def initialise_from_config(model, cfg):
-    """Load ``init.checkpoint`` as the paradigm asks: pad / continual start from it (random init,
-    with a warning, when none is given); scratch refuses one. Returns the LoadReport or None."""
-    from pretrain.weights import load_into_mae
-
-    checkpoint = cfg.init.checkpoint
-    if cfg.model.paradigm == "scratch":
-        if checkpoint:
-            raise ValueError("paradigm 'scratch' trains from random init: unset init.checkpoint")
-        return None
-    if not checkpoint:
-        print(f"warning: paradigm '{cfg.model.paradigm}' without init.checkpoint: the encoder starts "
-              "from random init (PAD expects the ImageNet MAE weights)", file=sys.stderr)
-        return None
-    return load_into_mae(model, checkpoint, allow_missing=bool(cfg.init.allow_missing))
+from data_tools.config import CONFIG_DIR, load_config
+from pretrain.factory import build_model_from_config, initialise_from_config
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
@@ -60,6 +37,22 @@ def _cmd_load_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pretrain.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, args.run_dir, overwrite=args.overwrite)  # ends the process itself (distributed exit)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pretrain.export import export_run
+
+    pth, js = export_run(args.run_dir, args.out, tag=args.tag)
+    print(f"wrote {pth} and {js}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,6 +64,18 @@ def make_parser() -> argparse.ArgumentParser:
     lc.add_argument("--config", default=str(CONFIG_DIR / "pretrain" / "pad_vitb.yaml"))
     lc.add_argument("overrides", nargs="*", help="e.g. init.checkpoint=mae_pretrain_vit_base.pth")
     lc.set_defaults(func=_cmd_load_check)
+    tr = sub.add_parser("train", help="pre-train (resumes automatically from RUN_DIR's latest checkpoint)")
+    tr.add_argument("--config", default=str(CONFIG_DIR / "pretrain" / "pad_vitb.yaml"))
+    tr.add_argument("--run-dir", required=True)
+    tr.add_argument("--overwrite", action="store_true", help="discard what RUN_DIR holds and start fresh")
+    tr.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    tr.add_argument("overrides", nargs="*", help="e.g. data.shards='[{path: shards/}]' train.epochs=100")
+    tr.set_defaults(func=_cmd_train)
+    ex = sub.add_parser("export", help="write the fine-tuning backbone (encoder + adapters) of a run")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True, help="backbone .pth (a .json with its config is written beside it)")
+    ex.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    ex.set_defaults(func=_cmd_export)
     return p
 
 
@@ -78,6 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError) as e:  # WeightsError is a ValueError
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:  # WeightsError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

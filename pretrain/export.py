@@ -1,0 +1,44 @@
+"""Export a run's backbone from any of its checkpoints, without a distributed set-up."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from data_tools.config import load_config
+from pretrain.engine import LATEST, ResumeError, frozen_fingerprint
+from pretrain.factory import build_model_from_config, initialise_from_config
+from pretrain.weights import export_backbone
+
+
+def load_run_model(run_dir: str | Path, tag: str | None = None):
+    """The run's MAE with its frozen weights rebuilt (and verified) and its trainable weights loaded."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    ckpt_dir = run_dir / "checkpoints"
+    if tag is None:
+        if not (ckpt_dir / LATEST).is_file():
+            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint (no '{LATEST}' pointer)")
+        tag = (ckpt_dir / LATEST).read_text().strip()
+    if cfg.train.zero_stage == 3:
+        raise ResumeError("ZeRO stage 3 partitions the weights: consolidate with DeepSpeed's zero_to_fp32.py first")
+    torch.manual_seed(int(cfg.train.seed))  # frozen weights of a random-init run come from the seed
+    model = build_model_from_config(cfg)
+    initialise_from_config(model, cfg)
+    state = json.loads((ckpt_dir / tag / "state_rank0.json").read_text())
+    if frozen_fingerprint(model) != state["frozen"]["fingerprint"]:
+        raise ResumeError(f"the frozen weights rebuilt for {run_dir} differ from the checkpoint's reference "
+                          f"({state['frozen']['init_checkpoint']}): was the init checkpoint changed?")
+    saved = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(saved["module"], strict=False)
+    trainable = model.trainable_names()
+    lacking = sorted(n for n in trainable if n in missing)
+    if lacking or unexpected:
+        raise ResumeError(f"checkpoint {tag} does not match the model: missing {lacking[:5]}, unexpected {unexpected[:5]}")
+    return model.eval(), tag
+
+
+def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None):
+    model, _ = load_run_model(run_dir, tag)
+    return export_backbone(model, out)
