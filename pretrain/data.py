@@ -5,7 +5,7 @@ Order is a pure function of (seed, epoch, rank, worker):
 - slots (rank x loader worker) take disjoint shards, or, when there are fewer shards than slots,
   every slot reads all shards and keeps every n-th sample, so no rank ever starves;
 - several shard sets are interleaved by weighted sampling;
-- a seeded shuffle buffer mixes samples; each sample's crop/flip draws from its own generator,
+- a seeded shuffle buffer mixes the samples of each pass; each sample's crop/flip draws from its own generator,
   seeded by its position in the stream, so skipping samples needs no decoding.
 Each loader worker yields whole batches; a PyTorch DataLoader takes batches from its workers in
 round-robin order, so batch i of an epoch comes from worker i % W, every rank yields exactly
@@ -15,6 +15,7 @@ Corrupt samples and unreadable shards are counted and skipped; the counts travel
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +28,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data_tools.shards import decode_sample
 from data_tools.transforms import (IntensityConfig, RoICropConfig, normalize_ir, object_sensitive_crop,
                                    random_hflip, to_unit_intensity)
+
+
+_MAX_WORKERS = 64  # loader workers per training process
 
 
 @dataclass(frozen=True)
@@ -95,42 +99,70 @@ class PretrainStream(IterableDataset):
             raise ValueError("no shard sets given")
         self.sets, self.cfg, self.seed = sets, cfg, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.start_batch, self.positions = 0, 0, None
+        # Where the next iteration starts, shared with persistent loader workers (which hold a copy
+        # of this object): [epoch, start_batch, number of positions, positions...].
+        self._where = mp.get_context("spawn").RawArray("q", 3 + _MAX_WORKERS)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._where[0])
+
+    @property
+    def start_batch(self) -> int:
+        return int(self._where[1])
+
+    @property
+    def positions(self) -> list[int] | None:
+        n = int(self._where[2])
+        return [int(v) for v in self._where[3 : 3 + n]] if n else None
 
     def set_position(self, epoch: int, start_batch: int, positions: list[int] | None = None) -> None:
-        """Where the next iterator starts (set before creating it: loader workers copy the dataset).
+        """Where the next iteration starts.
 
         ``positions[w]``: raw samples loader worker w had consumed, as reported with its last
         batch; exact even when corrupt samples made a worker draw extra ones. None at an epoch start.
         """
         if start_batch and positions is None:
             raise ValueError("resuming inside an epoch needs the per-worker stream positions")
-        self.epoch, self.start_batch, self.positions = epoch, start_batch, positions
+        if positions is not None and len(positions) > _MAX_WORKERS:
+            raise ValueError(f"at most {_MAX_WORKERS} loader workers")
+        self._where[0], self._where[1] = epoch, start_batch
+        self._where[2] = len(positions) if positions else 0
+        for i, p in enumerate(positions or []):
+            self._where[3 + i] = p
 
     # --- the raw sample stream of one slot ---
-    def _slot_stream(self, set_index: int, slot: int, slots: int, counters: dict) -> Iterator[dict]:
+    def _slot_pass(self, set_index: int, slot: int, slots: int, cycle: int, counters: dict) -> Iterator[dict]:
+        """One pass of a slot over its share of a shard set."""
         shard_set = self.sets[set_index]
         n = len(shard_set.urls)
-        for cycle in range(10**9):
-            order = np.random.default_rng([self.seed, self.epoch, set_index, cycle]).permutation(n)
-            mine = order[slot::slots] if n >= slots else order
-            index, yielded = 0, 0
-            for shard in mine:
-                url = shard_set.urls[shard]
-                try:
-                    with wds.gopen(url, "rb") as stream:
-                        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
-                        for sample in wds.tariterators.group_by_keys(files):
-                            index += 1
-                            if n < slots and (index - 1) % slots != slot:
-                                continue
-                            yielded += 1
+        order = np.random.default_rng([self.seed, self.epoch, set_index, cycle]).permutation(n)
+        index = 0
+        for shard in (order[slot::slots] if n >= slots else order):
+            url = shard_set.urls[shard]
+            try:
+                with wds.gopen(url, "rb") as stream:
+                    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+                    for sample in wds.tariterators.group_by_keys(files):
+                        index += 1
+                        if n >= slots or (index - 1) % slots == slot:
                             yield sample
-                except Exception:  # unreadable or truncated shard: count it, go on with the next
-                    counters["bad_shards"] += 1
+            except Exception:  # unreadable or truncated shard: count it, go on with the next
+                counters["bad_shards"] += 1
+
+    def _slot_stream(self, set_index: int, slot: int, slots: int, counters: dict) -> Iterator[dict]:
+        """Endless passes, each shuffled on its own (the buffer is flushed at the end of a pass),
+        so a slot yields every sample of a pass before any sample repeats."""
+        for cycle in range(10**9):
+            rng = np.random.default_rng([self.seed, self.epoch, slot, set_index, cycle, 2 * 10**6])
+            yielded = 0
+            for sample in seeded_shuffle(self._slot_pass(set_index, slot, slots, cycle, counters),
+                                         self.cfg.shuffle_buffer, rng):
+                yielded += 1
+                yield sample
             if yielded == 0:  # never spin on a set that has nothing readable
-                raise RuntimeError(f"shard set '{shard_set.name}': a full pass over its shards gave no readable "
-                                   f"sample for loader slot {slot} of {slots}")
+                raise RuntimeError(f"shard set '{self.sets[set_index].name}': a full pass over its shards gave "
+                                   f"no readable sample for loader slot {slot} of {slots}")
 
     def _mixed_stream(self, slot: int, slots: int, counters: dict) -> Iterator[dict]:
         streams = [self._slot_stream(i, slot, slots, counters) for i in range(len(self.sets))]
@@ -152,7 +184,11 @@ class PretrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # Batch b belongs to logical worker b % W. The DataLoader polls its workers round-robin
+        # from worker 0, so loader worker i plays logical worker (i + start) % W: the owner of the
+        # first remaining batch goes first and batches arrive in order after a resume.
+        worker = (loader_worker + self.start_batch) % workers
         slots, slot = self.world_size * workers, self.rank * workers + worker
         bs = self.cfg.batch_size
         if self.positions is not None and len(self.positions) != workers:
@@ -160,34 +196,67 @@ class PretrainStream(IterableDataset):
                              f"{workers}: resume with data.num_workers={len(self.positions)}")
         my_batches = [b for b in range(self.cfg.batches_per_epoch) if b % workers == worker and b >= self.start_batch]
         counters = {"bad_shards": 0, "bad_samples": 0}
-        stream = seeded_shuffle(self._mixed_stream(slot, slots, counters), self.cfg.shuffle_buffer,
-                                np.random.default_rng([self.seed, self.epoch, slot, 2 * 10**6]))
+        stream = self._mixed_stream(slot, slots, counters)
         position = self.positions[worker] if self.positions else 0  # raw samples consumed so far
         for _ in range(position):
             next(stream)
         reported = dict(counters)
         for b in my_batches:
-            images = []
+            images, keys = [], []
             while len(images) < bs:
                 sample = next(stream)
                 rng = np.random.default_rng([self.seed, self.epoch, slot, position])
                 position += 1
                 try:
                     images.append(self._transform(sample, rng))
+                    keys.append(sample["__key__"])
                 except Exception:  # a corrupt sample: counted, never fatal
                     counters["bad_samples"] += 1
             batch = torch.from_numpy(np.stack(images)[:, None].astype(np.float32))
-            yield {"images": batch, "epoch": self.epoch, "batch": b, "worker": worker, "position": position,
+            yield {"images": batch, "keys": keys, "epoch": self.epoch, "batch": b, "worker": worker, "position": position,
                    "bad_samples": counters["bad_samples"] - reported["bad_samples"],
                    "bad_shards": counters["bad_shards"] - reported["bad_shards"]}
             reported = {k: counters[k] for k in ("bad_samples", "bad_shards")}
 
 
-def epoch_loader(stream: PretrainStream, epoch: int, start_batch: int, positions: list[int] | None,
-                 num_workers: int):
-    """A fresh DataLoader iterator for one epoch, starting at ``start_batch``. Workers are
-    spawned (not forked) so they never inherit locked thread pools from the training process."""
-    stream.set_position(epoch, start_batch, positions)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                         multiprocessing_context="spawn" if num_workers else None)
-    return iter(loader)
+def _ignore_preemption_signals(_worker_id: int) -> None:
+    """Runs in each loader worker after PyTorch installed its own SIGTERM handler (which re-raises
+    SIGTERM from any sender but the parent): the training process handles preemption."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+class EpochLoader:
+    """Batches of a PretrainStream, epoch after epoch, from persistent loader workers.
+
+    Workers are spawned once (not forked, so they never inherit locked thread pools from the
+    training process) and told where each epoch starts through the stream's shared position.
+    They ignore SIGTERM / SIGUSR1, inherited (SIG_IGN survives exec) and set again once PyTorch's
+    worker handlers are installed: a scheduler signals the whole process group, and the training
+    process must be the one to react (save, then stop), not lose its workers.
+    """
+
+    def __init__(self, stream: PretrainStream, num_workers: int):
+        self.stream = stream
+        self.loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+            multiprocessing_context="spawn" if num_workers else None,
+            worker_init_fn=_ignore_preemption_signals if num_workers else None)
+        self.started = False
+
+    def epoch(self, epoch: int, start_batch: int = 0, positions: list[int] | None = None):
+        self.stream.set_position(epoch, start_batch, positions)
+        if self.started or self.loader.num_workers == 0:
+            return iter(self.loader)
+        import signal
+
+        preemption = (signal.SIGTERM, signal.SIGUSR1)
+        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in preemption}
+        try:
+            self.started = True
+            return iter(self.loader)  # spawns the workers, which inherit SIG_IGN
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)

@@ -31,7 +31,7 @@ LATEST = "latest"
 
 # --- distributed ------------------------------------------------------------------------------
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -51,7 +51,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in env:  # a plain single process
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     cuda = torch.cuda.is_available()
     local_rank = int(env.get("LOCAL_RANK", 0))
     if cuda:

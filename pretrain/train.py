@@ -19,7 +19,7 @@ import torch.distributed as dist
 from data_tools.config import config_hash, save_resolved, to_container
 from data_tools.transforms import IntensityConfig, RoICropConfig
 from pretrain.factory import build_model_from_config, initialise_from_config
-from pretrain.data import PretrainStream, StreamConfig, batches_per_epoch, epoch_loader, load_shard_set
+from pretrain.data import EpochLoader, PretrainStream, StreamConfig, batches_per_epoch, load_shard_set
 from pretrain.engine import (Checkpointer, ResumeError, StopSignals, build_engine, deepspeed_config, file_sha256,
                              finish, frozen_fingerprint, init_distributed, lr_at, seed_step, set_lr)
 from pretrain.models.pad import pad_adapters, scale_predictor_trainable, set_scale_predictors_trainable
@@ -135,11 +135,15 @@ def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: t
                              f"{world} processes")
         accum = t.effective_batch // (micro * world)
     eff = micro * accum * world
-    micro_per_epoch = batches_per_epoch(sets, cfg.data.samples_per_epoch, world, micro)
+    workers = int(cfg.data.num_workers)
+    # Micro-batches per epoch and rank: a multiple of accumulation x loader workers, so that every
+    # loader slot needs the same number of samples (no slot re-reads samples within an epoch).
+    unit = accum * max(workers, 1)
+    micro_per_epoch = batches_per_epoch(sets, cfg.data.samples_per_epoch, world, micro) // unit * unit
+    if micro_per_epoch < 1:
+        raise ValueError(f"an epoch holds fewer than {unit} micro-batches of {micro} per process "
+                         f"({accum} accumulation x {max(workers, 1)} loader workers): use fewer workers or smaller batches")
     steps_per_epoch = micro_per_epoch // accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"an epoch of {micro_per_epoch} micro-batches per process cannot fill one step of {accum}")
-    micro_per_epoch = steps_per_epoch * accum
     total_steps = int(t.epochs * steps_per_epoch)
     warmup_steps = int(t.warmup_epochs * steps_per_epoch)
     base_lr = t.blr * eff / 256
@@ -152,8 +156,8 @@ def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: t
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, depth if cfg.optim.layer_decay else None)
     ds_cfg = deepspeed_config(micro, accum, world, t.precision, t.zero_stage, t.grad_clip)
     engine, optimizer = build_engine(model, groups, base_lr, tuple(t.betas), ds_cfg)
-    workers = int(cfg.data.num_workers)
     stream = PretrainStream(sets, _stream_config(cfg, micro, micro_per_epoch), int(t.seed), rank, world)
+    loader = EpochLoader(stream, workers)
     ckpt = Checkpointer(run_dir / "checkpoints", int(t.keep_last))
 
     state = {"step": 0, "epoch": 0, "batch": 0, "positions": [0] * max(workers, 1), "samples_seen": 0,
@@ -175,6 +179,10 @@ def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: t
                   f"micro-batch {state['batch']})", flush=True)
 
     log = MetricsLog(run_dir, state["step"], rank == 0)
+    samples_log = run_dir / f"samples_rank{rank}.jsonl" if t.record_samples else None
+    if samples_log is not None and samples_log.is_file():  # drop steps the resumed run will redo
+        keep = [l for l in samples_log.read_text().splitlines() if json.loads(l)["step"] < state["step"]]
+        samples_log.write_text("".join(l + "\n" for l in keep))
     signals = StopSignals()
     fault_step = int(os.environ.get(FAULT_ENV, "-1"))
     freeze_frac = float(m.pad.scale_freeze_fraction)
@@ -189,14 +197,14 @@ def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: t
         epoch = state["step"] // steps_per_epoch
         if state["epoch"] != epoch:
             state.update(epoch=epoch, batch=0, positions=[0] * max(workers, 1))
-        batches = epoch_loader(stream, epoch, state["batch"], state["positions"] if state["batch"] else None, workers)
+        batches = loader.epoch(epoch, state["batch"], state["positions"] if state["batch"] else None)
         while state["step"] < total_steps and state["step"] // steps_per_epoch == epoch:
             step = state["step"]
             t0 = time.perf_counter()
             set_lr(optimizer, lr_at(step, total_steps, warmup_steps, base_lr, t.min_lr))
             set_scale_predictors_trainable(model, scale_predictor_trainable(step, total_steps, freeze_frac))
             seed_step(int(t.seed), rank, step)
-            wait, losses = 0.0, []
+            wait, losses, keys = 0.0, [], []
             for _ in range(accum):
                 tw = time.perf_counter()
                 batch = next(batches)
@@ -205,12 +213,16 @@ def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: t
                 state["batch"] = batch["batch"] + 1
                 state["bad_samples"] += batch["bad_samples"]
                 state["bad_shards"] += batch["bad_shards"]
+                keys += batch["keys"]
                 loss, _, _ = engine(batch["images"].to(device, non_blocking=True))
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.detach())
             state["step"] = step + 1
             state["samples_seen"] += eff
+            if samples_log is not None:
+                with open(samples_log, "a") as f:
+                    f.write(json.dumps({"step": step, "keys": keys}) + "\n")
             if not torch.isfinite(torch.stack(losses)).all():
                 raise FloatingPointError(f"non-finite loss at step {step}")
             elapsed = time.perf_counter() - t0

@@ -1,0 +1,163 @@
+"""The pre-training stream: determinism, rank balance, exact positions, bad input, mixing; the lr schedule."""
+import io
+import math
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.build import build_shards
+from data_tools.cli import DEFAULT_BUILD_CONFIG
+from data_tools.config import load_config
+from data_tools.sources import load_sources
+from data_tools.synth import SynthConfig, write_corpus
+from pretrain.data import EpochLoader, PretrainStream, ShardSet, StreamConfig, batches_per_epoch, load_shard_set
+from pretrain.engine import lr_at
+from data_tools.transforms import RoICropConfig
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    write_corpus(root / "synth", SynthConfig(num_images=20, width=96, height=80))
+    cfg = load_config(DEFAULT_BUILD_CONFIG, ["shards.max_samples=5", "proposals.enabled=false"])
+    build_shards(load_sources(root / "synth" / "sources.yaml"), cfg, root / "shards", progress=False)
+    return load_shard_set(str(root / "shards"))
+
+
+def stream_cfg(batches, batch_size=2):
+    return StreamConfig(input_size=(32, 48), batch_size=batch_size, batches_per_epoch=batches, shuffle_buffer=8,
+                        roi=RoICropConfig(output_size=(32, 48)))
+
+
+def run(stream, epoch=0, start=0, positions=None, workers=0):
+    return list(EpochLoader(stream, workers).epoch(epoch, start, positions))
+
+
+def test_same_seed_same_batches_and_epochs_differ(shards):
+    a = run(PretrainStream([shards], stream_cfg(5), seed=3))
+    b = run(PretrainStream([shards], stream_cfg(5), seed=3))
+    assert len(a) == 5 and all(torch.equal(x["images"], y["images"]) for x, y in zip(a, b))
+    assert a[0]["images"].shape == (2, 1, 32, 48)
+    c = run(PretrainStream([shards], stream_cfg(5), seed=3), epoch=1)
+    assert not torch.equal(a[0]["images"], c[0]["images"])
+
+
+def test_every_rank_gets_the_same_number_of_batches_with_few_shards(shards, monkeypatch):
+    """4 shards, 3 ranks x 2 workers = 6 slots: more slots than shards, and no rank starves."""
+    import pretrain.data
+
+    assert batches_per_epoch([shards], None, world_size=3, batch_size=2) == 20 // (3 * 2)
+    bpe = 2  # the trainer rounds to a multiple of the loader workers
+    seen = []
+    for rank in range(3):
+        s = PretrainStream([shards], stream_cfg(bpe), seed=0, rank=rank, world_size=3)
+        batches = []
+        for worker in range(2):  # what each of this rank's two loader workers yields
+            info = type("WorkerInfo", (), {"id": worker, "num_workers": 2})()
+            monkeypatch.setattr(pretrain.data, "get_worker_info", lambda info=info: info)
+            batches += list(iter(s))
+        assert len(batches) == bpe
+        seen += [k for b in batches for k in b["keys"]]
+    assert len(seen) == len(set(seen)) == 3 * bpe * 2  # disjoint samples across all six slots
+
+
+def test_resume_at_saved_positions_replays_exactly(shards):
+    full = run(PretrainStream([shards], stream_cfg(8), seed=1), workers=2)
+    assert [b["batch"] for b in full] == list(range(8)) and [b["worker"] for b in full] == [0, 1] * 4
+    positions = [0, 0]
+    for b in full[:5]:
+        positions[b["worker"]] = b["position"]
+    resumed = run(PretrainStream([shards], stream_cfg(8), seed=1), start=5, positions=positions, workers=2)
+    assert [b["batch"] for b in resumed] == [5, 6, 7]
+    for x, y in zip(full[5:], resumed):
+        assert torch.equal(x["images"], y["images"])
+
+
+def test_resume_needs_positions_and_the_same_worker_count(shards):
+    s = PretrainStream([shards], stream_cfg(4), seed=0)
+    with pytest.raises(ValueError, match="positions"):
+        s.set_position(0, 2, None)
+    with pytest.raises(ValueError, match="num_workers=3"):
+        run(s, start=2, positions=[4, 4, 4], workers=0)
+
+
+def _copy_with_bad_sample(src: str, dst: str) -> None:
+    """Same tar, with the image of its second sample replaced by garbage."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        names = []
+        for m in tin:
+            data = tin.extractfile(m).read()
+            key = m.name.split(".")[0]
+            if key not in names:
+                names.append(key)
+            if len(names) == 2 and m.name.endswith(".png"):
+                data = b"not a png at all"
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+
+
+def test_corrupt_samples_and_shards_are_counted_and_skipped(shards, tmp_path):
+    bad_sample = tmp_path / "bad_sample.tar"
+    _copy_with_bad_sample(shards.urls[0], str(bad_sample))
+    truncated = tmp_path / "truncated.tar"
+    data = open(shards.urls[1], "rb").read()
+    truncated.write_bytes(data[: len(data) // 3])
+    missing = str(tmp_path / "missing.tar")
+    mixed = ShardSet("mixed", (str(bad_sample), str(truncated), missing, *shards.urls[2:]), 20)
+    out = run(PretrainStream([mixed], stream_cfg(6), seed=0))
+    assert len(out) == 6  # the stream still fills every batch
+    assert sum(b["bad_samples"] for b in out) >= 1
+    assert sum(b["bad_shards"] for b in out) >= 2  # the truncated and the missing shard
+
+
+def test_a_set_with_nothing_readable_is_an_error_not_a_hang(tmp_path):
+    (tmp_path / "junk.tar").write_bytes(b"junk" * 100)
+    bad = ShardSet("junk", (str(tmp_path / "junk.tar"),), 10)
+    with pytest.raises(RuntimeError, match="no readable sample"):
+        run(PretrainStream([bad], stream_cfg(2), seed=0))
+
+
+def test_weighted_mixing_of_shard_sets(shards, tmp_path):
+    write_corpus(tmp_path / "other", SynthConfig(num_images=10, width=96, height=80, seed=9))
+    cfg = load_config(DEFAULT_BUILD_CONFIG, ["shards.max_samples=5", "proposals.enabled=false"])
+    (tmp_path / "s.yaml").write_text(f"sources:\n  - {{name: other, root: {tmp_path / 'other' / 'ir'}}}\n")
+    build_shards(load_sources(tmp_path / "s.yaml"), cfg, tmp_path / "other_shards", progress=False)
+    other = load_shard_set(str(tmp_path / "other_shards"), weight=1.0)
+    a = ShardSet(shards.name, shards.urls, shards.samples, weight=3.0)
+    s = PretrainStream([a, other], stream_cfg(1), seed=0)
+    counters = {"bad_shards": 0, "bad_samples": 0}
+    keys = [next(it)["__key__"] for it in [s._mixed_stream(0, 1, counters)] for _ in range(400)]
+    share = np.mean([k.startswith("synth") for k in keys])
+    assert abs(share - 0.75) < 0.06
+
+
+def test_missing_or_unfinished_shard_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        load_shard_set(str(tmp_path))
+    (tmp_path / "manifest.json").write_text('{"status": "building"}')
+    with pytest.raises(ValueError, match="not complete"):
+        load_shard_set(str(tmp_path))
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 10, 1.0) == 0.0
+    assert lr_at(5, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(32, 100, 10, 1.0, min_lr=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 22 / 90)))
+
+
+def test_persistent_workers_follow_the_position_across_epochs(shards):
+    """One loader, workers spawned once: each epoch (and a resume inside one) starts where told."""
+    ref = [run(PretrainStream([shards], stream_cfg(4), seed=5), epoch=e, workers=2) for e in (0, 1)]
+    loader = EpochLoader(PretrainStream([shards], stream_cfg(4), seed=5), 2)
+    got0 = list(loader.epoch(0))
+    positions = [0, 0]
+    for b in ref[1][:3]:
+        positions[b["worker"]] = b["position"]
+    got1 = list(loader.epoch(1, 3, positions))
+    assert [b["keys"] for b in got0] == [b["keys"] for b in ref[0]]
+    assert [b["keys"] for b in got1] == [b["keys"] for b in ref[1][3:]]
