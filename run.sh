@@ -4,13 +4,17 @@
 #   ./run.sh                      set up, then run every stage on the embedded synthetic corpus
 #   ./run.sh test [pytest args]   set up, then run the test suite
 #   ./run.sh --data SOURCES.yaml  run the stages on your own infrared sources
-#   ./run.sh setup|synth|shards   run one stage (finished stages are skipped, interrupted ones resume)
+#   ./run.sh setup|synth|shards|pretrain|export
+#                                 run one stage (finished stages are skipped, interrupted ones resume)
 #
 # Options (before or after the stage name):
 #   --data FILE      sources YAML for the shard builder (default: the synthetic corpus)
+#   --config FILE    pre-training config (default: configs/pretrain/tiny.yaml, the CPU demo size)
 #   --out DIR        where outputs go (default: ./outputs)
 #   --workers N      shard-builder worker processes (default: number of CPUs)
+#   --nproc N        training processes on this machine (N > 1: torchrun; GPUs when present)
 #   --python PY      interpreter used to create the environment (default: python3)
+#   -- ARGS          everything after -- goes to the trainer as config overrides (key=value)
 # Environment: IRPT_VENV (default ./.venv) to place the environment elsewhere.
 set -euo pipefail
 
@@ -20,6 +24,9 @@ PYTHON_BOOT="python3"
 OUT="$ROOT/outputs"
 DATA=""
 WORKERS=""
+PRETRAIN_CONFIG="$ROOT/configs/pretrain/tiny.yaml"
+NPROC=1
+EXTRA=()
 STAGES=()
 TEST_ARGS=()
 
@@ -31,10 +38,13 @@ while [[ $# -gt 0 ]]; do
     --data)    DATA="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --out)     mkdir -p "$2"; OUT="$(cd "$2" && pwd)"; shift 2 ;;
     --workers) WORKERS="$2"; shift 2 ;;
+    --config)  PRETRAIN_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
+    --nproc)   NPROC="$2"; shift 2 ;;
+    --)        shift; EXTRA=("$@"); break ;;
     --python)  PYTHON_BOOT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     test)      STAGES+=(test); shift; TEST_ARGS=("$@"); break ;;
-    setup|synth|shards|all) STAGES+=("$1"); shift ;;
+    setup|synth|shards|pretrain|export|all) STAGES+=("$1"); shift ;;
     *) fail "unknown argument '$1' (see ./run.sh --help)" ;;
   esac
 done
@@ -63,6 +73,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 stage_synth() {
   [[ -n "$DATA" ]] && return 0
+  if [[ -f "$OUT/synth/synth.json" ]]; then say "synth: $OUT/synth already generated"; return 0; fi
   say "synth: generating the embedded demo corpus in $OUT/synth"
   PY -m data_tools synth --out "$OUT/synth" || fail "stage synth failed"
 }
@@ -82,6 +93,29 @@ stage_shards() {
   PY -m data_tools preview "$OUT/shards" --out "$OUT/shards/preview.png" || fail "shard preview failed"
 }
 
+stage_pretrain() {
+  [[ -f "$OUT/shards/manifest.json" ]] || stage_shards
+  if [[ -f "$OUT/pretrain/DONE" ]]; then
+    say "pretrain: already done ($OUT/pretrain); delete that folder to train again"; return 0
+  fi
+  say "pretrain: MAE + PAD with $(basename "$PRETRAIN_CONFIG") on $OUT/shards into $OUT/pretrain (rerun to resume)"
+  local launch=("$VENV/bin/python")
+  [[ "$NPROC" -gt 1 ]] && launch=("$VENV/bin/python" -m torch.distributed.run --nproc_per_node "$NPROC")
+  "${launch[@]}" -m pretrain train --config "$PRETRAIN_CONFIG" --run-dir "$OUT/pretrain" \
+    "data.shards=[{path: $OUT/shards}]" "${EXTRA[@]}" \
+    || fail "stage pretrain failed or was interrupted: rerun the same command to resume"
+  [[ -f "$OUT/pretrain/DONE" ]] || fail "stage pretrain stopped before the end (preempted?): rerun to resume"
+}
+
+stage_export() {
+  [[ -f "$OUT/pretrain/DONE" ]] || stage_pretrain
+  if [[ -f "$OUT/backbone.pth" && "$OUT/backbone.pth" -nt "$OUT/pretrain/DONE" ]]; then
+    say "export: $OUT/backbone.pth is up to date"; return 0
+  fi
+  say "export: encoder + PAD adapters -> $OUT/backbone.pth"
+  PY -m pretrain export "$OUT/pretrain" --out "$OUT/backbone.pth" || fail "stage export failed"
+}
+
 summary() {
   say "summary"
   PY - "$OUT" <<'EOF'
@@ -92,6 +126,14 @@ t = m["totals"]
 print(f"  shards     {out/'shards'}: {len(m['shards'])} shards, {t['written']} samples "
       f"({t['skipped']} skipped of {t['found']} found), {t['proposals']} proposals")
 print(f"  preview    {out/'shards'/'preview.png'}")
+metrics = out / "pretrain" / "metrics.jsonl"
+if metrics.is_file():
+    rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+    print(f"  pretrain   {out/'pretrain'}: {rows[-1]['step']} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}")
+if (out / "backbone.json").is_file():
+    b = json.loads((out / "backbone.json").read_text())
+    print(f"  backbone   {out/'backbone.pth'}: ViT-{b['encoder']['size']} + {b['adapter']} adapters, "
+          f"{b['num_parameters']:,} parameters")
 EOF
 }
 
@@ -103,6 +145,8 @@ for stage in "${STAGES[@]}"; do
             cd "$ROOT" && PY -m pytest "${TEST_ARGS[@]}" ;;
     synth)  stage_synth ;;
     shards) stage_shards ;;
-    all)    stage_synth; stage_shards; summary ;;
+    pretrain) stage_pretrain ;;
+    export) stage_export ;;
+    all)    stage_synth; stage_shards; stage_pretrain; stage_export; summary ;;
   esac
 done

@@ -308,7 +308,8 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     rec = _new_record(len(records), start)
     shard: ShardFile | None = None
     new_shards = 0
-    bar = tqdm(total=len(items), initial=start, unit="frame", disable=not progress, desc="shards")
+    bar = tqdm(total=len(items), initial=start, unit="frame", disable=not progress or not sys.stderr.isatty(),
+               desc="shards")
 
     def finish(end: int) -> None:
         nonlocal shard, rec, new_shards

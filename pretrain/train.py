@@ -261,6 +261,8 @@ def _log_step(log: MetricsLog, model, losses, state, optimizer, eff, elapsed, wa
               "images_per_s": eff / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9),
               "samples_seen": state["samples_seen"], "bad_samples": state["bad_samples"],
               "bad_shards": state["bad_shards"]}
+    if device.type == "cuda":
+        record["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     for i, s in enumerate(scales):
         record[f"pad_scale_mean/{i}"] = s.mean().item()
         record[f"pad_scale_std/{i}"] = s.std().item() if s.numel() > 1 else 0.0

@@ -1,0 +1,101 @@
+"""Pre-training cost of pad vs continual vs scratch on the same model and batch.
+
+    python bench/bench_pretrain.py [--size base] [--batch 8] [--steps 6] [--img 224]
+
+Runs the real trainer (``python -m pretrain train``, one process, fp32 on CPU or bf16 autocast on a
+GPU) for each paradigm in a fresh process on synthetic shards, and prints the median step time
+(first two steps excluded), the peak resident memory of the training process (CPU) or peak CUDA
+memory (GPU), and the bytes of one checkpoint. Bars (issue 4): pad step <= 0.85x continual,
+pad peak memory < continual, pad checkpoint <= 0.3x continual.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data_tools.build import build_shards  # noqa: E402
+from data_tools.cli import DEFAULT_BUILD_CONFIG  # noqa: E402
+from data_tools.config import load_config  # noqa: E402
+from data_tools.sources import load_sources  # noqa: E402
+from data_tools.synth import SynthConfig, write_corpus  # noqa: E402
+
+CONFIGS = {"pad": "pad_vitb.yaml", "continual": "continual_vitb.yaml", "scratch": "scratch_vitb.yaml"}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_paradigm(name: str, shards: Path, work: Path, args) -> dict:
+    run_dir = work / name
+    cuda = args.device == "cuda"
+    overrides = [
+        f"data.shards=[{{path: {shards}}}]", f"model.encoder.size={args.size}",
+        f"model.encoder.img_size=[{args.img},{args.img}]", f"train.batch_size={args.batch}",
+        "train.effective_batch=null", "train.accum_steps=1", "train.epochs=1", "train.warmup_epochs=0",
+        f"data.samples_per_epoch={args.batch * args.steps}", "data.num_workers=1",
+        f"train.precision={'bf16_autocast' if cuda else 'fp32'}", f"train.save_every_steps={args.steps}",
+        "train.log_every_steps=1",
+    ]
+    code = ("import resource, subprocess, sys, json; "
+            "r = subprocess.run(sys.argv[1:]); "
+            "print(json.dumps({'rc': r.returncode, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+    cmd = [sys.executable, "-c", code, sys.executable, "-m", "pretrain", "train", "--config",
+           str(ROOT / "configs" / "pretrain" / CONFIGS[name]), "--run-dir", str(run_dir), *overrides]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    last = out.stdout.strip().splitlines()[-1]
+    usage = json.loads(last)
+    if usage["rc"] != 0:
+        raise RuntimeError(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step_s = [args.batch / m["images_per_s"] for m in metrics[2:]]
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    result = {"step_s": statistics.median(step_s), "peak_rss_mb": usage["maxrss_kb"] / 1024,
+              "checkpoint_mb": dir_bytes(run_dir / "checkpoints" / tag) / 2**20,
+              "images_per_s": statistics.median(m["images_per_s"] for m in metrics[2:])}
+    if "cuda_peak_mb" in metrics[-1]:
+        result["cuda_peak_mb"] = metrics[-1]["cuda_peak_mb"]
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="base")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--img", type=int, default=224)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        write_corpus(work / "synth", SynthConfig(num_images=max(32, args.batch * 2), width=320, height=256))
+        cfg = load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false", "shards.max_samples=16"])
+        build_shards(load_sources(work / "synth" / "sources.yaml"), cfg, work / "shards", progress=False)
+        results = {name: run_paradigm(name, work / "shards", work, args) for name in CONFIGS}
+    pad, cont = results["pad"], results["continual"]
+    summary = {
+        "model": f"ViT-{args.size[0].upper()}/16 MAE, {args.img}x{args.img}, batch {args.batch}, {args.device}",
+        "results": {k: {m: round(v, 3) for m, v in r.items()} for k, r in results.items()},
+        "pad_vs_continual": {
+            "step_time": round(pad["step_s"] / cont["step_s"], 3),
+            "peak_memory": round(pad.get("cuda_peak_mb", pad["peak_rss_mb"]) / cont.get("cuda_peak_mb", cont["peak_rss_mb"]), 3),
+            "checkpoint": round(pad["checkpoint_mb"] / cont["checkpoint_mb"], 3),
+        },
+    }
+    print(json.dumps(summary, indent=1))
+    r = summary["pad_vs_continual"]
+    print(f"bars: step {r['step_time']} (<= 0.85), memory {r['peak_memory']} (< 1), checkpoint {r['checkpoint']} (<= 0.3)")
+
+
+if __name__ == "__main__":
+    main()
