@@ -179,6 +179,12 @@ def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: t
                   f"micro-batch {state['batch']})", flush=True)
 
     log = MetricsLog(run_dir, state["step"], rank == 0)
+    preview_images = None
+    if rank == 0 and t.preview_every_steps:
+        from pretrain.preview import fixed_frames, write_preview
+        preview_images = fixed_frames(list(sets[0].urls), int(t.preview_frames), tuple(m.encoder.img_size),
+                                      float(cfg.data.mean), float(cfg.data.std),
+                                      _stream_config(cfg, micro, micro_per_epoch).intensity).to(device)
     samples_log = run_dir / f"samples_rank{rank}.jsonl" if t.record_samples else None
     if samples_log is not None and samples_log.is_file():  # drop steps the resumed run will redo
         keep = [l for l in samples_log.read_text().splitlines() if json.loads(l)["step"] < state["step"]]
@@ -229,6 +235,9 @@ def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: t
             progress.update(1)
             if state["step"] % int(t.log_every_steps) == 0 or state["step"] == total_steps:
                 _log_step(log, model, losses, state, optimizer, eff, elapsed, wait, device)
+            if preview_images is not None and (state["step"] % int(t.preview_every_steps) == 0
+                                               or state["step"] == total_steps):
+                write_preview(model, preview_images, run_dir / "previews" / f"step{state['step']:08d}.png")
             stop = signals.any_rank_requested(device)
             if state["step"] % int(t.save_every_steps) == 0 or state["step"] == total_steps or stop:
                 save()

@@ -93,6 +93,11 @@ def test_checkpoint_holds_only_trainable_weights(uninterrupted):
     metrics = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 13))
     assert {"loss", "lr", "images_per_s", "data_wait_fraction", "pad_scale_mean/0", "bad_samples"} <= set(metrics[-1])
+    import cv2
+
+    preview = cv2.imread(str(uninterrupted / "previews" / "step00000012.png"), cv2.IMREAD_GRAYSCALE)
+    assert preview.shape == (4 * 64, 3 * 80)  # 4 fixed frames x (original | masked | reconstruction)
+    assert (uninterrupted / "tensorboard").is_dir() and (uninterrupted / "config.yaml").is_file()
 
 
 def test_changed_world_size_is_refused(shards, uninterrupted, tmp_path):
