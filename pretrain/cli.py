@@ -55,6 +55,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain", description=__doc__)
+    # The deepspeed launcher passes --local_rank=N right after the module name (LOCAL_RANK is read
+    # from the environment instead).
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("params", help="print the parameter report of a config as JSON")
     pr.add_argument("--config", default=str(CONFIG_DIR / "pretrain" / "pad_vitb.yaml"))
@@ -68,7 +71,6 @@ def make_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", default=str(CONFIG_DIR / "pretrain" / "pad_vitb.yaml"))
     tr.add_argument("--run-dir", required=True)
     tr.add_argument("--overwrite", action="store_true", help="discard what RUN_DIR holds and start fresh")
-    tr.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     tr.add_argument("overrides", nargs="*", help="e.g. data.shards='[{path: shards/}]' train.epochs=100")
     tr.set_defaults(func=_cmd_train)
     ex = sub.add_parser("export", help="write the fine-tuning backbone (encoder + adapters) of a run")

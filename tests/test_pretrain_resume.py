@@ -151,3 +151,67 @@ def test_export_from_a_run(uninterrupted, tmp_path):
     saved = trainable(uninterrupted)["module"]
     assert torch.equal(vit.blocks[1].parallel_mlp["pad"].up.weight, saved["encoder.blocks.1.parallel_mlp.pad.up.weight"])
     assert meta["adapter"] == "pad"
+
+
+def _common_args(run_dir, shards):
+    return ["--config", TINY, "--run-dir", str(run_dir), f"data.shards=[{{path: {shards}}}]", "train.batch_size=2",
+            "train.save_every_steps=2", "train.record_samples=true"]
+
+
+def _assert_same_run(a_dir, b_dir):
+    a, b = trainable(a_dir), trainable(b_dir)
+    for k in a["module"]:
+        assert torch.equal(a["module"][k], b["module"][k]), k
+    assert samples(a_dir) == samples(b_dir)
+
+
+def test_slurm_srun_environment_gives_the_same_run(shards, uninterrupted, tmp_path):
+    """Two tasks started the way srun starts them (SLURM_PROCID / SLURM_NTASKS, no launcher)."""
+    from pretrain.engine import free_port
+
+    run_dir, port = tmp_path / "slurm", str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(PYTHONPATH=str(ROOT), SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "train", *_common_args(run_dir, shards)],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    _assert_same_run(uninterrupted, run_dir)
+
+
+def test_deepspeed_launcher_gives_the_same_run(shards, uninterrupted, tmp_path):
+    import shutil
+
+    from pretrain.engine import free_port
+
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    run_dir = tmp_path / "ds"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain", "train",
+                          *_common_args(run_dir, shards)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _assert_same_run(uninterrupted, run_dir)
+
+
+def test_bf16_autocast_and_zero1_run(shards, tmp_path):
+    res = launch(tmp_path / "bf16", shards, nproc=2, extra=["train.precision=bf16_autocast", "train.zero_stage=1",
+                                                           "train.epochs=1"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and all(l == l and l < 10 for l in losses)
+
+
+def test_changed_init_checkpoint_is_refused_on_resume(shards, tmp_path):
+    from tests.test_weights import official_mae_checkpoint
+
+    init = tmp_path / "mae.pth"
+    official_mae_checkpoint(init)
+    run_dir = tmp_path / "init"
+    res = launch(run_dir, shards, nproc=1, extra=[f"init.checkpoint={init}"], env_extra={FAULT_ENV: "3"})
+    assert res.returncode != 0 and (run_dir / "checkpoints" / "latest").is_file()
+    official_mae_checkpoint(init, seed=1)  # the frozen weights it references are not the same any more
+    res = launch(run_dir, shards, nproc=1, extra=[f"init.checkpoint={init}"])
+    assert res.returncode != 0 and "frozen weights differ" in res.stdout + res.stderr

@@ -197,3 +197,37 @@ def test_border_crop_moves_boxes_and_records_crop(tmp_path):
     np.testing.assert_array_equal(image, img[10:115, 20:160])
     assert meta["crop"] == [10, 5, 20, 0] and (meta["orig_width"], meta["width"]) == (160, 140)
     assert [10, 10, 50, 60] in props.tolist()  # COCO box moved by (-20, -10)
+
+
+def test_tiff_and_bmp_8_and_16_bit_round_trip(tmp_path):
+    root = tmp_path / "f"
+    root.mkdir()
+    img8, img16 = _scene(), _scene(dtype=np.uint16)
+    cv2.imwrite(str(root / "a8.tif"), img8)
+    cv2.imwrite(str(root / "b16.tiff"), img16)
+    cv2.imwrite(str(root / "c8.bmp"), img8)
+    m = build_shards([Source("mixed", str(root))], load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false"]),
+                     tmp_path / "out", progress=False)
+    got = {}
+    for e in m["shards"]:
+        for _, members in iter_shard(str(tmp_path / "out" / e["shard"])):
+            image, _, meta = decode_sample(members)
+            got[meta["path"]] = (image, meta)
+    np.testing.assert_array_equal(got["a8.tif"][0], img8)
+    np.testing.assert_array_equal(got["b16.tiff"][0], img16)
+    np.testing.assert_array_equal(got["c8.bmp"][0], img8)
+    assert got["b16.tiff"][1]["dtype"] == "uint16" and got["b16.tiff"][1]["format"] == "tiff"
+    assert got["c8.bmp"][1]["format"] == "bmp"
+
+
+def test_shards_are_sized_by_bytes(tmp_path):
+    root = tmp_path / "f"
+    root.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(root / f"{i}.png"), _scene(seed=i))
+    one = len(_png(_scene())) + 3 * 512 + 1024  # roughly one sample in a tar
+    cfg = load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false", "shards.max_samples=0",
+                                             f"shards.max_bytes={int(2.5 * one)}"])
+    m = build_shards([Source("b", str(root))], cfg, tmp_path / "out", progress=False)
+    assert [e["samples"] for e in m["shards"]] == [2, 2, 2]
+    assert all(e["bytes"] <= int(2.5 * one) + 10240 for e in m["shards"])  # + the tar end-of-archive record
