@@ -174,7 +174,7 @@ def test_slurm_srun_environment_gives_the_same_run(shards, uninterrupted, tmp_pa
     for rank in (0, 1):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.update(PYTHONPATH=str(ROOT), SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")  # as torchrun sets it
         procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "train", *_common_args(run_dir, shards)],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -189,7 +189,7 @@ def test_deepspeed_launcher_gives_the_same_run(shards, uninterrupted, tmp_path):
 
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     run_dir = tmp_path / "ds"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # as torchrun sets it: same float order
     res = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain", "train",
                           *_common_args(run_dir, shards)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
