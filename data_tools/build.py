@@ -28,8 +28,8 @@ from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, box
 from data_tools.config import config_hash, save_resolved, to_container
 from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, encode_png, read_frame
 from data_tools.proposals import ProposalConfig, compute_proposals, unique_boxes
-from data_tools.shards import (ShardFile, atomic_write_text, encode_sample, sample_key, sha256_file,
-                               tar_bytes)
+from data_tools.files import atomic_write_text, sha256_file
+from data_tools.shards import ShardFile, encode_sample, sample_key, tar_bytes
 from data_tools.sources import Source, discover
 
 MANIFEST = "manifest.json"

@@ -67,14 +67,6 @@ def tar_bytes(sample: dict[str, bytes]) -> int:
     return total
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _HashingFile:
     """A write-only file that hashes what passes through it (no re-read to checksum a shard)."""
 
@@ -154,12 +146,3 @@ def iter_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             members[ext] = tar.extractfile(info).read()
     if current_key is not None:
         yield current_key, members
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.build import MANIFEST
-from data_tools.shards import decode_sample, iter_shard, sha256_file
+from data_tools.files import sha256_file
+from data_tools.shards import decode_sample, iter_shard
 
 
 def verify_shards(out_dir: str | Path) -> list[str]:

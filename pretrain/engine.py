@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_tools.files import atomic_write_text
+
 LATEST = "latest"
 
 
@@ -151,14 +153,6 @@ def frozen_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --- checkpoints ------------------------------------------------------------------------------
 
 class ResumeError(RuntimeError):
@@ -179,10 +173,10 @@ class Checkpointer:
         engine.save_checkpoint(str(self.directory), tag=tag, client_state={"irpt": True}, save_latest=False,
                                exclude_frozen_parameters=True)
         tag_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(tag_dir / f"state_rank{rank}.json", json.dumps(state))
+        atomic_write_text(tag_dir / f"state_rank{rank}.json", json.dumps(state))
         dist.barrier()  # every rank has written everything for this tag
         if rank == 0:
-            _atomic_write(self.directory / LATEST, tag)
+            atomic_write_text(self.directory / LATEST, tag)
             self._prune(keep=tag)
         dist.barrier()
 
@@ -201,15 +195,6 @@ class Checkpointer:
         engine.load_checkpoint(str(self.directory), tag=tag, load_module_strict=False, load_optimizer_states=True,
                                load_lr_scheduler_states=False)
         return state
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --- preemption -------------------------------------------------------------------------------

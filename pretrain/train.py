@@ -11,43 +11,58 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from data_tools.config import config_hash, save_resolved, to_container
+from data_tools.files import sha256_file
 from data_tools.transforms import IntensityConfig, RoICropConfig
-from pretrain.factory import build_model_from_config, initialise_from_config
 from pretrain.data import EpochLoader, PretrainStream, StreamConfig, batches_per_epoch, load_shard_set
-from pretrain.engine import (Checkpointer, ResumeError, StopSignals, build_engine, deepspeed_config, file_sha256,
-                             finish, frozen_fingerprint, init_distributed, lr_at, seed_step, set_lr)
+from pretrain.engine import (Checkpointer, ResumeError, StopSignals, build_engine, deepspeed_config, finish,
+                             frozen_fingerprint, init_distributed, lr_at, seed_step, set_lr)
+from pretrain.factory import build_model_from_config, initialise_from_config
 from pretrain.models.pad import pad_adapters, scale_predictor_trainable, set_scale_predictors_trainable
 from pretrain.optim import param_groups
 
 FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume tests
 
 
-def _prepare_run_dir(run_dir: Path, overwrite: bool, cfg_hash: str, rank: int) -> bool:
-    """True when resuming. Refuses a run directory of another config, or a non-empty one to start
-    fresh in, unless ``overwrite``."""
-    ckpt = run_dir / "checkpoints" / "latest"
-    resume = ckpt.is_file() and not overwrite
-    if resume:
-        saved = (run_dir / "config_hash.txt").read_text().strip() if (run_dir / "config_hash.txt").is_file() else None
+def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str) -> tuple[str, str | None]:
+    """('resume' | 'fresh' | 'wipe', error or None) for a run directory."""
+    if (run_dir / "checkpoints" / "latest").is_file() and not overwrite:
+        hash_file = run_dir / "config_hash.txt"
+        saved = hash_file.read_text().strip() if hash_file.is_file() else None
         if saved != cfg_hash:
-            raise ResumeError(f"{run_dir} holds a run of another config (hash {saved} != {cfg_hash}); "
+            return "resume", (f"{run_dir} holds a run of another config (hash {saved} != {cfg_hash}); "
                               "use another --run-dir, or --overwrite to discard it")
-        return True
+        return "resume", None
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:
-            raise ResumeError(f"{run_dir} is not empty and has no checkpoint to resume from; "
-                              "pass --overwrite to start fresh there")
-        dist.barrier()
-        if rank == 0:
+            return "fresh", (f"{run_dir} is not empty and has no checkpoint to resume from; "
+                             "pass --overwrite to start fresh there")
+        return "wipe", None
+    return "fresh", None
+
+
+def _prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, rank: int) -> bool:
+    """Rank 0 decides (resume, start fresh, or refuse) and tells every rank, before anything is
+    written, so that no rank sees another's new files. Returns True when resuming."""
+    decision = [_run_dir_decision(run_dir, overwrite, cfg_hash) if rank == 0 else None]
+    dist.broadcast_object_list(decision, src=0)
+    action, error = decision[0]
+    if error:
+        raise ResumeError(error)
+    if rank == 0 and action != "resume":
+        if action == "wipe":
             shutil.rmtree(run_dir)
-        dist.barrier()
-    return False
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, run_dir)
+        (run_dir / "config_hash.txt").write_text(cfg_hash + "\n")
+    dist.barrier()
+    return action == "resume"
 
 
 def _stream_config(cfg, micro: int, bpe: int) -> StreamConfig:
@@ -109,12 +124,7 @@ def train(cfg, run_dir: str | Path, overwrite: bool = False) -> None:
 def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: torch.device) -> None:
     t, m = cfg.train, cfg.model
     cfg_hash = config_hash(cfg)
-    resume = _prepare_run_dir(run_dir, overwrite, cfg_hash, rank)
-    if rank == 0 and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, run_dir)
-        (run_dir / "config_hash.txt").write_text(cfg_hash + "\n")
-    dist.barrier()
+    resume = _prepare_run_dir(run_dir, overwrite, cfg, cfg_hash, rank)
 
     torch.manual_seed(t.seed)  # identical initialisation on every rank
     model = build_model_from_config(cfg)
@@ -124,7 +134,7 @@ def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: t
     model.to(device)
     frozen_ref = {"fingerprint": frozen_fingerprint(model),
                   "init_checkpoint": cfg.init.checkpoint,
-                  "init_sha256": file_sha256(cfg.init.checkpoint) if cfg.init.checkpoint else None}
+                  "init_sha256": sha256_file(cfg.init.checkpoint) if cfg.init.checkpoint else None}
 
     sets = [load_shard_set(s["path"], s.get("weight", 1.0)) for s in to_container(cfg.data.shards)]
     micro = int(t.batch_size)
