@@ -5,8 +5,6 @@ import argparse
 import json
 import sys
 
-import torch
-
 from data_tools.config import CONFIG_DIR, load_config
 from pretrain.factory import build_model_from_config, initialise_from_config
 

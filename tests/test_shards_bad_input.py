@@ -64,13 +64,13 @@ def bad_corpus(tmp_path):
     m = np.zeros((96, 128), np.uint8)
     m[10:60, 60:110] = 255
     cv2.imwrite(str(masks / "good16_mask.png"), m)
-    (tmp_path / "sources.yaml").write_text(f"""
+    (tmp_path / "sources.yaml").write_text("""
 sources:
   - name: bad
     root: frames
     black_threshold: 20
-    boxes: {{format: yolo, path: labels}}
-    masks: {{path: masks, suffix: _mask.png}}
+    boxes: {format: yolo, path: labels}
+    masks: {path: masks, suffix: _mask.png}
 """)
     return tmp_path
 

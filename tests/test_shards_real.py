@@ -133,7 +133,7 @@ def _subset_source() -> Source:
 def test_build_is_deterministic_across_worker_counts(tmp_path):
     cfg = load_config(DEFAULT_BUILD_CONFIG, ["shards.max_samples=10"])
     a = build_shards([_subset_source()], cfg, tmp_path / "a", workers=1, progress=False)
-    b = build_shards([_subset_source()], cfg, tmp_path / "b", workers=2, progress=False)
+    build_shards([_subset_source()], cfg, tmp_path / "b", workers=2, progress=False)
     assert len(a["shards"]) == 6
     for entry in a["shards"]:
         assert (tmp_path / "a" / entry["shard"]).read_bytes() == (tmp_path / "b" / entry["shard"]).read_bytes()

@@ -5,11 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pretrain.models.mae import build_mae
 from pretrain.models.pos_embed import sincos_2d
 from pretrain.models.vit import encode
 from pretrain.weights import WeightsError, export_backbone, load_backbone, load_into_mae, read_state_dict
-from tests.test_mae_pad import TINY, tiny
+from tests.test_mae_pad import tiny
 
 
 def official_mae_checkpoint(path, seed=0, img_size=(64, 80), in_chans=3):
