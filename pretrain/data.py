@@ -58,7 +58,6 @@ def load_shard_set(path: str, weight: float = 1.0, name: str | None = None) -> S
 
 @dataclass(frozen=True)
 class StreamConfig:
-    input_size: tuple[int, int] = (224, 224)  # (height, width)
     batch_size: int = 64  # per process
     batches_per_epoch: int = 1  # per process, identical on every rank
     shuffle_buffer: int = 1000

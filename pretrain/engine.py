@@ -3,8 +3,9 @@ engine, the learning-rate schedule, checkpoints with exact resume, preemption si
 
 Checkpoints hold only what cannot be recomputed: DeepSpeed saves the trainable parameters and the
 optimiser state (``exclude_frozen_parameters``); our ``state_rank{r}.json`` adds the step, samples
-seen, each rank's data position, RNG states, the config hash, the world size and a sha256 of the
-frozen parameters (rebuilt from the init checkpoint or the seed, and verified on load). The
+seen, each rank's data position, the config hash, the world size and a sha256 of the frozen
+parameters (rebuilt from the init checkpoint or the seed, and verified on load). RNG states are
+not saved: every generator is reseeded from (seed, rank, step) at each step (``seed_step``). The
 ``latest`` pointer is replaced atomically only after every rank has finished writing.
 """
 from __future__ import annotations
@@ -136,11 +137,6 @@ def seed_step(seed: int, rank: int, step: int) -> None:
     random.seed(value)
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state().tolist(), "numpy": np.random.get_state()[1].tolist(),
-            "python": repr(random.getstate()[1][:4])}
-
-
 def frozen_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over the names, shapes and bytes of every frozen parameter and buffer."""
     h = hashlib.sha256()
@@ -170,7 +166,7 @@ class Checkpointer:
 
     def save(self, engine, tag: str, rank: int, state: dict) -> None:
         tag_dir = self.directory / tag
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state={"irpt": True}, save_latest=False,
+        engine.save_checkpoint(str(self.directory), tag=tag, save_latest=False,
                                exclude_frozen_parameters=True)
         tag_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(tag_dir / f"state_rank{rank}.json", json.dumps(state))

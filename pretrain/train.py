@@ -70,7 +70,7 @@ def _stream_config(cfg, micro: int, bpe: int) -> StreamConfig:
     for k in ("fallback_scale", "fallback_ratio"):
         roi[k] = tuple(roi[k])
     inten = dict(d["intensity"], percentiles=tuple(d["intensity"]["percentiles"]))
-    return StreamConfig(input_size=tuple(cfg.model.encoder.img_size), batch_size=micro, batches_per_epoch=bpe,
+    return StreamConfig(batch_size=micro, batches_per_epoch=bpe,
                         shuffle_buffer=d["shuffle_buffer"], hflip=d["hflip"], mean=d["mean"], std=d["std"],
                         roi=RoICropConfig(**roi), intensity=IntensityConfig(**inten))
 
@@ -165,7 +165,8 @@ def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: t
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, depth if cfg.optim.layer_decay else None)
     ds_cfg = deepspeed_config(micro, accum, world, t.precision, t.zero_stage, t.grad_clip)
     engine, optimizer = build_engine(model, groups, base_lr, tuple(t.betas), ds_cfg)
-    stream = PretrainStream(sets, _stream_config(cfg, micro, micro_per_epoch), int(t.seed), rank, world)
+    stream_cfg = _stream_config(cfg, micro, micro_per_epoch)
+    stream = PretrainStream(sets, stream_cfg, int(t.seed), rank, world)
     loader = EpochLoader(stream, workers)
     ckpt = Checkpointer(run_dir / "checkpoints", int(t.keep_last))
 
@@ -192,8 +193,7 @@ def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: t
     if rank == 0 and t.preview_every_steps:
         from pretrain.preview import fixed_frames, write_preview
         preview_images = fixed_frames(list(sets[0].urls), int(t.preview_frames), tuple(m.encoder.img_size),
-                                      float(cfg.data.mean), float(cfg.data.std),
-                                      _stream_config(cfg, micro, micro_per_epoch).intensity).to(device)
+                                      stream_cfg.mean, stream_cfg.std, stream_cfg.intensity).to(device)
     samples_log = run_dir / f"samples_rank{rank}.jsonl" if t.record_samples else None
     if samples_log is not None and samples_log.is_file():  # drop steps the resumed run will redo
         keep = [l for l in samples_log.read_text().splitlines() if json.loads(l)["step"] < state["step"]]
@@ -205,7 +205,7 @@ def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: t
     def save() -> None:
         tag = f"step{state['step']:08d}"
         ckpt.save(engine, tag, rank, {"data": state, "world_size": world, "config_hash": cfg_hash,
-                                      "frozen": frozen_ref, "rng": _rng_summary()})
+                                      "frozen": frozen_ref})
 
     progress = _progress(total_steps, state["step"], rank == 0)
     while state["step"] < total_steps:
@@ -261,12 +261,6 @@ def _train(cfg, run_dir: Path, overwrite: bool, rank: int, world: int, device: t
     if rank == 0:
         (run_dir / "DONE").write_text(json.dumps({"steps": total_steps, "samples_seen": state["samples_seen"]}))
         print(f"done: {total_steps} steps, checkpoints in {ckpt.directory}", flush=True)
-
-
-def _rng_summary() -> dict:
-    # Generators are reseeded from (seed, rank, step) every step (engine.seed_step); this records
-    # the state at the save for inspection.
-    return {"torch_initial_seed": int(torch.initial_seed())}
 
 
 def _log_step(log: MetricsLog, model, losses, state, optimizer, eff, elapsed, wait, device) -> None:

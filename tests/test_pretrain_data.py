@@ -27,7 +27,7 @@ def shards(tmp_path_factory):
 
 
 def stream_cfg(batches, batch_size=2):
-    return StreamConfig(input_size=(32, 48), batch_size=batch_size, batches_per_epoch=batches, shuffle_buffer=8,
+    return StreamConfig(batch_size=batch_size, batches_per_epoch=batches, shuffle_buffer=8,
                         roi=RoICropConfig(output_size=(32, 48)))
 
 

@@ -16,7 +16,7 @@ from data_tools.cli import DEFAULT_BUILD_CONFIG, main as cli_main
 from data_tools.config import load_config
 from data_tools.imageio import read_frame
 from data_tools.shards import decode_sample, iter_shard
-from data_tools.sources import Source, discover, load_sources
+from data_tools.sources import Source, discover
 from data_tools.verify import verify_shards
 from tests.conftest import ROOT, shared_path
 
@@ -49,11 +49,11 @@ def test_misc_111_mask_mismatch_is_reported_not_fatal(real_build):
 
 def test_lossless_round_trip_and_metadata(real_build):
     out, m = real_build
-    sources = {s.name: s for s in load_sources(_sources_yaml(m))}
+    roots = {s["name"]: s["root"] for s in m["config"]["sources"]}
     n = 0
     for key, members in _all_samples(out, m):
         image, proposals, meta = decode_sample(members)
-        original = read_frame(os.path.join(sources[meta["source"]].root, meta["path"])).image
+        original = read_frame(os.path.join(roots[meta["source"]], meta["path"])).image
         np.testing.assert_array_equal(image, original)
         assert image.dtype == np.uint8 and meta["dtype"] == "uint8"
         assert (meta["width"], meta["height"]) == (image.shape[1], image.shape[0])
@@ -62,14 +62,6 @@ def test_lossless_round_trip_and_metadata(real_build):
             assert proposals[:, 0].min() >= 0 and (proposals[:, 0] + proposals[:, 2]).max() <= image.shape[1]
         n += 1
     assert n == 668
-
-
-def _sources_yaml(manifest: dict) -> Path:
-    import yaml, tempfile
-    d = Path(tempfile.mkdtemp())
-    entries = [{"name": s["name"], "root": s["root"]} for s in manifest["config"]["sources"]]
-    (d / "s.yaml").write_text(yaml.safe_dump({"sources": entries}))
-    return d / "s.yaml"
 
 
 def test_annotation_boxes_are_proposals(real_build):

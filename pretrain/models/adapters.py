@@ -18,7 +18,7 @@ AdaptFormer, ...) subclasses one of the base classes and needs no new plumbing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -93,10 +93,6 @@ class AdaptedBlock(nn.Module):
             x = adapter(x, ctx)
         return x
 
-    def adapters(self) -> Iterator[nn.Module]:
-        for slot in (self.post_attn, self.parallel_mlp, self.post_mlp):
-            yield from slot.values()
-
 
 def attach(vit: nn.Module, name: str, position: str, factory: Callable[[int, int], nn.Module],
            blocks: list[int] | None = None) -> None:
@@ -113,12 +109,6 @@ def attach(vit: nn.Module, name: str, position: str, factory: Callable[[int, int
         if name in slot:
             raise ValueError(f"block {i} already has an adapter '{name}' at {position}")
         slot[name] = factory(i, dim)
-
-
-def adapter_modules(vit: nn.Module) -> Iterator[nn.Module]:
-    for block in vit.blocks:
-        if isinstance(block, AdaptedBlock):
-            yield from block.adapters()
 
 
 def adapter_parameter_names(vit: nn.Module, prefix: str = "") -> set[str]:
