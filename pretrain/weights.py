@@ -196,3 +196,33 @@ def load_backbone(path: str | Path, img_size: tuple[int, int] | None = None):
         raise WeightsError(f"{path}: exported backbone lacks {missing[:5]}")
     _load_matching(vit, sd, target, report)
     return vit, meta, report
+
+
+def is_exported_backbone(path: str | Path) -> bool:
+    json_path = Path(path).with_suffix(".json")
+    if not json_path.is_file():
+        return False
+    try:
+        return json.loads(json_path.read_text()).get("format") == BACKBONE_FORMAT
+    except json.JSONDecodeError:
+        return False
+
+
+def load_into_encoder(vit: nn.Module, path: str | Path, allow_missing: bool = False) -> LoadReport:
+    """Official MAE, timm, or our MAE weights into a bare encoder (decoder and head keys are
+    reported unexpected). Missing non-adapter weights raise unless allowed."""
+    from pretrain.models.adapters import POSITIONS
+
+    report = LoadReport(str(path))
+    sd = read_state_dict(path)
+    if any(k.startswith("encoder.") for k in sd):  # our MAE
+        sd = {(k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in sd.items()}
+    target = vit.state_dict()
+    adapt_encoder_state(sd, target, tuple(vit.patch_embed.grid_size), "", report)
+    slots = tuple(f".{p}." for p in POSITIONS)  # adapter parameters and buffers start from their init
+    missing = sorted(k for k in target if k not in sd and not any(s in k for s in slots))
+    if missing and not allow_missing:
+        raise WeightsError(f"{path}: {len(missing)} backbone weight(s) missing, e.g. {missing[:5]}; "
+                           "pass allow_missing to accept")
+    _load_matching(vit, sd, target, report)
+    return report

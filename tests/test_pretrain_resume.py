@@ -16,7 +16,7 @@ from data_tools.cli import DEFAULT_BUILD_CONFIG
 from data_tools.config import CONFIG_DIR, load_config
 from data_tools.sources import load_sources
 from data_tools.synth import SynthConfig, write_corpus
-from pretrain.train import FAULT_ENV
+from pretrain.loop import FAULT_ENV
 from tests.conftest import ROOT
 
 TINY = str(CONFIG_DIR / "pretrain" / "tiny.yaml")

@@ -12,7 +12,8 @@ under their own names (``norm1``, ``attn``, ``ls1``, ``drop_path1``, ``norm2``, 
 
 With no adapters attached the block computes exactly timm's ``Block.forward``. Adapters get a
 ``TokenContext``: the token grid (H, W), or None when tokens are masked, the number of prefix
-(CLS) tokens, and a dict of extras (e.g. IV-tuning's prompt stream). A new adapter type (LoRA,
+(CLS) tokens, the tokens that entered the current block (IV-tuning's prompt stream) and a
+dict of extras. A new adapter type (LoRA,
 AdaptFormer, ...) subclasses one of the base classes and needs no new plumbing.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ class TokenContext:
     grid: tuple[int, int] | None  # (H, W) of the patch tokens; None when tokens are masked/shuffled
     num_prefix: int = 1
     extras: dict = field(default_factory=dict)
+    block_input: torch.Tensor | None = None  # the tokens entering the current block (set by run_blocks)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[:, : self.num_prefix], x[:, self.num_prefix :]

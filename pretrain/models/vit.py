@@ -96,6 +96,7 @@ def run_blocks(vit: VisionTransformer, x: torch.Tensor, ctx: TokenContext,
     """All blocks, then the final norm. Also returns the outputs of the blocks in ``out_indices``."""
     features = []
     for i, block in enumerate(vit.blocks):
+        ctx.block_input = x
         x = block(x, ctx)
         if i in out_indices:
             features.append(x)

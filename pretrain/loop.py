@@ -1,0 +1,297 @@
+"""The training loop shared by pre-training and fine-tuning.
+
+A task supplies the model's forward + loss for a batch, its learning-rate schedule and optional
+per-step hooks; this module owns the run directory (resume / fresh / refuse), the step loop with
+gradient accumulation, exact resume from checkpoints, preemption signals, the JSONL + TensorBoard
+log and the progress bar, identically for every task.
+
+Batches come from ``pretrain.data.EpochLoader`` over a stream that yields dicts with the keys
+``batch`` (index in the epoch), ``worker`` and ``position`` (the data position to resume from),
+``keys`` (sample names), ``bad_samples`` / ``bad_shards`` (counts since the previous batch) and
+whatever the task's ``forward`` reads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data_tools.config import save_resolved
+from data_tools.files import sha256_file
+from pretrain.engine import Checkpointer, ResumeError, StopSignals, frozen_fingerprint, seed_step, set_lr
+
+FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume tests
+
+
+# --- run directory ----------------------------------------------------------------------------
+
+def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str) -> tuple[str, str | None]:
+    """('resume' | 'fresh' | 'wipe', error or None) for a run directory."""
+    if (run_dir / "checkpoints" / "latest").is_file() and not overwrite:
+        hash_file = run_dir / "config_hash.txt"
+        saved = hash_file.read_text().strip() if hash_file.is_file() else None
+        if saved != cfg_hash:
+            return "resume", (f"{run_dir} holds a run of another config (hash {saved} != {cfg_hash}); "
+                              "use another --run-dir, or --overwrite to discard it")
+        return "resume", None
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            return "fresh", (f"{run_dir} is not empty and has no checkpoint to resume from; "
+                             "pass --overwrite to start fresh there")
+        return "wipe", None
+    return "fresh", None
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, rank: int) -> bool:
+    """Rank 0 decides (resume, start fresh, or refuse) and tells every rank, before anything is
+    written, so that no rank sees another's new files. Returns True when resuming."""
+    decision = [_run_dir_decision(run_dir, overwrite, cfg_hash) if rank == 0 else None]
+    dist.broadcast_object_list(decision, src=0)
+    action, error = decision[0]
+    if error:
+        raise ResumeError(error)
+    if rank == 0 and action != "resume":
+        if action == "wipe":
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, run_dir)
+        (run_dir / "config_hash.txt").write_text(cfg_hash + "\n")
+    dist.barrier()
+    return action == "resume"
+
+
+def run_entry_point(body, *args) -> None:
+    """Run ``body(rank, world, device, *args)`` in an initialised process group and end the
+    process: 0 on success, 1 on any error (a failed rank must not wait in a barrier)."""
+    from pretrain.engine import finish, init_distributed
+
+    rank, world, device = init_distributed()
+    try:
+        body(rank, world, device, *args)
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    finish(0)
+
+
+# --- batching ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Batching:
+    micro: int  # per process
+    accum: int
+    world: int
+
+    @property
+    def effective(self) -> int:
+        return self.micro * self.accum * self.world
+
+
+def resolve_batching(t, world: int) -> Batching:
+    """``train.batch_size`` per process; ``train.effective_batch`` (if set) fixes the accumulation."""
+    micro, accum = int(t.batch_size), int(t.accum_steps)
+    if t.effective_batch:
+        if t.effective_batch % (micro * world):
+            raise ValueError(f"effective_batch {t.effective_batch} is not a multiple of batch_size {micro} x "
+                             f"{world} processes")
+        accum = t.effective_batch // (micro * world)
+    return Batching(micro, accum, world)
+
+
+# --- logging ----------------------------------------------------------------------------------
+
+class MetricsLog:
+    """JSONL metrics (rank 0) and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, resume_step: int, enabled: bool, name: str = "metrics.jsonl"):
+        self.enabled = enabled
+        self.path = run_dir / name
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.is_file():  # drop records of steps the resumed run will redo
+            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        except Exception as e:  # TensorBoard is optional at run time
+            print(f"warning: no TensorBoard logging ({e})", file=sys.stderr)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+
+def progress_bar(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="step", disable=not enabled or not sys.stderr.isatty(), desc=desc)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+class Task:
+    """What a training task supplies to ``train_steps``."""
+
+    def learning_rate(self, step: int) -> float:
+        raise NotImplementedError
+
+    def forward(self, engine, batch: dict) -> torch.Tensor:
+        """The loss of one micro-batch (the engine does backward and step)."""
+        raise NotImplementedError
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def log_fields(self) -> dict:
+        return {}
+
+    def end_step(self, step: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    total_steps: int
+    steps_per_epoch: int
+    batching: Batching
+    seed: int
+    num_workers: int
+    log_every: int
+    save_every: int
+    record_samples: bool = False
+    desc: str = "train"
+
+
+def new_state(num_workers: int) -> dict:
+    return {"step": 0, "epoch": 0, "batch": 0, "positions": [0] * max(num_workers, 1), "samples_seen": 0,
+            "bad_samples": 0, "bad_shards": 0}
+
+
+def frozen_reference(model: torch.nn.Module, init_checkpoint: str | None) -> dict:
+    return {"fingerprint": frozen_fingerprint(model), "init_checkpoint": init_checkpoint,
+            "init_sha256": sha256_file(init_checkpoint) if init_checkpoint else None}
+
+
+def resume_state(ckpt: Checkpointer, engine, rank: int, world: int, cfg_hash: str, frozen_ref: dict) -> dict:
+    """Load the latest checkpoint and check it belongs to this run; returns the loop state."""
+    saved = ckpt.load(engine, rank)
+    if saved["world_size"] != world:
+        raise ResumeError(f"the checkpoint was written by {saved['world_size']} processes, this run has {world}: "
+                          "resume with the same number of processes")
+    if saved["config_hash"] != cfg_hash:
+        raise ResumeError("the checkpoint's config hash differs from this config")
+    if saved["frozen"]["fingerprint"] != frozen_ref["fingerprint"]:
+        raise ResumeError(f"frozen weights differ from the checkpoint's reference {saved['frozen']} "
+                          "(was the init checkpoint changed or modified?)")
+    state = saved["data"]
+    if rank == 0:
+        print(f"resumed from {ckpt.latest_tag()} at step {state['step']} (epoch {state['epoch']}, "
+              f"micro-batch {state['batch']})", flush=True)
+    return state
+
+
+def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state: dict, spec: LoopSpec,
+                run_dir: Path, rank: int, device: torch.device, checkpoint_meta: dict) -> bool:
+    """Run steps until ``spec.total_steps`` (True) or a preemption signal (False, after saving).
+
+    Each step reseeds every generator from (seed, rank, step), sets the lr, takes ``accum``
+    micro-batches and steps; a checkpoint every ``save_every`` steps, at the end and on a signal.
+    """
+    world = spec.batching.world
+    accum, workers = spec.batching.accum, spec.num_workers
+    log = MetricsLog(run_dir, state["step"], rank == 0)
+    samples_log = run_dir / f"samples_rank{rank}.jsonl" if spec.record_samples else None
+    if samples_log is not None and samples_log.is_file():  # drop steps the resumed run will redo
+        keep = [l for l in samples_log.read_text().splitlines() if json.loads(l)["step"] < state["step"]]
+        samples_log.write_text("".join(l + "\n" for l in keep))
+    signals = StopSignals()
+    fault_step = int(os.environ.get(FAULT_ENV, "-1"))
+
+    def save() -> None:
+        ckpt.save(engine, f"step{state['step']:08d}", rank, dict(checkpoint_meta, data=state, world_size=world))
+
+    progress = progress_bar(spec.total_steps, state["step"], rank == 0, spec.desc)
+    while state["step"] < spec.total_steps:
+        epoch = state["step"] // spec.steps_per_epoch
+        if state["epoch"] != epoch:
+            state.update(epoch=epoch, batch=0, positions=[0] * max(workers, 1))
+        batches = loader.epoch(epoch, state["batch"], state["positions"] if state["batch"] else None)
+        while state["step"] < spec.total_steps and state["step"] // spec.steps_per_epoch == epoch:
+            step = state["step"]
+            t0 = time.perf_counter()
+            set_lr(optimizer, task.learning_rate(step))
+            task.begin_step(step)
+            seed_step(spec.seed, rank, step)
+            wait, losses, keys = 0.0, [], []
+            for _ in range(accum):
+                tw = time.perf_counter()
+                batch = next(batches)
+                wait += time.perf_counter() - tw
+                state["positions"][batch["worker"]] = batch["position"]
+                state["batch"] = batch["batch"] + 1
+                state["bad_samples"] += batch["bad_samples"]
+                state["bad_shards"] += batch["bad_shards"]
+                keys += batch["keys"]
+                loss = task.forward(engine, batch)
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.detach())
+            state["step"] = step + 1
+            state["samples_seen"] += spec.batching.effective
+            if samples_log is not None:
+                with open(samples_log, "a") as f:
+                    f.write(json.dumps({"step": step, "keys": keys}) + "\n")
+            if not torch.isfinite(torch.stack(losses)).all():
+                raise FloatingPointError(f"non-finite loss at step {step}")
+            elapsed = time.perf_counter() - t0
+            progress.update(1)
+            if state["step"] % spec.log_every == 0 or state["step"] == spec.total_steps:
+                log.write(_step_record(task, losses, state, optimizer, spec, elapsed, wait, device))
+            task.end_step(state["step"])
+            stop = signals.any_rank_requested(device)
+            if state["step"] % spec.save_every == 0 or state["step"] == spec.total_steps or stop:
+                save()
+            if state["step"] == fault_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop:
+                if rank == 0:
+                    print(f"{signals.signal_name or 'stop signal'}: saved step {state['step']}, exiting; "
+                          "rerun the same command to resume", flush=True)
+                return False
+    progress.close()
+    return True
+
+
+def _step_record(task: Task, losses, state, optimizer, spec: LoopSpec, elapsed, wait, device) -> dict:
+    loss = torch.stack(losses).float().mean().reshape(1).to(device)
+    dist.all_reduce(loss)
+    record = {"step": state["step"], "epoch": state["epoch"], "loss": loss.item() / dist.get_world_size(),
+              "lr": max(g["lr"] for g in optimizer.param_groups),
+              "images_per_s": spec.batching.effective / max(elapsed, 1e-9),
+              "data_wait_fraction": wait / max(elapsed, 1e-9),
+              "samples_seen": state["samples_seen"], "bad_samples": state["bad_samples"],
+              "bad_shards": state["bad_shards"]}
+    if device.type == "cuda":
+        record["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    record.update(task.log_fields())
+    return record
