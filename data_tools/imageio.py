@@ -116,6 +116,47 @@ def read_frame(path: str, grey_tolerance: int = 2) -> Frame:
     return decode_frame(read_bytes(path), grey_tolerance)
 
 
+def read_raw(path: str) -> np.ndarray:
+    """Every channel as stored (BGR[A] order for colour), uint8 or uint16; same checks as read_frame."""
+    data = read_bytes(path)
+    fmt = sniff_format(data)
+    check_complete(data, fmt)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise SkipSample("decode_failed", f"OpenCV could not decode this {fmt}")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise SkipSample("unsupported_dtype", str(image.dtype))
+    return image
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """A visible frame as (H, W, 3) uint8 RGB (grey frames replicated, 16-bit scaled to 8)."""
+    image = read_raw(path)
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    if image.ndim == 2 or image.shape[2] == 1:
+        return np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
+    return cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_BGR2RGB)
+
+
+def read_label_map(path: str) -> np.ndarray:
+    """A segmentation label PNG as (H, W) class indices: grey or palette ('P') images give their
+    stored values (Pillow, because OpenCV expands palettes to colours); colour label images are
+    refused, since their class colours would need a table."""
+    from PIL import Image, UnidentifiedImageError
+
+    data = read_bytes(path)
+    try:
+        import io
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode not in ("L", "P", "I", "I;16", "1"):
+                raise SkipSample("decode_failed", f"label image mode {im.mode}: expected one channel of class indices")
+            return np.asarray(im).astype(np.int64)
+    except (UnidentifiedImageError, OSError) as e:
+        raise SkipSample("decode_failed", str(e)) from None
+
+
 def crop_border(image: np.ndarray, border: tuple[int, int, int, int]) -> np.ndarray:
     """Remove (top, bottom, left, right) pixels, e.g. DroneVehicle's 100 px white frame."""
     top, bottom, left, right = border

@@ -91,15 +91,17 @@ def seeded_shuffle(samples: Iterator, bufsize: int, rng: np.random.Generator) ->
         yield buf.pop(int(rng.integers(len(buf))))
 
 
-class PretrainStream(IterableDataset):
-    def __init__(self, sets: list[ShardSet], cfg: StreamConfig, seed: int, rank: int = 0, world_size: int = 1):
+class ResumableStream(IterableDataset):
+    """An iterable of whole batches whose epoch and start are set from outside, also for
+    persistent loader workers (they hold a copy of this object; the position lives in shared
+    memory). Batch b of an epoch belongs to logical loader worker b % W."""
+
+    needs_positions = False  # True when resuming inside an epoch needs per-worker stream positions
+
+    def __init__(self, batches_per_epoch: int):
         super().__init__()
-        if not sets:
-            raise ValueError("no shard sets given")
-        self.sets, self.cfg, self.seed = sets, cfg, seed
-        self.rank, self.world_size = rank, world_size
-        # Where the next iteration starts, shared with persistent loader workers (which hold a copy
-        # of this object): [epoch, start_batch, number of positions, positions...].
+        self.batches_per_epoch = batches_per_epoch
+        # [epoch, start_batch, number of positions, positions...]
         self._where = mp.get_context("spawn").RawArray("q", 3 + _MAX_WORKERS)
 
     @property
@@ -121,7 +123,7 @@ class PretrainStream(IterableDataset):
         ``positions[w]``: raw samples loader worker w had consumed, as reported with its last
         batch; exact even when corrupt samples made a worker draw extra ones. None at an epoch start.
         """
-        if start_batch and positions is None:
+        if start_batch and positions is None and self.needs_positions:
             raise ValueError("resuming inside an epoch needs the per-worker stream positions")
         if positions is not None and len(positions) > _MAX_WORKERS:
             raise ValueError(f"at most {_MAX_WORKERS} loader workers")
@@ -129,6 +131,29 @@ class PretrainStream(IterableDataset):
         self._where[2] = len(positions) if positions else 0
         for i, p in enumerate(positions or []):
             self._where[3 + i] = p
+
+    def my_batches(self) -> tuple[int, int, list[int]]:
+        """(logical worker, workers, the batch indices it yields from the start batch on).
+
+        The DataLoader polls its workers round-robin from worker 0, so loader worker i plays
+        logical worker (i + start) % W: the owner of the first remaining batch goes first and
+        batches arrive in order after a resume."""
+        info = get_worker_info()
+        loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (loader_worker + self.start_batch) % workers
+        mine = [b for b in range(self.batches_per_epoch) if b % workers == worker and b >= self.start_batch]
+        return worker, workers, mine
+
+
+class PretrainStream(ResumableStream):
+    needs_positions = True
+
+    def __init__(self, sets: list[ShardSet], cfg: StreamConfig, seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(cfg.batches_per_epoch)
+        if not sets:
+            raise ValueError("no shard sets given")
+        self.sets, self.cfg, self.seed = sets, cfg, seed
+        self.rank, self.world_size = rank, world_size
 
     # --- the raw sample stream of one slot ---
     def _slot_pass(self, set_index: int, slot: int, slots: int, cycle: int, counters: dict) -> Iterator[dict]:
@@ -182,18 +207,12 @@ class PretrainStream(IterableDataset):
         return normalize_ir(to_unit_intensity(crop, self.cfg.intensity), self.cfg.mean, self.cfg.std)
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # Batch b belongs to logical worker b % W. The DataLoader polls its workers round-robin
-        # from worker 0, so loader worker i plays logical worker (i + start) % W: the owner of the
-        # first remaining batch goes first and batches arrive in order after a resume.
-        worker = (loader_worker + self.start_batch) % workers
+        worker, workers, my_batches = self.my_batches()
         slots, slot = self.world_size * workers, self.rank * workers + worker
         bs = self.cfg.batch_size
         if self.positions is not None and len(self.positions) != workers:
             raise ValueError(f"the saved data position has {len(self.positions)} loader workers, this run "
                              f"{workers}: resume with data.num_workers={len(self.positions)}")
-        my_batches = [b for b in range(self.cfg.batches_per_epoch) if b % workers == worker and b >= self.start_batch]
         counters = {"bad_shards": 0, "bad_samples": 0}
         stream = self._mixed_stream(slot, slots, counters)
         position = self.positions[worker] if self.positions else 0  # raw samples consumed so far
@@ -228,7 +247,7 @@ def _ignore_preemption_signals(_worker_id: int) -> None:
 
 
 class EpochLoader:
-    """Batches of a PretrainStream, epoch after epoch, from persistent loader workers.
+    """Batches of a ResumableStream, epoch after epoch, from persistent loader workers.
 
     Workers are spawned once (not forked, so they never inherit locked thread pools from the
     training process) and told where each epoch starts through the stream's shared position.
@@ -237,7 +256,7 @@ class EpochLoader:
     process must be the one to react (save, then stop), not lose its workers.
     """
 
-    def __init__(self, stream: PretrainStream, num_workers: int):
+    def __init__(self, stream: ResumableStream, num_workers: int):
         self.stream = stream
         self.loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,

@@ -9,17 +9,18 @@ def no_weight_decay(name: str, ndim: int) -> bool:
     return ndim <= 1 or name.endswith(".bias")
 
 
-def layer_id(name: str, num_layers: int) -> int:
-    """0 for the embeddings, i + 1 for encoder block i, num_layers + 1 for everything after."""
-    if name.startswith(("encoder.cls_token", "encoder.pos_embed", "encoder.patch_embed")):
+def layer_id(name: str, num_layers: int, prefix: str = "encoder.") -> int:
+    """0 for the embeddings, i + 1 for encoder block i, num_layers + 1 for everything after
+    (heads, decoders). ``prefix``: where the encoder sits in the model's parameter names."""
+    if name.startswith(tuple(prefix + k for k in ("cls_token", "pos_embed", "patch_embed"))):
         return 0
-    if name.startswith("encoder.blocks."):
-        return int(name.split(".")[2]) + 1
+    if name.startswith(prefix + "blocks."):
+        return int(name[len(prefix + "blocks."):].split(".")[0]) + 1
     return num_layers + 1
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
-                 num_layers: int | None = None) -> list[dict]:
+                 num_layers: int | None = None, prefix: str = "encoder.") -> list[dict]:
     """Groups of trainable parameters with their weight decay and lr scale (``lr_scale``)."""
     if layer_decay is not None and num_layers is None:
         raise ValueError("layer_decay needs num_layers")
@@ -28,7 +29,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
         if not p.requires_grad:
             continue
         wd = 0.0 if no_weight_decay(name, p.ndim) else weight_decay
-        lid = layer_id(name, num_layers) if layer_decay is not None else 0
+        lid = layer_id(name, num_layers, prefix) if layer_decay is not None else 0
         scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0
         g = groups.setdefault((wd, lid), {"params": [], "names": [], "weight_decay": wd, "lr_scale": scale})
         g["params"].append(p)

@@ -19,28 +19,32 @@ def component(name: str) -> str:
     return "decoder"
 
 
-def parameter_report(model: nn.Module, trainable: set[str] | None = None) -> dict:
-    """Counts by parameter (not by tensor). ``trainable`` defaults to requires_grad."""
+def parameter_report(model: nn.Module, trainable: set[str] | None = None, component_of=component,
+                     parts: tuple[str, str] = ("encoder", "decoder"), backbone_prefix: str = "encoder.") -> dict:
+    """Counts by parameter (not by tensor). ``trainable`` defaults to requires_grad. ``parts``
+    names the backbone (parameters under ``backbone_prefix``) and the rest."""
     named = dict(model.named_parameters())
     if trainable is None:
         trainable = {n for n, p in named.items() if p.requires_grad}
     per = defaultdict(lambda: {"total": 0, "trainable": 0})
     for name, p in named.items():
-        group = per[component(name)]
+        group = per[component_of(name)]
         group["total"] += p.numel()
         group["trainable"] += p.numel() if name in trainable else 0
     total = sum(p.numel() for p in named.values())
     n_trainable = sum(named[n].numel() for n in trainable)
-    encoder_total = sum(p.numel() for n, p in named.items() if n.startswith("encoder."))
+    backbone, rest = parts
+    backbone_total = sum(p.numel() for n, p in named.items() if n.startswith(backbone_prefix))
+    trainable_backbone = sum(named[n].numel() for n in trainable if n.startswith(backbone_prefix))
     report = {
         "total": total,
         "trainable": n_trainable,
         "frozen": total - n_trainable,
-        "trainable_encoder": sum(named[n].numel() for n in trainable if n.startswith("encoder.")),
-        "trainable_decoder": sum(named[n].numel() for n in trainable if not n.startswith("encoder.")),
-        "encoder_total": encoder_total,
+        f"trainable_{backbone}": trainable_backbone,
+        f"trainable_{rest}": n_trainable - trainable_backbone,
+        f"{backbone}_total": backbone_total,
         "scale_predictor": sum(p.numel() for a in pad_adapters(model) for p in a.scale_parameters()),
         "per_module": dict(sorted(per.items())),
     }
-    report["trainable_encoder_share"] = round(report["trainable_encoder"] / max(encoder_total, 1), 6)
+    report[f"trainable_{backbone}_share"] = round(trainable_backbone / max(backbone_total, 1), 6)
     return report

@@ -1,0 +1,54 @@
+"""``python -m finetune``: seg (train + evaluate), params."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from data_tools.config import CONFIG_DIR, load_config
+
+SEG_CONFIG = str(CONFIG_DIR / "finetune" / "seg_vitb.yaml")
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from finetune.factory import build_segmentor, parameter_report
+
+    cfg = load_config(args.config, args.overrides)
+    report = parameter_report(build_segmentor(cfg, "meta"))  # shapes only, no memory
+    report["config"] = {"method": cfg.model.method, "modality": cfg.model.modality, "size": cfg.model.encoder.size}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _cmd_seg(args: argparse.Namespace) -> int:
+    from finetune.seg import train_seg
+
+    cfg = load_config(args.config, args.overrides)
+    train_seg(cfg, args.run_dir, overwrite=args.overwrite)  # ends the process itself (distributed exit)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune", description=__doc__)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    sub = p.add_subparsers(dest="command", required=True)
+    pr = sub.add_parser("params", help="print the parameter report of a config as JSON")
+    pr.add_argument("--config", default=SEG_CONFIG)
+    pr.add_argument("overrides", nargs="*", help="config overrides, e.g. model.method=mona")
+    pr.set_defaults(func=_cmd_params)
+    sg = sub.add_parser("seg", help="fine-tune and evaluate semantic segmentation (resumes RUN_DIR)")
+    sg.add_argument("--config", default=SEG_CONFIG)
+    sg.add_argument("--run-dir", required=True)
+    sg.add_argument("--overwrite", action="store_true", help="discard what RUN_DIR holds and start fresh")
+    sg.add_argument("overrides", nargs="*", help="e.g. data.root=MFNet model.method=mona init.checkpoint=backbone.pth")
+    sg.set_defaults(func=_cmd_seg)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

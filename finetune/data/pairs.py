@@ -1,0 +1,120 @@
+"""Finding infrared / visible / label files of a fine-tuning dataset, and the report of what was
+left out and why.
+
+Layouts:
+- ``pairs``: folders with matching file stems (MSRS / FMB: ``ir/``, ``vi/``, ``labels/``; SIRST:
+  ``images/`` + ``masks/<name>_pixels0.png``). Folder names come from config; ``ir`` or ``vi`` may
+  be null for single-modality data; ``label_suffix`` is appended to the stem of label files.
+- ``mfnet``: one 4-channel PNG per frame (RGB + thermal) in ``images/``, labels in ``labels/``.
+A split list (a text file of names, one per line) selects frames; without one every frame is used.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+PAIR_ISSUES = {
+    "missing_partner": "the infrared or the visible frame of a pair is missing",
+    "missing_label": "an image has no label file",
+    "label_without_image": "a label file has no image",
+    "not_found": "a name in the split list has no files",
+    "unreadable": "an image or label file could not be decoded (detail: the reason)",
+    "size_mismatch": "the infrared and visible frames differ in size",
+    "mask_size_mismatch": "the label map's size differs from the image's",
+    "unknown_label_values": "the label map holds values that are neither a class index nor the ignore index",
+    "wrong_channels": "a packed (MFNet-style) image does not have 4 channels",
+    "box_clipped": "a box extending outside the image was clipped to it",
+    "box_empty": "a box with zero area (after clipping) was dropped",
+    "unknown_class": "a box's class is not among the configured classes; the box was dropped",
+    "annotation_parse_error": "an annotation file could not be parsed",
+}
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    name: str
+    ir: str | None = None
+    vi: str | None = None
+    label: str | None = None
+    packed: str | None = None  # MFNet-style 4-channel file (RGB + thermal)
+
+
+def issue(name: str, reason: str, detail: str = "") -> dict:
+    assert reason in PAIR_ISSUES, reason
+    return {"name": name, "reason": reason, "detail": detail}
+
+
+def list_images(folder: Path, suffix: str = "") -> dict[str, str]:
+    """stem (without ``suffix``) -> path for the image files of a folder."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in IMAGE_EXTS and p.stem.endswith(suffix):
+            out[p.stem[: len(p.stem) - len(suffix)] if suffix else p.stem] = str(p)
+    return out
+
+
+def read_split(root: Path, split: str | None) -> list[str] | None:
+    if not split:
+        return None
+    path = Path(split) if Path(split).is_absolute() else root / split
+    if not path.is_file():
+        raise FileNotFoundError(f"split list {path} not found")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def discover(data, split: str | None, need_label: bool = True) -> tuple[list[PairRecord], list[dict], int]:
+    """Records for the ``data`` config section (layout, root, dirs, label_suffix), the issues met
+    (each names the frame and why it was left out) and the number of frames considered."""
+    root = Path(data.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root {root} is not a folder")
+    dirs = data.dirs
+    issues: list[dict] = []
+    labels = list_images(root / dirs.label, data.label_suffix or "") if dirs.label and need_label else {}
+    if data.layout == "mfnet":
+        images = {"packed": list_images(root / dirs.image)}
+    elif data.layout == "pairs":
+        images = {m: list_images(root / getattr(dirs, m)) for m in ("ir", "vi") if getattr(dirs, m)}
+        if not images:
+            raise ValueError("data.dirs: set at least one of ir / vi")
+    else:
+        raise ValueError(f"data.layout must be 'pairs' or 'mfnet', got {data.layout!r}")
+    names = sorted(set().union(*[set(v) for v in images.values()]))
+    wanted = read_split(root, split)
+    if wanted is not None:
+        known = set(names) | set(labels)
+        issues += [issue(n, "not_found") for n in wanted if n not in known]
+        names = [n for n in wanted if n in set(names)]
+        label_orphans = [n for n in labels if n in set(wanted) and n not in set(names)]
+    else:
+        label_orphans = [n for n in labels if n not in set(names)]
+    issues += [issue(n, "label_without_image", labels[n]) for n in sorted(label_orphans)]
+    records = []
+    for n in names:
+        missing = [m for m, files in images.items() if n not in files]
+        if missing:
+            issues.append(issue(n, "missing_partner", f"no {'/'.join(missing)} frame"))
+            continue
+        if need_label and n not in labels:
+            issues.append(issue(n, "missing_label"))
+            continue
+        files = {m: images[m][n] for m in images}
+        records.append(PairRecord(n, label=labels.get(n), **files))
+    return records, issues, len(names)
+
+
+def write_report(path: Path, split_name: str, found: int, used: int, issues: list[dict]) -> dict:
+    """The data report of one split: counts, counts per reason, and every issue by name."""
+    by_reason: dict[str, int] = {}
+    for i in issues:
+        by_reason[i["reason"]] = by_reason.get(i["reason"], 0) + 1
+    report = {"split": split_name, "found": found, "used": used, "left_out": found - used,
+              "issues_by_reason": by_reason, "reasons": {r: PAIR_ISSUES[r] for r in by_reason}, "issues": issues}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    return report

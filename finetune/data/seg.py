@@ -1,0 +1,127 @@
+"""Segmentation datasets: aligned infrared / visible frames and a label map per frame.
+
+Every frame is read once when the dataset is built: pairs whose partner is missing, whose sizes
+differ, whose label map does not match the image or holds unknown values are left out and named
+in the data report (``data_report_<split>.json``), never silently dropped or misaligned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from data_tools.imageio import SkipSample, read_frame, read_label_map, read_raw, read_rgb
+from data_tools.transforms import IntensityConfig, normalize_ir, to_unit_intensity
+from finetune.data.augment import AugmentConfig, crop, hflip, normalize_visible, photometric, rescale
+from finetune.data.pairs import PairRecord, issue
+
+
+@dataclass(frozen=True)
+class SegDataSpec:
+    num_classes: int
+    ignore_index: int = 255
+    binary_labels: bool = False  # masks such as SIRST's 0/255: every non-zero value is class 1
+    crop_size: tuple[int, int] = (512, 512)  # (height, width)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    ir_mean: float = 0.3801
+    ir_std: float = 0.1871
+
+
+def read_pair(record: PairRecord) -> dict:
+    """{'ir': (H, W) uint8/16 or None, 'vi': (H, W, 3) uint8 RGB or None} of one record."""
+    if record.packed:
+        image = read_raw(record.packed)
+        if image.ndim != 3 or image.shape[2] != 4:
+            raise ValueError(f"wrong_channels: {image.shape}")
+        rgb = np.ascontiguousarray(image[:, :, 2::-1])
+        if rgb.dtype == np.uint16:
+            rgb = (rgb >> 8).astype(np.uint8)
+        return {"ir": np.ascontiguousarray(image[:, :, 3]), "vi": rgb}
+    return {"ir": read_frame(record.ir).image if record.ir else None,
+            "vi": read_rgb(record.vi) if record.vi else None}
+
+
+class SegDataset:
+    def __init__(self, records: list[PairRecord], spec: SegDataSpec):
+        self.records, self.spec = records, spec
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, index: int) -> dict:
+        record = self.records[index]
+        pair = read_pair(record)
+        label = read_label_map(record.label)
+        if self.spec.binary_labels:
+            label = (label > 0).astype(np.int64)
+        return dict(pair, label=label, name=record.name)
+
+    def check(self, index: int) -> dict | None:
+        """None when the frame is usable, else the issue that leaves it out."""
+        name = self.records[index].name
+        try:
+            sample = self.load(index)
+        except SkipSample as e:
+            return issue(name, "unreadable", str(e))
+        except ValueError as e:
+            return issue(name, "wrong_channels", str(e))
+        shapes = {m: sample[m].shape[:2] for m in ("ir", "vi") if sample[m] is not None}
+        if len(set(shapes.values())) > 1:
+            return issue(name, "size_mismatch", str(shapes))
+        size = next(iter(shapes.values()))
+        if sample["label"].shape != size:
+            return issue(name, "mask_size_mismatch", f"label {sample['label'].shape} vs image {size}")
+        values = np.unique(sample["label"])
+        unknown = [int(v) for v in values if not (0 <= v < self.spec.num_classes or v == self.spec.ignore_index)]
+        if unknown:
+            return issue(name, "unknown_label_values", f"values {unknown[:10]} (classes 0..{self.spec.num_classes - 1}, "
+                                                       f"ignore {self.spec.ignore_index})")
+        return None
+
+    def validated(self) -> tuple["SegDataset", list[dict]]:
+        issues, keep = [], []
+        for i, record in enumerate(self.records):
+            problem = self.check(i)
+            if problem is None:
+                keep.append(record)
+            else:
+                issues.append(problem)
+        return SegDataset(keep, self.spec), issues
+
+    def _to_arrays(self, sample: dict) -> dict:
+        out = {"name": sample["name"], "label": sample["label"].astype(np.int64)}
+        if sample["ir"] is not None:
+            unit = to_unit_intensity(sample["ir"], self.spec.intensity)
+            out["ir"] = normalize_ir(unit, self.spec.ir_mean, self.spec.ir_std)[None].astype(np.float32)
+        if sample["vi"] is not None:
+            out["vi"] = normalize_visible(sample["vi"])
+        return out
+
+    def train_sample(self, index: int, rng: np.random.Generator) -> dict:
+        """Random rescale, crop (label padded with the ignore index), flip; photometric on visible."""
+        s = self.load(index)
+        aug, (ch, cw) = self.spec.augment, self.spec.crop_size
+        arrays = {"ir": s["ir"], "vi": s["vi"], "label": s["label"]}
+        arrays = rescale(arrays, float(rng.uniform(*aug.ratio_range)))
+        h, w = arrays["label"].shape
+        y = int(rng.integers(0, max(h - ch, 0) + 1))
+        x = int(rng.integers(0, max(w - cw, 0) + 1))
+        arrays = crop(arrays, y, x, ch, cw, fill={"label": self.spec.ignore_index})
+        if rng.uniform() < aug.hflip:
+            arrays = hflip(arrays, cw)
+        if arrays["vi"] is not None and aug.photometric:
+            arrays["vi"] = photometric(arrays["vi"], rng)
+        return self._to_arrays(dict(arrays, name=s["name"]))
+
+    def eval_sample(self, index: int) -> dict:
+        return self._to_arrays(self.load(index))
+
+    @staticmethod
+    def collate(samples: list[dict]) -> dict:
+        batch = {"label": torch.from_numpy(np.stack([s["label"] for s in samples]))}
+        for m in ("ir", "vi"):
+            if m in samples[0]:
+                batch[m] = torch.from_numpy(np.stack([s[m] for s in samples]))
+        return batch

@@ -1,0 +1,147 @@
+"""The fine-tuning backbone: a ViT encoder set up for one method, giving multi-level feature maps.
+
+Methods (one code path each, chosen by ``method``):
+- ``full``: every encoder parameter trains (the baseline the papers beat).
+- ``frozen``: the encoder is frozen; only the task head trains.
+- ``pad``: a pre-training export with its PAD adapters, fine-tuned whole (PAD's protocol).
+- ``mona``: Mona after attention and after MLP in every block; only Mona trains in the backbone.
+- ``ivtuning``: infrared patch embedding + prompt generator + per-block HA/IPA adapters train.
+
+Inputs are chosen by ``modality``: ``ir`` or ``vi`` for a single image, ``both`` for IV-tuning
+(which needs both streams; with infrared-only data it feeds the infrared frame to both).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pretrain.models.adapters import TokenContext, adapter_parameter_names
+from pretrain.models.vit import EncoderConfig, build_encoder, embed_patches, match_channels, prepend_cls, run_blocks
+from finetune.models.ivtuning import IVTuningConfig, IVTuningInput, attach_ivtuning
+from finetune.models.mona import MonaConfig, attach_mona
+
+METHODS = ("full", "frozen", "pad", "mona", "ivtuning")
+MODALITIES = ("ir", "vi", "both")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    method: str = "ivtuning"
+    modality: str = "both"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    out_indices: tuple[int, ...] | None = None  # None: [3, 5, 7, 11] scaled to the depth
+    mona: MonaConfig = field(default_factory=MonaConfig)
+    ivtuning: IVTuningConfig = field(default_factory=IVTuningConfig)
+    checkpoint: str | None = None  # exported backbone, official MAE, timm .pth / .safetensors
+    allow_missing: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.modality == "both" and self.method != "ivtuning":
+            raise ValueError(f"method '{self.method}' takes one image: set modality to 'ir' or 'vi' "
+                             "(only ivtuning fuses infrared and visible)")
+
+
+def backbone_config_from_dict(d: dict) -> BackboneConfig:
+    d = dict(d)
+    enc = dict(d.pop("encoder", {}))
+    if "img_size" in enc:
+        enc["img_size"] = tuple(enc["img_size"])
+    out = d.pop("out_indices", None)
+    return BackboneConfig(encoder=EncoderConfig(**enc), mona=MonaConfig(**d.pop("mona", {})),
+                          ivtuning=IVTuningConfig(**d.pop("ivtuning", {})),
+                          out_indices=tuple(out) if out is not None else None, **d)
+
+
+def default_out_indices(depth: int) -> tuple[int, ...]:
+    """Blocks [3, 5, 7, 11] of a 12-block ViT, at the same relative depths for other depths
+    (ViT-L: [7, 11, 15, 23])."""
+    return tuple(max(round((i + 1) * depth / 12) - 1, 0) for i in (3, 5, 7, 11))
+
+
+class Backbone(nn.Module):
+    """``forward(ir, vi)`` -> feature maps (N, D, H/16, W/16), one per out index."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.load_report = _build_encoder(cfg)
+        depth = len(self.encoder.blocks)
+        self.out_indices = cfg.out_indices or default_out_indices(depth)
+        if max(self.out_indices) >= depth:
+            raise ValueError(f"out_indices {self.out_indices} exceed the {depth} blocks")
+        self.prompter = None
+        if cfg.method == "mona":
+            attach_mona(self.encoder, cfg.mona)
+        elif cfg.method == "ivtuning":
+            attach_ivtuning(self.encoder, cfg.ivtuning)
+            self.prompter = IVTuningInput(self.encoder.patch_embed, self.encoder.embed_dim, cfg.ivtuning)
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in self.trainable_names())
+
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    def trainable_names(self) -> set[str]:
+        # The encoder's final LayerNorm is not used: the heads read block outputs (as MAE's and
+        # ViTDet's do), so it never gets a gradient and is left out.
+        names = {n for n, _ in self.named_parameters() if not n.startswith("encoder.norm.")}
+        method = self.cfg.method
+        if method in ("full", "pad"):
+            return names
+        if method == "frozen":
+            return set()
+        adapters = adapter_parameter_names(self.encoder, prefix="encoder.")
+        slot = f".{method}."  # only this method's adapters (a PAD export's stay frozen)
+        trainable = {n for n in adapters if slot in n}
+        return trainable | {n for n in names if n.startswith("prompter.")}
+
+    def forward(self, ir: torch.Tensor | None = None, vi: torch.Tensor | None = None) -> list[torch.Tensor]:
+        vit = self.encoder
+        ctx = TokenContext(grid=tuple(vit.patch_embed.grid_size), num_prefix=vit.num_prefix_tokens)
+        if self.prompter is not None:
+            if ir is None and vi is None:
+                raise ValueError("IV-tuning needs an infrared or a visible image")
+            infrared = ir if ir is not None else vi
+            visible = vi if vi is not None else ir
+            visible_tokens = vit.patch_embed(match_channels(visible, vit.patch_embed.proj.in_channels))
+            infrared = match_channels(infrared, self.prompter.infrared_embed.proj.in_channels)
+            prompt = self.prompter(visible_tokens, infrared, ctx)
+            tokens = visible_tokens + vit.pos_embed[:, vit.num_prefix_tokens:] + prompt
+        else:
+            image = ir if self.cfg.modality == "ir" else vi
+            if image is None:
+                raise ValueError(f"modality '{self.cfg.modality}' but no such image in the batch")
+            tokens = embed_patches(vit, image)
+        wanted = sorted(set(self.out_indices))
+        _, outputs = run_blocks(vit, prepend_cls(vit, tokens), ctx, wanted)
+        by_index = dict(zip(wanted, outputs))
+        return [ctx.to_map(by_index[i][:, vit.num_prefix_tokens:]) for i in self.out_indices]
+
+
+def _build_encoder(cfg: BackboneConfig):
+    """The encoder with weights: an export rebuilds itself (PAD adapters included), other files
+    load into the configured encoder, no file means random init (with a warning)."""
+    from pretrain.weights import is_exported_backbone, load_backbone, load_into_encoder
+
+    path = cfg.checkpoint
+    if path and is_exported_backbone(path):
+        vit, meta, report = load_backbone(path, cfg.encoder.img_size)
+        if cfg.method == "pad" and meta["adapter"] != "pad":
+            raise ValueError(f"method 'pad' fine-tunes a PAD export; {path} has adapter {meta['adapter']!r}")
+        return vit, report
+    if cfg.method == "pad":
+        raise ValueError("method 'pad' needs init.checkpoint = a backbone exported by `python -m pretrain export`")
+    vit = build_encoder(cfg.encoder)
+    if not path:
+        print(f"warning: method '{cfg.method}' without a checkpoint: the backbone starts from random init",
+              file=sys.stderr)
+        return vit, None
+    return vit, load_into_encoder(vit, path, cfg.allow_missing)

@@ -1,0 +1,77 @@
+"""Segmentation neck and heads (SPEC §7), written here because none of our libraries ships them
+(torchvision has an FPN but no UperNet; mmsegmentation is not a dependency). They follow
+mmsegmentation's UPerHead / FCNHead and the MAE / BEiT segmentation neck.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, cin: int, cout: int, kernel: int):
+        super().__init__(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class MultiLevelNeck(nn.Module):
+    """Four stride-16 ViT maps -> strides 4 / 8 / 16 / 32: deconv x4, deconv x2, identity, max-pool."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(),
+                                 nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        self.up2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)
+        self.keep = nn.Identity()
+        self.down2 = nn.MaxPool2d(2)
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(features) != 4:
+            raise ValueError(f"the neck takes 4 feature maps, got {len(features)}")
+        return [op(f) for op, f in zip((self.up4, self.up2, self.keep, self.down2), features)]
+
+
+def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class UperHead(nn.Module):
+    """Pyramid pooling (1, 2, 3, 6) on the coarsest map, FPN top-down fusion, fused 3x3, classifier."""
+
+    def __init__(self, in_channels: list[int], channels: int, num_classes: int, pool_scales=(1, 2, 3, 6),
+                 dropout: float = 0.1):
+        super().__init__()
+        self.pools = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_channels[-1], channels, 1))
+                                    for s in pool_scales])
+        self.bottleneck = ConvBNReLU(in_channels[-1] + len(pool_scales) * channels, channels, 3)
+        self.laterals = nn.ModuleList([ConvBNReLU(c, channels, 1) for c in in_channels[:-1]])
+        self.fpn_convs = nn.ModuleList([ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1]])
+        self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        top = features[-1]
+        pooled = [_resize(pool(top), top.shape[2:]) for pool in self.pools]
+        laterals = [lat(f) for lat, f in zip(self.laterals, features[:-1])]
+        laterals.append(self.bottleneck(torch.cat([top, *pooled], dim=1)))
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[2:])
+        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+        size = outs[0].shape[2:]
+        fused = self.fpn_bottleneck(torch.cat([outs[0]] + [_resize(o, size) for o in outs[1:]], dim=1))
+        return self.classifier(self.dropout(fused))
+
+
+class FCNHead(nn.Module):
+    """The auxiliary head: one 3x3 conv block and a classifier on one level."""
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.conv = ConvBNReLU(in_channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.conv(x)))

@@ -1,0 +1,92 @@
+"""Backbone + multi-level neck + UperNet (+ FCN auxiliary head): training loss and sliding-window
+inference."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from finetune.models.backbone import Backbone, BackboneConfig
+from finetune.models.seg_heads import FCNHead, MultiLevelNeck, UperHead
+
+
+@dataclass(frozen=True)
+class SegHeadConfig:
+    channels: int = 768  # UperNet channels (SPEC: 768 for ViT-B)
+    aux_channels: int = 256
+    aux_weight: float = 0.4
+    aux_level: int = 2  # the neck level the auxiliary head reads (stride 16)
+    dropout: float = 0.1
+
+
+class Segmentor(nn.Module):
+    def __init__(self, backbone_cfg: BackboneConfig, head: SegHeadConfig, num_classes: int, ignore_index: int = 255):
+        super().__init__()
+        self.backbone = Backbone(backbone_cfg)
+        dim = self.backbone.embed_dim
+        self.neck = MultiLevelNeck(dim)
+        self.decode_head = UperHead([dim] * 4, head.channels, num_classes, dropout=head.dropout)
+        self.aux_head = FCNHead(dim, head.aux_channels, num_classes, dropout=head.dropout) if head.aux_weight else None
+        self.head_cfg = head
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+
+    def trainable_names(self) -> set[str]:
+        backbone = {f"backbone.{n}" for n in self.backbone.trainable_names()}
+        return backbone | {n for n, _ in self.named_parameters() if not n.startswith("backbone.")}
+
+    def logits(self, ir: torch.Tensor | None, vi: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        levels = self.neck(self.backbone(ir, vi))
+        out = self.decode_head(levels)
+        aux = self.aux_head(levels[self.head_cfg.aux_level]) if self.aux_head is not None else None
+        return out, aux
+
+    def forward(self, ir: torch.Tensor | None, vi: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (ignore index honoured) on logits upsampled to the label size, + aux x weight."""
+        out, aux = self.logits(ir, vi)
+        loss = self._ce(out, target)
+        if aux is not None:
+            loss = loss + self.head_cfg.aux_weight * self._ce(aux, target)
+        return loss
+
+    def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+
+    @torch.no_grad()
+    def predict(self, ir: torch.Tensor | None, vi: torch.Tensor | None) -> torch.Tensor:
+        """Class scores at input resolution for one crop-sized input."""
+        out, _ = self.logits(ir, vi)
+        size = (ir if ir is not None else vi).shape[-2:]
+        return F.interpolate(out, size=size, mode="bilinear", align_corners=False).float().softmax(dim=1)
+
+
+@torch.no_grad()
+def slide_inference(model: Segmentor, ir: torch.Tensor | None, vi: torch.Tensor | None, crop: tuple[int, int],
+                    stride: tuple[int, int]) -> torch.Tensor:
+    """Class scores (N, K, H, W) for images of any size: crop-sized windows at ``stride`` (the last
+    window flush with the border), padded with zeros when the image is smaller than the crop,
+    softmax scores averaged where windows overlap (mmsegmentation's 'slide' mode)."""
+    ref = ir if ir is not None else vi
+    n, _, h, w = ref.shape
+    ch, cw = crop
+    ph, pw = max(ch - h, 0), max(cw - w, 0)
+    pad = (lambda t: F.pad(t, (0, pw, 0, ph)) if t is not None else None)
+    ir, vi = pad(ir), pad(vi)
+    hh, ww = h + ph, w + pw
+    ys = list(range(0, max(hh - ch, 0) + 1, stride[0]))
+    xs = list(range(0, max(ww - cw, 0) + 1, stride[1]))
+    if ys[-1] + ch < hh:
+        ys.append(hh - ch)
+    if xs[-1] + cw < ww:
+        xs.append(ww - cw)
+    scores = torch.zeros(n, model.num_classes, hh, ww, device=ref.device)
+    counts = torch.zeros(1, 1, hh, ww, device=ref.device)
+    for y in ys:
+        for x in xs:
+            window = (lambda t: t[..., y:y + ch, x:x + cw] if t is not None else None)
+            scores[..., y:y + ch, x:x + cw] += model.predict(window(ir), window(vi))
+            counts[..., y:y + ch, x:x + cw] += 1
+    return (scores / counts)[..., :h, :w]
