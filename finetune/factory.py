@@ -18,8 +18,11 @@ def backbone_config(cfg) -> BackboneConfig:
 def build_segmentor(cfg, device: str | torch.device = "cpu"):
     from finetune.models.segmentor import SegHeadConfig, Segmentor
 
+    head = to_container(cfg.model.head)
+    if head.get("class_weight") is not None:
+        head["class_weight"] = tuple(float(w) for w in head["class_weight"])
     with torch.device(device):
-        return Segmentor(backbone_config(cfg), SegHeadConfig(**to_container(cfg.model.head)),
+        return Segmentor(backbone_config(cfg), SegHeadConfig(**head),
                          num_classes=len(cfg.data.classes), ignore_index=int(cfg.data.ignore_index))
 
 

@@ -176,7 +176,7 @@ def read_backbone_meta(path: str | Path) -> dict:
 
 
 def load_backbone(path: str | Path, img_size: tuple[int, int] | None = None):
-    """Rebuild an exported encoder with its adapters and load it (strict). ``img_size`` resamples
+    """Rebuild an exported encoder with its adapters and load it (strict). ``img_size`` moves
     the position embedding to another input size. Returns (vit, meta, report)."""
     from pretrain.models.pad import PADConfig, attach_pad
     from pretrain.models.vit import EncoderConfig, build_encoder
@@ -190,6 +190,11 @@ def load_backbone(path: str | Path, img_size: tuple[int, int] | None = None):
     report = LoadReport(str(path))
     sd = read_state_dict(path)
     target = vit.state_dict()
+    if "pos_embed" in sd and sd["pos_embed"].shape != target["pos_embed"].shape:
+        # Our encoders never train the position embedding: the fixed sin-cos of the new grid
+        # (written by build_encoder) is exact, where resampling would only approximate it.
+        sd["pos_embed"] = target["pos_embed"]
+        report.adapted.append("pos_embed (sin-cos for the new grid)")
     adapt_encoder_state(sd, target, enc_cfg.grid, "", report)
     missing = sorted(set(target) - set(sd))
     if missing:

@@ -19,6 +19,7 @@ class SegHeadConfig:
     aux_weight: float = 0.4
     aux_level: int = 2  # the neck level the auxiliary head reads (stride 16)
     dropout: float = 0.1
+    class_weight: tuple[float, ...] | None = None  # cross-entropy weights (e.g. rare small targets)
 
 
 class Segmentor(nn.Module):
@@ -32,6 +33,10 @@ class Segmentor(nn.Module):
         self.head_cfg = head
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        if head.class_weight is not None and len(head.class_weight) != num_classes:
+            raise ValueError(f"class_weight has {len(head.class_weight)} values for {num_classes} classes")
+        weight = torch.tensor(head.class_weight, dtype=torch.float32) if head.class_weight else None
+        self.register_buffer("class_weight", weight, persistent=False)
 
     def trainable_names(self) -> set[str]:
         backbone = {f"backbone.{n}" for n in self.backbone.trainable_names()}
@@ -53,7 +58,7 @@ class Segmentor(nn.Module):
 
     def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+        return F.cross_entropy(logits.float(), target, weight=self.class_weight, ignore_index=self.ignore_index)
 
     @torch.no_grad()
     def predict(self, ir: torch.Tensor | None, vi: torch.Tensor | None) -> torch.Tensor:
