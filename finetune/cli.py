@@ -1,4 +1,4 @@
-"""``python -m finetune``: seg (train + evaluate), params."""
+"""``python -m finetune``: seg and det (train + evaluate), params (segmentation or detection config)."""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +8,15 @@ import sys
 from data_tools.config import CONFIG_DIR, load_config
 
 SEG_CONFIG = str(CONFIG_DIR / "finetune" / "seg_vitb.yaml")
+DET_CONFIG = str(CONFIG_DIR / "finetune" / "det_vitb.yaml")
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    from finetune.factory import build_segmentor, parameter_report
+    from finetune.factory import build_detector, build_segmentor, parameter_report
 
     cfg = load_config(args.config, args.overrides)
-    report = parameter_report(build_segmentor(cfg, "meta"))  # shapes only, no memory
+    build = build_detector if "boxes" in cfg.data else build_segmentor
+    report = parameter_report(build(cfg, "meta"))  # shapes only, no memory
     report["config"] = {"method": cfg.model.method, "modality": cfg.model.modality, "size": cfg.model.encoder.size}
     print(json.dumps(report, indent=1))
     return 0
@@ -25,6 +27,14 @@ def _cmd_seg(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     train_seg(cfg, args.run_dir, overwrite=args.overwrite)  # ends the process itself (distributed exit)
+    return 0
+
+
+def _cmd_det(args: argparse.Namespace) -> int:
+    from finetune.det import train_det
+
+    cfg = load_config(args.config, args.overrides)
+    train_det(cfg, args.run_dir, overwrite=args.overwrite)  # ends the process itself (distributed exit)
     return 0
 
 
@@ -42,6 +52,12 @@ def make_parser() -> argparse.ArgumentParser:
     sg.add_argument("--overwrite", action="store_true", help="discard what RUN_DIR holds and start fresh")
     sg.add_argument("overrides", nargs="*", help="e.g. data.root=MFNet model.method=mona init.checkpoint=backbone.pth")
     sg.set_defaults(func=_cmd_seg)
+    dt = sub.add_parser("det", help="fine-tune and evaluate object detection (resumes RUN_DIR)")
+    dt.add_argument("--config", default=DET_CONFIG)
+    dt.add_argument("--run-dir", required=True)
+    dt.add_argument("--overwrite", action="store_true", help="discard what RUN_DIR holds and start fresh")
+    dt.add_argument("overrides", nargs="*", help="e.g. data.root=M3FD model.head.detector=retinanet")
+    dt.set_defaults(func=_cmd_det)
     return p
 
 

@@ -50,19 +50,42 @@ def seg_dataset(cfg, split: str):
     return dataset, issues + more, found
 
 
-def backbone_component(name: str) -> str:
-    """Report group of a fine-tuning model's parameter."""
-    from pretrain.params import component
-
-    if name.startswith("backbone.encoder."):
-        return "backbone." + component(name[len("backbone."):])
-    if name.startswith("backbone."):
-        return "backbone." + name.split(".")[1]
-    return name.split(".")[0]
-
-
 def parameter_report(model) -> dict:
+    """The parameter report of a segmentor or detector: ``backbone`` = encoder + method modules."""
+    from pretrain.params import component
     from pretrain.params import parameter_report as report
 
-    return report(model, model.trainable_names(), backbone_component, parts=("backbone", "head"),
-                  backbone_prefix="backbone.")
+    prefix = model.backbone_prefix
+
+    def component_of(name: str) -> str:
+        if name.startswith(prefix + "encoder."):
+            return "backbone." + component(name[len(prefix):])
+        if name.startswith(prefix):
+            return "backbone." + name[len(prefix):].split(".")[0]
+        parts = name.split(".")
+        return ".".join(parts[:2]) if parts[0] == "model" else parts[0]  # torchvision: model.rpn, model.roi_heads
+
+    return report(model, model.trainable_names(), component_of, parts=("backbone", "head"), backbone_prefix=prefix)
+
+
+def build_detector(cfg, device: str | torch.device = "cpu"):
+    from finetune.models.detector import DetHeadConfig, Detector
+
+    with torch.device(device):
+        return Detector(backbone_config(cfg), DetHeadConfig(**to_container(cfg.model.head)),
+                        num_classes=len(cfg.data.classes))
+
+
+def det_dataset(cfg, split: str):
+    """The dataset of a split with its boxes read under the documented rules, its issues and frame count."""
+    from finetune.data.det import DetDataset, DetDataSpec, build_records
+    from finetune.data.pairs import discover
+
+    a = to_container(cfg.data.augment)
+    spec = DetDataSpec(classes=tuple(cfg.data.classes), input_size=tuple(cfg.model.encoder.img_size),
+                       scale_range=tuple(a["scale_range"]), hflip=float(a["hflip"]),
+                       photometric=bool(a["photometric"]), intensity=intensity_config(cfg))
+    split_file = cfg.data.train_split if split == "train" else (cfg.data.val_split or cfg.data.train_split)
+    pairs, issues, found = discover(cfg.data, split_file, need_label=False)
+    records, more = build_records(pairs, cfg.data.boxes, spec.classes)
+    return DetDataset(records, spec), issues + more, found

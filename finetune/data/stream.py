@@ -41,17 +41,17 @@ class MapBatchStream(ResumableStream):
         epoch, bs = self.epoch, self.batch_size
         order = self.epoch_order(epoch)
         for b in mine:
-            samples, bad = [], 0
+            samples, bad, error = [], 0, None
             for j, index in enumerate(order[b * bs:(b + 1) * bs]):
                 for attempt in range(len(order)):
                     i = int(order[(b * bs + j + attempt) % len(order)])
                     try:
                         samples.append(self.dataset.train_sample(i, np.random.default_rng([self.seed, epoch, i])))
                         break
-                    except Exception:  # changed on disk since it was checked: counted, replaced
-                        bad += 1
+                    except Exception as e:  # changed on disk since it was checked: counted, replaced
+                        bad, error = bad + 1, e
                 else:
-                    raise RuntimeError("no frame of the dataset could be loaded")
+                    raise RuntimeError(f"no frame of the dataset could be loaded (last error: {error!r})")
             batch = self.dataset.collate(samples)
             batch.update(batch=b, worker=worker, position=0, bad_samples=bad, bad_shards=0,
                          keys=[s["name"] for s in samples])

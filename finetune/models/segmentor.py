@@ -23,6 +23,8 @@ class SegHeadConfig:
 
 
 class Segmentor(nn.Module):
+    backbone_prefix = "backbone."
+
     def __init__(self, backbone_cfg: BackboneConfig, head: SegHeadConfig, num_classes: int, ignore_index: int = 255):
         super().__init__()
         self.backbone = Backbone(backbone_cfg)

@@ -1,0 +1,143 @@
+"""Detection datasets: aligned infrared / visible frames with boxes from COCO JSON, YOLO txt
+folders or VOC XML folders (which modality's labels to use is the choice of ``data.boxes.path``).
+
+Rules, each counted and named in the data report: boxes extending outside the image are clipped
+(``box_clipped``); boxes with no area after clipping are dropped (``box_empty``); boxes of a class
+not in ``data.classes`` are dropped (``unknown_class``); label files without an image are listed
+(``label_without_image``); frames without boxes stay as negatives. Nothing fails mid-epoch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_tools.annotations import read_annotations, boxes_to_pixels, clip_boxes
+from data_tools.imageio import SkipSample
+from data_tools.transforms import IntensityConfig, normalize_ir, to_unit_intensity
+from finetune.data.augment import crop, hflip, normalize_visible, photometric, rescale
+from finetune.data.pairs import PairRecord, issue
+from finetune.data.seg import read_pair
+
+MIN_BOX_SIDE = 1.0  # pixels: boxes thinner than this after augmentation are dropped
+
+
+@dataclass(frozen=True)
+class DetDataSpec:
+    classes: tuple[str, ...]
+    input_size: tuple[int, int] = (1024, 1024)  # (height, width) of every network input
+    scale_range: tuple[float, float] = (0.1, 2.0)  # large-scale jitter, relative to input_size
+    hflip: float = 0.5
+    photometric: bool = False
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    ir_mean: float = 0.3801
+    ir_std: float = 0.1871
+
+
+@dataclass
+class DetRecord:
+    pair: PairRecord
+    boxes: np.ndarray  # (N, 4) x1 y1 x2 y2 in pixels of the original frame
+    labels: np.ndarray  # (N,) class indices
+    size: tuple[int, int]  # (height, width)
+
+
+def _class_index(label, classes: tuple[str, ...]) -> int | None:
+    if isinstance(label, str):
+        return classes.index(label) if label in classes else None
+    return int(label) if 0 <= int(label) < len(classes) else None
+
+
+def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...]) -> tuple[list[DetRecord], list[dict]]:
+    """Read every frame once (size check) and attach its boxes under the documented rules."""
+    ann = read_annotations(boxes_cfg.format, str(boxes_cfg.path), classes=classes)
+    issues = [issue(Path(i["file"]).stem, "annotation_parse_error", i["detail"]) for i in ann.issues]
+    names = {p.name for p in pairs}
+    issues += [issue(stem, "label_without_image") for stem in sorted(set(ann.boxes) - names)]
+    records = []
+    for pair in pairs:
+        try:
+            frames = read_pair(pair)
+        except (SkipSample, ValueError) as e:
+            issues.append(issue(pair.name, "unreadable", str(e)))
+            continue
+        shapes = {m: f.shape[:2] for m, f in frames.items() if f is not None}
+        if len(set(shapes.values())) > 1:
+            issues.append(issue(pair.name, "size_mismatch", str(shapes)))
+            continue
+        h, w = next(iter(shapes.values()))
+        recs = ann.boxes.get(pair.name, [])
+        known = [(r, _class_index(r.label, classes)) for r in recs]
+        for r, k in known:
+            if k is None:
+                issues.append(issue(pair.name, "unknown_class", f"class {r.label!r}"))
+        recs = [r for r, k in known if k is not None]
+        labels = np.array([k for _, k in known if k is not None], np.int64)
+        xywh, keep, clipped = clip_boxes(boxes_to_pixels(recs, w, h), w, h)
+        issues += [issue(pair.name, "box_clipped", f"box {i}") for i in np.flatnonzero(clipped)]
+        issues += [issue(pair.name, "box_empty", f"box {i}") for i in np.flatnonzero(~keep)]
+        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)[keep].astype(np.float32)
+        records.append(DetRecord(pair, xyxy.reshape(-1, 4), labels[keep], (h, w)))
+    return records, issues
+
+
+class DetDataset:
+    def __init__(self, records: list[DetRecord], spec: DetDataSpec):
+        self.records, self.spec = records, spec
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _to_input(self, arrays: dict, name: str, boxes, labels, scale: float) -> dict:
+        out = {"name": name, "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+               "labels": np.asarray(labels, np.int64), "scale": scale}
+        if arrays["ir"] is not None:
+            unit = to_unit_intensity(arrays["ir"], self.spec.intensity)
+            out["ir"] = normalize_ir(unit, self.spec.ir_mean, self.spec.ir_std)[None].astype(np.float32)
+        if arrays["vi"] is not None:
+            out["vi"] = normalize_visible(arrays["vi"])
+        return out
+
+    def train_sample(self, index: int, rng: np.random.Generator) -> dict:
+        """Large-scale jitter: resize so the frame's long side is input x U(scale_range), random
+        crop / pad to the input size, flip; identical for both modalities and the boxes."""
+        rec = self.records[index]
+        frames = read_pair(rec.pair)
+        ih, iw = self.spec.input_size
+        h, w = rec.size
+        ratio = float(rng.uniform(*self.spec.scale_range)) * min(ih / h, iw / w)
+        arrays = rescale({"ir": frames["ir"], "vi": frames["vi"], "boxes": rec.boxes.copy()}, ratio)
+        sh, sw = (arrays["ir"] if arrays["ir"] is not None else arrays["vi"]).shape[:2]
+        y = int(rng.integers(0, max(sh - ih, 0) + 1))
+        x = int(rng.integers(0, max(sw - iw, 0) + 1))
+        arrays = crop(arrays, y, x, ih, iw, fill={})
+        if rng.uniform() < self.spec.hflip:
+            arrays = hflip(arrays, iw)
+        if arrays["vi"] is not None and self.spec.photometric:
+            arrays["vi"] = photometric(arrays["vi"], rng)
+        boxes = arrays["boxes"]
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, min(iw, sw - x))  # the frame's part of the crop
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, min(ih, sh - y))
+        keep = ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIDE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIDE)
+        return self._to_input(arrays, rec.pair.name, boxes[keep], rec.labels[keep], ratio)
+
+    def eval_sample(self, index: int) -> dict:
+        """Resized to fit the input size (aspect kept) and padded at the bottom / right; boxes in
+        the original frame's pixels, ``scale`` maps predictions back."""
+        rec = self.records[index]
+        frames = read_pair(rec.pair)
+        ih, iw = self.spec.input_size
+        ratio = min(ih / rec.size[0], iw / rec.size[1])
+        arrays = crop(rescale({"ir": frames["ir"], "vi": frames["vi"]}, ratio), 0, 0, ih, iw, fill={})
+        return self._to_input(arrays, rec.pair.name, rec.boxes, rec.labels, ratio)
+
+    @staticmethod
+    def collate(samples: list[dict]) -> dict:
+        batch = {"targets": [{"boxes": torch.from_numpy(s["boxes"]), "labels": torch.from_numpy(s["labels"])}
+                             for s in samples]}
+        for m in ("ir", "vi"):
+            if m in samples[0]:
+                batch[m] = torch.from_numpy(np.stack([s[m] for s in samples]))
+        return batch

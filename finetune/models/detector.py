@@ -1,0 +1,139 @@
+"""ViTDet-style detection on our backbone, with torchvision's detectors (anchors, RoI align,
+losses and NMS are torchvision's).
+
+The last block's map (stride 16) becomes strides 4 / 8 / 16 / 32 (deconv x2 twice, deconv,
+identity, max-pool), each projected to ``channels`` by a 1x1 and a 3x3 conv with LayerNorm, and
+a stride-64 level by max-pooling the last (ViTDet's simple feature pyramid). Faster R-CNN is the
+default; RetinaNet and FCOS are config values.
+
+torchvision passes one image tensor to the backbone, so the modalities travel stacked on the
+channel axis (infrared first, then visible) and are split again here. Inputs arrive normalised
+and already at the network size: torchvision's transform is set to leave them unchanged.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from finetune.models.backbone import Backbone, BackboneConfig
+
+DETECTORS = ("faster_rcnn", "retinanet", "fcos")
+LEVELS = ("p2", "p3", "p4", "p5", "p6")
+
+
+@dataclass(frozen=True)
+class DetHeadConfig:
+    detector: str = "faster_rcnn"
+    channels: int = 256
+    score_threshold: float = 0.05
+    detections_per_image: int = 100
+
+
+class LayerNorm2d(nn.GroupNorm):
+    """LayerNorm over the channels of each position (ViTDet's norm in the pyramid)."""
+
+    def __init__(self, channels: int):
+        super().__init__(1, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class SimpleFeaturePyramid(nn.Module):
+    def __init__(self, backbone: Backbone, channels: int):
+        super().__init__()
+        self.backbone = backbone
+        d = backbone.embed_dim
+        self.scales = nn.ModuleList([
+            nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, stride=2), LayerNorm2d(d // 2), nn.GELU(),
+                          nn.ConvTranspose2d(d // 2, d // 4, 2, stride=2)),
+            nn.ConvTranspose2d(d, d // 2, 2, stride=2),
+            nn.Identity(),
+            nn.MaxPool2d(2),
+        ])
+        dims = (d // 4, d // 2, d, d)
+        self.outputs = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(c, channels, 1, bias=False), LayerNorm2d(channels),
+                          nn.Conv2d(channels, channels, 3, padding=1, bias=False), LayerNorm2d(channels))
+            for c in dims])
+        self.out_channels = channels
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        modality = self.backbone.cfg.modality
+        if modality == "ir":
+            return x[:, :1], None
+        if modality == "vi":
+            return None, x[:, :3]
+        return x[:, :1], x[:, 1:4]
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        top = self.backbone(*self.split(x))[-1]
+        maps = [out(scale(top)) for scale, out in zip(self.scales, self.outputs)]
+        maps.append(F.max_pool2d(maps[-1], 1, stride=2))
+        return OrderedDict(zip(LEVELS, maps))
+
+
+def _build_torchvision(kind: str, pyramid: SimpleFeaturePyramid, num_classes: int, size: tuple[int, int],
+                       head: DetHeadConfig, channels: int) -> nn.Module:
+    from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    common = dict(min_size=min(size), max_size=max(size), image_mean=[0.0] * channels, image_std=[1.0] * channels,
+                  size_divisible=1)
+    if kind == "faster_rcnn":
+        anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+        return FasterRCNN(pyramid, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
+                          box_roi_pool=MultiScaleRoIAlign(list(LEVELS[:4]), 7, 2),
+                          box_score_thresh=head.score_threshold, box_detections_per_img=head.detections_per_image,
+                          **common)
+    if kind == "retinanet":
+        sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512))
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+        return RetinaNet(pyramid, num_classes=num_classes + 1, anchor_generator=anchors,
+                         score_thresh=head.score_threshold, detections_per_img=head.detections_per_image, **common)
+    if kind == "fcos":
+        anchors = AnchorGenerator(((4,), (8,), (16,), (32,), (64,)), ((1.0,),) * 5)  # one point per location
+        return FCOS(pyramid, num_classes=num_classes + 1, anchor_generator=anchors,
+                    score_thresh=head.score_threshold, detections_per_img=head.detections_per_image, **common)
+    raise ValueError(f"detector must be one of {DETECTORS}, got {kind!r}")
+
+
+class Detector(nn.Module):
+    """Class indices are 0..K-1 outside; torchvision's models get 1..K (0 is background)."""
+
+    backbone_prefix = "model.backbone.backbone."
+
+    def __init__(self, backbone_cfg: BackboneConfig, head: DetHeadConfig, num_classes: int):
+        super().__init__()
+        pyramid = SimpleFeaturePyramid(Backbone(backbone_cfg), head.channels)
+        channels = {"ir": 1, "vi": 3, "both": 4}[backbone_cfg.modality]
+        self.model = _build_torchvision(head.detector, pyramid, num_classes, backbone_cfg.encoder.img_size, head,
+                                        channels)
+        self.num_classes = num_classes
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.model.backbone.backbone
+
+    def trainable_names(self) -> set[str]:
+        inner = {f"model.backbone.backbone.{n}" for n in self.backbone.trainable_names()}
+        return inner | {n for n, _ in self.named_parameters() if not n.startswith("model.backbone.backbone.")}
+
+    @staticmethod
+    def stack(ir: torch.Tensor | None, vi: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([t for t in (ir, vi) if t is not None], dim=1)
+
+    def forward(self, ir: torch.Tensor | None, vi: torch.Tensor | None, targets: list[dict]) -> torch.Tensor:
+        targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+        losses = self.model(list(self.stack(ir, vi)), targets)
+        return sum(losses.values())
+
+    @torch.no_grad()
+    def predict(self, ir: torch.Tensor | None, vi: torch.Tensor | None) -> list[dict]:
+        out = self.model(list(self.stack(ir, vi)))
+        return [{"boxes": o["boxes"], "scores": o["scores"], "labels": o["labels"] - 1} for o in out]
