@@ -1,6 +1,8 @@
 """Models and datasets from a fine-tuning config, shared by the CLI commands and the trainers."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from data_tools.config import to_container
@@ -79,7 +81,7 @@ def build_detector(cfg, device: str | torch.device = "cpu"):
 def det_dataset(cfg, split: str):
     """The dataset of a split with its boxes read under the documented rules, its issues and frame count."""
     from finetune.data.det import DetDataset, DetDataSpec, build_records
-    from finetune.data.pairs import discover
+    from finetune.data.pairs import discover, read_split
 
     a = to_container(cfg.data.augment)
     spec = DetDataSpec(classes=tuple(cfg.data.classes), input_size=tuple(cfg.model.encoder.img_size),
@@ -87,5 +89,5 @@ def det_dataset(cfg, split: str):
                        photometric=bool(a["photometric"]), intensity=intensity_config(cfg))
     split_file = cfg.data.train_split if split == "train" else (cfg.data.val_split or cfg.data.train_split)
     pairs, issues, found = discover(cfg.data, split_file, need_label=False)
-    records, more = build_records(pairs, cfg.data.boxes, spec.classes)
+    records, more = build_records(pairs, cfg.data.boxes, spec.classes, read_split(Path(cfg.data.root), split_file))
     return DetDataset(records, spec), issues + more, found

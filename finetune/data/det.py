@@ -50,12 +50,15 @@ def _class_index(label, classes: tuple[str, ...]) -> int | None:
     return int(label) if 0 <= int(label) < len(classes) else None
 
 
-def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...]) -> tuple[list[DetRecord], list[dict]]:
-    """Read every frame once (size check) and attach its boxes under the documented rules."""
+def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
+                  in_split: list[str] | None = None) -> tuple[list[DetRecord], list[dict]]:
+    """Read every frame once (size check) and attach its boxes under the documented rules.
+    ``in_split``: the split's names (label files of other frames are not orphans)."""
     ann = read_annotations(boxes_cfg.format, str(boxes_cfg.path), classes=classes)
     issues = [issue(Path(i["file"]).stem, "annotation_parse_error", i["detail"]) for i in ann.issues]
     names = {p.name for p in pairs}
-    issues += [issue(stem, "label_without_image") for stem in sorted(set(ann.boxes) - names)]
+    scope = set(ann.boxes) if in_split is None else set(ann.boxes) & set(in_split)
+    issues += [issue(stem, "label_without_image") for stem in sorted(scope - names)]
     records = []
     for pair in pairs:
         try:

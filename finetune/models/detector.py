@@ -115,6 +115,7 @@ class Detector(nn.Module):
         self.model = _build_torchvision(head.detector, pyramid, num_classes, backbone_cfg.encoder.img_size, head,
                                         channels)
         self.num_classes = num_classes
+        self.modality = backbone_cfg.modality
 
     @property
     def backbone(self) -> Backbone:
@@ -124,9 +125,12 @@ class Detector(nn.Module):
         inner = {f"model.backbone.backbone.{n}" for n in self.backbone.trainable_names()}
         return inner | {n for n, _ in self.named_parameters() if not n.startswith("model.backbone.backbone.")}
 
-    @staticmethod
-    def stack(ir: torch.Tensor | None, vi: torch.Tensor | None) -> torch.Tensor:
-        return torch.cat([t for t in (ir, vi) if t is not None], dim=1)
+    def stack(self, ir: torch.Tensor | None, vi: torch.Tensor | None) -> torch.Tensor:
+        """The configured modalities on the channel axis (infrared first)."""
+        wanted = {"ir": (ir,), "vi": (vi,), "both": (ir, vi)}[self.modality]
+        if any(t is None for t in wanted):
+            raise ValueError(f"modality '{self.modality}' needs {'both images' if len(wanted) == 2 else 'that image'}")
+        return torch.cat(wanted, dim=1)
 
     def forward(self, ir: torch.Tensor | None, vi: torch.Tensor | None, targets: list[dict]) -> torch.Tensor:
         targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]

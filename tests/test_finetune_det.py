@@ -1,0 +1,159 @@
+"""Detection fine-tuning: COCO metrics against pycocotools' definitions on hand-made predictions,
+bad annotations reported under the documented rules, each method's trainable set with each
+torchvision detector, and real MSRS pairs overfitted for `full` and `ivtuning`."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from data_tools.config import CONFIG_DIR, load_config
+from finetune.coco_eval import coco_ground_truth, coco_metrics, coco_results
+from finetune.factory import build_detector, det_dataset
+from tests.conftest import ROOT, shared_path
+
+TINY = str(CONFIG_DIR / "finetune" / "det_tiny.yaml")
+
+
+def _gt(boxes_per_image, labels_per_image):
+    frames = [{"id": i + 1, "name": f"f{i}", "height": 200, "width": 200, "boxes": np.array(b, np.float32),
+               "labels": np.array(l)} for i, (b, l) in enumerate(zip(boxes_per_image, labels_per_image))]
+    return coco_ground_truth(frames, ["a", "b"])
+
+
+def test_coco_metrics_on_hand_made_predictions():
+    gt = _gt([[[10, 10, 110, 110]], [[20, 30, 60, 90], [100, 100, 150, 170]]], [[0], [1, 1]])
+    perfect = (coco_results(1, [[10, 10, 110, 110]], [0.9], [0])
+               + coco_results(2, [[20, 30, 60, 90], [100, 100, 150, 170]], [0.8, 0.7], [1, 1]))
+    m = coco_metrics(gt, perfect)
+    assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0) and m["AP75"] == pytest.approx(1.0)
+    assert m["per_class_AP"] == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
+
+    # Missing: class b finds one of its two boxes. COCO's 101-point interpolated precision is 1 up
+    # to recall 0.5 and 0 beyond: 51 of 101 points.
+    missing = coco_results(1, [[10, 10, 110, 110]], [0.9], [0]) + coco_results(2, [[20, 30, 60, 90]], [0.8], [1])
+    m = coco_metrics(gt, missing)
+    assert m["per_class_AP"]["b"] == pytest.approx(51 / 101)
+    assert m["AP"] == pytest.approx((1 + 51 / 101) / 2)
+
+    # Shifted: IoU of [10, 10, 110, 110] with [10, 48, 110, 148] is 62 / 138 = 0.449 (a miss at 0.5);
+    # with [10, 22, 110, 122]: 88 / 112 = 0.786, a hit at thresholds 0.50 ... 0.75 (6 of 10).
+    iou = lambda dy: (100 - dy) / (100 + dy)
+    assert iou(38) < 0.5 and 0.75 <= iou(12) < 0.8
+    gt_a = _gt([[[10, 10, 110, 110]]], [[0]])
+    m = coco_metrics(gt_a, coco_results(1, [[10, 22, 110, 122]], [0.9], [0]))
+    assert m["AP50"] == pytest.approx(1.0) and m["AP75"] == pytest.approx(1.0)
+    assert m["AP"] == pytest.approx(6 / 10)
+    m = coco_metrics(gt_a, coco_results(1, [[10, 48, 110, 148]], [0.9], [0]))
+    assert m["AP"] == pytest.approx(0.0) and m["AP50"] == pytest.approx(0.0)
+    assert coco_metrics(gt_a, [])["AP"] == 0.0
+
+
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), array)
+
+
+@pytest.mark.parametrize("fmt", ["yolo", "voc", "coco"])
+def test_bad_annotations_are_clipped_dropped_and_named(tmp_path, fmt):
+    for name in ("a", "b"):
+        _png(tmp_path / "ir" / f"{name}.png", np.zeros((100, 120), np.uint8))
+        _png(tmp_path / "vi" / f"{name}.png", np.zeros((100, 120, 3), np.uint8))
+    # a: one good box, one crossing the right border, one with zero area, one of an unknown class.
+    boxes = {"a": [("person", 10, 10, 30, 40), ("car", 100, 20, 140, 60), ("person", 50, 50, 50, 70),
+                   ("truck", 5, 5, 20, 20)], "b": [], "ghost": [("car", 1, 1, 10, 10)]}
+    classes = ["person", "car"]
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    if fmt == "yolo":
+        ids = {"person": 0, "car": 1, "truck": 7}
+        for name, bs in boxes.items():
+            (labels / f"{name}.txt").write_text("".join(
+                f"{ids[c]} {(x1 + x2) / 240} {(y1 + y2) / 200} {(x2 - x1) / 120} {(y2 - y1) / 100}\n" for c, x1, y1, x2, y2 in bs))
+        path = labels
+    elif fmt == "voc":
+        for name, bs in boxes.items():
+            objs = "".join(f"<object><name>{c}</name><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax>"
+                           f"<ymax>{y2}</ymax></bndbox></object>" for c, x1, y1, x2, y2 in bs)
+            (labels / f"{name}.xml").write_text(f"<annotation>{objs}</annotation>")
+        path = labels
+    else:
+        cats = {"person": 1, "car": 2, "truck": 3}
+        images = [{"id": i, "file_name": f"{n}.png"} for i, n in enumerate(boxes)]
+        anns = [{"id": k, "image_id": i, "category_id": cats[c], "bbox": [x1, y1, x2 - x1, y2 - y1]}
+                for i, (n, bs) in enumerate(boxes.items()) for k, (c, x1, y1, x2, y2) in enumerate(bs)]
+        path = labels / "coco.json"
+        path.write_text(json.dumps({"images": images, "annotations": anns,
+                                    "categories": [{"id": v, "name": k} for k, v in cats.items()]}))
+    cfg = load_config(TINY, [f"data.root={tmp_path}", f"data.boxes.format={fmt}", f"data.boxes.path={path}",
+                             f"data.classes=[{','.join(classes)}]"])
+    dataset, issues, found = det_dataset(cfg, "train")
+    assert found == 2 and len(dataset) == 2
+    reasons = sorted((i["name"], i["reason"]) for i in issues)
+    assert reasons == [("a", "box_clipped"), ("a", "box_empty"), ("a", "unknown_class"), ("ghost", "label_without_image")]
+    rec = {r.pair.name: r for r in dataset.records}
+    np.testing.assert_allclose(rec["a"].boxes, [[10, 10, 30, 40], [100, 20, 120, 60]], atol=1e-3)
+    assert rec["a"].labels.tolist() == [0, 1] and len(rec["b"].boxes) == 0
+    sample = dataset.train_sample(0, np.random.default_rng(0))  # jittered boxes stay inside the input
+    h, w = cfg.model.encoder.img_size
+    assert sample["ir"].shape == (1, h, w) and sample["vi"].shape == (3, h, w)
+    assert (sample["boxes"][:, [0, 2]] <= w).all() and (sample["boxes"][:, [1, 3]] <= h).all()
+
+
+@pytest.mark.parametrize("method,modality,detector", [("full", "ir", "faster_rcnn"), ("frozen", "vi", "retinanet"),
+                                                      ("mona", "ir", "fcos"), ("ivtuning", "both", "faster_rcnn")])
+def test_each_method_trains_exactly_its_declared_parameters(method, modality, detector):
+    cfg = load_config(TINY, [f"model.method={method}", f"model.modality={modality}", "model.encoder.depth=2",
+                             f"model.head.detector={detector}", "model.encoder.img_size=[64,80]"])
+    torch.manual_seed(0)
+    model = build_detector(cfg).train()
+    declared = model.trainable_names()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == declared
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ir, vi = torch.randn(2, 1, 64, 80), torch.randn(2, 3, 64, 80)
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30.0, 10.0, 70.0, 30.0]]), "labels": torch.tensor([0])}]
+    for _ in range(2):
+        opt.zero_grad()
+        model(ir, vi, targets).backward()
+        opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    inner = "model.backbone.backbone."
+    assert {n for n in changed if n.startswith(inner)} == {n for n in declared if n.startswith(inner)}
+    assert changed <= declared
+    model.eval()
+    out = model.predict(ir, vi)
+    assert len(out) == 2 and all(o["boxes"].shape[1] == 4 for o in out)
+
+
+def finetune_det(run_dir, *overrides):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "finetune", "det", "--config", TINY, "--run-dir", str(run_dir), *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("method,modality", [("full", "ir"), ("ivtuning", "both")])
+def test_real_msrs_pairs_overfit_to_high_ap50(method, modality, tmp_path):
+    root = shared_path("msrs20")
+    names = sorted(p.stem for p in (root / "ir").glob("*.png"))[:4]
+    split = tmp_path / "few.txt"
+    split.write_text("\n".join(names) + "\n")
+    res = finetune_det(tmp_path / "run", f"data.root={root}", f"data.boxes.path={root / 'labels_ir'}",
+                       "data.classes=[person,bicycle,car]", f"data.train_split={split}", f"data.val_split={split}",
+                       f"model.method={method}", f"model.modality={modality}", "model.encoder.img_size=[240,320]",
+                       "data.augment.scale_range=[1.0,1.0]", "data.augment.hflip=0", "train.steps=150",
+                       "train.batch_size=2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    print(method, {k: m[k] for k in ("AP", "AP50", "AP75", "per_class_AP")})
+    assert m["frames"] == 4 and m["AP50"] > 0.3  # an untrained detector scores ~0 here
+    preds = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert preds and {"image_id", "category_id", "bbox", "score"} <= set(preds[0])
+    assert len(list((tmp_path / "run" / "overlays").glob("*.png"))) == 4
+    report = json.loads((tmp_path / "run" / "data_report_train.json").read_text())
+    assert report["issues"] == []  # labels of frames outside the split are not orphans
