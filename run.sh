@@ -4,12 +4,15 @@
 #   ./run.sh                      set up, then run every stage on the embedded synthetic corpus
 #   ./run.sh test [pytest args]   set up, then run the test suite
 #   ./run.sh --data SOURCES.yaml  run the stages on your own infrared sources
-#   ./run.sh setup|synth|shards|pretrain|export
+#   ./run.sh setup|synth|shards|pretrain|export|seg|det
 #                                 run one stage (finished stages are skipped, interrupted ones resume)
 #
 # Options (before or after the stage name):
 #   --data FILE      sources YAML for the shard builder (default: the synthetic corpus)
 #   --config FILE    pre-training config (default: configs/pretrain/tiny.yaml, the CPU demo size)
+#   --seg-config F   segmentation config (default: configs/finetune/seg_tiny.yaml on the synthetic pairs;
+#                    your own config names its data.root)
+#   --det-config F   detection config (default: configs/finetune/det_tiny.yaml on the synthetic pairs)
 #   --out DIR        where outputs go (default: ./outputs)
 #   --workers N      shard-builder worker processes (default: number of CPUs)
 #   --nproc N        training processes on this machine (N > 1: torchrun; GPUs when present)
@@ -25,6 +28,8 @@ OUT="$ROOT/outputs"
 DATA=""
 WORKERS=""
 PRETRAIN_CONFIG="$ROOT/configs/pretrain/tiny.yaml"
+SEG_CONFIG=""
+DET_CONFIG=""
 NPROC=1
 EXTRA=()
 STAGES=()
@@ -39,12 +44,14 @@ while [[ $# -gt 0 ]]; do
     --out)     mkdir -p "$2"; OUT="$(cd "$2" && pwd)"; shift 2 ;;
     --workers) WORKERS="$2"; shift 2 ;;
     --config)  PRETRAIN_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
+    --seg-config) SEG_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
+    --det-config) DET_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --nproc)   NPROC="$2"; shift 2 ;;
     --)        shift; EXTRA=("$@"); break ;;
     --python)  PYTHON_BOOT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     test)      STAGES+=(test); shift; TEST_ARGS=("$@"); break ;;
-    setup|synth|shards|pretrain|export|all) STAGES+=("$1"); shift ;;
+    setup|synth|shards|pretrain|export|seg|det|all) STAGES+=("$1"); shift ;;
     *) fail "unknown argument '$1' (see ./run.sh --help)" ;;
   esac
 done
@@ -102,9 +109,8 @@ stage_pretrain() {
     say "pretrain: already done ($OUT/pretrain); delete that folder to train again"; return 0
   fi
   say "pretrain: MAE + PAD with $(basename "$PRETRAIN_CONFIG") on $OUT/shards into $OUT/pretrain (rerun to resume)"
-  local launch=("$VENV/bin/python")
-  [[ "$NPROC" -gt 1 ]] && launch=("$VENV/bin/python" -m torch.distributed.run --nproc_per_node "$NPROC")
-  "${launch[@]}" -m pretrain train --config "$PRETRAIN_CONFIG" --run-dir "$OUT/pretrain" \
+  # shellcheck disable=SC2046
+  $(launcher) -m pretrain train --config "$PRETRAIN_CONFIG" --run-dir "$OUT/pretrain" \
     "data.shards=[{path: $OUT/shards}]" "${EXTRA[@]}" \
     || fail "stage pretrain failed or was interrupted: rerun the same command to resume"
   [[ -f "$OUT/pretrain/DONE" ]] || fail "stage pretrain stopped before the end (preempted?): rerun to resume"
@@ -117,6 +123,33 @@ stage_export() {
   fi
   say "export: encoder + PAD adapters -> $OUT/backbone.pth"
   PY -m pretrain export "$OUT/pretrain" --out "$OUT/backbone.pth" || fail "stage export failed"
+}
+
+launcher() {  # one process, or torchrun with --nproc processes
+  if [[ "$NPROC" -gt 1 ]]; then echo "$VENV/bin/python -m torch.distributed.run --nproc_per_node $NPROC"
+  else echo "$VENV/bin/python"; fi
+}
+
+# Fine-tuning stages: the exported backbone goes to IV-tuning (segmentation and detection). With
+# the default configs they train on the synthetic infrared-visible pairs; a config of yours
+# names its own data.root (and data.boxes.path for detection).
+stage_finetune() {
+  local task="$1" config="$2" defaults=()
+  [[ -f "$OUT/backbone.pth" ]] || stage_export
+  if [[ -f "$OUT/$task/DONE" ]]; then
+    say "$task: already done ($OUT/$task); delete that folder to train again"; return 0
+  fi
+  if [[ -z "$config" ]]; then
+    config="$ROOT/configs/finetune/${task}_tiny.yaml"
+    [[ -d "$OUT/synth" ]] || stage_synth
+    defaults=("data.root=$OUT/synth")
+    [[ "$task" == det ]] && defaults+=("data.boxes.path=$OUT/synth/labels")
+  fi
+  say "$task: IV-tuning of $OUT/backbone.pth with $(basename "$config") into $OUT/$task (rerun to resume)"
+  # shellcheck disable=SC2046
+  $(launcher) -m finetune "$task" --config "$config" --run-dir "$OUT/$task" "init.checkpoint=$OUT/backbone.pth" \
+    "${defaults[@]}" || fail "stage $task failed or was interrupted: rerun the same command to resume"
+  [[ -f "$OUT/$task/DONE" ]] || fail "stage $task stopped before the end (preempted?): rerun to resume"
 }
 
 summary() {
@@ -137,6 +170,15 @@ if (out / "backbone.json").is_file():
     b = json.loads((out / "backbone.json").read_text())
     print(f"  backbone   {out/'backbone.pth'}: ViT-{b['encoder']['size']} + {b['adapter']} adapters, "
           f"{b['num_parameters']:,} parameters")
+for task in ("seg", "det"):
+    path = out / task / "metrics.json"
+    if path.is_file():
+        m = json.loads(path.read_text())
+        p = m["params"]
+        score = (f"mIoU {100 * m['mIoU']:.1f}" if task == "seg" else f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}")
+        print(f"  {task:10s} {out/task}: {m['method']}, {score} on {m['frames']} frames; trains "
+              f"{100 * p['trainable_backbone_share']:.1f}% of the backbone ({p['trainable_backbone']:,}); "
+              f"overlays {out/task/'overlays'}")
 EOF
 }
 
@@ -150,6 +192,9 @@ for stage in "${STAGES[@]}"; do
     shards) stage_shards ;;
     pretrain) stage_pretrain ;;
     export) stage_export ;;
-    all)    stage_synth; stage_shards; stage_pretrain; stage_export; summary ;;
+    seg)    stage_finetune seg "$SEG_CONFIG" ;;
+    det)    stage_finetune det "$DET_CONFIG" ;;
+    all)    stage_synth; stage_shards; stage_pretrain; stage_export
+            stage_finetune seg "$SEG_CONFIG"; stage_finetune det "$DET_CONFIG"; summary ;;
   esac
 done
