@@ -100,7 +100,8 @@ def to_single_channel(image: np.ndarray, grey_tolerance: int) -> tuple[np.ndarra
     raise SkipSample("decode_failed", f"unexpected array shape {image.shape}")
 
 
-def decode_frame(data: bytes, grey_tolerance: int = 2) -> Frame:
+def decode_raw(data: bytes) -> tuple[np.ndarray, str]:
+    """Every channel as stored (BGR[A] order for colour), uint8 or uint16, and the format."""
     fmt = sniff_format(data)
     check_complete(data, fmt)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -108,6 +109,11 @@ def decode_frame(data: bytes, grey_tolerance: int = 2) -> Frame:
         raise SkipSample("decode_failed", f"OpenCV could not decode this {fmt}")
     if image.dtype not in (np.uint8, np.uint16):
         raise SkipSample("unsupported_dtype", str(image.dtype))
+    return image, fmt
+
+
+def decode_frame(data: bytes, grey_tolerance: int = 2) -> Frame:
+    image, fmt = decode_raw(data)
     image, colour, spread = to_single_channel(image, grey_tolerance)
     return Frame(np.ascontiguousarray(image), fmt, colour, spread)
 
@@ -118,15 +124,7 @@ def read_frame(path: str, grey_tolerance: int = 2) -> Frame:
 
 def read_raw(path: str) -> np.ndarray:
     """Every channel as stored (BGR[A] order for colour), uint8 or uint16; same checks as read_frame."""
-    data = read_bytes(path)
-    fmt = sniff_format(data)
-    check_complete(data, fmt)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None or image.size == 0:
-        raise SkipSample("decode_failed", f"OpenCV could not decode this {fmt}")
-    if image.dtype not in (np.uint8, np.uint16):
-        raise SkipSample("unsupported_dtype", str(image.dtype))
-    return image
+    return decode_raw(read_bytes(path))[0]
 
 
 def read_rgb(path: str) -> np.ndarray:

@@ -46,18 +46,17 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", default=SEG_CONFIG)
     pr.add_argument("overrides", nargs="*", help="config overrides, e.g. model.method=mona")
     pr.set_defaults(func=_cmd_params)
-    sg = sub.add_parser("seg", help="fine-tune and evaluate semantic segmentation (resumes RUN_DIR)")
-    sg.add_argument("--config", default=SEG_CONFIG)
-    sg.add_argument("--run-dir", required=True)
-    sg.add_argument("--overwrite", action="store_true", help="discard what RUN_DIR holds and start fresh")
-    sg.add_argument("overrides", nargs="*", help="e.g. data.root=MFNet model.method=mona init.checkpoint=backbone.pth")
-    sg.set_defaults(func=_cmd_seg)
-    dt = sub.add_parser("det", help="fine-tune and evaluate object detection (resumes RUN_DIR)")
-    dt.add_argument("--config", default=DET_CONFIG)
-    dt.add_argument("--run-dir", required=True)
-    dt.add_argument("--overwrite", action="store_true", help="discard what RUN_DIR holds and start fresh")
-    dt.add_argument("overrides", nargs="*", help="e.g. data.root=M3FD model.head.detector=retinanet")
-    dt.set_defaults(func=_cmd_det)
+    for name, help_text, config, example, func in (
+            ("seg", "fine-tune and evaluate semantic segmentation", SEG_CONFIG,
+             "data.root=MFNet model.method=mona init.checkpoint=backbone.pth", _cmd_seg),
+            ("det", "fine-tune and evaluate object detection", DET_CONFIG,
+             "data.root=M3FD model.head.detector=retinanet", _cmd_det)):
+        task = sub.add_parser(name, help=f"{help_text} (resumes RUN_DIR)")
+        task.add_argument("--config", default=config)
+        task.add_argument("--run-dir", required=True)
+        task.add_argument("--overwrite", action="store_true", help="discard what RUN_DIR holds and start fresh")
+        task.add_argument("overrides", nargs="*", help=f"e.g. {example}")
+        task.set_defaults(func=func)
     return p
 
 

@@ -27,11 +27,8 @@ def train_det(cfg, run_dir: str | Path, overwrite: bool = False) -> None:
 
 def _train_det(rank: int, world: int, device: torch.device, cfg, run_dir: Path, overwrite: bool) -> None:
     train_and_evaluate(rank, world, device, cfg, run_dir, overwrite, kind="det", build_model=build_detector,
-                       build_data=det_dataset, targets=_targets, evaluate=evaluate)
-    if rank == 0 and (run_dir / "DONE").is_file():
-        m = json.loads((run_dir / "metrics.json").read_text())
-        print(f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f} on {m['frames']} "
-              f"frames; {run_dir / 'metrics.json'}", flush=True)
+                       build_data=det_dataset, targets=_targets, evaluate=evaluate,
+                       describe=lambda m: f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}")
 
 
 @torch.no_grad()

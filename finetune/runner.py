@@ -68,7 +68,8 @@ def eval_loader(dataset, indices: list[int], workers: int):
 
 def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir: Path, overwrite: bool, *,
                        kind: str, build_model: Callable, build_data: Callable, targets: Callable,
-                       evaluate: Callable) -> None:
+                       evaluate: Callable, describe: Callable) -> None:
+    """``describe(metrics)``: the one-line result printed at the end."""
     t = cfg.train
     cfg_hash = config_hash(cfg)
     resume = prepare_run_dir(run_dir, overwrite, cfg, cfg_hash, rank)
@@ -120,3 +121,4 @@ def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir
                        params={k: v for k, v in report.items() if k != "per_module"})
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (run_dir / "DONE").write_text(json.dumps({"steps": total_steps}))
+        print(f"{describe(metrics)} on {metrics['frames']} frames; {run_dir / 'metrics.json'}", flush=True)

@@ -7,7 +7,6 @@ Re-running the same command resumes training, or re-evaluates a finished run.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,11 +27,8 @@ def train_seg(cfg, run_dir: str | Path, overwrite: bool = False) -> None:
 
 def _train_seg(rank: int, world: int, device: torch.device, cfg, run_dir: Path, overwrite: bool) -> None:
     train_and_evaluate(rank, world, device, cfg, run_dir, overwrite, kind="seg", build_model=build_segmentor,
-                       build_data=seg_dataset, targets=_targets, evaluate=evaluate)
-    if rank == 0 and (run_dir / "DONE").is_file():
-        m = json.loads((run_dir / "metrics.json").read_text())
-        print(f"mIoU {100 * m['mIoU']:.2f}, pixel accuracy {100 * m['pixel_accuracy']:.2f} on {m['frames']} frames; "
-              f"{run_dir / 'metrics.json'}", flush=True)
+                       build_data=seg_dataset, targets=_targets, evaluate=evaluate,
+                       describe=lambda m: f"mIoU {100 * m['mIoU']:.2f}, pixel accuracy {100 * m['pixel_accuracy']:.2f}")
 
 
 @torch.no_grad()

@@ -145,3 +145,45 @@ def test_killed_seg_run_resumes_to_the_same_weights(synth_pairs, tmp_path):
     ma = json.loads((tmp_path / "clean" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert ma["confusion_matrix"] == mb["confusion_matrix"]
+
+
+def test_mfnet_layout_and_joint_augmentation_keep_modalities_aligned(tmp_path):
+    # MFNet: 4-channel PNGs (B, G, R, thermal as stored by OpenCV) and label PNGs, split lists.
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        label = np.zeros((48, 64), np.uint8)
+        label[10 + i:30, 20:40 + i] = 2
+        thermal = (label * 100).astype(np.uint8)  # the thermal channel draws the label
+        rgb = np.dstack([thermal, thermal, thermal])
+        _png(tmp_path / "images" / f"f{i}.png", np.dstack([rgb, thermal]))
+        _png(tmp_path / "labels" / f"f{i}.png", label)
+    (tmp_path / "train.txt").write_text("f0\nf1\nf2\nmissing\n")
+    cfg = load_config(TINY, [f"data.root={tmp_path}", "data.layout=mfnet", "data.train_split=train.txt", "data.dirs.label=labels",
+                             "data.augment.ratio_range=[0.5,2.0]", "model.encoder.img_size=[32,48]"])
+    dataset, issues, _ = seg_dataset(cfg, "train")
+    assert len(dataset) == 3 and [(i["name"], i["reason"]) for i in issues] == [("missing", "not_found")]
+    for seed in range(20):  # random rescale, crop and flip: one geometry for all three
+        s = dataset.train_sample(seed % 3, np.random.default_rng(seed))
+        assert s["ir"].shape == (1, 32, 48) and s["vi"].shape == (3, 32, 48) and s["label"].shape == (32, 48)
+        inside = s["label"] != 255  # padding
+        hot_ir = s["ir"][0] > s["ir"][0][inside].min() + 1e-3
+        target = (s["label"] == 2)[inside]
+        iou = lambda hot: (hot[inside] & target).sum() / max((hot[inside] | target).sum(), 1)
+        assert iou(hot_ir) > 0.8  # bilinear images vs nearest labels differ only at the edges
+        hot_vi = s["vi"].mean(0) > s["vi"].mean(0)[inside].min() + 0.5  # photometric noise is uniform
+        assert iou(hot_vi) > 0.8
+
+
+def test_official_mae_weights_load_into_the_finetune_backbone(tmp_path):
+    from tests.test_weights import official_mae_checkpoint
+    from finetune.models.backbone import Backbone, BackboneConfig
+    from pretrain.models.vit import EncoderConfig
+
+    official_mae_checkpoint(tmp_path / "mae.pth", img_size=(64, 80))
+    sd = torch.load(tmp_path / "mae.pth", weights_only=True)["model"]
+    backbone = Backbone(BackboneConfig(method="mona", modality="ir", checkpoint=str(tmp_path / "mae.pth"),
+                                       encoder=EncoderConfig(size="tiny", depth=2, img_size=(64, 80))))
+    assert backbone.load_report.loaded > 0 and not [k for k in backbone.load_report.missing if ".mona." not in k]
+    assert "mask_token" in backbone.load_report.unexpected  # the decoder is reported, not loaded
+    for key in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "cls_token"):
+        assert torch.equal(backbone.encoder.state_dict()[key], sd[key])

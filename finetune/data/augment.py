@@ -91,3 +91,15 @@ def photometric(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def normalize_visible(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (3, H, W) float32 with ImageNet statistics."""
     return ((rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy()
+
+
+def network_inputs(ir: np.ndarray | None, vi: np.ndarray | None, intensity, ir_mean: float, ir_std: float) -> dict:
+    """{'ir': (1, H, W), 'vi': (3, H, W)} float32 network inputs of the frames present."""
+    from data_tools.transforms import normalize_ir, to_unit_intensity
+
+    out = {}
+    if ir is not None:
+        out["ir"] = normalize_ir(to_unit_intensity(ir, intensity), ir_mean, ir_std)[None].astype(np.float32)
+    if vi is not None:
+        out["vi"] = normalize_visible(vi)
+    return out

@@ -16,8 +16,8 @@ import torch
 
 from data_tools.annotations import read_annotations, boxes_to_pixels, clip_boxes
 from data_tools.imageio import SkipSample
-from data_tools.transforms import IntensityConfig, normalize_ir, to_unit_intensity
-from finetune.data.augment import crop, hflip, normalize_visible, photometric, rescale
+from data_tools.transforms import IntensityConfig
+from finetune.data.augment import crop, hflip, network_inputs, photometric, rescale
 from finetune.data.pairs import PairRecord, issue
 from finetune.data.seg import read_pair
 
@@ -94,14 +94,9 @@ class DetDataset:
         return len(self.records)
 
     def _to_input(self, arrays: dict, name: str, boxes, labels, scale: float) -> dict:
-        out = {"name": name, "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-               "labels": np.asarray(labels, np.int64), "scale": scale}
-        if arrays["ir"] is not None:
-            unit = to_unit_intensity(arrays["ir"], self.spec.intensity)
-            out["ir"] = normalize_ir(unit, self.spec.ir_mean, self.spec.ir_std)[None].astype(np.float32)
-        if arrays["vi"] is not None:
-            out["vi"] = normalize_visible(arrays["vi"])
-        return out
+        spec = self.spec
+        return dict(network_inputs(arrays["ir"], arrays["vi"], spec.intensity, spec.ir_mean, spec.ir_std), name=name,
+                    boxes=np.asarray(boxes, np.float32).reshape(-1, 4), labels=np.asarray(labels, np.int64), scale=scale)
 
     def train_sample(self, index: int, rng: np.random.Generator) -> dict:
         """Large-scale jitter: resize so the frame's long side is input x U(scale_range), random

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from data_tools.imageio import SkipSample, read_frame, read_label_map, read_raw, read_rgb
-from data_tools.transforms import IntensityConfig, normalize_ir, to_unit_intensity
-from finetune.data.augment import AugmentConfig, crop, hflip, normalize_visible, photometric, rescale
+from data_tools.transforms import IntensityConfig
+from finetune.data.augment import AugmentConfig, crop, hflip, network_inputs, photometric, rescale
 from finetune.data.pairs import PairRecord, issue
 
 
@@ -91,13 +91,9 @@ class SegDataset:
         return SegDataset(keep, self.spec), issues
 
     def _to_arrays(self, sample: dict) -> dict:
-        out = {"name": sample["name"], "label": sample["label"].astype(np.int64)}
-        if sample["ir"] is not None:
-            unit = to_unit_intensity(sample["ir"], self.spec.intensity)
-            out["ir"] = normalize_ir(unit, self.spec.ir_mean, self.spec.ir_std)[None].astype(np.float32)
-        if sample["vi"] is not None:
-            out["vi"] = normalize_visible(sample["vi"])
-        return out
+        spec = self.spec
+        return dict(network_inputs(sample["ir"], sample["vi"], spec.intensity, spec.ir_mean, spec.ir_std),
+                    name=sample["name"], label=sample["label"].astype(np.int64))
 
     def train_sample(self, index: int, rng: np.random.Generator) -> dict:
         """Random rescale, crop (label padded with the ignore index), flip; photometric on visible."""
