@@ -38,6 +38,11 @@ def intensity_config(cfg) -> IntensityConfig:
     return IntensityConfig(**dict(i, percentiles=tuple(i["percentiles"])))
 
 
+def split_list(cfg, split: str) -> str | None:
+    """The split list file of 'train' or 'val' (val falls back to the training list)."""
+    return cfg.data.train_split if split == "train" else (cfg.data.val_split or cfg.data.train_split)
+
+
 def seg_dataset(cfg, split: str):
     """The validated dataset of a split ('train' or 'val') and its issues and frame count."""
     from finetune.data.pairs import discover
@@ -46,8 +51,7 @@ def seg_dataset(cfg, split: str):
     spec = SegDataSpec(num_classes=len(cfg.data.classes), ignore_index=int(cfg.data.ignore_index),
                        binary_labels=bool(cfg.data.binary_labels), crop_size=tuple(cfg.model.encoder.img_size),
                        augment=augment_config(cfg), intensity=intensity_config(cfg))
-    split_file = cfg.data.train_split if split == "train" else (cfg.data.val_split or cfg.data.train_split)
-    records, issues, found = discover(cfg.data, split_file)
+    records, issues, found = discover(cfg.data, split_list(cfg, split))
     dataset, more = SegDataset(records, spec).validated()
     return dataset, issues + more, found
 
@@ -87,7 +91,7 @@ def det_dataset(cfg, split: str):
     spec = DetDataSpec(classes=tuple(cfg.data.classes), input_size=tuple(cfg.model.encoder.img_size),
                        scale_range=tuple(a["scale_range"]), hflip=float(a["hflip"]),
                        photometric=bool(a["photometric"]), intensity=intensity_config(cfg))
-    split_file = cfg.data.train_split if split == "train" else (cfg.data.val_split or cfg.data.train_split)
+    split_file = split_list(cfg, split)
     pairs, issues, found = discover(cfg.data, split_file, need_label=False)
     records, more = build_records(pairs, cfg.data.boxes, spec.classes, read_split(Path(cfg.data.root), split_file))
     return DetDataset(records, spec), issues + more, found

@@ -101,8 +101,8 @@ def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir
     o = cfg.optim
     layer_decay = o.layer_decay if cfg.model.method in ("full", "pad") else None
     depth = len(model.backbone.encoder.blocks)
-    prefix = next(n for n, _ in model.named_parameters() if n.endswith("encoder.cls_token"))[: -len("cls_token")]
-    groups = param_groups(model, float(o.weight_decay), layer_decay, depth if layer_decay else None, prefix=prefix)
+    groups = param_groups(model, float(o.weight_decay), layer_decay, depth if layer_decay else None,
+                          prefix=model.backbone_prefix + "encoder.")
     ds_cfg = deepspeed_config(batching.micro, batching.accum, world, t.precision, t.zero_stage, t.grad_clip)
     engine, optimizer = build_engine(model, groups, float(o.lr), tuple(o.betas), ds_cfg)
     ckpt = Checkpointer(run_dir / "checkpoints", int(t.keep_last))
@@ -114,7 +114,6 @@ def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir
                        EpochLoader(stream, workers), ckpt, state, spec, run_dir, rank, device,
                        {"config_hash": cfg_hash, "frozen": frozen_ref}):
         return  # stopped by a signal after saving
-    model.eval()
     metrics = evaluate(model, cfg, load_split(cfg, "val", run_dir, rank, build_data), device, rank, world, run_dir)
     if rank == 0:
         metrics.update(task=kind, steps=total_steps, method=cfg.model.method, modality=cfg.model.modality,

@@ -51,3 +51,29 @@ def real_build(real_sources_yaml, tmp_path_factory):
     cfg = load_config(DEFAULT_BUILD_CONFIG, ["shards.max_samples=200"])
     manifest = build_shards(load_sources(real_sources_yaml), cfg, out, workers=2, progress=False)
     return out, manifest
+
+
+def tiny_pad_export(folder: Path, depth: int) -> str:
+    """A random tiny MAE + PAD encoder exported as the fine-tuning backbone (64x80 input)."""
+    import torch
+    from pretrain.models.mae import build_mae
+    from pretrain.weights import export_backbone
+
+    torch.manual_seed(0)
+    mae = build_mae({"encoder": {"size": "tiny", "depth": depth, "img_size": [64, 80]},
+                     "decoder": {"dim": 32, "depth": 1, "num_heads": 2}})
+    return str(export_backbone(mae, folder / "backbone.pth")[0])
+
+
+def changed_after_two_steps(model, loss) -> set[str]:
+    """Names of the parameters that two Adam steps on ``loss()`` change (zero-initialised adapter
+    outputs open after the first step, so two are needed to reach everything trainable)."""
+    import torch
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

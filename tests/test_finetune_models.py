@@ -14,9 +14,8 @@ from finetune.models.ivtuning import HybridAdapter, IVTuningConfig, SimAM
 from finetune.models.mona import Mona, MonaConfig
 from finetune.models.segmentor import slide_inference
 from pretrain.models.adapters import TokenContext
-from pretrain.models.mae import build_mae
 from pretrain.models.vit import EncoderConfig
-from pretrain.weights import export_backbone
+from tests.conftest import changed_after_two_steps, tiny_pad_export
 
 SEG = str(CONFIG_DIR / "finetune" / "seg_vitb.yaml")
 TINY_ENC = EncoderConfig(size="tiny", depth=2, img_size=(64, 80))
@@ -136,11 +135,7 @@ def test_ivtuning_step0_is_the_frozen_vit_on_prompted_visible_tokens():
 
 @pytest.fixture(scope="module")
 def pad_export(tmp_path_factory):
-    torch.manual_seed(0)
-    mae = build_mae({"encoder": {"size": "tiny", "depth": 2, "img_size": [64, 80]},
-                     "decoder": {"dim": 32, "depth": 1, "num_heads": 2}})
-    path, _ = export_backbone(mae, tmp_path_factory.mktemp("export") / "backbone.pth")
-    return str(path)
+    return tiny_pad_export(tmp_path_factory.mktemp("export"), depth=2)
 
 
 @pytest.mark.parametrize("method,modality", [("full", "ir"), ("frozen", "vi"), ("pad", "ir"), ("mona", "ir"),
@@ -153,14 +148,8 @@ def test_each_method_trains_exactly_its_declared_parameters(method, modality, pa
     model = build_segmentor(cfg).train()
     declared = model.trainable_names()
     assert {n for n, p in model.named_parameters() if p.requires_grad} == declared
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ir, vi, label = torch.randn(2, 1, 64, 80), torch.randn(2, 3, 64, 80), torch.randint(0, 4, (2, 64, 80))
-    for _ in range(2):  # zero-initialised adapter outputs open after the first step
-        opt.zero_grad()
-        model(ir, vi, label).backward()
-        opt.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = changed_after_two_steps(model, lambda: model(ir, vi, label))
     assert changed == declared
     backbone_names = {n for n in declared if n.startswith("backbone.")}
     expected_backbone = {

@@ -15,9 +15,7 @@ from data_tools.config import CONFIG_DIR, load_config
 from data_tools.synth import SynthConfig, write_corpus
 from finetune.factory import seg_dataset
 from pretrain.loop import FAULT_ENV
-from pretrain.models.mae import build_mae
-from pretrain.weights import export_backbone
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT, shared_path, tiny_pad_export
 
 TINY = str(CONFIG_DIR / "finetune" / "seg_tiny.yaml")
 SIRST = str(CONFIG_DIR / "finetune" / "seg_sirst_tiny.yaml")
@@ -81,11 +79,7 @@ def test_real_sirst_reports_its_mismatched_mask():
 
 @pytest.fixture(scope="module")
 def pad_export(tmp_path_factory):
-    torch.manual_seed(0)
-    mae = build_mae({"encoder": {"size": "tiny", "depth": 4, "img_size": [64, 80]},
-                     "decoder": {"dim": 32, "depth": 1, "num_heads": 2}})
-    path, _ = export_backbone(mae, tmp_path_factory.mktemp("export") / "backbone.pth")
-    return str(path)
+    return tiny_pad_export(tmp_path_factory.mktemp("export"), depth=4)
 
 
 FEW = ["Misc_1", "Misc_10", "Misc_140", "Misc_287"]  # 240 x 320 frames with 11-44 target pixels
@@ -149,7 +143,6 @@ def test_killed_seg_run_resumes_to_the_same_weights(synth_pairs, tmp_path):
 
 def test_mfnet_layout_and_joint_augmentation_keep_modalities_aligned(tmp_path):
     # MFNet: 4-channel PNGs (B, G, R, thermal as stored by OpenCV) and label PNGs, split lists.
-    rng = np.random.default_rng(0)
     for i in range(3):
         label = np.zeros((48, 64), np.uint8)
         label[10 + i:30, 20:40 + i] = 2

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 
 from data_tools.annotations import read_annotations, boxes_to_pixels, clip_boxes
-from data_tools.imageio import SkipSample
-from data_tools.transforms import IntensityConfig
+from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
 from finetune.data.augment import crop, hflip, network_inputs, photometric, rescale
 from finetune.data.pairs import PairRecord, issue
-from finetune.data.seg import read_pair
+from finetune.data.seg import read_checked_pair, read_pair
 
 MIN_BOX_SIDE = 1.0  # pixels: boxes thinner than this after augmentation are dropped
 
@@ -32,8 +31,8 @@ class DetDataSpec:
     hflip: float = 0.5
     photometric: bool = False
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
-    ir_mean: float = 0.3801
-    ir_std: float = 0.1871
+    ir_mean: float = IR_MEAN
+    ir_std: float = IR_STD
 
 
 @dataclass
@@ -61,16 +60,11 @@ def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
     issues += [issue(stem, "label_without_image") for stem in sorted(scope - names)]
     records = []
     for pair in pairs:
-        try:
-            frames = read_pair(pair)
-        except (SkipSample, ValueError) as e:
-            issues.append(issue(pair.name, "unreadable", str(e)))
+        frames, problem = read_checked_pair(pair)
+        if problem:
+            issues.append(problem)
             continue
-        shapes = {m: f.shape[:2] for m, f in frames.items() if f is not None}
-        if len(set(shapes.values())) > 1:
-            issues.append(issue(pair.name, "size_mismatch", str(shapes)))
-            continue
-        h, w = next(iter(shapes.values()))
+        h, w = next(f.shape[:2] for f in frames.values() if f is not None)
         recs = ann.boxes.get(pair.name, [])
         known = [(r, _class_index(r.label, classes)) for r in recs]
         for r, k in known:

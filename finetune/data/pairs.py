@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_tools.annotations import ISSUE_REASONS
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 PAIR_ISSUES = {
@@ -26,10 +28,8 @@ PAIR_ISSUES = {
     "mask_size_mismatch": "the label map's size differs from the image's",
     "unknown_label_values": "the label map holds values that are neither a class index nor the ignore index",
     "wrong_channels": "a packed (MFNet-style) image does not have 4 channels",
-    "box_clipped": "a box extending outside the image was clipped to it",
-    "box_empty": "a box with zero area (after clipping) was dropped",
     "unknown_class": "a box's class is not among the configured classes; the box was dropped",
-    "annotation_parse_error": "an annotation file could not be parsed",
+    **{k: ISSUE_REASONS[k] for k in ("box_clipped", "box_empty", "annotation_parse_error")},
 }
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from data_tools.imageio import SkipSample, read_frame, read_label_map, read_raw, read_rgb
-from data_tools.transforms import IntensityConfig
+from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
 from finetune.data.augment import AugmentConfig, crop, hflip, network_inputs, photometric, rescale
 from finetune.data.pairs import PairRecord, issue
 
@@ -25,8 +25,8 @@ class SegDataSpec:
     crop_size: tuple[int, int] = (512, 512)  # (height, width)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
-    ir_mean: float = 0.3801
-    ir_std: float = 0.1871
+    ir_mean: float = IR_MEAN
+    ir_std: float = IR_STD
 
 
 def read_pair(record: PairRecord) -> dict:
@@ -43,6 +43,20 @@ def read_pair(record: PairRecord) -> dict:
             "vi": read_rgb(record.vi) if record.vi else None}
 
 
+def read_checked_pair(record: PairRecord) -> tuple[dict | None, dict | None]:
+    """(frames, None) for a readable pair of one size, else (None, the issue that leaves it out)."""
+    try:
+        frames = read_pair(record)
+    except SkipSample as e:
+        return None, issue(record.name, "unreadable", str(e))
+    except ValueError as e:
+        return None, issue(record.name, "wrong_channels", str(e))
+    shapes = {m: f.shape[:2] for m, f in frames.items() if f is not None}
+    if len(set(shapes.values())) > 1:
+        return None, issue(record.name, "size_mismatch", str(shapes))
+    return frames, None
+
+
 class SegDataset:
     def __init__(self, records: list[PairRecord], spec: SegDataSpec):
         self.records, self.spec = records, spec
@@ -50,27 +64,27 @@ class SegDataset:
     def __len__(self) -> int:
         return len(self.records)
 
+    def _label(self, record: PairRecord) -> np.ndarray:
+        label = read_label_map(record.label)
+        return (label > 0).astype(np.int64) if self.spec.binary_labels else label
+
     def load(self, index: int) -> dict:
         record = self.records[index]
-        pair = read_pair(record)
-        label = read_label_map(record.label)
-        if self.spec.binary_labels:
-            label = (label > 0).astype(np.int64)
-        return dict(pair, label=label, name=record.name)
+        return dict(read_pair(record), label=self._label(record), name=record.name)
 
     def check(self, index: int) -> dict | None:
         """None when the frame is usable, else the issue that leaves it out."""
-        name = self.records[index].name
+        record = self.records[index]
+        name = record.name
+        frames, problem = read_checked_pair(record)
+        if problem:
+            return problem
         try:
-            sample = self.load(index)
+            label = self._label(record)
         except SkipSample as e:
-            return issue(name, "unreadable", str(e))
-        except ValueError as e:
-            return issue(name, "wrong_channels", str(e))
-        shapes = {m: sample[m].shape[:2] for m in ("ir", "vi") if sample[m] is not None}
-        if len(set(shapes.values())) > 1:
-            return issue(name, "size_mismatch", str(shapes))
-        size = next(iter(shapes.values()))
+            return issue(name, "unreadable", f"label: {e}")
+        sample = dict(frames, label=label)
+        size = next(f.shape[:2] for f in frames.values() if f is not None)
         if sample["label"].shape != size:
             return issue(name, "mask_size_mismatch", f"label {sample['label'].shape} vs image {size}")
         values = np.unique(sample["label"])

@@ -42,7 +42,7 @@ class MapBatchStream(ResumableStream):
         order = self.epoch_order(epoch)
         for b in mine:
             samples, bad, error = [], 0, None
-            for j, index in enumerate(order[b * bs:(b + 1) * bs]):
+            for j in range(bs):
                 for attempt in range(len(order)):
                     i = int(order[(b * bs + j + attempt) % len(order)])
                     try:

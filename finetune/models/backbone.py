@@ -82,8 +82,9 @@ class Backbone(nn.Module):
         elif cfg.method == "ivtuning":
             attach_ivtuning(self.encoder, cfg.ivtuning)
             self.prompter = IVTuningInput(self.encoder.patch_embed, self.encoder.embed_dim, cfg.ivtuning)
+        trainable = self.trainable_names()
         for name, p in self.named_parameters():
-            p.requires_grad_(name in self.trainable_names())
+            p.requires_grad_(name in trainable)
 
     @property
     def embed_dim(self) -> int:
