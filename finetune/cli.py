@@ -26,7 +26,8 @@ def _cmd_seg(args: argparse.Namespace) -> int:
     from finetune.seg import train_seg
 
     cfg = load_config(args.config, args.overrides)
-    train_seg(cfg, args.run_dir, overwrite=args.overwrite)  # ends the process itself (distributed exit)
+    # ends the process itself (distributed exit)
+    train_seg(cfg, args.run_dir, overwrite=args.overwrite, eval_only=args.eval_only)
     return 0
 
 
@@ -34,7 +35,8 @@ def _cmd_det(args: argparse.Namespace) -> int:
     from finetune.det import train_det
 
     cfg = load_config(args.config, args.overrides)
-    train_det(cfg, args.run_dir, overwrite=args.overwrite)  # ends the process itself (distributed exit)
+    # ends the process itself (distributed exit)
+    train_det(cfg, args.run_dir, overwrite=args.overwrite, eval_only=args.eval_only)
     return 0
 
 
@@ -55,6 +57,8 @@ def make_parser() -> argparse.ArgumentParser:
         task.add_argument("--config", default=config)
         task.add_argument("--run-dir", required=True)
         task.add_argument("--overwrite", action="store_true", help="discard what RUN_DIR holds and start fresh")
+        task.add_argument("--eval-only", action="store_true",
+                          help="evaluate the latest checkpoint of RUN_DIR (any number of processes), no training")
         task.add_argument("overrides", nargs="*", help=f"e.g. {example}")
         task.set_defaults(func=func)
     return p

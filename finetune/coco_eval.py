@@ -43,7 +43,7 @@ def coco_metrics(gt: dict, results: list[dict]) -> dict:
         if not results:
             return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0,
                     "per_class_AP": {c["name"]: 0.0 for c in gt["categories"]}, "detections": 0}
-        coco_dt = coco_gt.loadRes(results)
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys to the entries it gets
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         ev.evaluate()
         ev.accumulate()

@@ -13,22 +13,18 @@ import torch
 import torch.distributed as dist
 
 from finetune.factory import build_detector, det_dataset
-from finetune.runner import eval_loader, train_and_evaluate
-from pretrain.loop import run_entry_point
+from finetune.runner import eval_loader, run_finetune
 
 
 def _targets(batch: dict, device: torch.device) -> list[dict]:
     return [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
 
 
-def train_det(cfg, run_dir: str | Path, overwrite: bool = False) -> None:
-    run_entry_point(_train_det, cfg, Path(run_dir), overwrite)
-
-
-def _train_det(rank: int, world: int, device: torch.device, cfg, run_dir: Path, overwrite: bool) -> None:
-    train_and_evaluate(rank, world, device, cfg, run_dir, overwrite, kind="det", build_model=build_detector,
-                       build_data=det_dataset, targets=_targets, evaluate=evaluate,
-                       describe=lambda m: f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}")
+def train_det(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
+    run_finetune(cfg, Path(run_dir), overwrite, eval_only, kind="det",
+                 build_model=build_detector, build_data=det_dataset, targets=_targets,
+                 evaluate=evaluate,
+                 describe=lambda m: f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}")
 
 
 @torch.no_grad()

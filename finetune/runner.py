@@ -3,6 +3,7 @@ report, DeepSpeed engine, the shared training loop (exact resume), then evaluati
 validation split and ``metrics.json``. A task definition supplies what differs."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Callable
@@ -14,9 +15,9 @@ from finetune.data.pairs import write_report
 from finetune.data.stream import MapBatchStream
 from finetune.factory import parameter_report
 from pretrain.data import EpochLoader, _ignore_preemption_signals
-from pretrain.engine import Checkpointer, build_engine, deepspeed_config, poly_lr_at
+from pretrain.engine import Checkpointer, ResumeError, build_engine, deepspeed_config, poly_lr_at
 from pretrain.loop import (LoopSpec, Task, frozen_reference, new_state, prepare_run_dir, resolve_batching,
-                           resume_state, train_steps)
+                           resume_state, run_entry_point, train_steps, weights_for_evaluation)
 from pretrain.optim import param_groups
 
 
@@ -66,14 +67,24 @@ def eval_loader(dataset, indices: list[int], workers: int):
                                        worker_init_fn=_ignore_preemption_signals if workers else None)
 
 
+def run_finetune(cfg, run_dir: Path, overwrite: bool, eval_only: bool, **task) -> None:
+    """Train and evaluate (or only evaluate) in every process of the launch, then end the process.
+    ``task``: the keyword arguments of :func:`train_and_evaluate` that define seg or det."""
+    run_entry_point(functools.partial(train_and_evaluate, eval_only=eval_only, **task), cfg, run_dir, overwrite)
+
+
 def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir: Path, overwrite: bool, *,
                        kind: str, build_model: Callable, build_data: Callable, targets: Callable,
-                       evaluate: Callable, describe: Callable) -> None:
-    """``describe(metrics)``: the one-line result printed at the end."""
+                       evaluate: Callable, describe: Callable, eval_only: bool = False) -> None:
+    """``describe(metrics)``: the one-line result printed at the end. ``eval_only``: evaluate the
+    latest checkpoint of the run with any number of processes, without training."""
     t = cfg.train
     cfg_hash = config_hash(cfg)
+    ckpt = Checkpointer(run_dir / "checkpoints", int(t.keep_last))
+    if eval_only and (overwrite or ckpt.latest_tag() is None):
+        raise ResumeError(f"--eval-only needs a trained run in {run_dir} (no checkpoint there)"
+                          if not overwrite else "--eval-only and --overwrite exclude each other")
     resume = prepare_run_dir(run_dir, overwrite, cfg, cfg_hash, rank)
-    train_set = load_split(cfg, "train", run_dir, rank, build_data)
 
     torch.manual_seed(int(t.seed))  # identical initialisation on every rank
     model = build_model(cfg)
@@ -92,12 +103,6 @@ def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir
 
     batching = resolve_batching(t, world)
     workers = int(cfg.data.num_workers)
-    stream = MapBatchStream(train_set, batching.micro, int(t.seed), rank, world)
-    steps_per_epoch = max(stream.batches_per_epoch // batching.accum, 1)
-    total_steps = int(t.steps)
-    if rank == 0:
-        print(f"effective batch {batching.effective} = {batching.micro} x {batching.accum} accumulation x {world} "
-              f"processes; {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
     o = cfg.optim
     layer_decay = o.layer_decay if cfg.model.method in ("full", "pad") else None
     depth = len(model.backbone.encoder.blocks)
@@ -105,7 +110,19 @@ def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir
                           prefix=model.backbone_prefix + "encoder.")
     ds_cfg = deepspeed_config(batching.micro, batching.accum, world, t.precision, t.zero_stage, t.grad_clip)
     engine, optimizer = build_engine(model, groups, float(o.lr), tuple(o.betas), ds_cfg)
-    ckpt = Checkpointer(run_dir / "checkpoints", int(t.keep_last))
+    if eval_only:
+        state = weights_for_evaluation(ckpt, engine, cfg_hash, frozen_ref)
+        if rank == 0:
+            print(f"evaluating {ckpt.latest_tag()} (step {state['step']}) with {world} processes", flush=True)
+        return _evaluate_and_report(model, cfg, run_dir, rank, world, device, kind, build_data, evaluate, describe,
+                                    report, state["step"])
+    train_set = load_split(cfg, "train", run_dir, rank, build_data)
+    stream = MapBatchStream(train_set, batching.micro, int(t.seed), rank, world)
+    steps_per_epoch = max(stream.batches_per_epoch // batching.accum, 1)
+    total_steps = int(t.steps)
+    if rank == 0:
+        print(f"effective batch {batching.effective} = {batching.micro} x {batching.accum} accumulation x {world} "
+              f"processes; {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
     state = resume_state(ckpt, engine, rank, world, cfg_hash, frozen_ref) if resume else new_state(workers)
     spec = LoopSpec(total_steps=total_steps, steps_per_epoch=steps_per_epoch, batching=batching, seed=int(t.seed),
                     num_workers=workers, log_every=int(t.log_every_steps), save_every=int(t.save_every_steps),
@@ -114,10 +131,17 @@ def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir
                        EpochLoader(stream, workers), ckpt, state, spec, run_dir, rank, device,
                        {"config_hash": cfg_hash, "frozen": frozen_ref}):
         return  # stopped by a signal after saving
+    _evaluate_and_report(model, cfg, run_dir, rank, world, device, kind, build_data, evaluate, describe, report,
+                         total_steps)
+
+
+def _evaluate_and_report(model, cfg, run_dir: Path, rank: int, world: int, device: torch.device, kind: str,
+                         build_data: Callable, evaluate: Callable, describe: Callable, report: dict,
+                         steps: int) -> None:
     metrics = evaluate(model, cfg, load_split(cfg, "val", run_dir, rank, build_data), device, rank, world, run_dir)
     if rank == 0:
-        metrics.update(task=kind, steps=total_steps, method=cfg.model.method, modality=cfg.model.modality,
-                       params={k: v for k, v in report.items() if k != "per_module"})
+        metrics.update(task=kind, steps=steps, method=cfg.model.method, modality=cfg.model.modality,
+                       processes=world, params={k: v for k, v in report.items() if k != "per_module"})
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (run_dir / "DONE").write_text(json.dumps({"steps": total_steps}))
+        (run_dir / "DONE").write_text(json.dumps({"steps": steps}))
         print(f"{describe(metrics)} on {metrics['frames']} frames; {run_dir / 'metrics.json'}", flush=True)

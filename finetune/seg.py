@@ -13,22 +13,18 @@ import torch
 import torch.distributed as dist
 
 from finetune.factory import build_segmentor, seg_dataset
-from finetune.runner import eval_loader, train_and_evaluate
-from pretrain.loop import run_entry_point
+from finetune.runner import eval_loader, run_finetune
 
 
 def _targets(batch: dict, device: torch.device) -> torch.Tensor:
     return batch["label"].to(device, non_blocking=True)
 
 
-def train_seg(cfg, run_dir: str | Path, overwrite: bool = False) -> None:
-    run_entry_point(_train_seg, cfg, Path(run_dir), overwrite)
-
-
-def _train_seg(rank: int, world: int, device: torch.device, cfg, run_dir: Path, overwrite: bool) -> None:
-    train_and_evaluate(rank, world, device, cfg, run_dir, overwrite, kind="seg", build_model=build_segmentor,
-                       build_data=seg_dataset, targets=_targets, evaluate=evaluate,
-                       describe=lambda m: f"mIoU {100 * m['mIoU']:.2f}, pixel accuracy {100 * m['pixel_accuracy']:.2f}")
+def train_seg(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
+    run_finetune(cfg, Path(run_dir), overwrite, eval_only, kind="seg",
+                 build_model=build_segmentor, build_data=seg_dataset, targets=_targets,
+                 evaluate=evaluate,
+                 describe=lambda m: f"mIoU {100 * m['mIoU']:.2f}, pixel accuracy {100 * m['pixel_accuracy']:.2f}")
 
 
 @torch.no_grad()

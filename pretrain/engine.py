@@ -201,6 +201,17 @@ class Checkpointer:
                                load_lr_scheduler_states=False)
         return state
 
+    def load_weights(self, engine) -> dict:
+        """The latest trainable weights only (no optimizer or data state), for any number of
+        processes: evaluation of a run. Returns rank 0's saved state (config hash, frozen reference)."""
+        tag = self.latest_tag()
+        if tag is None:
+            raise ResumeError(f"{self.directory} holds no checkpoint to evaluate: train first")
+        state = json.loads((self.directory / tag / "state_rank0.json").read_text())
+        engine.load_checkpoint(str(self.directory), tag=tag, load_module_strict=False, load_optimizer_states=False,
+                               load_lr_scheduler_states=False)
+        return state
+
 
 # --- preemption -------------------------------------------------------------------------------
 

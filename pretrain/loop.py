@@ -44,6 +44,9 @@ def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str) -> tuple[st
                               "use another --run-dir, or --overwrite to discard it")
         return "resume", None
     if run_dir.is_dir() and any(run_dir.iterdir()):
+        hash_file = run_dir / "config_hash.txt"
+        if hash_file.is_file() and hash_file.read_text().strip() == cfg_hash:
+            return "wipe", None  # this config's run that stopped before its first checkpoint: nothing to keep
         if not overwrite:
             return "fresh", (f"{run_dir} is not empty and has no checkpoint to resume from; "
                              "pass --overwrite to start fresh there")
@@ -192,22 +195,34 @@ def frozen_reference(model: torch.nn.Module, init_checkpoint: str | None) -> dic
             "init_sha256": sha256_file(init_checkpoint) if init_checkpoint else None}
 
 
+def _check_checkpoint(saved: dict, cfg_hash: str, frozen_ref: dict) -> None:
+    if saved["config_hash"] != cfg_hash:
+        raise ResumeError("the checkpoint's config hash differs from this config")
+    if saved["frozen"]["fingerprint"] != frozen_ref["fingerprint"]:
+        raise ResumeError(f"frozen weights differ from the checkpoint's reference {saved['frozen']} "
+                          "(was the init checkpoint changed or modified?)")
+
+
 def resume_state(ckpt: Checkpointer, engine, rank: int, world: int, cfg_hash: str, frozen_ref: dict) -> dict:
     """Load the latest checkpoint and check it belongs to this run; returns the loop state."""
     saved = ckpt.load(engine, rank)
     if saved["world_size"] != world:
         raise ResumeError(f"the checkpoint was written by {saved['world_size']} processes, this run has {world}: "
                           "resume with the same number of processes")
-    if saved["config_hash"] != cfg_hash:
-        raise ResumeError("the checkpoint's config hash differs from this config")
-    if saved["frozen"]["fingerprint"] != frozen_ref["fingerprint"]:
-        raise ResumeError(f"frozen weights differ from the checkpoint's reference {saved['frozen']} "
-                          "(was the init checkpoint changed or modified?)")
+    _check_checkpoint(saved, cfg_hash, frozen_ref)
     state = saved["data"]
     if rank == 0:
         print(f"resumed from {ckpt.latest_tag()} at step {state['step']} (epoch {state['epoch']}, "
               f"micro-batch {state['batch']})", flush=True)
     return state
+
+
+def weights_for_evaluation(ckpt: Checkpointer, engine, cfg_hash: str, frozen_ref: dict) -> dict:
+    """Load the latest trainable weights (any number of processes) and check they belong to this
+    run; returns the loop state they were saved at."""
+    saved = ckpt.load_weights(engine)
+    _check_checkpoint(saved, cfg_hash, frozen_ref)
+    return saved["data"]
 
 
 def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state: dict, spec: LoopSpec,

@@ -215,3 +215,20 @@ def test_changed_init_checkpoint_is_refused_on_resume(shards, tmp_path):
     official_mae_checkpoint(init, seed=1)  # the frozen weights it references are not the same any more
     res = launch(run_dir, shards, nproc=1, extra=[f"init.checkpoint={init}"])
     assert res.returncode != 0 and "frozen weights differ" in res.stdout + res.stderr
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_starts_again(tmp_path):
+    """A run of this config that never checkpointed (e.g. bad weights found at start) restarts on
+    the same command; any other non-empty folder stays refused."""
+    from pretrain.loop import _run_dir_decision
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config_hash.txt").write_text("abc\n")
+    (run / "params.json").write_text("{}")
+    assert _run_dir_decision(run, False, "abc") == ("wipe", None)
+    action, error = _run_dir_decision(run, False, "def")
+    assert action == "fresh" and "not empty" in error
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step00000002")
+    assert _run_dir_decision(run, False, "abc") == ("resume", None)

@@ -1,0 +1,82 @@
+"""Evaluation across processes: the confusion matrix summed over 2 gloo ranks and the detections
+gathered from them equal a 1-process evaluation of the same checkpoint (``--eval-only``, which
+re-scores a finished run with any number of processes)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from data_tools.config import CONFIG_DIR
+from data_tools.synth import SynthConfig, write_corpus
+from pretrain.engine import free_port
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    write_corpus(str(root), SynthConfig(num_images=11, width=160, height=128))  # odd: ranks get 6 and 5 frames
+    return root
+
+
+def _finetune(task, run_dir, overrides, nproc=0, eval_only=False):
+    """nproc 0: a plain process; otherwise torchrun with nproc gloo processes."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    launcher = [sys.executable] if not nproc else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    cmd = [*launcher, "-m", "finetune", task, "--config", str(CONFIG_DIR / "finetune" / f"{task}_tiny.yaml"),
+           "--run-dir", str(run_dir), *(["--eval-only"] if eval_only else []), *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _eval_twice(task, run_dir, overrides):
+    """metrics.json (and predictions.json for det) of --eval-only with 1 and with 2 processes."""
+    out = []
+    for nproc in (1, 2):
+        res = _finetune(task, run_dir, overrides, nproc=nproc, eval_only=True)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert f"with {nproc} processes" in res.stdout
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["processes"] == nproc and metrics["frames"] == 11 and metrics["steps"] == 6
+        preds = json.loads((run_dir / "predictions.json").read_text()) if task == "det" else None
+        out.append((metrics, preds))
+    return out
+
+
+def test_segmentation_confusion_matrix_reduced_over_two_ranks(pairs, tmp_path):
+    overrides = [f"data.root={pairs}", "train.steps=6", "train.save_every_steps=3"]
+    res = _finetune("seg", tmp_path / "run", overrides)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    (one, _), (two, _) = _eval_twice("seg", tmp_path / "run", overrides)
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    assert sum(map(sum, one["confusion_matrix"])) == 11 * 128 * 160  # every pixel once, none twice
+    assert two["mIoU"] == one["mIoU"] and two["per_class_iou"] == one["per_class_iou"]
+    # The checkpoint holds the weights the training run evaluated (thread counts may differ).
+    assert one["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-3)
+
+
+def test_detection_predictions_gathered_from_two_ranks(pairs, tmp_path):
+    overrides = [f"data.root={pairs}", f"data.boxes.path={pairs / 'labels'}", "train.steps=6",
+                 "train.save_every_steps=3"]
+    res = _finetune("det", tmp_path / "run", overrides)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (one, preds_one), (two, preds_two) = _eval_twice("det", tmp_path / "run", overrides)
+    key = (lambda r: (r["image_id"], r["category_id"], -r["score"], r["bbox"]))
+    assert preds_one and sorted(preds_two, key=key) == sorted(preds_one, key=key)
+    assert {r["image_id"] for r in preds_one} == set(range(1, 12))  # frames of both ranks
+    assert set(preds_one[0]) == {"image_id", "category_id", "bbox", "score"}  # COCO results format
+    for name in ("AP", "AP50", "AP75", "APs", "APm", "APl", "per_class_AP", "detections"):
+        assert two[name] == one[name], name
+
+
+def test_eval_only_refuses_a_run_without_checkpoint_and_another_config(pairs, tmp_path):
+    res = _finetune("seg", tmp_path / "empty", [f"data.root={pairs}"], eval_only=True)
+    assert res.returncode != 0 and "no checkpoint" in res.stdout + res.stderr
+    assert not (tmp_path / "empty").exists()  # nothing written
+    overrides = [f"data.root={pairs}", "train.steps=2"]
+    assert _finetune("seg", tmp_path / "run", overrides).returncode == 0
+    res = _finetune("seg", tmp_path / "run", overrides[:1] + ["train.steps=3"], eval_only=True)
+    assert res.returncode != 0 and "another config" in res.stdout + res.stderr
