@@ -15,7 +15,15 @@
 #   --det-config F   detection config (default: configs/finetune/det_tiny.yaml on the synthetic pairs)
 #   --out DIR        where outputs go (default: ./outputs)
 #   --workers N      shard-builder worker processes (default: number of CPUs)
-#   --nproc N        training processes on this machine (N > 1: torchrun; GPUs when present)
+#   --nproc N        training processes per node (N > 1: torchrun; one per GPU on GPU machines)
+#   --nnodes N       nodes for torchrun: run the same training stage on every node, each with its
+#                    --node-rank, after the shards (and export) exist on a shared filesystem
+#   --node-rank R    this node's rank, 0 .. N-1 (default 0)
+#   --master A:P     address and port of node 0 for the rendezvous (torchrun default 127.0.0.1:29500;
+#                    the DeepSpeed launcher's default is the hostfile's first host)
+#   --hostfile FILE  launch with the DeepSpeed launcher over the hosts of FILE, from one node
+#                    (passwordless ssh; --nproc then sets the GPUs used per host)
+#   --launcher-args "ARGS"  further arguments for torchrun or the DeepSpeed launcher, verbatim
 #   --python PY      interpreter used to create the environment (default: python3)
 #   -- ARGS          everything after -- goes to the trainer as config overrides (key=value)
 # Environment: IRPT_VENV (default ./.venv) to place the environment elsewhere.
@@ -31,6 +39,13 @@ PRETRAIN_CONFIG="$ROOT/configs/pretrain/tiny.yaml"
 SEG_CONFIG=""
 DET_CONFIG=""
 NPROC=1
+NPROC_SET=""
+NNODES=1
+NODE_RANK=0
+MASTER="127.0.0.1:29500"
+MASTER_SET=""
+HOSTFILE=""
+LAUNCHER_ARGS=()
 EXTRA=()
 STAGES=()
 TEST_ARGS=()
@@ -46,16 +61,25 @@ while [[ $# -gt 0 ]]; do
     --config)  PRETRAIN_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --seg-config) SEG_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --det-config) DET_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
-    --nproc)   NPROC="$2"; shift 2 ;;
+    --nproc)   NPROC="$2"; NPROC_SET=1; shift 2 ;;
+    --nnodes)  NNODES="$2"; shift 2 ;;
+    --node-rank) NODE_RANK="$2"; shift 2 ;;
+    --master)  MASTER="$2"; MASTER_SET=1; shift 2 ;;
+    --hostfile) [[ -f "$2" ]] || fail "hostfile not found: $2"
+               HOSTFILE="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
+    --launcher-args) read -r -a LAUNCHER_ARGS <<< "$2"; shift 2 ;;
     --)        shift; EXTRA=("$@"); break ;;
     --python)  PYTHON_BOOT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     test)      STAGES+=(test); shift; TEST_ARGS=("$@"); break ;;
     setup|synth|shards|pretrain|export|seg|det|all) STAGES+=("$1"); shift ;;
     *) fail "unknown argument '$1' (see ./run.sh --help)" ;;
   esac
 done
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(all)
+for n in "$NPROC" "$NNODES" "$NODE_RANK"; do [[ "$n" =~ ^[0-9]+$ ]] || fail "not a number: '$n'"; done
+[[ "$NODE_RANK" -lt "$NNODES" ]] || fail "--node-rank $NODE_RANK must be below --nnodes $NNODES"
+[[ -z "$HOSTFILE" || "$NNODES" -eq 1 ]] || fail "--hostfile and --nnodes exclude each other (the DeepSpeed launcher reads the nodes from the hostfile)"
 
 # --- set-up: a virtual environment with the pinned dependencies; a no-op when already done ---
 setup() {
@@ -99,25 +123,35 @@ stage_shards() {
   say "shards: building WebDataset shards with region proposals from $sources into $OUT/shards"
   PY -m data_tools build --sources "$sources" --out "$OUT/shards" "${wargs[@]}" \
     || fail "stage shards failed (rerun the same command to resume)"
+  if [[ "$OUT/shards/preview.png" -nt "$OUT/shards/manifest.json" ]]; then
+    say "shards: verified and previewed before ($OUT/shards/preview.png)"; return 0
+  fi
   PY -m data_tools verify "$OUT/shards" || fail "shard verification failed"
   PY -m data_tools preview "$OUT/shards" --out "$OUT/shards/preview.png" || fail "shard preview failed"
 }
 
+# A stage's input that is missing is made by running the stage before it, except on a torchrun
+# node of several: those would race on the shared output folder, so ask for it to be made once.
+need() {  # need FILE STAGE
+  [[ -f "$1" ]] && return 0
+  [[ "$NNODES" -gt 1 ]] && fail "$1 is missing: run './run.sh $2' once (one node) before the multi-node stage"
+  "stage_$2"
+}
+
 stage_pretrain() {
-  [[ -f "$OUT/shards/manifest.json" ]] || stage_shards
+  need "$OUT/shards/manifest.json" shards
   if [[ -f "$OUT/pretrain/DONE" ]]; then
     say "pretrain: already done ($OUT/pretrain); delete that folder to train again"; return 0
   fi
   say "pretrain: MAE + PAD with $(basename "$PRETRAIN_CONFIG") on $OUT/shards into $OUT/pretrain (rerun to resume)"
-  # shellcheck disable=SC2046
-  $(launcher) -m pretrain train --config "$PRETRAIN_CONFIG" --run-dir "$OUT/pretrain" \
+  launch pretrain train --config "$PRETRAIN_CONFIG" --run-dir "$OUT/pretrain" \
     "data.shards=[{path: $OUT/shards}]" "${EXTRA[@]}" \
     || fail "stage pretrain failed or was interrupted: rerun the same command to resume"
   [[ -f "$OUT/pretrain/DONE" ]] || fail "stage pretrain stopped before the end (preempted?): rerun to resume"
 }
 
 stage_export() {
-  [[ -f "$OUT/pretrain/DONE" ]] || stage_pretrain
+  need "$OUT/pretrain/DONE" pretrain
   if [[ -f "$OUT/backbone.pth" && "$OUT/backbone.pth" -nt "$OUT/pretrain/DONE" ]]; then
     say "export: $OUT/backbone.pth is up to date"; return 0
   fi
@@ -125,9 +159,22 @@ stage_export() {
   PY -m pretrain export "$OUT/pretrain" --out "$OUT/backbone.pth" || fail "stage export failed"
 }
 
-launcher() {  # one process, or torchrun with --nproc processes
-  if [[ "$NPROC" -gt 1 ]]; then echo "$VENV/bin/python -m torch.distributed.run --nproc_per_node $NPROC"
-  else echo "$VENV/bin/python"; fi
+launch() {  # launch MODULE ARGS...: one process, torchrun, or the DeepSpeed launcher (printed first)
+  local cmd
+  if [[ -n "$HOSTFILE" ]]; then
+    cmd=("$VENV/bin/deepspeed" --hostfile "$HOSTFILE")
+    [[ -n "$NPROC_SET" ]] && cmd+=(--num_gpus "$NPROC")
+    [[ -n "$MASTER_SET" ]] && cmd+=(--master_addr "${MASTER%:*}" --master_port "${MASTER##*:}")
+    cmd+=("${LAUNCHER_ARGS[@]}" --module "$@")
+  elif [[ "$NPROC" -gt 1 || "$NNODES" -gt 1 ]]; then
+    cmd=("$VENV/bin/python" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK"
+         --nproc_per_node "$NPROC" --master_addr "${MASTER%:*}" --master_port "${MASTER##*:}"
+         "${LAUNCHER_ARGS[@]}" -m "$@")
+  else
+    cmd=("$VENV/bin/python" -m "$@")
+  fi
+  printf '    %s\n' "${cmd[*]}"
+  "${cmd[@]}"
 }
 
 # Fine-tuning stages: the exported backbone goes to IV-tuning (segmentation and detection). With
@@ -135,19 +182,18 @@ launcher() {  # one process, or torchrun with --nproc processes
 # names its own data.root (and data.boxes.path for detection).
 stage_finetune() {
   local task="$1" config="$2" defaults=()
-  [[ -f "$OUT/backbone.pth" ]] || stage_export
+  need "$OUT/backbone.pth" export
   if [[ -f "$OUT/$task/DONE" ]]; then
     say "$task: already done ($OUT/$task); delete that folder to train again"; return 0
   fi
   if [[ -z "$config" ]]; then
     config="$ROOT/configs/finetune/${task}_tiny.yaml"
-    [[ -d "$OUT/synth" ]] || stage_synth
+    need "$OUT/synth/synth.json" synth
     defaults=("data.root=$OUT/synth")
     [[ "$task" == det ]] && defaults+=("data.boxes.path=$OUT/synth/labels")
   fi
   say "$task: IV-tuning of $OUT/backbone.pth with $(basename "$config") into $OUT/$task (rerun to resume)"
-  # shellcheck disable=SC2046
-  $(launcher) -m finetune "$task" --config "$config" --run-dir "$OUT/$task" "init.checkpoint=$OUT/backbone.pth" \
+  launch finetune "$task" --config "$config" --run-dir "$OUT/$task" "init.checkpoint=$OUT/backbone.pth" \
     "${defaults[@]}" || fail "stage $task failed or was interrupted: rerun the same command to resume"
   [[ -f "$OUT/$task/DONE" ]] || fail "stage $task stopped before the end (preempted?): rerun to resume"
 }

@@ -1,0 +1,132 @@
+"""run.sh end to end at the embedded default size: every stage on a fresh output folder and the
+summary; a rerun that skips every finished stage; an interrupted stage that fails loudly and
+resumes when rerun; launcher options that reach torchrun and the DeepSpeed launcher."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.loop import FAULT_ENV
+from tests.conftest import ROOT
+
+
+def _run_sh(*args, env_extra=None):
+    venv = Path(sys.prefix)
+    if not list(venv.glob(".irpt-installed-*")):
+        pytest.skip(f"{venv} was not set up by run.sh (run the suite with ./run.sh test)")
+    env = dict(os.environ, IRPT_VENV=str(venv), PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.run(["bash", str(ROOT / "run.sh"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1200)
+
+
+def _ok(res):
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    return out, _ok(_run_sh("--out", str(out)))
+
+
+def _finished(out: Path) -> dict:
+    files = [out / "synth" / "synth.json", out / "shards" / "manifest.json", out / "shards" / "preview.png",
+             out / "pretrain" / "DONE", out / "backbone.pth", out / "backbone.json", out / "seg" / "metrics.json",
+             out / "det" / "metrics.json", out / "det" / "predictions.json"]
+    return {f: f.stat().st_mtime_ns for f in files}
+
+
+def test_default_pipeline_runs_every_stage(pipeline):
+    out, log = pipeline
+    _finished(out)  # every stage's output exists
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["totals"]["written"] == manifest["totals"]["found"] > 0
+    seg = json.loads((out / "seg" / "metrics.json").read_text())
+    det = json.loads((out / "det" / "metrics.json").read_text())
+    for m in (seg, det):
+        assert m["method"] == "ivtuning" and m["modality"] == "both" and m["frames"] > 0
+        assert 0 < m["params"]["trainable_backbone_share"] < 1
+    assert 0 <= seg["mIoU"] <= 1 and 0 <= det["AP50"] <= 1
+    assert list((out / "seg" / "overlays").glob("*.png")) and list((out / "det" / "overlays").glob("*.png"))
+    summary = log[log.index("==> summary"):]
+    for row in ("shards", "preview", "pretrain", "backbone", "seg", "det"):
+        assert re.search(rf"^  {row} ", summary, re.M), row
+    assert f"mIoU {100 * seg['mIoU']:.1f}" in summary and f"AP50 {100 * det['AP50']:.1f}" in summary
+
+
+def test_rerun_skips_every_finished_stage(pipeline):
+    out, _ = pipeline
+    before = _finished(out)
+    log = _ok(_run_sh("--out", str(out)))
+    for said in ("synth: ", "shards: ", "pretrain: already done", "export: ", "seg: already done",
+                 "det: already done"):
+        assert said in log, said
+    assert "already generated" in log and "already complete" in log and "is up to date" in log
+    assert _finished(out) == before  # nothing rewritten
+    assert "==> summary" in log
+
+
+def _stage_folder(pipeline, tmp_path, task) -> tuple[Path, Path]:
+    """A new output folder holding the finished pipeline's backbone, and a small ``task`` config
+    (8 synthetic pairs, 8 steps, a checkpoint every 4) for the fine-tuning stage alone."""
+    out, _ = pipeline
+    new = tmp_path / "out"
+    new.mkdir()
+    for name in ("backbone.pth", "backbone.json"):
+        shutil.copy(out / name, new / name)
+    synth = out / "synth"
+    split = tmp_path / "few.txt"
+    split.write_text("\n".join(sorted(p.stem for p in (synth / "ir").glob("*.png"))[:8]) + "\n")
+    boxes = f", boxes: {{path: {synth / 'labels'}}}" if task == "det" else ""
+    config = tmp_path / f"{task}.yaml"
+    config.write_text(f"_base_: {ROOT / 'configs' / 'finetune' / f'{task}_tiny.yaml'}\n"
+                      f"data: {{root: {synth}, train_split: {split}, val_split: {split}{boxes}}}\n"
+                      "train: {steps: 8, save_every_steps: 4}\n")
+    return new, config
+
+
+def test_interrupted_stage_fails_then_resumes_under_torchrun(pipeline, tmp_path):
+    out, config = _stage_folder(pipeline, tmp_path, "seg")
+    args = ["--out", str(out), "--seg-config", str(config), "seg", "--nproc", "2"]
+    res = _run_sh(*args, "--master", f"127.0.0.1:{_port()}", env_extra={FAULT_ENV: "6"})  # killed after step 6
+    assert res.returncode != 0 and "rerun the same command to resume" in res.stderr
+    assert "torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 2" in res.stdout
+    assert not (out / "seg" / "DONE").exists()
+    log = _ok(_run_sh(*args, "--master", f"127.0.0.1:{_port()}"))
+    assert "resumed from step00000004" in log
+    metrics = json.loads((out / "seg" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 8 and metrics["frames"] == 8
+
+
+def test_hostfile_runs_the_deepspeed_launcher(pipeline, tmp_path):
+    out, config = _stage_folder(pipeline, tmp_path, "det")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    # One host: the launcher runs it locally (no ssh needed with --no_ssh_check and a master address).
+    log = _ok(_run_sh("--out", str(out), "--det-config", str(config), "det", "--hostfile", str(hostfile),
+                      "--nproc", "2", "--master", f"127.0.0.1:{_port()}", "--launcher-args", "--no_ssh_check"))
+    assert re.search(r"bin/deepspeed --hostfile \S+ --num_gpus 2 --master_addr 127.0.0.1 --master_port \d+ "
+                     r"--no_ssh_check --module finetune det", log)
+    metrics = json.loads((out / "det" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["frames"] == 8
+
+
+def test_bad_launcher_options_are_refused_before_any_work(tmp_path):
+    for args, said in ((["--node-rank", "2", "--nnodes", "2"], "must be below"),
+                       (["--hostfile", str(tmp_path / "missing")], "hostfile not found"),
+                       (["--nproc", "two"], "not a number"),
+                       (["seg", "--nnodes", "2", "--master", "127.0.0.1:1"], "backbone.pth is missing")):
+        res = _run_sh("--out", str(tmp_path / "out"), *args)
+        assert res.returncode != 0 and said in res.stderr, (args, res.stderr)
+    assert not (tmp_path / "out" / "synth").exists()
+
+
+def _port() -> int:
+    from pretrain.engine import free_port
+    return free_port()
