@@ -104,6 +104,37 @@ def test_bad_annotations_are_clipped_dropped_and_named(tmp_path, fmt):
     assert (sample["boxes"][:, [0, 2]] <= w).all() and (sample["boxes"][:, [1, 3]] <= h).all()
 
 
+def test_large_scale_jitter_moves_both_frames_and_the_boxes_together(tmp_path):
+    """A bright rectangle drawn at the box in both modalities stays under the jittered box (after
+    rescale 0.3-2, random crop / pad and flip); a box the crop leaves too small is dropped."""
+    ir = np.zeros((100, 120), np.uint8)
+    vi = np.zeros((100, 120, 3), np.uint8)
+    ir[20:60, 30:70] = 255
+    vi[20:60, 30:70, 1] = 255
+    _png(tmp_path / "ir" / "a.png", ir)
+    _png(tmp_path / "vi" / "a.png", vi)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text(f"0 {50 / 120} {40 / 100} {40 / 120} {40 / 100}\n")
+    cfg = load_config(TINY, [f"data.root={tmp_path}", f"data.boxes.path={tmp_path / 'labels'}",
+                             "data.augment.scale_range=[0.3,2.0]", "data.augment.hflip=0.5"])
+    dataset, _, _ = det_dataset(cfg, "train")
+    flips, dropped = 0, 0
+    for seed in range(24):
+        sample = dataset.train_sample(0, np.random.default_rng(seed))
+        bright = {m: sample[m][0 if m == "ir" else 1] > sample[m][0 if m == "ir" else 1].min() + 1.0
+                  for m in ("ir", "vi")}
+        assert (bright["ir"] == bright["vi"]).mean() > 0.995  # the same geometry for both modalities
+        if not len(sample["boxes"]):
+            dropped += 1
+            assert bright["ir"].sum() < 40  # at most a sliver of the rectangle is left in the crop
+            continue
+        x1, y1, x2, y2 = sample["boxes"][0]
+        ys, xs = np.nonzero(bright["ir"])
+        np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], [x1, y1, x2, y2], atol=1.5)
+        flips += (x1 + x2) / 2 > sample["ir"].shape[2] / 2 * 1.2
+    assert 0 < flips < 24 and dropped < 24
+
+
 @pytest.mark.parametrize("method,modality,detector", [("full", "ir", "faster_rcnn"), ("frozen", "vi", "retinanet"),
                                                       ("mona", "ir", "fcos"), ("ivtuning", "both", "faster_rcnn")])
 def test_each_method_trains_exactly_its_declared_parameters(method, modality, detector):

@@ -105,13 +105,14 @@ class DetDataset:
         y = int(rng.integers(0, max(sh - ih, 0) + 1))
         x = int(rng.integers(0, max(sw - iw, 0) + 1))
         arrays = crop(arrays, y, x, ih, iw, fill={})
+        boxes = arrays["boxes"]  # clipped to the frame's part of the crop, before a flip moves that part
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, min(iw, sw - x))
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, min(ih, sh - y))
         if rng.uniform() < self.spec.hflip:
             arrays = hflip(arrays, iw)
         if arrays["vi"] is not None and self.spec.photometric:
             arrays["vi"] = photometric(arrays["vi"], rng)
         boxes = arrays["boxes"]
-        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, min(iw, sw - x))  # the frame's part of the crop
-        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, min(ih, sh - y))
         keep = ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIDE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIDE)
         return self._to_input(arrays, rec.pair.name, boxes[keep], rec.labels[keep], ratio)
 
