@@ -72,9 +72,9 @@ def test_rerun_skips_every_finished_stage(pipeline):
     assert "==> summary" in log
 
 
-def _stage_folder(pipeline, tmp_path, task) -> tuple[Path, Path]:
-    """A new output folder holding the finished pipeline's backbone, and a small ``task`` config
-    (8 synthetic pairs, 8 steps, a checkpoint every 4) for the fine-tuning stage alone."""
+def _seg_stage_folder(pipeline, tmp_path) -> tuple[Path, Path]:
+    """A new output folder holding the finished pipeline's backbone, and a small segmentation
+    config (8 synthetic pairs, 8 steps, a checkpoint every 4) for the seg stage alone."""
     out, _ = pipeline
     new = tmp_path / "out"
     new.mkdir()
@@ -83,16 +83,15 @@ def _stage_folder(pipeline, tmp_path, task) -> tuple[Path, Path]:
     synth = out / "synth"
     split = tmp_path / "few.txt"
     split.write_text("\n".join(sorted(p.stem for p in (synth / "ir").glob("*.png"))[:8]) + "\n")
-    boxes = f", boxes: {{path: {synth / 'labels'}}}" if task == "det" else ""
-    config = tmp_path / f"{task}.yaml"
-    config.write_text(f"_base_: {ROOT / 'configs' / 'finetune' / f'{task}_tiny.yaml'}\n"
-                      f"data: {{root: {synth}, train_split: {split}, val_split: {split}{boxes}}}\n"
+    config = tmp_path / "seg.yaml"
+    config.write_text(f"_base_: {ROOT / 'configs' / 'finetune' / 'seg_tiny.yaml'}\n"
+                      f"data: {{root: {synth}, train_split: {split}, val_split: {split}}}\n"
                       "train: {steps: 8, save_every_steps: 4}\n")
     return new, config
 
 
 def test_interrupted_stage_fails_then_resumes_under_torchrun(pipeline, tmp_path):
-    out, config = _stage_folder(pipeline, tmp_path, "seg")
+    out, config = _seg_stage_folder(pipeline, tmp_path)
     args = ["--out", str(out), "--seg-config", str(config), "seg", "--nproc", "2"]
     res = _run_sh(*args, "--master", f"127.0.0.1:{_port()}", env_extra={FAULT_ENV: "6"})  # killed after step 6
     assert res.returncode != 0 and "rerun the same command to resume" in res.stderr
@@ -105,15 +104,15 @@ def test_interrupted_stage_fails_then_resumes_under_torchrun(pipeline, tmp_path)
 
 
 def test_hostfile_runs_the_deepspeed_launcher(pipeline, tmp_path):
-    out, config = _stage_folder(pipeline, tmp_path, "det")
+    out, config = _seg_stage_folder(pipeline, tmp_path)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     # One host: the launcher runs it locally (no ssh needed with --no_ssh_check and a master address).
-    log = _ok(_run_sh("--out", str(out), "--det-config", str(config), "det", "--hostfile", str(hostfile),
+    log = _ok(_run_sh("--out", str(out), "--seg-config", str(config), "seg", "--hostfile", str(hostfile),
                       "--nproc", "2", "--master", f"127.0.0.1:{_port()}", "--launcher-args", "--no_ssh_check"))
     assert re.search(r"bin/deepspeed --hostfile \S+ --num_gpus 2 --master_addr 127.0.0.1 --master_port \d+ "
-                     r"--no_ssh_check --module finetune det", log)
-    metrics = json.loads((out / "det" / "metrics.json").read_text())
+                     r"--no_ssh_check --module finetune seg", log)
+    metrics = json.loads((out / "seg" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["frames"] == 8
 
 
