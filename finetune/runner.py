@@ -81,9 +81,10 @@ def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir
     t = cfg.train
     cfg_hash = config_hash(cfg)
     ckpt = Checkpointer(run_dir / "checkpoints", int(t.keep_last))
-    if eval_only and (overwrite or ckpt.latest_tag() is None):
-        raise ResumeError(f"--eval-only needs a trained run in {run_dir} (no checkpoint there)"
-                          if not overwrite else "--eval-only and --overwrite exclude each other")
+    if eval_only and overwrite:
+        raise ResumeError("--eval-only and --overwrite exclude each other")
+    if eval_only and ckpt.latest_tag() is None:  # refused before anything is written
+        raise ResumeError(f"--eval-only needs a trained run in {run_dir} (no checkpoint there)")
     resume = prepare_run_dir(run_dir, overwrite, cfg, cfg_hash, rank)
 
     torch.manual_seed(int(t.seed))  # identical initialisation on every rank

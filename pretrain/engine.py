@@ -191,25 +191,17 @@ class Checkpointer:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, engine, rank: int) -> dict:
+    def load(self, engine, rank: int, weights_only: bool = False) -> dict:
+        """Load the latest checkpoint into ``engine``; returns this rank's saved state.
+        ``weights_only``: the trainable weights without optimizer state, for any number of
+        processes (evaluation), with rank 0's state (config hash, frozen reference)."""
         tag = self.latest_tag()
-        state_path = self.directory / tag / f"state_rank{rank}.json"
+        state_path = self.directory / tag / f"state_rank{0 if weights_only else rank}.json"
         if not state_path.is_file():
             raise ResumeError(f"{state_path} is missing: was this checkpoint written with fewer processes?")
         state = json.loads(state_path.read_text())
-        engine.load_checkpoint(str(self.directory), tag=tag, load_module_strict=False, load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
-        return state
-
-    def load_weights(self, engine) -> dict:
-        """The latest trainable weights only (no optimizer or data state), for any number of
-        processes: evaluation of a run. Returns rank 0's saved state (config hash, frozen reference)."""
-        tag = self.latest_tag()
-        if tag is None:
-            raise ResumeError(f"{self.directory} holds no checkpoint to evaluate: train first")
-        state = json.loads((self.directory / tag / "state_rank0.json").read_text())
-        engine.load_checkpoint(str(self.directory), tag=tag, load_module_strict=False, load_optimizer_states=False,
-                               load_lr_scheduler_states=False)
+        engine.load_checkpoint(str(self.directory), tag=tag, load_module_strict=False,
+                               load_optimizer_states=not weights_only, load_lr_scheduler_states=False)
         return state
 
 

@@ -36,16 +36,15 @@ FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume te
 
 def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str) -> tuple[str, str | None]:
     """('resume' | 'fresh' | 'wipe', error or None) for a run directory."""
+    hash_file = run_dir / "config_hash.txt"
+    saved = hash_file.read_text().strip() if hash_file.is_file() else None
     if (run_dir / "checkpoints" / "latest").is_file() and not overwrite:
-        hash_file = run_dir / "config_hash.txt"
-        saved = hash_file.read_text().strip() if hash_file.is_file() else None
         if saved != cfg_hash:
             return "resume", (f"{run_dir} holds a run of another config (hash {saved} != {cfg_hash}); "
                               "use another --run-dir, or --overwrite to discard it")
         return "resume", None
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        hash_file = run_dir / "config_hash.txt"
-        if hash_file.is_file() and hash_file.read_text().strip() == cfg_hash:
+        if saved == cfg_hash:
             return "wipe", None  # this config's run that stopped before its first checkpoint: nothing to keep
         if not overwrite:
             return "fresh", (f"{run_dir} is not empty and has no checkpoint to resume from; "
@@ -220,7 +219,7 @@ def resume_state(ckpt: Checkpointer, engine, rank: int, world: int, cfg_hash: st
 def weights_for_evaluation(ckpt: Checkpointer, engine, cfg_hash: str, frozen_ref: dict) -> dict:
     """Load the latest trainable weights (any number of processes) and check they belong to this
     run; returns the loop state they were saved at."""
-    saved = ckpt.load_weights(engine)
+    saved = ckpt.load(engine, rank=0, weights_only=True)
     _check_checkpoint(saved, cfg_hash, frozen_ref)
     return saved["data"]
 

@@ -53,6 +53,23 @@ def real_build(real_sources_yaml, tmp_path_factory):
     return out, manifest
 
 
+def run_finetune_cli(task: str, run_dir, config, *overrides: str, nproc: int = 0, eval_only: bool = False,
+                     env_extra: dict | None = None):
+    """``python -m finetune TASK`` in a subprocess (nproc > 0: under torchrun with nproc gloo
+    processes); returns the CompletedProcess with its output captured."""
+    import subprocess
+    import sys
+
+    from pretrain.engine import free_port
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env_extra or {}))
+    launcher = [sys.executable] if not nproc else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    cmd = [*launcher, "-m", "finetune", task, "--config", str(config), "--run-dir", str(run_dir),
+           *(["--eval-only"] if eval_only else []), *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
 def tiny_pad_export(folder: Path, depth: int) -> str:
     """A random tiny MAE + PAD encoder exported as the fine-tuning backbone (64x80 input)."""
     import torch

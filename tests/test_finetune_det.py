@@ -2,9 +2,6 @@
 bad annotations reported under the documented rules, each method's trainable set with each
 torchvision detector, and real MSRS pairs overfitted for `full` and `ivtuning`."""
 import json
-import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -14,7 +11,7 @@ import torch
 from data_tools.config import CONFIG_DIR, load_config
 from finetune.coco_eval import coco_ground_truth, coco_metrics, coco_results
 from finetune.factory import build_detector, det_dataset
-from tests.conftest import ROOT, changed_after_two_steps, shared_path
+from tests.conftest import run_finetune_cli, changed_after_two_steps, shared_path
 
 TINY = str(CONFIG_DIR / "finetune" / "det_tiny.yaml")
 
@@ -157,9 +154,7 @@ def test_each_method_trains_exactly_its_declared_parameters(method, modality, de
 
 
 def finetune_det(run_dir, *overrides):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "finetune", "det", "--config", TINY, "--run-dir", str(run_dir), *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return run_finetune_cli("det", run_dir, TINY, *overrides)
 
 
 @pytest.mark.parametrize("method,modality,detector", [("full", "ir", "fcos"), ("ivtuning", "both", "faster_rcnn")])

@@ -2,16 +2,12 @@
 gathered from them equal a 1-process evaluation of the same checkpoint (``--eval-only``, which
 re-scores a finished run with any number of processes)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from data_tools.config import CONFIG_DIR
 from data_tools.synth import SynthConfig, write_corpus
-from pretrain.engine import free_port
-from tests.conftest import ROOT
+from tests.conftest import run_finetune_cli
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +18,9 @@ def pairs(tmp_path_factory):
 
 
 def _finetune(task, run_dir, overrides, nproc=0, eval_only=False):
-    """nproc 0: a plain process; otherwise torchrun with nproc gloo processes."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    launcher = [sys.executable] if not nproc else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
-    cmd = [*launcher, "-m", "finetune", task, "--config", str(CONFIG_DIR / "finetune" / f"{task}_tiny.yaml"),
-           "--run-dir", str(run_dir), *(["--eval-only"] if eval_only else []), *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    """One thread per process in both runs, so that 1 and 2 processes compute frames identically."""
+    return run_finetune_cli(task, run_dir, CONFIG_DIR / "finetune" / f"{task}_tiny.yaml", *overrides, nproc=nproc,
+                            eval_only=eval_only, env_extra={"OMP_NUM_THREADS": "1"})
 
 
 def _eval_twice(task, run_dir, overrides):
@@ -80,3 +72,6 @@ def test_eval_only_refuses_a_run_without_checkpoint_and_another_config(pairs, tm
     assert _finetune("seg", tmp_path / "run", overrides).returncode == 0
     res = _finetune("seg", tmp_path / "run", overrides[:1] + ["train.steps=3"], eval_only=True)
     assert res.returncode != 0 and "another config" in res.stdout + res.stderr
+    res = _finetune("seg", tmp_path / "run", overrides + ["--overwrite"], eval_only=True)
+    assert res.returncode != 0 and "exclude each other" in res.stdout + res.stderr
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()  # the trained run is kept

@@ -2,9 +2,6 @@
 few real SIRST frames (infrared only), IV-tuning overfits synthetic infrared-visible pairs, and a
 killed run resumes to the same weights."""
 import json
-import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -15,16 +12,14 @@ from data_tools.config import CONFIG_DIR, load_config
 from data_tools.synth import SynthConfig, write_corpus
 from finetune.factory import seg_dataset
 from pretrain.loop import FAULT_ENV
-from tests.conftest import ROOT, shared_path, tiny_pad_export
+from tests.conftest import run_finetune_cli, shared_path, tiny_pad_export
 
 TINY = str(CONFIG_DIR / "finetune" / "seg_tiny.yaml")
 SIRST = str(CONFIG_DIR / "finetune" / "seg_sirst_tiny.yaml")
 
 
 def finetune(run_dir, config, *overrides, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "finetune", "seg", "--config", config, "--run-dir", str(run_dir), *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return run_finetune_cli("seg", run_dir, config, *overrides, env_extra=env_extra)
 
 
 def _png(path, array):

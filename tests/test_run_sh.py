@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.engine import free_port
 from pretrain.loop import FAULT_ENV
 from tests.conftest import ROOT
 
@@ -93,11 +94,11 @@ def _seg_stage_folder(pipeline, tmp_path) -> tuple[Path, Path]:
 def test_interrupted_stage_fails_then_resumes_under_torchrun(pipeline, tmp_path):
     out, config = _seg_stage_folder(pipeline, tmp_path)
     args = ["--out", str(out), "--seg-config", str(config), "seg", "--nproc", "2"]
-    res = _run_sh(*args, "--master", f"127.0.0.1:{_port()}", env_extra={FAULT_ENV: "6"})  # killed after step 6
+    res = _run_sh(*args, "--master", f"127.0.0.1:{free_port()}", env_extra={FAULT_ENV: "6"})  # killed after step 6
     assert res.returncode != 0 and "rerun the same command to resume" in res.stderr
     assert "torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 2" in res.stdout
     assert not (out / "seg" / "DONE").exists()
-    log = _ok(_run_sh(*args, "--master", f"127.0.0.1:{_port()}"))
+    log = _ok(_run_sh(*args, "--master", f"127.0.0.1:{free_port()}"))
     assert "resumed from step00000004" in log
     metrics = json.loads((out / "seg" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps"] == 8 and metrics["frames"] == 8
@@ -109,7 +110,7 @@ def test_hostfile_runs_the_deepspeed_launcher(pipeline, tmp_path):
     hostfile.write_text("localhost slots=2\n")
     # One host: the launcher runs it locally (no ssh needed with --no_ssh_check and a master address).
     log = _ok(_run_sh("--out", str(out), "--seg-config", str(config), "seg", "--hostfile", str(hostfile),
-                      "--nproc", "2", "--master", f"127.0.0.1:{_port()}", "--launcher-args", "--no_ssh_check"))
+                      "--nproc", "2", "--master", f"127.0.0.1:{free_port()}", "--launcher-args", "--no_ssh_check"))
     assert re.search(r"bin/deepspeed --hostfile \S+ --num_gpus 2 --master_addr 127.0.0.1 --master_port \d+ "
                      r"--no_ssh_check --module finetune seg", log)
     metrics = json.loads((out / "seg" / "metrics.json").read_text())
@@ -124,8 +125,3 @@ def test_bad_launcher_options_are_refused_before_any_work(tmp_path):
         res = _run_sh("--out", str(tmp_path / "out"), *args)
         assert res.returncode != 0 and said in res.stderr, (args, res.stderr)
     assert not (tmp_path / "out" / "synth").exists()
-
-
-def _port() -> int:
-    from pretrain.engine import free_port
-    return free_port()
