@@ -77,6 +77,8 @@ def run_entry_point(body, *args) -> None:
     from pretrain.engine import finish, init_distributed
 
     rank, world, device = init_distributed()
+    if rank == 0:
+        print(f"{world} process(es) ({dist.get_backend()}), {torch.get_num_threads()} CPU threads each")
     try:
         body(rank, world, device, *args)
     except Exception:

@@ -196,6 +196,17 @@ def test_deepspeed_launcher_gives_the_same_run(shards, uninterrupted, tmp_path):
     _assert_same_run(uninterrupted, run_dir)
 
 
+def test_cpu_threads_are_shared_among_the_processes_of_a_node():
+    from pretrain.engine import threads_per_process
+
+    assert threads_per_process({}, 16) == 16  # a single process keeps torch's default
+    assert threads_per_process({"LOCAL_WORLD_SIZE": "4"}, 16) == 4  # torchrun
+    assert threads_per_process({"LOCAL_SIZE": "2"}, 2) == 1  # the DeepSpeed launcher
+    assert threads_per_process({"LOCAL_SIZE": "8"}, 2) == 1  # never zero
+    assert threads_per_process({"SLURM_NTASKS_PER_NODE": "4"}, 32) == 8  # srun
+    assert threads_per_process({"SLURM_CPUS_PER_TASK": "6", "SLURM_NTASKS_PER_NODE": "4"}, 32) == 6
+
+
 def test_bf16_autocast_and_zero1_run(shards, tmp_path):
     res = launch(tmp_path / "bf16", shards, nproc=2, extra=["train.precision=bf16_autocast", "train.zero_stage=1",
                                                            "train.epochs=1"])

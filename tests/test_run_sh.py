@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain.engine import free_port
 from pretrain.loop import FAULT_ENV
@@ -113,6 +114,9 @@ def test_hostfile_runs_the_deepspeed_launcher(pipeline, tmp_path):
                       "--nproc", "2", "--master", f"127.0.0.1:{free_port()}", "--launcher-args", "--no_ssh_check"))
     assert re.search(r"bin/deepspeed --hostfile \S+ --num_gpus 2 --master_addr 127.0.0.1 --master_port \d+ "
                      r"--no_ssh_check --module finetune seg", log)
+    # The launcher sets no thread count: each of the 2 processes takes half of torch's default.
+    threads = os.environ.get("OMP_NUM_THREADS") or max(1, torch.get_num_threads() // 2)
+    assert f"2 process(es) (gloo), {threads} CPU threads each" in log
     metrics = json.loads((out / "seg" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["frames"] == 8
 
