@@ -46,7 +46,7 @@ def evaluate(model, cfg, dataset, device: torch.device, rank: int, world: int, r
     for n, sample in enumerate(loader):
         get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
         with autocast:
-            scores = slide_inference(model, get("ir"), get("vi"), crop, stride)
+            scores = slide_inference(model, get("ir"), get("vi"), crop, stride, int(cfg.eval.windows_per_batch))
         pred = scores.argmax(dim=1)[0]
         label = get("label")[0]
         cm += confusion_matrix(pred, label, k, ignore)

@@ -210,12 +210,23 @@ class PointwiseModel:
 
 
 def test_sliding_window_reproduces_a_pointwise_model():
-    ir = torch.randn(1, 1, 70, 101)
+    ir = torch.randn(2, 1, 70, 101)
     expected = PointwiseModel().predict(ir, None)
     for crop, stride in [((32, 48), (21, 32)), ((64, 64), (40, 40)), ((80, 128), (53, 85))]:  # last: padded
-        got = slide_inference(PointwiseModel(), ir, None, crop, stride)
-        assert got.shape == expected.shape
-        assert torch.allclose(got, expected, atol=1e-6)
+        for windows_per_batch in (1, 3, 64):
+            got = slide_inference(PointwiseModel(), ir, None, crop, stride, windows_per_batch)
+            assert got.shape == expected.shape
+            assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_batched_windows_give_the_scores_of_one_window_at_a_time():
+    cfg = load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"), ["model.encoder.img_size=[32,48]"])
+    torch.manual_seed(0)
+    model = build_segmentor(cfg).eval()
+    ir, vi = torch.randn(1, 1, 70, 101), torch.randn(1, 3, 70, 101)
+    one = slide_inference(model, ir, vi, (32, 48), (21, 32), windows_per_batch=1)  # 4 x 3 windows
+    for windows_per_batch in (5, 16):
+        assert torch.allclose(slide_inference(model, ir, vi, (32, 48), (21, 32), windows_per_batch), one, atol=1e-5)
 
 
 def test_segmentation_metrics_on_fixed_input():
