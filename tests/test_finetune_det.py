@@ -141,6 +141,8 @@ def test_each_method_trains_exactly_its_declared_parameters(method, modality, de
     model = build_detector(cfg).train()
     declared = model.trainable_names()
     assert {n for n, p in model.named_parameters() if p.requires_grad} == declared
+    if detector == "faster_rcnn":  # the tiny config's RoI sampling reaches torchvision's sampler
+        assert model.model.roi_heads.fg_bg_sampler.batch_size_per_image == cfg.model.head.roi_samples_per_image == 128
     ir, vi = torch.randn(2, 1, 64, 80), torch.randn(2, 3, 64, 80)
     targets = [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[30.0, 10.0, 70.0, 30.0]]), "labels": torch.tensor([0])}]

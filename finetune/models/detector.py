@@ -31,6 +31,7 @@ class DetHeadConfig:
     channels: int = 256
     score_threshold: float = 0.05
     detections_per_image: int = 100
+    roi_samples_per_image: int = 512  # Faster R-CNN: RoIs sampled per training image (a quarter positive)
 
 
 class LayerNorm2d(nn.GroupNorm):
@@ -90,7 +91,7 @@ def _build_torchvision(kind: str, pyramid: SimpleFeaturePyramid, num_classes: in
         return FasterRCNN(pyramid, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
                           box_roi_pool=MultiScaleRoIAlign(list(LEVELS[:4]), 7, 2),
                           box_score_thresh=head.score_threshold, box_detections_per_img=head.detections_per_image,
-                          **common)
+                          box_batch_size_per_image=head.roi_samples_per_image, **common)
     if kind == "retinanet":
         # RetinaNet's anchors are 4x the level's stride with 3 octave scales (32 on stride 8); our
         # pyramid starts at stride 4, so 16 ... 256: 32 at stride 4 misses small infrared targets.
