@@ -155,6 +155,22 @@ def test_each_method_trains_exactly_its_declared_parameters(method, modality, de
     assert len(out) == 2 and all(o["boxes"].shape[1] == 4 for o in out)
 
 
+def test_anchor_sizes_reach_the_anchor_generators_and_bad_ones_are_refused():
+    def built(*overrides):
+        cfg = load_config(TINY, ["model.encoder.depth=1", "model.encoder.img_size=[64,80]", *overrides])
+        return build_detector(cfg).model
+
+    rpn = built().rpn.anchor_generator
+    assert [s[0] for s in rpn.sizes] == [32, 64, 128, 256, 512]  # Faster R-CNN: 8x the stride
+    small = built("model.head.anchor_sizes=[8,16,32,64,128]").rpn.anchor_generator
+    assert [s[0] for s in small.sizes] == [8, 16, 32, 64, 128] and small.aspect_ratios == rpn.aspect_ratios
+    retina = built("model.head.detector=retinanet", "model.head.anchor_sizes=[8,16,32,64,128]").anchor_generator
+    assert retina.sizes[0] == (8, 10, 12) and retina.sizes[-1] == (128, 161, 203)  # 3 octave scales per level
+    for bad in ("[16,32,64,128]", "[0,32,64,128,256]"):
+        with pytest.raises(ValueError, match="needs 5 positive sizes"):
+            built(f"model.head.anchor_sizes={bad}")
+
+
 def finetune_det(run_dir, *overrides):
     return run_finetune_cli("det", run_dir, TINY, *overrides)
 

@@ -32,6 +32,15 @@ class DetHeadConfig:
     score_threshold: float = 0.05
     detections_per_image: int = 100
     roi_samples_per_image: int = 512  # Faster R-CNN: RoIs sampled per training image (a quarter positive)
+    anchor_sizes: list[int] | None = None  # base anchor per level p2..p6; None: the detector's own
+
+
+def _anchor_bases(head: DetHeadConfig, default: tuple[int, ...]) -> tuple[int, ...]:
+    sizes = tuple(head.anchor_sizes) if head.anchor_sizes else default
+    if len(sizes) != len(LEVELS) or min(sizes) <= 0:
+        raise ValueError(f"model.head.anchor_sizes needs {len(LEVELS)} positive sizes (one per level "
+                         f"{', '.join(LEVELS)}), got {list(sizes)}")
+    return sizes
 
 
 class LayerNorm2d(nn.GroupNorm):
@@ -87,7 +96,9 @@ def _build_torchvision(kind: str, pyramid: SimpleFeaturePyramid, num_classes: in
     common = dict(min_size=min(size), max_size=max(size), image_mean=[0.0] * channels, image_std=[1.0] * channels,
                   size_divisible=1)
     if kind == "faster_rcnn":
-        anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+        # 8x the level's stride, as torchvision's and ViTDet's FPN Faster R-CNN.
+        sizes = tuple((s,) for s in _anchor_bases(head, (32, 64, 128, 256, 512)))
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
         return FasterRCNN(pyramid, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
                           box_roi_pool=MultiScaleRoIAlign(list(LEVELS[:4]), 7, 2),
                           box_score_thresh=head.score_threshold, box_detections_per_img=head.detections_per_image,
@@ -95,7 +106,7 @@ def _build_torchvision(kind: str, pyramid: SimpleFeaturePyramid, num_classes: in
     if kind == "retinanet":
         # RetinaNet's anchors are 4x the level's stride with 3 octave scales (32 on stride 8); our
         # pyramid starts at stride 4, so 16 ... 256: 32 at stride 4 misses small infrared targets.
-        sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (16, 32, 64, 128, 256))
+        sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in _anchor_bases(head, (16, 32, 64, 128, 256)))
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
         return RetinaNet(pyramid, num_classes=num_classes + 1, anchor_generator=anchors,
                          score_thresh=head.score_threshold, detections_per_img=head.detections_per_image, **common)
