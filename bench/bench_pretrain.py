@@ -1,12 +1,18 @@
 """Pre-training cost of pad vs continual vs scratch on the same model and batch.
 
-    python bench/bench_pretrain.py [--size base] [--batch 8] [--steps 6] [--img 224]
+    python bench/bench_pretrain.py [--size base] [--batch 8] [--steps 6] [--img 224] [--device cuda]
+                                   [--peak-tflops 989]
 
 Runs the real trainer (``python -m pretrain train``, one process, fp32 on CPU or bf16 autocast on a
 GPU) for each paradigm in a fresh process on synthetic shards, and prints the median step time
 (first two steps excluded), the peak resident memory of the training process (CPU) or peak CUDA
 memory (GPU), and the bytes of one checkpoint. Bars (issue 4): pad step <= 0.85x continual,
 pad peak memory < continual, pad checkpoint <= 0.3x continual.
+
+Model FLOPs per image are counted (torch's FlopCounterMode) on one forward + backward of each
+paradigm's model with its own trainable set, so PAD's frozen encoder costs no weight gradients;
+model FLOPs utilisation = FLOPs per image x images/s / the device's peak (``--peak-tflops``,
+dense bf16; known for H100 / H200 / A100 when not given).
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from data_tools.build import build_shards  # noqa: E402
 from data_tools.cli import DEFAULT_BUILD_CONFIG  # noqa: E402
 from data_tools.config import load_config  # noqa: E402
@@ -29,6 +37,36 @@ from data_tools.sources import load_sources  # noqa: E402
 from data_tools.synth import SynthConfig, write_corpus  # noqa: E402
 
 CONFIGS = {"pad": "pad_vitb.yaml", "continual": "continual_vitb.yaml", "scratch": "scratch_vitb.yaml"}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM data sheets
+
+
+def model_overrides(args) -> list[str]:
+    return [f"model.encoder.size={args.size}", f"model.encoder.img_size=[{args.img},{args.img}]"]
+
+
+def flops_per_image(name: str, args) -> float:
+    """Forward + backward FLOPs of one training image for the paradigm (its trainable set only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pretrain.factory import build_model_from_config
+
+    cfg = load_config(str(ROOT / "configs" / "pretrain" / CONFIGS[name]), model_overrides(args))
+    model = build_model_from_config(cfg, device="meta")
+    trainable = model.trainable_names()
+    for n, param in model.named_parameters():
+        param.requires_grad_(n in trainable)
+    imgs = torch.zeros(1, int(cfg.model.encoder.in_chans), args.img, args.img, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        loss, _, _ = model(imgs)
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(args) -> float | None:
+    if args.peak_tflops or args.device != "cuda":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def dir_bytes(path: Path) -> int:
@@ -39,8 +77,7 @@ def run_paradigm(name: str, shards: Path, work: Path, args) -> dict:
     run_dir = work / name
     cuda = args.device == "cuda"
     overrides = [
-        f"data.shards=[{{path: {shards}}}]", f"model.encoder.size={args.size}",
-        f"model.encoder.img_size=[{args.img},{args.img}]", f"train.batch_size={args.batch}",
+        f"data.shards=[{{path: {shards}}}]", *model_overrides(args), f"train.batch_size={args.batch}",
         "train.effective_batch=null", "train.accum_steps=1", "train.epochs=1", "train.warmup_epochs=0",
         f"data.samples_per_epoch={args.batch * args.steps}", "data.num_workers=1",
         f"train.precision={'bf16_autocast' if cuda else 'fp32'}", f"train.save_every_steps={args.steps}",
@@ -75,6 +112,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -82,9 +120,17 @@ def main() -> None:
         cfg = load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false", "shards.max_samples=16"])
         build_shards(load_sources(work / "synth" / "sources.yaml"), cfg, work / "shards", progress=False)
         results = {name: run_paradigm(name, work / "shards", work, args) for name in CONFIGS}
+    peak = peak_tflops(args)
+    for name, r in results.items():
+        r["gflops_per_image"] = flops_per_image(name, args) / 1e9
+        r["achieved_tflops"] = r["gflops_per_image"] * r["images_per_s"] / 1e3
+        if peak:
+            r["mfu"] = r["achieved_tflops"] / peak
     pad, cont = results["pad"], results["continual"]
     summary = {
         "model": f"ViT-{args.size[0].upper()}/16 MAE, {args.img}x{args.img}, batch {args.batch}, {args.device}",
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        "peak_tflops": peak,
         "results": {k: {m: round(v, 3) for m, v in r.items()} for k, r in results.items()},
         "pad_vs_continual": {
             "step_time": round(pad["step_s"] / cont["step_s"], 3),
