@@ -39,6 +39,7 @@ def evaluate(model, cfg, dataset, device: torch.device, rank: int, world: int, r
     k, ignore = len(cfg.data.classes), int(cfg.data.ignore_index)
     crop = tuple(cfg.model.encoder.img_size)
     stride = tuple(cfg.eval.stride) if cfg.eval.stride else tuple(max(1, 2 * c // 3) for c in crop)
+    windows_per_batch = int(cfg.eval.windows_per_batch)
     indices = list(range(rank, len(dataset), world))
     loader = eval_loader(dataset, indices, int(cfg.data.num_workers))
     cm = torch.zeros(k, k, dtype=torch.int64, device=device)
@@ -46,7 +47,7 @@ def evaluate(model, cfg, dataset, device: torch.device, rank: int, world: int, r
     for n, sample in enumerate(loader):
         get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
         with autocast:
-            scores = slide_inference(model, get("ir"), get("vi"), crop, stride, int(cfg.eval.windows_per_batch))
+            scores = slide_inference(model, get("ir"), get("vi"), crop, stride, windows_per_batch)
         pred = scores.argmax(dim=1)[0]
         label = get("label")[0]
         cm += confusion_matrix(pred, label, k, ignore)

@@ -106,7 +106,8 @@ def _build_torchvision(kind: str, pyramid: SimpleFeaturePyramid, num_classes: in
     if kind == "retinanet":
         # RetinaNet's anchors are 4x the level's stride with 3 octave scales (32 on stride 8); our
         # pyramid starts at stride 4, so 16 ... 256: 32 at stride 4 misses small infrared targets.
-        sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in _anchor_bases(head, (16, 32, 64, 128, 256)))
+        bases = _anchor_bases(head, (16, 32, 64, 128, 256))
+        sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in bases)
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
         return RetinaNet(pyramid, num_classes=num_classes + 1, anchor_generator=anchors,
                          score_thresh=head.score_threshold, detections_per_img=head.detections_per_image, **common)

@@ -72,7 +72,7 @@ class Segmentor(nn.Module):
 
 @torch.no_grad()
 def slide_inference(model: Segmentor, ir: torch.Tensor | None, vi: torch.Tensor | None, crop: tuple[int, int],
-                    stride: tuple[int, int], windows_per_batch: int = 8) -> torch.Tensor:
+                    stride: tuple[int, int], windows_per_batch: int) -> torch.Tensor:
     """Class scores (N, K, H, W) for images of any size: crop-sized windows at ``stride`` (the last
     window flush with the border), padded with zeros when the image is smaller than the crop,
     softmax scores averaged where windows overlap (mmsegmentation's 'slide' mode). Windows go
