@@ -169,6 +169,8 @@ def test_head_settings_reach_torchvision_and_bad_anchor_sizes_are_refused():
     for bad in ("[16,32,64,128]", "[0,32,64,128,256]"):
         with pytest.raises(ValueError, match="needs 5 positive sizes"):
             built(f"model.head.anchor_sizes={bad}")
+    with pytest.raises(ValueError, match="roi_samples_per_image must be at least 1"):
+        built("model.head.roi_samples_per_image=0")
 
 
 def finetune_det(run_dir, *overrides):

@@ -227,6 +227,8 @@ def test_batched_windows_give_the_scores_of_one_window_at_a_time():
     one = slide_inference(model, ir, vi, (32, 48), (21, 32), windows_per_batch=1)  # 4 x 3 windows
     for windows_per_batch in (5, 16):
         assert torch.allclose(slide_inference(model, ir, vi, (32, 48), (21, 32), windows_per_batch), one, atol=1e-5)
+    with pytest.raises(ValueError, match="windows_per_batch must be at least 1"):
+        slide_inference(model, ir, vi, (32, 48), (21, 32), windows_per_batch=0)
 
 
 def test_segmentation_metrics_on_fixed_input():

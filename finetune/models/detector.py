@@ -96,6 +96,8 @@ def _build_torchvision(kind: str, pyramid: SimpleFeaturePyramid, num_classes: in
     common = dict(min_size=min(size), max_size=max(size), image_mean=[0.0] * channels, image_std=[1.0] * channels,
                   size_divisible=1)
     if kind == "faster_rcnn":
+        if head.roi_samples_per_image < 1:
+            raise ValueError(f"model.head.roi_samples_per_image must be at least 1, got {head.roi_samples_per_image}")
         # 8x the level's stride, as torchvision's and ViTDet's FPN Faster R-CNN.
         sizes = tuple((s,) for s in _anchor_bases(head, (32, 64, 128, 256, 512)))
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)

@@ -78,6 +78,8 @@ def slide_inference(model: Segmentor, ir: torch.Tensor | None, vi: torch.Tensor 
     softmax scores averaged where windows overlap (mmsegmentation's 'slide' mode). Windows go
     through the model ``windows_per_batch`` at a time (mmsegmentation runs one at a time: a CPU
     took 3-4x longer on frames of 36 small windows); eval mode makes the batching invisible."""
+    if windows_per_batch < 1:
+        raise ValueError(f"eval.windows_per_batch must be at least 1, got {windows_per_batch}")
     ref = ir if ir is not None else vi
     n, _, h, w = ref.shape
     ch, cw = crop
