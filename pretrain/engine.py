@@ -130,13 +130,36 @@ def deepspeed_config(micro_batch: int, accum_steps: int, world_size: int, precis
     return cfg
 
 
+def hold_gated_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make ``optimizer`` leave every parameter group marked ``gated`` untouched. DeepSpeed hands
+    a parameter without gradient a zero gradient (to keep ranks in step), and AdamW would then
+    count steps and decay it; a gated group is skipped as if it had no gradient at all. Step
+    hooks rather than a subclass: DeepSpeed's ZeRO accepts only the optimiser classes it knows."""
+    held: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def before(opt, args, kwargs):
+        held[:] = [(p, p.grad) for g in opt.param_groups if g.get("gated") for p in g["params"]]
+        for p, _ in held:
+            p.grad = None  # AdamW skips parameters without a gradient: no state, no decay
+
+    def after(opt, args, kwargs):
+        for p, grad in held:
+            p.grad = grad
+        held.clear()
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
+    return optimizer
+
+
 def build_engine(model: torch.nn.Module, groups: list[dict], lr: float, betas: tuple[float, float], ds_cfg: dict):
-    """DeepSpeed engine around ``model`` with a torch AdamW (no extension to compile)."""
+    """DeepSpeed engine around ``model`` with a torch AdamW (no extension to compile). A group
+    with a ``gate`` name keeps it (and ``gated``, False until a task closes the gate)."""
     import deepspeed
 
     opt_groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr,
-                   "lr_scale": g.get("lr_scale", 1.0)} for g in groups]
-    optimizer = torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas))
+                   "lr_scale": g.get("lr_scale", 1.0), "gate": g.get("gate"), "gated": False} for g in groups]
+    optimizer = hold_gated_groups(torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas)))
     params = [p for g in groups for p in g["params"]]
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
                                                    model_parameters=params)

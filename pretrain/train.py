@@ -16,7 +16,8 @@ from pretrain.engine import Checkpointer, build_engine, deepspeed_config, lr_at
 from pretrain.factory import build_model_from_config, initialise_from_config
 from pretrain.loop import (LoopSpec, Task, frozen_reference, new_state, prepare_run_dir,
                            resolve_batching, resume_state, run_entry_point, train_steps)
-from pretrain.models.pad import pad_adapters, scale_predictor_trainable, set_scale_predictors_trainable
+from pretrain.models.pad import (gated_parameter_names, pad_adapters, scale_predictor_trainable,
+                                 set_scale_predictors_trainable)
 from pretrain.optim import param_groups
 
 
@@ -43,9 +44,11 @@ class PretrainTask(Task):
     def learning_rate(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.warmup_steps, self.base_lr, self.cfg.train.min_lr)
 
+    optimizer = None  # set once the engine exists: the gate holds W_s back in the optimiser too
+
     def begin_step(self, step: int) -> None:
         trainable = scale_predictor_trainable(step, self.total_steps, float(self.cfg.model.pad.scale_freeze_fraction))
-        set_scale_predictors_trainable(self.model, trainable)
+        set_scale_predictors_trainable(self.model, trainable, self.optimizer)
 
     def forward(self, engine, batch: dict) -> torch.Tensor:
         loss, _, _ = engine(batch["images"].to(self.device, non_blocking=True))
@@ -104,7 +107,8 @@ def _train(rank: int, world: int, device: torch.device, cfg, run_dir: Path, over
               f"{total_steps} steps, {warmup_steps} warm-up", flush=True)
 
     depth = len(model.encoder.blocks)
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, depth if cfg.optim.layer_decay else None)
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, depth if cfg.optim.layer_decay else None,
+                          gates={"scale_predictor": gated_parameter_names(model)})
     ds_cfg = deepspeed_config(micro, accum, world, t.precision, t.zero_stage, t.grad_clip)
     engine, optimizer = build_engine(model, groups, base_lr, tuple(t.betas), ds_cfg)
     stream_cfg = _stream_config(cfg, micro, micro_per_epoch)
@@ -118,6 +122,7 @@ def _train(rank: int, world: int, device: torch.device, cfg, run_dir: Path, over
         preview_images = fixed_frames(list(sets[0].urls), int(t.preview_frames), tuple(m.encoder.img_size),
                                       stream_cfg.mean, stream_cfg.std, stream_cfg.intensity).to(device)
     task = PretrainTask(model, cfg, total_steps, warmup_steps, base_lr, device, run_dir, preview_images)
+    task.optimizer = optimizer
     spec = LoopSpec(total_steps=total_steps, steps_per_epoch=steps_per_epoch, batching=batching, seed=int(t.seed),
                     num_workers=workers, log_every=int(t.log_every_steps), save_every=int(t.save_every_steps),
                     record_samples=bool(t.record_samples), desc="pretrain")

@@ -87,12 +87,23 @@ def test_block_matches_spec_formula_with_random_adapter(scale):
     torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_masking_keeps_round_quarter_and_restores_order():
+@pytest.mark.parametrize("length,ratio,keep", [(196, 0.9, 19), (30, 0.75, 7), (22, 0.75, 5), (1280, 0.75, 320),
+                                               (196, 0.75, 49), (30, 0.9, 2)])
+def test_masking_keeps_int_of_visible_share_as_mae(length, ratio, keep):
+    """MAE keeps int(L * (1 - ratio)) tokens; each case here is one where round() keeps one more
+    (or, at 196/0.75 and 1280/0.75, where both agree). In floating point 30 x (1 - 0.9) is
+    2.9999999999999996, so MAE keeps 2 of 30 there, and so do we."""
+    kept, mask, _ = random_masking(torch.zeros(2, length, 3), ratio, torch.Generator().manual_seed(0))
+    assert kept.shape == (2, keep, 3)
+    assert (mask.sum(1) == length - keep).all()
+
+
+def test_masking_restores_order():
     g = torch.Generator().manual_seed(0)
     for length in (20, 30, 196, 1280):
         x = torch.arange(3 * length, dtype=torch.float32).reshape(3, length, 1).expand(-1, -1, 4).contiguous()
         kept, mask, ids_restore = random_masking(x, 0.75, g)
-        keep = round(length * 0.25)
+        keep = int(length * 0.25)
         assert kept.shape == (3, keep, 4)
         assert (mask.sum(1) == length - keep).all()
         # The kept tokens are exactly the unmasked positions; ids_restore inverts the shuffle.
@@ -156,16 +167,88 @@ def test_scale_predictor_gate():
     assert all(p.grad is not None for p in scales)
 
 
+def _adamw_steps(model, optimizer, steps, gate_open_at, seed=0):
+    """AdamW steps on the MAE loss with the PAD gate; gradients of parameters that got none are
+    filled with zeros, as DeepSpeed does before its optimiser step."""
+    for step in range(steps):
+        set_scale_predictors_trainable(model, step >= gate_open_at, optimizer)
+        optimizer.zero_grad()
+        model(torch.rand(2, 1, 64, 80, generator=torch.Generator().manual_seed(seed + step)))[0].backward()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        optimizer.step()
+
+
+def test_gated_scale_predictor_collects_no_optimizer_state_then_steps_like_a_fresh_adamw():
+    from pretrain.engine import hold_gated_groups
+    from pretrain.models.pad import gated_parameter_names
+
+    torch.manual_seed(0)
+    model = tiny()
+    gated = gated_parameter_names(model)
+    assert gated == {f"encoder.blocks.{i}.parallel_mlp.pad.scale.weight" for i in range(2)}
+    groups = param_groups(model, 0.05, gates={"scale_predictor": gated})
+    optimizer = hold_gated_groups(torch.optim.AdamW([{k: g[k] for k in ("params", "weight_decay", "gate")}
+                                                     for g in groups], lr=1e-3, betas=(0.9, 0.95)))
+    named = dict(model.named_parameters())
+    w_s = [named[n] for n in sorted(gated)]
+    before = [p.detach().clone() for p in w_s]
+    _adamw_steps(model, optimizer, 3, gate_open_at=3)
+    for p, b in zip(w_s, before):  # held: unchanged, no state (no step count, no moments, no decay)
+        assert torch.equal(p, b) and optimizer.state.get(p, {}) == {}
+    others = [p for g in optimizer.param_groups if not g["gate"] for p in g["params"]]
+    assert all(int(optimizer.state[p]["step"]) == 3 for p in others)
+    # Gate open: the first update equals a fresh AdamW's first step on the same gradient.
+    set_scale_predictors_trainable(model, True, optimizer)
+    optimizer.zero_grad()
+    model(torch.rand(2, 1, 64, 80, generator=torch.Generator().manual_seed(99)))[0].backward()
+    grads = [p.grad.clone() for p in w_s]
+    start = [p.detach().clone() for p in w_s]
+    optimizer.step()
+    lr, wd, eps = 1e-3, 0.05, 1e-8
+    for p, g, p0 in zip(w_s, grads, start):
+        assert g.abs().sum() > 0
+        # fresh AdamW, step 1: m = (1 - b1) g, v = (1 - b2) g^2, bias-corrected update = g / (|g| + eps')
+        m_hat, v_hat = g, g * g
+        expected = p0 * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
+        torch.testing.assert_close(p.detach(), expected, atol=1e-7, rtol=1e-5)
+        assert int(optimizer.state[p]["step"]) == 1
+
+
+def test_layer_scale_is_not_gated():
+    """PAD gates only its token-wise predictor: the `layer` variant's scale trains from step 0."""
+    from pretrain.engine import hold_gated_groups
+    from pretrain.models.pad import gated_parameter_names
+
+    torch.manual_seed(0)
+    model = tiny(pad={"scale": "layer"})
+    assert gated_parameter_names(model) == set()
+    optimizer = hold_gated_groups(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+    scales = [p for n, p in model.named_parameters() if n.endswith("pad.scale")]
+    with torch.no_grad():  # the adapters' up-projection is zero at init: open it so that a reaches s
+        for n, p in model.named_parameters():
+            if n.endswith("pad.up.weight"):
+                p.normal_(std=0.1)
+    _adamw_steps(model, optimizer, 1, gate_open_at=10)
+    assert len(scales) == 2 and all(float(p.detach()) != 0.5 for p in scales)
+
+
 def _vit_b_encoder_params() -> int:
     d, h = 768, 3072
     block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
     return (16 * 16 * 3 * d + d) + d + 197 * d + 12 * block + 2 * d
 
 
+DECODER_EMBED = 768 * 512 + 512  # PAD keeps it frozen by default: 393,728
+
+
 def _decoder_trainable() -> int:
-    d, h, e = 512, 2048, 768
+    """Mask token, decoder blocks, norm and pixel head: PAD's trainable decoder (no decoder_embed)."""
+    d, h = 512, 2048
     block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
-    return d + (e * d + d) + 8 * block + 2 * d + (d * 16 * 16 * 3 + 16 * 16 * 3)
+    return d + 8 * block + 2 * d + (d * 16 * 16 * 3 + 16 * 16 * 3)
 
 
 @pytest.mark.parametrize("scale,per_block", [("concat", 102208), ("sum", 101440), ("side", 101440),
@@ -176,8 +259,27 @@ def test_vit_b_pad_parameter_counts(scale, per_block):
     r = parameter_report(model)
     assert r["trainable_encoder"] == 12 * per_block
     assert r["trainable_decoder"] == _decoder_trainable()
-    assert r["total"] == _vit_b_encoder_params() + 12 * per_block + _decoder_trainable() + 197 * 512
+    assert r["total"] == _vit_b_encoder_params() + 12 * per_block + _decoder_trainable() + DECODER_EMBED + 197 * 512
     assert r["per_module"]["encoder.blocks"]["trainable"] == 0
+
+
+def test_pad_keeps_decoder_embed_frozen_unless_asked():
+    """PAD's trainable set: adapters, predictors, mask token, decoder blocks, norm and head;
+    decoder_embed frozen (PAD's released code), trainable with model.train_decoder_embed."""
+    with torch.device("meta"):
+        frozen, trained = build_mae({}), build_mae({"train_decoder_embed": True})
+    assert {"decoder_embed.weight", "decoder_embed.bias"}.isdisjoint(frozen.trainable_names())
+    assert trained.trainable_names() - frozen.trainable_names() == {"decoder_embed.weight", "decoder_embed.bias"}
+    assert not frozen.decoder_embed.weight.requires_grad and trained.decoder_embed.weight.requires_grad
+    r_frozen, r_trained = parameter_report(frozen), parameter_report(trained)
+    assert r_trained["trainable_decoder"] - r_frozen["trainable_decoder"] == DECODER_EMBED == 393_728
+    assert r_frozen["trainable_decoder"] == _decoder_trainable() == 25_614_592
+    expected = {"mask_token"} | {n for n, _ in frozen.named_parameters()
+                                 if n.startswith(("decoder_blocks.", "decoder_norm.", "decoder_pred."))}
+    expected |= {n for n, _ in frozen.named_parameters() if ".parallel_mlp.pad." in n}
+    assert frozen.trainable_names() == expected
+    with torch.device("meta"):  # the full paradigms train everything, decoder_embed included
+        assert "decoder_embed.weight" in build_mae({"paradigm": "continual", "adapter": "none"}).trainable_names()
 
 
 def test_vit_b_pad_concat_is_the_papers_1_23m():
@@ -216,3 +318,31 @@ def test_layer_decay_groups():
     assert by_name["encoder.blocks.0.attn.qkv.bias"]["weight_decay"] == 0.0
     assert by_name["encoder.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
     assert "encoder.pos_embed" not in by_name  # fixed
+
+
+def test_random_init_is_maes_initialize_weights():
+    """A randomly initialised encoder (scratch, or no weights given) starts as MAE's
+    initialize_weights: xavier-uniform Linears (std sqrt(2 / (fan_in + fan_out))) and patch
+    projection (viewed as a Linear), zero biases, unit LayerNorms, cls token N(0, 0.02)."""
+    torch.manual_seed(0)
+    model = build_mae({"paradigm": "scratch", "adapter": "none"})
+    enc = model.encoder
+
+    def xavier_std(fan_out, fan_in):
+        return (2.0 / (fan_in + fan_out)) ** 0.5
+
+    cases = {"patch_embed.proj.weight": xavier_std(768, 768), "blocks.0.attn.qkv.weight": xavier_std(2304, 768),
+             "blocks.5.attn.proj.weight": xavier_std(768, 768), "blocks.11.mlp.fc1.weight": xavier_std(3072, 768),
+             "blocks.3.mlp.fc2.weight": xavier_std(768, 3072)}
+    named = dict(enc.named_parameters())
+    for name, std in cases.items():
+        w = named[name].detach()
+        assert abs(w.std().item() - std) < 0.02 * std, name
+        assert w.abs().max().item() <= std * 3**0.5 * 1.0001, name  # uniform: bounded by sqrt(3) std
+    assert abs(enc.cls_token.std().item() - 0.02) < 0.003 and enc.cls_token.abs().max() < 0.1
+    assert abs(model.mask_token.std().item() - 0.02) < 0.006
+    for name, p in named.items():
+        if name.startswith("blocks.") and name.endswith(".bias") and ".norm" not in name:
+            assert torch.count_nonzero(p) == 0, name
+        if ".norm" in name or name.startswith("norm."):
+            assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name

@@ -17,7 +17,8 @@ from timm.models.vision_transformer import Block
 from pretrain.models.adapters import TokenContext, adapter_parameter_names
 from pretrain.models.pad import PADConfig, attach_pad
 from pretrain.models.pos_embed import sincos_2d
-from pretrain.models.vit import EncoderConfig, build_encoder, embed_patches, match_channels, prepend_cls, run_blocks
+from pretrain.models.vit import (EncoderConfig, build_encoder, embed_patches, mae_init_, match_channels, prepend_cls,
+                                 run_blocks)
 
 PARADIGMS = ("pad", "continual", "scratch")
 
@@ -39,6 +40,9 @@ class MAEConfig:
     paradigm: str = "pad"  # pad: frozen encoder + adapters; continual / scratch: everything trains
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
+    # PAD trains the decoder but keeps its input projection at the ImageNet-MAE value (PAD's
+    # released code); true trains it too. Only the pad paradigm freezes anything in the decoder.
+    train_decoder_embed: bool = False
 
 
 def _from_dict(cls, d: dict[str, Any] | None):
@@ -78,12 +82,13 @@ def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int], channels: int) ->
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
-    """Per-sample random masking by argsort of uniform noise; keeps round(L * (1 - ratio)) tokens.
+    """Per-sample random masking by argsort of uniform noise; keeps ``int(L * (1 - ratio))``
+    tokens (truncation, as MAE's code: 196 tokens at ratio 0.9 keep 19).
 
     Returns the kept tokens, the binary mask (1 = removed) in the original order, and ids_restore.
     """
     n, length, dim = x.shape
-    keep = int(round(length * (1 - mask_ratio)))
+    keep = int(length * (1 - mask_ratio))
     noise = torch.rand(n, length, device=x.device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -118,20 +123,10 @@ class MAE(nn.Module):
             for _ in range(dec.depth)])
         self.decoder_norm = nn.LayerNorm(dec.dim, eps=1e-6)
         self.decoder_pred = nn.Linear(dec.dim, p * p * c)
-        self._init_decoder()
-        apply_paradigm(self)
-
-    def _init_decoder(self) -> None:
-        # MAE's init: normal(0.02) mask token, xavier-uniform linears with zero bias, unit LayerNorms.
         nn.init.normal_(self.mask_token, std=0.02)
-        for module in [self.decoder_embed, self.decoder_norm, self.decoder_pred, *self.decoder_blocks.modules()]:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            mae_init_(module)
+        apply_paradigm(self)
 
     # --- forward ---
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
@@ -181,6 +176,8 @@ class MAE(nn.Module):
         names = {n for n, _ in self.named_parameters()} - fixed
         if self.cfg.paradigm == "pad":
             names = {n for n in names if not n.startswith("encoder.")} | self.encoder_adapter_names()
+            if not self.cfg.train_decoder_embed:
+                names -= {"decoder_embed.weight", "decoder_embed.bias"}
         return names
 
 

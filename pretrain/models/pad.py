@@ -52,7 +52,8 @@ class PADAdapter(ParallelMLPAdapter):
             self.scale = nn.Parameter(torch.full((1,), 0.5))
         else:
             self.scale = None
-        # The trainer opens this after `scale_freeze_fraction` of training (see scale_predictor_trainable).
+        # The trainer opens W_s after `scale_freeze_fraction` of training (scale_predictor_trainable);
+        # the `layer` scale is never gated (PAD's code gates only its scale predictor).
         self.scale_trainable = True
         self.reset_parameters()
 
@@ -72,11 +73,15 @@ class PADAdapter(ParallelMLPAdapter):
             return [self.scale.weight]
         return [self.scale] if isinstance(self.scale, nn.Parameter) else []
 
+    def gated_parameters(self) -> list[nn.Parameter]:
+        """W_s, the token-wise scale predictor: frozen for the first part of training."""
+        return [self.scale.weight] if isinstance(self.scale, nn.Linear) else []
+
     def _scale(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         if self.variant == "fixed":
             return torch.full_like(a[..., :1], self.fixed_scale)
         if self.variant == "layer":
-            return self.scale if self.scale_trainable else self.scale.detach()
+            return self.scale
         weight = self.scale.weight if self.scale_trainable else self.scale.weight.detach()
         inp = {"concat": lambda: torch.cat([m, a], dim=-1), "sum": lambda: m + a,
                "side": lambda: a, "gside": lambda: m}[self.variant]()
@@ -102,8 +107,20 @@ def scale_predictor_trainable(step: int, total_steps: int, freeze_fraction: floa
     return step >= freeze_fraction * total_steps
 
 
-def set_scale_predictors_trainable(model: nn.Module, trainable: bool) -> None:
-    """Frozen scale predictors get no gradient (their weights are detached in the forward), so an
-    optimiser leaves them untouched whatever their requires_grad; the parameter set stays fixed."""
+def gated_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the W_s weights (the parameters the scale-predictor gate holds)."""
+    gated = {id(p) for a in pad_adapters(model) for p in a.gated_parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in gated}
+
+
+def set_scale_predictors_trainable(model: nn.Module, trainable: bool, optimizer=None) -> None:
+    """Open or close the gate. Closed: W_s is detached in the forward (no gradient) and, with
+    ``optimizer``, its parameter group is marked ``gated`` so that the optimiser does not touch it
+    either (``pretrain.engine.hold_gated_groups``): no step counted, no moments, no weight decay, so its
+    first update after opening is a fresh AdamW's. The parameter set itself never changes."""
     for adapter in pad_adapters(model):
         adapter.scale_trainable = trainable
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            if group.get("gate") == "scale_predictor":
+                group["gated"] = not trainable

@@ -67,8 +67,28 @@ def build_encoder(cfg: EncoderConfig) -> VisionTransformer:
     with torch.no_grad():
         vit.pos_embed.copy_(sincos_2d(dim, gh, gw).unsqueeze(0))
     vit.pos_embed.requires_grad_(False)
+    # MAE's initialize_weights, not timm's: a randomly initialised encoder (from-scratch
+    # pre-training, or any run without weights) starts as MAE's does.
+    proj = vit.patch_embed.proj.weight
+    with torch.no_grad():
+        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))  # the patch projection as a Linear
+    nn.init.normal_(vit.cls_token, std=0.02)
+    mae_init_(vit.blocks)
+    mae_init_(vit.norm)
     vit.blocks = nn.Sequential(*[AdaptedBlock(b) for b in vit.blocks])
     return vit
+
+
+def mae_init_(module: nn.Module) -> None:
+    """MAE's ``_init_weights``: xavier-uniform Linear weights with zero bias, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
