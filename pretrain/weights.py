@@ -108,8 +108,67 @@ def _adapt_decoder(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
             report.adapted.append(key)
 
 
+# PAD's released code names its adapter ``blocks.i.adaptmlp.*`` and its scale predictor
+# ``blocks.i.scalar_pred``; ours sit in the block's parallel-MLP slot under ``pad``.
+_PAD_AUTHOR_NAMES = ((".adaptmlp.adapter_layer_norm_before.", ".parallel_mlp.pad.norm."),
+                     (".adaptmlp.down_proj.", ".parallel_mlp.pad.down."),
+                     (".adaptmlp.up_proj.", ".parallel_mlp.pad.up."),
+                     (".scalar_pred.", ".parallel_mlp.pad.scale."))
+_ADAPTER_MARKERS = (".post_attn.", ".parallel_mlp.", ".post_mlp.", ".adaptmlp.", ".scalar_pred.")
+
+
+def from_pad_author_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PAD's adapter and predictor names -> ours (other keys unchanged)."""
+    out = {}
+    for key, value in sd.items():
+        for theirs, ours in _PAD_AUTHOR_NAMES:
+            key = key.replace(theirs, ours)
+        if key.endswith(".adaptmlp.scale"):  # per-layer scale: a parameter (learnable) or a buffer (fixed)
+            key = key[: -len(".adaptmlp.scale")] + ".parallel_mlp.pad.scale"
+        out[key] = value
+    return out
+
+
+def has_pad_author_keys(sd: dict[str, torch.Tensor]) -> bool:
+    return any(".adaptmlp." in k or ".scalar_pred." in k for k in sd)
+
+
+def _consume_fixed_scales(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], fixed_scale: float | None,
+                          report: LoadReport) -> None:
+    """PAD stores the fixed scale (its ``adapt_scalar``) as a buffer; our ``fixed`` variant holds
+    it in the config. A stored value equal to ours is consumed; any other is an error. (Models
+    without a fixed-scale PAD leave such keys to the stray-key check.)"""
+    if fixed_scale is None:
+        return
+    for key in [k for k in sd if k.endswith(".parallel_mlp.pad.scale") and k not in target]:
+        value = sd[key].flatten()
+        if value.numel() != 1 or abs(float(value[0]) - fixed_scale) > 1e-6:
+            raise WeightsError(f"{report.path}: {key} = {value.tolist()} does not fit this model's PAD scale "
+                               f"(fixed at {fixed_scale})")
+        del sd[key]
+        report.adapted.append(f"{key} (fixed scale {fixed_scale}, matches the config)")
+
+
+def _refuse_stray_adapter_keys(sd: dict, target: dict, report: LoadReport) -> None:
+    """An adapter or predictor tensor that lands nowhere would leave that adapter at its init
+    while the load looks successful: never drop one silently."""
+    stray = sorted(k for k in sd if k not in target and any(m in k for m in _ADAPTER_MARKERS))
+    if stray:
+        raise WeightsError(f"{report.path}: {len(stray)} adapter / scale-predictor tensor(s) match nothing in "
+                           f"this model: {stray[:6]}{' ...' if len(stray) > 6 else ''} (another adapter, "
+                           "scale variant or depth?)")
+
+
+def _fixed_scale_of(model: nn.Module) -> float | None:
+    from pretrain.models.pad import pad_adapters
+
+    adapters = pad_adapters(model)
+    return adapters[0].fixed_scale if adapters and adapters[0].variant == "fixed" else None
+
+
 def to_mae_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official MAE / timm / exported-backbone keys -> our MAE's (encoder under ``encoder.``)."""
+    """Official MAE / PAD / timm / exported-backbone keys -> our MAE's (encoder under ``encoder.``)."""
+    sd = from_pad_author_keys(sd)
     if any(k.startswith("encoder.") for k in sd):
         return dict(sd)
     return {(k if k.startswith(_DECODER_PREFIXES) else f"encoder.{k}"): v for k, v in sd.items()}
@@ -123,6 +182,8 @@ def load_into_mae(model: nn.Module, path: str | Path, allow_missing: bool = Fals
     target = model.state_dict()
     adapt_encoder_state(sd, target, model.grid, "encoder.", report)
     _adapt_decoder(sd, target, model.grid, report)
+    _consume_fixed_scales(sd, target, _fixed_scale_of(model), report)
+    _refuse_stray_adapter_keys(sd, target, report)
     adapters = model.encoder_adapter_names()
     backbone_missing = sorted(k for k in target if k.startswith("encoder.") and k not in sd and k not in adapters)
     if backbone_missing and not allow_missing:
@@ -213,17 +274,51 @@ def is_exported_backbone(path: str | Path) -> bool:
         return False
 
 
+def pad_config_from_state(sd: dict[str, torch.Tensor], scale: str | None = None):
+    """The PADConfig that rebuilds the adapters of a PAD state dict (PAD's or our names): hidden
+    width from the down-projection, the scale variant from the predictor's shape (a predictor on
+    d inputs is one of sum / side / gside, and a stored per-layer scale is learnable (`layer`) or
+    PAD's fixed buffer: ``scale`` names which)."""
+    from pretrain.models.pad import PADConfig
+
+    sd = from_pad_author_keys(sd)
+    down = next((v for k, v in sd.items() if k.endswith(".parallel_mlp.pad.down.weight")), None)
+    if down is None:
+        raise WeightsError("no PAD adapter weights in this file")
+    dim = down.shape[1]
+    pred = next((v for k, v in sd.items() if k.endswith(".parallel_mlp.pad.scale.weight")), None)
+    stored_scale = next((v for k, v in sd.items() if k.endswith(".parallel_mlp.pad.scale")), None)
+    if pred is not None and pred.shape[-1] == 2 * dim:
+        inferred = "concat"
+    elif pred is not None:
+        if scale not in ("sum", "side", "gside"):
+            raise WeightsError("the scale predictor takes d inputs: one of sum / side / gside; name it "
+                               "(model.backbone.pad_scale)")
+        inferred = scale
+    elif stored_scale is not None:
+        inferred = "fixed" if scale == "fixed" else "layer"
+    else:
+        inferred = "fixed"
+    kwargs = {"hidden": down.shape[0], "scale": inferred}
+    if inferred == "fixed" and stored_scale is not None:
+        kwargs["fixed_scale"] = float(stored_scale.flatten()[0])
+    return PADConfig(**kwargs)
+
+
 def load_into_encoder(vit: nn.Module, path: str | Path, allow_missing: bool = False) -> LoadReport:
-    """Official MAE, timm, or our MAE weights into a bare encoder (decoder and head keys are
-    reported unexpected). Missing non-adapter weights raise unless allowed."""
+    """Official MAE, PAD, timm, or our MAE weights into a bare encoder (decoder and head keys are
+    reported unexpected). Missing non-adapter weights raise unless allowed; adapter tensors that
+    match nothing raise."""
     from pretrain.models.adapters import POSITIONS
 
     report = LoadReport(str(path))
-    sd = read_state_dict(path)
+    sd = from_pad_author_keys(read_state_dict(path))
     if any(k.startswith("encoder.") for k in sd):  # our MAE
         sd = {(k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in sd.items()}
     target = vit.state_dict()
     adapt_encoder_state(sd, target, tuple(vit.patch_embed.grid_size), "", report)
+    _consume_fixed_scales(sd, target, _fixed_scale_of(vit), report)
+    _refuse_stray_adapter_keys(sd, target, report)
     slots = tuple(f".{p}." for p in POSITIONS)  # adapter parameters and buffers start from their init
     missing = sorted(k for k in target if k not in sd and not any(s in k for s in slots))
     if missing and not allow_missing:

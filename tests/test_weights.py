@@ -142,3 +142,73 @@ def test_load_check_cli(tmp_path, capsys):
     assert "random init" in capsys.readouterr().err
     assert main(["load-check", "--config", tiny_cfg, f"init.checkpoint={tmp_path / 'nope.pth'}"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def pad_author_checkpoint(path, scale="concat", seed=1):
+    """A checkpoint in the layout of PAD's released pre-training code (built here from its key
+    names: blocks.i.adaptmlp.{adapter_layer_norm_before, down_proj, up_proj}, blocks.i.scalar_pred,
+    blocks.i.adaptmlp.scale), random non-zero values everywhere."""
+    sd = official_mae_checkpoint(path, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    d, hidden = 192, 64
+    for i in range(2):
+        a = f"blocks.{i}.adaptmlp."
+        sd.update({a + "adapter_layer_norm_before.weight": torch.randn(d, generator=g),
+                   a + "adapter_layer_norm_before.bias": torch.randn(d, generator=g),
+                   a + "down_proj.weight": torch.randn(hidden, d, generator=g), a + "down_proj.bias": torch.randn(hidden, generator=g),
+                   a + "up_proj.weight": torch.randn(d, hidden, generator=g), a + "up_proj.bias": torch.randn(d, generator=g)})
+        if scale == "concat":
+            sd[f"blocks.{i}.scalar_pred.weight"] = torch.randn(1, 2 * d, generator=g)
+        elif scale == "layer":
+            sd[a + "scale"] = torch.tensor([0.3 + i])
+        elif scale == "fixed":
+            sd[a + "scale"] = torch.tensor([0.5])
+    torch.save({"model": sd}, path)
+    return sd
+
+
+@pytest.mark.parametrize("scale", ["concat", "layer", "fixed"])
+def test_pad_authors_checkpoint_lands_every_adapter_tensor(tmp_path, scale):
+    from pretrain.weights import load_into_encoder
+    from pretrain.models.vit import build_encoder, EncoderConfig
+
+    sd = pad_author_checkpoint(tmp_path / "pad.pth", scale)
+    model = tiny(pad={"scale": scale})
+    report = load_into_mae(model, tmp_path / "pad.pth")
+    assert report.missing == [] and report.unexpected == []
+    named = dict(model.named_parameters())
+    for i in range(2):
+        ours = f"encoder.blocks.{i}.parallel_mlp.pad."
+        assert torch.equal(named[ours + "norm.weight"], sd[f"blocks.{i}.adaptmlp.adapter_layer_norm_before.weight"])
+        assert torch.equal(named[ours + "down.bias"], sd[f"blocks.{i}.adaptmlp.down_proj.bias"])
+        assert torch.equal(named[ours + "up.weight"], sd[f"blocks.{i}.adaptmlp.up_proj.weight"])
+        if scale == "concat":
+            assert torch.equal(named[ours + "scale.weight"], sd[f"blocks.{i}.scalar_pred.weight"])
+        if scale == "layer":
+            assert torch.equal(named[ours + "scale"], sd[f"blocks.{i}.adaptmlp.scale"])
+    # The same file as a fine-tuning backbone (method pad rebuilds the adapters from the weights;
+    # a stored per-layer scale is `layer` unless the config names it fixed).
+    from finetune.models.backbone import Backbone, backbone_config_from_dict
+    bb = Backbone(backbone_config_from_dict({"method": "pad", "modality": "ir", "checkpoint": str(tmp_path / "pad.pth"),
+                                             "encoder": {"size": "tiny", "depth": 2, "img_size": [64, 80]},
+                                             "pad_scale": "fixed" if scale == "fixed" else None}))
+    assert bb.encoder.blocks[1].parallel_mlp.pad.variant == scale
+    assert torch.equal(bb.encoder.blocks[1].parallel_mlp.pad.up.weight, sd["blocks.1.adaptmlp.up_proj.weight"])
+    vit = build_encoder(EncoderConfig(size="tiny", depth=2, img_size=(64, 80)))
+    with pytest.raises(WeightsError, match="adapter / scale-predictor tensor"):  # no adapters to receive them
+        load_into_encoder(vit, tmp_path / "pad.pth")
+
+
+def test_stray_or_mismatched_adapter_keys_are_errors_naming_them(tmp_path):
+    sd = pad_author_checkpoint(tmp_path / "pad.pth", "concat")
+    with pytest.raises(WeightsError, match=r"blocks\.0\.parallel_mlp\.pad\.scale\.weight"):
+        load_into_mae(tiny(pad={"scale": "fixed"}), tmp_path / "pad.pth")  # a predictor the model lacks
+    sd["blocks.0.adaptmlp.extra_proj.weight"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "stray.pth")
+    with pytest.raises(WeightsError, match=r"blocks\.0\.adaptmlp\.extra_proj\.weight"):
+        load_into_mae(tiny(), tmp_path / "stray.pth")
+    pad_author_checkpoint(tmp_path / "fixed.pth", "fixed")
+    with pytest.raises(WeightsError, match="does not fit"):  # PAD's fixed 0.5 into a model fixed at 0.3
+        load_into_mae(tiny(pad={"scale": "fixed", "fixed_scale": 0.3}), tmp_path / "fixed.pth")
+    with pytest.raises(WeightsError, match="14 adapter"):  # a model without adapters never drops them silently
+        load_into_mae(tiny(adapter="none", paradigm="continual"), tmp_path / "pad.pth")

@@ -35,8 +35,9 @@ class BackboneConfig:
     out_indices: tuple[int, ...] | None = None  # None: [3, 5, 7, 11] scaled to the depth
     mona: MonaConfig = field(default_factory=MonaConfig)
     ivtuning: IVTuningConfig = field(default_factory=IVTuningConfig)
-    checkpoint: str | None = None  # exported backbone, official MAE, timm .pth / .safetensors
+    checkpoint: str | None = None  # exported backbone, official MAE or PAD, timm .pth / .safetensors
     allow_missing: bool = False
+    pad_scale: str | None = None  # method pad on a PAD release whose predictor takes d inputs: sum | side | gside
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -130,7 +131,9 @@ class Backbone(nn.Module):
 def _build_encoder(cfg: BackboneConfig):
     """The encoder with weights: an export rebuilds itself (PAD adapters included), other files
     load into the configured encoder, no file means random init (with a warning)."""
-    from pretrain.weights import is_exported_backbone, load_backbone, load_into_encoder
+    from pretrain.models.pad import attach_pad
+    from pretrain.weights import (has_pad_author_keys, is_exported_backbone, load_backbone, load_into_encoder,
+                                  pad_config_from_state, read_state_dict)
 
     path = cfg.checkpoint
     if path and is_exported_backbone(path):
@@ -138,9 +141,13 @@ def _build_encoder(cfg: BackboneConfig):
         if cfg.method == "pad" and meta["adapter"] != "pad":
             raise ValueError(f"method 'pad' fine-tunes a PAD export; {path} has adapter {meta['adapter']!r}")
         return vit, report
-    if cfg.method == "pad":
-        raise ValueError("method 'pad' needs init.checkpoint = a backbone exported by `python -m pretrain export`")
     vit = build_encoder(cfg.encoder)
+    if cfg.method == "pad":  # PAD's own release: rebuild its adapters from the weights
+        sd = read_state_dict(path) if path else {}
+        if not has_pad_author_keys(sd):
+            raise ValueError("method 'pad' needs init.checkpoint = a backbone exported by `python -m pretrain export` "
+                             "or a PAD pre-training checkpoint")
+        attach_pad(vit, pad_config_from_state(sd, cfg.pad_scale))
     if not path:
         print(f"warning: method '{cfg.method}' without a checkpoint: the backbone starts from random init",
               file=sys.stderr)
