@@ -14,7 +14,8 @@ from finetune.models.backbone import BackboneConfig, backbone_config_from_dict
 def backbone_config(cfg) -> BackboneConfig:
     m = to_container(cfg.model)
     d = {k: m[k] for k in ("method", "modality", "encoder", "out_indices", "mona", "ivtuning")}
-    return backbone_config_from_dict(dict(d, checkpoint=cfg.init.checkpoint, allow_missing=bool(cfg.init.allow_missing)))
+    return backbone_config_from_dict(dict(d, checkpoint=cfg.init.checkpoint, allow_missing=bool(cfg.init.allow_missing),
+                                           pad_scale=cfg.init.pad_scale))
 
 
 def build_segmentor(cfg, device: str | torch.device = "cpu"):

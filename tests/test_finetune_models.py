@@ -67,6 +67,16 @@ def test_mona_parameter_count_and_cls_bypass():
     assert not torch.allclose(mona(x, ctx)[:, 1:], mona(y, ctx)[:, 1:])
 
 
+def test_mona_init_is_the_released_backbones():
+    """Down / Up trunc-normal(0.02) with zero bias (Mona's init_weights on every Linear); the
+    scales gamma = 1e-6, gamma_x = 1."""
+    torch.manual_seed(0)
+    mona = Mona(768)
+    for linear in (mona.down, mona.up):
+        assert abs(linear.weight.std().item() - 0.02) < 0.001 and torch.count_nonzero(linear.bias) == 0
+    assert torch.all(mona.gamma == 1e-6) and torch.all(mona.gamma_x == 1)
+
+
 def _nonzero_tokens(module, grid, where, dim, call):
     """Token indices that respond to a single non-zero patch token at (row, col) = where."""
     h, w = grid
@@ -88,12 +98,12 @@ def test_hybrid_adapter_spreads_to_true_neighbours_on_a_640x480_grid(where):
     grid = (30, 40)  # 480 x 640 frame, patch 16: rows first
     dim = 24
     ha = HybridAdapter(dim, IVTuningConfig()).eval()  # eval: BatchNorm uses its (0, 1) running stats
-    with torch.no_grad():
-        torch.nn.init.normal_(ha.up.weight)  # zero at init: make the output visible
-        ha.down.bias.zero_()
+    with torch.no_grad():  # zero biases: only the non-zero token and its neighbours respond
+        for layer in (ha.down, ha.up, ha.op.pconv, ha.op.conv1, ha.op.conv2):
+            layer.bias.zero_()
         for conv in (ha.op.pconv, ha.op.conv1, ha.op.conv2):
             torch.nn.init.normal_(conv.weight)
-    got = _nonzero_tokens(ha, grid, where, dim, lambda x, ctx: ha(x, ctx))
+    got = _nonzero_tokens(ha, grid, where, dim, lambda x, ctx: torch.cat([x[:, :1], ha(x[:, 1:], ctx)], dim=1))
     assert got == _neighbourhood(grid, where, 1)
 
 
@@ -118,19 +128,171 @@ def test_simam_matches_its_formula():
     np.testing.assert_allclose(SimAM()(u).numpy(), expected, rtol=1e-10)
 
 
-def test_ivtuning_step0_is_the_frozen_vit_on_prompted_visible_tokens():
-    ivt, plain = backbone("ivtuning", "both").eval(), backbone("frozen", "vi").eval()
-    vi, ir = torch.randn(2, 3, 64, 80), torch.randn(2, 1, 64, 80)
-    # The per-block adapters add exactly zero at step 0: with the prompt generator's output conv
-    # zeroed, IV-tuning equals the frozen ViT on the visible image.
+# --- IV-tuning against SPEC §6 written out (independent of finetune.models.ivtuning's code) ---------
+
+def _ref_hybrid_op(m, op):
+    q = op.partial
+    head = F.conv2d(m[:, :q], op.pconv.weight, op.pconv.bias, padding=1, groups=q)
+    y = m + torch.cat([head, m[:, q:]], dim=1)
+    t = F.conv2d(y, op.conv1.weight, op.conv1.bias)
+    bn = op.bn  # eval: running statistics
+    t = (t - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    t = t * bn.weight[:, None, None] + bn.bias[:, None, None]
+    return y + F.conv2d(F.relu(t), op.conv2.weight, op.conv2.bias)
+
+
+def _ref_simam(u):
+    d = (u - u.mean(dim=(2, 3), keepdim=True)) ** 2
+    v = d.sum(dim=(2, 3), keepdim=True) / (u.shape[2] * u.shape[3] - 1)
+    return u * torch.sigmoid(d / (4 * (v + 1e-4)) + 0.5)
+
+
+def _to_map(t, grid):
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid)
+
+
+def _from_map(m):
+    return m.flatten(2).transpose(1, 2)
+
+
+def _ref_ha(x, ha, grid):
+    z = F.layer_norm(x, x.shape[-1:], ha.norm.weight, ha.norm.bias, 1e-5) * ha.gamma + ha.beta
+    h = _from_map(_ref_hybrid_op(_to_map(z @ ha.down.weight.T + ha.down.bias, grid), ha.op))
+    return F.gelu(h) @ ha.up.weight.T + ha.up.bias
+
+
+def _ref_ipa(s, ipa, grid):
+    z = F.layer_norm(s, s.shape[-1:], ipa.norm.weight, ipa.norm.bias, 1e-5) * ipa.gamma + ipa.beta
+    h = _from_map(_ref_simam(_to_map(z @ ipa.down.weight.T + ipa.down.bias, grid)))
+    return F.gelu((F.gelu(h) @ ipa.up.weight.T + ipa.up.bias) * ipa.scale + ipa.bias)
+
+
+def _ref_block(x, s, block, grid):
+    """SPEC §6 block: the frozen timm sub-layers, then patch tokens += HA(x) + IPA(s) after the
+    attention residual and again after the MLP residual; the CLS token only takes the frozen path."""
+    x = x + block.attn(block.norm1(x))
+    a = block.post_attn["ivtuning"]
+    x = torch.cat([x[:, :1], x[:, 1:] + _ref_ha(x[:, 1:], a.hybrid, grid) + _ref_ipa(s, a.prompt, grid)], dim=1)
+    x = x + block.mlp(block.norm2(x))
+    a = block.post_mlp["ivtuning"]
+    return torch.cat([x[:, :1], x[:, 1:] + _ref_ha(x[:, 1:], a.hybrid, grid) + _ref_ipa(s, a.prompt, grid)], dim=1)
+
+
+def _random_ivtuning_backbone(img_size=(48, 80)):
+    torch.manual_seed(0)
+    model = Backbone(BackboneConfig(method="ivtuning", modality="both",
+                                    encoder=EncoderConfig(size="tiny", depth=2, img_size=img_size), out_indices=(0, 1)))
+    randomize(model)  # every weight non-zero, BatchNorm running statistics included
     with torch.no_grad():
-        ivt.prompter.generator.out.weight.zero_()
-        ivt.prompter.generator.out.bias.zero_()
-    for a, b in zip(ivt(ir, vi), plain(None, vi)):
-        assert torch.allclose(a, b, atol=1e-5)
-    # With its xavier init the prompt is non-zero and changes the features.
-    fresh = backbone("ivtuning", "both").eval()
-    assert not torch.allclose(fresh(ir, vi)[-1], plain(None, vi)[-1], atol=1e-3)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.abs_().add_(0.5)
+    return model.eval()
+
+
+def test_ivtuning_block_equals_spec_by_hand_on_a_non_square_grid():
+    model = _random_ivtuning_backbone()
+    block, grid = model.encoder.blocks[0], (3, 5)
+    x, s = torch.randn(2, 1 + 15, 192), torch.randn(2, 15, 192)
+    with torch.no_grad():
+        got = block(x, TokenContext(grid=grid, num_prefix=1, stream=s))
+        expected = _ref_block(x, s, block, grid)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    # The CLS token bypasses the adapters: after the post-attention adapter it is what it was.
+    adapter = block.post_attn["ivtuning"]
+    with torch.no_grad():
+        out = adapter(x, TokenContext(grid=grid, num_prefix=1, stream=s))
+    assert torch.equal(out[:, 0], x[:, 0]) and not torch.allclose(out[:, 1:], x[:, 1:])
+
+
+def test_ivtuning_backbone_equals_spec_by_hand():
+    """The whole backbone (48x80 input: a 3x5 grid) against SPEC §6 written out: infrared patch
+    embedding, one shared prompt LayerNorm, EMPG, x + p + pos, s_0 = p, s_{i+1} = block i's output."""
+    model = _random_ivtuning_backbone()
+    vit, pr = model.encoder, model.prompter
+    vi, ir = torch.randn(2, 3, 48, 80), torch.randn(2, 1, 48, 80)
+    grid = (3, 5)
+    with torch.no_grad():
+        got = model(ir, vi)
+        x = _from_map(F.conv2d(vi, vit.patch_embed.proj.weight, vit.patch_embed.proj.bias, stride=16))
+        z = _from_map(F.conv2d(ir.expand(-1, 3, -1, -1), pr.infrared_embed.proj.weight, pr.infrared_embed.proj.bias,
+                               stride=16))
+        xn, zn = (F.layer_norm(t, (192,), pr.norm.weight, pr.norm.bias, 1e-5) for t in (x, z))
+        g = pr.generator
+        vis = _ref_hybrid_op(F.conv2d(_to_map(xn, grid), g.visible_in.weight, g.visible_in.bias), g.visible_op)
+        inf = _ref_simam(F.conv2d(_to_map(zn, grid), g.infrared_in.weight, g.infrared_in.bias))
+        p = _from_map(F.conv2d(vis + inf, g.out.weight, g.out.bias))
+        tokens = torch.cat([(vit.cls_token + vit.pos_embed[:, :1]).expand(2, -1, -1),
+                            x + p + vit.pos_embed[:, 1:]], dim=1)
+        s, expected = p, []
+        for block in vit.blocks:
+            tokens = _ref_block(tokens, s, block, grid)
+            s = tokens[:, 1:]
+            expected.append(_to_map(tokens[:, 1:], grid))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
+
+
+def test_ivtuning_init_is_upstreams():
+    """Adapters act from step 0 (Linear default init, gamma = scale = 1, beta = bias = 0); the
+    infrared patch embedding is PyTorch's default, not a copy of the visible one; EMPG
+    xavier-uniform on weights of more than one dimension."""
+    torch.manual_seed(0)
+    model = backbone("ivtuning", "both")
+    a = model.encoder.blocks[0].post_mlp["ivtuning"]
+    assert torch.all(a.hybrid.gamma == 1) and torch.all(a.hybrid.beta == 0)
+    assert torch.all(a.prompt.scale == 1) and torch.all(a.prompt.bias == 0)
+    assert a.hybrid.up.weight.abs().sum() > 0 and a.hybrid.op.pconv.bias is not None
+    pe, ipe = model.encoder.patch_embed.proj.weight, model.prompter.infrared_embed.proj.weight
+    assert not torch.equal(pe, ipe)
+    bound = 1 / (3 * 16 * 16) ** 0.5  # kaiming-uniform(a = sqrt 5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert ipe.abs().max() <= bound and ipe.std() > 0.5 * bound / 3**0.5
+    w = model.prompter.generator.visible_op.conv1.weight  # xavier: U(+-sqrt(6 / (fan_in + fan_out)))
+    assert w.abs().max() <= (6 / (64 + 64)) ** 0.5 and w.abs().max() > 0.9 * (6 / (64 + 64)) ** 0.5
+    assert model.prompter.generator.out.weight.shape == (192, 64, 1, 1)  # EMPG width 64 (the ViT reference)
+    assert a.prompt.down.out_features == 8 and a.hybrid.down.out_features == 64
+    vi, ir = torch.randn(2, 3, 64, 80), torch.randn(2, 1, 64, 80)
+    plain = backbone("frozen", "vi").eval()
+    assert not torch.allclose(model.eval()(ir, vi)[-1], plain(None, vi)[-1], atol=1e-3)
+
+
+def test_vit_prompt_state_dict_round_trips_through_the_key_map(tmp_path):
+    from finetune.models.ivtuning import from_vit_prompt_keys, to_vit_prompt_keys
+
+    model = _random_ivtuning_backbone()
+    theirs = to_vit_prompt_keys(model.state_dict())
+    # The authors' names (ViT_prompt), written out for one block and the input side.
+    for key in ["patch_embed.proj.weight", "patch_embed_prompt.proj.weight", "prompt_norms.0.weight",
+                "prompt_blocks.0.conv0_0.weight", "prompt_blocks.0.conv0_1.bias", "prompt_blocks.0.conv1x1.weight",
+                "prompt_blocks.0.adapter_conv.partial_conv.weight", "prompt_blocks.0.adapter_conv.BN.running_var",
+                "blocks.1.mona_prompt1.project1.weight", "blocks.1.mona_prompt1.gamma", "blocks.1.mona_prompt2.beta",
+                "blocks.1.mona_prompt2.adapter_conv.project2.bias", "blocks.1.mona_prompt1.norm.weight",
+                "blocks.0.extra_prompt1.down.weight", "blocks.0.extra_prompt2.scale", "blocks.0.extra_prompt2.bias",
+                "blocks.0.attn.qkv.weight", "pos_embed"]:
+        assert key in theirs, key
+    assert not any(".post_attn." in k or ".post_mlp." in k or k.startswith("prompter.") for k in theirs)
+    # Their EMPG sees a (w, h) map: its 3x3 kernel is ours transposed.
+    ours_k = model.prompter.generator.visible_op.pconv.weight
+    assert torch.equal(theirs["prompt_blocks.0.adapter_conv.partial_conv.weight"], ours_k.transpose(-1, -2))
+    back = from_vit_prompt_keys(theirs)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.norm.")}
+    assert back.keys() == own.keys() and all(torch.equal(back[k], own[k]) for k in own)
+    # Loading their file into a fresh backbone through the config gives the same model.
+    torch.save({"state_dict": {"backbone." + k: v for k, v in theirs.items()}}, tmp_path / "ivt.pth")
+    loaded = Backbone(BackboneConfig(method="ivtuning", modality="both", checkpoint=str(tmp_path / "ivt.pth"),
+                                     encoder=EncoderConfig(size="tiny", depth=2, img_size=(48, 80)),
+                                     out_indices=(0, 1))).eval()
+    assert loaded.load_report.missing == []
+    vi, ir = torch.randn(1, 3, 48, 80), torch.randn(1, 1, 48, 80)
+    with torch.no_grad():
+        for a, b in zip(loaded(ir, vi), model(ir, vi)):
+            assert torch.equal(a, b)
+    theirs["blocks.0.mona_prompt3.gamma"] = torch.ones(192)  # a tensor that lands nowhere
+    torch.save(theirs, tmp_path / "stray.pth")
+    from pretrain.weights import WeightsError
+    with pytest.raises((WeightsError, StopIteration)):
+        Backbone(BackboneConfig(method="ivtuning", modality="both", checkpoint=str(tmp_path / "stray.pth"),
+                                encoder=EncoderConfig(size="tiny", depth=2, img_size=(48, 80))))
 
 
 @pytest.fixture(scope="module")
@@ -170,15 +332,16 @@ def test_vitb_parameter_reports():
 
     mona = report("model.method=mona", "model.modality=ir")
     assert mona["trainable_backbone"] == 2_684_928 == 24 * (133 * 768 + 9728)
-    d, k, c = 768, 64, 8
-    hybrid_op = lambda ch: (ch // 4) * 9 + 2 * ch * ch + 2 * ch  # pconv, two 1x1 convs, BatchNorm
-    ha = 2 * d + (d * k + k) + hybrid_op(k) + (k * d + d)
-    ipa = 2 * d + (d * c + c) + (c * d + d) + 2 * d
-    empg = 2 * (d * c + c) + hybrid_op(c) + (c * d + d)
+    d, k, c, e = 768, 64, 8, 64  # HA, IPA and EMPG widths
+    hybrid_op = lambda ch: (ch // 4) * 10 + 2 * (ch * ch + ch) + 2 * ch  # pconv, two 1x1 convs (biases), BN
+    ha = 2 * d + 2 * d + (d * k + k) + hybrid_op(k) + (k * d + d)  # LN, gamma / beta, Down, op, Up
+    ipa = 2 * d + 2 * d + (d * c + c) + (c * d + d) + 2 * d  # LN, gamma / beta, Down, Up, scale / bias
+    empg = 2 * (d * e + e) + hybrid_op(e) + (e * d + d)
+    prompt_norm = 2 * d
     patch_embed = d * 3 * 16 * 16 + d
     ivt = report("model.method=ivtuning")
-    assert ivt["trainable_backbone"] == 24 * (ha + ipa) + empg + patch_embed
-    assert 0.03 < ivt["trainable_backbone_share"] < 0.045  # ViT-B: 4.0%
+    assert ivt["trainable_backbone"] == 24 * (ha + ipa) + empg + prompt_norm + patch_embed == 3_832_800
+    assert 0.04 < ivt["trainable_backbone_share"] < 0.045  # ViT-B: 4.2%
     large = report("model.method=ivtuning", "model.encoder.size=large")
     assert 0.025 < large["trainable_backbone_share"] < 0.032  # paper: 8.90M (2.84%) for ViT-L
     assert report("model.method=frozen", "model.modality=ir")["trainable_backbone"] == 0

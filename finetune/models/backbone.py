@@ -20,7 +20,8 @@ from torch import nn
 
 from pretrain.models.adapters import TokenContext, adapter_parameter_names
 from pretrain.models.vit import EncoderConfig, build_encoder, embed_patches, match_channels, prepend_cls, run_blocks
-from finetune.models.ivtuning import IVTuningConfig, IVTuningInput, attach_ivtuning
+from finetune.models.ivtuning import (IVTuningConfig, IVTuningInput, attach_ivtuning, is_vit_prompt_state,
+                                      load_vit_prompt_state)
 from finetune.models.mona import MonaConfig, attach_mona
 
 METHODS = ("full", "frozen", "pad", "mona", "ivtuning")
@@ -83,6 +84,10 @@ class Backbone(nn.Module):
         elif cfg.method == "ivtuning":
             attach_ivtuning(self.encoder, cfg.ivtuning)
             self.prompter = IVTuningInput(self.encoder.patch_embed, self.encoder.embed_dim, cfg.ivtuning)
+            if self.load_report == "vit_prompt":  # the authors' IV-tuning ViT: backbone and prompts in one file
+                from pretrain.weights import read_state_dict
+                self.load_report = load_vit_prompt_state(self, read_state_dict(cfg.checkpoint), cfg.checkpoint,
+                                                         cfg.allow_missing)
         trainable = self.trainable_names()
         for name, p in self.named_parameters():
             p.requires_grad_(name in trainable)
@@ -116,7 +121,8 @@ class Backbone(nn.Module):
             visible_tokens = vit.patch_embed(match_channels(visible, vit.patch_embed.proj.in_channels))
             infrared = match_channels(infrared, self.prompter.infrared_embed.proj.in_channels)
             prompt = self.prompter(visible_tokens, infrared, ctx)
-            tokens = visible_tokens + vit.pos_embed[:, vit.num_prefix_tokens:] + prompt
+            tokens = visible_tokens + prompt + vit.pos_embed[:, vit.num_prefix_tokens:]
+            ctx.stream = prompt  # s_0: the prompt alone
         else:
             image = ir if self.cfg.modality == "ir" else vi
             if image is None:
@@ -142,6 +148,8 @@ def _build_encoder(cfg: BackboneConfig):
             raise ValueError(f"method 'pad' fine-tunes a PAD export; {path} has adapter {meta['adapter']!r}")
         return vit, report
     vit = build_encoder(cfg.encoder)
+    if cfg.method == "ivtuning" and path and is_vit_prompt_state(read_state_dict(path)):
+        return vit, "vit_prompt"  # loaded once the IV-tuning modules exist
     if cfg.method == "pad":  # PAD's own release: rebuild its adapters from the weights
         sd = read_state_dict(path) if path else {}
         if not has_pad_author_keys(sd):

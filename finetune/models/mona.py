@@ -7,8 +7,10 @@ attention residual and after the MLP residual.
     h2 = h2 + mean(DW3x3, DW5x5, DW7x7)(h2);  h2 = h2 + Conv1x1(h2)
     out = x + Up(Dropout(GELU(h2)))
 
-Parameters per module: 133 d + 9,728 (ViT-B, 24 modules: 2,684,928). Linear and conv layers keep
-PyTorch's default initialisation, as the official implementation does.
+Parameters per module: 133 d + 9,728 (ViT-B, 24 modules: 2,684,928). Initialisation as Mona's
+released backbones leave it: their ``init_weights`` sets every Linear to trunc-normal(0.02) with
+zero bias before loading pre-trained weights that hold no Mona keys; the convolutions keep
+PyTorch's default.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ class Mona(ResidualAdapter):
         self.op = MonaOp(cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
         self.up = nn.Linear(cfg.hidden, dim)
+        for linear in (self.down, self.up):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
 
     def forward(self, x: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         h = self.down(self.norm(x) * self.gamma + x * self.gamma_x)

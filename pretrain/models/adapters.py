@@ -12,8 +12,8 @@ under their own names (``norm1``, ``attn``, ``ls1``, ``drop_path1``, ``norm2``, 
 
 With no adapters attached the block computes exactly timm's ``Block.forward``. Adapters get a
 ``TokenContext``: the token grid (H, W), or None when tokens are masked, the number of prefix
-(CLS) tokens, the tokens that entered the current block (IV-tuning's prompt stream) and a
-dict of extras. A new adapter type (LoRA,
+(CLS) tokens, a stream of patch tokens that runs beside the blocks (IV-tuning's prompt stream:
+the previous block's output, or what an input module set before block 0) and a dict of extras. A new adapter type (LoRA,
 AdaptFormer, ...) subclasses one of the base classes and needs no new plumbing.
 """
 from __future__ import annotations
@@ -33,7 +33,10 @@ class TokenContext:
     grid: tuple[int, int] | None  # (H, W) of the patch tokens; None when tokens are masked/shuffled
     num_prefix: int = 1
     extras: dict = field(default_factory=dict)
-    block_input: torch.Tensor | None = None  # the tokens entering the current block (set by run_blocks)
+    # Patch tokens (N, L, C) of the stream for the current block: run_blocks sets it to the
+    # previous block's output; before block 0 it is what the caller set (IV-tuning: its prompt),
+    # else the block's input.
+    stream: torch.Tensor | None = None
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[:, : self.num_prefix], x[:, self.num_prefix :]

@@ -116,7 +116,8 @@ def run_blocks(vit: VisionTransformer, x: torch.Tensor, ctx: TokenContext,
     """All blocks, then the final norm. Also returns the outputs of the blocks in ``out_indices``."""
     features = []
     for i, block in enumerate(vit.blocks):
-        ctx.block_input = x
+        if i > 0 or ctx.stream is None:
+            ctx.stream = ctx.split(x)[1]
         x = block(x, ctx)
         if i in out_indices:
             features.append(x)
