@@ -44,7 +44,7 @@ class BuildError(RuntimeError):
 # Per-frame work (runs in worker processes)
 # ----------------------------------------------------------------------------------------------
 
-def _annotation_boxes(records: list[BoxRecord], mask_path: str | None, orig_w: int, orig_h: int,
+def frame_annotation_boxes(records: list[BoxRecord], mask_path: str | None, orig_w: int, orig_h: int,
                       source: Source, rel: str) -> tuple[np.ndarray, list[dict]]:
     """Annotation boxes of one frame in the stored (border-cropped) frame's pixels."""
     issues: list[dict] = []
@@ -84,7 +84,7 @@ def process_item(task: tuple) -> dict[str, Any]:
     except SkipSample as s:
         return {"index": index, "source": item.source,
                 "skip": {"source": item.source, "path": item.rel, "reason": s.reason, "detail": s.detail}}
-    ann, issues = _annotation_boxes(records, mask_path, orig_w, orig_h, source, item.rel)
+    ann, issues = frame_annotation_boxes(records, mask_path, orig_w, orig_h, source, item.rel)
     for it in issues:
         it["source"] = item.source
     found = compute_proposals(image, pcfg)
@@ -98,7 +98,8 @@ def process_item(task: tuple) -> dict[str, Any]:
         "dtype": str(image.dtype), "format": frame.format, "colour": frame.colour,
         "crop": list(source.border_crop),
         "proposals_from_annotations": int(len(ann_int)),
-        "proposals_from_selective_search": int(len(found)),
+        "proposals_method": pcfg.method if pcfg.enabled else None,
+        "proposals_from_method": int(len(found)),
     }
     png = encode_png(image, cfg["shards"]["png_compression"])
     key = sample_key(item.source, index - cfg["_source_offsets"][item.source])
@@ -239,7 +240,7 @@ def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[So
     return json.loads(text)  # exactly what the file says (tuples become lists)
 
 
-def _annotations_for(source: Source, discovery) -> tuple[AnnotationSet, list[dict]]:
+def annotations_for_source(source: Source, discovery) -> tuple[AnnotationSet, list[dict]]:
     anns = AnnotationSet()
     for spec in source.annotations:
         anns.merge(read_annotations(spec.format, spec.path, spec.suffix, spec.classes))
@@ -264,6 +265,7 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     build exactly as a kill would (used to test resume).
     """
     cfg = to_container(cfg)
+    ProposalConfig(**cfg["proposals"])  # a bad proposal setting fails here, before any work
     out = Path(out_dir)
     identity = build_identity(sources, cfg)
     ident_hash = config_hash(identity)
@@ -277,7 +279,7 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     for s in sources:
         d = discover(s)
         discoveries[s.name] = d
-        anns, issues = _annotations_for(s, d)
+        anns, issues = annotations_for_source(s, d)
         orphan_issues += issues
         offsets[s.name] = len(items)
         for it in d.items:

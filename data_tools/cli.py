@@ -1,4 +1,4 @@
-"""``python -m data_tools`` (or ``irpt-data``): build, verify, preview, synth."""
+"""``python -m data_tools`` (or ``irpt-data``): build, verify, preview, proposals-eval, synth."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,33 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_proposals_eval(args: argparse.Namespace) -> int:
+    from data_tools.proposal_eval import format_table, run
+    from data_tools.proposals import METHODS, ProposalConfig
+    from data_tools.sources import SourceError, load_sources, source_from_shortcut
+
+    try:
+        sources = load_sources(args.sources) if args.sources else []
+        sources += [source_from_shortcut(s) for s in args.source]
+        if not sources:
+            raise SourceError("no sources: pass --sources FILE.yaml (with boxes or masks)")
+        methods = args.methods.split(",") if args.methods else sorted(METHODS)
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+        cfg = load_config(args.config, args.overrides)
+        base = ProposalConfig(**dict(cfg["proposals"]))
+        summaries = run(sources, base, methods, Path(args.out) if args.out else None,
+                        args.min_object_side, args.every, args.offset)
+    except (SourceError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summaries))
+    if args.out:
+        print(f"wrote {Path(args.out) / 'proposals_eval.json'} and {Path(args.out) / 'recall_vs_proposals.png'}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="data_tools", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,6 +123,19 @@ def make_parser() -> argparse.ArgumentParser:
     pv.add_argument("--samples", type=int, default=8)
     pv.add_argument("--seed", type=int, default=0)
     pv.set_defaults(func=_cmd_preview)
+
+    pe = sub.add_parser("proposals-eval", help="recall, proposals per frame and speed of each proposal method "
+                                               "on labelled frames")
+    pe.add_argument("--sources", help="sources YAML with boxes or masks (as for build)")
+    pe.add_argument("--source", action="append", default=[], metavar="NAME=PATH", help=argparse.SUPPRESS)
+    pe.add_argument("--methods", help="comma-separated (default: every method)")
+    pe.add_argument("--config", default=str(DEFAULT_BUILD_CONFIG), help="build settings YAML (its proposals section)")
+    pe.add_argument("--out", help="folder for proposals_eval.json and recall_vs_proposals.png")
+    pe.add_argument("--min-object-side", type=int, default=40, help="objects smaller than this on a side are not counted")
+    pe.add_argument("--every", type=int, default=1, help="use frames i with i %% EVERY == OFFSET (a held-out split)")
+    pe.add_argument("--offset", type=int, default=0)
+    pe.add_argument("overrides", nargs="*", help="config overrides, e.g. proposals.max_proposals=30")
+    pe.set_defaults(func=_cmd_proposals_eval)
 
     s = sub.add_parser("synth", help="generate the synthetic thermal/visible demo corpus")
     s.add_argument("--out", required=True)

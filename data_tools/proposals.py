@@ -1,17 +1,36 @@
-"""Offline region proposals (SPEC §2): selective search with PAD's settings and filters.
+"""Offline region proposals for object-sensitive RoI cropping (PAD, arXiv 2312.08192, Sec. 3.2).
 
-We use OpenCV's C++ selective search (opencv-contrib) rather than the pure-Python package PAD
-called, for speed: Felzenszwalb graph segmentation with PAD's scale k=600, sigma 0.9 and
-min_size 30, grouped with the colour + fill + size + texture similarities (the same four that
-package uses). Two differences, both documented:
-- OpenCV reports boxes, not region pixel counts, so PAD's ">= 600 region pixels" filter is applied
-  to box area; with w >= 40 and h >= 40 every kept box has >= 1600 px, so it never binds anyway.
-- OpenCV ranks regions with C ``rand()``, so its output order varies between calls; the set of
-  boxes does not. We sort the unique boxes, which makes proposals deterministic.
+Two methods, chosen by ``proposals.method``:
+
+- ``thermal_blobs`` (default): people, vehicles and animals in infrared frames are mostly warmer
+  or colder compact regions against a smoother background, with weak texture. The frame is
+  reduced to a working size, its local background (a box blur) subtracted, and the residual
+  thresholded at several multiples of its standard deviation, hot and cold; each mask is closed
+  with a few rectangles (vertical ones join a person's head, torso and legs) and its connected
+  components become boxes, together with the union of every two components that touch or nearly
+  touch, from any threshold or polarity (a car's warm wheels and cooler body). Two working scales: 320 px with a fine background (small
+  objects) and 160 px with a coarse one (large, low-contrast objects). Boxes pass PAD's filter,
+  are ranked by the contrast between the box and the ring around it times the square root of
+  their area (large objects have lower contrast per pixel than lamps and exhausts), thinned by
+  non-maximum suppression and capped (``max_proposals``): the crop sampler draws proposals
+  uniformly, so junk boxes dilute the crops as much as missing boxes do.
+- ``selective_search``: PAD's own step, the faithful baseline: selective search with scale 600,
+  sigma 0.9, min_size 30, then PAD's filter; every box kept (PAD keeps about 17 per frame). We use
+  OpenCV's C++ implementation rather than the pure-Python package PAD called (same four grouping
+  similarities: colour, fill, size, texture), for speed. Two documented differences: OpenCV
+  reports boxes, not region pixel counts, so PAD's ">= 600 region pixels" filter is applied to box
+  area (with w, h >= 40 it never binds); OpenCV ranks regions with C ``rand()``, so the boxes are
+  sorted, which makes them deterministic.
+
+Both are deterministic (same frame, same boxes) and return unique, in-image boxes (x, y, w, h)
+int32, best first for the ranked method. 16-bit frames go through the same intensity
+normalisation as the network input (``to_uint8``). A new method is a function registered in
+``METHODS``; ``python -m data_tools proposals-eval`` measures any of them on labelled frames.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -22,16 +41,112 @@ from data_tools.transforms import to_unit_intensity
 @dataclass(frozen=True)
 class ProposalConfig:
     enabled: bool = True
-    scale: float = 600.0  # Felzenszwalb k
-    sigma: float = 0.9
-    min_size: int = 30
+    method: str = "thermal_blobs"  # thermal_blobs | selective_search
+    # Ranked methods keep at most this many boxes per frame (selective search keeps all, as PAD).
+    max_proposals: int = 50
+    # PAD's filter, applied to every method.
     min_region_pixels: int = 600
     min_side: int = 40
     max_aspect: float = 3.0
+    # selective_search: PAD's settings.
+    scale: float = 600.0  # Felzenszwalb k
+    sigma: float = 0.9
+    min_size: int = 30
     # Run selective search on a copy whose longer side is at most this (None: full resolution,
-    # as PAD does). Boxes are scaled back. A speed option for very large frames.
+    # as PAD does). Boxes are scaled back.
     max_side: int | None = None
+    # thermal_blobs.
+    blob_sides: tuple[int, ...] = (320, 160)  # working sizes (longer side, px) ...
+    blob_backgrounds: tuple[float, ...] = (0.125, 0.5)  # ... and each one's background blur, share of that side
+    blob_thresholds: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)  # x std of the background residual
+    blob_closings: tuple[tuple[int, int], ...] = ((3, 3), (3, 9), (7, 7), (3, 15))  # (w, h), working px
+    blob_merge_gap: int = 2  # components this close (working px) also give their union box
+    nms_iou: float = 0.5
 
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"proposals.method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if len(self.blob_sides) != len(self.blob_backgrounds):
+            raise ValueError("proposals.blob_sides and proposals.blob_backgrounds need one value each per scale")
+        if self.max_proposals < 1:
+            raise ValueError(f"proposals.max_proposals must be >= 1, got {self.max_proposals}")
+        # YAML gives lists: store tuples so that the config stays hashable and compares equal.
+        for name in ("blob_sides", "blob_backgrounds", "blob_thresholds"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "blob_closings", tuple(tuple(c) for c in self.blob_closings))
+
+
+# --- shared box helpers --------------------------------------------------------------------------
+
+def unique_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Rounded to int32 and de-duplicated, sorted lexicographically."""
+    if len(boxes) == 0:
+        return np.zeros((0, 4), np.int32)
+    return np.unique(np.round(boxes).astype(np.int32), axis=0)
+
+
+def filter_mask(boxes: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
+    """PAD's filter: area >= min_region_pixels, w >= 40, h >= 40, aspect <= 3."""
+    w = boxes[:, 2].astype(np.float64)
+    h = boxes[:, 3].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        aspect = np.maximum(w / h, h / w)
+    return (w * h >= cfg.min_region_pixels) & (w >= cfg.min_side) & (h >= cfg.min_side) & (aspect <= cfg.max_aspect)
+
+
+def filter_proposals(boxes: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
+    if len(boxes) == 0:
+        return boxes.reshape(0, 4)
+    return boxes[filter_mask(boxes, cfg)]
+
+
+def clip_to_image(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(x, y, w, h) boxes cut to the frame."""
+    x0 = np.clip(boxes[:, 0], 0, width)
+    y0 = np.clip(boxes[:, 1], 0, height)
+    x1 = np.clip(boxes[:, 0] + boxes[:, 2], 0, width)
+    y1 = np.clip(boxes[:, 1] + boxes[:, 3], 0, height)
+    return np.stack([x0, y0, x1 - x0, y1 - y0], axis=1)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of (x, y, w, h) boxes, (len(a), len(b))."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    iw = np.minimum(a[:, None, 0] + a[:, None, 2], b[None, :, 0] + b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    ih = np.minimum(a[:, None, 1] + a[:, None, 3], b[None, :, 1] + b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou: float, limit: int) -> np.ndarray:
+    """Indices of the boxes kept by greedy non-maximum suppression, best first, at most ``limit``.
+    Ours rather than torchvision's: it stops at the cap and breaks score ties by the box itself
+    (a stable order), so the result never depends on a sort's tie handling."""
+    order = np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], -scores))
+    kept: list[int] = []
+    alive = np.ones(len(order), bool)
+    for pos, idx in enumerate(order):
+        if not alive[pos]:
+            continue
+        kept.append(int(idx))
+        if len(kept) == limit:
+            break
+        rest = order[pos + 1:]
+        alive[pos + 1:] &= box_iou(boxes[idx:idx + 1], boxes[rest])[0] <= iou
+    return np.asarray(kept, np.int64)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """What the proposal methods see: 8-bit frames as they are, 16-bit frames through the same
+    load-time normalisation the network input uses."""
+    if image.dtype == np.uint8:
+        return image
+    return (to_unit_intensity(image) * 255.0 + 0.5).astype(np.uint8)
+
+
+# --- selective search (PAD's step) ------------------------------------------------------------
 
 def selective_search(image_u8: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
     """Unique selective-search boxes (N, 4) int32 xywh, sorted, on a grey or BGR uint8 image."""
@@ -60,33 +175,107 @@ def selective_search(image_u8: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
     return unique_boxes(boxes)
 
 
-def filter_proposals(boxes: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
-    """PAD's filter: area >= min_region_pixels, w >= 40, h >= 40, aspect <= 3."""
-    if len(boxes) == 0:
-        return boxes.reshape(0, 4)
-    w = boxes[:, 2].astype(np.float64)
-    h = boxes[:, 3].astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        aspect = np.maximum(w / h, h / w)
-    keep = (w * h >= cfg.min_region_pixels) & (w >= cfg.min_side) & (h >= cfg.min_side) & (aspect <= cfg.max_aspect)
-    return boxes[keep]
+def selective_search_proposals(image_u8: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
+    return filter_proposals(selective_search(image_u8, cfg), cfg)
 
 
-def unique_boxes(boxes: np.ndarray) -> np.ndarray:
+# --- thermal blobs ----------------------------------------------------------------------------
+
+def _component_boxes(mask: np.ndarray) -> np.ndarray:
+    _, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    return stats[1:, :4].astype(np.float64)
+
+
+def _touching_unions(boxes: np.ndarray, gap: float) -> np.ndarray:
+    """The union box of every two boxes at most ``gap`` apart on both axes."""
+    if len(boxes) < 2:
+        return np.zeros((0, 4))
+    x0, y0 = boxes[:, 0], boxes[:, 1]
+    x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
+    gap_x = np.maximum(x0[:, None], x0[None]) - np.minimum(x1[:, None], x1[None])
+    gap_y = np.maximum(y0[:, None], y0[None]) - np.minimum(y1[:, None], y1[None])
+    i, j = np.nonzero(np.triu((gap_x <= gap) & (gap_y <= gap), 1))
+    ux0, uy0 = np.minimum(x0[i], x0[j]), np.minimum(y0[i], y0[j])
+    return np.stack([ux0, uy0, np.maximum(x1[i], x1[j]) - ux0, np.maximum(y1[i], y1[j]) - uy0], axis=1)
+
+
+def _ring_contrast(image: np.ndarray, boxes: np.ndarray, ring: float = 0.25) -> np.ndarray:
+    """|mean inside the box - mean of the ring around it| (ring width: a quarter of each side),
+    with integral images so that thousands of boxes cost little."""
+    h, w = image.shape
+    integral = cv2.integral(image.astype(np.float64))
+
+    def box_sum(x0, y0, x1, y1):
+        return integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+
+    x0 = np.clip(np.floor(boxes[:, 0]).astype(int), 0, w)
+    y0 = np.clip(np.floor(boxes[:, 1]).astype(int), 0, h)
+    x1 = np.clip(np.ceil(boxes[:, 0] + boxes[:, 2]).astype(int), 0, w)
+    y1 = np.clip(np.ceil(boxes[:, 1] + boxes[:, 3]).astype(int), 0, h)
+    rx = np.maximum(np.round(boxes[:, 2] * ring).astype(int), 1)
+    ry = np.maximum(np.round(boxes[:, 3] * ring).astype(int), 1)
+    ox0, oy0 = np.clip(x0 - rx, 0, w), np.clip(y0 - ry, 0, h)
+    ox1, oy1 = np.clip(x1 + rx, 0, w), np.clip(y1 + ry, 0, h)
+    inner_area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    ring_area = np.maximum((ox1 - ox0) * (oy1 - oy0) - inner_area, 1)
+    inner = box_sum(x0, y0, x1, y1)
+    outer = box_sum(ox0, oy0, ox1, oy1) - inner
+    return np.abs(inner / inner_area - outer / ring_area)
+
+
+def _blob_candidates(image_u8: np.ndarray, side: int, background: float,
+                     cfg: ProposalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate boxes in frame pixels, and their scores, at one working scale."""
+    h, w = image_u8.shape
+    factor = max(h, w) / side
+    small = cv2.resize(image_u8, (max(round(w / factor), 1), max(round(h / factor), 1)),
+                       interpolation=cv2.INTER_AREA).astype(np.float32)
+    smooth = cv2.GaussianBlur(small, (0, 0), 1.0)
+    k = int(max(smooth.shape) * background) | 1
+    residual = smooth - cv2.blur(smooth, (k, k))
+    spread = float(residual.std()) + 1e-6
+    found = []
+    for sign in (1.0, -1.0):  # warmer, then colder than the surroundings
+        for t in cfg.blob_thresholds:
+            mask = (sign * residual > t * spread).astype(np.uint8)
+            for cw, ch in cfg.blob_closings:
+                kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (cw, ch))
+                found.append(_component_boxes(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)))
+    components = np.unique(np.concatenate(found), axis=0)
+    # Unions across thresholds and polarities too: a car's warm wheels with its cooler body.
+    boxes = np.unique(np.concatenate([components, _touching_unions(components, cfg.blob_merge_gap)]), axis=0)
+    in_frame = boxes * factor
+    keep = filter_mask(in_frame, cfg)
+    boxes, in_frame = boxes[keep], in_frame[keep]
+    contrast = _ring_contrast(small, boxes) / (float(small.std()) + 1e-6)
+    return in_frame, contrast * np.sqrt(in_frame[:, 2] * in_frame[:, 3])
+
+
+def thermal_blob_proposals(image_u8: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
+    """Ranked thermal-blob boxes, best first (see the module docstring)."""
+    grey = image_u8 if image_u8.ndim == 2 else cv2.cvtColor(image_u8, cv2.COLOR_BGR2GRAY)
+    h, w = grey.shape
+    parts = [_blob_candidates(grey, side, bg, cfg) for side, bg in zip(cfg.blob_sides, cfg.blob_backgrounds)]
+    boxes = clip_to_image(np.concatenate([p[0] for p in parts]), w, h)
+    scores = np.concatenate([p[1] for p in parts])
+    boxes = np.round(boxes)
+    keep = filter_mask(boxes, cfg)
+    boxes, scores = boxes[keep], scores[keep]
     if len(boxes) == 0:
         return np.zeros((0, 4), np.int32)
-    return np.unique(np.round(boxes).astype(np.int32), axis=0)
+    chosen = greedy_nms(boxes, scores, cfg.nms_iou, cfg.max_proposals)
+    return boxes[chosen].astype(np.int32)
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """What selective search sees: 8-bit frames as they are, 16-bit frames through the same
-    load-time normalisation the network input uses."""
-    if image.dtype == np.uint8:
-        return image
-    return (to_unit_intensity(image) * 255.0 + 0.5).astype(np.uint8)
+METHODS: dict[str, Callable[[np.ndarray, ProposalConfig], np.ndarray]] = {
+    "thermal_blobs": thermal_blob_proposals,
+    "selective_search": selective_search_proposals,
+}
+RANKED = {"thermal_blobs"}  # methods whose order is a ranking (best first)
 
 
 def compute_proposals(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
+    """The configured method's boxes (N, 4) int32 xywh for one frame (8- or 16-bit)."""
     if not cfg.enabled:
         return np.zeros((0, 4), np.int32)
-    return filter_proposals(selective_search(to_uint8(image), cfg), cfg)
+    return METHODS[cfg.method](to_uint8(image), cfg)

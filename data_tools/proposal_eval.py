@@ -1,0 +1,205 @@
+"""How well region proposals find labelled objects: recall at IoU thresholds by object size,
+proposals per frame, frames per second on one core, and recall against the number of proposals
+kept. ``python -m data_tools proposals-eval`` runs it on any labelled source that ``build`` reads
+(YOLO / VOC / COCO boxes, masks), so users can choose a method for their own camera.
+
+An object counts when both sides are at least ``min_object_side`` (40 px: PAD's smallest
+proposal) after the source's border crop; it is found when a proposal overlaps it with IoU at or
+above the threshold. Sizes are bucketed by sqrt(w h).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from data_tools.proposals import RANKED, ProposalConfig, box_iou, compute_proposals
+
+IOU_THRESHOLDS = (0.5, 0.7)
+SIZE_BUCKETS = (("40-96", 0.0, 96.0), ("96-192", 96.0, 192.0), ("192+", 192.0, float("inf")))
+CURVE_POINTS = (1, 2, 3, 5, 8, 10, 15, 20, 30, 40, 50, 75, 100)
+
+
+@dataclass
+class LabelledFrame:
+    source: str
+    path: str
+    image: np.ndarray
+    boxes: np.ndarray  # (N, 4) float xywh, objects of at least min_object_side
+
+
+@dataclass
+class MethodResult:
+    method: str
+    frames: int = 0
+    objects: int = 0
+    proposals: int = 0
+    seconds: float = 0.0
+    best_iou: list[float] = field(default_factory=list)  # per object, over all proposals
+    rank_hit: list[int] = field(default_factory=list)  # per object: first rank with IoU >= 0.5 (-1: none)
+    sizes: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        best, sizes, ranks = np.asarray(self.best_iou), np.asarray(self.sizes), np.asarray(self.rank_hit)
+        recall = {}
+        for t in IOU_THRESHOLDS:
+            row = {"all": _share(best >= t)}
+            for name, lo, hi in SIZE_BUCKETS:
+                inside = (sizes >= lo) & (sizes < hi)
+                row[name] = _share(best[inside] >= t) if inside.any() else None
+            recall[f"iou_{t}"] = row
+        curve = None
+        if self.method in RANKED:
+            curve = {str(k): _share((ranks >= 0) & (ranks < k)) for k in CURVE_POINTS}
+        return {
+            "method": self.method, "frames": self.frames, "objects": self.objects,
+            "objects_by_size": {name: int(((sizes >= lo) & (sizes < hi)).sum()) for name, lo, hi in SIZE_BUCKETS},
+            "found_iou_0.5": int((best >= 0.5).sum()),
+            "recall": recall,
+            "proposals_per_frame": round(self.proposals / max(self.frames, 1), 2),
+            "frames_per_second_one_core": round(self.frames / max(self.seconds, 1e-9), 2),
+            "recall_at_k_iou_0.5": curve,
+        }
+
+
+def _share(hits: np.ndarray) -> float | None:
+    return round(float(hits.mean()), 4) if hits.size else None
+
+
+def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: int = 0) -> Iterator[LabelledFrame]:
+    """Frames of ``sources`` that carry annotation boxes or masks, read and cropped as ``build``
+    reads them; ``every`` / ``offset`` select frames i with i % every == offset (a held-out split)."""
+    from data_tools.build import annotations_for_source, frame_annotation_boxes
+    from data_tools.imageio import crop_border, read_frame
+    from data_tools.sources import discover
+
+    index = 0
+    for source in sources:
+        discovery = discover(source)
+        anns, _ = annotations_for_source(source, discovery)
+        for item in discovery.items:
+            stem = Path(item.rel).stem
+            records, mask = anns.boxes.get(stem, []), anns.masks.get(stem)
+            if not records and mask is None:
+                continue
+            index += 1
+            if (index - 1) % every != offset:
+                continue
+            frame = read_frame(item.path)
+            h, w = frame.image.shape
+            boxes, _ = frame_annotation_boxes(records, mask, w, h, source, item.rel)
+            big = (boxes[:, 2] >= min_object_side) & (boxes[:, 3] >= min_object_side)
+            yield LabelledFrame(source.name, item.rel, crop_border(frame.image, source.border_crop), boxes[big])
+
+
+def evaluate(frames: list[LabelledFrame], configs: dict[str, ProposalConfig], cap: int) -> dict[str, MethodResult]:
+    """Every method on every frame, timed on one OpenCV thread. Ranked methods are scored on
+    their first ``cap`` boxes (what the build keeps); their later boxes only extend the curve."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        results = {name: MethodResult(name) for name in configs}
+        for frame in frames:
+            for name, cfg in configs.items():
+                start = time.perf_counter()
+                proposals = compute_proposals(frame.image, cfg)
+                elapsed = time.perf_counter() - start
+                _score_frame(results[name], frame, proposals, elapsed, cap if name in RANKED else len(proposals))
+        return results
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def _score_frame(result: MethodResult, frame: LabelledFrame, proposals: np.ndarray, seconds: float,
+                 cap: int) -> None:
+    result.frames += 1
+    result.proposals += min(len(proposals), cap)
+    result.seconds += seconds
+    result.objects += len(frame.boxes)
+    result.sizes += np.sqrt(frame.boxes[:, 2] * frame.boxes[:, 3]).tolist()
+    if len(frame.boxes) == 0:
+        return
+    if len(proposals) == 0:
+        result.best_iou += [0.0] * len(frame.boxes)
+        result.rank_hit += [-1] * len(frame.boxes)
+        return
+    iou = box_iou(frame.boxes, proposals)
+    result.best_iou += iou[:, :cap].max(axis=1, initial=0.0).tolist()
+    hit = iou >= 0.5
+    result.rank_hit += np.where(hit.any(axis=1), hit.argmax(axis=1), -1).tolist()
+
+
+def method_configs(base: ProposalConfig, methods: list[str], max_k: int) -> dict[str, ProposalConfig]:
+    """One config per method; ranked methods keep up to ``max_k`` so that the curve can be read
+    at every k up to it (the frame's first k boxes are what a cap of k keeps)."""
+    return {m: replace(base, method=m, max_proposals=max(max_k, base.max_proposals) if m in RANKED
+                       else base.max_proposals) for m in methods}
+
+
+def plot_recall_curves(summaries: list[dict], path: Path, cap: int) -> None:
+    """Recall at IoU 0.5 against proposals kept per frame, one line per ranked method, one
+    point per unranked method (at its mean count). Drawn with OpenCV: no plotting dependency."""
+    w, h, left, bottom, top, right = 720, 480, 70, 60, 30, 30
+    canvas = np.full((h, w, 3), 255, np.uint8)
+    x_max = max([CURVE_POINTS[-1]] + [s["proposals_per_frame"] for s in summaries])
+
+    def to_px(k, r):
+        return (int(left + (w - left - right) * k / x_max), int(h - bottom - (h - top - bottom) * r))
+
+    black, grey = (0, 0, 0), (200, 200, 200)
+    for r in np.linspace(0, 1, 6):
+        cv2.line(canvas, to_px(0, r), to_px(x_max, r), grey, 1)
+        cv2.putText(canvas, f"{r:.1f}", (to_px(0, r)[0] - 40, to_px(0, r)[1] + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, black, 1)
+    for k in (0, 10, 20, 30, 40, 50, 75, 100):
+        if k <= x_max:
+            cv2.putText(canvas, str(k), (to_px(k, 0)[0] - 8, h - bottom + 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, black, 1)
+    cv2.line(canvas, to_px(cap, 0), to_px(cap, 1), (150, 150, 255), 1)
+    cv2.putText(canvas, f"cap {cap}", (to_px(cap, 1)[0] + 4, top + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 200), 1)
+    cv2.putText(canvas, "proposals kept per frame", (w // 2 - 100, h - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.5, black, 1)
+    cv2.putText(canvas, "recall @ IoU 0.5", (5, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, black, 1)
+    colours = [(200, 80, 0), (0, 140, 0), (0, 0, 200), (160, 0, 160), (0, 140, 200)]
+    for i, s in enumerate(summaries):
+        colour = colours[i % len(colours)]
+        if s["recall_at_k_iou_0.5"]:
+            points = [to_px(int(k), r) for k, r in s["recall_at_k_iou_0.5"].items() if r is not None]
+            cv2.polylines(canvas, [np.asarray(points, np.int32)], False, colour, 2)
+        else:
+            cv2.circle(canvas, to_px(s["proposals_per_frame"], s["recall"]["iou_0.5"]["all"] or 0), 6, colour, -1)
+        cv2.putText(canvas, s["method"], (w - right - 190, h - bottom - 20 - 20 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    colour, 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), canvas)
+
+
+def format_table(summaries: list[dict]) -> str:
+    head = (f"{'method':18s} {'frames':>6s} {'objects':>7s} {'recall@.5':>9s} {'recall@.7':>9s} "
+            + " ".join(f"{'@.5 ' + n:>11s}" for n, _, _ in SIZE_BUCKETS) + f" {'props/frame':>11s} {'frames/s/core':>13s}")
+    rows = [head]
+    for s in summaries:
+        r5, r7 = s["recall"]["iou_0.5"], s["recall"]["iou_0.7"]
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        rows.append(f"{s['method']:18s} {s['frames']:6d} {s['objects']:7d} {fmt(r5['all']):>9s} {fmt(r7['all']):>9s} "
+                    + " ".join(f"{fmt(r5[n]):>11s}" for n, _, _ in SIZE_BUCKETS)
+                    + f" {s['proposals_per_frame']:11.1f} {s['frames_per_second_one_core']:13.1f}")
+    return "\n".join(rows)
+
+
+def run(sources, base: ProposalConfig, methods: list[str], out: Path | None, min_object_side: int = 40,
+        every: int = 1, offset: int = 0, max_k: int = 100) -> list[dict]:
+    frames = list(labelled_frames(sources, min_object_side, every, offset))
+    if not frames:
+        raise ValueError("no labelled frames in these sources (proposals-eval needs boxes or masks)")
+    results = evaluate(frames, method_configs(base, methods, max_k), base.max_proposals)
+    summaries = [r.summary() for r in results.values()]
+    for s in summaries:
+        s.update(cap=base.max_proposals, min_object_side=min_object_side, split={"every": every, "offset": offset})
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "proposals_eval.json").write_text(json.dumps(summaries, indent=1))
+        plot_recall_curves(summaries, out / "recall_vs_proposals.png", base.max_proposals)
+    return summaries
