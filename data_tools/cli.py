@@ -12,15 +12,22 @@ from data_tools.config import CONFIG_DIR, load_config
 DEFAULT_BUILD_CONFIG = CONFIG_DIR / "data" / "build.yaml"
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
-    from data_tools.build import BuildError, build_shards
+def _read_sources(args: argparse.Namespace) -> list:
     from data_tools.sources import SourceError, load_sources, source_from_shortcut
 
+    sources = load_sources(args.sources) if args.sources else []
+    sources += [source_from_shortcut(s) for s in args.source]
+    if not sources:
+        raise SourceError("no sources: pass --sources FILE.yaml and/or --source NAME=PATH")
+    return sources
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from data_tools.build import BuildError, build_shards
+    from data_tools.sources import SourceError
+
     try:
-        sources = load_sources(args.sources) if args.sources else []
-        sources += [source_from_shortcut(s) for s in args.source]
-        if not sources:
-            raise SourceError("no sources: pass --sources FILE.yaml and/or --source NAME=PATH")
+        sources = _read_sources(args)
         cfg = load_config(args.config, args.overrides)
         manifest = build_shards(sources, cfg, args.out, workers=args.workers or os.cpu_count() or 1,
                                 overwrite=args.overwrite, progress=not args.quiet)
@@ -73,13 +80,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_proposals_eval(args: argparse.Namespace) -> int:
     from data_tools.proposal_eval import format_table, run
     from data_tools.proposals import METHODS, ProposalConfig
-    from data_tools.sources import SourceError, load_sources, source_from_shortcut
+    from data_tools.sources import SourceError
 
     try:
-        sources = load_sources(args.sources) if args.sources else []
-        sources += [source_from_shortcut(s) for s in args.source]
-        if not sources:
-            raise SourceError("no sources: pass --sources FILE.yaml (with boxes or masks)")
+        sources = _read_sources(args)
         methods = args.methods.split(",") if args.methods else sorted(METHODS)
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:

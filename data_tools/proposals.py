@@ -100,12 +100,13 @@ def filter_proposals(boxes: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
     return boxes[filter_mask(boxes, cfg)]
 
 
-def clip_to_image(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(x, y, w, h) boxes cut to the frame."""
-    x0 = np.clip(boxes[:, 0], 0, width)
-    y0 = np.clip(boxes[:, 1], 0, height)
-    x1 = np.clip(boxes[:, 0] + boxes[:, 2], 0, width)
-    y1 = np.clip(boxes[:, 1] + boxes[:, 3], 0, height)
+def round_to_image(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(x, y, w, h) boxes with their corners rounded to whole pixels and cut to the frame
+    (rounding x and w separately could end a box one pixel outside)."""
+    x0 = np.clip(np.round(boxes[:, 0]), 0, width)
+    y0 = np.clip(np.round(boxes[:, 1]), 0, height)
+    x1 = np.clip(np.round(boxes[:, 0] + boxes[:, 2]), 0, width)
+    y1 = np.clip(np.round(boxes[:, 1] + boxes[:, 3]), 0, height)
     return np.stack([x0, y0, x1 - x0, y1 - y0], axis=1)
 
 
@@ -256,9 +257,8 @@ def thermal_blob_proposals(image_u8: np.ndarray, cfg: ProposalConfig) -> np.ndar
     grey = image_u8 if image_u8.ndim == 2 else cv2.cvtColor(image_u8, cv2.COLOR_BGR2GRAY)
     h, w = grey.shape
     parts = [_blob_candidates(grey, side, bg, cfg) for side, bg in zip(cfg.blob_sides, cfg.blob_backgrounds)]
-    boxes = clip_to_image(np.concatenate([p[0] for p in parts]), w, h)
+    boxes = round_to_image(np.concatenate([p[0] for p in parts]), w, h)
     scores = np.concatenate([p[1] for p in parts])
-    boxes = np.round(boxes)
     keep = filter_mask(boxes, cfg)
     boxes, scores = boxes[keep], scores[keep]
     if len(boxes) == 0:

@@ -77,7 +77,7 @@ def test_annotation_boxes_are_proposals(real_build):
     pytest.fail("Misc_1 not found in the shards")
 
 
-def test_selective_search_filters_hold(real_build):
+def test_proposal_filters_hold(real_build):
     out, m = real_build
     for key, members in _all_samples(out, m):
         _, proposals, meta = decode_sample(members)

@@ -1,0 +1,175 @@
+"""Region proposals: the recall measure on hand-made boxes, every method's output contract on real
+frames (8- and 16-bit), the cap, builds with each method, and the proposals-eval CLI."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from data_tools.imageio import read_frame
+from data_tools.proposal_eval import LabelledFrame, MethodResult, _score_frame
+from data_tools.proposals import METHODS, RANKED, ProposalConfig, box_iou, compute_proposals, greedy_nms
+from tests.conftest import shared_path
+
+
+def _summary(gt, proposals, cap=None, method="selective_search"):
+    result = MethodResult(method)
+    frame = LabelledFrame("s", "f.png", np.zeros((480, 640), np.uint8), np.asarray(gt, np.float64).reshape(-1, 4))
+    props = np.asarray(proposals, np.float64).reshape(-1, 4)
+    _score_frame(result, frame, props, 0.01, len(props) if cap is None else cap)
+    return result.summary()
+
+
+def test_recall_counts_exact_hits_and_iou_just_above_or_below_the_threshold():
+    gt = [[0, 0, 100, 100]]
+    assert _summary(gt, [[0, 0, 100, 100]])["recall"]["iou_0.5"]["all"] == 1.0
+    # Shifted right by s on a 100x100 box: IoU = (100 - s) / (100 + s); 0.5 at s = 100/3.
+    assert _summary(gt, [[33, 0, 100, 100]])["recall"]["iou_0.5"]["all"] == 1.0  # IoU 0.5038
+    assert _summary(gt, [[34, 0, 100, 100]])["recall"]["iou_0.5"]["all"] == 0.0  # IoU 0.4925
+    # IoU 0.7: shift 17 -> 0.7094 (hit), 18 -> 0.6949 (miss); both hit at 0.5.
+    for shift, hit7 in ((17, 1.0), (18, 0.0)):
+        s = _summary(gt, [[shift, 0, 100, 100]])
+        assert s["recall"]["iou_0.7"]["all"] == hit7 and s["recall"]["iou_0.5"]["all"] == 1.0
+    assert _summary(gt, [])["recall"]["iou_0.5"]["all"] == 0.0
+    assert box_iou(np.array([[0, 0, 100, 100]]), np.array([[33, 0, 100, 100]]))[0, 0] == pytest.approx(67 / 133)
+
+
+def test_recall_by_size_bucket_and_ranked_curve():
+    # sqrt(w h): 50 (40-96), 120 (96-192), 300 (192+)
+    gt = [[0, 0, 50, 50], [100, 100, 120, 120], [300, 0, 300, 300]]
+    proposals = [[100, 100, 120, 120], [0, 0, 50, 50], [0, 300, 60, 60]]  # the large object is missed
+    s = _summary(gt, proposals, cap=2, method="thermal_blobs")
+    assert s["objects_by_size"] == {"40-96": 1, "96-192": 1, "192+": 1}
+    assert s["recall"]["iou_0.5"] == {"all": pytest.approx(2 / 3, abs=1e-4), "40-96": 1.0, "96-192": 1.0, "192+": 0.0}
+    assert s["proposals_per_frame"] == 2  # scored on the cap
+    curve = s["recall_at_k_iou_0.5"]  # rank 0 finds the medium object, rank 1 the small one
+    assert curve["1"] == pytest.approx(1 / 3, abs=1e-4) and curve["2"] == pytest.approx(2 / 3, abs=1e-4)
+    # A hit beyond the cap counts in the curve, not in the headline recall.
+    s = _summary(gt, proposals, cap=1, method="thermal_blobs")
+    assert s["recall"]["iou_0.5"]["all"] == pytest.approx(1 / 3, abs=1e-4) and s["recall_at_k_iou_0.5"]["2"] > 0.6
+
+
+def test_greedy_nms_keeps_the_best_and_stops_at_the_limit():
+    boxes = np.array([[0, 0, 10, 10], [1, 0, 10, 10], [50, 50, 10, 10], [0, 0, 40, 40]], np.float64)
+    scores = np.array([1.0, 2.0, 0.5, 0.5])
+    assert greedy_nms(boxes, scores, 0.5, 10).tolist() == [1, 3, 2]  # 0 overlaps 1; ties by box: (0,0,40,40) first
+    assert greedy_nms(boxes, scores, 0.5, 2).tolist() == [1, 3]
+
+
+@pytest.fixture(scope="module")
+def real_frames():
+    frames = [read_frame(str(shared_path("msrs20", "ir", f"{n}.png"))).image for n in ("00004N", "00081D")]
+    frames.append(read_frame(str(shared_path("roadscene", "cropinfrared", "FLIR_00006.jpg"))).image)
+    # A 16-bit version of a real frame (radiometric-like range around a warm offset).
+    frames.append((frames[0].astype(np.uint16) * 40 + 20000).astype(np.uint16))
+    return frames
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_returns_unique_in_image_filtered_deterministic_boxes(method, real_frames):
+    cfg = ProposalConfig(method=method)
+    for image in real_frames:
+        boxes = compute_proposals(image, cfg)
+        h, w = image.shape
+        assert boxes.dtype == np.int32 and boxes.shape[1] == 4 and len(boxes) > 0
+        assert len(np.unique(boxes, axis=0)) == len(boxes)
+        x, y, bw, bh = boxes.T
+        assert (x >= 0).all() and (y >= 0).all() and (x + bw <= w).all() and (y + bh <= h).all()
+        assert (bw >= 40).all() and (bh >= 40).all() and (np.maximum(bw / bh, bh / bw) <= 3).all()
+        assert (bw * bh >= 600).all()
+        if method in RANKED:
+            assert len(boxes) <= cfg.max_proposals
+        else:
+            assert (np.lexsort(boxes.T[::-1]) == np.arange(len(boxes))).all()  # sorted
+        assert np.array_equal(compute_proposals(image, cfg), boxes)  # same frame, same boxes
+
+
+def test_16_bit_frames_see_the_8_bit_normalisation(real_frames):
+    """A 16-bit frame goes through to_unit_intensity; an affine 16-bit copy of an 8-bit frame
+    gives proposals that still land on its objects (the person of 00004N)."""
+    person = np.array([[509.0, 204.0, 53.0, 143.0]])
+    boxes = compute_proposals(real_frames[3], ProposalConfig())
+    assert box_iou(person, boxes).max() >= 0.5
+
+
+@pytest.mark.parametrize("cap", [1, 5, 20])
+def test_cap_keeps_the_highest_ranked_boxes(cap, real_frames):
+    full = compute_proposals(real_frames[0], ProposalConfig(max_proposals=100))
+    capped = compute_proposals(real_frames[0], ProposalConfig(max_proposals=cap))
+    assert len(full) > cap and np.array_equal(capped, full[:cap])
+
+
+def test_bad_proposal_settings_are_refused():
+    with pytest.raises(ValueError, match="proposals.method"):
+        ProposalConfig(method="edge_boxes_v9")
+    with pytest.raises(ValueError, match="max_proposals"):
+        ProposalConfig(max_proposals=0)
+    with pytest.raises(ValueError, match="one value each"):
+        ProposalConfig(blob_sides=(320,), blob_backgrounds=(0.1, 0.2))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_build_with_each_method_writes_readable_shards(method, tmp_path):
+    from data_tools.build import build_shards
+    from data_tools.cli import DEFAULT_BUILD_CONFIG
+    from data_tools.config import load_config
+    from data_tools.shards import decode_sample, iter_shard
+    from data_tools.sources import Source
+
+    root = shared_path("msrs20", "ir")
+    cfg = load_config(DEFAULT_BUILD_CONFIG, [f"proposals.method={method}"])
+    manifest = build_shards([Source("msrs", str(root), stride=5)], cfg, tmp_path / "out", workers=1, progress=False)
+    assert manifest["totals"]["written"] == 4
+    samples = [decode_sample(m) for e in manifest["shards"] for _, m in iter_shard(str(tmp_path / "out" / e["shard"]))]
+    assert len(samples) == 4
+    for image, proposals, meta in samples:
+        assert meta["proposals_method"] == method and len(proposals) == meta["proposals_from_method"] > 0
+        assert image.shape == (480, 640)
+
+
+def test_proposals_eval_cli_on_msrs(tmp_path, capsys):
+    from data_tools.cli import main
+
+    root = shared_path("msrs20")
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(f"""
+sources:
+  - name: msrs
+    root: {root / 'ir'}
+    boxes: {{format: yolo, path: {root / 'labels_ir'}, classes: [person, bicycle, car]}}
+""")
+    assert main(["proposals-eval", "--sources", str(sources), "--out", str(tmp_path / "eval"),
+                 "--every", "2", "--offset", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "thermal_blobs" in out and "selective_search" in out and "recall@.5" in out
+    summaries = {s["method"]: s for s in json.loads((tmp_path / "eval" / "proposals_eval.json").read_text())}
+    blobs, ss = summaries["thermal_blobs"], summaries["selective_search"]
+    assert blobs["frames"] == ss["frames"] == 10 and blobs["objects"] == 17  # the odd frames' objects >= 40 px
+    assert blobs["proposals_per_frame"] <= 50
+    assert blobs["recall"]["iou_0.5"]["all"] >= 0.9  # held-out frames (the design used the even ones)
+    assert blobs["recall"]["iou_0.5"]["all"] > ss["recall"]["iou_0.5"]["all"]
+    assert (tmp_path / "eval" / "recall_vs_proposals.png").stat().st_size > 1000
+    assert main(["proposals-eval", "--sources", str(sources), "--methods", "nope"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    unlabelled = tmp_path / "unlabelled.yaml"
+    unlabelled.write_text(f"sources:\n  - name: ir\n    root: {root / 'ir'}\n")
+    assert main(["proposals-eval", "--sources", str(unlabelled)]) == 2
+    assert "no labelled frames" in capsys.readouterr().err
+
+
+def test_replace_keeps_a_valid_config():
+    cfg = replace(ProposalConfig(), method="selective_search")
+    assert cfg.method == "selective_search" and cfg.blob_closings == ((3, 3), (3, 9), (7, 7), (3, 15))
+
+
+def test_ranked_boxes_stay_inside_odd_sized_frames():
+    """Boxes from the working scale are rounded by their corners: rounding x and w apart ended a
+    box one pixel outside a 363-pixel-wide SIRST frame."""
+    paths = sorted(shared_path("roadscene", "cropinfrared").glob("*.jpg"))[::9]
+    paths += sorted(shared_path("sirst", "images").glob("*.png"))[::9]
+    for path in paths:
+        image = read_frame(str(path)).image
+        boxes = compute_proposals(image, ProposalConfig())
+        h, w = image.shape
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= w).all() and \
+            (boxes[:, 1] + boxes[:, 3] <= h).all(), path.name
