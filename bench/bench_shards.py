@@ -59,7 +59,7 @@ def main() -> None:
     pcfg = ProposalConfig()
     proposals_fps = _median_rate(lambda: [compute_proposals(f, pcfg) for f in frames], len(frames), args.repeats)
 
-    cfg = load_config(DEFAULT_BUILD_CONFIG, ["shards.max_samples=32"])
+    cfg = load_config(DEFAULT_BUILD_CONFIG, ["shards.max_samples=32", "shards.encoding=png"])
     build_fps = {}
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, 2):

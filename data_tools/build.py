@@ -26,13 +26,17 @@ from data_tools import SAMPLE_SCHEMA_VERSION
 from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, boxes_from_mask,
                                     boxes_to_pixels, clip_boxes, issue, read_annotations)
 from data_tools.config import config_hash, save_resolved, to_container
-from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, encode_png, read_frame
+from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, read_frame
 from data_tools.proposals import ProposalConfig, compute_proposals, unique_boxes
 from data_tools.files import atomic_write_text, sha256_file
-from data_tools.shards import ShardFile, encode_sample, sample_key, tar_bytes
+from data_tools.shards import ENCODINGS, ShardFile, encode_image, encode_sample, sample_key, tar_bytes
 from data_tools.sources import Source, discover
 
 MANIFEST = "manifest.json"
+SAMPLE_FRAME_FORMAT = {
+    "png": "the frame, lossless PNG, one channel, uint8 or uint16 exactly as read",
+    "raw": "the frame as a .npy array (H, W), uint8 or uint16 exactly as read",
+}
 PROGRESS_DIR = ".progress"
 
 
@@ -101,12 +105,12 @@ def process_item(task: tuple) -> dict[str, Any]:
         "proposals_method": pcfg.method if pcfg.enabled else None,
         "proposals_from_method": int(len(found)),
     }
-    png = encode_png(image, cfg["shards"]["png_compression"])
+    ext, data = encode_image(image, cfg["shards"]["encoding"], cfg["shards"]["png_compression"])
     key = sample_key(item.source, index - cfg["_source_offsets"][item.source])
     return {"index": index, "source": item.source, "path": item.rel, "colour": frame.colour,
             "channel_spread": frame.channel_spread,
             "issues": issues, "proposals": int(len(proposals)),
-            "sample": encode_sample(key, png, proposals, meta)}
+            "sample": encode_sample(key, ext, data, proposals, meta)}
 
 
 def _init_worker() -> None:
@@ -229,8 +233,9 @@ def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[So
         "config_hash": ident_hash, "config": identity, "totals": totals, "sources": per_source,
         "shards": shards, "skipped": skipped, "colour_converted": colour, "annotation_issues": issues,
         "skip_reasons": SKIP_REASONS, "issue_reasons": ISSUE_REASONS,
+        "encoding": identity["shards"]["encoding"],
         "sample_format": {
-            "png": "the frame, lossless PNG, one channel, uint8 or uint16 exactly as read",
+            ENCODINGS[identity["shards"]["encoding"]]: SAMPLE_FRAME_FORMAT[identity["shards"]["encoding"]],
             "proposals.npy": "(N, 4) int32 x, y, w, h in the stored frame's pixels",
             "json": "metadata: source, path, sequence, frame, sizes, dtype, crop, colour, proposal counts",
         },
@@ -265,7 +270,9 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     build exactly as a kill would (used to test resume).
     """
     cfg = to_container(cfg)
-    ProposalConfig(**cfg["proposals"])  # a bad proposal setting fails here, before any work
+    ProposalConfig(**cfg["proposals"])  # bad settings fail here, before any work
+    if cfg["shards"]["encoding"] not in ENCODINGS:
+        raise BuildError(f"shards.encoding must be one of {sorted(ENCODINGS)}, got {cfg['shards']['encoding']!r}")
     out = Path(out_dir)
     identity = build_identity(sources, cfg)
     ident_hash = config_hash(identity)

@@ -1,4 +1,4 @@
-"""``python -m data_tools`` (or ``irpt-data``): build, verify, preview, proposals-eval, synth."""
+"""``python -m data_tools`` (or ``irpt-data``): build, verify, reencode, preview, proposals-eval, synth."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 1
     manifest = json.loads((Path(args.dir) / "manifest.json").read_text())
     print(f"{args.dir}: OK ({len(manifest['shards'])} shards, {manifest['totals']['written']} samples)")
+    return 0
+
+
+def _cmd_reencode(args: argparse.Namespace) -> int:
+    from data_tools.reencode import ReencodeError, reencode_shards
+
+    try:
+        manifest = reencode_shards(args.dir, args.out, args.encoding, args.png_compression)
+    except ReencodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t = manifest["totals"]
+    print(f"{args.out}: {t['shards']} shard(s), {t['written']} samples, frames as {args.encoding}, {t['bytes']} bytes")
     return 0
 
 
@@ -120,6 +133,14 @@ def make_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-read shards against manifest.json (exit 1 on mismatch)")
     v.add_argument("dir")
     v.set_defaults(func=_cmd_verify)
+
+    r = sub.add_parser("reencode", help="convert a shard folder's frames to another encoding (png | raw), "
+                                        "keeping proposals, keys and shards")
+    r.add_argument("dir")
+    r.add_argument("--out", required=True, help="new folder (must not exist or be empty)")
+    r.add_argument("--encoding", required=True, choices=("png", "raw"))
+    r.add_argument("--png-compression", type=int, default=None, help="PNG level 0-9 (default: the source's)")
+    r.set_defaults(func=_cmd_reencode)
 
     pv = sub.add_parser("preview", help="draw samples with proposals and an online RoI crop")
     pv.add_argument("dir")

@@ -1,8 +1,10 @@
 """The shard format: standard WebDataset tars, one sample = three members sharing a key.
 
-    <key>.png            the frame, lossless, one channel, 8- or 16-bit as read
-    <key>.proposals.npy  (N, 4) int32 boxes x, y, w, h in the stored frame's pixels
-    <key>.json           metadata: source, path, frame, original size, stored size, dtype, crop, ...
+    <key>.png or <key>.npy  the frame, one channel, 8- or 16-bit exactly as read: lossless PNG
+                            (``shards.encoding: png``) or the array itself (``raw``), which
+                            decodes ~25x faster for about twice the bytes
+    <key>.proposals.npy     (N, 4) int32 boxes x, y, w, h in the stored frame's pixels
+    <key>.json              metadata: source, path, frame, original size, stored size, dtype, crop, ...
 
 Keys are ``<source>-<index>`` with the index the frame's position in the source's selected
 frames, so they are unique, stable across rebuilds and contain no dots (WebDataset splits
@@ -19,12 +21,11 @@ from typing import Iterator
 
 import numpy as np
 
-from data_tools.imageio import decode_png
+from data_tools.imageio import decode_png, encode_png
 
-IMAGE_EXT = "png"
+ENCODINGS = {"png": "png", "raw": "npy"}  # shards.encoding -> the frame member's extension
 PROPOSALS_EXT = "proposals.npy"
 META_EXT = "json"
-SAMPLE_EXTS = (IMAGE_EXT, PROPOSALS_EXT, META_EXT)
 _TAR_BLOCK = 512
 
 
@@ -38,10 +39,44 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def encode_sample(key: str, png: bytes, proposals: np.ndarray, meta: dict) -> dict[str, bytes]:
+def npy_array(data: bytes) -> np.ndarray:
+    """An array from .npy bytes (never unpickled)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_image(image: np.ndarray, encoding: str, png_compression: int = 3) -> tuple[str, bytes]:
+    """(member extension, bytes) of a frame in the shard encoding."""
+    if encoding == "png":
+        return ENCODINGS[encoding], encode_png(image, png_compression)
+    if encoding == "raw":
+        return ENCODINGS[encoding], npy_bytes(image)
+    raise ValueError(f"shards.encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
+
+
+def image_member(members: dict[str, bytes]) -> str:
+    """The extension of the sample's frame member (png or npy)."""
+    found = [ext for ext in ENCODINGS.values() if ext in members]
+    if len(found) != 1:
+        raise ValueError(f"sample has {len(found)} frame members ({sorted(members)}); expected one of "
+                         f"{sorted(ENCODINGS.values())}")
+    return found[0]
+
+
+def decode_image(members: dict[str, bytes]) -> np.ndarray:
+    """The frame of a sample, from PNG or from its raw array (never unpickled)."""
+    ext = image_member(members)
+    if ext == "png":
+        return decode_png(members[ext])
+    image = npy_array(members[ext])
+    if image.ndim != 2 or image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"raw frame of shape {image.shape} and dtype {image.dtype}: expected 2-D uint8 or uint16")
+    return image
+
+
+def encode_sample(key: str, image_ext: str, image_bytes: bytes, proposals: np.ndarray, meta: dict) -> dict[str, bytes]:
     return {
         "__key__": key,
-        IMAGE_EXT: png,
+        image_ext: image_bytes,
         PROPOSALS_EXT: npy_bytes(proposals.astype(np.int32).reshape(-1, 4)),
         META_EXT: json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
     }
@@ -49,11 +84,11 @@ def encode_sample(key: str, png: bytes, proposals: np.ndarray, meta: dict) -> di
 
 def decode_sample(members: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray, dict]:
     """(image, proposals, meta) from a sample's raw members; raises ValueError if malformed."""
-    missing = [e for e in SAMPLE_EXTS if e not in members]
+    missing = [e for e in (PROPOSALS_EXT, META_EXT) if e not in members]
     if missing:
         raise ValueError(f"sample lacks member(s) {missing}")
-    image = decode_png(members[IMAGE_EXT])
-    proposals = np.load(io.BytesIO(members[PROPOSALS_EXT]), allow_pickle=False)
+    image = decode_image(members)
+    proposals = npy_array(members[PROPOSALS_EXT])
     meta = json.loads(members[META_EXT])
     return image, proposals, meta
 

@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_tools.shards import decode_sample
+from data_tools.shards import PROPOSALS_EXT, decode_image, npy_array
 from data_tools.transforms import (IntensityConfig, RoICropConfig, normalize_ir, object_sensitive_crop,
                                    random_hflip, to_unit_intensity)
 
@@ -39,6 +39,13 @@ class ShardSet:
     urls: tuple[str, ...]
     samples: int  # from the manifest
     weight: float = 1.0
+    # Samples of each shard (manifest): a shard cut at a tar block boundary reads as a shorter,
+    # valid tar, so only this count tells it is truncated. None: not checked.
+    shard_samples: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.shard_samples is not None and len(self.shard_samples) != len(self.urls):
+            raise ValueError(f"shard set '{self.name}': {len(self.shard_samples)} counts for {len(self.urls)} shards")
 
 
 def load_shard_set(path: str, weight: float = 1.0, name: str | None = None) -> ShardSet:
@@ -53,7 +60,8 @@ def load_shard_set(path: str, weight: float = 1.0, name: str | None = None) -> S
     urls = tuple(str(folder / s["shard"]) for s in manifest["shards"])
     if not urls:
         raise ValueError(f"{folder}: the manifest lists no shards")
-    return ShardSet(name or folder.name, urls, int(manifest["totals"]["written"]), float(weight))
+    return ShardSet(name or folder.name, urls, int(manifest["totals"]["written"]), float(weight),
+                    tuple(int(s["samples"]) for s in manifest["shards"]))
 
 
 @dataclass(frozen=True)
@@ -164,15 +172,20 @@ class PretrainStream(ResumableStream):
         index = 0
         for shard in (order[slot::slots] if n >= slots else order):
             url = shard_set.urls[shard]
+            read = 0
             try:
                 with wds.gopen(url, "rb") as stream:
                     files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
                     for sample in wds.tariterators.group_by_keys(files):
                         index += 1
+                        read += 1
                         if n >= slots or (index - 1) % slots == slot:
                             yield sample
             except Exception:  # unreadable or truncated shard: count it, go on with the next
                 counters["bad_shards"] += 1
+                continue
+            if shard_set.shard_samples is not None and read != shard_set.shard_samples[shard]:
+                counters["bad_shards"] += 1  # cut at a block boundary: a valid but shorter tar
 
     def _slot_stream(self, set_index: int, slot: int, slots: int, counters: dict) -> Iterator[dict]:
         """Endless passes, each shuffled on its own (the buffer is flushed at the end of a pass),
@@ -199,12 +212,22 @@ class PretrainStream(ResumableStream):
         while True:
             yield next(streams[int(rng.choice(len(streams), p=weights))])
 
-    def _transform(self, sample: dict, rng: np.random.Generator) -> np.ndarray:
-        members = {k: v for k, v in sample.items() if not k.startswith("__")}
-        image, proposals, _ = decode_sample(members)
-        crop = object_sensitive_crop(image, proposals, rng, self.cfg.roi).image
-        crop = random_hflip(crop, rng, self.cfg.hflip)
-        return normalize_ir(to_unit_intensity(crop, self.cfg.intensity), self.cfg.mean, self.cfg.std)
+    def _crop(self, sample: dict, rng: np.random.Generator) -> np.ndarray:
+        """The flipped RoI crop of a sample, still in the frame's integer type: the frame is
+        sliced and resized before anything is converted to float."""
+        image = decode_image(sample)
+        crop = object_sensitive_crop(image, npy_array(sample[PROPOSALS_EXT]), rng, self.cfg.roi).image
+        return random_hflip(crop, rng, self.cfg.hflip)
+
+    def _to_network(self, crops: list[np.ndarray]) -> np.ndarray:
+        """(B, 1, H, W) float32 network input. 8-bit crops are converted as one batch (the same
+        arithmetic as one at a time, so the same numbers); 16-bit ones one by one, since their
+        intensity rule can depend on each crop's own statistics."""
+        if all(c.dtype == np.uint8 for c in crops):
+            unit = to_unit_intensity(np.stack(crops), self.cfg.intensity)
+            return normalize_ir(unit, self.cfg.mean, self.cfg.std)[:, None]
+        return np.stack([normalize_ir(to_unit_intensity(c, self.cfg.intensity), self.cfg.mean, self.cfg.std)
+                         for c in crops])[:, None].astype(np.float32)
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers, my_batches = self.my_batches()
@@ -220,17 +243,17 @@ class PretrainStream(ResumableStream):
             next(stream)
         reported = dict(counters)
         for b in my_batches:
-            images, keys = [], []
-            while len(images) < bs:
+            crops, keys = [], []
+            while len(crops) < bs:
                 sample = next(stream)
                 rng = np.random.default_rng([self.seed, self.epoch, slot, position])
                 position += 1
                 try:
-                    images.append(self._transform(sample, rng))
+                    crops.append(self._crop(sample, rng))
                     keys.append(sample["__key__"])
                 except Exception:  # a corrupt sample: counted, never fatal
                     counters["bad_samples"] += 1
-            batch = torch.from_numpy(np.stack(images)[:, None].astype(np.float32))
+            batch = torch.from_numpy(self._to_network(crops))
             yield {"images": batch, "keys": keys, "epoch": self.epoch, "batch": b, "worker": worker, "position": position,
                    "bad_samples": counters["bad_samples"] - reported["bad_samples"],
                    "bad_shards": counters["bad_shards"] - reported["bad_shards"]}
@@ -256,11 +279,19 @@ class EpochLoader:
     process must be the one to react (save, then stop), not lose its workers.
     """
 
-    def __init__(self, stream: ResumableStream, num_workers: int):
+    def __init__(self, stream: ResumableStream, num_workers: int, prefetch_factor: int = 2,
+                 pin_memory: bool | None = None):
+        """``prefetch_factor``: batches each worker prepares ahead (PyTorch's default 2).
+        ``pin_memory``: page-locked batches for faster, asynchronous host-to-GPU copies (None:
+        on when CUDA is available; it does nothing without a GPU)."""
+        if num_workers and prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1, got {prefetch_factor}")
         self.stream = stream
         self.loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
             multiprocessing_context="spawn" if num_workers else None,
+            prefetch_factor=prefetch_factor if num_workers else None,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
             worker_init_fn=_ignore_preemption_signals if num_workers else None)
         self.started = False
 

@@ -112,7 +112,8 @@ def _train(rank: int, world: int, device: torch.device, cfg, run_dir: Path, over
     ds_cfg = deepspeed_config(micro, accum, world, t.precision, t.zero_stage, t.grad_clip)
     engine, optimizer = build_engine(model, groups, base_lr, tuple(t.betas), ds_cfg)
     stream_cfg = _stream_config(cfg, micro, micro_per_epoch)
-    loader = EpochLoader(PretrainStream(sets, stream_cfg, int(t.seed), rank, world), workers)
+    loader = EpochLoader(PretrainStream(sets, stream_cfg, int(t.seed), rank, world), workers,
+                         int(cfg.data.prefetch_factor), cfg.data.pin_memory)
     ckpt = Checkpointer(run_dir / "checkpoints", int(t.keep_last))
     state = resume_state(ckpt, engine, rank, world, cfg_hash, frozen_ref) if resume else new_state(workers)
 

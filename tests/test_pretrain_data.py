@@ -84,7 +84,7 @@ def test_resume_needs_positions_and_the_same_worker_count(shards):
 
 
 def _copy_with_bad_sample(src: str, dst: str) -> None:
-    """Same tar, with the image of its second sample replaced by garbage."""
+    """Same tar, with the frame (PNG or raw) of its second sample replaced by garbage."""
     with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
         names = []
         for m in tin:
@@ -92,7 +92,7 @@ def _copy_with_bad_sample(src: str, dst: str) -> None:
             key = m.name.split(".")[0]
             if key not in names:
                 names.append(key)
-            if len(names) == 2 and m.name.endswith(".png"):
+            if len(names) == 2 and m.name.split(".", 1)[1] in ("png", "npy"):
                 data = b"not a png at all"
             m.size = len(data)
             tout.addfile(m, io.BytesIO(data))
@@ -105,7 +105,10 @@ def test_corrupt_samples_and_shards_are_counted_and_skipped(shards, tmp_path):
     data = open(shards.urls[1], "rb").read()
     truncated.write_bytes(data[: len(data) // 3])
     missing = str(tmp_path / "missing.tar")
-    mixed = ShardSet("mixed", (str(bad_sample), str(truncated), missing, *shards.urls[2:]), 20)
+    # Cut at a third: with raw frames that is a tar block boundary, which reads as a valid, shorter
+    # tar; the manifest's per-shard counts tell it is truncated.
+    urls = (str(bad_sample), str(truncated), missing, *shards.urls[2:])
+    mixed = ShardSet("mixed", urls, 20, shard_samples=(5,) * len(urls))
     out = run(PretrainStream([mixed], stream_cfg(6), seed=0))
     assert len(out) == 6  # the stream still fills every batch
     assert sum(b["bad_samples"] for b in out) >= 1

@@ -226,7 +226,7 @@ def test_shards_are_sized_by_bytes(tmp_path):
     for i in range(6):
         cv2.imwrite(str(root / f"{i}.png"), _scene(seed=i))
     one = len(_png(_scene())) + 3 * 512 + 1024  # roughly one sample in a tar
-    cfg = load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false", "shards.max_samples=0",
+    cfg = load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false", "shards.max_samples=0", "shards.encoding=png",
                                              f"shards.max_bytes={int(2.5 * one)}"])
     m = build_shards([Source("b", str(root))], cfg, tmp_path / "out", progress=False)
     assert [e["samples"] for e in m["shards"]] == [2, 2, 2]

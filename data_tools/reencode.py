@@ -1,0 +1,66 @@
+"""Convert a shard folder between frame encodings (``png`` <-> ``raw``) without recomputing
+anything: proposals, metadata, keys and shard boundaries are kept; every frame is decoded and
+re-encoded losslessly, so a round trip gives back the same pixels (and, for PNG with the same
+compression level, the same bytes)."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from data_tools.build import MANIFEST, SAMPLE_FRAME_FORMAT
+from data_tools.config import config_hash, save_resolved
+from data_tools.files import atomic_write_text
+from data_tools.shards import ENCODINGS, ShardFile, decode_image, encode_image, image_member, iter_shard
+
+
+class ReencodeError(RuntimeError):
+    pass
+
+
+def reencode_shards(src: str | Path, dst: str | Path, encoding: str, png_compression: int | None = None) -> dict:
+    """Write ``src``'s shards to ``dst`` with frames in ``encoding``; returns the new manifest.
+    ``dst`` must not exist yet (no half-converted folder is ever taken for a finished one: the
+    manifest is written last)."""
+    src, dst = Path(src), Path(dst)
+    if encoding not in ENCODINGS:
+        raise ReencodeError(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
+    manifest_path = src / MANIFEST
+    if not manifest_path.is_file():
+        raise ReencodeError(f"{src}: no manifest.json (not a shard folder)")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("status") != "complete":
+        raise ReencodeError(f"{src}: the build is not complete; finish it first")
+    if dst.exists() and any(dst.iterdir()):
+        raise ReencodeError(f"{dst} exists and is not empty")
+    config = copy.deepcopy(manifest["config"])
+    config["shards"]["encoding"] = encoding
+    if png_compression is not None:
+        config["shards"]["png_compression"] = png_compression
+    compression = int(config["shards"]["png_compression"])
+    dst.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for entry in manifest["shards"]:
+        out = ShardFile(str(dst / entry["shard"]))
+        try:
+            for key, members in iter_shard(str(src / entry["shard"])):
+                old_ext = image_member(members)
+                ext, data = encode_image(decode_image(members), encoding, compression)
+                sample = {"__key__": key, **{k: v for k, v in members.items() if k != old_ext}, ext: data}
+                out.write(sample)
+        except BaseException:
+            out.abandon()
+            raise
+        if out.count != entry["samples"]:
+            raise ReencodeError(f"{entry['shard']}: read {out.count} samples, the manifest lists {entry['samples']}")
+        sha = out.close()
+        shards.append(dict(entry, sha256=sha, bytes=(dst / entry["shard"]).stat().st_size))
+    new = dict(manifest, config=config, config_hash=config_hash(config), shards=shards, encoding=encoding)
+    new["totals"] = dict(manifest["totals"], bytes=sum(s["bytes"] for s in shards))
+    new["sample_format"] = {ENCODINGS[encoding]: SAMPLE_FRAME_FORMAT[encoding],
+                            **{k: v for k, v in manifest["sample_format"].items() if k not in ENCODINGS.values()}}
+    new["reencoded_from"] = {"folder": str(src), "config_hash": manifest["config_hash"]}
+    save_resolved(config, dst, "config.yaml")
+    text = json.dumps(new, indent=1)
+    atomic_write_text(str(dst / MANIFEST), text)
+    return json.loads(text)

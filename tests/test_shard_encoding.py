@@ -1,0 +1,118 @@
+"""Shard frame encodings (png | raw): the same batches for the same seed, verify and reencode
+round trips, the batched network conversion against the per-sample one, real shards."""
+import filecmp
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.build import build_shards
+from data_tools.cli import DEFAULT_BUILD_CONFIG, main as data_main
+from data_tools.config import load_config
+from data_tools.shards import decode_image, decode_sample, iter_shard
+from data_tools.sources import Source, load_sources
+from data_tools.synth import SynthConfig, write_corpus
+from data_tools.transforms import RoICropConfig, normalize_ir, to_unit_intensity
+from data_tools.verify import verify_shards
+from pretrain.data import EpochLoader, PretrainStream, StreamConfig, load_shard_set
+from tests.conftest import shared_path
+
+
+def _build(sources, out, encoding, *overrides):
+    cfg = load_config(DEFAULT_BUILD_CONFIG, [f"shards.encoding={encoding}", "shards.max_samples=6", *overrides])
+    return build_shards(sources, cfg, out, progress=False)
+
+
+@pytest.fixture(scope="module", params=[8, 16], ids=["8bit", "16bit"])
+def both_encodings(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"enc{request.param}")
+    write_corpus(root / "synth", SynthConfig(num_images=14, width=96, height=80, bit_depth=request.param))
+    sources = load_sources(root / "synth" / "sources.yaml")
+    for encoding in ("png", "raw"):
+        _build(sources, root / encoding, encoding)
+    return root, request.param
+
+
+def _batches(folder, seed=7, batches=4):
+    cfg = StreamConfig(batch_size=3, batches_per_epoch=batches, shuffle_buffer=5, roi=RoICropConfig(output_size=(32, 48)))
+    return list(EpochLoader(PretrainStream([load_shard_set(str(folder))], cfg, seed), 0).epoch(0))
+
+
+def test_same_seed_gives_identical_batches_from_png_and_raw(both_encodings):
+    root, bits = both_encodings
+    png, raw = _batches(root / "png"), _batches(root / "raw")
+    assert len(png) == len(raw) == 4
+    for a, b in zip(png, raw):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
+        assert a["images"].dtype == torch.float32 and a["bad_samples"] == b["bad_samples"] == 0
+    first = next(iter_shard(str(root / "raw" / "shard-000000.tar")))[1]
+    assert "npy" in first and "png" not in first and decode_image(first).dtype == (np.uint8 if bits == 8 else np.uint16)
+
+
+def test_verify_and_reencode_round_trip(both_encodings, tmp_path):
+    root, _ = both_encodings
+    assert verify_shards(root / "raw") == [] and verify_shards(root / "png") == []
+    assert data_main(["reencode", str(root / "png"), "--out", str(tmp_path / "to_raw"), "--encoding", "raw"]) == 0
+    assert data_main(["reencode", str(tmp_path / "to_raw"), "--out", str(tmp_path / "back"), "--encoding", "png"]) == 0
+    assert verify_shards(tmp_path / "to_raw") == [] and verify_shards(tmp_path / "back") == []
+    for name in sorted(p.name for p in (root / "png").glob("*.tar")):
+        # PNG -> raw equals a raw build, byte for byte; raw -> PNG gives back the original shards.
+        assert filecmp.cmp(root / "raw" / name, tmp_path / "to_raw" / name, shallow=False)
+        assert filecmp.cmp(root / "png" / name, tmp_path / "back" / name, shallow=False)
+        for (k1, m1), (k2, m2) in zip(iter_shard(str(root / "png" / name)), iter_shard(str(tmp_path / "to_raw" / name))):
+            a, pa, ma = decode_sample(m1)
+            b, pb, mb = decode_sample(m2)
+            assert k1 == k2 and np.array_equal(a, b) and a.dtype == b.dtype and np.array_equal(pa, pb) and ma == mb
+    # A reencoded folder is what `build` with that encoding makes: the same command finds it complete.
+    reencoded = load_shard_set(str(tmp_path / "to_raw"))
+    assert reencoded.samples == 14 and sum(reencoded.shard_samples) == 14
+
+
+def test_reencode_refusals(both_encodings, tmp_path, capsys):
+    root, _ = both_encodings
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert data_main(["reencode", str(root / "png"), "--out", str(tmp_path / "full"), "--encoding", "raw"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert data_main(["reencode", str(tmp_path), "--out", str(tmp_path / "o"), "--encoding", "raw"]) == 2
+    assert "no manifest" in capsys.readouterr().err
+
+
+def test_a_raw_member_never_unpickles_and_must_be_a_frame():
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)  # a pickled object array
+    with pytest.raises(ValueError, match="allow_pickle"):
+        decode_image({"npy": buf.getvalue()})
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="expected 2-D uint8 or uint16"):
+        decode_image({"npy": buf.getvalue()})
+    with pytest.raises(ValueError, match="frame members"):
+        decode_image({"npy": b"", "png": b""})
+
+
+def test_batched_8bit_conversion_equals_the_per_sample_one():
+    stream = PretrainStream.__new__(PretrainStream)
+    stream.cfg = StreamConfig()
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (16, 24), dtype=np.uint8) for _ in range(5)]
+    per_sample = np.stack([normalize_ir(to_unit_intensity(c), 0.3801, 0.1871) for c in crops])[:, None]
+    batched = stream._to_network(crops)
+    assert batched.dtype == np.float32 and batched.shape == (5, 1, 16, 24)
+    assert np.array_equal(batched, per_sample.astype(np.float32))
+    crops16 = [rng.integers(0, 65536, (16, 24), dtype=np.uint16) for _ in range(3)]  # per-crop percentiles
+    expected = np.stack([normalize_ir(to_unit_intensity(c), 0.3801, 0.1871) for c in crops16])[:, None]
+    assert np.array_equal(stream._to_network(crops16), expected.astype(np.float32))
+
+
+def test_real_frames_raw_equals_png(tmp_path):
+    root = shared_path("msrs20", "ir")
+    sources = [Source("msrs", str(root), stride=4)]
+    png, raw = _build(sources, tmp_path / "png", "png"), _build(sources, tmp_path / "raw", "raw")
+    assert png["encoding"] == "png" and raw["encoding"] == "raw"
+    assert raw["totals"]["bytes"] > png["totals"]["bytes"]  # the size cost of raw frames
+    assert [s["first_key"] for s in png["shards"]] == [s["first_key"] for s in raw["shards"]]
+    a, b = _batches(tmp_path / "png", batches=1), _batches(tmp_path / "raw", batches=1)
+    assert torch.equal(a[0]["images"], b[0]["images"])
