@@ -219,15 +219,15 @@ class PretrainStream(ResumableStream):
         crop = object_sensitive_crop(image, npy_array(sample[PROPOSALS_EXT]), rng, self.cfg.roi).image
         return random_hflip(crop, rng, self.cfg.hflip)
 
-    def _to_network(self, crops: list[np.ndarray]) -> np.ndarray:
-        """(B, 1, H, W) float32 network input. 8-bit crops are converted as one batch (the same
-        arithmetic as one at a time, so the same numbers); 16-bit ones one by one, since their
-        intensity rule can depend on each crop's own statistics."""
+    def _to_network(self, crops: list[np.ndarray]) -> torch.Tensor:
+        """The batch as the loader ships it: 8-bit crops stay uint8, (B, 1, H, W): a quarter of
+        the bytes of float32 between loader processes and to the GPU; ``network_input`` turns
+        them into the network's float32 input where the batch is used. 16-bit crops are
+        converted here, one by one, since their intensity rule can depend on each crop."""
         if all(c.dtype == np.uint8 for c in crops):
-            unit = to_unit_intensity(np.stack(crops), self.cfg.intensity)
-            return normalize_ir(unit, self.cfg.mean, self.cfg.std)[:, None]
-        return np.stack([normalize_ir(to_unit_intensity(c, self.cfg.intensity), self.cfg.mean, self.cfg.std)
-                         for c in crops])[:, None].astype(np.float32)
+            return torch.from_numpy(np.stack(crops)[:, None])
+        return torch.from_numpy(np.stack([normalize_ir(to_unit_intensity(c, self.cfg.intensity), self.cfg.mean, self.cfg.std)
+                                          for c in crops])[:, None].astype(np.float32))
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers, my_batches = self.my_batches()
@@ -253,11 +253,21 @@ class PretrainStream(ResumableStream):
                     keys.append(sample["__key__"])
                 except Exception:  # a corrupt sample: counted, never fatal
                     counters["bad_samples"] += 1
-            batch = torch.from_numpy(self._to_network(crops))
+            batch = self._to_network(crops)
             yield {"images": batch, "keys": keys, "epoch": self.epoch, "batch": b, "worker": worker, "position": position,
                    "bad_samples": counters["bad_samples"] - reported["bad_samples"],
                    "bad_shards": counters["bad_shards"] - reported["bad_shards"]}
             reported = {k: counters[k] for k in ("bad_samples", "bad_shards")}
+
+
+def network_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """A loader batch as the network's float32 input: uint8 batches get the 8-bit intensity rule
+    (/ 255) and PAD's normalisation here, on whatever device they are (the same float32
+    arithmetic as ``normalize_ir(to_unit_intensity(crop))``, so the same numbers); float batches
+    (16-bit frames, converted in the loader) pass unchanged."""
+    if images.dtype == torch.uint8:
+        return (images.float() / 255.0 - mean) / std
+    return images
 
 
 def _ignore_preemption_signals(_worker_id: int) -> None:

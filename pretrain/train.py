@@ -11,7 +11,8 @@ import torch
 
 from data_tools.config import config_hash, to_container
 from data_tools.transforms import IntensityConfig, RoICropConfig
-from pretrain.data import EpochLoader, PretrainStream, StreamConfig, batches_per_epoch, load_shard_set
+from pretrain.data import (EpochLoader, PretrainStream, StreamConfig, batches_per_epoch, load_shard_set,
+                           network_input)
 from pretrain.engine import Checkpointer, build_engine, deepspeed_config, lr_at
 from pretrain.factory import build_model_from_config, initialise_from_config
 from pretrain.loop import (LoopSpec, Task, frozen_reference, new_state, prepare_run_dir,
@@ -51,7 +52,8 @@ class PretrainTask(Task):
         set_scale_predictors_trainable(self.model, trainable, self.optimizer)
 
     def forward(self, engine, batch: dict) -> torch.Tensor:
-        loss, _, _ = engine(batch["images"].to(self.device, non_blocking=True))
+        images = batch["images"].to(self.device, non_blocking=True)
+        loss, _, _ = engine(network_input(images, float(self.cfg.data.mean), float(self.cfg.data.std)))
         return loss
 
     def log_fields(self) -> dict:

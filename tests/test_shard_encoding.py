@@ -44,7 +44,9 @@ def test_same_seed_gives_identical_batches_from_png_and_raw(both_encodings):
     assert len(png) == len(raw) == 4
     for a, b in zip(png, raw):
         assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
-        assert a["images"].dtype == torch.float32 and a["bad_samples"] == b["bad_samples"] == 0
+        # 8-bit crops travel as uint8 (a quarter of the bytes), 16-bit ones as float32.
+        assert a["images"].dtype == (torch.uint8 if bits == 8 else torch.float32)
+        assert a["bad_samples"] == b["bad_samples"] == 0
     first = next(iter_shard(str(root / "raw" / "shard-000000.tar")))[1]
     assert "npy" in first and "png" not in first and decode_image(first).dtype == (np.uint8 if bits == 8 else np.uint16)
 
@@ -93,18 +95,25 @@ def test_a_raw_member_never_unpickles_and_must_be_a_frame():
         decode_image({"npy": b"", "png": b""})
 
 
-def test_batched_8bit_conversion_equals_the_per_sample_one():
+def test_shipped_uint8_batches_become_the_per_sample_network_input():
+    """8-bit crops ship as uint8 and become float32 in network_input, with exactly the numbers of
+    the per-sample numpy conversion (to_unit_intensity, then PAD's mean / std)."""
+    from pretrain.data import network_input
+
     stream = PretrainStream.__new__(PretrainStream)
     stream.cfg = StreamConfig()
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 256, (16, 24), dtype=np.uint8) for _ in range(5)]
     per_sample = np.stack([normalize_ir(to_unit_intensity(c), 0.3801, 0.1871) for c in crops])[:, None]
-    batched = stream._to_network(crops)
-    assert batched.dtype == np.float32 and batched.shape == (5, 1, 16, 24)
-    assert np.array_equal(batched, per_sample.astype(np.float32))
+    shipped = stream._to_network(crops)
+    assert shipped.dtype == torch.uint8 and shipped.shape == (5, 1, 16, 24)
+    net = network_input(shipped, 0.3801, 0.1871)
+    assert net.dtype == torch.float32 and np.array_equal(net.numpy(), per_sample.astype(np.float32))
     crops16 = [rng.integers(0, 65536, (16, 24), dtype=np.uint16) for _ in range(3)]  # per-crop percentiles
     expected = np.stack([normalize_ir(to_unit_intensity(c), 0.3801, 0.1871) for c in crops16])[:, None]
-    assert np.array_equal(stream._to_network(crops16), expected.astype(np.float32))
+    shipped16 = stream._to_network(crops16)
+    assert shipped16.dtype == torch.float32 and torch.equal(network_input(shipped16, 0.3801, 0.1871),
+                                                            torch.from_numpy(expected.astype(np.float32)))
 
 
 def test_real_frames_raw_equals_png(tmp_path):
