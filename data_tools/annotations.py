@@ -15,6 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_tools.sources import IMAGE_EXTENSIONS
+
 ISSUE_REASONS = {
     "annotation_without_image": "an annotation names an image that the source does not contain",
     "annotation_parse_error": "an annotation file could not be parsed",
@@ -123,10 +125,14 @@ def read_voc(folder: str) -> AnnotationSet:
 
 
 def index_masks(folder: str, suffix: str) -> AnnotationSet:
+    """Mask files by image stem: ``<stem><suffix>`` (suffix with its extension, e.g.
+    ``_pixels0.png``), or with no suffix, a mask named as its image (``<stem>.png``)."""
     out = AnnotationSet()
     for name in sorted(os.listdir(folder)):
-        if name.endswith(suffix):
+        if suffix and name.endswith(suffix):
             out.masks[name[: -len(suffix)]] = os.path.join(folder, name)
+        elif not suffix and name.lower().endswith(IMAGE_EXTENSIONS):
+            out.masks[os.path.splitext(name)[0]] = os.path.join(folder, name)
     return out
 
 

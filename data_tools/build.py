@@ -26,7 +26,7 @@ from data_tools import SAMPLE_SCHEMA_VERSION
 from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, boxes_from_mask,
                                     boxes_to_pixels, clip_boxes, issue, read_annotations)
 from data_tools.config import config_hash, save_resolved, to_container
-from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, read_frame
+from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, read_frame, read_mask
 from data_tools.proposals import ProposalConfig, compute_proposals, unique_boxes
 from data_tools.files import atomic_write_text, sha256_file
 from data_tools.shards import ENCODINGS, ShardFile, encode_image, encode_sample, sample_key, tar_bytes
@@ -54,14 +54,17 @@ def frame_annotation_boxes(records: list[BoxRecord], mask_path: str | None, orig
     issues: list[dict] = []
     boxes = boxes_to_pixels(records, orig_w, orig_h)
     if mask_path is not None:
-        mask = cv2.imread(mask_path, cv2.IMREAD_UNCHANGED)
+        try:
+            mask = read_mask(mask_path)
+        except SkipSample:
+            mask = None
         if mask is None:
             issues.append(issue(mask_path, "mask_unreadable"))
         elif mask.shape[:2] != (orig_h, orig_w):
             issues.append(issue(mask_path, "mask_size_mismatch",
                                 f"mask {mask.shape[1]}x{mask.shape[0]}, image {orig_w}x{orig_h} ({rel})"))
         else:
-            boxes = np.concatenate([boxes, boxes_from_mask(mask if mask.ndim == 2 else mask[..., 0])])
+            boxes = np.concatenate([boxes, boxes_from_mask(mask)])
     top, bottom, left, right = source.border_crop
     boxes = boxes - np.array([left, top, 0, 0], np.float64)
     w, h = orig_w - left - right, orig_h - top - bottom

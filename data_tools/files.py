@@ -1,9 +1,12 @@
-"""File helpers shared by every stage: checksums and atomic writes."""
+"""File helpers shared by every stage: checksums, atomic writes, our append-only JSONL logs."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
 from pathlib import Path
+from typing import Callable
 
 
 def sha256_file(path: str | Path) -> str:
@@ -22,3 +25,32 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict], str | None]:
+    """Records of one of our append-only JSONL logs, and the torn final line if there is one.
+
+    A process killed in the middle of an append leaves a partial last line: that line is dropped
+    (and returned, for the caller to report). An unreadable line anywhere else is corruption,
+    not an interrupted append, and raises with its line number."""
+    lines = Path(path).read_text().split("\n")
+    complete, last = lines[:-1], lines[-1]  # every complete record ends with a newline
+    records = []
+    for number, line in enumerate(complete, 1):
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {number} is not JSON ({e}); the log is corrupt") from None
+    return records, (last or None)  # text after the last newline: an append that was cut short
+
+
+def trim_jsonl(path: str | Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a JSONL log with only the records ``keep`` accepts (a resumed run drops the steps
+    it will redo); a torn final line is dropped with a warning."""
+    records, torn = read_jsonl(path)
+    if torn is not None:
+        print(f"warning: {path}: dropped a torn final line ({len(torn)} characters; a run was killed "
+              "mid-write)", file=sys.stderr)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if keep(r)))

@@ -155,6 +155,19 @@ def read_label_map(path: str) -> np.ndarray:
         raise SkipSample("decode_failed", str(e)) from None
 
 
+def read_mask(path: str) -> np.ndarray:
+    """An object mask as (H, W) values, non-zero = object: grey and palette PNGs through
+    ``read_label_map`` (their stored indices, where OpenCV would expand a palette to colours),
+    colour masks as any non-zero channel."""
+    try:
+        return read_label_map(path)
+    except SkipSample:
+        image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise
+        return image.max(axis=2) if image.ndim == 3 else image
+
+
 def crop_border(image: np.ndarray, border: tuple[int, int, int, int]) -> np.ndarray:
     """Remove (top, bottom, left, right) pixels, e.g. DroneVehicle's 100 px white frame."""
     top, bottom, left, right = border

@@ -39,6 +39,19 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class SampleDecodeError(ValueError):
+    """A sample whose stored members do not decode (corrupt, truncated, missing a member)."""
+
+
+def decode_for_training(sample: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(frame, proposals) of a sample as the loader reads it; any failure to decode the stored
+    bytes is a ``SampleDecodeError`` naming the sample, so that callers can skip exactly those."""
+    try:
+        return decode_image(sample), npy_array(sample[PROPOSALS_EXT])
+    except (ValueError, KeyError, EOFError, OSError) as e:
+        raise SampleDecodeError(f"sample {sample.get('__key__', '?')}: {type(e).__name__}: {e}") from e
+
+
 def npy_array(data: bytes) -> np.ndarray:
     """An array from .npy bytes (never unpickled)."""
     return np.load(io.BytesIO(data), allow_pickle=False)

@@ -16,21 +16,22 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_tools.shards import PROPOSALS_EXT, decode_image, npy_array
+from data_tools.shards import SampleDecodeError, decode_for_training, iter_shard
 from data_tools.transforms import (IntensityConfig, RoICropConfig, normalize_ir, object_sensitive_crop,
                                    random_hflip, to_unit_intensity)
 
 
 _MAX_WORKERS = 64  # loader workers per training process
+MAX_CONSECUTIVE_BAD_SAMPLES = 100  # then the data, not a sample, is broken: stop with the reason
 
 
 @dataclass(frozen=True)
@@ -174,14 +175,12 @@ class PretrainStream(ResumableStream):
             url = shard_set.urls[shard]
             read = 0
             try:
-                with wds.gopen(url, "rb") as stream:
-                    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
-                    for sample in wds.tariterators.group_by_keys(files):
-                        index += 1
-                        read += 1
-                        if n >= slots or (index - 1) % slots == slot:
-                            yield sample
-            except Exception:  # unreadable or truncated shard: count it, go on with the next
+                for key, members in iter_shard(url):
+                    index += 1
+                    read += 1
+                    if n >= slots or (index - 1) % slots == slot:
+                        yield {"__key__": key, **members}
+            except (OSError, tarfile.TarError, EOFError):  # unreadable or truncated shard: counted, skipped
                 counters["bad_shards"] += 1
                 continue
             if shard_set.shard_samples is not None and read != shard_set.shard_samples[shard]:
@@ -215,9 +214,13 @@ class PretrainStream(ResumableStream):
     def _crop(self, sample: dict, rng: np.random.Generator) -> np.ndarray:
         """The flipped RoI crop of a sample, still in the frame's integer type: the frame is
         sliced and resized before anything is converted to float."""
-        image = decode_image(sample)
-        crop = object_sensitive_crop(image, npy_array(sample[PROPOSALS_EXT]), rng, self.cfg.roi).image
-        return random_hflip(crop, rng, self.cfg.hflip)
+        image, proposals = decode_for_training(sample)  # SampleDecodeError: the stored sample is bad
+        try:
+            crop = object_sensitive_crop(image, proposals, rng, self.cfg.roi).image
+            return random_hflip(crop, rng, self.cfg.hflip)
+        except Exception as e:  # a transform error is a bug or a bad setting, not a bad sample
+            raise RuntimeError(f"the pre-training transform failed on sample {sample.get('__key__')} "
+                               f"({image.shape[1]}x{image.shape[0]}, {len(proposals)} proposals): {e}") from e
 
     def _to_network(self, crops: list[np.ndarray]) -> torch.Tensor:
         """The batch as the loader ships it: 8-bit crops stay uint8, (B, 1, H, W): a quarter of
@@ -242,6 +245,7 @@ class PretrainStream(ResumableStream):
         for _ in range(position):
             next(stream)
         reported = dict(counters)
+        consecutive_bad = 0
         for b in my_batches:
             crops, keys = [], []
             while len(crops) < bs:
@@ -251,8 +255,13 @@ class PretrainStream(ResumableStream):
                 try:
                     crops.append(self._crop(sample, rng))
                     keys.append(sample["__key__"])
-                except Exception:  # a corrupt sample: counted, never fatal
+                    consecutive_bad = 0
+                except SampleDecodeError as e:  # a corrupt sample: counted and skipped, unless all are
                     counters["bad_samples"] += 1
+                    consecutive_bad += 1
+                    if consecutive_bad >= MAX_CONSECUTIVE_BAD_SAMPLES:
+                        raise RuntimeError(f"{consecutive_bad} consecutive samples failed to decode, the last: "
+                                           f"{e}") from e
             batch = self._to_network(crops)
             yield {"images": batch, "keys": keys, "epoch": self.epoch, "batch": b, "worker": worker, "position": position,
                    "bad_samples": counters["bad_samples"] - reported["bad_samples"],

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from data_tools.config import save_resolved
-from data_tools.files import sha256_file
+from data_tools.files import sha256_file, trim_jsonl
 from pretrain.engine import Checkpointer, ResumeError, StopSignals, frozen_fingerprint, seed_step, set_lr
 
 FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume tests
@@ -126,8 +126,7 @@ class MetricsLog:
         if not enabled:
             return
         if self.path.is_file():  # drop records of steps the resumed run will redo
-            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+            trim_jsonl(self.path, lambda r: r.get("step", 0) <= resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
@@ -238,8 +237,7 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
     log = MetricsLog(run_dir, state["step"], rank == 0)
     samples_log = run_dir / f"samples_rank{rank}.jsonl" if spec.record_samples else None
     if samples_log is not None and samples_log.is_file():  # drop steps the resumed run will redo
-        keep = [l for l in samples_log.read_text().splitlines() if json.loads(l)["step"] < state["step"]]
-        samples_log.write_text("".join(l + "\n" for l in keep))
+        trim_jsonl(samples_log, lambda r: r["step"] < state["step"])
     signals = StopSignals()
     fault_step = int(os.environ.get(FAULT_ENV, "-1"))
 

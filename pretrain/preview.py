@@ -1,13 +1,15 @@
 """Reconstruction previews: original | masked | reconstruction for a fixed set of frames."""
 from __future__ import annotations
 
+import sys
+import tarfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from data_tools.shards import decode_sample, iter_shard
+from data_tools.shards import SampleDecodeError, decode_for_training, iter_shard
 from data_tools.transforms import IntensityConfig, normalize_ir, to_unit_intensity
 from pretrain.models.mae import patchify, unpatchify
 from pretrain.models.vit import match_channels
@@ -15,11 +17,17 @@ from pretrain.models.vit import match_channels
 
 def fixed_frames(urls: list[str], count: int, size: tuple[int, int], mean: float, std: float,
                  intensity: IntensityConfig = IntensityConfig()) -> torch.Tensor:
-    """The first ``count`` frames of the shards, whole-frame resized (no random crop): (N, 1, H, W)."""
+    """The first ``count`` frames of the shards, whole-frame resized (no random crop): (N, 1, H, W).
+    Read as the training stream reads them (one shard reader); an undecodable sample or an
+    unreadable shard is skipped with a warning, as training skips and counts it."""
     frames = []
     for url in urls:
-        for _, members in iter_shard(url):
-            image, _, _ = decode_sample(members)
+        for key, members in _readable(url):
+            try:
+                image, _ = decode_for_training({"__key__": key, **members})
+            except SampleDecodeError as e:
+                print(f"warning: preview: {e}; skipped", file=sys.stderr)
+                continue
             image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
             frames.append(normalize_ir(to_unit_intensity(image, intensity), mean, std))
             if len(frames) == count:
@@ -27,6 +35,13 @@ def fixed_frames(urls: list[str], count: int, size: tuple[int, int], mean: float
     if not frames:
         raise ValueError("no frames to preview")
     return torch.from_numpy(np.stack(frames)[:, None].astype(np.float32))
+
+
+def _readable(url: str):
+    try:
+        yield from iter_shard(url)
+    except (OSError, tarfile.TarError, EOFError) as e:
+        print(f"warning: preview: shard {url} is unreadable from here on ({e}); skipped", file=sys.stderr)
 
 
 @torch.no_grad()

@@ -164,3 +164,46 @@ def test_persistent_workers_follow_the_position_across_epochs(shards):
     got1 = list(loader.epoch(1, 3, positions))
     assert [b["keys"] for b in got0] == [b["keys"] for b in ref[0]]
     assert [b["keys"] for b in got1] == [b["keys"] for b in ref[1][3:]]
+
+
+def test_a_failing_transform_raises_with_the_sample_key_instead_of_spinning(shards):
+    """A crop size of 0 fails on every sample: that is a setting, not bad data. Before, every
+    exception counted as a bad sample and the stream retried forever."""
+    cfg = StreamConfig(batch_size=2, batches_per_epoch=2, shuffle_buffer=4, roi=RoICropConfig(output_size=(0, 0)))
+    with pytest.raises(RuntimeError, match=r"transform failed on sample synth-\d+"):
+        run(PretrainStream([shards], cfg, seed=0))
+
+
+def test_undecodable_samples_are_bounded(tmp_path):
+    """Shards whose every frame is garbage: skipped and counted up to a bound, then one error."""
+    import pretrain.data
+
+    root = tmp_path / "bad"
+    write_corpus(root / "synth", SynthConfig(num_images=6, width=96, height=80))
+    build_shards(load_sources(root / "synth" / "sources.yaml"),
+                 load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false"]), root / "shards", progress=False)
+    good = load_shard_set(str(root / "shards"))
+    with tarfile.open(good.urls[0]) as tin, tarfile.open(tmp_path / "garbage.tar", "w") as tout:
+        for m in tin:
+            data = tin.extractfile(m).read()
+            if m.name.split(".", 1)[1] in ("png", "npy"):
+                data = b"garbage"
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+    garbage = ShardSet("garbage", (str(tmp_path / "garbage.tar"),), 6)
+    with pytest.raises(RuntimeError, match=f"{pretrain.data.MAX_CONSECUTIVE_BAD_SAMPLES} consecutive samples "
+                                           r"failed to decode, the last: sample synth-\d+"):
+        run(PretrainStream([garbage], stream_cfg(2), seed=0))
+
+
+def test_previews_skip_a_corrupt_frame_like_training_does(shards, tmp_path, capsys):
+    """The reconstruction preview reads the shards with the training stream's reader and rule:
+    a corrupt frame (here the second sample's) is skipped with a warning, not a crash."""
+    from pretrain.preview import fixed_frames
+
+    bad = tmp_path / "bad.tar"
+    _copy_with_bad_sample(shards.urls[0], str(bad))
+    frames = fixed_frames([str(bad), str(tmp_path / "missing.tar"), *shards.urls[1:]], 6, (32, 48), 0.3801, 0.1871)
+    assert frames.shape == (6, 1, 32, 48)
+    err = capsys.readouterr().err
+    assert "skipped" in err and "synth-00000001" in err and "missing.tar" in err

@@ -243,3 +243,35 @@ def test_a_start_that_failed_before_its_first_checkpoint_starts_again(tmp_path):
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "latest").write_text("step00000002")
     assert _run_dir_decision(run, False, "abc") == ("resume", None)
+
+
+def test_a_torn_final_log_line_is_dropped_and_reported(tmp_path, capsys):
+    """A kill in the middle of an append leaves a partial last line: resume trims the log without
+    failing; a bad line elsewhere is corruption and names its line."""
+    from data_tools.files import read_jsonl, trim_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
+    records, torn = read_jsonl(log)
+    assert [r["step"] for r in records] == [1, 2] and torn == '{"step": 3, "lo'
+    trim_jsonl(log, lambda r: r["step"] <= 1)
+    assert log.read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert "torn final line" in capsys.readouterr().err
+    log.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_jsonl(log)
+
+
+def test_resume_after_a_torn_metrics_line(shards, tmp_path):
+    """The whole path: a run killed after step 4 whose metrics log then ends in half a line
+    resumes to the end (it died with JSONDecodeError before)."""
+    run_dir = tmp_path / "torn"
+    res = launch(run_dir, shards, env_extra={FAULT_ENV: "4"})
+    assert res.returncode != 0
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.')
+    res = launch(run_dir, shards)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "torn final line" in res.stderr
+    steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 12

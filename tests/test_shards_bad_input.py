@@ -12,7 +12,7 @@ from data_tools.cli import DEFAULT_BUILD_CONFIG, main as cli_main
 from data_tools.config import load_config
 from data_tools.imageio import SkipSample, read_frame
 from data_tools.shards import decode_sample, iter_shard
-from data_tools.sources import Source, SourceError, discover, load_sources
+from data_tools.sources import AnnotationSpec, Source, SourceError, discover, load_sources
 
 
 def _scene(h=96, w=128, seed=0, dtype=np.uint8):
@@ -231,3 +231,27 @@ def test_shards_are_sized_by_bytes(tmp_path):
     m = build_shards([Source("b", str(root))], cfg, tmp_path / "out", progress=False)
     assert [e["samples"] for e in m["shards"]] == [2, 2, 2]
     assert all(e["bytes"] <= int(2.5 * one) + 10240 for e in m["shards"])  # + the tar end-of-archive record
+
+
+def test_palette_png_masks_give_boxes(tmp_path):
+    """A palette ('P') mask whose object index maps to a colour with a zero first channel
+    (VOC's class 1 is (128, 0, 0)): OpenCV expands palettes to colours and found no object."""
+    from PIL import Image
+
+    root = tmp_path / "pal"
+    (root / "masks").mkdir(parents=True)
+    cv2.imwrite(str(root / "f.png"), _scene(80, 100))
+    mask = np.zeros((80, 100), np.uint8)
+    mask[10:40, 20:70] = 1
+    img = Image.fromarray(mask, mode="P")
+    img.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)  # index 1 -> RGB (128, 0, 0), VOC's first class
+    img.save(root / "masks" / "f.png")
+    cv2_view = cv2.imread(str(root / "masks" / "f.png"), cv2.IMREAD_UNCHANGED)
+    assert cv2_view.ndim == 3 and cv2_view[20, 30, 0] == 0  # BGR: the channel the builder used to read is 0
+    src = Source("pal", str(root), globs=("*.png",),
+                 annotations=(AnnotationSpec(format="mask", path=str(root / "masks")),))
+    cfg = load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false"])
+    m = build_shards([src], cfg, tmp_path / "out", progress=False)
+    _, members = next(iter_shard(str(tmp_path / "out" / m["shards"][0]["shard"])))
+    _, proposals, meta = decode_sample(members)
+    assert [20, 10, 50, 30] in proposals.tolist() and meta["proposals_from_annotations"] == 1
