@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from data_tools.config import CONFIG_DIR, load_config
 from pretrain.factory import build_model_from_config, initialise_from_config
@@ -51,6 +52,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pretrain.engine import Checkpointer, ResumeError
+
+    ckpt = Checkpointer(Path(args.run_dir) / "checkpoints")
+    tags = ckpt.tags()
+    if not tags:
+        print(f"{args.run_dir}: no checkpoints")
+        return 1
+    print(f"latest pointer: {ckpt.latest_tag()!r}")
+    for tag in tags:
+        problem = ckpt.problem(tag)
+        print(f"  {tag}: {'complete, checksums match' if problem is None else problem}")
+    try:
+        tag, _ = ckpt.choose()
+    except ResumeError as e:
+        print(f"resume would fail: {e}")
+        return 1
+    print(f"resume would use {tag}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain", description=__doc__)
     # The deepspeed launcher passes --local_rank=N right after the module name (LOCAL_RANK is read
@@ -76,6 +98,10 @@ def make_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="backbone .pth (a .json with its config is written beside it)")
     ex.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     ex.set_defaults(func=_cmd_export)
+    ve = sub.add_parser("verify", help="check a run's checkpoints (files, checksums) and say which one a resume "
+                                       "would use (exit 1 if none)")
+    ve.add_argument("run_dir")
+    ve.set_defaults(func=_cmd_verify)
     return p
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_tools.files import atomic_write_text
+from data_tools.files import atomic_write_text, sha256_file
 
 LATEST = "latest"
 
@@ -200,14 +201,44 @@ class ResumeError(RuntimeError):
     pass
 
 
+CHECKSUMS = "checksums.json"
+
+
+def _weights_only_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint reads, with ``weights_only=True``: a checkpoint file is data, never
+    code (DeepSpeed's own loader unpickles anything)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ResumeError(f"refused to load {path}: it holds more than tensors and plain data, which "
+                          f"could run code ({str(e).splitlines()[0]}); delete it or the checkpoint folder") from None
+
+
 @dataclass
 class Checkpointer:
+    """Checkpoints in ``directory/stepNNNNNNNN``, ``latest`` naming the newest complete one.
+
+    Every file of a checkpoint is listed with its sha256 in ``checksums.json``, written after all
+    ranks finished writing and before ``latest`` moves. Loading verifies the latest checkpoint and
+    falls back to the newest one that verifies (``keep_last`` are kept for this), saying which it
+    skipped and why; files are read with ``weights_only=True``."""
+
     directory: Path
     keep_last: int = 3
 
     def latest_tag(self) -> str | None:
         pointer = self.directory / LATEST
         return pointer.read_text().strip() if pointer.is_file() else None
+
+    def tags(self) -> list[str]:
+        """Checkpoint folders, newest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted((p.name for p in self.directory.iterdir() if p.is_dir() and p.name.startswith("step")),
+                      reverse=True)
+
+    def has_checkpoints(self) -> bool:
+        return bool(self.latest_tag() is not None or self.tags())
 
     def save(self, engine, tag: str, rank: int, state: dict) -> None:
         tag_dir = self.directory / tag
@@ -217,6 +248,9 @@ class Checkpointer:
         atomic_write_text(tag_dir / f"state_rank{rank}.json", json.dumps(state))
         dist.barrier()  # every rank has written everything for this tag
         if rank == 0:
+            files = sorted(p.name for p in tag_dir.iterdir() if p.is_file() and p.name != CHECKSUMS)
+            sums = {name: sha256_file(tag_dir / name) for name in files}
+            atomic_write_text(tag_dir / CHECKSUMS, json.dumps({"world_size": dist.get_world_size(), "files": sums}))
             atomic_write_text(self.directory / LATEST, tag)
             self._prune(keep=tag)
         dist.barrier()
@@ -227,17 +261,73 @@ class Checkpointer:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def problem(self, tag: str, world: int | None = None) -> str | None:
+        """Why checkpoint ``tag`` cannot be resumed (None: complete and intact). ``world``: the
+        process count whose state files must all be there (None: any)."""
+        tag_dir = self.directory / tag
+        if not tag_dir.is_dir():
+            return "its folder is missing"
+        try:
+            listed = json.loads((tag_dir / CHECKSUMS).read_text())
+        except FileNotFoundError:
+            return f"{CHECKSUMS} is missing (the save did not finish)"
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{CHECKSUMS} is not readable JSON"
+        for name, digest in listed["files"].items():
+            path = tag_dir / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if sha256_file(path) != digest:
+                return f"{name} does not match its sha256 (corrupted or truncated)"
+        saved_world = int(listed.get("world_size", 0))
+        for r in range(saved_world):
+            name = f"state_rank{r}.json"
+            if name not in listed["files"]:
+                return f"{name} was not written"
+        if world is not None and saved_world != world:
+            return f"written by {saved_world} processes, this run has {world}: resume with the same number of processes"
+        return None
+
+    def choose(self, world: int | None = None) -> tuple[str, list[str]]:
+        """The newest usable checkpoint (the latest first) and the reasons others were skipped."""
+        latest = self.latest_tag()
+        skipped = []
+        if latest is not None and latest not in self.tags():
+            skipped.append(f"latest names {latest!r}, which does not exist" if latest else "latest is empty")
+        order = ([latest] if latest in self.tags() else []) + [t for t in self.tags() if t != latest]
+        for tag in order:
+            reason = self.problem(tag, world)
+            if reason is None:
+                return tag, skipped
+            skipped.append(f"{tag}: {reason}")
+        raise ResumeError(f"no usable checkpoint in {self.directory}: " + ("; ".join(skipped) or "none written")
+                          + " (use --overwrite to start again)")
+
     def load(self, engine, rank: int, weights_only: bool = False) -> dict:
-        """Load the latest checkpoint into ``engine``; returns this rank's saved state.
+        """Load the newest verified checkpoint into ``engine`` (rank 0 decides, every rank loads
+        the same one); returns this rank's saved state and sets ``self.loaded_tag``.
         ``weights_only``: the trainable weights without optimizer state, for any number of
         processes (evaluation), with rank 0's state (config hash, frozen reference)."""
-        tag = self.latest_tag()
+        world = dist.get_world_size()
+        choice: list = [None]
+        if rank == 0:
+            try:
+                tag, skipped = self.choose(None if weights_only else world)
+                for why in skipped:
+                    print(f"warning: checkpoint skipped: {why}", file=sys.stderr, flush=True)
+                choice = [(tag, None)]
+            except ResumeError as e:
+                choice = [(None, str(e))]
+        dist.broadcast_object_list(choice, src=0)
+        tag, error = choice[0]
+        if error:
+            raise ResumeError(error)
         state_path = self.directory / tag / f"state_rank{0 if weights_only else rank}.json"
-        if not state_path.is_file():
-            raise ResumeError(f"{state_path} is missing: was this checkpoint written with fewer processes?")
         state = json.loads(state_path.read_text())
+        engine.checkpoint_engine.load = _weights_only_load
         engine.load_checkpoint(str(self.directory), tag=tag, load_module_strict=False,
                                load_optimizer_states=not weights_only, load_lr_scheduler_states=False)
+        self.loaded_tag = tag
         return state
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from data_tools.config import load_config
-from pretrain.engine import LATEST, ResumeError, frozen_fingerprint
+from pretrain.engine import Checkpointer, ResumeError, frozen_fingerprint
 from pretrain.factory import build_model_from_config, initialise_from_config
 from pretrain.weights import export_backbone
 
@@ -17,10 +18,15 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     ckpt_dir = run_dir / "checkpoints"
+    ckpt = Checkpointer(ckpt_dir)
     if tag is None:
-        if not (ckpt_dir / LATEST).is_file():
-            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint (no '{LATEST}' pointer)")
-        tag = (ckpt_dir / LATEST).read_text().strip()
+        if not ckpt.has_checkpoints():
+            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
+        tag, skipped = ckpt.choose()  # the newest verified one
+        for why in skipped:
+            print(f"warning: checkpoint skipped: {why}", file=sys.stderr)
+    elif (problem := ckpt.problem(tag)) is not None:
+        raise ResumeError(f"checkpoint {tag}: {problem}")
     if cfg.train.zero_stage == 3:
         raise ResumeError("ZeRO stage 3 partitions the weights: consolidate with DeepSpeed's zero_to_fp32.py first")
     torch.manual_seed(int(cfg.train.seed))  # frozen weights of a random-init run come from the seed

@@ -38,7 +38,7 @@ def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str) -> tuple[st
     """('resume' | 'fresh' | 'wipe', error or None) for a run directory."""
     hash_file = run_dir / "config_hash.txt"
     saved = hash_file.read_text().strip() if hash_file.is_file() else None
-    if (run_dir / "checkpoints" / "latest").is_file() and not overwrite:
+    if Checkpointer(run_dir / "checkpoints").has_checkpoints() and not overwrite:
         if saved != cfg_hash:
             return "resume", (f"{run_dir} holds a run of another config (hash {saved} != {cfg_hash}); "
                               "use another --run-dir, or --overwrite to discard it")
@@ -212,7 +212,7 @@ def resume_state(ckpt: Checkpointer, engine, rank: int, world: int, cfg_hash: st
     _check_checkpoint(saved, cfg_hash, frozen_ref)
     state = saved["data"]
     if rank == 0:
-        print(f"resumed from {ckpt.latest_tag()} at step {state['step']} (epoch {state['epoch']}, "
+        print(f"resumed from {ckpt.loaded_tag} at step {state['step']} (epoch {state['epoch']}, "
               f"micro-batch {state['batch']})", flush=True)
     return state
 

@@ -275,3 +275,133 @@ def test_resume_after_a_torn_metrics_line(shards, tmp_path):
     assert "torn final line" in res.stderr
     steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 12
+
+
+# --- checkpoint integrity: corruption, fallback, code in files ---------------------------------
+
+@pytest.fixture(scope="module")
+def killed_at_4(shards, tmp_path_factory):
+    """A 2-process run killed after step 4: checkpoints step 2 and step 4 (latest)."""
+    run_dir = tmp_path_factory.mktemp("pt") / "killed"
+    res = launch(run_dir, shards, env_extra={FAULT_ENV: "4"})
+    assert res.returncode != 0
+    return run_dir
+
+
+def _corrupt(ckpt_dir: Path, kind: str) -> None:
+    step = ckpt_dir / "step00000004"
+    model = step / "mp_rank_00_model_states.pt"
+    if kind == "flipped_bytes":
+        data = bytearray(model.read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 16):
+            data[i] ^= 0xFF
+        model.write_bytes(bytes(data))
+    elif kind == "truncated_model":
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    elif kind == "deleted_model":
+        model.unlink()
+    elif kind == "truncated_state":
+        state = step / "state_rank1.json"
+        state.write_text(state.read_text()[:10])
+    elif kind == "no_checksums":
+        (step / "checksums.json").unlink()
+    elif kind == "empty_latest":
+        (ckpt_dir / "latest").write_text("")
+    elif kind == "dangling_latest":
+        (ckpt_dir / "latest").write_text("step00000099")
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("flipped_bytes", "mp_rank_00_model_states.pt does not match its sha256"),
+    ("truncated_model", "mp_rank_00_model_states.pt does not match its sha256"),
+    ("deleted_model", "mp_rank_00_model_states.pt is missing"),
+    ("truncated_state", "state_rank1.json does not match its sha256"),
+    ("no_checksums", "checksums.json is missing"),
+    ("empty_latest", "latest is empty"),
+    ("dangling_latest", "'step00000099', which does not exist"),
+])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(killed_at_4, tmp_path, kind, reason):
+    import shutil
+
+    from pretrain.engine import Checkpointer, ResumeError
+
+    ckpt_dir = tmp_path / "checkpoints"
+    shutil.copytree(killed_at_4 / "checkpoints", ckpt_dir)
+    ckpt = Checkpointer(ckpt_dir)
+    assert ckpt.choose(world=2) == ("step00000004", [])
+    _corrupt(ckpt_dir, kind)
+    tag, skipped = ckpt.choose(world=2)
+    expected = "step00000002" if "latest" not in kind else "step00000004"  # a bad pointer: the newest intact
+    assert tag == expected and any(reason in why for why in skipped), skipped
+    shutil.rmtree(ckpt_dir / "step00000002")
+    if "latest" not in kind:
+        with pytest.raises(ResumeError, match="no usable checkpoint"):
+            ckpt.choose(world=2)
+
+
+def test_resume_after_flipped_bytes_ends_like_an_uninterrupted_run(shards, uninterrupted, killed_at_4, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_at_4, run_dir)
+    _corrupt(run_dir / "checkpoints", "flipped_bytes")
+    res = launch(run_dir, shards)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "checkpoint skipped: step00000004: mp_rank_00_model_states.pt does not match its sha256" in out
+    assert "resumed from step00000002 at step 2" in out
+    a, b = trainable(uninterrupted), trainable(run_dir)
+    for k in a["module"]:
+        assert torch.equal(a["module"][k], b["module"][k]), k
+
+
+class _Planted:
+    """Unpickling this creates a marker file: what a malicious checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_object_in_a_checkpoint_is_refused_and_never_runs(shards, killed_at_4, tmp_path):
+    """Someone who can write to the run folder replaces a checkpoint file with a pickle that runs a
+    command, and updates the checksums too: resume refuses the file by name; nothing runs."""
+    import hashlib
+    import pickle
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_at_4, run_dir)
+    marker = tmp_path / "code_ran"
+    step = run_dir / "checkpoints" / "step00000004"
+    target = step / "mp_rank_00_model_states.pt"
+    target.write_bytes(pickle.dumps({"module": _Planted(marker)}))
+    sums = json.loads((step / "checksums.json").read_text())
+    sums["files"][target.name] = hashlib.sha256(target.read_bytes()).hexdigest()
+    (step / "checksums.json").write_text(json.dumps(sums))
+    res = launch(run_dir, shards)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "refused to load" in out and "mp_rank_00_model_states.pt" in out
+    assert not marker.exists()
+
+
+def test_verify_cli_reports_each_checkpoint_and_the_one_resume_uses(killed_at_4, tmp_path, capsys):
+    import shutil
+
+    from pretrain.cli import main as pretrain_main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_at_4, run_dir)
+    assert pretrain_main(["verify", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "step00000004: complete, checksums match" in out and "resume would use step00000004" in out
+    _corrupt(run_dir / "checkpoints", "flipped_bytes")
+    assert pretrain_main(["verify", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "step00000004: mp_rank_00_model_states.pt does not match its sha256" in out
+    assert "resume would use step00000002" in out
+    shutil.rmtree(run_dir / "checkpoints" / "step00000002")
+    assert pretrain_main(["verify", str(run_dir)]) == 1
+    assert "resume would fail" in capsys.readouterr().out
