@@ -241,6 +241,17 @@ class Checkpointer:
         return bool(self.latest_tag() is not None or self.tags())
 
     def save(self, engine, tag: str, rank: int, state: dict) -> None:
+        """Write checkpoint ``tag`` on every rank. Non-finite trainable weights are never written:
+        every resume would start from them (the loss check fires one step after the update that
+        broke them); ``latest`` keeps naming the last good checkpoint."""
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        finite = all(bool(torch.isfinite(p).all()) for p in params)
+        flag = torch.tensor([1.0 if finite else 0.0], device=params[0].device if params else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() < 1:
+            raise FloatingPointError(f"the trainable weights are non-finite at {tag}: checkpoint not written, "
+                                     f"{self.latest_tag() or 'no checkpoint'} stays the latest (lower the learning "
+                                     "rate, or check the data)")
         tag_dir = self.directory / tag
         engine.save_checkpoint(str(self.directory), tag=tag, save_latest=False,
                                exclude_frozen_parameters=True)

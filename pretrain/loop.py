@@ -276,7 +276,7 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
                 with open(samples_log, "a") as f:
                     f.write(json.dumps({"step": step, "keys": keys}) + "\n")
             if not torch.isfinite(torch.stack(losses)).all():
-                raise FloatingPointError(f"non-finite loss at step {step}")
+                raise FloatingPointError(f"non-finite loss at step {state['step']}")  # the step's number in logs and tags
             elapsed = time.perf_counter() - t0
             progress.update(1)
             if state["step"] % spec.log_every == 0 or state["step"] == spec.total_steps:

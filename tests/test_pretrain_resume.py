@@ -405,3 +405,22 @@ def test_verify_cli_reports_each_checkpoint_and_the_one_resume_uses(killed_at_4,
     shutil.rmtree(run_dir / "checkpoints" / "step00000002")
     assert pretrain_main(["verify", str(run_dir)]) == 1
     assert "resume would fail" in capsys.readouterr().out
+
+
+def test_non_finite_weights_never_become_a_checkpoint(shards, tmp_path):
+    """blr 1e6 breaks the weights one step before the loss shows it: the save refuses them, and
+    every checkpoint left (and latest) holds finite weights, so a resume can start from it."""
+    from pretrain.engine import Checkpointer
+
+    run_dir = tmp_path / "nan"
+    res = launch(run_dir, shards, nproc=1, extra=["train.blr=1e6", "train.save_every_steps=1"])
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "non-finite" in out
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    latest = ckpt.latest_tag()
+    assert latest is not None and ckpt.problem(latest) is None
+    for tag in ckpt.tags():
+        sd = torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+        assert all(torch.isfinite(v).all() for v in sd.values()), tag
+    if "weights are non-finite" in out:
+        assert f"checkpoint not written, {latest} stays the latest" in out
