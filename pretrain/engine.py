@@ -202,6 +202,15 @@ class ResumeError(RuntimeError):
 
 
 CHECKSUMS = "checksums.json"
+DISK_FULL_FAULT_ENV = "IRPT_FAULT_DISK_FULL_AT_STEP"  # fault injection: rank 0's save fails as on a full disk
+
+
+class CheckpointWriteError(OSError):
+    pass
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6 if path.is_dir() else 0.0
 
 
 def _weights_only_load(path: str, map_location=None):
@@ -253,10 +262,21 @@ class Checkpointer:
                                      f"{self.latest_tag() or 'no checkpoint'} stays the latest (lower the learning "
                                      "rate, or check the data)")
         tag_dir = self.directory / tag
-        engine.save_checkpoint(str(self.directory), tag=tag, save_latest=False,
-                               exclude_frozen_parameters=True)
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(tag_dir / f"state_rank{rank}.json", json.dumps(state))
+        # Room first, decided by rank 0 for all (a failure inside DeepSpeed's save would leave the
+        # other ranks waiting in its barrier): a full disk stops every rank with one message.
+        room = torch.tensor([1.0 if rank != 0 or self._has_room(tag, params) else 0.0], device=flag.device)
+        dist.all_reduce(room, op=dist.ReduceOp.MIN)
+        if room.item() < 1:
+            raise CheckpointWriteError(self._no_room_message(tag, params))
+        try:
+            engine.save_checkpoint(str(self.directory), tag=tag, save_latest=False,
+                                   exclude_frozen_parameters=True)
+            tag_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(tag_dir / f"state_rank{rank}.json", json.dumps(state))
+        except (OSError, RuntimeError) as e:  # e.g. the disk filled up during the save
+            intact = f"previous checkpoint {self.latest_tag()} is intact" if self.latest_tag() else "no earlier checkpoint"
+            raise CheckpointWriteError(f"checkpoint {tag} could not be written to {self.directory} (rank {rank}): "
+                                       f"{type(e).__name__}: {e}; {intact}; rerun the same command to resume") from e
         dist.barrier()  # every rank has written everything for this tag
         if rank == 0:
             files = sorted(p.name for p in tag_dir.iterdir() if p.is_file() and p.name != CHECKSUMS)
@@ -265,6 +285,30 @@ class Checkpointer:
             atomic_write_text(self.directory / LATEST, tag)
             self._prune(keep=tag)
         dist.barrier()
+
+    def _needed_mb(self, params) -> float:
+        """About what one checkpoint takes: the last one's size, or the trainable weights with
+        their two AdamW moments."""
+        previous = self.latest_tag()
+        if previous and (self.directory / previous).is_dir():
+            return _folder_mb(self.directory / previous)
+        return 3 * sum(p.numel() * 4 for p in params) / 1e6
+
+    def _free_mb(self, tag: str) -> float:
+        if os.environ.get(DISK_FULL_FAULT_ENV) == tag.removeprefix("step").lstrip("0"):
+            return 0.0  # fault injection: this save finds the disk full
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(self.directory).free / 1e6
+
+    def _has_room(self, tag: str, params) -> bool:
+        return self._free_mb(tag) >= self._needed_mb(params)
+
+    def _no_room_message(self, tag: str, params) -> str:
+        previous = self.latest_tag()
+        intact = f"previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        return (f"checkpoint {tag} could not be written to {self.directory}: no space left (needs "
+                f"~{self._needed_mb(params):.0f} MB, {self._free_mb(tag):.0f} MB free); {intact}; free space, "
+                "then rerun the same command to resume")
 
     def _prune(self, keep: str) -> None:
         tags = sorted(p for p in self.directory.iterdir() if p.is_dir() and p.name.startswith("step"))

@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from data_tools.config import save_resolved
 from data_tools.files import sha256_file, trim_jsonl
-from pretrain.engine import Checkpointer, ResumeError, StopSignals, frozen_fingerprint, seed_step, set_lr
+from pretrain.engine import (Checkpointer, CheckpointWriteError, ResumeError, StopSignals, frozen_fingerprint, seed_step,
+                             set_lr)
 
 FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume tests
 
@@ -81,6 +82,11 @@ def run_entry_point(body, *args) -> None:
         print(f"{world} process(es) ({dist.get_backend()}), {torch.get_num_threads()} CPU threads each")
     try:
         body(rank, world, device, *args)
+    except (ResumeError, CheckpointWriteError, FloatingPointError) as e:  # ours: the message says it all
+        print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except Exception:
         import traceback
         traceback.print_exc()

@@ -424,3 +424,27 @@ def test_non_finite_weights_never_become_a_checkpoint(shards, tmp_path):
         assert all(torch.isfinite(v).all() for v in sd.values()), tag
     if "weights are non-finite" in out:
         assert f"checkpoint not written, {latest} stays the latest" in out
+
+
+def test_a_full_disk_while_saving_is_said_on_every_rank_and_resume_works(shards, uninterrupted, tmp_path):
+    """The disk is full at the save of step 4 (injected free space 0): both ranks stop with the
+    message (no raw iostream error, no gloo 'connection closed'), the previous checkpoint stays
+    intact, and the same command resumes to the uninterrupted run's weights."""
+    from pretrain.engine import DISK_FULL_FAULT_ENV, Checkpointer
+
+    run_dir = tmp_path / "full"
+    res = launch(run_dir, shards, env_extra={DISK_FULL_FAULT_ENV: "4"})
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    message = f"checkpoint step00000004 could not be written to {run_dir / 'checkpoints'}: no space left (needs ~"
+    assert out.count(message) == 2  # both ranks say it
+    assert "previous checkpoint step00000002 is intact" in out and "Connection closed" not in out
+    assert "pretrain/engine.py" not in out  # our message alone, no traceback of ours (torchrun reports the exit)
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    assert ckpt.latest_tag() == "step00000002" and ckpt.problem("step00000002") is None
+    assert not (run_dir / "checkpoints" / "step00000004").exists()
+    res = launch(run_dir, shards)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a, b = trainable(uninterrupted), trainable(run_dir)
+    for k in a["module"]:
+        assert torch.equal(a["module"][k], b["module"][k]), k
