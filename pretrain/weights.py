@@ -293,7 +293,7 @@ def pad_config_from_state(sd: dict[str, torch.Tensor], scale: str | None = None)
     elif pred is not None:
         if scale not in ("sum", "side", "gside"):
             raise WeightsError("the scale predictor takes d inputs: one of sum / side / gside; name it "
-                               "(model.backbone.pad_scale)")
+                               "(init.pad_scale)")
         inferred = scale
     elif stored_scale is not None:
         inferred = "fixed" if scale == "fixed" else "layer"
