@@ -186,6 +186,10 @@ stage_finetune() {
   if [[ -f "$OUT/$task/DONE" ]]; then
     say "$task: already done ($OUT/$task); delete that folder to train again"; return 0
   fi
+  if [[ -z "$config" && -n "$DATA" ]]; then  # your frames pre-train; fine-tuning needs your labelled pairs
+    say "$task: skipped: --data gives pre-training frames only. To fine-tune on your labelled data, rerun with --$task-config YOUR.yaml (a copy of configs/finetune/${task}_vitb.yaml with data.root set; README: Fine-tuning)"
+    return 0
+  fi
   if [[ -z "$config" ]]; then
     config="$ROOT/configs/finetune/${task}_tiny.yaml"
     need "$OUT/synth/synth.json" synth

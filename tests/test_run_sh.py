@@ -129,3 +129,20 @@ def test_bad_launcher_options_are_refused_before_any_work(tmp_path):
         res = _run_sh("--out", str(tmp_path / "out"), *args)
         assert res.returncode != 0 and said in res.stderr, (args, res.stderr)
     assert not (tmp_path / "out" / "synth").exists()
+
+
+def test_own_data_pretrains_then_skips_fine_tuning_saying_how_to_run_it(tmp_path):
+    """`./run.sh --data SOURCES.yaml` used to pre-train on the user's frames and then fail at the
+    segmentation stage (`data.root .../synth is not a folder`, advice: rerun). Without fine-tuning
+    configs those stages are skipped with the way to run them, and the pipeline finishes."""
+    from tests.conftest import shared_path
+
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(f"sources:\n  - name: msrs\n    root: {shared_path('msrs20', 'ir')}\n")
+    out = tmp_path / "out"
+    log = _ok(_run_sh("--data", str(sources), "--out", str(out), "--", "train.epochs=1"))
+    assert (out / "backbone.pth").is_file() and not (out / "synth").exists()
+    for task in ("seg", "det"):
+        assert f"{task}: skipped: --data gives pre-training frames only" in log and f"--{task}-config" in log
+        assert not (out / task).exists()
+    assert re.search(r"^  backbone ", log[log.index("==> summary"):], re.M)
