@@ -182,9 +182,11 @@ class PretrainStream(ResumableStream):
                         yield {"__key__": key, **members}
             except (OSError, tarfile.TarError, EOFError):  # unreadable or truncated shard: counted, skipped
                 counters["bad_shards"] += 1
+                counters["bad_shard_urls"].append(url)
                 continue
             if shard_set.shard_samples is not None and read != shard_set.shard_samples[shard]:
                 counters["bad_shards"] += 1  # cut at a block boundary: a valid but shorter tar
+                counters["bad_shard_urls"].append(url)
 
     def _slot_stream(self, set_index: int, slot: int, slots: int, counters: dict) -> Iterator[dict]:
         """Endless passes, each shuffled on its own (the buffer is flushed at the end of a pass),
@@ -239,12 +241,13 @@ class PretrainStream(ResumableStream):
         if self.positions is not None and len(self.positions) != workers:
             raise ValueError(f"the saved data position has {len(self.positions)} loader workers, this run "
                              f"{workers}: resume with data.num_workers={len(self.positions)}")
-        counters = {"bad_shards": 0, "bad_samples": 0}
+        counters = {"bad_shards": 0, "bad_samples": 0, "bad_shard_urls": []}
         stream = self._mixed_stream(slot, slots, counters)
         position = self.positions[worker] if self.positions else 0  # raw samples consumed so far
         for _ in range(position):
             next(stream)
-        reported = dict(counters)
+        reported = {"bad_samples": counters["bad_samples"], "bad_shards": counters["bad_shards"],
+                    "bad_shard_urls": len(counters["bad_shard_urls"])}
         consecutive_bad = 0
         for b in my_batches:
             crops, keys = [], []
@@ -265,8 +268,10 @@ class PretrainStream(ResumableStream):
             batch = self._to_network(crops)
             yield {"images": batch, "keys": keys, "epoch": self.epoch, "batch": b, "worker": worker, "position": position,
                    "bad_samples": counters["bad_samples"] - reported["bad_samples"],
-                   "bad_shards": counters["bad_shards"] - reported["bad_shards"]}
-            reported = {k: counters[k] for k in ("bad_samples", "bad_shards")}
+                   "bad_shards": counters["bad_shards"] - reported["bad_shards"],
+                   "bad_shard_urls": counters["bad_shard_urls"][reported["bad_shard_urls"]:]}
+            reported = {"bad_samples": counters["bad_samples"], "bad_shards": counters["bad_shards"],
+                        "bad_shard_urls": len(counters["bad_shard_urls"])}
 
 
 def network_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:

@@ -193,7 +193,19 @@ class LoopSpec:
 
 def new_state(num_workers: int) -> dict:
     return {"step": 0, "epoch": 0, "batch": 0, "positions": [0] * max(num_workers, 1), "samples_seen": 0,
-            "bad_samples": 0, "bad_shards": 0}
+            "bad_samples": 0, "bad_shards": 0, "bad_shard_names": []}
+
+
+def note_bad_shards(state: dict, urls: list[str], rank: int) -> None:
+    """Count each unreadable or truncated shard once, however often it is read (every pass of
+    every epoch), name it once, and keep the names with the run's state."""
+    names = state.setdefault("bad_shard_names", [])
+    for url in urls:
+        if url not in names:
+            names.append(url)
+            print(f"warning: rank {rank}: shard {url} is unreadable or truncated; its samples are skipped",
+                  file=sys.stderr, flush=True)
+    state["bad_shards"] = len(names)
 
 
 def frozen_reference(model: torch.nn.Module, init_checkpoint: str | None) -> dict:
@@ -270,7 +282,7 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
                 state["positions"][batch["worker"]] = batch["position"]
                 state["batch"] = batch["batch"] + 1
                 state["bad_samples"] += batch["bad_samples"]
-                state["bad_shards"] += batch["bad_shards"]
+                note_bad_shards(state, batch.get("bad_shard_urls", []), rank)
                 keys += batch["keys"]
                 loss = task.forward(engine, batch)
                 engine.backward(loss)

@@ -207,3 +207,22 @@ def test_previews_skip_a_corrupt_frame_like_training_does(shards, tmp_path, caps
     assert frames.shape == (6, 1, 32, 48)
     err = capsys.readouterr().err
     assert "skipped" in err and "synth-00000001" in err and "missing.tar" in err
+
+
+def test_a_bad_shard_counts_once_however_often_it_is_read(shards, tmp_path, capsys):
+    """One truncated shard read in 3 epochs (and once more on each pass) is one bad shard, named."""
+    from pretrain.loop import new_state, note_bad_shards
+
+    truncated = tmp_path / "truncated.tar"
+    data = open(shards.urls[1], "rb").read()
+    truncated.write_bytes(data[: len(data) // 3])
+    urls = (shards.urls[0], str(truncated), *shards.urls[2:])
+    mixed = ShardSet("mixed", urls, 20, shard_samples=(5,) * len(urls))
+    state = new_state(1)
+    reads = 0
+    for epoch in range(3):
+        for batch in run(PretrainStream([mixed], stream_cfg(6), seed=0), epoch=epoch):
+            reads += batch["bad_shards"]
+            note_bad_shards(state, batch["bad_shard_urls"], rank=0)
+    assert reads >= 3 and state["bad_shards"] == 1 and state["bad_shard_names"] == [str(truncated)]
+    assert capsys.readouterr().err.count("truncated.tar is unreadable or truncated") == 1
