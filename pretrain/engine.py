@@ -247,7 +247,9 @@ class Checkpointer:
                       reverse=True)
 
     def has_checkpoints(self) -> bool:
-        return bool(self.latest_tag() is not None or self.tags())
+        """A ``latest`` pointer or a finished save: a folder without checksums is a first save
+        that was cut short, and a run with nothing else starts again, as one with no save."""
+        return self.latest_tag() is not None or any((self.directory / t / CHECKSUMS).is_file() for t in self.tags())
 
     def save(self, engine, tag: str, rank: int, state: dict) -> None:
         """Write checkpoint ``tag`` on every rank. Non-finite trainable weights are never written:

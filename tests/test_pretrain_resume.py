@@ -448,3 +448,18 @@ def test_a_full_disk_while_saving_is_said_on_every_rank_and_resume_works(shards,
     a, b = trainable(uninterrupted), trainable(run_dir)
     for k in a["module"]:
         assert torch.equal(a["module"][k], b["module"][k]), k
+
+
+def test_a_first_save_cut_short_is_not_a_checkpoint(tmp_path):
+    """A step folder without checksums (a kill during the very first save) does not make a run
+    folder resumable: the same config starts again instead of demanding --overwrite."""
+    from pretrain.engine import Checkpointer
+    from pretrain.loop import _run_dir_decision
+
+    (tmp_path / "checkpoints" / "step00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    (tmp_path / "config_hash.txt").write_text("abc\n")
+    assert not Checkpointer(tmp_path / "checkpoints").has_checkpoints()
+    assert _run_dir_decision(tmp_path, False, "abc") == ("wipe", None)
+    (tmp_path / "checkpoints" / "step00000002" / "checksums.json").write_text('{"files": {}}')
+    assert _run_dir_decision(tmp_path, False, "abc") == ("resume", None)
