@@ -77,9 +77,9 @@ def stages(folder: Path, repeats: int, batch_size: int) -> dict:
     return out
 
 
-def stream_rate(folder: Path, workers: int, batches: int, batch_size: int, repeats: int) -> float:
+def stream_rate(folder: Path, workers: int, batches: int, batch_size: int, repeats: int, prefetch: int = 2) -> float:
     cfg = StreamConfig(batch_size=batch_size, batches_per_epoch=batches, shuffle_buffer=256)
-    loader = EpochLoader(PretrainStream([load_shard_set(str(folder))], cfg, seed=0), workers)
+    loader = EpochLoader(PretrainStream([load_shard_set(str(folder))], cfg, seed=0), workers, prefetch_factor=prefetch)
     rates = []
     for epoch in range(repeats + 1):
         t0 = time.perf_counter()
@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=40, help="batches per timed epoch")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefetch-factors", default="", help="e.g. 1,2,4: raw frames, --workers workers, each factor")
     args = ap.parse_args()
     cv2.setNumThreads(1)
     figures = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d")}
@@ -114,6 +115,10 @@ def main() -> None:
                 end_to_end[f"{w}_workers"] = {"samples_per_s": round(rate, 1),
                                               "per_core": round(rate / max(w, 1), 1)}
             per_core = end_to_end["0_workers"]["samples_per_s"]  # one process, one core
+            if enc == "raw" and args.prefetch_factors and args.workers:
+                end_to_end["prefetch_factor"] = {
+                    f: round(stream_rate(tmp / enc, args.workers, args.batches, args.batch_size, args.repeats, int(f)), 1)
+                    for f in args.prefetch_factors.split(",")}
             figures[enc] = {"stages_ms_per_sample": st, "stream": end_to_end,
                             "cores_per_gpu_at_2000_per_s": round(2000 / per_core, 1),
                             "cores_per_gpu_at_6000_per_s": round(6000 / per_core, 1)}
