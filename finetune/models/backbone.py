@@ -73,7 +73,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder, self.load_report = _build_encoder(cfg)
+        self.encoder, self.load_report, deferred = _build_encoder(cfg)
         depth = len(self.encoder.blocks)
         self.out_indices = cfg.out_indices or default_out_indices(depth)
         if max(self.out_indices) >= depth:
@@ -84,10 +84,8 @@ class Backbone(nn.Module):
         elif cfg.method == "ivtuning":
             attach_ivtuning(self.encoder, cfg.ivtuning)
             self.prompter = IVTuningInput(self.encoder.patch_embed, self.encoder.embed_dim, cfg.ivtuning)
-            if self.load_report == "vit_prompt":  # the authors' IV-tuning ViT: backbone and prompts in one file
-                from pretrain.weights import read_state_dict
-                self.load_report = load_vit_prompt_state(self, read_state_dict(cfg.checkpoint), cfg.checkpoint,
-                                                         cfg.allow_missing)
+            if deferred is not None:  # the authors' IV-tuning ViT: backbone and prompts in one file
+                self.load_report = load_vit_prompt_state(self, deferred, cfg.checkpoint, cfg.allow_missing)
         trainable = self.trainable_names()
         for name, p in self.named_parameters():
             p.requires_grad_(name in trainable)
@@ -135,8 +133,9 @@ class Backbone(nn.Module):
 
 
 def _build_encoder(cfg: BackboneConfig):
-    """The encoder with weights: an export rebuilds itself (PAD adapters included), other files
-    load into the configured encoder, no file means random init (with a warning)."""
+    """(encoder, load report, deferred state dict). An export rebuilds itself (PAD adapters
+    included), other files load into the configured encoder, no file means random init (with a
+    warning); an IV-tuning release is returned read, to load once the IV-tuning modules exist."""
     from pretrain.models.pad import attach_pad
     from pretrain.weights import (has_pad_author_keys, is_exported_backbone, load_backbone, load_into_encoder,
                                   pad_config_from_state, read_state_dict)
@@ -146,12 +145,12 @@ def _build_encoder(cfg: BackboneConfig):
         vit, meta, report = load_backbone(path, cfg.encoder.img_size)
         if cfg.method == "pad" and meta["adapter"] != "pad":
             raise ValueError(f"method 'pad' fine-tunes a PAD export; {path} has adapter {meta['adapter']!r}")
-        return vit, report
+        return vit, report, None
     vit = build_encoder(cfg.encoder)
-    if cfg.method == "ivtuning" and path and is_vit_prompt_state(read_state_dict(path)):
-        return vit, "vit_prompt"  # loaded once the IV-tuning modules exist
+    sd = read_state_dict(path) if path and cfg.method in ("ivtuning", "pad") else {}
+    if cfg.method == "ivtuning" and is_vit_prompt_state(sd):
+        return vit, None, sd
     if cfg.method == "pad":  # PAD's own release: rebuild its adapters from the weights
-        sd = read_state_dict(path) if path else {}
         if not has_pad_author_keys(sd):
             raise ValueError("method 'pad' needs init.checkpoint = a backbone exported by `python -m pretrain export` "
                              "or a PAD pre-training checkpoint")
@@ -159,5 +158,5 @@ def _build_encoder(cfg: BackboneConfig):
     if not path:
         print(f"warning: method '{cfg.method}' without a checkpoint: the backbone starts from random init",
               file=sys.stderr)
-        return vit, None
-    return vit, load_into_encoder(vit, path, cfg.allow_missing)
+        return vit, None, None
+    return vit, load_into_encoder(vit, path, cfg.allow_missing), None
