@@ -16,6 +16,7 @@ from finetune.data.stream import MapBatchStream
 from finetune.factory import parameter_report
 from pretrain.data import EpochLoader, _ignore_preemption_signals
 from pretrain.engine import Checkpointer, ResumeError, build_engine, deepspeed_config, poly_lr_at
+from pretrain.health import HealthPolicy
 from pretrain.loop import (LoopSpec, Task, frozen_reference, new_state, prepare_run_dir, resolve_batching,
                            resume_state, run_entry_point, train_steps, weights_for_evaluation)
 from pretrain.optim import param_groups
@@ -127,7 +128,7 @@ def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir
     state = resume_state(ckpt, engine, rank, world, cfg_hash, frozen_ref) if resume else new_state(workers)
     spec = LoopSpec(total_steps=total_steps, steps_per_epoch=steps_per_epoch, batching=batching, seed=int(t.seed),
                     num_workers=workers, log_every=int(t.log_every_steps), save_every=int(t.save_every_steps),
-                    record_samples=bool(t.record_samples), desc=f"{kind} {cfg.model.method}")
+                    record_samples=bool(t.record_samples), health=HealthPolicy.from_config(t), desc=f"{kind} {cfg.model.method}")
     if not train_steps(FinetuneTask(cfg, total_steps, device, targets), engine, optimizer,
                        EpochLoader(stream, workers), ckpt, state, spec, run_dir, rank, device,
                        {"config_hash": cfg_hash, "frozen": frozen_ref}):

@@ -131,15 +131,26 @@ def deepspeed_config(micro_batch: int, accum_steps: int, world_size: int, precis
     return cfg
 
 
-def hold_gated_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Make ``optimizer`` leave every parameter group marked ``gated`` untouched. DeepSpeed hands
-    a parameter without gradient a zero gradient (to keep ranks in step), and AdamW would then
-    count steps and decay it; a gated group is skipped as if it had no gradient at all. Step
-    hooks rather than a subclass: DeepSpeed's ZeRO accepts only the optimiser classes it knows."""
+class UpdateHold:
+    """Set ``everything`` before a step's last micro-batch to make that step's optimiser update
+    a no-op on every parameter (no weight change, no AdamW state or step count): how the loop
+    drops the update of a step with a non-finite loss."""
+
+    def __init__(self):
+        self.everything = False
+
+
+def hold_gated_groups(optimizer: torch.optim.Optimizer, hold: UpdateHold | None = None) -> torch.optim.Optimizer:
+    """Make ``optimizer`` leave every parameter group marked ``gated`` untouched (and every group
+    while ``hold.everything``). DeepSpeed hands a parameter without gradient a zero gradient (to
+    keep ranks in step), and AdamW would then count steps and decay it; a gated group is skipped
+    as if it had no gradient at all. Step hooks rather than a subclass: DeepSpeed's ZeRO accepts
+    only the optimiser classes it knows, and its own loss-scale skip exists for fp16 only."""
     held: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def before(opt, args, kwargs):
-        held[:] = [(p, p.grad) for g in opt.param_groups if g.get("gated") for p in g["params"]]
+        everything = hold is not None and hold.everything
+        held[:] = [(p, p.grad) for g in opt.param_groups if everything or g.get("gated") for p in g["params"]]
         for p, _ in held:
             p.grad = None  # AdamW skips parameters without a gradient: no state, no decay
 
@@ -155,15 +166,18 @@ def hold_gated_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
 
 def build_engine(model: torch.nn.Module, groups: list[dict], lr: float, betas: tuple[float, float], ds_cfg: dict):
     """DeepSpeed engine around ``model`` with a torch AdamW (no extension to compile). A group
-    with a ``gate`` name keeps it (and ``gated``, False until a task closes the gate)."""
+    with a ``gate`` name keeps it (and ``gated``, False until a task closes the gate);
+    ``engine.update_hold`` drops a whole step's update."""
     import deepspeed
 
     opt_groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr,
                    "lr_scale": g.get("lr_scale", 1.0), "gate": g.get("gate"), "gated": False} for g in groups]
-    optimizer = hold_gated_groups(torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas)))
+    hold = UpdateHold()
+    optimizer = hold_gated_groups(torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas)), hold)
     params = [p for g in groups for p in g["params"]]
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
                                                    model_parameters=params)
+    engine.update_hold = hold
     return engine, optimizer
 
 

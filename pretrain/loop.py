@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from data_tools.config import save_resolved
 from data_tools.files import sha256_file, trim_jsonl
 from pretrain.engine import (Checkpointer, CheckpointWriteError, ResumeError, StopSignals, frozen_fingerprint, seed_step,
                              set_lr)
+from pretrain.health import HealthPolicy, StepHealth, faulty_steps, step_verdict
 
 FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume tests
 
@@ -189,11 +190,13 @@ class LoopSpec:
     save_every: int
     record_samples: bool = False
     desc: str = "train"
+    health: HealthPolicy = field(default_factory=HealthPolicy)
 
 
 def new_state(num_workers: int) -> dict:
     return {"step": 0, "epoch": 0, "batch": 0, "positions": [0] * max(num_workers, 1), "samples_seen": 0,
-            "bad_samples": 0, "bad_shards": 0, "bad_shard_names": []}
+            "bad_samples": 0, "bad_shards": 0, "bad_shard_names": [], "nonfinite_steps": 0,
+            "nonfinite_consecutive": 0, "loss_spikes": 0, "loss_history": []}
 
 
 def note_bad_shards(state: dict, urls: list[str], rank: int) -> None:
@@ -258,6 +261,8 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
         trim_jsonl(samples_log, lambda r: r["step"] < state["step"])
     signals = StopSignals()
     fault_step = int(os.environ.get(FAULT_ENV, "-1"))
+    nan_steps = faulty_steps() if rank == 0 else set()
+    health = StepHealth(spec.health, state, rank)
 
     def save() -> None:
         ckpt.save(engine, f"step{state['step']:08d}", rank, dict(checkpoint_meta, data=state, world_size=world))
@@ -275,7 +280,7 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
             task.begin_step(step)
             seed_step(spec.seed, rank, step)
             wait, losses, keys = 0.0, [], []
-            for _ in range(accum):
+            for micro in range(accum):
                 tw = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - tw
@@ -285,20 +290,27 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
                 note_bad_shards(state, batch.get("bad_shard_urls", []), rank)
                 keys += batch["keys"]
                 loss = task.forward(engine, batch)
+                if step + 1 in nan_steps:
+                    loss = loss * float("nan")
+                losses.append(loss.detach())
+                if micro == accum - 1:  # decided before the update, on every rank alike
+                    verdict = step_verdict(losses)
+                    engine.update_hold.everything = not verdict.finite
                 engine.backward(loss)
                 engine.step()
-                losses.append(loss.detach())
+            engine.update_hold.everything = False
             state["step"] = step + 1
             state["samples_seen"] += spec.batching.effective
             if samples_log is not None:
                 with open(samples_log, "a") as f:
                     f.write(json.dumps({"step": step, "keys": keys}) + "\n")
-            if not torch.isfinite(torch.stack(losses)).all():
-                raise FloatingPointError(f"non-finite loss at step {state['step']}")  # the step's number in logs and tags
+            # the step's number in logs and tags is the one it ends at
+            if health.after_step(state["step"], verdict) == "rollback":
+                _roll_back(ckpt, engine, rank, state["step"])
             elapsed = time.perf_counter() - t0
             progress.update(1)
-            if state["step"] % spec.log_every == 0 or state["step"] == spec.total_steps:
-                log.write(_step_record(task, losses, state, optimizer, spec, elapsed, wait, device))
+            if state["step"] % spec.log_every == 0 or state["step"] == spec.total_steps or not verdict.finite:
+                log.write(_step_record(task, verdict, state, optimizer, spec, elapsed, wait, device))
             task.end_step(state["step"])
             stop = signals.any_rank_requested(device)
             if state["step"] % spec.save_every == 0 or state["step"] == spec.total_steps or stop:
@@ -314,15 +326,25 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
     return True
 
 
-def _step_record(task: Task, losses, state, optimizer, spec: LoopSpec, elapsed, wait, device) -> dict:
-    loss = torch.stack(losses).float().mean().reshape(1).to(device)
-    dist.all_reduce(loss)
-    record = {"step": state["step"], "epoch": state["epoch"], "loss": loss.item() / dist.get_world_size(),
+def _roll_back(ckpt: Checkpointer, engine, rank: int, step: int) -> None:
+    """Trainable weights and optimiser state of the newest good checkpoint; the step counter and
+    the data position go on (the batches since that checkpoint are not seen again)."""
+    if not ckpt.has_checkpoints():
+        raise FloatingPointError(f"non-finite loss at step {step} and no checkpoint yet to roll back to "
+                                 "(train.nonfinite=rollback): lower the learning rate or save earlier")
+    ckpt.load(engine, rank)
+    if rank == 0:
+        print(f"rolled back to {ckpt.loaded_tag}; going on at step {step} with the next data", flush=True)
+
+
+def _step_record(task: Task, verdict, state, optimizer, spec: LoopSpec, elapsed, wait, device) -> dict:
+    record = {"step": state["step"], "epoch": state["epoch"], "loss": verdict.loss,
               "lr": max(g["lr"] for g in optimizer.param_groups),
               "images_per_s": spec.batching.effective / max(elapsed, 1e-9),
               "data_wait_fraction": wait / max(elapsed, 1e-9),
               "samples_seen": state["samples_seen"], "bad_samples": state["bad_samples"],
-              "bad_shards": state["bad_shards"]}
+              "bad_shards": state["bad_shards"], "nonfinite_steps": state["nonfinite_steps"],
+              "loss_spikes": state["loss_spikes"]}
     if device.type == "cuda":
         record["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     record.update(task.log_fields())

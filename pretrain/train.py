@@ -15,6 +15,7 @@ from pretrain.data import (EpochLoader, PretrainStream, StreamConfig, batches_pe
                            network_input)
 from pretrain.engine import Checkpointer, build_engine, deepspeed_config, lr_at
 from pretrain.factory import build_model_from_config, initialise_from_config
+from pretrain.health import HealthPolicy
 from pretrain.loop import (LoopSpec, Task, frozen_reference, new_state, prepare_run_dir,
                            resolve_batching, resume_state, run_entry_point, train_steps)
 from pretrain.models.pad import (gated_parameter_names, pad_adapters, scale_predictor_trainable,
@@ -128,7 +129,7 @@ def _train(rank: int, world: int, device: torch.device, cfg, run_dir: Path, over
     task.optimizer = optimizer
     spec = LoopSpec(total_steps=total_steps, steps_per_epoch=steps_per_epoch, batching=batching, seed=int(t.seed),
                     num_workers=workers, log_every=int(t.log_every_steps), save_every=int(t.save_every_steps),
-                    record_samples=bool(t.record_samples), desc="pretrain")
+                    record_samples=bool(t.record_samples), health=HealthPolicy.from_config(t), desc="pretrain")
     finished = train_steps(task, engine, optimizer, loader, ckpt, state, spec, run_dir, rank, device,
                            {"config_hash": cfg_hash, "frozen": frozen_ref})
     if finished and rank == 0:

@@ -463,3 +463,111 @@ def test_a_first_save_cut_short_is_not_a_checkpoint(tmp_path):
     assert _run_dir_decision(tmp_path, False, "abc") == ("wipe", None)
     (tmp_path / "checkpoints" / "step00000002" / "checksums.json").write_text('{"files": {}}')
     assert _run_dir_decision(tmp_path, False, "abc") == ("resume", None)
+
+
+def _checkpoint(run_dir, step: int) -> dict:
+    return trainable(run_dir, f"step{step:08d}")
+
+
+def _same_training_state(a: dict, b: dict) -> bool:
+    """Trainable weights and every AdamW state tensor (moments and step counts) equal."""
+    if a["module"].keys() != b["module"].keys():
+        return False
+    if not all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"]):
+        return False
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    return sa.keys() == sb.keys() and all(torch.equal(v, sb[i][k]) for i, st in sa.items() for k, v in st.items())
+
+
+def test_skip_drops_the_update_of_a_non_finite_step_on_every_rank(shards, tmp_path):
+    """Rank 0's loss is NaN at step 3 only: both ranks drop that step's update (weights and AdamW
+    state stay those of step 2), count it, and the run goes on to the end."""
+    from pretrain.health import NONFINITE_FAULT_ENV
+
+    run_dir = tmp_path / "skip"
+    res = launch(run_dir, shards, extra=["train.nonfinite=skip", "train.save_every_steps=1", "train.keep_last=20"],
+                 env_extra={NONFINITE_FAULT_ENV: "3"})
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "non-finite loss at step 3: its update dropped (1 so far)" in out
+    assert _same_training_state(_checkpoint(run_dir, 2), _checkpoint(run_dir, 3))
+    assert not _same_training_state(_checkpoint(run_dir, 3), _checkpoint(run_dir, 4))
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert rows[3]["loss"] is None and rows[3]["nonfinite_steps"] == 1
+    assert rows[2]["nonfinite_steps"] == 0 and rows[12]["nonfinite_steps"] == 1 and rows[12]["loss"] > 0
+    assert (run_dir / "DONE").is_file()
+
+
+def test_rollback_reloads_the_last_good_checkpoint_and_goes_on(shards, tmp_path):
+    """NaN at step 4 with checkpoints every 2 steps: the weights and AdamW state saved at step 4
+    are those of step 2, and the run finishes."""
+    from pretrain.health import NONFINITE_FAULT_ENV
+
+    run_dir = tmp_path / "rollback"
+    res = launch(run_dir, shards, extra=["train.nonfinite=rollback", "train.keep_last=20"],
+                 env_extra={NONFINITE_FAULT_ENV: "4"})
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "rolled back to step00000002; going on at step 4 with the next data" in out
+    assert _same_training_state(_checkpoint(run_dir, 2), _checkpoint(run_dir, 4))
+    assert not _same_training_state(_checkpoint(run_dir, 4), _checkpoint(run_dir, 6))
+    assert (run_dir / "DONE").is_file()
+
+
+def test_consecutive_non_finite_steps_stop_the_run(shards, tmp_path):
+    from pretrain.engine import Checkpointer
+    from pretrain.health import NONFINITE_FAULT_ENV
+
+    run_dir = tmp_path / "twice"
+    res = launch(run_dir, shards, nproc=1, extra=["train.nonfinite=skip", "train.nonfinite_max_consecutive=2"],
+                 env_extra={NONFINITE_FAULT_ENV: "3,4"})
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "non-finite loss at step 4: 2 consecutive non-finite steps (train.nonfinite_max_consecutive=2)" in out
+    assert "pretrain/loop.py" not in out  # our message alone, no traceback
+    assert Checkpointer(run_dir / "checkpoints").latest_tag() == "step00000002"
+
+
+def _kill_everything(proc) -> None:
+    """SIGKILL the launcher and every process under it at once, as a node failure does."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.communicate(timeout=120)
+
+
+def test_three_kills_at_random_moments_end_like_an_uninterrupted_run(shards, uninterrupted, tmp_path):
+    """The whole job is SIGKILLed 3 times at seeded random moments while it trains (a random step
+    to reach, then a random fraction of a step: inside a step, a save, a log write); the rerun
+    that follows ends with the uninterrupted run's weights, AdamW state and samples, bit for bit."""
+    import random
+
+    rng = random.Random(int(os.environ.get("IRPT_KILL_SEED", "0")))
+    run_dir, metrics = tmp_path / "killed", tmp_path / "killed" / "metrics.jsonl"
+
+    def logged() -> int:
+        return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+    moments = []
+    for _ in range(3):
+        proc = launch(run_dir, shards, wait=False)
+        target, extra = rng.randint(0, 11), rng.uniform(0.0, 0.05)  # 12 steps take ~0.3 s on 2 cores
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and (logged() < target or not (run_dir / "config.yaml").is_file()):
+            time.sleep(0.002)
+        time.sleep(extra)
+        moments.append((target, round(extra, 3), logged(), "ended first" if proc.poll() is not None else "killed"))
+        _kill_everything(proc)
+    print("kills (target step, extra s, steps logged, what happened):", moments)
+    res = launch(run_dir, shards)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert _same_training_state(trainable(uninterrupted), trainable(run_dir)), moments
+    assert samples(run_dir) == samples(uninterrupted), moments
