@@ -25,9 +25,10 @@ from tqdm import tqdm
 from data_tools import SAMPLE_SCHEMA_VERSION
 from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, boxes_from_mask,
                                     boxes_to_pixels, clip_boxes, issue, read_annotations)
-from data_tools.config import config_hash, save_resolved, to_container
+from data_tools.config import check_config, config_hash, save_resolved, to_container
 from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, read_frame, read_mask
 from data_tools.proposals import ProposalConfig, compute_proposals, unique_boxes
+from data_tools.schema import BuildConfig
 from data_tools.files import atomic_write_text, sha256_file
 from data_tools.shards import ENCODINGS, ShardFile, encode_image, encode_sample, sample_key, tar_bytes
 from data_tools.sources import Source, discover
@@ -273,9 +274,7 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     build exactly as a kill would (used to test resume).
     """
     cfg = to_container(cfg)
-    ProposalConfig(**cfg["proposals"])  # bad settings fail here, before any work
-    if cfg["shards"]["encoding"] not in ENCODINGS:
-        raise BuildError(f"shards.encoding must be one of {sorted(ENCODINGS)}, got {cfg['shards']['encoding']!r}")
+    check_config(cfg, BuildConfig)  # bad settings fail here, before any work
     out = Path(out_dir)
     identity = build_identity(sources, cfg)
     ident_hash = config_hash(identity)

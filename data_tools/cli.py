@@ -93,6 +93,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_proposals_eval(args: argparse.Namespace) -> int:
     from data_tools.proposal_eval import format_table, run
     from data_tools.proposals import METHODS, ProposalConfig
+    from data_tools.schema import BuildConfig
     from data_tools.sources import SourceError
 
     try:
@@ -101,7 +102,7 @@ def _cmd_proposals_eval(args: argparse.Namespace) -> int:
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, BuildConfig)
         base = ProposalConfig(**dict(cfg["proposals"]))
         summaries = run(sources, base, methods, Path(args.out) if args.out else None,
                         args.min_object_side, args.every, args.offset)

@@ -2,6 +2,8 @@
 
 A config file may name a parent with ``_base_: relative/path.yaml``; the child's keys win.
 The resolved config is written next to every output so a run can be understood and repeated.
+Each stage checks its config against a pydantic schema at load (``schema=``): an unknown key, a
+value of the wrong type or out of range is an error naming the key's path, before anything runs.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -23,8 +26,65 @@ def _load_with_bases(path: Path) -> DictConfig:
     return OmegaConf.merge(_load_with_bases((path.parent / base).resolve()), cfg)
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
-    """Load ``path`` (following ``_base_``) and apply ``key=value`` overrides.
+class ConfigError(ValueError):
+    """A config that does not fit its schema; one line per problem, each naming the key."""
+
+
+class Section(BaseModel):
+    """A config section: every key declared (a typo is an error), values checked, not coerced
+    beyond pydantic's lax rules (``"5"`` is an int, ``"two"`` is not)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _allowed_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys the section at ``loc`` (the parent of an unknown key) declares."""
+    import typing
+
+    model = schema
+    for part in loc:
+        if not isinstance(part, str):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return sorted(model.model_fields)
+
+
+def _key_path(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def check_config(cfg: DictConfig | dict, schema: type[BaseModel], source: str = "config") -> BaseModel:
+    """Validate ``cfg`` against ``schema``; returns the typed config, or raises ConfigError with
+    one line per problem: ``train.epochs: Input should be greater than 0 (got 0)``."""
+    try:
+        return schema.model_validate(to_container(cfg))
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            if err["type"] == "extra_forbidden":
+                allowed = _allowed_keys(schema, loc[:-1])
+                lines.append(f"{_key_path(loc)}: unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else ""))
+            elif err["type"] == "missing":
+                lines.append(f"{_key_path(loc)}: missing")
+            else:
+                got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else ""
+                lines.append(f"{_key_path(loc)}: {err['msg']}{got}")
+        raise ConfigError(f"{source} does not fit its schema ({schema.__name__}):\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = (), schema: type[BaseModel] | None = None) -> DictConfig:
+    """Load ``path`` (following ``_base_``), apply ``key=value`` overrides and, with ``schema``,
+    check every key and value (:func:`check_config`).
 
     Overriding a key the config does not define is an error: a typo must not pass silently.
     """
@@ -41,6 +101,8 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
             raise KeyError(f"override '{item}': the config {path} has no key '{key}'")
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    if schema is not None:
+        check_config(cfg, schema, f"{path}" + (" with its overrides" if overrides else ""))
     return cfg
 
 

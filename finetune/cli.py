@@ -14,8 +14,13 @@ DET_CONFIG = str(CONFIG_DIR / "finetune" / "det_vitb.yaml")
 def _cmd_params(args: argparse.Namespace) -> int:
     from finetune.factory import build_detector, build_segmentor, parameter_report
 
+    from data_tools.config import check_config
+    from finetune.schema import DetConfig, SegConfig
+
     cfg = load_config(args.config, args.overrides)
-    build = build_detector if "boxes" in cfg.data else build_segmentor
+    detection = "boxes" in cfg.data
+    check_config(cfg, DetConfig if detection else SegConfig, args.config)
+    build = build_detector if detection else build_segmentor
     report = parameter_report(build(cfg, "meta"))  # shapes only, no memory
     report["config"] = {"method": cfg.model.method, "modality": cfg.model.modality, "size": cfg.model.encoder.size}
     print(json.dumps(report, indent=1))

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from finetune.factory import build_detector, det_dataset
 from finetune.runner import eval_loader, run_finetune
+from finetune.schema import DetConfig
 
 
 def _targets(batch: dict, device: torch.device) -> list[dict]:
@@ -21,7 +22,7 @@ def _targets(batch: dict, device: torch.device) -> list[dict]:
 
 
 def train_det(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
-    run_finetune(cfg, Path(run_dir), overwrite, eval_only, kind="det",
+    run_finetune(cfg, Path(run_dir), overwrite, eval_only, schema=DetConfig, kind="det",
                  build_model=build_detector, build_data=det_dataset, targets=_targets,
                  evaluate=evaluate,
                  describe=lambda m: f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}")

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from data_tools.config import config_hash
+from data_tools.config import check_config, config_hash
 from finetune.data.pairs import write_report
 from finetune.data.stream import MapBatchStream
 from finetune.factory import parameter_report
@@ -68,9 +68,11 @@ def eval_loader(dataset, indices: list[int], workers: int):
                                        worker_init_fn=_ignore_preemption_signals if workers else None)
 
 
-def run_finetune(cfg, run_dir: Path, overwrite: bool, eval_only: bool, **task) -> None:
-    """Train and evaluate (or only evaluate) in every process of the launch, then end the process.
-    ``task``: the keyword arguments of :func:`train_and_evaluate` that define seg or det."""
+def run_finetune(cfg, run_dir: Path, overwrite: bool, eval_only: bool, schema, **task) -> None:
+    """Check ``cfg`` against ``schema``, then train and evaluate (or only evaluate) in every
+    process of the launch and end the process. ``task``: the keyword arguments of
+    :func:`train_and_evaluate` that define seg or det."""
+    check_config(cfg, schema)  # before the run directory is touched
     run_entry_point(functools.partial(train_and_evaluate, eval_only=eval_only, **task), cfg, run_dir, overwrite)
 
 

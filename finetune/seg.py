@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from finetune.factory import build_segmentor, seg_dataset
 from finetune.runner import eval_loader, run_finetune
+from finetune.schema import SegConfig
 
 
 def _targets(batch: dict, device: torch.device) -> torch.Tensor:
@@ -21,7 +22,7 @@ def _targets(batch: dict, device: torch.device) -> torch.Tensor:
 
 
 def train_seg(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
-    run_finetune(cfg, Path(run_dir), overwrite, eval_only, kind="seg",
+    run_finetune(cfg, Path(run_dir), overwrite, eval_only, schema=SegConfig, kind="seg",
                  build_model=build_segmentor, build_data=seg_dataset, targets=_targets,
                  evaluate=evaluate,
                  describe=lambda m: f"mIoU {100 * m['mIoU']:.2f}, pixel accuracy {100 * m['pixel_accuracy']:.2f}")

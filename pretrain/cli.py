@@ -8,12 +8,13 @@ from pathlib import Path
 
 from data_tools.config import CONFIG_DIR, load_config
 from pretrain.factory import build_model_from_config, initialise_from_config
+from pretrain.schema import PretrainConfig
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
     from pretrain.params import parameter_report
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, PretrainConfig)
     model = build_model_from_config(cfg, "meta")  # shapes only: ViT-H in milliseconds, no memory
     report = parameter_report(model)
     report["config"] = {"paradigm": cfg.model.paradigm, "adapter": cfg.model.adapter,
@@ -25,7 +26,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 def _cmd_load_check(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, PretrainConfig)
     model = build_model_from_config(cfg)
     report = initialise_from_config(model, cfg)
     if report is None:

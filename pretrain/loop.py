@@ -48,11 +48,18 @@ def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str) -> tuple[st
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if saved == cfg_hash:
             return "wipe", None  # this config's run that stopped before its first checkpoint: nothing to keep
+        if saved is not None and not _logged_a_step(run_dir):
+            return "wipe", None  # a start of ours that failed before its first step: it claims nothing
         if not overwrite:
             return "fresh", (f"{run_dir} is not empty and has no checkpoint to resume from; "
                              "pass --overwrite to start fresh there")
         return "wipe", None
     return "fresh", None
+
+
+def _logged_a_step(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, rank: int) -> bool:

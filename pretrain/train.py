@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from data_tools.config import config_hash, to_container
+from data_tools.config import check_config, config_hash, to_container
 from data_tools.transforms import IntensityConfig, RoICropConfig
 from pretrain.data import (EpochLoader, PretrainStream, StreamConfig, batches_per_epoch, load_shard_set,
                            network_input)
@@ -21,6 +21,7 @@ from pretrain.loop import (LoopSpec, Task, frozen_reference, new_state, prepare_
 from pretrain.models.pad import (gated_parameter_names, pad_adapters, scale_predictor_trainable,
                                  set_scale_predictors_trainable)
 from pretrain.optim import param_groups
+from pretrain.schema import PretrainConfig
 
 
 def _stream_config(cfg, micro: int, bpe: int) -> StreamConfig:
@@ -73,6 +74,7 @@ class PretrainTask(Task):
 
 
 def train(cfg, run_dir: str | Path, overwrite: bool = False) -> None:
+    check_config(cfg, PretrainConfig)  # before the run directory is touched
     run_entry_point(_train, cfg, Path(run_dir), overwrite)
 
 

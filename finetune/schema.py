@@ -1,0 +1,163 @@
+"""Config schemas of segmentation and detection fine-tuning."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from data_tools.config import Section
+from data_tools.schema import Fraction, IntensitySchema, NonNegFloat, NonNegInt, PosFloat, PosInt
+from pretrain.schema import Beta, Dropout, EncoderSchema, LoopSchema
+
+
+class MonaSchema(Section):
+    hidden: PosInt
+    dropout: Dropout
+    gamma_init: NonNegFloat
+
+
+class IVTuningSchema(Section):
+    hidden: PosInt
+    prompt_hidden: PosInt
+    generator_hidden: PosInt
+    dropout: Dropout
+
+
+class SegHeadSchema(Section):
+    channels: PosInt
+    aux_channels: PosInt
+    aux_weight: NonNegFloat
+    aux_level: Annotated[int, Field(ge=0, le=3)]
+    dropout: Dropout
+    class_weight: list[NonNegFloat] | None
+
+
+class DetHeadSchema(Section):
+    detector: Literal["faster_rcnn", "retinanet", "fcos"]
+    channels: PosInt
+    score_threshold: Fraction
+    detections_per_image: PosInt
+    roi_samples_per_image: PosInt
+    anchor_sizes: Annotated[list[PosInt], Field(min_length=5, max_length=5)] | None  # p2..p6
+
+
+class _ModelSchema(Section):
+    method: Literal["full", "frozen", "pad", "mona", "ivtuning"]
+    modality: Literal["ir", "vi", "both"]
+    encoder: EncoderSchema
+    out_indices: list[NonNegInt] | None
+    mona: MonaSchema
+    ivtuning: IVTuningSchema
+
+    @model_validator(mode="after")
+    def _both_needs_ivtuning(self):
+        if self.modality == "both" and self.method != "ivtuning":
+            raise ValueError(f"method {self.method!r} takes one image: set modality to 'ir' or 'vi' "
+                             "(only ivtuning fuses infrared and visible)")
+        return self
+
+
+class SegModelSchema(_ModelSchema):
+    head: SegHeadSchema
+
+
+class DetModelSchema(_ModelSchema):
+    head: DetHeadSchema
+
+
+class FinetuneInitSchema(Section):
+    checkpoint: str | None
+    allow_missing: bool
+    pad_scale: Literal["sum", "side", "gside"] | None
+
+
+class DirsSchema(Section):
+    ir: str | None
+    vi: str | None
+    label: str | None
+    image: str | None
+
+
+class SegAugmentSchema(Section):
+    ratio_range: tuple[PosFloat, PosFloat]
+    hflip: Fraction
+    photometric: bool
+
+
+class DetAugmentSchema(Section):
+    scale_range: tuple[PosFloat, PosFloat]
+    hflip: Fraction
+    photometric: bool
+
+
+class BoxesSchema(Section):
+    format: Literal["coco", "yolo", "voc"]
+    path: str | None
+
+
+class _DataSchema(Section):
+    layout: Literal["pairs", "mfnet"]
+    root: str | None
+    dirs: DirsSchema
+    label_suffix: str
+    train_split: str | None
+    val_split: str | None
+    classes: Annotated[list[str], Field(min_length=1)]
+    intensity: IntensitySchema
+    num_workers: NonNegInt
+
+
+class SegDataSchema(_DataSchema):
+    ignore_index: int
+    binary_labels: bool
+    augment: SegAugmentSchema
+
+
+class DetDataSchema(_DataSchema):
+    boxes: BoxesSchema
+    augment: DetAugmentSchema
+
+
+class FinetuneOptimSchema(Section):
+    lr: PosFloat
+    weight_decay: NonNegFloat
+    layer_decay: Annotated[float, Field(gt=0, le=1)] | None
+    betas: tuple[Beta, Beta]
+    warmup_steps: NonNegInt
+    poly_power: PosFloat
+    min_lr: NonNegFloat
+
+
+class FinetuneTrainSchema(LoopSchema):
+    steps: PosInt
+
+
+class SegEvalSchema(Section):
+    stride: PosInt | None
+    windows_per_batch: PosInt
+    overlays: NonNegInt
+
+
+class DetEvalSchema(Section):
+    overlays: NonNegInt
+    overlay_score: Fraction
+
+
+class SegConfig(Section):
+    """``configs/finetune/seg_*.yaml``."""
+    model: SegModelSchema
+    init: FinetuneInitSchema
+    data: SegDataSchema
+    optim: FinetuneOptimSchema
+    train: FinetuneTrainSchema
+    eval: SegEvalSchema
+
+
+class DetConfig(Section):
+    """``configs/finetune/det_*.yaml``."""
+    model: DetModelSchema
+    init: FinetuneInitSchema
+    data: DetDataSchema
+    optim: FinetuneOptimSchema
+    train: FinetuneTrainSchema
+    eval: DetEvalSchema

@@ -1,0 +1,80 @@
+"""Every config is checked against its stage's schema at load: unknown keys, wrong types and
+out-of-range values are one line each naming the key's path; a failed start claims nothing."""
+import json
+from pathlib import Path
+
+import pytest
+
+from data_tools.config import CONFIG_DIR, ConfigError, load_config
+from data_tools.schema import BuildConfig
+from finetune.schema import DetConfig, SegConfig
+from pretrain.schema import PretrainConfig
+
+TINY = CONFIG_DIR / "pretrain" / "tiny.yaml"
+
+
+def _schema_of(path: Path):
+    if path.parent.name == "data":
+        return BuildConfig
+    if path.parent.name == "pretrain":
+        return PretrainConfig
+    return SegConfig if path.name.startswith("seg") else DetConfig
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_fits_its_schema(path):
+    load_config(path, schema=_schema_of(path))
+
+
+@pytest.mark.parametrize("override,line", [
+    ("train.epochs=two", "train.epochs: Input should be a valid number, unable to parse string as a number (got 'two')"),
+    ("train.batch_size=0", "train.batch_size: Input should be greater than 0 (got 0)"),
+    ("train.save_every_steps=0", "train.save_every_steps: Input should be greater than 0 (got 0)"),
+    ("train.blr=fast", "train.blr: Input should be a valid number, unable to parse string as a number (got 'fast')"),
+    ("model.mask_ratio=1.5", "model.mask_ratio: Input should be less than 1 (got 1.5)"),
+    ("train.epochs=0", "train.epochs: Input should be greater than 0 (got 0)"),
+    ("train.nonfinite=ignore", "train.nonfinite: Input should be 'stop', 'skip' or 'rollback' (got 'ignore')"),
+    ("data.shards=[{path: s, wieght: 2}]", "data.shards[0].wieght: unknown key (allowed: path, weight)"),
+    ("model.encoder.img_size=[64,81]", "model.encoder: Value error, img_size [64, 81] must be a multiple of patch_size 16"),
+])
+def test_each_bad_value_is_one_line_naming_the_key_and_range(override, line):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override], PretrainConfig)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2 and lines[1].strip() == line
+
+
+def test_a_typo_in_a_yaml_file_is_refused(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(f"_base_: {CONFIG_DIR / 'finetune' / 'seg_tiny.yaml'}\ntrain: {{stpes: 3}}\n")
+    with pytest.raises(ConfigError, match=r"train\.stpes: unknown key \(allowed: accum_steps, batch_size,"):
+        load_config(bad, schema=SegConfig)
+    with pytest.raises(ConfigError, match="model: Value error, method 'mona' takes one image"):
+        load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", ["model.method=mona"], DetConfig)
+
+
+def test_the_cli_refuses_a_bad_value_before_touching_the_run_dir(tmp_path, capsys):
+    from finetune.cli import main as finetune_main
+    from pretrain.cli import main as pretrain_main
+
+    run_dir = tmp_path / "run"
+    assert pretrain_main(["train", "--config", str(TINY), "--run-dir", str(run_dir), "train.batch_size=0"]) == 2
+    assert "train.batch_size: Input should be greater than 0 (got 0)" in capsys.readouterr().err
+    assert finetune_main(["seg", "--config", str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"), "--run-dir", str(run_dir),
+                          "optim.lr=-1"]) == 2
+    assert "optim.lr: Input should be greater than 0 (got -1)" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_a_start_that_failed_before_its_first_step_claims_nothing(tmp_path):
+    """A start that passed the schema but failed later (e.g. an effective batch that is not a
+    multiple of the processes) leaves config files only: any config may start there; a run that
+    logged steps is still protected."""
+    from pretrain.loop import _run_dir_decision
+
+    (tmp_path / "config_hash.txt").write_text("aaa\n")
+    (tmp_path / "config.yaml").write_text("train: {}\n")
+    assert _run_dir_decision(tmp_path, False, "bbb") == ("wipe", None)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    action, error = _run_dir_decision(tmp_path, False, "bbb")
+    assert error and "not empty" in error
