@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from data_tools.files import atomic_write_text, sha256_file
+from pretrain.runlock import die_with_launcher
 
 LATEST = "latest"
 
@@ -58,6 +59,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
 
     env = os.environ
+    die_with_launcher(env)  # before the SLURM / single-process defaults below set LOCAL_RANK
     if "RANK" not in env and "SLURM_PROCID" in env:  # srun: one task per process
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
@@ -179,6 +181,28 @@ def build_engine(model: torch.nn.Module, groups: list[dict], lr: float, betas: t
                                                    model_parameters=params)
     engine.update_hold = hold
     return engine, optimizer
+
+
+def average_batchnorm_statistics(model: torch.nn.Module) -> None:
+    """Make every rank's BatchNorm running statistics their mean over ranks. Plain BatchNorm
+    (IV-tuning's hybrid operation, the heads) keeps per-rank statistics and DeepSpeed does not
+    sync buffers, so ranks would evaluate different models and only rank 0's would be saved.
+    SyncBatchNorm (CUDA) needs no help; gloo on CPU has no SyncBatchNorm, so the loop calls this
+    after every step: ranks then hold one model at every step boundary (save, resume, evaluation),
+    for one small all-reduce per step."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    stats = [b for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm)
+             for b in (m.running_mean, m.running_var) if b is not None]
+    if world == 1 or not stats:
+        return
+    flat = torch.cat([b.detach().float().reshape(-1) for b in stats])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for b in stats:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -27,10 +27,12 @@ import torch.distributed as dist
 
 from data_tools.config import save_resolved
 from data_tools.files import sha256_file, trim_jsonl
-from pretrain.engine import (Checkpointer, CheckpointWriteError, ResumeError, StopSignals, frozen_fingerprint, seed_step,
-                             set_lr)
+from pretrain.engine import (Checkpointer, CheckpointWriteError, ResumeError, StopSignals, average_batchnorm_statistics,
+                             frozen_fingerprint, seed_step, set_lr)
+from pretrain import runlock
 from pretrain.health import HealthPolicy, StepHealth, faulty_steps, step_verdict
 
+LOCK_NAME = runlock.LOCK_NAME
 FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume tests
 
 
@@ -45,7 +47,7 @@ def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str) -> tuple[st
             return "resume", (f"{run_dir} holds a run of another config (hash {saved} != {cfg_hash}); "
                               "use another --run-dir, or --overwrite to discard it")
         return "resume", None
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         if saved == cfg_hash:
             return "wipe", None  # this config's run that stopped before its first checkpoint: nothing to keep
         if saved is not None and not _logged_a_step(run_dir):
@@ -63,16 +65,29 @@ def _logged_a_step(run_dir: Path) -> bool:
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, rank: int) -> bool:
-    """Rank 0 decides (resume, start fresh, or refuse) and tells every rank, before anything is
-    written, so that no rank sees another's new files. Returns True when resuming."""
-    decision = [_run_dir_decision(run_dir, overwrite, cfg_hash) if rank == 0 else None]
+    """Rank 0 takes the run directory's lock (held until the process ends), decides (resume,
+    start fresh, or refuse) and tells every rank, before anything is written, so that no rank sees
+    another's new files. Returns True when resuming."""
+    decision: list = [None]
+    if rank == 0:
+        try:
+            note = runlock.acquire(run_dir)
+            if note:
+                print(f"note: {note}", flush=True)
+            decision = [_run_dir_decision(run_dir, overwrite, cfg_hash)]
+        except runlock.RunDirBusy as e:
+            decision = [("busy", str(e))]
     dist.broadcast_object_list(decision, src=0)
     action, error = decision[0]
     if error:
         raise ResumeError(error)
     if rank == 0 and action != "resume":
-        if action == "wipe":
-            shutil.rmtree(run_dir)
+        if action == "wipe":  # everything but the lock we hold
+            for p in run_dir.iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.name != LOCK_NAME:
+                    p.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir)
         (run_dir / "config_hash.txt").write_text(cfg_hash + "\n")
@@ -306,6 +321,7 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
                 engine.backward(loss)
                 engine.step()
             engine.update_hold.everything = False
+            average_batchnorm_statistics(engine.module)
             state["step"] = step + 1
             state["samples_seen"] += spec.batching.effective
             if samples_log is not None:

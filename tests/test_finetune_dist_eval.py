@@ -75,3 +75,36 @@ def test_eval_only_refuses_a_run_without_checkpoint_and_another_config(pairs, tm
     res = _finetune("seg", tmp_path / "run", overrides + ["--overwrite"], eval_only=True)
     assert res.returncode != 0 and "exclude each other" in res.stdout + res.stderr
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()  # the trained run is kept
+
+
+def test_two_process_training_evaluates_the_model_it_saves_and_resumes_to_it(pairs, tmp_path):
+    """IV-tuning (BatchNorm in its hybrid operation and in the heads) trained by 2 processes: every
+    rank holds the same BatchNorm statistics, so --eval-only of the saved checkpoint reproduces the
+    run's own metrics exactly, and a run killed mid-way resumes to the same weights, BatchNorm
+    buffers and metrics."""
+    import torch
+
+    from pretrain.loop import FAULT_ENV
+
+    overrides = [f"data.root={pairs}", "train.steps=6", "train.save_every_steps=2", "train.batch_size=2",
+                 "eval.overlays=0"]
+    res = _finetune("seg", tmp_path / "clean", overrides, nproc=2)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    trained = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    res = _finetune("seg", tmp_path / "clean", overrides, nproc=2, eval_only=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    again = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    assert again["confusion_matrix"] == trained["confusion_matrix"] and again["mIoU"] == trained["mIoU"]
+
+    killed = run_finetune_cli("seg", tmp_path / "run", CONFIG_DIR / "finetune" / "seg_tiny.yaml", *overrides, nproc=2,
+                              env_extra={"OMP_NUM_THREADS": "1", FAULT_ENV: "3"})
+    assert killed.returncode != 0
+    res = _finetune("seg", tmp_path / "run", overrides, nproc=2)
+    assert res.returncode == 0 and "resumed from step00000002" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    a, b = (torch.load(d / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+            for d in (tmp_path / "clean", tmp_path / "run"))
+    assert any("running_var" in k for k in a)  # the checkpoint holds BatchNorm statistics
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert resumed["confusion_matrix"] == trained["confusion_matrix"]

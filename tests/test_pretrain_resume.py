@@ -230,7 +230,9 @@ def test_changed_init_checkpoint_is_refused_on_resume(shards, tmp_path):
 
 def test_a_start_that_failed_before_its_first_checkpoint_starts_again(tmp_path):
     """A run of this config that never checkpointed (e.g. bad weights found at start) restarts on
-    the same command; any other non-empty folder stays refused."""
+    the same command; a start of another config that failed before its first step (e.g. an
+    effective batch that is not a multiple of the processes) claims nothing either; a run of
+    another config that logged steps, and any folder not ours, stay refused."""
     from pretrain.loop import _run_dir_decision
 
     run = tmp_path / "run"
@@ -238,8 +240,13 @@ def test_a_start_that_failed_before_its_first_checkpoint_starts_again(tmp_path):
     (run / "config_hash.txt").write_text("abc\n")
     (run / "params.json").write_text("{}")
     assert _run_dir_decision(run, False, "abc") == ("wipe", None)
+    assert _run_dir_decision(run, False, "def") == ("wipe", None)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
     action, error = _run_dir_decision(run, False, "def")
     assert action == "fresh" and "not empty" in error
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    assert "not empty" in _run_dir_decision(tmp_path / "mine", False, "def")[1]
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "latest").write_text("step00000002")
     assert _run_dir_decision(run, False, "abc") == ("resume", None)
@@ -571,3 +578,36 @@ def test_three_kills_at_random_moments_end_like_an_uninterrupted_run(shards, uni
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert _same_training_state(trainable(uninterrupted), trainable(run_dir)), moments
     assert samples(run_dir) == samples(uninterrupted), moments
+
+
+def test_one_run_per_run_dir_and_no_orphaned_workers(shards, tmp_path):
+    """While a run trains, a second launch on its directory is refused with the holder named.
+    SIGKILL of the launcher alone (its workers live in sessions of their own) ends the workers
+    too; the next launch takes the stale lock over and resumes (and is stopped one step later by
+    the kill fault: the first run is made far too long to finish during the test)."""
+    import psutil
+
+    from pretrain.engine import Checkpointer
+
+    run_dir, extra = tmp_path / "locked", ["train.epochs=2000", "train.save_every_steps=10"]
+    first = launch(run_dir, shards, extra=extra, wait=False)
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and ckpt.latest_tag() is None:
+        time.sleep(0.05)
+    workers = psutil.Process(first.pid).children(recursive=True)
+    holder = json.loads((run_dir / ".lock").read_text())
+    assert holder["pid"] in {w.pid for w in workers}
+    second = launch(run_dir, shards, extra=extra)
+    out = second.stdout + second.stderr
+    assert second.returncode != 0 and f"{run_dir} is in use by PID {holder['pid']} on {holder['host']}" in out
+    assert first.poll() is None
+    os.kill(first.pid, signal.SIGKILL)  # the launcher alone
+    first.communicate(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, [p.pid for p in alive]
+    resume_step = int(ckpt.choose()[0].removeprefix("step"))
+    third = launch(run_dir, shards, extra=extra, env_extra={FAULT_ENV: str(resume_step + 1)})
+    out = third.stdout + third.stderr
+    assert f"took over the lock of {run_dir} from PID {holder['pid']}" in out, out[-3000:]
+    assert f"resumed from step{resume_step:08d}" in out
