@@ -1,4 +1,4 @@
-"""``python -m data_tools`` (or ``irpt-data``): build, verify, reencode, preview, proposals-eval, synth."""
+"""``python -m data_tools`` (or ``irpt-data``): build, verify, reencode, preview, proposals-eval, split, synth."""
 from __future__ import annotations
 
 import argparse
@@ -115,6 +115,19 @@ def _cmd_proposals_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_split(args: argparse.Namespace) -> int:
+    from data_tools.splits import write_split
+
+    try:
+        n_train, n_val = write_split(args.root, args.images, args.val_fraction, args.seed, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{Path(args.root) / 'train.txt'}: {n_train} frames; {Path(args.root) / 'val.txt'}: {n_val} frames "
+          f"(seed {args.seed})")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="data_tools", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -162,6 +175,14 @@ def make_parser() -> argparse.ArgumentParser:
     pe.add_argument("--offset", type=int, default=0)
     pe.add_argument("overrides", nargs="*", help="config overrides, e.g. proposals.max_proposals=30")
     pe.set_defaults(func=_cmd_proposals_eval)
+
+    sp = sub.add_parser("split", help="write a seeded train.txt / val.txt for a dataset published without a split")
+    sp.add_argument("--root", required=True, help="the dataset folder (the lists are written there)")
+    sp.add_argument("--images", required=True, help="folder under ROOT whose image names are split, e.g. Ir")
+    sp.add_argument("--val-fraction", type=float, default=0.2)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=_cmd_split)
 
     s = sub.add_parser("synth", help="generate the synthetic thermal/visible demo corpus")
     s.add_argument("--out", required=True)

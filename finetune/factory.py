@@ -39,9 +39,34 @@ def intensity_config(cfg) -> IntensityConfig:
     return IntensityConfig(**dict(i, percentiles=tuple(i["percentiles"])))
 
 
-def split_list(cfg, split: str) -> str | None:
+def split_list(data, split: str) -> str | None:
     """The split list file of 'train' or 'val' (val falls back to the training list)."""
-    return cfg.data.train_split if split == "train" else (cfg.data.val_split or cfg.data.train_split)
+    return data.train_split if split == "train" else (data.val_split or data.train_split)
+
+
+def data_for_split(cfg, split: str):
+    """``cfg.data`` as one split ('train' or 'val') reads it: ``{split}`` in the folder names,
+    split lists and box path becomes ``data.split_dirs[split]`` (datasets published as
+    ``train/ir``, ``test/ir``, ...), and a relative box path is taken from ``data.root``."""
+    from omegaconf import OmegaConf
+
+    d = to_container(cfg.data)
+    folder = (d.get("split_dirs") or {}).get(split)
+
+    def fill(value, key):
+        if not isinstance(value, str) or "{split}" not in value:
+            return value
+        if folder is None:
+            raise ValueError(f"data.{key} is {value!r}, but data.split_dirs.{split} is not set")
+        return value.replace("{split}", folder)
+
+    d["dirs"] = {k: fill(v, f"dirs.{k}") for k, v in d["dirs"].items()}
+    for key in ("train_split", "val_split"):
+        d[key] = fill(d[key], key)
+    if d.get("boxes") and d["boxes"].get("path"):
+        path = Path(fill(d["boxes"]["path"], "boxes.path"))
+        d["boxes"]["path"] = str(path if path.is_absolute() or d["root"] is None else Path(d["root"]) / path)
+    return OmegaConf.create(d)
 
 
 def seg_dataset(cfg, split: str):
@@ -52,7 +77,8 @@ def seg_dataset(cfg, split: str):
     spec = SegDataSpec(num_classes=len(cfg.data.classes), ignore_index=int(cfg.data.ignore_index),
                        binary_labels=bool(cfg.data.binary_labels), crop_size=tuple(cfg.model.encoder.img_size),
                        augment=augment_config(cfg), intensity=intensity_config(cfg))
-    records, issues, found = discover(cfg.data, split_list(cfg, split))
+    data = data_for_split(cfg, split)
+    records, issues, found = discover(data, split_list(data, split))
     dataset, more = SegDataset(records, spec).validated()
     return dataset, issues + more, found
 
@@ -92,7 +118,8 @@ def det_dataset(cfg, split: str):
     spec = DetDataSpec(classes=tuple(cfg.data.classes), input_size=tuple(cfg.model.encoder.img_size),
                        scale_range=tuple(a["scale_range"]), hflip=float(a["hflip"]),
                        photometric=bool(a["photometric"]), intensity=intensity_config(cfg))
-    split_file = split_list(cfg, split)
-    pairs, issues, found = discover(cfg.data, split_file, need_label=False)
-    records, more = build_records(pairs, cfg.data.boxes, spec.classes, read_split(Path(cfg.data.root), split_file))
+    data = data_for_split(cfg, split)
+    split_file = split_list(data, split)
+    pairs, issues, found = discover(data, split_file, need_label=False)
+    records, more = build_records(pairs, data.boxes, spec.classes, read_split(Path(data.root), split_file))
     return DetDataset(records, spec), issues + more, found

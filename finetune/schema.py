@@ -95,9 +95,15 @@ class BoxesSchema(Section):
     path: str | None
 
 
+class SplitDirsSchema(Section):
+    train: str | None
+    val: str | None
+
+
 class _DataSchema(Section):
     layout: Literal["pairs", "mfnet"]
     root: str | None
+    split_dirs: SplitDirsSchema  # what {split} stands for in dirs, split lists and boxes.path
     dirs: DirsSchema
     label_suffix: str
     train_split: str | None

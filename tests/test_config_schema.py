@@ -17,6 +17,8 @@ def _schema_of(path: Path):
         return BuildConfig
     if path.parent.name == "pretrain":
         return PretrainConfig
+    if path.parent.name == "presets":  # a detection preset names boxes
+        return DetConfig if "boxes" in load_config(path).data else SegConfig
     return SegConfig if path.name.startswith("seg") else DetConfig
 
 

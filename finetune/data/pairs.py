@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools.annotations import ISSUE_REASONS
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from data_tools.sources import IMAGE_EXTENSIONS
 
 PAIR_ISSUES = {
     "missing_partner": "the infrared or the visible frame of a pair is missing",
@@ -53,7 +52,7 @@ def list_images(folder: Path, suffix: str = "") -> dict[str, str]:
         raise FileNotFoundError(f"{folder}: no such folder")
     out = {}
     for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in IMAGE_EXTS and p.stem.endswith(suffix):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem.endswith(suffix):
             out[p.stem[: len(p.stem) - len(suffix)] if suffix else p.stem] = str(p)
     return out
 

@@ -1,0 +1,249 @@
+"""Dataset presets: each reads a miniature replica of its benchmark's published layout (folder
+names, file types, channel counts, bit depths, split files, label formats; synthetic pixels) with
+only ``data.root`` given (and a tiny model): its datasets are built and counted, and it trains and
+evaluates through the CLI."""
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from data_tools.config import CONFIG_DIR, load_config
+from data_tools.synth import SynthConfig, render_scene
+from finetune.factory import det_dataset, seg_dataset
+from finetune.schema import DetConfig, SegConfig
+from tests.conftest import SHARED_DATA, run_finetune_cli
+
+PRESETS = CONFIG_DIR / "finetune" / "presets"
+N_TRAIN, N_VAL = 5, 3
+SEG = ("mfnet", "msrs_seg", "soda", "scut_seg", "pst900", "fmb")
+DET = ("flir_v1", "flir_v2", "m3fd", "llvip", "msrs_det")
+THERMAL_ONLY = ("soda", "scut_seg", "flir_v1", "flir_v2")
+# a synthetic scene's classes (person, car) as each detection preset names them
+DET_NAMES = {"m3fd": ("People", "Car")}
+
+
+def _scenes(bit_depth=8):
+    cfg = SynthConfig(num_images=N_TRAIN + N_VAL, width=160, height=128, bit_depth=bit_depth)
+    return [(f"{i:05d}", render_scene(cfg, i)) for i in range(N_TRAIN + N_VAL)]
+
+
+def _split(i: int) -> str:
+    return "train" if i < N_TRAIN else "val"
+
+
+def _write(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image), path
+
+
+def _bgr(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+
+
+def _lists(root: Path, names: list[str], train: str, val: str) -> None:
+    (root / train).write_text("\n".join(names[:N_TRAIN]) + "\n")
+    (root / val).write_text("\n".join(names[N_TRAIN:]) + "\n")
+
+
+def _voc(path: Path, name: str, boxes, classes, size) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    objs = "".join(f"<object><name>{classes[c]}</name><bndbox><xmin>{x:.0f}</xmin><ymin>{y:.0f}</ymin>"
+                   f"<xmax>{x + w:.0f}</xmax><ymax>{y + h:.0f}</ymax></bndbox></object>" for c, x, y, w, h in boxes)
+    path.write_text(f"<annotation><filename>{name}</filename><size><width>{size[1]}</width><height>{size[0]}"
+                    f"</height><depth>3</depth></size>{objs}</annotation>")
+
+
+def _coco(path: Path, files: list[tuple[str, dict]], bicycle: str) -> None:
+    """COCO JSON as FLIR ships it: ids 1 person, 2 bicycle (v2: bike), 3 car, and categories the
+    preset does not keep (a dog box on the first frame)."""
+    cats = [{"id": 1, "name": "person"}, {"id": 2, "name": bicycle}, {"id": 3, "name": "car"}, {"id": 17, "name": "dog"}]
+    images, anns = [], []
+    for i, (file_name, scene) in enumerate(files):
+        images.append({"id": i, "file_name": file_name, "height": 128, "width": 160})
+        for c, x, y, w, h in scene["boxes"]:  # scene classes: 0 person, 1 car
+            anns.append({"id": len(anns), "image_id": i, "category_id": (1, 3)[c], "bbox": [x, y, w, h]})
+        if i == 0:
+            anns.append({"id": len(anns), "image_id": i, "category_id": 17, "bbox": [1, 1, 20, 20]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+
+
+def _yolo(path: Path, boxes, classes_map=(0, 2)) -> None:
+    """YOLO txt with MSRS's ids (0 person, 1 bicycle, 2 car)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{classes_map[c]} {(x + w / 2) / 160:.6f} {(y + h / 2) / 128:.6f} {w / 160:.6f} "
+                            f"{h / 128:.6f}\n" for c, x, y, w, h in boxes))
+
+
+def build_replica(preset: str, root: Path) -> int:
+    """The miniature of ``preset``'s layout under ``root``; returns the number of dropped boxes
+    the data report must count (categories the preset does not keep)."""
+    scenes = _scenes(16 if preset == "pst900" else 8)
+    names = [n for n, _ in scenes]
+    split_dir = {"train": "train", "val": "test"}
+    for i, (n, s) in enumerate(scenes):
+        folder = split_dir[_split(i)]
+        if preset == "mfnet":  # 4-channel PNG: B, G, R, thermal
+            _write(root / "images" / f"{n}.png", np.dstack([_bgr(s["vi"]), s["ir"]]))
+            _write(root / "labels" / f"{n}.png", s["mask"])
+        elif preset in ("msrs_seg", "msrs_det"):
+            _write(root / folder / "ir" / f"{n}.png", s["ir"])
+            _write(root / folder / "vi" / f"{n}.png", _bgr(s["vi"]))
+            if preset == "msrs_seg":
+                _write(root / folder / "Segmentation_labels" / f"{n}.png", s["mask"])
+            else:
+                _yolo(root / folder / "labels_ir" / f"{n}.txt", s["boxes"])
+        elif preset == "soda":
+            _write(root / "JPEGImages" / f"{n}.jpg", s["ir"])
+            _write(root / "SegmentationClassPNG" / f"{n}.png", s["mask"])
+        elif preset == "scut_seg":
+            _write(root / "images" / f"{n}.jpg", s["ir"])
+            _write(root / "labels" / f"{n}.png", s["mask"])
+        elif preset == "pst900":  # thermal_raw: 16-bit counts; thermal: the 8-bit rendering
+            _write(root / folder / "thermal_raw" / f"{n}.png", s["ir"])
+            _write(root / folder / "thermal" / f"{n}.png", (s["ir"] >> 8).astype(np.uint8))
+            _write(root / folder / "rgb" / f"{n}.png", _bgr(s["vi"]))
+            _write(root / folder / "labels" / f"{n}.png", s["mask"])
+        elif preset == "fmb":
+            _write(root / folder / "Infrared" / f"{n}.png", s["ir"])
+            _write(root / folder / "Visible" / f"{n}.png", _bgr(s["vi"]))
+            _write(root / folder / "Label" / f"{n}.png", s["mask"])
+        elif preset == "flir_v1":
+            _write(root / ("train" if i < N_TRAIN else "val") / "thermal_8_bit" / f"FLIR_{i:05d}.jpeg", s["ir"])
+        elif preset == "flir_v2":
+            _write(root / f"images_thermal_{_split(i)}" / "data" / f"video-{i:05d}.jpg", s["ir"])
+        elif preset == "m3fd":
+            _write(root / "Ir" / f"{n}.png", s["ir"])
+            _write(root / "Vis" / f"{n}.png", _bgr(s["vi"]))
+            _voc(root / "Annotation" / f"{n}.xml", f"{n}.png", s["boxes"], DET_NAMES["m3fd"], (128, 160))
+        elif preset == "llvip":
+            _write(root / "infrared" / folder / f"{n}.jpg", s["ir"])
+            _write(root / "visible" / folder / f"{n}.jpg", _bgr(s["vi"]))
+            _voc(root / "Annotations" / f"{n}.xml", f"{n}.jpg", s["boxes"], ("person", "person"), (128, 160))
+    if preset == "mfnet":
+        _lists(root, names, "train.txt", "test.txt")
+        (root / "val.txt").write_text("")
+    elif preset == "soda":
+        _lists(root, names, "train_infrared.txt", "test_infrared.txt")
+    elif preset == "scut_seg":
+        _lists(root, names, "train.txt", "val.txt")
+    elif preset == "m3fd":
+        from data_tools.cli import main as data_main
+        assert data_main(["split", "--root", str(root), "--images", "Ir", "--val-fraction",
+                          str(N_VAL / (N_TRAIN + N_VAL)), "--seed", "0"]) == 0
+    elif preset == "flir_v1":
+        for split, part in (("train", scenes[:N_TRAIN]), ("val", scenes[N_TRAIN:])):
+            offset = 0 if split == "train" else N_TRAIN
+            _coco(root / split / "thermal_annotations.json",
+                  [(f"thermal_8_bit/FLIR_{offset + k:05d}.jpeg", s) for k, (_, s) in enumerate(part)], "bicycle")
+        return 2  # the dog box of frame 0 of each split
+    elif preset == "flir_v2":
+        for split, part in (("train", scenes[:N_TRAIN]), ("val", scenes[N_TRAIN:])):
+            offset = 0 if split == "train" else N_TRAIN
+            _coco(root / f"images_thermal_{split}" / "coco.json",
+                  [(f"data/video-{offset + k:05d}.jpg", s) for k, (_, s) in enumerate(part)], "bike")
+        return 2
+    return 0
+
+
+def _boxes_of(scenes, names) -> int:
+    """Boxes of the scenes behind frame names (the scene index is the name's last number)."""
+    import re
+
+    return sum(len(scenes[int(re.findall(r"\d+", n)[-1])][1]["boxes"]) for n in names)
+
+
+@pytest.mark.parametrize("preset", SEG + DET)
+def test_each_preset_reads_its_replica_with_only_the_root_given(preset, tmp_path):
+    root = tmp_path / preset
+    dropped = build_replica(preset, root)
+    detection = preset in DET
+    cfg = load_config(PRESETS / f"{preset}.yaml", [f"data.root={root}"], DetConfig if detection else SegConfig)
+    scenes = _scenes()
+    for split, n in (("train", N_TRAIN), ("val", N_VAL)):
+        dataset, issues, found = (det_dataset if detection else seg_dataset)(cfg, split)
+        reasons = [i["reason"] for i in issues]
+        assert len(dataset) == n == found, (split, issues)
+        if detection:
+            kept = sum(len(r.boxes) for r in dataset.records)
+            assert kept == _boxes_of(scenes, [r.pair.name for r in dataset.records]), (split, issues)
+            assert reasons.count("unknown_class") == dropped // 2  # one dog box per split
+        else:
+            assert not issues, issues
+            sample = dataset.eval_sample(0)
+            assert set(np.unique(sample["label"])) <= set(range(len(cfg.data.classes)))
+    if preset == "pst900":  # the 16-bit radiometric frames are what the infrared input reads
+        rec = dataset.records[0]
+        assert cv2.imread(rec.ir, cv2.IMREAD_UNCHANGED).dtype == np.uint16 and "thermal_raw" in rec.ir
+
+
+def _tiny(preset: str) -> list[str]:
+    common = ["model.encoder.size=tiny", "model.encoder.depth=2", "model.encoder.drop_path=0.0", "train.steps=2",
+              "train.batch_size=2", "train.effective_batch=null", "train.precision=fp32", "train.save_every_steps=2",
+              "train.log_every_steps=1", "data.num_workers=0", "eval.overlays=0", "optim.warmup_steps=1"]
+    if preset in THERMAL_ONLY:  # their default method, pad, needs init.checkpoint (a pre-trained backbone)
+        common.append("model.method=full")
+    if preset in DET:
+        return common + ["model.encoder.img_size=[128,160]", "model.head.channels=64", "model.head.roi_samples_per_image=64"]
+    return common + ["model.encoder.img_size=[64,80]", "model.head.channels=32", "model.head.aux_channels=16"]
+
+
+def _cli_run(preset: str, tmp_path: Path) -> dict:
+    root = tmp_path / preset
+    build_replica(preset, root)
+    task = "det" if preset in DET else "seg"
+    run_dir = tmp_path / "run"
+    res = run_finetune_cli(task, run_dir, PRESETS / f"{preset}.yaml", f"data.root={root}", *_tiny(preset))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((run_dir / "data_report_train.json").read_text())
+    assert report["found"] == report["used"] == N_TRAIN
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["frames"] == N_VAL and metrics["steps"] == 2
+    return metrics
+
+
+@pytest.mark.parametrize("preset", SEG + DET)
+def test_each_preset_trains_and_evaluates_through_the_cli(preset, tmp_path):
+    metrics = _cli_run(preset, tmp_path)
+    assert ("AP" if preset in DET else "mIoU") in metrics
+
+
+def test_split_command_is_seeded_and_refuses_to_overwrite(tmp_path, capsys):
+    from data_tools.cli import main as data_main
+
+    for i in range(10):
+        _write(tmp_path / "Ir" / f"{i:03d}.png", np.zeros((4, 4), np.uint8))
+    assert data_main(["split", "--root", str(tmp_path), "--images", "Ir", "--val-fraction", "0.3", "--seed", "1"]) == 0
+    first = ((tmp_path / "train.txt").read_text(), (tmp_path / "val.txt").read_text())
+    assert len(first[0].split()) == 7 and len(first[1].split()) == 3 and not set(first[0].split()) & set(first[1].split())
+    assert data_main(["split", "--root", str(tmp_path), "--images", "Ir", "--val-fraction", "0.3", "--seed", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert data_main(["split", "--root", str(tmp_path), "--images", "Ir", "--val-fraction", "0.3", "--seed", "1",
+                      "--overwrite"]) == 0
+    assert ((tmp_path / "train.txt").read_text(), (tmp_path / "val.txt").read_text()) == first
+    assert data_main(["split", "--root", str(tmp_path), "--images", "Ir", "--val-fraction", "0.3", "--seed", "2",
+                      "--overwrite"]) == 0
+    assert (tmp_path / "val.txt").read_text() != first[1]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "msrs20").is_dir(), reason="../shared/data/msrs20 not present")
+def test_msrs_det_preset_on_real_msrs_frames_in_the_published_layout(tmp_path):
+    src = SHARED_DATA / "msrs20"
+    names = sorted(p.stem for p in (src / "ir").glob("*.png"))
+    for i, n in enumerate(names):
+        folder = tmp_path / "MSRS" / ("train" if i % 4 else "test")
+        for sub, dst in (("ir", "ir"), ("vi", "vi")):
+            (folder / dst).mkdir(parents=True, exist_ok=True)
+            shutil.copy(src / sub / f"{n}.png", folder / dst / f"{n}.png")
+        (folder / "labels_ir").mkdir(exist_ok=True)
+        shutil.copy(src / "labels_ir" / f"{n}.txt", folder / "labels_ir" / f"{n}.txt")
+    cfg = load_config(PRESETS / "msrs_det.yaml", [f"data.root={tmp_path / 'MSRS'}"], DetConfig)
+    boxes = {n: len((src / "labels_ir" / f"{n}.txt").read_text().split("\n")) - 1 for n in names}
+    for split, want in (("train", [n for i, n in enumerate(names) if i % 4]), ("val", names[::4])):
+        dataset, issues, found = det_dataset(cfg, split)
+        assert found == len(dataset) == len(want)
+        assert sum(len(r.boxes) for r in dataset.records) + sum(i["reason"] == "box_empty" for i in issues) == \
+            sum(boxes[n] for n in want)
