@@ -121,5 +121,8 @@ def det_dataset(cfg, split: str):
     data = data_for_split(cfg, split)
     split_file = split_list(data, split)
     pairs, issues, found = discover(data, split_file, need_label=False)
-    records, more = build_records(pairs, data.boxes, spec.classes, read_split(Path(data.root), split_file))
+    ir_suffix = data.name_suffixes.ir or ""
+    names = read_split(Path(data.root), split_file)
+    names = [n.removesuffix(ir_suffix) for n in names] if names is not None and ir_suffix else names
+    records, more = build_records(pairs, data.boxes, spec.classes, names, ir_suffix)
     return DetDataset(records, spec), issues + more, found

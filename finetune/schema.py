@@ -100,11 +100,17 @@ class SplitDirsSchema(Section):
     val: str | None
 
 
+class NameSuffixesSchema(Section):
+    ir: str
+    vi: str
+
+
 class _DataSchema(Section):
     layout: Literal["pairs", "mfnet"]
     root: str | None
     split_dirs: SplitDirsSchema  # what {split} stands for in dirs, split lists and boxes.path
     dirs: DirsSchema
+    name_suffixes: NameSuffixesSchema  # end of the file stems after the frame name
     label_suffix: str
     train_split: str | None
     val_split: str | None

@@ -19,7 +19,7 @@ from tests.conftest import SHARED_DATA, run_finetune_cli
 PRESETS = CONFIG_DIR / "finetune" / "presets"
 N_TRAIN, N_VAL = 5, 3
 SEG = ("mfnet", "msrs_seg", "soda", "scut_seg", "pst900", "fmb")
-DET = ("flir_v1", "flir_v2", "m3fd", "llvip", "msrs_det")
+DET = ("flir_v1", "flir_v2", "flir_aligned", "m3fd", "llvip", "msrs_det")
 THERMAL_ONLY = ("soda", "scut_seg", "flir_v1", "flir_v2")
 # a synthetic scene's classes (person, car) as each detection preset names them
 DET_NAMES = {"m3fd": ("People", "Car")}
@@ -115,6 +115,11 @@ def build_replica(preset: str, root: Path) -> int:
             _write(root / ("train" if i < N_TRAIN else "val") / "thermal_8_bit" / f"FLIR_{i:05d}.jpeg", s["ir"])
         elif preset == "flir_v2":
             _write(root / f"images_thermal_{_split(i)}" / "data" / f"video-{i:05d}.jpg", s["ir"])
+        elif preset == "flir_aligned":  # both modalities in one folder, told apart by the name's end
+            _write(root / "JPEGImages" / f"FLIR_{i:05d}_PreviewData.jpeg", s["ir"])
+            _write(root / "JPEGImages" / f"FLIR_{i:05d}_RGB.jpg", _bgr(s["vi"]))
+            _voc(root / "Annotations" / f"FLIR_{i:05d}_PreviewData.xml", f"FLIR_{i:05d}_PreviewData.jpeg", s["boxes"],
+                 ("person", "car"), (128, 160))
         elif preset == "m3fd":
             _write(root / "Ir" / f"{n}.png", s["ir"])
             _write(root / "Vis" / f"{n}.png", _bgr(s["vi"]))
@@ -128,6 +133,8 @@ def build_replica(preset: str, root: Path) -> int:
         (root / "val.txt").write_text("")
     elif preset == "soda":
         _lists(root, names, "train_infrared.txt", "test_infrared.txt")
+    elif preset == "flir_aligned":
+        _lists(root, [f"FLIR_{i:05d}_PreviewData" for i in range(len(names))], "align_train.txt", "align_validation.txt")
     elif preset == "scut_seg":
         _lists(root, names, "train.txt", "val.txt")
     elif preset == "m3fd":

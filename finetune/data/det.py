@@ -50,10 +50,13 @@ def _class_index(label, classes: tuple[str, ...]) -> int | None:
 
 
 def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
-                  in_split: list[str] | None = None) -> tuple[list[DetRecord], list[dict]]:
+                  in_split: list[str] | None = None, name_suffix: str = "") -> tuple[list[DetRecord], list[dict]]:
     """Read every frame once (size check) and attach its boxes under the documented rules.
-    ``in_split``: the split's names (label files of other frames are not orphans)."""
+    ``in_split``: the split's names (label files of other frames are not orphans);
+    ``name_suffix``: removed from annotation stems (annotations named as the infrared files)."""
     ann = read_annotations(boxes_cfg.format, str(boxes_cfg.path), classes=classes)
+    if name_suffix:
+        ann.boxes = {stem.removesuffix(name_suffix): recs for stem, recs in ann.boxes.items()}
     issues = [issue(Path(i["file"]).stem, "annotation_parse_error", i["detail"]) for i in ann.issues]
     names = {p.name for p in pairs}
     scope = set(ann.boxes) if in_split is None else set(ann.boxes) & set(in_split)

@@ -4,7 +4,9 @@ left out and why.
 Layouts:
 - ``pairs``: folders with matching file stems (MSRS / FMB: ``ir/``, ``vi/``, ``labels/``; SIRST:
   ``images/`` + ``masks/<name>_pixels0.png``). Folder names come from config; ``ir`` or ``vi`` may
-  be null for single-modality data; ``label_suffix`` is appended to the stem of label files.
+  be null for single-modality data; ``label_suffix`` is appended to the stem of label files, and
+  ``name_suffixes`` to the stems of infrared / visible files (FLIR-aligned: ``FLIR_00002_PreviewData``
+  and ``FLIR_00002_RGB`` in one folder are frame ``FLIR_00002``).
 - ``mfnet``: one 4-channel PNG per frame (RGB + thermal) in ``images/``, labels in ``labels/``.
 A split list (a text file of names, one per line) selects frames; without one every frame is used.
 """
@@ -78,13 +80,17 @@ def discover(data, split: str | None, need_label: bool = True) -> tuple[list[Pai
     if data.layout == "mfnet":
         images = {"packed": list_images(root / dirs.image)}
     elif data.layout == "pairs":
-        images = {m: list_images(root / getattr(dirs, m)) for m in ("ir", "vi") if getattr(dirs, m)}
+        suffixes = data.get("name_suffixes") or {}
+        images = {m: list_images(root / getattr(dirs, m), suffixes.get(m) or "") for m in ("ir", "vi") if getattr(dirs, m)}
         if not images:
             raise ValueError("data.dirs: set at least one of ir / vi")
     else:
         raise ValueError(f"data.layout must be 'pairs' or 'mfnet', got {data.layout!r}")
     names = sorted(set().union(*[set(v) for v in images.values()]))
     wanted = read_split(root, split)
+    ir_suffix = (data.get("name_suffixes") or {}).get("ir") or ""
+    if wanted is not None and ir_suffix:  # lists may name the infrared files (FLIR-aligned)
+        wanted = [n.removesuffix(ir_suffix) for n in wanted]
     if wanted is not None:
         known = set(names) | set(labels)
         issues += [issue(n, "not_found") for n in wanted if n not in known]
