@@ -13,6 +13,11 @@
 #   --seg-config F   segmentation config (default: configs/finetune/seg_tiny.yaml on the synthetic pairs;
 #                    your own config names its data.root)
 #   --det-config F   detection config (default: configs/finetune/det_tiny.yaml on the synthetic pairs)
+#   --seg-preset NAME, --det-preset NAME
+#                    a dataset preset of configs/finetune/presets/ (mfnet, msrs_seg, soda, ..., flir_v1,
+#                    llvip, ...) instead of a config; needs --seg-root / --det-root
+#   --seg-root DIR, --det-root DIR
+#                    the dataset folder as it unpacks (sets data.root of the seg / det config)
 #   --out DIR        where outputs go (default: ./outputs)
 #   --workers N      shard-builder worker processes (default: number of CPUs)
 #   --nproc N        training processes per node (N > 1: torchrun; one per GPU on GPU machines)
@@ -38,6 +43,9 @@ WORKERS=""
 PRETRAIN_CONFIG="$ROOT/configs/pretrain/tiny.yaml"
 SEG_CONFIG=""
 DET_CONFIG=""
+SEG_ROOT=""
+DET_ROOT=""
+PRESETS="$ROOT/configs/finetune/presets"
 NPROC=1
 NPROC_SET=""
 NNODES=1
@@ -61,6 +69,14 @@ while [[ $# -gt 0 ]]; do
     --config)  PRETRAIN_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --seg-config) SEG_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --det-config) DET_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
+    --seg-preset|--det-preset)
+               [[ -f "$PRESETS/$2.yaml" ]] || fail "no preset '$2'; choose one of: $(cd "$PRESETS" && ls *.yaml | sed 's/.yaml//' | tr '\n' ' ')"
+               if [[ "$1" == --seg-preset ]]; then SEG_CONFIG="$PRESETS/$2.yaml"; else DET_CONFIG="$PRESETS/$2.yaml"; fi
+               shift 2 ;;
+    --seg-root|--det-root)
+               [[ -d "$2" ]] || fail "$1 $2: not a folder"
+               if [[ "$1" == --seg-root ]]; then SEG_ROOT="$(cd "$2" && pwd)"; else DET_ROOT="$(cd "$2" && pwd)"; fi
+               shift 2 ;;
     --nproc)   NPROC="$2"; NPROC_SET=1; shift 2 ;;
     --nnodes)  NNODES="$2"; shift 2 ;;
     --node-rank) NODE_RANK="$2"; shift 2 ;;
@@ -70,13 +86,23 @@ while [[ $# -gt 0 ]]; do
     --launcher-args) read -r -a LAUNCHER_ARGS <<< "$2"; shift 2 ;;
     --)        shift; EXTRA=("$@"); break ;;
     --python)  PYTHON_BOOT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     test)      STAGES+=(test); shift; TEST_ARGS=("$@"); break ;;
     setup|synth|shards|pretrain|export|seg|det|all) STAGES+=("$1"); shift ;;
     *) fail "unknown argument '$1' (see ./run.sh --help)" ;;
   esac
 done
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(all)
+# Refuse before any work what a later stage would fail on.
+for task in seg det; do
+  cfg_var="${task^^}_CONFIG"; root_var="${task^^}_ROOT"
+  if [[ "${!cfg_var}" == "$PRESETS/"* && -z "${!root_var}" ]]; then
+    fail "--$task-preset $(basename "${!cfg_var}" .yaml) needs --$task-root DIR (the dataset folder as it unpacks)"
+  fi
+  if [[ -n "${!root_var}" && -z "${!cfg_var}" ]]; then
+    fail "--$task-root needs --$task-preset NAME or --$task-config FILE"
+  fi
+done
 for n in "$NPROC" "$NNODES" "$NODE_RANK"; do [[ "$n" =~ ^[0-9]+$ ]] || fail "not a number: '$n'"; done
 [[ "$NODE_RANK" -lt "$NNODES" ]] || fail "--node-rank $NODE_RANK must be below --nnodes $NNODES"
 [[ -z "$HOSTFILE" || "$NNODES" -eq 1 ]] || fail "--hostfile and --nnodes exclude each other (the DeepSpeed launcher reads the nodes from the hostfile)"
@@ -181,24 +207,25 @@ launch() {  # launch MODULE ARGS...: one process, torchrun, or the DeepSpeed lau
 # the default configs they train on the synthetic infrared-visible pairs; a config of yours
 # names its own data.root (and data.boxes.path for detection).
 stage_finetune() {
-  local task="$1" config="$2" defaults=()
+  local task="$1" config="$2" root="$3" defaults=()
   need "$OUT/backbone.pth" export
   if [[ -f "$OUT/$task/DONE" ]]; then
     say "$task: already done ($OUT/$task); delete that folder to train again"; return 0
   fi
   if [[ -z "$config" && -n "$DATA" ]]; then  # your frames pre-train; fine-tuning needs your labelled pairs
-    say "$task: skipped: --data gives pre-training frames only. To fine-tune on your labelled data, rerun with --$task-config YOUR.yaml (a copy of configs/finetune/${task}_vitb.yaml with data.root set; README: Fine-tuning)"
+    say "$task: skipped: --data gives pre-training frames only. To fine-tune on labelled data, add --$task-preset NAME --$task-root DIR (a benchmark as it unpacks; README: Dataset presets) or --$task-config YOUR.yaml (a copy of configs/finetune/${task}_vitb.yaml with data.root set)"
     return 0
   fi
   if [[ -z "$config" ]]; then
     config="$ROOT/configs/finetune/${task}_tiny.yaml"
     need "$OUT/synth/synth.json" synth
-    defaults=("data.root=$OUT/synth")
+    defaults=("data.root=$OUT/synth" "data.train_split=train.txt" "data.val_split=val.txt")  # scored on held-out frames
     [[ "$task" == det ]] && defaults+=("data.boxes.path=$OUT/synth/labels")
   fi
+  [[ -n "$root" ]] && defaults+=("data.root=$root")
   say "$task: IV-tuning of $OUT/backbone.pth with $(basename "$config") into $OUT/$task (rerun to resume)"
   launch finetune "$task" --config "$config" --run-dir "$OUT/$task" "init.checkpoint=$OUT/backbone.pth" \
-    "${defaults[@]}" || fail "stage $task failed or was interrupted: rerun the same command to resume"
+    "${defaults[@]}" || fail "stage $task failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
   [[ -f "$OUT/$task/DONE" ]] || fail "stage $task stopped before the end (preempted?): rerun to resume"
 }
 
@@ -242,9 +269,9 @@ for stage in "${STAGES[@]}"; do
     shards) stage_shards ;;
     pretrain) stage_pretrain ;;
     export) stage_export ;;
-    seg)    stage_finetune seg "$SEG_CONFIG" ;;
-    det)    stage_finetune det "$DET_CONFIG" ;;
+    seg)    stage_finetune seg "$SEG_CONFIG" "$SEG_ROOT" ;;
+    det)    stage_finetune det "$DET_CONFIG" "$DET_ROOT" ;;
     all)    stage_synth; stage_shards; stage_pretrain; stage_export
-            stage_finetune seg "$SEG_CONFIG"; stage_finetune det "$DET_CONFIG"; summary ;;
+            stage_finetune seg "$SEG_CONFIG" "$SEG_ROOT"; stage_finetune det "$DET_CONFIG" "$DET_ROOT"; summary ;;
   esac
 done

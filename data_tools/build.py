@@ -229,6 +229,14 @@ def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[So
     for name, ps in per_source.items():
         if ps["found"] != ps["written"] + ps["skipped"]:
             raise BuildError(f"internal accounting error for source '{name}': {ps}")
+    for s in sources:  # a recipe's published counts (MSIP): a different download or rule shows here
+        if s.expected_frames is not None:
+            ps = per_source[s.name]
+            ps["expected_frames"] = s.expected_frames
+            if ps["written"] != s.expected_frames:
+                print(f"warning: source '{s.name}': {ps['written']:,} frames written, the recipe expects "
+                      f"{s.expected_frames:,} (found {ps['found']:,}, skipped {ps['skipped']:,}); check its "
+                      "download, root and rules", file=sys.stderr)
     totals = {k: sum(ps[k] for ps in per_source.values())
               for k in ("found", "written", "skipped", "colour_converted", "annotation_issues")}
     totals.update(proposals=proposals, shards=len(shards), bytes=sum(s["bytes"] for s in shards))

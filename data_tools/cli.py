@@ -15,7 +15,7 @@ DEFAULT_BUILD_CONFIG = CONFIG_DIR / "data" / "build.yaml"
 def _read_sources(args: argparse.Namespace) -> list:
     from data_tools.sources import SourceError, load_sources, source_from_shortcut
 
-    sources = load_sources(args.sources) if args.sources else []
+    sources = load_sources(args.sources, getattr(args, "sources_root", None)) if args.sources else []
     sources += [source_from_shortcut(s) for s in args.source]
     if not sources:
         raise SourceError("no sources: pass --sources FILE.yaml and/or --source NAME=PATH")
@@ -134,6 +134,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build WebDataset shards with region proposals")
     b.add_argument("--sources", help="sources YAML (see README)")
+    b.add_argument("--sources-root", help="folder the sources' relative paths start from (default: the YAML's "
+                                          "folder), e.g. where the MSIP datasets are unpacked")
     b.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
                    help="add every image under PATH as source NAME (repeatable)")
     b.add_argument("--out", required=True, help="output folder for shards and manifest.json")
@@ -166,6 +168,7 @@ def make_parser() -> argparse.ArgumentParser:
     pe = sub.add_parser("proposals-eval", help="recall, proposals per frame and speed of each proposal method "
                                                "on labelled frames")
     pe.add_argument("--sources", help="sources YAML with boxes or masks (as for build)")
+    pe.add_argument("--sources-root", help="folder the sources' relative paths start from")
     pe.add_argument("--source", action="append", default=[], metavar="NAME=PATH", help=argparse.SUPPRESS)
     pe.add_argument("--methods", help="comma-separated (default: every method)")
     pe.add_argument("--config", default=str(DEFAULT_BUILD_CONFIG), help="build settings YAML (its proposals section)")

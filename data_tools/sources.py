@@ -43,9 +43,13 @@ class Source:
     border_crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, bottom, left, right
     black_threshold: float | None = None  # drop frames whose max <= this
     annotations: tuple[AnnotationSpec, ...] = ()
+    expected_frames: int | None = None  # a recipe's published count: the build warns when it differs
 
     def describe(self) -> dict[str, Any]:
-        return asdict(self)
+        """What shapes the output bytes (the expected count does not)."""
+        d = asdict(self)
+        d.pop("expected_frames")
+        return d
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,9 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
         raise SourceError(f"source '{name}': sort must be 'natural' or 'lexical'")
     border = _border(d.pop("border_crop", None), name)
     black = d.pop("black_threshold", None)
+    expected = d.pop("expected_frames", None)
+    if expected is not None and (not isinstance(expected, int) or expected < 1):
+        raise SourceError(f"source '{name}': expected_frames must be a positive integer, got {expected!r}")
     anns = []
     for key in ("boxes", "masks"):
         spec = d.pop(key, None)
@@ -120,13 +127,15 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
     if d:
         raise SourceError(f"source '{name}': unknown option(s) {sorted(d)}")
     return Source(name, str(root), globs, stride, sort, border,
-                  None if black is None else float(black), tuple(anns))
+                  None if black is None else float(black), tuple(anns), expected)
 
 
-def load_sources(path: str | Path) -> list[Source]:
+def load_sources(path: str | Path, root: str | Path | None = None) -> list[Source]:
     """Read a sources YAML: ``sources: [{name, root, glob, stride, ...}, ...]``.
 
-    Relative paths are taken relative to the YAML file's folder.
+    Relative paths are taken relative to ``root`` if given (a recipe such as
+    ``configs/data/msip.yaml`` and the folder the datasets were unpacked in), else to the YAML
+    file's folder.
     """
     path = Path(path)
     if not path.is_file():
@@ -135,7 +144,10 @@ def load_sources(path: str | Path) -> list[Source]:
     entries = data.get("sources") if isinstance(data, dict) else None
     if not entries:
         raise SourceError(f"{path}: expected a top-level 'sources:' list")
-    sources = [source_from_dict(e, path.parent.resolve()) for e in entries]
+    if root is not None and not Path(root).is_dir():
+        raise SourceError(f"sources root {root} is not a folder")
+    base = Path(root).expanduser().resolve() if root is not None else path.parent.resolve()
+    sources = [source_from_dict(e, base) for e in entries]
     names = [s.name for s in sources]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

@@ -9,6 +9,7 @@ come from the final visible (un-occluded) pixels of each object.
 
 Output layout (the paired layout fine-tuning reads, and a sources YAML for the shard builder):
     ir/NAME.png  vi/NAME.png  masks/NAME.png  labels/NAME.txt (YOLO)  classes.txt  sources.yaml
+    train.txt  val.txt (every 4th frame held out, so that a demo never scores frames it trained on)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 
 SEG_CLASSES = ("background", "road", "person", "car")  # mask values 0..3
 BOX_CLASSES = ("person", "car")  # YOLO class ids 0, 1
+VAL_EVERY = 4  # frames i with i % 4 == 3 form the held-out val.txt
 
 
 @dataclass(frozen=True)
@@ -151,15 +153,20 @@ def write_corpus(out_dir: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
     out = Path(out_dir)
     for sub in ("ir", "vi", "masks", "labels"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    names = []
     for i in range(cfg.num_images):
         scene = render_scene(cfg, i)
         name = f"{i:05d}{'N' if scene['night'] else 'D'}"
+        names.append(name)
         cv2.imwrite(str(out / "ir" / f"{name}.png"), scene["ir"])
         cv2.imwrite(str(out / "vi" / f"{name}.png"), cv2.cvtColor(scene["vi"], cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(out / "masks" / f"{name}.png"), scene["mask"])
         lines = [f"{c} {(x + bw / 2) / cfg.width:.6f} {(y + bh / 2) / cfg.height:.6f} "
                  f"{bw / cfg.width:.6f} {bh / cfg.height:.6f}" for c, x, y, bw, bh in scene["boxes"]]
         (out / "labels" / f"{name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+    held_out = [n for i, n in enumerate(names) if i % VAL_EVERY == VAL_EVERY - 1]
+    (out / "train.txt").write_text("".join(f"{n}\n" for n in names if n not in set(held_out)))
+    (out / "val.txt").write_text("".join(f"{n}\n" for n in held_out))
     (out / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(BOX_CLASSES)))
     (out / "seg_classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(SEG_CLASSES)))
     (out / "synth.json").write_text(json.dumps(asdict(cfg), indent=1))

@@ -51,8 +51,10 @@ def test_default_pipeline_runs_every_stage(pipeline):
     assert manifest["totals"]["written"] == manifest["totals"]["found"] > 0
     seg = json.loads((out / "seg" / "metrics.json").read_text())
     det = json.loads((out / "det" / "metrics.json").read_text())
-    for m in (seg, det):
-        assert m["method"] == "ivtuning" and m["modality"] == "both" and m["frames"] > 0
+    held_out = (out / "synth" / "val.txt").read_text().split()
+    assert len(held_out) == 24 and not set(held_out) & set((out / "synth" / "train.txt").read_text().split())
+    for m in (seg, det):  # scored on the held-out frames only
+        assert m["method"] == "ivtuning" and m["modality"] == "both" and m["frames"] == len(held_out)
         assert 0 < m["params"]["trainable_backbone_share"] < 1
     assert 0 <= seg["mIoU"] <= 1 and 0 <= det["AP50"] <= 1
     assert list((out / "seg" / "overlays").glob("*.png")) and list((out / "det" / "overlays").glob("*.png"))
@@ -96,7 +98,7 @@ def test_interrupted_stage_fails_then_resumes_under_torchrun(pipeline, tmp_path)
     out, config = _seg_stage_folder(pipeline, tmp_path)
     args = ["--out", str(out), "--seg-config", str(config), "seg", "--nproc", "2"]
     res = _run_sh(*args, "--master", f"127.0.0.1:{free_port()}", env_extra={FAULT_ENV: "6"})  # killed after step 6
-    assert res.returncode != 0 and "rerun the same command to resume" in res.stderr
+    assert res.returncode != 0 and "the same command then goes on from the last checkpoint" in res.stderr
     assert "torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 2" in res.stdout
     assert not (out / "seg" / "DONE").exists()
     log = _ok(_run_sh(*args, "--master", f"127.0.0.1:{free_port()}"))
@@ -125,7 +127,11 @@ def test_bad_launcher_options_are_refused_before_any_work(tmp_path):
     for args, said in ((["--node-rank", "2", "--nnodes", "2"], "must be below"),
                        (["--hostfile", str(tmp_path / "missing")], "hostfile not found"),
                        (["--nproc", "two"], "not a number"),
-                       (["seg", "--nnodes", "2", "--master", "127.0.0.1:1"], "backbone.pth is missing")):
+                       (["seg", "--nnodes", "2", "--master", "127.0.0.1:1"], "backbone.pth is missing"),
+                       (["--seg-preset", "mfnett"], "no preset 'mfnett'; choose one of: "),
+                       (["--seg-preset", "mfnet"], "--seg-preset mfnet needs --seg-root DIR"),
+                       (["--det-preset", "llvip", "--det-root", str(tmp_path / "nowhere")], "not a folder"),
+                       (["--det-root", str(tmp_path)], "--det-root needs --det-preset NAME or --det-config FILE")):
         res = _run_sh("--out", str(tmp_path / "out"), *args)
         assert res.returncode != 0 and said in res.stderr, (args, res.stderr)
     assert not (tmp_path / "out" / "synth").exists()
@@ -144,5 +150,6 @@ def test_own_data_pretrains_then_skips_fine_tuning_saying_how_to_run_it(tmp_path
     assert (out / "backbone.pth").is_file() and not (out / "synth").exists()
     for task in ("seg", "det"):
         assert f"{task}: skipped: --data gives pre-training frames only" in log and f"--{task}-config" in log
+        assert f"--{task}-preset NAME --{task}-root DIR" in log
         assert not (out / task).exists()
     assert re.search(r"^  backbone ", log[log.index("==> summary"):], re.M)
