@@ -259,7 +259,23 @@ for task in ("seg", "det"):
 EOF
 }
 
+# A fine-tuning config of the user's is checked (schema, dataset folders) before the first stage:
+# a mistake must not surface after hours of pre-training.
+check_finetune_inputs() {
+  local task config root args
+  for task in seg det; do
+    [[ " ${STAGES[*]} " == *" $task "* || " ${STAGES[*]} " == *" all "* ]] || continue
+    config="$SEG_CONFIG"; root="$SEG_ROOT"
+    [[ "$task" == det ]] && { config="$DET_CONFIG"; root="$DET_ROOT"; }
+    [[ -n "$config" ]] || continue
+    args=(--config "$config")
+    [[ -n "$root" ]] && args+=("data.root=$root")
+    PY -m finetune check "${args[@]}" || fail "the $task config above is not usable: fix what it names; nothing was run"
+  done
+}
+
 setup
+check_finetune_inputs
 for stage in "${STAGES[@]}"; do
   case "$stage" in
     setup)  ;;

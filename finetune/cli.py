@@ -1,4 +1,4 @@
-"""``python -m finetune``: seg and det (train + evaluate), params (segmentation or detection config)."""
+"""``python -m finetune``: seg and det (train + evaluate), params, check (segmentation or detection config)."""
 from __future__ import annotations
 
 import argparse
@@ -11,16 +11,21 @@ SEG_CONFIG = str(CONFIG_DIR / "finetune" / "seg_vitb.yaml")
 DET_CONFIG = str(CONFIG_DIR / "finetune" / "det_vitb.yaml")
 
 
-def _cmd_params(args: argparse.Namespace) -> int:
-    from finetune.factory import build_detector, build_segmentor, parameter_report
-
+def _checked(args: argparse.Namespace):
+    """The config of a seg (or det: it names boxes) task, checked against its schema."""
     from data_tools.config import check_config
     from finetune.schema import DetConfig, SegConfig
 
     cfg = load_config(args.config, args.overrides)
-    detection = "boxes" in cfg.data
-    check_config(cfg, DetConfig if detection else SegConfig, args.config)
-    build = build_detector if detection else build_segmentor
+    check_config(cfg, DetConfig if "boxes" in cfg.data else SegConfig, args.config)
+    return cfg
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from finetune.factory import build_detector, build_segmentor, parameter_report
+
+    cfg = _checked(args)
+    build = build_detector if "boxes" in cfg.data else build_segmentor
     report = parameter_report(build(cfg, "meta"))  # shapes only, no memory
     report["config"] = {"method": cfg.model.method, "modality": cfg.model.modality, "size": cfg.model.encoder.size}
     print(json.dumps(report, indent=1))
@@ -45,6 +50,32 @@ def _cmd_det(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Refuse a config before any work: its schema, and the folders and files it names."""
+    from pathlib import Path
+
+    from finetune.factory import data_for_split, split_list
+
+    cfg = _checked(args)
+    if not cfg.data.root:
+        raise ValueError(f"{args.config}: data.root is not set (the dataset folder)")
+    for split in ("train", "val"):
+        data = data_for_split(cfg, split)
+        root = Path(data.root)
+        used = ("ir", "vi", "label") if data.layout == "pairs" else ("image", "label")
+        paths = [root / data.dirs[k] for k in used if data.dirs[k]]
+        listed = split_list(data, split)
+        paths += [root / listed] if listed else []
+        paths += [Path(data.boxes.path)] if "boxes" in data and data.boxes.path else []
+        missing = [str(p) for p in paths if not p.exists()]
+        if data.layout == "pairs" and not data.dirs.label and "boxes" not in data:
+            missing.append("data.dirs.label (not set)")
+        if missing:
+            raise FileNotFoundError(f"{args.config} ({split}): not found: {', '.join(missing)}")
+    print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description=__doc__)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -53,6 +84,11 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", default=SEG_CONFIG)
     pr.add_argument("overrides", nargs="*", help="config overrides, e.g. model.method=mona")
     pr.set_defaults(func=_cmd_params)
+    ck = sub.add_parser("check", help="check a seg / det config and the dataset folders it names, without "
+                                      "building or training anything")
+    ck.add_argument("--config", default=SEG_CONFIG)
+    ck.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=MFNet")
+    ck.set_defaults(func=_cmd_check)
     for name, help_text, config, example, func in (
             ("seg", "fine-tune and evaluate semantic segmentation", SEG_CONFIG,
              "data.root=MFNet model.method=mona init.checkpoint=backbone.pth", _cmd_seg),

@@ -254,3 +254,20 @@ def test_msrs_det_preset_on_real_msrs_frames_in_the_published_layout(tmp_path):
         assert found == len(dataset) == len(want)
         assert sum(len(r.boxes) for r in dataset.records) + sum(i["reason"] == "box_empty" for i in issues) == \
             sum(boxes[n] for n in want)
+
+
+def test_check_names_what_is_missing_before_any_work(tmp_path, capsys):
+    from finetune.cli import main as finetune_main
+
+    root = tmp_path / "llvip"
+    build_replica("llvip", root)
+    config = str(PRESETS / "llvip.yaml")
+    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 0
+    assert "config fits its schema" in capsys.readouterr().out
+    shutil.rmtree(root / "visible" / "test")
+    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 2
+    assert f"(val): not found: {root / 'visible' / 'test'}" in capsys.readouterr().err
+    assert finetune_main(["check", "--config", config]) == 2
+    assert "data.root is not set" in capsys.readouterr().err
+    assert finetune_main(["check", "--config", config, f"data.root={root}", "train.steps=0"]) == 2
+    assert "train.steps: Input should be greater than 0" in capsys.readouterr().err

@@ -137,19 +137,39 @@ def test_bad_launcher_options_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out" / "synth").exists()
 
 
-def test_own_data_pretrains_then_skips_fine_tuning_saying_how_to_run_it(tmp_path):
+def test_own_data_pretrains_then_fine_tunes_what_it_is_given_and_says_how_to_run_the_rest(tmp_path):
     """`./run.sh --data SOURCES.yaml` used to pre-train on the user's frames and then fail at the
-    segmentation stage (`data.root .../synth is not a folder`, advice: rerun). Without fine-tuning
-    configs those stages are skipped with the way to run them, and the pipeline finishes."""
+    segmentation stage (`data.root .../synth is not a folder`, advice: rerun). Now: a segmentation
+    config on a preset (a small copy of the MSRS preset) with `--seg-root` runs on that dataset;
+    detection, not given, is skipped with the way to run it; a missing dataset folder is refused
+    before any stage runs."""
     from tests.conftest import shared_path
+    from tests.test_presets import build_replica
 
+    build_replica("msrs_seg", tmp_path / "MSRS")
+    config = tmp_path / "msrs_small.yaml"
+    config.write_text(f"_base_: {ROOT / 'configs' / 'finetune' / 'presets' / 'msrs_seg.yaml'}\n"
+                      "model: {encoder: {img_size: [64, 80]}, head: {channels: 32, aux_channels: 16}}\n"
+                      "data: {num_workers: 0}\n"
+                      "train: {steps: 2, batch_size: 2, effective_batch: null, precision: fp32, save_every_steps: 2}\n"
+                      "eval: {overlays: 0}\n")
     sources = tmp_path / "sources.yaml"
     sources.write_text(f"sources:\n  - name: msrs\n    root: {shared_path('msrs20', 'ir')}\n")
     out = tmp_path / "out"
-    log = _ok(_run_sh("--data", str(sources), "--out", str(out), "--", "train.epochs=1"))
+    res = _run_sh("--data", str(sources), "--out", str(out), "--seg-config", str(config), "--seg-root",
+                  str(tmp_path / "nowhere_yet"))
+    assert res.returncode != 0 and "--seg-root" in res.stderr and not out.joinpath("shards").exists()
+    shutil.rmtree(tmp_path / "MSRS" / "test" / "vi")
+    res = _run_sh("--data", str(sources), "--out", str(out), "--seg-config", str(config), "--seg-root",
+                  str(tmp_path / "MSRS"))
+    assert res.returncode != 0 and "(val): not found" in res.stdout + res.stderr and "nothing was run" in res.stderr
+    assert not (out / "shards").exists()
+    build_replica("msrs_seg", tmp_path / "MSRS")
+    log = _ok(_run_sh("--data", str(sources), "--out", str(out), "--seg-config", str(config), "--seg-root",
+                      str(tmp_path / "MSRS"), "--", "train.epochs=1"))
+    seg = json.loads((out / "seg" / "metrics.json").read_text())
+    assert seg["frames"] == 3 and seg["steps"] == 2  # the replica's test split
     assert (out / "backbone.pth").is_file() and not (out / "synth").exists()
-    for task in ("seg", "det"):
-        assert f"{task}: skipped: --data gives pre-training frames only" in log and f"--{task}-config" in log
-        assert f"--{task}-preset NAME --{task}-root DIR" in log
-        assert not (out / task).exists()
+    assert "det: skipped: --data gives pre-training frames only" in log and "--det-config" in log
+    assert "--det-preset NAME --det-root DIR" in log and not (out / "det").exists()
     assert re.search(r"^  backbone ", log[log.index("==> summary"):], re.M)
