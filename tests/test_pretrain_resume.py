@@ -486,16 +486,22 @@ def _same_training_state(a: dict, b: dict) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(v, sb[i][k]) for i, st in sa.items() for k, v in st.items())
 
 
+def _finished_with_nan_at(run_dir, shards, steps: str, extra: list[str]) -> str:
+    """A 2-process run whose rank-0 loss is NaN at ``steps``; it must finish. Returns its output."""
+    from pretrain.health import NONFINITE_FAULT_ENV
+
+    res = launch(run_dir, shards, extra=[*extra, "train.keep_last=20"], env_extra={NONFINITE_FAULT_ENV: steps})
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert (run_dir / "DONE").is_file()
+    return out
+
+
 def test_skip_drops_the_update_of_a_non_finite_step_on_every_rank(shards, tmp_path):
     """Rank 0's loss is NaN at step 3 only: both ranks drop that step's update (weights and AdamW
     state stay those of step 2), count it, and the run goes on to the end."""
-    from pretrain.health import NONFINITE_FAULT_ENV
-
     run_dir = tmp_path / "skip"
-    res = launch(run_dir, shards, extra=["train.nonfinite=skip", "train.save_every_steps=1", "train.keep_last=20"],
-                 env_extra={NONFINITE_FAULT_ENV: "3"})
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-3000:]
+    out = _finished_with_nan_at(run_dir, shards, "3", ["train.nonfinite=skip", "train.save_every_steps=1"])
     assert "non-finite loss at step 3: its update dropped (1 so far)" in out
     assert _same_training_state(_checkpoint(run_dir, 2), _checkpoint(run_dir, 3))
     assert not _same_training_state(_checkpoint(run_dir, 3), _checkpoint(run_dir, 4))
@@ -508,13 +514,8 @@ def test_skip_drops_the_update_of_a_non_finite_step_on_every_rank(shards, tmp_pa
 def test_rollback_reloads_the_last_good_checkpoint_and_goes_on(shards, tmp_path):
     """NaN at step 4 with checkpoints every 2 steps: the weights and AdamW state saved at step 4
     are those of step 2, and the run finishes."""
-    from pretrain.health import NONFINITE_FAULT_ENV
-
     run_dir = tmp_path / "rollback"
-    res = launch(run_dir, shards, extra=["train.nonfinite=rollback", "train.keep_last=20"],
-                 env_extra={NONFINITE_FAULT_ENV: "4"})
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-3000:]
+    out = _finished_with_nan_at(run_dir, shards, "4", ["train.nonfinite=rollback"])
     assert "rolled back to step00000002; going on at step 4 with the next data" in out
     assert _same_training_state(_checkpoint(run_dir, 2), _checkpoint(run_dir, 4))
     assert not _same_training_state(_checkpoint(run_dir, 4), _checkpoint(run_dir, 6))
