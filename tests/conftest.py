@@ -53,10 +53,27 @@ def real_build(real_sources_yaml, tmp_path_factory):
     return out, manifest
 
 
+def kill_process_tree(proc) -> None:
+    """SIGKILL a launched process and every process under it at once, as a node failure does."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.communicate(timeout=120)
+
+
 def run_finetune_cli(task: str, run_dir, config, *overrides: str, nproc: int = 0, eval_only: bool = False,
-                     env_extra: dict | None = None):
+                     env_extra: dict | None = None, wait: bool = True):
     """``python -m finetune TASK`` in a subprocess (nproc > 0: under torchrun with nproc gloo
-    processes); returns the CompletedProcess with its output captured."""
+    processes); returns the CompletedProcess with its output captured (``wait=False``: the
+    running Popen)."""
     import subprocess
     import sys
 
@@ -67,6 +84,8 @@ def run_finetune_cli(task: str, run_dir, config, *overrides: str, nproc: int = 0
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     cmd = [*launcher, "-m", "finetune", task, "--config", str(config), "--run-dir", str(run_dir),
            *(["--eval-only"] if eval_only else []), *overrides]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -17,7 +17,7 @@ from data_tools.config import CONFIG_DIR, load_config
 from data_tools.sources import load_sources
 from data_tools.synth import SynthConfig, write_corpus
 from pretrain.loop import FAULT_ENV
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kill_process_tree
 
 TINY = str(CONFIG_DIR / "pretrain" / "tiny.yaml")
 
@@ -536,22 +536,6 @@ def test_consecutive_non_finite_steps_stop_the_run(shards, tmp_path):
     assert Checkpointer(run_dir / "checkpoints").latest_tag() == "step00000002"
 
 
-def _kill_everything(proc) -> None:
-    """SIGKILL the launcher and every process under it at once, as a node failure does."""
-    import psutil
-
-    try:
-        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.communicate(timeout=120)
-
-
 def test_three_kills_at_random_moments_end_like_an_uninterrupted_run(shards, uninterrupted, tmp_path):
     """The whole job is SIGKILLed 3 times at seeded random moments while it trains (a random step
     to reach, then a random fraction of a step: inside a step, a save, a log write); the rerun
@@ -573,7 +557,7 @@ def test_three_kills_at_random_moments_end_like_an_uninterrupted_run(shards, uni
             time.sleep(0.002)
         time.sleep(extra)
         moments.append((target, round(extra, 3), logged(), "ended first" if proc.poll() is not None else "killed"))
-        _kill_everything(proc)
+        kill_process_tree(proc)
     print("kills (target step, extra s, steps logged, what happened):", moments)
     res = launch(run_dir, shards)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
