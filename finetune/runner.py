@@ -78,9 +78,10 @@ def run_finetune(cfg, run_dir: Path, overwrite: bool, eval_only: bool, schema, *
 
 def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir: Path, overwrite: bool, *,
                        kind: str, build_model: Callable, build_data: Callable, targets: Callable,
-                       evaluate: Callable, describe: Callable, eval_only: bool = False) -> None:
+                       evaluate: Callable, describe: Callable, eval_only: bool = False) -> bool | None:
     """``describe(metrics)``: the one-line result printed at the end. ``eval_only``: evaluate the
-    latest checkpoint of the run with any number of processes, without training."""
+    latest checkpoint of the run with any number of processes, without training. False when a
+    preemption signal stopped training (after saving)."""
     t = cfg.train
     cfg_hash = config_hash(cfg)
     ckpt = Checkpointer(run_dir / "checkpoints", int(t.keep_last))
@@ -134,7 +135,7 @@ def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir
     if not train_steps(FinetuneTask(cfg, total_steps, device, targets), engine, optimizer,
                        EpochLoader(stream, workers), ckpt, state, spec, run_dir, rank, device,
                        {"config_hash": cfg_hash, "frozen": frozen_ref}):
-        return  # stopped by a signal after saving
+        return False  # stopped by a signal after saving
     _evaluate_and_report(model, cfg, run_dir, rank, world, device, kind, build_data, evaluate, describe, report,
                          total_steps)
 

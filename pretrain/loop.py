@@ -95,16 +95,21 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, ran
     return action == "resume"
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; the same command resumes
+
+
 def run_entry_point(body, *args) -> None:
     """Run ``body(rank, world, device, *args)`` in an initialised process group and end the
-    process: 0 on success, 1 on any error (a failed rank must not wait in a barrier)."""
+    process: 0 on success, 75 when ``body`` returns False (stopped by a preemption signal after
+    saving: a wrapper can tell "rerun me" from "done" without reading files), 1 on any error
+    (a failed rank must not wait in a barrier)."""
     from pretrain.engine import finish, init_distributed
 
     rank, world, device = init_distributed()
     if rank == 0:
         print(f"{world} process(es) ({dist.get_backend()}), {torch.get_num_threads()} CPU threads each")
     try:
-        body(rank, world, device, *args)
+        finished = body(rank, world, device, *args)
     except (ResumeError, CheckpointWriteError, FloatingPointError) as e:  # ours: the message says it all
         print(f"error: {e}", file=sys.stderr)
         sys.stdout.flush()
@@ -116,7 +121,7 @@ def run_entry_point(body, *args) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
-    finish(0)
+    finish(EXIT_PREEMPTED if finished is False else 0)
 
 
 # --- batching ---------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def train(cfg, run_dir: str | Path, overwrite: bool = False) -> None:
     run_entry_point(_train, cfg, Path(run_dir), overwrite)
 
 
-def _train(rank: int, world: int, device: torch.device, cfg, run_dir: Path, overwrite: bool) -> None:
+def _train(rank: int, world: int, device: torch.device, cfg, run_dir: Path, overwrite: bool) -> bool:
+    """False when a preemption signal stopped the run (after saving)."""
     t, m = cfg.train, cfg.model
     cfg_hash = config_hash(cfg)
     resume = prepare_run_dir(run_dir, overwrite, cfg, cfg_hash, rank)
@@ -137,3 +138,4 @@ def _train(rank: int, world: int, device: torch.device, cfg, run_dir: Path, over
     if finished and rank == 0:
         (run_dir / "DONE").write_text(json.dumps({"steps": total_steps, "samples_seen": state["samples_seen"]}))
         print(f"done: {total_steps} steps, checkpoints in {ckpt.directory}", flush=True)
+    return finished
