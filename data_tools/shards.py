@@ -2,7 +2,7 @@
 
     <key>.png or <key>.npy  the frame, one channel, 8- or 16-bit exactly as read: lossless PNG
                             (``shards.encoding: png``) or the array itself (``raw``), which
-                            decodes ~25x faster for about twice the bytes
+                            decodes much faster for about twice the bytes (BENCHMARKS.md)
     <key>.proposals.npy     (N, 4) int32 boxes x, y, w, h in the stored frame's pixels
     <key>.json              metadata: source, path, frame, original size, stored size, dtype, crop, ...
 

@@ -1,4 +1,4 @@
-"""Corpus sources and their frame rules (SPEC §1).
+"""Corpus sources and their frame rules (PAD's MSIP corpus, arXiv 2312.08192).
 
 A source is a root folder, glob patterns, a frame stride, a sort order, an optional border crop,
 an optional black-frame threshold and optional annotations. The stride applies per folder, so

@@ -1,5 +1,5 @@
 """Online transforms applied when a sample is drawn: PAD's object-sensitive random RoI crop
-(SPEC §2), horizontal flip, and the load-time intensity normalisation of 8/16-bit frames.
+(PAD, arXiv 2312.08192), horizontal flip, and the load-time intensity normalisation of 8/16-bit frames.
 
 Numpy + OpenCV only, so the data loader needs no torch in its workers; every random choice comes
 from the ``numpy.random.Generator`` passed in, so a seeded generator replays the same crops.

@@ -1,1 +1,1 @@
-"""MAE pre-training with PAD adapters: models, weights, and (soon) the DeepSpeed engine."""
+"""MAE pre-training with PAD adapters: models, weights, the DeepSpeed engine and the training loop."""

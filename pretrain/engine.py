@@ -45,8 +45,8 @@ def free_port() -> int:
 def threads_per_process(env: dict, threads: int) -> int:
     """Intra-op threads for one process: torch's default for the machine (``threads``) shared
     among the processes of its node. torchrun sets OMP_NUM_THREADS=1 itself; the DeepSpeed
-    launcher and srun do not, and two processes with every core each were many times slower on
-    2 cores (8 tiny steps: 15 s instead of 0.8 s)."""
+    launcher and srun do not, and processes that each take every core oversubscribe the machine
+    and run many times slower."""
     if env.get("SLURM_CPUS_PER_TASK"):  # srun gives each task its own CPUs
         return max(1, min(threads, int(env["SLURM_CPUS_PER_TASK"])))
     local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or "1"

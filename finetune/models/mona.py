@@ -1,4 +1,4 @@
-"""Mona (multi-cognitive visual adapter, SPEC §5): two unshared modules per block, after the
+"""Mona (multi-cognitive visual adapter, arXiv 2408.08345): two unshared modules per block, after the
 attention residual and after the MLP residual.
 
     z  = gamma * LN(x) + gamma_x * x          # per-channel, gamma = 1e-6, gamma_x = 1 at init

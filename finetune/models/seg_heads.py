@@ -1,4 +1,4 @@
-"""Segmentation neck and heads (SPEC §7), written here because none of our libraries ships them
+"""Segmentation neck and heads (UperNet, Xiao et al. ECCV 2018; FCN auxiliary head, as in mmsegmentation), written here because none of our libraries ships them
 (torchvision has an FPN but no UperNet; mmsegmentation is not a dependency). They follow
 mmsegmentation's UPerHead / FCNHead and the MAE / BEiT segmentation neck.
 """

@@ -14,7 +14,7 @@ from finetune.models.seg_heads import FCNHead, MultiLevelNeck, UperHead
 
 @dataclass(frozen=True)
 class SegHeadConfig:
-    channels: int = 768  # UperNet channels (SPEC: 768 for ViT-B)
+    channels: int = 768  # UperNet channels (768 for ViT-B, as in MAE / PAD segmentation)
     aux_channels: int = 256
     aux_weight: float = 0.4
     aux_level: int = 2  # the neck level the auxiliary head reads (stride 16)

@@ -1,4 +1,4 @@
-"""Masked autoencoder (He et al. 2021) around the timm ViT encoder, with PAD adapters (SPEC §3-4).
+"""Masked autoencoder (He et al. 2021) around the timm ViT encoder, with PAD adapters (arXiv 2312.08192).
 
 Parameter names follow the official MAE release with the encoder under ``encoder.``:
 ``encoder.patch_embed.*``, ``encoder.blocks.*``, ``mask_token``, ``decoder_embed.*``,

@@ -1,4 +1,4 @@
-"""PAD's patchwise-scale adapter (SPEC §4), parallel to the MLP of every block:
+"""PAD's patchwise-scale adapter (arXiv 2312.08192), parallel to the MLP of every block:
 
     a = Up(Dropout(ReLU(Down(LN_a(x)))))
     m = MLP(LN2(x))
