@@ -15,7 +15,20 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _config_dir() -> Path:
+    """``configs/`` of the checkout, or the copy an installed wheel carries (``irpt_configs``)."""
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if checkout.is_dir():
+        return checkout
+    import importlib.util
+
+    spec = importlib.util.find_spec("irpt_configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return checkout
+
+
+CONFIG_DIR = _config_dir()
 
 
 def _load_with_bases(path: Path) -> DictConfig:
