@@ -164,9 +164,9 @@ def write_corpus(out_dir: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
         lines = [f"{c} {(x + bw / 2) / cfg.width:.6f} {(y + bh / 2) / cfg.height:.6f} "
                  f"{bw / cfg.width:.6f} {bh / cfg.height:.6f}" for c, x, y, bw, bh in scene["boxes"]]
         (out / "labels" / f"{name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
-    held_out = [n for i, n in enumerate(names) if i % VAL_EVERY == VAL_EVERY - 1]
-    (out / "train.txt").write_text("".join(f"{n}\n" for n in names if n not in set(held_out)))
-    (out / "val.txt").write_text("".join(f"{n}\n" for n in held_out))
+    train = [n for i, n in enumerate(names) if i % VAL_EVERY != VAL_EVERY - 1]
+    (out / "train.txt").write_text("".join(f"{n}\n" for n in train))
+    (out / "val.txt").write_text("".join(f"{n}\n" for n in names[VAL_EVERY - 1::VAL_EVERY]))
     (out / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(BOX_CLASSES)))
     (out / "seg_classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(SEG_CLASSES)))
     (out / "synth.json").write_text(json.dumps(asdict(cfg), indent=1))

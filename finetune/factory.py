@@ -112,7 +112,7 @@ def build_detector(cfg, device: str | torch.device = "cpu"):
 def det_dataset(cfg, split: str):
     """The dataset of a split with its boxes read under the documented rules, its issues and frame count."""
     from finetune.data.det import DetDataset, DetDataSpec, build_records
-    from finetune.data.pairs import discover, read_split
+    from finetune.data.pairs import discover, name_suffix, split_names
 
     a = to_container(cfg.data.augment)
     spec = DetDataSpec(classes=tuple(cfg.data.classes), input_size=tuple(cfg.model.encoder.img_size),
@@ -121,8 +121,6 @@ def det_dataset(cfg, split: str):
     data = data_for_split(cfg, split)
     split_file = split_list(data, split)
     pairs, issues, found = discover(data, split_file, need_label=False)
-    ir_suffix = data.name_suffixes.ir or ""
-    names = read_split(Path(data.root), split_file)
-    names = [n.removesuffix(ir_suffix) for n in names] if names is not None and ir_suffix else names
-    records, more = build_records(pairs, data.boxes, spec.classes, names, ir_suffix)
+    records, more = build_records(pairs, data.boxes, spec.classes, split_names(data, split_file),
+                                  name_suffix(data, "ir"))
     return DetDataset(records, spec), issues + more, found

@@ -180,13 +180,11 @@ class PretrainStream(ResumableStream):
                     read += 1
                     if n >= slots or (index - 1) % slots == slot:
                         yield {"__key__": key, **members}
-            except (OSError, tarfile.TarError, EOFError):  # unreadable or truncated shard: counted, skipped
-                counters["bad_shards"] += 1
+            except (OSError, tarfile.TarError, EOFError):  # unreadable or truncated shard: named, skipped
                 counters["bad_shard_urls"].append(url)
                 continue
             if shard_set.shard_samples is not None and read != shard_set.shard_samples[shard]:
-                counters["bad_shards"] += 1  # cut at a block boundary: a valid but shorter tar
-                counters["bad_shard_urls"].append(url)
+                counters["bad_shard_urls"].append(url)  # cut at a block boundary: a valid but shorter tar
 
     def _slot_stream(self, set_index: int, slot: int, slots: int, counters: dict) -> Iterator[dict]:
         """Endless passes, each shuffled on its own (the buffer is flushed at the end of a pass),
@@ -241,13 +239,12 @@ class PretrainStream(ResumableStream):
         if self.positions is not None and len(self.positions) != workers:
             raise ValueError(f"the saved data position has {len(self.positions)} loader workers, this run "
                              f"{workers}: resume with data.num_workers={len(self.positions)}")
-        counters = {"bad_shards": 0, "bad_samples": 0, "bad_shard_urls": []}
+        counters = {"bad_samples": 0, "bad_shard_urls": []}
         stream = self._mixed_stream(slot, slots, counters)
         position = self.positions[worker] if self.positions else 0  # raw samples consumed so far
         for _ in range(position):
             next(stream)
-        reported = {"bad_samples": counters["bad_samples"], "bad_shards": counters["bad_shards"],
-                    "bad_shard_urls": len(counters["bad_shard_urls"])}
+        reported_samples, reported_shards = counters["bad_samples"], len(counters["bad_shard_urls"])
         consecutive_bad = 0
         for b in my_batches:
             crops, keys = [], []
@@ -266,12 +263,11 @@ class PretrainStream(ResumableStream):
                         raise RuntimeError(f"{consecutive_bad} consecutive samples failed to decode, the last: "
                                            f"{e}") from e
             batch = self._to_network(crops)
+            new_bad_shards = counters["bad_shard_urls"][reported_shards:]  # failed reads since the last batch
             yield {"images": batch, "keys": keys, "epoch": self.epoch, "batch": b, "worker": worker, "position": position,
-                   "bad_samples": counters["bad_samples"] - reported["bad_samples"],
-                   "bad_shards": counters["bad_shards"] - reported["bad_shards"],
-                   "bad_shard_urls": counters["bad_shard_urls"][reported["bad_shard_urls"]:]}
-            reported = {"bad_samples": counters["bad_samples"], "bad_shards": counters["bad_shards"],
-                        "bad_shard_urls": len(counters["bad_shard_urls"])}
+                   "bad_samples": counters["bad_samples"] - reported_samples,
+                   "bad_shards": len(new_bad_shards), "bad_shard_urls": new_bad_shards}
+            reported_samples, reported_shards = counters["bad_samples"], len(counters["bad_shard_urls"])
 
 
 def network_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:

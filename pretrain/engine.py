@@ -183,17 +183,22 @@ def build_engine(model: torch.nn.Module, groups: list[dict], lr: float, betas: t
     return engine, optimizer
 
 
-def average_batchnorm_statistics(model: torch.nn.Module) -> None:
-    """Make every rank's BatchNorm running statistics their mean over ranks. Plain BatchNorm
+def batchnorm_statistics(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The running mean / var buffers of every plain BatchNorm of ``model``. Plain BatchNorm
     (IV-tuning's hybrid operation, the heads) keeps per-rank statistics and DeepSpeed does not
     sync buffers, so ranks would evaluate different models and only rank 0's would be saved.
-    SyncBatchNorm (CUDA) needs no help; gloo on CPU has no SyncBatchNorm, so the loop calls this
-    after every step: ranks then hold one model at every step boundary (save, resume, evaluation),
-    for one small all-reduce per step."""
+    SyncBatchNorm (CUDA) needs no help; gloo on CPU has none, so the loop averages these over
+    ranks after every step (:func:`average_over_ranks`): ranks then hold one model at every step
+    boundary (save, resume, evaluation), for one small all-reduce per step. Loading a checkpoint
+    copies into these same tensors."""
+    return [b for m in model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm)
+            for b in (m.running_mean, m.running_var) if b is not None]
+
+
+def average_over_ranks(stats: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over ranks, in one all-reduce."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    stats = [b for m in model.modules()
-             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm)
-             for b in (m.running_mean, m.running_var) if b is not None]
     if world == 1 or not stats:
         return
     flat = torch.cat([b.detach().float().reshape(-1) for b in stats])

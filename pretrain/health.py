@@ -35,9 +35,10 @@ class HealthPolicy:
 
     @classmethod
     def from_config(cls, t) -> HealthPolicy:
-        factor = t.get("loss_spike_factor")
-        return cls(nonfinite=str(t.get("nonfinite", "stop")), max_consecutive=int(t.get("nonfinite_max_consecutive", 3)),
-                   spike_factor=float(factor) if factor else None, spike_window=int(t.get("loss_spike_window", 50)))
+        """From a ``train`` section (the schema has checked its values)."""
+        factor = t.loss_spike_factor
+        return cls(nonfinite=str(t.nonfinite), max_consecutive=int(t.nonfinite_max_consecutive),
+                   spike_factor=float(factor) if factor is not None else None, spike_window=int(t.loss_spike_window))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ log and the progress bar, identically for every task.
 
 Batches come from ``pretrain.data.EpochLoader`` over a stream that yields dicts with the keys
 ``batch`` (index in the epoch), ``worker`` and ``position`` (the data position to resume from),
-``keys`` (sample names), ``bad_samples`` / ``bad_shards`` (counts since the previous batch) and
+``keys`` (sample names), ``bad_samples`` (a count) and ``bad_shard_urls`` (failed shard reads) since
+the previous batch, and
 whatever the task's ``forward`` reads.
 """
 from __future__ import annotations
@@ -27,12 +28,11 @@ import torch.distributed as dist
 
 from data_tools.config import save_resolved
 from data_tools.files import sha256_file, trim_jsonl
-from pretrain.engine import (Checkpointer, CheckpointWriteError, ResumeError, StopSignals, average_batchnorm_statistics,
-                             frozen_fingerprint, seed_step, set_lr)
+from pretrain.engine import (Checkpointer, CheckpointWriteError, ResumeError, StopSignals, average_over_ranks,
+                             batchnorm_statistics, frozen_fingerprint, seed_step, set_lr)
 from pretrain import runlock
 from pretrain.health import HealthPolicy, StepHealth, faulty_steps, step_verdict
 
-LOCK_NAME = runlock.LOCK_NAME
 FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume tests
 
 
@@ -47,7 +47,7 @@ def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str) -> tuple[st
             return "resume", (f"{run_dir} holds a run of another config (hash {saved} != {cfg_hash}); "
                               "use another --run-dir, or --overwrite to discard it")
         return "resume", None
-    if run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != runlock.LOCK_NAME for p in run_dir.iterdir()):
         if saved == cfg_hash:
             return "wipe", None  # this config's run that stopped before its first checkpoint: nothing to keep
         if saved is not None and not _logged_a_step(run_dir):
@@ -86,7 +86,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, ran
             for p in run_dir.iterdir():
                 if p.is_dir():
                     shutil.rmtree(p)
-                elif p.name != LOCK_NAME:
+                elif p.name != runlock.LOCK_NAME:
                     p.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir)
@@ -290,6 +290,7 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
     fault_step = int(os.environ.get(FAULT_ENV, "-1"))
     nan_steps = faulty_steps() if rank == 0 else set()
     health = StepHealth(spec.health, state, rank)
+    bn_stats = batchnorm_statistics(engine.module)
 
     def save() -> None:
         ckpt.save(engine, f"step{state['step']:08d}", rank, dict(checkpoint_meta, data=state, world_size=world))
@@ -314,7 +315,7 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
                 state["positions"][batch["worker"]] = batch["position"]
                 state["batch"] = batch["batch"] + 1
                 state["bad_samples"] += batch["bad_samples"]
-                note_bad_shards(state, batch.get("bad_shard_urls", []), rank)
+                note_bad_shards(state, batch["bad_shard_urls"], rank)
                 keys += batch["keys"]
                 loss = task.forward(engine, batch)
                 if step + 1 in nan_steps:
@@ -326,7 +327,7 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
                 engine.backward(loss)
                 engine.step()
             engine.update_hold.everything = False
-            average_batchnorm_statistics(engine.module)
+            average_over_ranks(bn_stats)
             state["step"] = step + 1
             state["samples_seen"] += spec.batching.effective
             if samples_log is not None:

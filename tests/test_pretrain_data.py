@@ -113,6 +113,7 @@ def test_corrupt_samples_and_shards_are_counted_and_skipped(shards, tmp_path):
     assert len(out) == 6  # the stream still fills every batch
     assert sum(b["bad_samples"] for b in out) >= 1
     assert sum(b["bad_shards"] for b in out) >= 2  # the truncated and the missing shard
+    assert {url for b in out for url in b["bad_shard_urls"]} == {str(truncated), missing}  # each named
 
 
 def test_a_set_with_nothing_readable_is_an_error_not_a_hang(tmp_path):

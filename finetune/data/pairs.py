@@ -68,6 +68,19 @@ def read_split(root: Path, split: str | None) -> list[str] | None:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def name_suffix(data, modality: str) -> str:
+    """How the stems of ``modality``'s files end after the frame name (``data.name_suffixes``)."""
+    return (data.get("name_suffixes") or {}).get(modality) or ""
+
+
+def split_names(data, split: str | None) -> list[str] | None:
+    """The frame names a split list selects (None: no list). Lists that name the infrared files
+    (FLIR-aligned's ``FLIR_00002_PreviewData``) give frame names without the infrared suffix."""
+    wanted = read_split(Path(data.root), split)
+    suffix = name_suffix(data, "ir")
+    return [n.removesuffix(suffix) for n in wanted] if wanted is not None and suffix else wanted
+
+
 def discover(data, split: str | None, need_label: bool = True) -> tuple[list[PairRecord], list[dict], int]:
     """Records for the ``data`` config section (layout, root, dirs, label_suffix), the issues met
     (each names the frame and why it was left out) and the number of frames considered."""
@@ -80,17 +93,13 @@ def discover(data, split: str | None, need_label: bool = True) -> tuple[list[Pai
     if data.layout == "mfnet":
         images = {"packed": list_images(root / dirs.image)}
     elif data.layout == "pairs":
-        suffixes = data.get("name_suffixes") or {}
-        images = {m: list_images(root / getattr(dirs, m), suffixes.get(m) or "") for m in ("ir", "vi") if getattr(dirs, m)}
+        images = {m: list_images(root / getattr(dirs, m), name_suffix(data, m)) for m in ("ir", "vi") if getattr(dirs, m)}
         if not images:
             raise ValueError("data.dirs: set at least one of ir / vi")
     else:
         raise ValueError(f"data.layout must be 'pairs' or 'mfnet', got {data.layout!r}")
     names = sorted(set().union(*[set(v) for v in images.values()]))
-    wanted = read_split(root, split)
-    ir_suffix = (data.get("name_suffixes") or {}).get("ir") or ""
-    if wanted is not None and ir_suffix:  # lists may name the infrared files (FLIR-aligned)
-        wanted = [n.removesuffix(ir_suffix) for n in wanted]
+    wanted = split_names(data, split)
     if wanted is not None:
         known = set(names) | set(labels)
         issues += [issue(n, "not_found") for n in wanted if n not in known]

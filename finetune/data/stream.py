@@ -53,6 +53,6 @@ class MapBatchStream(ResumableStream):
                 else:
                     raise RuntimeError(f"no frame of the dataset could be loaded (last error: {error!r})")
             batch = self.dataset.collate(samples)
-            batch.update(batch=b, worker=worker, position=0, bad_samples=bad, bad_shards=0,
+            batch.update(batch=b, worker=worker, position=0, bad_samples=bad, bad_shard_urls=[],
                          keys=[s["name"] for s in samples])
             yield batch
