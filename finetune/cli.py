@@ -54,24 +54,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
     """Refuse a config before any work: its schema, and the folders and files it names."""
     from pathlib import Path
 
+    from finetune.data.pairs import discover
     from finetune.factory import data_for_split, split_list
 
     cfg = _checked(args)
     if not cfg.data.root:
         raise ValueError(f"{args.config}: data.root is not set (the dataset folder)")
+    detection = "boxes" in cfg.data
+    if not detection and not cfg.data.dirs.label:
+        raise ValueError(f"{args.config}: data.dirs.label is not set (segmentation needs label maps)")
     for split in ("train", "val"):
         data = data_for_split(cfg, split)
-        root = Path(data.root)
-        used = ("ir", "vi", "label") if data.layout == "pairs" else ("image", "label")
-        paths = [root / data.dirs[k] for k in used if data.dirs[k]]
-        listed = split_list(data, split)
-        paths += [root / listed] if listed else []
-        paths += [Path(data.boxes.path)] if "boxes" in data and data.boxes.path else []
-        missing = [str(p) for p in paths if not p.exists()]
-        if data.layout == "pairs" and not data.dirs.label and "boxes" not in data:
-            missing.append("data.dirs.label (not set)")
-        if missing:
-            raise FileNotFoundError(f"{args.config} ({split}): not found: {', '.join(missing)}")
+        try:  # lists the folders and split files as training will (reads no image)
+            discover(data, split_list(data, split), need_label=not detection)
+            if detection and data.boxes.path and not Path(data.boxes.path).exists():
+                raise FileNotFoundError(data.boxes.path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{args.config} ({split}): not found: {e}") from None
     print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there")
     return 0
 
