@@ -7,7 +7,7 @@ from pydantic import Field, model_validator
 
 from data_tools.config import Section
 from data_tools.schema import Fraction, IntensitySchema, NonNegFloat, NonNegInt, PosFloat, PosInt
-from pretrain.schema import Beta, Dropout, EncoderSchema, LoopSchema
+from pretrain.schema import Beta, Dropout, EncoderSchema, InitSchema, LoopSchema
 
 
 class MonaSchema(Section):
@@ -65,9 +65,7 @@ class DetModelSchema(_ModelSchema):
     head: DetHeadSchema
 
 
-class FinetuneInitSchema(Section):
-    checkpoint: str | None
-    allow_missing: bool
+class FinetuneInitSchema(InitSchema):
     pad_scale: Literal["sum", "side", "gside"] | None
 
 
