@@ -170,11 +170,8 @@ stage_pretrain() {
     say "pretrain: already done ($OUT/pretrain); delete that folder to train again"; return 0
   fi
   say "pretrain: MAE + PAD with $(basename "$PRETRAIN_CONFIG") on $OUT/shards into $OUT/pretrain (rerun to resume)"
-  local rc=0
-  launch pretrain train --config "$PRETRAIN_CONFIG" --run-dir "$OUT/pretrain" \
-    "data.shards=[{path: $OUT/shards}]" "${EXTRA[@]}" || rc=$?
-  [[ $rc -eq 75 ]] && fail "stage pretrain was preempted and saved its state: rerun the same command to resume"
-  [[ $rc -eq 0 ]] || fail "stage pretrain failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
+  launch_stage pretrain pretrain train --config "$PRETRAIN_CONFIG" --run-dir "$OUT/pretrain" \
+    "data.shards=[{path: $OUT/shards}]" "${EXTRA[@]}"
   [[ -f "$OUT/pretrain/DONE" ]] || fail "stage pretrain stopped before the end (preempted?): rerun to resume"
 }
 
@@ -185,6 +182,14 @@ stage_export() {
   fi
   say "export: encoder + PAD adapters -> $OUT/backbone.pth"
   PY -m pretrain export "$OUT/pretrain" --out "$OUT/backbone.pth" || fail "stage export failed"
+}
+
+launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the exit status means
+  local stage="$1" rc=0
+  shift
+  launch "$@" || rc=$?
+  [[ $rc -eq 75 ]] && fail "stage $stage was preempted and saved its state: rerun the same command to resume"
+  [[ $rc -eq 0 ]] || fail "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
 }
 
 launch() {  # launch MODULE ARGS...: one process, torchrun, or the DeepSpeed launcher (printed first)
@@ -226,11 +231,8 @@ stage_finetune() {
   fi
   [[ -n "$root" ]] && defaults+=("data.root=$root")
   say "$task: IV-tuning of $OUT/backbone.pth with $(basename "$config") into $OUT/$task (rerun to resume)"
-  local rc=0
-  launch finetune "$task" --config "$config" --run-dir "$OUT/$task" "init.checkpoint=$OUT/backbone.pth" \
-    "${defaults[@]}" || rc=$?
-  [[ $rc -eq 75 ]] && fail "stage $task was preempted and saved its state: rerun the same command to resume"
-  [[ $rc -eq 0 ]] || fail "stage $task failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
+  launch_stage "$task" finetune "$task" --config "$config" --run-dir "$OUT/$task" "init.checkpoint=$OUT/backbone.pth" \
+    "${defaults[@]}"
   [[ -f "$OUT/$task/DONE" ]] || fail "stage $task stopped before the end (preempted?): rerun to resume"
 }
 
