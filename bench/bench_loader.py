@@ -34,7 +34,8 @@ from data_tools.shards import PROPOSALS_EXT, decode_image, iter_shard, npy_array
 from data_tools.sources import Source  # noqa: E402
 from data_tools.transforms import (RoICropConfig, normalize_ir, object_sensitive_crop, random_hflip,  # noqa: E402
                                    to_unit_intensity)
-from pretrain.data import EpochLoader, PretrainStream, StreamConfig, load_shard_set  # noqa: E402
+from pretrain.data import PretrainStream, StreamConfig, load_shard_set  # noqa: E402
+from pretrain.engine import EpochLoader  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from finetune.factory import build_detector, det_dataset
-from finetune.runner import eval_loader, run_finetune
+from finetune.runner import FinetuneTask, eval_loader
+from pretrain.engine import run
 from finetune.schema import DetConfig
 
 
@@ -21,11 +22,29 @@ def _targets(batch: dict, device: torch.device) -> list[dict]:
     return [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
 
 
+class DetTask(FinetuneTask):
+    name = "det"
+    schema = DetConfig
+    best_metric = "AP"
+
+    def build_network(self, cfg):
+        return build_detector(cfg)
+
+    def dataset(self, cfg, split: str):
+        return det_dataset(cfg, split)
+
+    def targets(self, batch: dict, device: torch.device):
+        return _targets(batch, device)
+
+    def evaluate_split(self, model, cfg, dataset, device, rank, world, run_dir):
+        return evaluate(model, cfg, dataset, device, rank, world, run_dir)
+
+    def describe(self, m: dict) -> str:
+        return f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}"
+
+
 def train_det(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
-    run_finetune(cfg, Path(run_dir), overwrite, eval_only, schema=DetConfig, kind="det",
-                 build_model=build_detector, build_data=det_dataset, targets=_targets,
-                 evaluate=evaluate,
-                 describe=lambda m: f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}")
+    run(DetTask(), cfg, run_dir, overwrite, eval_only)
 
 
 @torch.no_grad()

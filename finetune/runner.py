@@ -1,30 +1,80 @@
-"""The fine-tuning run shared by segmentation and detection: data reports, model, parameter
-report, DeepSpeed engine, the shared training loop (exact resume), then evaluation on the
-validation split and ``metrics.json``. A task definition supplies what differs."""
+"""What segmentation and detection fine-tuning have in common, as a task of the training engine:
+data reports, the parameter report, parameter groups, the poly schedule, the forward of an
+(infrared, visible) batch and evaluation on the validation split. A subclass supplies the
+network, the dataset of a split, the targets of a batch, the evaluation and the result line."""
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from data_tools.config import check_config, config_hash
 from finetune.data.pairs import write_report
 from finetune.data.stream import MapBatchStream
 from finetune.factory import parameter_report
-from pretrain.data import EpochLoader, _ignore_preemption_signals
-from pretrain.engine import Checkpointer, ResumeError, build_engine, deepspeed_config, poly_lr_at
-from pretrain.health import HealthPolicy
-from pretrain.loop import (LoopSpec, Task, frozen_reference, new_state, prepare_run_dir, resolve_batching,
-                           resume_state, run_entry_point, train_steps, weights_for_evaluation)
-from pretrain.optim import param_groups
+from pretrain.engine import EpochLoader, Task, TrainingPlan, ignore_preemption_signals, param_groups, poly_lr_at
 
 
 class FinetuneTask(Task):
-    def __init__(self, cfg, total_steps: int, device: torch.device, targets: Callable):
-        self.cfg, self.total_steps, self.device, self.targets = cfg, total_steps, device, targets
+    sync_batchnorm = True
+    val_set = None
+
+    # --- what a subclass supplies -------------------------------------------------------------
+    def build_network(self, cfg) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def dataset(self, cfg, split: str):
+        """(dataset, issues, frames found) of a split."""
+        raise NotImplementedError
+
+    def targets(self, batch: dict, device: torch.device):
+        raise NotImplementedError
+
+    def evaluate_split(self, model, cfg, dataset, device: torch.device, rank: int, world: int, run_dir: Path) -> dict:
+        raise NotImplementedError
+
+    def describe(self, metrics: dict) -> str:
+        raise NotImplementedError
+
+    # --- the engine's hooks -------------------------------------------------------------------
+    def build_model(self, cfg, where):
+        return self.build_network(cfg)
+
+    def describe_model(self, model, cfg, where):
+        self.report = parameter_report(model)
+        if not where.is_main:
+            return
+        if model.backbone.load_report is not None:
+            print(model.backbone.load_report.summary(), flush=True)
+        (where.run_dir / "params.json").write_text(json.dumps(self.report, indent=1))
+        r = self.report
+        print(f"{self.name} {cfg.model.method}: {r['trainable_backbone']:,} of {r['backbone_total']:,} backbone "
+              f"parameters train ({100 * r['trainable_backbone_share']:.2f}%), head {r['trainable_head']:,}", flush=True)
+
+    def param_groups(self, model, cfg):
+        o = cfg.optim
+        layer_decay = o.layer_decay if cfg.model.method in ("full", "pad") else None
+        depth = len(model.backbone.encoder.blocks)
+        return param_groups(model, float(o.weight_decay), layer_decay, depth if layer_decay else None,
+                            prefix=model.backbone_prefix + "encoder.")
+
+    def training_plan(self, model, cfg, batching, where):
+        t = cfg.train
+        stream = MapBatchStream(self.load_split(cfg, "train", where), batching.micro, int(t.seed), where.rank,
+                                where.world)
+        steps_per_epoch = max(stream.batches_per_epoch // batching.accum, 1)
+        self.total_steps = int(t.steps)
+        if where.is_main:
+            print(f"effective batch {batching.effective} = {batching.micro} x {batching.accum} accumulation x "
+                  f"{where.world} processes; {steps_per_epoch} steps/epoch, {self.total_steps} steps", flush=True)
+        loader = EpochLoader(stream, int(cfg.data.num_workers))
+        return TrainingPlan(loader, steps_per_epoch, self.total_steps, float(cfg.optim.lr), tuple(cfg.optim.betas))
+
+    def evaluation_betas(self, cfg):
+        return tuple(cfg.optim.betas)
+
+    def start(self, model, optimizer, plan, cfg, where):
+        self.cfg, self.device = cfg, where.device
 
     def learning_rate(self, step: int) -> float:
         o = self.cfg.optim
@@ -34,16 +84,30 @@ class FinetuneTask(Task):
         get = (lambda k: batch[k].to(self.device, non_blocking=True) if k in batch else None)
         return engine(get("ir"), get("vi"), self.targets(batch, self.device))
 
+    def eval_every(self, cfg) -> int:
+        return int(cfg.eval.every_steps)
 
-def load_split(cfg, split: str, run_dir: Path, rank: int, build: Callable):
-    """``build(cfg, split)`` -> (dataset, issues, frames found); rank 0 writes the data report."""
-    dataset, issues, found = build(cfg, split)
-    if rank == 0:
-        path = run_dir / f"data_report_{split}.json"
-        report = write_report(path, split, found, len(dataset), issues)
-        print(f"{split}: {len(dataset)} of {found} frames used; issues {report['issues_by_reason'] or 'none'} "
-              f"(names in {path})", flush=True)
-    return dataset
+    def evaluate(self, model, cfg, where):
+        if self.val_set is None:  # read (and reported) once, however often it is evaluated
+            self.val_set = self.load_split(cfg, "val", where)
+        metrics = self.evaluate_split(model, cfg, self.val_set, where.device, where.rank, where.world, where.run_dir)
+        metrics.update(method=cfg.model.method, modality=cfg.model.modality,
+                       params={k: v for k, v in self.report.items() if k != "per_module"})
+        return metrics
+
+    def result_line(self, metrics, steps, where):
+        return f"{self.describe(metrics)} on {metrics['frames']} frames; {where.run_dir / 'metrics.json'}"
+
+    # --- helpers ------------------------------------------------------------------------------
+    def load_split(self, cfg, split: str, where):
+        """The dataset of a split; rank 0 writes its data report."""
+        dataset, issues, found = self.dataset(cfg, split)
+        if where.is_main:
+            path = where.run_dir / f"data_report_{split}.json"
+            report = write_report(path, split, found, len(dataset), issues)
+            print(f"{split}: {len(dataset)} of {found} frames used; issues {report['issues_by_reason'] or 'none'} "
+                  f"(names in {path})", flush=True)
+        return dataset
 
 
 class _EvalFrames(torch.utils.data.Dataset):
@@ -65,88 +129,4 @@ def eval_loader(dataset, indices: list[int], workers: int):
     """This rank's frames, one at a time, read by spawned workers that ignore preemption signals."""
     return torch.utils.data.DataLoader(_EvalFrames(dataset, indices), batch_size=None, num_workers=workers,
                                        collate_fn=_as_is, multiprocessing_context="spawn" if workers else None,
-                                       worker_init_fn=_ignore_preemption_signals if workers else None)
-
-
-def run_finetune(cfg, run_dir: Path, overwrite: bool, eval_only: bool, schema, **task) -> None:
-    """Check ``cfg`` against ``schema``, then train and evaluate (or only evaluate) in every
-    process of the launch and end the process. ``task``: the keyword arguments of
-    :func:`train_and_evaluate` that define seg or det."""
-    check_config(cfg, schema)  # before the run directory is touched
-    run_entry_point(functools.partial(train_and_evaluate, eval_only=eval_only, **task), cfg, run_dir, overwrite)
-
-
-def train_and_evaluate(rank: int, world: int, device: torch.device, cfg, run_dir: Path, overwrite: bool, *,
-                       kind: str, build_model: Callable, build_data: Callable, targets: Callable,
-                       evaluate: Callable, describe: Callable, eval_only: bool = False) -> bool | None:
-    """``describe(metrics)``: the one-line result printed at the end. ``eval_only``: evaluate the
-    latest checkpoint of the run with any number of processes, without training. False when a
-    preemption signal stopped training (after saving)."""
-    t = cfg.train
-    cfg_hash = config_hash(cfg)
-    ckpt = Checkpointer(run_dir / "checkpoints", int(t.keep_last))
-    if eval_only and overwrite:
-        raise ResumeError("--eval-only and --overwrite exclude each other")
-    if eval_only and ckpt.latest_tag() is None:  # refused before anything is written
-        raise ResumeError(f"--eval-only needs a trained run in {run_dir} (no checkpoint there)")
-    resume = prepare_run_dir(run_dir, overwrite, cfg, cfg_hash, rank)
-
-    torch.manual_seed(int(t.seed))  # identical initialisation on every rank
-    model = build_model(cfg)
-    report = parameter_report(model)
-    if rank == 0:
-        if model.backbone.load_report is not None:
-            print(model.backbone.load_report.summary(), flush=True)
-        (run_dir / "params.json").write_text(json.dumps(report, indent=1))
-        print(f"{kind} {cfg.model.method}: {report['trainable_backbone']:,} of {report['backbone_total']:,} backbone "
-              f"parameters train ({100 * report['trainable_backbone_share']:.2f}%), head {report['trainable_head']:,}",
-              flush=True)
-    if world > 1 and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    frozen_ref = frozen_reference(model, cfg.init.checkpoint)
-
-    batching = resolve_batching(t, world)
-    workers = int(cfg.data.num_workers)
-    o = cfg.optim
-    layer_decay = o.layer_decay if cfg.model.method in ("full", "pad") else None
-    depth = len(model.backbone.encoder.blocks)
-    groups = param_groups(model, float(o.weight_decay), layer_decay, depth if layer_decay else None,
-                          prefix=model.backbone_prefix + "encoder.")
-    ds_cfg = deepspeed_config(batching.micro, batching.accum, world, t.precision, t.zero_stage, t.grad_clip)
-    engine, optimizer = build_engine(model, groups, float(o.lr), tuple(o.betas), ds_cfg)
-    if eval_only:
-        state = weights_for_evaluation(ckpt, engine, cfg_hash, frozen_ref)
-        if rank == 0:
-            print(f"evaluating {ckpt.latest_tag()} (step {state['step']}) with {world} processes", flush=True)
-        return _evaluate_and_report(model, cfg, run_dir, rank, world, device, kind, build_data, evaluate, describe,
-                                    report, state["step"])
-    train_set = load_split(cfg, "train", run_dir, rank, build_data)
-    stream = MapBatchStream(train_set, batching.micro, int(t.seed), rank, world)
-    steps_per_epoch = max(stream.batches_per_epoch // batching.accum, 1)
-    total_steps = int(t.steps)
-    if rank == 0:
-        print(f"effective batch {batching.effective} = {batching.micro} x {batching.accum} accumulation x {world} "
-              f"processes; {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
-    state = resume_state(ckpt, engine, rank, world, cfg_hash, frozen_ref) if resume else new_state(workers)
-    spec = LoopSpec(total_steps=total_steps, steps_per_epoch=steps_per_epoch, batching=batching, seed=int(t.seed),
-                    num_workers=workers, log_every=int(t.log_every_steps), save_every=int(t.save_every_steps),
-                    record_samples=bool(t.record_samples), health=HealthPolicy.from_config(t), desc=f"{kind} {cfg.model.method}")
-    if not train_steps(FinetuneTask(cfg, total_steps, device, targets), engine, optimizer,
-                       EpochLoader(stream, workers), ckpt, state, spec, run_dir, rank, device,
-                       {"config_hash": cfg_hash, "frozen": frozen_ref}):
-        return False  # stopped by a signal after saving
-    _evaluate_and_report(model, cfg, run_dir, rank, world, device, kind, build_data, evaluate, describe, report,
-                         total_steps)
-
-
-def _evaluate_and_report(model, cfg, run_dir: Path, rank: int, world: int, device: torch.device, kind: str,
-                         build_data: Callable, evaluate: Callable, describe: Callable, report: dict,
-                         steps: int) -> None:
-    metrics = evaluate(model, cfg, load_split(cfg, "val", run_dir, rank, build_data), device, rank, world, run_dir)
-    if rank == 0:
-        metrics.update(task=kind, steps=steps, method=cfg.model.method, modality=cfg.model.modality,
-                       processes=world, params={k: v for k, v in report.items() if k != "per_module"})
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (run_dir / "DONE").write_text(json.dumps({"steps": steps}))
-        print(f"{describe(metrics)} on {metrics['frames']} frames; {run_dir / 'metrics.json'}", flush=True)
+                                       worker_init_fn=ignore_preemption_signals if workers else None)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from data_tools.config import Section
 from data_tools.schema import Fraction, IntensitySchema, NonNegFloat, NonNegInt, PosFloat, PosInt
@@ -42,18 +42,24 @@ class DetHeadSchema(Section):
 
 
 class _ModelSchema(Section):
-    method: Literal["full", "frozen", "pad", "mona", "ivtuning"]
+    method: str  # a registered method (finetune.models.methods)
     modality: Literal["ir", "vi", "both"]
     encoder: EncoderSchema
     out_indices: list[NonNegInt] | None
     mona: MonaSchema
     ivtuning: IVTuningSchema
 
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, method: str) -> str:
+        from finetune.models.methods import get_method
+        get_method(method)  # raises with the registered names
+        return method
+
     @model_validator(mode="after")
-    def _both_needs_ivtuning(self):
-        if self.modality == "both" and self.method != "ivtuning":
-            raise ValueError(f"method {self.method!r} takes one image: set modality to 'ir' or 'vi' "
-                             "(only ivtuning fuses infrared and visible)")
+    def _modality_fits_the_method(self):
+        from finetune.models.backbone import check_modality
+        check_modality(self.method, self.modality)
         return self
 
 
@@ -142,13 +148,17 @@ class FinetuneTrainSchema(LoopSchema):
     steps: PosInt
 
 
-class SegEvalSchema(Section):
+class EvalSchema(Section):
+    every_steps: NonNegInt  # evaluate during training every n steps (and keep a ``best`` checkpoint); 0: at the end only
+
+
+class SegEvalSchema(EvalSchema):
     stride: PosInt | None
     windows_per_batch: PosInt
     overlays: NonNegInt
 
 
-class DetEvalSchema(Section):
+class DetEvalSchema(EvalSchema):
     overlays: NonNegInt
     overlay_score: Fraction
 

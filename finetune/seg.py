@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from finetune.factory import build_segmentor, seg_dataset
-from finetune.runner import eval_loader, run_finetune
+from finetune.runner import FinetuneTask, eval_loader
+from pretrain.engine import run
 from finetune.schema import SegConfig
 
 
@@ -21,11 +22,29 @@ def _targets(batch: dict, device: torch.device) -> torch.Tensor:
     return batch["label"].to(device, non_blocking=True)
 
 
+class SegTask(FinetuneTask):
+    name = "seg"
+    schema = SegConfig
+    best_metric = "mIoU"
+
+    def build_network(self, cfg):
+        return build_segmentor(cfg)
+
+    def dataset(self, cfg, split: str):
+        return seg_dataset(cfg, split)
+
+    def targets(self, batch: dict, device: torch.device):
+        return _targets(batch, device)
+
+    def evaluate_split(self, model, cfg, dataset, device, rank, world, run_dir):
+        return evaluate(model, cfg, dataset, device, rank, world, run_dir)
+
+    def describe(self, m: dict) -> str:
+        return f"mIoU {100 * m['mIoU']:.2f}, pixel accuracy {100 * m['pixel_accuracy']:.2f}"
+
+
 def train_seg(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
-    run_finetune(cfg, Path(run_dir), overwrite, eval_only, schema=SegConfig, kind="seg",
-                 build_model=build_segmentor, build_data=seg_dataset, targets=_targets,
-                 evaluate=evaluate,
-                 describe=lambda m: f"mIoU {100 * m['mIoU']:.2f}, pixel accuracy {100 * m['pixel_accuracy']:.2f}")
+    run(SegTask(), cfg, run_dir, overwrite, eval_only)
 
 
 @torch.no_grad()

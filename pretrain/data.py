@@ -15,7 +15,6 @@ Corrupt samples and unreadable shards are counted and skipped; the counts travel
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +22,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
 from data_tools.shards import SampleDecodeError, decode_for_training, iter_shard
 from data_tools.transforms import (IntensityConfig, RoICropConfig, normalize_ir, object_sensitive_crop,
                                    random_hflip, to_unit_intensity)
+from pretrain.engine.streams import ResumableStream
 
 
-_MAX_WORKERS = 64  # loader workers per training process
 MAX_CONSECUTIVE_BAD_SAMPLES = 100  # then the data, not a sample, is broken: stop with the reason
 
 
@@ -98,60 +96,6 @@ def seeded_shuffle(samples: Iterator, bufsize: int, rng: np.random.Generator) ->
         buf[i] = sample
     while buf:
         yield buf.pop(int(rng.integers(len(buf))))
-
-
-class ResumableStream(IterableDataset):
-    """An iterable of whole batches whose epoch and start are set from outside, also for
-    persistent loader workers (they hold a copy of this object; the position lives in shared
-    memory). Batch b of an epoch belongs to logical loader worker b % W."""
-
-    needs_positions = False  # True when resuming inside an epoch needs per-worker stream positions
-
-    def __init__(self, batches_per_epoch: int):
-        super().__init__()
-        self.batches_per_epoch = batches_per_epoch
-        # [epoch, start_batch, number of positions, positions...]
-        self._where = mp.get_context("spawn").RawArray("q", 3 + _MAX_WORKERS)
-
-    @property
-    def epoch(self) -> int:
-        return int(self._where[0])
-
-    @property
-    def start_batch(self) -> int:
-        return int(self._where[1])
-
-    @property
-    def positions(self) -> list[int] | None:
-        n = int(self._where[2])
-        return [int(v) for v in self._where[3 : 3 + n]] if n else None
-
-    def set_position(self, epoch: int, start_batch: int, positions: list[int] | None = None) -> None:
-        """Where the next iteration starts.
-
-        ``positions[w]``: raw samples loader worker w had consumed, as reported with its last
-        batch; exact even when corrupt samples made a worker draw extra ones. None at an epoch start.
-        """
-        if start_batch and positions is None and self.needs_positions:
-            raise ValueError("resuming inside an epoch needs the per-worker stream positions")
-        if positions is not None and len(positions) > _MAX_WORKERS:
-            raise ValueError(f"at most {_MAX_WORKERS} loader workers")
-        self._where[0], self._where[1] = epoch, start_batch
-        self._where[2] = len(positions) if positions else 0
-        for i, p in enumerate(positions or []):
-            self._where[3 + i] = p
-
-    def my_batches(self) -> tuple[int, int, list[int]]:
-        """(logical worker, workers, the batch indices it yields from the start batch on).
-
-        The DataLoader polls its workers round-robin from worker 0, so loader worker i plays
-        logical worker (i + start) % W: the owner of the first remaining batch goes first and
-        batches arrive in order after a resume."""
-        info = get_worker_info()
-        loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        worker = (loader_worker + self.start_batch) % workers
-        mine = [b for b in range(self.batches_per_epoch) if b % workers == worker and b >= self.start_batch]
-        return worker, workers, mine
 
 
 class PretrainStream(ResumableStream):
@@ -278,54 +222,3 @@ def network_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor
     if images.dtype == torch.uint8:
         return (images.float() / 255.0 - mean) / std
     return images
-
-
-def _ignore_preemption_signals(_worker_id: int) -> None:
-    """Runs in each loader worker after PyTorch installed its own SIGTERM handler (which re-raises
-    SIGTERM from any sender but the parent): the training process handles preemption."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
-class EpochLoader:
-    """Batches of a ResumableStream, epoch after epoch, from persistent loader workers.
-
-    Workers are spawned once (not forked, so they never inherit locked thread pools from the
-    training process) and told where each epoch starts through the stream's shared position.
-    They ignore SIGTERM / SIGUSR1, inherited (SIG_IGN survives exec) and set again once PyTorch's
-    worker handlers are installed: a scheduler signals the whole process group, and the training
-    process must be the one to react (save, then stop), not lose its workers.
-    """
-
-    def __init__(self, stream: ResumableStream, num_workers: int, prefetch_factor: int = 2,
-                 pin_memory: bool | None = None):
-        """``prefetch_factor``: batches each worker prepares ahead (PyTorch's default 2).
-        ``pin_memory``: page-locked batches for faster, asynchronous host-to-GPU copies (None:
-        on when CUDA is available; it does nothing without a GPU)."""
-        if num_workers and prefetch_factor < 1:
-            raise ValueError(f"data.prefetch_factor must be >= 1, got {prefetch_factor}")
-        self.stream = stream
-        self.loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-            multiprocessing_context="spawn" if num_workers else None,
-            prefetch_factor=prefetch_factor if num_workers else None,
-            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-            worker_init_fn=_ignore_preemption_signals if num_workers else None)
-        self.started = False
-
-    def epoch(self, epoch: int, start_batch: int = 0, positions: list[int] | None = None):
-        self.stream.set_position(epoch, start_batch, positions)
-        if self.started or self.loader.num_workers == 0:
-            return iter(self.loader)
-        import signal
-
-        preemption = (signal.SIGTERM, signal.SIGUSR1)
-        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in preemption}
-        try:
-            self.started = True
-            return iter(self.loader)  # spawns the workers, which inherit SIG_IGN
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)

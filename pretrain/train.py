@@ -4,23 +4,17 @@ Re-running the same command on the same run directory resumes from its latest ch
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from data_tools.config import check_config, config_hash, to_container
+from data_tools.config import to_container
 from data_tools.transforms import IntensityConfig, RoICropConfig
-from pretrain.data import (EpochLoader, PretrainStream, StreamConfig, batches_per_epoch, load_shard_set,
-                           network_input)
-from pretrain.engine import Checkpointer, build_engine, deepspeed_config, lr_at
+from pretrain.data import PretrainStream, StreamConfig, batches_per_epoch, load_shard_set, network_input
+from pretrain.engine import EpochLoader, Task, TrainingPlan, lr_at, param_groups, run
 from pretrain.factory import build_model_from_config, initialise_from_config
-from pretrain.health import HealthPolicy
-from pretrain.loop import (LoopSpec, Task, frozen_reference, new_state, prepare_run_dir,
-                           resolve_batching, resume_state, run_entry_point, train_steps)
 from pretrain.models.pad import (gated_parameter_names, pad_adapters, scale_predictor_trainable,
                                  set_scale_predictors_trainable)
-from pretrain.optim import param_groups
 from pretrain.schema import PretrainConfig
 
 
@@ -36,18 +30,64 @@ def _stream_config(cfg, micro: int, bpe: int) -> StreamConfig:
 
 
 class PretrainTask(Task):
-    """MAE loss on a batch of crops; cosine lr; PAD's scale-predictor gate; previews; PAD scale logs."""
+    """MAE loss on a batch of object-sensitive crops; cosine lr scaled by the effective batch;
+    PAD's scale-predictor gate; reconstruction previews; PAD's per-block scale statistics."""
 
-    def __init__(self, model, cfg, total_steps: int, warmup_steps: int, base_lr: float, device, run_dir: Path,
-                 preview_images):
-        self.model, self.cfg, self.device, self.run_dir = model, cfg, device, run_dir
-        self.total_steps, self.warmup_steps, self.base_lr = total_steps, warmup_steps, base_lr
-        self.preview_images = preview_images
+    name = "pretrain"
+    schema = PretrainConfig
+
+    def build_model(self, cfg, where):
+        model = build_model_from_config(cfg)
+        report = initialise_from_config(model, cfg)
+        if report is not None and where.is_main:
+            print(report.summary(), flush=True)
+        return model
+
+    def param_groups(self, model, cfg):
+        o, depth = cfg.optim, len(model.encoder.blocks)
+        return param_groups(model, o.weight_decay, o.layer_decay, depth if o.layer_decay else None,
+                            gates={"scale_predictor": gated_parameter_names(model)})
+
+    def training_plan(self, model, cfg, batching, where):
+        t, micro, accum = cfg.train, batching.micro, batching.accum
+        self.sets = [load_shard_set(s["path"], s.get("weight", 1.0)) for s in to_container(cfg.data.shards)]
+        workers = int(cfg.data.num_workers)
+        # Micro-batches per epoch and rank: a multiple of accumulation x loader workers, so that every
+        # loader slot needs the same number of samples (no slot re-reads samples within an epoch).
+        unit = accum * max(workers, 1)
+        micro_per_epoch = batches_per_epoch(self.sets, cfg.data.samples_per_epoch, where.world, micro) // unit * unit
+        if micro_per_epoch < 1:
+            raise ValueError(f"an epoch holds fewer than {unit} micro-batches of {micro} per process "
+                             f"({accum} accumulation x {max(workers, 1)} loader workers): use fewer workers or smaller batches")
+        steps_per_epoch = micro_per_epoch // accum
+        self.total_steps = int(t.epochs * steps_per_epoch)
+        self.warmup_steps = int(t.warmup_epochs * steps_per_epoch)
+        self.base_lr = t.blr * batching.effective / 256  # MAE's linear scaling rule
+        if where.is_main:
+            print(f"effective batch {batching.effective} = {micro} x {accum} accumulation x {where.world} processes; "
+                  f"lr = blr {t.blr:g} x {batching.effective}/256 = {self.base_lr:.3e}; {steps_per_epoch} steps/epoch, "
+                  f"{self.total_steps} steps, {self.warmup_steps} warm-up", flush=True)
+        self.stream_cfg = _stream_config(cfg, micro, micro_per_epoch)
+        loader = EpochLoader(PretrainStream(self.sets, self.stream_cfg, int(t.seed), where.rank, where.world),
+                             workers, int(cfg.data.prefetch_factor), cfg.data.pin_memory)
+        return TrainingPlan(loader, steps_per_epoch, self.total_steps, self.base_lr, tuple(t.betas))
+
+    def evaluation_betas(self, cfg):
+        return tuple(cfg.train.betas)
+
+    def start(self, model, optimizer, plan, cfg, where):
+        self.model, self.cfg, self.device, self.run_dir = model, cfg, where.device, where.run_dir
+        self.optimizer = optimizer  # the gate holds W_s back in the optimiser too
+        t = cfg.train
+        self.preview_images = None
+        if where.is_main and t.preview_every_steps:
+            from pretrain.preview import fixed_frames
+            self.preview_images = fixed_frames(list(self.sets[0].urls), int(t.preview_frames),
+                                               tuple(cfg.model.encoder.img_size), self.stream_cfg.mean,
+                                               self.stream_cfg.std, self.stream_cfg.intensity).to(where.device)
 
     def learning_rate(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.warmup_steps, self.base_lr, self.cfg.train.min_lr)
-
-    optimizer = None  # set once the engine exists: the gate holds W_s back in the optimiser too
 
     def begin_step(self, step: int) -> None:
         trainable = scale_predictor_trainable(step, self.total_steps, float(self.cfg.model.pad.scale_freeze_fraction))
@@ -74,68 +114,4 @@ class PretrainTask(Task):
 
 
 def train(cfg, run_dir: str | Path, overwrite: bool = False) -> None:
-    check_config(cfg, PretrainConfig)  # before the run directory is touched
-    run_entry_point(_train, cfg, Path(run_dir), overwrite)
-
-
-def _train(rank: int, world: int, device: torch.device, cfg, run_dir: Path, overwrite: bool) -> bool:
-    """False when a preemption signal stopped the run (after saving)."""
-    t, m = cfg.train, cfg.model
-    cfg_hash = config_hash(cfg)
-    resume = prepare_run_dir(run_dir, overwrite, cfg, cfg_hash, rank)
-
-    torch.manual_seed(t.seed)  # identical initialisation on every rank
-    model = build_model_from_config(cfg)
-    report = initialise_from_config(model, cfg)
-    if report is not None and rank == 0:
-        print(report.summary(), flush=True)
-    model.to(device)
-    frozen_ref = frozen_reference(model, cfg.init.checkpoint)
-
-    sets = [load_shard_set(s["path"], s.get("weight", 1.0)) for s in to_container(cfg.data.shards)]
-    batching = resolve_batching(t, world)
-    micro, accum, eff = batching.micro, batching.accum, batching.effective
-    workers = int(cfg.data.num_workers)
-    # Micro-batches per epoch and rank: a multiple of accumulation x loader workers, so that every
-    # loader slot needs the same number of samples (no slot re-reads samples within an epoch).
-    unit = accum * max(workers, 1)
-    micro_per_epoch = batches_per_epoch(sets, cfg.data.samples_per_epoch, world, micro) // unit * unit
-    if micro_per_epoch < 1:
-        raise ValueError(f"an epoch holds fewer than {unit} micro-batches of {micro} per process "
-                         f"({accum} accumulation x {max(workers, 1)} loader workers): use fewer workers or smaller batches")
-    steps_per_epoch = micro_per_epoch // accum
-    total_steps = int(t.epochs * steps_per_epoch)
-    warmup_steps = int(t.warmup_epochs * steps_per_epoch)
-    base_lr = t.blr * eff / 256
-    if rank == 0:
-        print(f"effective batch {eff} = {micro} x {accum} accumulation x {world} processes; "
-              f"lr = blr {t.blr:g} x {eff}/256 = {base_lr:.3e}; {steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps, {warmup_steps} warm-up", flush=True)
-
-    depth = len(model.encoder.blocks)
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, depth if cfg.optim.layer_decay else None,
-                          gates={"scale_predictor": gated_parameter_names(model)})
-    ds_cfg = deepspeed_config(micro, accum, world, t.precision, t.zero_stage, t.grad_clip)
-    engine, optimizer = build_engine(model, groups, base_lr, tuple(t.betas), ds_cfg)
-    stream_cfg = _stream_config(cfg, micro, micro_per_epoch)
-    loader = EpochLoader(PretrainStream(sets, stream_cfg, int(t.seed), rank, world), workers,
-                         int(cfg.data.prefetch_factor), cfg.data.pin_memory)
-    ckpt = Checkpointer(run_dir / "checkpoints", int(t.keep_last))
-    state = resume_state(ckpt, engine, rank, world, cfg_hash, frozen_ref) if resume else new_state(workers)
-
-    preview_images = None
-    if rank == 0 and t.preview_every_steps:
-        from pretrain.preview import fixed_frames
-        preview_images = fixed_frames(list(sets[0].urls), int(t.preview_frames), tuple(m.encoder.img_size),
-                                      stream_cfg.mean, stream_cfg.std, stream_cfg.intensity).to(device)
-    task = PretrainTask(model, cfg, total_steps, warmup_steps, base_lr, device, run_dir, preview_images)
-    task.optimizer = optimizer
-    spec = LoopSpec(total_steps=total_steps, steps_per_epoch=steps_per_epoch, batching=batching, seed=int(t.seed),
-                    num_workers=workers, log_every=int(t.log_every_steps), save_every=int(t.save_every_steps),
-                    record_samples=bool(t.record_samples), health=HealthPolicy.from_config(t), desc="pretrain")
-    finished = train_steps(task, engine, optimizer, loader, ckpt, state, spec, run_dir, rank, device,
-                           {"config_hash": cfg_hash, "frozen": frozen_ref})
-    if finished and rank == 0:
-        (run_dir / "DONE").write_text(json.dumps({"steps": total_steps, "samples_seen": state["samples_seen"]}))
-        print(f"done: {total_steps} steps, checkpoints in {ckpt.directory}", flush=True)
-    return finished
+    run(PretrainTask(), cfg, run_dir, overwrite)

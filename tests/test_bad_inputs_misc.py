@@ -37,7 +37,7 @@ def test_check_refuses_segmentation_without_label_folder(tmp_path, capsys):
 
 def test_rollback_without_any_checkpoint_stops_with_the_reason(tmp_path):
     from pretrain.engine import Checkpointer
-    from pretrain.loop import _roll_back
+    from pretrain.engine.loop import _roll_back
 
     with pytest.raises(FloatingPointError, match="non-finite loss at step 3 and no checkpoint yet to roll back to"):
         _roll_back(Checkpointer(tmp_path / "checkpoints"), engine=None, rank=0, step=3)

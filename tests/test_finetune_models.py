@@ -7,10 +7,11 @@ import torch
 from torch.nn import functional as F
 
 from data_tools.config import CONFIG_DIR, load_config
-from finetune.factory import build_segmentor, parameter_report
+from finetune.factory import build_detector, build_segmentor, parameter_report
 from finetune.metrics import confusion_matrix, segmentation_metrics
 from finetune.models.backbone import Backbone, BackboneConfig, default_out_indices
 from finetune.models.ivtuning import HybridAdapter, IVTuningConfig, SimAM
+from finetune.models.methods import Method, get_method, method_names, register
 from finetune.models.mona import Mona, MonaConfig
 from finetune.models.segmentor import slide_inference
 from pretrain.models.adapters import TokenContext
@@ -300,30 +301,67 @@ def pad_export(tmp_path_factory):
     return tiny_pad_export(tmp_path_factory.mktemp("export"), depth=2)
 
 
-@pytest.mark.parametrize("method,modality", [("full", "ir"), ("frozen", "vi"), ("pad", "ir"), ("mona", "ir"),
-                                             ("ivtuning", "both"), ("ivtuning", "ir")])
-def test_each_method_trains_exactly_its_declared_parameters(method, modality, pad_export):
-    cfg = load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"),
-                      [f"model.method={method}", f"model.modality={modality}", "model.encoder.depth=2",
-                       f"init.checkpoint={pad_export if method == 'pad' else 'null'}"])
+DETECTORS = ("faster_rcnn", "retinanet", "fcos")
+# What each built-in method trains in the backbone (names inside it), stated apart from the registry.
+EXPECTED_BACKBONE = {
+    "full": lambda n: not n.startswith("encoder.norm."),
+    "pad": lambda n: not n.startswith("encoder.norm."),
+    "frozen": lambda n: False,
+    "mona": lambda n: ".mona." in n,
+    "ivtuning": lambda n: ".ivtuning." in n or n.startswith("prompter."),
+}
+
+
+def _registered_cases():
+    """Every registered method with every image stream it takes, for both tasks."""
+    cases = [(m, modality) for m in method_names() for modality in get_method(m).modalities]
+    return [(task, m, modality) for task in ("seg", "det") for m, modality in cases]
+
+
+@pytest.mark.parametrize("task,method,modality", _registered_cases())
+def test_each_registered_method_trains_exactly_its_declared_parameters(task, method, modality, pad_export):
+    """Forward + backward through the whole model; exactly the declared set changes."""
+    case = _registered_cases().index((task, method, modality))
+    overrides = [f"model.method={method}", f"model.modality={modality}", "model.encoder.depth=2",
+                 f"init.checkpoint={pad_export if method == 'pad' else 'null'}", "model.encoder.img_size=[64,80]"]
+    if task == "det":
+        overrides.append(f"model.head.detector={DETECTORS[case % len(DETECTORS)]}")
+    cfg = load_config(str(CONFIG_DIR / "finetune" / f"{task}_tiny.yaml"), overrides)
     torch.manual_seed(0)
-    model = build_segmentor(cfg).train()
+    model = (build_segmentor if task == "seg" else build_detector)(cfg).train()
     declared = model.trainable_names()
     assert {n for n, p in model.named_parameters() if p.requires_grad} == declared
-    ir, vi, label = torch.randn(2, 1, 64, 80), torch.randn(2, 3, 64, 80), torch.randint(0, 4, (2, 64, 80))
-    changed = changed_after_two_steps(model, lambda: model(ir, vi, label))
-    assert changed == declared
-    backbone_names = {n for n in declared if n.startswith("backbone.")}
-    expected_backbone = {
-        "full": lambda n: not n.startswith("backbone.encoder.norm."),
-        "pad": lambda n: not n.startswith("backbone.encoder.norm."),
-        "frozen": lambda n: False,
-        "mona": lambda n: ".mona." in n,
-        "ivtuning": lambda n: ".ivtuning." in n or n.startswith("backbone.prompter."),
-    }[method]
-    assert backbone_names == {n for n, _ in model.named_parameters() if n.startswith("backbone.") and expected_backbone(n)}
+    ir, vi = torch.randn(2, 1, 64, 80), torch.randn(2, 3, 64, 80)
+    if task == "seg":
+        targets = torch.randint(0, 4, (2, 64, 80))
+    else:
+        targets = [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
+                   {"boxes": torch.tensor([[30.0, 10.0, 70.0, 30.0]]), "labels": torch.tensor([0])}]
+    changed = changed_after_two_steps(model, lambda: model(ir, vi, targets))
+    prefix = model.backbone_prefix
+    inside = lambda names: {n[len(prefix):] for n in names if n.startswith(prefix)}  # noqa: E731
+    assert inside(changed) == inside(declared)
+    if task == "seg":
+        assert changed == declared
+    else:  # a torchvision head can hold branches this loss does not reach (no gradient): never more
+        assert changed <= declared
+        model.eval()
+        out = model.predict(ir, vi)
+        assert len(out) == 2 and all(o["boxes"].shape[1] == 4 for o in out)
+    assert changed - {n for n in changed if n.startswith(prefix)}  # the head trains
+    rule = EXPECTED_BACKBONE[method]
+    assert inside(declared) == {n for n in inside(n for n, _ in model.named_parameters()) if rule(n)}
     if method == "pad":
-        assert any(".parallel_mlp.pad." in n for n in backbone_names)
+        assert any(".parallel_mlp.pad." in n for n in inside(declared))
+
+
+def test_registry_refuses_unknown_methods_and_streams_with_the_names():
+    with pytest.raises(ValueError, match=r"method must be one of \('frozen', 'full', 'ivtuning', 'mona', 'pad'\), got 'lora'"):
+        get_method("lora")
+    with pytest.raises(ValueError, match="method 'mona' takes one image"):
+        BackboneConfig(method="mona", modality="both")
+    with pytest.raises(ValueError, match="already registered"):
+        register(Method("mona", "another Mona"))
 
 
 def test_vitb_parameter_reports():

@@ -11,7 +11,8 @@ import torch
 from data_tools.config import CONFIG_DIR, load_config
 from data_tools.synth import SynthConfig, write_corpus
 from finetune.factory import seg_dataset
-from pretrain.loop import FAULT_ENV
+from pretrain.engine import Checkpointer
+from pretrain.engine.loop import FAULT_ENV
 from tests.conftest import run_finetune_cli, shared_path, tiny_pad_export
 
 TINY = str(CONFIG_DIR / "finetune" / "seg_tiny.yaml")
@@ -117,15 +118,32 @@ def test_ivtuning_overfits_synthetic_infrared_visible_pairs(synth_pairs, tmp_pat
     assert metrics["per_class_iou"]["person"] > 0.4
 
 
+def _evaluations(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val/mIoU"] for r in records if "val/mIoU" in r}
+
+
 def test_killed_seg_run_resumes_to_the_same_weights(synth_pairs, tmp_path):
+    """With periodic evaluation in the loop: the same weights, evaluations and ``best`` checkpoint."""
     args = [f"data.root={synth_pairs}", "train.steps=8", "train.save_every_steps=3", "train.batch_size=2",
-            "eval.overlays=0", "data.num_workers=1", "train.record_samples=true"]
+            "eval.overlays=0", "data.num_workers=1", "train.record_samples=true", "eval.every_steps=4",
+            "train.keep_last=1", "optim.lr=1e-3"]
     clean = finetune(tmp_path / "clean", TINY, *args)
     assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
     killed = finetune(tmp_path / "run", TINY, *args, env_extra={FAULT_ENV: "5"})
     assert killed.returncode != 0
     resumed = finetune(tmp_path / "run", TINY, *args)
-    assert resumed.returncode == 0 and "resumed from step00000003 at step 3" in resumed.stdout
+    # an evaluation step is always saved: the kill after step 5 resumes from step 4
+    assert resumed.returncode == 0 and "resumed from step00000004 at step 4" in resumed.stdout
+    evals = _evaluations(tmp_path / "clean")
+    assert sorted(evals) == [4, 8] and _evaluations(tmp_path / "run") == evals
+    best_step = max(evals, key=lambda step: (evals[step], -step))  # the first of equal values stays best
+    for run in ("clean", "run"):
+        best = json.loads((tmp_path / run / "checkpoints" / "best" / "best.json").read_text())
+        assert (best["step"], best["metric"]) == (best_step, "mIoU") and best["value"] == pytest.approx(evals[best_step])
+        assert json.loads((tmp_path / run / "DONE").read_text())["best"]["step"] == best_step
+        assert Checkpointer(tmp_path / run / "checkpoints").problem("best") is None  # complete, checksums verify
+    assert json.loads((tmp_path / "clean" / "metrics.json").read_text())["mIoU"] == pytest.approx(evals[8])
     a = torch.load(tmp_path / "clean" / "checkpoints" / "step00000008" / "mp_rank_00_model_states.pt", weights_only=True)
     b = torch.load(tmp_path / "run" / "checkpoints" / "step00000008" / "mp_rank_00_model_states.pt", weights_only=True)
     for k in a["module"]:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pretrain.health import HealthPolicy, StepHealth, Verdict
+from pretrain.engine.health import HealthPolicy, StepHealth, Verdict
 
 
 def test_a_loss_spike_over_the_running_median_is_warned_and_counted(capsys):

@@ -13,7 +13,7 @@ from pretrain.models.mae import build_mae, patchify, random_masking
 from pretrain.models.pad import (SCALE_VARIANTS, PADAdapter, scale_predictor_trainable,
                                  set_scale_predictors_trainable)
 from pretrain.models.vit import encode
-from pretrain.optim import param_groups
+from pretrain.engine import param_groups
 from pretrain.params import parameter_report
 
 TINY = {"encoder": {"size": "tiny", "depth": 2, "img_size": [64, 80]}, "decoder": {"dim": 64, "depth": 1, "num_heads": 2}}

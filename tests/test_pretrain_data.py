@@ -12,8 +12,8 @@ from data_tools.cli import DEFAULT_BUILD_CONFIG
 from data_tools.config import load_config
 from data_tools.sources import load_sources
 from data_tools.synth import SynthConfig, write_corpus
-from pretrain.data import EpochLoader, PretrainStream, ShardSet, StreamConfig, batches_per_epoch, load_shard_set
-from pretrain.engine import lr_at
+from pretrain.data import PretrainStream, ShardSet, StreamConfig, batches_per_epoch, load_shard_set
+from pretrain.engine import EpochLoader, lr_at
 from data_tools.transforms import RoICropConfig
 
 
@@ -46,7 +46,7 @@ def test_same_seed_same_batches_and_epochs_differ(shards):
 
 def test_every_rank_gets_the_same_number_of_batches_with_few_shards(shards, monkeypatch):
     """4 shards, 3 ranks x 2 workers = 6 slots: more slots than shards, and no rank starves."""
-    import pretrain.data
+    import pretrain.engine.streams
 
     assert batches_per_epoch([shards], None, world_size=3, batch_size=2) == 20 // (3 * 2)
     bpe = 2  # the trainer rounds to a multiple of the loader workers
@@ -56,7 +56,7 @@ def test_every_rank_gets_the_same_number_of_batches_with_few_shards(shards, monk
         batches = []
         for worker in range(2):  # what each of this rank's two loader workers yields
             info = type("WorkerInfo", (), {"id": worker, "num_workers": 2})()
-            monkeypatch.setattr(pretrain.data, "get_worker_info", lambda info=info: info)
+            monkeypatch.setattr(pretrain.engine.streams, "get_worker_info", lambda info=info: info)
             batches += list(iter(s))
         assert len(batches) == bpe
         seen += [k for b in batches for k in b["keys"]]
@@ -212,7 +212,7 @@ def test_previews_skip_a_corrupt_frame_like_training_does(shards, tmp_path, caps
 
 def test_a_bad_shard_counts_once_however_often_it_is_read(shards, tmp_path, capsys):
     """One truncated shard read in 3 epochs (and once more on each pass) is one bad shard, named."""
-    from pretrain.loop import new_state, note_bad_shards
+    from pretrain.engine.loop import new_state, note_bad_shards
 
     truncated = tmp_path / "truncated.tar"
     data = open(shards.urls[1], "rb").read()

@@ -16,7 +16,7 @@ from data_tools.cli import DEFAULT_BUILD_CONFIG
 from data_tools.config import CONFIG_DIR, load_config
 from data_tools.sources import load_sources
 from data_tools.synth import SynthConfig, write_corpus
-from pretrain.loop import FAULT_ENV
+from pretrain.engine.loop import FAULT_ENV
 from tests.conftest import ROOT, kill_process_tree
 
 TINY = str(CONFIG_DIR / "pretrain" / "tiny.yaml")
@@ -252,7 +252,7 @@ def test_a_start_that_failed_before_its_first_checkpoint_starts_again(tmp_path):
     the same command; a start of another config that failed before its first step (e.g. an
     effective batch that is not a multiple of the processes) claims nothing either; a run of
     another config that logged steps, and any folder not ours, stay refused."""
-    from pretrain.loop import _run_dir_decision
+    from pretrain.engine.loop import _run_dir_decision
 
     run = tmp_path / "run"
     run.mkdir()
@@ -456,7 +456,7 @@ def test_a_full_disk_while_saving_is_said_on_every_rank_and_resume_works(shards,
     """The disk is full at the save of step 4 (injected free space 0): both ranks stop with the
     message (no raw iostream error, no gloo 'connection closed'), the previous checkpoint stays
     intact, and the same command resumes to the uninterrupted run's weights."""
-    from pretrain.engine import DISK_FULL_FAULT_ENV, Checkpointer
+    from pretrain.engine.checkpoint import DISK_FULL_FAULT_ENV, Checkpointer
 
     run_dir = tmp_path / "full"
     res = launch(run_dir, shards, env_extra={DISK_FULL_FAULT_ENV: "4"})
@@ -480,7 +480,7 @@ def test_a_first_save_cut_short_is_not_a_checkpoint(tmp_path):
     """A step folder without checksums (a kill during the very first save) does not make a run
     folder resumable: the same config starts again instead of demanding --overwrite."""
     from pretrain.engine import Checkpointer
-    from pretrain.loop import _run_dir_decision
+    from pretrain.engine.loop import _run_dir_decision
 
     (tmp_path / "checkpoints" / "step00000002").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
@@ -507,7 +507,7 @@ def _same_training_state(a: dict, b: dict) -> bool:
 
 def _finished_with_nan_at(run_dir, shards, steps: str, extra: list[str]) -> str:
     """A 2-process run whose rank-0 loss is NaN at ``steps``; it must finish. Returns its output."""
-    from pretrain.health import NONFINITE_FAULT_ENV
+    from pretrain.engine.health import NONFINITE_FAULT_ENV
 
     res = launch(run_dir, shards, extra=[*extra, "train.keep_last=20"], env_extra={NONFINITE_FAULT_ENV: steps})
     out = res.stdout + res.stderr
@@ -543,7 +543,7 @@ def test_rollback_reloads_the_last_good_checkpoint_and_goes_on(shards, tmp_path)
 
 def test_consecutive_non_finite_steps_stop_the_run(shards, tmp_path):
     from pretrain.engine import Checkpointer
-    from pretrain.health import NONFINITE_FAULT_ENV
+    from pretrain.engine.health import NONFINITE_FAULT_ENV
 
     run_dir = tmp_path / "twice"
     res = launch(run_dir, shards, nproc=1, extra=["train.nonfinite=skip", "train.nonfinite_max_consecutive=2"],

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pretrain.engine import free_port
-from pretrain.loop import FAULT_ENV
+from pretrain.engine.loop import FAULT_ENV
 from tests.conftest import ROOT
 
 

@@ -5,13 +5,13 @@ import time
 
 import pytest
 
-from pretrain import runlock
+from pretrain.engine import runlock
 from tests.conftest import ROOT
 
 
 def test_a_live_holder_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from pretrain import runlock; runlock.acquire(Path(sys.argv[1])); print('held', flush=True); "
+                               "from pretrain.engine import runlock; runlock.acquire(Path(sys.argv[1])); print('held', flush=True); "
                                "time.sleep(600)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -33,7 +33,7 @@ def test_a_launched_worker_dies_with_its_launcher_and_a_shell_child_does_not(tmp
     """The launcher here is a shell that exits 1.5 s after starting the worker. With LOCAL_RANK
     (a launcher's child) the worker is killed with it; without, it outlives its shell (nohup)."""
     mark = tmp_path / "mark"
-    script = ("import os, time; from pretrain.runlock import die_with_launcher; die_with_launcher(os.environ); "
+    script = ("import os, time; from pretrain.engine.runlock import die_with_launcher; die_with_launcher(os.environ); "
               "open(os.environ['MARK'], 'w').write('started'); time.sleep(2); open(os.environ['MARK'], 'w').write('survived')")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "MARK": str(mark)}
     if launched:

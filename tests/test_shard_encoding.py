@@ -14,7 +14,8 @@ from data_tools.sources import Source, load_sources
 from data_tools.synth import SynthConfig, write_corpus
 from data_tools.transforms import RoICropConfig, normalize_ir, to_unit_intensity
 from data_tools.verify import verify_shards
-from pretrain.data import EpochLoader, PretrainStream, StreamConfig, load_shard_set
+from pretrain.data import PretrainStream, StreamConfig, load_shard_set
+from pretrain.engine import EpochLoader
 from tests.conftest import shared_path
 
 

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pretrain.data import ResumableStream
+from pretrain.engine import ResumableStream
 
 
 def batches_per_epoch(num_samples: int, world: int, batch_size: int) -> int:

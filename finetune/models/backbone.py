@@ -1,14 +1,9 @@
 """The fine-tuning backbone: a ViT encoder set up for one method, giving multi-level feature maps.
 
-Methods (one code path each, chosen by ``method``):
-- ``full``: every encoder parameter trains (the baseline the papers beat).
-- ``frozen``: the encoder is frozen; only the task head trains.
-- ``pad``: a pre-training export with its PAD adapters, fine-tuned whole (PAD's protocol).
-- ``mona``: Mona after attention and after MLP in every block; only Mona trains in the backbone.
-- ``ivtuning``: infrared patch embedding + prompt generator + per-block HA/IPA adapters train.
-
-Inputs are chosen by ``modality``: ``ir`` or ``vi`` for a single image, ``both`` for IV-tuning
-(which needs both streams; with infrared-only data it feeds the infrared frame to both).
+Methods come from the registry (:mod:`finetune.models.methods`): ``full``, ``frozen``, ``pad``,
+``mona``, ``ivtuning``, and any registered later. Inputs are chosen by ``modality``: ``ir`` or
+``vi`` for a single image, ``both`` for a method that fuses the two (IV-tuning; with
+infrared-only data it feeds the infrared frame to both streams).
 """
 from __future__ import annotations
 
@@ -19,12 +14,11 @@ import torch
 from torch import nn
 
 from pretrain.models.adapters import TokenContext, adapter_parameter_names
-from pretrain.models.vit import EncoderConfig, build_encoder, embed_patches, match_channels, prepend_cls, run_blocks
-from finetune.models.ivtuning import (IVTuningConfig, IVTuningInput, attach_ivtuning, is_vit_prompt_state,
-                                      load_vit_prompt_state)
-from finetune.models.mona import MonaConfig, attach_mona
+from pretrain.models.vit import EncoderConfig, build_encoder, embed_patches, prepend_cls, run_blocks
+from finetune.models.ivtuning import IVTuningConfig, is_vit_prompt_state, load_vit_prompt_state
+from finetune.models.methods import get_method
+from finetune.models.mona import MonaConfig
 
-METHODS = ("full", "frozen", "pad", "mona", "ivtuning")
 MODALITIES = ("ir", "vi", "both")
 
 
@@ -41,13 +35,15 @@ class BackboneConfig:
     pad_scale: str | None = None  # method pad on a PAD release whose predictor takes d inputs: sum | side | gside
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
-        if self.modality == "both" and self.method != "ivtuning":
-            raise ValueError(f"method '{self.method}' takes one image: set modality to 'ir' or 'vi' "
-                             "(only ivtuning fuses infrared and visible)")
+        check_modality(self.method, self.modality)
+
+
+def check_modality(method: str, modality: str) -> None:
+    if modality not in get_method(method).modalities:
+        raise ValueError(f"method {method!r} takes one image: set modality to 'ir' or 'vi' "
+                         "(only a method that fuses infrared and visible, such as ivtuning, takes 'both')")
 
 
 def backbone_config_from_dict(d: dict) -> BackboneConfig:
@@ -78,14 +74,13 @@ class Backbone(nn.Module):
         self.out_indices = cfg.out_indices or default_out_indices(depth)
         if max(self.out_indices) >= depth:
             raise ValueError(f"out_indices {self.out_indices} exceed the {depth} blocks")
-        self.prompter = None
-        if cfg.method == "mona":
-            attach_mona(self.encoder, cfg.mona)
-        elif cfg.method == "ivtuning":
-            attach_ivtuning(self.encoder, cfg.ivtuning)
-            self.prompter = IVTuningInput(self.encoder.patch_embed, self.encoder.embed_dim, cfg.ivtuning)
-            if deferred is not None:  # the authors' IV-tuning ViT: backbone and prompts in one file
-                self.load_report = load_vit_prompt_state(self, deferred, cfg.checkpoint, cfg.allow_missing)
+        self.method = get_method(cfg.method)
+        if self.method.attach is not None:
+            self.method.attach(self.encoder, cfg)
+        # the input side of a method that replaces the patch embedding (IV-tuning's prompter)
+        self.prompter = self.method.input_module(self.encoder, cfg) if self.method.input_module else None
+        if deferred is not None:  # the authors' IV-tuning ViT: backbone and prompts in one file
+            self.load_report = load_vit_prompt_state(self, deferred, cfg.checkpoint, cfg.allow_missing)
         trainable = self.trainable_names()
         for name, p in self.named_parameters():
             p.requires_grad_(name in trainable)
@@ -98,29 +93,19 @@ class Backbone(nn.Module):
         # The encoder's final LayerNorm is not used: the heads read block outputs (as MAE's and
         # ViTDet's do), so it never gets a gradient and is left out.
         names = {n for n, _ in self.named_parameters() if not n.startswith("encoder.norm.")}
-        method = self.cfg.method
-        if method in ("full", "pad"):
+        if self.method.trains == "all":
             return names
-        if method == "frozen":
+        if self.method.trains == "none":
             return set()
         adapters = adapter_parameter_names(self.encoder, prefix="encoder.")
-        slot = f".{method}."  # only this method's adapters (a PAD export's stay frozen)
-        trainable = {n for n in adapters if slot in n}
-        return trainable | {n for n in names if n.startswith("prompter.")}
+        slot = f".{self.method.name}."  # only this method's adapters (a PAD export's stay frozen)
+        return {n for n in adapters if slot in n} | {n for n in names if n.startswith("prompter.")}
 
     def forward(self, ir: torch.Tensor | None = None, vi: torch.Tensor | None = None) -> list[torch.Tensor]:
         vit = self.encoder
         ctx = TokenContext(grid=tuple(vit.patch_embed.grid_size), num_prefix=vit.num_prefix_tokens)
         if self.prompter is not None:
-            if ir is None and vi is None:
-                raise ValueError("IV-tuning needs an infrared or a visible image")
-            infrared = ir if ir is not None else vi
-            visible = vi if vi is not None else ir
-            visible_tokens = vit.patch_embed(match_channels(visible, vit.patch_embed.proj.in_channels))
-            infrared = match_channels(infrared, self.prompter.infrared_embed.proj.in_channels)
-            prompt = self.prompter(visible_tokens, infrared, ctx)
-            tokens = visible_tokens + prompt + vit.pos_embed[:, vit.num_prefix_tokens:]
-            ctx.stream = prompt  # s_0: the prompt alone
+            tokens = self.prompter.tokens(vit, ir, vi, ctx)
         else:
             image = ir if self.cfg.modality == "ir" else vi
             if image is None:

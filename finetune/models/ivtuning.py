@@ -31,7 +31,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from finetune.models.methods import Method, register
 from pretrain.models.adapters import ResidualAdapter, TokenContext, attach
+from pretrain.models.vit import match_channels
 
 
 @dataclass(frozen=True)
@@ -172,10 +174,30 @@ class IVTuningInput(nn.Module):
         prompt = self.generator(ctx.to_map(self.norm(visible_tokens)), ctx.to_map(self.norm(infrared_tokens)))
         return TokenContext.from_map(prompt)
 
+    def tokens(self, vit: nn.Module, ir: torch.Tensor | None, vi: torch.Tensor | None,
+               ctx: TokenContext) -> torch.Tensor:
+        """The blocks' input patch tokens x + p + position embedding; sets the prompt stream
+        s_0 = p. With one image (infrared-only data) it feeds both streams."""
+        if ir is None and vi is None:
+            raise ValueError("IV-tuning needs an infrared or a visible image")
+        infrared = ir if ir is not None else vi
+        visible = vi if vi is not None else ir
+        visible_tokens = vit.patch_embed(match_channels(visible, vit.patch_embed.proj.in_channels))
+        prompt = self(visible_tokens, match_channels(infrared, self.infrared_embed.proj.in_channels), ctx)
+        ctx.stream = prompt
+        return visible_tokens + prompt + vit.pos_embed[:, vit.num_prefix_tokens:]
+
 
 def attach_ivtuning(vit: nn.Module, cfg: IVTuningConfig = IVTuningConfig()) -> None:
     attach(vit, "ivtuning", "post_attn", lambda i, dim: IVTuningAdapter(dim, cfg))
     attach(vit, "ivtuning", "post_mlp", lambda i, dim: IVTuningAdapter(dim, cfg))
+
+
+register(Method("ivtuning", "infrared patch embedding + prompt generator + per-block HA/IPA adapters train; "
+                "fuses the infrared and the visible image",
+                attach=lambda encoder, cfg: attach_ivtuning(encoder, cfg.ivtuning),
+                input_module=lambda encoder, cfg: IVTuningInput(encoder.patch_embed, encoder.embed_dim, cfg.ivtuning),
+                modalities=("ir", "vi", "both")))
 
 
 # --- the authors' checkpoints -------------------------------------------------------------------

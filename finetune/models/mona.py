@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from finetune.models.methods import Method, register
 from pretrain.models.adapters import ResidualAdapter, TokenContext, attach
 
 
@@ -70,3 +71,7 @@ class Mona(ResidualAdapter):
 def attach_mona(vit: nn.Module, cfg: MonaConfig = MonaConfig()) -> None:
     attach(vit, "mona", "post_attn", lambda i, dim: Mona(dim, cfg))
     attach(vit, "mona", "post_mlp", lambda i, dim: Mona(dim, cfg))
+
+
+register(Method("mona", "Mona after attention and after MLP in every block; only Mona trains in the backbone",
+                attach=lambda encoder, cfg: attach_mona(encoder, cfg.mona)))

@@ -5,11 +5,8 @@ per-step hooks; this module owns the run directory (resume / fresh / refuse), th
 gradient accumulation, exact resume from checkpoints, preemption signals, the JSONL + TensorBoard
 log and the progress bar, identically for every task.
 
-Batches come from ``pretrain.data.EpochLoader`` over a stream that yields dicts with the keys
-``batch`` (index in the epoch), ``worker`` and ``position`` (the data position to resume from),
-``keys`` (sample names), ``bad_samples`` (a count) and ``bad_shard_urls`` (failed shard reads) since
-the previous batch, and
-whatever the task's ``forward`` reads.
+Batches come from an :class:`~pretrain.engine.streams.EpochLoader` (see that module for what a
+batch holds).
 """
 from __future__ import annotations
 
@@ -21,17 +18,23 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from data_tools.config import save_resolved
 from data_tools.files import sha256_file, trim_jsonl
-from pretrain.engine import (Checkpointer, CheckpointWriteError, ResumeError, StopSignals, average_over_ranks,
-                             batchnorm_statistics, frozen_fingerprint, seed_step, set_lr)
-from pretrain import runlock
-from pretrain.health import HealthPolicy, StepHealth, faulty_steps, step_verdict
+from pretrain.engine import runlock
+from pretrain.engine.checkpoint import (Checkpointer, CheckpointWriteError, ResumeError, frozen_fingerprint,
+                                        seed_step)
+from pretrain.engine.distributed import average_over_ranks, batchnorm_statistics
+from pretrain.engine.health import HealthPolicy, StepHealth, faulty_steps, step_verdict
+from pretrain.engine.optim import set_lr
+from pretrain.engine.signals import StopSignals
+
+if TYPE_CHECKING:
+    from pretrain.engine.task import Task
 
 FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume tests
 
@@ -186,26 +189,6 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str):
 
 # --- the loop ---------------------------------------------------------------------------------
 
-class Task:
-    """What a training task supplies to ``train_steps``."""
-
-    def learning_rate(self, step: int) -> float:
-        raise NotImplementedError
-
-    def forward(self, engine, batch: dict) -> torch.Tensor:
-        """The loss of one micro-batch (the engine does backward and step)."""
-        raise NotImplementedError
-
-    def begin_step(self, step: int) -> None:
-        pass
-
-    def log_fields(self) -> dict:
-        return {}
-
-    def end_step(self, step: int) -> None:
-        pass
-
-
 @dataclass(frozen=True)
 class LoopSpec:
     total_steps: int
@@ -218,6 +201,8 @@ class LoopSpec:
     record_samples: bool = False
     desc: str = "train"
     health: HealthPolicy = field(default_factory=HealthPolicy)
+    eval_every: int = 0  # evaluate every n steps and at the end (0: never inside the loop)
+    best_metric: str | None = None  # the evaluation metric (higher is better) that picks the ``best`` checkpoint
 
 
 def new_state(num_workers: int) -> dict:
@@ -274,11 +259,15 @@ def weights_for_evaluation(ckpt: Checkpointer, engine, cfg_hash: str, frozen_ref
 
 
 def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state: dict, spec: LoopSpec,
-                run_dir: Path, rank: int, device: torch.device, checkpoint_meta: dict) -> bool:
+                run_dir: Path, rank: int, device: torch.device, checkpoint_meta: dict,
+                evaluate: Callable[[int], dict | None] | None = None) -> bool:
     """Run steps until ``spec.total_steps`` (True) or a preemption signal (False, after saving).
 
     Each step reseeds every generator from (seed, rank, step), sets the lr, takes ``accum``
     micro-batches and steps; a checkpoint every ``save_every`` steps, at the end and on a signal.
+    With ``evaluate`` and ``spec.eval_every``: every ``eval_every`` steps and at the end, every rank
+    calls ``evaluate(step)``; rank 0 logs its scalar metrics (``val/<name>``) and, when
+    ``spec.best_metric`` improved, the checkpoint of that step (always saved) is kept as ``best``.
     """
     world = spec.batching.world
     accum, workers = spec.batching.accum, spec.num_workers
@@ -341,9 +330,15 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
             if state["step"] % spec.log_every == 0 or state["step"] == spec.total_steps or not verdict.finite:
                 log.write(_step_record(task, verdict, state, optimizer, spec, elapsed, wait, device))
             task.end_step(state["step"])
+            evaluated = improved = False
+            if evaluate is not None and spec.eval_every and (state["step"] % spec.eval_every == 0
+                                                            or state["step"] == spec.total_steps):
+                evaluated, improved = True, _evaluate_now(evaluate, state, spec, log, rank)
             stop = signals.any_rank_requested(device)
-            if state["step"] % spec.save_every == 0 or state["step"] == spec.total_steps or stop:
+            if state["step"] % spec.save_every == 0 or state["step"] == spec.total_steps or stop or evaluated:
                 save()
+                if improved:
+                    ckpt.keep_as_best(f"step{state['step']:08d}", rank, state["best"])
             if state["step"] == fault_step:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop:
@@ -352,6 +347,25 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
                           "rerun the same command to resume", flush=True)
                 return False
     progress.close()
+    return True
+
+
+def _evaluate_now(evaluate: Callable[[int], dict | None], state: dict, spec: LoopSpec, log: MetricsLog,
+                  rank: int) -> bool:
+    """Evaluate after this step; True on rank 0 when ``spec.best_metric`` beat every earlier value.
+    The best value so far travels in the state (so in checkpoints: a resumed run compares with it)."""
+    metrics = evaluate(state["step"])
+    if rank != 0 or metrics is None:
+        return False
+    log.write({"step": state["step"], **{f"val/{k}": v for k, v in metrics.items()
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)}})
+    if spec.best_metric is None:
+        return False
+    value = float(metrics[spec.best_metric])
+    best = state.setdefault("best", {})
+    if "value" in best and not value > best["value"]:
+        return False
+    best.update(metric=spec.best_metric, value=value, step=state["step"])
     return True
 
 

@@ -1,5 +1,4 @@
-"""The training engine shared by pre-training and fine-tuning: distributed set-up, the DeepSpeed
-engine, the learning-rate schedule, checkpoints with exact resume, preemption signals, clean exit.
+"""Checkpoints with exact resume.
 
 Checkpoints hold only what cannot be recomputed: DeepSpeed saves the trainable parameters and the
 optimiser state (``exclude_frozen_parameters``); our ``state_rank{r}.json`` adds the step, samples
@@ -12,210 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import pickle
 import random
 import shutil
-import signal
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from data_tools.files import atomic_write_text, sha256_file
-from pretrain.runlock import die_with_launcher
 
 LATEST = "latest"
+BEST = "best"  # the checkpoint with the best evaluation metric so far (fine-tuning with eval.every_steps)
 
-
-# --- distributed ------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def threads_per_process(env: dict, threads: int) -> int:
-    """Intra-op threads for one process: torch's default for the machine (``threads``) shared
-    among the processes of its node. torchrun sets OMP_NUM_THREADS=1 itself; the DeepSpeed
-    launcher and srun do not, and processes that each take every core oversubscribe the machine
-    and run many times slower."""
-    if env.get("SLURM_CPUS_PER_TASK"):  # srun gives each task its own CPUs
-        return max(1, min(threads, int(env["SLURM_CPUS_PER_TASK"])))
-    local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or "1"
-    return max(1, threads // int(local))
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Initialise torch.distributed through DeepSpeed. Works under torchrun, the deepspeed
-    launcher, SLURM's srun (SLURM_* variables) and as a single process without a launcher."""
-    import deepspeed
-
-    env = os.environ
-    die_with_launcher(env)  # before the SLURM / single-process defaults below set LOCAL_RANK
-    if "RANK" not in env and "SLURM_PROCID" in env:  # srun: one task per process
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
-        env.setdefault("MASTER_PORT", "29500")
-    if "RANK" not in env:  # a plain single process
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(free_port()))
-    if "OMP_NUM_THREADS" not in env:
-        torch.set_num_threads(threads_per_process(env, torch.get_num_threads()))
-    cuda = torch.cuda.is_available()
-    local_rank = int(env.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def finish(code: int) -> None:
-    """End a distributed entry point. torch/gloo can abort at interpreter shutdown after all work
-    is done (pytorch issue 190489, ~3-6% of 2-process runs): barrier, destroy the group, flush and
-    leave with os._exit so that no late destructor turns a finished run into a failure."""
-    try:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-# --- optimisation -----------------------------------------------------------------------------
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
-    """Linear warm-up, then half-cycle cosine to ``min_lr``, as a function of the global step."""
-    if step < warmup_steps:
-        return base_lr * step / max(warmup_steps, 1)
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def poly_lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, power: float = 1.0,
-               min_lr: float = 0.0) -> float:
-    """Linear warm-up, then polynomial decay to ``min_lr`` (mmsegmentation's schedule)."""
-    if step < warmup_steps:
-        return base_lr * step / max(warmup_steps, 1)
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    return min_lr + (base_lr - min_lr) * (1.0 - progress) ** power
-
-
-def deepspeed_config(micro_batch: int, accum_steps: int, world_size: int, precision: str, zero_stage: int,
-                     grad_clip: float) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": accum_steps,
-        "train_batch_size": micro_batch * accum_steps * world_size,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
-        "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
-    }
-    if precision == "bf16_autocast":  # fp32 weights, bf16 matmuls (MAE's recipe, without fp16 NaNs)
-        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    elif precision == "bf16":  # bf16 weights with fp32 master copies in the optimiser
-        cfg["bf16"] = {"enabled": True}
-    elif precision != "fp32":
-        raise ValueError(f"precision must be bf16_autocast, bf16 or fp32, got {precision!r}")
-    return cfg
-
-
-class UpdateHold:
-    """Set ``everything`` before a step's last micro-batch to make that step's optimiser update
-    a no-op on every parameter (no weight change, no AdamW state or step count): how the loop
-    drops the update of a step with a non-finite loss."""
-
-    def __init__(self):
-        self.everything = False
-
-
-def hold_gated_groups(optimizer: torch.optim.Optimizer, hold: UpdateHold | None = None) -> torch.optim.Optimizer:
-    """Make ``optimizer`` leave every parameter group marked ``gated`` untouched (and every group
-    while ``hold.everything``). DeepSpeed hands a parameter without gradient a zero gradient (to
-    keep ranks in step), and AdamW would then count steps and decay it; a gated group is skipped
-    as if it had no gradient at all. Step hooks rather than a subclass: DeepSpeed's ZeRO accepts
-    only the optimiser classes it knows, and its own loss-scale skip exists for fp16 only."""
-    held: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-
-    def before(opt, args, kwargs):
-        everything = hold is not None and hold.everything
-        held[:] = [(p, p.grad) for g in opt.param_groups if everything or g.get("gated") for p in g["params"]]
-        for p, _ in held:
-            p.grad = None  # AdamW skips parameters without a gradient: no state, no decay
-
-    def after(opt, args, kwargs):
-        for p, grad in held:
-            p.grad = grad
-        held.clear()
-
-    optimizer.register_step_pre_hook(before)
-    optimizer.register_step_post_hook(after)
-    return optimizer
-
-
-def build_engine(model: torch.nn.Module, groups: list[dict], lr: float, betas: tuple[float, float], ds_cfg: dict):
-    """DeepSpeed engine around ``model`` with a torch AdamW (no extension to compile). A group
-    with a ``gate`` name keeps it (and ``gated``, False until a task closes the gate);
-    ``engine.update_hold`` drops a whole step's update."""
-    import deepspeed
-
-    opt_groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr,
-                   "lr_scale": g.get("lr_scale", 1.0), "gate": g.get("gate"), "gated": False} for g in groups]
-    hold = UpdateHold()
-    optimizer = hold_gated_groups(torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas)), hold)
-    params = [p for g in groups for p in g["params"]]
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
-                                                   model_parameters=params)
-    engine.update_hold = hold
-    return engine, optimizer
-
-
-def batchnorm_statistics(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The running mean / var buffers of every plain BatchNorm of ``model``. Plain BatchNorm
-    (IV-tuning's hybrid operation, the heads) keeps per-rank statistics and DeepSpeed does not
-    sync buffers, so ranks would evaluate different models and only rank 0's would be saved.
-    SyncBatchNorm (CUDA) needs no help; gloo on CPU has none, so the loop averages these over
-    ranks after every step (:func:`average_over_ranks`): ranks then hold one model at every step
-    boundary (save, resume, evaluation), for one small all-reduce per step. Loading a checkpoint
-    copies into these same tensors."""
-    return [b for m in model.modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm)
-            for b in (m.running_mean, m.running_var) if b is not None]
-
-
-def average_over_ranks(stats: list[torch.Tensor]) -> None:
-    """Replace each tensor by its mean over ranks, in one all-reduce."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1 or not stats:
-        return
-    flat = torch.cat([b.detach().float().reshape(-1) for b in stats])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for b in stats:
-        b.copy_(flat[offset:offset + b.numel()].view_as(b))
-        offset += b.numel()
-
-
-def set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-# --- determinism ------------------------------------------------------------------------------
 
 def seed_step(seed: int, rank: int, step: int) -> None:
     """Reseed every generator from (seed, rank, step): masking and dropout are then a function of
@@ -254,6 +66,13 @@ class CheckpointWriteError(OSError):
 
 def _folder_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6 if path.is_dir() else 0.0
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _weights_only_load(path: str, map_location=None):
@@ -330,6 +149,23 @@ class Checkpointer:
             atomic_write_text(self.directory / LATEST, tag)
             self._prune(keep=tag)
         dist.barrier()
+
+    def keep_as_best(self, tag: str, rank: int, best: dict) -> None:
+        """Rank 0: make ``best/`` a copy of checkpoint ``tag`` (hard links where the file system
+        allows: no second copy of the weights) with ``best.json`` naming its metric, value and
+        step; the previous ``best`` is replaced only once the new one is complete."""
+        if rank != 0:
+            return
+        source, target = self.directory / tag, self.directory / BEST
+        staging, old = self.directory / f".{BEST}.new", self.directory / f".{BEST}.old"
+        for leftover in (staging, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        shutil.copytree(source, staging, copy_function=_link_or_copy)
+        atomic_write_text(staging / "best.json", json.dumps(dict(best, tag=tag)))
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _needed_mb(self, params) -> float:
         """About what one checkpoint takes: the last one's size, or the trainable weights with
@@ -430,24 +266,3 @@ class Checkpointer:
         self.loaded_tag = tag
         return state
 
-
-# --- preemption -------------------------------------------------------------------------------
-
-class StopSignals:
-    """SIGTERM / SIGUSR1 (preemption notices) set a flag; the loop saves and stops at the next
-    step, once every rank agrees (an all-reduce, so no rank is left waiting in a collective)."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-    def any_rank_requested(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)

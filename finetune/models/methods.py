@@ -1,0 +1,65 @@
+"""The fine-tuning methods of the backbone, by name.
+
+A method is one module that registers a :class:`Method`: the adapters it attaches to the encoder's
+blocks, the input module that replaces the plain patch embedding (if any), the image streams it
+takes and which backbone parameters train. :class:`~finetune.models.backbone.Backbone` knows no
+method by name; adding LoRA or AdaptFormer is one new file that calls :func:`register` (imported
+below so that the built-in methods are always there).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    # Attach block adapters to the encoder: ``attach(encoder, backbone_config)``.
+    attach: Callable[[nn.Module, object], None] | None = None
+    # The input side, replacing the patch embedding: ``input_module(encoder, backbone_config)``, a
+    # module with ``tokens(encoder, ir, vi, ctx) -> patch tokens`` (position embedding added).
+    input_module: Callable[[nn.Module, object], nn.Module] | None = None
+    # What trains in the backbone: "all" (the encoder, its adapters and input module), "none", or
+    # "own" (only this method's adapters, under ``.<name>.``, and its input module).
+    trains: str = "own"
+    modalities: tuple[str, ...] = ("ir", "vi")  # "both": the infrared and the visible image together
+
+    def __post_init__(self):
+        if self.trains not in ("all", "none", "own"):
+            raise ValueError(f"method {self.name}: trains must be all, none or own, got {self.trains!r}")
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY and _REGISTRY[method.name] != method:
+        raise ValueError(f"a fine-tuning method named {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"method must be one of {method_names()}, got {name!r}") from None
+
+
+# The baselines the papers compare with; PAD fine-tunes a pre-training export whole (its adapters
+# come with the weights, so it attaches nothing here).
+register(Method("full", "every encoder parameter trains", trains="all"))
+register(Method("frozen", "the encoder is frozen; only the task head trains", trains="none"))
+register(Method("pad", "a PAD pre-training export with its adapters, fine-tuned whole", trains="all"))
+
+# The adapter methods register themselves on import.
+import finetune.models.ivtuning  # noqa: E402,F401
+import finetune.models.mona  # noqa: E402,F401

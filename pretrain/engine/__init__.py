@@ -1,0 +1,34 @@
+"""The training engine shared by pre-training and fine-tuning: it owns a whole run.
+
+``run(task, cfg, run_dir)`` decides the run directory (fresh / resume / refuse), seeds, builds the
+task's model, reports it, builds the DeepSpeed engine, resumes, runs the step loop (gradient
+accumulation, exact resume, preemption signals, non-finite losses, periodic evaluation) and ends
+the process with an exit status that says what happened. A :class:`Task` supplies what differs.
+
+Modules: ``distributed`` (process group, clean exit), ``checkpoint`` (exact resume), ``loop`` (the
+steps), ``schedules`` (learning rates), ``optim`` (parameter groups, DeepSpeed), ``streams`` (what
+the loop reads), ``health`` (non-finite losses), ``runlock`` (one run per directory), ``signals``
+(preemption). Fine-tuning and pre-training import the names below only.
+"""
+from pretrain.engine.checkpoint import Checkpointer, CheckpointWriteError, ResumeError, frozen_fingerprint, seed_step
+from pretrain.engine.distributed import (average_over_ranks, batchnorm_statistics, finish, free_port,
+                                         init_distributed, threads_per_process)
+from pretrain.engine.health import HealthPolicy
+from pretrain.engine.loop import (EXIT_PREEMPTED, Batching, LoopSpec, frozen_reference, new_state, prepare_run_dir,
+                                  resolve_batching, resume_state, run_entry_point, train_steps, weights_for_evaluation)
+from pretrain.engine.optim import build_engine, deepspeed_config, hold_gated_groups, param_groups, set_lr
+from pretrain.engine.run import run
+from pretrain.engine.runlock import RunDirBusy
+from pretrain.engine.schedules import lr_at, poly_lr_at
+from pretrain.engine.signals import StopSignals, ignore_preemption_signals
+from pretrain.engine.streams import EpochLoader, ResumableStream
+from pretrain.engine.task import Process, Task, TrainingPlan
+
+__all__ = [
+    "Batching", "Checkpointer", "CheckpointWriteError", "EXIT_PREEMPTED", "EpochLoader", "HealthPolicy", "LoopSpec",
+    "Process", "ResumableStream", "ResumeError", "RunDirBusy", "StopSignals", "Task", "TrainingPlan", "average_over_ranks",
+    "batchnorm_statistics", "build_engine", "deepspeed_config", "finish", "free_port", "frozen_fingerprint",
+    "frozen_reference", "hold_gated_groups", "ignore_preemption_signals", "init_distributed", "lr_at", "new_state",
+    "param_groups", "poly_lr_at", "prepare_run_dir", "resolve_batching", "resume_state", "run", "run_entry_point",
+    "seed_step", "set_lr", "threads_per_process", "train_steps", "weights_for_evaluation",
+]

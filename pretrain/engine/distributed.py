@@ -1,0 +1,99 @@
+"""Processes of a run: the process group, threads per process, a clean exit, and the BatchNorm
+statistics that DeepSpeed leaves per rank."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+
+from pretrain.engine.runlock import die_with_launcher
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def threads_per_process(env: dict, threads: int) -> int:
+    """Intra-op threads for one process: torch's default for the machine (``threads``) shared
+    among the processes of its node. torchrun sets OMP_NUM_THREADS=1 itself; the DeepSpeed
+    launcher and srun do not, and processes that each take every core oversubscribe the machine
+    and run many times slower."""
+    if env.get("SLURM_CPUS_PER_TASK"):  # srun gives each task its own CPUs
+        return max(1, min(threads, int(env["SLURM_CPUS_PER_TASK"])))
+    local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or "1"
+    return max(1, threads // int(local))
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed through DeepSpeed. Works under torchrun, the deepspeed
+    launcher, SLURM's srun (SLURM_* variables) and as a single process without a launcher."""
+    import deepspeed
+
+    env = os.environ
+    die_with_launcher(env)  # before the SLURM / single-process defaults below set LOCAL_RANK
+    if "RANK" not in env and "SLURM_PROCID" in env:  # srun: one task per process
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        env.setdefault("MASTER_PORT", "29500")
+    if "RANK" not in env:  # a plain single process
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    if "OMP_NUM_THREADS" not in env:
+        torch.set_num_threads(threads_per_process(env, torch.get_num_threads()))
+    cuda = torch.cuda.is_available()
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def finish(code: int) -> None:
+    """End a distributed entry point. torch/gloo can abort at interpreter shutdown after all work
+    is done (pytorch issue 190489, ~3-6% of 2-process runs): barrier, destroy the group, flush and
+    leave with os._exit so that no late destructor turns a finished run into a failure."""
+    try:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+
+def batchnorm_statistics(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The running mean / var buffers of every plain BatchNorm of ``model``. Plain BatchNorm
+    (IV-tuning's hybrid operation, the heads) keeps per-rank statistics and DeepSpeed does not
+    sync buffers, so ranks would evaluate different models and only rank 0's would be saved.
+    SyncBatchNorm (CUDA) needs no help; gloo on CPU has none, so the loop averages these over
+    ranks after every step (:func:`average_over_ranks`): ranks then hold one model at every step
+    boundary (save, resume, evaluation), for one small all-reduce per step. Loading a checkpoint
+    copies into these same tensors."""
+    return [b for m in model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm)
+            for b in (m.running_mean, m.running_var) if b is not None]
+
+
+def average_over_ranks(stats: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over ranks, in one all-reduce."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1 or not stats:
+        return
+    flat = torch.cat([b.detach().float().reshape(-1) for b in stats])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for b in stats:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+

@@ -1,0 +1,122 @@
+"""The optimiser side of a run: MAE's parameter groups (weight-decay rule, optional layer-wise lr
+decay), the DeepSpeed config and engine around a torch AdamW, gated groups and held updates."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+def no_weight_decay(name: str, ndim: int) -> bool:
+    """MAE / timm rule: no decay on biases and 1-D parameters (norms, layer scales)."""
+    return ndim <= 1 or name.endswith(".bias")
+
+
+def layer_id(name: str, num_layers: int, prefix: str = "encoder.") -> int:
+    """0 for the embeddings, i + 1 for encoder block i, num_layers + 1 for everything after
+    (heads, decoders). ``prefix``: where the encoder sits in the model's parameter names."""
+    if name.startswith(tuple(prefix + k for k in ("cls_token", "pos_embed", "patch_embed"))):
+        return 0
+    if name.startswith(prefix + "blocks."):
+        return int(name[len(prefix + "blocks."):].split(".")[0]) + 1
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
+                 num_layers: int | None = None, prefix: str = "encoder.",
+                 gates: dict[str, set[str]] | None = None) -> list[dict]:
+    """Groups of trainable parameters with their weight decay and lr scale (``lr_scale``).
+    ``gates`` (gate name -> parameter names) puts those parameters in groups of their own with
+    ``gate`` set, so that an optimiser can hold them back as a whole (PAD's scale predictor)."""
+    gate_of = {n: gate for gate, names in (gates or {}).items() for n in names}
+    if layer_decay is not None and num_layers is None:
+        raise ValueError("layer_decay needs num_layers")
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        wd = 0.0 if no_weight_decay(name, p.ndim) else weight_decay
+        lid = layer_id(name, num_layers, prefix) if layer_decay is not None else 0
+        scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0
+        gate = gate_of.get(name)
+        g = groups.setdefault((wd, lid, gate), {"params": [], "names": [], "weight_decay": wd, "lr_scale": scale,
+                                                "gate": gate})
+        g["params"].append(p)
+        g["names"].append(name)
+    return list(groups.values())
+
+
+def deepspeed_config(micro_batch: int, accum_steps: int, world_size: int, precision: str, zero_stage: int,
+                     grad_clip: float) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accum_steps,
+        "train_batch_size": micro_batch * accum_steps * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16_autocast":  # fp32 weights, bf16 matmuls (MAE's recipe, without fp16 NaNs)
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif precision == "bf16":  # bf16 weights with fp32 master copies in the optimiser
+        cfg["bf16"] = {"enabled": True}
+    elif precision != "fp32":
+        raise ValueError(f"precision must be bf16_autocast, bf16 or fp32, got {precision!r}")
+    return cfg
+
+
+class UpdateHold:
+    """Set ``everything`` before a step's last micro-batch to make that step's optimiser update
+    a no-op on every parameter (no weight change, no AdamW state or step count): how the loop
+    drops the update of a step with a non-finite loss."""
+
+    def __init__(self):
+        self.everything = False
+
+
+def hold_gated_groups(optimizer: torch.optim.Optimizer, hold: UpdateHold | None = None) -> torch.optim.Optimizer:
+    """Make ``optimizer`` leave every parameter group marked ``gated`` untouched (and every group
+    while ``hold.everything``). DeepSpeed hands a parameter without gradient a zero gradient (to
+    keep ranks in step), and AdamW would then count steps and decay it; a gated group is skipped
+    as if it had no gradient at all. Step hooks rather than a subclass: DeepSpeed's ZeRO accepts
+    only the optimiser classes it knows, and its own loss-scale skip exists for fp16 only."""
+    held: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def before(opt, args, kwargs):
+        everything = hold is not None and hold.everything
+        held[:] = [(p, p.grad) for g in opt.param_groups if everything or g.get("gated") for p in g["params"]]
+        for p, _ in held:
+            p.grad = None  # AdamW skips parameters without a gradient: no state, no decay
+
+    def after(opt, args, kwargs):
+        for p, grad in held:
+            p.grad = grad
+        held.clear()
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
+    return optimizer
+
+
+def build_engine(model: torch.nn.Module, groups: list[dict], lr: float, betas: tuple[float, float], ds_cfg: dict):
+    """DeepSpeed engine around ``model`` with a torch AdamW (no extension to compile). A group
+    with a ``gate`` name keeps it (and ``gated``, False until a task closes the gate);
+    ``engine.update_hold`` drops a whole step's update."""
+    import deepspeed
+
+    opt_groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr,
+                   "lr_scale": g.get("lr_scale", 1.0), "gate": g.get("gate"), "gated": False} for g in groups]
+    hold = UpdateHold()
+    optimizer = hold_gated_groups(torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas)), hold)
+    params = [p for g in groups for p in g["params"]]
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
+                                                   model_parameters=params)
+    engine.update_hold = hold
+    return engine, optimizer
+
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,112 @@
+"""``run(task, cfg, run_dir)``: one run of any task, from the config check to the exit status."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from data_tools.config import check_config, config_hash
+from pretrain.engine.checkpoint import Checkpointer, ResumeError
+from pretrain.engine.health import HealthPolicy
+from pretrain.engine.loop import (LoopSpec, frozen_reference, new_state, prepare_run_dir, resolve_batching,
+                                  resume_state, run_entry_point, train_steps, weights_for_evaluation)
+from pretrain.engine.optim import build_engine, deepspeed_config
+from pretrain.engine.task import Process, Task
+
+
+def run(task: Task, cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
+    """Check ``cfg`` against the task's schema (before the run directory is touched), then train
+    (resuming whatever the run directory holds) and evaluate in every process of the launch, and
+    end the process: 0 done, 75 stopped by a signal after saving (rerun to resume), 1 error.
+    ``eval_only``: evaluate the latest checkpoint with any number of processes, without training."""
+    if task.schema is not None:
+        check_config(cfg, task.schema)
+    run_entry_point(functools.partial(_run_process, task=task, eval_only=eval_only), cfg, Path(run_dir), overwrite)
+
+
+def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path, overwrite: bool, *,
+                 task: Task, eval_only: bool) -> bool:
+    """False when a preemption signal stopped training (after saving)."""
+    t = cfg.train
+    where = Process(rank, world, device, run_dir)
+    cfg_hash = config_hash(cfg)
+    ckpt = Checkpointer(run_dir / "checkpoints", int(t.keep_last))
+    if eval_only and overwrite:
+        raise ResumeError("--eval-only and --overwrite exclude each other")
+    if eval_only and ckpt.latest_tag() is None:  # refused before anything is written
+        raise ResumeError(f"--eval-only needs a trained run in {run_dir} (no checkpoint there)")
+    resume = prepare_run_dir(run_dir, overwrite, cfg, cfg_hash, rank)
+
+    torch.manual_seed(int(t.seed))  # identical initialisation on every rank
+    model = task.build_model(cfg, where)
+    task.describe_model(model, cfg, where)
+    if task.sync_batchnorm and world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    frozen_ref = frozen_reference(model, cfg.init.checkpoint)
+    meta = {"config_hash": cfg_hash, "frozen": frozen_ref}
+
+    batching = resolve_batching(t, world)
+    plan = None if eval_only else task.training_plan(model, cfg, batching, where)
+    lr, betas = (plan.base_lr, plan.betas) if plan else (0.0, task.evaluation_betas(cfg))
+    ds_cfg = deepspeed_config(batching.micro, batching.accum, world, t.precision, t.zero_stage, t.grad_clip)
+    engine, optimizer = build_engine(model, task.param_groups(model, cfg), lr, betas, ds_cfg)
+
+    if eval_only:
+        state = weights_for_evaluation(ckpt, engine, cfg_hash, frozen_ref)
+        if rank == 0:
+            print(f"evaluating {ckpt.latest_tag()} (step {state['step']}) with {world} processes", flush=True)
+        _finish(task, model, cfg, where, state)
+        return True
+
+    workers = int(cfg.data.num_workers)
+    state = resume_state(ckpt, engine, rank, world, cfg_hash, frozen_ref) if resume else new_state(workers)
+    task.start(model, optimizer, plan, cfg, where)
+    evaluation = Evaluation(task, model, cfg, where)
+    spec = LoopSpec(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, batching=batching,
+                    seed=int(t.seed), num_workers=workers, log_every=int(t.log_every_steps),
+                    save_every=int(t.save_every_steps), record_samples=bool(t.record_samples),
+                    health=HealthPolicy.from_config(t), desc=task.name, eval_every=task.eval_every(cfg),
+                    best_metric=task.best_metric)
+    if not train_steps(task, engine, optimizer, plan.loader, ckpt, state, spec, run_dir, rank, device, meta,
+                       evaluate=evaluation):
+        return False
+    _finish(task, model, cfg, where, state, evaluation)
+    return True
+
+
+class Evaluation:
+    """The task's evaluation as the loop calls it: the model goes back to training mode after,
+    and the metrics of the last evaluated step are kept (the final report reuses them)."""
+
+    def __init__(self, task: Task, model, cfg, where: Process):
+        self.task, self.model, self.cfg, self.where = task, model, cfg, where
+        self.step, self.metrics = None, None
+
+    def __call__(self, step: int) -> dict | None:
+        was_training = self.model.training
+        self.metrics = self.task.evaluate(self.model, self.cfg, self.where)
+        self.model.train(was_training)
+        self.step = step
+        return self.metrics
+
+    def at(self, step: int) -> dict | None:
+        """The metrics after ``step``: kept from the loop or evaluated now."""
+        return self.metrics if self.step == step else self(step)
+
+
+def _finish(task: Task, model, cfg, where: Process, state: dict, evaluation: Evaluation | None = None) -> None:
+    """Final evaluation, ``metrics.json``, ``DONE`` and the result line."""
+    metrics = (evaluation or Evaluation(task, model, cfg, where)).at(state["step"])
+    if not where.is_main:
+        return
+    done = {"steps": state["step"], "samples_seen": state["samples_seen"]}
+    if state.get("best"):
+        done["best"] = state["best"]
+    if metrics is not None:
+        metrics.update(task=task.name, steps=state["step"], processes=where.world)
+        (where.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (where.run_dir / "DONE").write_text(json.dumps(done))
+    print(task.result_line(metrics, state["step"], where), flush=True)

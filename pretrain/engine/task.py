@@ -1,0 +1,95 @@
+"""What a job (pre-training, segmentation, detection) supplies to :func:`pretrain.engine.run`.
+
+The engine owns everything a run has in common; a task says only what differs: its config
+schema, model, parameter groups, training data and schedule, the forward + loss of a batch,
+optional per-step hooks, evaluation and the one-line result. One instance serves one process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pretrain.engine.loop import Batching
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The task's training data and the schedule it implies."""
+    loader: object  # an EpochLoader (batches epoch after epoch, resumable)
+    steps_per_epoch: int
+    total_steps: int
+    base_lr: float
+    betas: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Process:
+    """Where this process of the launch runs."""
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class Task:
+    name = "train"  # progress bar, messages, metrics.json
+    schema: type | None = None  # the pydantic model the config is checked against before anything runs
+    sync_batchnorm = False  # convert BatchNorm to SyncBatchNorm on multi-GPU runs
+    best_metric: str | None = None  # the evaluation metric (higher is better) that picks the ``best`` checkpoint
+
+    # --- set-up (called once, in this order) -------------------------------------------------
+    def build_model(self, cfg, where: Process) -> nn.Module:
+        """The model with its initial weights (built, then loaded: model code reads no files)."""
+        raise NotImplementedError
+
+    def describe_model(self, model: nn.Module, cfg, where: Process) -> None:
+        """Rank 0: print / write what trains (the parameter report)."""
+
+    def param_groups(self, model: nn.Module, cfg) -> list[dict]:
+        raise NotImplementedError
+
+    def training_plan(self, model: nn.Module, cfg, batching: Batching, where: Process) -> TrainingPlan:
+        raise NotImplementedError
+
+    def evaluation_betas(self, cfg) -> tuple[float, float]:
+        """AdamW betas when only evaluating (no training plan is made)."""
+        return (0.9, 0.999)
+
+    def start(self, model: nn.Module, optimizer, plan: TrainingPlan, cfg, where: Process) -> None:
+        """After the engine exists and the state is resumed, before the first step."""
+
+    # --- every step ---------------------------------------------------------------------------
+    def learning_rate(self, step: int) -> float:
+        raise NotImplementedError
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def forward(self, engine, batch: dict) -> torch.Tensor:
+        """The loss of one micro-batch (the engine does backward and step)."""
+        raise NotImplementedError
+
+    def log_fields(self) -> dict:
+        return {}
+
+    def end_step(self, step: int) -> None:
+        pass
+
+    # --- evaluation and the end ---------------------------------------------------------------
+    def eval_every(self, cfg) -> int:
+        """Evaluate every n steps during training (and at the end); 0: only at the end."""
+        return 0
+
+    def evaluate(self, model: nn.Module, cfg, where: Process) -> dict | None:
+        """Metrics on held-out data (every rank takes part; rank 0's dict is kept), or None."""
+        return None
+
+    def result_line(self, metrics: dict | None, steps: int, where: Process) -> str:
+        return f"done: {steps} steps, checkpoints in {where.run_dir / 'checkpoints'}"
