@@ -236,34 +236,16 @@ stage_finetune() {
   [[ -f "$OUT/$task/DONE" ]] || fail "stage $task stopped before the end (preempted?): rerun to resume"
 }
 
-summary() {
+summary() {  # each package describes its own artefacts
   say "summary"
-  PY - "$OUT" <<'EOF'
-import json, sys, pathlib
-out = pathlib.Path(sys.argv[1])
-m = json.loads((out / "shards" / "manifest.json").read_text())
-t = m["totals"]
-print(f"  shards     {out/'shards'}: {len(m['shards'])} shards, {t['written']} samples "
-      f"({t['skipped']} skipped of {t['found']} found), {t['proposals']} proposals")
-print(f"  preview    {out/'shards'/'preview.png'}")
-metrics = out / "pretrain" / "metrics.jsonl"
-if metrics.is_file():
-    rows = [json.loads(l) for l in metrics.read_text().splitlines()]
-    print(f"  pretrain   {out/'pretrain'}: {rows[-1]['step']} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}")
-if (out / "backbone.json").is_file():
-    b = json.loads((out / "backbone.json").read_text())
-    print(f"  backbone   {out/'backbone.pth'}: ViT-{b['encoder']['size']} + {b['adapter']} adapters, "
-          f"{b['num_parameters']:,} parameters")
-for task in ("seg", "det"):
-    path = out / task / "metrics.json"
-    if path.is_file():
-        m = json.loads(path.read_text())
-        p = m["params"]
-        score = (f"mIoU {100 * m['mIoU']:.1f}" if task == "seg" else f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}")
-        print(f"  {task:10s} {out/task}: {m['method']}, {score} on {m['frames']} frames; trains "
-              f"{100 * p['trainable_backbone_share']:.1f}% of the backbone ({p['trainable_backbone']:,}); "
-              f"overlays {out/task/'overlays'}")
-EOF
+  {
+    PY -m data_tools summary "$OUT/shards"
+    if [[ -f "$OUT/pretrain/metrics.jsonl" ]]; then PY -m pretrain summary "$OUT/pretrain"; fi
+    if [[ -f "$OUT/backbone.json" ]]; then PY -m pretrain summary "$OUT/backbone.pth"; fi
+    for task in seg det; do
+      if [[ -f "$OUT/$task/metrics.json" ]]; then PY -m finetune summary "$OUT/$task"; fi
+    done
+  } | sed 's/^/  /'
 }
 
 # A fine-tuning config of the user's is checked (schema, dataset folders) before the first stage:

@@ -78,7 +78,7 @@ def run_paradigm(name: str, shards: Path, work: Path, args) -> dict:
     cuda = args.device == "cuda"
     overrides = [
         f"data.shards=[{{path: {shards}}}]", *model_overrides(args), f"train.batch_size={args.batch}",
-        "train.effective_batch=null", "train.accum_steps=1", "train.epochs=1", "train.warmup_epochs=0",
+        "train.effective_batch=null", "train.accum_steps=1", "train.epochs=1", "optim.warmup_epochs=0",
         f"data.samples_per_epoch={args.batch * args.steps}", "data.num_workers=1",
         f"train.precision={'bf16_autocast' if cuda else 'fp32'}", f"train.save_every_steps={args.steps}",
         "train.log_every_steps=1",

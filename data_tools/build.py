@@ -27,13 +27,13 @@ from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, box
                                     boxes_to_pixels, clip_boxes, issue, read_annotations)
 from data_tools.config import check_config, config_hash, save_resolved, to_container
 from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, read_frame, read_mask
+from data_tools.manifest import MANIFEST, read_manifest
 from data_tools.proposals import ProposalConfig, compute_proposals, unique_boxes
 from data_tools.schema import BuildConfig
 from data_tools.files import atomic_write_text, sha256_file
 from data_tools.shards import ENCODINGS, ShardFile, encode_image, encode_sample, sample_key, tar_bytes
 from data_tools.sources import Source, discover
 
-MANIFEST = "manifest.json"
 SAMPLE_FRAME_FORMAT = {
     "png": "the frame, lossless PNG, one channel, uint8 or uint16 exactly as read",
     "raw": "the frame as a .npy array (H, W), uint8 or uint16 exactly as read",
@@ -166,7 +166,7 @@ def _prepare_out_dir(out: Path, identity: dict, ident_hash: str, overwrite: bool
     """Returns the existing manifest when the output is already complete for this config."""
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
+        old = read_manifest(out, complete=False)
         if old.get("config_hash") != ident_hash and not overwrite:
             raise BuildError(
                 f"{out} holds shards of a different config (hash {old.get('config_hash')} != "

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 from data_tools.config import CONFIG_DIR, load_config
+from data_tools.manifest import read_manifest
 
 DEFAULT_BUILD_CONFIG = CONFIG_DIR / "data" / "build.yaml"
 
@@ -54,8 +54,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if problems:
         print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
-    manifest = json.loads((Path(args.dir) / "manifest.json").read_text())
+    manifest = read_manifest(args.dir)
     print(f"{args.dir}: OK ({len(manifest['shards'])} shards, {manifest['totals']['written']} samples)")
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from data_tools.manifest import ManifestError, shards_summary
+
+    try:
+        print("\n".join(shards_summary(args.dir)))
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -149,6 +160,10 @@ def make_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-read shards against manifest.json (exit 1 on mismatch)")
     v.add_argument("dir")
     v.set_defaults(func=_cmd_verify)
+
+    su = sub.add_parser("summary", help="one line on what a finished shard folder holds (and its preview)")
+    su.add_argument("dir")
+    su.set_defaults(func=_cmd_summary)
 
     r = sub.add_parser("reencode", help="convert a shard folder's frames to another encoding (png | raw), "
                                         "keeping proposals, keys and shards")

@@ -2,13 +2,12 @@
 and one online RoI crop (yellow box), with the resized crop itself beside the frame."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from data_tools.build import MANIFEST
+from data_tools.manifest import read_manifest
 from data_tools.shards import decode_sample, iter_shard
 from data_tools.transforms import RoICropConfig, object_sensitive_crop, to_unit_intensity
 
@@ -38,7 +37,7 @@ def preview_tile(image: np.ndarray, proposals: np.ndarray, rng: np.random.Genera
 def preview_shards(out_dir: str | Path, out_png: str | Path, samples: int = 8, columns: int = 2,
                    seed: int = 0) -> Path:
     out = Path(out_dir)
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = read_manifest(out)
     rng = np.random.default_rng(seed)
     tiles = []
     for entry in manifest["shards"]:

@@ -8,9 +8,10 @@ import copy
 import json
 from pathlib import Path
 
-from data_tools.build import MANIFEST, SAMPLE_FRAME_FORMAT
+from data_tools.build import SAMPLE_FRAME_FORMAT
 from data_tools.config import config_hash, save_resolved
 from data_tools.files import atomic_write_text
+from data_tools.manifest import MANIFEST, ManifestError, read_manifest
 from data_tools.shards import ENCODINGS, ShardFile, decode_image, encode_image, image_member, iter_shard
 
 
@@ -25,12 +26,10 @@ def reencode_shards(src: str | Path, dst: str | Path, encoding: str, png_compres
     src, dst = Path(src), Path(dst)
     if encoding not in ENCODINGS:
         raise ReencodeError(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
-    manifest_path = src / MANIFEST
-    if not manifest_path.is_file():
-        raise ReencodeError(f"{src}: no manifest.json (not a shard folder)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("status") != "complete":
-        raise ReencodeError(f"{src}: the build is not complete; finish it first")
+    try:
+        manifest = read_manifest(src)
+    except ManifestError as e:
+        raise ReencodeError(str(e)) from None
     if dst.exists() and any(dst.iterdir()):
         raise ReencodeError(f"{dst} exists and is not empty")
     config = copy.deepcopy(manifest["config"])

@@ -3,13 +3,12 @@ and every sample's image, proposals and metadata. Any mismatch is reported; none
 the check itself, so one run lists them all."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from data_tools.build import MANIFEST
 from data_tools.files import sha256_file
+from data_tools.manifest import MANIFEST, ManifestError, read_manifest
 from data_tools.shards import decode_sample, iter_shard
 
 
@@ -19,9 +18,10 @@ def verify_shards(out_dir: str | Path) -> list[str]:
     path = out / MANIFEST
     if not path.is_file():
         return [f"{path}: no manifest"]
-    manifest = json.loads(path.read_text())
-    if manifest.get("status") != "complete":
-        return [f"{path}: build is not complete (status {manifest.get('status')!r}); rerun the build to resume"]
+    try:
+        manifest = read_manifest(path.parent)
+    except ManifestError as e:
+        return [str(e)]
     problems: list[str] = []
     listed = {s["shard"] for s in manifest["shards"]}
     prefix = manifest["config"]["shards"]["prefix"]

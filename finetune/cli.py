@@ -75,6 +75,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from finetune.summary import run_summary
+
+    print(run_summary(args.run_dir))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description=__doc__)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -88,6 +95,9 @@ def make_parser() -> argparse.ArgumentParser:
     ck.add_argument("--config", default=SEG_CONFIG)
     ck.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=MFNet")
     ck.set_defaults(func=_cmd_check)
+    su = sub.add_parser("summary", help="one line on a finished run: method, score, frames, trainable share")
+    su.add_argument("run_dir")
+    su.set_defaults(func=_cmd_summary)
     for name, help_text, config, example, func in (
             ("seg", "fine-tune and evaluate semantic segmentation", SEG_CONFIG,
              "data.root=MFNet model.method=mona init.checkpoint=backbone.pth", _cmd_seg),

@@ -7,7 +7,7 @@ from pydantic import Field, field_validator, model_validator
 
 from data_tools.config import Section
 from data_tools.schema import Fraction, IntensitySchema, NonNegFloat, NonNegInt, PosFloat, PosInt
-from pretrain.schema import Beta, Dropout, EncoderSchema, InitSchema, LoopSchema
+from pretrain.schema import Dropout, EncoderSchema, InitSchema, LoopSchema, OptimSchema
 
 
 class MonaSchema(Section):
@@ -134,14 +134,10 @@ class DetDataSchema(_DataSchema):
     augment: DetAugmentSchema
 
 
-class FinetuneOptimSchema(Section):
+class FinetuneOptimSchema(OptimSchema):
     lr: PosFloat
-    weight_decay: NonNegFloat
-    layer_decay: Annotated[float, Field(gt=0, le=1)] | None
-    betas: tuple[Beta, Beta]
-    warmup_steps: NonNegInt
+    warmup_steps: NonNegInt  # linear warm-up, then polynomial decay to min_lr (mmsegmentation's schedule)
     poly_power: PosFloat
-    min_lr: NonNegFloat
 
 
 class FinetuneTrainSchema(LoopSchema):

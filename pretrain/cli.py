@@ -74,6 +74,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from pretrain.summary import summary
+
+    print(summary(args.path))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain", description=__doc__)
     # The deepspeed launcher passes --local_rank=N right after the module name (LOCAL_RANK is read
@@ -103,6 +110,10 @@ def make_parser() -> argparse.ArgumentParser:
                                        "would use (exit 1 if none)")
     ve.add_argument("run_dir")
     ve.set_defaults(func=_cmd_verify)
+    su = sub.add_parser("summary", help="one line on a run folder (steps, loss, finished or not) or an exported "
+                                        "backbone .pth")
+    su.add_argument("path")
+    su.set_defaults(func=_cmd_summary)
     return p
 
 

@@ -14,7 +14,6 @@ Corrupt samples and unreadable shards are counted and skipped; the counts travel
 """
 from __future__ import annotations
 
-import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from data_tools.manifest import read_manifest
 from data_tools.shards import SampleDecodeError, decode_for_training, iter_shard
 from data_tools.transforms import (IntensityConfig, RoICropConfig, normalize_ir, object_sensitive_crop,
                                    random_hflip, to_unit_intensity)
@@ -50,12 +50,7 @@ class ShardSet:
 def load_shard_set(path: str, weight: float = 1.0, name: str | None = None) -> ShardSet:
     """A folder built by ``data_tools build`` (its manifest lists the shards and counts)."""
     folder = Path(path)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{folder}: no manifest.json (build shards with `python -m data_tools build`)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("status") != "complete":
-        raise ValueError(f"{folder}: the shard build is not complete; rerun it to finish")
+    manifest = read_manifest(folder)
     urls = tuple(str(folder / s["shard"]) for s in manifest["shards"])
     if not urls:
         raise ValueError(f"{folder}: the manifest lists no shards")

@@ -80,9 +80,18 @@ class InitSchema(Section):
     allow_missing: bool
 
 
-class PretrainOptimSchema(Section):
+class OptimSchema(Section):
+    """The ``optim:`` section of both stages: AdamW and its schedule. Each stage adds how it sets
+    the peak lr and the warm-up (pre-training: per 256 images and in epochs, as MAE)."""
+    betas: tuple[Beta, Beta]
     weight_decay: NonNegFloat
     layer_decay: Annotated[float, Field(gt=0, le=1)] | None
+    min_lr: NonNegFloat
+
+
+class PretrainOptimSchema(OptimSchema):
+    blr: PosFloat  # lr = blr x effective batch / 256 (MAE)
+    warmup_epochs: NonNegFloat
 
 
 class ShardSetSchema(Section):
@@ -127,18 +136,8 @@ class PretrainDataSchema(Section):
 
 class PretrainTrainSchema(LoopSchema):
     epochs: PosFloat  # fractions allowed: steps = int(epochs x steps per epoch)
-    warmup_epochs: NonNegFloat
-    blr: PosFloat
-    min_lr: NonNegFloat
-    betas: tuple[Beta, Beta]
     preview_every_steps: NonNegInt  # 0: never
     preview_frames: PosInt
-
-    @model_validator(mode="after")
-    def _warmup_inside(self):
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
-        return self
 
 
 class PretrainConfig(Section):
@@ -148,3 +147,9 @@ class PretrainConfig(Section):
     optim: PretrainOptimSchema
     data: PretrainDataSchema
     train: PretrainTrainSchema
+
+    @model_validator(mode="after")
+    def _warmup_inside(self):
+        if self.optim.warmup_epochs > self.train.epochs:
+            raise ValueError(f"optim.warmup_epochs {self.optim.warmup_epochs} exceeds train.epochs {self.train.epochs}")
+        return self

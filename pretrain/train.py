@@ -61,19 +61,20 @@ class PretrainTask(Task):
                              f"({accum} accumulation x {max(workers, 1)} loader workers): use fewer workers or smaller batches")
         steps_per_epoch = micro_per_epoch // accum
         self.total_steps = int(t.epochs * steps_per_epoch)
-        self.warmup_steps = int(t.warmup_epochs * steps_per_epoch)
-        self.base_lr = t.blr * batching.effective / 256  # MAE's linear scaling rule
+        o = cfg.optim
+        self.warmup_steps = int(o.warmup_epochs * steps_per_epoch)
+        self.base_lr = o.blr * batching.effective / 256  # MAE's linear scaling rule
         if where.is_main:
             print(f"effective batch {batching.effective} = {micro} x {accum} accumulation x {where.world} processes; "
-                  f"lr = blr {t.blr:g} x {batching.effective}/256 = {self.base_lr:.3e}; {steps_per_epoch} steps/epoch, "
+                  f"lr = blr {o.blr:g} x {batching.effective}/256 = {self.base_lr:.3e}; {steps_per_epoch} steps/epoch, "
                   f"{self.total_steps} steps, {self.warmup_steps} warm-up", flush=True)
         self.stream_cfg = _stream_config(cfg, micro, micro_per_epoch)
         loader = EpochLoader(PretrainStream(self.sets, self.stream_cfg, int(t.seed), where.rank, where.world),
                              workers, int(cfg.data.prefetch_factor), cfg.data.pin_memory)
-        return TrainingPlan(loader, steps_per_epoch, self.total_steps, self.base_lr, tuple(t.betas))
+        return TrainingPlan(loader, steps_per_epoch, self.total_steps, self.base_lr, tuple(o.betas))
 
     def evaluation_betas(self, cfg):
-        return tuple(cfg.train.betas)
+        return tuple(cfg.optim.betas)
 
     def start(self, model, optimizer, plan, cfg, where):
         self.model, self.cfg, self.device, self.run_dir = model, cfg, where.device, where.run_dir
@@ -87,7 +88,7 @@ class PretrainTask(Task):
                                                self.stream_cfg.std, self.stream_cfg.intensity).to(where.device)
 
     def learning_rate(self, step: int) -> float:
-        return lr_at(step, self.total_steps, self.warmup_steps, self.base_lr, self.cfg.train.min_lr)
+        return lr_at(step, self.total_steps, self.warmup_steps, self.base_lr, self.cfg.optim.min_lr)
 
     def begin_step(self, step: int) -> None:
         trainable = scale_predictor_trainable(step, self.total_steps, float(self.cfg.model.pad.scale_freeze_fraction))

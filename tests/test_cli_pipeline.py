@@ -17,6 +17,12 @@ def test_synth_build_verify_preview(tmp_path, capsys):
     assert m["totals"]["proposals"] > 12
     assert (out / "config.yaml").is_file()
     assert cli_main(["verify", str(out)]) == 0
+    capsys.readouterr()
+    assert cli_main(["summary", str(out)]) == 0
+    assert capsys.readouterr().out == (f"shards     {out}: 3 shards, 12 samples (0 skipped of 12 found), "
+                                       f"{m['totals']['proposals']} proposals\n")
+    assert cli_main(["summary", str(tmp_path / "synth")]) == 2
+    assert "no manifest.json (not a shard folder" in capsys.readouterr().err
     assert cli_main(["preview", str(out), "--out", str(tmp_path / "p.png"), "--samples", "4"]) == 0
     grid = cv2.imread(str(tmp_path / "p.png"))
     assert grid is not None and grid.shape[0] >= 2 * 192 and grid.shape[2] == 3

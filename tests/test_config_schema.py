@@ -32,12 +32,13 @@ def test_every_shipped_config_fits_its_schema(path):
     ("train.epochs=two", "train.epochs: Input should be a valid number, unable to parse string as a number (got 'two')"),
     ("train.batch_size=0", "train.batch_size: Input should be greater than 0 (got 0)"),
     ("train.save_every_steps=0", "train.save_every_steps: Input should be greater than 0 (got 0)"),
-    ("train.blr=fast", "train.blr: Input should be a valid number, unable to parse string as a number (got 'fast')"),
+    ("optim.blr=fast", "optim.blr: Input should be a valid number, unable to parse string as a number (got 'fast')"),
     ("model.mask_ratio=1.5", "model.mask_ratio: Input should be less than 1 (got 1.5)"),
     ("train.epochs=0", "train.epochs: Input should be greater than 0 (got 0)"),
     ("train.nonfinite=ignore", "train.nonfinite: Input should be 'stop', 'skip' or 'rollback' (got 'ignore')"),
     ("data.shards=[{path: s, wieght: 2}]", "data.shards[0].wieght: unknown key (allowed: path, weight)"),
     ("model.encoder.img_size=[64,81]", "model.encoder: Value error, img_size [64, 81] must be a multiple of patch_size 16"),
+    ("optim.warmup_epochs=3", "(top level): Value error, optim.warmup_epochs 3.0 exceeds train.epochs 2.0"),
 ])
 def test_each_bad_value_is_one_line_naming_the_key_and_range(override, line):
     with pytest.raises(ConfigError) as e:
@@ -53,6 +54,9 @@ def test_a_typo_in_a_yaml_file_is_refused(tmp_path):
         load_config(bad, schema=SegConfig)
     with pytest.raises(ConfigError, match="model: Value error, method 'mona' takes one image"):
         load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", ["model.method=mona"], DetConfig)
+    with pytest.raises(ConfigError, match=r"model.method: Value error, method must be one of \('frozen', 'full', "
+                                          r"'ivtuning', 'mona', 'pad'\), got 'lora'"):
+        load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", ["model.method=lora"], DetConfig)
 
 
 def test_the_cli_refuses_a_bad_value_before_touching_the_run_dir(tmp_path, capsys):

@@ -10,6 +10,7 @@ import torch
 from data_tools.build import build_shards
 from data_tools.cli import DEFAULT_BUILD_CONFIG
 from data_tools.config import load_config
+from data_tools.manifest import ManifestError
 from data_tools.sources import load_sources
 from data_tools.synth import SynthConfig, write_corpus
 from pretrain.data import PretrainStream, ShardSet, StreamConfig, batches_per_epoch, load_shard_set
@@ -138,7 +139,7 @@ def test_weighted_mixing_of_shard_sets(shards, tmp_path):
 
 
 def test_missing_or_unfinished_shard_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="manifest"):
+    with pytest.raises(ManifestError, match="no manifest.json"):
         load_shard_set(str(tmp_path))
     (tmp_path / "manifest.json").write_text('{"status": "building"}')
     with pytest.raises(ValueError, match="not complete"):

@@ -116,7 +116,7 @@ def test_refusals_for_other_config_and_non_empty_dir(shards, uninterrupted, tmp_
 
     run_dir = tmp_path / "copy"
     shutil.copytree(uninterrupted, run_dir)
-    res = launch(run_dir, shards, nproc=1, extra=["train.blr=2e-4"])
+    res = launch(run_dir, shards, nproc=1, extra=["optim.blr=2e-4"])
     assert res.returncode != 0 and "another config" in res.stdout + res.stderr
     other = tmp_path / "other"
     other.mkdir()
@@ -439,7 +439,7 @@ def test_non_finite_weights_never_become_a_checkpoint(shards, tmp_path):
     from pretrain.engine import Checkpointer
 
     run_dir = tmp_path / "nan"
-    res = launch(run_dir, shards, nproc=1, extra=["train.blr=1e6", "train.save_every_steps=1"])
+    res = launch(run_dir, shards, nproc=1, extra=["optim.blr=1e6", "train.save_every_steps=1"])
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "non-finite" in out
     ckpt = Checkpointer(run_dir / "checkpoints")

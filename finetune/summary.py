@@ -1,0 +1,23 @@
+"""One line on a finished fine-tuning run, as the pipeline's summary prints it: method, score,
+frames, the share of the backbone that trains, where the overlays are."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SCORES = {"seg": lambda m: f"mIoU {100 * m['mIoU']:.1f}",
+          "det": lambda m: f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}"}
+
+
+def run_summary(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.json (the run has not finished: rerun its command to resume)")
+    m = json.loads(path.read_text())
+    p = m["params"]
+    best = json.loads((run_dir / "DONE").read_text()).get("best") if (run_dir / "DONE").is_file() else None
+    best_text = f"; best {best['metric']} {100 * best['value']:.1f} at step {best['step']}" if best else ""
+    return (f"{m['task']:10s} {run_dir}: {m['method']}, {SCORES[m['task']](m)} on {m['frames']} frames; trains "
+            f"{100 * p['trainable_backbone_share']:.1f}% of the backbone ({p['trainable_backbone']:,}){best_text}; "
+            f"overlays {run_dir / 'overlays'}")

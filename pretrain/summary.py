@@ -1,0 +1,32 @@
+"""One line per artefact of pre-training, as the pipeline's summary prints them: a run folder
+(steps, first and last loss, finished or not) and an exported backbone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_tools.files import read_jsonl
+
+
+def run_summary(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir)
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a pre-training run folder, or no step logged yet)")
+    rows = [r for r in read_jsonl(log)[0] if "loss" in r]
+    if not rows:
+        raise ValueError(f"{log}: no step logged yet")
+    state = "" if (run_dir / "DONE").is_file() else " (not finished: rerun the training command to resume)"
+    return f"pretrain   {run_dir}: {rows[-1]['step']} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}{state}"
+
+
+def backbone_summary(path: str | Path) -> str:
+    from pretrain.weights import read_backbone_meta
+
+    b = read_backbone_meta(path)
+    return (f"backbone   {path}: ViT-{b['encoder']['size']} + {b['adapter']} adapters, "
+            f"{b['num_parameters']:,} parameters")
+
+
+def summary(path: str | Path) -> str:
+    """A run folder or an exported backbone (``.pth`` with its ``.json``)."""
+    return run_summary(path) if Path(path).is_dir() else backbone_summary(path)

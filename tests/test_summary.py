@@ -1,0 +1,38 @@
+"""The ``summary`` subcommands: one line per artefact, from the files a run leaves (made by hand
+here), and a clear refusal for a folder that is not one."""
+import json
+
+from finetune.cli import main as finetune_main
+from pretrain.cli import main as pretrain_main
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_pretrain_summary_says_steps_losses_and_whether_it_finished(tmp_path, capsys):
+    run = tmp_path / "pretrain"
+    run.mkdir()
+    _jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 1.5}, {"step": 2, "loss": 1.25}, {"step": 3, "loss": 0.75}])
+    assert pretrain_main(["summary", str(run)]) == 0
+    line = capsys.readouterr().out
+    assert line == f"pretrain   {run}: 3 steps, loss 1.5000 -> 0.7500 (not finished: rerun the training command to resume)\n"
+    (run / "DONE").write_text("{}")
+    assert pretrain_main(["summary", str(run)]) == 0
+    assert capsys.readouterr().out == f"pretrain   {run}: 3 steps, loss 1.5000 -> 0.7500\n"
+    assert pretrain_main(["summary", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_finetune_summary_names_method_score_share_and_best(tmp_path, capsys):
+    run = tmp_path / "seg"
+    run.mkdir()
+    metrics = {"task": "seg", "method": "mona", "mIoU": 0.4567, "frames": 24,
+               "params": {"trainable_backbone_share": 0.031, "trainable_backbone": 2684928}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "DONE").write_text(json.dumps({"steps": 8, "best": {"metric": "mIoU", "value": 0.5, "step": 4}}))
+    assert finetune_main(["summary", str(run)]) == 0
+    assert capsys.readouterr().out == (f"seg        {run}: mona, mIoU 45.7 on 24 frames; trains 3.1% of the backbone "
+                                       f"(2,684,928); best mIoU 50.0 at step 4; overlays {run / 'overlays'}\n")
+    assert finetune_main(["summary", str(tmp_path)]) == 2
+    assert "no metrics.json (the run has not finished" in capsys.readouterr().err
