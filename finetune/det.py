@@ -18,26 +18,57 @@ from pretrain.engine import run
 from finetune.schema import DetConfig
 
 
-def _targets(batch: dict, device: torch.device) -> list[dict]:
-    return [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-
-
 class DetTask(FinetuneTask):
+    """Object detection: a torchvision detector (Faster R-CNN, RetinaNet or FCOS) over a feature
+    pyramid of the backbone's maps; COCO AP by pycocotools."""
     name = "det"
     schema = DetConfig
     best_metric = "AP"
 
-    def build_network(self, cfg):
-        return build_detector(cfg)
+    build_network = staticmethod(build_detector)
+    dataset = staticmethod(det_dataset)
 
-    def dataset(self, cfg, split: str):
-        return det_dataset(cfg, split)
+    def targets(self, batch: dict, device: torch.device) -> list[dict]:
+        return [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
 
-    def targets(self, batch: dict, device: torch.device):
-        return _targets(batch, device)
+    @torch.no_grad()
+    def evaluate_split(self, model, cfg, dataset, device: torch.device, rank: int, world: int,
+                       run_dir: Path) -> dict:
+        """Predict this rank's frames, gather on rank 0, score with pycocotools."""
+        from finetune.coco_eval import coco_ground_truth, coco_metrics, coco_results
+        from finetune.overlay import write_det_overlay
 
-    def evaluate_split(self, model, cfg, dataset, device, rank, world, run_dir):
-        return evaluate(model, cfg, dataset, device, rank, world, run_dir)
+        model.eval()
+        indices = list(range(rank, len(dataset), world))
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision != "fp32")
+        frames, results = [], []
+        names = list(cfg.data.classes)
+        for n, (index, sample) in enumerate(zip(indices, eval_loader(dataset, indices, int(cfg.data.num_workers)))):
+            get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
+            with autocast:
+                pred = model.predict(get("ir"), get("vi"))[0]
+            boxes = pred["boxes"].float().cpu().numpy() / sample["scale"]  # back to the original frame's pixels
+            record = dataset.records[index]
+            frames.append({"id": index + 1, "name": record.pair.name, "height": record.size[0], "width": record.size[1],
+                           "boxes": record.boxes, "labels": record.labels})
+            results += coco_results(index + 1, boxes, pred["scores"].float().cpu().numpy(), pred["labels"].cpu().numpy())
+            if rank == 0 and n < int(cfg.eval.overlays):
+                scaled = {"boxes": pred["boxes"].float().cpu().numpy(), "scores": pred["scores"].float().cpu().numpy(),
+                          "labels": pred["labels"].cpu().numpy()}
+                write_det_overlay(run_dir / "overlays" / f"{record.pair.name}.png", sample, scaled,
+                                  {"boxes": sample["boxes"] * sample["scale"], "labels": sample["labels"]}, names,
+                                  float(cfg.eval.overlay_score))
+        gathered = [(frames, results)]
+        if dist.is_initialized() and world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (frames, results))
+        frames = sorted((f for fs, _ in gathered for f in fs), key=lambda f: f["id"])
+        results = [r for _, rs in gathered for r in rs]
+        metrics = coco_metrics(coco_ground_truth(frames, names), results)
+        metrics["frames"] = len(frames)
+        if rank == 0:
+            (run_dir / "predictions.json").write_text(json.dumps(results))
+        return metrics
 
     def describe(self, m: dict) -> str:
         return f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}"
@@ -45,42 +76,3 @@ class DetTask(FinetuneTask):
 
 def train_det(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
     run(DetTask(), cfg, run_dir, overwrite, eval_only)
-
-
-@torch.no_grad()
-def evaluate(model, cfg, dataset, device: torch.device, rank: int, world: int, run_dir: Path) -> dict:
-    """Predict this rank's frames, gather on rank 0, score with pycocotools."""
-    from finetune.coco_eval import coco_ground_truth, coco_metrics, coco_results
-    from finetune.overlay import write_det_overlay
-
-    model.eval()
-    indices = list(range(rank, len(dataset), world))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision != "fp32")
-    frames, results = [], []
-    names = list(cfg.data.classes)
-    for n, (index, sample) in enumerate(zip(indices, eval_loader(dataset, indices, int(cfg.data.num_workers)))):
-        get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
-        with autocast:
-            pred = model.predict(get("ir"), get("vi"))[0]
-        boxes = pred["boxes"].float().cpu().numpy() / sample["scale"]  # back to the original frame's pixels
-        record = dataset.records[index]
-        frames.append({"id": index + 1, "name": record.pair.name, "height": record.size[0], "width": record.size[1],
-                       "boxes": record.boxes, "labels": record.labels})
-        results += coco_results(index + 1, boxes, pred["scores"].float().cpu().numpy(), pred["labels"].cpu().numpy())
-        if rank == 0 and n < int(cfg.eval.overlays):
-            scaled = {"boxes": pred["boxes"].float().cpu().numpy(), "scores": pred["scores"].float().cpu().numpy(),
-                      "labels": pred["labels"].cpu().numpy()}
-            write_det_overlay(run_dir / "overlays" / f"{record.pair.name}.png", sample, scaled,
-                              {"boxes": sample["boxes"] * sample["scale"], "labels": sample["labels"]}, names,
-                              float(cfg.eval.overlay_score))
-    gathered = [(frames, results)]
-    if dist.is_initialized() and world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (frames, results))
-    frames = sorted((f for fs, _ in gathered for f in fs), key=lambda f: f["id"])
-    results = [r for _, rs in gathered for r in rs]
-    metrics = coco_metrics(coco_ground_truth(frames, names), results)
-    metrics["frames"] = len(frames)
-    if rank == 0:
-        (run_dir / "predictions.json").write_text(json.dumps(results))
-    return metrics

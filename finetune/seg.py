@@ -18,26 +18,54 @@ from pretrain.engine import run
 from finetune.schema import SegConfig
 
 
-def _targets(batch: dict, device: torch.device) -> torch.Tensor:
-    return batch["label"].to(device, non_blocking=True)
-
-
 class SegTask(FinetuneTask):
+    """Semantic segmentation: a UperNet-style head over the backbone's maps; mIoU by sliding-window inference."""
     name = "seg"
     schema = SegConfig
     best_metric = "mIoU"
 
-    def build_network(self, cfg):
-        return build_segmentor(cfg)
+    build_network = staticmethod(build_segmentor)
+    dataset = staticmethod(seg_dataset)
 
-    def dataset(self, cfg, split: str):
-        return seg_dataset(cfg, split)
+    def targets(self, batch: dict, device: torch.device) -> torch.Tensor:
+        return batch["label"].to(device, non_blocking=True)
 
-    def targets(self, batch: dict, device: torch.device):
-        return _targets(batch, device)
+    @torch.no_grad()
+    def evaluate_split(self, model, cfg, dataset, device: torch.device, rank: int, world: int,
+                       run_dir: Path) -> dict:
+        """Sliding-window inference on this rank's share of the frames; the confusion matrix is summed
+        over ranks. Rank 0 writes overlays of its first ``eval.overlays`` frames."""
+        from finetune.metrics import confusion_matrix, reduce_confusion, segmentation_metrics
+        from finetune.models.segmentor import slide_inference
+        from finetune.overlay import write_seg_overlay
 
-    def evaluate_split(self, model, cfg, dataset, device, rank, world, run_dir):
-        return evaluate(model, cfg, dataset, device, rank, world, run_dir)
+        model.eval()
+        k, ignore = len(cfg.data.classes), int(cfg.data.ignore_index)
+        crop = tuple(cfg.model.encoder.img_size)
+        stride = tuple(cfg.eval.stride) if cfg.eval.stride else tuple(max(1, 2 * c // 3) for c in crop)
+        windows_per_batch = int(cfg.eval.windows_per_batch)
+        indices = list(range(rank, len(dataset), world))
+        loader = eval_loader(dataset, indices, int(cfg.data.num_workers))
+        cm = torch.zeros(k, k, dtype=torch.int64, device=device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision != "fp32")
+        for n, sample in enumerate(loader):
+            get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
+            with autocast:
+                scores = slide_inference(model, get("ir"), get("vi"), crop, stride, windows_per_batch)
+            pred = scores.argmax(dim=1)[0]
+            label = get("label")[0]
+            cm += confusion_matrix(pred, label, k, ignore)
+            if rank == 0 and n < int(cfg.eval.overlays):
+                write_seg_overlay(run_dir / "overlays" / f"{sample['name']}.png", sample, pred.cpu().numpy(),
+                                  label.cpu().numpy(), ignore)
+        cm = reduce_confusion(cm)
+        frames = torch.tensor([len(indices)], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(frames)
+        metrics = segmentation_metrics(cm.cpu(), list(cfg.data.classes))
+        metrics["frames"] = int(frames.item())
+        metrics["confusion_matrix"] = cm.cpu().tolist()
+        return metrics
 
     def describe(self, m: dict) -> str:
         return f"mIoU {100 * m['mIoU']:.2f}, pixel accuracy {100 * m['pixel_accuracy']:.2f}"
@@ -45,40 +73,3 @@ class SegTask(FinetuneTask):
 
 def train_seg(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
     run(SegTask(), cfg, run_dir, overwrite, eval_only)
-
-
-@torch.no_grad()
-def evaluate(model, cfg, dataset, device: torch.device, rank: int, world: int, run_dir: Path) -> dict:
-    """Sliding-window inference on this rank's share of the frames; the confusion matrix is summed
-    over ranks. Rank 0 writes overlays of its first ``eval.overlays`` frames."""
-    from finetune.metrics import confusion_matrix, reduce_confusion, segmentation_metrics
-    from finetune.models.segmentor import slide_inference
-    from finetune.overlay import write_seg_overlay
-
-    model.eval()
-    k, ignore = len(cfg.data.classes), int(cfg.data.ignore_index)
-    crop = tuple(cfg.model.encoder.img_size)
-    stride = tuple(cfg.eval.stride) if cfg.eval.stride else tuple(max(1, 2 * c // 3) for c in crop)
-    windows_per_batch = int(cfg.eval.windows_per_batch)
-    indices = list(range(rank, len(dataset), world))
-    loader = eval_loader(dataset, indices, int(cfg.data.num_workers))
-    cm = torch.zeros(k, k, dtype=torch.int64, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision != "fp32")
-    for n, sample in enumerate(loader):
-        get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
-        with autocast:
-            scores = slide_inference(model, get("ir"), get("vi"), crop, stride, windows_per_batch)
-        pred = scores.argmax(dim=1)[0]
-        label = get("label")[0]
-        cm += confusion_matrix(pred, label, k, ignore)
-        if rank == 0 and n < int(cfg.eval.overlays):
-            write_seg_overlay(run_dir / "overlays" / f"{sample['name']}.png", sample, pred.cpu().numpy(),
-                              label.cpu().numpy(), ignore)
-    cm = reduce_confusion(cm)
-    frames = torch.tensor([len(indices)], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(frames)
-    metrics = segmentation_metrics(cm.cpu(), list(cfg.data.classes))
-    metrics["frames"] = int(frames.item())
-    metrics["confusion_matrix"] = cm.cpu().tolist()
-    return metrics

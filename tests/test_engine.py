@@ -1,0 +1,53 @@
+"""Pieces of the training engine on their own: which evaluation makes the ``best`` checkpoint,
+and how ``best`` is kept beside the step checkpoints."""
+import json
+
+from pretrain.engine import Batching, Checkpointer, LoopSpec
+from pretrain.engine.loop import MetricsLog, _evaluate_now
+
+
+def test_best_is_the_first_evaluation_with_the_highest_metric(tmp_path):
+    spec = LoopSpec(total_steps=10, steps_per_epoch=5, batching=Batching(1, 1, 1), seed=0, num_workers=0,
+                    log_every=1, save_every=5, eval_every=2, best_metric="mIoU")
+    values = {2: 0.5, 4: 0.7, 6: 0.7, 8: 0.6, 10: 0.65}
+    state = {"step": 0}
+    log = MetricsLog(tmp_path, 0, enabled=True)
+    improved = {}
+    for step, value in values.items():
+        state["step"] = step
+        improved[step] = _evaluate_now(lambda s: {"mIoU": value, "frames": 3, "per_class_iou": {"a": value}},
+                                       state, spec, log, rank=0)
+    assert improved == {2: True, 4: True, 6: False, 8: False, 10: False}
+    assert state["best"] == {"metric": "mIoU", "value": 0.7, "step": 4}
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[1] == {"step": 4, "val/mIoU": 0.7, "val/frames": 3}  # scalars only
+    # Other ranks take part in the evaluation but neither log nor decide.
+    assert _evaluate_now(lambda s: {"mIoU": 0.9}, {"step": 12}, spec, log, rank=1) is False
+
+
+def test_keep_as_best_replaces_the_previous_best_with_a_complete_copy(tmp_path):
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep_last=1)
+    for step, payload in ((4, b"four"), (8, b"eight")):
+        tag = ckpt.directory / f"step{step:08d}"
+        tag.mkdir(parents=True)
+        (tag / "weights.pt").write_bytes(payload)
+        ckpt.keep_as_best(tag.name, rank=0, best={"metric": "AP", "value": step / 10, "step": step})
+        best = ckpt.directory / "best"
+        assert (best / "weights.pt").read_bytes() == payload
+        assert json.loads((best / "best.json").read_text()) == {"metric": "AP", "value": step / 10, "step": step,
+                                                                "tag": tag.name}
+    assert sorted(p.name for p in ckpt.directory.iterdir()) == ["best", "step00000004", "step00000008"]
+    assert ckpt.tags() == ["step00000008", "step00000004"]  # best is no step checkpoint: never pruned, never resumed
+    ckpt.keep_as_best("step00000004", rank=1, best={})  # only rank 0 writes
+    assert json.loads((ckpt.directory / "best" / "best.json").read_text())["step"] == 8
+
+
+def test_best_survives_pruning_of_its_step(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=1)
+    tag = tmp_path / "step00000002"
+    tag.mkdir()
+    (tag / "weights.pt").write_bytes(b"two")
+    ckpt.keep_as_best(tag.name, 0, {"metric": "AP", "value": 0.1, "step": 2})
+    (tmp_path / "step00000004").mkdir()
+    ckpt._prune(keep="step00000004")
+    assert not tag.exists() and (tmp_path / "best" / "weights.pt").read_bytes() == b"two"
