@@ -1,12 +1,13 @@
 """Models and datasets from a fine-tuning config, shared by the CLI commands and the trainers."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 from data_tools.config import to_container
-from data_tools.transforms import IntensityConfig
+from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
 from finetune.data.augment import AugmentConfig
 from finetune.models.backbone import BackboneConfig, backbone_config_from_dict
 
@@ -37,6 +38,21 @@ def augment_config(cfg) -> AugmentConfig:
 def intensity_config(cfg) -> IntensityConfig:
     i = to_container(cfg.data.intensity)
     return IntensityConfig(**dict(i, percentiles=tuple(i["percentiles"])))
+
+
+def ir_normalisation(cfg) -> tuple[float, float]:
+    """The infrared (mean, std) the backbone was pre-trained with: an export records them (and
+    its 16-bit rule, compared with ``data.intensity``); other weights, or none, get PAD's."""
+    from pretrain.weights import is_exported_backbone, read_backbone_meta
+
+    path = cfg.init.checkpoint
+    recorded = read_backbone_meta(path)["input"] if path and is_exported_backbone(path) else None
+    if not recorded:
+        return IR_MEAN, IR_STD
+    if recorded["intensity"] != to_container(cfg.data.intensity):
+        print(f"warning: {path} was pre-trained with the 16-bit rule {recorded['intensity']}, data.intensity is "
+              f"{to_container(cfg.data.intensity)}: 16-bit frames will be scaled differently", file=sys.stderr)
+    return float(recorded["mean"]), float(recorded["std"])
 
 
 def split_list(data, split: str) -> str | None:
@@ -74,9 +90,11 @@ def seg_dataset(cfg, split: str):
     from finetune.data.pairs import discover
     from finetune.data.seg import SegDataset, SegDataSpec
 
+    mean, std = ir_normalisation(cfg)
     spec = SegDataSpec(num_classes=len(cfg.data.classes), ignore_index=int(cfg.data.ignore_index),
                        binary_labels=bool(cfg.data.binary_labels), crop_size=tuple(cfg.model.encoder.img_size),
-                       augment=augment_config(cfg), intensity=intensity_config(cfg))
+                       augment=augment_config(cfg), intensity=intensity_config(cfg),
+                       ir_mean=mean, ir_std=std)
     data = data_for_split(cfg, split)
     records, issues, found = discover(data, split_list(data, split))
     dataset, more = SegDataset(records, spec).validated()
@@ -115,9 +133,11 @@ def det_dataset(cfg, split: str):
     from finetune.data.pairs import discover, name_suffix, split_names
 
     a = to_container(cfg.data.augment)
+    mean, std = ir_normalisation(cfg)
     spec = DetDataSpec(classes=tuple(cfg.data.classes), input_size=tuple(cfg.model.encoder.img_size),
                        scale_range=tuple(a["scale_range"]), hflip=float(a["hflip"]),
-                       photometric=bool(a["photometric"]), intensity=intensity_config(cfg))
+                       photometric=bool(a["photometric"]), intensity=intensity_config(cfg),
+                       ir_mean=mean, ir_std=std)
     data = data_for_split(cfg, split)
     split_file = split_list(data, split)
     pairs, issues, found = discover(data, split_file, need_label=False)

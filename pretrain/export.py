@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from data_tools.config import load_config
+from data_tools.config import load_config, to_container
 from pretrain.engine import Checkpointer, ResumeError, frozen_fingerprint
 from pretrain.factory import build_model_from_config, initialise_from_config
 from pretrain.weights import export_backbone
@@ -47,4 +47,6 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
 
 def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None):
     model, _ = load_run_model(run_dir, tag)
-    return export_backbone(model, out)
+    d = load_config(Path(run_dir) / "config.yaml").data
+    input_norm = {"mean": float(d.mean), "std": float(d.std), "intensity": to_container(d.intensity)}
+    return export_backbone(model, out, input_norm)

@@ -20,10 +20,11 @@ def run_summary(run_dir: str | Path) -> str:
 
 
 def backbone_summary(path: str | Path) -> str:
-    from pretrain.weights import read_backbone_meta
+    from pretrain.weights import adapter_names, read_backbone_meta
 
     b = read_backbone_meta(path)
-    return (f"backbone   {path}: ViT-{b['encoder']['size']} + {b['adapter']} adapters, "
+    adapters = " + ".join(adapter_names(b)) or "no"
+    return (f"backbone   {path}: ViT-{b['encoder']['size']} + {adapters} adapters, "
             f"{b['num_parameters']:,} parameters")
 
 

@@ -20,7 +20,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import adapt_input_conv
 
 BACKBONE_FORMAT = "irpt-backbone"
-BACKBONE_VERSION = 1
+BACKBONE_VERSION = 2  # 2: adapters as a list of (name, settings) and the input normalisation; 1 still loads
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
 _DECODER_PREFIXES = ("mask_token", "decoder_")
 
@@ -207,8 +207,10 @@ def _load_matching(model: nn.Module, sd: dict, target: dict, report: LoadReport)
 
 # --- the backbone handed to fine-tuning ------------------------------------------------------
 
-def export_backbone(model: nn.Module, out_path: str | Path) -> tuple[Path, Path]:
-    """Encoder + adapters (decoder dropped) with timm names, and a JSON that rebuilds it."""
+def export_backbone(model: nn.Module, out_path: str | Path, input_norm: dict | None = None) -> tuple[Path, Path]:
+    """Encoder + adapters (decoder dropped) with timm names, and a JSON that rebuilds it.
+    ``input_norm``: how pre-training normalised its input (``mean``, ``std`` of the 8-bit-scaled
+    infrared intensity and the 16-bit ``intensity`` rule), for fine-tuning to do the same."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k[len("encoder."):]: v.detach().cpu().contiguous()
@@ -217,8 +219,9 @@ def export_backbone(model: nn.Module, out_path: str | Path) -> tuple[Path, Path]
     cfg = model.cfg
     meta = {
         "format": BACKBONE_FORMAT, "version": BACKBONE_VERSION,
-        "encoder": asdict(cfg.encoder), "adapter": cfg.adapter,
-        "pad": asdict(cfg.pad) if cfg.adapter == "pad" else None,
+        "encoder": asdict(cfg.encoder),
+        "adapters": [] if cfg.adapter == "none" else [{"name": cfg.adapter, "settings": asdict(cfg.pad)}],
+        "input": input_norm,
         "num_tensors": len(sd), "num_parameters": int(sum(v.numel() for v in sd.values())),
     }
     json_path = out_path.with_suffix(".json")
@@ -233,21 +236,29 @@ def read_backbone_meta(path: str | Path) -> dict:
     meta = json.loads(json_path.read_text())
     if meta.get("format") != BACKBONE_FORMAT:
         raise WeightsError(f"{json_path}: not an exported backbone (format {meta.get('format')!r})")
+    if meta.get("version", 1) == 1:  # one adapter by name, PAD's settings beside it, no input normalisation
+        meta["adapters"] = [] if meta["adapter"] == "none" else [{"name": "pad", "settings": meta["pad"]}]
+        meta["input"] = None
     return meta
+
+
+def adapter_names(meta: dict) -> list[str]:
+    return [a["name"] for a in meta["adapters"]]
 
 
 def load_backbone(path: str | Path, img_size: tuple[int, int] | None = None):
     """Rebuild an exported encoder with its adapters and load it (strict). ``img_size`` moves
     the position embedding to another input size. Returns (vit, meta, report)."""
-    from pretrain.models.pad import PADConfig, attach_pad
+    import pretrain.models.pad  # noqa: F401  (registers its adapter)
+    from pretrain.models.adapters import attach_named
     from pretrain.models.vit import EncoderConfig, build_encoder
 
     meta = read_backbone_meta(path)
     enc = dict(meta["encoder"], img_size=tuple(img_size or meta["encoder"]["img_size"]))
     enc_cfg = EncoderConfig(**enc)
     vit = build_encoder(enc_cfg)
-    if meta["adapter"] == "pad":
-        attach_pad(vit, PADConfig(**meta["pad"]))
+    for adapter in meta["adapters"]:
+        attach_named(vit, adapter["name"], adapter["settings"])
     report = LoadReport(str(path))
     sd = read_state_dict(path)
     target = vit.state_dict()

@@ -169,7 +169,17 @@ def test_export_from_a_run(uninterrupted, tmp_path):
     vit, meta, _ = load_backbone(tmp_path / "backbone.pth")
     saved = trainable(uninterrupted)["module"]
     assert torch.equal(vit.blocks[1].parallel_mlp["pad"].up.weight, saved["encoder.blocks.1.parallel_mlp.pad.up.weight"])
-    assert meta["adapter"] == "pad"
+    assert [a["name"] for a in meta["adapters"]] == ["pad"]
+    # The input normalisation of the run travels with the export, and fine-tuning uses it.
+    assert meta["input"] == {"mean": 0.3801, "std": 0.1871, "intensity": {"uint16_mode": "percentile",
+                                                                        "percentiles": [1.0, 99.0]}}
+    from finetune.factory import ir_normalisation
+
+    meta_path = tmp_path / "backbone.json"
+    meta_path.write_text(json.dumps(dict(meta, input=dict(meta["input"], mean=0.5, std=0.25))))
+    ft = load_config(CONFIG_DIR / "finetune" / "seg_tiny.yaml", [f"init.checkpoint={tmp_path / 'backbone.pth'}"])
+    assert ir_normalisation(ft) == (0.5, 0.25)
+    assert ir_normalisation(load_config(CONFIG_DIR / "finetune" / "seg_tiny.yaml")) == (0.3801, 0.1871)  # PAD's
 
 
 def _common_args(run_dir, shards):

@@ -1,4 +1,5 @@
 """Weight loading (official MAE, timm .pth / .safetensors, ours) and the backbone export."""
+import dataclasses
 import json
 
 import pytest
@@ -38,7 +39,8 @@ def test_official_mae_round_trip_through_export(tmp_path):
     model.eval()
     pth, js = export_backbone(model, tmp_path / "backbone.pth")
     meta = json.loads(js.read_text())
-    assert meta["adapter"] == "pad" and meta["encoder"]["size"] == "tiny"
+    assert meta["version"] == 2 and meta["encoder"]["size"] == "tiny" and meta["input"] is None
+    assert meta["adapters"] == [{"name": "pad", "settings": dataclasses.asdict(model.cfg.pad)}]
     exported = torch.load(pth, weights_only=True)
     assert "blocks.0.attn.qkv.weight" in exported and "blocks.0.parallel_mlp.pad.up.weight" in exported
     assert not any(k.startswith(("decoder", "mask_token")) for k in exported)
@@ -49,6 +51,14 @@ def test_official_mae_round_trip_through_export(tmp_path):
         a, _ = encode(model.encoder, x)
         b, _ = encode(vit, x)
     assert torch.equal(a, b)
+    # A version-1 export (one adapter by name, PAD's settings beside it) still loads, the same.
+    v1 = dict(meta, version=1, adapter="pad", pad=meta["adapters"][0]["settings"])
+    del v1["adapters"], v1["input"]
+    js.write_text(json.dumps(v1))
+    vit1, meta1, _ = load_backbone(pth)
+    assert meta1["adapters"] == meta["adapters"] and meta1["input"] is None
+    with torch.no_grad():
+        assert torch.equal(encode(vit1.eval(), x)[0], a)
     # Our own MAE state dict (encoder.* keys) reloads too.
     torch.save(model.state_dict(), tmp_path / "ours.pth")
     other = tiny()

@@ -122,14 +122,14 @@ def _build_encoder(cfg: BackboneConfig):
     included), other files load into the configured encoder, no file means random init (with a
     warning); an IV-tuning release is returned read, to load once the IV-tuning modules exist."""
     from pretrain.models.pad import attach_pad
-    from pretrain.weights import (has_pad_author_keys, is_exported_backbone, load_backbone, load_into_encoder,
-                                  pad_config_from_state, read_state_dict)
+    from pretrain.weights import (adapter_names, has_pad_author_keys, is_exported_backbone, load_backbone,
+                                  load_into_encoder, pad_config_from_state, read_state_dict)
 
     path = cfg.checkpoint
     if path and is_exported_backbone(path):
         vit, meta, report = load_backbone(path, cfg.encoder.img_size)
-        if cfg.method == "pad" and meta["adapter"] != "pad":
-            raise ValueError(f"method 'pad' fine-tunes a PAD export; {path} has adapter {meta['adapter']!r}")
+        if cfg.method == "pad" and "pad" not in adapter_names(meta):
+            raise ValueError(f"method 'pad' fine-tunes a PAD export; {path} has adapters {adapter_names(meta)}")
         return vit, report, None
     vit = build_encoder(cfg.encoder)
     sd = read_state_dict(path) if path and cfg.method in ("ivtuning", "pad") else {}

@@ -123,3 +123,30 @@ def adapter_parameter_names(vit: nn.Module, prefix: str = "") -> set[str]:
             for n, _ in getattr(block, slot).named_parameters():
                 names.add(f"{prefix}blocks.{i}.{slot}.{n}")
     return names
+
+
+# --- block adapters an exported backbone can carry, by name ------------------------------------
+
+@dataclass(frozen=True)
+class BlockAdapterKind:
+    """A pre-training adapter: its settings (a dataclass) and how it attaches to an encoder. An
+    export lists its adapters as (name, settings), and loading re-attaches them through this."""
+    name: str
+    config: type
+    attach: Callable[[nn.Module, object], None]
+
+
+_BLOCK_ADAPTERS: dict[str, BlockAdapterKind] = {}
+
+
+def register_block_adapter(kind: BlockAdapterKind) -> BlockAdapterKind:
+    _BLOCK_ADAPTERS[kind.name] = kind
+    return kind
+
+
+def attach_named(vit: nn.Module, name: str, settings: dict) -> None:
+    """Attach the registered adapter ``name`` with ``settings`` (as an export records them)."""
+    if name not in _BLOCK_ADAPTERS:
+        raise ValueError(f"unknown adapter {name!r} (known: {sorted(_BLOCK_ADAPTERS)})")
+    kind = _BLOCK_ADAPTERS[name]
+    kind.attach(vit, kind.config(**settings))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pretrain.models.adapters import ParallelMLPAdapter, TokenContext, attach
+from pretrain.models.adapters import BlockAdapterKind, ParallelMLPAdapter, TokenContext, attach, register_block_adapter
 
 SCALE_VARIANTS = ("concat", "sum", "side", "gside", "fixed", "layer")
 
@@ -96,6 +96,9 @@ class PADAdapter(ParallelMLPAdapter):
 
 def attach_pad(vit: nn.Module, cfg: PADConfig) -> None:
     attach(vit, "pad", "parallel_mlp", lambda i, dim: PADAdapter(dim, cfg))
+
+
+register_block_adapter(BlockAdapterKind("pad", PADConfig, attach_pad))
 
 
 def pad_adapters(model: nn.Module) -> list[PADAdapter]:
