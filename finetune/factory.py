@@ -10,6 +10,7 @@ from data_tools.config import to_container
 from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
 from finetune.data.augment import AugmentConfig
 from finetune.models.backbone import BackboneConfig, backbone_config_from_dict
+from finetune.weights import load_weights, resolve
 
 
 def backbone_config(cfg) -> BackboneConfig:
@@ -25,9 +26,19 @@ def build_segmentor(cfg, device: str | torch.device = "cpu"):
     head = to_container(cfg.model.head)
     if head.get("class_weight") is not None:
         head["class_weight"] = tuple(float(w) for w in head["class_weight"])
+    backbone_cfg = resolve(backbone_config(cfg))
     with torch.device(device):
-        return Segmentor(backbone_config(cfg), SegHeadConfig(**head),
-                         num_classes=len(cfg.data.classes), ignore_index=int(cfg.data.ignore_index))
+        model = Segmentor(backbone_cfg, SegHeadConfig(**head), num_classes=len(cfg.data.classes),
+                          ignore_index=int(cfg.data.ignore_index))
+    return _with_weights(model, backbone_cfg, device)
+
+
+def _with_weights(model, backbone_cfg: BackboneConfig, device):
+    """Load the backbone's weights (a separate step from building; none on the meta device, which
+    only reports shapes)."""
+    if torch.device(device).type != "meta":
+        model.backbone.load_report = load_weights(model.backbone, backbone_cfg)
+    return model
 
 
 def augment_config(cfg) -> AugmentConfig:
@@ -122,9 +133,10 @@ def parameter_report(model) -> dict:
 def build_detector(cfg, device: str | torch.device = "cpu"):
     from finetune.models.detector import DetHeadConfig, Detector
 
+    backbone_cfg = resolve(backbone_config(cfg))
     with torch.device(device):
-        return Detector(backbone_config(cfg), DetHeadConfig(**to_container(cfg.model.head)),
-                        num_classes=len(cfg.data.classes))
+        model = Detector(backbone_cfg, DetHeadConfig(**to_container(cfg.model.head)), num_classes=len(cfg.data.classes))
+    return _with_weights(model, backbone_cfg, device)
 
 
 def det_dataset(cfg, split: str):

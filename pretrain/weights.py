@@ -246,19 +246,34 @@ def adapter_names(meta: dict) -> list[str]:
     return [a["name"] for a in meta["adapters"]]
 
 
+def exported_encoder_config(meta: dict, img_size: tuple[int, int] | None = None):
+    """The EncoderConfig an export was written from; ``img_size`` moves it to another input size."""
+    from pretrain.models.vit import EncoderConfig
+
+    return EncoderConfig(**dict(meta["encoder"], img_size=tuple(img_size or meta["encoder"]["img_size"])))
+
+
+def attach_exported_adapters(vit: nn.Module, meta: dict) -> None:
+    import pretrain.models.pad  # noqa: F401  (registers its adapter)
+    from pretrain.models.adapters import attach_named
+
+    for adapter in meta["adapters"]:
+        attach_named(vit, adapter["name"], adapter["settings"])
+
+
 def load_backbone(path: str | Path, img_size: tuple[int, int] | None = None):
     """Rebuild an exported encoder with its adapters and load it (strict). ``img_size`` moves
     the position embedding to another input size. Returns (vit, meta, report)."""
-    import pretrain.models.pad  # noqa: F401  (registers its adapter)
-    from pretrain.models.adapters import attach_named
-    from pretrain.models.vit import EncoderConfig, build_encoder
+    from pretrain.models.vit import build_encoder
 
     meta = read_backbone_meta(path)
-    enc = dict(meta["encoder"], img_size=tuple(img_size or meta["encoder"]["img_size"]))
-    enc_cfg = EncoderConfig(**enc)
-    vit = build_encoder(enc_cfg)
-    for adapter in meta["adapters"]:
-        attach_named(vit, adapter["name"], adapter["settings"])
+    vit = build_encoder(exported_encoder_config(meta, img_size))
+    attach_exported_adapters(vit, meta)
+    return vit, meta, load_exported_into(vit, path)
+
+
+def load_exported_into(vit: nn.Module, path: str | Path) -> LoadReport:
+    """An export's tensors into an encoder built from its JSON (every tensor must be there)."""
     report = LoadReport(str(path))
     sd = read_state_dict(path)
     target = vit.state_dict()
@@ -267,12 +282,12 @@ def load_backbone(path: str | Path, img_size: tuple[int, int] | None = None):
         # (written by build_encoder) is exact, where resampling would only approximate it.
         sd["pos_embed"] = target["pos_embed"]
         report.adapted.append("pos_embed (sin-cos for the new grid)")
-    adapt_encoder_state(sd, target, enc_cfg.grid, "", report)
+    adapt_encoder_state(sd, target, tuple(vit.patch_embed.grid_size), "", report)
     missing = sorted(set(target) - set(sd))
     if missing:
         raise WeightsError(f"{path}: exported backbone lacks {missing[:5]}")
     _load_matching(vit, sd, target, report)
-    return vit, meta, report
+    return report
 
 
 def is_exported_backbone(path: str | Path) -> bool:

@@ -14,6 +14,7 @@ from finetune.models.ivtuning import HybridAdapter, IVTuningConfig, SimAM
 from finetune.models.methods import Method, get_method, method_names, register
 from finetune.models.mona import Mona, MonaConfig
 from finetune.models.segmentor import slide_inference
+from finetune.weights import backbone_for
 from pretrain.models.adapters import TokenContext
 from pretrain.models.vit import EncoderConfig
 from tests.conftest import changed_after_two_steps, tiny_pad_export
@@ -24,7 +25,7 @@ TINY_ENC = EncoderConfig(size="tiny", depth=2, img_size=(64, 80))
 
 def backbone(method, modality="ir", checkpoint=None, seed=0):
     torch.manual_seed(seed)
-    return Backbone(BackboneConfig(method=method, modality=modality, encoder=TINY_ENC, checkpoint=checkpoint))
+    return backbone_for(BackboneConfig(method=method, modality=modality, encoder=TINY_ENC, checkpoint=checkpoint))
 
 
 def randomize(module, seed=1):
@@ -280,7 +281,7 @@ def test_vit_prompt_state_dict_round_trips_through_the_key_map(tmp_path):
     assert back.keys() == own.keys() and all(torch.equal(back[k], own[k]) for k in own)
     # Loading their file into a fresh backbone through the config gives the same model.
     torch.save({"state_dict": {"backbone." + k: v for k, v in theirs.items()}}, tmp_path / "ivt.pth")
-    loaded = Backbone(BackboneConfig(method="ivtuning", modality="both", checkpoint=str(tmp_path / "ivt.pth"),
+    loaded = backbone_for(BackboneConfig(method="ivtuning", modality="both", checkpoint=str(tmp_path / "ivt.pth"),
                                      encoder=EncoderConfig(size="tiny", depth=2, img_size=(48, 80)),
                                      out_indices=(0, 1))).eval()
     assert loaded.load_report.missing == []
@@ -292,7 +293,7 @@ def test_vit_prompt_state_dict_round_trips_through_the_key_map(tmp_path):
     torch.save(theirs, tmp_path / "stray.pth")
     from pretrain.weights import WeightsError
     with pytest.raises((WeightsError, StopIteration)):
-        Backbone(BackboneConfig(method="ivtuning", modality="both", checkpoint=str(tmp_path / "stray.pth"),
+        backbone_for(BackboneConfig(method="ivtuning", modality="both", checkpoint=str(tmp_path / "stray.pth"),
                                 encoder=EncoderConfig(size="tiny", depth=2, img_size=(48, 80))))
 
 
@@ -353,6 +354,15 @@ def test_each_registered_method_trains_exactly_its_declared_parameters(task, met
     assert inside(declared) == {n for n in inside(n for n, _ in model.named_parameters()) if rule(n)}
     if method == "pad":
         assert any(".parallel_mlp.pad." in n for n in inside(declared))
+
+
+def test_building_a_backbone_reads_no_file(tmp_path):
+    """Model code builds from its config alone; the weights are a separate step."""
+    missing = str(tmp_path / "not_there.pth")
+    built = Backbone(BackboneConfig(method="mona", modality="ir", encoder=TINY_ENC, checkpoint=missing))
+    assert built.load_report is None
+    with pytest.raises(FileNotFoundError):
+        backbone_for(BackboneConfig(method="mona", modality="ir", encoder=TINY_ENC, checkpoint=missing))
 
 
 def test_registry_refuses_unknown_methods_and_streams_with_the_names():

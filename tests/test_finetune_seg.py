@@ -182,12 +182,13 @@ def test_mfnet_layout_and_joint_augmentation_keep_modalities_aligned(tmp_path):
 
 def test_official_mae_weights_load_into_the_finetune_backbone(tmp_path):
     from tests.test_weights import official_mae_checkpoint
-    from finetune.models.backbone import Backbone, BackboneConfig
+    from finetune.models.backbone import BackboneConfig
+    from finetune.weights import backbone_for
     from pretrain.models.vit import EncoderConfig
 
     official_mae_checkpoint(tmp_path / "mae.pth", img_size=(64, 80))
     sd = torch.load(tmp_path / "mae.pth", weights_only=True)["model"]
-    backbone = Backbone(BackboneConfig(method="mona", modality="ir", checkpoint=str(tmp_path / "mae.pth"),
+    backbone = backbone_for(BackboneConfig(method="mona", modality="ir", checkpoint=str(tmp_path / "mae.pth"),
                                        encoder=EncoderConfig(size="tiny", depth=2, img_size=(64, 80))))
     assert backbone.load_report.loaded > 0 and not [k for k in backbone.load_report.missing if ".mona." not in k]
     assert "mask_token" in backbone.load_report.unexpected  # the decoder is reported, not loaded

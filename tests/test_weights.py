@@ -198,8 +198,9 @@ def test_pad_authors_checkpoint_lands_every_adapter_tensor(tmp_path, scale):
             assert torch.equal(named[ours + "scale"], sd[f"blocks.{i}.adaptmlp.scale"])
     # The same file as a fine-tuning backbone (method pad rebuilds the adapters from the weights;
     # a stored per-layer scale is `layer` unless the config names it fixed).
-    from finetune.models.backbone import Backbone, backbone_config_from_dict
-    bb = Backbone(backbone_config_from_dict({"method": "pad", "modality": "ir", "checkpoint": str(tmp_path / "pad.pth"),
+    from finetune.models.backbone import backbone_config_from_dict
+    from finetune.weights import backbone_for
+    bb = backbone_for(backbone_config_from_dict({"method": "pad", "modality": "ir", "checkpoint": str(tmp_path / "pad.pth"),
                                              "encoder": {"size": "tiny", "depth": 2, "img_size": [64, 80]},
                                              "pad_scale": "fixed" if scale == "fixed" else None}))
     assert bb.encoder.blocks[1].parallel_mlp.pad.variant == scale

@@ -7,15 +7,15 @@ infrared-only data it feeds the infrared frame to both streams).
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from pretrain.models.adapters import TokenContext, adapter_parameter_names
+import pretrain.models.pad  # noqa: F401  (registers the PAD adapter a checkpoint can carry)
+from pretrain.models.adapters import TokenContext, adapter_parameter_names, attach_named
 from pretrain.models.vit import EncoderConfig, build_encoder, embed_patches, prepend_cls, run_blocks
-from finetune.models.ivtuning import IVTuningConfig, is_vit_prompt_state, load_vit_prompt_state
+from finetune.models.ivtuning import IVTuningConfig
 from finetune.models.methods import get_method
 from finetune.models.mona import MonaConfig
 
@@ -33,6 +33,9 @@ class BackboneConfig:
     checkpoint: str | None = None  # exported backbone, official MAE or PAD, timm .pth / .safetensors
     allow_missing: bool = False
     pad_scale: str | None = None  # method pad on a PAD release whose predictor takes d inputs: sum | side | gside
+    # Adapters that come with the weights (a PAD export or release), as (name, settings): set by
+    # finetune.weights.resolve from the checkpoint, attached before the method's own.
+    carried_adapters: tuple[tuple[str, dict], ...] = ()
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
@@ -69,7 +72,10 @@ class Backbone(nn.Module):
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder, self.load_report, deferred = _build_encoder(cfg)
+        self.encoder = build_encoder(cfg.encoder)
+        for name, settings in cfg.carried_adapters:
+            attach_named(self.encoder, name, settings)
+        self.load_report = None  # set by the loading step (finetune.weights)
         depth = len(self.encoder.blocks)
         self.out_indices = cfg.out_indices or default_out_indices(depth)
         if max(self.out_indices) >= depth:
@@ -79,8 +85,6 @@ class Backbone(nn.Module):
             self.method.attach(self.encoder, cfg)
         # the input side of a method that replaces the patch embedding (IV-tuning's prompter)
         self.prompter = self.method.input_module(self.encoder, cfg) if self.method.input_module else None
-        if deferred is not None:  # the authors' IV-tuning ViT: backbone and prompts in one file
-            self.load_report = load_vit_prompt_state(self, deferred, cfg.checkpoint, cfg.allow_missing)
         trainable = self.trainable_names()
         for name, p in self.named_parameters():
             p.requires_grad_(name in trainable)
@@ -115,33 +119,3 @@ class Backbone(nn.Module):
         _, outputs = run_blocks(vit, prepend_cls(vit, tokens), ctx, wanted)
         by_index = dict(zip(wanted, outputs))
         return [ctx.to_map(by_index[i][:, vit.num_prefix_tokens:]) for i in self.out_indices]
-
-
-def _build_encoder(cfg: BackboneConfig):
-    """(encoder, load report, deferred state dict). An export rebuilds itself (PAD adapters
-    included), other files load into the configured encoder, no file means random init (with a
-    warning); an IV-tuning release is returned read, to load once the IV-tuning modules exist."""
-    from pretrain.models.pad import attach_pad
-    from pretrain.weights import (adapter_names, has_pad_author_keys, is_exported_backbone, load_backbone,
-                                  load_into_encoder, pad_config_from_state, read_state_dict)
-
-    path = cfg.checkpoint
-    if path and is_exported_backbone(path):
-        vit, meta, report = load_backbone(path, cfg.encoder.img_size)
-        if cfg.method == "pad" and "pad" not in adapter_names(meta):
-            raise ValueError(f"method 'pad' fine-tunes a PAD export; {path} has adapters {adapter_names(meta)}")
-        return vit, report, None
-    vit = build_encoder(cfg.encoder)
-    sd = read_state_dict(path) if path and cfg.method in ("ivtuning", "pad") else {}
-    if cfg.method == "ivtuning" and is_vit_prompt_state(sd):
-        return vit, None, sd
-    if cfg.method == "pad":  # PAD's own release: rebuild its adapters from the weights
-        if not has_pad_author_keys(sd):
-            raise ValueError("method 'pad' needs init.checkpoint = a backbone exported by `python -m pretrain export` "
-                             "or a PAD pre-training checkpoint")
-        attach_pad(vit, pad_config_from_state(sd, cfg.pad_scale))
-    if not path:
-        print(f"warning: method '{cfg.method}' without a checkpoint: the backbone starts from random init",
-              file=sys.stderr)
-        return vit, None, None
-    return vit, load_into_encoder(vit, path, cfg.allow_missing), None
