@@ -2,7 +2,7 @@
 VOC XML folders and binary/label masks. Annotations match images by file stem.
 
 Boxes are (x, y, w, h) in pixels of the original image. Readers never raise on a bad file: they
-record an issue (file + reason) and go on, so one broken label file cannot stop a corpus build.
+record an issue (name + reason, ``data_tools.issues``) and go on, so one broken label file cannot stop a corpus build.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_tools.issues import issue as data_issue
 from data_tools.sources import IMAGE_EXTENSIONS
 
 ISSUE_REASONS = {
@@ -53,8 +54,7 @@ class AnnotationSet:
 
 
 def issue(file: str, reason: str, detail: str = "") -> dict:
-    assert reason in ISSUE_REASONS, reason
-    return {"file": file, "reason": reason, "detail": detail}
+    return data_issue(file, reason, detail, reasons=ISSUE_REASONS)
 
 
 def _stem(name: str) -> str:

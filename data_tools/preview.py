@@ -9,11 +9,11 @@ import numpy as np
 
 from data_tools.manifest import read_manifest
 from data_tools.shards import decode_sample, iter_shard
-from data_tools.transforms import RoICropConfig, object_sensitive_crop, to_unit_intensity
+from data_tools.transforms import RoICropConfig, object_sensitive_crop, to_uint8
 
 
 def _display(image: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor((to_unit_intensity(image) * 255 + 0.5).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    return cv2.cvtColor(to_uint8(image), cv2.COLOR_GRAY2BGR)
 
 
 def preview_tile(image: np.ndarray, proposals: np.ndarray, rng: np.random.Generator, height: int = 192,

@@ -35,7 +35,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from data_tools.transforms import to_unit_intensity
+from data_tools.transforms import to_uint8
 
 
 @dataclass(frozen=True)
@@ -137,14 +137,6 @@ def greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou: float, limit: int) ->
         rest = order[pos + 1:]
         alive[pos + 1:] &= box_iou(boxes[idx:idx + 1], boxes[rest])[0] <= iou
     return np.asarray(kept, np.int64)
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """What the proposal methods see: 8-bit frames as they are, 16-bit frames through the same
-    load-time normalisation the network input uses."""
-    if image.dtype == np.uint8:
-        return image
-    return (to_unit_intensity(image) * 255.0 + 0.5).astype(np.uint8)
 
 
 # --- selective search (PAD's step) ------------------------------------------------------------

@@ -134,3 +134,22 @@ def to_unit_intensity(image: np.ndarray, cfg: IntensityConfig = IntensityConfig(
 
 def normalize_ir(unit: np.ndarray, mean: float = IR_MEAN, std: float = IR_STD) -> np.ndarray:
     return (unit - mean) / std
+
+
+# --- for people and 8-bit algorithms ------------------------------------------------------------
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A frame as 8 bits: 8-bit frames as they are, 16-bit frames through the same load-time
+    normalisation the network input uses (what previews show and proposal methods see)."""
+    if image.dtype == np.uint8:
+        return image
+    return (to_unit_intensity(image) * 255.0 + 0.5).astype(np.uint8)
+
+
+def stretch_to_uint8(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Network inputs or outputs (normalised floats) as uint8, ``lo``..``hi`` (default: their own
+    range) stretched to 0..255: how overlays and reconstruction previews show them."""
+    x = np.asarray(values, dtype=np.float32)
+    lo = float(x.min()) if lo is None else float(lo)
+    hi = float(x.max()) if hi is None else float(hi)
+    return (np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0) * 255.0).astype(np.uint8)

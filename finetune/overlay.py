@@ -6,6 +6,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_tools.transforms import stretch_to_uint8
+
 
 def palette(num: int) -> np.ndarray:
     """Distinct RGB colours, fixed (class 0 is drawn too; background stays transparent in overlays)."""
@@ -18,12 +20,8 @@ def palette(num: int) -> np.ndarray:
 
 def displayable(image: np.ndarray) -> np.ndarray:
     """A normalised (C, H, W) network input as (H, W, 3) uint8 RGB, stretched to its own range."""
-    x = image.astype(np.float32)
-    x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6) * 255.0
-    x = x.transpose(1, 2, 0)
-    if x.shape[2] == 1:
-        x = np.repeat(x, 3, axis=2)
-    return x.astype(np.uint8)
+    x = stretch_to_uint8(image).transpose(1, 2, 0)
+    return np.repeat(x, 3, axis=2) if x.shape[2] == 1 else x
 
 
 def _blend(rgb: np.ndarray, label: np.ndarray, colours: np.ndarray, ignore: int) -> np.ndarray:

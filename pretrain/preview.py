@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from data_tools.shards import SampleDecodeError, decode_for_training, iter_shard
-from data_tools.transforms import IntensityConfig, normalize_ir, to_unit_intensity
+from data_tools.transforms import IntensityConfig, normalize_ir, stretch_to_uint8, to_unit_intensity
 from pretrain.models.mae import patchify, unpatchify
 from pretrain.models.vit import match_channels
 
@@ -60,9 +60,10 @@ def reconstruction_grid(model, images: torch.Tensor, seed: int = 0) -> np.ndarra
     masked = unpatchify(target * (1 - m), p, model.grid, c)[:, :1]
     model.train(was_training)
 
+    lo, hi = float(images.amin()), float(images.amax())  # one range for all three columns: comparable
+
     def to_u8(x: torch.Tensor) -> np.ndarray:
-        lo, hi = images.amin(), images.amax()
-        return ((x - lo) / (hi - lo + 1e-6)).clamp(0, 1).mul(255).byte().cpu().numpy()
+        return stretch_to_uint8(x.float().cpu().numpy(), lo, hi)
 
     rows = [np.concatenate([to_u8(images[i, 0]), to_u8(masked[i, 0]), to_u8(recon[i, 0])], axis=1)
             for i in range(images.shape[0])]

@@ -107,3 +107,14 @@ def test_intensity_normalisation():
     np.testing.assert_allclose(to_unit_intensity(u16, IntensityConfig("range")), u16 / 65535.0, rtol=1e-6)
     mm = to_unit_intensity(u16, IntensityConfig("minmax"))
     np.testing.assert_allclose(mm, (u16 - 7000.0) / 4000.0, atol=1e-6)
+
+
+def test_display_conversions_share_one_rule():
+    from data_tools.transforms import stretch_to_uint8, to_uint8, to_unit_intensity
+
+    frame8 = np.array([[0, 128, 255]], np.uint8)
+    assert to_uint8(frame8) is frame8
+    frame16 = np.linspace(0, 4000, 200, dtype=np.uint16).reshape(10, 20)
+    assert np.array_equal(to_uint8(frame16), (to_unit_intensity(frame16) * 255.0 + 0.5).astype(np.uint8))
+    assert stretch_to_uint8(np.array([-1.0, 0.0, 1.0])).tolist() == [0, 127, 255]
+    assert stretch_to_uint8(np.array([-1.0, 0.5, 2.0]), lo=0.0, hi=1.0).tolist() == [0, 127, 255]

@@ -92,7 +92,7 @@ def test_bad_inputs_are_skipped_with_reasons(bad_corpus):
     assert ps["found"] == ps["written"] + ps["skipped"]
     assert ps["skipped_by_reason"]["truncated"] == 2
     assert [c["path"] for c in m["colour_converted"]] == ["colour.png"]
-    issues = {(Path(i["file"]).name, i["reason"]) for i in m["annotation_issues"]}
+    issues = {(Path(i["name"]).name, i["reason"]) for i in m["annotation_issues"]}
     assert ("ghost", "annotation_without_image") in issues
     assert ("broken.txt", "annotation_parse_error") in issues
     assert ("good.png", "box_clipped") in issues

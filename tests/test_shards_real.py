@@ -43,7 +43,7 @@ def test_counts_match_the_data(real_build):
 def test_misc_111_mask_mismatch_is_reported_not_fatal(real_build):
     _, m = real_build
     mism = [i for i in m["annotation_issues"] if i["reason"] == "mask_size_mismatch"]
-    assert len(mism) == 1 and "Misc_111" in mism[0]["file"] and "592x400" in mism[0]["detail"]
+    assert len(mism) == 1 and "Misc_111" in mism[0]["name"] and "592x400" in mism[0]["detail"]
     assert m["sources"]["sirst"]["annotation_issues"] >= 1
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools.annotations import ISSUE_REASONS
+from data_tools.issues import count_by_reason
+from data_tools.issues import issue as data_issue
 from data_tools.sources import IMAGE_EXTENSIONS
 
 PAIR_ISSUES = {
@@ -44,8 +46,7 @@ class PairRecord:
 
 
 def issue(name: str, reason: str, detail: str = "") -> dict:
-    assert reason in PAIR_ISSUES, reason
-    return {"name": name, "reason": reason, "detail": detail}
+    return data_issue(name, reason, detail, reasons=PAIR_ISSUES)
 
 
 def list_images(folder: Path, suffix: str = "") -> dict[str, str]:
@@ -124,9 +125,7 @@ def discover(data, split: str | None, need_label: bool = True) -> tuple[list[Pai
 
 def write_report(path: Path, split_name: str, found: int, used: int, issues: list[dict]) -> dict:
     """The data report of one split: counts, counts per reason, and every issue by name."""
-    by_reason: dict[str, int] = {}
-    for i in issues:
-        by_reason[i["reason"]] = by_reason.get(i["reason"], 0) + 1
+    by_reason = count_by_reason(issues)
     report = {"split": split_name, "found": found, "used": used, "left_out": found - used,
               "issues_by_reason": by_reason, "reasons": {r: PAIR_ISSUES[r] for r in by_reason}, "issues": issues}
     path.parent.mkdir(parents=True, exist_ok=True)
