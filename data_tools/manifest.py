@@ -15,7 +15,8 @@ def read_manifest(folder: str | Path, complete: bool = True) -> dict:
     """The manifest of ``folder``; ``complete``: refuse a build that has not finished."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise ManifestError(f"{folder}: no {MANIFEST} (not a shard folder: build one with `python -m data_tools build`)")
+        raise ManifestError(f"{folder}: no {MANIFEST} (not a shard folder: build one with "
+                            "`python -m data_tools build`)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

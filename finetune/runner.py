@@ -49,7 +49,8 @@ class FinetuneTask(Task):
         (where.run_dir / "params.json").write_text(json.dumps(self.report, indent=1))
         r = self.report
         print(f"{self.name} {cfg.model.method}: {r['trainable_backbone']:,} of {r['backbone_total']:,} backbone "
-              f"parameters train ({100 * r['trainable_backbone_share']:.2f}%), head {r['trainable_head']:,}", flush=True)
+              f"parameters train ({100 * r['trainable_backbone_share']:.2f}%), head {r['trainable_head']:,}",
+              flush=True)
 
     def param_groups(self, model, cfg):
         o = cfg.optim
@@ -78,7 +79,8 @@ class FinetuneTask(Task):
 
     def learning_rate(self, step: int) -> float:
         o = self.cfg.optim
-        return poly_lr_at(step, self.total_steps, int(o.warmup_steps), float(o.lr), float(o.poly_power), float(o.min_lr))
+        return poly_lr_at(step, self.total_steps, int(o.warmup_steps), float(o.lr), float(o.poly_power),
+                          float(o.min_lr))
 
     def forward(self, engine, batch: dict) -> torch.Tensor:
         get = (lambda k: batch[k].to(self.device, non_blocking=True) if k in batch else None)

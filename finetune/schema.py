@@ -145,7 +145,7 @@ class FinetuneTrainSchema(LoopSchema):
 
 
 class EvalSchema(Section):
-    every_steps: NonNegInt  # evaluate during training every n steps (and keep a ``best`` checkpoint); 0: at the end only
+    every_steps: NonNegInt  # evaluate every n training steps (and keep a ``best`` checkpoint); 0: at the end only
 
 
 class SegEvalSchema(EvalSchema):

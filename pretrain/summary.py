@@ -16,7 +16,8 @@ def run_summary(run_dir: str | Path) -> str:
     if not rows:
         raise ValueError(f"{log}: no step logged yet")
     state = "" if (run_dir / "DONE").is_file() else " (not finished: rerun the training command to resume)"
-    return f"pretrain   {run_dir}: {rows[-1]['step']} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}{state}"
+    first, last = rows[0], rows[-1]
+    return f"pretrain   {run_dir}: {last['step']} steps, loss {first['loss']:.4f} -> {last['loss']:.4f}{state}"
 
 
 def backbone_summary(path: str | Path) -> str:

@@ -58,7 +58,8 @@ class PretrainTask(Task):
         micro_per_epoch = batches_per_epoch(self.sets, cfg.data.samples_per_epoch, where.world, micro) // unit * unit
         if micro_per_epoch < 1:
             raise ValueError(f"an epoch holds fewer than {unit} micro-batches of {micro} per process "
-                             f"({accum} accumulation x {max(workers, 1)} loader workers): use fewer workers or smaller batches")
+                             f"({accum} accumulation x {max(workers, 1)} loader workers): use fewer workers or "
+                             "smaller batches")
         steps_per_epoch = micro_per_epoch // accum
         self.total_steps = int(t.epochs * steps_per_epoch)
         o = cfg.optim

@@ -14,19 +14,21 @@ from pretrain.engine.checkpoint import Checkpointer, CheckpointWriteError, Resum
 from pretrain.engine.distributed import (average_over_ranks, batchnorm_statistics, finish, free_port,
                                          init_distributed, threads_per_process)
 from pretrain.engine.health import HealthPolicy
-from pretrain.engine.loop import (EXIT_PREEMPTED, Batching, LoopSpec, frozen_reference, new_state, prepare_run_dir,
-                                  resolve_batching, resume_state, run_entry_point, train_steps, weights_for_evaluation)
+from pretrain.engine.loop import (EXIT_PREEMPTED, Batching, LoopSpec, Process, frozen_reference, new_state,
+                                  prepare_run_dir, resolve_batching, resume_state, run_entry_point, train_steps,
+                                  weights_for_evaluation)
 from pretrain.engine.optim import build_engine, deepspeed_config, hold_gated_groups, param_groups, set_lr
 from pretrain.engine.run import run
 from pretrain.engine.runlock import RunDirBusy
 from pretrain.engine.schedules import lr_at, poly_lr_at
 from pretrain.engine.signals import StopSignals, ignore_preemption_signals
 from pretrain.engine.streams import EpochLoader, ResumableStream
-from pretrain.engine.task import Process, Task, TrainingPlan
+from pretrain.engine.task import Task, TrainingPlan
 
 __all__ = [
     "Batching", "Checkpointer", "CheckpointWriteError", "EXIT_PREEMPTED", "EpochLoader", "HealthPolicy", "LoopSpec",
-    "Process", "ResumableStream", "ResumeError", "RunDirBusy", "StopSignals", "Task", "TrainingPlan", "average_over_ranks",
+    "Process", "ResumableStream", "ResumeError", "RunDirBusy", "StopSignals", "Task", "TrainingPlan",
+    "average_over_ranks",
     "batchnorm_statistics", "build_engine", "deepspeed_config", "finish", "free_port", "frozen_fingerprint",
     "frozen_reference", "hold_gated_groups", "ignore_preemption_signals", "init_distributed", "lr_at", "new_state",
     "param_groups", "poly_lr_at", "prepare_run_dir", "resolve_batching", "resume_state", "run", "run_entry_point",

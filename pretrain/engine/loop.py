@@ -127,6 +127,19 @@ def run_entry_point(body, *args) -> None:
     finish(EXIT_PREEMPTED if finished is False else 0)
 
 
+@dataclass(frozen=True)
+class Process:
+    """Where this process of the launch runs."""
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 # --- batching ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -259,8 +272,7 @@ def weights_for_evaluation(ckpt: Checkpointer, engine, cfg_hash: str, frozen_ref
 
 
 def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state: dict, spec: LoopSpec,
-                run_dir: Path, rank: int, device: torch.device, checkpoint_meta: dict,
-                evaluate: Callable[[int], dict | None] | None = None) -> bool:
+                where: Process, *, checkpoint_meta: dict, evaluate: Callable[[int], dict | None] | None = None) -> bool:
     """Run steps until ``spec.total_steps`` (True) or a preemption signal (False, after saving).
 
     Each step reseeds every generator from (seed, rank, step), sets the lr, takes ``accum``
@@ -269,7 +281,7 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
     calls ``evaluate(step)``; rank 0 logs its scalar metrics (``val/<name>``) and, when
     ``spec.best_metric`` improved, the checkpoint of that step (always saved) is kept as ``best``.
     """
-    world = spec.batching.world
+    run_dir, rank, device, world = where.run_dir, where.rank, where.device, where.world
     accum, workers = spec.batching.accum, spec.num_workers
     log = MetricsLog(run_dir, state["step"], rank == 0)
     samples_log = run_dir / f"samples_rank{rank}.jsonl" if spec.record_samples else None

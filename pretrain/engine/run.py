@@ -13,7 +13,8 @@ from pretrain.engine.health import HealthPolicy
 from pretrain.engine.loop import (LoopSpec, frozen_reference, new_state, prepare_run_dir, resolve_batching,
                                   resume_state, run_entry_point, train_steps, weights_for_evaluation)
 from pretrain.engine.optim import build_engine, deepspeed_config
-from pretrain.engine.task import Process, Task
+from pretrain.engine.loop import Process
+from pretrain.engine.task import Task
 
 
 def run(task: Task, cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
@@ -70,7 +71,7 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
                     save_every=int(t.save_every_steps), record_samples=bool(t.record_samples),
                     health=HealthPolicy.from_config(t), desc=task.name, eval_every=task.eval_every(cfg),
                     best_metric=task.best_metric)
-    if not train_steps(task, engine, optimizer, plan.loader, ckpt, state, spec, run_dir, rank, device, meta,
+    if not train_steps(task, engine, optimizer, plan.loader, ckpt, state, spec, where, checkpoint_meta=meta,
                        evaluate=evaluation):
         return False
     _finish(task, model, cfg, where, state, evaluation)

@@ -7,12 +7,10 @@ optional per-step hooks, evaluation and the one-line result. One instance serves
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from pretrain.engine.loop import Batching
+from pretrain.engine.loop import Batching, Process
 
 
 @dataclass(frozen=True)
@@ -23,19 +21,6 @@ class TrainingPlan:
     total_steps: int
     base_lr: float
     betas: tuple[float, float]
-
-
-@dataclass(frozen=True)
-class Process:
-    """Where this process of the launch runs."""
-    rank: int
-    world: int
-    device: torch.device
-    run_dir: Path
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 class Task:
