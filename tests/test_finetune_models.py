@@ -1,6 +1,6 @@
-"""Fine-tuning models: Mona and IV-tuning against SPEC §5-6 by hand, token geometry on non-square
-grids, step-0 behaviour, each method's trainable set, parameter counts, heads, sliding windows,
-metrics."""
+"""Fine-tuning models: Mona (arXiv 2408.08345) and IV-tuning (arXiv 2412.16654) against their
+formulas written out by hand, token geometry on non-square grids, step-0 behaviour, each method's
+trainable set, parameter counts, heads, sliding windows, metrics."""
 import numpy as np
 import pytest
 import torch
@@ -42,7 +42,7 @@ def test_mona_equals_spec_by_hand():
     randomize(mona)
     x = torch.randn(2, 1 + 15, d)
     ctx = TokenContext(grid=grid, num_prefix=1)
-    # SPEC §5 written out.
+    # Mona (arXiv 2408.08345) written out.
     z = mona.gamma * F.layer_norm(x, (d,), mona.norm.weight, mona.norm.bias) + mona.gamma_x * x
     h = z @ mona.down.weight.T + mona.down.bias
     cls, patches = h[:, :1], h[:, 1:]
@@ -130,7 +130,7 @@ def test_simam_matches_its_formula():
     np.testing.assert_allclose(SimAM()(u).numpy(), expected, rtol=1e-10)
 
 
-# --- IV-tuning against SPEC §6 written out (independent of finetune.models.ivtuning's code) ---------
+# --- IV-tuning (arXiv 2412.16654) written out (independent of finetune.models.ivtuning's code) ---------
 
 def _ref_hybrid_op(m, op):
     q = op.partial
@@ -170,7 +170,7 @@ def _ref_ipa(s, ipa, grid):
 
 
 def _ref_block(x, s, block, grid):
-    """SPEC §6 block: the frozen timm sub-layers, then patch tokens += HA(x) + IPA(s) after the
+    """IV-tuning block: the frozen timm sub-layers, then patch tokens += HA(x) + IPA(s) after the
     attention residual and again after the MLP residual; the CLS token only takes the frozen path."""
     x = x + block.attn(block.norm1(x))
     a = block.post_attn["ivtuning"]
@@ -208,7 +208,7 @@ def test_ivtuning_block_equals_spec_by_hand_on_a_non_square_grid():
 
 
 def test_ivtuning_backbone_equals_spec_by_hand():
-    """The whole backbone (48x80 input: a 3x5 grid) against SPEC §6 written out: infrared patch
+    """The whole backbone (48x80 input: a 3x5 grid) against IV-tuning written out: infrared patch
     embedding, one shared prompt LayerNorm, EMPG, x + p + pos, s_0 = p, s_{i+1} = block i's output."""
     model = _random_ivtuning_backbone()
     vit, pr = model.encoder, model.prompter
@@ -366,7 +366,8 @@ def test_building_a_backbone_reads_no_file(tmp_path):
 
 
 def test_registry_refuses_unknown_methods_and_streams_with_the_names():
-    with pytest.raises(ValueError, match=r"method must be one of \('frozen', 'full', 'ivtuning', 'mona', 'pad'\), got 'lora'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('frozen', 'full', 'ivtuning', 'mona', "
+                                         r"'pad'\), got 'lora'"):
         get_method("lora")
     with pytest.raises(ValueError, match="method 'mona' takes one image"):
         BackboneConfig(method="mona", modality="both")

@@ -1,5 +1,5 @@
-"""MAE + PAD model (SPEC §3-4): identity at init, the adapter formula, masking, loss, gradients,
-parameter counts, layer decay."""
+"""MAE + PAD model (MAE, He et al. 2022; PAD, arXiv 2312.08192): identity at init, the adapter
+formula, masking, loss, gradients, parameter counts, layer decay."""
 import json
 from functools import partial
 
@@ -70,7 +70,7 @@ def test_block_matches_spec_formula_with_random_adapter(scale):
     adapter = block.parallel_mlp["pad"]
     randomize(adapter, seed=3)
     x = torch.randn(2, 7, model.encoder.embed_dim)
-    # SPEC §4 by hand:
+    # PAD's adapter formula (arXiv 2312.08192) by hand:
     x1 = x + block.attn(block.norm1(x))
     a_in = F.layer_norm(x1, (x1.shape[-1],), adapter.norm.weight, adapter.norm.bias, eps=1e-5)
     a = F.linear(F.relu(F.linear(a_in, adapter.down.weight, adapter.down.bias)), adapter.up.weight, adapter.up.bias)

@@ -1,4 +1,4 @@
-"""Statistics and invariants of PAD's object-sensitive random RoI crop (SPEC §2)."""
+"""Statistics and invariants of PAD's object-sensitive random RoI crop (PAD, arXiv 2312.08192)."""
 import numpy as np
 import pytest
 
