@@ -356,6 +356,22 @@ def test_each_registered_method_trains_exactly_its_declared_parameters(task, met
         assert any(".parallel_mlp.pad." in n for n in inside(declared))
 
 
+@pytest.mark.parametrize("method", ["pad", "mona", "ivtuning", "full"])
+def test_an_export_loads_under_every_method(method, pad_export):
+    """The export's encoder and PAD adapters land whatever the method attaches on top of them."""
+    from pretrain.weights import load_backbone
+
+    modality = "both" if method == "ivtuning" else "ir"
+    backbone = backbone_for(BackboneConfig(method=method, modality=modality, checkpoint=pad_export,
+                                           encoder=EncoderConfig(size="tiny", depth=2, img_size=(64, 80))))
+    assert backbone.load_report.missing == [] and backbone.load_report.unexpected == []
+    exported, _, _ = load_backbone(pad_export, (64, 80))
+    ours = backbone.encoder.state_dict()
+    for k, v in exported.state_dict().items():
+        assert torch.equal(ours[k], v), k
+    assert any(f".{method}." in k for k in ours) == (method in ("pad", "mona", "ivtuning"))
+
+
 def test_building_a_backbone_reads_no_file(tmp_path):
     """Model code builds from its config alone; the weights are a separate step."""
     missing = str(tmp_path / "not_there.pth")
