@@ -33,12 +33,20 @@ class SegHeadSchema(Section):
 
 
 class DetHeadSchema(Section):
-    detector: Literal["faster_rcnn", "retinanet", "fcos"]
+    detector: str  # a registered torchvision detector (finetune.models.detector.DETECTOR_BUILDERS)
     channels: PosInt
     score_threshold: Fraction
     detections_per_image: PosInt
     roi_samples_per_image: PosInt
     anchor_sizes: Annotated[list[PosInt], Field(min_length=5, max_length=5)] | None  # p2..p6
+
+    @field_validator("detector")
+    @classmethod
+    def _registered(cls, detector: str) -> str:
+        from finetune.models.detector import DETECTOR_BUILDERS
+        if detector not in DETECTOR_BUILDERS:
+            raise ValueError(f"detector must be one of {tuple(DETECTOR_BUILDERS)}, got {detector!r}")
+        return detector
 
 
 class _ModelSchema(Section):

@@ -10,6 +10,7 @@ from data_tools.config import CONFIG_DIR, load_config
 from finetune.factory import build_detector, build_segmentor, parameter_report
 from finetune.metrics import confusion_matrix, segmentation_metrics
 from finetune.models.backbone import Backbone, BackboneConfig, default_out_indices
+from finetune.models.detector import DETECTOR_BUILDERS
 from finetune.models.ivtuning import HybridAdapter, IVTuningConfig, SimAM
 from finetune.models.methods import Method, get_method, method_names, register
 from finetune.models.mona import Mona, MonaConfig
@@ -302,7 +303,7 @@ def pad_export(tmp_path_factory):
     return tiny_pad_export(tmp_path_factory.mktemp("export"), depth=2)
 
 
-DETECTORS = ("faster_rcnn", "retinanet", "fcos")
+DETECTORS = tuple(DETECTOR_BUILDERS)
 # What each built-in method trains in the backbone (names inside it), stated apart from the registry.
 EXPECTED_BACKBONE = {
     "full": lambda n: not n.startswith("encoder.norm."),

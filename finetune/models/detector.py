@@ -21,7 +21,6 @@ from torch.nn import functional as F
 
 from finetune.models.backbone import Backbone, BackboneConfig
 
-DETECTORS = ("faster_rcnn", "retinanet", "fcos")
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 
 
@@ -87,37 +86,57 @@ class SimpleFeaturePyramid(nn.Module):
         return OrderedDict(zip(LEVELS, maps))
 
 
-def _build_torchvision(kind: str, pyramid: SimpleFeaturePyramid, num_classes: int, size: tuple[int, int],
-                       head: DetHeadConfig, channels: int) -> nn.Module:
-    from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+# One builder per torchvision detector, by name (``model.head.detector``). ``common``: the
+# transform settings every detector shares (our inputs are normalised already).
+
+def _faster_rcnn(pyramid: SimpleFeaturePyramid, num_classes: int, head: DetHeadConfig, common: dict) -> nn.Module:
+    from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.ops import MultiScaleRoIAlign
 
+    if head.roi_samples_per_image < 1:
+        raise ValueError(f"model.head.roi_samples_per_image must be at least 1, got {head.roi_samples_per_image}")
+    # 8x the level's stride, as torchvision's and ViTDet's FPN Faster R-CNN.
+    sizes = tuple((s,) for s in _anchor_bases(head, (32, 64, 128, 256, 512)))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+    return FasterRCNN(pyramid, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
+                      box_roi_pool=MultiScaleRoIAlign(list(LEVELS[:4]), 7, 2),
+                      box_score_thresh=head.score_threshold, box_detections_per_img=head.detections_per_image,
+                      box_batch_size_per_image=head.roi_samples_per_image, **common)
+
+
+def _retinanet(pyramid: SimpleFeaturePyramid, num_classes: int, head: DetHeadConfig, common: dict) -> nn.Module:
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    # RetinaNet's anchors are 4x the level's stride with 3 octave scales (32 on stride 8); our
+    # pyramid starts at stride 4, so 16 ... 256: 32 at stride 4 misses small infrared targets.
+    bases = _anchor_bases(head, (16, 32, 64, 128, 256))
+    sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in bases)
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+    return RetinaNet(pyramid, num_classes=num_classes + 1, anchor_generator=anchors,
+                     score_thresh=head.score_threshold, detections_per_img=head.detections_per_image, **common)
+
+
+def _fcos(pyramid: SimpleFeaturePyramid, num_classes: int, head: DetHeadConfig, common: dict) -> nn.Module:
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    anchors = AnchorGenerator(((4,), (8,), (16,), (32,), (64,)), ((1.0,),) * 5)  # one point per location
+    return FCOS(pyramid, num_classes=num_classes + 1, anchor_generator=anchors,
+                score_thresh=head.score_threshold, detections_per_img=head.detections_per_image, **common)
+
+
+DETECTOR_BUILDERS = {"faster_rcnn": _faster_rcnn, "retinanet": _retinanet, "fcos": _fcos}
+
+
+def _build_torchvision(kind: str, pyramid: SimpleFeaturePyramid, num_classes: int, size: tuple[int, int],
+                       head: DetHeadConfig, channels: int) -> nn.Module:
+    if kind not in DETECTOR_BUILDERS:
+        raise ValueError(f"detector must be one of {tuple(DETECTOR_BUILDERS)}, got {kind!r}")
     common = dict(min_size=min(size), max_size=max(size), image_mean=[0.0] * channels, image_std=[1.0] * channels,
                   size_divisible=1)
-    if kind == "faster_rcnn":
-        if head.roi_samples_per_image < 1:
-            raise ValueError(f"model.head.roi_samples_per_image must be at least 1, got {head.roi_samples_per_image}")
-        # 8x the level's stride, as torchvision's and ViTDet's FPN Faster R-CNN.
-        sizes = tuple((s,) for s in _anchor_bases(head, (32, 64, 128, 256, 512)))
-        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
-        return FasterRCNN(pyramid, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
-                          box_roi_pool=MultiScaleRoIAlign(list(LEVELS[:4]), 7, 2),
-                          box_score_thresh=head.score_threshold, box_detections_per_img=head.detections_per_image,
-                          box_batch_size_per_image=head.roi_samples_per_image, **common)
-    if kind == "retinanet":
-        # RetinaNet's anchors are 4x the level's stride with 3 octave scales (32 on stride 8); our
-        # pyramid starts at stride 4, so 16 ... 256: 32 at stride 4 misses small infrared targets.
-        bases = _anchor_bases(head, (16, 32, 64, 128, 256))
-        sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in bases)
-        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
-        return RetinaNet(pyramid, num_classes=num_classes + 1, anchor_generator=anchors,
-                         score_thresh=head.score_threshold, detections_per_img=head.detections_per_image, **common)
-    if kind == "fcos":
-        anchors = AnchorGenerator(((4,), (8,), (16,), (32,), (64,)), ((1.0,),) * 5)  # one point per location
-        return FCOS(pyramid, num_classes=num_classes + 1, anchor_generator=anchors,
-                    score_thresh=head.score_threshold, detections_per_img=head.detections_per_image, **common)
-    raise ValueError(f"detector must be one of {DETECTORS}, got {kind!r}")
+    return DETECTOR_BUILDERS[kind](pyramid, num_classes, head, common)
 
 
 class Detector(nn.Module):
