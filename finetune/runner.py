@@ -12,6 +12,7 @@ import torch
 from finetune.data.pairs import write_report
 from finetune.data.stream import MapBatchStream
 from finetune.factory import parameter_report
+from finetune.models.methods import get_method
 from pretrain.engine import EpochLoader, Task, TrainingPlan, ignore_preemption_signals, param_groups, poly_lr_at
 
 
@@ -54,7 +55,8 @@ class FinetuneTask(Task):
 
     def param_groups(self, model, cfg):
         o = cfg.optim
-        layer_decay = o.layer_decay if cfg.model.method in ("full", "pad") else None
+        # Layer-wise lr decay where the whole encoder trains (BEiT / MAE fine-tuning); adapters: none.
+        layer_decay = o.layer_decay if get_method(cfg.model.method).trains == "all" else None
         depth = len(model.backbone.encoder.blocks)
         return param_groups(model, float(o.weight_decay), layer_decay, depth if layer_decay else None,
                             prefix=model.backbone_prefix + "encoder.")

@@ -472,3 +472,19 @@ def test_segmentation_metrics_on_fixed_input():
     assert m["per_class_iou"]["d"] is None  # absent from both: no IoU, not a zero
     assert m["mIoU"] == pytest.approx(sum(iou.values()) / 3)
     assert m["pixel_accuracy"] == pytest.approx(5 / 7)
+
+
+@pytest.mark.parametrize("method,decays", [("full", True), ("pad", True), ("mona", False), ("ivtuning", False),
+                                           ("frozen", False)])
+def test_layer_decay_applies_where_the_whole_encoder_trains(method, decays, pad_export):
+    from finetune.seg import SegTask
+
+    modality = "both" if method == "ivtuning" else "ir"
+    cfg = load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"),
+                      [f"model.method={method}", f"model.modality={modality}", "model.encoder.depth=2",
+                       f"init.checkpoint={pad_export if method == 'pad' else 'null'}", "optim.layer_decay=0.5"])
+    model = build_segmentor(cfg, "meta")
+    scales = {g.get("lr_scale", 1.0) for g in SegTask().param_groups(model, cfg)}
+    assert (scales == {1.0}) != decays
+    if decays:  # depth 2: embeddings 0.5^3, blocks 0.5^2 and 0.5, the rest 1
+        assert scales == {0.125, 0.25, 0.5, 1.0}
