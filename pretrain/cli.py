@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 from data_tools.config import CONFIG_DIR, load_config
-from pretrain.factory import build_model_from_config, initialise_from_config
-from pretrain.schema import PretrainConfig
 
+
+# Commands import what they need: `summary` and argument errors should not wait for torch.
 
 def _cmd_params(args: argparse.Namespace) -> int:
+    from pretrain.factory import build_model_from_config
     from pretrain.params import parameter_report
+    from pretrain.schema import PretrainConfig
 
     cfg = load_config(args.config, args.overrides, PretrainConfig)
     model = build_model_from_config(cfg, "meta")  # shapes only: ViT-H in milliseconds, no memory
@@ -25,6 +27,9 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 def _cmd_load_check(args: argparse.Namespace) -> int:
     from dataclasses import asdict
+
+    from pretrain.factory import build_model_from_config, initialise_from_config
+    from pretrain.schema import PretrainConfig
 
     cfg = load_config(args.config, args.overrides, PretrainConfig)
     model = build_model_from_config(cfg)

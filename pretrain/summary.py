@@ -21,7 +21,7 @@ def run_summary(run_dir: str | Path) -> str:
 
 
 def backbone_summary(path: str | Path) -> str:
-    from pretrain.weights import adapter_names, read_backbone_meta
+    from pretrain.backbone_meta import adapter_names, read_backbone_meta
 
     b = read_backbone_meta(path)
     adapters = " + ".join(adapter_names(b)) or "no"

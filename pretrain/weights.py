@@ -19,14 +19,11 @@ from torch import nn
 from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import adapt_input_conv
 
-BACKBONE_FORMAT = "irpt-backbone"
-BACKBONE_VERSION = 2  # 2: adapters as a list of (name, settings) and the input normalisation; 1 still loads
+from pretrain.backbone_meta import (BACKBONE_FORMAT, BACKBONE_VERSION, WeightsError, adapter_names,  # noqa: F401
+                                    is_exported_backbone, read_backbone_meta)
+
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
 _DECODER_PREFIXES = ("mask_token", "decoder_")
-
-
-class WeightsError(ValueError):
-    pass
 
 
 @dataclass
@@ -229,22 +226,6 @@ def export_backbone(model: nn.Module, out_path: str | Path, input_norm: dict | N
     return out_path, json_path
 
 
-def read_backbone_meta(path: str | Path) -> dict:
-    json_path = Path(path).with_suffix(".json")
-    if not json_path.is_file():
-        raise FileNotFoundError(f"{json_path}: the backbone's config JSON is missing (written by export)")
-    meta = json.loads(json_path.read_text())
-    if meta.get("format") != BACKBONE_FORMAT:
-        raise WeightsError(f"{json_path}: not an exported backbone (format {meta.get('format')!r})")
-    if meta.get("version", 1) == 1:  # one adapter by name, PAD's settings beside it, no input normalisation
-        meta["adapters"] = [] if meta["adapter"] == "none" else [{"name": "pad", "settings": meta["pad"]}]
-        meta["input"] = None
-    return meta
-
-
-def adapter_names(meta: dict) -> list[str]:
-    return [a["name"] for a in meta["adapters"]]
-
 
 def exported_encoder_config(meta: dict, img_size: tuple[int, int] | None = None):
     """The EncoderConfig an export was written from; ``img_size`` moves it to another input size."""
@@ -296,16 +277,6 @@ def load_exported_into(vit: nn.Module, path: str | Path) -> LoadReport:
     _load_matching(vit, sd, target, report)
     report.missing = [k for k in report.missing if k not in set(added)]
     return report
-
-
-def is_exported_backbone(path: str | Path) -> bool:
-    json_path = Path(path).with_suffix(".json")
-    if not json_path.is_file():
-        return False
-    try:
-        return json.loads(json_path.read_text()).get("format") == BACKBONE_FORMAT
-    except json.JSONDecodeError:
-        return False
 
 
 def pad_config_from_state(sd: dict[str, torch.Tensor], scale: str | None = None):
