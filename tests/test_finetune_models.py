@@ -488,3 +488,16 @@ def test_layer_decay_applies_where_the_whole_encoder_trains(method, decays, pad_
     assert (scales == {1.0}) != decays
     if decays:  # depth 2: embeddings 0.5^3, blocks 0.5^2 and 0.5, the rest 1
         assert scales == {0.125, 0.25, 0.5, 1.0}
+
+
+def test_pad_refuses_weights_without_pad_adapters(tmp_path):
+    from pretrain.weights import export_backbone
+    from tests.test_mae_pad import tiny
+
+    enc = EncoderConfig(size="tiny", depth=2, img_size=(64, 80))
+    with pytest.raises(ValueError, match="method 'pad' needs init.checkpoint = a backbone exported by"):
+        backbone_for(BackboneConfig(method="pad", modality="ir", encoder=enc))
+    plain, _ = export_backbone(tiny(adapter="none", paradigm="continual"), tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match=r"method 'pad' fine-tunes an export with pad adapters; .* has adapters \[\]"):
+        backbone_for(BackboneConfig(method="pad", modality="ir", encoder=enc, checkpoint=str(plain)))
+    assert backbone_for(BackboneConfig(method="full", modality="ir", encoder=enc, checkpoint=str(plain))).load_report

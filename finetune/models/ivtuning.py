@@ -193,11 +193,20 @@ def attach_ivtuning(vit: nn.Module, cfg: IVTuningConfig = IVTuningConfig()) -> N
     attach(vit, "ivtuning", "post_mlp", lambda i, dim: IVTuningAdapter(dim, cfg))
 
 
+def _load_release(backbone: nn.Module, cfg):
+    """The authors' ``ViT_prompt`` weights (backbone and prompts in one file), or None for any
+    other file (the plain encoder reader takes it)."""
+    from pretrain.weights import read_state_dict
+
+    sd = read_state_dict(cfg.checkpoint)
+    return load_vit_prompt_state(backbone, sd, cfg.checkpoint, cfg.allow_missing) if is_vit_prompt_state(sd) else None
+
+
 register(Method("ivtuning", "infrared patch embedding + prompt generator + per-block HA/IPA adapters train; "
                 "fuses the infrared and the visible image",
                 attach=lambda encoder, cfg: attach_ivtuning(encoder, cfg.ivtuning),
                 input_module=lambda encoder, cfg: IVTuningInput(encoder.patch_embed, encoder.embed_dim, cfg.ivtuning),
-                modalities=("ir", "vi", "both")))
+                modalities=("ir", "vi", "both"), load_release=_load_release))
 
 
 # --- the authors' checkpoints -------------------------------------------------------------------

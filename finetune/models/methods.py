@@ -27,6 +27,13 @@ class Method:
     # "own" (only this method's adapters, under ``.<name>.``, and its input module).
     trains: str = "own"
     modalities: tuple[str, ...] = ("ir", "vi")  # "both": the infrared and the visible image together
+    # Its authors' own weight files (finetune.weights calls these; None: the generic readers).
+    # ``resolve_release(cfg)``: the config a non-export checkpoint implies (e.g. adapters rebuilt from
+    # its tensors). ``load_release(backbone, cfg)``: a LoadReport if the file is the method's own
+    # format (loaded), None to fall back to the plain encoder reader.
+    resolve_release: Callable[[object], object] | None = None
+    load_release: Callable[[nn.Module, object], object] | None = None
+    needs_adapter: str | None = None  # an export must carry this adapter (pad: a PAD export)
 
     def __post_init__(self):
         if self.trains not in ("all", "none", "own"):
@@ -58,7 +65,23 @@ def get_method(name: str) -> Method:
 # come with the weights, so it attaches nothing here).
 register(Method("full", "every encoder parameter trains", trains="all"))
 register(Method("frozen", "the encoder is frozen; only the task head trains", trains="none"))
-register(Method("pad", "a PAD pre-training export with its adapters, fine-tuned whole", trains="all"))
+def _pad_release(cfg):
+    """PAD's own release: its adapters are rebuilt from its tensors (``init.pad_scale`` names a
+    d-input predictor's variant)."""
+    import dataclasses
+
+    from pretrain.weights import has_pad_author_keys, pad_config_from_state, read_state_dict
+
+    sd = read_state_dict(cfg.checkpoint) if cfg.checkpoint else {}
+    if not has_pad_author_keys(sd):
+        raise ValueError("method 'pad' needs init.checkpoint = a backbone exported by `python -m pretrain export` "
+                         "or a PAD pre-training checkpoint")
+    settings = dataclasses.asdict(pad_config_from_state(sd, cfg.pad_scale))
+    return dataclasses.replace(cfg, carried_adapters=(("pad", settings),))
+
+
+register(Method("pad", "a PAD pre-training export with its adapters, fine-tuned whole", trains="all",
+                resolve_release=_pad_release, needs_adapter="pad"))
 
 # The adapter methods register themselves on import.
 import finetune.models.ivtuning  # noqa: E402,F401
