@@ -8,18 +8,15 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.files import sha256_file
-from data_tools.manifest import MANIFEST, ManifestError, read_manifest
+from data_tools.manifest import ManifestError, read_manifest
 from data_tools.shards import decode_sample, iter_shard
 
 
 def verify_shards(out_dir: str | Path) -> list[str]:
     """Returns the list of problems found (empty when the folder matches its manifest)."""
     out = Path(out_dir)
-    path = out / MANIFEST
-    if not path.is_file():
-        return [f"{path}: no manifest"]
     try:
-        manifest = read_manifest(path.parent)
+        manifest = read_manifest(out)
     except ManifestError as e:
         return [str(e)]
     problems: list[str] = []

@@ -1,7 +1,6 @@
 """Models and datasets from a fine-tuning config, shared by the CLI commands and the trainers."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -51,19 +50,28 @@ def intensity_config(cfg) -> IntensityConfig:
     return IntensityConfig(**dict(i, percentiles=tuple(i["percentiles"])))
 
 
-def ir_normalisation(cfg) -> tuple[float, float]:
-    """The infrared (mean, std) the backbone was pre-trained with: an export records them (and
-    its 16-bit rule, compared with ``data.intensity``); other weights, or none, get PAD's."""
-    from pretrain.weights import is_exported_backbone, read_backbone_meta
+def recorded_input(cfg) -> dict | None:
+    """How the backbone's pre-training normalised its input, as its export records it (None: not
+    an export, or one written before exports recorded it)."""
+    from pretrain.backbone_meta import is_exported_backbone, read_backbone_meta
 
     path = cfg.init.checkpoint
-    recorded = read_backbone_meta(path)["input"] if path and is_exported_backbone(path) else None
-    if not recorded:
-        return IR_MEAN, IR_STD
-    if recorded["intensity"] != to_container(cfg.data.intensity):
-        print(f"warning: {path} was pre-trained with the 16-bit rule {recorded['intensity']}, data.intensity is "
-              f"{to_container(cfg.data.intensity)}: 16-bit frames will be scaled differently", file=sys.stderr)
-    return float(recorded["mean"]), float(recorded["std"])
+    return read_backbone_meta(path)["input"] if path and is_exported_backbone(path) else None
+
+
+def ir_normalisation(cfg) -> tuple[float, float]:
+    """The infrared (mean, std) the backbone was pre-trained with; PAD's without a record."""
+    recorded = recorded_input(cfg)
+    return (float(recorded["mean"]), float(recorded["std"])) if recorded else (IR_MEAN, IR_STD)
+
+
+def intensity_rule_mismatch(cfg) -> str | None:
+    """A warning when ``data.intensity`` scales 16-bit frames unlike the backbone's pre-training."""
+    recorded = recorded_input(cfg)
+    if recorded is None or recorded["intensity"] == to_container(cfg.data.intensity):
+        return None
+    return (f"warning: {cfg.init.checkpoint} was pre-trained with the 16-bit rule {recorded['intensity']}, "
+            f"data.intensity is {to_container(cfg.data.intensity)}: 16-bit frames will be scaled differently")
 
 
 def split_list(data, split: str) -> str | None:

@@ -5,13 +5,14 @@ network, the dataset of a split, the targets of a batch, the evaluation and the 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from finetune.data.pairs import write_report
 from finetune.data.stream import MapBatchStream
-from finetune.factory import parameter_report
+from finetune.factory import intensity_rule_mismatch, parameter_report
 from finetune.models.methods import get_method
 from pretrain.engine import EpochLoader, Task, TrainingPlan, ignore_preemption_signals, param_groups, poly_lr_at
 
@@ -47,6 +48,8 @@ class FinetuneTask(Task):
             return
         if model.backbone.load_report is not None:
             print(model.backbone.load_report.summary(), flush=True)
+        if (mismatch := intensity_rule_mismatch(cfg)) is not None:
+            print(mismatch, file=sys.stderr, flush=True)
         (where.run_dir / "params.json").write_text(json.dumps(self.report, indent=1))
         r = self.report
         print(f"{self.name} {cfg.model.method}: {r['trainable_backbone']:,} of {r['backbone_total']:,} backbone "
@@ -71,10 +74,7 @@ class FinetuneTask(Task):
             print(f"effective batch {batching.effective} = {batching.micro} x {batching.accum} accumulation x "
                   f"{where.world} processes; {steps_per_epoch} steps/epoch, {self.total_steps} steps", flush=True)
         loader = EpochLoader(stream, int(cfg.data.num_workers))
-        return TrainingPlan(loader, steps_per_epoch, self.total_steps, float(cfg.optim.lr), tuple(cfg.optim.betas))
-
-    def evaluation_betas(self, cfg):
-        return tuple(cfg.optim.betas)
+        return TrainingPlan(loader, steps_per_epoch, self.total_steps, float(cfg.optim.lr))
 
     def start(self, model, optimizer, plan, cfg, where):
         self.cfg, self.device = cfg, where.device

@@ -14,7 +14,8 @@ from pretrain.weights import export_backbone
 
 
 def load_run_model(run_dir: str | Path, tag: str | None = None):
-    """The run's MAE with its frozen weights rebuilt (and verified) and its trainable weights loaded."""
+    """(the run's MAE with its frozen weights rebuilt (and verified) and its trainable weights
+    loaded, the checkpoint tag, the run's config)."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     ckpt_dir = run_dir / "checkpoints"
@@ -42,11 +43,11 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
     lacking = sorted(n for n in trainable if n in missing)
     if lacking or unexpected:
         raise ResumeError(f"checkpoint {tag} does not match the model: missing {lacking[:5]}, unexpected {unexpected[:5]}")
-    return model.eval(), tag
+    return model.eval(), tag, cfg
 
 
 def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None):
-    model, _ = load_run_model(run_dir, tag)
-    d = load_config(Path(run_dir) / "config.yaml").data
+    model, _, cfg = load_run_model(run_dir, tag)
+    d = cfg.data
     input_norm = {"mean": float(d.mean), "std": float(d.std), "intensity": to_container(d.intensity)}
     return export_backbone(model, out, input_norm)

@@ -23,6 +23,8 @@ def test_synth_build_verify_preview(tmp_path, capsys):
                                        f"{m['totals']['proposals']} proposals\n")
     assert cli_main(["summary", str(tmp_path / "synth")]) == 2
     assert "no manifest.json (not a shard folder" in capsys.readouterr().err
+    assert cli_main(["verify", str(tmp_path / "synth")]) == 1
+    assert "no manifest.json (not a shard folder" in capsys.readouterr().out
     assert cli_main(["preview", str(out), "--out", str(tmp_path / "p.png"), "--samples", "4"]) == 0
     grid = cv2.imread(str(tmp_path / "p.png"))
     assert grid is not None and grid.shape[0] >= 2 * 192 and grid.shape[2] == 3

@@ -390,6 +390,8 @@ def test_registry_refuses_unknown_methods_and_streams_with_the_names():
         BackboneConfig(method="mona", modality="both")
     with pytest.raises(ValueError, match="already registered"):
         register(Method("mona", "another Mona"))
+    with pytest.raises(ValueError, match="method lora: trains must be all, none or own, got 'some'"):
+        Method("lora", "low-rank updates", trains="some")
 
 
 def test_vitb_parameter_reports():

@@ -173,12 +173,14 @@ def test_export_from_a_run(uninterrupted, tmp_path):
     # The input normalisation of the run travels with the export, and fine-tuning uses it.
     assert meta["input"] == {"mean": 0.3801, "std": 0.1871, "intensity": {"uint16_mode": "percentile",
                                                                         "percentiles": [1.0, 99.0]}}
-    from finetune.factory import ir_normalisation
+    from finetune.factory import intensity_rule_mismatch, ir_normalisation
 
     meta_path = tmp_path / "backbone.json"
     meta_path.write_text(json.dumps(dict(meta, input=dict(meta["input"], mean=0.5, std=0.25))))
     ft = load_config(CONFIG_DIR / "finetune" / "seg_tiny.yaml", [f"init.checkpoint={tmp_path / 'backbone.pth'}"])
-    assert ir_normalisation(ft) == (0.5, 0.25)
+    assert ir_normalisation(ft) == (0.5, 0.25) and intensity_rule_mismatch(ft) is None
+    meta_path.write_text(json.dumps(dict(meta, input=dict(meta["input"], intensity={"uint16_mode": "minmax"}))))
+    assert "pre-trained with the 16-bit rule {'uint16_mode': 'minmax'}" in intensity_rule_mismatch(ft)
     assert ir_normalisation(load_config(CONFIG_DIR / "finetune" / "seg_tiny.yaml")) == (0.3801, 0.1871)  # PAD's
 
 

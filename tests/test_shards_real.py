@@ -141,7 +141,8 @@ def test_resume_after_early_stop_gives_identical_output(tmp_path):
     partial = build_shards([_subset_source()], cfg, tmp_path / "res", workers=2, progress=False, stop_after_shards=2)
     assert partial["status"] == "stopped"
     assert json.loads((tmp_path / "res" / "manifest.json").read_text())["status"] == "building"
-    assert verify_shards(tmp_path / "res")  # an unfinished build does not verify
+    assert verify_shards(tmp_path / "res") == [  # an unfinished build does not verify
+        f"{tmp_path / 'res'}: the shard build is not complete (status 'building'); rerun it to finish"]
     # A half-written shard left behind by a kill is discarded, not trusted.
     (tmp_path / "res" / "shard-000002.tar.tmp").write_bytes(b"partial")
     resumed = build_shards([_subset_source()], cfg, tmp_path / "res", workers=1, progress=False)

@@ -10,10 +10,9 @@ import torch
 from data_tools.config import check_config, config_hash
 from pretrain.engine.checkpoint import Checkpointer, ResumeError
 from pretrain.engine.health import HealthPolicy
-from pretrain.engine.loop import (LoopSpec, frozen_reference, new_state, prepare_run_dir, resolve_batching,
+from pretrain.engine.loop import (LoopSpec, Process, frozen_reference, new_state, prepare_run_dir, resolve_batching,
                                   resume_state, run_entry_point, train_steps, weights_for_evaluation)
 from pretrain.engine.optim import build_engine, deepspeed_config
-from pretrain.engine.loop import Process
 from pretrain.engine.task import Task
 
 
@@ -51,9 +50,9 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
 
     batching = resolve_batching(t, world)
     plan = None if eval_only else task.training_plan(model, cfg, batching, where)
-    lr, betas = (plan.base_lr, plan.betas) if plan else (0.0, task.evaluation_betas(cfg))
     ds_cfg = deepspeed_config(batching.micro, batching.accum, world, t.precision, t.zero_stage, t.grad_clip)
-    engine, optimizer = build_engine(model, task.param_groups(model, cfg), lr, betas, ds_cfg)
+    engine, optimizer = build_engine(model, task.param_groups(model, cfg), plan.base_lr if plan else 0.0,
+                                     tuple(cfg.optim.betas), ds_cfg)  # one optim: section for every task
 
     if eval_only:
         state = weights_for_evaluation(ckpt, engine, cfg_hash, frozen_ref)

@@ -7,6 +7,7 @@ optional per-step hooks, evaluation and the one-line result. One instance serves
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -20,7 +21,6 @@ class TrainingPlan:
     steps_per_epoch: int
     total_steps: int
     base_lr: float
-    betas: tuple[float, float]
 
 
 class Task:
@@ -42,10 +42,6 @@ class Task:
 
     def training_plan(self, model: nn.Module, cfg, batching: Batching, where: Process) -> TrainingPlan:
         raise NotImplementedError
-
-    def evaluation_betas(self, cfg) -> tuple[float, float]:
-        """AdamW betas when only evaluating (no training plan is made)."""
-        return (0.9, 0.999)
 
     def start(self, model: nn.Module, optimizer, plan: TrainingPlan, cfg, where: Process) -> None:
         """After the engine exists and the state is resumed, before the first step."""
