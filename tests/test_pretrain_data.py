@@ -144,6 +144,9 @@ def test_missing_or_unfinished_shard_folder(tmp_path):
     (tmp_path / "manifest.json").write_text('{"status": "building"}')
     with pytest.raises(ValueError, match="not complete"):
         load_shard_set(str(tmp_path))
+    (tmp_path / "manifest.json").write_text('{"status": "compl')  # cut short by hand: our writes are atomic
+    with pytest.raises(ManifestError, match="manifest.json is not readable JSON .*; rebuild the shards"):
+        load_shard_set(str(tmp_path))
 
 
 def test_lr_schedule():

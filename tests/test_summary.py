@@ -1,6 +1,8 @@
-"""The ``summary`` subcommands: one line per artefact, from the files a run leaves (made by hand
-here), and a clear refusal for a folder that is not one."""
+"""What we report: the ``summary`` subcommands (one line per artefact, from the files a run leaves,
+made by hand here, and a clear refusal for a folder that is not one) and the shape of a data issue."""
 import json
+
+import pytest
 
 from finetune.cli import main as finetune_main
 from pretrain.cli import main as pretrain_main
@@ -22,6 +24,23 @@ def test_pretrain_summary_says_steps_losses_and_whether_it_finished(tmp_path, ca
     assert capsys.readouterr().out == f"pretrain   {run}: 3 steps, loss 1.5000 -> 0.7500\n"
     assert pretrain_main(["summary", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    empty = tmp_path / "started"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    assert pretrain_main(["summary", str(empty)]) == 2
+    assert "no step logged yet" in capsys.readouterr().err
+
+
+def test_data_issues_have_one_shape_and_documented_reasons():
+    from data_tools.issues import count_by_reason, issue
+
+    reasons = {"box_empty": "...", "box_clipped": "..."}
+    issues = [issue("a.txt", "box_empty", "w=0", reasons=reasons), issue("b", "box_clipped", reasons=reasons),
+              issue("c", "box_empty", reasons=reasons)]
+    assert issues[0] == {"name": "a.txt", "reason": "box_empty", "detail": "w=0"}
+    assert count_by_reason(issues) == {"box_clipped": 1, "box_empty": 2}
+    with pytest.raises(ValueError, match="issue reason 'typo' is not one of the documented"):
+        issue("d", "typo", reasons=reasons)
 
 
 def test_finetune_summary_names_method_score_share_and_best(tmp_path, capsys):
