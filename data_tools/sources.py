@@ -119,6 +119,8 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
         fmt = "mask" if key == "masks" else str(spec.pop("format", ""))
         if fmt not in ("coco", "yolo", "voc", "mask"):
             raise SourceError(f"source '{name}': boxes.format must be coco, yolo or voc")
+        if "path" not in spec:
+            raise SourceError(f"source '{name}': {key}.path is required (the folder or file of the {key})")
         path = (base_dir / str(spec.pop("path"))).resolve()
         anns.append(AnnotationSpec(fmt, str(path), str(spec.pop("suffix", ".png" if fmt == "mask" else "")),
                                    tuple(spec.pop("classes", ()) or ())))

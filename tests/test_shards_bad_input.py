@@ -166,6 +166,10 @@ def test_unknown_override_and_source_option_are_errors(tmp_path):
     (tmp_path / "s.yaml").write_text("sources:\n  - {name: a, root: ., strde: 2}\n")
     with pytest.raises(SourceError, match="unknown option"):
         load_sources(tmp_path / "s.yaml")
+    # The folder of the boxes is 'path' (the frames' folder is 'root'): a clear refusal, not a KeyError.
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: a, root: ., boxes: {format: yolo, root: labels}}\n")
+    with pytest.raises(SourceError, match=r"source 'a': boxes.path is required"):
+        load_sources(tmp_path / "s.yaml")
 
 
 def test_stride_per_sequence_folder_and_natural_sort(tmp_path):
