@@ -47,6 +47,8 @@ class ProposalSchema(Section):
     blob_thresholds: list[PosFloat]
     blob_closings: list[tuple[PosInt, PosInt]]
     blob_merge_gap: NonNegInt
+    blob_views: Annotated[list[Literal["linear", "equalized"]], Field(min_length=1)]
+    blob_size_power: NonNegFloat
     nms_iou: Annotated[float, Field(gt=0, le=1)]
 
     @model_validator(mode="after")

@@ -60,6 +60,9 @@ def test_a_typo_in_a_yaml_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"model.head.detector: Value error, detector must be one of "
                                           r"\('faster_rcnn', 'retinanet', 'fcos'\), got 'yolo'"):
         load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", ["model.head.detector=yolo"], DetConfig)
+    with pytest.raises(ConfigError, match=r"proposals.blob_views\[1\]: Input should be 'linear' or 'equalized' "
+                                          r"\(got 'gamma'\)"):
+        load_config(CONFIG_DIR / "data" / "build.yaml", ["proposals.blob_views=[linear,gamma]"], BuildConfig)
 
 
 def test_the_cli_refuses_a_bad_value_before_touching_the_run_dir(tmp_path, capsys):

@@ -8,7 +8,17 @@ import pytest
 
 from data_tools.imageio import read_frame
 from data_tools.proposal_eval import LabelledFrame, MethodResult, _score_frame
-from data_tools.proposals import METHODS, RANKED, ProposalConfig, box_iou, compute_proposals, greedy_nms
+from data_tools.proposals import (
+    METHODS,
+    RANKED,
+    ProposalConfig,
+    _ring_contrast,
+    _touching_unions,
+    _unique_int_boxes,
+    box_iou,
+    compute_proposals,
+    greedy_nms,
+)
 from tests.conftest import shared_path
 
 
@@ -106,6 +116,47 @@ def test_bad_proposal_settings_are_refused():
         ProposalConfig(max_proposals=0)
     with pytest.raises(ValueError, match="one value each"):
         ProposalConfig(blob_sides=(320,), blob_backgrounds=(0.1, 0.2))
+    for views in ((), ("linear", "gamma")):
+        with pytest.raises(ValueError, match="blob_views must be one or more of"):
+            ProposalConfig(blob_views=views)
+
+
+def test_unique_boxes_and_touching_unions_match_the_plain_definitions():
+    rng = np.random.default_rng(0)
+    boxes = np.concatenate([rng.integers(0, 300, (400, 2)), rng.integers(1, 40, (400, 2))], axis=1)
+    boxes = np.concatenate([boxes, boxes[:50]])  # duplicates
+    assert np.array_equal(_unique_int_boxes(boxes), np.unique(boxes, axis=0))
+    unions = _touching_unions(boxes[:400], 2)
+    expected = []
+    for i in range(400):
+        for j in range(i + 1, 400):
+            a, b = boxes[i], boxes[j]
+            gap_x = max(a[0], b[0]) - min(a[0] + a[2], b[0] + b[2])
+            gap_y = max(a[1], b[1]) - min(a[1] + a[3], b[1] + b[3])
+            if gap_x <= 2 and gap_y <= 2:
+                x0, y0 = min(a[0], b[0]), min(a[1], b[1])
+                expected.append([x0, y0, max(a[0] + a[2], b[0] + b[2]) - x0, max(a[1] + a[3], b[1] + b[3]) - y0])
+    assert len(expected) > 50 and np.array_equal(np.unique(unions, axis=0), np.unique(expected, axis=0))
+
+
+def test_ring_contrast_on_a_hand_made_frame():
+    image = np.zeros((100, 100), np.float32)
+    image[40:60, 40:60] = 10.0
+    boxes = np.array([[40, 40, 20, 20], [0, 0, 100, 100], [0, 0, 20, 20]], np.float64)
+    contrast = _ring_contrast(image, boxes)
+    assert contrast[0] == pytest.approx(10.0)  # the square against a dark ring 5 px wide
+    assert contrast[1] == 0.0  # the whole frame: no ring to stand out from
+    assert contrast[2] == pytest.approx(0.0)  # dark corner, dark ring
+
+
+def test_the_equalised_view_finds_a_parked_car_the_linear_view_misses():
+    """00051N (a held-out frame): a parked car at ambient temperature, cut by the frame's edge.
+    No linear-view candidate overlaps it by 0.5; the histogram-equalised view finds it."""
+    image = read_frame(str(shared_path("msrs20", "ir", "00051N.png"))).image
+    car = np.array([[1.0, 145.0, 264.0, 257.0]])
+    linear = compute_proposals(image, ProposalConfig(blob_views=("linear",), max_proposals=10_000))
+    both = compute_proposals(image, ProposalConfig())
+    assert box_iou(car, linear).max() < 0.5 <= box_iou(car, both).max()
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
