@@ -159,7 +159,10 @@ def finetune_det(run_dir, *overrides):
 def test_real_msrs_pairs_overfit_to_high_ap50(method, modality, detector, tmp_path):
     """Full fine-tuning (IR) and IV-tuning (IR + VI) with FCOS. The default Faster R-CNN also
     overfits these pairs (BENCHMARKS.md) but needs ~2.7x the time per step and its AP50 after 150
-    steps swings with small changes (0.07-0.60 across RoI counts and anchor sizes): too close to the bar."""
+    steps swings with small changes (0.07-0.60 across RoI counts and anchor sizes): too close to the bar.
+    Each step sees all four pairs (full batch): with two pairs a step, the same seed reached AP50
+    0.95 on one CPU and 0.21 on another after 150 steps (float sums in another order, then another
+    trajectory); the full batch reaches 0.93-0.99 by 100 steps."""
     root = shared_path("msrs20")
     names = sorted(p.stem for p in (root / "ir").glob("*.png"))[:4]
     split = tmp_path / "few.txt"
@@ -168,8 +171,8 @@ def test_real_msrs_pairs_overfit_to_high_ap50(method, modality, detector, tmp_pa
                        "data.classes=[person,bicycle,car]", f"data.train_split={split}", f"data.val_split={split}",
                        f"model.method={method}", f"model.modality={modality}", f"model.head.detector={detector}",
                        "model.encoder.img_size=[240,320]",
-                       "data.augment.scale_range=[1.0,1.0]", "data.augment.hflip=0", "train.steps=150",
-                       "train.batch_size=2")
+                       "data.augment.scale_range=[1.0,1.0]", "data.augment.hflip=0", "train.steps=100",
+                       "train.batch_size=4")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     print(method, detector, {k: m[k] for k in ("AP", "AP50", "AP75", "per_class_AP")})
