@@ -28,16 +28,38 @@ def test_a_live_holder_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
         runlock.release(tmp_path)
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a container's first process may never reap an orphan)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.parametrize("launched", [True, False])
 def test_a_launched_worker_dies_with_its_launcher_and_a_shell_child_does_not(tmp_path, launched):
-    """The launcher here is a shell that exits 1.5 s after starting the worker. With LOCAL_RANK
-    (a launcher's child) the worker is killed with it; without, it outlives its shell (nohup)."""
+    """The launcher here is a shell that exits as soon as its worker has started (a fixed delay
+    failed on a loaded machine: the worker's imports outlasted it). With LOCAL_RANK (a launcher's
+    child) the worker is killed with it; without, it outlives its shell (nohup) and finishes."""
     mark = tmp_path / "mark"
     script = ("import os, time; from pretrain.engine.runlock import die_with_launcher; die_with_launcher(os.environ); "
-              "open(os.environ['MARK'], 'w').write('started'); time.sleep(2); open(os.environ['MARK'], 'w').write('survived')")
+              "open(os.environ['MARK'], 'w').write(f'started {os.getpid()}'); time.sleep(2); "
+              "open(os.environ['MARK'], 'w').write('survived')")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "MARK": str(mark)}
     if launched:
         env["LOCAL_RANK"] = "0"
-    subprocess.run(["sh", "-c", f'"{sys.executable}" -c "$0" & sleep 1.5', script], env=env, cwd=ROOT, timeout=60)
-    time.sleep(2.5)
-    assert mark.read_text() == ("started" if launched else "survived")
+    wait_started = 'i=0; while [ ! -s "$MARK" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done'
+    subprocess.run(["sh", "-c", f'"{sys.executable}" -c "$0" & {wait_started}', script], env=env, cwd=ROOT, timeout=90)
+    text = mark.read_text()
+    assert text.startswith("started ")
+    pid = int(text.split()[1])
+    deadline = time.monotonic() + 60
+    if launched:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid) and mark.read_text() == text  # killed with its launcher, before its 2 s
+    else:
+        while mark.read_text() != "survived" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mark.read_text() == "survived"
