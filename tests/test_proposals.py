@@ -137,6 +137,8 @@ def test_unique_boxes_and_touching_unions_match_the_plain_definitions():
                 x0, y0 = min(a[0], b[0]), min(a[1], b[1])
                 expected.append([x0, y0, max(a[0] + a[2], b[0] + b[2]) - x0, max(a[1] + a[3], b[1] + b[3]) - y0])
     assert len(expected) > 50 and np.array_equal(np.unique(unions, axis=0), np.unique(expected, axis=0))
+    for block in (1, 7, 64):  # rows compared block by block: the same pairs
+        assert np.array_equal(np.unique(_touching_unions(boxes[:400], 2, block), axis=0), np.unique(expected, axis=0))
 
 
 def test_ring_contrast_on_a_hand_made_frame():
