@@ -177,13 +177,14 @@ def plot_recall_curves(summaries: list[dict], path: Path, cap: int) -> None:
 
 
 def format_table(summaries: list[dict]) -> str:
-    head = (f"{'method':18s} {'frames':>6s} {'objects':>7s} {'recall@.5':>9s} {'recall@.7':>9s} "
+    head = (f"{'method':18s} {'frames':>6s} {'objects':>7s} {'found@.5':>8s} {'recall@.5':>9s} {'recall@.7':>9s} "
             + " ".join(f"{'@.5 ' + n:>11s}" for n, _, _ in SIZE_BUCKETS) + f" {'props/frame':>11s} {'frames/s/core':>13s}")
     rows = [head]
     for s in summaries:
         r5, r7 = s["recall"]["iou_0.5"], s["recall"]["iou_0.7"]
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        rows.append(f"{s['method']:18s} {s['frames']:6d} {s['objects']:7d} {fmt(r5['all']):>9s} {fmt(r7['all']):>9s} "
+        rows.append(f"{s['method']:18s} {s['frames']:6d} {s['objects']:7d} {s['found_iou_0.5']:8d} "
+                    f"{fmt(r5['all']):>9s} {fmt(r7['all']):>9s} "
                     + " ".join(f"{fmt(r5[n]):>11s}" for n, _, _ in SIZE_BUCKETS)
                     + f" {s['proposals_per_frame']:11.1f} {s['frames_per_second_one_core']:13.1f}")
     return "\n".join(rows)

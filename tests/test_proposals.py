@@ -201,6 +201,8 @@ sources:
     assert blobs["proposals_per_frame"] <= 50
     assert blobs["recall"]["iou_0.5"]["all"] >= 0.9  # held-out frames (the design used the even ones)
     assert blobs["recall"]["iou_0.5"]["all"] > ss["recall"]["iou_0.5"]["all"]
+    row = next(line.split() for line in out.splitlines() if line.startswith("thermal_blobs"))
+    assert row[1:4] == ["10", "17", str(blobs["found_iou_0.5"])]  # frames, objects, found: recall's granularity
     assert (tmp_path / "eval" / "recall_vs_proposals.png").stat().st_size > 1000
     assert main(["proposals-eval", "--sources", str(sources), "--methods", "nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
