@@ -14,10 +14,10 @@ from data_tools.proposals import (
     ProposalConfig,
     _ring_contrast,
     _touching_unions,
-    _unique_int_boxes,
     box_iou,
     compute_proposals,
     greedy_nms,
+    unique_boxes,
 )
 from tests.conftest import shared_path
 
@@ -125,7 +125,9 @@ def test_unique_boxes_and_touching_unions_match_the_plain_definitions():
     rng = np.random.default_rng(0)
     boxes = np.concatenate([rng.integers(0, 300, (400, 2)), rng.integers(1, 40, (400, 2))], axis=1)
     boxes = np.concatenate([boxes, boxes[:50]])  # duplicates
-    assert np.array_equal(_unique_int_boxes(boxes), np.unique(boxes, axis=0))
+    assert np.array_equal(unique_boxes(boxes), np.unique(boxes, axis=0))
+    far = np.concatenate([boxes, [[0, 40_000, 50, 50], [0, 40_000, 50, 50], [-5, 0, 50, 50]]])  # beyond the key
+    assert np.array_equal(unique_boxes(far), np.unique(far, axis=0))
     unions = _touching_unions(boxes[:400], 2)
     expected = []
     for i in range(400):
