@@ -7,7 +7,9 @@ PNG encode, sample encode) with each ``proposals.method``.
     python bench/bench_proposals.py [--root DIR] [--frames N] [--repeats R]
 
 Prints seconds per frame (median over frames of the best of R repeats) and the speed-up of each
-of our methods' whole per-frame build over PAD's proposal step alone. One process, one OpenCV
+of our methods' whole per-frame build over PAD's proposal step alone; also ``thermal_blobs`` on a
+frame of uniform noise of the same size (the worst case: thousands of blobs) and the process's
+peak memory before and after it. One process, one OpenCV
 thread. Default frames: the 20 real MSRS infrared frames (640x480) in ../shared/data.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -24,13 +27,14 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core for numpy / scikit-image too
 
 import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_tools.build import process_item  # noqa: E402
 from data_tools.cli import DEFAULT_BUILD_CONFIG  # noqa: E402
 from data_tools.config import load_config, to_container  # noqa: E402
-from data_tools.proposals import METHODS  # noqa: E402
+from data_tools.proposals import METHODS, ProposalConfig, compute_proposals  # noqa: E402
 from data_tools.sources import Source, discover  # noqa: E402
 
 
@@ -89,6 +93,13 @@ def main() -> None:
     figures = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, one process, one thread",
                "frames": len(items), "frame_size": f"{size[1]}x{size[0]}",
                "ours_build_seconds_per_frame": {m: round(s, 4) for m, s in per_method.items()}}
+    # Worst case for blob extraction: uniform noise gives thousands of components per mask.
+    noise = np.random.default_rng(0).integers(0, 256, size[:2], dtype=np.uint8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    figures["thermal_blobs_noise_frame_seconds"] = round(
+        best_of(lambda: compute_proposals(noise, ProposalConfig()), args.repeats), 3)
+    figures["peak_rss_mb_before_after_noise_frame"] = [
+        round(before / 1024), round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
     try:
         pad = statistics.median(best_of(lambda p=it.path: pad_proposal_step(p), args.pad_repeats) for it in items)
         figures["pad_proposal_step_seconds_per_frame"] = round(pad, 3)
