@@ -183,6 +183,14 @@ def test_build_with_each_method_writes_readable_shards(method, tmp_path):
         assert image.shape == (480, 640)
 
 
+def _eval_by_method(sources, out_dir, *extra):
+    """Run ``proposals-eval`` as a user would; its JSON summaries by method."""
+    from data_tools.cli import main
+
+    assert main(["proposals-eval", "--sources", str(sources), "--out", str(out_dir), *extra]) == 0
+    return {s["method"]: s for s in json.loads((out_dir / "proposals_eval.json").read_text())}
+
+
 def test_proposals_eval_cli_on_msrs(tmp_path, capsys):
     from data_tools.cli import main
 
@@ -194,11 +202,9 @@ sources:
     root: {root / 'ir'}
     boxes: {{format: yolo, path: {root / 'labels_ir'}, classes: [person, bicycle, car]}}
 """)
-    assert main(["proposals-eval", "--sources", str(sources), "--out", str(tmp_path / "eval"),
-                 "--every", "2", "--offset", "1"]) == 0
+    summaries = _eval_by_method(sources, tmp_path / "eval", "--every", "2", "--offset", "1")
     out = capsys.readouterr().out
     assert "thermal_blobs" in out and "selective_search" in out and "recall@.5" in out
-    summaries = {s["method"]: s for s in json.loads((tmp_path / "eval" / "proposals_eval.json").read_text())}
     blobs, ss = summaries["thermal_blobs"], summaries["selective_search"]
     assert blobs["frames"] == ss["frames"] == 10 and blobs["objects"] == 17  # the odd frames' objects >= 40 px
     assert blobs["proposals_per_frame"] <= 50
@@ -233,12 +239,10 @@ def test_ranked_boxes_stay_inside_odd_sized_frames():
             (boxes[:, 1] + boxes[:, 3] <= h).all(), path.name
 
 
-def test_roadscene_boxes_load_and_thermal_blobs_hold_on_another_camera(tmp_path, capsys):
+def test_roadscene_boxes_load_and_thermal_blobs_hold_on_another_camera(tmp_path):
     """The hand-drawn boxes shipped in bench/ (FLIR frames, never used in the design) load through
     the CLI, and thermal_blobs keeps most of its recall on that camera."""
     import yaml
-
-    from data_tools.cli import main
 
     shipped = Path(__file__).resolve().parents[1] / "bench" / "roadscene_boxes" / "sources.yaml"
     spec = yaml.safe_load(shipped.read_text())["sources"][0]
@@ -248,8 +252,7 @@ def test_roadscene_boxes_load_and_thermal_blobs_hold_on_another_camera(tmp_path,
     spec["boxes"]["path"] = str(shipped.parent / spec["boxes"]["path"])
     sources = tmp_path / "sources.yaml"
     sources.write_text(yaml.safe_dump({"sources": [spec]}))
-    assert main(["proposals-eval", "--sources", str(sources), "--out", str(tmp_path / "eval")]) == 0
-    summaries = {s["method"]: s for s in json.loads((tmp_path / "eval" / "proposals_eval.json").read_text())}
+    summaries = _eval_by_method(sources, tmp_path / "eval")
     blobs, ss = summaries["thermal_blobs"], summaries["selective_search"]
     assert blobs["frames"] == ss["frames"] == 31 and blobs["objects"] == 55  # 56 boxes, 55 with both sides >= 40 px
     assert blobs["proposals_per_frame"] <= 50
