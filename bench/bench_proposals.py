@@ -4,7 +4,7 @@ pass over the label image) against our whole shard build per frame (read + decod
 PNG encode, sample encode) with each ``proposals.method``.
 
     pip install selectivesearch          # bench-only dependency (pulls scikit-image)
-    python bench/bench_proposals.py [--root DIR] [--frames N] [--repeats R]
+    python bench/bench_proposals.py [--root DIR] [--frames N] [--repeats R] [--ranker FILE]
 
 Prints seconds per frame (median over frames of the best of R repeats) and the speed-up of each
 of our methods' whole per-frame build over PAD's proposal step alone; also ``thermal_blobs`` on a
@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_tools.build import process_item  # noqa: E402
 from data_tools.cli import DEFAULT_BUILD_CONFIG  # noqa: E402
 from data_tools.config import load_config, to_container  # noqa: E402
-from data_tools.proposals import METHODS, ProposalConfig, compute_proposals  # noqa: E402
+from data_tools.proposal_eval import runnable_methods  # noqa: E402
+from data_tools.proposals import ProposalConfig, compute_proposals  # noqa: E402
 from data_tools.sources import Source, discover  # noqa: E402
 
 
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pad-repeats", type=int, default=1, help="PAD's step is slow: repeats for it")
+    ap.add_argument("--ranker", help="a proposals-fit ranker, to time thermal_blobs_fitted too")
     args = ap.parse_args()
     cv2.setNumThreads(1)
 
@@ -85,8 +87,9 @@ def main() -> None:
     size = cv2.imread(items[0].path, cv2.IMREAD_UNCHANGED).shape
 
     per_method = {}
-    for method in sorted(METHODS):
-        mcfg = dict(cfg, proposals=dict(cfg["proposals"], method=method), _source_offsets={"bench": 0})
+    for method in runnable_methods(ProposalConfig(ranker=args.ranker)):
+        mcfg = dict(cfg, proposals=dict(cfg["proposals"], method=method, ranker=args.ranker),
+                    _source_offsets={"bench": 0})
         tasks = [(i, it, source, [], None, mcfg) for i, it in enumerate(items)]
         per_method[method] = statistics.median(best_of(lambda t=t: process_item(t), args.repeats) for t in tasks)
 

@@ -126,12 +126,17 @@ def _init_worker() -> None:
 # ----------------------------------------------------------------------------------------------
 
 def build_identity(sources: list[Source], cfg: dict) -> dict[str, Any]:
-    """Everything that determines the output bytes (the worker count does not)."""
-    return {
+    """Everything that determines the output bytes (the worker count does not), including the
+    content of a fitted proposal ranker (a file refitted under the same name is another build)."""
+    pcfg = ProposalConfig(**cfg["proposals"])  # a method's own checks fail here, before any work
+    identity = {
         "schema_version": SAMPLE_SCHEMA_VERSION,
         "sources": [s.describe() for s in sources],
         "image": cfg["image"], "proposals": cfg["proposals"], "shards": cfg["shards"],
     }
+    if pcfg.method == "thermal_blobs_fitted":
+        identity["proposals_ranker_sha256"] = sha256_file(pcfg.ranker)
+    return identity
 
 
 def _shard_name(cfg: dict, n: int) -> str:

@@ -101,20 +101,37 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_proposals_eval(args: argparse.Namespace) -> int:
-    from data_tools.proposal_eval import format_table, run
-    from data_tools.proposals import METHODS, ProposalConfig
+def _add_labelled_frame_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sources", help="sources YAML with boxes or masks (as for build)")
+    p.add_argument("--sources-root", help="folder the sources' relative paths start from")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=PATH", help=argparse.SUPPRESS)
+    p.add_argument("--config", default=str(DEFAULT_BUILD_CONFIG), help="build settings YAML (its proposals section)")
+    p.add_argument("--min-object-side", type=int, default=40, help="objects smaller than this on a side are not counted")
+    p.add_argument("--every", type=int, default=1, help="use frames i with i %% EVERY == OFFSET (a held-out split)")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. proposals.max_proposals=30")
+
+
+def _proposal_base(args: argparse.Namespace):
+    from data_tools.proposals import ProposalConfig
     from data_tools.schema import BuildConfig
+
+    cfg = load_config(args.config, args.overrides, BuildConfig)
+    return ProposalConfig(**dict(cfg["proposals"]))
+
+
+def _cmd_proposals_eval(args: argparse.Namespace) -> int:
+    from data_tools.proposal_eval import format_table, run, runnable_methods
+    from data_tools.proposals import METHODS
     from data_tools.sources import SourceError
 
     try:
         sources = _read_sources(args)
-        methods = args.methods.split(",") if args.methods else sorted(METHODS)
+        base = _proposal_base(args)
+        methods = args.methods.split(",") if args.methods else runnable_methods(base)
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
-        cfg = load_config(args.config, args.overrides, BuildConfig)
-        base = ProposalConfig(**dict(cfg["proposals"]))
         summaries = run(sources, base, methods, Path(args.out) if args.out else None,
                         args.min_object_side, args.every, args.offset)
     except (SourceError, FileNotFoundError, KeyError, ValueError) as e:
@@ -123,6 +140,30 @@ def _cmd_proposals_eval(args: argparse.Namespace) -> int:
     print(format_table(summaries))
     if args.out:
         print(f"wrote {Path(args.out) / 'proposals_eval.json'} and {Path(args.out) / 'recall_vs_proposals.png'}")
+    return 0
+
+
+def _cmd_proposals_fit(args: argparse.Namespace) -> int:
+    from data_tools.proposal_eval import labelled_frames
+    from data_tools.proposal_ranker import fit_ranker, save_ranker
+    from data_tools.proposals import grey_frame
+    from data_tools.sources import SourceError
+    from data_tools.transforms import to_uint8
+
+    try:
+        sources = _read_sources(args)
+        base = _proposal_base(args)
+        frames = ((grey_frame(to_uint8(f.image)), f.boxes)
+                  for f in labelled_frames(sources, args.min_object_side, args.every, args.offset))
+        ranker = fit_ranker(frames, base, args.l2, sources=[s.name for s in sources])
+        save_ranker(ranker, args.out)
+    except (SourceError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seen = ranker["fitted_on"]
+    print(f"fitted on {seen['frames']} frames, {seen['objects']} objects, {seen['candidates']} candidate boxes "
+          f"({seen['hits']} on an object); wrote {args.out}")
+    print(f"use it: proposals.method=thermal_blobs_fitted proposals.ranker={args.out}")
     return 0
 
 
@@ -182,17 +223,16 @@ def make_parser() -> argparse.ArgumentParser:
 
     pe = sub.add_parser("proposals-eval", help="recall, proposals per frame and speed of each proposal method "
                                                "on labelled frames")
-    pe.add_argument("--sources", help="sources YAML with boxes or masks (as for build)")
-    pe.add_argument("--sources-root", help="folder the sources' relative paths start from")
-    pe.add_argument("--source", action="append", default=[], metavar="NAME=PATH", help=argparse.SUPPRESS)
-    pe.add_argument("--methods", help="comma-separated (default: every method)")
-    pe.add_argument("--config", default=str(DEFAULT_BUILD_CONFIG), help="build settings YAML (its proposals section)")
+    _add_labelled_frame_args(pe)
+    pe.add_argument("--methods", help="comma-separated (default: every method the config can run)")
     pe.add_argument("--out", help="folder for proposals_eval.json and recall_vs_proposals.png")
-    pe.add_argument("--min-object-side", type=int, default=40, help="objects smaller than this on a side are not counted")
-    pe.add_argument("--every", type=int, default=1, help="use frames i with i %% EVERY == OFFSET (a held-out split)")
-    pe.add_argument("--offset", type=int, default=0)
-    pe.add_argument("overrides", nargs="*", help="config overrides, e.g. proposals.max_proposals=30")
     pe.set_defaults(func=_cmd_proposals_eval)
+
+    pf = sub.add_parser("proposals-fit", help="fit the thermal_blobs_fitted ranking to a camera's labelled frames")
+    _add_labelled_frame_args(pf)
+    pf.add_argument("--out", required=True, help="the ranker JSON to write (then proposals.ranker=FILE)")
+    pf.add_argument("--l2", type=float, default=0.01, help="L2 penalty of the logistic regression")
+    pf.set_defaults(func=_cmd_proposals_fit)
 
     sp = sub.add_parser("split", help="write a seeded train.txt / val.txt for a dataset published without a split")
     sp.add_argument("--root", required=True, help="the dataset folder (the lists are written there)")

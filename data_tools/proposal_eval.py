@@ -18,7 +18,13 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from data_tools.proposals import RANKED, ProposalConfig, box_iou, compute_proposals
+from data_tools.proposals import (
+    METHODS,
+    RANKED,
+    ProposalConfig,
+    box_iou,
+    compute_proposals,
+)
 
 IOU_THRESHOLDS = (0.5, 0.7)
 SIZE_BUCKETS = (("40-96", 0.0, 96.0), ("96-192", 96.0, 192.0), ("192+", 192.0, float("inf")))
@@ -134,6 +140,18 @@ def _score_frame(result: MethodResult, frame: LabelledFrame, proposals: np.ndarr
     result.rank_hit += np.where(hit.any(axis=1), hit.argmax(axis=1), -1).tolist()
 
 
+def runnable_methods(base: ProposalConfig) -> list[str]:
+    """Every registered method this config can run (``thermal_blobs_fitted`` only with a ranker)."""
+    names = []
+    for name in sorted(METHODS):
+        try:
+            replace(base, method=name)
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
 def method_configs(base: ProposalConfig, methods: list[str], max_k: int) -> dict[str, ProposalConfig]:
     """One config per method; ranked methods keep up to ``max_k`` so that the curve can be read
     at every k up to it (the frame's first k boxes are what a cap of k keeps)."""
@@ -170,20 +188,20 @@ def plot_recall_curves(summaries: list[dict], path: Path, cap: int) -> None:
             cv2.polylines(canvas, [np.asarray(points, np.int32)], False, colour, 2)
         else:
             cv2.circle(canvas, to_px(s["proposals_per_frame"], s["recall"]["iou_0.5"]["all"] or 0), 6, colour, -1)
-        cv2.putText(canvas, s["method"], (w - right - 190, h - bottom - 20 - 20 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+        cv2.putText(canvas, s["method"], (w - right - 210, h - bottom - 20 - 20 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
                     colour, 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), canvas)
 
 
 def format_table(summaries: list[dict]) -> str:
-    head = (f"{'method':18s} {'frames':>6s} {'objects':>7s} {'found@.5':>8s} {'recall@.5':>9s} {'recall@.7':>9s} "
+    head = (f"{'method':20s} {'frames':>6s} {'objects':>7s} {'found@.5':>8s} {'recall@.5':>9s} {'recall@.7':>9s} "
             + " ".join(f"{'@.5 ' + n:>11s}" for n, _, _ in SIZE_BUCKETS) + f" {'props/frame':>11s} {'frames/s/core':>13s}")
     rows = [head]
     for s in summaries:
         r5, r7 = s["recall"]["iou_0.5"], s["recall"]["iou_0.7"]
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        rows.append(f"{s['method']:18s} {s['frames']:6d} {s['objects']:7d} {s['found_iou_0.5']:8d} "
+        rows.append(f"{s['method']:20s} {s['frames']:6d} {s['objects']:7d} {s['found_iou_0.5']:8d} "
                     f"{fmt(r5['all']):>9s} {fmt(r7['all']):>9s} "
                     + " ".join(f"{fmt(r5[n]):>11s}" for n, _, _ in SIZE_BUCKETS)
                     + f" {s['proposals_per_frame']:11.1f} {s['frames_per_second_one_core']:13.1f}")

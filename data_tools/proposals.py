@@ -1,6 +1,6 @@
 """Offline region proposals for object-sensitive RoI cropping (PAD, arXiv 2312.08192, Sec. 3.2).
 
-Two methods, chosen by ``proposals.method``:
+Three methods, chosen by ``proposals.method``:
 
 - ``thermal_blobs`` (default): people, vehicles and animals in infrared frames are mostly warmer
   or colder compact regions against a smoother background, with weak texture. The frame is
@@ -18,6 +18,8 @@ Two methods, chosen by ``proposals.method``:
   lower contrast per pixel than lamps and exhausts), thinned by non-maximum suppression and capped
   (``max_proposals``): the crop sampler draws proposals uniformly, so junk boxes dilute the crops
   as much as missing boxes do.
+- ``thermal_blobs_fitted`` (``proposal_ranker.py``): the same candidates, suppression and cap,
+  ranked by a logistic model fitted to one camera's labelled frames (``proposals-fit``).
 - ``selective_search``: PAD's own step, the faithful baseline: selective search with scale 600,
   sigma 0.9, min_size 30, then PAD's filter; every box kept (PAD keeps about 17 per frame). We use
   OpenCV's C++ implementation rather than the pure-Python package PAD called (same four grouping
@@ -27,9 +29,9 @@ Two methods, chosen by ``proposals.method``:
   sorted, which makes them deterministic.
 
 Both are deterministic (same frame, same boxes) and return unique, in-image boxes (x, y, w, h)
-int32, best first for the ranked method. 16-bit frames go through the same intensity
-normalisation as the network input (``to_uint8``). A new method is a function registered in
-``METHODS``; ``python -m data_tools proposals-eval`` measures any of them on labelled frames.
+int32, best first for the ranked methods. 16-bit frames go through the same intensity
+normalisation as the network input (``to_uint8``). A new method is a module that calls
+``register_method``; ``python -m data_tools proposals-eval`` measures any of them on labelled frames.
 """
 from __future__ import annotations
 
@@ -70,6 +72,8 @@ class ProposalConfig:
     blob_views: tuple[str, ...] = BLOB_VIEWS  # intensity mappings blobs are looked for in
     blob_size_power: float = 0.75  # score = ring contrast x sqrt(area) ** power
     nms_iou: float = 0.5
+    # thermal_blobs_fitted: the ranking fitted on labelled frames of a camera (JSON, proposals-fit).
+    ranker: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -84,6 +88,8 @@ class ProposalConfig:
         for name in ("blob_sides", "blob_backgrounds", "blob_thresholds", "blob_views"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "blob_closings", tuple(tuple(c) for c in self.blob_closings))
+        if self.method in CONFIG_CHECKS:
+            CONFIG_CHECKS[self.method](self)
 
 
 # --- shared box helpers --------------------------------------------------------------------------
@@ -305,26 +311,53 @@ def _blob_candidates(image_u8: np.ndarray, side: int, background: float,
     return in_frame, contrast * np.sqrt(in_frame[:, 2] * in_frame[:, 3]) ** cfg.blob_size_power
 
 
-def thermal_blob_proposals(image_u8: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
-    """Ranked thermal-blob boxes, best first (see the module docstring)."""
-    grey = image_u8 if image_u8.ndim == 2 else cv2.cvtColor(image_u8, cv2.COLOR_BGR2GRAY)
+def grey_frame(image_u8: np.ndarray) -> np.ndarray:
+    return image_u8 if image_u8.ndim == 2 else cv2.cvtColor(image_u8, cv2.COLOR_BGR2GRAY)
+
+
+def thermal_blob_candidates(grey: np.ndarray, cfg: ProposalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Every filtered thermal-blob box of a grey uint8 frame, (N, 4) float64 xywh in whole frame
+    pixels, and its contrast-and-size score, before non-maximum suppression and the cap."""
     h, w = grey.shape
     parts = [_blob_candidates(grey, side, bg, cfg) for side, bg in zip(cfg.blob_sides, cfg.blob_backgrounds)]
     boxes = round_to_image(np.concatenate([p[0] for p in parts]), w, h)
     scores = np.concatenate([p[1] for p in parts])
     keep = filter_mask(boxes, cfg)
-    boxes, scores = boxes[keep], scores[keep]
+    return boxes[keep], scores[keep]
+
+
+def ranked_boxes(boxes: np.ndarray, scores: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
+    """The best ``max_proposals`` boxes by score after non-maximum suppression, int32, best first."""
     if len(boxes) == 0:
         return np.zeros((0, 4), np.int32)
-    chosen = greedy_nms(boxes, scores, cfg.nms_iou, cfg.max_proposals)
-    return boxes[chosen].astype(np.int32)
+    return boxes[greedy_nms(boxes, scores, cfg.nms_iou, cfg.max_proposals)].astype(np.int32)
 
 
-METHODS: dict[str, Callable[[np.ndarray, ProposalConfig], np.ndarray]] = {
-    "thermal_blobs": thermal_blob_proposals,
-    "selective_search": selective_search_proposals,
-}
-RANKED = {"thermal_blobs"}  # methods whose order is a ranking (best first)
+def thermal_blob_proposals(image_u8: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
+    """Ranked thermal-blob boxes, best first (see the module docstring)."""
+    return ranked_boxes(*thermal_blob_candidates(grey_frame(image_u8), cfg), cfg)
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+METHODS: dict[str, Callable[[np.ndarray, ProposalConfig], np.ndarray]] = {}
+RANKED: set[str] = set()  # methods whose order is a ranking (best first)
+CONFIG_CHECKS: dict[str, Callable[[ProposalConfig], None]] = {}
+
+
+def register_method(name: str, fn: Callable[[np.ndarray, ProposalConfig], np.ndarray], ranked: bool,
+                    check: Callable[[ProposalConfig], None] | None = None) -> None:
+    """Make ``proposals.method=name`` run ``fn(frame_u8, cfg)``; ``check(cfg)`` raises ValueError
+    for a config the method cannot run with (called when the config is made)."""
+    METHODS[name] = fn
+    if ranked:
+        RANKED.add(name)
+    if check is not None:
+        CONFIG_CHECKS[name] = check
+
+
+register_method("thermal_blobs", thermal_blob_proposals, ranked=True)
+register_method("selective_search", selective_search_proposals, ranked=False)
 
 
 def compute_proposals(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
@@ -332,3 +365,7 @@ def compute_proposals(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
     if not cfg.enabled:
         return np.zeros((0, 4), np.int32)
     return METHODS[cfg.method](to_uint8(image), cfg)
+
+
+# A method in its own module registers itself on import (after everything it uses is defined above).
+from data_tools import proposal_ranker  # noqa: E402,F401

@@ -33,7 +33,7 @@ class ImageSchema(Section):
 
 class ProposalSchema(Section):
     enabled: bool
-    method: Literal["thermal_blobs", "selective_search"]
+    method: Literal["thermal_blobs", "thermal_blobs_fitted", "selective_search"]
     max_proposals: PosInt
     min_region_pixels: NonNegInt
     min_side: NonNegInt
@@ -50,6 +50,7 @@ class ProposalSchema(Section):
     blob_views: Annotated[list[Literal["linear", "equalized"]], Field(min_length=1)]
     blob_size_power: NonNegFloat
     nms_iou: Annotated[float, Field(gt=0, le=1)]
+    ranker: Annotated[str, Field(min_length=1)] | None
 
     @model_validator(mode="after")
     def _one_background_per_side(self):

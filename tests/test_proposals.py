@@ -20,7 +20,7 @@ from data_tools.proposals import (
     greedy_nms,
     unique_boxes,
 )
-from tests.conftest import shared_path
+from tests.conftest import proposal_overrides, shared_path
 
 
 def _summary(gt, proposals, cap=None, method="selective_search"):
@@ -77,8 +77,8 @@ def real_frames():
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_each_method_returns_unique_in_image_filtered_deterministic_boxes(method, real_frames):
-    cfg = ProposalConfig(method=method)
+def test_each_method_returns_unique_in_image_filtered_deterministic_boxes(method, real_frames, msrs_ranker):
+    cfg = ProposalConfig(**proposal_overrides(method, msrs_ranker))
     for image in real_frames:
         boxes = compute_proposals(image, cfg)
         h, w = image.shape
@@ -165,7 +165,7 @@ def test_the_equalised_view_finds_a_parked_car_the_linear_view_misses():
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_build_with_each_method_writes_readable_shards(method, tmp_path):
+def test_build_with_each_method_writes_readable_shards(method, tmp_path, msrs_ranker):
     from data_tools.build import build_shards
     from data_tools.cli import DEFAULT_BUILD_CONFIG
     from data_tools.config import load_config
@@ -173,7 +173,8 @@ def test_build_with_each_method_writes_readable_shards(method, tmp_path):
     from data_tools.sources import Source
 
     root = shared_path("msrs20", "ir")
-    cfg = load_config(DEFAULT_BUILD_CONFIG, [f"proposals.method={method}"])
+    cfg = load_config(DEFAULT_BUILD_CONFIG, [f"proposals.{k}={'null' if v is None else v}"
+                                             for k, v in proposal_overrides(method, msrs_ranker).items()])
     manifest = build_shards([Source("msrs", str(root), stride=5)], cfg, tmp_path / "out", workers=1, progress=False)
     assert manifest["totals"]["written"] == 4
     samples = [decode_sample(m) for e in manifest["shards"] for _, m in iter_shard(str(tmp_path / "out" / e["shard"]))]

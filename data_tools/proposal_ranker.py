@@ -1,0 +1,278 @@
+"""``thermal_blobs_fitted``: thermal-blob candidates ranked by a model fitted to one camera.
+
+The hand-made ranking of ``thermal_blobs`` (ring contrast x size) is the same for every camera,
+and where it fails is camera-specific: on daytime driving frames a sky-to-treeline band
+out-contrasts a small car, and a blob box that takes in the warm road under a car outranks the
+box on the car. A user with a few dozen labelled frames of their own camera can fit the ranking
+to it: ``python -m data_tools proposals-fit`` labels every candidate box of those frames by
+whether it finds an object (IoU >= 0.5 with a labelled box), fits a logistic regression on a
+few dozen box features (the hand score, the box-vs-ring contrast at three ring widths in both
+views, the spread inside and around it, size, shape, position in the frame, edge contact, edge
+strength) and writes it as a small JSON file; ``proposals.method=thermal_blobs_fitted
+proposals.ranker=FILE`` then ranks the same candidates by it, before the same non-maximum
+suppression and cap. Candidates, suppression and cap are those of ``thermal_blobs``, so only the
+order changes. The file holds numbers only: loading it runs no code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+
+from data_tools.proposals import (
+    ProposalConfig,
+    box_iou,
+    grey_frame,
+    ranked_boxes,
+    register_method,
+    thermal_blob_candidates,
+)
+
+FORMAT = "thermal-blob-ranker"
+VERSION = 1
+RINGS = (0.1, 0.25, 0.5)  # ring width around a box, share of its sides
+VIEWS = ("linear", "equalized")
+FEATURES = (
+    ["log_score"]
+    + [f"{view}_ring{ring}_{stat}" for view in VIEWS for ring in RINGS
+       for stat in ("contrast", "polarity", "inside_std", "ring_std")]
+    + ["log_area_share", "log_aspect", "centre_y", "centre_x_offset", "touches_top", "touches_bottom",
+       "touches_side", "edge_strength"]
+)
+# The candidate settings a ranker is tied to: other candidates or scores are another population.
+CANDIDATE_KEYS = ("min_region_pixels", "min_side", "max_aspect", "blob_sides", "blob_backgrounds",
+                  "blob_thresholds", "blob_closings", "blob_merge_gap", "blob_views", "blob_size_power")
+HIT_IOU = 0.5
+
+
+class RankerError(ValueError):
+    pass
+
+
+# --- features -----------------------------------------------------------------------------------
+
+def _integrals(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integral images of the values and of their squares (float64)."""
+    total, squares = cv2.integral2(image, sdepth=cv2.CV_64F, sqdepth=cv2.CV_64F)
+    return total, squares
+
+
+def _ring_stats(integrals: tuple[np.ndarray, np.ndarray], boxes: np.ndarray, ring: float) -> tuple[np.ndarray, ...]:
+    """Mean inside minus mean of the ring around each box, and both standard deviations, from a
+    frame's integral images of values and squares (thousands of boxes per frame)."""
+    s1, s2 = integrals
+    h, w = s1.shape[0] - 1, s1.shape[1] - 1
+    x0 = np.clip(boxes[:, 0], 0, w).astype(int)
+    y0 = np.clip(boxes[:, 1], 0, h).astype(int)
+    x1 = np.clip(boxes[:, 0] + boxes[:, 2], 0, w).astype(int)
+    y1 = np.clip(boxes[:, 1] + boxes[:, 3], 0, h).astype(int)
+    rx = np.maximum((boxes[:, 2] * ring).astype(int), 1)
+    ry = np.maximum((boxes[:, 3] * ring).astype(int), 1)
+    ox0, oy0 = np.clip(x0 - rx, 0, w), np.clip(y0 - ry, 0, h)
+    ox1, oy1 = np.clip(x1 + rx, 0, w), np.clip(y1 + ry, 0, h)
+
+    def total(s, a, b, c, d):
+        return s[d, c] - s[b, c] - s[d, a] + s[b, a]
+
+    n_in = np.maximum((x1 - x0) * (y1 - y0), 1)
+    n_ring = np.maximum((ox1 - ox0) * (oy1 - oy0) - n_in, 1)
+    sum_in, sq_in = total(s1, x0, y0, x1, y1), total(s2, x0, y0, x1, y1)
+    sum_ring = total(s1, ox0, oy0, ox1, oy1) - sum_in
+    sq_ring = total(s2, ox0, oy0, ox1, oy1) - sq_in
+    mean_in, mean_ring = sum_in / n_in, sum_ring / n_ring
+    std_in = np.sqrt(np.maximum(sq_in / n_in - mean_in ** 2, 0))
+    std_ring = np.sqrt(np.maximum(sq_ring / n_ring - mean_ring ** 2, 0))
+    return mean_in - mean_ring, std_in, std_ring
+
+
+def box_features(grey: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(N, len(FEATURES)) features of candidate boxes (frame pixels) of a grey uint8 frame."""
+    h, w = grey.shape
+    boxes = boxes.astype(np.float64)
+    equalized = cv2.equalizeHist(grey)
+    columns = [np.log(np.maximum(scores, 1e-9))]
+    for view in (grey, equalized):
+        spread = float(view.std()) + 1e-6
+        integrals = _integrals(view)
+        for ring in RINGS:
+            diff, std_in, std_ring = _ring_stats(integrals, boxes, ring)
+            columns += [np.abs(diff) / spread, np.sign(diff), std_in / spread, std_ring / spread]
+    smooth = cv2.GaussianBlur(equalized, (0, 0), 1.5)
+    gradient = cv2.magnitude(cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1))
+    # Edges inside the box beyond those of its thin ring, against the frame's mean edge strength.
+    edges, _, _ = _ring_stats(_integrals(gradient), boxes, RINGS[0])
+    x, y, bw, bh = boxes.T
+    columns += [
+        np.log(bw * bh / (w * h)), np.log(bw / bh), (y + bh / 2) / h, np.abs((x + bw / 2) / w - 0.5),
+        (y <= 1).astype(float), (y + bh >= h - 1).astype(float), ((x <= 1) | (x + bw >= w - 1)).astype(float),
+        edges / (float(gradient.mean()) + 1e-6),
+    ]
+    return np.stack(columns, axis=1)
+
+
+# --- fitting ------------------------------------------------------------------------------------
+
+def candidate_table(frames: Iterable[tuple[np.ndarray, np.ndarray]], cfg: ProposalConfig):
+    """Features and hit labels (IoU >= 0.5 with a labelled box) of every candidate of
+    (grey uint8 frame, labelled boxes) pairs; also the number of frames and objects."""
+    features, hits, n_frames, n_objects = [], [], 0, 0
+    for grey, objects in frames:
+        boxes, scores = thermal_blob_candidates(grey, cfg)
+        n_frames += 1
+        n_objects += len(objects)
+        if len(boxes) == 0:
+            continue
+        features.append(box_features(grey, boxes, scores))
+        hit = box_iou(boxes, objects).max(axis=1) >= HIT_IOU if len(objects) else np.zeros(len(boxes), bool)
+        hits.append(hit)
+    if not features:
+        raise RankerError("no candidate boxes on these frames: nothing to fit")
+    return np.concatenate(features), np.concatenate(hits), n_frames, n_objects
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 100) -> tuple[np.ndarray, float]:
+    """Class-balanced, L2-regularised logistic regression by Newton's method on standardised
+    features. Ours rather than scikit-learn's (not a dependency of the project): about forty
+    features, deterministic, and a dozen Newton steps."""
+    z = np.hstack([x, np.ones((len(x), 1))])
+    positive = float(y.mean())
+    if positive in (0.0, 1.0):
+        raise RankerError("the candidates are all hits or all misses: label more frames with objects")
+    weight = np.where(y, 0.5 / positive, 0.5 / (1 - positive)) / len(y)
+    penalty = np.full(z.shape[1], l2)
+    penalty[-1] = 0.0  # the bias is not shrunk
+    w = np.zeros(z.shape[1])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(z @ w, -30, 30)))
+        gradient = z.T @ (weight * (p - y)) + penalty * w
+        hessian = (z * (weight * p * (1 - p))[:, None]).T @ z + np.diag(penalty + 1e-9)
+        step = np.linalg.solve(hessian, gradient)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w[:-1], float(w[-1])
+
+
+def fit_ranker(frames: Iterable[tuple[np.ndarray, np.ndarray]], cfg: ProposalConfig, l2: float = 0.01,
+               sources: list[str] | None = None) -> dict:
+    """A ranker (the JSON-ready dict ``save_ranker`` writes) fitted on (grey frame, boxes) pairs."""
+    if not l2 > 0:
+        raise RankerError(f"l2 must be > 0, got {l2}")
+    x, y, n_frames, n_objects = candidate_table(frames, cfg)
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    weights, bias = fit_logistic((x - mean) / scale, y.astype(np.float64), l2)
+    return {
+        "format": FORMAT, "version": VERSION, "features": list(FEATURES),
+        "mean": mean.tolist(), "scale": scale.tolist(), "weights": weights.tolist(), "bias": bias,
+        "candidates": _candidate_settings(cfg), "l2": l2,
+        "fitted_on": {"frames": n_frames, "objects": n_objects, "candidates": int(len(y)),
+                      "hits": int(y.sum()), "sources": sources or []},
+    }
+
+
+def _candidate_settings(cfg: ProposalConfig) -> dict:
+    settings = asdict(cfg)
+    return {k: json.loads(json.dumps(settings[k])) for k in CANDIDATE_KEYS}
+
+
+# --- file ---------------------------------------------------------------------------------------
+
+def save_ranker(ranker: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ranker, indent=1) + "\n")
+
+
+class Ranker:
+    def __init__(self, data: dict, source: str):
+        self.data = data
+        self.mean = np.asarray(data["mean"], np.float64)
+        self.scale = np.asarray(data["scale"], np.float64)
+        self.weights = np.asarray(data["weights"], np.float64)
+        self.bias = float(data["bias"])
+        self.source = source
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        return ((features - self.mean) / self.scale) @ self.weights + self.bias
+
+    def check_candidates(self, cfg: ProposalConfig) -> None:
+        ours = _candidate_settings(cfg)
+        differ = sorted(k for k in CANDIDATE_KEYS if ours[k] != self.data["candidates"].get(k))
+        if differ:
+            shown = ", ".join(f"proposals.{k}={self.data['candidates'].get(k)} (now {ours[k]})" for k in differ)
+            raise RankerError(f"{self.source}: fitted on other candidates: {shown}; fit it again or use those settings")
+
+
+def _bad(path, why: str) -> RankerError:
+    return RankerError(f"{path}: not a usable proposal ranker: {why}")
+
+
+def parse_ranker(text: str, source: str = "ranker") -> Ranker:
+    """A ranker from its JSON text, every field checked (numbers only: nothing in it runs)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _bad(source, f"invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise _bad(source, f"expected a JSON object with \"format\": \"{FORMAT}\" (written by proposals-fit)")
+    if data.get("version") != VERSION:
+        raise _bad(source, f"version {data.get('version')!r}, this code reads version {VERSION}")
+    if data.get("features") != list(FEATURES):
+        raise _bad(source, "its feature list differs from this code's: fit it again with this version")
+    for key in ("mean", "scale", "weights"):
+        values = data.get(key)
+        if not isinstance(values, list) or len(values) != len(FEATURES) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise _bad(source, f"{key!r} must be {len(FEATURES)} finite numbers")
+    if any(v <= 0 for v in data["scale"]):
+        raise _bad(source, "'scale' must be positive")
+    bias = data.get("bias")
+    if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias):
+        raise _bad(source, "'bias' must be a finite number")
+    if not isinstance(data.get("candidates"), dict):
+        raise _bad(source, "'candidates' (the candidate settings it was fitted with) is missing")
+    return Ranker(data, source)
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str, digest: str) -> Ranker:
+    return parse_ranker(Path(path).read_text(), path)
+
+
+def load_ranker(path: str | Path) -> Ranker:
+    """The ranker in ``path``, read once per process and content (workers build many frames)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RankerError(f"proposals.ranker: no such file {path} (fit one with python -m data_tools proposals-fit)")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _load_cached(str(path), digest)
+
+
+# --- the method ---------------------------------------------------------------------------------
+
+def fitted_proposals(image_u8: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
+    """``thermal_blobs`` candidates, ranked by the fitted model, suppressed and capped."""
+    ranker = load_ranker(cfg.ranker)
+    grey = grey_frame(image_u8)
+    boxes, scores = thermal_blob_candidates(grey, cfg)
+    if len(boxes) == 0:
+        return np.zeros((0, 4), np.int32)
+    return ranked_boxes(boxes, ranker.score(box_features(grey, boxes, scores)), cfg)
+
+
+def _check_config(cfg: ProposalConfig) -> None:
+    if not cfg.ranker:
+        raise ValueError("proposals.method=thermal_blobs_fitted needs proposals.ranker=FILE "
+                         "(fit one on labelled frames with python -m data_tools proposals-fit)")
+    load_ranker(cfg.ranker).check_candidates(cfg)
+
+
+register_method("thermal_blobs_fitted", fitted_proposals, ranked=True, check=_check_config)
