@@ -20,6 +20,8 @@
 #                    the dataset folder as it unpacks (sets data.root of the seg / det config)
 #   --out DIR        where outputs go (default: ./outputs)
 #   --workers N      shard-builder worker processes (default: number of CPUs)
+#   --ranker FILE    rank the region proposals with a ranker fitted to your camera
+#                    (python -m data_tools proposals-fit; proposals.method=thermal_blobs_fitted)
 #   --nproc N        training processes per node (N > 1: torchrun; one per GPU on GPU machines)
 #   --nnodes N       nodes for torchrun: run the same training stage on every node, each with its
 #                    --node-rank, after the shards (and export) exist on a shared filesystem
@@ -40,6 +42,7 @@ PYTHON_BOOT="python3"
 OUT="$ROOT/outputs"
 DATA=""
 WORKERS=""
+RANKER=""
 PRETRAIN_CONFIG="$ROOT/configs/pretrain/tiny.yaml"
 SEG_CONFIG=""
 DET_CONFIG=""
@@ -66,6 +69,8 @@ while [[ $# -gt 0 ]]; do
     --data)    DATA="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --out)     mkdir -p "$2"; OUT="$(cd "$2" && pwd)"; shift 2 ;;
     --workers) WORKERS="$2"; shift 2 ;;
+    --ranker)  [[ -f "$2" ]] || fail "--ranker $2: no such file (fit one with python -m data_tools proposals-fit)"
+               RANKER="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --config)  PRETRAIN_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --seg-config) SEG_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --det-config) DET_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
@@ -86,7 +91,7 @@ while [[ $# -gt 0 ]]; do
     --launcher-args) read -r -a LAUNCHER_ARGS <<< "$2"; shift 2 ;;
     --)        shift; EXTRA=("$@"); break ;;
     --python)  PYTHON_BOOT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
     test)      STAGES+=(test); shift; TEST_ARGS=("$@"); break ;;
     setup|synth|shards|pretrain|export|seg|det|all) STAGES+=("$1"); shift ;;
     *) fail "unknown argument '$1' (see ./run.sh --help)" ;;
@@ -146,6 +151,7 @@ stage_shards() {
   fi
   local wargs=()
   [[ -n "$WORKERS" ]] && wargs=(--workers "$WORKERS")
+  [[ -n "$RANKER" ]] && wargs+=(proposals.method=thermal_blobs_fitted "proposals.ranker=$RANKER")
   say "shards: building WebDataset shards with region proposals from $sources into $OUT/shards"
   PY -m data_tools build --sources "$sources" --out "$OUT/shards" "${wargs[@]}" \
     || fail "stage shards failed (rerun the same command to resume)"

@@ -131,7 +131,8 @@ def test_bad_launcher_options_are_refused_before_any_work(tmp_path):
                        (["--seg-preset", "mfnett"], "no preset 'mfnett'; choose one of: "),
                        (["--seg-preset", "mfnet"], "--seg-preset mfnet needs --seg-root DIR"),
                        (["--det-preset", "llvip", "--det-root", str(tmp_path / "nowhere")], "not a folder"),
-                       (["--det-root", str(tmp_path)], "--det-root needs --det-preset NAME or --det-config FILE")):
+                       (["--det-root", str(tmp_path)], "--det-root needs --det-preset NAME or --det-config FILE"),
+                       (["--ranker", str(tmp_path / "none.json")], "--ranker")):
         res = _run_sh("--out", str(tmp_path / "out"), *args)
         assert res.returncode != 0 and said in res.stderr, (args, res.stderr)
     assert not (tmp_path / "out" / "synth").exists()
@@ -173,3 +174,19 @@ def test_own_data_pretrains_then_fine_tunes_what_it_is_given_and_says_how_to_run
     assert "det: skipped: --data gives pre-training frames only" in log and "--det-config" in log
     assert "--det-preset NAME --det-root DIR" in log and not (out / "det").exists()
     assert re.search(r"^  backbone ", log[log.index("==> summary"):], re.M)
+
+
+def test_shards_stage_ranks_proposals_with_a_fitted_ranker(tmp_path, msrs_ranker):
+    """`./run.sh shards --data SOURCES --ranker FILE` builds with thermal_blobs_fitted."""
+    from data_tools.shards import decode_sample, iter_shard
+    from tests.conftest import shared_path
+
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(f"sources:\n  - name: msrs\n    root: {shared_path('msrs20', 'ir')}\n    stride: 10\n")
+    out = tmp_path / "out"
+    _ok(_run_sh("shards", "--data", str(sources), "--out", str(out), "--workers", "1", "--ranker", str(msrs_ranker)))
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["config"]["proposals"]["method"] == "thermal_blobs_fitted"
+    assert manifest["config"]["proposals_ranker_sha256"]
+    metas = [decode_sample(m)[2] for e in manifest["shards"] for _, m in iter_shard(str(out / "shards" / e["shard"]))]
+    assert len(metas) == 2 and {m["proposals_method"] for m in metas} == {"thermal_blobs_fitted"}
