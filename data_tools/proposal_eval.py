@@ -18,6 +18,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from data_tools.files import sha256_file
 from data_tools.proposals import (
     METHODS,
     RANKED,
@@ -217,6 +218,8 @@ def run(sources, base: ProposalConfig, methods: list[str], out: Path | None, min
     summaries = [r.summary() for r in results.values()]
     for s in summaries:
         s.update(cap=base.max_proposals, min_object_side=min_object_side, split={"every": every, "offset": offset})
+        if s["method"] == "thermal_blobs_fitted":  # which ranking was measured, by content
+            s["ranker"] = {"path": base.ranker, "sha256": sha256_file(base.ranker)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "proposals_eval.json").write_text(json.dumps(summaries, indent=1))

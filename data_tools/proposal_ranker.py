@@ -105,7 +105,10 @@ def box_features(grey: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> np.
             diff, std_in, std_ring = _ring_stats(integrals, boxes, ring)
             columns += [np.abs(diff) / spread, np.sign(diff), std_in / spread, std_ring / spread]
     smooth = cv2.GaussianBlur(equalized, (0, 0), 1.5)
-    gradient = cv2.magnitude(cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1))
+    gx, gy = cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1)
+    # numpy, not cv2.magnitude: the latter's last bits changed from call to call with the same
+    # input (its SIMD path seems to follow the arrays' memory alignment), and a fit must repeat.
+    gradient = np.sqrt(gx * gx + gy * gy)
     # Edges inside the box beyond those of its thin ring, against the frame's mean edge strength.
     edges, _, _ = _ring_stats(_integrals(gradient), boxes, RINGS[0])
     x, y, bw, bh = boxes.T
@@ -132,8 +135,10 @@ def candidate_table(frames: Iterable[tuple[np.ndarray, np.ndarray]], cfg: Propos
         features.append(box_features(grey, boxes, scores))
         hit = box_iou(boxes, objects).max(axis=1) >= HIT_IOU if len(objects) else np.zeros(len(boxes), bool)
         hits.append(hit)
+    if n_frames == 0:
+        raise RankerError("no labelled frames in these sources (proposals-fit needs boxes or masks)")
     if not features:
-        raise RankerError("no candidate boxes on these frames: nothing to fit")
+        raise RankerError(f"no candidate boxes on the {n_frames} labelled frames: nothing to fit")
     return np.concatenate(features), np.concatenate(hits), n_frames, n_objects
 
 

@@ -45,6 +45,23 @@ def test_the_fitted_ranker_file_is_numbers_and_reads_back(msrs_ranker):
     assert load_ranker(msrs_ranker) is ranker  # read once per process and content
 
 
+def test_fitting_twice_writes_the_same_file_and_unlabelled_sources_are_refused(msrs_ranker, tmp_path, capsys):
+    from data_tools.cli import main
+
+    msrs = shared_path("msrs20")
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(f"sources:\n  - name: msrs\n    root: {msrs / 'ir'}\n    boxes: {{format: yolo, "
+                       f"path: {msrs / 'labels_ir'}, classes: [person, bicycle, car]}}\n")
+    again = tmp_path / "again.json"
+    assert main(["proposals-fit", "--sources", str(sources), "--every", "2", "--out", str(again)]) == 0
+    first, second = json.loads(msrs_ranker.read_text()), json.loads(again.read_text())
+    assert {**first, "fitted_on": None} == {**second, "fitted_on": None}  # same weights to the last digit
+    unlabelled = tmp_path / "unlabelled.yaml"
+    unlabelled.write_text(f"sources:\n  - name: ir\n    root: {msrs / 'ir'}\n")
+    assert main(["proposals-fit", "--sources", str(unlabelled), "--out", str(tmp_path / "x.json")]) == 2
+    assert "no labelled frames" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
 def _good(msrs_ranker) -> dict:
     return json.loads(msrs_ranker.read_text())
 
@@ -123,6 +140,7 @@ def test_fitted_on_half_a_camera_it_finds_more_on_the_other_half(tmp_path, capsy
                  f"proposals.ranker={ranker}"]) == 0
     summaries = {s["method"]: s for s in json.loads((tmp_path / "eval" / "proposals_eval.json").read_text())}
     fitted, hand = summaries["thermal_blobs_fitted"], summaries["thermal_blobs"]
+    assert fitted["ranker"]["path"] == str(ranker) and len(fitted["ranker"]["sha256"]) == 64 and "ranker" not in hand
     assert fitted["objects"] == hand["objects"] == 44 and fitted["proposals_per_frame"] <= 50
     assert fitted["recall"]["iou_0.5"]["all"] >= 0.84
     assert fitted["recall"]["iou_0.5"]["all"] >= hand["recall"]["iou_0.5"]["all"] + 0.08
