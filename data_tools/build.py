@@ -28,7 +28,7 @@ from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, box
 from data_tools.config import check_config, config_hash, save_resolved, to_container
 from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, read_frame, read_mask
 from data_tools.manifest import MANIFEST, read_manifest
-from data_tools.proposals import ProposalConfig, compute_proposals, unique_boxes
+from data_tools.proposals import ProposalConfig, compute_proposals, method_input_files, unique_boxes
 from data_tools.schema import BuildConfig
 from data_tools.files import atomic_write_text, sha256_file
 from data_tools.shards import ENCODINGS, ShardFile, encode_image, encode_sample, sample_key, tar_bytes
@@ -127,15 +127,15 @@ def _init_worker() -> None:
 
 def build_identity(sources: list[Source], cfg: dict) -> dict[str, Any]:
     """Everything that determines the output bytes (the worker count does not), including the
-    content of a fitted proposal ranker (a file refitted under the same name is another build)."""
+    content of the files a proposal method reads (a ranker refitted under the same name is another build)."""
     pcfg = ProposalConfig(**cfg["proposals"])  # a method's own checks fail here, before any work
     identity = {
         "schema_version": SAMPLE_SCHEMA_VERSION,
         "sources": [s.describe() for s in sources],
         "image": cfg["image"], "proposals": cfg["proposals"], "shards": cfg["shards"],
     }
-    if pcfg.method == "thermal_blobs_fitted":
-        identity["proposals_ranker_sha256"] = sha256_file(pcfg.ranker)
+    for field, path in method_input_files(pcfg).items():
+        identity[f"proposals_{field}_sha256"] = sha256_file(path)
     return identity
 
 

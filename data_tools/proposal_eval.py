@@ -25,6 +25,7 @@ from data_tools.proposals import (
     ProposalConfig,
     box_iou,
     compute_proposals,
+    method_input_files,
 )
 
 IOU_THRESHOLDS = (0.5, 0.7)
@@ -214,12 +215,13 @@ def run(sources, base: ProposalConfig, methods: list[str], out: Path | None, min
     frames = list(labelled_frames(sources, min_object_side, every, offset))
     if not frames:
         raise ValueError("no labelled frames in these sources (proposals-eval needs boxes or masks)")
-    results = evaluate(frames, method_configs(base, methods, max_k), base.max_proposals)
+    configs = method_configs(base, methods, max_k)
+    results = evaluate(frames, configs, base.max_proposals)
     summaries = [r.summary() for r in results.values()]
     for s in summaries:
         s.update(cap=base.max_proposals, min_object_side=min_object_side, split={"every": every, "offset": offset})
-        if s["method"] == "thermal_blobs_fitted":  # which ranking was measured, by content
-            s["ranker"] = {"path": base.ranker, "sha256": sha256_file(base.ranker)}
+        for name, path in method_input_files(configs[s["method"]]).items():  # what was measured, by content
+            s[name] = {"path": path, "sha256": sha256_file(path)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "proposals_eval.json").write_text(json.dumps(summaries, indent=1))

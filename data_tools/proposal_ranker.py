@@ -15,7 +15,6 @@ order changes. The file holds numbers only: loading it runs no code.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict
@@ -30,8 +29,10 @@ from data_tools.proposals import (
     ProposalConfig,
     box_iou,
     grey_frame,
+    integral_images,
     ranked_boxes,
     register_method,
+    ring_statistics,
     thermal_blob_candidates,
 )
 
@@ -58,40 +59,6 @@ class RankerError(ValueError):
 
 # --- features -----------------------------------------------------------------------------------
 
-def _integrals(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integral images of the values and of their squares (float64)."""
-    total, squares = cv2.integral2(image, sdepth=cv2.CV_64F, sqdepth=cv2.CV_64F)
-    return total, squares
-
-
-def _ring_stats(integrals: tuple[np.ndarray, np.ndarray], boxes: np.ndarray, ring: float) -> tuple[np.ndarray, ...]:
-    """Mean inside minus mean of the ring around each box, and both standard deviations, from a
-    frame's integral images of values and squares (thousands of boxes per frame)."""
-    s1, s2 = integrals
-    h, w = s1.shape[0] - 1, s1.shape[1] - 1
-    x0 = np.clip(boxes[:, 0], 0, w).astype(int)
-    y0 = np.clip(boxes[:, 1], 0, h).astype(int)
-    x1 = np.clip(boxes[:, 0] + boxes[:, 2], 0, w).astype(int)
-    y1 = np.clip(boxes[:, 1] + boxes[:, 3], 0, h).astype(int)
-    rx = np.maximum((boxes[:, 2] * ring).astype(int), 1)
-    ry = np.maximum((boxes[:, 3] * ring).astype(int), 1)
-    ox0, oy0 = np.clip(x0 - rx, 0, w), np.clip(y0 - ry, 0, h)
-    ox1, oy1 = np.clip(x1 + rx, 0, w), np.clip(y1 + ry, 0, h)
-
-    def total(s, a, b, c, d):
-        return s[d, c] - s[b, c] - s[d, a] + s[b, a]
-
-    n_in = np.maximum((x1 - x0) * (y1 - y0), 1)
-    n_ring = np.maximum((ox1 - ox0) * (oy1 - oy0) - n_in, 1)
-    sum_in, sq_in = total(s1, x0, y0, x1, y1), total(s2, x0, y0, x1, y1)
-    sum_ring = total(s1, ox0, oy0, ox1, oy1) - sum_in
-    sq_ring = total(s2, ox0, oy0, ox1, oy1) - sq_in
-    mean_in, mean_ring = sum_in / n_in, sum_ring / n_ring
-    std_in = np.sqrt(np.maximum(sq_in / n_in - mean_in ** 2, 0))
-    std_ring = np.sqrt(np.maximum(sq_ring / n_ring - mean_ring ** 2, 0))
-    return mean_in - mean_ring, std_in, std_ring
-
-
 def box_features(grey: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """(N, len(FEATURES)) features of candidate boxes (frame pixels) of a grey uint8 frame."""
     h, w = grey.shape
@@ -100,9 +67,9 @@ def box_features(grey: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> np.
     columns = [np.log(np.maximum(scores, 1e-9))]
     for view in (grey, equalized):
         spread = float(view.std()) + 1e-6
-        integrals = _integrals(view)
+        integrals = integral_images(view, squares=True)
         for ring in RINGS:
-            diff, std_in, std_ring = _ring_stats(integrals, boxes, ring)
+            diff, std_in, std_ring = ring_statistics(integrals, boxes, ring)
             columns += [np.abs(diff) / spread, np.sign(diff), std_in / spread, std_ring / spread]
     smooth = cv2.GaussianBlur(equalized, (0, 0), 1.5)
     gx, gy = cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1)
@@ -110,7 +77,7 @@ def box_features(grey: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> np.
     # input (its SIMD path seems to follow the arrays' memory alignment), and a fit must repeat.
     gradient = np.sqrt(gx * gx + gy * gy)
     # Edges inside the box beyond those of its thin ring, against the frame's mean edge strength.
-    edges, _, _ = _ring_stats(_integrals(gradient), boxes, RINGS[0])
+    edges, _, _ = ring_statistics(integral_images(gradient), boxes, RINGS[0])
     x, y, bw, bh = boxes.T
     columns += [
         np.log(bw * bh / (w * h)), np.log(bw / bh), (y + bh / 2) / h, np.abs((x + bw / 2) / w - 0.5),
@@ -248,17 +215,18 @@ def parse_ranker(text: str, source: str = "ranker") -> Ranker:
 
 
 @lru_cache(maxsize=8)
-def _load_cached(path: str, digest: str) -> Ranker:
+def _load_cached(path: str, modified_ns: int, size: int) -> Ranker:
     return parse_ranker(Path(path).read_text(), path)
 
 
 def load_ranker(path: str | Path) -> Ranker:
-    """The ranker in ``path``, read once per process and content (workers build many frames)."""
+    """The ranker in ``path``, read and checked once per process and version of the file (every
+    frame's config asks for it; a stat, not a read, tells a rewritten file)."""
     path = Path(path)
     if not path.is_file():
         raise RankerError(f"proposals.ranker: no such file {path} (fit one with python -m data_tools proposals-fit)")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return _load_cached(str(path), digest)
+    stat = path.stat()
+    return _load_cached(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 # --- the method ---------------------------------------------------------------------------------
@@ -280,4 +248,5 @@ def _check_config(cfg: ProposalConfig) -> None:
     load_ranker(cfg.ranker).check_candidates(cfg)
 
 
-register_method("thermal_blobs_fitted", fitted_proposals, ranked=True, check=_check_config)
+register_method("thermal_blobs_fitted", fitted_proposals, ranked=True, check=_check_config,
+                input_files=("ranker",))

@@ -237,14 +237,24 @@ def _touching_unions(boxes: np.ndarray, gap: float, block: int = 1024) -> np.nda
     return unions
 
 
-def _ring_contrast(image: np.ndarray, boxes: np.ndarray, ring: float = 0.25) -> np.ndarray:
-    """|mean inside the box - mean of the ring around it| (ring width: a quarter of each side),
-    with integral images so that thousands of boxes cost little."""
-    h, w = image.shape
-    integral = cv2.integral(image.astype(np.float64))
+def integral_images(image: np.ndarray, squares: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Float64 integral images of a frame's values and, if asked, of their squares."""
+    if squares:
+        return cv2.integral2(image, sdepth=cv2.CV_64F, sqdepth=cv2.CV_64F)
+    return cv2.integral(image, sdepth=cv2.CV_64F), None
 
-    def box_sum(x0, y0, x1, y1):
-        return integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+
+def ring_statistics(integrals: tuple[np.ndarray, np.ndarray | None], boxes: np.ndarray,
+                    ring: float = 0.25) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Per (x, y, w, h) box: mean inside minus mean of the ring around it (ring width: ``ring`` of
+    each side; 0 where no ring is left inside the frame, e.g. the whole frame: nothing to stand
+    out from), and, from an integral of squares, the standard deviations inside and in the ring.
+    Integral images, so that thousands of boxes per frame cost little."""
+    sums, squares = integrals
+    h, w = sums.shape[0] - 1, sums.shape[1] - 1
+
+    def box_sum(s, x0, y0, x1, y1):
+        return s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0]
 
     x0 = np.clip(np.floor(boxes[:, 0]).astype(int), 0, w)
     y0 = np.clip(np.floor(boxes[:, 1]).astype(int), 0, h)
@@ -254,13 +264,25 @@ def _ring_contrast(image: np.ndarray, boxes: np.ndarray, ring: float = 0.25) -> 
     ry = np.maximum(np.round(boxes[:, 3] * ring).astype(int), 1)
     ox0, oy0 = np.clip(x0 - rx, 0, w), np.clip(y0 - ry, 0, h)
     ox1, oy1 = np.clip(x1 + rx, 0, w), np.clip(y1 + ry, 0, h)
-    inner_area = np.maximum((x1 - x0) * (y1 - y0), 1)
-    ring_area = (ox1 - ox0) * (oy1 - oy0) - inner_area
-    inner = box_sum(x0, y0, x1, y1)
-    outer = box_sum(ox0, oy0, ox1, oy1) - inner
-    contrast = np.abs(inner / inner_area - outer / np.maximum(ring_area, 1))
-    # A box with no ring inside the frame (the whole frame) has nothing to stand out from.
-    return np.where(ring_area > 0, contrast, 0.0)
+    n_in = np.maximum((x1 - x0) * (y1 - y0), 1)
+    ring_area = (ox1 - ox0) * (oy1 - oy0) - n_in
+    n_ring = np.maximum(ring_area, 1)
+    sum_in = box_sum(sums, x0, y0, x1, y1)
+    sum_ring = box_sum(sums, ox0, oy0, ox1, oy1) - sum_in
+    mean_in, mean_ring = sum_in / n_in, sum_ring / n_ring
+    diff = np.where(ring_area > 0, mean_in - mean_ring, 0.0)
+    if squares is None:
+        return diff, None, None
+    sq_in = box_sum(squares, x0, y0, x1, y1)
+    sq_ring = box_sum(squares, ox0, oy0, ox1, oy1) - sq_in
+    std_in = np.sqrt(np.maximum(sq_in / n_in - mean_in ** 2, 0))
+    std_ring = np.sqrt(np.maximum(sq_ring / n_ring - mean_ring ** 2, 0))
+    return diff, std_in, std_ring
+
+
+def _ring_contrast(image: np.ndarray, boxes: np.ndarray, ring: float = 0.25) -> np.ndarray:
+    """|mean inside the box - mean of the ring around it| (ring width: a quarter of each side)."""
+    return np.abs(ring_statistics(integral_images(image), boxes, ring)[0])
 
 
 def _views(small_u8: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
@@ -343,17 +365,25 @@ def thermal_blob_proposals(image_u8: np.ndarray, cfg: ProposalConfig) -> np.ndar
 METHODS: dict[str, Callable[[np.ndarray, ProposalConfig], np.ndarray]] = {}
 RANKED: set[str] = set()  # methods whose order is a ranking (best first)
 CONFIG_CHECKS: dict[str, Callable[[ProposalConfig], None]] = {}
+INPUT_FILES: dict[str, tuple[str, ...]] = {}  # config fields naming files a method reads
 
 
 def register_method(name: str, fn: Callable[[np.ndarray, ProposalConfig], np.ndarray], ranked: bool,
-                    check: Callable[[ProposalConfig], None] | None = None) -> None:
+                    check: Callable[[ProposalConfig], None] | None = None, input_files: tuple[str, ...] = ()) -> None:
     """Make ``proposals.method=name`` run ``fn(frame_u8, cfg)``; ``check(cfg)`` raises ValueError
-    for a config the method cannot run with (called when the config is made)."""
+    for a config the method cannot run with (called when the config is made); ``input_files``
+    are the config fields that name files its output depends on (hashed into a build's identity)."""
     METHODS[name] = fn
     if ranked:
         RANKED.add(name)
     if check is not None:
         CONFIG_CHECKS[name] = check
+    INPUT_FILES[name] = tuple(input_files)
+
+
+def method_input_files(cfg: ProposalConfig) -> dict[str, str]:
+    """{config field: path} of the files the configured method reads besides the frame."""
+    return {field: getattr(cfg, field) for field in INPUT_FILES.get(cfg.method, ())}
 
 
 register_method("thermal_blobs", thermal_blob_proposals, ranked=True)

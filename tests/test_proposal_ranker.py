@@ -127,7 +127,7 @@ def _roadscene_sources(tmp_path) -> Path:
 
 def test_fitted_on_half_a_camera_it_finds_more_on_the_other_half(tmp_path, capsys):
     """The CLI path a user takes: proposals-fit on the even RoadScene frames, proposals-eval of both
-    rankings on the odd ones (measured: 39 of 44 objects against 33)."""
+    rankings on the odd ones (measured: 40 of 44 objects against 33)."""
     from data_tools.cli import main
 
     sources, ranker = _roadscene_sources(tmp_path), tmp_path / "roadscene_even.json"
