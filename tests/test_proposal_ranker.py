@@ -170,3 +170,14 @@ def test_a_refitted_ranker_is_another_build(msrs_ranker, tmp_path):
     ranker.write_text(json.dumps({**data, "bias": data["bias"] + 1.0}))
     with pytest.raises(BuildError, match="different config"):
         build_shards(sources, cfg, tmp_path / "out", progress=False)
+
+
+def test_a_rewritten_ranker_file_is_read_again(msrs_ranker, tmp_path):
+    """Loaded once per version of the file: the same path with new content gives the new ranker."""
+    path = tmp_path / "ranker.json"
+    data = json.loads(msrs_ranker.read_text())
+    path.write_text(json.dumps(data))
+    first = load_ranker(path)
+    assert load_ranker(path) is first
+    path.write_text(json.dumps({**data, "bias": data["bias"] + 10.0}))
+    assert load_ranker(path).bias == pytest.approx(first.bias + 10.0)
