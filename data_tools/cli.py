@@ -155,7 +155,7 @@ def _cmd_proposals_fit(args: argparse.Namespace) -> int:
         base = _proposal_base(args)
         frames = ((grey_frame(to_uint8(f.image)), f.boxes)
                   for f in labelled_frames(sources, args.min_object_side, args.every, args.offset))
-        ranker = fit_ranker(frames, base, args.l2, sources=[s.name for s in sources])
+        ranker = fit_ranker(frames, base, args.l2, sources=[s.name for s in sources], folds=args.folds)
         save_ranker(ranker, args.out)
     except (SourceError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -163,8 +163,26 @@ def _cmd_proposals_fit(args: argparse.Namespace) -> int:
     seen = ranker["fitted_on"]
     print(f"fitted on {seen['frames']} frames, {seen['objects']} objects, {seen['candidates']} candidate boxes "
           f"({seen['hits']} on an object); wrote {args.out}")
-    print(f"use it: proposals.method=thermal_blobs_fitted proposals.ranker={args.out}")
+    verdict, better = _cross_validation_verdict(seen.get("cross_validation"))
+    print(verdict)
+    print(f"{'use it' if better else 'to use it anyway'}: proposals.method=thermal_blobs_fitted "
+          f"proposals.ranker={args.out}")
     return 0
+
+
+def _cross_validation_verdict(cv: dict | None) -> tuple[str, bool]:
+    """What proposals-fit's cross-validation says, and whether the fitted ranking won it."""
+    if cv is None:
+        return "not cross-validated (--folds 0): compare it with proposals-eval on frames it was not fitted on", True
+    if "skipped" in cv:
+        return f"not cross-validated: {cv['skipped']}; compare it with proposals-eval on other labelled frames", True
+    hand, fitted = cv["found"]["thermal_blobs"], cv["found"]["thermal_blobs_fitted"]
+    line = (f"cross-validated ({cv['folds']} folds, each frame held out once): objects found at the cap "
+            f"thermal_blobs {hand}/{cv['objects']}, thermal_blobs_fitted {fitted}/{cv['objects']}")
+    if fitted <= hand:
+        line += ("\nthe fitted ranking does not beat the hand ranking on these frames: keep "
+                 "proposals.method=thermal_blobs, or label more frames and fit again")
+    return line, fitted > hand
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
@@ -232,6 +250,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_labelled_frame_args(pf)
     pf.add_argument("--out", required=True, help="the ranker JSON to write (then proposals.ranker=FILE)")
     pf.add_argument("--l2", type=float, default=0.01, help="L2 penalty of the logistic regression")
+    pf.add_argument("--folds", type=int, default=5,
+                    help="compare with the hand ranking by cross-validation over this many folds of frames (0: skip)")
     pf.set_defaults(func=_cmd_proposals_fit)
 
     sp = sub.add_parser("split", help="write a seeded train.txt / val.txt for a dataset published without a split")

@@ -115,21 +115,25 @@ def changed_after_two_steps(model, loss) -> set[str]:
     return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
 
 
-@pytest.fixture(scope="session")
-def msrs_ranker(tmp_path_factory) -> Path:
-    """A thermal_blobs_fitted ranker fitted on the even labelled MSRS frames (a few seconds)."""
+def msrs_even_labelled_frames() -> list:
+    """(uint8 frame, boxes >= 40 px) of the even labelled MSRS frames (10 frames, 12 objects)."""
     from data_tools.proposal_eval import labelled_frames
-    from data_tools.proposal_ranker import fit_ranker, save_ranker
-    from data_tools.proposals import ProposalConfig
     from data_tools.sources import source_from_dict
     from data_tools.transforms import to_uint8
 
-    msrs = shared_path("msrs20")
     source = source_from_dict({"name": "msrs", "root": "ir", "boxes": {
-        "format": "yolo", "path": "labels_ir", "classes": ["person", "bicycle", "car"]}}, msrs)
-    frames = ((to_uint8(f.image), f.boxes) for f in labelled_frames([source], every=2, offset=0))
+        "format": "yolo", "path": "labels_ir", "classes": ["person", "bicycle", "car"]}}, shared_path("msrs20"))
+    return [(to_uint8(f.image), f.boxes) for f in labelled_frames([source], every=2, offset=0)]
+
+
+@pytest.fixture(scope="session")
+def msrs_ranker(tmp_path_factory) -> Path:
+    """A thermal_blobs_fitted ranker fitted on the even labelled MSRS frames (a few seconds)."""
+    from data_tools.proposal_ranker import fit_ranker, save_ranker
+    from data_tools.proposals import ProposalConfig
+
     path = tmp_path_factory.mktemp("ranker") / "msrs_even.json"
-    save_ranker(fit_ranker(frames, ProposalConfig()), path)
+    save_ranker(fit_ranker(msrs_even_labelled_frames(), ProposalConfig()), path)
     return path
 
 
