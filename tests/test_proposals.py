@@ -255,6 +255,6 @@ def test_roadscene_boxes_load_and_thermal_blobs_hold_on_another_camera(tmp_path)
     sources.write_text(yaml.safe_dump({"sources": [spec]}))
     summaries = _eval_by_method(sources, tmp_path / "eval")
     blobs, ss = summaries["thermal_blobs"], summaries["selective_search"]
-    assert blobs["frames"] == ss["frames"] == 46 and blobs["objects"] == 81  # 82 boxes, 81 with both sides >= 40 px
+    assert blobs["frames"] == ss["frames"] == 61 and blobs["objects"] == 102  # 105 boxes, 102 with both sides >= 40 px
     assert blobs["proposals_per_frame"] <= 50
     assert blobs["recall"]["iou_0.5"]["all"] >= 0.76 > ss["recall"]["iou_0.5"]["all"] + 0.3
