@@ -21,21 +21,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_tools.cli import DEFAULT_BUILD_CONFIG  # noqa: E402
-from data_tools.config import load_config  # noqa: E402
-from data_tools.proposal_eval import labelled_frames  # noqa: E402
+from data_tools.cli import load_proposal_config  # noqa: E402
 from data_tools.proposal_ranker import (  # noqa: E402
     Ranker,
     RankerError,
     cross_validate,
     fit_weights,
+    fitted_wins,
     frame_candidates,
+    labelled_grey_frames,
     objects_found,
 )
-from data_tools.proposals import ProposalConfig, grey_frame  # noqa: E402
-from data_tools.schema import BuildConfig  # noqa: E402
 from data_tools.sources import load_sources  # noqa: E402
-from data_tools.transforms import to_uint8  # noqa: E402
 
 
 def main() -> None:
@@ -48,9 +45,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="build config overrides, e.g. proposals.max_proposals=30")
     args = parser.parse_args()
 
-    cfg = ProposalConfig(**dict(load_config(DEFAULT_BUILD_CONFIG, args.overrides, BuildConfig)["proposals"]))
-    frames = ((grey_frame(to_uint8(f.image)), f.boxes) for f in labelled_frames(load_sources(args.sources)))
-    tables = frame_candidates(frames, cfg)
+    cfg = load_proposal_config(overrides=args.overrides)
+    tables = frame_candidates(labelled_grey_frames(load_sources(args.sources)), cfg)
     sizes = [int(k) for k in args.sizes.split(",") if int(k) <= len(tables) - len(tables) // 2]
     print(f"{len(tables)} labelled frames, {sum(len(t.objects) for t in tables)} objects; "
           f"scored on {len(tables) // 2} frames per repeat, {args.repeats} repeats")
@@ -69,8 +65,7 @@ def main() -> None:
                 rows[k].append((objects, hand, np.nan, hand, False))
                 continue
             fitted = sum(objects_found(t, ranker.score(t.features), cfg) for t in scored)
-            check = cross_validate(pool[:k], cfg, args.l2, args.folds)
-            wins = "found" in check and check["found"]["thermal_blobs_fitted"] > check["found"]["thermal_blobs"]
+            wins = fitted_wins(cross_validate(pool[:k], cfg, args.l2, args.folds))
             rows[k].append((objects, hand, fitted, fitted if wins else hand, wins))
 
     print("| frames fitted on | hand recall | fitted recall (worst) | fitted < hand | recommended recall | "

@@ -112,12 +112,16 @@ def _add_labelled_frame_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. proposals.max_proposals=30")
 
 
-def _proposal_base(args: argparse.Namespace):
+def load_proposal_config(config: str | Path = DEFAULT_BUILD_CONFIG, overrides: list[str] = ()):
+    """The ``ProposalConfig`` of a build settings YAML with dot-list overrides."""
     from data_tools.proposals import ProposalConfig
     from data_tools.schema import BuildConfig
 
-    cfg = load_config(args.config, args.overrides, BuildConfig)
-    return ProposalConfig(**dict(cfg["proposals"]))
+    return ProposalConfig(**dict(load_config(config, list(overrides), BuildConfig)["proposals"]))
+
+
+def _proposal_base(args: argparse.Namespace):
+    return load_proposal_config(args.config, args.overrides)
 
 
 def _cmd_proposals_eval(args: argparse.Namespace) -> int:
@@ -144,17 +148,13 @@ def _cmd_proposals_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_proposals_fit(args: argparse.Namespace) -> int:
-    from data_tools.proposal_eval import labelled_frames
-    from data_tools.proposal_ranker import fit_ranker, save_ranker
-    from data_tools.proposals import grey_frame
+    from data_tools.proposal_ranker import fit_ranker, labelled_grey_frames, save_ranker
     from data_tools.sources import SourceError
-    from data_tools.transforms import to_uint8
 
     try:
         sources = _read_sources(args)
         base = _proposal_base(args)
-        frames = ((grey_frame(to_uint8(f.image)), f.boxes)
-                  for f in labelled_frames(sources, args.min_object_side, args.every, args.offset))
+        frames = labelled_grey_frames(sources, args.min_object_side, args.every, args.offset)
         ranker = fit_ranker(frames, base, args.l2, sources=[s.name for s in sources], folds=args.folds)
         save_ranker(ranker, args.out)
     except (SourceError, FileNotFoundError, KeyError, ValueError) as e:
@@ -171,7 +171,9 @@ def _cmd_proposals_fit(args: argparse.Namespace) -> int:
 
 
 def _cross_validation_verdict(cv: dict | None) -> tuple[str, bool]:
-    """What proposals-fit's cross-validation says, and whether the fitted ranking won it."""
+    """What proposals-fit's cross-validation says, and whether to use the fitted ranking."""
+    from data_tools.proposal_ranker import fitted_wins
+
     if cv is None:
         return "not cross-validated (--folds 0): compare it with proposals-eval on frames it was not fitted on", True
     if "skipped" in cv:
@@ -179,10 +181,10 @@ def _cross_validation_verdict(cv: dict | None) -> tuple[str, bool]:
     hand, fitted = cv["found"]["thermal_blobs"], cv["found"]["thermal_blobs_fitted"]
     line = (f"cross-validated ({cv['folds']} folds, each frame held out once): objects found at the cap "
             f"thermal_blobs {hand}/{cv['objects']}, thermal_blobs_fitted {fitted}/{cv['objects']}")
-    if fitted <= hand:
+    if not fitted_wins(cv):
         line += ("\nthe fitted ranking does not beat the hand ranking on these frames: keep "
                  "proposals.method=thermal_blobs, or label more frames and fit again")
-    return line, fitted > hand
+    return line, fitted_wins(cv)
 
 
 def _cmd_split(args: argparse.Namespace) -> int:

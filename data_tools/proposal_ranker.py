@@ -115,6 +115,16 @@ def frame_candidates(frames: Iterable[tuple[np.ndarray, np.ndarray]], cfg: Propo
     return tables
 
 
+def labelled_grey_frames(sources, min_object_side: int = 40, every: int = 1, offset: int = 0):
+    """(grey uint8 frame, labelled boxes) of the labelled frames of ``sources``, read as ``build``
+    and ``proposals-eval`` read them: what ``frame_candidates`` takes."""
+    from data_tools.proposal_eval import labelled_frames
+    from data_tools.transforms import to_uint8
+
+    for frame in labelled_frames(sources, min_object_side, every, offset):
+        yield grey_frame(to_uint8(frame.image)), frame.boxes
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 100) -> tuple[np.ndarray, float]:
     """Class-balanced, L2-regularised logistic regression by Newton's method on standardised
     features. Ours rather than scikit-learn's (not a dependency of the project): about forty
@@ -174,6 +184,12 @@ def cross_validate(tables: list[FrameCandidates], cfg: ProposalConfig, l2: float
         hand += sum(objects_found(t, t.scores, cfg) for t in held_out)
         fitted += sum(objects_found(t, ranker.score(t.features), cfg) for t in held_out)
     return {**result, "found": {"thermal_blobs": hand, "thermal_blobs_fitted": fitted}}
+
+
+def fitted_wins(cross_validation: dict) -> bool:
+    """Whether a cross-validation found more objects with the fitted ranking than the hand one."""
+    found = cross_validation.get("found")
+    return found is not None and found["thermal_blobs_fitted"] > found["thermal_blobs"]
 
 
 def fit_ranker(frames: Iterable[tuple[np.ndarray, np.ndarray]], cfg: ProposalConfig, l2: float = 0.01,

@@ -116,14 +116,13 @@ def changed_after_two_steps(model, loss) -> set[str]:
 
 
 def msrs_even_labelled_frames() -> list:
-    """(uint8 frame, boxes >= 40 px) of the even labelled MSRS frames (10 frames, 12 objects)."""
-    from data_tools.proposal_eval import labelled_frames
+    """(grey uint8 frame, boxes >= 40 px) of the even labelled MSRS frames (10 frames, 12 objects)."""
+    from data_tools.proposal_ranker import labelled_grey_frames
     from data_tools.sources import source_from_dict
-    from data_tools.transforms import to_uint8
 
     source = source_from_dict({"name": "msrs", "root": "ir", "boxes": {
         "format": "yolo", "path": "labels_ir", "classes": ["person", "bicycle", "car"]}}, shared_path("msrs20"))
-    return [(to_uint8(f.image), f.boxes) for f in labelled_frames([source], every=2, offset=0)]
+    return list(labelled_grey_frames([source], every=2, offset=0))
 
 
 @pytest.fixture(scope="session")
