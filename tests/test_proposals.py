@@ -60,6 +60,32 @@ def test_recall_by_size_bucket_and_ranked_curve():
     assert s["recall"]["iou_0.5"]["all"] == pytest.approx(1 / 3, abs=1e-4) and s["recall_at_k_iou_0.5"]["2"] > 0.6
 
 
+def test_eval_speed_leaves_out_the_first_call_of_each_method(monkeypatch):
+    """The first call in a process pays one-time costs; the frames/s figure must not carry them.
+    A fake clock advances only inside a fake proposal step: 5 s on its first call per method, then
+    0.1 s a frame."""
+    import data_tools.proposal_eval as proposal_eval
+
+    clock, calls = [0.0], {}
+
+    def fake_proposals(image, cfg):
+        calls[cfg.method] = calls.get(cfg.method, 0) + 1
+        clock[0] += 5.0 if calls[cfg.method] == 1 else 0.1
+        return np.array([[0, 0, 50, 50]], np.float64)
+
+    monkeypatch.setattr(proposal_eval, "compute_proposals", fake_proposals)
+    monkeypatch.setattr(proposal_eval.time, "perf_counter", lambda: clock[0])
+    frames = [LabelledFrame("s", f"{i}.png", np.zeros((64, 64), np.uint8), np.array([[0.0, 0, 50, 50]]))
+              for i in range(4)]
+    base = ProposalConfig()
+    configs = {m: replace(base, method=m) for m in ("thermal_blobs", "selective_search")}
+    results = proposal_eval.evaluate(frames, configs, cap=50)
+    for name, result in results.items():
+        assert calls[name] == 5 and result.frames == 4
+        assert result.seconds == pytest.approx(0.4)  # four timed frames, the first call left out
+        assert result.summary()["frames_per_second_one_core"] == pytest.approx(10.0)
+
+
 def test_greedy_nms_keeps_the_best_and_stops_at_the_limit():
     boxes = np.array([[0, 0, 10, 10], [1, 0, 10, 10], [50, 50, 10, 10], [0, 0, 40, 40]], np.float64)
     scores = np.array([1.0, 2.0, 0.5, 0.5])
