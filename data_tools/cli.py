@@ -181,10 +181,11 @@ def _cross_validation_verdict(cv: dict | None) -> tuple[str, bool]:
     hand, fitted = cv["found"]["thermal_blobs"], cv["found"]["thermal_blobs_fitted"]
     line = (f"cross-validated ({cv['folds']} folds, each frame held out once): objects found at the cap "
             f"thermal_blobs {hand}/{cv['objects']}, thermal_blobs_fitted {fitted}/{cv['objects']}")
-    if not fitted_wins(cv):
+    better = fitted_wins(cv)
+    if not better:
         line += ("\nthe fitted ranking does not beat the hand ranking on these frames: keep "
                  "proposals.method=thermal_blobs, or label more frames and fit again")
-    return line, fitted_wins(cv)
+    return line, better
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
