@@ -114,8 +114,9 @@ def evaluate(frames: list[LabelledFrame], configs: dict[str, ProposalConfig], ca
         results = {name: MethodResult(name) for name in configs}
         # One untimed call per method first: the first call in a process pays one-time costs (code
         # and tables loaded on first use), which on a batch of 15 frames read as a third less speed.
-        for cfg in configs.values() if frames else ():
-            compute_proposals(frames[0].image, cfg)
+        if frames:
+            for cfg in configs.values():
+                compute_proposals(frames[0].image, cfg)
         for frame in frames:
             for name, cfg in configs.items():
                 start = time.perf_counter()
