@@ -66,13 +66,16 @@ class FinetuneTask(Task):
 
     def training_plan(self, model, cfg, batching, where):
         t = cfg.train
-        stream = MapBatchStream(self.load_split(cfg, "train", where), batching.micro, int(t.seed), where.rank,
-                                where.world)
-        steps_per_epoch = max(stream.batches_per_epoch // batching.accum, 1)
+        train_set = self.load_split(cfg, "train", where)
+        stream = MapBatchStream(train_set, batching.micro, int(t.seed), where.rank, where.world, batching.accum)
+        steps_per_epoch = stream.batches_per_epoch // batching.accum
         self.total_steps = int(t.steps)
         if where.is_main:
             print(f"effective batch {batching.effective} = {batching.micro} x {batching.accum} accumulation x "
                   f"{where.world} processes; {steps_per_epoch} steps/epoch, {self.total_steps} steps", flush=True)
+            if len(train_set) < batching.effective:
+                print(f"note: the train split has {len(train_set)} frames, fewer than one effective batch of "
+                      f"{batching.effective}: its frames repeat within each step", file=sys.stderr, flush=True)
         loader = EpochLoader(stream, int(cfg.data.num_workers))
         return TrainingPlan(loader, steps_per_epoch, self.total_steps, float(cfg.optim.lr))
 

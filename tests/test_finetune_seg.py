@@ -64,6 +64,40 @@ def test_bad_pairs_are_reported_by_name(tmp_path):
     assert "2 of 8 frames used" in res.stdout
 
 
+def test_an_epoch_holds_whole_optimizer_steps():
+    from finetune.data.stream import batches_per_epoch
+
+    # (frames, processes, batch, accumulation) -> micro-batches per epoch and process
+    assert batches_per_epoch(100, 1, 4, 1) == 25
+    assert batches_per_epoch(100, 1, 4, 4) == 24  # the last, partial step's micro-batch is left out
+    assert batches_per_epoch(100, 2, 4, 4) == 12
+    assert batches_per_epoch(15, 1, 4, 4) == 4  # fewer frames than one effective batch: tiled to one step
+    assert batches_per_epoch(1, 8, 4, 2) == 2
+    with pytest.raises(ValueError, match="no usable frames"):
+        batches_per_epoch(0, 1, 4, 1)
+
+
+def test_a_split_smaller_than_one_effective_batch_trains(tmp_path):
+    """The ViT-B presets accumulate micro-batches of 4 to an effective batch of 16: a user's first
+    try on a few labelled frames must train (frames repeat within a step), not stop mid-step."""
+    rng = np.random.default_rng(1)
+    names = ["a", "b", "c"]
+    for name in names:
+        _png(tmp_path / "ir" / f"{name}.png", rng.integers(0, 255, (32, 40), np.uint8))
+        _png(tmp_path / "vi" / f"{name}.png", rng.integers(0, 255, (32, 40, 3), np.uint8))
+        _png(tmp_path / "labels" / f"{name}.png", rng.integers(0, 3, (32, 40), np.uint8))
+    res = finetune(tmp_path / "run", TINY, f"data.root={tmp_path}", "data.dirs.label=labels", "data.classes=[a,b,c]",
+                   "train.steps=2", "train.batch_size=2", "train.effective_batch=8", "train.record_samples=true",
+                   "eval.overlays=0")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "effective batch 8 = 2 x 4 accumulation x 1 processes; 1 steps/epoch, 2 steps" in res.stdout
+    assert "the train split has 3 frames, fewer than one effective batch of 8" in res.stderr
+    steps = [json.loads(line) for line in (tmp_path / "run" / "samples_rank0.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [0, 1]
+    for s in steps:
+        assert len(s["keys"]) == 8 and set(s["keys"]) == set(names)
+
+
 def test_real_sirst_reports_its_mismatched_mask():
     root = shared_path("sirst")
     cfg = load_config(SIRST, [f"data.root={root}", "data.train_split=idx_427/trainvaltest.txt"])

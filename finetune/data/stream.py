@@ -16,15 +16,22 @@ import numpy as np
 from pretrain.engine import ResumableStream
 
 
-def batches_per_epoch(num_samples: int, world: int, batch_size: int) -> int:
+def batches_per_epoch(num_samples: int, world: int, batch_size: int, multiple: int = 1) -> int:
+    """Micro-batches per epoch and rank: as many whole batches as the frames fill on every rank,
+    rounded down to a multiple of ``multiple`` (the gradient accumulation, so that every optimizer
+    step gets all its micro-batches) and at least ``multiple``: a split smaller than one effective
+    batch is tiled (its frames repeat within the step) rather than leaving a step short."""
     if num_samples < 1:
         raise ValueError("the dataset has no usable frames (see the data report)")
-    return max(1, num_samples // (world * batch_size))
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    return max(num_samples // (world * batch_size) // multiple, 1) * multiple
 
 
 class MapBatchStream(ResumableStream):
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        super().__init__(batches_per_epoch(len(dataset), world_size, batch_size))
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 accumulation: int = 1):
+        super().__init__(batches_per_epoch(len(dataset), world_size, batch_size, accumulation))
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size = rank, world_size
 
