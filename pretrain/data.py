@@ -26,7 +26,7 @@ from data_tools.manifest import read_manifest
 from data_tools.shards import SampleDecodeError, decode_for_training, iter_shard
 from data_tools.transforms import (IntensityConfig, RoICropConfig, normalize_ir, object_sensitive_crop,
                                    random_hflip, to_unit_intensity)
-from pretrain.engine.streams import ResumableStream
+from pretrain.engine.streams import PlanError, ResumableStream
 
 
 MAX_CONSECUTIVE_BAD_SAMPLES = 100  # then the data, not a sample, is broken: stop with the reason
@@ -74,7 +74,7 @@ def batches_per_epoch(sets: list[ShardSet], samples_per_epoch: int | None, world
     total = samples_per_epoch or sum(s.samples for s in sets)
     n = total // (world_size * batch_size)
     if n < 1:
-        raise ValueError(f"{total} samples per epoch cannot fill one batch of {batch_size} on each of "
+        raise PlanError(f"{total} samples per epoch cannot fill one batch of {batch_size} on each of "
                          f"{world_size} processes")
     return n
 

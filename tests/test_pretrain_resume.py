@@ -125,6 +125,22 @@ def test_refusals_for_other_config_and_non_empty_dir(shards, uninterrupted, tmp_
     assert res.returncode != 0 and "not empty" in res.stdout + res.stderr
 
 
+def test_an_effective_batch_larger_than_the_corpus_is_refused_with_what_to_change(shards, tmp_path):
+    """24 samples cannot fill one step of 16 micro-batches of 2: said in one line, with the settings
+    that fix it; the rerun with the one it names trains in the same directory."""
+    run_dir = tmp_path / "big"
+    res = launch(run_dir, shards, nproc=1, extra=["train.effective_batch=32"])
+    out = res.stdout + res.stderr
+    assert res.returncode == 1
+    assert ("error: an epoch of 24 samples holds fewer than 16 micro-batches of 2 per process "
+            "(16 accumulation x 1 loader workers)") in out
+    assert "set data.samples_per_epoch=32 or more" in out and "pretrain/train.py" not in out  # no traceback of ours
+    res = launch(run_dir, shards, nproc=1, extra=["train.effective_batch=32", "data.samples_per_epoch=32",
+                                                  "train.epochs=1"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "effective batch 32 = 2 x 16 accumulation x 1 processes" in res.stdout and "1 steps/epoch, 1 steps" in res.stdout
+
+
 def test_sigterm_saves_and_exits_then_resumes(shards, tmp_path):
     run_dir = tmp_path / "term"
     proc = launch(run_dir, shards, extra=["train.epochs=6", "train.save_every_steps=1000"], wait=False)

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pretrain.engine import ResumableStream
+from pretrain.engine import PlanError, ResumableStream
 
 
 def batches_per_epoch(num_samples: int, world: int, batch_size: int, multiple: int = 1) -> int:
@@ -22,7 +22,7 @@ def batches_per_epoch(num_samples: int, world: int, batch_size: int, multiple: i
     step gets all its micro-batches) and at least ``multiple``: a split smaller than one effective
     batch is tiled (its frames repeat within the step) rather than leaving a step short."""
     if num_samples < 1:
-        raise ValueError("the dataset has no usable frames (see the data report)")
+        raise PlanError("the dataset has no usable frames (see the data report)")
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     return max(num_samples // (world * batch_size) // multiple, 1) * multiple

@@ -32,6 +32,7 @@ from pretrain.engine.distributed import average_over_ranks, batchnorm_statistics
 from pretrain.engine.health import HealthPolicy, StepHealth, faulty_steps, step_verdict
 from pretrain.engine.optim import set_lr
 from pretrain.engine.signals import StopSignals
+from pretrain.engine.streams import PlanError
 
 if TYPE_CHECKING:
     from pretrain.engine.task import Task
@@ -113,7 +114,7 @@ def run_entry_point(body, *args) -> None:
         print(f"{world} process(es) ({dist.get_backend()}), {torch.get_num_threads()} CPU threads each")
     try:
         finished = body(rank, world, device, *args)
-    except (ResumeError, CheckpointWriteError, FloatingPointError) as e:  # ours: the message says it all
+    except (ResumeError, CheckpointWriteError, FloatingPointError, PlanError) as e:  # ours: the message says it all
         print(f"error: {e}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -158,7 +159,7 @@ def resolve_batching(t, world: int) -> Batching:
     micro, accum = int(t.batch_size), int(t.accum_steps)
     if t.effective_batch:
         if t.effective_batch % (micro * world):
-            raise ValueError(f"effective_batch {t.effective_batch} is not a multiple of batch_size {micro} x "
+            raise PlanError(f"effective_batch {t.effective_batch} is not a multiple of batch_size {micro} x "
                              f"{world} processes")
         accum = t.effective_batch // (micro * world)
     return Batching(micro, accum, world)

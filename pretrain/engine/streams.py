@@ -18,6 +18,11 @@ from pretrain.engine.signals import ignore_preemption_signals
 MAX_WORKERS = 64  # loader workers per training process
 
 
+class PlanError(ValueError):
+    """The data cannot fill the batches and steps the config asks for; the message says what to
+    change (said without a traceback: it is the user's setting, not a bug)."""
+
+
 class ResumableStream(IterableDataset):
     """An iterable of whole batches whose epoch and start are set from outside, also for
     persistent loader workers (they hold a copy of this object; the position lives in shared
