@@ -189,7 +189,7 @@ def test_each_preset_reads_its_replica_with_only_the_root_given(preset, tmp_path
 
 def _tiny(preset: str) -> list[str]:
     common = ["model.encoder.size=tiny", "model.encoder.depth=2", "model.encoder.drop_path=0.0", "train.steps=2",
-              "train.batch_size=2", "train.effective_batch=null", "train.precision=fp32", "train.save_every_steps=2",
+              "train.batch_size=2", "train.precision=fp32", "train.save_every_steps=2",
               "train.log_every_steps=1", "data.num_workers=0", "eval.overlays=0", "optim.warmup_steps=1"]
     if preset in THERMAL_ONLY:  # their default method, pad, needs init.checkpoint (a pre-trained backbone)
         common.append("model.method=full")
@@ -205,6 +205,8 @@ def _cli_run(preset: str, tmp_path: Path) -> dict:
     run_dir = tmp_path / "run"
     res = run_finetune_cli(task, run_dir, PRESETS / f"{preset}.yaml", f"data.root={root}", *_tiny(preset))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # The preset's own effective batch (16, by accumulation) is more than the replica's 5 frames.
+    assert "fewer than one effective batch of 16: its frames repeat within each step" in res.stderr
     report = json.loads((run_dir / "data_report_train.json").read_text())
     assert report["found"] == report["used"] == N_TRAIN
     metrics = json.loads((run_dir / "metrics.json").read_text())
