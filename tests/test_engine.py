@@ -1,8 +1,11 @@
 """Pieces of the training engine on their own: which evaluation makes the ``best`` checkpoint,
 and how ``best`` is kept beside the step checkpoints."""
 import json
+from types import SimpleNamespace
 
-from pretrain.engine import Batching, Checkpointer, LoopSpec
+import pytest
+
+from pretrain.engine import Batching, Checkpointer, LoopSpec, TrainingPlan
 from pretrain.engine.loop import MetricsLog, _evaluate_now
 
 
@@ -51,3 +54,16 @@ def test_best_survives_pruning_of_its_step(tmp_path):
     (tmp_path / "step00000004").mkdir()
     ckpt._prune(keep="step00000004")
     assert not tag.exists() and (tmp_path / "best" / "weights.pt").read_bytes() == b"two"
+
+
+def test_a_plan_that_takes_more_micro_batches_than_its_stream_yields_is_refused():
+    def plan(steps_per_epoch, batches):
+        return TrainingPlan(SimpleNamespace(stream=SimpleNamespace(batches_per_epoch=batches)), steps_per_epoch, 10, 0.1)
+
+    plan(3, 12).check(4, "seg")
+    plan(3, 13).check(4, "seg")  # a micro-batch left over is no harm
+    with pytest.raises(RuntimeError, match="seg: the training plan takes 1 steps x 4 accumulation = 4 micro-batches "
+                                           "per epoch, but its data stream yields 3"):
+        plan(1, 3).check(4, "seg")
+    with pytest.raises(RuntimeError, match="takes 0 steps"):
+        plan(0, 3).check(1, "det")
