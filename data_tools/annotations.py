@@ -21,6 +21,8 @@ from data_tools.sources import IMAGE_EXTENSIONS
 ISSUE_REASONS = {
     "annotation_without_image": "an annotation names an image that the source does not contain",
     "annotation_parse_error": "an annotation file could not be parsed",
+    "annotation_ambiguous": "annotations match images by file stem, and several images share this one; "
+                            "its annotations were not used",
     "box_clipped": "a box extending outside the image was clipped to it",
     "box_empty": "a box with zero area (after clipping) was dropped",
     "mask_size_mismatch": "a mask's size differs from its image's; its boxes were not used",
@@ -52,6 +54,22 @@ class AnnotationSet:
         self.masks.update(other.masks)
         self.issues.extend(other.issues)
 
+    def drop_ambiguous(self, names: list[str], where: str) -> None:
+        """Annotations match images by stem: where several of ``names`` (the images' stems, or
+        rel paths) share an annotated stem, nobody can tell whose boxes they are. They are left
+        out and reported, never given to every image of that stem."""
+        count: dict[str, list[str]] = {}
+        for name in names:
+            count.setdefault(_stem(name), []).append(name)
+        for stem in sorted(self.stems()):
+            shared = count.get(stem, [])
+            if len(shared) > 1:
+                had = bool(self.boxes.pop(stem, None)) | (self.masks.pop(stem, None) is not None)
+                if not had:  # an image entry without boxes loses nothing
+                    continue
+                shown = ", ".join(sorted(shared)[:3]) + (", ..." if len(shared) > 3 else "")
+                self.issues.append(issue(stem, "annotation_ambiguous", f"{len(shared)} {where} share it: {shown}"))
+
 
 def issue(file: str, reason: str, detail: str = "") -> dict:
     return data_issue(file, reason, detail, reasons=ISSUE_REASONS)
@@ -75,6 +93,9 @@ def read_coco(path: str) -> AnnotationSet:
             out.boxes[stem].append(BoxRecord((x, y, w, h), cats.get(ann["category_id"], ann["category_id"])))
     except (OSError, ValueError, KeyError, TypeError) as e:
         out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
+        return out
+    # Sequences often repeat frame names (seq1/000001.jpg, seq2/000001.jpg): their boxes would mix.
+    out.drop_ambiguous(list(images.values()), f"image entries of {path}")
     return out
 
 

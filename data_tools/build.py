@@ -266,6 +266,7 @@ def annotations_for_source(source: Source, discovery) -> tuple[AnnotationSet, li
     anns = AnnotationSet()
     for spec in source.annotations:
         anns.merge(read_annotations(spec.format, spec.path, spec.suffix, spec.classes))
+    anns.drop_ambiguous(list(discovery.all_rel), "images of the source")
     image_stems = {Path(rel).stem for rel in discovery.all_rel}
     orphans = [issue(f"{stem}", "annotation_without_image", "no image with this stem in the source")
                for stem in sorted(anns.stems() - image_stems)]

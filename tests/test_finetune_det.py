@@ -100,6 +100,23 @@ def test_bad_annotations_are_clipped_dropped_and_named(tmp_path, fmt):
     assert (sample["boxes"][:, [0, 2]] <= w).all() and (sample["boxes"][:, [1, 3]] <= h).all()
 
 
+def test_coco_entries_sharing_a_stem_are_named_and_their_boxes_given_to_no_frame(tmp_path):
+    for name in ("a", "b"):
+        _png(tmp_path / "ir" / f"{name}.png", np.zeros((100, 120), np.uint8))
+        _png(tmp_path / "vi" / f"{name}.png", np.zeros((100, 120, 3), np.uint8))
+    images = [{"id": i, "file_name": f} for i, f in enumerate(("day/a.png", "night/a.png", "b.png"))]
+    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 20, 30]} for i in range(3)]
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "person"}]}))
+    cfg = load_config(TINY, [f"data.root={tmp_path}", "data.boxes.format=coco", f"data.boxes.path={path}",
+                             "data.classes=[person]"])
+    dataset, issues, found = det_dataset(cfg, "train")
+    assert [(i["name"], i["reason"]) for i in issues] == [("a", "annotation_ambiguous")]
+    assert "day/a.png" in issues[0]["detail"] and "night/a.png" in issues[0]["detail"]
+    rec = {r.pair.name: r for r in dataset.records}
+    assert len(rec["a"].boxes) == 0 and len(rec["b"].boxes) == 1
+
+
 def test_large_scale_jitter_moves_both_frames_and_the_boxes_together(tmp_path):
     """A bright rectangle drawn at the box in both modalities stays under the jittered box (after
     rescale 0.3-2, random crop / pad and flip); a box the crop leaves too small is dropped."""

@@ -259,3 +259,49 @@ def test_palette_png_masks_give_boxes(tmp_path):
     _, members = next(iter_shard(str(tmp_path / "out" / m["shards"][0]["shard"])))
     _, proposals, meta = decode_sample(members)
     assert [20, 10, 50, 30] in proposals.tolist() and meta["proposals_from_annotations"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["yolo", "coco"])
+def test_annotations_of_a_stem_that_several_images_share_are_reported_not_spread(tmp_path, fmt):
+    """Sequences repeat frame names (seq1/000001, seq2/000001) and annotations match by stem: the
+    boxes of 000001 cannot be told apart, so neither frame gets them, and the report says why."""
+    for rel in ("seq1/000001.png", "seq2/000001.png", "seq1/000002.png"):
+        (tmp_path / "frames" / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / "frames" / rel), _scene())
+    if fmt == "yolo":
+        (tmp_path / "labels").mkdir()
+        for stem in ("000001", "000002"):
+            (tmp_path / "labels" / f"{stem}.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+        boxes = "{format: yolo, path: labels}"
+    else:
+        images = [{"id": i, "file_name": rel, "width": 128, "height": 96}
+                  for i, rel in enumerate(("seq1/000001.png", "seq2/000001.png", "seq1/000002.png"))]
+        (tmp_path / "a.json").write_text(json.dumps({
+            "images": images, "categories": [{"id": 1, "name": "person"}],
+            "annotations": [{"image_id": i, "bbox": [30, 20, 50, 40], "category_id": 1} for i in range(3)]}))
+        boxes = "{format: coco, path: a.json}"
+    (tmp_path / "s.yaml").write_text(f"sources:\n  - {{name: seq, root: frames, boxes: {boxes}}}\n")
+    m = build_shards(load_sources(tmp_path / "s.yaml"), load_config(DEFAULT_BUILD_CONFIG), tmp_path / "out",
+                     progress=False)
+    from_annotations = {}
+    for entry in m["shards"]:
+        for _, members in iter_shard(str(tmp_path / "out" / entry["shard"])):
+            meta = decode_sample(members)[2]
+            from_annotations[meta["path"]] = meta["proposals_from_annotations"]
+    assert from_annotations == {"seq1/000001.png": 0, "seq2/000001.png": 0, "seq1/000002.png": 1}
+    [ambiguous] = [i for i in m["annotation_issues"] if i["reason"] == "annotation_ambiguous"]
+    assert ambiguous["name"] == "000001" and ambiguous["detail"].startswith("2 ")
+    assert "seq1/000001.png" in ambiguous["detail"] and "seq2/000001.png" in ambiguous["detail"]
+    assert m["sources"]["seq"]["annotation_issues"] == len(m["annotation_issues"]) == 1
+
+
+def test_coco_entries_that_share_a_stem_give_no_boxes_even_if_one_image_is_absent(tmp_path):
+    from data_tools.annotations import read_coco
+
+    (tmp_path / "a.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "seq1/7.png"}, {"id": 2, "file_name": "seq2/7.png"},
+                   {"id": 3, "file_name": "seq1/8.png"}, {"id": 4, "file_name": "seq2/8.png"}],
+        "annotations": [{"image_id": i, "bbox": [1, 2, 3, 4], "category_id": 1} for i in (1, 2, 3)]}))
+    anns = read_coco(str(tmp_path / "a.json"))
+    assert "7" not in anns.boxes and "8" not in anns.boxes  # a source holding only seq1 must not get seq2's box
+    assert [(i["name"], i["reason"]) for i in anns.issues] == [("7", "annotation_ambiguous"), ("8", "annotation_ambiguous")]

@@ -57,7 +57,8 @@ def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
     ann = read_annotations(boxes_cfg.format, str(boxes_cfg.path), classes=classes)
     if name_suffix:
         ann.boxes = {stem.removesuffix(name_suffix): recs for stem, recs in ann.boxes.items()}
-    issues = [issue(Path(i["name"]).stem, "annotation_parse_error", i["detail"]) for i in ann.issues]
+    issues = [issue(Path(i["name"]).stem if i["reason"] == "annotation_parse_error" else i["name"], i["reason"],
+                    i["detail"]) for i in ann.issues]
     names = {p.name for p in pairs}
     scope = set(ann.boxes) if in_split is None else set(ann.boxes) & set(in_split)
     issues += [issue(stem, "label_without_image") for stem in sorted(scope - names)]

@@ -32,7 +32,7 @@ PAIR_ISSUES = {
     "unknown_label_values": "the label map holds values that are neither a class index nor the ignore index",
     "wrong_channels": "a packed (MFNet-style) image does not have 4 channels",
     "unknown_class": "a box's class is not among the configured classes; the box was dropped",
-    **{k: ISSUE_REASONS[k] for k in ("box_clipped", "box_empty", "annotation_parse_error")},
+    **{k: ISSUE_REASONS[k] for k in ("box_clipped", "box_empty", "annotation_parse_error", "annotation_ambiguous")},
 }
 
 
