@@ -157,9 +157,36 @@ def index_masks(folder: str, suffix: str) -> AnnotationSet:
     return out
 
 
+def _is_annotation_file(fmt: str, name: str, suffix: str) -> bool:
+    if fmt == "yolo":
+        return name.endswith(".txt") and name != "classes.txt"
+    if fmt == "voc":
+        return name.endswith(".xml")
+    return name.endswith(suffix) if suffix else name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _check_folder(fmt: str, path: str, suffix: str) -> None:
+    """Folder formats read the files directly in their folder: a file path, or a folder whose
+    files all sit in subfolders (``labels/train/*.txt``), would otherwise give no boxes, silently."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{fmt} annotations are a folder of files, and {path} is not a folder")
+    if any(_is_annotation_file(fmt, e.name, suffix) for e in os.scandir(path) if e.is_file()):
+        return
+    for folder, _, files in os.walk(path):
+        nested = [f for f in files if _is_annotation_file(fmt, f, suffix)]
+        if nested:
+            raise FileNotFoundError(
+                f"{path} holds no {fmt} annotation files itself, but {folder} does (e.g. {sorted(nested)[0]}): "
+                "point the path at the folder that holds the files (one source per such folder)")
+
+
 def read_annotations(fmt: str, path: str, suffix: str = "", classes: tuple[str, ...] = ()) -> AnnotationSet:
     if not os.path.exists(path):
         raise FileNotFoundError(f"annotation path does not exist: {path}")
+    if fmt in ("yolo", "voc", "mask"):
+        _check_folder(fmt, path, suffix)
+    elif fmt == "coco" and os.path.isdir(path):
+        raise FileNotFoundError(f"coco annotations are one JSON file, and {path} is a folder")
     if fmt == "coco":
         return read_coco(path)
     if fmt == "yolo":

@@ -172,7 +172,9 @@ def _prepare_out_dir(out: Path, identity: dict, ident_hash: str, overwrite: bool
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         old = read_manifest(out, complete=False)
-        if old.get("config_hash") != ident_hash and not overwrite:
+        # A build that stopped before its first shard (a source or annotation path to fix) claims nothing.
+        started = old.get("status") == "complete" or any(out.glob("*.tar")) or any((out / PROGRESS_DIR).glob("*.json"))
+        if old.get("config_hash") != ident_hash and not overwrite and started:
             raise BuildError(
                 f"{out} holds shards of a different config (hash {old.get('config_hash')} != "
                 f"{ident_hash}); pass --overwrite to replace them or choose another --out")

@@ -305,3 +305,26 @@ def test_coco_entries_that_share_a_stem_give_no_boxes_even_if_one_image_is_absen
     anns = read_coco(str(tmp_path / "a.json"))
     assert "7" not in anns.boxes and "8" not in anns.boxes  # a source holding only seq1 must not get seq2's box
     assert [(i["name"], i["reason"]) for i in anns.issues] == [("7", "annotation_ambiguous"), ("8", "annotation_ambiguous")]
+
+
+def test_annotation_paths_that_would_give_no_boxes_silently_are_errors(tmp_path, capsys):
+    from data_tools.annotations import read_annotations
+
+    (tmp_path / "frames").mkdir()
+    cv2.imwrite(str(tmp_path / "frames" / "a.png"), _scene())
+    nested = tmp_path / "labels" / "train"  # the Ultralytics layout: labels/{train,val}/*.txt
+    nested.mkdir(parents=True)
+    (nested / "a.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: cam, root: frames, boxes: {format: yolo, path: labels}}\n")
+    assert cli_main(["build", "--sources", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'labels'} holds no yolo annotation files itself, but {nested} does (e.g. a.txt)" in err
+    # The fixed path builds into the same --out: the stopped start claimed nothing.
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: cam, root: frames, boxes: {format: yolo, path: labels/train}}\n")
+    assert cli_main(["build", "--sources", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["totals"]["written"] == 1
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        read_annotations("voc", str(nested / "a.txt"))
+    with pytest.raises(FileNotFoundError, match="one JSON file"):
+        read_annotations("coco", str(nested))
+    assert read_annotations("yolo", str(nested)).boxes.keys() == {"a"}  # the folder that holds them
