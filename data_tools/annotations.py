@@ -177,16 +177,21 @@ def _check_folder(fmt: str, path: str, suffix: str) -> None:
         if nested:
             raise FileNotFoundError(
                 f"{path} holds no {fmt} annotation files itself, but {folder} does (e.g. {sorted(nested)[0]}): "
-                "point the path at the folder that holds the files (one source per such folder)")
+                "point the annotation path at the folder that holds the files")
 
 
-def read_annotations(fmt: str, path: str, suffix: str = "", classes: tuple[str, ...] = ()) -> AnnotationSet:
+def check_annotation_path(fmt: str, path: str, suffix: str = "") -> None:
+    """FileNotFoundError naming what is wrong with an annotation path, before anything reads it."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"annotation path does not exist: {path}")
     if fmt in ("yolo", "voc", "mask"):
         _check_folder(fmt, path, suffix)
     elif fmt == "coco" and os.path.isdir(path):
         raise FileNotFoundError(f"coco annotations are one JSON file, and {path} is a folder")
+
+
+def read_annotations(fmt: str, path: str, suffix: str = "", classes: tuple[str, ...] = ()) -> AnnotationSet:
+    check_annotation_path(fmt, path, suffix)
     if fmt == "coco":
         return read_coco(path)
     if fmt == "yolo":

@@ -52,8 +52,7 @@ def _cmd_det(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     """Refuse a config before any work: its schema, and the folders and files it names."""
-    from pathlib import Path
-
+    from data_tools.annotations import check_annotation_path
     from finetune.data.pairs import discover
     from finetune.factory import data_for_split, split_list
 
@@ -67,10 +66,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
         data = data_for_split(cfg, split)
         try:  # lists the folders and split files as training will (reads no image)
             discover(data, split_list(data, split), need_label=not detection)
-            if detection and data.boxes.path and not Path(data.boxes.path).exists():
-                raise FileNotFoundError(data.boxes.path)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{args.config} ({split}): not found: {e}") from None
+        if detection and data.boxes.path:
+            try:  # a folder of label files where they are read, or one COCO file
+                check_annotation_path(data.boxes.format, str(data.boxes.path))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{args.config} ({split}): {e}") from None
     print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there")
     return 0
 

@@ -273,3 +273,11 @@ def test_check_names_what_is_missing_before_any_work(tmp_path, capsys):
     assert "data.root is not set" in capsys.readouterr().err
     assert finetune_main(["check", "--config", config, f"data.root={root}", "train.steps=0"]) == 2
     assert "train.steps: Input should be greater than 0" in capsys.readouterr().err
+    nested = tmp_path / "llvip2"
+    build_replica("llvip", nested)
+    (nested / "Annotations" / "train").mkdir()
+    for xml in (nested / "Annotations").glob("*.xml"):
+        xml.rename(nested / "Annotations" / "train" / xml.name)
+    assert finetune_main(["check", "--config", config, f"data.root={nested}"]) == 2
+    assert (f"(train): {nested / 'Annotations'} holds no voc annotation files itself, but "
+            f"{nested / 'Annotations' / 'train'} does") in capsys.readouterr().err
