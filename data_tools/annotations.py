@@ -1,5 +1,6 @@
 """Annotation readers shared by the shard builder and fine-tuning: COCO JSON, YOLO txt folders,
-VOC XML folders and binary/label masks. Annotations match images by file stem.
+VOC XML folders and binary/label masks. Annotations match images by file stem; the annotations
+of a stem that several images share are reported (``annotation_ambiguous``) and given to none.
 
 Boxes are (x, y, w, h) in pixels of the original image. Readers never raise on a bad file: they
 record an issue (name + reason, ``data_tools.issues``) and go on, so one broken label file cannot stop a corpus build.
@@ -79,6 +80,15 @@ def _stem(name: str) -> str:
     return Path(name).stem
 
 
+def _is_annotation_file(fmt: str, name: str, suffix: str) -> bool:
+    """Whether a file in a folder of ``fmt`` annotations is one (masks: by ``suffix``, else an image)."""
+    if fmt == "yolo":
+        return name.endswith(".txt") and name != "classes.txt"
+    if fmt == "voc":
+        return name.endswith(".xml")
+    return name.endswith(suffix) if suffix else name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def read_coco(path: str) -> AnnotationSet:
     out = AnnotationSet()
     try:
@@ -103,7 +113,7 @@ def read_yolo(folder: str, classes: tuple[str, ...] = ()) -> AnnotationSet:
     """YOLO txt: one file per image, lines ``class cx cy w h`` normalised to the image size."""
     out = AnnotationSet()
     for name in sorted(os.listdir(folder)):
-        if not name.endswith(".txt") or name == "classes.txt":
+        if not _is_annotation_file("yolo", name, ""):
             continue
         path = os.path.join(folder, name)
         recs = []
@@ -128,7 +138,7 @@ def read_yolo(folder: str, classes: tuple[str, ...] = ()) -> AnnotationSet:
 def read_voc(folder: str) -> AnnotationSet:
     out = AnnotationSet()
     for name in sorted(os.listdir(folder)):
-        if not name.endswith(".xml"):
+        if not _is_annotation_file("voc", name, ""):
             continue
         path = os.path.join(folder, name)
         try:
@@ -155,14 +165,6 @@ def index_masks(folder: str, suffix: str) -> AnnotationSet:
         elif not suffix and name.lower().endswith(IMAGE_EXTENSIONS):
             out.masks[os.path.splitext(name)[0]] = os.path.join(folder, name)
     return out
-
-
-def _is_annotation_file(fmt: str, name: str, suffix: str) -> bool:
-    if fmt == "yolo":
-        return name.endswith(".txt") and name != "classes.txt"
-    if fmt == "voc":
-        return name.endswith(".xml")
-    return name.endswith(suffix) if suffix else name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _check_folder(fmt: str, path: str, suffix: str) -> None:
