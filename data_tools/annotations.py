@@ -172,8 +172,9 @@ def _check_folder(fmt: str, path: str, suffix: str) -> None:
     files all sit in subfolders (``labels/train/*.txt``), would otherwise give no boxes, silently."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{fmt} annotations are a folder of files, and {path} is not a folder")
-    if any(_is_annotation_file(fmt, e.name, suffix) for e in os.scandir(path) if e.is_file()):
-        return
+    with os.scandir(path) as entries:
+        if any(_is_annotation_file(fmt, e.name, suffix) for e in entries if e.is_file()):
+            return
     for folder, _, files in os.walk(path):
         nested = [f for f in files if _is_annotation_file(fmt, f, suffix)]
         if nested:

@@ -173,8 +173,7 @@ def _prepare_out_dir(out: Path, identity: dict, ident_hash: str, overwrite: bool
     if manifest_path.is_file():
         old = read_manifest(out, complete=False)
         # A build that stopped before its first shard (a source or annotation path to fix) claims nothing.
-        started = old.get("status") == "complete" or any(out.glob("*.tar")) or any((out / PROGRESS_DIR).glob("*.json"))
-        if old.get("config_hash") != ident_hash and not overwrite and started:
+        if old.get("config_hash") != ident_hash and not overwrite and _started(out, old):
             raise BuildError(
                 f"{out} holds shards of a different config (hash {old.get('config_hash')} != "
                 f"{ident_hash}); pass --overwrite to replace them or choose another --out")
@@ -190,6 +189,12 @@ def _prepare_out_dir(out: Path, identity: dict, ident_hash: str, overwrite: bool
     atomic_write_text(str(manifest_path), json.dumps(
         {"status": "building", "config_hash": ident_hash, "config": identity}, indent=1))
     return None
+
+
+def _started(out: Path, manifest: dict) -> bool:
+    """Whether an output folder holds any work: a finished build, a shard or a progress record."""
+    return (manifest.get("status") == "complete" or any(out.glob("*.tar"))
+            or any((out / PROGRESS_DIR).glob("*.json")))
 
 
 def _clear(out: Path) -> None:

@@ -70,8 +70,13 @@ class StreamConfig:
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
 
 
+def epoch_samples(sets: list[ShardSet], samples_per_epoch: int | None) -> int:
+    """Samples an epoch draws: ``data.samples_per_epoch``, or every sample of every set once."""
+    return samples_per_epoch or sum(s.samples for s in sets)
+
+
 def batches_per_epoch(sets: list[ShardSet], samples_per_epoch: int | None, world_size: int, batch_size: int) -> int:
-    total = samples_per_epoch or sum(s.samples for s in sets)
+    total = epoch_samples(sets, samples_per_epoch)
     n = total // (world_size * batch_size)
     if n < 1:
         raise PlanError(f"{total} samples per epoch cannot fill one batch of {batch_size} on each of "

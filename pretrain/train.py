@@ -10,7 +10,8 @@ import torch
 
 from data_tools.config import to_container
 from data_tools.transforms import IntensityConfig, RoICropConfig
-from pretrain.data import PretrainStream, StreamConfig, batches_per_epoch, load_shard_set, network_input
+from pretrain.data import (PretrainStream, StreamConfig, batches_per_epoch, epoch_samples, load_shard_set,
+                           network_input)
 from pretrain.engine import EpochLoader, PlanError, Task, TrainingPlan, lr_at, param_groups, run
 from pretrain.factory import build_model_from_config, initialise_from_config
 from pretrain.models.pad import (gated_parameter_names, pad_adapters, scale_predictor_trainable,
@@ -57,9 +58,8 @@ class PretrainTask(Task):
         unit = accum * max(workers, 1)
         micro_per_epoch = batches_per_epoch(self.sets, cfg.data.samples_per_epoch, where.world, micro) // unit * unit
         if micro_per_epoch < 1:
-            total = cfg.data.samples_per_epoch or sum(s.samples for s in self.sets)
             raise PlanError(
-                f"an epoch of {total} samples holds fewer than {unit} micro-batches of {micro} per process "
+                f"an epoch of {epoch_samples(self.sets, cfg.data.samples_per_epoch)} samples holds fewer than {unit} micro-batches of {micro} per process "
                 f"({accum} accumulation x {max(workers, 1)} loader workers), the least it needs: lower "
                 f"train.effective_batch (now {batching.effective}), use fewer data.num_workers, or set "
                 f"data.samples_per_epoch={unit * micro * where.world} or more (the corpus then repeats within an epoch)")

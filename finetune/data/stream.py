@@ -23,8 +23,6 @@ def batches_per_epoch(num_samples: int, world: int, batch_size: int, multiple: i
     batch is tiled (its frames repeat within the step) rather than leaving a step short."""
     if num_samples < 1:
         raise PlanError("the dataset has no usable frames (see the data report)")
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
     return max(num_samples // (world * batch_size) // multiple, 1) * multiple
 
 

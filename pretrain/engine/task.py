@@ -25,9 +25,8 @@ class TrainingPlan:
     def check(self, accum: int, task: str) -> None:
         """A task's plan must not take more micro-batches per epoch than its stream yields: the
         loop would otherwise run out of data in the middle of a step."""
-        need = self.steps_per_epoch * accum
-        have = getattr(getattr(self.loader, "stream", None), "batches_per_epoch", None)
-        if self.steps_per_epoch < 1 or (have is not None and need > have):
+        need, have = self.steps_per_epoch * accum, self.loader.stream.batches_per_epoch
+        if self.steps_per_epoch < 1 or need > have:
             raise RuntimeError(f"{task}: the training plan takes {self.steps_per_epoch} steps x {accum} accumulation "
                                f"= {need} micro-batches per epoch, but its data stream yields {have}")
 
