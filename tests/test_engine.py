@@ -67,3 +67,12 @@ def test_a_plan_that_takes_more_micro_batches_than_its_stream_yields_is_refused(
         plan(1, 3).check(4, "seg")
     with pytest.raises(RuntimeError, match="takes 0 steps"):
         plan(0, 3).check(1, "det")
+
+
+def test_an_effective_batch_that_is_no_multiple_of_the_batches_is_a_plan_error():
+    from pretrain.engine import PlanError, resolve_batching
+
+    train = SimpleNamespace(batch_size=4, accum_steps=1, effective_batch=24)
+    assert resolve_batching(train, 2) == Batching(4, 3, 2)
+    with pytest.raises(PlanError, match="effective_batch 24 is not a multiple of batch_size 4 x 4 processes"):
+        resolve_batching(train, 4)
