@@ -2,7 +2,8 @@
 # End-to-end pipeline. Orchestration only: every stage is a call of a project CLI.
 #
 #   ./run.sh                      set up, then run every stage on the embedded synthetic corpus
-#   ./run.sh test [pytest args]   set up, then run the test suite
+#   ./run.sh test [pytest args]   set up, then run the test suite (one worker per core, at most 4;
+#                                 -n0 runs it in this process)
 #   ./run.sh --data SOURCES.yaml  run the stages on your own infrared sources
 #   ./run.sh setup|synth|shards|pretrain|export|seg|det
 #                                 run one stage (finished stages are skipped, interrupted ones resume)
@@ -275,7 +276,11 @@ for stage in "${STAGES[@]}"; do
   case "$stage" in
     setup)  ;;
     test)   say "test: running the test suite"
-            cd "$ROOT" && PY -m pytest "${TEST_ARGS[@]}" ;;
+            # pytest-xdist, whole modules per worker (a module's fixtures are built once): most tests
+            # wait on the processes they launch, so a second worker on two cores takes about a fifth
+            # off the suite (BENCHMARKS.md, Test suite).
+            workers=$(nproc); (( workers > 4 )) && workers=4
+            cd "$ROOT" && PY -m pytest -n "$workers" --dist loadfile "${TEST_ARGS[@]}" ;;
     synth)  stage_synth ;;
     shards) stage_shards ;;
     pretrain) stage_pretrain ;;

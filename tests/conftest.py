@@ -4,6 +4,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from tests
+# Under pytest-xdist the workers share the cores: each takes its share of threads (inherited by the
+# processes it launches), or the OpenMP threads of several workers oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("IRPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
