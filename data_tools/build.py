@@ -218,7 +218,7 @@ def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[So
         d = discoveries[s.name]
         per_source[s.name] = {"root": s.root, "matched": d.matched, "found": len(d.items),
                               "written": 0, "skipped": 0, "skipped_by_reason": {},
-                              "colour_converted": 0, "annotation_issues": 0}
+                              "colour_converted": 0, "annotation_issues": 0, "videos_not_read": len(d.videos)}
     skipped, colour, issues, shards = [], [], list(orphan_issues), []
     proposals = 0
     for rec in records:
@@ -309,6 +309,9 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     for s in sources:
         d = discover(s)
         discoveries[s.name] = d
+        if d.videos:  # beside its frames: not read, so said (and counted in the manifest)
+            print(f"warning: source '{s.name}': {len(d.videos)} video file(s) not read (e.g. {d.videos[0]}): "
+                  "the builder reads frames; extract them into folders to include them", file=sys.stderr)
         anns, issues = annotations_for_source(s, d)
         orphan_issues += issues
         offsets[s.name] = len(items)

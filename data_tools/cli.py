@@ -40,8 +40,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
           f"{t['colour_converted']} colour frame(s) converted")
     for name, ps in manifest["sources"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(ps["skipped_by_reason"].items())) or "none"
+        videos = f", {ps['videos_not_read']} video file(s) not read" if ps.get("videos_not_read") else ""
         print(f"  {name}: found {ps['found']} (of {ps['matched']} matched), written {ps['written']}, "
-              f"skipped {ps['skipped']} ({reasons})")
+              f"skipped {ps['skipped']} ({reasons}){videos}")
     return 0
 
 

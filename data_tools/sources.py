@@ -17,6 +17,10 @@ from typing import Any
 import yaml
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# Recordings the builder does not decode (it reads frames): counted and named, never silently passed
+# over. FLIR's radiometric .seq / .csq / .ats need the camera vendor's tools to become frames.
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".ts",
+                    ".seq", ".csq", ".ats")
 DEFAULT_GLOBS = ("**/*",)  # every file with an image extension, recursively
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -68,6 +72,7 @@ class Discovery:
     items: list[Item] = field(default_factory=list)
     matched: int = 0  # files matching the globs, before the stride
     all_rel: list[str] = field(default_factory=list)  # every matched file (annotations match these)
+    videos: list[str] = field(default_factory=list)  # matched recordings, not read (VIDEO_EXTENSIONS)
 
 
 def natural_key(text: str) -> list:
@@ -170,18 +175,29 @@ def discover(source: Source) -> Discovery:
     if not root.is_dir():
         raise SourceError(f"source '{source.name}': root folder does not exist: {root}")
     files: set[str] = set()
+    videos: set[str] = set()
     for pattern in source.globs:
         for p in glob.glob(os.path.join(glob.escape(str(root)), pattern), recursive=True):
             if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS):
                 files.add(os.path.relpath(p, root).replace(os.sep, "/"))
+            elif os.path.isfile(p) and p.lower().endswith(VIDEO_EXTENSIONS):
+                videos.add(os.path.relpath(p, root).replace(os.sep, "/"))
     if not files:
+        if videos:
+            first = min(videos)
+            raise SourceError(
+                f"source '{source.name}': no image files under {root}, but {len(videos)} video file(s) "
+                f"(e.g. {first}); the builder reads frames, not recordings: extract each recording into a "
+                f"folder of its own first, e.g. mkdir -p frames/{Path(first).stem} && ffmpeg -i {first} "
+                f"frames/{Path(first).stem}/%06d.png, and point the source at those folders (`stride` then "
+                "keeps every n-th frame of each)")
         raise SourceError(f"source '{source.name}': no image files match {list(source.globs)} "
                           f"under {root}")
     key = natural_key if source.sort == "natural" else (lambda s: s)
     by_folder: dict[str, list[str]] = {}
     for rel in files:
         by_folder.setdefault(os.path.dirname(rel) or ".", []).append(rel)
-    out = Discovery(matched=len(files), all_rel=sorted(files))
+    out = Discovery(matched=len(files), all_rel=sorted(files), videos=sorted(videos))
     for folder in sorted(by_folder, key=key):
         frames = sorted(by_folder[folder], key=lambda r: key(os.path.basename(r)))
         for index in range(0, len(frames), source.stride):

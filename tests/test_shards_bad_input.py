@@ -139,6 +139,28 @@ def test_empty_source_is_an_error_naming_it(tmp_path, capsys):
     assert "lonely" in capsys.readouterr().err
 
 
+def test_video_recordings_are_named_and_counted_never_passed_over(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    (videos / "day2").mkdir(parents=True)
+    (videos / "drive1.MP4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    (videos / "day2" / "walk.seq").write_bytes(b"FFF\x00")
+    out = tmp_path / "o"
+    assert cli_main(["build", "--source", f"cam={videos}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no image files" in err and "2 video file(s) (e.g. day2/walk.seq)" in err and "ffmpeg -i" in err
+    assert not list(out.glob("*.tar"))
+
+    (videos / "frames").mkdir()  # the same source with frames beside the recordings: built, recordings said
+    for i in range(3):
+        (videos / "frames" / f"{i:06d}.png").write_bytes(_png(_scene(seed=i)))
+    assert cli_main(["build", "--source", f"cam={videos}", "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "warning: source 'cam': 2 video file(s) not read (e.g. day2/walk.seq)" in said.err
+    assert "2 video file(s) not read" in said.out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sources"]["cam"]["videos_not_read"] == 2 and manifest["sources"]["cam"]["written"] == 3
+
+
 def test_missing_root_is_an_error(tmp_path):
     with pytest.raises(SourceError, match="root folder does not exist"):
         discover(Source("gone", str(tmp_path / "gone")))
