@@ -1,9 +1,9 @@
 """Robust reading of infrared frames: every failure becomes a named skip reason.
 
-Accepted containers: PNG, JPEG, TIFF, BMP; 8- and 16-bit. Grey stored as RGB is detected and
-stored as one channel. Truly colour input is converted to luma (ITU-R BT.601 weights, OpenCV's
-BGR2GRAY) and reported as a warning, because an infrared corpus should not silently contain
-visible images.
+Accepted containers: PNG, JPEG, TIFF, BMP, Netpbm (PGM / PPM, as robotics recorders dump frames);
+8- and 16-bit. Grey stored as RGB is detected and stored as one channel. Truly colour input is
+converted to luma (ITU-R BT.601 weights, OpenCV's BGR2GRAY) and reported as a warning, because an
+infrared corpus should not silently contain visible images.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 SKIP_REASONS = {
     "unreadable": "the file could not be opened or read (permissions, I/O error)",
     "empty_file": "the file has zero bytes",
-    "not_an_image": "the bytes are not PNG, JPEG, TIFF or BMP, whatever the extension says",
+    "not_an_image": "the bytes are not PNG, JPEG, TIFF, BMP or Netpbm, whatever the extension says",
     "truncated": "the container ends before its end marker (PNG IEND / JPEG EOI)",
     "decode_failed": "the decoder rejected the data (corrupt content)",
     "unsupported_dtype": "pixels are neither 8- nor 16-bit unsigned integers",
@@ -33,6 +33,7 @@ _SIGNATURES = (
     (b"MM\x00+", "tiff"),
     (b"BM", "bmp"),
 )
+_NETPBM = (b"P2", b"P3", b"P5", b"P6")  # grey / colour, text / binary; a space or newline follows
 
 
 class SkipSample(Exception):
@@ -68,6 +69,8 @@ def sniff_format(data: bytes) -> str:
     for magic, name in _SIGNATURES:
         if data.startswith(magic):
             return name
+    if data[:2] in _NETPBM and data[2:3].isspace():
+        return "pnm"
     raise SkipSample("not_an_image", f"leading bytes {data[:8].hex()}")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".pnm")
 # Recordings the builder does not decode (it reads frames): counted and named, never silently passed
 # over. FLIR's radiometric .seq / .csq / .ats need the camera vendor's tools to become frames.
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".ts",

@@ -225,13 +225,15 @@ def test_border_crop_moves_boxes_and_records_crop(tmp_path):
     assert [10, 10, 50, 60] in props.tolist()  # COCO box moved by (-20, -10)
 
 
-def test_tiff_and_bmp_8_and_16_bit_round_trip(tmp_path):
+def test_tiff_bmp_and_netpbm_8_and_16_bit_round_trip(tmp_path):
     root = tmp_path / "f"
     root.mkdir()
     img8, img16 = _scene(), _scene(dtype=np.uint16)
     cv2.imwrite(str(root / "a8.tif"), img8)
     cv2.imwrite(str(root / "b16.tiff"), img16)
     cv2.imwrite(str(root / "c8.bmp"), img8)
+    cv2.imwrite(str(root / "d16.pgm"), img16)  # binary P5, 16-bit big-endian
+    (root / "e8.pgm").write_bytes(b"P2\n2 2\n255\n0 10\n200 255\n")  # text P2: too small, but read
     m = build_shards([Source("mixed", str(root))], load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false"]),
                      tmp_path / "out", progress=False)
     got = {}
@@ -244,6 +246,10 @@ def test_tiff_and_bmp_8_and_16_bit_round_trip(tmp_path):
     np.testing.assert_array_equal(got["c8.bmp"][0], img8)
     assert got["b16.tiff"][1]["dtype"] == "uint16" and got["b16.tiff"][1]["format"] == "tiff"
     assert got["c8.bmp"][1]["format"] == "bmp"
+    np.testing.assert_array_equal(got["d16.pgm"][0], img16)
+    assert got["d16.pgm"][1]["dtype"] == "uint16" and got["d16.pgm"][1]["format"] == "pnm"
+    assert [(s["path"], s["reason"]) for s in m["skipped"]] == [("e8.pgm", "too_small")]
+    np.testing.assert_array_equal(read_frame(str(root / "e8.pgm")).image, [[0, 10], [200, 255]])
 
 
 def test_shards_are_sized_by_bytes(tmp_path):
