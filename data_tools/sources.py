@@ -8,6 +8,7 @@ flat folder keeps every n-th image. Frames sort naturally (``frame2`` before ``f
 from __future__ import annotations
 
 import glob
+import shlex
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -188,7 +189,7 @@ def discover(source: Source) -> Discovery:
             raise SourceError(
                 f"source '{source.name}': no image files under {root}, but {len(videos)} video file(s) "
                 f"(e.g. {first}); the builder reads frames, not recordings: extract each recording into a "
-                f"folder of its own first, e.g. mkdir -p frames/{Path(first).stem} && ffmpeg -i {first} "
+                f"folder of its own first, e.g. mkdir -p frames/{Path(first).stem} && ffmpeg -i {shlex.quote(str(root / first))} "
                 f"frames/{Path(first).stem}/%06d.png, and point the source at those folders (`stride` then "
                 "keeps every n-th frame of each)")
         raise SourceError(f"source '{source.name}': no image files match {list(source.globs)} "
