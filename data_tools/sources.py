@@ -8,9 +8,9 @@ flat folder keeps every n-th image. Frames sort naturally (``frame2`` before ``f
 from __future__ import annotations
 
 import glob
-import shlex
 import os
 import re
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
