@@ -186,12 +186,13 @@ def discover(source: Source) -> Discovery:
     if not files:
         if videos:
             first = min(videos)
+            folder = f"frames/{Path(first).stem}"
             raise SourceError(
                 f"source '{source.name}': no image files under {root}, but {len(videos)} video file(s) "
                 f"(e.g. {first}); the builder reads frames, not recordings: extract each recording into a "
-                f"folder of its own first, e.g. mkdir -p frames/{Path(first).stem} && ffmpeg -i {shlex.quote(str(root / first))} "
-                f"frames/{Path(first).stem}/%06d.png, and point the source at those folders (`stride` then "
-                "keeps every n-th frame of each)")
+                f"folder of its own first, e.g. mkdir -p {folder} && ffmpeg -i {shlex.quote(str(root / first))} "
+                f"{folder}/%06d.png (FLIR .seq / .csq: the camera vendor's tools), and point the source at "
+                "those folders (`stride` then keeps every n-th frame of each)")
         raise SourceError(f"source '{source.name}': no image files match {list(source.globs)} "
                           f"under {root}")
     key = natural_key if source.sort == "natural" else (lambda s: s)
