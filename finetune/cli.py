@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from data_tools.config import CONFIG_DIR, load_config
@@ -50,29 +51,72 @@ def _cmd_det(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    """Refuse a config before any work: its schema, and the folders and files it names."""
+def _check_layout(cfg, name: str) -> None:
+    """Raise FileNotFoundError, naming the split, unless the folders and files ``cfg.data`` names
+    are there, listed as training lists them (no image is read)."""
     from data_tools.annotations import check_annotation_path
     from finetune.data.pairs import discover
     from finetune.factory import data_for_split, split_list
 
-    cfg = _checked(args)
-    if not cfg.data.root:
-        raise ValueError(f"{args.config}: data.root is not set (the dataset folder)")
     detection = "boxes" in cfg.data
-    if not detection and not cfg.data.dirs.label:
-        raise ValueError(f"{args.config}: data.dirs.label is not set (segmentation needs label maps)")
     for split in ("train", "val"):
         data = data_for_split(cfg, split)
-        try:  # lists the folders and split files as training will (reads no image)
+        try:
             discover(data, split_list(data, split), need_label=not detection)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{args.config} ({split}): not found: {e}") from None
+            raise FileNotFoundError(f"{name} ({split}): not found: {e}") from None
         if detection and data.boxes.path:
             try:  # a folder of label files where they are read, or one COCO file
                 check_annotation_path(data.boxes.format, str(data.boxes.path))
             except FileNotFoundError as e:
-                raise FileNotFoundError(f"{args.config} ({split}): {e}") from None
+                raise FileNotFoundError(f"{name} ({split}): {e}") from None
+
+
+def _root_below(cfg, depth: int = 2, limit: int = 200) -> str | None:
+    """A folder up to ``depth`` levels under ``data.root`` where the layout is complete: a download
+    often unpacks into a folder of its own (``MSRS-main/``), one level below the root given."""
+    import copy
+    from pathlib import Path
+
+    def subfolders(folder: Path) -> list[Path]:
+        try:
+            return sorted(c for c in folder.iterdir() if c.is_dir())
+        except OSError:  # unreadable: nothing to suggest there
+            return []
+
+    level, tried = [Path(cfg.data.root)], 0
+    for _ in range(depth):
+        level = [c for folder in level for c in subfolders(folder)]
+        for candidate in level:
+            tried += 1
+            if tried > limit:
+                return None
+            moved = copy.deepcopy(cfg)
+            moved.data.root = str(candidate)
+            try:
+                _check_layout(moved, "")
+                return str(candidate)
+            except (FileNotFoundError, ValueError, OSError):
+                continue
+    return None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Refuse a config before any work: its schema, and the folders and files it names."""
+    cfg = _checked(args)
+    if not cfg.data.root:
+        raise ValueError(f"{args.config}: data.root is not set (the dataset folder)")
+    if "boxes" not in cfg.data and not cfg.data.dirs.label:
+        raise ValueError(f"{args.config}: data.dirs.label is not set (segmentation needs label maps)")
+    try:
+        _check_layout(cfg, args.config)
+    except FileNotFoundError as e:
+        below = _root_below(cfg) if os.path.isdir(cfg.data.root) else None
+        if below is None:
+            raise
+        task = "det" if "boxes" in cfg.data else "seg"
+        raise FileNotFoundError(f"{e}. The whole layout is under {below}: use data.root={below} "
+                                f"(run.sh: --{task}-root {below})") from None
     print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there")
     return 0
 

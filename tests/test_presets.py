@@ -281,3 +281,20 @@ def test_check_names_what_is_missing_before_any_work(tmp_path, capsys):
     assert finetune_main(["check", "--config", config, f"data.root={nested}"]) == 2
     assert (f"(train): {nested / 'Annotations'} holds no voc annotation files itself, but "
             f"{nested / 'Annotations' / 'train'} does") in capsys.readouterr().err
+
+
+def test_check_points_at_the_layout_one_or_two_folders_below_the_root_given(tmp_path, capsys):
+    """A download often unpacks into a folder of its own (LLVIP-main/): check names it."""
+    from finetune.cli import main as finetune_main
+
+    config = str(PRESETS / "llvip.yaml")
+    downloads = tmp_path / "downloads"
+    build_replica("llvip", downloads / "archive" / "LLVIP-main")
+    (downloads / "a_partial" / "infrared" / "train").mkdir(parents=True)  # sorts first, incomplete
+    assert finetune_main(["check", "--config", config, f"data.root={downloads}"]) == 2
+    err = capsys.readouterr().err
+    assert f"(train): not found: {downloads / 'infrared' / 'train'}" in err
+    assert f"The whole layout is under {downloads / 'archive' / 'LLVIP-main'}: use data.root=" in err
+    assert finetune_main(["check", "--config", config, f"data.root={downloads / 'archive' / 'LLVIP-main'}"]) == 0
+    assert finetune_main(["check", "--config", config, f"data.root={downloads / 'a_partial'}"]) == 2
+    assert "The whole layout is under" not in capsys.readouterr().err  # nothing complete below: no guess
