@@ -72,11 +72,14 @@ def _check_layout(cfg, name: str) -> None:
                 raise FileNotFoundError(f"{name} ({split}): {e}") from None
 
 
-def _root_below(cfg, depth: int = 2, limit: int = 200) -> str | None:
+def _root_below(cfg, depth: int = 2) -> str | None:
     """A folder up to ``depth`` levels under ``data.root`` where the layout is complete: a download
-    often unpacks into a folder of its own (``MSRS-main/``), one level below the root given."""
+    often unpacks into a folder of its own (``MSRS-main/``), one level below the root given. Only
+    folders holding the training split's image folders are checked in full."""
     import copy
     from pathlib import Path
+
+    from finetune.factory import data_for_split
 
     def subfolders(folder: Path) -> list[Path]:
         try:
@@ -84,13 +87,16 @@ def _root_below(cfg, depth: int = 2, limit: int = 200) -> str | None:
         except OSError:  # unreadable: nothing to suggest there
             return []
 
-    level, tried = [Path(cfg.data.root)], 0
+    try:
+        needed = [str(v) for v in data_for_split(cfg, "train").dirs.values() if v]
+    except ValueError:
+        return None
+    level = [Path(cfg.data.root)]
     for _ in range(depth):
         level = [c for folder in level for c in subfolders(folder)]
         for candidate in level:
-            tried += 1
-            if tried > limit:
-                return None
+            if not all((candidate / d).is_dir() for d in needed):
+                continue
             moved = copy.deepcopy(cfg)
             moved.data.root = str(candidate)
             try:
