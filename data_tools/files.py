@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 
 def sha256_file(path: str | Path) -> str:
@@ -54,3 +54,19 @@ def trim_jsonl(path: str | Path, keep: Callable[[dict], bool]) -> None:
         print(f"warning: {path}: dropped a torn final line ({len(torn)} characters; a run was killed "
               "mid-write)", file=sys.stderr)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if keep(r)))
+
+
+def folders_below(base: str | Path, relative: Sequence[str], depth: int = 2) -> Iterator[Path]:
+    """Folders up to ``depth`` levels below ``base`` (nearest first, then by name) that hold every
+    folder of ``relative``: where a dataset that unpacked into a folder of its own (``MSRS-main/``)
+    really is. Unreadable folders are passed by."""
+    def subfolders(folder: Path) -> list[Path]:
+        try:
+            return sorted(c for c in folder.iterdir() if c.is_dir())
+        except OSError:
+            return []
+
+    level = [Path(base)]
+    for _ in range(depth):
+        level = [c for folder in level for c in subfolders(folder)]
+        yield from (c for c in level if all((c / r).is_dir() for r in relative))

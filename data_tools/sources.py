@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from data_tools.files import folders_below
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".pnm")
 # Recordings the builder does not decode (it reads frames): counted and named, never silently passed
 # over. FLIR's radiometric .seq / .csq / .ats need the camera vendor's tools to become frames.
@@ -171,10 +173,26 @@ def source_from_shortcut(text: str) -> Source:
     return source_from_dict({"name": name, "root": path}, Path.cwd())
 
 
+def _found_below(missing: Path, ancestors: int = 3) -> str:
+    """Where ``missing`` is, one or two folders below one of its nearest existing ancestors, as a
+    download that unpacked into a folder of its own puts it (``LLVIP-main/infrared/train``): said,
+    or ''."""
+    parent, looked = missing.parent, 0
+    while parent != parent.parent and looked < ancestors:
+        if parent.is_dir():
+            looked += 1
+            relative = missing.relative_to(parent)
+            found = next(folders_below(parent, [str(relative)]), None)
+            if found is not None:
+                return f"; it is at {found / relative}: adjust the root (or --sources-root)"
+        parent = parent.parent
+    return ""
+
+
 def discover(source: Source) -> Discovery:
     root = Path(source.root)
     if not root.is_dir():
-        raise SourceError(f"source '{source.name}': root folder does not exist: {root}")
+        raise SourceError(f"source '{source.name}': root folder does not exist: {root}{_found_below(root)}")
     files: set[str] = set()
     videos: set[str] = set()
     for pattern in source.globs:

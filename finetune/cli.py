@@ -72,38 +72,27 @@ def _check_layout(cfg, name: str) -> None:
                 raise FileNotFoundError(f"{name} ({split}): {e}") from None
 
 
-def _root_below(cfg, depth: int = 2) -> str | None:
-    """A folder up to ``depth`` levels under ``data.root`` where the layout is complete: a download
-    often unpacks into a folder of its own (``MSRS-main/``), one level below the root given. Only
-    folders holding the training split's image folders are checked in full."""
+def _root_below(cfg) -> str | None:
+    """A folder one or two levels under ``data.root`` where the whole layout is: a download often
+    unpacks into a folder of its own (``MSRS-main/``). Only folders holding the training split's
+    image folders are checked in full."""
     import copy
-    from pathlib import Path
 
+    from data_tools.files import folders_below
     from finetune.factory import data_for_split
-
-    def subfolders(folder: Path) -> list[Path]:
-        try:
-            return sorted(c for c in folder.iterdir() if c.is_dir())
-        except OSError:  # unreadable: nothing to suggest there
-            return []
 
     try:
         needed = [str(v) for v in data_for_split(cfg, "train").dirs.values() if v]
     except ValueError:
         return None
-    level = [Path(cfg.data.root)]
-    for _ in range(depth):
-        level = [c for folder in level for c in subfolders(folder)]
-        for candidate in level:
-            if not all((candidate / d).is_dir() for d in needed):
-                continue
-            moved = copy.deepcopy(cfg)
-            moved.data.root = str(candidate)
-            try:
-                _check_layout(moved, "")
-                return str(candidate)
-            except (FileNotFoundError, ValueError, OSError):
-                continue
+    for candidate in folders_below(cfg.data.root, needed):
+        moved = copy.deepcopy(cfg)
+        moved.data.root = str(candidate)
+        try:
+            _check_layout(moved, "")
+            return str(candidate)
+        except (FileNotFoundError, ValueError, OSError):
+            continue
     return None
 
 

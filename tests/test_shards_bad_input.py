@@ -162,8 +162,23 @@ def test_video_recordings_are_named_and_counted_never_passed_over(tmp_path, caps
 
 
 def test_missing_root_is_an_error(tmp_path):
-    with pytest.raises(SourceError, match="root folder does not exist"):
+    with pytest.raises(SourceError, match="root folder does not exist") as e:
         discover(Source("gone", str(tmp_path / "gone")))
+    assert "it is at" not in str(e.value)
+
+
+def test_a_root_that_unpacked_one_folder_down_is_pointed_at(tmp_path, capsys):
+    frames = tmp_path / "downloads" / "LLVIP-main" / "infrared" / "train"
+    frames.mkdir(parents=True)
+    (frames / "010001.jpg").write_bytes(cv2.imencode(".jpg", _scene())[1].tobytes())
+    (tmp_path / "downloads" / "infrared").mkdir()  # part of the path exists where it was expected
+    recipe = tmp_path / "sources.yaml"
+    recipe.write_text("sources:\n  - {name: llvip, root: infrared/train}\n")
+    out = tmp_path / "o"
+    assert cli_main(["build", "--sources", str(recipe), "--sources-root", str(tmp_path / "downloads"),
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"root folder does not exist: {tmp_path / 'downloads' / 'infrared' / 'train'}; it is at {frames}" in err
 
 
 def test_output_of_a_different_config_is_refused_unless_overwrite(bad_corpus, capsys):
