@@ -5,10 +5,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from tests
 # Under pytest-xdist the workers share the cores: each takes its share of threads (inherited by the
-# processes it launches), or the OpenMP threads of several workers oversubscribe the cores.
+# processes it launches), or the OpenMP threads of several workers oversubscribe the cores. The
+# cores this process may use, as `nproc` counts them in run.sh (not the machine's, under taskset).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("IRPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
