@@ -197,10 +197,10 @@ def discover(source: Source) -> Discovery:
     videos: set[str] = set()
     for pattern in source.globs:
         for p in glob.glob(os.path.join(glob.escape(str(root)), pattern), recursive=True):
-            if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS):
-                files.add(os.path.relpath(p, root).replace(os.sep, "/"))
-            elif os.path.isfile(p) and p.lower().endswith(VIDEO_EXTENSIONS):
-                videos.add(os.path.relpath(p, root).replace(os.sep, "/"))
+            name = p.lower()
+            kind = files if name.endswith(IMAGE_EXTENSIONS) else videos if name.endswith(VIDEO_EXTENSIONS) else None
+            if kind is not None and os.path.isfile(p):  # one stat, only for the files it keeps
+                kind.add(os.path.relpath(p, root).replace(os.sep, "/"))
     if not files:
         if videos:
             first = min(videos)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from data_tools.config import CONFIG_DIR, load_config
@@ -81,17 +80,14 @@ def _root_below(cfg) -> str | None:
     from data_tools.files import folders_below
     from finetune.factory import data_for_split
 
-    try:
-        needed = [str(v) for v in data_for_split(cfg, "train").dirs.values() if v]
-    except ValueError:
-        return None
+    needed = [str(v) for v in data_for_split(cfg, "train").dirs.values() if v]  # read before the check failed
     for candidate in folders_below(cfg.data.root, needed):
         moved = copy.deepcopy(cfg)
         moved.data.root = str(candidate)
         try:
             _check_layout(moved, "")
             return str(candidate)
-        except (FileNotFoundError, ValueError, OSError):
+        except (OSError, ValueError):  # not there, or not a layout training could read
             continue
     return None
 
@@ -106,7 +102,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     try:
         _check_layout(cfg, args.config)
     except FileNotFoundError as e:
-        below = _root_below(cfg) if os.path.isdir(cfg.data.root) else None
+        below = _root_below(cfg)  # an unreadable or missing root has no folders below it
         if below is None:
             raise
         task = "det" if "boxes" in cfg.data else "seg"
