@@ -64,6 +64,20 @@ TEST_ARGS=()
 
 say()  { printf '\n==> %s\n' "$*"; }
 fail() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
+# A path as the value of a key=value config override: single-quoted for YAML when it holds more than
+# plain path characters, so that a folder named 'run #2' or 'a, b' reaches the config as written
+# (unquoted, YAML reads ' #' as the start of a comment, ', ' and brackets as structure).
+yaml_str() {
+  if [[ "$1" =~ ^[A-Za-z0-9_./+-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\'}"; fi
+}
+# Arguments as one line that a shell reads back as the same words (printed commands can be rerun).
+shell_words() {
+  local words=() word q="'\\''"
+  for word in "$@"; do
+    if [[ "$word" =~ ^[A-Za-z0-9_./=:,@%+-]+$ ]]; then words+=("$word"); else words+=("'${word//\'/$q}'"); fi
+  done
+  printf '%s' "${words[*]}"
+}
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -152,7 +166,7 @@ stage_shards() {
   fi
   local wargs=()
   [[ -n "$WORKERS" ]] && wargs=(--workers "$WORKERS")
-  [[ -n "$RANKER" ]] && wargs+=(proposals.method=thermal_blobs_fitted "proposals.ranker=$RANKER")
+  [[ -n "$RANKER" ]] && wargs+=(proposals.method=thermal_blobs_fitted "proposals.ranker=$(yaml_str "$RANKER")")
   say "shards: building WebDataset shards with region proposals from $sources into $OUT/shards"
   PY -m data_tools build --sources "$sources" --out "$OUT/shards" "${wargs[@]}" \
     || fail "stage shards failed (rerun the same command to resume)"
@@ -178,7 +192,7 @@ stage_pretrain() {
   fi
   say "pretrain: MAE + PAD with $(basename "$PRETRAIN_CONFIG") on $OUT/shards into $OUT/pretrain (rerun to resume)"
   launch_stage pretrain pretrain train --config "$PRETRAIN_CONFIG" --run-dir "$OUT/pretrain" \
-    "data.shards=[{path: $OUT/shards}]" "${EXTRA[@]}"
+    "data.shards=[{path: $(yaml_str "$OUT/shards")}]" "${EXTRA[@]}"
   [[ -f "$OUT/pretrain/DONE" ]] || fail "stage pretrain stopped before the end (preempted?): rerun to resume"
 }
 
@@ -213,7 +227,7 @@ launch() {  # launch MODULE ARGS...: one process, torchrun, or the DeepSpeed lau
   else
     cmd=("$VENV/bin/python" -m "$@")
   fi
-  printf '    %s\n' "${cmd[*]}"
+  printf '    %s\n' "$(shell_words "${cmd[@]}")"
   "${cmd[@]}"
 }
 
@@ -233,12 +247,12 @@ stage_finetune() {
   if [[ -z "$config" ]]; then
     config="$ROOT/configs/finetune/${task}_tiny.yaml"
     need "$OUT/synth/synth.json" synth
-    defaults=("data.root=$OUT/synth" "data.train_split=train.txt" "data.val_split=val.txt")  # scored on held-out frames
-    [[ "$task" == det ]] && defaults+=("data.boxes.path=$OUT/synth/labels")
+    defaults=("data.root=$(yaml_str "$OUT/synth")" "data.train_split=train.txt" "data.val_split=val.txt")  # scored on held-out frames
+    [[ "$task" == det ]] && defaults+=("data.boxes.path=$(yaml_str "$OUT/synth/labels")")
   fi
-  [[ -n "$root" ]] && defaults+=("data.root=$root")
+  [[ -n "$root" ]] && defaults+=("data.root=$(yaml_str "$root")")
   say "$task: IV-tuning of $OUT/backbone.pth with $(basename "$config") into $OUT/$task (rerun to resume)"
-  launch_stage "$task" finetune "$task" --config "$config" --run-dir "$OUT/$task" "init.checkpoint=$OUT/backbone.pth" \
+  launch_stage "$task" finetune "$task" --config "$config" --run-dir "$OUT/$task" "init.checkpoint=$(yaml_str "$OUT/backbone.pth")" \
     "${defaults[@]}"
   [[ -f "$OUT/$task/DONE" ]] || fail "stage $task stopped before the end (preempted?): rerun to resume"
 }
@@ -265,7 +279,7 @@ check_finetune_inputs() {
     [[ "$task" == det ]] && { config="$DET_CONFIG"; root="$DET_ROOT"; }
     [[ -n "$config" ]] || continue
     args=(--config "$config")
-    [[ -n "$root" ]] && args+=("data.root=$root")
+    [[ -n "$root" ]] && args+=("data.root=$(yaml_str "$root")")
     PY -m finetune check "${args[@]}" || fail "the $task config above is not usable: fix what it names; nothing was run"
   done
 }

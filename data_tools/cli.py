@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from data_tools.config import CONFIG_DIR, load_config
+from data_tools.config import CONFIG_DIR, load_config, override_arg
 from data_tools.manifest import read_manifest
 
 DEFAULT_BUILD_CONFIG = CONFIG_DIR / "data" / "build.yaml"
@@ -167,7 +167,7 @@ def _cmd_proposals_fit(args: argparse.Namespace) -> int:
     verdict, better = _cross_validation_verdict(seen.get("cross_validation"))
     print(verdict)
     print(f"{'use it' if better else 'to use it anyway'}: proposals.method=thermal_blobs_fitted "
-          f"proposals.ranker={args.out}")
+          f"{override_arg('proposals.ranker', args.out)}")
     return 0
 
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, ValidationError
+
 
 def _config_dir() -> Path:
     """``configs/`` of the checkout, or the copy an installed wheel carries (``irpt_configs``)."""
@@ -31,8 +35,23 @@ def _config_dir() -> Path:
 CONFIG_DIR = _config_dir()
 
 
+def yaml_problem(path: str | Path, error: yaml.YAMLError) -> str:
+    """A YAML syntax error in one line: the file, where, what the parser missed, the usual cause."""
+    mark = getattr(error, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return (f"{path}{where}: not valid YAML ({what}); a value holding ': ', ' #', ', ' or brackets "
+            "(a path, say) needs quotes")
+
+
 def _load_with_bases(path: Path) -> DictConfig:
-    cfg = OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(yaml_problem(path, e)) from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a config is a mapping of sections (data:, model:, train:, ...), "
+                          "not a list")
     base = cfg.pop("_base_", None)
     if base is None:
         return cfg
@@ -95,6 +114,48 @@ def check_config(cfg: DictConfig | dict, schema: type[BaseModel], source: str = 
         raise ConfigError(f"{source} does not fit its schema ({schema.__name__}):\n  " + "\n  ".join(lines)) from None
 
 
+_MARK = "\ue000"  # a private-use character standing in for '#'
+
+
+def _unmark(node):
+    if isinstance(node, str):
+        return node.replace(_MARK, "#")
+    if isinstance(node, list):
+        return [_unmark(v) for v in node]
+    if isinstance(node, dict):
+        return {_unmark(k): _unmark(v) for k, v in node.items()}
+    return node
+
+
+def _has_comment(value: str) -> bool:
+    """Whether YAML reads part of ``value`` as a comment (a ``#`` after white space, outside quotes):
+    ``data.root=/data/run #2`` would otherwise become ``/data/run`` without a word."""
+    if "#" not in value:
+        return False
+    try:
+        as_written = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return False  # not YAML at all: the override's own parse says so
+    try:
+        return as_written != _unmark(yaml.safe_load(value.replace("#", _MARK)))
+    except yaml.YAMLError:
+        return True  # it only parses with the '#' read as a comment
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_./+-]+")
+
+
+def override_arg(key: str, value: str | Path) -> str:
+    """``key=value`` as one shell word whose value the override parser reads back as written: a
+    path with ``' #'``, ``', '`` or brackets in it is single-quoted for YAML (printed hints and
+    commands a user copies)."""
+    value = str(value)
+    if _PLAIN.fullmatch(value):
+        return f"{key}={value}"
+    word = "{}='{}'".format(key, value.replace("'", "''"))
+    return f'"{word}"' if not re.search(r'[$`"\\!]', word) else shlex.quote(word)
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = (), schema: type[BaseModel] | None = None) -> DictConfig:
     """Load ``path`` (following ``_base_``), apply ``key=value`` overrides and, with ``schema``,
     check every key and value (:func:`check_config`).
@@ -109,7 +170,10 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), schema: type[Ba
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override '{item}' is not of the form key=value")
-        key = item.split("=", 1)[0]
+        key, value = item.split("=", 1)
+        if _has_comment(value):
+            raise ValueError(f"override '{item}': YAML reads what follows '#' as a comment and would drop it; "
+                             f"quote the value: {override_arg(key, value)}")
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise KeyError(f"override '{item}': the config {path} has no key '{key}'")
     if overrides:

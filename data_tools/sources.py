@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from data_tools.config import yaml_problem
 from data_tools.files import folders_below
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".pnm")
@@ -150,7 +151,10 @@ def load_sources(path: str | Path, root: str | Path | None = None) -> list[Sourc
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"sources file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SourceError(yaml_problem(path, e)) from None
     entries = data.get("sources") if isinstance(data, dict) else None
     if not entries:
         raise SourceError(f"{path}: expected a top-level 'sources:' list")

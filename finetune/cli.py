@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
-from data_tools.config import CONFIG_DIR, load_config
+from data_tools.config import CONFIG_DIR, load_config, override_arg
 
 SEG_CONFIG = str(CONFIG_DIR / "finetune" / "seg_vitb.yaml")
 DET_CONFIG = str(CONFIG_DIR / "finetune" / "det_vitb.yaml")
@@ -106,8 +107,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if below is None:
             raise
         task = "det" if "boxes" in cfg.data else "seg"
-        raise FileNotFoundError(f"{e}. The whole layout is under {below}: use data.root={below} "
-                                f"(run.sh: --{task}-root {below})") from None
+        raise FileNotFoundError(f"{e}. The whole layout is under {below}: use {override_arg('data.root', below)} "
+                                f"(run.sh: --{task}-root {shlex.quote(str(below))})") from None
     print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there")
     return 0
 

@@ -77,3 +77,39 @@ def test_the_cli_refuses_a_bad_value_before_touching_the_run_dir(tmp_path, capsy
     assert "optim.lr: Input should be greater than 0 (got -1)" in capsys.readouterr().err
     assert not run_dir.exists()
 
+
+
+def test_a_comment_in_an_override_is_refused_unless_quoted(tmp_path, capsys):
+    """YAML reads ' #' as the start of a comment: `data.root=/data/run #2` used to train on /data/run."""
+    from finetune.cli import main as finetune_main
+
+    seg = CONFIG_DIR / "finetune" / "seg_tiny.yaml"
+    with pytest.raises(ValueError, match=r"as a comment .* quote the value: \"data.root='/data/run #2'\"$"):
+        load_config(seg, ["data.root=/data/run #2"])
+    with pytest.raises(ValueError, match="as a comment"):
+        load_config(seg, ["data.classes=[a, b] # c"])
+    assert load_config(seg, ["data.root='/data/run #2'"]).data.root == "/data/run #2"
+    assert load_config(seg, ["data.root=/data/run#2"]).data.root == "/data/run#2"  # no space before it: no comment
+    assert list(load_config(seg, ["data.classes=[a, 'b #c', \"it's #d\"]"]).data.classes) == ["a", "b #c", "it's #d"]
+    run_dir = tmp_path / "run"
+    assert finetune_main(["seg", "--config", str(seg), "--run-dir", str(run_dir), "data.root=/data/run #2"]) == 2
+    assert "YAML reads what follows '#' as a comment" in capsys.readouterr().err and not run_dir.exists()
+
+
+def test_a_config_file_yaml_cannot_read_is_one_line_naming_where(tmp_path, capsys):
+    from finetune.cli import main as finetune_main
+    from pretrain.cli import main as pretrain_main
+
+    broken, listed = tmp_path / "broken.yaml", tmp_path / "listed.yaml"
+    broken.write_text("train: {steps: 3\n")
+    listed.write_text("- train\n- data\n")
+    with pytest.raises(ConfigError, match=rf"^{broken}, line 2, column 1: not valid YAML \(did not find expected "
+                                          r"',' or '}'\); a value holding"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="a config is a mapping of sections .* not a list"):
+        load_config(listed)
+    run_dir = tmp_path / "run"
+    assert pretrain_main(["train", "--config", str(broken), "--run-dir", str(run_dir)]) == 2
+    assert f"{broken}, line 2, column 1: not valid YAML" in capsys.readouterr().err and not run_dir.exists()
+    assert finetune_main(["check", "--config", str(listed)]) == 2
+    assert "not a list" in capsys.readouterr().err

@@ -4,6 +4,7 @@ resumes when rerun; launcher options that reach torchrun and the DeepSpeed launc
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from pretrain.engine import free_port
 from pretrain.engine.loop import FAULT_ENV
@@ -31,9 +33,14 @@ def _ok(res):
     return res.stdout + res.stderr
 
 
+# Folder names a user may have: YAML would read ' #' as a comment and ', ' or brackets as structure
+# in the key=value overrides run.sh passes, unless it quotes the paths it puts there.
+AWKWARD = "run #2, [v2] it's"
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
+    out = tmp_path_factory.mktemp("pipeline") / AWKWARD
     return out, _ok(_run_sh("--out", str(out)))
 
 
@@ -62,6 +69,11 @@ def test_default_pipeline_runs_every_stage(pipeline):
     for row in ("shards", "preview", "pretrain", "backbone", "seg", "det"):
         assert re.search(rf"^  {row} ", summary, re.M), row
     assert f"mIoU {100 * seg['mIoU']:.1f}" in summary and f"AP50 {100 * det['AP50']:.1f}" in summary
+    # each printed command line reads back, in a shell, as the words that were run
+    words = shlex.split(next(line for line in log.splitlines() if " -m pretrain train " in line))
+    assert words[words.index("--run-dir") + 1] == str(out / "pretrain")
+    assert OmegaConf.from_dotlist([w for w in words if w.startswith("data.shards=")]).data.shards[0].path == \
+        str(out / "shards")
 
 
 def test_rerun_skips_every_finished_stage(pipeline):
@@ -89,7 +101,7 @@ def _seg_stage_folder(pipeline, tmp_path) -> tuple[Path, Path]:
     split.write_text("\n".join(sorted(p.stem for p in (synth / "ir").glob("*.png"))[:8]) + "\n")
     config = tmp_path / "seg.yaml"
     config.write_text(f"_base_: {ROOT / 'configs' / 'finetune' / 'seg_tiny.yaml'}\n"
-                      f"data: {{root: {synth}, train_split: {split}, val_split: {split}}}\n"
+                      f"data: {{root: {json.dumps(str(synth))}, train_split: {split}, val_split: {split}}}\n"
                       "train: {steps: 8, save_every_steps: 4}\n")
     return new, config
 
@@ -147,6 +159,7 @@ def test_own_data_pretrains_then_fine_tunes_what_it_is_given_and_says_how_to_run
     from tests.conftest import shared_path
     from tests.test_presets import build_replica
 
+    tmp_path = tmp_path / AWKWARD  # the dataset and the outputs under it
     build_replica("msrs_seg", tmp_path / "MSRS")
     config = tmp_path / "msrs_small.yaml"
     config.write_text(f"_base_: {ROOT / 'configs' / 'finetune' / 'presets' / 'msrs_seg.yaml'}\n"

@@ -371,3 +371,14 @@ def test_annotation_paths_that_would_give_no_boxes_silently_are_errors(tmp_path,
     with pytest.raises(FileNotFoundError, match="one JSON file"):
         read_annotations("coco", str(nested))
     assert read_annotations("yolo", str(nested)).boxes.keys() == {"a"}  # the folder that holds them
+
+
+def test_a_sources_file_yaml_cannot_read_is_one_line_naming_where(tmp_path, capsys):
+    """An unquoted path holding ': ' used to end in a parser traceback."""
+    bad = tmp_path / "s.yaml"
+    bad.write_text("sources:\n  - name: cam\n    root: /data/flir: day\n")
+    assert cli_main(["build", "--sources", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {bad}, line 3, column 21: not valid YAML (mapping values are not allowed here); "
+                   "a value holding ': ', ' #', ', ' or brackets (a path, say) needs quotes")
+    assert not (tmp_path / "o").exists()
