@@ -10,7 +10,10 @@ explicitly allowed; every missing / unexpected key is reported.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import pickle
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,18 +42,41 @@ class LoadReport:
                 f"{len(self.unexpected)} unexpected, adapted {self.adapted or 'none'}")
 
 
+def _torch_load_tensors(path: Path):
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers, never code.
+
+    MAE's and PAD's training scripts save their command-line arguments beside the weights
+    (``'args': argparse.Namespace``); a Namespace holds attributes only, so the weights-only
+    unpickler may rebuild it, and a checkpoint of the authors' code loads as it is."""
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
+        raise WeightsError(f"{path}: not a PyTorch checkpoint (.pth / .pt) nor a .safetensors file")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", str(e))
+        what = f"a pickled {found.group(1)}" if found else "pickled objects other than tensors"
+        raise WeightsError(f"{path}: holds {what}; such objects are never loaded here (unpickling can run code); "
+                           "save the weights as tensors (torch.save(model.state_dict(), ...) or safetensors)") from None
+    except Exception as e:  # a truncated or damaged file
+        raise WeightsError(f"{path}: not readable as a PyTorch checkpoint ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        sd = load_file(str(path))
-    else:
         try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # pickles with code objects are refused here
-            raise WeightsError(f"{path}: not loadable as plain tensors (weights_only=True): {e}") from None
+            sd = load_file(str(path))
+        except Exception as e:  # safetensors' own error types
+            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    else:
+        sd = _torch_load_tensors(path)
     for key in _WRAPPER_KEYS:
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

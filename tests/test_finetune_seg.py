@@ -221,9 +221,10 @@ def test_official_mae_weights_load_into_the_finetune_backbone(tmp_path):
     from finetune.models.backbone import BackboneConfig
     from finetune.weights import backbone_for
     from pretrain.models.vit import EncoderConfig
+    from pretrain.weights import read_state_dict
 
     official_mae_checkpoint(tmp_path / "mae.pth", img_size=(64, 80))
-    sd = torch.load(tmp_path / "mae.pth", weights_only=True)["model"]
+    sd = read_state_dict(tmp_path / "mae.pth")  # the 'model' entry
     backbone = backbone_for(BackboneConfig(method="mona", modality="ir", checkpoint=str(tmp_path / "mae.pth"),
                                        encoder=EncoderConfig(size="tiny", depth=2, img_size=(64, 80))))
     assert backbone.load_report.loaded > 0 and not [k for k in backbone.load_report.missing if ".mona." not in k]

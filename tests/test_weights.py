@@ -1,6 +1,8 @@
 """Weight loading (official MAE, timm .pth / .safetensors, ours) and the backbone export."""
+import argparse
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -20,7 +22,11 @@ def official_mae_checkpoint(path, seed=0, img_size=(64, 80), in_chans=3):
     for k, v in ref.state_dict().items():
         key = k[len("encoder."):] if k.startswith("encoder.") else k
         sd[key] = v if "pos_embed" in k else torch.randn(v.shape, generator=g) * 0.05
-    torch.save({"model": sd, "optimizer": {}, "epoch": 799}, path)
+    # as MAE's (and PAD's) training script saves it: the weights beside its state and its arguments
+    args = argparse.Namespace(model="mae_vit_base_patch16", input_size=img_size[0], mask_ratio=0.75, norm_pix_loss=True,
+                              blr=1.5e-4, output_dir="./output_dir", resume="", gpu=None)
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]}, "epoch": 799,
+                "scaler": {"scale": 65536.0, "growth_factor": 2.0}, "args": args}, path)
     return sd
 
 
@@ -121,10 +127,36 @@ class NotATensor:
     pass
 
 
+class RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def test_pickled_code_is_refused(tmp_path):
     torch.save({"model": {"x": torch.zeros(1)}, "extra": NotATensor()}, tmp_path / "evil.pth")
-    with pytest.raises(WeightsError, match="weights_only"):
+    with pytest.raises(WeightsError, match=r"holds a pickled tests\.test_weights\.NotATensor; such objects are never "):
         read_state_dict(tmp_path / "evil.pth")
+    marker = tmp_path / "code_ran"
+    torch.save({"model": {"x": torch.zeros(1)}, "extra": RunsACommand(marker)}, tmp_path / "evil2.pth")
+    with pytest.raises(WeightsError, match=r"holds a pickled posix\.system; .* \(unpickling can run code\)"):
+        read_state_dict(tmp_path / "evil2.pth")
+    assert not marker.exists()
+
+
+def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(WeightsError, match=r"notes\.pth: not a PyTorch checkpoint \(\.pth / \.pt\) nor a \.safe"):
+        read_state_dict(tmp_path / "notes.pth")
+    official_mae_checkpoint(tmp_path / "whole.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:1000])  # an interrupted copy
+    with pytest.raises(WeightsError, match=r"cut\.pth: not readable as a PyTorch checkpoint \(RuntimeError: "):
+        read_state_dict(tmp_path / "cut.pth")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x08" + bytes(20))
+    with pytest.raises(WeightsError, match=r"cut\.safetensors: not a readable safetensors file"):
+        read_state_dict(tmp_path / "cut.safetensors")
 
 
 def test_sincos_matches_mae_reference_layout():
@@ -227,3 +259,14 @@ def test_stray_or_mismatched_adapter_keys_are_errors_naming_them(tmp_path):
         load_into_mae(tiny(pad={"scale": "fixed", "fixed_scale": 0.3}), tmp_path / "fixed.pth")
     with pytest.raises(WeightsError, match="14 adapter"):  # a model without adapters never drops them silently
         load_into_mae(tiny(adapter="none", paradigm="continual"), tmp_path / "pad.pth")
+
+
+def test_a_bad_init_checkpoint_stops_fine_tuning_with_one_line(tmp_path):
+    from data_tools.config import CONFIG_DIR
+    from tests.conftest import run_finetune_cli
+
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    res = run_finetune_cli("seg", tmp_path / "run", CONFIG_DIR / "finetune" / "seg_tiny.yaml", f"data.root={tmp_path}",
+                           f"init.checkpoint={tmp_path / 'notes.pth'}")
+    assert res.returncode == 1
+    assert f"error: {tmp_path / 'notes.pth'}: not a PyTorch checkpoint" in res.stderr and "Traceback" not in res.stderr

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from data_tools.config import save_resolved
+from pretrain.backbone_meta import WeightsError
 from data_tools.files import sha256_file, trim_jsonl
 from pretrain.engine import runlock
 from pretrain.engine.checkpoint import (Checkpointer, CheckpointWriteError, ResumeError, frozen_fingerprint,
@@ -114,7 +115,7 @@ def run_entry_point(body, *args) -> None:
         print(f"{world} process(es) ({dist.get_backend()}), {torch.get_num_threads()} CPU threads each")
     try:
         finished = body(rank, world, device, *args)
-    except (ResumeError, CheckpointWriteError, FloatingPointError, PlanError) as e:  # ours: the message says it all
+    except (ResumeError, CheckpointWriteError, FloatingPointError, PlanError, WeightsError) as e:  # ours: says it all
         print(f"error: {e}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
