@@ -67,6 +67,11 @@ def _torch_load_tensors(path: Path):
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
+    if path.is_dir():  # e.g. a DeepSpeed checkpoint folder (MAE's and PAD's scripts under DeepSpeed write one)
+        states = path / "mp_rank_00_model_states.pt"
+        raise FileNotFoundError(f"weights file {path} is a folder" + (
+            f"; its weights are in {states} (a run of this project: python -m pretrain export RUN_DIR)"
+            if states.is_file() else ""))
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":

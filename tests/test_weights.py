@@ -270,3 +270,15 @@ def test_a_bad_init_checkpoint_stops_fine_tuning_with_one_line(tmp_path):
                            f"init.checkpoint={tmp_path / 'notes.pth'}")
     assert res.returncode == 1
     assert f"error: {tmp_path / 'notes.pth'}: not a PyTorch checkpoint" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_checkpoint_folder_names_the_file_inside(tmp_path):
+    folder = tmp_path / "checkpoint-99"  # what MAE's and PAD's scripts write when run under DeepSpeed
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-99 is a folder$"):
+        read_state_dict(folder)
+    sd = {"blocks.0.norm1.weight": torch.ones(4)}
+    torch.save({"module": sd, "epoch": 99}, folder / "mp_rank_00_model_states.pt")
+    with pytest.raises(FileNotFoundError, match=r"is a folder; its weights are in .*99/mp_rank_00_model_states"):
+        read_state_dict(folder)
+    assert torch.equal(read_state_dict(folder / "mp_rank_00_model_states.pt")["blocks.0.norm1.weight"], torch.ones(4))
