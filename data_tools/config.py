@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 
@@ -156,6 +157,17 @@ def override_arg(key: str, value: str | Path) -> str:
     return f'"{word}"' if not re.search(r'[$`"\\!]', word) else shlex.quote(word)
 
 
+def _expand_home(node) -> None:
+    """``~/data`` in a config (a file or an override) means the home folder, as in a shell: no
+    shell expands it there, and a path starting with ``~`` is nothing else."""
+    items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
+    for key, value in list(items):
+        if isinstance(value, (DictConfig, ListConfig)):
+            _expand_home(value)
+        elif isinstance(value, str) and (value == "~" or value.startswith("~/")):
+            node[key] = os.path.expanduser(value)
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = (), schema: type[BaseModel] | None = None) -> DictConfig:
     """Load ``path`` (following ``_base_``), apply ``key=value`` overrides and, with ``schema``,
     check every key and value (:func:`check_config`).
@@ -178,6 +190,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), schema: type[Ba
             raise KeyError(f"override '{item}': the config {path} has no key '{key}'")
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    _expand_home(cfg)
     if schema is not None:
         check_config(cfg, schema, f"{path}" + (" with its overrides" if overrides else ""))
     return cfg

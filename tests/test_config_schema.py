@@ -113,3 +113,25 @@ def test_a_config_file_yaml_cannot_read_is_one_line_naming_where(tmp_path, capsy
     assert f"{broken}, line 2, column 1: not valid YAML" in capsys.readouterr().err and not run_dir.exists()
     assert finetune_main(["check", "--config", str(listed)]) == 2
     assert "not a list" in capsys.readouterr().err
+
+
+def test_a_home_folder_path_is_expanded_in_files_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "seg.yaml"
+    config.write_text(f"_base_: {CONFIG_DIR / 'finetune' / 'seg_tiny.yaml'}\ndata: {{root: ~/MSRS, train_split: ~}}\n")
+    cfg = load_config(config, ["init.checkpoint=~/weights/backbone.pth", "data.classes=[~a, b~, '~/c']"], SegConfig)
+    assert cfg.data.root == str(tmp_path / "MSRS") and cfg.data.train_split is None  # YAML's ~ is null
+    assert cfg.init.checkpoint == str(tmp_path / "weights" / "backbone.pth")
+    assert list(cfg.data.classes) == ["~a", "b~", str(tmp_path / "c")]  # only a leading ~/ is the home folder
+    pre = load_config(TINY, ["data.shards=[{path: ~/shards}, {path: /abs}]"], PretrainConfig)
+    assert [s.path for s in pre.data.shards] == [str(tmp_path / "shards"), "/abs"]
+
+
+def test_a_missing_init_checkpoint_is_refused_before_the_run_dir(tmp_path, capsys):
+    from pretrain.cli import main as pretrain_main
+
+    run_dir = tmp_path / "run"
+    assert pretrain_main(["train", "--config", str(TINY), "--run-dir", str(run_dir),
+                          f"init.checkpoint={tmp_path / 'mae_pretrain_vit_base.pth'}"]) == 2
+    assert f"init.checkpoint {tmp_path / 'mae_pretrain_vit_base.pth'}: no such file" in capsys.readouterr().err
+    assert not run_dir.exists()

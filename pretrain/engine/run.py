@@ -23,6 +23,9 @@ def run(task: Task, cfg, run_dir: str | Path, overwrite: bool = False, eval_only
     ``eval_only``: evaluate the latest checkpoint with any number of processes, without training."""
     if task.schema is not None:
         check_config(cfg, task.schema)
+    init = cfg.get("init", {}).get("checkpoint")
+    if init and not Path(init).exists():  # said before the run directory is touched, without a traceback
+        raise FileNotFoundError(f"init.checkpoint {init}: no such file")
     run_entry_point(functools.partial(_run_process, task=task, eval_only=eval_only), cfg, Path(run_dir), overwrite)
 
 
