@@ -98,6 +98,11 @@ def _border(value: Any, name: str) -> tuple[int, int, int, int]:
     return tuple(values)  # type: ignore[return-value]
 
 
+def _resolve(base_dir: Path, value) -> Path:
+    """A path of the sources file: ``~/`` is the home folder, a relative one is under ``base_dir``."""
+    return (base_dir / os.path.expanduser(str(value))).resolve()
+
+
 def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
     d = dict(d)
     name = str(d.pop("name", ""))
@@ -105,7 +110,7 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
         raise SourceError(f"source name {name!r} must be letters, digits, '_' or '-'")
     if "root" not in d:
         raise SourceError(f"source '{name}': 'root' is required")
-    root = (base_dir / os.path.expanduser(str(d.pop("root")))).resolve()
+    root = _resolve(base_dir, d.pop("root"))
     globs = d.pop("glob", d.pop("globs", DEFAULT_GLOBS))
     globs = (globs,) if isinstance(globs, str) else tuple(globs)
     stride = int(d.pop("stride", 1))
@@ -130,7 +135,7 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
             raise SourceError(f"source '{name}': boxes.format must be coco, yolo or voc")
         if "path" not in spec:
             raise SourceError(f"source '{name}': {key}.path is required (the folder or file of the {key})")
-        path = (base_dir / str(spec.pop("path"))).resolve()
+        path = _resolve(base_dir, spec.pop("path"))
         anns.append(AnnotationSpec(fmt, str(path), str(spec.pop("suffix", ".png" if fmt == "mask" else "")),
                                    tuple(spec.pop("classes", ()) or ())))
         if spec:

@@ -382,3 +382,12 @@ def test_a_sources_file_yaml_cannot_read_is_one_line_naming_where(tmp_path, caps
     assert err == (f"error: {bad}, line 3, column 21: not valid YAML (mapping values are not allowed here); "
                    "a value holding ': ', ' #', ', ' or brackets (a path, say) needs quotes")
     assert not (tmp_path / "o").exists()
+
+
+def test_home_folder_paths_in_a_sources_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: cam, root: ~/frames, boxes: {format: yolo, path: ~/labels}}\n"
+                                     "  - {name: rel, root: frames, masks: {path: masks}}\n")
+    cam, rel = load_sources(tmp_path / "s.yaml")
+    assert cam.root == str(tmp_path / "frames") and cam.annotations[0].path == str(tmp_path / "labels")
+    assert rel.root == str(tmp_path / "frames") and rel.annotations[0].path == str(tmp_path / "masks")
