@@ -66,7 +66,15 @@ def read_split(root: Path, split: str | None) -> list[str] | None:
     path = Path(split) if Path(split).is_absolute() else root / split
     if not path.is_file():
         raise FileNotFoundError(f"split list {path} not found")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [_frame_name(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _frame_name(entry: str) -> str:
+    """A split list's entry as a frame name: lists written by other tools often name the file
+    (``images/00012.png``, ``00012.jpg``) rather than the frame (``00012``)."""
+    name = entry.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    suffix = Path(name).suffix
+    return name[: -len(suffix)] if suffix.lower() in IMAGE_EXTENSIONS else name
 
 
 def name_suffix(data, modality: str) -> str:
