@@ -218,7 +218,8 @@ def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[So
         d = discoveries[s.name]
         per_source[s.name] = {"root": s.root, "matched": d.matched, "found": len(d.items),
                               "written": 0, "skipped": 0, "skipped_by_reason": {},
-                              "colour_converted": 0, "annotation_issues": 0, "videos_not_read": len(d.videos)}
+                              "colour_converted": 0, "annotation_issues": 0, "videos_not_read": len(d.videos),
+                              "held_by_earlier_sources": dict(d.held_earlier)}
     skipped, colour, issues, shards = [], [], list(orphan_issues), []
     proposals = 0
     for rec in records:
@@ -286,6 +287,19 @@ def annotations_for_source(source: Source, discovery) -> tuple[AnnotationSet, li
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
+def _without_held_frames(name: str, items: list, held: dict[str, str]) -> tuple[list, dict[str, int]]:
+    """``items`` less the frames an earlier source of the build holds (``held``: real path -> source,
+    updated), and how many each such source held. Pooling datasets often nests one root in another."""
+    kept, held_by = [], {}
+    for it in items:
+        first = held.setdefault(os.path.realpath(it.path), name)
+        if first == name:
+            kept.append(it)
+        else:
+            held_by[first] = held_by.get(first, 0) + 1
+    return kept, held_by
+
+
 def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: int = 1,
                  overwrite: bool = False, progress: bool = True,
                  stop_after_shards: int | None = None) -> dict:
@@ -306,9 +320,14 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     save_resolved({"build": cfg, "sources": [s.describe() for s in sources]}, out, "config.yaml")
 
     discoveries, items, offsets, orphan_issues, per_item_ann = {}, [], {}, [], []
+    held: dict[str, str] = {}
     for s in sources:
         d = discover(s)
         discoveries[s.name] = d
+        d.items, d.held_earlier = _without_held_frames(s.name, d.items, held)
+        for other, n in d.held_earlier.items():
+            print(f"warning: source '{s.name}': {n} frame(s) left out, source '{other}' already holds them "
+                  "(overlapping roots or links to the same files): a frame enters the corpus once", file=sys.stderr)
         if d.videos:  # beside its frames: not read, so said (and counted in the manifest)
             print(f"warning: source '{s.name}': {len(d.videos)} video file(s) not read (e.g. {d.videos[0]}): "
                   "the builder reads frames; extract them into folders to include them", file=sys.stderr)

@@ -41,8 +41,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     for name, ps in manifest["sources"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(ps["skipped_by_reason"].items())) or "none"
         videos = f", {ps['videos_not_read']} video file(s) not read" if ps.get("videos_not_read") else ""
+        held = "".join(f", {n} already in source '{other}'"
+                       for other, n in ps.get("held_by_earlier_sources", {}).items())
         print(f"  {name}: found {ps['found']} (of {ps['matched']} matched), written {ps['written']}, "
-              f"skipped {ps['skipped']} ({reasons}){videos}")
+              f"skipped {ps['skipped']} ({reasons}){videos}{held}")
     return 0
 
 

@@ -77,6 +77,7 @@ class Discovery:
     matched: int = 0  # files matching the globs, before the stride
     all_rel: list[str] = field(default_factory=list)  # every matched file (annotations match these)
     videos: list[str] = field(default_factory=list)  # matched recordings, not read (VIDEO_EXTENSIONS)
+    held_earlier: dict[str, int] = field(default_factory=dict)  # frames an earlier source holds, by source
 
 
 def natural_key(text: str) -> list:

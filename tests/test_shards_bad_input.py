@@ -391,3 +391,24 @@ def test_home_folder_paths_in_a_sources_file(tmp_path, monkeypatch):
     cam, rel = load_sources(tmp_path / "s.yaml")
     assert cam.root == str(tmp_path / "frames") and cam.annotations[0].path == str(tmp_path / "labels")
     assert rel.root == str(tmp_path / "frames") and rel.annotations[0].path == str(tmp_path / "masks")
+
+
+def test_a_frame_two_sources_hold_enters_the_corpus_once(tmp_path, capsys):
+    """Pooled datasets nest: `root: FLIR` and `root: FLIR/train` (or a link to the same files)."""
+    frames = tmp_path / "FLIR"
+    (frames / "train").mkdir(parents=True)
+    for i in range(2):
+        (frames / f"{i:03d}.png").write_bytes(_png(_scene(seed=i)))
+        (frames / "train" / f"{i:03d}.png").write_bytes(_png(_scene(seed=10 + i)))
+    (tmp_path / "linked").symlink_to(frames / "train", target_is_directory=True)
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: all, root: FLIR}\n  - {name: train, root: FLIR/train}\n"
+                                     "  - {name: link, root: linked}\n")
+    out = tmp_path / "o"
+    assert cli_main(["build", "--sources", str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "warning: source 'train': 2 frame(s) left out, source 'all' already holds them" in said.err
+    assert "link: found 0 (of 2 matched), written 0, skipped 0 (none), 2 already in source 'all'" in said.out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["written"] == 4
+    assert {n: (ps["found"], ps["held_by_earlier_sources"]) for n, ps in manifest["sources"].items()} == {
+        "all": (4, {}), "train": (0, {"all": 2}), "link": (0, {"all": 2})}
