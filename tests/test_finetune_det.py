@@ -10,6 +10,7 @@ import pytest
 from data_tools.config import CONFIG_DIR, load_config
 from finetune.coco_eval import coco_ground_truth, coco_metrics, coco_results
 from finetune.factory import build_detector, det_dataset
+from pretrain.engine import DataError
 from tests.conftest import run_finetune_cli, shared_path
 
 TINY = str(CONFIG_DIR / "finetune" / "det_tiny.yaml")
@@ -100,7 +101,7 @@ def test_bad_annotations_are_clipped_dropped_and_named(tmp_path, fmt):
     assert (sample["boxes"][:, [0, 2]] <= w).all() and (sample["boxes"][:, [1, 3]] <= h).all()
 
 
-def test_coco_entries_sharing_a_stem_are_named_and_their_boxes_given_to_no_frame(tmp_path):
+def test_coco_entries_sharing_a_stem_are_named_and_their_frame_left_out(tmp_path):
     for name in ("a", "b"):
         _png(tmp_path / "ir" / f"{name}.png", np.zeros((100, 120), np.uint8))
         _png(tmp_path / "vi" / f"{name}.png", np.zeros((100, 120, 3), np.uint8))
@@ -113,8 +114,34 @@ def test_coco_entries_sharing_a_stem_are_named_and_their_boxes_given_to_no_frame
     dataset, issues, found = det_dataset(cfg, "train")
     assert [(i["name"], i["reason"]) for i in issues] == [("a", "annotation_ambiguous")]
     assert "day/a.png" in issues[0]["detail"] and "night/a.png" in issues[0]["detail"]
-    rec = {r.pair.name: r for r in dataset.records}
-    assert len(rec["a"].boxes) == 0 and len(rec["b"].boxes) == 1
+    # not trained as a frame without objects: its person would be taught as background
+    assert found == 2 and [(r.pair.name, len(r.boxes)) for r in dataset.records] == [("b", 1)]
+
+
+def test_a_label_file_that_cannot_be_read_leaves_its_frame_out(tmp_path):
+    for name in ("a", "b", "c"):
+        _png(tmp_path / "ir" / f"{name}.png", np.zeros((100, 120), np.uint8))
+        _png(tmp_path / "vi" / f"{name}.png", np.zeros((100, 120, 3), np.uint8))
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (labels / "b.txt").write_text("0 0.5 0.5 0.2 0.2 0.1 0.9 0.3\n")  # a YOLO-seg polygon, not a box
+    cfg = load_config(TINY, [f"data.root={tmp_path}", "data.boxes.format=yolo", f"data.boxes.path={labels}",
+                             "data.classes=[person]"])
+    dataset, issues, found = det_dataset(cfg, "train")
+    assert [(i["name"], i["reason"]) for i in issues] == [("b", "annotation_parse_error")]
+    assert [(r.pair.name, len(r.boxes)) for r in dataset.records] == [("a", 1), ("c", 0)]  # c: no file, no objects
+
+    coco = tmp_path / "coco.json"
+    coco.write_text('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"id": 1, "ima')  # cut short
+    cfg = load_config(TINY, [f"data.root={tmp_path}", "data.boxes.format=coco", f"data.boxes.path={coco}",
+                             "data.classes=[person]"])
+    with pytest.raises(DataError, match=r"coco\.json: the COCO file could not be read \(JSONDecodeError: .*no frame"):
+        det_dataset(cfg, "train")
+    res = run_finetune_cli("det", tmp_path / "run", TINY, f"data.root={tmp_path}", "data.boxes.format=coco",
+                           f"data.boxes.path={coco}", "data.classes=[person]")  # said in one line, not a traceback
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"error: {coco}: the COCO file could not be read (JSONDecodeError" in res.stderr
 
 
 def test_large_scale_jitter_moves_both_frames_and_the_boxes_together(tmp_path):

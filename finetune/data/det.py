@@ -16,8 +16,9 @@ import torch
 
 from data_tools.annotations import read_annotations, boxes_to_pixels, clip_boxes
 from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
+from pretrain.engine.streams import DataError
 from finetune.data.augment import crop, hflip, network_inputs, photometric, rescale
-from finetune.data.pairs import PairRecord, issue
+from finetune.data.pairs import UNKNOWN_BOXES, PairRecord, issue
 from finetune.data.seg import read_checked_pair, read_pair
 
 MIN_BOX_SIDE = 1.0  # pixels: boxes thinner than this after augmentation are dropped
@@ -55,15 +56,23 @@ def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
     ``in_split``: the split's names (label files of other frames are not orphans);
     ``name_suffix``: removed from annotation stems (annotations named as the infrared files)."""
     ann = read_annotations(boxes_cfg.format, str(boxes_cfg.path), classes=classes)
+    if boxes_cfg.format == "coco" and ann.issues and ann.issues[0]["reason"] == "annotation_parse_error":
+        raise DataError(f"{boxes_cfg.path}: the COCO file could not be read ({ann.issues[0]['detail']}); "
+                        "no frame would have its boxes")
     if name_suffix:
         ann.boxes = {stem.removesuffix(name_suffix): recs for stem, recs in ann.boxes.items()}
     issues = [issue(Path(i["name"]).stem if i["reason"] == "annotation_parse_error" else i["name"], i["reason"],
                     i["detail"]) for i in ann.issues]
+    # A frame whose boxes are unknown (its label file could not be parsed, or several images share
+    # its name) is left out: trained as a frame without objects, its objects would be taught as background.
+    unknown = {i["name"].removesuffix(name_suffix) for i in issues if i["reason"] in UNKNOWN_BOXES}
     names = {p.name for p in pairs}
     scope = set(ann.boxes) if in_split is None else set(ann.boxes) & set(in_split)
     issues += [issue(stem, "label_without_image") for stem in sorted(scope - names)]
     records = []
     for pair in pairs:
+        if pair.name in unknown:
+            continue  # named in the issues above
         frames, problem = read_checked_pair(pair)
         if problem:
             issues.append(problem)

@@ -32,8 +32,12 @@ PAIR_ISSUES = {
     "unknown_label_values": "the label map holds values that are neither a class index nor the ignore index",
     "wrong_channels": "a packed (MFNet-style) image does not have 4 channels",
     "unknown_class": "a box's class is not among the configured classes; the box was dropped",
-    **{k: ISSUE_REASONS[k] for k in ("box_clipped", "box_empty", "annotation_parse_error", "annotation_ambiguous")},
+    **{k: ISSUE_REASONS[k] for k in ("box_clipped", "box_empty")},
+    "annotation_parse_error": "an annotation file could not be parsed; its frame was left out (its boxes are unknown)",
+    "annotation_ambiguous": "several images share this name, so whose boxes they are is unknown; "
+                            "the frame was left out",
 }
+UNKNOWN_BOXES = ("annotation_parse_error", "annotation_ambiguous")  # reasons that leave a detection frame out
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,13 @@ from pretrain.engine.run import run
 from pretrain.engine.runlock import RunDirBusy
 from pretrain.engine.schedules import lr_at, poly_lr_at
 from pretrain.engine.signals import StopSignals, ignore_preemption_signals
-from pretrain.engine.streams import EpochLoader, PlanError, ResumableStream
+from pretrain.engine.streams import DataError, EpochLoader, PlanError, ResumableStream
 from pretrain.engine.task import Task, TrainingPlan
 
 __all__ = [
-    "Batching", "Checkpointer", "CheckpointWriteError", "EXIT_PREEMPTED", "EpochLoader", "HealthPolicy", "LoopSpec",
-    "PlanError", "Process", "ResumableStream", "ResumeError", "RunDirBusy", "StopSignals", "Task", "TrainingPlan",
+    "Batching", "Checkpointer", "CheckpointWriteError", "DataError", "EXIT_PREEMPTED", "EpochLoader", "HealthPolicy",
+    "LoopSpec", "PlanError", "Process", "ResumableStream", "ResumeError", "RunDirBusy", "StopSignals", "Task",
+    "TrainingPlan",
     "average_over_ranks",
     "batchnorm_statistics", "build_engine", "deepspeed_config", "finish", "free_port", "frozen_fingerprint",
     "frozen_reference", "hold_gated_groups", "ignore_preemption_signals", "init_distributed", "lr_at", "new_state",

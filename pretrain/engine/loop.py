@@ -33,7 +33,7 @@ from pretrain.engine.distributed import average_over_ranks, batchnorm_statistics
 from pretrain.engine.health import HealthPolicy, StepHealth, faulty_steps, step_verdict
 from pretrain.engine.optim import set_lr
 from pretrain.engine.signals import StopSignals
-from pretrain.engine.streams import PlanError
+from pretrain.engine.streams import DataError, PlanError
 
 if TYPE_CHECKING:
     from pretrain.engine.task import Task
@@ -115,7 +115,7 @@ def run_entry_point(body, *args) -> None:
         print(f"{world} process(es) ({dist.get_backend()}), {torch.get_num_threads()} CPU threads each")
     try:
         finished = body(rank, world, device, *args)
-    except (ResumeError, CheckpointWriteError, FloatingPointError, PlanError, WeightsError) as e:  # ours: says it all
+    except (ResumeError, CheckpointWriteError, FloatingPointError, PlanError, DataError, WeightsError) as e:  # ours
         print(f"error: {e}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -18,6 +18,11 @@ from pretrain.engine.signals import ignore_preemption_signals
 MAX_WORKERS = 64  # loader workers per training process
 
 
+class DataError(ValueError):
+    """The task's data cannot be used as configured (an annotation file that cannot be read); the
+    message names the file and why (said without a traceback: it is the user's data, not a bug)."""
+
+
 class PlanError(ValueError):
     """The data cannot fill the batches and steps the config asks for; the message says what to
     change (said without a traceback: it is the user's setting, not a bug)."""
