@@ -36,7 +36,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
 def _cmd_seg(args: argparse.Namespace) -> int:
     from finetune.seg import train_seg
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _checked(args)
+    _check_inputs(cfg, args.config)  # before the run directory is touched
     # ends the process itself (distributed exit)
     train_seg(cfg, args.run_dir, overwrite=args.overwrite, eval_only=args.eval_only)
     return 0
@@ -45,7 +46,8 @@ def _cmd_seg(args: argparse.Namespace) -> int:
 def _cmd_det(args: argparse.Namespace) -> int:
     from finetune.det import train_det
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _checked(args)
+    _check_inputs(cfg, args.config)  # before the run directory is touched
     # ends the process itself (distributed exit)
     train_det(cfg, args.run_dir, overwrite=args.overwrite, eval_only=args.eval_only)
     return 0
@@ -93,15 +95,15 @@ def _root_below(cfg) -> str | None:
     return None
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    """Refuse a config before any work: its schema, and the folders and files it names."""
-    cfg = _checked(args)
+def _check_inputs(cfg, name: str) -> None:
+    """Refuse a config before any work: the folders and files it names (and, when a download
+    unpacked one or two folders down, where the whole layout is)."""
     if not cfg.data.root:
-        raise ValueError(f"{args.config}: data.root is not set (the dataset folder)")
+        raise ValueError(f"{name}: data.root is not set (the dataset folder)")
     if "boxes" not in cfg.data and not cfg.data.dirs.label:
-        raise ValueError(f"{args.config}: data.dirs.label is not set (segmentation needs label maps)")
+        raise ValueError(f"{name}: data.dirs.label is not set (segmentation needs label maps)")
     try:
-        _check_layout(cfg, args.config)
+        _check_layout(cfg, name)
     except FileNotFoundError as e:
         below = _root_below(cfg)  # an unreadable or missing root has no folders below it
         if below is None:
@@ -109,6 +111,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
         task = "det" if "boxes" in cfg.data else "seg"
         raise FileNotFoundError(f"{e}. The whole layout is under {below}: use {override_arg('data.root', below)} "
                                 f"(run.sh: --{task}-root {shlex.quote(str(below))})") from None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Refuse a config before any work: its schema, and the folders and files it names."""
+    cfg = _checked(args)
+    _check_inputs(cfg, args.config)
     print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there")
     return 0
 

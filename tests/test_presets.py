@@ -298,3 +298,10 @@ def test_check_points_at_the_layout_one_or_two_folders_below_the_root_given(tmp_
     assert finetune_main(["check", "--config", config, f"data.root={downloads / 'archive' / 'LLVIP-main'}"]) == 0
     assert finetune_main(["check", "--config", config, f"data.root={downloads / 'a_partial'}"]) == 2
     assert "The whole layout is under" not in capsys.readouterr().err  # nothing complete below: no guess
+    # Training itself checks the same before the run directory is touched (was a traceback after
+    # building the model, with the run directory claimed).
+    run_dir = tmp_path / "run"
+    res = run_finetune_cli("det", run_dir, config, f"data.root={downloads}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"(train): not found: {downloads / 'infrared' / 'train'}" in res.stderr
+    assert "The whole layout is under" in res.stderr and not run_dir.exists()
