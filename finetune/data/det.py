@@ -16,10 +16,10 @@ import torch
 
 from data_tools.annotations import read_annotations, boxes_to_pixels, clip_boxes
 from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
-from pretrain.engine.streams import DataError
 from finetune.data.augment import crop, hflip, network_inputs, photometric, rescale
 from finetune.data.pairs import UNKNOWN_BOXES, PairRecord, issue
 from finetune.data.seg import read_checked_pair, read_pair
+from pretrain.engine.streams import DataError
 
 MIN_BOX_SIDE = 1.0  # pixels: boxes thinner than this after augmentation are dropped
 
