@@ -123,7 +123,9 @@ def read_yolo(folder: str, classes: tuple[str, ...] = ()) -> AnnotationSet:
                     continue
                 parts = line.split()
                 if len(parts) != 5:
-                    raise ValueError(f"line {line_no}: expected 5 fields, got {len(parts)}")
+                    shape = (": a segmentation polygon (YOLO-seg), not a box" if len(parts) >= 7 and len(parts) % 2
+                             else "")
+                    raise ValueError(f"line {line_no}: expected 5 fields (class cx cy w h), got {len(parts)}{shape}")
                 cls = int(float(parts[0]))
                 cx, cy, w, h = (float(v) for v in parts[1:])
                 label = classes[cls] if cls < len(classes) else cls

@@ -125,11 +125,12 @@ def test_a_label_file_that_cannot_be_read_leaves_its_frame_out(tmp_path):
     labels = tmp_path / "labels"
     labels.mkdir()
     (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
-    (labels / "b.txt").write_text("0 0.5 0.5 0.2 0.2 0.1 0.9 0.3\n")  # a YOLO-seg polygon, not a box
+    (labels / "b.txt").write_text("0 0.1 0.1 0.5 0.1 0.5 0.6\n")  # a YOLO-seg polygon (3 points), not a box
     cfg = load_config(TINY, [f"data.root={tmp_path}", "data.boxes.format=yolo", f"data.boxes.path={labels}",
                              "data.classes=[person]"])
     dataset, issues, found = det_dataset(cfg, "train")
     assert [(i["name"], i["reason"]) for i in issues] == [("b", "annotation_parse_error")]
+    assert "expected 5 fields (class cx cy w h), got 7: a segmentation polygon (YOLO-seg)" in issues[0]["detail"]
     assert [(r.pair.name, len(r.boxes)) for r in dataset.records] == [("a", 1), ("c", 0)]  # c: no file, no objects
 
     coco = tmp_path / "coco.json"
