@@ -121,6 +121,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from finetune.predict import predict_run
+
+    if not (args.ir or args.vi):
+        raise ValueError("give the frames: --ir DIR and / or --vi DIR")
+    report = predict_run(args.run_dir, args.out, args.ir, args.vi, args.checkpoint, args.overlays, args.device)
+    what = "masks in masks/" if report["task"] == "seg" else "detections.json"
+    print(f"{report['task']}: {report['used']} of {report['found']} frames predicted with {report['checkpoint']} "
+          f"of {args.run_dir}; left out {report['issues_by_reason'] or 'none'}; {what}, overlays and "
+          f"predict_report.json in {args.out}")
+    return 0
+
+
 def _cmd_summary(args: argparse.Namespace) -> int:
     from finetune.summary import run_summary
 
@@ -141,6 +154,17 @@ def make_parser() -> argparse.ArgumentParser:
     ck.add_argument("--config", default=SEG_CONFIG)
     ck.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=MFNet")
     ck.set_defaults(func=_cmd_check)
+    pd = sub.add_parser("predict", help="apply a trained run to frames without labels: masks (seg) or COCO "
+                                        "detections (det), overlays, a report")
+    pd.add_argument("run_dir")
+    pd.add_argument("--ir", help="folder of infrared frames")
+    pd.add_argument("--vi", help="folder of visible frames (matched to the infrared ones by name)")
+    pd.add_argument("--out", required=True, help="output folder")
+    pd.add_argument("--checkpoint", default=None,
+                    help="checkpoint folder name (default: best where the run kept one, else the newest)")
+    pd.add_argument("--overlays", type=int, default=8, help="overlay PNGs of the first N frames (default 8)")
+    pd.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
+    pd.set_defaults(func=_cmd_predict)
     su = sub.add_parser("summary", help="one line on a finished run: method, score, frames, trainable share")
     su.add_argument("run_dir")
     su.set_defaults(func=_cmd_summary)

@@ -40,21 +40,16 @@ class DetTask(FinetuneTask):
 
         model.eval()
         indices = list(range(rank, len(dataset), world))
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision != "fp32")
         frames, results = [], []
         names = list(cfg.data.classes)
         for n, (index, sample) in enumerate(zip(indices, eval_loader(dataset, indices, int(cfg.data.num_workers)))):
-            get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
-            with autocast:
-                pred = model.predict(get("ir"), get("vi"))[0]
-            boxes = pred["boxes"].float().cpu().numpy() / sample["scale"]  # back to the original frame's pixels
+            scaled = self.predict_frame(model, cfg, sample, device)
+            boxes = scaled["boxes"] / sample["scale"]  # back to the original frame's pixels
             record = dataset.records[index]
             frames.append({"id": index + 1, "name": record.pair.name, "height": record.size[0], "width": record.size[1],
                            "boxes": record.boxes, "labels": record.labels})
-            results += coco_results(index + 1, boxes, pred["scores"].float().cpu().numpy(), pred["labels"].cpu().numpy())
+            results += coco_results(index + 1, boxes, scaled["scores"], scaled["labels"])
             if rank == 0 and n < int(cfg.eval.overlays):
-                scaled = {"boxes": pred["boxes"].float().cpu().numpy(), "scores": pred["scores"].float().cpu().numpy(),
-                          "labels": pred["labels"].cpu().numpy()}
                 write_det_overlay(run_dir / "overlays" / f"{record.pair.name}.png", sample, scaled,
                                   {"boxes": sample["boxes"] * sample["scale"], "labels": sample["labels"]}, names,
                                   float(cfg.eval.overlay_score))
@@ -69,6 +64,17 @@ class DetTask(FinetuneTask):
         if rank == 0:
             (run_dir / "predictions.json").write_text(json.dumps(results))
         return metrics
+
+    @staticmethod
+    @torch.no_grad()
+    def predict_frame(model, cfg, sample: dict, device: torch.device) -> dict:
+        """One frame's detections (its network inputs, ``sample``, fitted to the input size): xyxy
+        ``boxes`` in the input's pixels, ``scores``, ``labels`` (class indices), as numpy arrays."""
+        get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision != "fp32"):
+            pred = model.predict(get("ir"), get("vi"))[0]
+        return {"boxes": pred["boxes"].float().cpu().numpy(), "scores": pred["scores"].float().cpu().numpy(),
+                "labels": pred["labels"].cpu().numpy()}
 
     def describe(self, m: dict) -> str:
         return f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}"

@@ -51,22 +51,28 @@ def _save(path: Path, rows: list[np.ndarray]) -> None:
     cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
 
 
-def write_seg_overlay(path: Path, sample: dict, pred: np.ndarray, label: np.ndarray, ignore: int) -> None:
-    """One row per modality: frame | ground truth | prediction."""
-    colours = palette(int(max(pred.max(), label[label != ignore].max(initial=0))) + 1)
-    rows = [np.concatenate([_title(rgb, title), _title(_blend(rgb, label, colours, ignore), "ground truth"),
-                            _title(_blend(rgb, pred, colours, ignore), "prediction")], axis=1)
-            for title, rgb in _frames(sample)]
+def write_seg_overlay(path: Path, sample: dict, pred: np.ndarray, label: np.ndarray | None, ignore: int) -> None:
+    """One row per modality: frame | ground truth (when there is one) | prediction."""
+    top = int(pred.max()) if label is None else int(max(pred.max(), label[label != ignore].max(initial=0)))
+    colours = palette(top + 1)
+    rows = []
+    for title, rgb in _frames(sample):
+        panels = [_title(rgb, title)]
+        if label is not None:
+            panels.append(_title(_blend(rgb, label, colours, ignore), "ground truth"))
+        panels.append(_title(_blend(rgb, pred, colours, ignore), "prediction"))
+        rows.append(np.concatenate(panels, axis=1))
     _save(path, rows)
 
 
-def write_det_overlay(path: Path, sample: dict, pred: dict, truth: dict, class_names: list[str],
+def write_det_overlay(path: Path, sample: dict, pred: dict, truth: dict | None, class_names: list[str],
                       score_threshold: float = 0.3) -> None:
-    """One row per modality: ground-truth boxes (green) | predicted boxes above the threshold (red)."""
+    """One row per modality: ground-truth boxes (green; frame only without ground truth) | predicted
+    boxes above the threshold (red)."""
     rows = []
     for title, rgb in _frames(sample):
-        gt_img, pr_img = _title(rgb, f"{title}: ground truth"), _title(rgb, "prediction")
-        for box, label in zip(truth["boxes"], truth["labels"]):
+        gt_img, pr_img = _title(rgb, f"{title}: ground truth" if truth is not None else title), _title(rgb, "prediction")
+        for box, label in zip(*((truth["boxes"], truth["labels"]) if truth is not None else ((), ()))):
             _box(gt_img, box, class_names[int(label)], (0, 255, 0))
         for box, label, score in zip(pred["boxes"], pred["labels"], pred["scores"]):
             if score >= score_threshold:

@@ -36,24 +36,16 @@ class SegTask(FinetuneTask):
         """Sliding-window inference on this rank's share of the frames; the confusion matrix is summed
         over ranks. Rank 0 writes overlays of its first ``eval.overlays`` frames."""
         from finetune.metrics import confusion_matrix, reduce_confusion, segmentation_metrics
-        from finetune.models.segmentor import slide_inference
         from finetune.overlay import write_seg_overlay
 
         model.eval()
         k, ignore = len(cfg.data.classes), int(cfg.data.ignore_index)
-        crop = tuple(cfg.model.encoder.img_size)
-        stride = tuple(cfg.eval.stride) if cfg.eval.stride else tuple(max(1, 2 * c // 3) for c in crop)
-        windows_per_batch = int(cfg.eval.windows_per_batch)
         indices = list(range(rank, len(dataset), world))
         loader = eval_loader(dataset, indices, int(cfg.data.num_workers))
         cm = torch.zeros(k, k, dtype=torch.int64, device=device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision != "fp32")
         for n, sample in enumerate(loader):
-            get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
-            with autocast:
-                scores = slide_inference(model, get("ir"), get("vi"), crop, stride, windows_per_batch)
-            pred = scores.argmax(dim=1)[0]
-            label = get("label")[0]
+            pred = self.predict_frame(model, cfg, sample, device)
+            label = torch.from_numpy(sample["label"]).to(device)
             cm += confusion_matrix(pred, label, k, ignore)
             if rank == 0 and n < int(cfg.eval.overlays):
                 write_seg_overlay(run_dir / "overlays" / f"{sample['name']}.png", sample, pred.cpu().numpy(),
@@ -66,6 +58,20 @@ class SegTask(FinetuneTask):
         metrics["frames"] = int(frames.item())
         metrics["confusion_matrix"] = cm.cpu().tolist()
         return metrics
+
+    @staticmethod
+    @torch.no_grad()
+    def predict_frame(model, cfg, sample: dict, device: torch.device) -> torch.Tensor:
+        """(H, W) class indices of one frame (its network inputs, ``sample``) by sliding-window
+        inference over windows of the training input size."""
+        from finetune.models.segmentor import slide_inference
+
+        crop = tuple(cfg.model.encoder.img_size)
+        stride = tuple(cfg.eval.stride) if cfg.eval.stride else tuple(max(1, 2 * c // 3) for c in crop)
+        get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision != "fp32"):
+            scores = slide_inference(model, get("ir"), get("vi"), crop, stride, int(cfg.eval.windows_per_batch))
+        return scores.argmax(dim=1)[0]
 
     def describe(self, m: dict) -> str:
         return f"mIoU {100 * m['mIoU']:.2f}, pixel accuracy {100 * m['pixel_accuracy']:.2f}"

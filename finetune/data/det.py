@@ -93,6 +93,15 @@ def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
     return records, issues
 
 
+def fit_to_input(frames: dict, input_size: tuple[int, int]) -> tuple[dict, float]:
+    """The frames ({'ir', 'vi'}, either may be None) resized to fit ``input_size`` (height, width)
+    with their aspect kept and padded at the bottom / right, and the scale that maps back."""
+    h, w = next(f.shape[:2] for f in frames.values() if f is not None)
+    ih, iw = input_size
+    ratio = min(ih / h, iw / w)
+    return crop(rescale({"ir": frames["ir"], "vi": frames["vi"]}, ratio), 0, 0, ih, iw, fill={}), ratio
+
+
 class DetDataset:
     def __init__(self, records: list[DetRecord], spec: DetDataSpec):
         self.records, self.spec = records, spec
@@ -133,10 +142,7 @@ class DetDataset:
         """Resized to fit the input size (aspect kept) and padded at the bottom / right; boxes in
         the original frame's pixels, ``scale`` maps predictions back."""
         rec = self.records[index]
-        frames = read_pair(rec.pair)
-        ih, iw = self.spec.input_size
-        ratio = min(ih / rec.size[0], iw / rec.size[1])
-        arrays = crop(rescale({"ir": frames["ir"], "vi": frames["vi"]}, ratio), 0, 0, ih, iw, fill={})
+        arrays, ratio = fit_to_input(read_pair(rec.pair), self.spec.input_size)
         return self._to_input(arrays, rec.pair.name, rec.boxes, rec.labels, ratio)
 
     @staticmethod

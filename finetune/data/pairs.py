@@ -135,11 +135,16 @@ def discover(data, split: str | None, need_label: bool = True) -> tuple[list[Pai
     return records, issues, len(names)
 
 
-def write_report(path: Path, split_name: str, found: int, used: int, issues: list[dict]) -> dict:
+def summarise_issues(split_name: str, found: int, used: int, issues: list[dict]) -> dict:
     """The data report of one split: counts, counts per reason, and every issue by name."""
     by_reason = count_by_reason(issues)
-    report = {"split": split_name, "found": found, "used": used, "left_out": found - used,
-              "issues_by_reason": by_reason, "reasons": {r: PAIR_ISSUES[r] for r in by_reason}, "issues": issues}
+    return {"split": split_name, "found": found, "used": used, "left_out": found - used,
+            "issues_by_reason": by_reason, "reasons": {r: PAIR_ISSUES[r] for r in by_reason}, "issues": issues}
+
+
+def write_report(path: Path, split_name: str, found: int, used: int, issues: list[dict]) -> dict:
+    """:func:`summarise_issues`, written to ``path``."""
+    report = summarise_issues(split_name, found, used, issues)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     return report

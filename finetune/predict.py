@@ -1,0 +1,119 @@
+"""A trained run applied to new frames without labels:
+``python -m finetune predict RUN_DIR --ir DIR [--vi DIR] --out OUT``.
+
+The run's model is rebuilt in one process from its config and a checkpoint (``best`` when the run
+kept one, else the newest; the frozen weights are checked against the checkpoint's record), and
+each frame goes through the same input normalisation and inference as the run's evaluation:
+segmentation by sliding windows of the training input size, detection on the frame fitted to it.
+
+Writes ``OUT/masks/<name>.png`` (segmentation: class indices) or ``OUT/detections.json``
+(detection: COCO format, boxes in the frame's pixels), overlays of the first frames, and
+``OUT/predict_report.json`` (checkpoint, frames predicted, frames left out and why).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from finetune.coco_eval import coco_results
+from finetune.data.pairs import PairRecord, issue, list_images, summarise_issues
+from finetune.data.seg import read_checked_pair
+
+
+def frame_pairs(ir: str | None, vi: str | None) -> tuple[list[PairRecord], list[dict], int]:
+    """Records of the frames in the ``ir`` / ``vi`` folders (matched by name), the issues met and
+    the number of names seen."""
+    images = {m: list_images(Path(folder)) for m, folder in (("ir", ir), ("vi", vi)) if folder}
+    names = sorted(set().union(*[set(v) for v in images.values()]))
+    records, issues = [], []
+    for name in names:
+        missing = [m for m, files in images.items() if name not in files]
+        if missing:
+            issues.append(issue(name, "missing_partner", f"no {'/'.join(missing)} frame"))
+            continue
+        records.append(PairRecord(name, **{m: images[m][name] for m in images}))
+    return records, issues, len(names)
+
+
+def _task(cfg):
+    from finetune.det import DetTask
+    from finetune.seg import SegTask
+
+    return DetTask() if "boxes" in cfg.data else SegTask()
+
+
+def _check_modality(modality: str, given: set[str]) -> None:
+    """The folders a model of ``modality`` takes: its own; IV-tuning (both) infrared, with or
+    without visible (infrared alone is fed to both streams, as in training)."""
+    if modality == "both" and "ir" not in given:
+        raise ValueError("the run's model takes infrared and visible frames (model.modality=both): give --ir, "
+                         "and --vi where there are visible frames")
+    if modality != "both" and given != {modality}:
+        raise ValueError(f"the run's model takes model.modality={modality} frames only: give --{modality} alone")
+
+
+def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi: str | None = None,
+                tag: str | None = None, overlays: int = 8, device: str | None = None) -> dict:
+    """Predict every frame of the ``ir`` / ``vi`` folders with the run's model; returns the report."""
+    from data_tools.config import load_config
+    from finetune.data.augment import network_inputs
+    from finetune.data.det import fit_to_input
+    from finetune.factory import intensity_config, ir_normalisation
+    from finetune.overlay import write_det_overlay, write_seg_overlay
+    from pretrain.engine.checkpoint import Checkpointer
+    from pretrain.engine.trained import load_trained
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    run_cfg = load_config(run_dir / "config.yaml")
+    task = _task(run_cfg)
+    _check_modality(run_cfg.model.modality, {m for m, folder in (("ir", ir), ("vi", vi)) if folder})
+    records, issues, found = frame_pairs(ir, vi)
+    if tag is None and Checkpointer(run_dir / "checkpoints").problem("best") is None:
+        tag = "best"  # the evaluation's best step, where the run kept one
+    model, tag, cfg = load_trained(run_dir, task.build_network, tag)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev)
+    mean, std = ir_normalisation(cfg)
+    intensity, classes, detection = intensity_config(cfg), list(cfg.data.classes), "boxes" in cfg.data
+    images, detections, predicted = [], [], []
+    for record in records:
+        frames, problem = read_checked_pair(record)
+        if problem:
+            issues.append(problem)
+            continue
+        height, width = next(f.shape[:2] for f in frames.values() if f is not None)
+        if detection:  # as the run's evaluation: the frame fitted to the input size
+            frames, scale = fit_to_input(frames, tuple(cfg.model.encoder.img_size))
+        sample = dict(network_inputs(frames["ir"], frames["vi"], intensity, mean, std), name=record.name)
+        pred = task.predict_frame(model, cfg, sample, dev)
+        overlay = out / "overlays" / f"{record.name}.png" if len(predicted) < overlays else None
+        if detection:
+            images.append({"id": len(images) + 1, "file_name": Path(record.ir or record.vi).name, "height": height,
+                           "width": width})
+            detections += coco_results(images[-1]["id"], pred["boxes"] / scale, pred["scores"], pred["labels"])
+            if overlay:
+                write_det_overlay(overlay, sample, pred, None, classes, float(cfg.eval.overlay_score))
+        else:
+            mask = pred.cpu().numpy().astype(np.uint8 if len(classes) <= 256 else np.uint16)
+            (out / "masks").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(out / "masks" / f"{record.name}.png"), mask)
+            if overlay:
+                write_seg_overlay(overlay, sample, mask, None, int(cfg.data.ignore_index))
+        predicted.append(record.name)
+    out.mkdir(parents=True, exist_ok=True)
+    if detection:
+        for k, d in enumerate(detections, 1):
+            d["id"] = k
+        (out / "detections.json").write_text(json.dumps({
+            "images": images, "annotations": detections,
+            "categories": [{"id": i + 1, "name": name} for i, name in enumerate(classes)]}))
+    report = summarise_issues("predict", found, len(predicted), issues)
+    report.update(run_dir=str(run_dir), checkpoint=tag, task=task.name, classes=classes, frames=predicted)
+    (out / "predict_report.json").write_text(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,98 @@
+"""`finetune predict`: a trained run applied to frames without labels gives exactly what the run's
+own evaluation computed on the same frames (segmentation: the confusion matrix; detection: the
+detections), and names the frames it could not use."""
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from data_tools.config import CONFIG_DIR
+from data_tools.imageio import read_label_map
+from data_tools.synth import SynthConfig, write_corpus
+from finetune.cli import main as finetune_main
+from finetune.metrics import confusion_matrix
+from tests.conftest import run_finetune_cli
+
+SEG = str(CONFIG_DIR / "finetune" / "seg_tiny.yaml")
+DET = str(CONFIG_DIR / "finetune" / "det_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    write_corpus(root, SynthConfig(num_images=6, width=160, height=128))
+    return root
+
+
+def _trained(task, run_dir, config, *overrides):
+    res = run_finetune_cli(task, run_dir, config, *overrides, "train.steps=4", "train.batch_size=2",
+                           "eval.overlays=0")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys):
+    import torch
+
+    metrics = _trained("seg", tmp_path / "run", SEG, f"data.root={pairs}", "model.encoder.img_size=[64,80]")
+    out = tmp_path / "pred"
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
+                          "--out", str(out), "--overlays", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "seg: 6 of 6 frames predicted with step00000004" in said
+    names = sorted(p.stem for p in (pairs / "ir").glob("*.png"))
+    k = len(metrics["confusion_matrix"])
+    cm = torch.zeros(k, k, dtype=torch.int64)
+    for name in names:  # the run's validation split is every frame: the same confusion matrix
+        mask = cv2.imread(str(out / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        label = read_label_map(str(pairs / "masks" / f"{name}.png"))
+        assert mask.shape == label.shape and mask.dtype == np.uint8
+        cm += confusion_matrix(torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(label.astype(np.int64)), k, 255)
+    assert cm.tolist() == metrics["confusion_matrix"]
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+    report = json.loads((out / "predict_report.json").read_text())
+    assert report["frames"] == names and report["checkpoint"] == "step00000004" and report["left_out"] == 0
+
+    # frames it cannot use are named; a model of two modalities with infrared alone works
+    frames = tmp_path / "frames"
+    shutil.copytree(pairs / "ir", frames / "ir")
+    shutil.copytree(pairs / "vi", frames / "vi")
+    (frames / "ir" / f"{names[0]}.png").write_bytes(b"not a png")
+    (frames / "vi" / f"{names[1]}.png").unlink()
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(frames / "ir"), "--vi", str(frames / "vi"),
+                          "--out", str(tmp_path / "pred2")]) == 0
+    report = json.loads((tmp_path / "pred2" / "predict_report.json").read_text())
+    assert report["issues_by_reason"] == {"unreadable": 1, "missing_partner": 1} and report["used"] == 4
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(frames / "ir"),
+                          "--out", str(tmp_path / "pred3")]) == 0
+    assert len(list((tmp_path / "pred3" / "masks").glob("*.png"))) == 5
+    assert finetune_main(["predict", str(tmp_path / "run"), "--vi", str(frames / "vi"), "--out", str(tmp_path / "x")]) == 2
+    assert "give --ir" in capsys.readouterr().err
+    assert finetune_main(["predict", str(tmp_path), "--ir", str(frames / "ir"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys):
+    _trained("det", tmp_path / "run", DET, f"data.root={pairs}", f"data.boxes.path={pairs / 'labels'}",
+             "eval.every_steps=2")
+    out = tmp_path / "pred"
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
+                          "--out", str(out), "--checkpoint", "step00000004"]) == 0
+    capsys.readouterr()
+    coco = json.loads((out / "detections.json").read_text())
+    theirs = json.loads((tmp_path / "run" / "predictions.json").read_text())  # the last evaluation's
+    assert [c["name"] for c in coco["categories"]] == ["person", "car"] and len(coco["images"]) == 6
+    assert {(i["height"], i["width"]) for i in coco["images"]} == {(128, 160)}
+
+    def key(d):
+        return (d["category_id"], *np.round(d["bbox"], 2), round(d["score"], 4))
+
+    assert len(theirs) > 0 and sorted(map(key, coco["annotations"])) == sorted(map(key, theirs))
+    # by default the run's best checkpoint, which periodic evaluation kept
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
+                          "--out", str(tmp_path / "pred_best"), "--overlays", "0"]) == 0
+    assert "6 of 6 frames predicted with best of" in capsys.readouterr().out
+    assert json.loads((tmp_path / "pred_best" / "predict_report.json").read_text())["checkpoint"] == "best"
+    assert not (tmp_path / "pred_best" / "overlays").exists()
