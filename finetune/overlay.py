@@ -71,7 +71,8 @@ def write_det_overlay(path: Path, sample: dict, pred: dict, truth: dict | None, 
     boxes above the threshold (red)."""
     rows = []
     for title, rgb in _frames(sample):
-        gt_img, pr_img = _title(rgb, f"{title}: ground truth" if truth is not None else title), _title(rgb, "prediction")
+        gt_img = _title(rgb, f"{title}: ground truth" if truth is not None else title)
+        pr_img = _title(rgb, "prediction")
         for box, label in zip(*((truth["boxes"], truth["labels"]) if truth is not None else ((), ()))):
             _box(gt_img, box, class_names[int(label)], (0, 255, 0))
         for box, label, score in zip(pred["boxes"], pred["labels"], pred["scores"]):

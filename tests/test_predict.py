@@ -49,7 +49,8 @@ def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys
         mask = cv2.imread(str(out / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
         label = read_label_map(str(pairs / "masks" / f"{name}.png"))
         assert mask.shape == label.shape and mask.dtype == np.uint8
-        cm += confusion_matrix(torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(label.astype(np.int64)), k, 255)
+        cm += confusion_matrix(torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(label.astype(np.int64)),
+                               k, 255)
     assert cm.tolist() == metrics["confusion_matrix"]
     assert len(list((out / "overlays").glob("*.png"))) == 2
     report = json.loads((out / "predict_report.json").read_text())
@@ -68,7 +69,8 @@ def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys
     assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(frames / "ir"),
                           "--out", str(tmp_path / "pred3")]) == 0
     assert len(list((tmp_path / "pred3" / "masks").glob("*.png"))) == 5
-    assert finetune_main(["predict", str(tmp_path / "run"), "--vi", str(frames / "vi"), "--out", str(tmp_path / "x")]) == 2
+    assert finetune_main(["predict", str(tmp_path / "run"), "--vi", str(frames / "vi"),
+                          "--out", str(tmp_path / "x")]) == 2
     assert "give --ir" in capsys.readouterr().err
     assert finetune_main(["predict", str(tmp_path), "--ir", str(frames / "ir"), "--out", str(tmp_path / "x")]) == 2
     assert "not a run directory" in capsys.readouterr().err

@@ -49,5 +49,6 @@ def load_trained(run_dir: str | Path, build: Callable, tag: str | None = None):
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     lacking = sorted(n for n in trained if n in missing)
     if lacking or unexpected:
-        raise ResumeError(f"checkpoint {tag} does not match the model: missing {lacking[:5]}, unexpected {unexpected[:5]}")
+        raise ResumeError(f"checkpoint {tag} does not match the model: missing {lacking[:5]}, "
+                          f"unexpected {unexpected[:5]}")
     return model.eval(), tag, cfg
