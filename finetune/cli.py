@@ -126,7 +126,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if not (args.ir or args.vi):
         raise ValueError("give the frames: --ir DIR and / or --vi DIR")
-    report = predict_run(args.run_dir, args.out, args.ir, args.vi, args.checkpoint, args.overlays, args.device)
+    report = predict_run(args.run_dir, args.out, args.ir, args.vi, args.checkpoint, args.overlays, args.device,
+                         args.min_score)
     what = "masks in masks/" if report["task"] == "seg" else "detections.json"
     print(f"{report['task']}: {report['used']} of {report['found']} frames predicted with {report['checkpoint']} "
           f"of {args.run_dir}; left out {report['issues_by_reason'] or 'none'}; {what}, overlays and "
@@ -164,6 +165,8 @@ def make_parser() -> argparse.ArgumentParser:
                     help="checkpoint folder name (default: best where the run kept one, else the newest)")
     pd.add_argument("--overlays", type=int, default=8, help="overlay PNGs of the first N frames (default 8)")
     pd.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
+    pd.add_argument("--min-score", type=float, default=0.0,
+                    help="detection: leave out boxes scoring below this (default 0: all the detector keeps)")
     pd.set_defaults(func=_cmd_predict)
     su = sub.add_parser("summary", help="one line on a finished run: method, score, frames, trainable share")
     su.add_argument("run_dir")

@@ -46,9 +46,13 @@ def _task(cfg):
     return DetTask() if "boxes" in cfg.data else SegTask()
 
 
-def _check_modality(modality: str, given: set[str]) -> None:
-    """The folders a model of ``modality`` takes: its own; IV-tuning (both) infrared, with or
-    without visible (infrared alone is fed to both streams, as in training)."""
+def _check_modality(modality: str, given: set[str], detection: bool) -> None:
+    """The folders a model of ``modality`` takes, as in training: its own; a segmentation model of
+    both infrared, with or without visible (infrared alone is fed to both streams); a detector of
+    both stacks the two images, so it takes both."""
+    if modality == "both" and detection and given != {"ir", "vi"}:
+        raise ValueError("the run's detector takes infrared and visible frames (model.modality=both): "
+                         "give --ir and --vi")
     if modality == "both" and "ir" not in given:
         raise ValueError("the run's model takes infrared and visible frames (model.modality=both): give --ir, "
                          "and --vi where there are visible frames")
@@ -57,8 +61,9 @@ def _check_modality(modality: str, given: set[str]) -> None:
 
 
 def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi: str | None = None,
-                tag: str | None = None, overlays: int = 8, device: str | None = None) -> dict:
-    """Predict every frame of the ``ir`` / ``vi`` folders with the run's model; returns the report."""
+                tag: str | None = None, overlays: int = 8, device: str | None = None, min_score: float = 0.0) -> dict:
+    """Predict every frame of the ``ir`` / ``vi`` folders with the run's model; returns the report.
+    ``min_score``: detections scoring lower are not written (all the detector keeps by default)."""
     from data_tools.config import load_config
     from finetune.data.augment import network_inputs
     from finetune.data.det import fit_to_input
@@ -72,7 +77,8 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
     run_cfg = load_config(run_dir / "config.yaml")
     task = _task(run_cfg)
-    _check_modality(run_cfg.model.modality, {m for m, folder in (("ir", ir), ("vi", vi)) if folder})
+    _check_modality(run_cfg.model.modality, {m for m, folder in (("ir", ir), ("vi", vi)) if folder},
+                    "boxes" in run_cfg.data)
     records, issues, found = frame_pairs(ir, vi)
     if tag is None and Checkpointer(run_dir / "checkpoints").problem("best") is None:
         tag = "best"  # the evaluation's best step, where the run kept one
@@ -96,7 +102,8 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
         if detection:
             images.append({"id": len(images) + 1, "file_name": Path(record.ir or record.vi).name, "height": height,
                            "width": width})
-            detections += coco_results(images[-1]["id"], pred["boxes"] / scale, pred["scores"], pred["labels"])
+            kept = coco_results(images[-1]["id"], pred["boxes"] / scale, pred["scores"], pred["labels"])
+            detections += [d for d in kept if d["score"] >= min_score]
             if overlay:
                 write_det_overlay(overlay, sample, pred, None, classes, float(cfg.eval.overlay_score))
         else:

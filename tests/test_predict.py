@@ -80,6 +80,8 @@ def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys):
     _trained("det", tmp_path / "run", DET, f"data.root={pairs}", f"data.boxes.path={pairs / 'labels'}",
              "eval.every_steps=2")
     out = tmp_path / "pred"
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--out", str(out)]) == 2
+    assert "the run's detector takes infrared and visible frames" in capsys.readouterr().err  # it stacks both
     assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
                           "--out", str(out), "--checkpoint", "step00000004"]) == 0
     capsys.readouterr()
@@ -92,6 +94,13 @@ def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys):
         return (d["category_id"], *np.round(d["bbox"], 2), round(d["score"], 4))
 
     assert len(theirs) > 0 and sorted(map(key, coco["annotations"])) == sorted(map(key, theirs))
+    median = float(np.median([d["score"] for d in theirs]))
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
+                          "--out", str(tmp_path / "sure"), "--checkpoint", "step00000004",
+                          "--min-score", str(median)]) == 0
+    sure = json.loads((tmp_path / "sure" / "detections.json").read_text())["annotations"]
+    assert 0 < len(sure) < len(theirs)
+    assert sorted(map(key, sure)) == sorted(key(d) for d in theirs if d["score"] >= median)
     # by default the run's best checkpoint, which periodic evaluation kept
     assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
                           "--out", str(tmp_path / "pred_best"), "--overlays", "0"]) == 0
