@@ -80,6 +80,8 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     _check_modality(run_cfg.model.modality, {m for m, folder in (("ir", ir), ("vi", vi)) if folder},
                     "boxes" in run_cfg.data)
     records, issues, found = frame_pairs(ir, vi)
+    if not found:
+        raise FileNotFoundError(f"no image files in {' or '.join(f for f in (ir, vi) if f)}")
     if tag is None and Checkpointer(run_dir / "checkpoints").problem("best") is None:
         tag = "best"  # the evaluation's best step, where the run kept one
     model, tag, cfg = load_trained(run_dir, task.build_network, tag)

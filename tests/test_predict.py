@@ -74,6 +74,10 @@ def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys
     assert "give --ir" in capsys.readouterr().err
     assert finetune_main(["predict", str(tmp_path), "--ir", str(frames / "ir"), "--out", str(tmp_path / "x")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(tmp_path / "empty"),
+                          "--out", str(tmp_path / "x")]) == 2
+    assert f"no image files in {tmp_path / 'empty'}" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys):
