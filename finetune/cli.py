@@ -37,7 +37,7 @@ def _cmd_seg(args: argparse.Namespace) -> int:
     from finetune.seg import train_seg
 
     cfg = _checked(args)
-    _check_inputs(cfg, args.config)  # before the run directory is touched
+    _check_inputs(cfg, args.config, ("val",) if args.eval_only else ("train", "val"))  # before the run dir is touched
     # ends the process itself (distributed exit)
     train_seg(cfg, args.run_dir, overwrite=args.overwrite, eval_only=args.eval_only)
     return 0
@@ -47,21 +47,21 @@ def _cmd_det(args: argparse.Namespace) -> int:
     from finetune.det import train_det
 
     cfg = _checked(args)
-    _check_inputs(cfg, args.config)  # before the run directory is touched
+    _check_inputs(cfg, args.config, ("val",) if args.eval_only else ("train", "val"))  # before the run dir is touched
     # ends the process itself (distributed exit)
     train_det(cfg, args.run_dir, overwrite=args.overwrite, eval_only=args.eval_only)
     return 0
 
 
-def _check_layout(cfg, name: str) -> None:
+def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val")) -> None:
     """Raise FileNotFoundError, naming the split, unless the folders and files ``cfg.data`` names
-    are there, listed as training lists them (no image is read)."""
+    for ``splits`` are there, listed as training lists them (no image is read)."""
     from data_tools.annotations import check_annotation_path
     from finetune.data.pairs import discover
     from finetune.factory import data_for_split, split_list
 
     detection = "boxes" in cfg.data
-    for split in ("train", "val"):
+    for split in splits:
         data = data_for_split(cfg, split)
         try:
             discover(data, split_list(data, split), need_label=not detection)
@@ -95,15 +95,15 @@ def _root_below(cfg) -> str | None:
     return None
 
 
-def _check_inputs(cfg, name: str) -> None:
-    """Refuse a config before any work: the folders and files it names (and, when a download
-    unpacked one or two folders down, where the whole layout is)."""
+def _check_inputs(cfg, name: str, splits: tuple[str, ...] = ("train", "val")) -> None:
+    """Refuse a config before any work: the folders and files it names for ``splits`` (and, when a
+    download unpacked one or two folders down, where the whole layout is)."""
     if not cfg.data.root:
         raise ValueError(f"{name}: data.root is not set (the dataset folder)")
     if "boxes" not in cfg.data and not cfg.data.dirs.label:
         raise ValueError(f"{name}: data.dirs.label is not set (segmentation needs label maps)")
     try:
-        _check_layout(cfg, name)
+        _check_layout(cfg, name, splits)
     except FileNotFoundError as e:
         below = _root_below(cfg)  # an unreadable or missing root has no folders below it
         if below is None:

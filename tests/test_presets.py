@@ -305,3 +305,17 @@ def test_check_points_at_the_layout_one_or_two_folders_below_the_root_given(tmp_
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f"(train): not found: {downloads / 'infrared' / 'train'}" in res.stderr
     assert "The whole layout is under" in res.stderr and not run_dir.exists()
+
+
+def test_eval_only_needs_the_validation_folders_alone(tmp_path):
+    """Re-scoring a run needs its validation split, not the training one (e.g. on another machine)."""
+    root = tmp_path / "MSRS"
+    build_replica("msrs_seg", root)
+    config, run_dir = PRESETS / "msrs_seg.yaml", tmp_path / "run"
+    res = run_finetune_cli("seg", run_dir, config, f"data.root={root}", *_tiny("msrs_seg"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    shutil.rmtree(root / "train")
+    res = run_finetune_cli("seg", run_dir, config, f"data.root={root}", *_tiny("msrs_seg"), eval_only=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run_finetune_cli("seg", tmp_path / "new", config, f"data.root={root}", *_tiny("msrs_seg"))
+    assert res.returncode == 2 and f"(train): not found: {root / 'train'}" in res.stderr
