@@ -266,6 +266,12 @@ summary() {  # each package describes its own artefacts
     for task in seg det; do
       if [[ -f "$OUT/$task/metrics.json" ]]; then PY -m finetune summary "$OUT/$task"; fi
     done
+    for task in seg det; do  # what to run next: the trained model on frames of yours
+      if [[ -f "$OUT/$task/DONE" ]]; then
+        printf 'predict    %s --ir DIR [--vi DIR] --out DIR   (the %s run on new frames)\n' \
+          "$(shell_words python -m finetune predict "$OUT/$task")" "$task"
+      fi
+    done
   } | sed 's/^/  /'
 }
 
