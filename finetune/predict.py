@@ -20,23 +20,18 @@ import numpy as np
 import torch
 
 from finetune.coco_eval import coco_results
-from finetune.data.pairs import PairRecord, issue, list_images, summarise_issues
+from finetune.data.pairs import PairRecord, discover, summarise_issues
 from finetune.data.seg import read_checked_pair
 
 
 def frame_pairs(ir: str | None, vi: str | None) -> tuple[list[PairRecord], list[dict], int]:
-    """Records of the frames in the ``ir`` / ``vi`` folders (matched by name), the issues met and
-    the number of names seen."""
-    images = {m: list_images(Path(folder)) for m, folder in (("ir", ir), ("vi", vi)) if folder}
-    names = sorted(set().union(*[set(v) for v in images.values()]))
-    records, issues = [], []
-    for name in names:
-        missing = [m for m, files in images.items() if name not in files]
-        if missing:
-            issues.append(issue(name, "missing_partner", f"no {'/'.join(missing)} frame"))
-            continue
-        records.append(PairRecord(name, **{m: images[m][name] for m in images}))
-    return records, issues, len(names)
+    """Records of the frames in the ``ir`` / ``vi`` folders, paired by name as training pairs them
+    (a frame without its partner is an issue), the issues and the number of names seen."""
+    from omegaconf import OmegaConf
+
+    folders = {m: str(Path(f).resolve()) if f else None for m, f in (("ir", ir), ("vi", vi))}
+    data = OmegaConf.create({"root": "/", "layout": "pairs", "label_suffix": "", "dirs": dict(folders, label=None)})
+    return discover(data, None, need_label=False)
 
 
 def _task(cfg):
@@ -64,26 +59,22 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
                 tag: str | None = None, overlays: int = 8, device: str | None = None, min_score: float = 0.0) -> dict:
     """Predict every frame of the ``ir`` / ``vi`` folders with the run's model; returns the report.
     ``min_score``: detections scoring lower are not written (all the detector keeps by default)."""
-    from data_tools.config import load_config
     from finetune.data.augment import network_inputs
     from finetune.data.det import fit_to_input
     from finetune.factory import intensity_config, ir_normalisation
     from finetune.overlay import write_det_overlay, write_seg_overlay
-    from pretrain.engine.checkpoint import Checkpointer
-    from pretrain.engine.trained import load_trained
+    from pretrain.engine.trained import load_trained, run_config
 
     run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
-    run_cfg = load_config(run_dir / "config.yaml")
+    run_cfg = run_config(run_dir)
     task = _task(run_cfg)
     _check_modality(run_cfg.model.modality, {m for m, folder in (("ir", ir), ("vi", vi)) if folder},
                     "boxes" in run_cfg.data)
     records, issues, found = frame_pairs(ir, vi)
     if not found:
         raise FileNotFoundError(f"no image files in {' or '.join(f for f in (ir, vi) if f)}")
-    if tag is None and Checkpointer(run_dir / "checkpoints").problem("best") is None:
-        tag = "best"  # the evaluation's best step, where the run kept one
+    if tag is None and (run_dir / "checkpoints" / "best" / "best.json").is_file():
+        tag = "best"  # the evaluation's best step, where the run kept one (load_trained verifies it)
     model, tag, cfg = load_trained(run_dir, task.build_network, tag)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)

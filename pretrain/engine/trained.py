@@ -16,6 +16,13 @@ from data_tools.config import load_config
 from pretrain.engine.checkpoint import Checkpointer, ResumeError, _weights_only_load, frozen_fingerprint
 
 
+def run_config(run_dir: Path):
+    """The resolved config a run saved (``config.yaml``)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    return load_config(run_dir / "config.yaml")
+
+
 def load_trained(run_dir: str | Path, build: Callable, tag: str | None = None):
     """(the model of ``run_dir`` in eval mode, the checkpoint tag, the run's config).
 
@@ -23,9 +30,7 @@ def load_trained(run_dir: str | Path, build: Callable, tag: str | None = None):
     parameters the run trained); ``tag``: a checkpoint folder name (``best``, ``step00000400``),
     by default the newest one that verifies."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = run_config(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     ckpt = Checkpointer(ckpt_dir)
     if tag is None:
