@@ -124,10 +124,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from finetune.predict import predict_run
 
-    if not (args.ir or args.vi):
-        raise ValueError("give the frames: --ir DIR and / or --vi DIR")
+    if not (args.ir or args.vi or args.packed):
+        raise ValueError("give the frames: --ir DIR and / or --vi DIR, or --packed DIR")
     report = predict_run(args.run_dir, args.out, args.ir, args.vi, args.checkpoint, args.overlays, args.device,
-                         args.min_score)
+                         args.min_score, args.packed)
     what = "masks in masks/" if report["task"] == "seg" else "detections.json"
     print(f"{report['task']}: {report['used']} of {report['found']} frames predicted with {report['checkpoint']} "
           f"of {args.run_dir}; left out {report['issues_by_reason'] or 'none'}; {what}, overlays and "
@@ -160,6 +160,7 @@ def make_parser() -> argparse.ArgumentParser:
     pd.add_argument("run_dir")
     pd.add_argument("--ir", help="folder of infrared frames")
     pd.add_argument("--vi", help="folder of visible frames (matched to the infrared ones by name)")
+    pd.add_argument("--packed", help="folder of 4-channel images holding both, RGB + thermal (MFNet's layout)")
     pd.add_argument("--out", required=True, help="output folder")
     pd.add_argument("--checkpoint", default=None,
                     help="checkpoint folder name (default: best where the run kept one, else the newest)")

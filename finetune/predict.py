@@ -1,5 +1,6 @@
 """A trained run applied to new frames without labels:
-``python -m finetune predict RUN_DIR --ir DIR [--vi DIR] --out OUT``.
+``python -m finetune predict RUN_DIR --ir DIR [--vi DIR] --out OUT`` (or ``--packed DIR``: MFNet's
+4-channel images, RGB + thermal in one file).
 
 The run's model is rebuilt in one process from its config and a checkpoint (``best`` when the run
 kept one, else the newest; the frozen weights are checked against the checkpoint's record), and
@@ -24,14 +25,21 @@ from finetune.data.pairs import PairRecord, discover, summarise_issues
 from finetune.data.seg import read_checked_pair
 
 
-def frame_pairs(ir: str | None, vi: str | None) -> tuple[list[PairRecord], list[dict], int]:
+def frame_pairs(ir: str | None, vi: str | None, packed: str | None = None
+                ) -> tuple[list[PairRecord], list[dict], int]:
     """Records of the frames in the ``ir`` / ``vi`` folders, paired by name as training pairs them
-    (a frame without its partner is an issue), the issues and the number of names seen."""
+    (a frame without its partner is an issue), or of the ``packed`` folder's 4-channel images (the
+    mfnet layout), the issues and the number of names seen."""
     from omegaconf import OmegaConf
 
-    folders = {m: str(Path(f).resolve()) if f else None for m, f in (("ir", ir), ("vi", vi))}
-    data = OmegaConf.create({"root": "/", "layout": "pairs", "label_suffix": "", "dirs": dict(folders, label=None)})
-    return discover(data, None, need_label=False)
+    def folder(f):
+        return str(Path(f).resolve()) if f else None
+
+    if packed:
+        data = {"layout": "mfnet", "dirs": {"image": folder(packed), "label": None}}
+    else:
+        data = {"layout": "pairs", "dirs": {"ir": folder(ir), "vi": folder(vi), "label": None}}
+    return discover(OmegaConf.create(dict(data, root="/", label_suffix="")), None, need_label=False)
 
 
 def _task(cfg):
@@ -56,8 +64,10 @@ def _check_modality(modality: str, given: set[str], detection: bool) -> None:
 
 
 def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi: str | None = None,
-                tag: str | None = None, overlays: int = 8, device: str | None = None, min_score: float = 0.0) -> dict:
-    """Predict every frame of the ``ir`` / ``vi`` folders with the run's model; returns the report.
+                tag: str | None = None, overlays: int = 8, device: str | None = None, min_score: float = 0.0,
+                packed: str | None = None) -> dict:
+    """Predict every frame of the ``ir`` / ``vi`` folders (or of ``packed``'s 4-channel images, which
+    hold both) with the run's model; returns the report.
     ``min_score``: detections scoring lower are not written (all the detector keeps by default)."""
     from finetune.data.augment import network_inputs
     from finetune.data.det import fit_to_input
@@ -68,11 +78,17 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     run_dir, out = Path(run_dir), Path(out)
     run_cfg = run_config(run_dir)
     task = _task(run_cfg)
-    _check_modality(run_cfg.model.modality, {m for m, folder in (("ir", ir), ("vi", vi)) if folder},
-                    "boxes" in run_cfg.data)
-    records, issues, found = frame_pairs(ir, vi)
+    if packed and (ir or vi):
+        raise ValueError("give the frames one way: --packed DIR (4-channel images), or --ir / --vi folders")
+    modality = run_cfg.model.modality
+    if packed:  # a packed image holds both; a single-modality model reads its own, as in training
+        given = {"ir", "vi"} if modality == "both" else {modality}
+    else:
+        given = {m for m, folder in (("ir", ir), ("vi", vi)) if folder}
+    _check_modality(modality, given, "boxes" in run_cfg.data)
+    records, issues, found = frame_pairs(ir, vi, packed)
     if not found:
-        raise FileNotFoundError(f"no image files in {' or '.join(f for f in (ir, vi) if f)}")
+        raise FileNotFoundError(f"no image files in {' or '.join(f for f in (ir, vi, packed) if f)}")
     if tag is None and (run_dir / "checkpoints" / "best" / "best.json").is_file():
         tag = "best"  # the evaluation's best step, where the run kept one (load_trained verifies it)
     model, tag, cfg = load_trained(run_dir, task.build_network, tag)
@@ -93,8 +109,8 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
         pred = task.predict_frame(model, cfg, sample, dev)
         overlay = out / "overlays" / f"{record.name}.png" if len(predicted) < overlays else None
         if detection:
-            images.append({"id": len(images) + 1, "file_name": Path(record.ir or record.vi).name, "height": height,
-                           "width": width})
+            file_name = Path(record.ir or record.vi or record.packed).name
+            images.append({"id": len(images) + 1, "file_name": file_name, "height": height, "width": width})
             kept = coco_results(images[-1]["id"], pred["boxes"] / scale, pred["scores"], pred["labels"])
             detections += [d for d in kept if d["score"] >= min_score]
             if overlay:

@@ -56,6 +56,25 @@ def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys
     report = json.loads((out / "predict_report.json").read_text())
     assert report["frames"] == names and report["checkpoint"] == "step00000004" and report["left_out"] == 0
 
+    # MFNet's packed 4-channel images (BGR + thermal as OpenCV writes them) give the same masks
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    for name in names:
+        bgr = cv2.imread(str(pairs / "vi" / f"{name}.png"), cv2.IMREAD_COLOR)
+        ir = cv2.imread(str(pairs / "ir" / f"{name}.png"), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(packed / f"{name}.png"), np.dstack([bgr, ir]))
+    cv2.imwrite(str(packed / "rgb_only.png"), bgr)
+    assert finetune_main(["predict", str(tmp_path / "run"), "--packed", str(packed), "--out",
+                          str(tmp_path / "pred_packed"), "--overlays", "0"]) == 0
+    for name in names:
+        assert np.array_equal(cv2.imread(str(tmp_path / "pred_packed" / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED),
+                              cv2.imread(str(out / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED))
+    report = json.loads((tmp_path / "pred_packed" / "predict_report.json").read_text())
+    assert report["issues_by_reason"] == {"wrong_channels": 1} and report["used"] == len(names)
+    assert finetune_main(["predict", str(tmp_path / "run"), "--packed", str(packed), "--ir", str(pairs / "ir"),
+                          "--out", str(tmp_path / "x")]) == 2
+    assert "give the frames one way" in capsys.readouterr().err
+
     # frames it cannot use are named; a model of two modalities with infrared alone works
     frames = tmp_path / "frames"
     shutil.copytree(pairs / "ir", frames / "ir")
