@@ -145,16 +145,32 @@ def read_voc(folder: str) -> AnnotationSet:
         path = os.path.join(folder, name)
         try:
             root = ET.parse(path).getroot()
-            recs = []
-            for obj in root.iter("object"):
-                bb = obj.find("bndbox")
-                x1, y1, x2, y2 = (float(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
-                recs.append(BoxRecord((x1, y1, x2 - x1, y2 - y1), obj.findtext("name", "object")))
+            recs = [BoxRecord(_voc_object_box(obj, k), obj.findtext("name", "object"))
+                    for k, obj in enumerate(root.iter("object"), 1)]
         except (OSError, ET.ParseError, AttributeError, TypeError, ValueError) as e:
             out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
             continue
         out.boxes[_stem(name)] = recs
     return out
+
+
+def _voc_object_box(obj: ET.Element, number: int) -> tuple[float, float, float, float]:
+    """(x, y, w, h) of a VOC ``<object>``: its ``<bndbox>``, or the axis-aligned box enclosing its
+    ``<polygon>`` of ``<x1><y1>...<xN><yN>`` corners (DroneVehicle's oriented boxes)."""
+    box = obj.find("bndbox")
+    if box is not None:
+        x1, y1, x2, y2 = (float(box.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
+        return x1, y1, x2 - x1, y2 - y1
+    polygon = obj.find("polygon")
+    if polygon is not None:
+        xs = [float(e.text) for e in polygon if e.tag.startswith("x")]
+        ys = [float(e.text) for e in polygon if e.tag.startswith("y")]
+        if len(xs) >= 3 and len(xs) == len(ys):
+            return min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)
+        raise ValueError(f"object {number} ({obj.findtext('name', '?')}): a <polygon> needs >= 3 <xN>/<yN> "
+                         f"pairs, got {len(xs)} x and {len(ys)} y")
+    raise ValueError(f"object {number} ({obj.findtext('name', '?')}): neither <bndbox> nor <polygon>, "
+                     f"only {sorted({e.tag for e in obj})}")
 
 
 def index_masks(folder: str, suffix: str) -> AnnotationSet:

@@ -240,6 +240,35 @@ def test_border_crop_moves_boxes_and_records_crop(tmp_path):
     assert [10, 10, 50, 60] in props.tolist()  # COCO box moved by (-20, -10)
 
 
+def test_dronevehicle_polygon_boxes_join_the_proposals_and_a_shapeless_object_is_named(tmp_path):
+    """DroneVehicle ships VOC files whose objects are oriented boxes, <polygon><x1>..<y4>: the box
+    enclosing the corners is used (moved by the border crop); an object with no geometry leaves its
+    file out, reported with the object named, never silently."""
+    (tmp_path / "trainimgr").mkdir()
+    (tmp_path / "trainlabelr").mkdir()
+    for stem in ("00001", "00002"):
+        cv2.imwrite(str(tmp_path / "trainimgr" / f"{stem}.jpg"), _scene(120, 160, seed=int(stem)))
+    corners = "".join(f"<x{k}>{x}</x{k}><y{k}>{y}</y{k}>" for k, (x, y) in enumerate(
+        [(40, 30), (100, 42), (94, 72), (34, 60)], 1))
+    (tmp_path / "trainlabelr" / "00001.xml").write_text(
+        f"<annotation><object><name>car</name><polygon>{corners}</polygon></object></annotation>")
+    (tmp_path / "trainlabelr" / "00002.xml").write_text(
+        "<annotation><object><name>car</name><point><x>5</x><y>6</y></point></object></annotation>")
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: dv, root: trainimgr, border_crop: 10, "
+                                     "boxes: {format: voc, path: trainlabelr}}\n")
+    m = build_shards(load_sources(tmp_path / "s.yaml"), load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false"]),
+                     tmp_path / "out", progress=False)
+    proposals = {}
+    for entry in m["shards"]:
+        for _, members in iter_shard(str(tmp_path / "out" / entry["shard"])):
+            _, props, meta = decode_sample(members)
+            proposals[meta["path"]] = props.tolist()
+    assert proposals == {"00001.jpg": [[24, 20, 66, 42]], "00002.jpg": []}  # (34, 30)-(100, 72) less the crop
+    [bad] = m["annotation_issues"]
+    assert bad["reason"] == "annotation_parse_error" and bad["name"].endswith("00002.xml")
+    assert "object 1 (car): neither <bndbox> nor <polygon>, only ['name', 'point']" in bad["detail"]
+
+
 def test_tiff_bmp_and_netpbm_8_and_16_bit_round_trip(tmp_path):
     root = tmp_path / "f"
     root.mkdir()
