@@ -34,7 +34,8 @@
 #   --launcher-args "ARGS"  further arguments for torchrun or the DeepSpeed launcher, verbatim
 #   --python PY      interpreter used to create the environment (default: python3)
 #   -- ARGS          everything after -- goes to the trainer as config overrides (key=value)
-# Environment: IRPT_VENV (default ./.venv) to place the environment elsewhere.
+# Environment: IRPT_VENV (default ./.venv) to place the environment elsewhere. The python -m CLIs
+# (data_tools, pretrain, finetune) run in it: source .venv/bin/activate, or call .venv/bin/python.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -269,7 +270,7 @@ summary() {  # each package describes its own artefacts
     for task in seg det; do  # what to run next: the trained model on frames of yours
       if [[ -f "$OUT/$task/DONE" ]]; then
         printf 'predict    %s --ir DIR [--vi DIR] --out DIR   (the %s run on new frames)\n' \
-          "$(shell_words python -m finetune predict "$OUT/$task")" "$task"
+          "$(shell_words "$VENV/bin/python" -m finetune predict "$OUT/$task")" "$task"
       fi
     done
   } | sed 's/^/  /'

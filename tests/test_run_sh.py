@@ -71,7 +71,7 @@ def test_default_pipeline_runs_every_stage(pipeline):
     for task in ("seg", "det"):  # what to run next, as a command the shell reads back
         line = next(x for x in summary.splitlines() if x.startswith("  predict ") and f"the {task} run" in x)
         words = shlex.split(line.split("predict", 1)[1].split("--ir")[0])
-        assert words == ["python", "-m", "finetune", "predict", str(out / task)]
+        assert words == [str(Path(sys.prefix) / "bin" / "python"), "-m", "finetune", "predict", str(out / task)]
     assert f"mIoU {100 * seg['mIoU']:.1f}" in summary and f"AP50 {100 * det['AP50']:.1f}" in summary
     # each printed command line reads back, in a shell, as the words that were run
     words = shlex.split(next(line for line in log.splitlines() if " -m pretrain train " in line))
