@@ -21,15 +21,16 @@ import numpy as np
 import torch
 
 from finetune.coco_eval import coco_results
-from finetune.data.pairs import PairRecord, discover, summarise_issues
+from finetune.data.pairs import PairRecord, discover, name_suffix, summarise_issues
 from finetune.data.seg import read_checked_pair
 
 
-def frame_pairs(ir: str | None, vi: str | None, packed: str | None = None
+def frame_pairs(ir: str | None, vi: str | None, packed: str | None = None, name_suffixes: dict | None = None
                 ) -> tuple[list[PairRecord], list[dict], int]:
     """Records of the frames in the ``ir`` / ``vi`` folders, paired by name as training pairs them
-    (a frame without its partner is an issue), or of the ``packed`` folder's 4-channel images (the
-    mfnet layout), the issues and the number of names seen."""
+    (a frame without its partner is an issue; ``name_suffixes``: how the stems of each modality's
+    files end after the frame name, as the run's ``data.name_suffixes``), or of the ``packed``
+    folder's 4-channel images (the mfnet layout), the issues and the number of names seen."""
     from omegaconf import OmegaConf
 
     def folder(f):
@@ -38,7 +39,8 @@ def frame_pairs(ir: str | None, vi: str | None, packed: str | None = None
     if packed:
         data = {"layout": "mfnet", "dirs": {"image": folder(packed), "label": None}}
     else:
-        data = {"layout": "pairs", "dirs": {"ir": folder(ir), "vi": folder(vi), "label": None}}
+        data = {"layout": "pairs", "dirs": {"ir": folder(ir), "vi": folder(vi), "label": None},
+                "name_suffixes": dict(name_suffixes or {})}
     return discover(OmegaConf.create(dict(data, root="/", label_suffix="")), None, need_label=False)
 
 
@@ -86,9 +88,12 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     else:
         given = {m for m, folder in (("ir", ir), ("vi", vi)) if folder}
     _check_modality(modality, given, "boxes" in run_cfg.data)
-    records, issues, found = frame_pairs(ir, vi, packed)
+    suffixes = {m: name_suffix(run_cfg.data, m) for m in ("ir", "vi")}  # FLIR-aligned: one folder, two suffixes
+    records, issues, found = frame_pairs(ir, vi, packed, suffixes)
     if not found:
-        raise FileNotFoundError(f"no image files in {' or '.join(f for f in (ir, vi, packed) if f)}")
+        ending = " or ".join(f"{m} files ending in {s!r}" for m, s in suffixes.items() if s and not packed)
+        raise FileNotFoundError(f"no image files in {' or '.join(f for f in (ir, vi, packed) if f)}"
+                                + (f" ({ending}, as the run's data.name_suffixes)" if ending else ""))
     if tag is None and (run_dir / "checkpoints" / "best" / "best.json").is_file():
         tag = "best"  # the evaluation's best step, where the run kept one (load_trained verifies it)
     model, tag, cfg = load_trained(run_dir, task.build_network, tag)

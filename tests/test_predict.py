@@ -99,6 +99,48 @@ def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys
     assert f"no image files in {tmp_path / 'empty'}" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_one_folder_of_both_modalities_pairs_by_the_runs_name_suffixes(pairs, tmp_path, capsys):
+    """FLIR-aligned keeps X_PreviewData (infrared) and X_RGB (visible) in one folder: predict pairs
+    them as the run's data.name_suffixes say, never a file with itself."""
+    import torch
+
+    root = tmp_path / "flir"
+    names = sorted(p.stem for p in (pairs / "ir").glob("*.png"))
+    (root / "JPEGImages").mkdir(parents=True)
+    for name in names:
+        shutil.copy(pairs / "ir" / f"{name}.png", root / "JPEGImages" / f"{name}_PreviewData.png")
+        shutil.copy(pairs / "vi" / f"{name}.png", root / "JPEGImages" / f"{name}_RGB.png")
+    shutil.copytree(pairs / "masks", root / "masks")
+    folder = str(root / "JPEGImages")
+    metrics = _trained("seg", tmp_path / "run", SEG, f"data.root={root}", "data.dirs.ir=JPEGImages",
+                       "data.dirs.vi=JPEGImages", "data.name_suffixes.ir=_PreviewData", "data.name_suffixes.vi=_RGB",
+                       "model.encoder.img_size=[64,80]")
+    out = tmp_path / "pred"
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", folder, "--vi", folder, "--out", str(out),
+                          "--overlays", "0"]) == 0
+    assert f"seg: {len(names)} of {len(names)} frames predicted" in capsys.readouterr().out
+    k = len(metrics["confusion_matrix"])
+    cm = torch.zeros(k, k, dtype=torch.int64)
+    for name in names:  # the run's evaluation, frame by frame
+        mask = cv2.imread(str(out / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        label = read_label_map(str(root / "masks" / f"{name}.png"))
+        cm += confusion_matrix(torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(label.astype(np.int64)),
+                               k, 255)
+    assert cm.tolist() == metrics["confusion_matrix"]
+    assert sorted(p.stem for p in (out / "masks").glob("*.png")) == names
+
+    # training refuses one folder for both modalities when the suffixes cannot tell them apart
+    res = run_finetune_cli("seg", tmp_path / "bad", SEG, f"data.root={root}", "data.dirs.ir=JPEGImages",
+                           "data.dirs.vi=JPEGImages", "train.steps=1")
+    assert res.returncode != 0 and "the infrared and visible frames are both read from" in res.stdout + res.stderr
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    shutil.copy(pairs / "ir" / f"{names[0]}.png", empty / "plain.png")
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(empty), "--vi", str(empty),
+                          "--out", str(tmp_path / "x")]) == 2
+    assert "ir files ending in '_PreviewData' or vi files ending in '_RGB'" in capsys.readouterr().err
+
+
 def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys):
     _trained("det", tmp_path / "run", DET, f"data.root={pairs}", f"data.boxes.path={pairs / 'labels'}",
              "eval.every_steps=2")

@@ -94,6 +94,17 @@ def split_names(data, split: str | None) -> list[str] | None:
     return [n.removesuffix(suffix) for n in wanted] if wanted is not None and suffix else wanted
 
 
+def _check_modalities_apart(data, root: Path) -> None:
+    """Infrared and visible files in one folder (FLIR-aligned) are told apart by their name
+    suffixes; with equal suffixes every file would be paired with itself, each image fed as both."""
+    dirs = data.dirs
+    if (dirs.ir and dirs.vi and (root / dirs.ir).resolve() == (root / dirs.vi).resolve()
+            and name_suffix(data, "ir") == name_suffix(data, "vi")):
+        raise ValueError(f"the infrared and visible frames are both read from {root / dirs.ir}: set "
+                         "data.name_suffixes to tell them apart (FLIR-aligned: {ir: _PreviewData, vi: _RGB}), "
+                         "or name two folders")
+
+
 def discover(data, split: str | None, need_label: bool = True) -> tuple[list[PairRecord], list[dict], int]:
     """Records for the ``data`` config section (layout, root, dirs, label_suffix), the issues met
     (each names the frame and why it was left out) and the number of frames considered."""
@@ -106,9 +117,11 @@ def discover(data, split: str | None, need_label: bool = True) -> tuple[list[Pai
     if data.layout == "mfnet":
         images = {"packed": list_images(root / dirs.image)}
     elif data.layout == "pairs":
-        images = {m: list_images(root / getattr(dirs, m), name_suffix(data, m)) for m in ("ir", "vi") if getattr(dirs, m)}
-        if not images:
+        if not (dirs.ir or dirs.vi):
             raise ValueError("data.dirs: set at least one of ir / vi")
+        _check_modalities_apart(data, root)
+        images = {m: list_images(root / getattr(dirs, m), name_suffix(data, m))
+                  for m in ("ir", "vi") if getattr(dirs, m)}
     else:
         raise ValueError(f"data.layout must be 'pairs' or 'mfnet', got {data.layout!r}")
     names = sorted(set().union(*[set(v) for v in images.values()]))
