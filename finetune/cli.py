@@ -13,11 +13,14 @@ DET_CONFIG = str(CONFIG_DIR / "finetune" / "det_vitb.yaml")
 
 
 def _checked(args: argparse.Namespace):
-    """The config of a seg (or det: it names boxes) task, checked against its schema."""
+    """The config of a seg (or det: it names boxes) task, its class names read where it names a
+    file of them, checked against its schema."""
     from data_tools.config import check_config
+    from finetune.data.classes import resolve_classes
     from finetune.schema import DetConfig, SegConfig
 
     cfg = load_config(args.config, args.overrides)
+    resolve_classes(cfg)
     check_config(cfg, DetConfig if "boxes" in cfg.data else SegConfig, args.config)
     return cfg
 

@@ -127,6 +127,7 @@ class _DataSchema(Section):
     train_split: str | None
     val_split: str | None
     classes: Annotated[list[str], Field(min_length=1)]
+    classes_file: str | None = None  # YAML whose `names` fill classes (Ultralytics' data.yaml); relative: data.root
     intensity: IntensitySchema
     num_workers: NonNegInt
 

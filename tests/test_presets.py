@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools.config import CONFIG_DIR, load_config
+from data_tools.config import CONFIG_DIR, ConfigError, check_config, load_config
 from data_tools.synth import SynthConfig, render_scene
+from finetune.data.classes import resolve_classes
 from finetune.factory import det_dataset, seg_dataset
 from finetune.schema import DetConfig, SegConfig
 from tests.conftest import SHARED_DATA, run_finetune_cli
@@ -19,8 +20,8 @@ from tests.conftest import SHARED_DATA, run_finetune_cli
 PRESETS = CONFIG_DIR / "finetune" / "presets"
 N_TRAIN, N_VAL = 5, 3
 SEG = ("mfnet", "msrs_seg", "soda", "scut_seg", "pst900", "fmb")
-DET = ("flir_v1", "flir_v2", "flir_aligned", "m3fd", "llvip", "msrs_det")
-THERMAL_ONLY = ("soda", "scut_seg", "flir_v1", "flir_v2")
+DET = ("flir_v1", "flir_v2", "flir_aligned", "m3fd", "llvip", "msrs_det", "yolo")
+THERMAL_ONLY = ("soda", "scut_seg", "flir_v1", "flir_v2", "yolo")
 # a synthetic scene's classes (person, car) as each detection preset names them
 DET_NAMES = {"m3fd": ("People", "Car")}
 
@@ -124,6 +125,10 @@ def build_replica(preset: str, root: Path) -> int:
             _write(root / "Ir" / f"{n}.png", s["ir"])
             _write(root / "Vis" / f"{n}.png", _bgr(s["vi"]))
             _voc(root / "Annotation" / f"{n}.xml", f"{n}.png", s["boxes"], DET_NAMES["m3fd"], (128, 160))
+        elif preset == "yolo":  # Ultralytics: images/{train,val}, labels/{train,val}, ids as data.yaml names them
+            _write(root / "images" / _split(i) / f"{n}.jpg", s["ir"])
+            unnamed = [(2, 1, 1, 20, 20)] if i in (0, N_TRAIN) else []  # id 5: data.yaml does not name it
+            _yolo(root / "labels" / _split(i) / f"{n}.txt", s["boxes"] + unnamed, classes_map=(0, 1, 5))
         elif preset == "llvip":
             _write(root / "infrared" / folder / f"{n}.jpg", s["ir"])
             _write(root / "visible" / folder / f"{n}.jpg", _bgr(s["vi"]))
@@ -147,6 +152,10 @@ def build_replica(preset: str, root: Path) -> int:
             _coco(root / split / "thermal_annotations.json",
                   [(f"thermal_8_bit/FLIR_{offset + k:05d}.jpeg", s) for k, (_, s) in enumerate(part)], "bicycle")
         return 2  # the dog box of frame 0 of each split
+    elif preset == "yolo":
+        (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\n"
+                                        "names:\n  0: person\n  1: car\n")
+        return 2
     elif preset == "flir_v2":
         for split, part in (("train", scenes[:N_TRAIN]), ("val", scenes[N_TRAIN:])):
             offset = 0 if split == "train" else N_TRAIN
@@ -168,7 +177,9 @@ def test_each_preset_reads_its_replica_with_only_the_root_given(preset, tmp_path
     root = tmp_path / preset
     dropped = build_replica(preset, root)
     detection = preset in DET
-    cfg = load_config(PRESETS / f"{preset}.yaml", [f"data.root={root}"], DetConfig if detection else SegConfig)
+    cfg = load_config(PRESETS / f"{preset}.yaml", [f"data.root={root}"])
+    resolve_classes(cfg)  # yolo: the names of the dataset's data.yaml
+    check_config(cfg, DetConfig if detection else SegConfig)
     scenes = _scenes()
     for split, n in (("train", N_TRAIN), ("val", N_VAL)):
         dataset, issues, found = (det_dataset if detection else seg_dataset)(cfg, split)
@@ -185,6 +196,37 @@ def test_each_preset_reads_its_replica_with_only_the_root_given(preset, tmp_path
     if preset == "pst900":  # the 16-bit radiometric frames are what the infrared input reads
         rec = dataset.records[0]
         assert cv2.imread(rec.ir, cv2.IMREAD_UNCHANGED).dtype == np.uint16 and "thermal_raw" in rec.ir
+
+
+def test_class_names_come_from_the_datasets_yaml_in_id_order(tmp_path, capsys):
+    from finetune.cli import main as finetune_main
+
+    def resolved(text, *overrides, root=tmp_path):
+        (tmp_path / "data.yaml").write_text(text)
+        cfg = load_config(PRESETS / "yolo.yaml", [f"data.root={root}", *overrides])
+        resolve_classes(cfg)
+        return list(cfg.data.classes)
+
+    assert resolved("nc: 3\nnames: [person, bicycle, car]\n") == ["person", "bicycle", "car"]
+    assert resolved("names: {2: car, 0: person, 1: bicycle}\n") == ["person", "bicycle", "car"]
+    assert resolved("names: {'1': car, '0': person}\n") == ["person", "car"]
+    assert resolved("names: [person, car]\n", "data.classes=[person,car]") == ["person", "car"]
+    for text, message in (("names: {0: person, 2: car}\n", "the ids of 'names' must be 0 .. 1"),
+                          ("nc: 2\n", "expected 'names' as a list of class names"),
+                          ("names: [person, car\n", "data.classes_file")):
+        with pytest.raises(ConfigError, match=message):
+            resolved(text)
+    with pytest.raises(ConfigError, match=r"differ from the names in .*data.yaml \['person', 'car'\]: the label files"):
+        resolved("names: [person, car]\n", "data.classes=[car,person]")
+    # a download that unpacked into a folder of its own is named; no file and no names is refused
+    (tmp_path / "set" / "v2").mkdir(parents=True)
+    (tmp_path / "data.yaml").rename(tmp_path / "set" / "v2" / "data.yaml")
+    assert finetune_main(["check", "--config", str(PRESETS / "yolo.yaml"), f"data.root={tmp_path}"]) == 2
+    said = capsys.readouterr().err
+    assert f"no such file, but the dataset is under {tmp_path / 'set' / 'v2'}: use data.root=" in said
+    assert finetune_main(["check", "--config", str(PRESETS / "yolo.yaml"), f"data.root={tmp_path / 'set'}",
+                          "data.classes_file=names.yaml"]) == 2
+    assert "names.yaml: no such file (or give data.classes=[...])" in capsys.readouterr().err
 
 
 def _tiny(preset: str) -> list[str]:
