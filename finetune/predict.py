@@ -91,7 +91,8 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     suffixes = {m: name_suffix(run_cfg.data, m) for m in ("ir", "vi")}  # FLIR-aligned: one folder, two suffixes
     records, issues, found = frame_pairs(ir, vi, packed, suffixes)
     if not found:
-        ending = " or ".join(f"{m} files ending in {s!r}" for m, s in suffixes.items() if s and not packed)
+        given_folders = {"ir": ir, "vi": vi}
+        ending = " or ".join(f"{m} files ending in {s!r}" for m, s in suffixes.items() if s and given_folders[m])
         raise FileNotFoundError(f"no image files in {' or '.join(f for f in (ir, vi, packed) if f)}"
                                 + (f" ({ending}, as the run's data.name_suffixes)" if ending else ""))
     if tag is None and (run_dir / "checkpoints" / "best" / "best.json").is_file():
