@@ -120,7 +120,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     """Refuse a config before any work: its schema, and the folders and files it names."""
     cfg = _checked(args)
     _check_inputs(cfg, args.config)
-    print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there")
+    source = f" (from {cfg.data.classes_file})" if cfg.data.get("classes_file") else ""
+    print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there; "
+          f"{len(cfg.data.classes)} classes{source}: {', '.join(cfg.data.classes)}")
     return 0
 
 

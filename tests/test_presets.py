@@ -227,6 +227,9 @@ def test_class_names_come_from_the_datasets_yaml_in_id_order(tmp_path, capsys):
     assert finetune_main(["check", "--config", str(PRESETS / "yolo.yaml"), f"data.root={tmp_path / 'set'}",
                           "data.classes_file=names.yaml"]) == 2
     assert "names.yaml: no such file (or give data.classes=[...])" in capsys.readouterr().err
+    build_replica("yolo", tmp_path / "replica")  # the check says which names it read
+    assert finetune_main(["check", "--config", str(PRESETS / "yolo.yaml"), f"data.root={tmp_path / 'replica'}"]) == 0
+    assert "is there; 2 classes (from data.yaml): person, car" in capsys.readouterr().out
 
 
 def _tiny(preset: str) -> list[str]:
