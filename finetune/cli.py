@@ -58,23 +58,31 @@ def _cmd_det(args: argparse.Namespace) -> int:
 
 def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val")) -> None:
     """Raise FileNotFoundError, naming the split, unless the folders and files ``cfg.data`` names
-    for ``splits`` are there, listed as training lists them (no image is read)."""
+    for ``splits`` are there, listed as training lists them (no image is read), with some frame
+    that has all its files; detection: ValueError unless some box has a configured class."""
     from data_tools.annotations import check_annotation_path
-    from finetune.data.pairs import discover
+    from finetune.data.det import classes_problem
+    from finetune.data.pairs import discover, name_suffix, no_frames_problem
     from finetune.factory import data_for_split, split_list
 
     detection = "boxes" in cfg.data
     for split in splits:
         data = data_for_split(cfg, split)
         try:
-            discover(data, split_list(data, split), need_label=not detection)
+            listed = discover(data, split_list(data, split), need_label=not detection)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{name} ({split}): not found: {e}") from None
+        problem = no_frames_problem(data, split_list(data, split), *listed)
+        if problem:
+            raise FileNotFoundError(f"{name} ({split}): {problem}")
         if detection and data.boxes.path:
             try:  # a folder of label files where they are read, or one COCO file
                 check_annotation_path(data.boxes.format, str(data.boxes.path))
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{name} ({split}): {e}") from None
+            problem = classes_problem(listed[0], data.boxes, tuple(cfg.data.classes), name_suffix(data, "ir"))
+            if problem:
+                raise ValueError(f"{name} ({split}): {problem}")
 
 
 def _root_below(cfg) -> str | None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from finetune.coco_eval import coco_results
-from finetune.data.pairs import PairRecord, discover, name_suffix, summarise_issues
+from finetune.data.pairs import PairRecord, discover, name_suffix, nested_images_note, summarise_issues
 from finetune.data.seg import read_checked_pair
 
 
@@ -93,8 +93,10 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     if not found:
         given_folders = {"ir": ir, "vi": vi}
         ending = " or ".join(f"{m} files ending in {s!r}" for m, s in suffixes.items() if s and given_folders[m])
-        raise FileNotFoundError(f"no image files in {' or '.join(f for f in (ir, vi, packed) if f)}"
-                                + (f" ({ending}, as the run's data.name_suffixes)" if ending else ""))
+        folders = [f for f in (ir, vi, packed) if f]
+        raise FileNotFoundError(f"no image files in {' or '.join(folders)}"
+                                + (f" ({ending}, as the run's data.name_suffixes)" if ending else "")
+                                + nested_images_note(folders))
     if tag is None and (run_dir / "checkpoints" / "best" / "best.json").is_file():
         tag = "best"  # the evaluation's best step, where the run kept one (load_trained verifies it)
     model, tag, cfg = load_trained(run_dir, task.build_network, tag)

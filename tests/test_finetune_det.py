@@ -140,9 +140,9 @@ def test_a_label_file_that_cannot_be_read_leaves_its_frame_out(tmp_path):
     with pytest.raises(DataError, match=r"coco\.json: the COCO file could not be read \(JSONDecodeError: .*no frame"):
         det_dataset(cfg, "train")
     res = run_finetune_cli("det", tmp_path / "run", TINY, f"data.root={tmp_path}", "data.boxes.format=coco",
-                           f"data.boxes.path={coco}", "data.classes=[person]")  # said in one line, not a traceback
-    assert res.returncode == 1 and "Traceback" not in res.stderr
-    assert f"error: {coco}: the COCO file could not be read (JSONDecodeError" in res.stderr
+                           f"data.boxes.path={coco}", "data.classes=[person]")  # refused in one line, before the run
+    assert res.returncode == 2 and "Traceback" not in res.stderr and not (tmp_path / "run").exists()
+    assert f"(train): the COCO file {coco} could not be read (JSONDecodeError" in res.stderr
 
 
 def test_large_scale_jitter_moves_both_frames_and_the_boxes_together(tmp_path):

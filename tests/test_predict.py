@@ -97,6 +97,11 @@ def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys
     assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(tmp_path / "empty"),
                           "--out", str(tmp_path / "x")]) == 2
     assert f"no image files in {tmp_path / 'empty'}" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    shutil.copytree(pairs / "ir", tmp_path / "empty" / "night")  # frames a folder down are named, not read
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(tmp_path / "empty"),
+                          "--out", str(tmp_path / "x")]) == 2
+    assert f"; {tmp_path / 'empty' / 'night'} holds 6 image files: frames are read from the folder named" in \
+        capsys.readouterr().err
 
 
 def test_one_folder_of_both_modalities_pairs_by_the_runs_name_suffixes(pairs, tmp_path, capsys):

@@ -328,6 +328,72 @@ def test_check_names_what_is_missing_before_any_work(tmp_path, capsys):
             f"{nested / 'Annotations' / 'train'} does") in capsys.readouterr().err
 
 
+def test_a_split_without_a_usable_frame_is_refused_before_any_work(tmp_path, capsys):
+    """Listing alone (no image read) shows a split that cannot train: images a folder down, every
+    frame missing a file, a split list naming none; refused by check and before a run starts."""
+    from finetune.cli import main as finetune_main
+
+    root = tmp_path / "msrs"
+    build_replica("msrs_seg", root)
+    config = str(PRESETS / "msrs_seg.yaml")
+
+    def refused(*overrides, command="check"):
+        extra = ["--run-dir", str(tmp_path / "run")] if command == "seg" else []
+        assert finetune_main([command, "--config", config, *extra, f"data.root={root}", *overrides]) == 2
+        return capsys.readouterr().err
+
+    (root / "train" / "ir" / "day").mkdir()
+    for png in (root / "train" / "ir").glob("*.png"):
+        png.rename(root / "train" / "ir" / "day" / png.name)
+    said = refused()
+    assert f"(train): none of its {N_TRAIN} frames has all its files (missing_partner {N_TRAIN}); e.g. 00000: " \
+           f"the infrared or the visible frame of a pair is missing (no ir frame); {root / 'train' / 'ir' / 'day'} " \
+           f"holds {N_TRAIN} image files: frames are read from the folder named, not its subfolders" in said
+    assert "holds 5 image files" in refused(command="seg") and not (tmp_path / "run").exists()
+    for png in (root / "train" / "vi").glob("*.png"):
+        png.rename(root / "train" / "ir" / "day" / f"vi_{png.name}")
+    assert f"(train): no image files in {root / 'train' / 'ir'} or {root / 'train' / 'vi'}; " \
+           f"{root / 'train' / 'ir' / 'day'} holds {2 * N_TRAIN} image files" in refused()
+    for png in (root / "train" / "ir" / "day").glob("vi_*.png"):
+        png.rename(root / "train" / "vi" / png.name.removeprefix("vi_"))
+    for png in (root / "train" / "ir" / "day").glob("*.png"):
+        png.rename(root / "train" / "ir" / png.name)
+    shutil.rmtree(root / "train" / "Segmentation_labels")
+    (root / "train" / "Segmentation_labels").mkdir()
+    said = refused()
+    assert f"(train): none of its {N_TRAIN} frames has all its files (missing_label {N_TRAIN}); e.g. 00000: " \
+           "an image has no label file" in said
+    (root / "list.txt").write_text("nope\n")
+    assert f"(val): no frame named in the split list list.txt has image files under {root}" in \
+        refused("data.val_split=list.txt", "data.split_dirs.train=test")
+
+
+def test_labels_that_name_none_of_the_classes_are_refused_before_any_work(tmp_path, capsys):
+    """Trained on, boxes of no configured class would make every frame background: the check says
+    which names the labels use instead."""
+    from finetune.cli import main as finetune_main
+
+    root = tmp_path / "flir"
+    build_replica("flir_v2", root)
+    config = str(PRESETS / "flir_v2.yaml")
+    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 0
+    capsys.readouterr()
+    assert finetune_main(["check", "--config", config, f"data.root={root}", "data.classes=[Person,Car]"]) == 2
+    said = capsys.readouterr().err
+    boxes = _boxes_of(_scenes(), [f"{i:05d}" for i in range(N_TRAIN)]) + 1  # and frame 0's dog
+    assert f"(train): none of its {boxes} boxes has a class of data.classes ['Person', 'Car']: the labels name " in said
+    assert "dog (1)" in said and "set data.classes to the names they use" in said
+    for labels in (root / "images_thermal_val").glob("coco.json"):
+        coco = json.loads(labels.read_text())
+        labels.write_text(json.dumps(dict(coco, annotations=[])))
+    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 2
+    assert f"(val): the labels in {root / 'images_thermal_val' / 'coco.json'} give no box to any of its " \
+           f"{N_VAL} frames" in capsys.readouterr().err
+    (root / "images_thermal_val" / "coco.json").write_text("{not json")
+    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 2
+    assert "(val): the COCO file" in capsys.readouterr().err
+
+
 def test_check_points_at_the_layout_one_or_two_folders_below_the_root_given(tmp_path, capsys):
     """A download often unpacks into a folder of its own (LLVIP-main/): check names it."""
     from finetune.cli import main as finetune_main

@@ -50,6 +50,28 @@ def _class_index(label, classes: tuple[str, ...]) -> int | None:
     return int(label) if 0 <= int(label) < len(classes) else None
 
 
+def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...], name_suffix: str = "") -> str | None:
+    """From the annotation files alone (no image read): why the boxes of these frames cannot teach
+    a detector of ``classes`` (none at all, or none of a configured class: trained on, every frame
+    would be background), or None."""
+    ann = read_annotations(boxes_cfg.format, str(boxes_cfg.path), classes=classes)
+    if boxes_cfg.format == "coco" and ann.issues and ann.issues[0]["reason"] == "annotation_parse_error":
+        return f"the COCO file {boxes_cfg.path} could not be read ({ann.issues[0]['detail']})"
+    names = {p.name for p in pairs}
+    labels = [r.label for stem, recs in ann.boxes.items() if stem.removesuffix(name_suffix) in names for r in recs]
+    if not labels:
+        return f"the labels in {boxes_cfg.path} give no box to any of its {len(names)} frames"
+    if any(_class_index(label, classes) is not None for label in labels):
+        return None
+    counts: dict = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    named = ", ".join(f"{'id ' if isinstance(k, int) else ''}{k!s} ({n})"
+                      for k, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
+    return (f"none of its {len(labels)} boxes has a class of data.classes {list(classes)}: the labels name {named}; "
+            "set data.classes to the names they use (YOLO: in the order of their ids)")
+
+
 def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
                   in_split: list[str] | None = None, name_suffix: str = "") -> tuple[list[DetRecord], list[dict]]:
     """Read every frame once (size check) and attach its boxes under the documented rules.

@@ -13,6 +13,7 @@ A split list (a text file of names, one per line) selects frames; without one ev
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,35 @@ def discover(data, split: str | None, need_label: bool = True) -> tuple[list[Pai
         files = {m: images[m][n] for m in images}
         records.append(PairRecord(n, label=labels.get(n), **files))
     return records, issues, len(names)
+
+
+def nested_images_note(folders) -> str:
+    """'; F holds N image files: ...' for the first subfolder F of ``folders`` that holds images:
+    frames are read from a folder itself, so images a level down (``ir/seq1/*.png``) are not seen."""
+    for folder in folders:
+        for sub, _, files in os.walk(folder):
+            count = sum(Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in files)
+            if count and Path(sub) != Path(folder):
+                return f"; {sub} holds {count} image files: frames are read from the folder named, not its subfolders"
+    return ""
+
+
+def no_frames_problem(data, split: str | None, records: list[PairRecord], issues: list[dict], found: int) -> str | None:
+    """Why a split that :func:`discover` listed gives no frame to use, from the listing alone (no
+    image is read), or None when some frame has all its files."""
+    if records:
+        return None
+    kinds = ("image",) if data.layout == "mfnet" else ("ir", "vi")
+    folders = [Path(data.root) / getattr(data.dirs, m) for m in kinds if getattr(data.dirs, m, None)]
+    if found:
+        first = next(i for i in issues if i["reason"] != "label_without_image")
+        counts = ", ".join(f"{reason} {n}" for reason, n in count_by_reason(issues).items())
+        detail = f" ({first['detail']})" if first.get("detail") else ""
+        return (f"none of its {found} frames has all its files ({counts}); e.g. {first['name']}: "
+                f"{PAIR_ISSUES[first['reason']]}{detail}{nested_images_note(folders)}")
+    if split:
+        return f"no frame named in the split list {split} has image files under {data.root}"
+    return f"no image files in {' or '.join(map(str, folders))}{nested_images_note(folders)}"
 
 
 def summarise_issues(split_name: str, found: int, used: int, issues: list[dict]) -> dict:
