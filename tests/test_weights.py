@@ -268,6 +268,7 @@ def test_a_bad_init_checkpoint_stops_fine_tuning_with_one_line(tmp_path):
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     for folder in ("ir", "vi", "masks"):  # the layout the config names (its frames are not read before the weights)
         (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.png").write_bytes(b"")
     res = run_finetune_cli("seg", tmp_path / "run", CONFIG_DIR / "finetune" / "seg_tiny.yaml", f"data.root={tmp_path}",
                            f"init.checkpoint={tmp_path / 'notes.pth'}")
     assert res.returncode == 1
