@@ -56,14 +56,15 @@ def _cmd_det(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val")) -> None:
+def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), read_frames: bool = True) -> None:
     """Raise FileNotFoundError, naming the split, unless the folders and files ``cfg.data`` names
-    for ``splits`` are there, listed as training lists them (no image is read), with some frame
-    that has all its files; detection: ValueError unless some box has a configured class."""
+    for ``splits`` are there, listed as training lists them, with some frame that has all its
+    files; ValueError when the first frames read (``read_frames``) are all unusable, or (detection)
+    no box has a configured class."""
     from data_tools.annotations import check_annotation_path
     from finetune.data.det import classes_problem
     from finetune.data.pairs import discover, name_suffix, no_frames_problem
-    from finetune.factory import data_for_split, split_list
+    from finetune.factory import data_for_split, first_frames_problem, split_list
 
     detection = "boxes" in cfg.data
     for split in splits:
@@ -75,6 +76,8 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val")) ->
         problem = no_frames_problem(data, split_list(data, split), *listed)
         if problem:
             raise FileNotFoundError(f"{name} ({split}): {problem}")
+        if read_frames and (problem := first_frames_problem(cfg, listed[0])):
+            raise ValueError(f"{name} ({split}): {problem}")
         if detection and data.boxes.path:
             try:  # a folder of label files where they are read, or one COCO file
                 check_annotation_path(data.boxes.format, str(data.boxes.path))
@@ -99,7 +102,7 @@ def _root_below(cfg) -> str | None:
         moved = copy.deepcopy(cfg)
         moved.data.root = str(candidate)
         try:
-            _check_layout(moved, "")
+            _check_layout(moved, "", read_frames=False)
             return str(candidate)
         except (OSError, ValueError):  # not there, or not a layout training could read
             continue

@@ -104,20 +104,42 @@ def data_for_split(cfg, split: str):
     return OmegaConf.create(d)
 
 
-def seg_dataset(cfg, split: str):
-    """The validated dataset of a split ('train' or 'val') and its issues and frame count."""
-    from finetune.data.pairs import discover
-    from finetune.data.seg import SegDataset, SegDataSpec
+def seg_spec(cfg):
+    from finetune.data.seg import SegDataSpec
 
     mean, std = ir_normalisation(cfg)
-    spec = SegDataSpec(num_classes=len(cfg.data.classes), ignore_index=int(cfg.data.ignore_index),
+    return SegDataSpec(num_classes=len(cfg.data.classes), ignore_index=int(cfg.data.ignore_index),
                        binary_labels=bool(cfg.data.binary_labels), crop_size=tuple(cfg.model.encoder.img_size),
                        augment=augment_config(cfg), intensity=intensity_config(cfg),
                        ir_mean=mean, ir_std=std)
+
+
+def seg_dataset(cfg, split: str):
+    """The validated dataset of a split ('train' or 'val') and its issues and frame count."""
+    from finetune.data.pairs import discover
+    from finetune.data.seg import SegDataset
+
     data = data_for_split(cfg, split)
     records, issues, found = discover(data, split_list(data, split))
-    dataset, more = SegDataset(records, spec).validated()
+    dataset, more = SegDataset(records, seg_spec(cfg)).validated()
     return dataset, issues + more, found
+
+
+def first_frames_problem(cfg, records: list, count: int = 4) -> str | None:
+    """Why the first ``count`` frames of a split can all not be used, as training's own check of
+    each frame finds (a fault of the whole dataset, such as colour label images, shows on its first
+    frames), or None when one of them can."""
+    from finetune.data.pairs import describe_issues
+    from finetune.data.seg import SegDataset, read_checked_pair
+
+    if "boxes" in cfg.data:
+        problems = [read_checked_pair(record)[1] for record in records[:count]]
+    else:
+        first = SegDataset(records[:count], seg_spec(cfg))
+        problems = [first.check(i) for i in range(len(first))]
+    if not problems or not all(problems):
+        return None
+    return f"its first {len(problems)} frames cannot be used {describe_issues(problems)}"
 
 
 def parameter_report(model) -> dict:

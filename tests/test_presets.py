@@ -366,6 +366,21 @@ def test_a_split_without_a_usable_frame_is_refused_before_any_work(tmp_path, cap
     (root / "list.txt").write_text("nope\n")
     assert f"(val): no frame named in the split list list.txt has image files under {root}" in \
         refused("data.val_split=list.txt", "data.split_dirs.train=test")
+    # a fault of the whole dataset shows on its first frames, read as training reads them
+    shutil.rmtree(root / "train" / "Segmentation_labels")
+    for i, png in enumerate(sorted((root / "train" / "ir").glob("*.png"))):
+        colour = np.zeros((128, 160, 3), np.uint8)
+        colour[:, :, i % 3] = 128  # class colours, not indices
+        _write(root / "train" / "Segmentation_labels" / png.name, colour)
+    assert "(train): its first 4 frames cannot be used (unreadable 4); e.g. 00000: an image or label file could not " \
+           "be decoded (label: decode_failed: label image mode RGB: expected one channel of class indices)" in refused()
+    for png in (root / "train" / "Segmentation_labels").glob("*.png"):
+        _write(png, np.full((128, 160), 255 if png.stem == "00004" else 200, np.uint8))  # 0/200 masks, 255 ignored
+    said = refused()
+    assert "(train): its first 4 frames cannot be used (unknown_label_values 4); e.g. 00000: the label map holds " \
+           "values that are neither a class index nor the ignore index (values [200]" in said
+    _write(root / "train" / "Segmentation_labels" / "00002.png", np.zeros((128, 160), np.uint8))
+    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 0  # one usable frame among them
 
 
 def test_labels_that_name_none_of_the_classes_are_refused_before_any_work(tmp_path, capsys):

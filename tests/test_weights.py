@@ -266,9 +266,11 @@ def test_a_bad_init_checkpoint_stops_fine_tuning_with_one_line(tmp_path):
     from tests.conftest import run_finetune_cli
 
     (tmp_path / "notes.pth").write_text("not a checkpoint")
-    for folder in ("ir", "vi", "masks"):  # the layout the config names (its frames are not read before the weights)
+    import cv2
+
+    for folder in ("ir", "vi", "masks"):  # the layout the config names, with a frame
         (tmp_path / folder).mkdir()
-        (tmp_path / folder / "a.png").write_bytes(b"")
+        cv2.imwrite(str(tmp_path / folder / "a.png"), torch.zeros(64, 80, dtype=torch.uint8).numpy())
     res = run_finetune_cli("seg", tmp_path / "run", CONFIG_DIR / "finetune" / "seg_tiny.yaml", f"data.root={tmp_path}",
                            f"init.checkpoint={tmp_path / 'notes.pth'}")
     assert res.returncode == 1

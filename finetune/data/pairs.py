@@ -160,6 +160,15 @@ def nested_images_note(folders) -> str:
     return ""
 
 
+def describe_issues(issues: list[dict]) -> str:
+    """'(reason n, ...); e.g. NAME: what the reason means (detail)' of frames' issues."""
+    first = next((i for i in issues if i["reason"] != "label_without_image"), issues[0])
+    counts = ", ".join(f"{reason} {n}" for reason, n in count_by_reason(issues).items())
+    detail = f" ({first['detail']})" if first.get("detail") else ""
+    meaning = PAIR_ISSUES[first["reason"]].split(" (detail")[0]  # the detail follows
+    return f"({counts}); e.g. {first['name']}: {meaning}{detail}"
+
+
 def no_frames_problem(data, split: str | None, records: list[PairRecord], issues: list[dict], found: int) -> str | None:
     """Why a split that :func:`discover` listed gives no frame to use, from the listing alone (no
     image is read), or None when some frame has all its files."""
@@ -168,11 +177,7 @@ def no_frames_problem(data, split: str | None, records: list[PairRecord], issues
     kinds = ("image",) if data.layout == "mfnet" else ("ir", "vi")
     folders = [Path(data.root) / getattr(data.dirs, m) for m in kinds if getattr(data.dirs, m, None)]
     if found:
-        first = next(i for i in issues if i["reason"] != "label_without_image")
-        counts = ", ".join(f"{reason} {n}" for reason, n in count_by_reason(issues).items())
-        detail = f" ({first['detail']})" if first.get("detail") else ""
-        return (f"none of its {found} frames has all its files ({counts}); e.g. {first['name']}: "
-                f"{PAIR_ISSUES[first['reason']]}{detail}{nested_images_note(folders)}")
+        return f"none of its {found} frames has all its files {describe_issues(issues)}{nested_images_note(folders)}"
     if split:
         return f"no frame named in the split list {split} has image files under {data.root}"
     return f"no image files in {' or '.join(map(str, folders))}{nested_images_note(folders)}"
