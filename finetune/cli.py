@@ -72,7 +72,7 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
         try:
             listed = discover(data, split_list(data, split), need_label=not detection)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{name} ({split}): not found: {e}") from None
+            raise FileNotFoundError(f"{name} ({split}): not found: {e}{_split_folders_note(cfg, split)}") from None
         problem = no_frames_problem(data, split_list(data, split), *listed)
         if problem:
             raise FileNotFoundError(f"{name} ({split}): {problem}")
@@ -86,6 +86,28 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
             problem = classes_problem(listed[0], data.boxes, tuple(cfg.data.classes), name_suffix(data, "ir"))
             if problem:
                 raise ValueError(f"{name} ({split}): {problem}")
+
+
+def _split_folders_note(cfg, split: str) -> str:
+    """Where a folder named after the split (``{split}/ir``, ``images_thermal_{split}``) is missing:
+    the split folders that are there, so that another release's names (``val`` for ``test``) are
+    one override away."""
+    from pathlib import Path
+
+    current = (cfg.data.get("split_dirs") or {}).get(split)
+    templated = [str(v) for v in cfg.data.dirs.values() if v and "{split}" in str(v)]
+    if not current or not templated or not cfg.data.root:
+        return ""
+    parts = Path(templated[0]).parts
+    k = next(i for i, part in enumerate(parts) if "{split}" in part)
+    before, after = parts[k].split("{split}", 1)
+    parent = Path(cfg.data.root, *parts[:k])
+    found = sorted(p.name[len(before): len(p.name) - len(after)] for p in parent.glob(parts[k].replace("{split}", "*"))
+                   if p.is_dir() and len(p.name) > len(before) + len(after))
+    if not found or current in found:
+        return ""
+    return (f"; the split folders in {parent} are {', '.join(found)}: set data.split_dirs.{split} to one of them "
+            f"(now {current!r})")
 
 
 def _root_below(cfg) -> str | None:

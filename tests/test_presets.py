@@ -383,6 +383,23 @@ def test_a_split_without_a_usable_frame_is_refused_before_any_work(tmp_path, cap
     assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 0  # one usable frame among them
 
 
+@pytest.mark.parametrize("preset,folder,renamed,now,there,fix", [
+    ("msrs_seg", "test", "val", "test", "train, val", "val"),
+    ("flir_v2", "images_thermal_val", "images_thermal_test", "val", "test, train", "test")])
+def test_a_split_folder_named_otherwise_is_pointed_at(preset, folder, renamed, now, there, fix, tmp_path, capsys):
+    """Another release names its evaluation folder otherwise than the preset reads it."""
+    from finetune.cli import main as finetune_main
+
+    root = tmp_path / preset
+    build_replica(preset, root)
+    (root / folder).rename(root / renamed)
+    config = str(PRESETS / f"{preset}.yaml")
+    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 2
+    assert f"; the split folders in {root} are {there}: set data.split_dirs.val to one of them (now '{now}')" in \
+        capsys.readouterr().err
+    assert finetune_main(["check", "--config", config, f"data.root={root}", f"data.split_dirs.val={fix}"]) == 0
+
+
 def test_labels_that_name_none_of_the_classes_are_refused_before_any_work(tmp_path, capsys):
     """Trained on, boxes of no configured class would make every frame background: the check says
     which names the labels use instead."""
