@@ -19,6 +19,8 @@
 #                    llvip, ...) instead of a config; needs --seg-root / --det-root
 #   --seg-root DIR, --det-root DIR
 #                    the dataset folder as it unpacks (sets data.root of the seg / det config)
+#   --seg-set K=V, --det-set K=V
+#                    an override of the seg / det config (repeatable), e.g. --det-set data.split_dirs.val=valid
 #   --out DIR        where outputs go (default: ./outputs)
 #   --workers N      shard-builder worker processes (default: number of CPUs)
 #   --ranker FILE    rank the region proposals with a ranker fitted to your camera
@@ -50,6 +52,8 @@ SEG_CONFIG=""
 DET_CONFIG=""
 SEG_ROOT=""
 DET_ROOT=""
+SEG_SET=()
+DET_SET=()
 PRESETS="$ROOT/configs/finetune/presets"
 NPROC=1
 NPROC_SET=""
@@ -97,6 +101,10 @@ while [[ $# -gt 0 ]]; do
     --seg-root|--det-root)
                [[ -d "$2" ]] || fail "$1 $2: not a folder"
                if [[ "$1" == --seg-root ]]; then SEG_ROOT="$(cd "$2" && pwd)"; else DET_ROOT="$(cd "$2" && pwd)"; fi
+               shift 2 ;;
+    --seg-set|--det-set)
+               [[ "${2:-}" == ?*=* ]] || fail "$1 ${2:-}: expected key=value (an override of the ${1:2:3} config)"
+               if [[ "$1" == --seg-set ]]; then SEG_SET+=("$2"); else DET_SET+=("$2"); fi
                shift 2 ;;
     --nproc)   NPROC="$2"; NPROC_SET=1; shift 2 ;;
     --nnodes)  NNODES="$2"; shift 2 ;;
@@ -252,6 +260,8 @@ stage_finetune() {
     [[ "$task" == det ]] && defaults+=("data.boxes.path=$(yaml_str "$OUT/synth/labels")")
   fi
   [[ -n "$root" ]] && defaults+=("data.root=$(yaml_str "$root")")
+  finetune_sets "$task"
+  defaults+=("${SETS[@]}")  # after the defaults: the user's word wins
   say "$task: IV-tuning of $OUT/backbone.pth with $(basename "$config") into $OUT/$task (rerun to resume)"
   launch_stage "$task" finetune "$task" --config "$config" --run-dir "$OUT/$task" "init.checkpoint=$(yaml_str "$OUT/backbone.pth")" \
     "${defaults[@]}"
@@ -276,6 +286,10 @@ summary() {  # each package describes its own artefacts
   } | sed 's/^/  /'
 }
 
+finetune_sets() {  # SETS: the --seg-set / --det-set overrides of a task
+  if [[ "$1" == seg ]]; then SETS=("${SEG_SET[@]}"); else SETS=("${DET_SET[@]}"); fi
+}
+
 # A fine-tuning config of the user's is checked (schema, dataset folders) before the first stage:
 # a mistake must not surface after hours of pre-training.
 check_finetune_inputs() {
@@ -287,6 +301,8 @@ check_finetune_inputs() {
     [[ -n "$config" ]] || continue
     args=(--config "$config")
     [[ -n "$root" ]] && args+=("data.root=$(yaml_str "$root")")
+    finetune_sets "$task"
+    args+=("${SETS[@]}")
     PY -m finetune check "${args[@]}" || fail "the $task config above is not usable: fix what it names; nothing was run"
   done
 }

@@ -154,6 +154,27 @@ def test_bad_launcher_options_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out" / "synth").exists()
 
 
+def test_fine_tuning_overrides_reach_the_check_and_the_stage(tmp_path):
+    """`--det-set KEY=VALUE` overrides the detection config, first in the check that runs before
+    any stage (a preset's split folder named otherwise), then in the stage itself."""
+    from tests.test_presets import build_replica
+
+    root = tmp_path / "flir"
+    build_replica("flir_v2", root)
+    (root / "images_thermal_val").rename(root / "images_thermal_test")
+    args = ["--out", str(tmp_path / "out"), "--det-preset", "flir_v2", "--det-root", str(root), "det"]
+    res = _run_sh(*args)
+    assert res.returncode != 0 and "set data.split_dirs.val to one of them (now 'val')" in res.stdout + res.stderr
+    # with both overrides the check passes; the stage then stops at once (two nodes need an export first)
+    res = _run_sh(*args, "--det-set", "data.split_dirs.val=test", "--det-set", "data.classes=[person,car]",
+                  "--nnodes", "2", "--master", "127.0.0.1:1")
+    said = res.stdout + res.stderr
+    assert "config fits its schema" in said and "2 classes: person, car" in said
+    assert res.returncode != 0 and "backbone.pth is missing" in res.stderr and not (tmp_path / "out" / "det").exists()
+    res = _run_sh(*args[:-1], "--det-set", "split_dirs", "det")
+    assert res.returncode != 0 and "--det-set split_dirs: expected key=value" in res.stderr
+
+
 def test_own_data_pretrains_then_fine_tunes_what_it_is_given_and_says_how_to_run_the_rest(tmp_path):
     """`./run.sh --data SOURCES.yaml` used to pre-train on the user's frames and then fail at the
     segmentation stage (`data.root .../synth is not a folder`, advice: rerun). Now: a segmentation
