@@ -106,8 +106,9 @@ def _split_folders_note(cfg, split: str) -> str:
                    if p.is_dir() and len(p.name) > len(before) + len(after))
     if not found or current in found:
         return ""
+    task = "det" if "boxes" in cfg.data else "seg"
     return (f"; the split folders in {parent} are {', '.join(found)}: set data.split_dirs.{split} to one of them "
-            f"(now {current!r})")
+            f"(now {current!r}; run.sh: --{task}-set data.split_dirs.{split}=...)")
 
 
 def _root_below(cfg) -> str | None:

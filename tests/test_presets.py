@@ -395,8 +395,8 @@ def test_a_split_folder_named_otherwise_is_pointed_at(preset, folder, renamed, n
     (root / folder).rename(root / renamed)
     config = str(PRESETS / f"{preset}.yaml")
     assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 2
-    assert f"; the split folders in {root} are {there}: set data.split_dirs.val to one of them (now '{now}')" in \
-        capsys.readouterr().err
+    assert f"; the split folders in {root} are {there}: set data.split_dirs.val to one of them (now '{now}'; " \
+           f"run.sh: --{'det' if preset == 'flir_v2' else 'seg'}-set data.split_dirs.val=...)" in capsys.readouterr().err
     assert finetune_main(["check", "--config", config, f"data.root={root}", f"data.split_dirs.val={fix}"]) == 0
 
 

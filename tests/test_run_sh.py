@@ -164,7 +164,7 @@ def test_fine_tuning_overrides_reach_the_check_and_the_stage(tmp_path):
     (root / "images_thermal_val").rename(root / "images_thermal_test")
     args = ["--out", str(tmp_path / "out"), "--det-preset", "flir_v2", "--det-root", str(root), "det"]
     res = _run_sh(*args)
-    assert res.returncode != 0 and "set data.split_dirs.val to one of them (now 'val')" in res.stdout + res.stderr
+    assert res.returncode != 0 and "set data.split_dirs.val to one of them (now 'val';" in res.stdout + res.stderr
     # with both overrides the check passes; the stage then stops at once (two nodes need an export first)
     res = _run_sh(*args, "--det-set", "data.split_dirs.val=test", "--det-set", "data.classes=[person,car]",
                   "--nnodes", "2", "--master", "127.0.0.1:1")
