@@ -395,8 +395,9 @@ def test_a_split_folder_named_otherwise_is_pointed_at(preset, folder, renamed, n
     (root / folder).rename(root / renamed)
     config = str(PRESETS / f"{preset}.yaml")
     assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 2
+    task = "det" if preset in DET else "seg"
     assert f"; the split folders in {root} are {there}: set data.split_dirs.val to one of them (now '{now}'; " \
-           f"run.sh: --{'det' if preset == 'flir_v2' else 'seg'}-set data.split_dirs.val=...)" in capsys.readouterr().err
+           f"run.sh: --{task}-set data.split_dirs.val=...)" in capsys.readouterr().err
     assert finetune_main(["check", "--config", config, f"data.root={root}", f"data.split_dirs.val={fix}"]) == 0
 
 
