@@ -31,6 +31,11 @@ ISSUE_REASONS = {
 }
 
 
+# A normalised YOLO value above this is not a box a little past the frame's edge (clipped, as any)
+# but pixel coordinates written where fractions belong: every box would cover the frame.
+YOLO_MAX_NORMALISED = 1.5
+
+
 @dataclass
 class BoxRecord:
     box: tuple[float, float, float, float]  # x, y, w, h (normalised to [0, 1] if `normalized`)
@@ -128,6 +133,9 @@ def read_yolo(folder: str, classes: tuple[str, ...] = ()) -> AnnotationSet:
                     raise ValueError(f"line {line_no}: expected 5 fields (class cx cy w h), got {len(parts)}{shape}")
                 cls = int(float(parts[0]))
                 cx, cy, w, h = (float(v) for v in parts[1:])
+                if max(cx, cy, w, h) > YOLO_MAX_NORMALISED:
+                    raise ValueError(f"line {line_no}: YOLO boxes are normalised to the image size (0-1), got "
+                                     f"{' '.join(parts[1:])}: pixel coordinates?")
                 label = classes[cls] if cls < len(classes) else cls
                 recs.append(BoxRecord((cx - w / 2, cy - h / 2, w, h), label, normalized=True))
         except (OSError, ValueError, UnicodeDecodeError) as e:

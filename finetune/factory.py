@@ -137,9 +137,24 @@ def first_frames_problem(cfg, records: list, count: int = 4) -> str | None:
     else:
         first = SegDataset(records[:count], seg_spec(cfg))
         problems = [first.check(i) for i in range(len(first))]
-    if not problems or not all(problems):
-        return None
-    return f"its first {len(problems)} frames cannot be used {describe_issues(problems)}"
+    if problems and all(problems):
+        return f"its first {len(problems)} frames cannot be used {describe_issues(problems)}"
+    if "boxes" not in cfg.data and not cfg.data.binary_labels:
+        return _ignored_masks_problem(first, [i for i, p in enumerate(problems) if p is None])
+    return None
+
+
+def _ignored_masks_problem(dataset, usable: list[int]) -> str | None:
+    """Binary masks (0 / 255) read as class indices: 255 is the ignore index, so every object
+    pixel would be ignored and the model taught background alone."""
+    import numpy as np
+
+    ignore = dataset.spec.ignore_index
+    values = set().union(*(np.unique(dataset.load(i)["label"]).tolist() for i in usable)) if usable else set()
+    if ignore in values and values <= {0, ignore}:
+        return (f"its first {len(usable)} label maps hold only 0 and {ignore}, the ignore index: every object pixel "
+                "would be ignored. Binary masks (0 / 255): set data.binary_labels=true")
+    return None
 
 
 def parameter_report(model) -> dict:

@@ -126,12 +126,24 @@ def test_a_label_file_that_cannot_be_read_leaves_its_frame_out(tmp_path):
     labels.mkdir()
     (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
     (labels / "b.txt").write_text("0 0.1 0.1 0.5 0.1 0.5 0.6\n")  # a YOLO-seg polygon (3 points), not a box
+    (labels / "d.txt").write_text("0 60 50 20 30\n")  # pixel coordinates where fractions belong
+    _png(tmp_path / "ir" / "d.png", np.zeros((100, 120), np.uint8))
+    _png(tmp_path / "vi" / "d.png", np.zeros((100, 120, 3), np.uint8))
     cfg = load_config(TINY, [f"data.root={tmp_path}", "data.boxes.format=yolo", f"data.boxes.path={labels}",
                              "data.classes=[person]"])
     dataset, issues, found = det_dataset(cfg, "train")
-    assert [(i["name"], i["reason"]) for i in issues] == [("b", "annotation_parse_error")]
+    assert [(i["name"], i["reason"]) for i in issues] == [("b", "annotation_parse_error"),
+                                                          ("d", "annotation_parse_error")]
     assert "expected 5 fields (class cx cy w h), got 7: a segmentation polygon (YOLO-seg)" in issues[0]["detail"]
+    assert "normalised to the image size (0-1), got 60 50 20 30: pixel coordinates?" in issues[1]["detail"]
     assert [(r.pair.name, len(r.boxes)) for r in dataset.records] == [("a", 1), ("c", 0)]  # c: no file, no objects
+    (labels / "a.txt").unlink()  # no readable label file left: the check says why there are no boxes
+    res = run_finetune_cli("det", tmp_path / "run", TINY, f"data.root={tmp_path}", "data.boxes.format=yolo",
+                           f"data.boxes.path={labels}", "data.classes=[person]")
+    assert res.returncode == 2 and "give no box to any of its 4 frames (2 label files could not be read, e.g. " \
+        in res.stderr and not (tmp_path / "run").exists()
+    for modality in ("ir", "vi"):
+        (tmp_path / modality / "d.png").unlink()
 
     coco = tmp_path / "coco.json"
     coco.write_text('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"id": 1, "ima')  # cut short

@@ -381,6 +381,13 @@ def test_a_split_without_a_usable_frame_is_refused_before_any_work(tmp_path, cap
            "values that are neither a class index nor the ignore index (values [200]" in said
     _write(root / "train" / "Segmentation_labels" / "00002.png", np.zeros((128, 160), np.uint8))
     assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 0  # one usable frame among them
+    for png in (root / "train" / "Segmentation_labels").glob("*.png"):  # binary 0 / 255 masks, read as indices
+        mask = np.zeros((128, 160), np.uint8)
+        mask[40:60, 50:80] = 255
+        _write(png, mask)
+    assert "(train): its first 4 label maps hold only 0 and 255, the ignore index: every object pixel would be " \
+           "ignored. Binary masks (0 / 255): set data.binary_labels=true" in refused()
+    assert finetune_main(["check", "--config", config, f"data.root={root}", "data.binary_labels=true"]) == 0
 
 
 @pytest.mark.parametrize("preset,folder,renamed,now,there,fix", [

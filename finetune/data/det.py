@@ -60,7 +60,10 @@ def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...]
     names = {p.name for p in pairs}
     labels = [r.label for stem, recs in ann.boxes.items() if stem.removesuffix(name_suffix) in names for r in recs]
     if not labels:
-        return f"the labels in {boxes_cfg.path} give no box to any of its {len(names)} frames"
+        unread = [i for i in ann.issues if i["reason"] == "annotation_parse_error"]
+        why = f" ({len(unread)} label files could not be read, e.g. {unread[0]['name']}: {unread[0]['detail']})" \
+            if unread else ""
+        return f"the labels in {boxes_cfg.path} give no box to any of its {len(names)} frames{why}"
     if any(_class_index(label, classes) is not None for label in labels):
         return None
     counts: dict = {}
