@@ -97,7 +97,7 @@ def _is_annotation_file(fmt: str, name: str, suffix: str) -> bool:
 def read_coco(path: str) -> AnnotationSet:
     out = AnnotationSet()
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a BOM from Windows tools
         images = {img["id"]: img["file_name"] for img in data["images"]}
         cats = {c["id"]: c["name"] for c in data.get("categories", [])}
         for stem in (_stem(f) for f in images.values()):
@@ -123,7 +123,7 @@ def read_yolo(folder: str, classes: tuple[str, ...] = ()) -> AnnotationSet:
         path = os.path.join(folder, name)
         recs = []
         try:
-            for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+            for line_no, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
                 if not line.strip():
                     continue
                 parts = line.split()

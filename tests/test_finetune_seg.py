@@ -99,13 +99,15 @@ def test_a_split_smaller_than_one_effective_batch_trains(tmp_path):
 
 
 def test_split_lists_that_name_files_select_their_frames(tmp_path):
-    """Lists written by other tools name files (with a folder, an extension, Windows line ends)."""
+    """Lists written by other tools name files (with a folder, an extension, Windows line ends and
+    byte-order mark)."""
     rng = np.random.default_rng(0)
     for name in ("a", "b", "frame.0001", "unused"):
         _png(tmp_path / "ir" / f"{name}.png", rng.integers(0, 255, (32, 40), np.uint8))
         _png(tmp_path / "vi" / f"{name}.png", rng.integers(0, 255, (32, 40, 3), np.uint8))
         _png(tmp_path / "labels" / f"{name}.png", rng.integers(0, 3, (32, 40), np.uint8))
-    (tmp_path / "train.txt").write_bytes(b"ir/a.png\r\nC:\\data\\vi\\b.PNG\r\n frame.0001 \r\n\r\nmissing.jpg\r\n")
+    (tmp_path / "train.txt").write_bytes(b"\xef\xbb\xbf frame.0001 \r\nir/a.png\r\nC:\\data\\vi\\b.PNG\r\n\r\n"
+                                         b"missing.jpg\r\n")
     cfg = load_config(TINY, [f"data.root={tmp_path}", "data.dirs.label=labels", "data.train_split=train.txt",
                              "data.classes=[a,b,c]"])
     dataset, issues, found = seg_dataset(cfg, "train")

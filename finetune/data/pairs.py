@@ -71,7 +71,7 @@ def read_split(root: Path, split: str | None) -> list[str] | None:
     path = Path(split) if Path(split).is_absolute() else root / split
     if not path.is_file():
         raise FileNotFoundError(f"split list {path} not found")
-    return [_frame_name(line) for line in path.read_text().splitlines() if line.strip()]
+    return [_frame_name(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
 
 def _frame_name(entry: str) -> str:
