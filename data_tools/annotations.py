@@ -82,7 +82,8 @@ def issue(file: str, reason: str, detail: str = "") -> dict:
 
 
 def _stem(name: str) -> str:
-    return Path(name).stem
+    """The stem of a file name, also when a Windows tool wrote its folders with backslashes."""
+    return Path(name.replace("\\", "/")).stem
 
 
 def _is_annotation_file(fmt: str, name: str, suffix: str) -> bool:

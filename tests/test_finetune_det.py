@@ -157,14 +157,16 @@ def test_a_label_file_that_cannot_be_read_leaves_its_frame_out(tmp_path):
     assert f"(train): the COCO file {coco} could not be read (JSONDecodeError" in res.stderr
 
 
-def test_label_files_with_a_byte_order_mark_read_as_without(tmp_path):
-    """Windows tools (Notepad, some exporters) start UTF-8 files with a BOM."""
+def test_label_files_that_windows_tools_wrote_read_as_any(tmp_path):
+    """Windows tools (Notepad, some exporters) start UTF-8 files with a BOM, and write COCO file
+    names with backslashes."""
     from data_tools.annotations import read_annotations
 
     bom = b"\xef\xbb\xbf"
     (tmp_path / "yolo").mkdir()
     (tmp_path / "yolo" / "a.txt").write_bytes(bom + b"0 0.5 0.5 0.2 0.4\r\n")
-    coco = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1, "name": "person"}],
+    coco = {"images": [{"id": 1, "file_name": "images\\train\\a.png"}],
+            "categories": [{"id": 1, "name": "person"}],
             "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}]}
     (tmp_path / "coco.json").write_bytes(bom + json.dumps(coco).encode())
     for fmt, path in (("yolo", tmp_path / "yolo"), ("coco", tmp_path / "coco.json")):
