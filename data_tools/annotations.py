@@ -115,8 +115,27 @@ def read_coco(path: str) -> AnnotationSet:
     return out
 
 
+def _yolo_box(parts: list[str], line_no: int) -> tuple[float, float, float, float]:
+    """(x, y, w, h), normalised, of a YOLO line's fields after the class: ``cx cy w h``, or a
+    polygon's ``x1 y1 x2 y2 ...`` (YOLO-seg, or YOLO-OBB's four corners), read as the box enclosing
+    it, as Ultralytics trains a detector on such labels."""
+    values = [float(v) for v in parts]
+    if max(values) > YOLO_MAX_NORMALISED:
+        raise ValueError(f"line {line_no}: YOLO boxes are normalised to the image size (0-1), got "
+                         f"{' '.join(parts)}: pixel coordinates?")
+    if len(values) == 4:
+        cx, cy, w, h = values
+        return cx - w / 2, cy - h / 2, w, h
+    if len(values) >= 6 and len(values) % 2 == 0:
+        xs, ys = values[0::2], values[1::2]
+        return min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)
+    raise ValueError(f"line {line_no}: expected class cx cy w h, or class and the x y pairs of a polygon; "
+                     f"got {len(parts) + 1} fields")
+
+
 def read_yolo(folder: str, classes: tuple[str, ...] = ()) -> AnnotationSet:
-    """YOLO txt: one file per image, lines ``class cx cy w h`` normalised to the image size."""
+    """YOLO txt: one file per image, lines ``class cx cy w h`` normalised to the image size (or a
+    polygon: its enclosing box)."""
     out = AnnotationSet()
     for name in sorted(os.listdir(folder)):
         if not _is_annotation_file("yolo", name, ""):
@@ -128,17 +147,9 @@ def read_yolo(folder: str, classes: tuple[str, ...] = ()) -> AnnotationSet:
                 if not line.strip():
                     continue
                 parts = line.split()
-                if len(parts) != 5:
-                    shape = (": a segmentation polygon (YOLO-seg), not a box" if len(parts) >= 7 and len(parts) % 2
-                             else "")
-                    raise ValueError(f"line {line_no}: expected 5 fields (class cx cy w h), got {len(parts)}{shape}")
                 cls = int(float(parts[0]))
-                cx, cy, w, h = (float(v) for v in parts[1:])
-                if max(cx, cy, w, h) > YOLO_MAX_NORMALISED:
-                    raise ValueError(f"line {line_no}: YOLO boxes are normalised to the image size (0-1), got "
-                                     f"{' '.join(parts[1:])}: pixel coordinates?")
                 label = classes[cls] if cls < len(classes) else cls
-                recs.append(BoxRecord((cx - w / 2, cy - h / 2, w, h), label, normalized=True))
+                recs.append(BoxRecord(_yolo_box(parts[1:], line_no), label, normalized=True))
         except (OSError, ValueError, UnicodeDecodeError) as e:
             out.issues.append(issue(path, "annotation_parse_error", str(e)))
             continue

@@ -125,7 +125,7 @@ def test_a_label_file_that_cannot_be_read_leaves_its_frame_out(tmp_path):
     labels = tmp_path / "labels"
     labels.mkdir()
     (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
-    (labels / "b.txt").write_text("0 0.1 0.1 0.5 0.1 0.5 0.6\n")  # a YOLO-seg polygon (3 points), not a box
+    (labels / "b.txt").write_text("0 0.1 0.1 0.5\n")  # a field short
     (labels / "d.txt").write_text("0 60 50 20 30\n")  # pixel coordinates where fractions belong
     _png(tmp_path / "ir" / "d.png", np.zeros((100, 120), np.uint8))
     _png(tmp_path / "vi" / "d.png", np.zeros((100, 120, 3), np.uint8))
@@ -134,7 +134,8 @@ def test_a_label_file_that_cannot_be_read_leaves_its_frame_out(tmp_path):
     dataset, issues, found = det_dataset(cfg, "train")
     assert [(i["name"], i["reason"]) for i in issues] == [("b", "annotation_parse_error"),
                                                           ("d", "annotation_parse_error")]
-    assert "expected 5 fields (class cx cy w h), got 7: a segmentation polygon (YOLO-seg)" in issues[0]["detail"]
+    assert "line 1: expected class cx cy w h, or class and the x y pairs of a polygon; got 4 fields" in \
+        issues[0]["detail"]
     assert "normalised to the image size (0-1), got 60 50 20 30: pixel coordinates?" in issues[1]["detail"]
     assert [(r.pair.name, len(r.boxes)) for r in dataset.records] == [("a", 1), ("c", 0)]  # c: no file, no objects
     (labels / "a.txt").unlink()  # no readable label file left: the check says why there are no boxes
@@ -155,6 +156,21 @@ def test_a_label_file_that_cannot_be_read_leaves_its_frame_out(tmp_path):
                            f"data.boxes.path={coco}", "data.classes=[person]")  # refused in one line, before the run
     assert res.returncode == 2 and "Traceback" not in res.stderr and not (tmp_path / "run").exists()
     assert f"(train): the COCO file {coco} could not be read (JSONDecodeError" in res.stderr
+
+
+def test_yolo_polygons_read_as_the_box_enclosing_them(tmp_path):
+    """YOLO-seg polygons and YOLO-OBB corners: the enclosing box, as Ultralytics trains a detector on them."""
+    from data_tools.annotations import read_annotations
+
+    (tmp_path / "a.txt").write_text("1 0.1 0.2 0.5 0.1 0.4 0.6\n0 0.3 0.3 0.6 0.3 0.6 0.5 0.3 0.5\n0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "b.txt").write_text("0 0.1 0.2 0.5 0.1 0.4\n")  # an odd number of coordinates
+    ann = read_annotations("yolo", str(tmp_path), classes=("person", "car"))
+    np.testing.assert_allclose([r.box for r in ann.boxes["a"]], [(0.1, 0.1, 0.4, 0.5), (0.3, 0.3, 0.3, 0.2),
+                                                                 (0.4, 0.4, 0.2, 0.2)], atol=1e-9)
+    assert [r.label for r in ann.boxes["a"]] == ["car", "person", "person"]
+    assert all(r.normalized for r in ann.boxes["a"])
+    [bad] = ann.issues
+    assert bad["reason"] == "annotation_parse_error" and "got 6 fields" in bad["detail"] and "b" not in ann.boxes
 
 
 def test_label_files_that_windows_tools_wrote_read_as_any(tmp_path):
