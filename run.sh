@@ -299,7 +299,7 @@ check_finetune_inputs() {
     config="$SEG_CONFIG"; root="$SEG_ROOT"
     [[ "$task" == det ]] && { config="$DET_CONFIG"; root="$DET_ROOT"; }
     [[ -n "$config" ]] || continue
-    args=(--config "$config")
+    args=(--config "$config" "init.checkpoint=$(yaml_str "$OUT/backbone.pth")")  # the export the stage will pass
     [[ -n "$root" ]] && args+=("data.root=$(yaml_str "$root")")
     finetune_sets "$task"
     args+=("${SETS[@]}")

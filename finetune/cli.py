@@ -22,7 +22,21 @@ def _checked(args: argparse.Namespace):
     cfg = load_config(args.config, args.overrides)
     resolve_classes(cfg)
     check_config(cfg, DetConfig if "boxes" in cfg.data else SegConfig, args.config)
+    _check_weights_given(cfg, args.config)
     return cfg
+
+
+def _check_weights_given(cfg, name: str) -> None:
+    """A method that fine-tunes a pre-trained backbone with its adapters (pad) has nothing to start
+    from without init.checkpoint: refused here, not after the run directory is claimed."""
+    from finetune.models.methods import get_method, method_names
+
+    adapter = get_method(cfg.model.method).needs_adapter
+    if adapter and not cfg.init.checkpoint:
+        others = ", ".join(m for m in method_names() if not get_method(m).needs_adapter)
+        raise ValueError(f"{name}: model.method={cfg.model.method} fine-tunes a backbone pre-trained with {adapter} "
+                         f"adapters: give init.checkpoint=FILE (a `python -m pretrain export`, or PAD's release), or "
+                         f"another model.method ({others})")
 
 
 def _cmd_params(args: argparse.Namespace) -> int:

@@ -228,7 +228,8 @@ def test_class_names_come_from_the_datasets_yaml_in_id_order(tmp_path, capsys):
                           "data.classes_file=names.yaml"]) == 2
     assert "names.yaml: no such file (or give data.classes=[...])" in capsys.readouterr().err
     build_replica("yolo", tmp_path / "replica")  # the check says which names it read
-    assert finetune_main(["check", "--config", str(PRESETS / "yolo.yaml"), f"data.root={tmp_path / 'replica'}"]) == 0
+    assert finetune_main(["check", "--config", str(PRESETS / "yolo.yaml"), f"data.root={tmp_path / 'replica'}",
+                          "model.method=full"]) == 0
     assert "is there; 2 classes (from data.yaml): person, car" in capsys.readouterr().out
 
 
@@ -328,6 +329,20 @@ def test_check_names_what_is_missing_before_any_work(tmp_path, capsys):
             f"{nested / 'Annotations' / 'train'} does") in capsys.readouterr().err
 
 
+def test_a_method_that_needs_pre_trained_weights_is_refused_without_them(tmp_path, capsys):
+    """Thermal-only presets fine-tune with `pad`, which starts from a pre-training export."""
+    from finetune.cli import main as finetune_main
+
+    root = tmp_path / "flir"
+    build_replica("flir_v2", root)
+    for command in (["check"], ["det", "--run-dir", str(tmp_path / "run")]):
+        assert finetune_main([*command, "--config", str(PRESETS / "flir_v2.yaml"), f"data.root={root}"]) == 2
+        said = capsys.readouterr().err
+        assert "model.method=pad fine-tunes a backbone pre-trained with pad adapters: give init.checkpoint=FILE" in said
+        assert "or another model.method (frozen, full, ivtuning, mona)" in said
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_split_without_a_usable_frame_is_refused_before_any_work(tmp_path, capsys):
     """Listing alone (no image read) shows a split that cannot train: images a folder down, every
     frame missing a file, a split list naming none; refused by check and before a run starts."""
@@ -401,11 +416,12 @@ def test_a_split_folder_named_otherwise_is_pointed_at(preset, folder, renamed, n
     build_replica(preset, root)
     (root / folder).rename(root / renamed)
     config = str(PRESETS / f"{preset}.yaml")
-    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 2
+    weights = "init.checkpoint=backbone.pth"  # flir_v2's method, pad, needs one (check does not read it)
+    assert finetune_main(["check", "--config", config, f"data.root={root}", weights]) == 2
     task = "det" if preset in DET else "seg"
     assert f"; the split folders in {root} are {there}: set data.split_dirs.val to one of them (now '{now}'; " \
            f"run.sh: --{task}-set data.split_dirs.val=...)" in capsys.readouterr().err
-    assert finetune_main(["check", "--config", config, f"data.root={root}", f"data.split_dirs.val={fix}"]) == 0
+    assert finetune_main(["check", "--config", config, f"data.root={root}", f"data.split_dirs.val={fix}", weights]) == 0
 
 
 def test_labels_that_name_none_of_the_classes_are_refused_before_any_work(tmp_path, capsys):
@@ -416,9 +432,10 @@ def test_labels_that_name_none_of_the_classes_are_refused_before_any_work(tmp_pa
     root = tmp_path / "flir"
     build_replica("flir_v2", root)
     config = str(PRESETS / "flir_v2.yaml")
-    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 0
+    assert finetune_main(["check", "--config", config, f"data.root={root}", "model.method=full"]) == 0
     capsys.readouterr()
-    assert finetune_main(["check", "--config", config, f"data.root={root}", "data.classes=[Person,Car]"]) == 2
+    assert finetune_main(["check", "--config", config, f"data.root={root}", "data.classes=[Person,Car]",
+                          "model.method=full"]) == 2
     said = capsys.readouterr().err
     boxes = _boxes_of(_scenes(), [f"{i:05d}" for i in range(N_TRAIN)]) + 1  # and frame 0's dog
     assert f"(train): none of its {boxes} boxes has a class of data.classes ['Person', 'Car']: the labels name " in said
@@ -426,11 +443,11 @@ def test_labels_that_name_none_of_the_classes_are_refused_before_any_work(tmp_pa
     for labels in (root / "images_thermal_val").glob("coco.json"):
         coco = json.loads(labels.read_text())
         labels.write_text(json.dumps(dict(coco, annotations=[])))
-    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 2
+    assert finetune_main(["check", "--config", config, f"data.root={root}", "model.method=full"]) == 2
     assert f"(val): the labels in {root / 'images_thermal_val' / 'coco.json'} give no box to any of its " \
            f"{N_VAL} frames" in capsys.readouterr().err
     (root / "images_thermal_val" / "coco.json").write_text("{not json")
-    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 2
+    assert finetune_main(["check", "--config", config, f"data.root={root}", "model.method=full"]) == 2
     assert "(val): the COCO file" in capsys.readouterr().err
 
 
