@@ -177,10 +177,10 @@ def test_fine_tuning_overrides_reach_the_check_and_the_stage(tmp_path):
 
 def test_own_data_pretrains_then_fine_tunes_what_it_is_given_and_says_how_to_run_the_rest(tmp_path):
     """`./run.sh --data SOURCES.yaml` used to pre-train on the user's frames and then fail at the
-    segmentation stage (`data.root .../synth is not a folder`, advice: rerun). Now: a segmentation
-    config on a preset (a small copy of the MSRS preset) with `--seg-root` runs on that dataset;
-    detection, not given, is skipped with the way to run it; a missing dataset folder is refused
-    before any stage runs."""
+    segmentation stage (`data.root .../synth is not a folder`, advice: rerun). Now: the MSRS preset
+    with `--seg-root`, made CPU-sized by `--seg-set` overrides, runs on that dataset; detection, not
+    given, is skipped with the way to run it; a missing dataset folder is refused (here through a
+    config file of the user's on the preset) before any stage runs."""
     from tests.conftest import shared_path
     from tests.test_presets import build_replica
 
@@ -204,8 +204,12 @@ def test_own_data_pretrains_then_fine_tunes_what_it_is_given_and_says_how_to_run
     assert res.returncode != 0 and "(val): not found" in res.stdout + res.stderr and "nothing was run" in res.stderr
     assert not (out / "shards").exists()
     build_replica("msrs_seg", tmp_path / "MSRS")
-    log = _ok(_run_sh("--data", str(sources), "--out", str(out), "--seg-config", str(config), "--seg-root",
-                      str(tmp_path / "MSRS"), "--", "train.epochs=1"))
+    small = ["model.encoder.img_size=[64,80]", "model.head.channels=32", "model.head.aux_channels=16",
+             "data.num_workers=0", "train.steps=2", "train.batch_size=2", "train.effective_batch=null",
+             "train.precision=fp32", "train.save_every_steps=2", "eval.overlays=0"]
+    # the preset itself, made CPU-sized by --seg-set (as the config file above does)
+    log = _ok(_run_sh("--data", str(sources), "--out", str(out), "--seg-preset", "msrs_seg", "--seg-root",
+                      str(tmp_path / "MSRS"), *[w for k in small for w in ("--seg-set", k)], "--", "train.epochs=1"))
     seg = json.loads((out / "seg" / "metrics.json").read_text())
     assert seg["frames"] == 3 and seg["steps"] == 2  # the replica's test split
     assert (out / "backbone.pth").is_file() and not (out / "synth").exists()
