@@ -105,6 +105,7 @@ def data_for_split(cfg, split: str):
 
 
 def seg_spec(cfg):
+    """The segmentation data settings of a config (classes, crops, augmentation, normalisation)."""
     from finetune.data.seg import SegDataSpec
 
     mean, std = ir_normalisation(cfg)
@@ -123,38 +124,6 @@ def seg_dataset(cfg, split: str):
     records, issues, found = discover(data, split_list(data, split))
     dataset, more = SegDataset(records, seg_spec(cfg)).validated()
     return dataset, issues + more, found
-
-
-def first_frames_problem(cfg, records: list, count: int = 4) -> str | None:
-    """Why the first ``count`` frames of a split can all not be used, as training's own check of
-    each frame finds (a fault of the whole dataset, such as colour label images, shows on its first
-    frames), or None when one of them can."""
-    from finetune.data.pairs import describe_issues
-    from finetune.data.seg import SegDataset, read_checked_pair
-
-    if "boxes" in cfg.data:
-        problems = [read_checked_pair(record)[1] for record in records[:count]]
-    else:
-        first = SegDataset(records[:count], seg_spec(cfg))
-        problems = [first.check(i) for i in range(len(first))]
-    if problems and all(problems):
-        return f"its first {len(problems)} frames cannot be used {describe_issues(problems)}"
-    if "boxes" not in cfg.data and not cfg.data.binary_labels:
-        return _ignored_masks_problem(first, [i for i, p in enumerate(problems) if p is None])
-    return None
-
-
-def _ignored_masks_problem(dataset, usable: list[int]) -> str | None:
-    """Binary masks (0 / 255) read as class indices: 255 is the ignore index, so every object
-    pixel would be ignored and the model taught background alone."""
-    import numpy as np
-
-    ignore = dataset.spec.ignore_index
-    values = set().union(*(np.unique(dataset.load(i)["label"]).tolist() for i in usable)) if usable else set()
-    if ignore in values and values <= {0, ignore}:
-        return (f"its first {len(usable)} label maps hold only 0 and {ignore}, the ignore index: every object pixel "
-                "would be ignored. Binary masks (0 / 255): set data.binary_labels=true")
-    return None
 
 
 def parameter_report(model) -> dict:

@@ -1,0 +1,156 @@
+"""What is checked before a fine-tuning run starts (``finetune check``, and ``seg`` / ``det``
+before the run directory is touched): everything that would otherwise fail after hours, or train
+on nothing, found from the config, the folder listing and the first frames of each split.
+
+- the weights a method needs (``pad``: a pre-training export);
+- the folders and files the config names for each split, with where the layout is when a
+  download unpacked a folder or two down, and the split folders there are when one is missing;
+- a split in which no frame has all its files, or whose first frames are all unusable as training
+  reads them (colour label images, values outside the classes, 0 / 255 masks read as indices);
+- detection labels none of whose boxes has a configured class.
+"""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from data_tools.config import override_arg
+
+
+def check_weights_given(cfg, name: str) -> None:
+    """A method that fine-tunes a pre-trained backbone with its adapters (pad) has nothing to start
+    from without init.checkpoint: refused here, not after the run directory is claimed."""
+    from finetune.models.methods import get_method, method_names
+
+    adapter = get_method(cfg.model.method).needs_adapter
+    if adapter and not cfg.init.checkpoint:
+        others = ", ".join(m for m in method_names() if not get_method(m).needs_adapter)
+        raise ValueError(f"{name}: model.method={cfg.model.method} fine-tunes a backbone pre-trained with {adapter} "
+                         f"adapters: give init.checkpoint=FILE (a `python -m pretrain export`, or PAD's release), or "
+                         f"another model.method ({others})")
+
+
+def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), read_frames: bool = True) -> None:
+    """Raise FileNotFoundError, naming the split, unless the folders and files ``cfg.data`` names
+    for ``splits`` are there, listed as training lists them, with some frame that has all its
+    files; ValueError when the first frames read (``read_frames``) are all unusable, or (detection)
+    no box has a configured class."""
+    from data_tools.annotations import check_annotation_path
+    from finetune.data.det import classes_problem
+    from finetune.data.pairs import discover, name_suffix, no_frames_problem
+    from finetune.factory import data_for_split, split_list
+
+    detection = "boxes" in cfg.data
+    for split in splits:
+        data = data_for_split(cfg, split)
+        try:
+            listed = discover(data, split_list(data, split), need_label=not detection)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{name} ({split}): not found: {e}{_split_folders_note(cfg, split)}") from None
+        problem = no_frames_problem(data, split_list(data, split), *listed)
+        if problem:
+            raise FileNotFoundError(f"{name} ({split}): {problem}")
+        if read_frames and (problem := _first_frames_problem(cfg, listed[0])):
+            raise ValueError(f"{name} ({split}): {problem}")
+        if detection and data.boxes.path:
+            try:  # a folder of label files where they are read, or one COCO file
+                check_annotation_path(data.boxes.format, str(data.boxes.path))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{name} ({split}): {e}") from None
+            problem = classes_problem(listed[0], data.boxes, tuple(cfg.data.classes), name_suffix(data, "ir"))
+            if problem:
+                raise ValueError(f"{name} ({split}): {problem}")
+
+
+def _split_folders_note(cfg, split: str) -> str:
+    """Where a folder named after the split (``{split}/ir``, ``images_thermal_{split}``) is missing:
+    the split folders that are there, so that another release's names (``val`` for ``test``) are
+    one override away."""
+    current = (cfg.data.get("split_dirs") or {}).get(split)
+    templated = [str(v) for v in cfg.data.dirs.values() if v and "{split}" in str(v)]
+    if not current or not templated or not cfg.data.root:
+        return ""
+    parts = Path(templated[0]).parts
+    k = next(i for i, part in enumerate(parts) if "{split}" in part)
+    before, after = parts[k].split("{split}", 1)
+    parent = Path(cfg.data.root, *parts[:k])
+    found = sorted(p.name[len(before): len(p.name) - len(after)] for p in parent.glob(parts[k].replace("{split}", "*"))
+                   if p.is_dir() and len(p.name) > len(before) + len(after))
+    if not found or current in found:
+        return ""
+    task = "det" if "boxes" in cfg.data else "seg"
+    return (f"; the split folders in {parent} are {', '.join(found)}: set data.split_dirs.{split} to one of them "
+            f"(now {current!r}; run.sh: --{task}-set data.split_dirs.{split}=...)")
+
+
+def _root_below(cfg) -> str | None:
+    """A folder one or two levels under ``data.root`` where the whole layout is: a download often
+    unpacks into a folder of its own (``MSRS-main/``). Only folders holding the training split's
+    image folders are checked in full."""
+    import copy
+
+    from data_tools.files import folders_below
+    from finetune.factory import data_for_split
+
+    needed = [str(v) for v in data_for_split(cfg, "train").dirs.values() if v]  # read before the check failed
+    for candidate in folders_below(cfg.data.root, needed):
+        moved = copy.deepcopy(cfg)
+        moved.data.root = str(candidate)
+        try:
+            _check_layout(moved, "", read_frames=False)
+            return str(candidate)
+        except (OSError, ValueError):  # not there, or not a layout training could read
+            continue
+    return None
+
+
+def check_inputs(cfg, name: str, splits: tuple[str, ...] = ("train", "val")) -> None:
+    """Refuse a config before any work: the folders and files it names for ``splits`` (and, when a
+    download unpacked one or two folders down, where the whole layout is)."""
+    if not cfg.data.root:
+        raise ValueError(f"{name}: data.root is not set (the dataset folder)")
+    if "boxes" not in cfg.data and not cfg.data.dirs.label:
+        raise ValueError(f"{name}: data.dirs.label is not set (segmentation needs label maps)")
+    try:
+        _check_layout(cfg, name, splits)
+    except FileNotFoundError as e:
+        below = _root_below(cfg)  # an unreadable or missing root has no folders below it
+        if below is None:
+            raise
+        task = "det" if "boxes" in cfg.data else "seg"
+        raise FileNotFoundError(f"{e}. The whole layout is under {below}: use {override_arg('data.root', below)} "
+                                f"(run.sh: --{task}-root {shlex.quote(str(below))})") from None
+
+
+def _first_frames_problem(cfg, records: list, count: int = 4) -> str | None:
+    """Why the first ``count`` frames of a split can all not be used, as training's own check of
+    each frame finds (a fault of the whole dataset, such as colour label images, shows on its first
+    frames), or None when one of them can."""
+    from finetune.data.pairs import describe_issues
+    from finetune.data.seg import SegDataset, read_checked_pair
+    from finetune.factory import seg_spec
+
+    segmentation = "boxes" not in cfg.data
+    if segmentation:
+        first = SegDataset(records[:count], seg_spec(cfg))
+        problems = [first.check(i) for i in range(len(first))]
+    else:
+        problems = [read_checked_pair(record)[1] for record in records[:count]]
+    if problems and all(problems):
+        return f"its first {len(problems)} frames cannot be used {describe_issues(problems)}"
+    if segmentation and not cfg.data.binary_labels:
+        return _ignored_masks_problem(first, [i for i, p in enumerate(problems) if p is None])
+    return None
+
+
+def _ignored_masks_problem(dataset, usable: list[int]) -> str | None:
+    """Binary masks (0 / 255) read as class indices: 255 is the ignore index, so every object
+    pixel would be ignored and the model taught background alone."""
+    import numpy as np
+
+    ignore = dataset.spec.ignore_index
+    values = set().union(*(np.unique(dataset.load(i)["label"]).tolist() for i in usable)) if usable else set()
+    if ignore in values and values <= {0, ignore}:
+        return (f"its first {len(usable)} label maps hold only 0 and {ignore}, the ignore index: every object pixel "
+                "would be ignored. Binary masks (0 / 255): set data.binary_labels=true")
+    return None
