@@ -81,7 +81,7 @@ def process_item(task: tuple) -> dict[str, Any]:
     index, item, source, records, mask_path, cfg = task
     image_cfg, pcfg = cfg["image"], ProposalConfig(**cfg["proposals"])
     try:
-        frame = read_frame(item.path, image_cfg["grey_tolerance"])
+        frame = read_frame(item.path, image_cfg["grey_tolerance"], source.channel)
         orig_h, orig_w = frame.image.shape
         image = crop_border(frame.image, source.border_crop)
         if min(image.shape) < image_cfg["min_side"]:
@@ -396,9 +396,9 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
             rec["written"][res["source"]] = rec["written"].get(res["source"], 0) + 1
             rec["proposals"] += res["proposals"]
             rec["issues"] += res["issues"]
-            if res["colour"] == "colour":
-                rec["colour_converted"].append({"source": res["source"], "path": res["path"],
-                                                "kind": "colour_converted_to_luma",
+            if res["colour"] in ("colour", "packed"):
+                kind = "colour_converted_to_luma" + ("_4th_channel_left_out" if res["colour"] == "packed" else "")
+                rec["colour_converted"].append({"source": res["source"], "path": res["path"], "kind": kind,
                                                 "mean_channel_spread": res["channel_spread"]})
         if shard is not None or rec["skipped"] or not records:
             finish(len(items))

@@ -38,6 +38,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"{args.out}: {t['shards']} shard(s), {t['written']} samples written, {t['skipped']} skipped "
           f"of {t['found']} found, {t['proposals']} proposals, {t['annotation_issues']} annotation issue(s), "
           f"{t['colour_converted']} colour frame(s) converted")
+    packed = [c for c in manifest["colour_converted"] if c["kind"].endswith("_4th_channel_left_out")]
+    if packed:
+        print(f"warning: {len(packed)} frame(s) carry a 4th channel that is another image, not transparency "
+              f"(e.g. {packed[0]['source']}: {packed[0]['path']}; MFNet packs the thermal frame there): their colour "
+              "channels were read. To read the 4th, set `channel: 3` on the source", file=sys.stderr)
     for name, ps in manifest["sources"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(ps["skipped_by_reason"].items())) or "none"
         videos = f", {ps['videos_not_read']} video file(s) not read" if ps.get("videos_not_read") else ""

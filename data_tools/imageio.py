@@ -22,6 +22,7 @@ SKIP_REASONS = {
     "unsupported_dtype": "pixels are neither 8- nor 16-bit unsigned integers",
     "too_small": "after the border crop, a side is shorter than the crop minimum",
     "black_frame": "the frame's maximum is at or below the source's black-frame threshold",
+    "no_such_channel": "the frame has fewer channels than the source's `channel` names",
 }
 
 _SIGNATURES = (
@@ -50,7 +51,10 @@ class SkipSample(Exception):
 class Frame:
     image: np.ndarray  # (H, W), uint8 or uint16
     format: str  # png / jpeg / tiff / bmp
-    colour: str  # "grey", "grey_rgb" (grey stored as 3 equal channels) or "colour" (converted)
+    # "grey", "grey_rgb" (grey stored as 3 equal channels), "colour" (converted to luma), "packed"
+    # (converted, and its 4th channel varies: MFNet keeps the thermal frame there) or "channel" (one
+    # stored channel, as the source's `channel` says)
+    colour: str
     channel_spread: float = 0.0  # mean over pixels of max - min across colour channels
 
 
@@ -99,6 +103,8 @@ def to_single_channel(image: np.ndarray, grey_tolerance: int) -> tuple[np.ndarra
         spread = bgr.max(axis=2).astype(np.int32) - bgr.min(axis=2)
         grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
         colour = "grey_rgb" if int(spread.max()) <= grey_tolerance else "colour"
+        if image.shape[2] == 4 and image[:, :, 3].min() != image[:, :, 3].max():
+            colour = "packed"  # not transparency: another image (MFNet's thermal), which luma leaves out
         return grey, colour, round(float(spread.mean()), 3)
     raise SkipSample("decode_failed", f"unexpected array shape {image.shape}")
 
@@ -115,14 +121,21 @@ def decode_raw(data: bytes) -> tuple[np.ndarray, str]:
     return image, fmt
 
 
-def decode_frame(data: bytes, grey_tolerance: int = 2) -> Frame:
+def decode_frame(data: bytes, grey_tolerance: int = 2, channel: int | None = None) -> Frame:
+    """One channel of a frame: the stored ``channel`` (in stored order: OpenCV's B, G, R, A), or
+    the single channel a grey or colour frame converts to."""
     image, fmt = decode_raw(data)
+    if channel is not None:
+        channels = 1 if image.ndim == 2 else image.shape[2]
+        if channel >= channels:
+            raise SkipSample("no_such_channel", f"channel {channel} of a frame with {channels}")
+        return Frame(np.ascontiguousarray(image if image.ndim == 2 else image[:, :, channel]), fmt, "channel")
     image, colour, spread = to_single_channel(image, grey_tolerance)
     return Frame(np.ascontiguousarray(image), fmt, colour, spread)
 
 
-def read_frame(path: str, grey_tolerance: int = 2) -> Frame:
-    return decode_frame(read_bytes(path), grey_tolerance)
+def read_frame(path: str, grey_tolerance: int = 2, channel: int | None = None) -> Frame:
+    return decode_frame(read_bytes(path), grey_tolerance, channel)
 
 
 def read_raw(path: str) -> np.ndarray:

@@ -52,11 +52,14 @@ class Source:
     black_threshold: float | None = None  # drop frames whose max <= this
     annotations: tuple[AnnotationSpec, ...] = ()
     expected_frames: int | None = None  # a recipe's published count: the build warns when it differs
+    channel: int | None = None  # the stored channel that is the infrared frame (MFNet's 4-channel PNGs: 3)
 
     def describe(self) -> dict[str, Any]:
         """What shapes the output bytes (the expected count does not)."""
         d = asdict(self)
         d.pop("expected_frames")
+        if d["channel"] is None:  # unset: the identity of builds made before the option existed
+            d.pop("channel")
         return d
 
 
@@ -123,6 +126,10 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
     border = _border(d.pop("border_crop", None), name)
     black = d.pop("black_threshold", None)
     expected = d.pop("expected_frames", None)
+    channel = d.pop("channel", None)
+    if channel is not None and (not isinstance(channel, int) or isinstance(channel, bool) or channel < 0):
+        raise SourceError(f"source '{name}': channel must be an integer >= 0 (0-based, in stored order B, G, R, A), "
+                          f"got {channel!r}")
     if expected is not None and (not isinstance(expected, int) or expected < 1):
         raise SourceError(f"source '{name}': expected_frames must be a positive integer, got {expected!r}")
     anns = []
@@ -144,7 +151,7 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
     if d:
         raise SourceError(f"source '{name}': unknown option(s) {sorted(d)}")
     return Source(name, str(root), globs, stride, sort, border,
-                  None if black is None else float(black), tuple(anns), expected)
+                  None if black is None else float(black), tuple(anns), expected, channel)
 
 
 def load_sources(path: str | Path, root: str | Path | None = None) -> list[Source]:

@@ -12,7 +12,7 @@ from data_tools.cli import DEFAULT_BUILD_CONFIG, main as cli_main
 from data_tools.config import load_config
 from data_tools.imageio import SkipSample, read_frame
 from data_tools.shards import decode_sample, iter_shard
-from data_tools.sources import AnnotationSpec, Source, SourceError, discover, load_sources
+from data_tools.sources import AnnotationSpec, Source, SourceError, discover, load_sources, source_from_dict
 
 
 def _scene(h=96, w=128, seed=0, dtype=np.uint8):
@@ -267,6 +267,33 @@ def test_dronevehicle_polygon_boxes_join_the_proposals_and_a_shapeless_object_is
     [bad] = m["annotation_issues"]
     assert bad["reason"] == "annotation_parse_error" and bad["name"].endswith("00002.xml")
     assert "object 1 (car): neither <bndbox> nor <polygon>, only ['name', 'point']" in bad["detail"]
+
+
+def test_a_4_channel_frame_reads_the_channel_the_source_names(tmp_path, capsys):
+    """MFNet keeps the thermal frame in the 4th channel of each PNG: read as colour, the visible
+    channels would enter the corpus; a varying 4th channel is warned about, `channel: 3` reads it."""
+    (tmp_path / "images").mkdir()
+    bgr = _scene(96, 128, seed=1)[:, :, None].repeat(3, axis=2)
+    bgr[:, :, 2] //= 2  # coloured visible channels
+    thermal = _scene(96, 128, seed=2)
+    cv2.imwrite(str(tmp_path / "images" / "00001.png"), np.dstack([bgr, thermal]))
+    for line, out in (("", "plain"), (", channel: 3", "thermal"), (", channel: 4", "none")):
+        (tmp_path / f"{out}.yaml").write_text(f"sources:\n  - {{name: mfnet, root: images{line}}}\n")
+        assert cli_main(["build", "--sources", str(tmp_path / f"{out}.yaml"), "--out", str(tmp_path / out),
+                         "--quiet", "proposals.enabled=false"]) == 0
+    said = capsys.readouterr()
+    assert "warning: 1 frame(s) carry a 4th channel that is another image" in said.err
+    assert "set `channel: 3` on the source" in said.err and said.err.count("warning: 1 frame(s) carry") == 1
+    plain = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    assert plain["colour_converted"][0]["kind"] == "colour_converted_to_luma_4th_channel_left_out"
+    (_, members), = iter_shard(str(tmp_path / "thermal" / "shard-000000.tar"))
+    image, _, meta = decode_sample(members)
+    np.testing.assert_array_equal(image, thermal)
+    assert meta["colour"] == "channel"
+    none = json.loads((tmp_path / "none" / "manifest.json").read_text())
+    assert none["totals"]["written"] == 0 and none["skipped"][0]["reason"] == "no_such_channel"
+    with pytest.raises(SourceError, match="channel must be an integer >= 0"):
+        source_from_dict({"name": "x", "root": "images", "channel": "alpha"}, tmp_path)
 
 
 def test_tiff_bmp_and_netpbm_8_and_16_bit_round_trip(tmp_path):
