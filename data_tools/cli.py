@@ -150,9 +150,17 @@ def _cmd_proposals_eval(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(summaries))
+    _say_unreadable(summaries[0]["unreadable_frames"])
     if args.out:
         print(f"wrote {Path(args.out) / 'proposals_eval.json'} and {Path(args.out) / 'recall_vs_proposals.png'}")
     return 0
+
+
+def _say_unreadable(unreadable: list[dict]) -> None:
+    if unreadable:
+        first = unreadable[0]
+        print(f"warning: left out {len(unreadable)} labelled frame(s) that could not be read, as the build skips "
+              f"them (e.g. {first['source']}: {first['path']}: {first['reason']} {first['detail']})", file=sys.stderr)
 
 
 def _cmd_proposals_fit(args: argparse.Namespace) -> int:
@@ -162,12 +170,14 @@ def _cmd_proposals_fit(args: argparse.Namespace) -> int:
     try:
         sources = _read_sources(args)
         base = _proposal_base(args)
-        frames = labelled_grey_frames(sources, args.min_object_side, args.every, args.offset)
+        unreadable: list[dict] = []
+        frames = labelled_grey_frames(sources, args.min_object_side, args.every, args.offset, unreadable)
         ranker = fit_ranker(frames, base, args.l2, sources=[s.name for s in sources], folds=args.folds)
         save_ranker(ranker, args.out)
     except (SourceError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _say_unreadable(unreadable)
     seen = ranker["fitted_on"]
     print(f"fitted on {seen['frames']} frames, {seen['objects']} objects, {seen['candidates']} candidate boxes "
           f"({seen['hits']} on an object); wrote {args.out}")

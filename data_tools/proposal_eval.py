@@ -79,11 +79,14 @@ def _share(hits: np.ndarray) -> float | None:
     return round(float(hits.mean()), 4) if hits.size else None
 
 
-def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: int = 0) -> Iterator[LabelledFrame]:
+def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: int = 0,
+                    unreadable: list | None = None) -> Iterator[LabelledFrame]:
     """Frames of ``sources`` that carry annotation boxes or masks, read and cropped as ``build``
-    reads them; ``every`` / ``offset`` select frames i with i % every == offset (a held-out split)."""
+    reads them; ``every`` / ``offset`` select frames i with i % every == offset (a held-out split).
+    A frame that cannot be read is left out and appended to ``unreadable`` (source, path, reason),
+    as the build skips it."""
     from data_tools.build import annotations_for_source, frame_annotation_boxes
-    from data_tools.imageio import crop_border, read_frame
+    from data_tools.imageio import SkipSample, crop_border, read_frame
     from data_tools.sources import discover
 
     index = 0
@@ -98,7 +101,12 @@ def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: 
             index += 1
             if (index - 1) % every != offset:
                 continue
-            frame = read_frame(item.path)
+            try:
+                frame = read_frame(item.path, channel=source.channel)  # as the build reads it
+            except SkipSample as e:
+                if unreadable is not None:
+                    unreadable.append({"source": source.name, "path": item.rel, "reason": e.reason, "detail": e.detail})
+                continue
             h, w = frame.image.shape
             boxes, _ = frame_annotation_boxes(records, mask, w, h, source, item.rel)
             big = (boxes[:, 2] >= min_object_side) & (boxes[:, 3] >= min_object_side)
@@ -217,14 +225,17 @@ def format_table(summaries: list[dict]) -> str:
 
 def run(sources, base: ProposalConfig, methods: list[str], out: Path | None, min_object_side: int = 40,
         every: int = 1, offset: int = 0, max_k: int = 100) -> list[dict]:
-    frames = list(labelled_frames(sources, min_object_side, every, offset))
+    unreadable: list[dict] = []
+    frames = list(labelled_frames(sources, min_object_side, every, offset, unreadable))
     if not frames:
-        raise ValueError("no labelled frames in these sources (proposals-eval needs boxes or masks)")
+        raise ValueError("no labelled frames in these sources (proposals-eval needs boxes or masks)"
+                         + (f"; {len(unreadable)} could not be read" if unreadable else ""))
     configs = method_configs(base, methods, max_k)
     results = evaluate(frames, configs, base.max_proposals)
     summaries = [r.summary() for r in results.values()]
     for s in summaries:
-        s.update(cap=base.max_proposals, min_object_side=min_object_side, split={"every": every, "offset": offset})
+        s.update(cap=base.max_proposals, min_object_side=min_object_side, split={"every": every, "offset": offset},
+                 unreadable_frames=unreadable)
         for name, path in method_input_files(configs[s["method"]]).items():  # what was measured, by content
             s[name] = {"path": path, "sha256": sha256_file(path)}
     if out is not None:

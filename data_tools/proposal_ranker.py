@@ -115,13 +115,15 @@ def frame_candidates(frames: Iterable[tuple[np.ndarray, np.ndarray]], cfg: Propo
     return tables
 
 
-def labelled_grey_frames(sources, min_object_side: int = 40, every: int = 1, offset: int = 0):
+def labelled_grey_frames(sources, min_object_side: int = 40, every: int = 1, offset: int = 0,
+                         unreadable: list | None = None):
     """(grey uint8 frame, labelled boxes) of the labelled frames of ``sources``, read as ``build``
-    and ``proposals-eval`` read them: what ``frame_candidates`` takes."""
+    and ``proposals-eval`` read them: what ``frame_candidates`` takes (unreadable frames: as
+    :func:`~data_tools.proposal_eval.labelled_frames`)."""
     from data_tools.proposal_eval import labelled_frames
     from data_tools.transforms import to_uint8
 
-    for frame in labelled_frames(sources, min_object_side, every, offset):
+    for frame in labelled_frames(sources, min_object_side, every, offset, unreadable):
         yield grey_frame(to_uint8(frame.image)), frame.boxes
 
 

@@ -248,6 +248,30 @@ sources:
     assert "no labelled frames" in capsys.readouterr().err
 
 
+def test_an_unreadable_labelled_frame_is_left_out_and_named_by_eval_and_fit(tmp_path, capsys):
+    import shutil
+
+    from data_tools.cli import main as data_main
+
+    msrs = shared_path("msrs20")
+    (tmp_path / "ir").mkdir()
+    (tmp_path / "labels").mkdir()
+    for name in ("00004N", "00016N", "00028N"):
+        shutil.copy(msrs / "ir" / f"{name}.png", tmp_path / "ir")
+        shutil.copy(msrs / "labels_ir" / f"{name}.txt", tmp_path / "labels")
+    (tmp_path / "ir" / "00016N.png").write_bytes((msrs / "ir" / "00016N.png").read_bytes()[:3000])  # cut short
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: m, root: ir, boxes: {format: yolo, path: labels}}\n")
+    assert data_main(["proposals-eval", "--sources", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "eval"),
+                      "--methods", "thermal_blobs"]) == 0
+    said = capsys.readouterr()
+    assert "warning: left out 1 labelled frame(s) that could not be read" in said.err
+    assert "00016N.png: truncated" in said.err
+    [summary] = json.loads((tmp_path / "eval" / "proposals_eval.json").read_text())
+    assert summary["frames"] == 2 and [u["path"] for u in summary["unreadable_frames"]] == ["00016N.png"]
+    assert data_main(["proposals-fit", "--sources", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "r.json")]) == 0
+    assert "left out 1 labelled frame(s) that could not be read" in capsys.readouterr().err
+
+
 def test_replace_keeps_a_valid_config():
     cfg = replace(ProposalConfig(), method="selective_search")
     assert cfg.method == "selective_search" and cfg.blob_closings == ((3, 3), (3, 9), (7, 7), (3, 15))
