@@ -15,8 +15,12 @@ def read_manifest(folder: str | Path, complete: bool = True) -> dict:
     """The manifest of ``folder``; ``complete``: refuse a build that has not finished."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
+        below = sorted(p.parent for p in Path(folder).glob(f"*/{MANIFEST}")) + \
+            sorted(p.parent for p in Path(folder).glob(f"*/*/{MANIFEST}"))
+        where = (f"; the shard folder(s) below it: {', '.join(map(str, below[:3]))}"
+                 + (", ..." if len(below) > 3 else "") + ": give one (or each) of them") if below else ""
         raise ManifestError(f"{folder}: no {MANIFEST} (not a shard folder: build one with "
-                            "`python -m data_tools build`)")
+                            f"`python -m data_tools build`){where}")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

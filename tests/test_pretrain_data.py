@@ -139,8 +139,22 @@ def test_weighted_mixing_of_shard_sets(shards, tmp_path):
 
 
 def test_missing_or_unfinished_shard_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from data_tools.config import CONFIG_DIR
+
     with pytest.raises(ManifestError, match="no manifest.json"):
         load_shard_set(str(tmp_path))
+    (tmp_path / "out" / "shards").mkdir(parents=True)  # the parent of a build given: the build is named
+    (tmp_path / "out" / "shards" / "manifest.json").write_text('{"status": "complete"}')
+    shards = f"data.shards=[{{path: {tmp_path / 'out'}, weight: 1.0}}]"
+    res = subprocess.run([sys.executable, "-m", "pretrain", "train", "--config",
+                          str(CONFIG_DIR / "pretrain" / "tiny.yaml"), "--run-dir", str(tmp_path / "run"), shards],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"; the shard folder(s) below it: {tmp_path / 'out' / 'shards'}: give one" in res.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run directory
     (tmp_path / "manifest.json").write_text('{"status": "building"}')
     with pytest.raises(ValueError, match="not complete"):
         load_shard_set(str(tmp_path))
