@@ -20,8 +20,8 @@ from tests.conftest import SHARED_DATA, run_finetune_cli
 PRESETS = CONFIG_DIR / "finetune" / "presets"
 N_TRAIN, N_VAL = 5, 3
 SEG = ("mfnet", "msrs_seg", "soda", "scut_seg", "pst900", "fmb")
-DET = ("flir_v1", "flir_v2", "flir_aligned", "m3fd", "llvip", "msrs_det", "yolo")
-THERMAL_ONLY = ("soda", "scut_seg", "flir_v1", "flir_v2", "yolo")
+DET = ("flir_v1", "flir_v2", "flir_aligned", "m3fd", "llvip", "msrs_det", "yolo", "roboflow")
+THERMAL_ONLY = ("soda", "scut_seg", "flir_v1", "flir_v2", "yolo", "roboflow")
 # a synthetic scene's classes (person, car) as each detection preset names them
 DET_NAMES = {"m3fd": ("People", "Car")}
 
@@ -125,10 +125,13 @@ def build_replica(preset: str, root: Path) -> int:
             _write(root / "Ir" / f"{n}.png", s["ir"])
             _write(root / "Vis" / f"{n}.png", _bgr(s["vi"]))
             _voc(root / "Annotation" / f"{n}.xml", f"{n}.png", s["boxes"], DET_NAMES["m3fd"], (128, 160))
-        elif preset == "yolo":  # Ultralytics: images/{train,val}, labels/{train,val}, ids as data.yaml names them
-            _write(root / "images" / _split(i) / f"{n}.jpg", s["ir"])
+        elif preset in ("yolo", "roboflow"):  # ids as data.yaml names them
+            # Ultralytics: images/{train,val}, labels/{train,val}; Roboflow: {train,valid}/{images,labels}
+            images, labels = ((root / "images" / _split(i), root / "labels" / _split(i)) if preset == "yolo" else
+                              (root / {"train": "train", "val": "valid"}[_split(i)] / k for k in ("images", "labels")))
+            _write(images / f"{n}.jpg", s["ir"])
             unnamed = [(2, 1, 1, 20, 20)] if i in (0, N_TRAIN) else []  # id 5: data.yaml does not name it
-            _yolo(root / "labels" / _split(i) / f"{n}.txt", s["boxes"] + unnamed, classes_map=(0, 1, 5))
+            _yolo(labels / f"{n}.txt", s["boxes"] + unnamed, classes_map=(0, 1, 5))
         elif preset == "llvip":
             _write(root / "infrared" / folder / f"{n}.jpg", s["ir"])
             _write(root / "visible" / folder / f"{n}.jpg", _bgr(s["vi"]))
@@ -152,7 +155,7 @@ def build_replica(preset: str, root: Path) -> int:
             _coco(root / split / "thermal_annotations.json",
                   [(f"thermal_8_bit/FLIR_{offset + k:05d}.jpeg", s) for k, (_, s) in enumerate(part)], "bicycle")
         return 2  # the dog box of frame 0 of each split
-    elif preset == "yolo":
+    elif preset in ("yolo", "roboflow"):
         (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\n"
                                         "names:\n  0: person\n  1: car\n")
         return 2
