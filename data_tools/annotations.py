@@ -119,6 +119,9 @@ def _yolo_box(parts: list[str], line_no: int) -> tuple[float, float, float, floa
     """(x, y, w, h), normalised, of a YOLO line's fields after the class: ``cx cy w h``, or a
     polygon's ``x1 y1 x2 y2 ...`` (YOLO-seg, or YOLO-OBB's four corners), read as the box enclosing
     it, as Ultralytics trains a detector on such labels."""
+    if len(parts) != 4 and (len(parts) < 6 or len(parts) % 2):
+        raise ValueError(f"line {line_no}: expected class cx cy w h, or class and the x y pairs of a polygon; "
+                         f"got {len(parts) + 1} fields")
     values = [float(v) for v in parts]
     if max(values) > YOLO_MAX_NORMALISED:
         raise ValueError(f"line {line_no}: YOLO boxes are normalised to the image size (0-1), got "
@@ -126,11 +129,8 @@ def _yolo_box(parts: list[str], line_no: int) -> tuple[float, float, float, floa
     if len(values) == 4:
         cx, cy, w, h = values
         return cx - w / 2, cy - h / 2, w, h
-    if len(values) >= 6 and len(values) % 2 == 0:
-        xs, ys = values[0::2], values[1::2]
-        return min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)
-    raise ValueError(f"line {line_no}: expected class cx cy w h, or class and the x y pairs of a polygon; "
-                     f"got {len(parts) + 1} fields")
+    xs, ys = values[0::2], values[1::2]
+    return min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)
 
 
 def read_yolo(folder: str, classes: tuple[str, ...] = ()) -> AnnotationSet:

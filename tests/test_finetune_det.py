@@ -164,13 +164,15 @@ def test_yolo_polygons_read_as_the_box_enclosing_them(tmp_path):
 
     (tmp_path / "a.txt").write_text("1 0.1 0.2 0.5 0.1 0.4 0.6\n0 0.3 0.3 0.6 0.3 0.6 0.5 0.3 0.5\n0 0.5 0.5 0.2 0.2\n")
     (tmp_path / "b.txt").write_text("0 0.1 0.2 0.5 0.1 0.4\n")  # an odd number of coordinates
+    (tmp_path / "c.txt").write_text("0\n")  # a class alone
     ann = read_annotations("yolo", str(tmp_path), classes=("person", "car"))
     np.testing.assert_allclose([r.box for r in ann.boxes["a"]], [(0.1, 0.1, 0.4, 0.5), (0.3, 0.3, 0.3, 0.2),
                                                                  (0.4, 0.4, 0.2, 0.2)], atol=1e-9)
     assert [r.label for r in ann.boxes["a"]] == ["car", "person", "person"]
     assert all(r.normalized for r in ann.boxes["a"])
-    [bad] = ann.issues
-    assert bad["reason"] == "annotation_parse_error" and "got 6 fields" in bad["detail"] and "b" not in ann.boxes
+    assert [(i["reason"], i["detail"].split("; ")[-1]) for i in ann.issues] == [
+        ("annotation_parse_error", "got 6 fields"), ("annotation_parse_error", "got 1 fields")]
+    assert "b" not in ann.boxes and "c" not in ann.boxes
 
 
 def test_label_files_that_windows_tools_wrote_read_as_any(tmp_path):
