@@ -279,8 +279,8 @@ summary() {  # each package describes its own artefacts
     done
     for task in seg det; do  # what to run next: the trained model on frames of yours
       if [[ -f "$OUT/$task/DONE" ]]; then
-        printf 'predict    %s --ir DIR [--vi DIR] --out DIR   (the %s run on new frames)\n' \
-          "$(shell_words "$VENV/bin/python" -m finetune predict "$OUT/$task")" "$task"
+        printf 'predict    %s   (the %s run on new frames)\n' \
+          "$(PY -m finetune summary --predict-command "$OUT/$task")" "$task"
       fi
     done
   } | sed 's/^/  /'

@@ -82,9 +82,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from finetune.summary import run_summary
+    from finetune.summary import predict_command, run_summary
 
-    print(run_summary(args.run_dir))
+    print(predict_command(args.run_dir) if args.predict_command else run_summary(args.run_dir))
     return 0
 
 
@@ -117,6 +117,8 @@ def make_parser() -> argparse.ArgumentParser:
     pd.set_defaults(func=_cmd_predict)
     su = sub.add_parser("summary", help="one line on a finished run: method, score, frames, trainable share")
     su.add_argument("run_dir")
+    su.add_argument("--predict-command", action="store_true",
+                    help="print instead the command that applies the run to new frames")
     su.set_defaults(func=_cmd_summary)
     for name, help_text, config, example, func in (
             ("seg", "fine-tune and evaluate semantic segmentation", SEG_CONFIG,

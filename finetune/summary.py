@@ -1,8 +1,11 @@
 """One line on a finished fine-tuning run, as the pipeline's summary prints it: method, score,
-frames, the share of the backbone that trains, where the overlays are."""
+frames, the share of the backbone that trains, where the overlays are; and the command that applies
+the run to new frames."""
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 SCORES = {"seg": lambda m: f"mIoU {100 * m['mIoU']:.1f}",
@@ -21,3 +24,19 @@ def run_summary(run_dir: str | Path) -> str:
     return (f"{m['task']:10s} {run_dir}: {m['method']}, {SCORES[m['task']](m)} on {m['frames']} frames; trains "
             f"{100 * p['trainable_backbone_share']:.1f}% of the backbone ({p['trainable_backbone']:,}){best_text}; "
             f"overlays {run_dir / 'overlays'}")
+
+
+def predict_command(run_dir: str | Path) -> str:
+    """The ``finetune predict`` command of a run, as a shell reads it, with the frame folders its
+    model takes (MFNet's packed images: ``--packed``; a detector of both modalities: both)."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    data, modality = cfg["data"], cfg["model"]["modality"]
+    if data.get("layout") == "mfnet":
+        frames = "--packed DIR"
+    elif modality != "both":
+        frames = f"--{modality} DIR"
+    else:
+        frames = "--ir DIR --vi DIR" if "boxes" in data else "--ir DIR [--vi DIR]"
+    return f"{shlex.join([sys.executable, '-m', 'finetune', 'predict', str(run_dir)])} {frames} --out DIR"

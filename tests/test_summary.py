@@ -55,3 +55,25 @@ def test_finetune_summary_names_method_score_share_and_best(tmp_path, capsys):
                                        f"(2,684,928); best mIoU 50.0 at step 4; overlays {run / 'overlays'}\n")
     assert finetune_main(["summary", str(tmp_path)]) == 2
     assert "no metrics.json (the run has not finished" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout,modality,detection,frames", [
+    ("mfnet", "both", False, "--packed DIR"),
+    ("pairs", "both", False, "--ir DIR [--vi DIR]"),
+    ("pairs", "both", True, "--ir DIR --vi DIR"),
+    ("pairs", "ir", True, "--ir DIR"),
+    ("pairs", "vi", False, "--vi DIR")])
+def test_the_predict_command_names_the_frames_the_run_takes(layout, modality, detection, frames, tmp_path, capsys):
+    import shlex
+    import sys
+
+    import yaml
+
+    run = tmp_path / "run #2"
+    run.mkdir()
+    data = {"layout": layout, **({"boxes": {"format": "yolo"}} if detection else {})}
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"modality": modality}, "data": data}))
+    assert finetune_main(["summary", "--predict-command", str(run)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.endswith(f" {frames} --out DIR")
+    assert shlex.split(line)[:5] == [sys.executable, "-m", "finetune", "predict", str(run)]  # reads back as run
