@@ -4,7 +4,8 @@ on nothing, found from the config, the folder listing and the first frames of ea
 
 - the weights a method needs (``pad``: a pre-training export);
 - the folders and files the config names for each split, with where the layout is when a
-  download unpacked a folder or two down, and the split folders there are when one is missing;
+  download unpacked a folder or two down, the split folders there are when one is missing, and
+  the command that writes train.txt / val.txt for a dataset published without them;
 - a split in which no frame has all its files, or whose first frames are all unusable as training
   reads them (colour label images, values outside the classes, 0 / 255 masks read as indices);
 - detection labels none of whose boxes has a configured class.
@@ -46,7 +47,8 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
         try:
             listed = discover(data, split_list(data, split), need_label=not detection)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{name} ({split}): not found: {e}{_split_folders_note(cfg, split)}") from None
+            raise FileNotFoundError(f"{name} ({split}): not found: {e}{_split_folders_note(cfg, split)}"
+                                    f"{_split_command_note(data, split_list(data, split))}") from None
         problem = no_frames_problem(data, split_list(data, split), *listed)
         if problem:
             raise FileNotFoundError(f"{name} ({split}): {problem}")
@@ -81,6 +83,18 @@ def _split_folders_note(cfg, split: str) -> str:
     task = "det" if "boxes" in cfg.data else "seg"
     return (f"; the split folders in {parent} are {', '.join(found)}: set data.split_dirs.{split} to one of them "
             f"(now {current!r}; run.sh: --{task}-set data.split_dirs.{split}=...)")
+
+
+def _split_command_note(data, split_file: str | None) -> str:
+    """Where ``train.txt`` / ``val.txt`` are missing beside the images (M3FD ships no split):
+    the command that writes them."""
+    images = data.dirs.get("ir") or data.dirs.get("image")
+    root = Path(str(data.root))
+    if (not split_file or Path(split_file).name not in ("train.txt", "val.txt") or (root / split_file).is_file()
+            or not images or not (root / images).is_dir()):
+        return ""
+    command = shlex.join(["python", "-m", "data_tools", "split", "--root", str(root), "--images", str(images)])
+    return f"; a dataset published without a split: `{command}` writes a seeded train.txt and val.txt"
 
 
 def _root_below(cfg) -> str | None:

@@ -427,6 +427,26 @@ def test_a_split_folder_named_otherwise_is_pointed_at(preset, folder, renamed, n
     assert finetune_main(["check", "--config", config, f"data.root={root}", f"data.split_dirs.val={fix}", weights]) == 0
 
 
+def test_a_missing_split_of_a_dataset_without_one_names_the_command_that_writes_it(tmp_path, capsys):
+    import shlex
+
+    from data_tools.cli import main as data_main
+    from finetune.cli import main as finetune_main
+
+    root = tmp_path / "M3FD"
+    build_replica("m3fd", root)
+    for name in ("train.txt", "val.txt"):
+        (root / name).unlink()
+    config = str(PRESETS / "m3fd.yaml")
+    capsys.readouterr()
+    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 2
+    said = capsys.readouterr().err
+    command = said.split("`")[1]
+    assert command == shlex.join(["python", "-m", "data_tools", "split", "--root", str(root), "--images", "Ir"])
+    assert data_main(shlex.split(command)[3:]) == 0  # as printed, it writes the lists the preset reads
+    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 0
+
+
 def test_labels_that_name_none_of_the_classes_are_refused_before_any_work(tmp_path, capsys):
     """Trained on, boxes of no configured class would make every frame background: the check says
     which names the labels use instead."""
