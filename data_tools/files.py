@@ -58,8 +58,8 @@ def trim_jsonl(path: str | Path, keep: Callable[[dict], bool]) -> None:
 
 def folders_below(base: str | Path, relative: Sequence[str], depth: int = 2) -> Iterator[Path]:
     """Folders up to ``depth`` levels below ``base`` (nearest first, then by name) that hold every
-    folder of ``relative``: where a dataset that unpacked into a folder of its own (``MSRS-main/``)
-    really is. Unreadable folders are passed by."""
+    folder (or file, such as a ``data.yaml``) of ``relative``: where a dataset that unpacked into a
+    folder of its own (``MSRS-main/``) really is. Unreadable folders are passed by."""
     def subfolders(folder: Path) -> list[Path]:
         try:
             return sorted(c for c in folder.iterdir() if c.is_dir())
@@ -69,4 +69,4 @@ def folders_below(base: str | Path, relative: Sequence[str], depth: int = 2) -> 
     level = [Path(base)]
     for _ in range(depth):
         level = [c for folder in level for c in subfolders(folder)]
-        yield from (c for c in level if all((c / r).is_dir() for r in relative))
+        yield from (c for c in level if all((c / r).exists() for r in relative))

@@ -29,10 +29,10 @@ def run_summary(run_dir: str | Path) -> str:
 def predict_command(run_dir: str | Path) -> str:
     """The ``finetune predict`` command of a run, as a shell reads it, with the frame folders its
     model takes (MFNet's packed images: ``--packed``; a detector of both modalities: both)."""
-    import yaml
+    from data_tools.config import load_config
 
-    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    data, modality = cfg["data"], cfg["model"]["modality"]
+    cfg = load_config(Path(run_dir) / "config.yaml")  # the config the run saved
+    data, modality = cfg.data, cfg.model.modality
     if data.get("layout") == "mfnet":
         frames = "--packed DIR"
     elif modality != "both":

@@ -46,23 +46,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pretrain.train import train
 
     cfg = load_config(args.config, args.overrides)
-    _check_shard_sets(cfg)  # before the run directory is touched
     train(cfg, args.run_dir, overwrite=args.overwrite)  # ends the process itself (distributed exit)
     return 0
-
-
-def _check_shard_sets(cfg) -> None:
-    """Each shard folder of ``data.shards`` holds a finished build (its manifest), or the start is
-    refused in one line naming it, and the shard folders below it where a parent folder was given."""
-    from omegaconf import OmegaConf
-
-    from data_tools.manifest import read_manifest
-
-    sets = OmegaConf.select(cfg, "data.shards")
-    for entry in sets if OmegaConf.is_list(sets) else []:
-        path = entry.get("path") if OmegaConf.is_dict(entry) else None
-        if path:
-            read_manifest(path)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -37,6 +37,13 @@ class PretrainTask(Task):
     name = "pretrain"
     schema = PretrainConfig
 
+    def check_inputs(self, cfg):
+        """Each shard folder holds a finished build: a parent folder given names the builds below it."""
+        from data_tools.manifest import read_manifest
+
+        for shard_set in cfg.data.shards:
+            read_manifest(shard_set.path)
+
     def build_model(self, cfg, where):
         model = build_model_from_config(cfg)
         report = initialise_from_config(model, cfg)

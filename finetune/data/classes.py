@@ -62,11 +62,12 @@ def resolve_classes(cfg) -> None:
 def _refuse_missing(root: Path, name: str) -> None:
     """The dataset is not where ``data.root`` says: name where it is when it unpacked one or two
     folders down (a zip's own folder), as the layout check does."""
+    from data_tools.files import folders_below
+
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} is not a folder")
-    below = sorted(root.glob(f"*/{name}")) + sorted(root.glob(f"*/*/{name}"))
-    if below:
-        where = below[0].parent
+    where = next(folders_below(root, [name]), None)
+    if where is not None:
         raise FileNotFoundError(f"data.classes_file {root / name}: no such file, but the dataset is under {where}: "
                                 f"use {override_arg('data.root', str(where))}")
     raise FileNotFoundError(f"data.classes_file {root / name}: no such file (or give data.classes=[...])")

@@ -37,6 +37,11 @@ class Task:
     sync_batchnorm = False  # convert BatchNorm to SyncBatchNorm on multi-GPU runs
     best_metric: str | None = None  # the evaluation metric (higher is better) that picks the ``best`` checkpoint
 
+    # --- before the run directory is touched -------------------------------------------------
+    def check_inputs(self, cfg) -> None:
+        """Refuse inputs the run cannot use (raise with one line naming them), on a config that
+        fits the schema; called once, before any process starts or the run directory is claimed."""
+
     # --- set-up (called once, in this order) -------------------------------------------------
     def build_model(self, cfg, where: Process) -> nn.Module:
         """The model with its initial weights (built, then loaded: model code reads no files)."""
