@@ -6,7 +6,7 @@ import json
 import sys
 
 from data_tools.config import CONFIG_DIR, load_config
-from finetune.preflight import check_inputs, check_weights_given
+from finetune.preflight import check_run, check_weights_given
 
 SEG_CONFIG = str(CONFIG_DIR / "finetune" / "seg_vitb.yaml")
 DET_CONFIG = str(CONFIG_DIR / "finetune" / "det_vitb.yaml")
@@ -22,7 +22,6 @@ def _checked(args: argparse.Namespace):
     cfg = load_config(args.config, args.overrides)
     resolve_classes(cfg)
     check_config(cfg, DetConfig if "boxes" in cfg.data else SegConfig, args.config)
-    check_weights_given(cfg, args.config)
     return cfg
 
 
@@ -30,6 +29,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
     from finetune.factory import build_detector, build_segmentor, parameter_report
 
     cfg = _checked(args)
+    check_weights_given(cfg, args.config)
     build = build_detector if "boxes" in cfg.data else build_segmentor
     report = parameter_report(build(cfg, "meta"))  # shapes only, no memory
     report["config"] = {"method": cfg.model.method, "modality": cfg.model.modality, "size": cfg.model.encoder.size}
@@ -40,27 +40,23 @@ def _cmd_params(args: argparse.Namespace) -> int:
 def _cmd_seg(args: argparse.Namespace) -> int:
     from finetune.seg import train_seg
 
-    cfg = _checked(args)
-    check_inputs(cfg, args.config, ("val",) if args.eval_only else ("train", "val"))  # before the run dir is touched
-    # ends the process itself (distributed exit)
-    train_seg(cfg, args.run_dir, overwrite=args.overwrite, eval_only=args.eval_only)
+    # checks its inputs before the run directory is touched; ends the process itself (distributed exit)
+    train_seg(_checked(args), args.run_dir, overwrite=args.overwrite, eval_only=args.eval_only, config_name=args.config)
     return 0
 
 
 def _cmd_det(args: argparse.Namespace) -> int:
     from finetune.det import train_det
 
-    cfg = _checked(args)
-    check_inputs(cfg, args.config, ("val",) if args.eval_only else ("train", "val"))  # before the run dir is touched
-    # ends the process itself (distributed exit)
-    train_det(cfg, args.run_dir, overwrite=args.overwrite, eval_only=args.eval_only)
+    # checks its inputs before the run directory is touched; ends the process itself (distributed exit)
+    train_det(_checked(args), args.run_dir, overwrite=args.overwrite, eval_only=args.eval_only, config_name=args.config)
     return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     """Refuse a config before any work: its schema, and the folders and files it names."""
     cfg = _checked(args)
-    check_inputs(cfg, args.config)
+    check_run(cfg, args.config)
     source = f" (from {cfg.data.classes_file})" if cfg.data.get("classes_file") else ""
     print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there; "
           f"{len(cfg.data.classes)} classes{source}: {', '.join(cfg.data.classes)}")

@@ -80,5 +80,7 @@ class DetTask(FinetuneTask):
         return f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}"
 
 
-def train_det(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
-    run(DetTask(), cfg, run_dir, overwrite, eval_only)
+def train_det(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False,
+             config_name: str | None = None) -> None:
+    """``config_name``: how messages name the config (its file)."""
+    run(DetTask(config_name), cfg, run_dir, overwrite, eval_only)

@@ -1,6 +1,7 @@
-"""What is checked before a fine-tuning run starts (``finetune check``, and ``seg`` / ``det``
-before the run directory is touched): everything that would otherwise fail after hours, or train
-on nothing, found from the config, the folder listing and the first frames of each split.
+"""What is checked before a fine-tuning run starts (``finetune check``, and every ``train_seg`` /
+``train_det`` through the task's ``check_inputs`` hook, before the run directory is touched):
+everything that would otherwise fail after hours, or train on nothing, found from the config,
+the folder listing and the first frames of each split.
 
 - the weights a method needs (``pad``: a pre-training export);
 - the folders and files the config names for each split, with where the layout is when a
@@ -116,6 +117,12 @@ def _root_below(cfg) -> str | None:
         except (OSError, ValueError):  # not there, or not a layout training could read
             continue
     return None
+
+
+def check_run(cfg, name: str, splits: tuple[str, ...] = ("train", "val")) -> None:
+    """Everything refused before a run of ``splits``: the weights its method needs, then its inputs."""
+    check_weights_given(cfg, name)
+    check_inputs(cfg, name, splits)
 
 
 def check_inputs(cfg, name: str, splits: tuple[str, ...] = ("train", "val")) -> None:

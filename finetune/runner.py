@@ -21,6 +21,9 @@ class FinetuneTask(Task):
     sync_batchnorm = True
     val_set = None
 
+    def __init__(self, config_name: str | None = None):
+        self.config_name = config_name or f"the {self.name} config"  # how messages name the config
+
     # --- what a subclass supplies -------------------------------------------------------------
     def build_network(self, cfg) -> torch.nn.Module:
         raise NotImplementedError
@@ -39,6 +42,11 @@ class FinetuneTask(Task):
         raise NotImplementedError
 
     # --- the engine's hooks -------------------------------------------------------------------
+    def check_inputs(self, cfg, eval_only=False):
+        from finetune.preflight import check_run
+
+        check_run(cfg, self.config_name, ("val",) if eval_only else ("train", "val"))
+
     def build_model(self, cfg, where):
         return self.build_network(cfg)
 

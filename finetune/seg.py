@@ -77,5 +77,7 @@ class SegTask(FinetuneTask):
         return f"mIoU {100 * m['mIoU']:.2f}, pixel accuracy {100 * m['pixel_accuracy']:.2f}"
 
 
-def train_seg(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
-    run(SegTask(), cfg, run_dir, overwrite, eval_only)
+def train_seg(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False,
+             config_name: str | None = None) -> None:
+    """``config_name``: how messages name the config (its file)."""
+    run(SegTask(config_name), cfg, run_dir, overwrite, eval_only)

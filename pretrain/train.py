@@ -37,7 +37,7 @@ class PretrainTask(Task):
     name = "pretrain"
     schema = PretrainConfig
 
-    def check_inputs(self, cfg):
+    def check_inputs(self, cfg, eval_only=False):
         """Each shard folder holds a finished build: a parent folder given names the builds below it."""
         from data_tools.manifest import read_manifest
 

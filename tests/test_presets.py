@@ -346,6 +346,32 @@ def test_a_method_that_needs_pre_trained_weights_is_refused_without_them(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_training_from_python_runs_the_same_checks_before_the_run_directory(tmp_path):
+    """train_seg / train_det called from Python (not the CLI) refuse what `check` refuses, before
+    the run directory is claimed; an evaluation-only run needs its validation split alone."""
+    from finetune.det import train_det
+    from finetune.seg import train_seg
+
+    root, run_dir = tmp_path / "flir", tmp_path / "run"
+    build_replica("flir_v2", root)
+    cfg = load_config(PRESETS / "flir_v2.yaml", [f"data.root={root}"])
+    with pytest.raises(ValueError, match="the det config: model.method=pad fine-tunes a backbone pre-trained"):
+        train_det(cfg, run_dir)
+    cfg.model.method = "frozen"
+    shutil.rmtree(root / "images_thermal_train")
+    with pytest.raises(FileNotFoundError, match=r"flir_v2.yaml \(train\): not found: .*images_thermal_train"):
+        train_det(cfg, run_dir, config_name="flir_v2.yaml")
+    assert not run_dir.exists()
+
+    root = tmp_path / "msrs"
+    build_replica("msrs_seg", root)
+    cfg = load_config(PRESETS / "msrs_seg.yaml", [f"data.root={root}"])
+    shutil.rmtree(root / "test")
+    with pytest.raises(FileNotFoundError, match=r"the seg config \(val\): not found"):
+        train_seg(cfg, run_dir, eval_only=True)  # the validation split is checked, not skipped
+    assert not run_dir.exists()
+
+
 def test_a_split_without_a_usable_frame_is_refused_before_any_work(tmp_path, capsys):
     """Listing alone (no image read) shows a split that cannot train: images a folder down, every
     frame missing a file, a split list naming none; refused by check and before a run starts."""

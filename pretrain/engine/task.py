@@ -38,9 +38,10 @@ class Task:
     best_metric: str | None = None  # the evaluation metric (higher is better) that picks the ``best`` checkpoint
 
     # --- before the run directory is touched -------------------------------------------------
-    def check_inputs(self, cfg) -> None:
+    def check_inputs(self, cfg, eval_only: bool = False) -> None:
         """Refuse inputs the run cannot use (raise with one line naming them), on a config that
-        fits the schema; called once, before any process starts or the run directory is claimed."""
+        fits the schema; called before the run directory is claimed (``eval_only``: the run only
+        evaluates, so training's inputs are not needed)."""
 
     # --- set-up (called once, in this order) -------------------------------------------------
     def build_model(self, cfg, where: Process) -> nn.Module:
