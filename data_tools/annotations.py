@@ -175,9 +175,13 @@ def read_voc(folder: str) -> AnnotationSet:
 
 
 def _voc_object_box(obj: ET.Element, number: int) -> tuple[float, float, float, float]:
-    """(x, y, w, h) of a VOC ``<object>``: its ``<bndbox>``, or the axis-aligned box enclosing its
-    ``<polygon>`` of ``<x1><y1>...<xN><yN>`` corners (DroneVehicle's oriented boxes)."""
+    """(x, y, w, h) of a VOC ``<object>``: its ``<bndbox>`` of corners, or of ``<x><y><w><h>``
+    (KAIST's XML annotations), or the axis-aligned box enclosing its ``<polygon>`` of
+    ``<x1><y1>...<xN><yN>`` corners (DroneVehicle's oriented boxes)."""
     box = obj.find("bndbox")
+    if box is not None and box.find("xmin") is None and box.find("w") is not None:
+        x, y, w, h = (float(box.find(k).text) for k in ("x", "y", "w", "h"))
+        return x, y, w, h
     if box is not None:
         x1, y1, x2, y2 = (float(box.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
         return x1, y1, x2 - x1, y2 - y1

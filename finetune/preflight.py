@@ -37,7 +37,6 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
     for ``splits`` are there, listed as training lists them, with some frame that has all its
     files; ValueError when the first frames read (``read_frames``) are all unusable, or (detection)
     no box has a configured class."""
-    from data_tools.annotations import check_annotation_path
     from finetune.data.det import classes_problem
     from finetune.data.pairs import discover, name_suffix, no_frames_problem
     from finetune.factory import data_for_split, split_list
@@ -56,11 +55,10 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
         if read_frames and (problem := _first_frames_problem(cfg, listed[0])):
             raise ValueError(f"{name} ({split}): {problem}")
         if detection and data.boxes.path:
-            try:  # a folder of label files where they are read, or one COCO file
-                check_annotation_path(data.boxes.format, str(data.boxes.path))
+            try:  # a folder of label files where they are read (each frame folder's), or one COCO file
+                problem = classes_problem(listed[0], data.boxes, tuple(cfg.data.classes), name_suffix(data, "ir"))
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{name} ({split}): {e}") from None
-            problem = classes_problem(listed[0], data.boxes, tuple(cfg.data.classes), name_suffix(data, "ir"))
             if problem:
                 raise ValueError(f"{name} ({split}): {problem}")
 

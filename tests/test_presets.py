@@ -20,7 +20,7 @@ from tests.conftest import SHARED_DATA, run_finetune_cli
 PRESETS = CONFIG_DIR / "finetune" / "presets"
 N_TRAIN, N_VAL = 5, 3
 SEG = ("mfnet", "msrs_seg", "soda", "scut_seg", "pst900", "fmb")
-DET = ("flir_v1", "flir_v2", "flir_aligned", "m3fd", "llvip", "msrs_det", "yolo", "roboflow")
+DET = ("flir_v1", "flir_v2", "flir_aligned", "m3fd", "llvip", "msrs_det", "yolo", "roboflow", "kaist")
 THERMAL_ONLY = ("soda", "scut_seg", "flir_v1", "flir_v2", "yolo", "roboflow")
 # a synthetic scene's classes (person, car) as each detection preset names them
 DET_NAMES = {"m3fd": ("People", "Car")}
@@ -49,10 +49,13 @@ def _lists(root: Path, names: list[str], train: str, val: str) -> None:
     (root / val).write_text("\n".join(names[N_TRAIN:]) + "\n")
 
 
-def _voc(path: Path, name: str, boxes, classes, size) -> None:
+def _voc(path: Path, name: str, boxes, classes, size, xywh: bool = False) -> None:
+    """VOC XML; ``xywh``: boxes as KAIST writes them, <x><y><w><h> in <bndbox>."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    objs = "".join(f"<object><name>{classes[c]}</name><bndbox><xmin>{x:.0f}</xmin><ymin>{y:.0f}</ymin>"
-                   f"<xmax>{x + w:.0f}</xmax><ymax>{y + h:.0f}</ymax></bndbox></object>" for c, x, y, w, h in boxes)
+    corners = "<xmin>{:.0f}</xmin><ymin>{:.0f}</ymin><xmax>{:.0f}</xmax><ymax>{:.0f}</ymax>"
+    objs = "".join(f"<object><name>{classes[c]}</name><bndbox>"
+                   + ("<x>{:.0f}</x><y>{:.0f}</y><w>{:.0f}</w><h>{:.0f}</h>".format(x, y, w, h) if xywh else
+                      corners.format(x, y, x + w, y + h)) + "</bndbox></object>" for c, x, y, w, h in boxes)
     path.write_text(f"<annotation><filename>{name}</filename><size><width>{size[1]}</width><height>{size[0]}"
                     f"</height><depth>3</depth></size>{objs}</annotation>")
 
@@ -85,6 +88,8 @@ def build_replica(preset: str, root: Path) -> int:
     scenes = _scenes(16 if preset == "pst900" else 8)
     names = [n for n, _ in scenes]
     split_dir = {"train": "train", "val": "test"}
+    # KAIST: training frames in two videos of two sets, test frames in a later set
+    kaist_videos = ["set00/V000"] * 3 + ["set01/V001"] * (N_TRAIN - 3) + ["set06/V000"] * N_VAL
     for i, (n, s) in enumerate(scenes):
         folder = split_dir[_split(i)]
         if preset == "mfnet":  # 4-channel PNG: B, G, R, thermal
@@ -132,6 +137,13 @@ def build_replica(preset: str, root: Path) -> int:
             _write(images / f"{n}.jpg", s["ir"])
             unnamed = [(2, 1, 1, 20, 20)] if i in (0, N_TRAIN) else []  # id 5: data.yaml does not name it
             _yolo(labels / f"{n}.txt", s["boxes"] + unnamed, classes_map=(0, 1, 5))
+        elif preset == "kaist":  # set / video folders; lwir stored as 3-channel grey JPEG, as KAIST ships it
+            video = kaist_videos[i]
+            _write(root / "images" / video / "lwir" / f"I{i:05d}.jpg", cv2.cvtColor(s["ir"], cv2.COLOR_GRAY2BGR))
+            _write(root / "images" / video / "visible" / f"I{i:05d}.jpg", _bgr(s["vi"]))
+            people = [(2, 2, 2, 20, 30)] if i in (0, N_TRAIN) else []  # a class the preset does not keep
+            _voc(root / "annotations-xml-new-sanitized" / video / f"I{i:05d}.xml", f"I{i:05d}", s["boxes"] + people,
+                 ("person", "person", "people"), (128, 160), xywh=True)
         elif preset == "llvip":
             _write(root / "infrared" / folder / f"{n}.jpg", s["ir"])
             _write(root / "visible" / folder / f"{n}.jpg", _bgr(s["vi"]))
@@ -141,6 +153,11 @@ def build_replica(preset: str, root: Path) -> int:
         (root / "val.txt").write_text("")
     elif preset == "soda":
         _lists(root, names, "train_infrared.txt", "test_infrared.txt")
+    elif preset == "kaist":
+        (root / "imageSets").mkdir()
+        _lists(root, [f"{v}/I{i:05d}" for i, v in enumerate(kaist_videos)], "imageSets/train-all-02.txt",
+               "imageSets/test-all-20.txt")
+        return 2  # the people box of frame 0 of each split
     elif preset == "flir_aligned":
         _lists(root, [f"FLIR_{i:05d}_PreviewData" for i in range(len(names))], "align_train.txt", "align_validation.txt")
     elif preset == "scut_seg":
@@ -199,6 +216,46 @@ def test_each_preset_reads_its_replica_with_only_the_root_given(preset, tmp_path
     if preset == "pst900":  # the 16-bit radiometric frames are what the infrared input reads
         rec = dataset.records[0]
         assert cv2.imread(rec.ir, cv2.IMREAD_UNCHANGED).dtype == np.uint16 and "thermal_raw" in rec.ir
+
+
+def test_frames_in_folders_of_their_own_are_told_apart_by_their_folder(tmp_path, capsys):
+    """KAIST's frames repeat their file names in every video folder (set00/V000/I00000.jpg,
+    set01/V001/I00000.jpg): named by the split list's whole entry, each frame keeps its own images
+    and boxes; what is missing is named."""
+    from finetune.cli import main as finetune_main
+
+    root = tmp_path / "kaist"
+    build_replica("kaist", root)
+    twin = root / "images" / "set01" / "V001"  # a frame named as one of set00/V000's, other content
+    shutil.copy(twin / "lwir" / "I00003.jpg", twin / "lwir" / "I00000.jpg")
+    shutil.copy(twin / "visible" / "I00003.jpg", twin / "visible" / "I00000.jpg")
+    xml = root / "annotations-xml-new-sanitized" / "set01" / "V001"
+    shutil.copy(xml / "I00003.xml", xml / "I00000.xml")
+    lists = root / "imageSets"
+    entries = (lists / "train-all-02.txt").read_text().split()
+    (lists / "train-all-02.txt").write_text("\n".join(entries + ["set01/V001/I00000", "set09/V000/I00001"]) + "\n")
+    cfg = load_config(PRESETS / "kaist.yaml", [f"data.root={root}"])
+    dataset, issues, found = det_dataset(cfg, "train")
+    by_name = {r.pair.name: r for r in dataset.records}
+    assert sorted(by_name) == sorted(entries + ["set01/V001/I00000"]) and found == N_TRAIN + 1
+    assert by_name["set01/V001/I00000"].pair.ir.endswith("set01/V001/lwir/I00000.jpg")
+    assert by_name["set00/V000/I00000"].pair.ir.endswith("set00/V000/lwir/I00000.jpg")
+    np.testing.assert_array_equal(by_name["set01/V001/I00000"].boxes, by_name["set01/V001/I00003"].boxes)
+    assert not np.array_equal(by_name["set00/V000/I00000"].boxes, by_name["set01/V001/I00000"].boxes)
+    assert [(i["name"], i["reason"]) for i in issues if i["reason"] == "not_found"] == [("set09/V000/I00001", "not_found")]
+
+    with pytest.raises(ValueError, match=r"name each frame's folder with \{dir\}.*set data.train_split"):
+        det_dataset(load_config(PRESETS / "kaist.yaml", [f"data.root={root}", "data.train_split=null"]), "train")
+    # the check names a list that is not there with the lists that are, and a missing folder
+    assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}",
+                          "data.train_split=imageSets/train-all-04.txt"]) == 2
+    assert "holds test-all-20.txt, train-all-02.txt" in capsys.readouterr().err
+    shutil.rmtree(xml)
+    assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}"]) == 2
+    assert f"(train): annotation path does not exist: {xml}" in capsys.readouterr().err
+    shutil.rmtree(root / "images")
+    assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}"]) == 2
+    assert f"(train): not found: {root / 'images'}: no such folder" in capsys.readouterr().err
 
 
 def test_class_names_come_from_the_datasets_yaml_in_id_order(tmp_path, capsys):

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_tools.annotations import read_annotations, boxes_to_pixels, clip_boxes
+from data_tools.annotations import AnnotationSet, boxes_to_pixels, clip_boxes, read_annotations
 from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
 from finetune.data.augment import crop, hflip, network_inputs, photometric, rescale
-from finetune.data.pairs import UNKNOWN_BOXES, PairRecord, issue
+from finetune.data.pairs import FRAME_DIR, UNKNOWN_BOXES, PairRecord, frame_dirs, issue
 from finetune.data.seg import read_checked_pair, read_pair
 from pretrain.engine.streams import DataError
 
@@ -50,19 +50,48 @@ def _class_index(label, classes: tuple[str, ...]) -> int | None:
     return int(label) if 0 <= int(label) < len(classes) else None
 
 
+def frame_boxes(boxes_cfg, classes: tuple[str, ...], names: list[str], name_suffix: str = "") -> AnnotationSet:
+    """The annotations of ``data.boxes`` by frame name: stems without ``name_suffix`` (annotations
+    named as the infrared files); where the path holds ``{dir}``, the folder of each frame
+    ``DIR/NAME`` of ``names``. A label file that cannot be parsed is an issue of its frame (the
+    file in the detail)."""
+    path, fmt = str(boxes_cfg.path), boxes_cfg.format
+    if FRAME_DIR in path and fmt == "coco":
+        raise ValueError(f"data.boxes.path {path}: {FRAME_DIR} names a folder per frame folder, for label files "
+                         "(yolo, voc); a COCO file is one file")
+    folders = [(f"{d}/", path.replace(FRAME_DIR, d)) for d in frame_dirs(names)] if FRAME_DIR in path else [("", path)]
+    out = AnnotationSet()
+    for prefix, folder in folders:
+        ann = read_annotations(fmt, folder, classes=classes)
+        out.boxes.update({prefix + stem.removesuffix(name_suffix): recs for stem, recs in ann.boxes.items()})
+        for i in ann.issues:
+            if i["reason"] != "annotation_parse_error":
+                i = dict(i, name=prefix + i["name"].removesuffix(name_suffix))
+            elif fmt != "coco":  # named by its file: its frame's name, the file in the detail
+                i = issue(prefix + Path(i["name"]).stem.removesuffix(name_suffix), i["reason"],
+                          f"{i['name']}: {i['detail']}")
+            out.issues.append(i)
+    return out
+
+
+def _unreadable_coco(ann: AnnotationSet, boxes_cfg) -> str | None:
+    if boxes_cfg.format == "coco" and ann.issues and ann.issues[0]["reason"] == "annotation_parse_error":
+        return f"the COCO file {boxes_cfg.path} could not be read ({ann.issues[0]['detail']})"
+    return None
+
+
 def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...], name_suffix: str = "") -> str | None:
     """From the annotation files alone (no image read): why the boxes of these frames cannot teach
     a detector of ``classes`` (none at all, or none of a configured class: trained on, every frame
     would be background), or None."""
-    ann = read_annotations(boxes_cfg.format, str(boxes_cfg.path), classes=classes)
-    if boxes_cfg.format == "coco" and ann.issues and ann.issues[0]["reason"] == "annotation_parse_error":
-        return f"the COCO file {boxes_cfg.path} could not be read ({ann.issues[0]['detail']})"
     names = {p.name for p in pairs}
-    labels = [r.label for stem, recs in ann.boxes.items() if stem.removesuffix(name_suffix) in names for r in recs]
+    ann = frame_boxes(boxes_cfg, classes, sorted(names), name_suffix)
+    if problem := _unreadable_coco(ann, boxes_cfg):
+        return problem
+    labels = [r.label for name, recs in ann.boxes.items() if name in names for r in recs]
     if not labels:
         unread = [i for i in ann.issues if i["reason"] == "annotation_parse_error"]
-        why = f" ({len(unread)} label files could not be read, e.g. {unread[0]['name']}: {unread[0]['detail']})" \
-            if unread else ""
+        why = f" ({len(unread)} label files could not be read, e.g. {unread[0]['detail']})" if unread else ""
         return f"the labels in {boxes_cfg.path} give no box to any of its {len(names)} frames{why}"
     if any(_class_index(label, classes) is not None for label in labels):
         return None
@@ -80,17 +109,13 @@ def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
     """Read every frame once (size check) and attach its boxes under the documented rules.
     ``in_split``: the split's names (label files of other frames are not orphans);
     ``name_suffix``: removed from annotation stems (annotations named as the infrared files)."""
-    ann = read_annotations(boxes_cfg.format, str(boxes_cfg.path), classes=classes)
-    if boxes_cfg.format == "coco" and ann.issues and ann.issues[0]["reason"] == "annotation_parse_error":
-        raise DataError(f"{boxes_cfg.path}: the COCO file could not be read ({ann.issues[0]['detail']}); "
-                        "no frame would have its boxes")
-    if name_suffix:
-        ann.boxes = {stem.removesuffix(name_suffix): recs for stem, recs in ann.boxes.items()}
-    issues = [issue(Path(i["name"]).stem if i["reason"] == "annotation_parse_error" else i["name"], i["reason"],
-                    i["detail"]) for i in ann.issues]
+    ann = frame_boxes(boxes_cfg, classes, [p.name for p in pairs], name_suffix)
+    if problem := _unreadable_coco(ann, boxes_cfg):
+        raise DataError(f"{problem}; no frame would have its boxes")
+    issues = list(ann.issues)
     # A frame whose boxes are unknown (its label file could not be parsed, or several images share
     # its name) is left out: trained as a frame without objects, its objects would be taught as background.
-    unknown = {i["name"].removesuffix(name_suffix) for i in issues if i["reason"] in UNKNOWN_BOXES}
+    unknown = {i["name"] for i in issues if i["reason"] in UNKNOWN_BOXES}
     names = {p.name for p in pairs}
     scope = set(ann.boxes) if in_split is None else set(ann.boxes) & set(in_split)
     issues += [issue(stem, "label_without_image") for stem in sorted(scope - names)]

@@ -9,6 +9,9 @@ Layouts:
   and ``FLIR_00002_RGB`` in one folder are frame ``FLIR_00002``).
 - ``mfnet``: one 4-channel PNG per frame (RGB + thermal) in ``images/``, labels in ``labels/``.
 A split list (a text file of names, one per line) selects frames; without one every frame is used.
+Folders may name each frame's own folder with ``{dir}``, filled from the split list's entries
+(KAIST: ``images/{dir}/lwir`` and the entry ``set00/V000/I01216`` give
+``images/set00/V000/lwir/I01216.jpg``); such frames are named by the whole entry.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ PAIR_ISSUES = {
                             "the frame was left out",
 }
 UNKNOWN_BOXES = ("annotation_parse_error", "annotation_ambiguous")  # reasons that leave a detection frame out
+FRAME_DIR = "{dir}"  # in a folder name: the folder part of each split-list entry
 
 
 @dataclass(frozen=True)
@@ -65,21 +69,52 @@ def list_images(folder: Path, suffix: str = "") -> dict[str, str]:
     return out
 
 
-def read_split(root: Path, split: str | None) -> list[str] | None:
+def read_split(root: Path, split: str | None, keep_dirs: bool = False) -> list[str] | None:
+    """The frame names of a split list (``keep_dirs``: with the folder part of each entry)."""
     if not split:
         return None
     path = Path(split) if Path(split).is_absolute() else root / split
     if not path.is_file():
-        raise FileNotFoundError(f"split list {path} not found")
-    return [_frame_name(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        others = sorted(p.name for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
+        shown = f": {path.parent} holds {', '.join(others[:12])}" if others else ""
+        raise FileNotFoundError(f"split list {path} not found{shown}")
+    return [_frame_name(line, keep_dirs) for line in path.read_text(encoding="utf-8-sig").splitlines()
+            if line.strip()]
 
 
-def _frame_name(entry: str) -> str:
+def _frame_name(entry: str, keep_dirs: bool = False) -> str:
     """A split list's entry as a frame name: lists written by other tools often name the file
     (``images/00012.png``, ``00012.jpg``) rather than the frame (``00012``)."""
-    name = entry.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    name = entry.strip().replace("\\", "/")
+    name = name.strip("/") if keep_dirs else name.rsplit("/", 1)[-1]
     suffix = Path(name).suffix
     return name[: -len(suffix)] if suffix.lower() in IMAGE_EXTENSIONS else name
+
+
+def uses_frame_dirs(data) -> bool:
+    """Whether the folders name each frame's own folder (``{dir}``, filled from the split list)."""
+    return any(FRAME_DIR in str(v) for v in data.dirs.values() if v)
+
+
+def frame_dirs(names: list[str]) -> list[str]:
+    """The folder parts of frame names ``DIR/NAME`` (each once, sorted)."""
+    return sorted({n.rpartition("/")[0] for n in names})
+
+
+def list_frames(root: Path, folder: str, suffix: str = "", dirs: list[str] | None = None) -> dict[str, str]:
+    """frame name -> path of the image files of ``root / folder``; where ``folder`` holds ``{dir}``,
+    of each of ``dirs`` filled in, named ``DIR/STEM`` (a folder that is not there holds none)."""
+    if FRAME_DIR not in folder:
+        return list_images(root / folder, suffix)
+    base = root / folder.split(FRAME_DIR)[0]
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base}: no such folder")
+    out = {}
+    for d in dirs or ():
+        where = root / folder.replace(FRAME_DIR, d)
+        if where.is_dir():
+            out.update({f"{d}/{stem}": path for stem, path in list_images(where, suffix).items()})
+    return out
 
 
 def name_suffix(data, modality: str) -> str:
@@ -90,7 +125,7 @@ def name_suffix(data, modality: str) -> str:
 def split_names(data, split: str | None) -> list[str] | None:
     """The frame names a split list selects (None: no list). Lists that name the infrared files
     (FLIR-aligned's ``FLIR_00002_PreviewData``) give frame names without the infrared suffix."""
-    wanted = read_split(Path(data.root), split)
+    wanted = read_split(Path(data.root), split, keep_dirs=uses_frame_dirs(data))
     suffix = name_suffix(data, "ir")
     return [n.removesuffix(suffix) for n in wanted] if wanted is not None and suffix else wanted
 
@@ -114,19 +149,26 @@ def discover(data, split: str | None, need_label: bool = True) -> tuple[list[Pai
         raise FileNotFoundError(f"data.root {root} is not a folder")
     dirs = data.dirs
     issues: list[dict] = []
-    labels = list_images(root / dirs.label, data.label_suffix or "") if dirs.label and need_label else {}
+    wanted = split_names(data, split)
+    if uses_frame_dirs(data) and wanted is None:
+        raise ValueError(f"data.dirs name each frame's folder with {FRAME_DIR}, which the split list's entries fill "
+                         "in (KAIST: set00/V000/I01216): set data.train_split / data.val_split")
+    folders = frame_dirs(wanted) if uses_frame_dirs(data) else None
+
+    def listing(folder: str, suffix: str = "") -> dict[str, str]:
+        return list_frames(root, str(folder), suffix, folders)
+
+    labels = listing(dirs.label, data.label_suffix or "") if dirs.label and need_label else {}
     if data.layout == "mfnet":
-        images = {"packed": list_images(root / dirs.image)}
+        images = {"packed": listing(dirs.image)}
     elif data.layout == "pairs":
         if not (dirs.ir or dirs.vi):
             raise ValueError("data.dirs: set at least one of ir / vi")
         _check_modalities_apart(data, root)
-        images = {m: list_images(root / getattr(dirs, m), name_suffix(data, m))
-                  for m in ("ir", "vi") if getattr(dirs, m)}
+        images = {m: listing(getattr(dirs, m), name_suffix(data, m)) for m in ("ir", "vi") if getattr(dirs, m)}
     else:
         raise ValueError(f"data.layout must be 'pairs' or 'mfnet', got {data.layout!r}")
     names = sorted(set().union(*[set(v) for v in images.values()]))
-    wanted = split_names(data, split)
     if wanted is not None:
         known = set(names) | set(labels)
         issues += [issue(n, "not_found") for n in wanted if n not in known]
