@@ -294,19 +294,19 @@ def load_exported_into(vit: nn.Module, path: str | Path) -> LoadReport:
     sd = read_state_dict(path)
     target = vit.state_dict()
     exported = set(adapter_names(read_backbone_meta(path)))
-    added = sorted(k for k in target if any(f".{p}." in k and k.split(f".{p}.", 1)[1].split(".")[0] not in exported
-                                            for p in POSITIONS))
+    added = {k for k in target if any(f".{p}." in k and k.split(f".{p}.", 1)[1].split(".")[0] not in exported
+                                      for p in POSITIONS)}
     if "pos_embed" in sd and sd["pos_embed"].shape != target["pos_embed"].shape:
         # Our encoders never train the position embedding: the fixed sin-cos of the new grid
         # (written by build_encoder) is exact, where resampling would only approximate it.
         sd["pos_embed"] = target["pos_embed"]
         report.adapted.append("pos_embed (sin-cos for the new grid)")
     adapt_encoder_state(sd, target, tuple(vit.patch_embed.grid_size), "", report)
-    missing = sorted(set(target) - set(sd) - set(added))
+    missing = sorted(set(target) - set(sd) - added)
     if missing:
         raise WeightsError(f"{path}: exported backbone lacks {missing[:5]}")
     _load_matching(vit, sd, target, report)
-    report.missing = [k for k in report.missing if k not in set(added)]
+    report.missing = [k for k in report.missing if k not in added]
     return report
 
 

@@ -168,14 +168,15 @@ def discover(data, split: str | None, need_label: bool = True) -> tuple[list[Pai
         images = {m: listing(getattr(dirs, m), name_suffix(data, m)) for m in ("ir", "vi") if getattr(dirs, m)}
     else:
         raise ValueError(f"data.layout must be 'pairs' or 'mfnet', got {data.layout!r}")
-    names = sorted(set().union(*[set(v) for v in images.values()]))
-    if wanted is not None:
-        known = set(names) | set(labels)
-        issues += [issue(n, "not_found") for n in wanted if n not in known]
-        names = [n for n in wanted if n in set(names)]
-        label_orphans = [n for n in labels if n in set(wanted) and n not in set(names)]
+    listed = set().union(*[set(v) for v in images.values()])
+    names = sorted(listed)
+    if wanted is not None:  # sets built once: a split list names up to ~25k frames (KAIST)
+        chosen = set(wanted)
+        issues += [issue(n, "not_found") for n in wanted if n not in listed and n not in labels]
+        names = [n for n in wanted if n in listed]
+        label_orphans = [n for n in labels if n in chosen and n not in listed]
     else:
-        label_orphans = [n for n in labels if n not in set(names)]
+        label_orphans = [n for n in labels if n not in listed]
     issues += [issue(n, "label_without_image", labels[n]) for n in sorted(label_orphans)]
     records = []
     for n in names:
