@@ -59,7 +59,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     check_run(cfg, args.config)
     source = f" (from {cfg.data.classes_file})" if cfg.data.get("classes_file") else ""
     print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there; "
-          f"{len(cfg.data.classes)} classes{source}: {', '.join(cfg.data.classes)}")
+          f"{len(cfg.data.classes)} class{'es' if len(cfg.data.classes) > 1 else ''}{source}: "
+          f"{', '.join(cfg.data.classes)}")
     return 0
 
 

@@ -250,6 +250,8 @@ def test_frames_in_folders_of_their_own_are_told_apart_by_their_folder(tmp_path,
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}",
                           "data.train_split=imageSets/train-all-04.txt"]) == 2
     assert "holds test-all-20.txt, train-all-02.txt" in capsys.readouterr().err
+    assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}"]) == 0
+    assert "is there; 1 class: person" in capsys.readouterr().out
     shutil.rmtree(xml)
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}"]) == 2
     assert f"(train): annotation path does not exist: {xml}" in capsys.readouterr().err
