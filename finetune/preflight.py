@@ -103,9 +103,11 @@ def _root_below(cfg) -> str | None:
     import copy
 
     from data_tools.files import folders_below
+    from finetune.data.pairs import FRAME_DIR
     from finetune.factory import data_for_split
 
-    needed = [str(v) for v in data_for_split(cfg, "train").dirs.values() if v]  # read before the check failed
+    # read before the check failed; of a folder per frame folder ("images/{dir}/lwir"), the part above
+    needed = [str(v).split(FRAME_DIR)[0] for v in data_for_split(cfg, "train").dirs.values() if v]
     for candidate in folders_below(cfg.data.root, needed):
         moved = copy.deepcopy(cfg)
         moved.data.root = str(candidate)

@@ -252,6 +252,10 @@ def test_frames_in_folders_of_their_own_are_told_apart_by_their_folder(tmp_path,
     assert "holds test-all-20.txt, train-all-02.txt" in capsys.readouterr().err
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}"]) == 0
     assert "is there; 1 class: person" in capsys.readouterr().out
+    unpacked = tmp_path / "download" / "kaist-cvpr15"  # a download that unpacked into a folder of its own
+    shutil.copytree(root, unpacked)
+    assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={unpacked.parent}"]) == 2
+    assert f"The whole layout is under {unpacked}: use data.root=" in capsys.readouterr().err
     shutil.rmtree(xml)
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}"]) == 2
     assert f"(train): annotation path does not exist: {xml}" in capsys.readouterr().err
