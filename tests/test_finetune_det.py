@@ -55,6 +55,53 @@ def _png(path, array):
     cv2.imwrite(str(path), array)
 
 
+def test_every_frame_is_checked_on_the_process_threads_with_the_one_thread_outcome(tmp_path, monkeypatch):
+    """Building a split reads each frame once to check it, on the process's share of the cores;
+    the records and the issues, in order, are those of one thread."""
+    import threading
+
+    import finetune.data.det as det_data
+    import finetune.data.seg as seg_data
+    import finetune.data.threads as frame_threads_module
+    from finetune.factory import seg_dataset
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        size = (100, 120) if i != 4 else (90, 120)  # frame 4: infrared and visible sizes differ
+        _png(tmp_path / "ir" / f"{i:02d}.png", rng.integers(0, 255, size, np.uint8))
+        _png(tmp_path / "vi" / f"{i:02d}.png", rng.integers(0, 255, (100, 120, 3), np.uint8))
+        _png(tmp_path / "masks" / f"{i:02d}.png", rng.integers(0, 3 if i != 9 else 9, (100, 120), np.uint8))
+        (tmp_path / "labels").mkdir(exist_ok=True)
+        (tmp_path / "labels" / f"{i:02d}.txt").write_text(f"0 0.5 0.5 0.{i + 1:02d} 0.2\n")
+    (tmp_path / "ir" / "07.png").write_bytes((tmp_path / "ir" / "07.png").read_bytes()[:60])  # cut short
+    det_cfg = load_config(TINY, [f"data.root={tmp_path}", f"data.boxes.path={tmp_path / 'labels'}",
+                                 "data.classes=[person]"])
+    seg_cfg = load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"), [f"data.root={tmp_path}"])
+    threads_seen, main = set(), threading.get_ident()
+
+    def reading(read):
+        def wrapped(record):
+            threads_seen.add(threading.get_ident())
+            return read(record)
+        return wrapped
+
+    monkeypatch.setattr(det_data, "read_checked_pair", reading(det_data.read_checked_pair))
+    monkeypatch.setattr(seg_data, "read_checked_pair", reading(seg_data.read_checked_pair))
+    outcomes = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(frame_threads_module, "frame_threads", lambda: threads)
+        threads_seen.clear()
+        det, det_issues, _ = det_dataset(det_cfg, "train")
+        seg, seg_issues, _ = seg_dataset(seg_cfg, "train")
+        outcomes[threads] = ([(r.pair.name, r.boxes.tolist(), r.size) for r in det.records], det_issues,
+                             [r.name for r in seg.records], seg_issues)
+        assert (threads_seen == {main}) == (threads == 1)  # 3: read in the pool's threads, never the caller's
+    assert outcomes[3] == outcomes[1]
+    assert [(i["name"], i["reason"]) for i in outcomes[1][1]] == [("04", "size_mismatch"), ("07", "unreadable")]
+    assert [(i["name"], i["reason"]) for i in outcomes[1][3]] == [("04", "size_mismatch"), ("07", "unreadable"),
+                                                                 ("09", "unknown_label_values")]
+
+
 @pytest.mark.parametrize("fmt", ["yolo", "voc", "coco"])
 def test_bad_annotations_are_clipped_dropped_and_named(tmp_path, fmt):
     for name in ("a", "b"):

@@ -19,6 +19,7 @@ from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
 from finetune.data.augment import crop, hflip, network_inputs, photometric, rescale
 from finetune.data.pairs import FRAME_DIR, UNKNOWN_BOXES, PairRecord, frame_dirs, issue
 from finetune.data.seg import read_checked_pair, read_pair
+from finetune.data.threads import map_in_threads
 from pretrain.engine.streams import DataError
 
 MIN_BOX_SIDE = 1.0  # pixels: boxes thinner than this after augmentation are dropped
@@ -104,6 +105,12 @@ def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...]
             "set data.classes to the names they use (YOLO: in the order of their ids)")
 
 
+def _size_or_issue(pair: PairRecord) -> tuple[int, int] | dict:
+    """(height, width) of a readable pair of one size, else the issue that leaves it out."""
+    frames, problem = read_checked_pair(pair)
+    return problem or next(f.shape[:2] for f in frames.values() if f is not None)
+
+
 def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
                   in_split: list[str] | None = None, name_suffix: str = "") -> tuple[list[DetRecord], list[dict]]:
     """Read every frame once (size check) and attach its boxes under the documented rules.
@@ -120,14 +127,12 @@ def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
     scope = set(ann.boxes) if in_split is None else set(ann.boxes) & set(in_split)
     issues += [issue(stem, "label_without_image") for stem in sorted(scope - names)]
     records = []
-    for pair in pairs:
-        if pair.name in unknown:
-            continue  # named in the issues above
-        frames, problem = read_checked_pair(pair)
-        if problem:
-            issues.append(problem)
+    pairs = [pair for pair in pairs if pair.name not in unknown]  # those named in the issues above
+    for pair, checked in zip(pairs, map_in_threads(_size_or_issue, pairs)):
+        if isinstance(checked, dict):
+            issues.append(checked)
             continue
-        h, w = next(f.shape[:2] for f in frames.values() if f is not None)
+        h, w = checked
         recs = ann.boxes.get(pair.name, [])
         known = [(r, _class_index(r.label, classes)) for r in recs]
         for r, k in known:

@@ -15,6 +15,7 @@ from data_tools.imageio import SkipSample, read_frame, read_label_map, read_raw,
 from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
 from finetune.data.augment import AugmentConfig, crop, hflip, network_inputs, photometric, rescale
 from finetune.data.pairs import PairRecord, issue
+from finetune.data.threads import map_in_threads
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,11 @@ class SegDataset:
         return None
 
     def validated(self) -> tuple["SegDataset", list[dict]]:
-        issues, keep = [], []
-        for i, record in enumerate(self.records):
-            problem = self.check(i)
-            if problem is None:
-                keep.append(record)
-            else:
-                issues.append(problem)
-        return SegDataset(keep, self.spec), issues
+        """The dataset of the usable frames (each read once, on the process's threads) and the
+        issues of the others."""
+        problems = map_in_threads(self.check, range(len(self.records)))
+        keep = [record for record, problem in zip(self.records, problems) if problem is None]
+        return SegDataset(keep, self.spec), [problem for problem in problems if problem is not None]
 
     def _to_arrays(self, sample: dict) -> dict:
         spec = self.spec
