@@ -15,6 +15,7 @@ from finetune.data.stream import MapBatchStream
 from finetune.factory import intensity_rule_mismatch, parameter_report
 from finetune.models.methods import get_method
 from pretrain.engine import EpochLoader, Task, TrainingPlan, ignore_preemption_signals, param_groups, poly_lr_at
+from pretrain.engine.task import training_inputs
 
 
 class FinetuneTask(Task):
@@ -85,7 +86,8 @@ class FinetuneTask(Task):
                 print(f"note: the train split has {len(train_set)} frames, fewer than one effective batch of "
                       f"{batching.effective}: its frames repeat within each step", file=sys.stderr, flush=True)
         loader = EpochLoader(stream, int(cfg.data.num_workers))
-        return TrainingPlan(loader, steps_per_epoch, self.total_steps, float(cfg.optim.lr))
+        inputs = training_inputs("frames of the training split", len(train_set), train_set.names())
+        return TrainingPlan(loader, steps_per_epoch, self.total_steps, float(cfg.optim.lr), inputs)
 
     def start(self, model, optimizer, plan, cfg, where):
         self.cfg, self.device = cfg, where.device

@@ -13,6 +13,7 @@ from data_tools.transforms import IntensityConfig, RoICropConfig
 from pretrain.data import (PretrainStream, StreamConfig, batches_per_epoch, epoch_samples, load_shard_set,
                            network_input)
 from pretrain.engine import EpochLoader, PlanError, Task, TrainingPlan, lr_at, param_groups, run
+from pretrain.engine.task import training_inputs
 from pretrain.factory import build_model_from_config, initialise_from_config
 from pretrain.models.pad import (gated_parameter_names, pad_adapters, scale_predictor_trainable,
                                  set_scale_predictors_trainable)
@@ -28,6 +29,14 @@ def _stream_config(cfg, micro: int, bpe: int) -> StreamConfig:
     return StreamConfig(batch_size=micro, batches_per_epoch=bpe,
                         shuffle_buffer=d["shuffle_buffer"], hflip=d["hflip"], mean=d["mean"], std=d["std"],
                         roi=RoICropConfig(**roi), intensity=IntensityConfig(**inten))
+
+
+def shard_inputs(sets) -> dict:
+    """The training data of a checkpoint: every shard of every set, with its sample count and the
+    set's weight (a rebuilt or extended corpus differs)."""
+    items = [f"{s.name} {s.weight:g} {Path(url).name} {count}"
+             for s in sets for url, count in zip(s.urls, s.shard_samples or (None,) * len(s.urls))]
+    return training_inputs("samples in shards", sum(s.samples for s in sets), items)
 
 
 class PretrainTask(Task):
@@ -82,7 +91,7 @@ class PretrainTask(Task):
         self.stream_cfg = _stream_config(cfg, micro, micro_per_epoch)
         loader = EpochLoader(PretrainStream(self.sets, self.stream_cfg, int(t.seed), where.rank, where.world),
                              workers, int(cfg.data.prefetch_factor), cfg.data.pin_memory)
-        return TrainingPlan(loader, steps_per_epoch, self.total_steps, self.base_lr)
+        return TrainingPlan(loader, steps_per_epoch, self.total_steps, self.base_lr, shard_inputs(self.sets))
 
     def start(self, model, optimizer, plan, cfg, where):
         self.model, self.cfg, self.device, self.run_dir = model, cfg, where.device, where.run_dir

@@ -78,6 +78,28 @@ def test_eval_only_refuses_a_run_without_checkpoint_and_another_config(pairs, tm
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()  # the trained run is kept
 
 
+def test_a_resume_on_other_training_frames_is_refused_with_what_changed(pairs, tmp_path):
+    """The checkpoint records the training split (frame count and a digest of the names in order):
+    re-running a run after frames were added or lost would replay another data order from the saved
+    position. Refused, saying both; on the frames it started with, the same command goes on."""
+    import shutil
+
+    data = tmp_path / "pairs"
+    shutil.copytree(pairs, data)
+    overrides = [f"data.root={data}", "train.steps=2"]
+    assert _finetune("seg", tmp_path / "run", overrides).returncode == 0
+    moved = tmp_path / "aside.png"
+    frame = sorted(data.glob("ir/*.png"))[0]  # every frame trains (no split list)
+    shutil.move(frame, moved)
+    res = _finetune("seg", tmp_path / "run", overrides)
+    said = res.stdout + res.stderr
+    assert res.returncode != 0 and "the training data differs from the checkpoint's: 11 frames of the training " \
+        "split (sha256 " in said and "then, 10 frames of the training split" in said, said[-2000:]
+    shutil.move(moved, frame)
+    res = _finetune("seg", tmp_path / "run", overrides)
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+
+
 def test_two_process_training_evaluates_the_model_it_saves_and_resumes_to_it(pairs, tmp_path):
     """IV-tuning (BatchNorm in its hybrid operation and in the heads) trained by 2 processes: every
     rank holds the same BatchNorm statistics, so --eval-only of the saved checkpoint reproduces the

@@ -262,6 +262,22 @@ def test_bf16_autocast_and_zero1_run(shards, tmp_path):
     assert len(losses) == 6 and all(l == l and l < 10 for l in losses)
 
 
+def test_the_checkpoint_records_which_shards_it_trained_on():
+    """A corpus rebuilt or extended (other shards, other counts, another weight) is other training
+    data to the resume check; the same manifest is the same data."""
+    from pretrain.data import ShardSet
+    from pretrain.train import shard_inputs
+
+    def corpus(counts=(8, 8), weight=1.0, names=("a-000000.tar", "a-000001.tar")):
+        return [ShardSet("a", tuple(f"/data/a/{n}" for n in names), sum(counts), weight, counts)]
+
+    same = shard_inputs(corpus())
+    assert same == shard_inputs(corpus()) and same["count"] == 16 and same["what"] == "samples in shards"
+    for other in (corpus(counts=(8, 7)), corpus(weight=2.0), corpus(names=("a-000000.tar", "b-000001.tar")),
+                  corpus() + corpus()):
+        assert shard_inputs(other)["sha256"] != same["sha256"]
+
+
 def test_changed_init_checkpoint_is_refused_on_resume(shards, tmp_path):
     from tests.test_weights import official_mae_checkpoint
 

@@ -164,6 +164,9 @@ class DetDataset:
     def __len__(self) -> int:
         return len(self.records)
 
+    def names(self) -> list[str]:
+        return [record.pair.name for record in self.records]
+
     def _to_input(self, arrays: dict, name: str, boxes, labels, scale: float) -> dict:
         spec = self.spec
         return dict(network_inputs(arrays["ir"], arrays["vi"], spec.intensity, spec.ir_mean, spec.ir_std), name=name,

@@ -65,6 +65,9 @@ class SegDataset:
     def __len__(self) -> int:
         return len(self.records)
 
+    def names(self) -> list[str]:
+        return [record.name for record in self.records]
+
     def _label(self, record: PairRecord) -> np.ndarray:
         label = read_label_map(record.label)
         return (label > 0).astype(np.int64) if self.spec.binary_labels else label

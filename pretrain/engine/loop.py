@@ -251,13 +251,21 @@ def _check_checkpoint(saved: dict, cfg_hash: str, frozen_ref: dict) -> None:
                           "(was the init checkpoint changed or modified?)")
 
 
-def resume_state(ckpt: Checkpointer, engine, rank: int, world: int, cfg_hash: str, frozen_ref: dict) -> dict:
-    """Load the latest checkpoint and check it belongs to this run; returns the loop state."""
+def resume_state(ckpt: Checkpointer, engine, rank: int, world: int, cfg_hash: str, frozen_ref: dict,
+                 inputs: dict | None = None) -> dict:
+    """Load the latest checkpoint and check it belongs to this run (and, where both record it, to
+    the same training data, ``inputs``); returns the loop state."""
     saved = ckpt.load(engine, rank)
     if saved["world_size"] != world:
         raise ResumeError(f"the checkpoint was written by {saved['world_size']} processes, this run has {world}: "
                           "resume with the same number of processes")
     _check_checkpoint(saved, cfg_hash, frozen_ref)
+    then = saved.get("inputs")
+    if then is not None and inputs is not None and then != inputs:
+        def said(d):
+            return f"{d['count']} {d['what']} (sha256 {d['sha256'][:12]})"
+        raise ResumeError(f"the training data differs from the checkpoint's: {said(then)} then, {said(inputs)} now. "
+                          "Resume on the data the run started with, or start again with --overwrite")
     state = saved["data"]
     if rank == 0:
         print(f"resumed from {ckpt.loaded_tag} at step {state['step']} (epoch {state['epoch']}, "

@@ -68,7 +68,9 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
         return True
 
     workers = int(cfg.data.num_workers)
-    state = resume_state(ckpt, engine, rank, world, cfg_hash, frozen_ref) if resume else new_state(workers)
+    if plan.inputs is not None:
+        meta["inputs"] = plan.inputs
+    state = resume_state(ckpt, engine, rank, world, cfg_hash, frozen_ref, plan.inputs) if resume else new_state(workers)
     task.start(model, optimizer, plan, cfg, where)
     evaluation = Evaluation(task, model, cfg, where)
     spec = LoopSpec(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, batching=batching,

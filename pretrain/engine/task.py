@@ -6,7 +6,9 @@ optional per-step hooks, evaluation and the one-line result. One instance serves
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ class TrainingPlan:
     steps_per_epoch: int
     total_steps: int
     base_lr: float
+    inputs: dict | None = None  # what the data is (training_inputs): a resume on other data is refused
 
     def check(self, accum: int, task: str) -> None:
         """A task's plan must not take more micro-batches per epoch than its stream yields: the
@@ -29,6 +32,14 @@ class TrainingPlan:
         if self.steps_per_epoch < 1 or need > have:
             raise RuntimeError(f"{task}: the training plan takes {self.steps_per_epoch} steps x {accum} accumulation "
                                f"= {need} micro-batches per epoch, but its data stream yields {have}")
+
+
+def training_inputs(what: str, count: int, items: Iterable[str]) -> dict:
+    """A record of the training data that a checkpoint keeps: ``count`` ``what`` and a digest of
+    ``items`` (their names, in the order the stream reads them). Exact resume replays the data
+    order from the epoch and batch position, which means nothing on other data."""
+    digest = hashlib.sha256("\n".join(items).encode()).hexdigest()
+    return {"what": what, "count": int(count), "sha256": digest}
 
 
 class Task:
