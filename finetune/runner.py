@@ -14,8 +14,8 @@ from finetune.data.pairs import write_report
 from finetune.data.stream import MapBatchStream
 from finetune.factory import intensity_rule_mismatch, parameter_report
 from finetune.models.methods import get_method
-from pretrain.engine import EpochLoader, Task, TrainingPlan, ignore_preemption_signals, param_groups, poly_lr_at
-from pretrain.engine.task import training_inputs
+from pretrain.engine import (EpochLoader, Task, TrainingPlan, ignore_preemption_signals, param_groups, poly_lr_at,
+                             training_inputs)
 
 
 class FinetuneTask(Task):

@@ -12,8 +12,7 @@ from data_tools.config import to_container
 from data_tools.transforms import IntensityConfig, RoICropConfig
 from pretrain.data import (PretrainStream, StreamConfig, batches_per_epoch, epoch_samples, load_shard_set,
                            network_input)
-from pretrain.engine import EpochLoader, PlanError, Task, TrainingPlan, lr_at, param_groups, run
-from pretrain.engine.task import training_inputs
+from pretrain.engine import EpochLoader, PlanError, Task, TrainingPlan, lr_at, param_groups, run, training_inputs
 from pretrain.factory import build_model_from_config, initialise_from_config
 from pretrain.models.pad import (gated_parameter_names, pad_adapters, scale_predictor_trainable,
                                  set_scale_predictors_trainable)

@@ -23,7 +23,7 @@ from pretrain.engine.runlock import RunDirBusy
 from pretrain.engine.schedules import lr_at, poly_lr_at
 from pretrain.engine.signals import StopSignals, ignore_preemption_signals
 from pretrain.engine.streams import DataError, EpochLoader, PlanError, ResumableStream
-from pretrain.engine.task import Task, TrainingPlan
+from pretrain.engine.task import Task, TrainingPlan, training_inputs
 
 __all__ = [
     "Batching", "Checkpointer", "CheckpointWriteError", "DataError", "EXIT_PREEMPTED", "EpochLoader", "HealthPolicy",
@@ -33,5 +33,5 @@ __all__ = [
     "batchnorm_statistics", "build_engine", "deepspeed_config", "finish", "free_port", "frozen_fingerprint",
     "frozen_reference", "hold_gated_groups", "ignore_preemption_signals", "init_distributed", "lr_at", "new_state",
     "param_groups", "poly_lr_at", "prepare_run_dir", "resolve_batching", "resume_state", "run", "run_entry_point",
-    "seed_step", "set_lr", "threads_per_process", "train_steps", "weights_for_evaluation",
+    "seed_step", "set_lr", "threads_per_process", "train_steps", "training_inputs", "weights_for_evaluation",
 ]
