@@ -246,6 +246,8 @@ def test_frames_in_folders_of_their_own_are_told_apart_by_their_folder(tmp_path,
 
     with pytest.raises(ValueError, match=r"name each frame's folder with \{dir\}.*set data.train_split"):
         det_dataset(load_config(PRESETS / "kaist.yaml", [f"data.root={root}", "data.train_split=null"]), "train")
+    with pytest.raises(ValueError, match=r"\{dir\} names a folder per frame folder, for label files .*a COCO file"):
+        det_dataset(load_config(PRESETS / "kaist.yaml", [f"data.root={root}", "data.boxes.format=coco"]), "train")
     # the check names a list that is not there with the lists that are, and a missing folder
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}",
                           "data.train_split=imageSets/train-all-04.txt"]) == 2
