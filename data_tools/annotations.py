@@ -41,6 +41,7 @@ class BoxRecord:
     box: tuple[float, float, float, float]  # x, y, w, h (normalised to [0, 1] if `normalized`)
     label: str | int
     normalized: bool = False
+    ignore: bool = False  # a COCO crowd box: a region that scoring ignores, not one object
 
 
 @dataclass
@@ -106,7 +107,8 @@ def read_coco(path: str) -> AnnotationSet:
         for ann in data.get("annotations", []):
             stem = _stem(images[ann["image_id"]])
             x, y, w, h = (float(v) for v in ann["bbox"])
-            out.boxes[stem].append(BoxRecord((x, y, w, h), cats.get(ann["category_id"], ann["category_id"])))
+            out.boxes[stem].append(BoxRecord((x, y, w, h), cats.get(ann["category_id"], ann["category_id"]),
+                                             ignore=bool(ann.get("iscrowd", 0))))
     except (OSError, ValueError, KeyError, TypeError) as e:
         out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
         return out

@@ -1,4 +1,7 @@
-"""COCO box metrics with pycocotools: AP, AP50, AP75, APs/m/l and per-class AP."""
+"""Box metrics with pycocotools: COCO AP, AP50, AP75, APs/m/l, per-class AP, and the log-average
+miss rate of pedestrian benchmarks (Caltech, KAIST) from the same matching. Ignore regions are COCO
+crowd boxes: a detection inside one (its overlap measured over the detection's own area, as in
+Dollar et al.'s toolbox) counts neither as a hit nor as a false positive."""
 from __future__ import annotations
 
 import contextlib
@@ -9,15 +12,28 @@ import numpy as np
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
+# Log-average miss rate: the miss rate at nine false-positives-per-image points evenly spaced in
+# log space over [1e-2, 1e0], averaged in log space (Dollar et al., PAMI 2012), at IoU 0.5.
+MR_FPPI = np.logspace(-2.0, 0.0, 9)
+
+
 def coco_ground_truth(frames: list[dict], class_names: list[str]) -> dict:
-    """COCO GT dict from frames {'id', 'name', 'height', 'width', 'boxes' (N, 4 xyxy), 'labels'}."""
+    """COCO GT dict from frames {'id', 'name', 'height', 'width', 'boxes' (N, 4 xyxy), 'labels',
+    optionally 'ignore' (M, 4 xyxy ignore regions, written as crowd boxes of every class)}."""
     images, annotations = [], []
+
+    def add(image_id: int, box, label: int, crowd: int) -> None:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": crowd})
+
     for f in frames:
         images.append({"id": f["id"], "file_name": f["name"], "height": f["height"], "width": f["width"]})
         for box, label in zip(np.asarray(f["boxes"]).reshape(-1, 4), f["labels"]):
-            x1, y1, x2, y2 = (float(v) for v in box)
-            annotations.append({"id": len(annotations) + 1, "image_id": f["id"], "category_id": int(label) + 1,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            add(f["id"], box, int(label), 0)
+        for box in np.asarray(f.get("ignore", ())).reshape(-1, 4):
+            for label in range(len(class_names)):
+                add(f["id"], box, label, 1)
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -42,7 +58,8 @@ def coco_metrics(gt: dict, results: list[dict]) -> dict:
         coco_gt.createIndex()
         if not results:
             return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0,
-                    "per_class_AP": {c["name"]: 0.0 for c in gt["categories"]}, "detections": 0}
+                    "per_class_AP": {c["name"]: 0.0 for c in gt["categories"]}, "detections": 0,
+                    "MR": 1.0, "per_class_MR": {c["name"]: 1.0 for c in gt["categories"]}}
         coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys to the entries it gets
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         ev.evaluate()
@@ -55,4 +72,31 @@ def coco_metrics(gt: dict, results: list[dict]) -> dict:
         p = precision[:, :, k, 0, -1]
         p = p[p > -1]
         per_class[coco_gt.cats[cat_id]["name"]] = float(p.mean()) if p.size else None
-    return dict(stats, per_class_AP=per_class, detections=len(results))
+    per_class_mr = {coco_gt.cats[c]["name"]: log_average_miss_rate(ev, k) for k, c in enumerate(ev.params.catIds)}
+    rates = [m for m in per_class_mr.values() if m is not None]
+    return dict(stats, per_class_AP=per_class, detections=len(results),
+                MR=float(np.mean(rates)) if rates else None, per_class_MR=per_class_mr)
+
+
+def log_average_miss_rate(ev, k: int) -> float | None:
+    """Class ``k``'s log-average miss rate (lower is better) from an evaluated ``COCOeval``: its
+    detections over all frames by score at IoU 0.5, the area range 'all' and the largest per-frame
+    detection count; ignored detections (on ignore regions) left out. None: no object of the class."""
+    p = ev.params
+    t = int(np.argmin(np.abs(np.asarray(p.iouThrs) - 0.5)))
+    frames, areas = len(p.imgIds), len(p.areaRng)
+    entries = [e for e in ev.evalImgs[k * areas * frames: k * areas * frames + frames]
+               if e is not None and e["maxDet"] == p.maxDets[-1]]
+    positives = sum(int(np.count_nonzero(~np.asarray(e["gtIgnore"], bool))) for e in entries)
+    if positives == 0:
+        return None
+    scores = np.concatenate([np.asarray(e["dtScores"], float) for e in entries] + [np.zeros(0)])
+    hits = np.concatenate([e["dtMatches"][t] > 0 for e in entries] + [np.zeros(0, bool)])
+    counted = ~np.concatenate([np.asarray(e["dtIgnore"][t], bool) for e in entries] + [np.zeros(0, bool)])
+    order = np.argsort(-scores[counted], kind="mergesort")
+    hits = hits[counted][order]
+    fppi = np.concatenate([[-np.inf], np.cumsum(~hits) / frames])
+    recall = np.concatenate([[0.0], np.cumsum(hits) / positives])
+    # the recall reached before the false positives per frame exceed each point
+    at = recall[np.searchsorted(fppi, MR_FPPI, side="right") - 1]
+    return float(np.exp(np.mean(np.log(np.maximum(1e-10, 1.0 - at)))))

@@ -2,7 +2,7 @@
 
 Trains a ViTDet-style detector (torchvision Faster R-CNN, RetinaNet or FCOS) with the shared loop,
 then evaluates the validation split with pycocotools: ``metrics.json`` (AP, AP50, AP75, APs/m/l,
-per-class AP), ``predictions.json`` (COCO results format, original frame pixels), overlays.
+per-class AP, log-average miss rate MR), ``predictions.json`` (COCO results format, original frame pixels), overlays.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class DetTask(FinetuneTask):
             boxes = scaled["boxes"] / sample["scale"]  # back to the original frame's pixels
             record = dataset.records[index]
             frames.append({"id": index + 1, "name": record.pair.name, "height": record.size[0], "width": record.size[1],
-                           "boxes": record.boxes, "labels": record.labels})
+                           "boxes": record.boxes, "labels": record.labels, "ignore": record.ignore})
             results += coco_results(index + 1, boxes, scaled["scores"], scaled["labels"])
             if rank == 0 and n < int(cfg.eval.overlays):
                 write_det_overlay(run_dir / "overlays" / f"{record.pair.name}.png", sample, scaled,
@@ -77,7 +77,8 @@ class DetTask(FinetuneTask):
                 "labels": pred["labels"].cpu().numpy()}
 
     def describe(self, m: dict) -> str:
-        return f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}"
+        missed = f", MR {100 * m['MR']:.1f}" if m.get("MR") is not None else ""
+        return f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}{missed}"
 
 
 def train_det(cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False,

@@ -140,7 +140,16 @@ class SegDataSchema(_DataSchema):
 
 class DetDataSchema(_DataSchema):
     boxes: BoxesSchema
+    ignore_classes: list[str] = []  # labels whose boxes are ignore regions (KAIST: people, cyclist, person?)
     augment: DetAugmentSchema
+
+    @model_validator(mode="after")
+    def _ignored_apart_from_classes(self):
+        both = sorted(set(self.ignore_classes) & set(self.classes))
+        if both:
+            raise ValueError(f"data.ignore_classes and data.classes both name {both}: a box is an object or an "
+                             "ignore region, not both")
+        return self
 
 
 class FinetuneOptimSchema(OptimSchema):

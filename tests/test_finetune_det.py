@@ -50,9 +50,99 @@ def test_coco_metrics_on_hand_made_predictions():
     assert coco_metrics(gt_a, [])["AP"] == 0.0
 
 
+def test_log_average_miss_rate_and_ignore_regions_on_hand_made_detections():
+    """Eight frames with one object each; detections by score: a false positive, four hits, a false
+    positive, a hit, a false positive. Miss rate at the nine FPPI points 10^-2 ... 10^0 (the recall
+    reached before the false positives per frame exceed each): 1 below 1/8, 1/2 at 0.178, 3/8 from
+    0.316 on. A false positive inside an ignore region (overlap over its own area: 1, IoU 0.04)
+    stops counting."""
+    frames = [{"id": i + 1, "name": f"f{i}", "height": 100, "width": 100, "boxes": np.array([[10, 10, 50, 90]]),
+               "labels": np.array([0])} for i in range(8)]
+    hit = [10, 10, 50, 90]
+    fp = [60, 10, 90, 40]
+    results = (coco_results(8, [fp], [0.95], [0])
+               + [r for i, s in zip(range(4), (0.9, 0.8, 0.7, 0.6)) for r in coco_results(i + 1, [hit], [s], [0])]
+               + coco_results(7, [[10, 10, 30, 30]], [0.55], [0])  # frame 6 (id 7): IoU 0.125 with its object
+               + coco_results(5, [hit], [0.5], [0]) + coco_results(6, [fp], [0.4], [0]))
+    m = coco_metrics(coco_ground_truth(frames, ["a", "b"]), results)
+    expected = np.exp((np.log(0.5) + 3 * np.log(3 / 8)) / 9)
+    assert m["per_class_MR"] == {"a": pytest.approx(expected), "b": None}  # b has no object
+    assert m["MR"] == pytest.approx(expected)
+
+    frames[6]["ignore"] = np.array([[0, 0, 100, 100]])  # frame 6's whole frame ignored: the 0.55 box too
+    m = coco_metrics(coco_ground_truth(frames, ["a", "b"]), results)
+    assert m["MR"] == pytest.approx(np.exp(4 * np.log(3 / 8) / 9))
+    # AP50 without that false positive: precision 5/6 up to recall 5/8 (COCO interpolation), 0 above.
+    assert m["AP50"] == pytest.approx(sum(5 / 6 for r in np.linspace(0, 1, 101) if r <= 5 / 8 + 1e-9) / 101)
+    # ... and the object of frame 6 is no longer missed: it is not one (the region ignores it too)
+    frames[6]["boxes"], frames[6]["labels"] = np.zeros((0, 4)), np.zeros(0, np.int64)
+    assert coco_metrics(coco_ground_truth(frames, ["a", "b"]), results)["MR"] == pytest.approx(
+        np.exp(4 * np.log(2 / 7) / 9))
+    assert coco_metrics(coco_ground_truth(frames, ["a", "b"]), [])["MR"] == 1.0
+
+
 def _png(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), array)
+
+
+@pytest.mark.parametrize("fmt", ["voc", "coco"])
+def test_ignored_classes_and_crowd_boxes_are_regions_that_evaluation_does_not_count(tmp_path, fmt):
+    """KAIST's people / cyclist boxes (data.ignore_classes) and COCO crowd boxes are not trained on
+    and not scored: a detector that finds the person and also fires on the people box scores AP50 1
+    and miss rate 0 with them ignored; with people an unknown class, that detection is a false positive."""
+    import torch
+
+    from finetune.det import DetTask
+
+    _png(tmp_path / "ir" / "a.png", np.zeros((128, 160), np.uint8))  # det_tiny's input size: scale 1
+    _png(tmp_path / "vi" / "a.png", np.zeros((128, 160, 3), np.uint8))
+    person, people = [10, 10, 40, 90], [80, 20, 150, 100]
+    if fmt == "voc":
+        objs = "".join(f"<object><name>{c}</name><bndbox><x>{b[0]}</x><y>{b[1]}</y><w>{b[2] - b[0]}</w>"
+                       f"<h>{b[3] - b[1]}</h></bndbox></object>" for c, b in (("person", person), ("people", people)))
+        (tmp_path / "labels").mkdir()
+        (tmp_path / "labels" / "a.xml").write_text(f"<annotation>{objs}</annotation>")
+        path = tmp_path / "labels"
+    else:
+        anns = [{"id": k + 1, "image_id": 1, "category_id": 1, "iscrowd": crowd, "bbox": [b[0], b[1], b[2] - b[0],
+                 b[3] - b[1]]} for k, (b, crowd) in enumerate(((person, 0), (people, 1)))]
+        path = tmp_path / "coco.json"
+        path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": anns,
+                                    "categories": [{"id": 1, "name": "person"}]}))
+
+    class Fires:  # a detector that finds the person and fires on the people box
+        def eval(self):
+            return self
+
+        def predict(self, ir, vi):
+            return [{"boxes": torch.tensor([person, people], dtype=torch.float32),
+                     "scores": torch.tensor([0.6, 0.9]), "labels": torch.tensor([0, 0])}]
+
+    def scored(*overrides):
+        cfg = load_config(TINY, [f"data.root={tmp_path}", f"data.boxes.format={fmt}", f"data.boxes.path={path}",
+                                 "data.classes=[person]", "data.num_workers=0", "train.precision=fp32", *overrides])
+        dataset, issues, _ = det_dataset(cfg, "train")
+        metrics = DetTask().evaluate_split(Fires(), cfg, dataset, torch.device("cpu"), 0, 1, tmp_path / "run")
+        return dataset.records[0], [(i["reason"], i["detail"]) for i in issues], metrics
+
+    record, issues, m = scored("data.ignore_classes=[people]")
+    np.testing.assert_allclose(record.boxes, [person])
+    np.testing.assert_allclose(record.ignore, [people])
+    assert issues == [("ignore_region", "class 'people'" if fmt == "voc" else "class 'person' (crowd)")]
+    assert m["AP50"] == pytest.approx(1.0) and m["MR"] == pytest.approx(0.0, abs=1e-9)
+    if fmt == "voc":
+        record, issues, m = scored()
+        assert len(record.ignore) == 0 and issues == [("unknown_class", "class 'people'")]
+        assert m["AP50"] == pytest.approx(0.5)  # the false positive ranks first: precision 1/2 at every recall
+        # the false positive makes FPPI 1 before the hit: missed at 8 points, found at 10^0 (miss rate floored
+        # at 1e-10, as in Dollar et al.'s toolbox)
+        assert m["MR"] == pytest.approx(np.exp(np.log(1e-10) / 9))
+        from data_tools.config import check_config
+        from finetune.schema import DetConfig
+
+        with pytest.raises(Exception, match=r"data.ignore_classes and data.classes both name \['person'\]"):
+            check_config(load_config(TINY, ["data.classes=[person]", "data.ignore_classes=[person]"]), DetConfig)
 
 
 def test_every_frame_is_checked_on_the_process_threads_with_the_one_thread_outcome(tmp_path, monkeypatch):

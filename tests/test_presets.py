@@ -141,7 +141,7 @@ def build_replica(preset: str, root: Path) -> int:
             video = kaist_videos[i]
             _write(root / "images" / video / "lwir" / f"I{i:05d}.jpg", cv2.cvtColor(s["ir"], cv2.COLOR_GRAY2BGR))
             _write(root / "images" / video / "visible" / f"I{i:05d}.jpg", _bgr(s["vi"]))
-            people = [(2, 2, 2, 20, 30)] if i in (0, N_TRAIN) else []  # a class the preset does not keep
+            people = [(2, 2, 2, 20, 30)] if i in (0, N_TRAIN) else []  # a class the preset ignores
             _voc(root / "annotations-xml-new-sanitized" / video / f"I{i:05d}.xml", f"I{i:05d}", s["boxes"] + people,
                  ("person", "person", "people"), (128, 160), xywh=True)
         elif preset == "llvip":
@@ -208,7 +208,9 @@ def test_each_preset_reads_its_replica_with_only_the_root_given(preset, tmp_path
         if detection:
             kept = sum(len(r.boxes) for r in dataset.records)
             assert kept == _boxes_of(scenes, [r.pair.name for r in dataset.records]), (split, issues)
-            assert reasons.count("unknown_class") == dropped // 2  # one dog box per split
+            ignored = sum(len(r.ignore) for r in dataset.records)  # KAIST's people: ignore regions
+            assert reasons.count("unknown_class") + ignored == dropped // 2  # one dog / people box per split
+            assert reasons.count("ignore_region") == ignored == (dropped // 2 if cfg.data.ignore_classes else 0)
         else:
             assert not issues, issues
             sample = dataset.eval_sample(0)

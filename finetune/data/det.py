@@ -3,8 +3,11 @@ folders or VOC XML folders (which modality's labels to use is the choice of ``da
 
 Rules, each counted and named in the data report: boxes extending outside the image are clipped
 (``box_clipped``); boxes with no area after clipping are dropped (``box_empty``); boxes of a class
-not in ``data.classes`` are dropped (``unknown_class``); label files without an image are listed
-(``label_without_image``); frames without boxes stay as negatives. Nothing fails mid-epoch.
+not in ``data.classes`` are dropped (``unknown_class``); boxes of ``data.ignore_classes`` and COCO
+crowd boxes become ignore regions (``ignore_region``: not trained on; at evaluation a detection on one
+counts neither as a hit nor as a false positive, as in Caltech / KAIST pedestrian evaluation); label
+files without an image are listed (``label_without_image``); frames without boxes stay as negatives.
+Nothing fails mid-epoch.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class DetRecord:
     boxes: np.ndarray  # (N, 4) x1 y1 x2 y2 in pixels of the original frame
     labels: np.ndarray  # (N,) class indices
     size: tuple[int, int]  # (height, width)
+    ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (M, 4) xyxy ignore regions
 
 
 def _class_index(label, classes: tuple[str, ...]) -> int | None:
@@ -111,11 +115,20 @@ def _size_or_issue(pair: PairRecord) -> tuple[int, int] | dict:
     return problem or next(f.shape[:2] for f in frames.values() if f is not None)
 
 
+def _pixel_boxes(recs, w: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xyxy pixel boxes of ``recs`` clipped to the frame, which of them have an area, which were clipped."""
+    xywh, keep, clipped = clip_boxes(boxes_to_pixels(recs, w, h), w, h)
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).astype(np.float32).reshape(-1, 4)
+    return xyxy, keep, clipped
+
+
 def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
-                  in_split: list[str] | None = None, name_suffix: str = "") -> tuple[list[DetRecord], list[dict]]:
+                  in_split: list[str] | None = None, name_suffix: str = "",
+                  ignore_classes: tuple[str, ...] = ()) -> tuple[list[DetRecord], list[dict]]:
     """Read every frame once (size check) and attach its boxes under the documented rules.
     ``in_split``: the split's names (label files of other frames are not orphans);
-    ``name_suffix``: removed from annotation stems (annotations named as the infrared files)."""
+    ``name_suffix``: removed from annotation stems (annotations named as the infrared files);
+    ``ignore_classes``: labels whose boxes are ignore regions."""
     ann = frame_boxes(boxes_cfg, classes, [p.name for p in pairs], name_suffix)
     if problem := _unreadable_coco(ann, boxes_cfg):
         raise DataError(f"{problem}; no frame would have its boxes")
@@ -133,18 +146,23 @@ def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
             issues.append(checked)
             continue
         h, w = checked
-        recs = ann.boxes.get(pair.name, [])
-        known = [(r, _class_index(r.label, classes)) for r in recs]
-        for r, k in known:
-            if k is None:
+        objects, labels, regions = [], [], []
+        for r in ann.boxes.get(pair.name, []):
+            if r.ignore or r.label in ignore_classes:
+                regions.append(r)
+                crowd = " (crowd)" if r.ignore else ""
+                issues.append(issue(pair.name, "ignore_region", f"class {r.label!r}{crowd}"))
+            elif (k := _class_index(r.label, classes)) is None:
                 issues.append(issue(pair.name, "unknown_class", f"class {r.label!r}"))
-        recs = [r for r, k in known if k is not None]
-        labels = np.array([k for _, k in known if k is not None], np.int64)
-        xywh, keep, clipped = clip_boxes(boxes_to_pixels(recs, w, h), w, h)
+            else:
+                objects.append(r)
+                labels.append(k)
+        xyxy, keep, clipped = _pixel_boxes(objects, w, h)
         issues += [issue(pair.name, "box_clipped", f"box {i}") for i in np.flatnonzero(clipped)]
         issues += [issue(pair.name, "box_empty", f"box {i}") for i in np.flatnonzero(~keep)]
-        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)[keep].astype(np.float32)
-        records.append(DetRecord(pair, xyxy.reshape(-1, 4), labels[keep], (h, w)))
+        ignore, has_area, _ = _pixel_boxes(regions, w, h)  # a region outside the frame ignores nothing
+        records.append(DetRecord(pair, xyxy[keep], np.array(labels, np.int64).reshape(-1)[keep], (h, w),
+                                 ignore[has_area]))
     return records, issues
 
 

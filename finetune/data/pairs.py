@@ -36,6 +36,8 @@ PAIR_ISSUES = {
     "unknown_label_values": "the label map holds values that are neither a class index nor the ignore index",
     "wrong_channels": "a packed (MFNet-style) image does not have 4 channels",
     "unknown_class": "a box's class is not among the configured classes; the box was dropped",
+    "ignore_region": "a box of data.ignore_classes (or a COCO crowd box) is an ignore region: not trained on, and "
+                     "a detection on it counts neither as a hit nor as a false positive",
     **{k: ISSUE_REASONS[k] for k in ("box_clipped", "box_empty")},
     "annotation_parse_error": "an annotation file could not be parsed; its frame was left out (its boxes are unknown)",
     "annotation_ambiguous": "several images share this name, so whose boxes they are is unknown; "
