@@ -42,6 +42,7 @@ class BoxRecord:
     label: str | int
     normalized: bool = False
     ignore: bool = False  # a COCO crowd box: a region that scoring ignores, not one object
+    occlusion: int | None = None  # VOC <occlusion> (KAIST: 0 none, 1 partial, 2 heavy); None: not given
 
 
 @dataclass
@@ -167,13 +168,25 @@ def read_voc(folder: str) -> AnnotationSet:
         path = os.path.join(folder, name)
         try:
             root = ET.parse(path).getroot()
-            recs = [BoxRecord(_voc_object_box(obj, k), obj.findtext("name", "object"))
+            recs = [BoxRecord(_voc_object_box(obj, k), obj.findtext("name", "object"), occlusion=_voc_occlusion(obj, k))
                     for k, obj in enumerate(root.iter("object"), 1)]
         except (OSError, ET.ParseError, AttributeError, TypeError, ValueError) as e:
             out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
             continue
         out.boxes[_stem(name)] = recs
     return out
+
+
+def _voc_occlusion(obj: ET.Element, number: int) -> int | None:
+    """An ``<object>``'s ``<occlusion>`` level (KAIST's annotations), None where it has none."""
+    text = obj.findtext("occlusion")
+    if text is None or not text.strip():
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        name = obj.findtext("name", "?")
+        raise ValueError(f"object {number} ({name}): <occlusion> {text!r} is not an integer") from None
 
 
 def _voc_object_box(obj: ET.Element, number: int) -> tuple[float, float, float, float]:

@@ -36,6 +36,7 @@ class DetTask(FinetuneTask):
                        run_dir: Path) -> dict:
         """Predict this rank's frames, gather on rank 0, score with pycocotools."""
         from finetune.coco_eval import coco_ground_truth, coco_metrics, coco_results
+        from finetune.data.det import evaluation_truth
         from finetune.overlay import write_det_overlay
 
         model.eval()
@@ -46,8 +47,9 @@ class DetTask(FinetuneTask):
             scaled = self.predict_frame(model, cfg, sample, device)
             boxes = scaled["boxes"] / sample["scale"]  # back to the original frame's pixels
             record = dataset.records[index]
+            boxes_scored, labels, ignore = evaluation_truth(record, float(cfg.eval.min_height), cfg.eval.max_occlusion)
             frames.append({"id": index + 1, "name": record.pair.name, "height": record.size[0], "width": record.size[1],
-                           "boxes": record.boxes, "labels": record.labels, "ignore": record.ignore})
+                           "boxes": boxes_scored, "labels": labels, "ignore": ignore})
             results += coco_results(index + 1, boxes, scaled["scores"], scaled["labels"])
             if rank == 0 and n < int(cfg.eval.overlays):
                 write_det_overlay(run_dir / "overlays" / f"{record.pair.name}.png", sample, scaled,

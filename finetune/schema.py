@@ -175,6 +175,9 @@ class SegEvalSchema(EvalSchema):
 class DetEvalSchema(EvalSchema):
     overlays: NonNegInt
     overlay_score: Fraction
+    # objects shorter (frame pixels) / more occluded (VOC <occlusion>) are scored as ignore regions
+    min_height: NonNegFloat = 0.0
+    max_occlusion: NonNegInt | None = None
 
 
 class SegConfig(Section):

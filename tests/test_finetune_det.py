@@ -145,6 +145,54 @@ def test_ignored_classes_and_crowd_boxes_are_regions_that_evaluation_does_not_co
             check_config(load_config(TINY, ["data.classes=[person]", "data.ignore_classes=[person]"]), DetConfig)
 
 
+def test_the_reasonable_setting_scores_short_and_heavily_occluded_objects_as_ignore_regions(tmp_path):
+    """KAIST's "reasonable" scoring (eval.min_height 55, eval.max_occlusion 1): a person 40 px tall
+    and one behind another (<occlusion> 2) are neither missed when not found nor hits when found;
+    all are still trained on. A malformed <occlusion> leaves its frame out, named."""
+    import torch
+
+    from finetune.det import DetTask
+
+    _png(tmp_path / "ir" / "a.png", np.zeros((128, 160), np.uint8))
+    _png(tmp_path / "vi" / "a.png", np.zeros((128, 160, 3), np.uint8))
+    _png(tmp_path / "ir" / "b.png", np.zeros((128, 160), np.uint8))
+    _png(tmp_path / "vi" / "b.png", np.zeros((128, 160, 3), np.uint8))
+    tall, short, hidden = [10, 10, 40, 100], [60, 50, 75, 90], [100, 20, 130, 110]
+    objs = "".join(f"<object><name>person</name><bndbox><x>{b[0]}</x><y>{b[1]}</y><w>{b[2] - b[0]}</w>"
+                   f"<h>{b[3] - b[1]}</h></bndbox><occlusion>{o}</occlusion></object>"
+                   for b, o in ((tall, 0), (short, 1), (hidden, 2)))
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.xml").write_text(f"<annotation>{objs}</annotation>")
+    (tmp_path / "labels" / "b.xml").write_text("<annotation><object><name>person</name><bndbox><x>1</x><y>1</y><w>9</w>"
+                                               "<h>9</h></bndbox><occlusion>heavy</occlusion></object></annotation>")
+
+    class Finds:  # finds the tall person (0.9) and the short one (0.8), not the hidden one
+        def eval(self):
+            return self
+
+        def predict(self, ir, vi):
+            return [{"boxes": torch.tensor([tall, short], dtype=torch.float32), "scores": torch.tensor([0.9, 0.8]),
+                     "labels": torch.tensor([0, 0])}]
+
+    def scored(*overrides):
+        cfg = load_config(TINY, [f"data.root={tmp_path}", "data.boxes.format=voc", "data.boxes.path=labels",
+                                 "data.classes=[person]", "data.num_workers=0", "train.precision=fp32", *overrides])
+        dataset, issues, _ = det_dataset(cfg, "train")
+        metrics = DetTask().evaluate_split(Finds(), cfg, dataset, torch.device("cpu"), 0, 1, tmp_path / "run")
+        return dataset, issues, metrics
+
+    dataset, issues, every = scored()
+    assert [r.pair.name for r in dataset.records] == ["a"] and len(dataset.records[0].boxes) == 3  # all trained on
+    assert dataset.records[0].occlusion.tolist() == [0, 1, 2]
+    assert [(i["name"], i["reason"]) for i in issues] == [("b", "annotation_parse_error")]
+    assert "<occlusion> 'heavy' is not an integer" in issues[0]["detail"]
+    assert every["AP50"] == pytest.approx(67 / 101)  # 2 of 3 found, no false positive: recall 2/3
+    _, _, reasonable = scored("eval.min_height=55", "eval.max_occlusion=1")
+    assert reasonable["AP50"] == pytest.approx(1.0) and reasonable["MR"] == pytest.approx(0.0, abs=1e-9)
+    _, _, tall_only = scored("eval.min_height=55")  # the hidden person counts, and is missed
+    assert tall_only["AP50"] == pytest.approx(51 / 101)
+
+
 def test_every_frame_is_checked_on_the_process_threads_with_the_one_thread_outcome(tmp_path, monkeypatch):
     """Building a split reads each frame once to check it, on the process's share of the cores;
     the records and the issues, in order, are those of one thread."""
