@@ -2,7 +2,8 @@
 
 Trains a ViTDet-style detector (torchvision Faster R-CNN, RetinaNet or FCOS) with the shared loop,
 then evaluates the validation split with pycocotools: ``metrics.json`` (AP, AP50, AP75, APs/m/l,
-per-class AP, log-average miss rate MR), ``predictions.json`` (COCO results format, original frame pixels), overlays.
+per-class AP, log-average miss rate MR), ``predictions.json`` (COCO results format, original frame
+pixels), overlays.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class DetTask(FinetuneTask):
         from finetune.overlay import write_det_overlay
 
         model.eval()
+        # runs saved before these settings existed score every object
+        min_height, max_occlusion = float(cfg.eval.get("min_height") or 0), cfg.eval.get("max_occlusion")
         indices = list(range(rank, len(dataset), world))
         frames, results = [], []
         names = list(cfg.data.classes)
@@ -47,7 +50,7 @@ class DetTask(FinetuneTask):
             scaled = self.predict_frame(model, cfg, sample, device)
             boxes = scaled["boxes"] / sample["scale"]  # back to the original frame's pixels
             record = dataset.records[index]
-            boxes_scored, labels, ignore = evaluation_truth(record, float(cfg.eval.min_height), cfg.eval.max_occlusion)
+            boxes_scored, labels, ignore = evaluation_truth(record, min_height, max_occlusion)
             frames.append({"id": index + 1, "name": record.pair.name, "height": record.size[0], "width": record.size[1],
                            "boxes": boxes_scored, "labels": labels, "ignore": ignore})
             results += coco_results(index + 1, boxes, scaled["scores"], scaled["labels"])

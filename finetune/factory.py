@@ -168,5 +168,5 @@ def det_dataset(cfg, split: str):
     split_file = split_list(data, split)
     pairs, issues, found = discover(data, split_file, need_label=False)
     records, more = build_records(pairs, data.boxes, spec.classes, split_names(data, split_file),
-                                  name_suffix(data, "ir"), tuple(data.ignore_classes))
+                                  name_suffix(data, "ir"), tuple(data.get("ignore_classes") or ()))
     return DetDataset(records, spec), issues + more, found

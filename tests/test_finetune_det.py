@@ -174,9 +174,11 @@ def test_the_reasonable_setting_scores_short_and_heavily_occluded_objects_as_ign
             return [{"boxes": torch.tensor([tall, short], dtype=torch.float32), "scores": torch.tensor([0.9, 0.8]),
                      "labels": torch.tensor([0, 0])}]
 
-    def scored(*overrides):
+    def scored(*overrides, saved_before=False):
         cfg = load_config(TINY, [f"data.root={tmp_path}", "data.boxes.format=voc", "data.boxes.path=labels",
                                  "data.classes=[person]", "data.num_workers=0", "train.precision=fp32", *overrides])
+        if saved_before:  # a run's config saved before these settings existed: every object scored
+            cfg.eval.pop("min_height"), cfg.eval.pop("max_occlusion"), cfg.data.pop("ignore_classes")
         dataset, issues, _ = det_dataset(cfg, "train")
         metrics = DetTask().evaluate_split(Finds(), cfg, dataset, torch.device("cpu"), 0, 1, tmp_path / "run")
         return dataset, issues, metrics
@@ -187,6 +189,7 @@ def test_the_reasonable_setting_scores_short_and_heavily_occluded_objects_as_ign
     assert [(i["name"], i["reason"]) for i in issues] == [("b", "annotation_parse_error")]
     assert "<occlusion> 'heavy' is not an integer" in issues[0]["detail"]
     assert every["AP50"] == pytest.approx(67 / 101)  # 2 of 3 found, no false positive: recall 2/3
+    assert scored(saved_before=True)[2]["AP50"] == pytest.approx(67 / 101)
     _, _, reasonable = scored("eval.min_height=55", "eval.max_occlusion=1")
     assert reasonable["AP50"] == pytest.approx(1.0) and reasonable["MR"] == pytest.approx(0.0, abs=1e-9)
     _, _, tall_only = scored("eval.min_height=55")  # the hidden person counts, and is missed

@@ -172,7 +172,7 @@ def evaluation_truth(record: DetRecord, min_height: float = 0.0,
                      max_occlusion: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(boxes, labels, ignore regions) a frame is scored against: objects shorter than ``min_height``
     pixels or more occluded than ``max_occlusion`` join the ignore regions (the "reasonable" setting
-    of pedestrian benchmarks: KAIST 55 px and at most partly occluded); neither is trained on less."""
+    of pedestrian benchmarks: KAIST 55 px and at most partly occluded). Training uses every object."""
     heights = record.boxes[:, 3] - record.boxes[:, 1]
     scored = heights >= min_height
     if max_occlusion is not None and record.occlusion is not None:
