@@ -60,8 +60,21 @@ def _cmd_check(args: argparse.Namespace) -> int:
     source = f" (from {cfg.data.classes_file})" if cfg.data.get("classes_file") else ""
     print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there; "
           f"{len(cfg.data.classes)} class{'es' if len(cfg.data.classes) > 1 else ''}{source}: "
-          f"{', '.join(cfg.data.classes)}")
+          f"{', '.join(cfg.data.classes)}{_scoring_note(cfg)}")
     return 0
+
+
+def _scoring_note(cfg) -> str:
+    """What a detection run does not score as objects: ignore classes, short or occluded objects."""
+    if "boxes" not in cfg.data:
+        return ""
+    ignored = list(cfg.data.get("ignore_classes") or [])
+    parts = [f"{', '.join(ignored)} boxes"] if ignored else []
+    if cfg.eval.get("min_height"):
+        parts.append(f"objects under {cfg.eval.min_height} px tall")
+    if cfg.eval.get("max_occlusion") is not None:
+        parts.append(f"objects occluded above level {cfg.eval.max_occlusion}")
+    return f"; scored as ignore regions: {', '.join(parts)}" if parts else ""
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

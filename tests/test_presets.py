@@ -255,7 +255,8 @@ def test_frames_in_folders_of_their_own_are_told_apart_by_their_folder(tmp_path,
                           "data.train_split=imageSets/train-all-04.txt"]) == 2
     assert "holds test-all-20.txt, train-all-02.txt" in capsys.readouterr().err
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}"]) == 0
-    assert "is there; 1 class: person" in capsys.readouterr().out
+    assert ("is there; 1 class: person; scored as ignore regions: people, cyclist, person? boxes, objects under 55 px "
+            "tall, objects occluded above level 1") in capsys.readouterr().out
     unpacked = tmp_path / "download" / "kaist-cvpr15"  # a download that unpacked into a folder of its own
     shutil.copytree(root, unpacked)
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={unpacked.parent}"]) == 2
