@@ -86,6 +86,70 @@ def _png(path, array):
     cv2.imwrite(str(path), array)
 
 
+def _toolbox_miss_rate(frames, detections) -> float:
+    """The log-average miss rate as Dollar et al.'s toolbox defines it (evalRes, then compRoc at the
+    nine FPPI points), written here from its definition for one class: per frame, detections by
+    score take the best unmatched object (IoU) or else an ignore region (overlap over the detection's
+    area) at >= 0.5; matches to ignore regions drop out; unmatched detections are false positives."""
+    def overlap(d, g, region):
+        w = min(d[2], g[2]) - max(d[0], g[0])
+        h = min(d[3], g[3]) - max(d[1], g[1])
+        if w <= 0 or h <= 0:
+            return 0.0
+        area_d = (d[2] - d[0]) * (d[3] - d[1])
+        return w * h / (area_d if region else area_d + (g[2] - g[0]) * (g[3] - g[1]) - w * h)
+
+    scored, positives = [], 0
+    for f, dets in zip(frames, detections):
+        truth = [(g, False) for g in f["boxes"]] + [(g, True) for g in f["ignore"]]  # ignore regions last
+        positives += len(f["boxes"])
+        matched = [False] * len(truth)
+        for box, score in sorted(dets, key=lambda d: -d[1]):
+            best, best_oa = None, 0.5
+            for j, (g, region) in enumerate(truth):
+                if matched[j] and not region:
+                    continue
+                if best is not None and not truth[best][1] and region:
+                    break
+                oa = overlap(box, g, region)
+                if oa >= best_oa:
+                    best, best_oa = j, oa
+            if best is not None and truth[best][1]:
+                continue  # on an ignore region: not counted
+            if best is not None:
+                matched[best] = True
+            scored.append((score, best is not None))
+    scored.sort(key=lambda d: -d[0])
+    fp = np.cumsum([not hit for _, hit in scored]) / len(frames)
+    tp = np.cumsum([hit for _, hit in scored]) / positives
+    recall = [max([0.0] + [r for x, r in zip(fp, tp) if x <= ref]) for ref in 10 ** np.arange(-2, 0.01, 0.25)]
+    return float(np.exp(np.mean(np.log(np.maximum(1e-10, 1 - np.array(recall))))))
+
+
+def test_log_average_miss_rate_equals_the_toolbox_definition_on_random_scenes():
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        frames, detections, results = [], [], []
+        for i in range(40):
+            def boxes(n):
+                xy = rng.uniform(0, 500, (n, 2))
+                return np.concatenate([xy, xy + rng.uniform(20, 120, (n, 2))], axis=1).round(1)
+            objects, regions = boxes(int(rng.integers(0, 4))), boxes(int(rng.integers(0, 2)))
+            near = objects[rng.uniform(size=len(objects)) < 0.7]
+            size = (near[:, 2:] - near[:, :2])[:, [0, 1, 0, 1]]
+            near = near + rng.normal(0, 0.08, near.shape) * size  # hits and near misses
+            on_regions = regions[:, :2][:, [0, 1, 0, 1]] + [5, 5, 25, 35]  # inside a region
+            dets = np.concatenate([near.reshape(-1, 4), on_regions.reshape(-1, 4), boxes(int(rng.integers(0, 3)))])
+            scores = rng.uniform(size=len(dets)).round(6)
+            frames.append({"id": i + 1, "name": f"f{i}", "height": 640, "width": 640, "boxes": objects,
+                           "labels": np.zeros(len(objects), np.int64), "ignore": regions})
+            detections.append(list(zip(dets.tolist(), scores.tolist())))
+            results += coco_results(i + 1, dets, scores, np.zeros(len(dets), np.int64))
+        ours = coco_metrics(coco_ground_truth(frames, ["person"]), results)["MR"]
+        assert ours == pytest.approx(_toolbox_miss_rate(frames, detections), rel=1e-9), trial
+        assert 0.05 < ours < 0.95  # neither all found nor none
+
+
 @pytest.mark.parametrize("fmt", ["voc", "coco"])
 def test_ignored_classes_and_crowd_boxes_are_regions_that_evaluation_does_not_count(tmp_path, fmt):
     """KAIST's people / cyclist boxes (data.ignore_classes) and COCO crowd boxes are not trained on
