@@ -52,6 +52,11 @@ def coco_metrics(gt: dict, results: list[dict]) -> dict:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    objects = sum(not a["iscrowd"] for a in gt["annotations"])  # scored: ignore regions are not objects
+    if not objects:  # pycocotools would give -1: no score is defined, which a number would hide
+        nothing = {c["name"]: None for c in gt["categories"]}
+        return dict({name: None for name in STAT_NAMES}, per_class_AP=nothing, detections=len(results), MR=None,
+                    per_class_MR=dict(nothing), objects=0)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
@@ -59,13 +64,13 @@ def coco_metrics(gt: dict, results: list[dict]) -> dict:
         if not results:
             return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0,
                     "per_class_AP": {c["name"]: 0.0 for c in gt["categories"]}, "detections": 0,
-                    "MR": 1.0, "per_class_MR": {c["name"]: 1.0 for c in gt["categories"]}}
+                    "MR": 1.0, "per_class_MR": {c["name"]: 1.0 for c in gt["categories"]}, "objects": objects}
         coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys to the entries it gets
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+    stats = {name: float(v) if v >= 0 else None for name, v in zip(STAT_NAMES, ev.stats)}  # -1: no object there
     precision = ev.eval["precision"]  # (iou thresholds, recall points, classes, areas, max dets)
     per_class = {}
     for k, cat_id in enumerate(ev.params.catIds):
@@ -75,7 +80,7 @@ def coco_metrics(gt: dict, results: list[dict]) -> dict:
     per_class_mr = {coco_gt.cats[c]["name"]: log_average_miss_rate(ev, k) for k, c in enumerate(ev.params.catIds)}
     rates = [m for m in per_class_mr.values() if m is not None]
     return dict(stats, per_class_AP=per_class, detections=len(results),
-                MR=float(np.mean(rates)) if rates else None, per_class_MR=per_class_mr)
+                MR=float(np.mean(rates)) if rates else None, per_class_MR=per_class_mr, objects=objects)
 
 
 def log_average_miss_rate(ev, k: int) -> float | None:

@@ -9,7 +9,8 @@ the folder listing and the first frames of each split.
   the command that writes train.txt / val.txt for a dataset published without them;
 - a split in which no frame has all its files, or whose first frames are all unusable as training
   reads them (colour label images, values outside the classes, 0 / 255 masks read as indices);
-- detection labels none of whose boxes has a configured class.
+- detection labels none of whose boxes has a configured class, or (validation) none of whose
+  objects would be scored under ``eval.min_height`` / ``eval.max_occlusion``.
 """
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ def check_weights_given(cfg, name: str) -> None:
                          f"another model.method ({others})")
 
 
-def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), read_frames: bool = True) -> None:
+def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), read_frames: bool = True,
+                  scoring: bool = True) -> None:
     """Raise FileNotFoundError, naming the split, unless the folders and files ``cfg.data`` names
     for ``splits`` are there, listed as training lists them, with some frame that has all its
     files; ValueError when the first frames read (``read_frames``) are all unusable, or (detection)
-    no box has a configured class."""
+    no box has a configured class, or (``scoring``) no validation object would be scored."""
     from finetune.data.det import classes_problem
     from finetune.data.pairs import discover, name_suffix, no_frames_problem
     from finetune.factory import data_for_split, split_list
@@ -56,7 +58,9 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
             raise ValueError(f"{name} ({split}): {problem}")
         if detection and data.boxes.path:
             try:  # a folder of label files where they are read (each frame folder's), or one COCO file
-                problem = classes_problem(listed[0], data.boxes, tuple(cfg.data.classes), name_suffix(data, "ir"))
+                limits = (float(cfg.eval.get("min_height") or 0), cfg.eval.get("max_occlusion"))
+                problem = classes_problem(listed[0], data.boxes, tuple(cfg.data.classes), name_suffix(data, "ir"),
+                                          limits if split == "val" and scoring else None)
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{name} ({split}): {e}") from None
             if problem:
@@ -112,7 +116,7 @@ def _root_below(cfg) -> str | None:
         moved = copy.deepcopy(cfg)
         moved.data.root = str(candidate)
         try:
-            _check_layout(moved, "", read_frames=False)
+            _check_layout(moved, "", read_frames=False, scoring=False)  # where the files are, not what they hold
             return str(candidate)
         except (OSError, ValueError):  # not there, or not a layout training could read
             continue

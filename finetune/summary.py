@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 SCORES = {"seg": lambda m: f"mIoU {100 * m['mIoU']:.1f}",
-          "det": lambda m: f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}"}
+          "det": lambda m: (f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}" if m["AP"] is not None
+                            else "no score (no object to score)")}
 
 
 def run_summary(run_dir: str | Path) -> str:

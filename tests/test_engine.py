@@ -26,6 +26,12 @@ def test_best_is_the_first_evaluation_with_the_highest_metric(tmp_path):
     assert records[1] == {"step": 4, "val/mIoU": 0.7, "val/frames": 3}  # scalars only
     # Other ranks take part in the evaluation but neither log nor decide.
     assert _evaluate_now(lambda s: {"mIoU": 0.9}, {"step": 12}, spec, log, rank=1) is False
+    # A metric not defined on the split (None: a detection split whose objects are all ignored) is
+    # logged as nothing and beats nothing.
+    state["step"] = 12
+    assert _evaluate_now(lambda s: {"mIoU": None, "frames": 3}, state, spec, log, rank=0) is False
+    assert state["best"] == {"metric": "mIoU", "value": 0.7, "step": 4}
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 12, "val/frames": 3}
 
 
 def test_keep_as_best_replaces_the_previous_best_with_a_complete_copy(tmp_path):

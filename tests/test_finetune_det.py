@@ -79,6 +79,15 @@ def test_log_average_miss_rate_and_ignore_regions_on_hand_made_detections():
     assert coco_metrics(coco_ground_truth(frames, ["a", "b"]), results)["MR"] == pytest.approx(
         np.exp(4 * np.log(2 / 7) / 9))
     assert coco_metrics(coco_ground_truth(frames, ["a", "b"]), [])["MR"] == 1.0
+    # Every object ignored: no score is defined (pycocotools' -1), and none is reported
+    for f in frames:
+        f["ignore"], f["boxes"], f["labels"] = f["boxes"], np.zeros((0, 4)), np.zeros(0, np.int64)
+    for given in (results, []):
+        m = coco_metrics(coco_ground_truth(frames, ["a", "b"]), given)
+        assert m["AP"] is None and m["AP50"] is None and m["MR"] is None and m["objects"] == 0
+        assert m["per_class_AP"] == {"a": None, "b": None}
+    from finetune.det import DetTask
+    assert DetTask().describe(m).startswith("no score: no object to score")
 
 
 def _png(path, array):

@@ -254,9 +254,17 @@ def test_frames_in_folders_of_their_own_are_told_apart_by_their_folder(tmp_path,
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}",
                           "data.train_split=imageSets/train-all-04.txt"]) == 2
     assert "holds test-all-20.txt, train-all-02.txt" in capsys.readouterr().err
-    assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}"]) == 0
-    assert ("is there; 1 class: person; scored as ignore regions: people, cyclist, person? boxes, objects under 55 px "
-            "tall, objects occluded above level 1") in capsys.readouterr().out
+    # the miniature's persons are under the reasonable setting's 55 px: nothing to score, said before training
+    val, _, _ = det_dataset(cfg, "val")
+    heights = [float(b[3] - b[1]) for r in val.records for b in r.boxes]
+    assert max(heights) < 55
+    assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}"]) == 2
+    assert (f"kaist.yaml (val): none of its {len(heights)} objects would be scored: every one is under "
+            f"eval.min_height=55 px tall (the tallest: {max(heights):g} px)") in capsys.readouterr().err
+    assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}",
+                          f"eval.min_height={max(heights):g}"]) == 0  # the tallest is scored
+    assert (f"is there; 1 class: person; scored as ignore regions: people, cyclist, person? boxes, objects under "
+            f"{max(heights):g} px tall, objects occluded above level 1") in capsys.readouterr().out
     unpacked = tmp_path / "download" / "kaist-cvpr15"  # a download that unpacked into a folder of its own
     shutil.copytree(root, unpacked)
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={unpacked.parent}"]) == 2

@@ -86,10 +86,12 @@ def _unreadable_coco(ann: AnnotationSet, boxes_cfg) -> str | None:
     return None
 
 
-def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...], name_suffix: str = "") -> str | None:
+def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...], name_suffix: str = "",
+                    scoring: tuple[float, int | None] | None = None) -> str | None:
     """From the annotation files alone (no image read): why the boxes of these frames cannot teach
     a detector of ``classes`` (none at all, or none of a configured class: trained on, every frame
-    would be background), or None."""
+    would be background), or, with ``scoring`` (``eval.min_height``, ``eval.max_occlusion``), why
+    none of them would be scored; or None."""
     names = {p.name for p in pairs}
     ann = frame_boxes(boxes_cfg, classes, sorted(names), name_suffix)
     if problem := _unreadable_coco(ann, boxes_cfg):
@@ -100,7 +102,9 @@ def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...]
         why = f" ({len(unread)} label files could not be read, e.g. {unread[0]['detail']})" if unread else ""
         return f"the labels in {boxes_cfg.path} give no box to any of its {len(names)} frames{why}"
     if any(_class_index(label, classes) is not None for label in labels):
-        return None
+        objects = [r for name, recs in ann.boxes.items() if name in names for r in recs
+                   if _class_index(r.label, classes) is not None and not r.ignore]
+        return _unscored_problem(objects, *scoring) if scoring else None
     counts: dict = {}
     for label in labels:
         counts[label] = counts.get(label, 0) + 1
@@ -108,6 +112,22 @@ def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...]
                       for k, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
     return (f"none of its {len(labels)} boxes has a class of data.classes {list(classes)}: the labels name {named}; "
             "set data.classes to the names they use (YOLO: in the order of their ids)")
+
+
+def _unscored_problem(objects: list, min_height: float, max_occlusion: int | None) -> str | None:
+    """Why none of ``objects`` (box records) would be scored under ``eval.min_height`` /
+    ``eval.max_occlusion``, or None. Boxes in fractions of the frame (YOLO) pass the height test:
+    their height in pixels is not known without the frame."""
+    def scored(r) -> bool:
+        tall = r.normalized or r.box[3] >= min_height
+        return tall and (max_occlusion is None or r.occlusion is None or r.occlusion <= max_occlusion)
+
+    if not objects or any(scored(r) for r in objects):
+        return None
+    tallest = max(r.box[3] for r in objects)
+    return (f"none of its {len(objects)} objects would be scored: every one is under eval.min_height={min_height:g} px "
+            f"tall (the tallest: {tallest:g} px) or occluded above eval.max_occlusion={max_occlusion}; "
+            "lower them (KAIST at full size: 55 and 1; all objects: 0 and null)")
 
 
 def _size_or_issue(pair: PairRecord) -> tuple[int, int] | dict:

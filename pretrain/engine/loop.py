@@ -383,6 +383,8 @@ def _evaluate_now(evaluate: Callable[[int], dict | None], state: dict, spec: Loo
                                          if isinstance(v, (int, float)) and not isinstance(v, bool)}})
     if spec.best_metric is None:
         return False
+    if metrics.get(spec.best_metric) is None:  # not defined on this split (a detection split without objects)
+        return False
     value = float(metrics[spec.best_metric])
     best = state.setdefault("best", {})
     if "value" in best and not value > best["value"]:
