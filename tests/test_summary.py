@@ -55,6 +55,14 @@ def test_finetune_summary_names_method_score_share_and_best(tmp_path, capsys):
                                        f"(2,684,928); best mIoU 50.0 at step 4; overlays {run / 'overlays'}\n")
     assert finetune_main(["summary", str(tmp_path)]) == 2
     assert "no metrics.json (the run has not finished" in capsys.readouterr().err
+    det = tmp_path / "det"
+    det.mkdir()
+    share = {"trainable_backbone_share": 0.031, "trainable_backbone": 2684928}
+    for ap, said in ((0.25, "AP 25.0, AP50 50.0"), (None, "no score (no object to score)")):
+        (det / "metrics.json").write_text(json.dumps({"task": "det", "method": "ivtuning", "AP": ap,
+                                                      "AP50": ap and 2 * ap, "frames": 3, "params": share}))
+        assert finetune_main(["summary", str(det)]) == 0
+        assert f"det        {det}: ivtuning, {said} on 3 frames;" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("layout,modality,detection,frames", [
