@@ -74,6 +74,8 @@ def _scoring_note(cfg) -> str:
         parts.append(f"objects under {cfg.eval.min_height} px tall")
     if cfg.eval.get("max_occlusion") is not None:
         parts.append(f"objects occluded above level {cfg.eval.max_occlusion}")
+    if cfg.eval.get("border"):
+        parts.append(f"objects within {cfg.eval.border} px of the frame's edge")
     return f"; scored as ignore regions: {', '.join(parts)}" if parts else ""
 
 

@@ -42,7 +42,8 @@ class DetTask(FinetuneTask):
 
         model.eval()
         # runs saved before these settings existed score every object
-        min_height, max_occlusion = float(cfg.eval.get("min_height") or 0), cfg.eval.get("max_occlusion")
+        limits = (float(cfg.eval.get("min_height") or 0), cfg.eval.get("max_occlusion"),
+                  float(cfg.eval.get("border") or 0))
         indices = list(range(rank, len(dataset), world))
         frames, results = [], []
         names = list(cfg.data.classes)
@@ -50,7 +51,7 @@ class DetTask(FinetuneTask):
             scaled = self.predict_frame(model, cfg, sample, device)
             boxes = scaled["boxes"] / sample["scale"]  # back to the original frame's pixels
             record = dataset.records[index]
-            boxes_scored, labels, ignore = evaluation_truth(record, min_height, max_occlusion)
+            boxes_scored, labels, ignore = evaluation_truth(record, *limits)
             frames.append({"id": index + 1, "name": record.pair.name, "height": record.size[0], "width": record.size[1],
                            "boxes": boxes_scored, "labels": labels, "ignore": ignore})
             results += coco_results(index + 1, boxes, scaled["scores"], scaled["labels"])

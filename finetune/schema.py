@@ -175,9 +175,11 @@ class SegEvalSchema(EvalSchema):
 class DetEvalSchema(EvalSchema):
     overlays: NonNegInt
     overlay_score: Fraction
-    # objects shorter (frame pixels) / more occluded (VOC <occlusion>) are scored as ignore regions
+    # objects shorter (frame pixels) / more occluded (VOC <occlusion>) / within `border` pixels of the
+    # frame's edge are scored as ignore regions
     min_height: NonNegFloat = 0.0
     max_occlusion: NonNegInt | None = None
+    border: NonNegFloat = 0.0
 
 
 class SegConfig(Section):

@@ -267,6 +267,12 @@ def test_the_reasonable_setting_scores_short_and_heavily_occluded_objects_as_ign
     assert reasonable["AP50"] == pytest.approx(1.0) and reasonable["MR"] == pytest.approx(0.0, abs=1e-9)
     _, _, tall_only = scored("eval.min_height=55")  # the hidden person counts, and is missed
     assert tall_only["AP50"] == pytest.approx(51 / 101)
+    # the tall person starts 10 px from the left edge and the hidden one 20 px from the top: within a 30-px
+    # border both are ignore regions, and only the short one, found, is scored
+    _, _, inside = scored("eval.border=30")
+    assert inside["AP50"] == pytest.approx(1.0) and inside["objects"] == 1
+    _, _, inside = scored("eval.border=10")  # 10 px: all three scored, the hidden one missed
+    assert inside["AP50"] == pytest.approx(67 / 101) and inside["objects"] == 3
 
 
 def test_every_frame_is_checked_on_the_process_threads_with_the_one_thread_outcome(tmp_path, monkeypatch):

@@ -264,7 +264,8 @@ def test_frames_in_folders_of_their_own_are_told_apart_by_their_folder(tmp_path,
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}",
                           f"eval.min_height={max(heights):g}"]) == 0  # the tallest is scored
     assert (f"is there; 1 class: person; scored as ignore regions: people, cyclist, person? boxes, objects under "
-            f"{max(heights):g} px tall, objects occluded above level 1") in capsys.readouterr().out
+            f"{max(heights):g} px tall, objects occluded above level 1, objects within 5 px of the frame's edge") in \
+        capsys.readouterr().out
     unpacked = tmp_path / "download" / "kaist-cvpr15"  # a download that unpacked into a folder of its own
     shutil.copytree(root, unpacked)
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={unpacked.parent}"]) == 2

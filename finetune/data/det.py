@@ -188,13 +188,15 @@ def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
     return records, issues
 
 
-def evaluation_truth(record: DetRecord, min_height: float = 0.0,
-                     max_occlusion: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def evaluation_truth(record: DetRecord, min_height: float = 0.0, max_occlusion: int | None = None,
+                     border: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(boxes, labels, ignore regions) a frame is scored against: objects shorter than ``min_height``
-    pixels or more occluded than ``max_occlusion`` join the ignore regions (the "reasonable" setting
-    of pedestrian benchmarks: KAIST 55 px and at most partly occluded). Training uses every object."""
-    heights = record.boxes[:, 3] - record.boxes[:, 1]
-    scored = heights >= min_height
+    pixels, more occluded than ``max_occlusion`` or within ``border`` pixels of the frame's edge join
+    the ignore regions (the "reasonable" setting of pedestrian benchmarks: KAIST 55 px, at most
+    partly occluded, 5 px). Training uses every object."""
+    b, (h, w) = record.boxes, record.size
+    scored = (b[:, 3] - b[:, 1] >= min_height) & (b[:, 0] >= border) & (b[:, 1] >= border)
+    scored &= (b[:, 2] <= w - border) & (b[:, 3] <= h - border)
     if max_occlusion is not None and record.occlusion is not None:
         scored &= record.occlusion <= max_occlusion  # -1, not given, counts as visible
     return record.boxes[scored], record.labels[scored], np.concatenate([record.ignore, record.boxes[~scored]])
