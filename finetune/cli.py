@@ -66,16 +66,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _scoring_note(cfg) -> str:
     """What a detection run does not score as objects: ignore classes, short or occluded objects."""
+    from finetune.data.det import ScoringLimits
+
     if "boxes" not in cfg.data:
         return ""
     ignored = list(cfg.data.get("ignore_classes") or [])
+    limits = ScoringLimits.of(cfg)
     parts = [f"{', '.join(ignored)} boxes"] if ignored else []
-    if cfg.eval.get("min_height"):
-        parts.append(f"objects under {cfg.eval.min_height} px tall")
-    if cfg.eval.get("max_occlusion") is not None:
-        parts.append(f"objects occluded above level {cfg.eval.max_occlusion}")
-    if cfg.eval.get("border"):
-        parts.append(f"objects within {cfg.eval.border} px of the frame's edge")
+    if limits.min_height:
+        parts.append(f"objects under {limits.min_height:g} px tall")
+    if limits.max_occlusion is not None:
+        parts.append(f"objects occluded above level {limits.max_occlusion}")
+    if limits.border:
+        parts.append(f"objects within {limits.border:g} px of the frame's edge")
     return f"; scored as ignore regions: {', '.join(parts)}" if parts else ""
 
 

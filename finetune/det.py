@@ -37,13 +37,11 @@ class DetTask(FinetuneTask):
                        run_dir: Path) -> dict:
         """Predict this rank's frames, gather on rank 0, score with pycocotools."""
         from finetune.coco_eval import coco_ground_truth, coco_metrics, coco_results
-        from finetune.data.det import evaluation_truth
+        from finetune.data.det import ScoringLimits, evaluation_truth
         from finetune.overlay import write_det_overlay
 
         model.eval()
-        # runs saved before these settings existed score every object
-        limits = (float(cfg.eval.get("min_height") or 0), cfg.eval.get("max_occlusion"),
-                  float(cfg.eval.get("border") or 0))
+        limits = ScoringLimits.of(cfg)
         indices = list(range(rank, len(dataset), world))
         frames, results = [], []
         names = list(cfg.data.classes)
@@ -51,7 +49,7 @@ class DetTask(FinetuneTask):
             scaled = self.predict_frame(model, cfg, sample, device)
             boxes = scaled["boxes"] / sample["scale"]  # back to the original frame's pixels
             record = dataset.records[index]
-            boxes_scored, labels, ignore = evaluation_truth(record, *limits)
+            boxes_scored, labels, ignore = evaluation_truth(record, limits)
             frames.append({"id": index + 1, "name": record.pair.name, "height": record.size[0], "width": record.size[1],
                            "boxes": boxes_scored, "labels": labels, "ignore": ignore})
             results += coco_results(index + 1, boxes, scaled["scores"], scaled["labels"])

@@ -39,7 +39,7 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
     for ``splits`` are there, listed as training lists them, with some frame that has all its
     files; ValueError when the first frames read (``read_frames``) are all unusable, or (detection)
     no box has a configured class, or (``scoring``) no validation object would be scored."""
-    from finetune.data.det import classes_problem
+    from finetune.data.det import ScoringLimits, classes_problem
     from finetune.data.pairs import discover, name_suffix, no_frames_problem
     from finetune.factory import data_for_split, split_list
 
@@ -58,9 +58,8 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
             raise ValueError(f"{name} ({split}): {problem}")
         if detection and data.boxes.path:
             try:  # a folder of label files where they are read (each frame folder's), or one COCO file
-                limits = (float(cfg.eval.get("min_height") or 0), cfg.eval.get("max_occlusion"))
                 problem = classes_problem(listed[0], data.boxes, tuple(cfg.data.classes), name_suffix(data, "ir"),
-                                          limits if split == "val" and scoring else None)
+                                          ScoringLimits.of(cfg) if split == "val" and scoring else None)
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{name} ({split}): {e}") from None
             if problem:

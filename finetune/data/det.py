@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,8 +47,21 @@ class DetRecord:
     boxes: np.ndarray  # (N, 4) x1 y1 x2 y2 in pixels of the original frame
     labels: np.ndarray  # (N,) class indices
     size: tuple[int, int]  # (height, width)
-    ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (M, 4) xyxy ignore regions
-    occlusion: np.ndarray | None = None  # (N,) occlusion level of each box (VOC <occlusion>), -1: not given
+    ignore: np.ndarray  # (M, 4) xyxy ignore regions
+    occlusion: np.ndarray  # (N,) occlusion level of each box (VOC <occlusion>), -1: not given
+
+
+class ScoringLimits(NamedTuple):
+    """Objects a detection split is scored on (``eval.min_height`` / ``max_occlusion`` / ``border``);
+    the others are ignore regions at evaluation."""
+    min_height: float = 0.0
+    max_occlusion: int | None = None
+    border: float = 0.0
+
+    @classmethod
+    def of(cls, cfg) -> "ScoringLimits":
+        e = cfg.eval  # a run saved before these settings existed scores every object
+        return cls(float(e.get("min_height") or 0), e.get("max_occlusion"), float(e.get("border") or 0))
 
 
 def _class_index(label, classes: tuple[str, ...]) -> int | None:
@@ -87,11 +101,11 @@ def _unreadable_coco(ann: AnnotationSet, boxes_cfg) -> str | None:
 
 
 def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...], name_suffix: str = "",
-                    scoring: tuple[float, int | None] | None = None) -> str | None:
+                    scoring: ScoringLimits | None = None) -> str | None:
     """From the annotation files alone (no image read): why the boxes of these frames cannot teach
     a detector of ``classes`` (none at all, or none of a configured class: trained on, every frame
-    would be background), or, with ``scoring`` (``eval.min_height``, ``eval.max_occlusion``), why
-    none of them would be scored; or None."""
+    would be background), or, with ``scoring``, why none of them would be scored (by height and
+    occlusion; the border needs the frame's size); or None."""
     names = {p.name for p in pairs}
     ann = frame_boxes(boxes_cfg, classes, sorted(names), name_suffix)
     if problem := _unreadable_coco(ann, boxes_cfg):
@@ -104,7 +118,7 @@ def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...]
     if any(_class_index(label, classes) is not None for label in labels):
         objects = [r for name, recs in ann.boxes.items() if name in names for r in recs
                    if _class_index(r.label, classes) is not None and not r.ignore]
-        return _unscored_problem(objects, *scoring) if scoring else None
+        return _unscored_problem(objects, scoring) if scoring else None
     counts: dict = {}
     for label in labels:
         counts[label] = counts.get(label, 0) + 1
@@ -114,10 +128,11 @@ def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...]
             "set data.classes to the names they use (YOLO: in the order of their ids)")
 
 
-def _unscored_problem(objects: list, min_height: float, max_occlusion: int | None) -> str | None:
+def _unscored_problem(objects: list, limits: ScoringLimits) -> str | None:
     """Why none of ``objects`` (box records) would be scored under ``eval.min_height`` /
     ``eval.max_occlusion``, or None. Boxes in fractions of the frame (YOLO) pass the height test:
     their height in pixels is not known without the frame."""
+    min_height, max_occlusion = limits.min_height, limits.max_occlusion
     def scored(r) -> bool:
         tall = r.normalized or r.box[3] >= min_height
         return tall and (max_occlusion is None or r.occlusion is None or r.occlusion <= max_occlusion)
@@ -188,17 +203,16 @@ def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
     return records, issues
 
 
-def evaluation_truth(record: DetRecord, min_height: float = 0.0, max_occlusion: int | None = None,
-                     border: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(boxes, labels, ignore regions) a frame is scored against: objects shorter than ``min_height``
-    pixels, more occluded than ``max_occlusion`` or within ``border`` pixels of the frame's edge join
-    the ignore regions (the "reasonable" setting of pedestrian benchmarks: KAIST 55 px, at most
-    partly occluded, 5 px). Training uses every object."""
-    b, (h, w) = record.boxes, record.size
-    scored = (b[:, 3] - b[:, 1] >= min_height) & (b[:, 0] >= border) & (b[:, 1] >= border)
+def evaluation_truth(record: DetRecord, limits: ScoringLimits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(boxes, labels, ignore regions) a frame is scored against: objects shorter than
+    ``min_height`` pixels, more occluded than ``max_occlusion`` or within ``border`` pixels of the
+    frame's edge join the ignore regions (the "reasonable" setting of pedestrian benchmarks: KAIST
+    55 px, at most partly occluded, 5 px). Training uses every object."""
+    b, (h, w), border = record.boxes, record.size, limits.border
+    scored = (b[:, 3] - b[:, 1] >= limits.min_height) & (b[:, 0] >= border) & (b[:, 1] >= border)
     scored &= (b[:, 2] <= w - border) & (b[:, 3] <= h - border)
-    if max_occlusion is not None and record.occlusion is not None:
-        scored &= record.occlusion <= max_occlusion  # -1, not given, counts as visible
+    if limits.max_occlusion is not None:
+        scored &= record.occlusion <= limits.max_occlusion  # -1, not given, counts as visible
     return record.boxes[scored], record.labels[scored], np.concatenate([record.ignore, record.boxes[~scored]])
 
 
