@@ -1,6 +1,9 @@
 """Annotation readers shared by the shard builder and fine-tuning: COCO JSON, YOLO txt folders,
 VOC XML folders and binary/label masks. Annotations match images by file stem; the annotations
 of a stem that several images share are reported (``annotation_ambiguous``) and given to none.
+Read ``nested`` (the shard builder), a folder tree of annotation files (``Annotations/seq/0001.xml``)
+or COCO entries in folders keep their folders, and match the image of that stem whose path holds
+them (``assign_to_images``): sequences that repeat frame names keep their boxes.
 
 Boxes are (x, y, w, h) in pixels of the original image. Readers never raise on a bad file: they
 record an issue (name + reason, ``data_tools.issues``) and go on, so one broken label file cannot stop a corpus build.
@@ -22,8 +25,8 @@ from data_tools.sources import IMAGE_EXTENSIONS
 ISSUE_REASONS = {
     "annotation_without_image": "an annotation names an image that the source does not contain",
     "annotation_parse_error": "an annotation file could not be parsed",
-    "annotation_ambiguous": "annotations match images by file stem, and several images share this one; "
-                            "its annotations were not used",
+    "annotation_ambiguous": "annotations match images by file stem (and the folders around it), and several "
+                            "images share this one; its annotations were not used",
     "box_clipped": "a box extending outside the image was clipped to it",
     "box_empty": "a box with zero area (after clipping) was dropped",
     "mask_size_mismatch": "a mask's size differs from its image's; its boxes were not used",
@@ -79,6 +82,52 @@ class AnnotationSet:
                 self.issues.append(issue(stem, "annotation_ambiguous", f"{len(shared)} {where} share it: {shown}"))
 
 
+def assign_to_images(anns: AnnotationSet, images: dict[str, str], where: str) -> tuple[dict[str, str], list[dict]]:
+    """Which annotation key (``AnnotationSet`` boxes / masks) belongs to each image (``images``: an
+    id -> the image's path), and the issues: keys no image matches, or that several match.
+
+    A key ``STEM`` (flat folders) matches the images of that stem; a key ``DIR/SUB/STEM`` (a
+    folder tree, read ``nested``) the image of that stem whose path holds ``DIR/SUB``, failing that
+    ``SUB``, failing that any of that stem, as ``images/set00/V000/lwir/I00000.jpg`` holds
+    ``annotations/set00/V000/I00000.xml``'s folders: the longest match wins. Boxes that could be
+    several images' are given to none."""
+    index: dict[tuple, list[str]] = {}  # (folders, stem) -> keys, each key under every tail of its folders
+    for key in sorted(anns.stems()):
+        *folders, stem = key.split("/")
+        for start in range(len(folders) + 1):
+            index.setdefault((tuple(folders[start:]), stem), []).append(key)
+    if not index:
+        return {}, []
+    lengths = sorted({len(f) for f, _ in index}, reverse=True)
+    users: dict[str, list[str]] = {}
+    issues = []
+    for image, path in images.items():
+        parts = path.replace("\\", "/").split("/")
+        folders, stem = parts[:-1], Path(parts[-1]).stem
+        for n in lengths:
+            runs = {tuple(folders[i:i + n]) for i in range(len(folders) - n + 1)}  # n = 0: the stem alone
+            found = sorted({k for run in runs for k in index.get((run, stem), ())})
+            if found:
+                break
+        if len(found) == 1:
+            users.setdefault(found[0], []).append(image)
+        elif found:
+            issues.append(issue(stem, "annotation_ambiguous", f"{image} matches {len(found)} annotations: "
+                                                                 + ", ".join(found[:3])))
+    assigned = {}
+    for key in sorted(anns.stems()):
+        shared = users.get(key, [])
+        if len(shared) == 1:
+            assigned[shared[0]] = key
+        elif shared:
+            shown = ", ".join(sorted(shared)[:3]) + (", ..." if len(shared) > 3 else "")
+            issues.append(issue(key, "annotation_ambiguous", f"{len(shared)} {where} share it: {shown}"))
+        else:
+            where_found = "in the source" if "/" not in key else "in these folders of the source"
+            issues.append(issue(key, "annotation_without_image", f"no image with this stem {where_found}"))
+    return assigned, issues
+
+
 def issue(file: str, reason: str, detail: str = "") -> dict:
     return data_issue(file, reason, detail, reasons=ISSUE_REASONS)
 
@@ -97,24 +146,59 @@ def _is_annotation_file(fmt: str, name: str, suffix: str) -> bool:
     return name.endswith(suffix) if suffix else name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def read_coco(path: str) -> AnnotationSet:
+def read_coco(path: str, nested: bool = False) -> AnnotationSet:
+    """COCO JSON boxes by image stem; ``nested``: a stem that several entries share is keyed by
+    its entry's folders and name (``seq1/000001``), to be matched by ``assign_to_images``."""
     out = AnnotationSet()
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a BOM from Windows tools
         images = {img["id"]: img["file_name"] for img in data["images"]}
         cats = {c["id"]: c["name"] for c in data.get("categories", [])}
-        for stem in (_stem(f) for f in images.values()):
-            out.boxes.setdefault(stem, [])
+        repeated = _repeated_stems(images.values()) if nested else set()
+        keys = {i: _key(f) if _stem(f) in repeated else _stem(f) for i, f in images.items()}
+        for key in keys.values():
+            out.boxes.setdefault(key, [])
         for ann in data.get("annotations", []):
-            stem = _stem(images[ann["image_id"]])
             x, y, w, h = (float(v) for v in ann["bbox"])
-            out.boxes[stem].append(BoxRecord((x, y, w, h), cats.get(ann["category_id"], ann["category_id"]),
-                                             ignore=bool(ann.get("iscrowd", 0))))
+            out.boxes[keys[ann["image_id"]]].append(
+                BoxRecord((x, y, w, h), cats.get(ann["category_id"], ann["category_id"]),
+                          ignore=bool(ann.get("iscrowd", 0))))
     except (OSError, ValueError, KeyError, TypeError) as e:
         out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
         return out
     # Sequences often repeat frame names (seq1/000001.jpg, seq2/000001.jpg): their boxes would mix.
     out.drop_ambiguous(list(images.values()), f"image entries of {path}")
+    return out
+
+
+def _key(name: str) -> str:
+    """An annotation's key with its folders: ``seq1/000001`` for ``seq1\\000001.jpg`` or ``./seq1/000001.jpg``."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    return "/".join([*parts[:-1], Path(parts[-1]).stem]) if parts else ""
+
+
+def _repeated_stems(names) -> set[str]:
+    seen: dict[str, int] = {}
+    for name in names:
+        seen[_stem(name)] = seen.get(_stem(name), 0) + 1
+    return {stem for stem, n in seen.items() if n > 1}
+
+
+def _annotation_files(fmt: str, folder: str, suffix: str = "", nested: bool = False) -> list[tuple[str, str]]:
+    """(key, path) of the annotation files of ``folder``, sorted: keyed by stem (masks: the name
+    less ``suffix``); ``nested``: also those of its subfolders, keyed ``SUB/DIRS/STEM``."""
+    def stem(name: str) -> str:
+        return name[: -len(suffix)] if fmt == "mask" and suffix else os.path.splitext(name)[0]
+
+    if not nested:
+        return [(stem(n), os.path.join(folder, n)) for n in sorted(os.listdir(folder))
+                if _is_annotation_file(fmt, n, suffix)]
+    out = []
+    for here, dirs, files in os.walk(folder):
+        dirs.sort()
+        rel = os.path.relpath(here, folder).replace(os.sep, "/")
+        out += [(stem(n) if rel == "." else f"{rel}/{stem(n)}", os.path.join(here, n))
+                for n in sorted(files) if _is_annotation_file(fmt, n, suffix)]
     return out
 
 
@@ -136,14 +220,11 @@ def _yolo_box(parts: list[str], line_no: int) -> tuple[float, float, float, floa
     return min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)
 
 
-def read_yolo(folder: str, classes: tuple[str, ...] = ()) -> AnnotationSet:
+def read_yolo(folder: str, classes: tuple[str, ...] = (), nested: bool = False) -> AnnotationSet:
     """YOLO txt: one file per image, lines ``class cx cy w h`` normalised to the image size (or a
     polygon: its enclosing box)."""
     out = AnnotationSet()
-    for name in sorted(os.listdir(folder)):
-        if not _is_annotation_file("yolo", name, ""):
-            continue
-        path = os.path.join(folder, name)
+    for key, path in _annotation_files("yolo", folder, nested=nested):
         recs = []
         try:
             for line_no, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
@@ -156,16 +237,13 @@ def read_yolo(folder: str, classes: tuple[str, ...] = ()) -> AnnotationSet:
         except (OSError, ValueError, UnicodeDecodeError) as e:
             out.issues.append(issue(path, "annotation_parse_error", str(e)))
             continue
-        out.boxes[_stem(name)] = recs
+        out.boxes[key] = recs
     return out
 
 
-def read_voc(folder: str) -> AnnotationSet:
+def read_voc(folder: str, nested: bool = False) -> AnnotationSet:
     out = AnnotationSet()
-    for name in sorted(os.listdir(folder)):
-        if not _is_annotation_file("voc", name, ""):
-            continue
-        path = os.path.join(folder, name)
+    for key, path in _annotation_files("voc", folder, nested=nested):
         try:
             root = ET.parse(path).getroot()
             recs = [BoxRecord(_voc_object_box(obj, k), obj.findtext("name", "object"), occlusion=_voc_occlusion(obj, k))
@@ -173,7 +251,7 @@ def read_voc(folder: str) -> AnnotationSet:
         except (OSError, ET.ParseError, AttributeError, TypeError, ValueError) as e:
             out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
             continue
-        out.boxes[_stem(name)] = recs
+        out.boxes[key] = recs
     return out
 
 
@@ -212,23 +290,20 @@ def _voc_object_box(obj: ET.Element, number: int) -> tuple[float, float, float, 
                      f"only {sorted({e.tag for e in obj})}")
 
 
-def index_masks(folder: str, suffix: str) -> AnnotationSet:
+def index_masks(folder: str, suffix: str, nested: bool = False) -> AnnotationSet:
     """Mask files by image stem: ``<stem><suffix>`` (suffix with its extension, e.g.
     ``_pixels0.png``), or with no suffix, a mask named as its image (``<stem>.png``)."""
-    out = AnnotationSet()
-    for name in sorted(os.listdir(folder)):
-        if suffix and name.endswith(suffix):
-            out.masks[name[: -len(suffix)]] = os.path.join(folder, name)
-        elif not suffix and name.lower().endswith(IMAGE_EXTENSIONS):
-            out.masks[os.path.splitext(name)[0]] = os.path.join(folder, name)
-    return out
+    return AnnotationSet(masks=dict(_annotation_files("mask", folder, suffix, nested)))
 
 
-def _check_folder(fmt: str, path: str, suffix: str) -> None:
-    """Folder formats read the files directly in their folder: a file path, or a folder whose
-    files all sit in subfolders (``labels/train/*.txt``), would otherwise give no boxes, silently."""
+def _check_folder(fmt: str, path: str, suffix: str, nested: bool) -> None:
+    """Folder formats read the files directly in their folder (unless ``nested``): a file path, or
+    a folder whose files all sit in subfolders (``labels/train/*.txt``), would otherwise give no
+    boxes, silently."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{fmt} annotations are a folder of files, and {path} is not a folder")
+    if nested:
+        return
     with os.scandir(path) as entries:
         if any(_is_annotation_file(fmt, e.name, suffix) for e in entries if e.is_file()):
             return
@@ -240,26 +315,28 @@ def _check_folder(fmt: str, path: str, suffix: str) -> None:
                 "point the annotation path at the folder that holds the files")
 
 
-def check_annotation_path(fmt: str, path: str, suffix: str = "") -> None:
+def check_annotation_path(fmt: str, path: str, suffix: str = "", nested: bool = False) -> None:
     """FileNotFoundError naming what is wrong with an annotation path, before anything reads it."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"annotation path does not exist: {path}")
     if fmt in ("yolo", "voc", "mask"):
-        _check_folder(fmt, path, suffix)
+        _check_folder(fmt, path, suffix, nested)
     elif fmt == "coco" and os.path.isdir(path):
         raise FileNotFoundError(f"coco annotations are one JSON file, and {path} is a folder")
 
 
-def read_annotations(fmt: str, path: str, suffix: str = "", classes: tuple[str, ...] = ()) -> AnnotationSet:
-    check_annotation_path(fmt, path, suffix)
+def read_annotations(fmt: str, path: str, suffix: str = "", classes: tuple[str, ...] = (),
+                     nested: bool = False) -> AnnotationSet:
+    """The annotations at ``path``; ``nested``: with the folders below it (``assign_to_images``)."""
+    check_annotation_path(fmt, path, suffix, nested)
     if fmt == "coco":
-        return read_coco(path)
+        return read_coco(path, nested)
     if fmt == "yolo":
-        return read_yolo(path, classes)
+        return read_yolo(path, classes, nested)
     if fmt == "voc":
-        return read_voc(path)
+        return read_voc(path, nested)
     if fmt == "mask":
-        return index_masks(path, suffix)
+        return index_masks(path, suffix, nested)
     raise ValueError(f"unknown annotation format {fmt!r}")
 
 

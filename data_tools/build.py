@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools import SAMPLE_SCHEMA_VERSION
-from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, boxes_from_mask,
+from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, assign_to_images, boxes_from_mask,
                                     boxes_to_pixels, clip_boxes, issue, read_annotations)
 from data_tools.config import check_config, config_hash, save_resolved, to_container
 from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, read_frame, read_mask
@@ -270,17 +270,19 @@ def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[So
     return json.loads(text)  # exactly what the file says (tuples become lists)
 
 
-def annotations_for_source(source: Source, discovery) -> tuple[AnnotationSet, list[dict]]:
+def annotations_for_source(source: Source, discovery) -> tuple[dict[str, tuple[list[BoxRecord], str | None]], list]:
+    """The annotations of each image of ``source`` that has any (its path relative to the root ->
+    its boxes and mask file), and the annotation issues. Annotation folders are read with their
+    subfolders (a tree per sequence, as tracking and video sets ship them): see ``assign_to_images``."""
     anns = AnnotationSet()
     for spec in source.annotations:
-        anns.merge(read_annotations(spec.format, spec.path, spec.suffix, spec.classes))
-    anns.drop_ambiguous(list(discovery.all_rel), "images of the source")
-    image_stems = {Path(rel).stem for rel in discovery.all_rel}
-    orphans = [issue(f"{stem}", "annotation_without_image", "no image with this stem in the source")
-               for stem in sorted(anns.stems() - image_stems)]
-    for it in anns.issues + orphans:
+        anns.merge(read_annotations(spec.format, spec.path, spec.suffix, spec.classes, nested=True))
+    images = {rel: f"{source.root}/{rel}" for rel in discovery.all_rel}
+    assigned, matching = assign_to_images(anns, images, "images of the source")
+    for it in anns.issues + matching:
         it["source"] = source.name
-    return anns, anns.issues + orphans
+    by_image = {rel: (anns.boxes.get(key, []), anns.masks.get(key)) for rel, key in assigned.items()}
+    return by_image, anns.issues + matching
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,12 +333,11 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
         if d.videos:  # beside its frames: not read, so said (and counted in the manifest)
             print(f"warning: source '{s.name}': {len(d.videos)} video file(s) not read (e.g. {d.videos[0]}): "
                   "the builder reads frames; extract them into folders to include them", file=sys.stderr)
-        anns, issues = annotations_for_source(s, d)
+        by_image, issues = annotations_for_source(s, d)
         orphan_issues += issues
         offsets[s.name] = len(items)
         for it in d.items:
-            stem = Path(it.rel).stem
-            per_item_ann.append((s, anns.boxes.get(stem, []), anns.masks.get(stem)))
+            per_item_ann.append((s, *by_image.get(it.rel, ([], None))))
             items.append(it)
     worker_cfg = dict(cfg, _source_offsets=offsets)
 

@@ -92,10 +92,9 @@ def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: 
     index = 0
     for source in sources:
         discovery = discover(source)
-        anns, _ = annotations_for_source(source, discovery)
+        by_image, _ = annotations_for_source(source, discovery)
         for item in discovery.items:
-            stem = Path(item.rel).stem
-            records, mask = anns.boxes.get(stem, []), anns.masks.get(stem)
+            records, mask = by_image.get(item.rel, ([], None))
             if not records and mask is None:
                 continue
             index += 1

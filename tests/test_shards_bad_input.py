@@ -360,38 +360,81 @@ def test_palette_png_masks_give_boxes(tmp_path):
     assert [20, 10, 50, 30] in proposals.tolist() and meta["proposals_from_annotations"] == 1
 
 
-@pytest.mark.parametrize("fmt", ["yolo", "coco"])
-def test_annotations_of_a_stem_that_several_images_share_are_reported_not_spread(tmp_path, fmt):
-    """Sequences repeat frame names (seq1/000001, seq2/000001) and annotations match by stem: the
-    boxes of 000001 cannot be told apart, so neither frame gets them, and the report says why."""
-    for rel in ("seq1/000001.png", "seq2/000001.png", "seq1/000002.png"):
-        (tmp_path / "frames" / rel).parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(tmp_path / "frames" / rel), _scene())
-    if fmt == "yolo":
-        (tmp_path / "labels").mkdir()
-        for stem in ("000001", "000002"):
-            (tmp_path / "labels" / f"{stem}.txt").write_text("0 0.5 0.5 0.25 0.25\n")
-        boxes = "{format: yolo, path: labels}"
-    else:
-        images = [{"id": i, "file_name": rel, "width": 128, "height": 96}
-                  for i, rel in enumerate(("seq1/000001.png", "seq2/000001.png", "seq1/000002.png"))]
-        (tmp_path / "a.json").write_text(json.dumps({
-            "images": images, "categories": [{"id": 1, "name": "person"}],
-            "annotations": [{"image_id": i, "bbox": [30, 20, 50, 40], "category_id": 1} for i in range(3)]}))
-        boxes = "{format: coco, path: a.json}"
-    (tmp_path / "s.yaml").write_text(f"sources:\n  - {{name: seq, root: frames, boxes: {boxes}}}\n")
-    m = build_shards(load_sources(tmp_path / "s.yaml"), load_config(DEFAULT_BUILD_CONFIG), tmp_path / "out",
-                     progress=False)
-    from_annotations = {}
-    for entry in m["shards"]:
-        for _, members in iter_shard(str(tmp_path / "out" / entry["shard"])):
-            meta = decode_sample(members)[2]
-            from_annotations[meta["path"]] = meta["proposals_from_annotations"]
-    assert from_annotations == {"seq1/000001.png": 0, "seq2/000001.png": 0, "seq1/000002.png": 1}
+def _annotation_boxes_per_frame(out) -> dict[str, int]:
+    """Each shard sample's path -> how many of its proposals came from its annotations."""
+    m = json.loads((out / "manifest.json").read_text())
+    return {meta["path"]: meta["proposals_from_annotations"] for entry in m["shards"]
+            for _, members in iter_shard(str(out / entry["shard"])) for meta in [decode_sample(members)[2]]}
+
+
+def _frames(root, *rels, size=(96, 128)):
+    for rel in rels:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / rel), _scene(*size))
+
+
+def _build(tmp_path, boxes: str, root: str = "frames", glob: str = "**/*.png"):
+    (tmp_path / "s.yaml").write_text(f"sources:\n  - {{name: seq, root: {root}, glob: '{glob}', boxes: {boxes}}}\n")
+    cfg = load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false"])
+    return build_shards(load_sources(tmp_path / "s.yaml"), cfg, tmp_path / "out", progress=False)
+
+
+def test_flat_annotations_of_a_stem_that_several_images_share_are_reported_not_spread(tmp_path):
+    """Sequences repeat frame names (seq1/000001, seq2/000001); a flat label folder names only the
+    stem: the boxes of 000001 cannot be told apart, so neither frame gets them, and the report says why."""
+    _frames(tmp_path / "frames", "seq1/000001.png", "seq2/000001.png", "seq1/000002.png")
+    (tmp_path / "labels").mkdir()
+    for stem in ("000001", "000002"):
+        (tmp_path / "labels" / f"{stem}.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    m = _build(tmp_path, "{format: yolo, path: labels}")
+    assert _annotation_boxes_per_frame(tmp_path / "out") == {"seq1/000001.png": 0, "seq2/000001.png": 0,
+                                                              "seq1/000002.png": 1}
     [ambiguous] = [i for i in m["annotation_issues"] if i["reason"] == "annotation_ambiguous"]
     assert ambiguous["name"] == "000001" and ambiguous["detail"].startswith("2 ")
     assert "seq1/000001.png" in ambiguous["detail"] and "seq2/000001.png" in ambiguous["detail"]
     assert m["sources"]["seq"]["annotation_issues"] == len(m["annotation_issues"]) == 1
+
+
+def test_coco_entries_in_sequence_folders_reach_their_own_frames(tmp_path):
+    """A COCO file whose entries name their sequence folders (seq1/000001.png, seq2/000001.png)
+    tells the frames apart: each gets its own boxes."""
+    _frames(tmp_path / "frames", "seq1/000001.png", "seq2/000001.png", "seq1/000002.png")
+    images = [{"id": i, "file_name": rel, "width": 128, "height": 96}
+              for i, rel in enumerate(("seq1/000001.png", "seq2/000001.png", "seq1/000002.png"))]
+    (tmp_path / "a.json").write_text(json.dumps({
+        "images": images, "categories": [{"id": 1, "name": "person"}],
+        "annotations": [{"image_id": i, "bbox": [30, 20 + k, 50, 40], "category_id": 1}
+                        for k, i in enumerate((0, 1, 1, 2))]}))
+    m = _build(tmp_path, "{format: coco, path: a.json}")
+    assert _annotation_boxes_per_frame(tmp_path / "out") == {"seq1/000001.png": 1, "seq2/000001.png": 2,
+                                                              "seq1/000002.png": 1}
+    assert m["annotation_issues"] == []
+
+
+@pytest.mark.parametrize("fmt", ["voc", "yolo"])
+def test_a_tree_of_annotation_folders_per_sequence_reaches_its_frames(tmp_path, fmt):
+    """Tracking and video sets ship one annotation folder per sequence beside the frames
+    (KAIST: images/set00/V000/lwir/I00000.jpg and annotations/set00/V000/I00000.xml; the
+    Ultralytics layout: images/train, labels/train): each frame gets the boxes of its own
+    sequence's file; a file of a sequence the source does not hold is reported."""
+    rels = ["images/set00/V000/lwir/I00000.png", "images/set00/V001/lwir/I00000.png",
+            "images/set01/V000/lwir/I00000.png", "images/set00/V000/lwir/I00001.png"]
+    _frames(tmp_path / "kaist", *rels)
+    labelled = {"set00/V000/I00000": 1, "set00/V001/I00000": 2, "set01/V000/I00000": 3, "set02/V000/I00000": 1}
+    for key, n in labelled.items():
+        path = tmp_path / "kaist" / "annotations" / f"{key}.{'xml' if fmt == 'voc' else 'txt'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "voc":
+            objects = "".join(f"<object><name>person</name><bndbox><x>{10 + 5 * k}</x><y>8</y><w>40</w><h>50</h>"
+                              "</bndbox></object>" for k in range(n))
+            path.write_text(f"<annotation>{objects}</annotation>")
+        else:
+            path.write_text("".join(f"0 {0.3 + 0.05 * k} 0.5 0.3 0.5\n" for k in range(n)))
+    m = _build(tmp_path, f"{{format: {fmt}, path: kaist/annotations}}", root="kaist", glob="images/**/lwir/*.png")
+    assert _annotation_boxes_per_frame(tmp_path / "out") == {rels[0]: 1, rels[1]: 2, rels[2]: 3, rels[3]: 0}
+    assert [(i["name"], i["reason"]) for i in m["annotation_issues"]] == [
+        ("set02/V000/I00000", "annotation_without_image")]
+    assert m["annotation_issues"][0]["detail"] == "no image with this stem in these folders of the source"
 
 
 def test_coco_entries_that_share_a_stem_give_no_boxes_even_if_one_image_is_absent(tmp_path):
@@ -406,6 +449,17 @@ def test_coco_entries_that_share_a_stem_give_no_boxes_even_if_one_image_is_absen
     assert [(i["name"], i["reason"]) for i in anns.issues] == [("7", "annotation_ambiguous"), ("8", "annotation_ambiguous")]
 
 
+def test_an_image_whose_folders_match_two_annotation_files_gets_neither():
+    from data_tools.annotations import AnnotationSet, BoxRecord, assign_to_images
+
+    anns = AnnotationSet(boxes={k: [BoxRecord((1, 2, 3, 4), "person")] for k in ("a/x", "b/x", "c/y/x", "y")})
+    assigned, issues = assign_to_images(anns, {"1": "/r/a/b/x.png", "2": "/r/c/y/x.png", "3": "/r/y.png"}, "images")
+    assert assigned == {"2": "c/y/x", "3": "y"}  # the longest run of folders decides; equal runs: neither
+    assert [(i["name"], i["reason"]) for i in issues] == [
+        ("x", "annotation_ambiguous"), ("a/x", "annotation_without_image"), ("b/x", "annotation_without_image")]
+    assert issues[0]["detail"] == "1 matches 2 annotations: a/x, b/x"
+
+
 def test_annotation_paths_that_would_give_no_boxes_silently_are_errors(tmp_path, capsys):
     from data_tools.annotations import read_annotations
 
@@ -414,14 +468,13 @@ def test_annotation_paths_that_would_give_no_boxes_silently_are_errors(tmp_path,
     nested = tmp_path / "labels" / "train"  # the Ultralytics layout: labels/{train,val}/*.txt
     nested.mkdir(parents=True)
     (nested / "a.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    # Fine-tuning reads label folders where their files are: the parent folder is an error naming the subfolder.
+    with pytest.raises(FileNotFoundError, match=f"holds no yolo annotation files itself, but {nested} does"):
+        read_annotations("yolo", str(tmp_path / "labels"))
+    # The shard builder reads the tree below it: a frame of that stem gets its boxes.
     (tmp_path / "s.yaml").write_text("sources:\n  - {name: cam, root: frames, boxes: {format: yolo, path: labels}}\n")
-    assert cli_main(["build", "--sources", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert f"{tmp_path / 'labels'} holds no yolo annotation files itself, but {nested} does (e.g. a.txt)" in err
-    # The fixed path builds into the same --out: the stopped start claimed nothing.
-    (tmp_path / "s.yaml").write_text("sources:\n  - {name: cam, root: frames, boxes: {format: yolo, path: labels/train}}\n")
     assert cli_main(["build", "--sources", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 0
-    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["totals"]["written"] == 1
+    assert _annotation_boxes_per_frame(tmp_path / "o") == {"a.png": 1}
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         read_annotations("voc", str(nested / "a.txt"))
     with pytest.raises(FileNotFoundError, match="one JSON file"):
