@@ -49,7 +49,10 @@ FEATURES = (
 )
 # The candidate settings a ranker is tied to: other candidates or scores are another population.
 CANDIDATE_KEYS = ("min_region_pixels", "min_side", "max_aspect", "blob_sides", "blob_backgrounds",
-                  "blob_thresholds", "blob_closings", "blob_merge_gap", "blob_views", "blob_size_power")
+                  "blob_thresholds", "blob_closings", "blob_merge_gap", "blob_views", "blob_size_power",
+                  "blob_texture_weight")
+# Settings that rankers fitted before they existed were fitted under.
+EARLIER_DEFAULTS = {"blob_texture_weight": 0.0}
 HIT_IOU = 0.5
 
 
@@ -241,9 +244,10 @@ class Ranker:
 
     def check_candidates(self, cfg: ProposalConfig) -> None:
         ours = _candidate_settings(cfg)
-        differ = sorted(k for k in CANDIDATE_KEYS if ours[k] != self.data["candidates"].get(k))
+        theirs = {**EARLIER_DEFAULTS, **self.data["candidates"]}
+        differ = sorted(k for k in CANDIDATE_KEYS if ours[k] != theirs.get(k))
         if differ:
-            shown = ", ".join(f"proposals.{k}={self.data['candidates'].get(k)} (now {ours[k]})" for k in differ)
+            shown = ", ".join(f"proposals.{k}={theirs.get(k)} (now {ours[k]})" for k in differ)
             raise RankerError(f"{self.source}: fitted on other candidates: {shown}; fit it again or use those settings")
 
 

@@ -15,7 +15,9 @@ Three methods, chosen by ``proposals.method``:
   320 px with a fine background (small objects) and 160 px with a coarse one (large,
   low-contrast objects). Boxes pass PAD's filter, are ranked by the contrast between the box and
   the ring around it, summed over the views, times a power of their size (large objects have
-  lower contrast per pixel than lamps and exhausts), thinned by non-maximum suppression and capped
+  lower contrast per pixel than lamps and exhausts), times a weight of the texture inside the box
+  (objects carry structure: wheels, windows, limbs; the smooth bands of sky or road that
+  out-contrast small objects on daytime frames do not), thinned by non-maximum suppression and capped
   (``max_proposals``): the crop sampler draws proposals uniformly, so junk boxes dilute the crops
   as much as missing boxes do.
 - ``thermal_blobs_fitted`` (``proposal_ranker.py``): the same candidates, suppression and cap,
@@ -70,7 +72,8 @@ class ProposalConfig:
     blob_closings: tuple[tuple[int, int], ...] = ((3, 3), (3, 9), (7, 7), (3, 15))  # (w, h), working px
     blob_merge_gap: int = 2  # components this close (working px) also give their union box
     blob_views: tuple[str, ...] = BLOB_VIEWS  # intensity mappings blobs are looked for in
-    blob_size_power: float = 0.75  # score = ring contrast x sqrt(area) ** power
+    blob_size_power: float = 0.75  # score = ring contrast x sqrt(area) ** power ...
+    blob_texture_weight: float = 2.0  # ... x (1 + this x std inside the box / frame std, summed over the views)
     nms_iou: float = 0.5
     # thermal_blobs_fitted: the ranking fitted on labelled frames of a camera (JSON, proposals-fit).
     ranker: str | None = None
@@ -337,15 +340,28 @@ def grey_frame(image_u8: np.ndarray) -> np.ndarray:
     return image_u8 if image_u8.ndim == 2 else cv2.cvtColor(image_u8, cv2.COLOR_BGR2GRAY)
 
 
+def inside_texture(grey: np.ndarray, boxes: np.ndarray, views: tuple[str, ...] = BLOB_VIEWS) -> np.ndarray:
+    """Per (x, y, w, h) box of a grey uint8 frame: the standard deviation of the pixels inside it
+    over the frame's, summed over ``views`` (full resolution)."""
+    total = np.zeros(len(boxes))
+    for name in views:
+        view = cv2.equalizeHist(grey) if name == "equalized" else grey
+        total += ring_statistics(integral_images(view, squares=True), boxes)[1] / (float(view.std()) + 1e-6)
+    return total
+
+
 def thermal_blob_candidates(grey: np.ndarray, cfg: ProposalConfig) -> tuple[np.ndarray, np.ndarray]:
     """Every filtered thermal-blob box of a grey uint8 frame, (N, 4) float64 xywh in whole frame
-    pixels, and its contrast-and-size score, before non-maximum suppression and the cap."""
+    pixels, and its score (contrast, size, texture), before non-maximum suppression and the cap."""
     h, w = grey.shape
     parts = [_blob_candidates(grey, side, bg, cfg) for side, bg in zip(cfg.blob_sides, cfg.blob_backgrounds)]
     boxes = round_to_image(np.concatenate([p[0] for p in parts]), w, h)
     scores = np.concatenate([p[1] for p in parts])
     keep = filter_mask(boxes, cfg)
-    return boxes[keep], scores[keep]
+    boxes, scores = boxes[keep], scores[keep]
+    if cfg.blob_texture_weight and len(boxes):
+        scores = scores * (1 + cfg.blob_texture_weight * inside_texture(grey, boxes, cfg.blob_views))
+    return boxes, scores
 
 
 def ranked_boxes(boxes: np.ndarray, scores: np.ndarray, cfg: ProposalConfig) -> np.ndarray:

@@ -49,6 +49,7 @@ class ProposalSchema(Section):
     blob_merge_gap: NonNegInt
     blob_views: Annotated[list[Literal["linear", "equalized"]], Field(min_length=1)]
     blob_size_power: NonNegFloat
+    blob_texture_weight: NonNegFloat
     nms_iou: Annotated[float, Field(gt=0, le=1)]
     ranker: Annotated[str, Field(min_length=1)] | None
 

@@ -133,6 +133,13 @@ def test_the_fitted_method_needs_its_ranker_and_the_candidates_it_was_fitted_on(
         ProposalConfig(method="thermal_blobs_fitted", ranker=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="blob_size_power=0.75 \\(now 0.5\\)"):
         ProposalConfig(method="thermal_blobs_fitted", ranker=str(msrs_ranker), blob_size_power=0.5)
+    # A ranker written before the texture weight existed was fitted without it.
+    earlier = _good(msrs_ranker)
+    del earlier["candidates"]["blob_texture_weight"]
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    with pytest.raises(ValueError, match="blob_texture_weight=0.0 \\(now 2.0\\); fit it again or use those"):
+        ProposalConfig(method="thermal_blobs_fitted", ranker=str(tmp_path / "earlier.json"))
+    ProposalConfig(method="thermal_blobs_fitted", ranker=str(tmp_path / "earlier.json"), blob_texture_weight=0)
     cfg = ProposalConfig(method="thermal_blobs_fitted", ranker=str(msrs_ranker))
     assert "thermal_blobs_fitted" not in runnable_methods(ProposalConfig())
     assert "thermal_blobs_fitted" in runnable_methods(cfg)
