@@ -1,5 +1,6 @@
 """Annotation readers shared by the shard builder and fine-tuning: COCO JSON, YOLO txt folders,
-VOC XML folders and binary/label masks. Annotations match images by file stem; the annotations
+VOC XML folders, bbGt txt folders (Piotr Dollar's toolbox: Caltech, KAIST) and binary/label
+masks. Annotations match images by file stem; the annotations
 of a stem that several images share are reported (``annotation_ambiguous``) and given to none.
 Read ``nested`` (the shard builder), a folder tree of annotation files (``Annotations/seq/0001.xml``)
 or COCO entries in folders keep their folders, and match the image of that stem whose path holds
@@ -139,7 +140,7 @@ def _stem(name: str) -> str:
 
 def _is_annotation_file(fmt: str, name: str, suffix: str) -> bool:
     """Whether a file in a folder of ``fmt`` annotations is one (masks: by ``suffix``, else an image)."""
-    if fmt == "yolo":
+    if fmt in ("yolo", "bbgt"):
         return name.endswith(".txt") and name != "classes.txt"
     if fmt == "voc":
         return name.endswith(".xml")
@@ -220,25 +221,48 @@ def _yolo_box(parts: list[str], line_no: int) -> tuple[float, float, float, floa
     return min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)
 
 
+def _read_line_files(fmt: str, folder: str, nested: bool, parse) -> AnnotationSet:
+    """Text label files, one per image and one box per line: ``parse(fields, line number)`` gives
+    its BoxRecord, or None for a line that holds none (a header). A file with a bad line is an issue."""
+    out = AnnotationSet()
+    for key, path in _annotation_files(fmt, folder, nested=nested):
+        try:
+            lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+            out.boxes[key] = [r for n, line in enumerate(lines, 1) if line.strip()
+                              and (r := parse(line.split(), n)) is not None]
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            out.issues.append(issue(path, "annotation_parse_error", str(e)))
+    return out
+
+
 def read_yolo(folder: str, classes: tuple[str, ...] = (), nested: bool = False) -> AnnotationSet:
     """YOLO txt: one file per image, lines ``class cx cy w h`` normalised to the image size (or a
     polygon: its enclosing box)."""
-    out = AnnotationSet()
-    for key, path in _annotation_files("yolo", folder, nested=nested):
-        recs = []
-        try:
-            for line_no, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
-                if not line.strip():
-                    continue
-                parts = line.split()
-                cls = int(float(parts[0]))
-                label = classes[cls] if cls < len(classes) else cls
-                recs.append(BoxRecord(_yolo_box(parts[1:], line_no), label, normalized=True))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            out.issues.append(issue(path, "annotation_parse_error", str(e)))
-            continue
-        out.boxes[key] = recs
-    return out
+    def parse(parts: list[str], line_no: int) -> BoxRecord:
+        cls = int(float(parts[0]))
+        return BoxRecord(_yolo_box(parts[1:], line_no), classes[cls] if cls < len(classes) else cls, normalized=True)
+
+    return _read_line_files("yolo", folder, nested, parse)
+
+
+def _bbgt_record(parts: list[str], line_no: int) -> BoxRecord | None:
+    if parts[0].startswith("%"):  # the "% bbGt version=3" header
+        return None
+    if len(parts) < 5:
+        raise ValueError(f"line {line_no}: expected label x y w h [occluded vx vy vw vh ignore angle], "
+                         f"got {len(parts)} fields")
+    x, y, w, h = (float(v) for v in parts[1:5])
+    occlusion = int(float(parts[5])) if len(parts) > 5 else None
+    ignore = len(parts) > 10 and float(parts[10]) != 0
+    return BoxRecord((x, y, w, h), parts[0], ignore=ignore, occlusion=occlusion)
+
+
+def read_bbgt(folder: str, nested: bool = False) -> AnnotationSet:
+    """Piotr Dollar's toolbox text format (Caltech, KAIST, CVC-14): one file per image, a
+    ``% bbGt version=3`` header, then ``label x y w h occluded vx vy vw vh ignore angle`` in pixels;
+    the occlusion level is kept (KAIST: 0 none, 1 partial, 2 heavy) and ``ignore`` makes the box an
+    ignore region, as the toolbox's evaluation reads it."""
+    return _read_line_files("bbgt", folder, nested, _bbgt_record)
 
 
 def read_voc(folder: str, nested: bool = False) -> AnnotationSet:
@@ -319,7 +343,7 @@ def check_annotation_path(fmt: str, path: str, suffix: str = "", nested: bool = 
     """FileNotFoundError naming what is wrong with an annotation path, before anything reads it."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"annotation path does not exist: {path}")
-    if fmt in ("yolo", "voc", "mask"):
+    if fmt in ("yolo", "voc", "bbgt", "mask"):
         _check_folder(fmt, path, suffix, nested)
     elif fmt == "coco" and os.path.isdir(path):
         raise FileNotFoundError(f"coco annotations are one JSON file, and {path} is a folder")
@@ -335,6 +359,8 @@ def read_annotations(fmt: str, path: str, suffix: str = "", classes: tuple[str, 
         return read_yolo(path, classes, nested)
     if fmt == "voc":
         return read_voc(path, nested)
+    if fmt == "bbgt":
+        return read_bbgt(path, nested)
     if fmt == "mask":
         return index_masks(path, suffix, nested)
     raise ValueError(f"unknown annotation format {fmt!r}")

@@ -139,8 +139,8 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
             continue
         spec = dict(spec)
         fmt = "mask" if key == "masks" else str(spec.pop("format", ""))
-        if fmt not in ("coco", "yolo", "voc", "mask"):
-            raise SourceError(f"source '{name}': boxes.format must be coco, yolo or voc")
+        if fmt not in ("coco", "yolo", "voc", "bbgt", "mask"):
+            raise SourceError(f"source '{name}': boxes.format must be coco, yolo, voc or bbgt")
         if "path" not in spec:
             raise SourceError(f"source '{name}': {key}.path is required (the folder or file of the {key})")
         path = _resolve(base_dir, spec.pop("path"))

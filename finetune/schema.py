@@ -103,7 +103,7 @@ class DetAugmentSchema(Section):
 
 
 class BoxesSchema(Section):
-    format: Literal["coco", "yolo", "voc"]
+    format: Literal["coco", "yolo", "voc", "bbgt"]
     path: str | None
 
 

@@ -159,7 +159,7 @@ def test_log_average_miss_rate_equals_the_toolbox_definition_on_random_scenes():
         assert 0.05 < ours < 0.95  # neither all found nor none
 
 
-@pytest.mark.parametrize("fmt", ["voc", "coco"])
+@pytest.mark.parametrize("fmt", ["voc", "coco", "bbgt"])
 def test_ignored_classes_and_crowd_boxes_are_regions_that_evaluation_does_not_count(tmp_path, fmt):
     """KAIST's people / cyclist boxes (data.ignore_classes) and COCO crowd boxes are not trained on
     and not scored: a detector that finds the person and also fires on the people box scores AP50 1
@@ -176,6 +176,12 @@ def test_ignored_classes_and_crowd_boxes_are_regions_that_evaluation_does_not_co
                        f"<h>{b[3] - b[1]}</h></bndbox></object>" for c, b in (("person", person), ("people", people)))
         (tmp_path / "labels").mkdir()
         (tmp_path / "labels" / "a.xml").write_text(f"<annotation>{objs}</annotation>")
+        path = tmp_path / "labels"
+    elif fmt == "bbgt":
+        (tmp_path / "labels").mkdir()
+        (tmp_path / "labels" / "a.txt").write_text("% bbGt version=3\n" + "".join(
+            f"{c} {b[0]} {b[1]} {b[2] - b[0]} {b[3] - b[1]} 0 0 0 0 0 0 0\n" for c, b in (("person", person),
+                                                                                        ("people", people))))
         path = tmp_path / "labels"
     else:
         anns = [{"id": k + 1, "image_id": 1, "category_id": 1, "iscrowd": crowd, "bbox": [b[0], b[1], b[2] - b[0],
@@ -202,7 +208,7 @@ def test_ignored_classes_and_crowd_boxes_are_regions_that_evaluation_does_not_co
     record, issues, m = scored("data.ignore_classes=[people]")
     np.testing.assert_allclose(record.boxes, [person])
     np.testing.assert_allclose(record.ignore, [people])
-    assert issues == [("ignore_region", "class 'people'" if fmt == "voc" else "class 'person' (crowd)")]
+    assert issues == [("ignore_region", "class 'person' (crowd)" if fmt == "coco" else "class 'people'")]
     assert m["AP50"] == pytest.approx(1.0) and m["MR"] == pytest.approx(0.0, abs=1e-9)
     if fmt == "voc":
         record, issues, m = scored()
@@ -440,6 +446,24 @@ def test_yolo_polygons_read_as_the_box_enclosing_them(tmp_path):
     assert [(i["reason"], i["detail"].split("; ")[-1]) for i in ann.issues] == [
         ("annotation_parse_error", "got 6 fields"), ("annotation_parse_error", "got 1 fields")]
     assert "b" not in ann.boxes and "c" not in ann.boxes
+
+
+def test_bbgt_files_read_with_their_occlusion_and_ignore_flags(tmp_path):
+    """Piotr Dollar's toolbox format (KAIST's and Caltech's text annotations): a header line, then
+    ``label x y w h occluded vx vy vw vh ignore angle`` in pixels."""
+    from data_tools.annotations import read_annotations
+
+    (tmp_path / "I00000.txt").write_text("% bbGt version=3\nperson 322 213 29 58 1 322 213 29 30 0 0\n"
+                                         "person? 10 20 15 30 0 0 0 0 0 1 0\n\ncyclist 5.5 6 40 41\n")
+    (tmp_path / "I00001.txt").write_text("% bbGt version=3\nperson 1 2 3\n")  # a box cut short
+    (tmp_path / "I00002.txt").write_text("% bbGt version=3\n")  # a frame without objects
+    ann = read_annotations("bbgt", str(tmp_path))
+    recs = ann.boxes["I00000"]
+    assert [(r.label, r.box, r.occlusion, r.ignore, r.normalized) for r in recs] == [
+        ("person", (322, 213, 29, 58), 1, False, False), ("person?", (10, 20, 15, 30), 0, True, False),
+        ("cyclist", (5.5, 6, 40, 41), None, False, False)]
+    assert ann.boxes["I00002"] == [] and "I00001" not in ann.boxes
+    assert [(i["reason"], i["detail"].split(": ")[0]) for i in ann.issues] == [("annotation_parse_error", "line 2")]
 
 
 def test_label_files_that_windows_tools_wrote_read_as_any(tmp_path):

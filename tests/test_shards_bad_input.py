@@ -411,7 +411,7 @@ def test_coco_entries_in_sequence_folders_reach_their_own_frames(tmp_path):
     assert m["annotation_issues"] == []
 
 
-@pytest.mark.parametrize("fmt", ["voc", "yolo"])
+@pytest.mark.parametrize("fmt", ["voc", "yolo", "bbgt"])
 def test_a_tree_of_annotation_folders_per_sequence_reaches_its_frames(tmp_path, fmt):
     """Tracking and video sets ship one annotation folder per sequence beside the frames
     (KAIST: images/set00/V000/lwir/I00000.jpg and annotations/set00/V000/I00000.xml; the
@@ -428,6 +428,9 @@ def test_a_tree_of_annotation_folders_per_sequence_reaches_its_frames(tmp_path, 
             objects = "".join(f"<object><name>person</name><bndbox><x>{10 + 5 * k}</x><y>8</y><w>40</w><h>50</h>"
                               "</bndbox></object>" for k in range(n))
             path.write_text(f"<annotation>{objects}</annotation>")
+        elif fmt == "bbgt":
+            path.write_text("% bbGt version=3\n" + "".join(f"person {10 + 5 * k} 8 40 50 0 0 0 0 0 0 0\n"
+                                                            for k in range(n)))
         else:
             path.write_text("".join(f"0 {0.3 + 0.05 * k} 0.5 0.3 0.5\n" for k in range(n)))
     m = _build(tmp_path, f"{{format: {fmt}, path: kaist/annotations}}", root="kaist", glob="images/**/lwir/*.png")
