@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,8 +149,8 @@ def _is_annotation_file(fmt: str, name: str, suffix: str) -> bool:
 
 
 def read_coco(path: str, nested: bool = False) -> AnnotationSet:
-    """COCO JSON boxes by image stem; ``nested``: a stem that several entries share is keyed by
-    its entry's folders and name (``seq1/000001``), to be matched by ``assign_to_images``."""
+    """COCO JSON boxes by image stem; a stem that several entries share is given to none, or
+    (``nested``) keyed by each entry's folders and name (``seq1/000001``), for ``assign_to_images``."""
     out = AnnotationSet()
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a BOM from Windows tools
@@ -167,8 +168,8 @@ def read_coco(path: str, nested: bool = False) -> AnnotationSet:
     except (OSError, ValueError, KeyError, TypeError) as e:
         out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
         return out
-    # Sequences often repeat frame names (seq1/000001.jpg, seq2/000001.jpg): their boxes would mix.
-    out.drop_ambiguous(list(images.values()), f"image entries of {path}")
+    if not nested:  # sequences often repeat frame names (seq1/000001.jpg, seq2/000001.jpg): boxes would mix
+        out.drop_ambiguous(list(images.values()), f"image entries of {path}")
     return out
 
 
@@ -179,10 +180,7 @@ def _key(name: str) -> str:
 
 
 def _repeated_stems(names) -> set[str]:
-    seen: dict[str, int] = {}
-    for name in names:
-        seen[_stem(name)] = seen.get(_stem(name), 0) + 1
-    return {stem for stem, n in seen.items() if n > 1}
+    return {stem for stem, n in Counter(map(_stem, names)).items() if n > 1}
 
 
 def _annotation_files(fmt: str, folder: str, suffix: str = "", nested: bool = False) -> list[tuple[str, str]]:

@@ -83,7 +83,7 @@ class DetTask(FinetuneTask):
     def describe(self, m: dict) -> str:
         if m["AP"] is None:
             return ("no score: no object to score (every box of these frames is an ignore region or outside "
-                    "eval.min_height / eval.max_occlusion, or there are none)")
+                    "eval.min_height / eval.max_occlusion / eval.border, or there are none)")
         missed = f", MR {100 * m['MR']:.1f}" if m.get("MR") is not None else ""
         return f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}, AP75 {100 * m['AP75']:.1f}{missed}"
 

@@ -67,6 +67,8 @@ def test_a_typo_in_a_yaml_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"proposals.blob_views\[1\]: Input should be 'linear' or 'equalized' "
                                           r"\(got 'gamma'\)"):
         load_config(CONFIG_DIR / "data" / "build.yaml", ["proposals.blob_views=[linear,gamma]"], BuildConfig)
+    with pytest.raises(ConfigError, match=r"proposals.blob_texture_weight: Input should be greater than or equal to 0"):
+        load_config(CONFIG_DIR / "data" / "build.yaml", ["proposals.blob_texture_weight=-1"], BuildConfig)
 
 
 def test_the_cli_refuses_a_bad_value_before_touching_the_run_dir(tmp_path, capsys):

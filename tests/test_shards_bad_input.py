@@ -409,6 +409,13 @@ def test_coco_entries_in_sequence_folders_reach_their_own_frames(tmp_path):
     assert _annotation_boxes_per_frame(tmp_path / "out") == {"seq1/000001.png": 1, "seq2/000001.png": 2,
                                                               "seq1/000002.png": 1}
     assert m["annotation_issues"] == []
+    # an entry without a folder beside one with it: both kept, for the images to tell apart
+    from data_tools.annotations import read_coco
+
+    images[0]["file_name"] = "000001.png"
+    (tmp_path / "a.json").write_text(json.dumps({"images": images, "annotations": []}))
+    anns = read_coco(str(tmp_path / "a.json"), nested=True)
+    assert sorted(anns.boxes) == ["000001", "000002", "seq2/000001"] and anns.issues == []
 
 
 @pytest.mark.parametrize("fmt", ["voc", "yolo", "bbgt"])

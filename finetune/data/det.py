@@ -133,6 +133,7 @@ def _unscored_problem(objects: list, limits: ScoringLimits) -> str | None:
     ``eval.max_occlusion``, or None. Boxes in fractions of the frame (YOLO) pass the height test:
     their height in pixels is not known without the frame."""
     min_height, max_occlusion = limits.min_height, limits.max_occlusion
+
     def scored(r) -> bool:
         tall = r.normalized or r.box[3] >= min_height
         return tall and (max_occlusion is None or r.occlusion is None or r.occlusion <= max_occlusion)
