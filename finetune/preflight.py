@@ -10,7 +10,8 @@ the folder listing and the first frames of each split.
 - a split in which no frame has all its files, or whose first frames are all unusable as training
   reads them (colour label images, values outside the classes, 0 / 255 masks read as indices);
 - detection labels none of whose boxes has a configured class, or (validation) none of whose
-  objects would be scored under ``eval.min_height`` / ``eval.max_occlusion``.
+  objects would be scored under ``eval.min_height`` / ``eval.max_occlusion`` / ``eval.border``
+  (from the frames' sizes, read from their headers, where boxes are fractions or a border is set).
 """
 from __future__ import annotations
 

@@ -581,6 +581,42 @@ def test_labels_that_name_none_of_the_classes_are_refused_before_any_work(tmp_pa
     assert "(val): the COCO file" in capsys.readouterr().err
 
 
+def test_the_check_scores_objects_by_height_and_border_as_evaluation_does(tmp_path, capsys):
+    """Before training, the check refuses a validation split none of whose objects evaluation
+    would score: YOLO boxes (fractions of the frame) by their height in pixels, and any boxes by
+    eval.border, from each frame's size; the limit that keeps one object is accepted."""
+    from finetune.cli import main as finetune_main
+    from finetune.data.det import ScoringLimits, scored_objects
+
+    def checked(preset, root, *overrides):
+        code = finetune_main(["check", "--config", str(PRESETS / f"{preset}.yaml"), f"data.root={root}",
+                              *overrides])
+        return code, capsys.readouterr().err
+
+    yolo = tmp_path / "yolo"
+    build_replica("yolo", yolo)
+    cfg = load_config(PRESETS / "yolo.yaml", [f"data.root={yolo}"])
+    resolve_classes(cfg)  # from its data.yaml, as the CLI does
+    val = det_dataset(cfg, "val")[0]
+    heights = [float(b[3] - b[1]) for r in val.records for b in r.boxes]
+    code, said = checked("yolo", yolo, "model.method=full", f"eval.min_height={max(heights) + 1:g}")
+    assert code == 2 and (f"yolo.yaml (val): none of its {len(heights)} objects would be scored: every one is under "
+                          f"eval.min_height={max(heights) + 1:g} px tall (the tallest: {max(heights):g} px)") in said
+    assert checked("yolo", yolo, "model.method=full", f"eval.min_height={max(heights):g}")[0] == 0
+
+    kaist = tmp_path / "kaist"
+    build_replica("kaist", kaist)
+    cfg = load_config(PRESETS / "kaist.yaml", [f"data.root={kaist}", "eval.min_height=0", "eval.max_occlusion=null"])
+    records = det_dataset(cfg, "val")[0].records
+    inside = max(min(b[0], b[1], r.size[1] - b[2], r.size[0] - b[3]) for r in records for b in r.boxes)
+    for border, scored in ((inside, 1), (inside + 0.5, 0)):  # the object farthest from the edges, then none
+        limits = ScoringLimits(0.0, None, float(border))
+        assert sum(int(scored_objects(r.boxes, r.occlusion, r.size, limits).sum()) for r in records) == scored
+        code, said = checked("kaist", kaist, "eval.min_height=0", "eval.max_occlusion=null", f"eval.border={border}")
+        assert code == (0 if scored else 2), said
+    assert f"every one is within eval.border={inside + 0.5:g} px of the frame's edge; lower the limits" in said
+
+
 def test_check_points_at_the_layout_one_or_two_folders_below_the_root_given(tmp_path, capsys):
     """A download often unpacks into a folder of its own (LLVIP-main/): check names it."""
     from finetune.cli import main as finetune_main

@@ -102,10 +102,9 @@ def _unreadable_coco(ann: AnnotationSet, boxes_cfg) -> str | None:
 
 def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...], name_suffix: str = "",
                     scoring: ScoringLimits | None = None) -> str | None:
-    """From the annotation files alone (no image read): why the boxes of these frames cannot teach
-    a detector of ``classes`` (none at all, or none of a configured class: trained on, every frame
-    would be background), or, with ``scoring``, why none of them would be scored (by height and
-    occlusion; the border needs the frame's size); or None."""
+    """From the annotation files (no pixel read): why the boxes of these frames cannot teach a
+    detector of ``classes`` (none at all, or none of a configured class: trained on, every frame
+    would be background), or, with ``scoring``, why none of them would be scored; or None."""
     names = {p.name for p in pairs}
     ann = frame_boxes(boxes_cfg, classes, sorted(names), name_suffix)
     if problem := _unreadable_coco(ann, boxes_cfg):
@@ -116,9 +115,11 @@ def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...]
         why = f" ({len(unread)} label files could not be read, e.g. {unread[0]['detail']})" if unread else ""
         return f"the labels in {boxes_cfg.path} give no box to any of its {len(names)} frames{why}"
     if any(_class_index(label, classes) is not None for label in labels):
-        objects = [r for name, recs in ann.boxes.items() if name in names for r in recs
-                   if _class_index(r.label, classes) is not None and not r.ignore]
-        return _unscored_problem(objects, scoring) if scoring else None
+        if not scoring:
+            return None
+        objects = [(p, [r for r in ann.boxes.get(p.name, []) if _class_index(r.label, classes) is not None
+                        and not r.ignore]) for p in pairs]
+        return _unscored_problem([(p, recs) for p, recs in objects if recs], scoring)
     counts: dict = {}
     for label in labels:
         counts[label] = counts.get(label, 0) + 1
@@ -128,22 +129,50 @@ def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...]
             "set data.classes to the names they use (YOLO: in the order of their ids)")
 
 
-def _unscored_problem(objects: list, limits: ScoringLimits) -> str | None:
-    """Why none of ``objects`` (box records) would be scored under ``eval.min_height`` /
-    ``eval.max_occlusion``, or None. Boxes in fractions of the frame (YOLO) pass the height test:
-    their height in pixels is not known without the frame."""
-    min_height, max_occlusion = limits.min_height, limits.max_occlusion
-
-    def scored(r) -> bool:
-        tall = r.normalized or r.box[3] >= min_height
-        return tall and (max_occlusion is None or r.occlusion is None or r.occlusion <= max_occlusion)
-
-    if not objects or any(scored(r) for r in objects):
+def _unscored_problem(objects: list[tuple[PairRecord, list]], limits: ScoringLimits) -> str | None:
+    """Why none of ``objects`` (box records by frame) would be scored under ``eval.min_height`` /
+    ``eval.max_occlusion`` / ``eval.border``, as evaluation scores them, or None. A frame's size
+    is read (its header) only where the rule needs it: boxes in fractions of the frame (YOLO), or
+    a border; a frame whose size cannot be read is not held against the split (training reports it)."""
+    tallest = 0.0
+    for pair, recs in objects:
+        occlusion = np.array([-1 if r.occlusion is None else r.occlusion for r in recs], np.int64)
+        if limits.border or any(r.normalized for r in recs):
+            if (size := _frame_size(pair)) is None:
+                return None
+            boxes, keep, _ = _pixel_boxes(recs, size[1], size[0])
+            boxes, occlusion = boxes[keep], occlusion[keep]
+        else:  # pixel boxes without a border: the height and the occlusion level decide
+            size = (np.inf, np.inf)
+            boxes = np.array([(max(x, 0), max(y, 0), x + w, y + h) for x, y, w, h in (r.box for r in recs)])
+        if scored_objects(boxes, occlusion, size, limits).any():
+            return None
+        tallest = max(tallest, float((boxes[:, 3] - boxes[:, 1]).max(initial=0)))
+    if not objects:
         return None
-    tallest = max(r.box[3] for r in objects)
-    return (f"none of its {len(objects)} objects would be scored: every one is under eval.min_height={min_height:g} px "
-            f"tall (the tallest: {tallest:g} px) or occluded above eval.max_occlusion={max_occlusion}; "
-            "lower them (KAIST at full size: 55 and 1; all objects: 0 and null)")
+    count = sum(len(recs) for _, recs in objects)
+    limits_met = [f"under eval.min_height={limits.min_height:g} px tall (the tallest: {tallest:g} px)"] \
+        if limits.min_height else []
+    limits_met += [f"within eval.border={limits.border:g} px of the frame's edge"] if limits.border else []
+    if limits.max_occlusion is not None:
+        limits_met.append(f"occluded above eval.max_occlusion={limits.max_occlusion}")
+    which = " or ".join([", ".join(limits_met[:-1])] + limits_met[-1:]) if len(limits_met) > 1 else limits_met[0]
+    return (f"none of its {count} objects would be scored: every one is {which}; lower the limits (KAIST's "
+            "reasonable setting at full size: 55, 5 and 1; every object: 0, 0 and null)")
+
+
+def _frame_size(pair: PairRecord) -> tuple[int, int] | None:
+    """(height, width) of a pair's frames from the first file's header (PIL reads no pixels; frames
+    are decoded without EXIF rotation, as this size is), else by decoding it; None if unreadable."""
+    from PIL import Image
+
+    path = next(p for p in (pair.ir, pair.vi, pair.packed) if p)
+    try:
+        with Image.open(path) as image:
+            return image.size[1], image.size[0]
+    except (OSError, ValueError, SyntaxError):  # a format PIL does not know, a damaged header: decode
+        size = _size_or_issue(pair)
+        return None if isinstance(size, dict) else size
 
 
 def _size_or_issue(pair: PairRecord) -> tuple[int, int] | dict:
@@ -209,12 +238,20 @@ def evaluation_truth(record: DetRecord, limits: ScoringLimits) -> tuple[np.ndarr
     ``min_height`` pixels, more occluded than ``max_occlusion`` or within ``border`` pixels of the
     frame's edge join the ignore regions (the "reasonable" setting of pedestrian benchmarks: KAIST
     55 px, at most partly occluded, 5 px). Training uses every object."""
-    b, (h, w), border = record.boxes, record.size, limits.border
+    scored = scored_objects(record.boxes, record.occlusion, record.size, limits)
+    return record.boxes[scored], record.labels[scored], np.concatenate([record.ignore, record.boxes[~scored]])
+
+
+def scored_objects(boxes: np.ndarray, occlusion: np.ndarray, size: tuple[float, float],
+                   limits: ScoringLimits) -> np.ndarray:
+    """Which objects (xyxy pixel boxes clipped to the frame of ``size`` (height, width); occlusion
+    levels, -1 where not given) a split is scored on under ``limits``."""
+    b, (h, w), border = boxes, size, limits.border
     scored = (b[:, 3] - b[:, 1] >= limits.min_height) & (b[:, 0] >= border) & (b[:, 1] >= border)
     scored &= (b[:, 2] <= w - border) & (b[:, 3] <= h - border)
     if limits.max_occlusion is not None:
-        scored &= record.occlusion <= limits.max_occlusion  # -1, not given, counts as visible
-    return record.boxes[scored], record.labels[scored], np.concatenate([record.ignore, record.boxes[~scored]])
+        scored &= occlusion <= limits.max_occlusion  # -1, not given, counts as visible
+    return scored
 
 
 def fit_to_input(frames: dict, input_size: tuple[int, int]) -> tuple[dict, float]:
