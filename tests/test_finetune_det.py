@@ -550,12 +550,14 @@ def test_real_msrs_pairs_overfit_to_high_ap50(method, modality, detector, tmp_pa
     names = sorted(p.stem for p in (root / "ir").glob("*.png"))[:4]
     split = tmp_path / "few.txt"
     split.write_text("\n".join(names) + "\n")
+    # FCOS's towers on the stride-4 level are most of a step: 32 channels wide instead of the tiny
+    # config's 64, a step takes 0.6x the time and AP50 is the same (0.97 / 0.99 against 0.98 / 0.99).
     res = finetune_det(tmp_path / "run", f"data.root={root}", f"data.boxes.path={root / 'labels_ir'}",
                        "data.classes=[person,bicycle,car]", f"data.train_split={split}", f"data.val_split={split}",
                        f"model.method={method}", f"model.modality={modality}", f"model.head.detector={detector}",
                        "model.encoder.img_size=[240,320]",
                        "data.augment.scale_range=[1.0,1.0]", "data.augment.hflip=0", "train.steps=100",
-                       "train.batch_size=4")
+                       "train.batch_size=4", "model.head.channels=32")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     print(method, detector, {k: m[k] for k in ("AP", "AP50", "AP75", "per_class_AP")})
