@@ -82,10 +82,14 @@ def split_list(data, split: str) -> str | None:
 def data_for_split(cfg, split: str):
     """``cfg.data`` as one split ('train' or 'val') reads it: ``{split}`` in the folder names,
     split lists and box path becomes ``data.split_dirs[split]`` (datasets published as
-    ``train/ir``, ``test/ir``, ...), and a relative box path is taken from ``data.root``."""
+    ``train/ir``, ``test/ir``, ...), the validation split's boxes are ``data.val_boxes`` where
+    given, and a relative box path is taken from ``data.root``."""
     from omegaconf import OmegaConf
 
     d = to_container(cfg.data)
+    apart = d.get("val_boxes") or {}
+    if split == "val" and apart.get("path"):
+        d["boxes"] = {"format": apart.get("format") or d["boxes"]["format"], "path": apart["path"]}
     folder = (d.get("split_dirs") or {}).get(split)
 
     def fill(value, key):

@@ -107,6 +107,19 @@ class BoxesSchema(Section):
     path: str | None
 
 
+class ValBoxesSchema(Section):
+    """The validation split's boxes where they are published apart from the training boxes (KAIST's
+    improved test annotations); ``format`` null: ``boxes.format``."""
+    format: Literal["coco", "yolo", "voc", "bbgt"] | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _path_given(self):
+        if self.format and not self.path:
+            raise ValueError("data.val_boxes.format is set but not data.val_boxes.path (the validation boxes)")
+        return self
+
+
 class SplitDirsSchema(Section):
     train: str | None
     val: str | None
@@ -140,6 +153,7 @@ class SegDataSchema(_DataSchema):
 
 class DetDataSchema(_DataSchema):
     boxes: BoxesSchema
+    val_boxes: ValBoxesSchema = ValBoxesSchema()
     ignore_classes: list[str] = []  # labels whose boxes are ignore regions (KAIST: people, cyclist, person?)
     augment: DetAugmentSchema
 

@@ -278,6 +278,44 @@ def test_frames_in_folders_of_their_own_are_told_apart_by_their_folder(tmp_path,
     assert f"(train): not found: {root / 'images'}: no such folder" in capsys.readouterr().err
 
 
+def test_kaist_scores_on_test_annotations_published_apart_in_one_folder(tmp_path, capsys):
+    """Liu et al.'s improved KAIST test annotations are one folder of bbGt files named by the whole
+    entry with its folders joined by "_" (set06_V000_I00005.txt): data.val_boxes reads them, in
+    their own format, for the validation split while training keeps the XML tree."""
+    from finetune.cli import main as finetune_main
+
+    root = tmp_path / "kaist"
+    build_replica("kaist", root)
+    entries = (root / "imageSets" / "test-all-20.txt").read_text().split()
+    improved = root / "annotations_KAIST_test_set"
+    improved.mkdir()
+    expected = {}
+    for k, entry in enumerate(entries):
+        x, y = 10 + 7 * k, 20 + 3 * k
+        lines = ["% bbGt version=3", f"person {x} {y} 20 60 0 0 0 0 0 0 0", f"people {x + 40} {y} 30 30 0 0 0 0 0 0 0"]
+        (improved / f"{entry.replace('/', '_')}.txt").write_text("\n".join(lines) + "\n")
+        expected[entry] = [x, y, x + 20, y + 60]
+    apart = ["data.val_boxes.format=bbgt", "data.val_boxes.path=annotations_KAIST_test_set"]
+    cfg = load_config(PRESETS / "kaist.yaml", [f"data.root={root}", *apart])
+    check_config(cfg, DetConfig)
+    with pytest.raises(ConfigError, match="data.val_boxes.format is set but not data.val_boxes.path"):
+        check_config(load_config(PRESETS / "kaist.yaml", [f"data.root={root}", apart[0]]), DetConfig)
+    val, issues, _ = det_dataset(cfg, "val")
+    assert {r.pair.name: r.boxes.tolist() for r in val.records} == {e: [b] for e, b in expected.items()}
+    assert all(len(r.ignore) == 1 for r in val.records)  # people: an ignore region
+    assert {i["reason"] for i in issues} == {"ignore_region"}
+    published = load_config(PRESETS / "kaist.yaml", [f"data.root={root}"])
+    train, same = det_dataset(cfg, "train")[0], det_dataset(published, "train")[0]  # the XML tree
+    assert [r.boxes.tolist() for r in train.records] == [r.boxes.tolist() for r in same.records]
+    assert [r.boxes.tolist() for r in det_dataset(published, "val")[0].records] != list(expected.values())
+    assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}", *apart]) == 0
+    capsys.readouterr()
+    for entry in entries:  # named by the frame alone, a file could be any sequence's: none is taken
+        (improved / f"{entry.replace('/', '_')}.txt").rename(improved / f"{entry.rsplit('/', 1)[1]}.txt")
+    assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}", *apart]) == 2
+    assert f"(val): the labels in {improved} give no box to any of its {len(entries)} frames" in capsys.readouterr().err
+
+
 def test_class_names_come_from_the_datasets_yaml_in_id_order(tmp_path, capsys):
     from finetune.cli import main as finetune_main
 

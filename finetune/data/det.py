@@ -73,23 +73,31 @@ def _class_index(label, classes: tuple[str, ...]) -> int | None:
 def frame_boxes(boxes_cfg, classes: tuple[str, ...], names: list[str], name_suffix: str = "") -> AnnotationSet:
     """The annotations of ``data.boxes`` by frame name: stems without ``name_suffix`` (annotations
     named as the infrared files); where the path holds ``{dir}``, the folder of each frame
-    ``DIR/NAME`` of ``names``. A label file that cannot be parsed is an issue of its frame (the
-    file in the detail)."""
+    ``DIR/NAME`` of ``names``; else, for frames named by their folders, also a file named by the
+    whole name with its folders joined by ``_`` (``set06_V000_I00019.txt`` is frame
+    ``set06/V000/I00019``: KAIST's improved test annotations and Caltech's converted releases
+    are one folder of such files). A label file that cannot be parsed is an issue of its frame
+    (the file in the detail)."""
     path, fmt = str(boxes_cfg.path), boxes_cfg.format
     if FRAME_DIR in path and fmt == "coco":
         raise ValueError(f"data.boxes.path {path}: {FRAME_DIR} names a folder per frame folder, for label files "
                          "(yolo, voc); a COCO file is one file")
     folders = [(f"{d}/", path.replace(FRAME_DIR, d)) for d in frame_dirs(names)] if FRAME_DIR in path else [("", path)]
+    joined = {} if FRAME_DIR in path else {n.replace("/", "_"): n for n in names if "/" in n}
+
+    def frame(prefix: str, stem: str) -> str:
+        key = prefix + stem.removesuffix(name_suffix)
+        return joined.get(key, key)
+
     out = AnnotationSet()
     for prefix, folder in folders:
         ann = read_annotations(fmt, folder, classes=classes)
-        out.boxes.update({prefix + stem.removesuffix(name_suffix): recs for stem, recs in ann.boxes.items()})
+        out.boxes.update({frame(prefix, stem): recs for stem, recs in ann.boxes.items()})
         for i in ann.issues:
             if i["reason"] != "annotation_parse_error":
-                i = dict(i, name=prefix + i["name"].removesuffix(name_suffix))
+                i = dict(i, name=frame(prefix, i["name"]))
             elif fmt != "coco":  # named by its file: its frame's name, the file in the detail
-                i = issue(prefix + Path(i["name"]).stem.removesuffix(name_suffix), i["reason"],
-                          f"{i['name']}: {i['detail']}")
+                i = issue(frame(prefix, Path(i["name"]).stem), i["reason"], f"{i['name']}: {i['detail']}")
             out.issues.append(i)
     return out
 
