@@ -102,15 +102,18 @@ class DetAugmentSchema(Section):
     photometric: bool
 
 
+BoxFormat = Literal["coco", "yolo", "voc", "bbgt"]
+
+
 class BoxesSchema(Section):
-    format: Literal["coco", "yolo", "voc", "bbgt"]
+    format: BoxFormat
     path: str | None
 
 
 class ValBoxesSchema(Section):
     """The validation split's boxes where they are published apart from the training boxes (KAIST's
     improved test annotations); ``format`` null: ``boxes.format``."""
-    format: Literal["coco", "yolo", "voc", "bbgt"] | None = None
+    format: BoxFormat | None = None
     path: str | None = None
 
     @model_validator(mode="after")
