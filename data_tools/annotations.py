@@ -91,13 +91,18 @@ def assign_to_images(anns: AnnotationSet, images: dict[str, str], where: str) ->
     A key ``STEM`` (flat folders) matches the images of that stem; a key ``DIR/SUB/STEM`` (a
     folder tree, read ``nested``) the image of that stem whose path holds ``DIR/SUB``, failing that
     ``SUB``, failing that any of that stem, as ``images/set00/V000/lwir/I00000.jpg`` holds
-    ``annotations/set00/V000/I00000.xml``'s folders: the longest match wins. Boxes that could be
-    several images' are given to none."""
+    ``annotations/set00/V000/I00000.xml``'s folders: the longest match wins. A flat key may also
+    name the folders joined by ``_`` (``set06_V000_I00019``, as KAIST's improved test annotations
+    and Caltech's converted releases do): it matches ``.../set06/V000/.../I00019.jpg``. Boxes that
+    could be several images' are given to none."""
     index: dict[tuple, list[str]] = {}  # (folders, stem) -> keys, each key under every tail of its folders
     for key in sorted(anns.stems()):
         *folders, stem = key.split("/")
         for start in range(len(folders) + 1):
             index.setdefault((tuple(folders[start:]), stem), []).append(key)
+        parts = stem.split("_") if not folders else []
+        for k in range(1, len(parts)):  # all the joined folders, not their tails: set06_V000_I00019
+            index.setdefault((tuple(parts[:k]), "_".join(parts[k:])), []).append(key)
     if not index:
         return {}, []
     lengths = sorted({len(f) for f, _ in index}, reverse=True)

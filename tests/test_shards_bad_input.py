@@ -447,6 +447,26 @@ def test_a_tree_of_annotation_folders_per_sequence_reaches_its_frames(tmp_path, 
     assert m["annotation_issues"][0]["detail"] == "no image with this stem in these folders of the source"
 
 
+def test_one_folder_of_files_named_by_the_joined_sequence_folders_reaches_its_frames(tmp_path):
+    """KAIST's improved test annotations and Caltech's converted releases are one folder of files
+    named set06_V000_I00019.txt for frames in images/set06/V000/lwir/I00019.jpg: each frame gets its
+    own sequence's file, a file named by the frame alone still reaches the one frame of that name,
+    and a name whose folders the source does not hold is reported."""
+    rels = ["images/set06/V000/lwir/I00019.png", "images/set06/V001/lwir/I00019.png",
+            "images/set07/V000/lwir/I00039.png", "images/set07/V000/lwir/I00059.png"]
+    _frames(tmp_path / "kaist", *rels)
+    flat = tmp_path / "kaist" / "improved"
+    flat.mkdir()
+    for name, n in {"set06_V000_I00019": 1, "set06_V001_I00019": 2, "set07_V000_I00039": 3, "set09_V000_I00019": 1,
+                    "I00059": 1}.items():
+        (flat / f"{name}.txt").write_text("% bbGt version=3\n" + "".join(f"person {10 + 5 * k} 8 40 50 0 0 0 0 0 0 0\n"
+                                                                          for k in range(n)))
+    m = _build(tmp_path, "{format: bbgt, path: kaist/improved}", root="kaist", glob="images/**/lwir/*.png")
+    assert _annotation_boxes_per_frame(tmp_path / "out") == {rels[0]: 1, rels[1]: 2, rels[2]: 3, rels[3]: 1}
+    assert [(i["name"], i["reason"]) for i in m["annotation_issues"]] == [
+        ("set09_V000_I00019", "annotation_without_image")]
+
+
 def test_coco_entries_that_share_a_stem_give_no_boxes_even_if_one_image_is_absent(tmp_path):
     from data_tools.annotations import read_coco
 
