@@ -60,8 +60,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
     source = f" (from {cfg.data.classes_file})" if cfg.data.get("classes_file") else ""
     print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there; "
           f"{len(cfg.data.classes)} class{'es' if len(cfg.data.classes) > 1 else ''}{source}: "
-          f"{', '.join(cfg.data.classes)}{_scoring_note(cfg)}")
+          f"{', '.join(cfg.data.classes)}{_val_boxes_note(cfg)}{_scoring_note(cfg)}")
     return 0
+
+
+def _val_boxes_note(cfg) -> str:
+    """Where the validation split's boxes come from when published apart (``data.val_boxes``)."""
+    from finetune.factory import data_for_split
+
+    apart = cfg.data.get("val_boxes") or {}
+    if not apart.get("path"):
+        return ""
+    boxes = data_for_split(cfg, "val").boxes
+    return f"; validation boxes from {boxes.path} ({boxes.format})"
 
 
 def _scoring_note(cfg) -> str:

@@ -309,7 +309,7 @@ def test_kaist_scores_on_test_annotations_published_apart_in_one_folder(tmp_path
     assert [r.boxes.tolist() for r in train.records] == [r.boxes.tolist() for r in same.records]
     assert [r.boxes.tolist() for r in det_dataset(published, "val")[0].records] != list(expected.values())
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}", *apart]) == 0
-    capsys.readouterr()
+    assert f"1 class: person; validation boxes from {improved} (bbgt); scored as" in capsys.readouterr().out
     for entry in entries:  # named by the frame alone, a file could be any sequence's: none is taken
         (improved / f"{entry.replace('/', '_')}.txt").rename(improved / f"{entry.rsplit('/', 1)[1]}.txt")
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}", *apart]) == 2
