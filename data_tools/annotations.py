@@ -323,6 +323,11 @@ def index_masks(folder: str, suffix: str, nested: bool = False) -> AnnotationSet
     return AnnotationSet(masks=dict(_annotation_files("mask", folder, suffix, nested)))
 
 
+# For a folder format, the files of the others and what to set instead.
+OTHER_FORMATS = {"voc": (".txt", "yolo, or bbgt (files that start '% bbGt version=3')"),
+                 "yolo": (".xml", "voc"), "bbgt": (".xml", "voc")}
+
+
 def _check_folder(fmt: str, path: str, suffix: str, nested: bool) -> None:
     """Folder formats read the files directly in their folder (unless ``nested``): a file path, or
     a folder whose files all sit in subfolders (``labels/train/*.txt``), would otherwise give no
@@ -340,6 +345,12 @@ def _check_folder(fmt: str, path: str, suffix: str, nested: bool) -> None:
             raise FileNotFoundError(
                 f"{path} holds no {fmt} annotation files itself, but {folder} does (e.g. {sorted(nested)[0]}): "
                 "point the annotation path at the folder that holds the files")
+    if fmt in OTHER_FORMATS:  # files of another folder format: the format set is not theirs
+        with os.scandir(path) as entries:
+            others = sorted(e.name for e in entries if e.is_file() and e.name.endswith(OTHER_FORMATS[fmt][0]))
+        if others:
+            raise FileNotFoundError(f"{path} holds no {fmt} annotation files but {len(others)} {OTHER_FORMATS[fmt][0]} "
+                                    f"files (e.g. {others[0]}): set the format to {OTHER_FORMATS[fmt][1]}")
 
 
 def check_annotation_path(fmt: str, path: str, suffix: str = "", nested: bool = False) -> None:

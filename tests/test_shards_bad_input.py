@@ -510,6 +510,14 @@ def test_annotation_paths_that_would_give_no_boxes_silently_are_errors(tmp_path,
     with pytest.raises(FileNotFoundError, match="one JSON file"):
         read_annotations("coco", str(nested))
     assert read_annotations("yolo", str(nested)).boxes.keys() == {"a"}  # the folder that holds them
+    # a folder of another format's files: the format to set is named
+    with pytest.raises(FileNotFoundError, match=rf"{nested} holds no voc annotation files but 1 .txt files \(e.g. "
+                                                r"a.txt\): set the format to yolo, or bbgt"):
+        read_annotations("voc", str(nested))
+    (nested / "a.txt").rename(nested / "a.xml")
+    for fmt in ("yolo", "bbgt"):
+        with pytest.raises(FileNotFoundError, match=f"holds no {fmt} annotation files but 1 .xml files"):
+            read_annotations(fmt, str(nested))
 
 
 def test_a_sources_file_yaml_cannot_read_is_one_line_naming_where(tmp_path, capsys):
