@@ -224,13 +224,16 @@ def _yolo_box(parts: list[str], line_no: int) -> tuple[float, float, float, floa
     return min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)
 
 
-def _read_line_files(fmt: str, folder: str, nested: bool, parse) -> AnnotationSet:
+def _read_line_files(fmt: str, folder: str, nested: bool, parse, check=None) -> AnnotationSet:
     """Text label files, one per image and one box per line: ``parse(fields, line number)`` gives
-    its BoxRecord, or None for a line that holds none (a header). A file with a bad line is an issue."""
+    its BoxRecord, or None for a line that holds none (a header); ``check(lines)`` raises
+    ValueError for a file that is not of the format. A file with a bad line is an issue."""
     out = AnnotationSet()
     for key, path in _annotation_files(fmt, folder, nested=nested):
         try:
             lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+            if check is not None:
+                check(lines)
             out.boxes[key] = [r for n, line in enumerate(lines, 1) if line.strip()
                               and (r := parse(line.split(), n)) is not None]
         except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -242,6 +245,8 @@ def read_yolo(folder: str, classes: tuple[str, ...] = (), nested: bool = False) 
     """YOLO txt: one file per image, lines ``class cx cy w h`` normalised to the image size (or a
     polygon: its enclosing box)."""
     def parse(parts: list[str], line_no: int) -> BoxRecord:
+        if parts[0] == "%" and parts[1:2] == ["bbGt"]:
+            raise ValueError(f"line {line_no} is the header of Dollar's toolbox format: set the format to bbgt")
         cls = int(float(parts[0]))
         return BoxRecord(_yolo_box(parts[1:], line_no), classes[cls] if cls < len(classes) else cls, normalized=True)
 
@@ -260,12 +265,25 @@ def _bbgt_record(parts: list[str], line_no: int) -> BoxRecord | None:
     return BoxRecord((x, y, w, h), parts[0], ignore=ignore, occlusion=occlusion)
 
 
+def _bbgt_header(lines: list[str]) -> None:
+    """A bbGt file opens with its ``% bbGt version=N`` header; without one the toolbox reads version
+    0, ten fields a line. A file with neither (YOLO's ``class cx cy w h``, corner boxes) would give
+    boxes of another meaning: refused."""
+    first = next((line.split() for line in lines if line.strip()), None)
+    if first is None or first[0].startswith("%"):
+        return
+    if len(first) < 10:
+        raise ValueError(f"no '% bbGt version=3' header and {len(first)} fields on line 1 (version 0, without "
+                         "a header, has 10: label x y w h occluded vx vy vw vh): not a bbGt file "
+                         "(YOLO's class cx cy w h? set the format to yolo)")
+
+
 def read_bbgt(folder: str, nested: bool = False) -> AnnotationSet:
     """Piotr Dollar's toolbox text format (Caltech, KAIST, CVC-14): one file per image, a
     ``% bbGt version=3`` header, then ``label x y w h occluded vx vy vw vh ignore angle`` in pixels;
     the occlusion level is kept (KAIST: 0 none, 1 partial, 2 heavy) and ``ignore`` makes the box an
     ignore region, as the toolbox's evaluation reads it."""
-    return _read_line_files("bbgt", folder, nested, _bbgt_record)
+    return _read_line_files("bbgt", folder, nested, _bbgt_record, _bbgt_header)
 
 
 def read_voc(folder: str, nested: bool = False) -> AnnotationSet:

@@ -464,6 +464,15 @@ def test_bbgt_files_read_with_their_occlusion_and_ignore_flags(tmp_path):
         ("cyclist", (5.5, 6, 40, 41), None, False, False)]
     assert ann.boxes["I00002"] == [] and "I00001" not in ann.boxes
     assert [(i["reason"], i["detail"].split(": ")[0]) for i in ann.issues] == [("annotation_parse_error", "line 2")]
+    # without a header the toolbox reads version 0, ten fields a line; other files are not bbGt
+    (tmp_path / "I00001.txt").write_text("person 322 213 29 58 1 0 0 0 0\n")
+    (tmp_path / "I00002.txt").write_text("0 0.5 0.5 0.2 0.4\n")  # YOLO's: refused, not read as pixels
+    ann = read_annotations("bbgt", str(tmp_path))
+    assert [r.box for r in ann.boxes["I00001"]] == [(322, 213, 29, 58)] and "I00002" not in ann.boxes
+    assert [i["detail"].split(": ")[-1] for i in ann.issues] == ["not a bbGt file (YOLO's class cx cy w h? set the "
+                                                                 "format to yolo)"]
+    yolo = read_annotations("yolo", str(tmp_path))  # and a bbGt file read as YOLO's names its format
+    assert "line 1 is the header of Dollar's toolbox format: set the format to bbgt" in yolo.issues[0]["detail"]
 
 
 def test_label_files_that_windows_tools_wrote_read_as_any(tmp_path):
