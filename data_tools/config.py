@@ -208,6 +208,36 @@ def config_hash(cfg: DictConfig | dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def config_changes(saved: str | Path, cfg: DictConfig | dict, most: int = 6) -> list[str]:
+    """``key: then -> now`` for each setting of ``cfg`` that differs from the resolved config saved
+    at ``saved`` (dotted keys; a key the saved config lacks, a setting newer than its run, reads
+    ``absent``), at most ``most`` of them and a count of the rest; [] where ``saved`` is unreadable."""
+    try:
+        then = _flat(to_container(OmegaConf.load(saved)))
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    now = _flat(to_container(cfg))
+    missing = object()
+
+    def shown(values: dict, key: str) -> str:
+        value = values.get(key, missing)
+        return "absent" if value is missing else json.dumps(value)
+
+    changed = [f"{k}: {shown(then, k)} -> {shown(now, k)}" for k in sorted(set(then) | set(now))
+               if then.get(k, missing) != now.get(k, missing)]
+    return changed[:most] + ([f"{len(changed) - most} more"] if len(changed) > most else [])
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a nested dict's leaves (an empty dict is a leaf)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.removesuffix("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
 def save_resolved(cfg: DictConfig | dict, out_dir: str | Path, name: str = "config.yaml") -> Path:
     out = Path(out_dir) / name
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -141,3 +141,15 @@ def test_a_missing_init_checkpoint_is_refused_before_the_run_dir(tmp_path, capsy
                           f"init.checkpoint={tmp_path / 'mae_pretrain_vit_base.pth'}"]) == 2
     assert f"init.checkpoint {tmp_path / 'mae_pretrain_vit_base.pth'}: no such file" in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def test_config_changes_name_each_setting_that_differs_from_a_saved_run(tmp_path):
+    from data_tools.config import config_changes, save_resolved
+
+    saved = OmegaConf.create({"optim": {"lr": 0.001, "betas": [0.9, 0.95]}, "data": {"root": "/a"}, "old": {}})
+    save_resolved(saved, tmp_path)
+    now = OmegaConf.create({"optim": {"lr": 0.002, "betas": [0.9, 0.95]}, "data": {"root": "/a", "new": None}})
+    assert config_changes(tmp_path / "config.yaml", now) == [
+        "data.new: absent -> null", "old: {} -> absent", "optim.lr: 0.001 -> 0.002"]
+    assert config_changes(tmp_path / "config.yaml", now, most=1) == ["data.new: absent -> null", "2 more"]
+    assert config_changes(tmp_path / "missing.yaml", now) == []

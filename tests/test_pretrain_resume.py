@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from data_tools.build import build_shards
 from data_tools.cli import DEFAULT_BUILD_CONFIG
@@ -117,7 +118,10 @@ def test_refusals_for_other_config_and_non_empty_dir(shards, uninterrupted, tmp_
     run_dir = tmp_path / "copy"
     shutil.copytree(uninterrupted, run_dir)
     res = launch(run_dir, shards, nproc=1, extra=["optim.blr=2e-4"])
-    assert res.returncode != 0 and "another config" in res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    then = json.dumps(OmegaConf.load(uninterrupted / "config.yaml").optim.blr)
+    assert res.returncode != 0 and "holds a run of another config (hash " in out
+    assert f"): optim.blr: {then} -> 0.0002; use another --run-dir" in out  # what changed, named
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

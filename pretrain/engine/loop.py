@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.distributed as dist
 
-from data_tools.config import save_resolved
+from data_tools.config import config_changes, save_resolved
 from pretrain.backbone_meta import WeightsError
 from data_tools.files import sha256_file, trim_jsonl
 from pretrain.engine import runlock
@@ -43,13 +43,16 @@ FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume te
 
 # --- run directory ----------------------------------------------------------------------------
 
-def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str) -> tuple[str, str | None]:
-    """('resume' | 'fresh' | 'wipe', error or None) for a run directory."""
+def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str, cfg: Any = None) -> tuple[str, str | None]:
+    """('resume' | 'fresh' | 'wipe', error or None) for a run directory; ``cfg``: this run's config,
+    to name what differs from a run of another config."""
     hash_file = run_dir / "config_hash.txt"
     saved = hash_file.read_text().strip() if hash_file.is_file() else None
     if Checkpointer(run_dir / "checkpoints").has_checkpoints() and not overwrite:
         if saved != cfg_hash:
-            return "resume", (f"{run_dir} holds a run of another config (hash {saved} != {cfg_hash}); "
+            changes = config_changes(run_dir / "config.yaml", cfg) if cfg is not None else []
+            said = f": {'; '.join(changes)}" if changes else ""
+            return "resume", (f"{run_dir} holds a run of another config (hash {saved} != {cfg_hash}){said}; "
                               "use another --run-dir, or --overwrite to discard it")
         return "resume", None
     if run_dir.is_dir() and any(p.name != runlock.LOCK_NAME for p in run_dir.iterdir()):
@@ -79,7 +82,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, ran
             note = runlock.acquire(run_dir)
             if note:
                 print(f"note: {note}", flush=True)
-            decision = [_run_dir_decision(run_dir, overwrite, cfg_hash)]
+            decision = [_run_dir_decision(run_dir, overwrite, cfg_hash, cfg)]
         except runlock.RunDirBusy as e:
             decision = [("busy", str(e))]
     dist.broadcast_object_list(decision, src=0)
