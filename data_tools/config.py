@@ -228,6 +228,26 @@ def config_changes(saved: str | Path, cfg: DictConfig | dict, most: int = 6) -> 
     return changed[:most] + ([f"{len(changed) - most} more"] if len(changed) > most else [])
 
 
+def earlier_version_of(saved: str | Path, saved_hash: str | None, cfg: DictConfig | dict) -> bool:
+    """Whether ``cfg`` is the config saved at ``saved`` (whose hash was ``saved_hash``) as a later
+    version of the toolkit reads it: equal once the settings the saved one lacks are left out (a run
+    started before those settings existed)."""
+    try:
+        then = to_container(OmegaConf.load(saved))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return saved_hash is not None and config_hash(_within(to_container(cfg), then)) == saved_hash
+
+
+def _within(tree: Any, shape: Any) -> Any:
+    """``tree`` without the dict keys ``shape`` lacks, in dicts and in lists of equal length."""
+    if isinstance(tree, dict) and isinstance(shape, dict):
+        return {k: _within(v, shape[k]) for k, v in tree.items() if k in shape}
+    if isinstance(tree, list) and isinstance(shape, list) and len(tree) == len(shape):
+        return [_within(v, s) for v, s in zip(tree, shape)]
+    return tree
+
+
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     """{dotted key: value} of a nested dict's leaves (an empty dict is a leaf)."""
     if not isinstance(tree, dict) or not tree:

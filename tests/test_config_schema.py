@@ -153,3 +153,23 @@ def test_config_changes_name_each_setting_that_differs_from_a_saved_run(tmp_path
         "data.new: absent -> null", "old: {} -> absent", "optim.lr: 0.001 -> 0.002"]
     assert config_changes(tmp_path / "config.yaml", now, most=1) == ["data.new: absent -> null", "2 more"]
     assert config_changes(tmp_path / "missing.yaml", now) == []
+
+
+def test_a_config_is_an_earlier_versions_only_when_it_lacks_settings_and_changes_none(tmp_path):
+    from data_tools.config import config_hash, earlier_version_of, save_resolved
+
+    saved = OmegaConf.create({"optim": {"lr": 0.001}, "shards": [{"path": "a"}, {"path": "b"}]})
+    save_resolved(saved, tmp_path)
+    path, saved_hash = tmp_path / "config.yaml", config_hash(saved)
+
+    def now(**changes):
+        cfg = {"optim": {"lr": 0.001, "new": None}, "shards": [{"path": "a", "weight": 1.0}, {"path": "b"}]}
+        cfg.update(changes)
+        return OmegaConf.create(cfg)
+
+    assert earlier_version_of(path, saved_hash, now())  # only settings it lacked
+    assert not earlier_version_of(path, saved_hash, now(optim={"lr": 0.002, "new": None}))  # one of its own changed
+    assert not earlier_version_of(path, saved_hash, now(shards=[{"path": "a"}]))  # a shard set fewer
+    assert not earlier_version_of(path, saved_hash, OmegaConf.create({"shards": [{"path": "a"}, {"path": "b"}]}))
+    assert not earlier_version_of(path, "another hash", now())
+    assert not earlier_version_of(tmp_path / "x", saved_hash, now())

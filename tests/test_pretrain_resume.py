@@ -83,6 +83,24 @@ def test_sigkill_and_resume_is_bit_exact(shards, uninterrupted, tmp_path, kill_a
     assert samples(run_dir) == samples(uninterrupted)  # same samples, same order, on both ranks
 
 
+def test_a_run_of_an_earlier_version_resumes_with_the_settings_it_lacked(shards, uninterrupted, tmp_path):
+    """A setting a later version of the toolkit added (here a shard set's `weight`, left out of the
+    config as an earlier version wrote it) does not lock a run out: it resumes as it was, names the
+    setting's value, and ends as the uninterrupted run. A changed setting of its own is refused
+    (test_refusals_for_other_config_and_non_empty_dir)."""
+    run_dir = tmp_path / "earlier"
+    killed = launch(run_dir, shards, env_extra={FAULT_ENV: "3"})
+    assert killed.returncode != 0 and "weight" not in OmegaConf.load(run_dir / "config.yaml").data.shards[0]
+    res = launch(run_dir, shards, extra=[f"data.shards=[{{path: {shards}, weight: 1.0}}]"])
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert f"{run_dir} was started by an earlier version of this toolkit; the settings it did not have take these " \
+           f'values: data.shards: [{{"path": "{shards}"}}] -> [{{"path": "{shards}", "weight": 1.0}}]' in out
+    assert "resumed from step00000002 at step 2" in out
+    a, b = trainable(uninterrupted), trainable(run_dir)
+    assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
+
+
 def test_checkpoint_holds_only_trainable_weights(uninterrupted):
     from data_tools.config import to_container
     from pretrain.models.mae import build_mae

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.distributed as dist
 
-from data_tools.config import config_changes, save_resolved
+from data_tools.config import config_changes, earlier_version_of, save_resolved
 from pretrain.backbone_meta import WeightsError
 from data_tools.files import sha256_file, trim_jsonl
 from pretrain.engine import runlock
@@ -49,6 +49,8 @@ def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str, cfg: Any = 
     hash_file = run_dir / "config_hash.txt"
     saved = hash_file.read_text().strip() if hash_file.is_file() else None
     if Checkpointer(run_dir / "checkpoints").has_checkpoints() and not overwrite:
+        if saved != cfg_hash and cfg is not None and earlier_version_of(run_dir / "config.yaml", saved, cfg):
+            return "resume", None  # a run started before some settings existed: it goes on as it was
         if saved != cfg_hash:
             changes = config_changes(run_dir / "config.yaml", cfg) if cfg is not None else []
             said = f": {'; '.join(changes)}" if changes else ""
@@ -72,21 +74,30 @@ def _logged_a_step(run_dir: Path) -> bool:
     return metrics.is_file() and metrics.stat().st_size > 0
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, rank: int) -> bool:
+def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, rank: int) -> tuple[bool, str]:
     """Rank 0 takes the run directory's lock (held until the process ends), decides (resume,
     start fresh, or refuse) and tells every rank, before anything is written, so that no rank sees
-    another's new files. Returns True when resuming."""
+    another's new files. Returns (resuming, the run's config hash): ``cfg_hash``, or the saved
+    one of a run started by an earlier version of the toolkit, whose checkpoints carry it."""
     decision: list = [None]
     if rank == 0:
         try:
             note = runlock.acquire(run_dir)
             if note:
                 print(f"note: {note}", flush=True)
-            decision = [_run_dir_decision(run_dir, overwrite, cfg_hash, cfg)]
+            action, error = _run_dir_decision(run_dir, overwrite, cfg_hash, cfg)
+            run_hash = cfg_hash
+            if action == "resume" and not error:
+                run_hash = (run_dir / "config_hash.txt").read_text().strip()
+                if run_hash != cfg_hash:
+                    print(f"note: {run_dir} was started by an earlier version of this toolkit; the settings it did "
+                          f"not have take these values: {'; '.join(config_changes(run_dir / 'config.yaml', cfg))}",
+                          flush=True)
+            decision = [(action, error, run_hash)]
         except runlock.RunDirBusy as e:
-            decision = [("busy", str(e))]
+            decision = [("busy", str(e), cfg_hash)]
     dist.broadcast_object_list(decision, src=0)
-    action, error = decision[0]
+    action, error, run_hash = decision[0]
     if error:
         raise ResumeError(error)
     if rank == 0 and action != "resume":
@@ -100,7 +111,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, ran
         save_resolved(cfg, run_dir)
         (run_dir / "config_hash.txt").write_text(cfg_hash + "\n")
     dist.barrier()
-    return action == "resume"
+    return action == "resume", run_hash
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; the same command resumes

@@ -41,7 +41,7 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
         raise ResumeError("--eval-only and --overwrite exclude each other")
     if eval_only and ckpt.latest_tag() is None:  # refused before anything is written
         raise ResumeError(f"--eval-only needs a trained run in {run_dir} (no checkpoint there)")
-    resume = prepare_run_dir(run_dir, overwrite, cfg, cfg_hash, rank)
+    resume, cfg_hash = prepare_run_dir(run_dir, overwrite, cfg, cfg_hash, rank)  # a run keeps its own hash
 
     torch.manual_seed(int(t.seed))  # identical initialisation on every rank
     model = task.build_model(cfg, where)
