@@ -144,15 +144,13 @@ def _unscored_problem(objects: list[tuple[PairRecord, list]], limits: ScoringLim
     a border; a frame whose size cannot be read is not held against the split (training reports it)."""
     tallest = 0.0
     for pair, recs in objects:
+        # pixel boxes without a border: the height and the occlusion level decide, whatever the size
+        needs_size = limits.border or any(r.normalized for r in recs)
+        if (size := _frame_size(pair) if needs_size else (np.inf, np.inf)) is None:
+            return None
+        boxes, keep, _ = _pixel_boxes(recs, size[1], size[0])
         occlusion = np.array([-1 if r.occlusion is None else r.occlusion for r in recs], np.int64)
-        if limits.border or any(r.normalized for r in recs):
-            if (size := _frame_size(pair)) is None:
-                return None
-            boxes, keep, _ = _pixel_boxes(recs, size[1], size[0])
-            boxes, occlusion = boxes[keep], occlusion[keep]
-        else:  # pixel boxes without a border: the height and the occlusion level decide
-            size = (np.inf, np.inf)
-            boxes = np.array([(max(x, 0), max(y, 0), x + w, y + h) for x, y, w, h in (r.box for r in recs)])
+        boxes, occlusion = boxes[keep], occlusion[keep]
         if scored_objects(boxes, occlusion, size, limits).any():
             return None
         tallest = max(tallest, float((boxes[:, 3] - boxes[:, 1]).max(initial=0)))
