@@ -21,6 +21,8 @@ from data_tools.config import yaml_problem
 from data_tools.files import folders_below
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".pnm")
+BOX_FORMATS = ("coco", "yolo", "voc", "bbgt")  # what a source's (or a fine-tuning split's) boxes may be
+
 # Recordings the builder does not decode (it reads frames): counted and named, never silently passed
 # over. FLIR's radiometric .seq / .csq / .ats need the camera vendor's tools to become frames.
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".ts",
@@ -139,8 +141,8 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
             continue
         spec = dict(spec)
         fmt = "mask" if key == "masks" else str(spec.pop("format", ""))
-        if fmt not in ("coco", "yolo", "voc", "bbgt", "mask"):
-            raise SourceError(f"source '{name}': boxes.format must be coco, yolo, voc or bbgt")
+        if fmt not in (*BOX_FORMATS, "mask"):
+            raise SourceError(f"source '{name}': boxes.format must be one of {', '.join(BOX_FORMATS)}")
         if "path" not in spec:
             raise SourceError(f"source '{name}': {key}.path is required (the folder or file of the {key})")
         path = _resolve(base_dir, spec.pop("path"))
