@@ -520,6 +520,12 @@ def test_annotation_paths_that_would_give_no_boxes_silently_are_errors(tmp_path,
             read_annotations(fmt, str(nested))
 
 
+def test_a_box_format_the_builder_does_not_read_is_refused_naming_those_it_does(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: cam, root: frames, boxes: {format: kitti, path: labels}}\n")
+    assert cli_main(["build", "--sources", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "source 'cam': boxes.format must be one of coco, yolo, voc, bbgt" in capsys.readouterr().err
+
+
 def test_a_sources_file_yaml_cannot_read_is_one_line_naming_where(tmp_path, capsys):
     """An unquoted path holding ': ' used to end in a parser traceback."""
     bad = tmp_path / "s.yaml"
