@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -273,9 +274,12 @@ def _bbgt_header(lines: list[str]) -> None:
     if first is None or first[0].startswith("%"):
         return
     if len(first) < 10:
+        numeric_label = re.fullmatch(r"[-+]?\d+(\.\d*)?", first[0]) is not None
+        guess = ("YOLO's class cx cy w h? set the format to yolo" if numeric_label else
+                 "a label and corners x1 y1 x2 y2, as some KAIST training lists are written? convert them; "
+                 "if the numbers are x y w h in pixels, add the header line '% bbGt version=3' to each file")
         raise ValueError(f"no '% bbGt version=3' header and {len(first)} fields on line 1 (version 0, without "
-                         "a header, has 10: label x y w h occluded vx vy vw vh): not a bbGt file "
-                         "(YOLO's class cx cy w h? set the format to yolo)")
+                         f"a header, has 10: label x y w h occluded vx vy vw vh): not a bbGt file ({guess})")
 
 
 def read_bbgt(folder: str, nested: bool = False) -> AnnotationSet:

@@ -467,10 +467,15 @@ def test_bbgt_files_read_with_their_occlusion_and_ignore_flags(tmp_path):
     # without a header the toolbox reads version 0, ten fields a line; other files are not bbGt
     (tmp_path / "I00001.txt").write_text("person 322 213 29 58 1 0 0 0 0\n")
     (tmp_path / "I00002.txt").write_text("0 0.5 0.5 0.2 0.4\n")  # YOLO's: refused, not read as pixels
+    (tmp_path / "I00003.txt").write_text("person 323 214 351 271\n")  # a label and corners: refused too
     ann = read_annotations("bbgt", str(tmp_path))
-    assert [r.box for r in ann.boxes["I00001"]] == [(322, 213, 29, 58)] and "I00002" not in ann.boxes
-    assert [i["detail"].split(": ")[-1] for i in ann.issues] == ["not a bbGt file (YOLO's class cx cy w h? set the "
-                                                                 "format to yolo)"]
+    assert [r.box for r in ann.boxes["I00001"]] == [(322, 213, 29, 58)]
+    assert "I00002" not in ann.boxes and "I00003" not in ann.boxes
+    details = [i["detail"] for i in ann.issues]
+    assert [d.split(": ")[-1] for d in details[:1]] == ["not a bbGt file (YOLO's class cx cy w h? set the "
+                                                        "format to yolo)"]
+    assert "I00003" in ann.issues[1]["name"] and "a label and corners x1 y1 x2 y2" in details[1]
+    assert "add the header line '% bbGt version=3'" in details[1]
     yolo = read_annotations("yolo", str(tmp_path))  # and a bbGt file read as YOLO's names its format
     assert "line 1 is the header of Dollar's toolbox format: set the format to bbgt" in yolo.issues[0]["detail"]
 
