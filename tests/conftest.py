@@ -121,14 +121,15 @@ def changed_after_two_steps(model, loss) -> set[str]:
     return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
 
 
-def msrs_even_labelled_frames() -> list:
-    """(grey uint8 frame, boxes >= 40 px) of the even labelled MSRS frames (10 frames, 12 objects)."""
+def msrs_labelled_frames(every: int = 2, offset: int = 0) -> list:
+    """(grey uint8 frame, boxes >= 40 px) of the labelled MSRS frames; by default the even ones (10
+    frames, 12 objects), every=1: all 20 (29 objects)."""
     from data_tools.proposal_ranker import labelled_grey_frames
     from data_tools.sources import source_from_dict
 
     source = source_from_dict({"name": "msrs", "root": "ir", "boxes": {
         "format": "yolo", "path": "labels_ir", "classes": ["person", "bicycle", "car"]}}, shared_path("msrs20"))
-    return list(labelled_grey_frames([source], every=2, offset=0))
+    return list(labelled_grey_frames([source], every=every, offset=offset))
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +139,7 @@ def msrs_ranker(tmp_path_factory) -> Path:
     from data_tools.proposals import ProposalConfig
 
     path = tmp_path_factory.mktemp("ranker") / "msrs_even.json"
-    save_ranker(fit_ranker(msrs_even_labelled_frames(), ProposalConfig()), path)
+    save_ranker(fit_ranker(msrs_labelled_frames(), ProposalConfig()), path)
     return path
 
 

@@ -17,7 +17,7 @@ from data_tools.proposal_ranker import (
     parse_ranker,
 )
 from data_tools.proposals import ProposalConfig, compute_proposals
-from tests.conftest import msrs_even_labelled_frames, shared_path
+from tests.conftest import msrs_labelled_frames, shared_path
 
 ROADSCENE_BOXES = Path(__file__).resolve().parents[1] / "bench" / "roadscene_boxes" / "sources.yaml"
 
@@ -56,7 +56,7 @@ def test_cross_validation_holds_each_frame_out_once(msrs_ranker, tmp_path):
     )
     from data_tools.proposals import box_iou
 
-    frames = msrs_even_labelled_frames()
+    frames = msrs_labelled_frames()
     cfg = ProposalConfig()
 
     def found(cfg_used, subset):
