@@ -133,7 +133,7 @@ def _proposal_base(args: argparse.Namespace):
 
 
 def _cmd_proposals_eval(args: argparse.Namespace) -> int:
-    from data_tools.proposal_eval import format_table, run, runnable_methods
+    from data_tools.proposal_eval import format_misses, format_table, run, runnable_methods
     from data_tools.proposals import METHODS
     from data_tools.sources import SourceError
 
@@ -150,9 +150,12 @@ def _cmd_proposals_eval(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(summaries))
+    for summary in summaries:
+        print(format_misses(summary))
     _say_unreadable(summaries[0]["unreadable_frames"])
     if args.out:
-        print(f"wrote {Path(args.out) / 'proposals_eval.json'} and {Path(args.out) / 'recall_vs_proposals.png'}")
+        print(f"wrote {Path(args.out) / 'proposals_eval.json'} (with the missed objects) and "
+              f"{Path(args.out) / 'recall_vs_proposals.png'}")
     return 0
 
 

@@ -51,6 +51,7 @@ class MethodResult:
     best_iou: list[float] = field(default_factory=list)  # per object, over all proposals
     rank_hit: list[int] = field(default_factory=list)  # per object: first rank with IoU >= 0.5 (-1: none)
     sizes: list[float] = field(default_factory=list)
+    missed: list[dict] = field(default_factory=list)  # objects without a box at IoU >= 0.5 among those kept
 
     def summary(self) -> dict:
         best, sizes, ranks = np.asarray(self.best_iou), np.asarray(self.sizes), np.asarray(self.rank_hit)
@@ -72,6 +73,7 @@ class MethodResult:
             "proposals_per_frame": round(self.proposals / max(self.frames, 1), 2),
             "frames_per_second_one_core": round(self.frames / max(self.seconds, 1e-9), 2),
             "recall_at_k_iou_0.5": curve,
+            "missed_iou_0.5": self.missed,
         }
 
 
@@ -144,14 +146,17 @@ def _score_frame(result: MethodResult, frame: LabelledFrame, proposals: np.ndarr
     result.sizes += np.sqrt(frame.boxes[:, 2] * frame.boxes[:, 3]).tolist()
     if len(frame.boxes) == 0:
         return
-    if len(proposals) == 0:
-        result.best_iou += [0.0] * len(frame.boxes)
-        result.rank_hit += [-1] * len(frame.boxes)
-        return
-    iou = box_iou(frame.boxes, proposals)
-    result.best_iou += iou[:, :cap].max(axis=1, initial=0.0).tolist()
+    iou = box_iou(frame.boxes, proposals) if len(proposals) else np.zeros((len(frame.boxes), 0))
+    best = iou[:, :cap].max(axis=1, initial=0.0)
     hit = iou >= 0.5
-    result.rank_hit += np.where(hit.any(axis=1), hit.argmax(axis=1), -1).tolist()
+    first_hit = np.where(hit.any(axis=1), hit.argmax(axis=1), -1) if len(proposals) else np.full(len(best), -1)
+    result.best_iou += best.tolist()
+    result.rank_hit += first_hit.tolist()
+    for box, b, rank in zip(frame.boxes, best, first_hit):
+        if b < 0.5:  # which objects a method loses, and whether a box for it came after the cap
+            result.missed.append({"source": frame.source, "path": frame.path, "box": np.round(box, 1).tolist(),
+                                  "best_iou": round(float(b), 3),
+                                  "first_hit_rank": int(rank) + 1 if rank >= 0 else None})
 
 
 def runnable_methods(base: ProposalConfig) -> list[str]:
@@ -206,6 +211,17 @@ def plot_recall_curves(summaries: list[dict], path: Path, cap: int) -> None:
                     colour, 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), canvas)
+
+
+def format_misses(summary: dict) -> str:
+    """One line: how many objects the method missed, and how many of those it ranked past the cap."""
+    missed = summary["missed_iou_0.5"]
+    later = sorted(m["first_hit_rank"] for m in missed if m["first_hit_rank"] is not None)
+    line = f"{summary['method']}: missed {len(missed)} of {summary['objects']} objects at IoU 0.5"
+    if later:
+        ranks = ", ".join(map(str, later)) if len(later) <= 5 else f"{later[0]}-{later[-1]}"
+        line += f"; {len(later)} of them found past the cap of {summary['cap']} (rank {ranks})"
+    return line
 
 
 def format_table(summaries: list[dict]) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_tools.imageio import read_frame
-from data_tools.proposal_eval import LabelledFrame, MethodResult, _score_frame
+from data_tools.proposal_eval import LabelledFrame, MethodResult, _score_frame, format_misses
 from data_tools.proposals import (
     METHODS,
     RANKED,
@@ -60,6 +60,14 @@ def test_recall_by_size_bucket_and_ranked_curve():
     # A hit beyond the cap counts in the curve, not in the headline recall.
     s = _summary(gt, proposals, cap=1, method="thermal_blobs")
     assert s["recall"]["iou_0.5"]["all"] == pytest.approx(1 / 3, abs=1e-4) and s["recall_at_k_iou_0.5"]["2"] > 0.6
+    # The missed objects are listed: the small one has a box, ranked 2nd, past the cap of 1; the large
+    # one none (its best kept box, the medium object's, does not overlap it).
+    assert s["missed_iou_0.5"] == [
+        {"source": "s", "path": "f.png", "box": [0.0, 0.0, 50.0, 50.0], "best_iou": 0.0, "first_hit_rank": 2},
+        {"source": "s", "path": "f.png", "box": [300.0, 0.0, 300.0, 300.0], "best_iou": 0.0, "first_hit_rank": None}]
+    assert format_misses(dict(s, cap=1)) == ("thermal_blobs: missed 2 of 3 objects at IoU 0.5; 1 of them found "
+                                             "past the cap of 1 (rank 2)")
+    assert _summary(gt, [[20, 0, 50, 50]], cap=1)["missed_iou_0.5"][0]["best_iou"] == pytest.approx(0.429, abs=1e-3)
 
 
 def test_eval_speed_leaves_out_the_first_call_of_each_method(monkeypatch):
@@ -241,6 +249,9 @@ sources:
     assert blobs["recall"]["iou_0.5"]["all"] > ss["recall"]["iou_0.5"]["all"]
     row = next(line.split() for line in out.splitlines() if line.startswith("thermal_blobs"))
     assert row[1:4] == ["10", "17", str(blobs["found_iou_0.5"])]  # frames, objects, found: recall's granularity
+    missed = blobs["missed_iou_0.5"]  # each missed object named by its frame, and said on the console
+    assert len(missed) == 17 - blobs["found_iou_0.5"] and all(m["path"].endswith(".png") for m in missed)
+    assert f"thermal_blobs: missed {len(missed)} of 17 objects at IoU 0.5" in out
     assert (tmp_path / "eval" / "recall_vs_proposals.png").stat().st_size > 1000
     assert main(["proposals-eval", "--sources", str(sources), "--methods", "nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
