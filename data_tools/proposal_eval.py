@@ -10,6 +10,7 @@ above the threshold. Sizes are bucketed by sqrt(w h).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Iterator
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from data_tools.files import sha256_file
 from data_tools.proposals import (
@@ -126,7 +128,8 @@ def evaluate(frames: list[LabelledFrame], configs: dict[str, ProposalConfig], ca
         if frames:
             for cfg in configs.values():
                 compute_proposals(frames[0].image, cfg)
-        for frame in frames:
+        # A bar on a terminal only (as build's): selective search takes about a second a frame.
+        for frame in tqdm(frames, unit="frame", disable=not sys.stderr.isatty(), leave=False):
             for name, cfg in configs.items():
                 start = time.perf_counter()
                 proposals = compute_proposals(frame.image, cfg)
