@@ -50,10 +50,11 @@ class MethodResult:
     objects: int = 0
     proposals: int = 0
     seconds: float = 0.0
-    best_iou: list[float] = field(default_factory=list)  # per object, over all proposals
+    best_iou: list[float] = field(default_factory=list)  # per object, over the proposals kept (the cap)
     rank_hit: list[int] = field(default_factory=list)  # per object: first rank with IoU >= 0.5 (-1: none)
     sizes: list[float] = field(default_factory=list)
-    missed: list[dict] = field(default_factory=list)  # objects without a box at IoU >= 0.5 among those kept
+    # objects without a box at IoU >= 0.5 among those kept; boxes x y w h after the border crop
+    missed: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
         best, sizes, ranks = np.asarray(self.best_iou), np.asarray(self.sizes), np.asarray(self.rank_hit)
