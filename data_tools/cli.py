@@ -154,8 +154,8 @@ def _cmd_proposals_eval(args: argparse.Namespace) -> int:
         print(format_misses(summary))
     _say_unreadable(summaries[0]["unreadable_frames"])
     if args.out:
-        print(f"wrote {Path(args.out) / 'proposals_eval.json'} (with the missed objects) and "
-              f"{Path(args.out) / 'recall_vs_proposals.png'}")
+        print(f"wrote {Path(args.out)}: proposals_eval.json (with the missed objects), recall_vs_proposals.png, "
+              "missed_<method>.png (the missed objects: green, the best box kept: red)")
     return 0
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools.files import sha256_file
+from data_tools.preview import display_bgr, write_grid
 from data_tools.proposals import (
     METHODS,
     RANKED,
@@ -152,14 +153,16 @@ def _score_frame(result: MethodResult, frame: LabelledFrame, proposals: np.ndarr
         return
     iou = box_iou(frame.boxes, proposals) if len(proposals) else np.zeros((len(frame.boxes), 0))
     best = iou[:, :cap].max(axis=1, initial=0.0)
+    nearest = iou[:, :cap].argmax(axis=1) if iou[:, :cap].size else np.full(len(best), -1)
     hit = iou >= 0.5
     first_hit = np.where(hit.any(axis=1), hit.argmax(axis=1), -1) if len(proposals) else np.full(len(best), -1)
     result.best_iou += best.tolist()
     result.rank_hit += first_hit.tolist()
-    for box, b, rank in zip(frame.boxes, best, first_hit):
+    for box, b, near, rank in zip(frame.boxes, best, nearest, first_hit):
         if b < 0.5:  # which objects a method loses, and whether a box for it came after the cap
             result.missed.append({"source": frame.source, "path": frame.path, "box": np.round(box, 1).tolist(),
                                   "best_iou": round(float(b), 3),
+                                  "best_box": proposals[near].tolist() if b > 0 else None,
                                   "first_hit_rank": int(rank) + 1 if rank >= 0 else None})
 
 
@@ -217,6 +220,42 @@ def plot_recall_curves(summaries: list[dict], path: Path, cap: int) -> None:
     cv2.imwrite(str(path), canvas)
 
 
+def missed_tile(image: np.ndarray, miss: dict, height: int = 160) -> np.ndarray:
+    """The surroundings of a missed object (its box green, the best box kept red), labelled."""
+    boxes = [miss["box"]] + ([miss["best_box"]] if miss["best_box"] else [])
+    x0 = min(b[0] for b in boxes)
+    y0 = min(b[1] for b in boxes)
+    x1 = max(b[0] + b[2] for b in boxes)
+    y1 = max(b[1] + b[3] for b in boxes)
+    margin = 0.25 * max(x1 - x0, y1 - y0)
+    left, top = max(int(x0 - margin), 0), max(int(y0 - margin), 0)
+    right, bottom = min(int(x1 + margin) + 1, image.shape[1]), min(int(y1 + margin) + 1, image.shape[0])
+    view = display_bgr(image)
+    for box, colour in zip(boxes, ((0, 200, 0), (0, 0, 255))):
+        x, y, w, h = (int(round(v)) for v in box)
+        cv2.rectangle(view, (x, y), (x + w - 1, y + h - 1), colour, 2)
+    crop = view[top:bottom, left:right]
+    width = max(1, round(crop.shape[1] * height / crop.shape[0]))
+    tile = cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
+    tile = np.pad(tile, ((18, 0), (0, max(0, 200 - tile.shape[1])), (0, 0)), constant_values=255)
+    rank = miss["first_hit_rank"]
+    cv2.putText(tile, f"{Path(miss['path']).name} IoU {miss['best_iou']:.3f}" + (f" hit@{rank}" if rank else ""),
+                (2, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    return tile
+
+
+def write_missed_sheets(frames: list[LabelledFrame], summaries: list[dict], out: Path,
+                        most: int = 30) -> list[Path]:
+    """``missed_<method>.png`` for each method that missed objects: the first ``most`` of them."""
+    images = {(f.source, f.path): f.image for f in frames}
+    written = []
+    for s in summaries:
+        tiles = [missed_tile(images[(m["source"], m["path"])], m) for m in s["missed_iou_0.5"][:most]]
+        if tiles:
+            written.append(write_grid(tiles, 5, out / f"missed_{s['method']}.png"))
+    return written
+
+
 def format_misses(summary: dict) -> str:
     """One line: how many objects the method missed, and how many of those it ranked past the cap."""
     missed = summary["missed_iou_0.5"]
@@ -261,4 +300,5 @@ def run(sources, base: ProposalConfig, methods: list[str], out: Path | None, min
         out.mkdir(parents=True, exist_ok=True)
         (out / "proposals_eval.json").write_text(json.dumps(summaries, indent=1))
         plot_recall_curves(summaries, out / "recall_vs_proposals.png", base.max_proposals)
+        write_missed_sheets(frames, summaries, out)
     return summaries

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_tools.imageio import read_frame
-from data_tools.proposal_eval import LabelledFrame, MethodResult, _score_frame, format_misses
+from data_tools.proposal_eval import LabelledFrame, MethodResult, _score_frame, format_misses, missed_tile
 from data_tools.proposals import (
     METHODS,
     RANKED,
@@ -63,11 +63,20 @@ def test_recall_by_size_bucket_and_ranked_curve():
     # The missed objects are listed: the small one has a box, ranked 2nd, past the cap of 1; the large
     # one none (its best kept box, the medium object's, does not overlap it).
     assert s["missed_iou_0.5"] == [
-        {"source": "s", "path": "f.png", "box": [0.0, 0.0, 50.0, 50.0], "best_iou": 0.0, "first_hit_rank": 2},
-        {"source": "s", "path": "f.png", "box": [300.0, 0.0, 300.0, 300.0], "best_iou": 0.0, "first_hit_rank": None}]
+        {"source": "s", "path": "f.png", "box": [0.0, 0.0, 50.0, 50.0], "best_iou": 0.0, "best_box": None,
+         "first_hit_rank": 2},
+        {"source": "s", "path": "f.png", "box": [300.0, 0.0, 300.0, 300.0], "best_iou": 0.0, "best_box": None,
+         "first_hit_rank": None}]
     assert format_misses(dict(s, cap=1)) == ("thermal_blobs: missed 2 of 3 objects at IoU 0.5; 1 of them found "
                                              "past the cap of 1 (rank 2)")
-    assert _summary(gt, [[20, 0, 50, 50]], cap=1)["missed_iou_0.5"][0]["best_iou"] == pytest.approx(0.429, abs=1e-3)
+    near = _summary(gt, [[300, 300, 9, 9], [20, 0, 50, 50]], cap=2)["missed_iou_0.5"][0]
+    assert near["best_iou"] == pytest.approx(0.429, abs=1e-3) and near["best_box"] == [20.0, 0.0, 50.0, 50.0]
+    # Its tile: the frame around both boxes, the object's green and the kept box red, a label above.
+    frame = np.zeros((480, 640), np.uint8)
+    tile = missed_tile(frame, near, height=160)
+    assert tile.shape[0] == 18 + 160 and tile.dtype == np.uint8
+    body = tile[18:]
+    assert ((body[..., 1] == 200) & (body[..., 2] == 0)).any() and ((body[..., 2] == 255) & (body[..., 1] == 0)).any()
 
 
 def test_eval_speed_leaves_out_the_first_call_of_each_method(monkeypatch):
@@ -252,6 +261,12 @@ sources:
     missed = blobs["missed_iou_0.5"]  # each missed object named by its frame, and said on the console
     assert len(missed) == 17 - blobs["found_iou_0.5"] and all(m["path"].endswith(".png") for m in missed)
     assert f"thermal_blobs: missed {len(missed)} of 17 objects at IoU 0.5" in out
+    import cv2
+
+    sheet = cv2.imread(str(tmp_path / "eval" / "missed_selective_search.png"))  # a tile per miss, 5 a row
+    rows = -(-min(len(ss["missed_iou_0.5"]), 30) // 5)
+    assert sheet is not None and sheet.shape[0] == rows * (18 + 160 + 4)
+    assert (tmp_path / "eval" / "missed_thermal_blobs.png").exists() == bool(missed)
     assert (tmp_path / "eval" / "recall_vs_proposals.png").stat().st_size > 1000
     assert main(["proposals-eval", "--sources", str(sources), "--methods", "nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
