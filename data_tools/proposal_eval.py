@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -56,6 +56,7 @@ class MethodResult:
     sizes: list[float] = field(default_factory=list)
     # objects without a box at IoU >= 0.5 among those kept; boxes x y w h after the border crop
     missed: list[dict] = field(default_factory=list)
+    tiles: list[np.ndarray] = field(default_factory=list)  # pictures of the first missed objects
 
     def summary(self) -> dict:
         best, sizes, ranks = np.asarray(self.best_iou), np.asarray(self.sizes), np.asarray(self.rank_hit)
@@ -118,25 +119,31 @@ def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: 
             yield LabelledFrame(source.name, item.rel, crop_border(frame.image, source.border_crop), boxes[big])
 
 
-def evaluate(frames: list[LabelledFrame], configs: dict[str, ProposalConfig], cap: int) -> dict[str, MethodResult]:
+def evaluate(frames: Iterable[LabelledFrame], configs: dict[str, ProposalConfig], cap: int,
+             missed_tiles: int = 30) -> dict[str, MethodResult]:
     """Every method on every frame, timed on one OpenCV thread. Ranked methods are scored on
-    their first ``cap`` boxes (what the build keeps); their later boxes only extend the curve."""
+    their first ``cap`` boxes (what the build keeps); their later boxes only extend the curve.
+    Frames stream through one at a time (a labelled set of any size fits in memory); each method
+    keeps a picture of its first ``missed_tiles`` missed objects."""
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
         results = {name: MethodResult(name) for name in configs}
-        # One untimed call per method first: the first call in a process pays one-time costs (code
-        # and tables loaded on first use), which on a batch of 15 frames read as a third less speed.
-        if frames:
-            for cfg in configs.values():
-                compute_proposals(frames[0].image, cfg)
         # A bar on a terminal only (as build's): selective search takes about a second a frame.
-        for frame in tqdm(frames, unit="frame", disable=not sys.stderr.isatty(), leave=False):
+        for i, frame in enumerate(tqdm(frames, unit="frame", disable=not sys.stderr.isatty(), leave=False)):
+            if i == 0:  # One untimed call per method first: the first call in a process pays one-time
+                # costs (code and tables loaded on first use), a third less speed on 15 frames.
+                for cfg in configs.values():
+                    compute_proposals(frame.image, cfg)
             for name, cfg in configs.items():
+                result = results[name]
                 start = time.perf_counter()
                 proposals = compute_proposals(frame.image, cfg)
                 elapsed = time.perf_counter() - start
-                _score_frame(results[name], frame, proposals, elapsed, cap if name in RANKED else len(proposals))
+                missed_before = len(result.missed)
+                _score_frame(result, frame, proposals, elapsed, cap if name in RANKED else len(proposals))
+                for miss in result.missed[missed_before:][:max(missed_tiles - len(result.tiles), 0)]:
+                    result.tiles.append(missed_tile(frame.image, miss))
         return results
     finally:
         cv2.setNumThreads(threads)
@@ -244,16 +251,9 @@ def missed_tile(image: np.ndarray, miss: dict, height: int = 160) -> np.ndarray:
     return tile
 
 
-def write_missed_sheets(frames: list[LabelledFrame], summaries: list[dict], out: Path,
-                        most: int = 30) -> list[Path]:
-    """``missed_<method>.png`` for each method that missed objects: the first ``most`` of them."""
-    images = {(f.source, f.path): f.image for f in frames}
-    written = []
-    for s in summaries:
-        tiles = [missed_tile(images[(m["source"], m["path"])], m) for m in s["missed_iou_0.5"][:most]]
-        if tiles:
-            written.append(write_grid(tiles, 5, out / f"missed_{s['method']}.png"))
-    return written
+def write_missed_sheets(results: dict[str, MethodResult], out: Path) -> list[Path]:
+    """``missed_<method>.png`` for each method that missed objects: its first missed ones."""
+    return [write_grid(r.tiles, 5, out / f"missed_{name}.png") for name, r in results.items() if r.tiles]
 
 
 def format_misses(summary: dict) -> str:
@@ -284,12 +284,12 @@ def format_table(summaries: list[dict]) -> str:
 def run(sources, base: ProposalConfig, methods: list[str], out: Path | None, min_object_side: int = 40,
         every: int = 1, offset: int = 0, max_k: int = 100) -> list[dict]:
     unreadable: list[dict] = []
-    frames = list(labelled_frames(sources, min_object_side, every, offset, unreadable))
-    if not frames:
-        raise ValueError("no labelled frames in these sources (proposals-eval needs boxes or masks)"
-                         + (f"; {len(unreadable)} could not be read" if unreadable else ""))
+    frames = labelled_frames(sources, min_object_side, every, offset, unreadable)
     configs = method_configs(base, methods, max_k)
     results = evaluate(frames, configs, base.max_proposals)
+    if not max((r.frames for r in results.values()), default=0):
+        raise ValueError("no labelled frames in these sources (proposals-eval needs boxes or masks)"
+                         + (f"; {len(unreadable)} could not be read" if unreadable else ""))
     summaries = [r.summary() for r in results.values()]
     for s in summaries:
         s.update(cap=base.max_proposals, min_object_side=min_object_side, split={"every": every, "offset": offset},
@@ -300,5 +300,5 @@ def run(sources, base: ProposalConfig, methods: list[str], out: Path | None, min
         out.mkdir(parents=True, exist_ok=True)
         (out / "proposals_eval.json").write_text(json.dumps(summaries, indent=1))
         plot_recall_curves(summaries, out / "recall_vs_proposals.png", base.max_proposals)
-        write_missed_sheets(frames, summaries, out)
+        write_missed_sheets(results, out)
     return summaries

@@ -98,11 +98,23 @@ def test_eval_speed_leaves_out_the_first_call_of_each_method(monkeypatch):
               for i in range(4)]
     base = ProposalConfig()
     configs = {m: replace(base, method=m) for m in ("thermal_blobs", "selective_search")}
-    results = proposal_eval.evaluate(frames, configs, cap=50)
+    results = proposal_eval.evaluate(iter(frames), configs, cap=50)  # frames stream through, once
     for name, result in results.items():
         assert calls[name] == 5 and result.frames == 4
         assert result.seconds == pytest.approx(0.4)  # four timed frames, the first call left out
         assert result.summary()["frames_per_second_one_core"] == pytest.approx(10.0)
+
+
+def test_eval_keeps_pictures_of_the_first_missed_objects_only(monkeypatch):
+    import data_tools.proposal_eval as proposal_eval
+
+    monkeypatch.setattr(proposal_eval, "compute_proposals", lambda image, cfg: np.array([[0, 0, 50, 50]], np.float64))
+    frames = (LabelledFrame("s", f"{i}.png", np.zeros((64, 128), np.uint8), np.array([[60.0, 0, 50, 50]] * 2))
+              for i in range(3))  # two objects a frame, none found
+    results = proposal_eval.evaluate(frames, {"thermal_blobs": ProposalConfig()}, cap=50, missed_tiles=3)
+    result = results["thermal_blobs"]
+    assert len(result.missed) == 6 and [m["path"] for m in result.missed[:3]] == ["0.png", "0.png", "1.png"]
+    assert len(result.tiles) == 3 and all(t.shape[0] == 18 + 160 for t in result.tiles)
 
 
 def test_greedy_nms_keeps_the_best_and_stops_at_the_limit():
