@@ -158,11 +158,13 @@ def _score_frame(result: MethodResult, frame: LabelledFrame, proposals: np.ndarr
     result.sizes += np.sqrt(frame.boxes[:, 2] * frame.boxes[:, 3]).tolist()
     if len(frame.boxes) == 0:
         return
-    iou = box_iou(frame.boxes, proposals) if len(proposals) else np.zeros((len(frame.boxes), 0))
-    best = iou[:, :cap].max(axis=1, initial=0.0)
-    nearest = iou[:, :cap].argmax(axis=1) if iou[:, :cap].size else np.full(len(best), -1)
+    if len(proposals) == 0:  # one column of zeros: no box, IoU 0, no hit
+        proposals = np.zeros((1, 4))
+    iou = box_iou(frame.boxes, proposals)
+    kept = iou[:, :max(cap, 1)]
+    best, nearest = kept.max(axis=1), kept.argmax(axis=1)
     hit = iou >= 0.5
-    first_hit = np.where(hit.any(axis=1), hit.argmax(axis=1), -1) if len(proposals) else np.full(len(best), -1)
+    first_hit = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
     result.best_iou += best.tolist()
     result.rank_hit += first_hit.tolist()
     for box, b, near, rank in zip(frame.boxes, best, nearest, first_hit):
@@ -230,10 +232,8 @@ def plot_recall_curves(summaries: list[dict], path: Path, cap: int) -> None:
 def missed_tile(image: np.ndarray, miss: dict, height: int = 160) -> np.ndarray:
     """The surroundings of a missed object (its box green, the best box kept red), labelled."""
     boxes = [miss["box"]] + ([miss["best_box"]] if miss["best_box"] else [])
-    x0 = min(b[0] for b in boxes)
-    y0 = min(b[1] for b in boxes)
-    x1 = max(b[0] + b[2] for b in boxes)
-    y1 = max(b[1] + b[3] for b in boxes)
+    xywh = np.asarray(boxes, np.float64)
+    (x0, y0), (x1, y1) = xywh[:, :2].min(axis=0), (xywh[:, :2] + xywh[:, 2:]).max(axis=0)
     margin = 0.25 * max(x1 - x0, y1 - y0)
     left, top = max(int(x0 - margin), 0), max(int(y0 - margin), 0)
     right, bottom = min(int(x1 + margin) + 1, image.shape[1]), min(int(y1 + margin) + 1, image.shape[0])

@@ -377,9 +377,12 @@ def test_roadscene_boxes_load_and_thermal_blobs_hold_on_another_camera(tmp_path)
 
 
 def _found(frames, transform) -> int:
+    """Objects the default finds on the transformed frames, scored as proposals-eval scores them."""
+    from data_tools.proposal_eval import evaluate
+
     cfg = ProposalConfig()
-    return sum(int((box_iou(compute_proposals(transform(grey), cfg).astype(np.float64), objects).max(axis=0)
-                    >= 0.5).sum()) for grey, objects in frames)
+    labelled = (LabelledFrame("msrs", str(i), transform(grey), objects) for i, (grey, objects) in enumerate(frames))
+    return evaluate(labelled, {cfg.method: cfg}, cfg.max_proposals)[cfg.method].summary()["found_iou_0.5"]
 
 
 def test_thermal_blobs_find_objects_on_black_hot_and_low_contrast_frames():
