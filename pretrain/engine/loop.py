@@ -46,8 +46,7 @@ FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume te
 def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str, cfg: Any = None) -> tuple[str, str | None]:
     """('resume' | 'fresh' | 'wipe', error or None) for a run directory; ``cfg``: this run's config,
     to name what differs from a run of another config."""
-    hash_file = run_dir / "config_hash.txt"
-    saved = hash_file.read_text().strip() if hash_file.is_file() else None
+    saved = _saved_hash(run_dir)
     if Checkpointer(run_dir / "checkpoints").has_checkpoints() and not overwrite:
         if saved != cfg_hash and cfg is not None and earlier_version_of(run_dir / "config.yaml", saved, cfg):
             return "resume", None  # a run started before some settings existed: it goes on as it was
@@ -69,6 +68,12 @@ def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str, cfg: Any = 
     return "fresh", None
 
 
+def _saved_hash(run_dir: Path) -> str | None:
+    """The config hash a run directory's run was started with (None: no run started there)."""
+    hash_file = run_dir / "config_hash.txt"
+    return hash_file.read_text().strip() if hash_file.is_file() else None
+
+
 def _logged_a_step(run_dir: Path) -> bool:
     metrics = run_dir / "metrics.jsonl"
     return metrics.is_file() and metrics.stat().st_size > 0
@@ -88,7 +93,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, ran
             action, error = _run_dir_decision(run_dir, overwrite, cfg_hash, cfg)
             run_hash = cfg_hash
             if action == "resume" and not error:
-                run_hash = (run_dir / "config_hash.txt").read_text().strip()
+                run_hash = _saved_hash(run_dir) or cfg_hash
                 if run_hash != cfg_hash:
                     print(f"note: {run_dir} was started by an earlier version of this toolkit; the settings it did "
                           f"not have take these values: {'; '.join(config_changes(run_dir / 'config.yaml', cfg))}",
