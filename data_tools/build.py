@@ -28,6 +28,7 @@ from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, ass
 from data_tools.config import check_config, config_hash, save_resolved, to_container
 from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, read_frame, read_mask
 from data_tools.manifest import MANIFEST, read_manifest
+from data_tools.overlay import OverlayFinding, find_source_overlay
 from data_tools.proposals import ProposalConfig, compute_proposals, method_input_files, unique_boxes
 from data_tools.schema import BuildConfig
 from data_tools.files import atomic_write_text, sha256_file
@@ -95,7 +96,7 @@ def process_item(task: tuple) -> dict[str, Any]:
     ann, issues = frame_annotation_boxes(records, mask_path, orig_w, orig_h, source, item.rel)
     for it in issues:
         it["source"] = item.source
-    found = compute_proposals(image, pcfg)
+    found = compute_proposals(image, pcfg, _OVERLAYS.get(item.source))
     ann_int = unique_boxes(ann)
     proposals = unique_boxes(np.concatenate([ann_int, found])) if len(ann_int) else found
     meta = {
@@ -117,8 +118,13 @@ def process_item(task: tuple) -> dict[str, Any]:
             "sample": encode_sample(key, ext, data, proposals, meta)}
 
 
-def _init_worker() -> None:
+_OVERLAYS: dict[str, np.ndarray] = {}  # source name -> its burned-in overlay mask, set once per process
+
+
+def _init_worker(overlays: dict[str, np.ndarray]) -> None:
     cv2.setNumThreads(1)  # one OpenCV thread per process; parallelism comes from processes
+    _OVERLAYS.clear()
+    _OVERLAYS.update(overlays)  # once per worker, not pickled with every frame's task
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +218,8 @@ def _new_record(number: int, start: int) -> dict:
 
 
 def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[Source],
-                    discoveries: dict, orphan_issues: list[dict], records: list[dict]) -> dict:
+                    discoveries: dict, orphan_issues: list[dict], records: list[dict],
+                    overlays: dict[str, OverlayFinding]) -> dict:
     per_source = {}
     for s in sources:
         d = discoveries[s.name]
@@ -220,6 +227,8 @@ def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[So
                               "written": 0, "skipped": 0, "skipped_by_reason": {},
                               "colour_converted": 0, "annotation_issues": 0, "videos_not_read": len(d.videos),
                               "held_by_earlier_sources": dict(d.held_earlier)}
+        if s.name in overlays:
+            per_source[s.name]["overlay"] = overlays[s.name].describe()
     skipped, colour, issues, shards = [], [], list(orphan_issues), []
     proposals = 0
     for rec in records:
@@ -285,6 +294,24 @@ def annotations_for_source(source: Source, discovery) -> tuple[dict[str, tuple[l
     return by_image, anns.issues + matching
 
 
+def source_overlays(sources: list[Source], discoveries: dict, cfg: dict, out: Path) -> dict[str, OverlayFinding]:
+    """Each source's burned-in overlay, found on frames spread over it (``overlay.py``), said on
+    the console and drawn to ``overlay-<source>.png`` where found; none when proposals are off."""
+    if not (cfg["proposals"]["enabled"] and cfg["proposals"]["overlay_mask"]):
+        return {}
+    found = {}
+    for s in sources:
+        finding = found[s.name] = find_source_overlay(s, discoveries[s.name].items)
+        if finding.mask is not None:
+            cv2.imwrite(str(out / f"overlay-{s.name}.png"), finding.mask * 255)
+            print(f"source '{s.name}': a burned-in overlay covers {finding.share:.1%} of the frame (pixels static "
+                  f"across {finding.frames} frames spread over the source), filled in before the proposals; "
+                  f"see {out / f'overlay-{s.name}.png'}", file=sys.stderr)
+        elif finding.share > 0:
+            print(f"source '{s.name}': no overlay masked: {finding.why_not}", file=sys.stderr)
+    return found
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
@@ -340,6 +367,8 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
             per_item_ann.append((s, *by_image.get(it.rel, ([], None))))
             items.append(it)
     worker_cfg = dict(cfg, _source_offsets=offsets)
+    overlays = source_overlays(sources, discoveries, cfg, out)
+    masks = {name: f.mask for name, f in overlays.items() if f.mask is not None}
 
     records = _load_progress(out, cfg)
     start = records[-1]["end"] if records else 0
@@ -354,10 +383,10 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     if workers > 1:
         # spawn, not fork: a forked child inherits OpenCV's (or torch's) thread-pool locks in
         # whatever state the parent's threads left them, and can deadlock on its first call.
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(masks,))
         results: Iterable[dict] = pool.imap(process_item, tasks, chunksize=1)
     else:
-        _init_worker()
+        _init_worker(masks)
         results = map(process_item, tasks)
 
     rec = _new_record(len(records), start)
@@ -410,4 +439,4 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
             pool.join()
         if shard is not None:  # interrupted mid-shard: no half-written tar survives
             shard.abandon()
-    return _write_manifest(out, identity, ident_hash, sources, discoveries, orphan_issues, records)
+    return _write_manifest(out, identity, ident_hash, sources, discoveries, orphan_issues, records, overlays)

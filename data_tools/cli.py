@@ -174,7 +174,8 @@ def _cmd_proposals_fit(args: argparse.Namespace) -> int:
         sources = _read_sources(args)
         base = _proposal_base(args)
         unreadable: list[dict] = []
-        frames = labelled_grey_frames(sources, args.min_object_side, args.every, args.offset, unreadable)
+        frames = labelled_grey_frames(sources, args.min_object_side, args.every, args.offset, unreadable,
+                                      base.overlay_mask)
         ranker = fit_ranker(frames, base, args.l2, sources=[s.name for s in sources], folds=args.folds)
         save_ranker(ranker, args.out)
     except (SourceError, FileNotFoundError, KeyError, ValueError) as e:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from data_tools.files import sha256_file
 from data_tools.preview import display_bgr, write_grid
+from data_tools.overlay import find_source_overlay
 from data_tools.proposals import (
     METHODS,
     RANKED,
@@ -42,6 +43,7 @@ class LabelledFrame:
     path: str
     image: np.ndarray
     boxes: np.ndarray  # (N, 4) float xywh, objects of at least min_object_side
+    overlay: np.ndarray | None = None  # its source's burned-in overlay mask, as the build finds it
 
 
 @dataclass
@@ -87,11 +89,12 @@ def _share(hits: np.ndarray) -> float | None:
 
 
 def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: int = 0,
-                    unreadable: list | None = None) -> Iterator[LabelledFrame]:
+                    unreadable: list | None = None, find_overlays: bool = True) -> Iterator[LabelledFrame]:
     """Frames of ``sources`` that carry annotation boxes or masks, read and cropped as ``build``
-    reads them; ``every`` / ``offset`` select frames i with i % every == offset (a held-out split).
-    A frame that cannot be read is left out and appended to ``unreadable`` (source, path, reason),
-    as the build skips it."""
+    reads them, each with its source's overlay mask as the build finds it (``find_overlays``, the
+    config's ``proposals.overlay_mask``); ``every`` / ``offset`` select frames i with i % every ==
+    offset (a held-out split). A frame that cannot be read is left out and appended to
+    ``unreadable`` (source, path, reason), as the build skips it."""
     from data_tools.build import annotations_for_source, frame_annotation_boxes
     from data_tools.imageio import SkipSample, crop_border, read_frame
     from data_tools.sources import discover
@@ -100,6 +103,7 @@ def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: 
     for source in sources:
         discovery = discover(source)
         by_image, _ = annotations_for_source(source, discovery)
+        overlay = find_source_overlay(source, discovery.items).mask if find_overlays else None
         for item in discovery.items:
             records, mask = by_image.get(item.rel, ([], None))
             if not records and mask is None:
@@ -116,7 +120,8 @@ def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: 
             h, w = frame.image.shape
             boxes, _ = frame_annotation_boxes(records, mask, w, h, source, item.rel)
             big = (boxes[:, 2] >= min_object_side) & (boxes[:, 3] >= min_object_side)
-            yield LabelledFrame(source.name, item.rel, crop_border(frame.image, source.border_crop), boxes[big])
+            yield LabelledFrame(source.name, item.rel, crop_border(frame.image, source.border_crop), boxes[big],
+                                overlay)
 
 
 def evaluate(frames: Iterable[LabelledFrame], configs: dict[str, ProposalConfig], cap: int,
@@ -134,11 +139,11 @@ def evaluate(frames: Iterable[LabelledFrame], configs: dict[str, ProposalConfig]
             if i == 0:  # One untimed call per method first: the first call in a process pays one-time
                 # costs (code and tables loaded on first use), a third less speed on 15 frames.
                 for cfg in configs.values():
-                    compute_proposals(frame.image, cfg)
+                    compute_proposals(frame.image, cfg, frame.overlay)
             for name, cfg in configs.items():
                 result = results[name]
                 start = time.perf_counter()
-                proposals = compute_proposals(frame.image, cfg)
+                proposals = compute_proposals(frame.image, cfg, frame.overlay)
                 elapsed = time.perf_counter() - start
                 missed_before = len(result.missed)
                 _score_frame(result, frame, proposals, elapsed, cap if name in RANKED else len(proposals))
@@ -284,7 +289,7 @@ def format_table(summaries: list[dict]) -> str:
 def run(sources, base: ProposalConfig, methods: list[str], out: Path | None, min_object_side: int = 40,
         every: int = 1, offset: int = 0, max_k: int = 100) -> list[dict]:
     unreadable: list[dict] = []
-    frames = labelled_frames(sources, min_object_side, every, offset, unreadable)
+    frames = labelled_frames(sources, min_object_side, every, offset, unreadable, base.overlay_mask)
     configs = method_configs(base, methods, max_k)
     results = evaluate(frames, configs, base.max_proposals)
     if not max((r.frames for r in results.values()), default=0):

@@ -119,15 +119,16 @@ def frame_candidates(frames: Iterable[tuple[np.ndarray, np.ndarray]], cfg: Propo
 
 
 def labelled_grey_frames(sources, min_object_side: int = 40, every: int = 1, offset: int = 0,
-                         unreadable: list | None = None):
+                         unreadable: list | None = None, find_overlays: bool = True):
     """(grey uint8 frame, labelled boxes) of the labelled frames of ``sources``, read as ``build``
-    and ``proposals-eval`` read them: what ``frame_candidates`` takes (unreadable frames: as
-    :func:`~data_tools.proposal_eval.labelled_frames`)."""
+    and ``proposals-eval`` read them, the source's overlay filled in: what ``frame_candidates``
+    takes (unreadable frames, overlays: as :func:`~data_tools.proposal_eval.labelled_frames`)."""
+    from data_tools.overlay import fill_overlay
     from data_tools.proposal_eval import labelled_frames
     from data_tools.transforms import to_uint8
 
-    for frame in labelled_frames(sources, min_object_side, every, offset, unreadable):
-        yield grey_frame(to_uint8(frame.image)), frame.boxes
+    for frame in labelled_frames(sources, min_object_side, every, offset, unreadable, find_overlays):
+        yield grey_frame(fill_overlay(to_uint8(frame.image), frame.overlay)), frame.boxes
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 100) -> tuple[np.ndarray, float]:

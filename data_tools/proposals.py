@@ -43,6 +43,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from data_tools.overlay import fill_overlay
 from data_tools.transforms import to_uint8
 
 BLOB_VIEWS = ("linear", "equalized")
@@ -77,6 +78,9 @@ class ProposalConfig:
     nms_iou: float = 0.5
     # thermal_blobs_fitted: the ranking fitted on labelled frames of a camera (JSON, proposals-fit).
     ranker: str | None = None
+    # Find each source's burned-in overlay (pixels static across its frames) and fill it in before
+    # any method looks at a frame (``overlay.py``).
+    overlay_mask: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -406,11 +410,12 @@ register_method("thermal_blobs", thermal_blob_proposals, ranked=True)
 register_method("selective_search", selective_search_proposals, ranked=False)
 
 
-def compute_proposals(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
-    """The configured method's boxes (N, 4) int32 xywh for one frame (8- or 16-bit)."""
+def compute_proposals(image: np.ndarray, cfg: ProposalConfig, overlay: np.ndarray | None = None) -> np.ndarray:
+    """The configured method's boxes (N, 4) int32 xywh for one frame (8- or 16-bit); ``overlay``:
+    its source's burned-in overlay mask (``overlay.find_source_overlay``), filled in first."""
     if not cfg.enabled:
         return np.zeros((0, 4), np.int32)
-    return METHODS[cfg.method](to_uint8(image), cfg)
+    return METHODS[cfg.method](fill_overlay(to_uint8(image), overlay), cfg)
 
 
 # A method in its own module registers itself on import (after everything it uses is defined above).

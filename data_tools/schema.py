@@ -52,6 +52,7 @@ class ProposalSchema(Section):
     blob_texture_weight: NonNegFloat
     nms_iou: Annotated[float, Field(gt=0, le=1)]
     ranker: Annotated[str, Field(min_length=1)] | None
+    overlay_mask: bool
 
     @model_validator(mode="after")
     def _one_background_per_side(self):

@@ -87,7 +87,7 @@ def test_eval_speed_leaves_out_the_first_call_of_each_method(monkeypatch):
 
     clock, calls = [0.0], {}
 
-    def fake_proposals(image, cfg):
+    def fake_proposals(image, cfg, overlay=None):
         calls[cfg.method] = calls.get(cfg.method, 0) + 1
         clock[0] += 5.0 if calls[cfg.method] == 1 else 0.1
         return np.array([[0, 0, 50, 50]], np.float64)
@@ -108,7 +108,8 @@ def test_eval_speed_leaves_out_the_first_call_of_each_method(monkeypatch):
 def test_eval_keeps_pictures_of_the_first_missed_objects_only(monkeypatch):
     import data_tools.proposal_eval as proposal_eval
 
-    monkeypatch.setattr(proposal_eval, "compute_proposals", lambda image, cfg: np.array([[0, 0, 50, 50]], np.float64))
+    monkeypatch.setattr(proposal_eval, "compute_proposals",
+                        lambda image, cfg, overlay=None: np.array([[0, 0, 50, 50]], np.float64))
     frames = (LabelledFrame("s", f"{i}.png", np.zeros((64, 128), np.uint8), np.array([[60.0, 0, 50, 50]] * 2))
               for i in range(3))  # two objects a frame, none found
     results = proposal_eval.evaluate(frames, {"thermal_blobs": ProposalConfig()}, cap=50, missed_tiles=3)
