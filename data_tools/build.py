@@ -28,7 +28,7 @@ from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, ass
 from data_tools.config import check_config, config_hash, save_resolved, to_container
 from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, read_frame, read_mask
 from data_tools.manifest import MANIFEST, read_manifest
-from data_tools.overlay import OverlayFinding, find_source_overlay
+from data_tools.overlay import OverlayFinding, find_source_overlay, overlay_message
 from data_tools.proposals import ProposalConfig, compute_proposals, method_input_files, unique_boxes
 from data_tools.schema import BuildConfig
 from data_tools.files import atomic_write_text, sha256_file
@@ -302,13 +302,12 @@ def source_overlays(sources: list[Source], discoveries: dict, cfg: dict, out: Pa
     found = {}
     for s in sources:
         finding = found[s.name] = find_source_overlay(s, discoveries[s.name].items)
+        picture = out / f"overlay-{s.name}.png"
         if finding.mask is not None:
-            cv2.imwrite(str(out / f"overlay-{s.name}.png"), finding.mask * 255)
-            print(f"source '{s.name}': a burned-in overlay covers {finding.share:.1%} of the frame (pixels static "
-                  f"across {finding.frames} frames spread over the source), filled in before the proposals; "
-                  f"see {out / f'overlay-{s.name}.png'}", file=sys.stderr)
-        elif finding.share > 0:
-            print(f"source '{s.name}': no overlay masked: {finding.why_not}", file=sys.stderr)
+            cv2.imwrite(str(picture), finding.mask * 255)
+        message = overlay_message(s.name, finding, picture if finding.mask is not None else None)
+        if message:
+            print(message, file=sys.stderr)
     return found
 
 

@@ -78,6 +78,18 @@ def find_overlay(frames: Iterable[np.ndarray]) -> OverlayFinding:
     return OverlayFinding(static, n, share)
 
 
+def overlay_message(source_name: str, finding: OverlayFinding, picture=None) -> str | None:
+    """What the console says of a source's finding: the overlay filled in, or why a static part of
+    the frame was left alone (nothing when no pixel was static)."""
+    if finding.mask is not None:
+        return (f"source '{source_name}': a burned-in overlay covers {finding.share:.1%} of the frame (pixels static "
+                f"across {finding.frames} frames spread over the source), filled in before the proposals"
+                + (f"; see {picture}" if picture else ""))
+    if finding.share > 0:
+        return f"source '{source_name}': no overlay masked: {finding.why_not}"
+    return None
+
+
 def find_source_overlay(source, items: list) -> OverlayFinding:
     """``find_overlay`` over frames spread across a source's ``items``, read and border-cropped as
     the build reads them (a frame that cannot be read is left out here; the build reports it)."""

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from data_tools.files import sha256_file
 from data_tools.preview import display_bgr, write_grid
-from data_tools.overlay import find_source_overlay
+from data_tools.overlay import find_source_overlay, overlay_message
 from data_tools.proposals import (
     METHODS,
     RANKED,
@@ -89,12 +89,14 @@ def _share(hits: np.ndarray) -> float | None:
 
 
 def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: int = 0,
-                    unreadable: list | None = None, find_overlays: bool = True) -> Iterator[LabelledFrame]:
+                    unreadable: list | None = None, find_overlays: bool = True,
+                    overlays: dict | None = None) -> Iterator[LabelledFrame]:
     """Frames of ``sources`` that carry annotation boxes or masks, read and cropped as ``build``
     reads them, each with its source's overlay mask as the build finds it (``find_overlays``, the
     config's ``proposals.overlay_mask``); ``every`` / ``offset`` select frames i with i % every ==
     offset (a held-out split). A frame that cannot be read is left out and appended to
-    ``unreadable`` (source, path, reason), as the build skips it."""
+    ``unreadable`` (source, path, reason), as the build skips it; each source's overlay finding
+    goes into ``overlays`` (source name -> ``OverlayFinding``)."""
     from data_tools.build import annotations_for_source, frame_annotation_boxes
     from data_tools.imageio import SkipSample, crop_border, read_frame
     from data_tools.sources import discover
@@ -103,7 +105,12 @@ def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: 
     for source in sources:
         discovery = discover(source)
         by_image, _ = annotations_for_source(source, discovery)
-        overlay = find_source_overlay(source, discovery.items).mask if find_overlays else None
+        overlay = None
+        if find_overlays:
+            finding = find_source_overlay(source, discovery.items)
+            overlay = finding.mask
+            if overlays is not None:
+                overlays[source.name] = finding
         for item in discovery.items:
             records, mask = by_image.get(item.rel, ([], None))
             if not records and mask is None:
@@ -289,16 +296,21 @@ def format_table(summaries: list[dict]) -> str:
 def run(sources, base: ProposalConfig, methods: list[str], out: Path | None, min_object_side: int = 40,
         every: int = 1, offset: int = 0, max_k: int = 100) -> list[dict]:
     unreadable: list[dict] = []
-    frames = labelled_frames(sources, min_object_side, every, offset, unreadable, base.overlay_mask)
+    overlays: dict = {}
+    frames = labelled_frames(sources, min_object_side, every, offset, unreadable, base.overlay_mask, overlays)
     configs = method_configs(base, methods, max_k)
     results = evaluate(frames, configs, base.max_proposals)
     if not max((r.frames for r in results.values()), default=0):
         raise ValueError("no labelled frames in these sources (proposals-eval needs boxes or masks)"
                          + (f"; {len(unreadable)} could not be read" if unreadable else ""))
+    for name, finding in overlays.items():
+        message = overlay_message(name, finding)
+        if message:
+            print(message, file=sys.stderr)
     summaries = [r.summary() for r in results.values()]
     for s in summaries:
         s.update(cap=base.max_proposals, min_object_side=min_object_side, split={"every": every, "offset": offset},
-                 unreadable_frames=unreadable)
+                 unreadable_frames=unreadable, overlays={name: f.describe() for name, f in overlays.items()})
         for name, path in method_input_files(configs[s["method"]]).items():  # what was measured, by content
             s[name] = {"path": path, "sha256": sha256_file(path)}
     if out is not None:

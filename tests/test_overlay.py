@@ -136,9 +136,9 @@ def test_proposals_eval_sees_the_frames_as_the_build_does(burned_frames):
     frames = list(labelled_frames([source]))
     assert len(frames) == MIN_FRAMES + 2 and all(f.overlay is not None for f in frames)
     assert all(f.overlay is None for f in labelled_frames([source], find_overlays=False))
-    found = {on: run([source], ProposalConfig(overlay_mask=on), ["thermal_blobs"], None)[0]["found_iou_0.5"]
-             for on in (True, False)}
-    assert found[True] > found[False]
+    summaries = {on: run([source], ProposalConfig(overlay_mask=on), ["thermal_blobs"], None)[0] for on in (True, False)}
+    assert summaries[True]["found_iou_0.5"] > summaries[False]["found_iou_0.5"]
+    assert summaries[True]["overlays"]["cam"]["masked"] and summaries[False]["overlays"] == {}
 
 
 def test_the_build_fills_the_overlay_for_the_proposals_and_stores_the_frames_as_read(burned_frames, tmp_path):
