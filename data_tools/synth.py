@@ -178,3 +178,21 @@ def write_corpus(out_dir: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
         "    glob: '*.png'\n"
         "    boxes: {format: yolo, path: labels, classes: [" + ", ".join(BOX_CLASSES) + "]}\n")
     return out
+
+
+def burn_in_overlay(frame: np.ndarray) -> np.ndarray:
+    """A copy of an 8-bit frame with what a handheld thermal camera burns into its exports: a
+    palette bar at the right edge, a temperature readout and a time stamp in white, a centre
+    crosshair (sizes relative to a 640 px wide frame). The same in every frame, as a camera draws it."""
+    out = frame.copy()
+    h, w = out.shape[:2]
+    top, bottom = h // 8, h - h // 8
+    out[top:bottom, w - w // 21 - w // 53: w - w // 53] = np.linspace(255, 0, bottom - top)[:, None].astype(np.uint8)
+    scale = w / 640
+    thick = max(1, round(2 * scale))
+    cv2.putText(out, "36.5C  MAX", (round(10 * scale), round(30 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.9 * scale,
+                255, thick)
+    cv2.putText(out, "12:04:31 2026-12-03", (round(10 * scale), h - round(12 * scale)), cv2.FONT_HERSHEY_SIMPLEX,
+                0.7 * scale, 255, thick)
+    cv2.drawMarker(out, (w // 2, h // 2), 255, cv2.MARKER_CROSS, round(30 * scale), thick)
+    return out

@@ -14,23 +14,8 @@ from data_tools.overlay import MAX_SHARE, MIN_FRAMES, fill_overlay, find_overlay
 from data_tools.proposals import ProposalConfig, box_iou, compute_proposals
 from data_tools.shards import decode_sample, iter_shard
 from data_tools.sources import source_from_dict
+from data_tools.synth import burn_in_overlay
 from tests.conftest import shared_path
-
-
-def draw_overlay(frame: np.ndarray) -> np.ndarray:
-    """What a handheld camera burns in: a palette bar at the right edge, a temperature readout and
-    a time stamp in white, a centre crosshair (sizes relative to the frame)."""
-    out = frame.copy()
-    h, w = out.shape
-    top, bottom = h // 8, h - h // 8
-    out[top:bottom, w - w // 21 - w // 53: w - w // 53] = np.linspace(255, 0, bottom - top)[:, None].astype(np.uint8)
-    scale = w / 640
-    cv2.putText(out, "36.5C  MAX", (round(10 * scale), round(30 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.9 * scale, 255,
-                max(1, round(2 * scale)))
-    cv2.putText(out, "12:04:31 2026-12-03", (round(10 * scale), h - round(12 * scale)), cv2.FONT_HERSHEY_SIMPLEX,
-                0.7 * scale, 255, max(1, round(2 * scale)))
-    cv2.drawMarker(out, (w // 2, h // 2), 255, cv2.MARKER_CROSS, round(30 * scale), max(1, round(2 * scale)))
-    return out
 
 
 def moving_scene(n: int, shape=(120, 160), seed: int = 0) -> list[np.ndarray]:
@@ -46,11 +31,11 @@ def moving_scene(n: int, shape=(120, 160), seed: int = 0) -> list[np.ndarray]:
 
 def test_a_static_overlay_is_found_on_a_moving_scene_and_nothing_else_is():
     scene = moving_scene(12)
-    on_black, on_white = draw_overlay(np.zeros_like(scene[0])), draw_overlay(np.full_like(scene[0], 255))
+    on_black, on_white = burn_in_overlay(np.zeros_like(scene[0])), burn_in_overlay(np.full_like(scene[0], 255))
     covered = on_black == on_white  # the overlay's own pixels (its thin, anti-aliased strokes blend with the scene)
     touched = (on_black > 0) | (on_white < 255)
     assert covered.sum() > 0.6 * touched.sum()
-    finding = find_overlay([draw_overlay(f) for f in scene])
+    finding = find_overlay([burn_in_overlay(f) for f in scene])
     assert finding.mask is not None and finding.frames == 12
     assert finding.mask[covered].all()  # every pixel the overlay covers, and a little around it ...
     assert finding.share < 2 * touched.mean()  # ... not much more than it touches
@@ -59,7 +44,7 @@ def test_a_static_overlay_is_found_on_a_moving_scene_and_nothing_else_is():
     assert clean.mask is None and clean.share == 0 and clean.why_not == "no static pixels"
     # 16-bit frames are compared as the proposal methods see them (each through its own percentile
     # stretch): white text stays at the top of every frame's range, a palette bar's middle does not.
-    wide = find_overlay([draw_overlay(f).astype(np.uint16) * 257 for f in scene])
+    wide = find_overlay([burn_in_overlay(f).astype(np.uint16) * 257 for f in scene])
     assert wide.mask[covered & (on_black == 255)].all() and wide.share < finding.share
 
 
@@ -67,17 +52,17 @@ def test_a_still_scene_too_few_frames_and_mixed_sizes():
     scene = moving_scene(12)
     still = find_overlay([scene[0]] * 12)  # a fixed camera on a scene that does not change
     assert still.mask is None and still.share == 1.0 and f"more than the {MAX_SHARE:.0%}" in still.why_not
-    few = find_overlay([draw_overlay(f) for f in scene[:MIN_FRAMES - 1]])
+    few = find_overlay([burn_in_overlay(f) for f in scene[:MIN_FRAMES - 1]])
     assert few.mask is None and f"{MIN_FRAMES} needed" in few.why_not
     # The most common size decides; frames of another size are left out of the comparison.
-    mixed = find_overlay([draw_overlay(f) for f in scene[:MIN_FRAMES]] + moving_scene(3, (100, 100), seed=1))
+    mixed = find_overlay([burn_in_overlay(f) for f in scene[:MIN_FRAMES]] + moving_scene(3, (100, 100), seed=1))
     assert mixed.mask is not None and mixed.mask.shape == (120, 160) and mixed.frames == MIN_FRAMES
     # Filling leaves a frame of another size alone, and on the frame's size replaces the overlay.
     other = moving_scene(1, (100, 100))[0]
     assert fill_overlay(other, mixed.mask) is other
-    filled = fill_overlay(draw_overlay(scene[0]), mixed.mask)
+    filled = fill_overlay(burn_in_overlay(scene[0]), mixed.mask)
     assert np.abs(filled.astype(int) - scene[0])[mixed.mask > 0].mean() < 30  # overlay white is ~200 off
-    assert np.array_equal(filled[mixed.mask == 0], draw_overlay(scene[0])[mixed.mask == 0])
+    assert np.array_equal(filled[mixed.mask == 0], burn_in_overlay(scene[0])[mixed.mask == 0])
 
 
 def test_frames_are_sampled_across_the_whole_source():
@@ -108,7 +93,7 @@ def test_on_real_frames_the_filled_overlay_gives_back_the_objects_it_hid():
     frames) and finds them again once the overlay is filled in; the clean frames show no overlay."""
     _, frames, boxes = _msrs_frames()
     assert find_overlay(frames).mask is None
-    burned = [draw_overlay(f) for f in frames]
+    burned = [burn_in_overlay(f) for f in frames]
     finding = find_overlay(burned)
     assert finding.mask is not None and finding.share < 0.07
     clean, hidden, filled = _found(frames, boxes), _found(burned, boxes), _found(burned, boxes, finding.mask)
@@ -123,7 +108,7 @@ def burned_frames(tmp_path_factory):
     folder = tmp_path_factory.mktemp("burned") / "ir"
     folder.mkdir()
     for name, frame in zip(names[:MIN_FRAMES + 2], frames):
-        cv2.imwrite(str(folder / name), draw_overlay(frame))
+        cv2.imwrite(str(folder / name), burn_in_overlay(frame))
     return folder
 
 
