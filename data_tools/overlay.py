@@ -82,8 +82,9 @@ def overlay_message(source_name: str, finding: OverlayFinding, picture=None) -> 
     """What the console says of a source's finding: the overlay filled in, or why a static part of
     the frame was left alone (nothing when no pixel was static)."""
     if finding.mask is not None:
-        return (f"source '{source_name}': a burned-in overlay covers {finding.share:.1%} of the frame (pixels static "
-                f"across {finding.frames} frames spread over the source), filled in before the proposals"
+        return (f"source '{source_name}': a burned-in overlay covers {int(finding.mask.sum()):,} px, "
+                f"{finding.share:.2%} of the frame (pixels static across {finding.frames} frames spread over the "
+                "source), filled in before the proposals"
                 + (f"; see {picture}" if picture else ""))
     if finding.share > 0:
         return f"source '{source_name}': no overlay masked: {finding.why_not}"

@@ -112,7 +112,7 @@ def burned_frames(tmp_path_factory):
     return folder
 
 
-def test_proposals_eval_sees_the_frames_as_the_build_does(burned_frames):
+def test_proposals_eval_sees_the_frames_as_the_build_does(burned_frames, capsys):
     from data_tools.proposal_eval import labelled_frames, run
 
     source = source_from_dict({"name": "cam", "root": str(burned_frames), "boxes": {
@@ -124,6 +124,9 @@ def test_proposals_eval_sees_the_frames_as_the_build_does(burned_frames):
     summaries = {on: run([source], ProposalConfig(overlay_mask=on), ["thermal_blobs"], None)[0] for on in (True, False)}
     assert summaries[True]["found_iou_0.5"] > summaries[False]["found_iou_0.5"]
     assert summaries[True]["overlays"]["cam"]["masked"] and summaries[False]["overlays"] == {}
+    share = summaries[True]["overlays"]["cam"]["static_share"]
+    said = capsys.readouterr().err
+    assert "source 'cam': a burned-in overlay covers " in said and f" px, {share:.2%} of the frame" in said
 
 
 def test_the_build_fills_the_overlay_for_the_proposals_and_stores_the_frames_as_read(burned_frames, tmp_path):
