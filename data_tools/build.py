@@ -25,7 +25,8 @@ from tqdm import tqdm
 from data_tools import SAMPLE_SCHEMA_VERSION
 from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, assign_to_images, boxes_from_mask,
                                     boxes_to_pixels, clip_boxes, issue, read_annotations)
-from data_tools.config import check_config, config_hash, save_resolved, to_container
+from data_tools.config import (check_config, config_changes, config_hash, earlier_version_of, save_resolved,
+                               to_container)
 from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, read_frame, read_mask
 from data_tools.manifest import MANIFEST, read_manifest
 from data_tools.overlay import OverlayFinding, find_source_overlay, overlay_message
@@ -180,9 +181,20 @@ def _prepare_out_dir(out: Path, identity: dict, ident_hash: str, overwrite: bool
         old = read_manifest(out, complete=False)
         # A build that stopped before its first shard (a source or annotation path to fix) claims nothing.
         if old.get("config_hash") != ident_hash and not overwrite and _started(out, old):
+            then, now = old.get("config", {}), json.loads(json.dumps(identity))  # as the manifest holds it
+            changes = "; ".join(config_changes(then, now))
+            if earlier_version_of(then, old.get("config_hash"), now):  # only settings added since
+                if old.get("status") == "complete":
+                    print(f"note: {out} was built by an earlier version of this toolkit, before the settings "
+                          f"{changes}; kept as built (pass --overwrite to build it again with them)", file=sys.stderr)
+                    return old
+                raise BuildError(
+                    f"{out} holds an unfinished build of an earlier version of this toolkit, before the settings "
+                    f"{changes}: this version would make its remaining shards another way; finish it with that "
+                    "version, or pass --overwrite to build it again")
             raise BuildError(
                 f"{out} holds shards of a different config (hash {old.get('config_hash')} != "
-                f"{ident_hash}); pass --overwrite to replace them or choose another --out")
+                f"{ident_hash}; {changes}); pass --overwrite to replace them or choose another --out")
         if old.get("config_hash") != ident_hash:
             _clear(out)
         elif old.get("status") == "complete":

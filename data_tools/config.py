@@ -208,14 +208,25 @@ def config_hash(cfg: DictConfig | dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def config_changes(saved: str | Path, cfg: DictConfig | dict, most: int = 6) -> list[str]:
-    """``key: then -> now`` for each setting of ``cfg`` that differs from the resolved config saved
-    at ``saved`` (dotted keys; a key the saved config lacks, a setting newer than its run, reads
-    ``absent``), at most ``most`` of them and a count of the rest; [] where ``saved`` is unreadable."""
+def _saved_config(saved: str | Path | dict) -> dict | None:
+    """A saved resolved config: a YAML file's, or one already read (a manifest's); None where unreadable."""
+    if isinstance(saved, dict):
+        return saved
     try:
-        then = _flat(to_container(OmegaConf.load(saved)))
+        return to_container(OmegaConf.load(saved))
     except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def config_changes(saved: str | Path | dict, cfg: DictConfig | dict, most: int = 6) -> list[str]:
+    """``key: then -> now`` for each setting of ``cfg`` that differs from the resolved config saved
+    at ``saved`` (a file, or the config itself; dotted keys; a key the saved config lacks, a setting
+    newer than its run, reads ``absent``), at most ``most`` of them and a count of the rest; [] where
+    ``saved`` is unreadable."""
+    then = _saved_config(saved)
+    if then is None:
         return []
+    then = _flat(then)
     now = _flat(to_container(cfg))
     missing = object()
 
@@ -228,13 +239,12 @@ def config_changes(saved: str | Path, cfg: DictConfig | dict, most: int = 6) -> 
     return changed[:most] + ([f"{len(changed) - most} more"] if len(changed) > most else [])
 
 
-def earlier_version_of(saved: str | Path, saved_hash: str | None, cfg: DictConfig | dict) -> bool:
-    """Whether ``cfg`` is the config saved at ``saved`` (whose hash was ``saved_hash``) as a later
-    version of the toolkit reads it: equal once the settings the saved one lacks are left out (a run
-    started before those settings existed)."""
-    try:
-        then = to_container(OmegaConf.load(saved))
-    except (OSError, ValueError, yaml.YAMLError):
+def earlier_version_of(saved: str | Path | dict, saved_hash: str | None, cfg: DictConfig | dict) -> bool:
+    """Whether ``cfg`` is the config saved at ``saved`` (a file, or the config itself; its hash was
+    ``saved_hash``) as a later version of the toolkit reads it: equal once the settings the saved
+    one lacks are left out (a run started before those settings existed)."""
+    then = _saved_config(saved)
+    if then is None:
         return False
     return saved_hash is not None and config_hash(_within(to_container(cfg), then)) == saved_hash
 

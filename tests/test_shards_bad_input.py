@@ -195,6 +195,39 @@ def test_output_of_a_different_config_is_refused_unless_overwrite(bad_corpus, ca
     args = ["build", "--sources", str(bad_corpus / "sources.yaml"), "--out", str(out), "--quiet"]
     assert cli_main(args) == 2 and "different config" in capsys.readouterr().err
     assert cli_main(args + ["--overwrite"]) == 0
+    with pytest.raises(BuildError, match=r"; shards.max_samples: 1000 -> 2\)"):  # what changed, named
+        build_shards(src, other, out, progress=False)
+
+
+def _as_an_earlier_version_wrote_it(out, status: str) -> None:
+    """The manifest of ``out`` as a toolkit before ``proposals.overlay_mask`` would have written it."""
+    from data_tools.config import config_hash
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["config"]["proposals"].pop("overlay_mask", None)
+    manifest.update(status=status, config_hash=config_hash(manifest["config"]))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_build_of_an_earlier_version_is_kept_when_complete_and_refused_when_not(bad_corpus, capsys):
+    """Settings added since a build was made: a finished build stays as it was built (said, with
+    the settings it lacked), an unfinished one is not continued another way; any other change is
+    still another config."""
+    src = load_sources(bad_corpus / "sources.yaml")
+    out = bad_corpus / "earlier"
+    build_shards(src, load_config(DEFAULT_BUILD_CONFIG), out, progress=False)
+    _as_an_earlier_version_wrote_it(out, "complete")
+    before = (out / "manifest.json").read_text()
+    m = build_shards(src, load_config(DEFAULT_BUILD_CONFIG), out, progress=False)
+    assert m["status"] == "complete" and (out / "manifest.json").read_text() == before
+    assert ("was built by an earlier version of this toolkit, before the settings proposals.overlay_mask: "
+            "absent -> true; kept as built") in capsys.readouterr().err
+    with pytest.raises(BuildError, match="different config"):
+        build_shards(src, load_config(DEFAULT_BUILD_CONFIG, ["shards.max_samples=2"]), out, progress=False)
+    _as_an_earlier_version_wrote_it(out, "building")
+    with pytest.raises(BuildError, match="an unfinished build of an earlier version of this toolkit, before the "
+                                         "settings proposals.overlay_mask: absent -> true"):
+        build_shards(src, load_config(DEFAULT_BUILD_CONFIG), out, progress=False)
 
 
 def test_unknown_override_and_source_option_are_errors(tmp_path):
