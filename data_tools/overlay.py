@@ -23,6 +23,7 @@ from typing import Iterable
 import cv2
 import numpy as np
 
+from data_tools.imageio import SkipSample, crop_border, read_frame
 from data_tools.transforms import to_uint8
 
 SAMPLED_FRAMES = 32
@@ -65,8 +66,12 @@ def find_overlay(frames: Iterable[np.ndarray]) -> OverlayFinding:
     shape, n = Counter(g.shape for g in greys).most_common(1)[0]
     if n < MIN_FRAMES:
         return OverlayFinding(None, n, 0.0, f"{n} frame(s) of one size, {MIN_FRAMES} needed to tell an overlay")
-    stack = np.stack([g for g in greys if g.shape == shape])
-    static = (stack.max(axis=0).astype(np.int16) - stack.min(axis=0) <= TOLERANCE).astype(np.uint8)
+    low, high = np.full(shape, 255, np.uint8), np.zeros(shape, np.uint8)
+    for g in greys:
+        if g.shape == shape:  # a running range: no stacked copy of the frames
+            np.minimum(low, g, out=low)
+            np.maximum(high, g, out=high)
+    static = (high - low <= TOLERANCE).astype(np.uint8)
     if GROW:
         static = cv2.dilate(static, np.ones((2 * GROW + 1, 2 * GROW + 1), np.uint8))
     share = float(static.mean())
@@ -94,8 +99,6 @@ def overlay_message(source_name: str, finding: OverlayFinding, picture=None) -> 
 def find_source_overlay(source, items: list) -> OverlayFinding:
     """``find_overlay`` over frames spread across a source's ``items``, read and border-cropped as
     the build reads them (a frame that cannot be read is left out here; the build reports it)."""
-    from data_tools.imageio import SkipSample, crop_border, read_frame
-
     frames = []
     for i in sample_indices(len(items)):
         try:
