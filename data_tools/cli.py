@@ -48,8 +48,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
         videos = f", {ps['videos_not_read']} video file(s) not read" if ps.get("videos_not_read") else ""
         held = "".join(f", {n} already in source '{other}'"
                        for other, n in ps.get("held_by_earlier_sources", {}).items())
+        overlay = ps.get("overlay", {})
+        filled = (f", burned-in overlay filled in for the proposals ({overlay['static_share']:.2%} of the frame, "
+                  f"overlay-{name}.png)" if overlay.get("masked") else "")
         print(f"  {name}: found {ps['found']} (of {ps['matched']} matched), written {ps['written']}, "
-              f"skipped {ps['skipped']} ({reasons}){videos}{held}")
+              f"skipped {ps['skipped']} ({reasons}){videos}{held}{filled}")
     return 0
 
 

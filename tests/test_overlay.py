@@ -152,3 +152,13 @@ def test_the_build_fills_the_overlay_for_the_proposals_and_stores_the_frames_as_
         assert np.array_equal(proposals, compute_proposals(as_read, cfg, mask))
         differ += not np.array_equal(proposals, compute_proposals(as_read, cfg))
     assert differ > 0
+
+
+def test_the_build_cli_says_where_an_overlay_was_filled_in(burned_frames, tmp_path, capsys):
+    from data_tools.cli import main as cli_main
+
+    out = tmp_path / "out"
+    assert cli_main(["build", "--source", f"cam={burned_frames}", "--out", str(out), "--workers", "1", "--quiet"]) == 0
+    said = capsys.readouterr()
+    assert f"see {out / 'overlay-cam.png'}" in said.err and (out / "overlay-cam.png").is_file()
+    assert "written 10, skipped 0 (none), burned-in overlay filled in for the proposals (" in said.out
