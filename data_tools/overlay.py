@@ -7,9 +7,10 @@ burned-in overlay") a bar, two lines of text and a crosshair cost `thermal_blobs
 objects it finds on the clean frames. An overlay is what stays the same while the scene changes
 under it, so it is found across a source's frames rather than in one: the pixels whose value varies
 by at most ``TOLERANCE`` grey levels over up to ``SAMPLED_FRAMES`` frames spread over the source
-(JPEG's ringing around text stays within it), grown by ``GROW`` pixels. Proposal methods then see
-the frame with those pixels filled in from their surroundings (OpenCV's inpainting, about 10 ms a
-640x480 frame); the stored frames keep every pixel as read.
+(JPEG's ringing around text stays within it), in groups of at least ``MIN_PIXELS`` (a noisy fixed
+camera leaves scattered pixels within the tolerance by chance), grown by ``GROW`` pixels. Proposal
+methods then see the frame with those pixels filled in from their surroundings (OpenCV's
+inpainting, about 10 ms a 640x480 frame); the stored frames keep every pixel as read.
 
 A fixed camera watching a still scene keeps much of its frame unchanged too: when more than
 ``MAX_SHARE`` of the frame is static the source is left unmasked, and the build says so.
@@ -29,6 +30,7 @@ from data_tools.transforms import to_uint8
 SAMPLED_FRAMES = 32
 MIN_FRAMES = 8
 TOLERANCE = 8  # grey levels (of the 8-bit frame proposal methods see)
+MIN_PIXELS = 8  # static pixels connected in smaller groups are chance (sensor noise in a fixed camera)
 GROW = 2  # px around each static pixel: the anti-aliased edge of text
 MAX_SHARE = 0.25
 
@@ -72,6 +74,8 @@ def find_overlay(frames: Iterable[np.ndarray]) -> OverlayFinding:
             np.minimum(low, g, out=low)
             np.maximum(high, g, out=high)
     static = (high - low <= TOLERANCE).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(static, connectivity=8)
+    static = (stats[:, cv2.CC_STAT_AREA] >= MIN_PIXELS)[labels].astype(np.uint8) * static
     if GROW:
         static = cv2.dilate(static, np.ones((2 * GROW + 1, 2 * GROW + 1), np.uint8))
     share = float(static.mean())

@@ -18,7 +18,7 @@ from data_tools.synth import burn_in_overlay
 from tests.conftest import shared_path
 
 
-def moving_scene(n: int, shape=(120, 160), seed: int = 0) -> list[np.ndarray]:
+def moving_scene(n: int, shape=(240, 320), seed: int = 0) -> list[np.ndarray]:
     """Frames of a camera that moves: smooth random scenes, each its own."""
     rng = np.random.default_rng(seed)
     frames = []
@@ -37,7 +37,9 @@ def test_a_static_overlay_is_found_on_a_moving_scene_and_nothing_else_is():
     assert covered.sum() > 0.6 * touched.sum()
     finding = find_overlay([burn_in_overlay(f) for f in scene])
     assert finding.mask is not None and finding.frames == 12
-    assert finding.mask[covered].all()  # every pixel the overlay covers, and a little around it ...
+    # the pixels the overlay covers (less a few isolated bits of thin glyphs: groups under MIN_PIXELS
+    # are taken for chance), and a little around them ...
+    assert finding.mask[covered].mean() > 0.99
     assert finding.share < 2 * touched.mean()  # ... not much more than it touches
     # The same frames without it: nothing static.
     clean = find_overlay(scene)
@@ -45,7 +47,16 @@ def test_a_static_overlay_is_found_on_a_moving_scene_and_nothing_else_is():
     # 16-bit frames are compared as the proposal methods see them (each through its own percentile
     # stretch): white text stays at the top of every frame's range, a palette bar's middle does not.
     wide = find_overlay([burn_in_overlay(f).astype(np.uint16) * 257 for f in scene])
-    assert wide.mask[covered & (on_black == 255)].all() and wide.share < finding.share
+    assert wide.mask[covered & (on_black == 255)].mean() > 0.8 and wide.share < finding.share
+
+
+def test_a_noisy_fixed_camera_leaves_no_scattered_mask():
+    """Sensor noise (sigma 3 grey levels) on a scene that does not move leaves scattered pixels
+    within the tolerance by chance: groups under MIN_PIXELS are not taken for an overlay."""
+    rng = np.random.default_rng(1)
+    still = moving_scene(1)[0].astype(np.float64)
+    frames = [np.clip(still + rng.normal(0, 3, still.shape), 0, 255).round().astype(np.uint8) for _ in range(32)]
+    assert find_overlay(frames).share < 0.01
 
 
 def test_a_still_scene_too_few_frames_and_mixed_sizes():
@@ -56,7 +67,7 @@ def test_a_still_scene_too_few_frames_and_mixed_sizes():
     assert few.mask is None and f"{MIN_FRAMES} needed" in few.why_not
     # The most common size decides; frames of another size are left out of the comparison.
     mixed = find_overlay([burn_in_overlay(f) for f in scene[:MIN_FRAMES]] + moving_scene(3, (100, 100), seed=1))
-    assert mixed.mask is not None and mixed.mask.shape == (120, 160) and mixed.frames == MIN_FRAMES
+    assert mixed.mask is not None and mixed.mask.shape == (240, 320) and mixed.frames == MIN_FRAMES
     # Filling leaves a frame of another size alone, and on the frame's size replaces the overlay.
     other = moving_scene(1, (100, 100))[0]
     assert fill_overlay(other, mixed.mask) is other
