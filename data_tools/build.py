@@ -306,6 +306,11 @@ def annotations_for_source(source: Source, discovery) -> tuple[dict[str, tuple[l
     return by_image, anns.issues + matching
 
 
+def overlay_picture(source_name: str) -> str:
+    """The file, in a build's output folder, that shows the overlay found on a source."""
+    return f"overlay-{source_name}.png"
+
+
 def source_overlays(sources: list[Source], discoveries: dict, cfg: dict, out: Path) -> dict[str, OverlayFinding]:
     """Each source's burned-in overlay, found on frames spread over it (``overlay.py``), said on
     the console and drawn to ``overlay-<source>.png`` where found; none when proposals are off."""
@@ -314,10 +319,10 @@ def source_overlays(sources: list[Source], discoveries: dict, cfg: dict, out: Pa
     found = {}
     for s in sources:
         finding = found[s.name] = find_source_overlay(s, discoveries[s.name].items)
-        picture = out / f"overlay-{s.name}.png"
+        picture = out / overlay_picture(s.name)
         if finding.mask is not None:
             cv2.imwrite(str(picture), finding.mask * 255)
-        message = overlay_message(s.name, finding, picture if finding.mask is not None else None)
+        message = overlay_message(s.name, finding, picture)
         if message:
             print(message, file=sys.stderr)
     return found

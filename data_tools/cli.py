@@ -23,7 +23,7 @@ def _read_sources(args: argparse.Namespace) -> list:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from data_tools.build import BuildError, build_shards
+    from data_tools.build import BuildError, build_shards, overlay_picture
     from data_tools.sources import SourceError
 
     try:
@@ -50,7 +50,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
                        for other, n in ps.get("held_by_earlier_sources", {}).items())
         overlay = ps.get("overlay", {})
         filled = (f", burned-in overlay filled in for the proposals ({overlay['static_share']:.2%} of the frame, "
-                  f"overlay-{name}.png)" if overlay.get("masked") else "")
+                  f"{overlay_picture(name)})" if overlay.get("masked") else "")
         print(f"  {name}: found {ps['found']} (of {ps['matched']} matched), written {ps['written']}, "
               f"skipped {ps['skipped']} ({reasons}){videos}{held}{filled}")
     return 0
