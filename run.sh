@@ -222,6 +222,16 @@ launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the
   [[ $rc -eq 0 ]] || fail "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
 }
 
+launch_processes() {  # the processes launch starts: the fine-tuning check needs it (BatchNorm's batch)
+  if [[ -n "$HOSTFILE" ]]; then  # the DeepSpeed launcher: --nproc per host, or each host's slots
+    awk -v n="${NPROC_SET:+$NPROC}" '!/^[ \t]*(#|$)/ { hosts++
+        if (match($0, /slots=[0-9]+/)) slots += substr($0, RSTART + 6, RLENGTH - 6) }
+      END { print (n ? n * hosts : (slots ? slots : hosts)) }' "$HOSTFILE"
+  else
+    echo $((NPROC * NNODES))
+  fi
+}
+
 launch() {  # launch MODULE ARGS...: one process, torchrun, or the DeepSpeed launcher (printed first)
   local cmd
   if [[ -n "$HOSTFILE" ]]; then
@@ -303,7 +313,8 @@ check_finetune_inputs() {
     [[ -n "$root" ]] && args+=("data.root=$(yaml_str "$root")")
     finetune_sets "$task"
     args+=("${SETS[@]}")
-    PY -m finetune check "${args[@]}" || fail "the $task config above is not usable: fix what it names; nothing was run"
+    PY -m finetune check --processes "$(launch_processes)" "${args[@]}" \
+      || fail "the $task config above is not usable: fix what it names; nothing was run"
   done
 }
 

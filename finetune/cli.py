@@ -55,8 +55,10 @@ def _cmd_det(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     """Refuse a config before any work: its schema, and the folders and files it names."""
+    import torch
+
     cfg = _checked(args)
-    check_run(cfg, args.config)
+    check_run(cfg, args.config, processes=args.processes, cuda=torch.cuda.is_available())
     source = f" (from {cfg.data.classes_file})" if cfg.data.get("classes_file") else ""
     print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there; "
           f"{len(cfg.data.classes)} class{'es' if len(cfg.data.classes) > 1 else ''}{source}: "
@@ -125,6 +127,8 @@ def make_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="check a seg / det config and the dataset folders it names, without "
                                       "building or training anything")
     ck.add_argument("--config", default=SEG_CONFIG)
+    ck.add_argument("--processes", type=int, default=1,
+                    help="processes the run will be launched with (GPUs over all nodes; default 1)")
     ck.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=MFNet")
     ck.set_defaults(func=_cmd_check)
     pd = sub.add_parser("predict", help="apply a trained run to frames without labels: masks (seg) or COCO "

@@ -7,6 +7,8 @@ the folder listing and the first frames of each split.
 - the folders and files the config names for each split, with where the layout is when a
   download unpacked a folder or two down, the split folders there are when one is missing, and
   the command that writes train.txt / val.txt for a dataset published without them;
+- segmentation training on one frame per process where BatchNorm is not synchronised across
+  processes (UPerNet's pyramid pooling cannot train on it);
 - a split in which no frame has all its files, or whose first frames are all unusable as training
   reads them (colour label images, values outside the classes, 0 / 255 masks read as indices);
 - detection labels none of whose boxes has a configured class, or (validation) none of whose
@@ -32,6 +34,23 @@ def check_weights_given(cfg, name: str) -> None:
         raise ValueError(f"{name}: model.method={cfg.model.method} fine-tunes a backbone pre-trained with {adapter} "
                          f"adapters: give init.checkpoint=FILE (a `python -m pretrain export`, or PAD's release), or "
                          f"another model.method ({others})")
+
+
+def check_batch(cfg, name: str, processes: int = 1, cuda: bool = False) -> None:
+    """Segmentation trains on at least two frames per BatchNorm step: UPerNet's pyramid pooling
+    (scale 1) normalises a map pooled to one pixel, one value per channel and frame, and BatchNorm
+    cannot train on a single value (PyTorch raises; mmsegmentation asks for two samples per GPU
+    for the same reason). On several GPUs the engine's SyncBatchNorm pools the processes' frames;
+    plain BatchNorm in CPU processes does not. Detection heads normalise whole maps: no limit."""
+    if "boxes" in cfg.data or int(cfg.train.batch_size) >= 2 or (processes > 1 and cuda):
+        return
+    where = (f"{processes} CPU processes, whose BatchNorm is not synchronised" if processes > 1
+             else "one process")
+    raise ValueError(f"{name}: train.batch_size=1 with {where}: segmentation trains on 2 or more frames per "
+                     f"BatchNorm step (UPerNet's pyramid pooling normalises a map pooled to 1x1). Set "
+                     f"train.batch_size=2 or more (train.effective_batch, when set, keeps the batch the optimizer "
+                     f"sees: the accumulation follows), or train on 2 or more GPUs, where SyncBatchNorm pools their "
+                     f"frames")
 
 
 def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), read_frames: bool = True,
@@ -123,9 +142,13 @@ def _root_below(cfg) -> str | None:
     return None
 
 
-def check_run(cfg, name: str, splits: tuple[str, ...] = ("train", "val")) -> None:
-    """Everything refused before a run of ``splits``: the weights its method needs, then its inputs."""
+def check_run(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), processes: int = 1,
+              cuda: bool = False) -> None:
+    """Everything refused before a run of ``splits`` with ``processes`` (on GPUs: ``cuda``): the
+    weights its method needs, the batch training needs, then its inputs."""
     check_weights_given(cfg, name)
+    if "train" in splits:
+        check_batch(cfg, name, processes, cuda)
     check_inputs(cfg, name, splits)
 
 

@@ -14,8 +14,8 @@ from finetune.data.pairs import write_report
 from finetune.data.stream import MapBatchStream
 from finetune.factory import intensity_rule_mismatch, parameter_report
 from finetune.models.methods import get_method
-from pretrain.engine import (EpochLoader, Task, TrainingPlan, ignore_preemption_signals, param_groups, poly_lr_at,
-                             training_inputs)
+from pretrain.engine import (EpochLoader, Task, TrainingPlan, ignore_preemption_signals, launched_world_size,
+                             param_groups, poly_lr_at, training_inputs)
 
 
 class FinetuneTask(Task):
@@ -46,7 +46,8 @@ class FinetuneTask(Task):
     def check_inputs(self, cfg, eval_only=False):
         from finetune.preflight import check_run
 
-        check_run(cfg, self.config_name, ("val",) if eval_only else ("train", "val"))
+        check_run(cfg, self.config_name, ("val",) if eval_only else ("train", "val"), launched_world_size(),
+                  torch.cuda.is_available())
 
     def build_model(self, cfg, where):
         return self.build_network(cfg)

@@ -41,3 +41,49 @@ def test_rollback_without_any_checkpoint_stops_with_the_reason(tmp_path):
 
     with pytest.raises(FloatingPointError, match="non-finite loss at step 3 and no checkpoint yet to roll back to"):
         _roll_back(Checkpointer(tmp_path / "checkpoints"), engine=None, rank=0, step=3)
+
+
+def test_segmentation_on_one_frame_per_process_is_refused_before_the_run_starts(tmp_path, capsys):
+    """UPerNet's pyramid pooling normalises a 1x1 map with BatchNorm: one frame per step cannot
+    train (PyTorch raised a 90-line traceback after the run directory was set up). Refused by the
+    check and by the run itself before anything is written, unless SyncBatchNorm pools several GPUs."""
+    import torch
+
+    from finetune.cli import main as finetune_main
+    from finetune.factory import build_segmentor
+    from finetune.preflight import check_batch
+
+    seg = load_config(CONFIG_DIR / "finetune" / "seg_tiny.yaml",
+                      ["train.batch_size=1", "model.method=full", "model.modality=ir"])
+    model = build_segmentor(seg).train()
+    frames = torch.zeros(2, 1, *seg.model.encoder.img_size)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(frames[:1], None, torch.zeros(1, *seg.model.encoder.img_size, dtype=torch.long))
+    model(frames, None, torch.zeros(2, *seg.model.encoder.img_size, dtype=torch.long))  # two frames train
+
+    with pytest.raises(ValueError, match=r"seg: train.batch_size=1 with one process: .* Set train.batch_size=2"):
+        check_batch(seg, "seg")
+    with pytest.raises(ValueError, match="with 2 CPU processes, whose BatchNorm is not synchronised"):
+        check_batch(seg, "seg", processes=2, cuda=False)
+    check_batch(seg, "seg", processes=2, cuda=True)  # SyncBatchNorm: two frames per step over the GPUs
+    check_batch(load_config(CONFIG_DIR / "finetune" / "seg_tiny.yaml", ["train.batch_size=2"]), "seg")
+    check_batch(load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", ["train.batch_size=1"]), "det")
+    # the run's own check counts the processes from the launcher's variables, as the process group will
+    from pretrain.engine import launched_world_size
+
+    assert launched_world_size({}) == 1 and launched_world_size({"RANK": "3", "WORLD_SIZE": "8"}) == 8
+    assert launched_world_size({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == 4  # srun
+    assert launched_world_size({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == 2
+
+    config = str(CONFIG_DIR / "finetune" / "seg_tiny.yaml")
+    assert finetune_main(["check", "--config", config, f"data.root={tmp_path}", "train.batch_size=1"]) == 2
+    assert "train.batch_size=1 with one process" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert finetune_main(["check", "--processes", "4", "--config", config, f"data.root={tmp_path}",
+                              "train.batch_size=1"]) == 2
+        assert "with 4 CPU processes" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    assert finetune_main(["seg", "--config", config, "--run-dir", str(run_dir), f"data.root={tmp_path}",
+                          "train.batch_size=1"]) == 2
+    assert "train.batch_size=1 with one process" in capsys.readouterr().err
+    assert not run_dir.exists()

@@ -175,6 +175,28 @@ def test_fine_tuning_overrides_reach_the_check_and_the_stage(tmp_path):
     assert res.returncode != 0 and "--det-set split_dirs: expected key=value" in res.stderr
 
 
+def test_the_check_counts_the_processes_a_launch_starts(tmp_path):
+    """Segmentation at one frame per process trains only where SyncBatchNorm pools the GPUs'
+    frames: the check before any stage is told how many processes the stages will launch (--nproc
+    x --nnodes, or the hostfile's slots) and refuses it on CPU processes before pre-training."""
+    import torch
+
+    from tests.test_presets import build_replica
+
+    if torch.cuda.is_available():
+        pytest.skip("on GPUs one frame per process trains (SyncBatchNorm)")
+    build_replica("msrs_seg", tmp_path / "MSRS")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=4\n\nnode-b slots=1\n")
+    base = ["--out", str(tmp_path / "out"), "--seg-preset", "msrs_seg", "--seg-root", str(tmp_path / "MSRS"),
+            "--seg-set", "train.batch_size=1"]
+    for launch, said in ((["--nproc", "2"], "with 2 CPU processes"), (["--hostfile", str(hostfile)], "with 5 CPU"),
+                         (["--hostfile", str(hostfile), "--nproc", "3"], "with 6 CPU")):
+        res = _run_sh(*base, *launch)
+        assert res.returncode != 0 and f"train.batch_size=1 {said}" in res.stdout + res.stderr, (launch, res.stderr)
+        assert not (tmp_path / "out" / "shards").exists()
+
+
 def test_own_data_pretrains_then_fine_tunes_what_it_is_given_and_says_how_to_run_the_rest(tmp_path):
     """`./run.sh --data SOURCES.yaml` used to pre-train on the user's frames and then fail at the
     segmentation stage (`data.root .../synth is not a folder`, advice: rerun). Now: the MSRS preset

@@ -12,7 +12,7 @@ the loop reads), ``health`` (non-finite losses), ``runlock`` (one run per direct
 """
 from pretrain.engine.checkpoint import Checkpointer, CheckpointWriteError, ResumeError, frozen_fingerprint, seed_step
 from pretrain.engine.distributed import (average_over_ranks, batchnorm_statistics, finish, free_port,
-                                         init_distributed, threads_per_process)
+                                         init_distributed, launched_world_size, threads_per_process)
 from pretrain.engine.health import HealthPolicy
 from pretrain.engine.loop import (EXIT_PREEMPTED, Batching, LoopSpec, Process, frozen_reference, new_state,
                                   prepare_run_dir, resolve_batching, resume_state, run_entry_point, train_steps,
@@ -31,7 +31,8 @@ __all__ = [
     "TrainingPlan",
     "average_over_ranks",
     "batchnorm_statistics", "build_engine", "deepspeed_config", "finish", "free_port", "frozen_fingerprint",
-    "frozen_reference", "hold_gated_groups", "ignore_preemption_signals", "init_distributed", "lr_at", "new_state",
+    "frozen_reference", "hold_gated_groups", "ignore_preemption_signals", "init_distributed", "launched_world_size",
+    "lr_at", "new_state",
     "param_groups", "poly_lr_at", "prepare_run_dir", "resolve_batching", "resume_state", "run", "run_entry_point",
     "seed_step", "set_lr", "threads_per_process", "train_steps", "training_inputs", "weights_for_evaluation",
 ]

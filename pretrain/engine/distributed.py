@@ -29,6 +29,14 @@ def threads_per_process(env: dict, threads: int) -> int:
     return max(1, threads // int(local))
 
 
+def launched_world_size(env=os.environ) -> int:
+    """The number of processes of this launch, from the launcher's variables (torchrun, the
+    deepspeed launcher, SLURM's srun), before the process group exists; 1 without a launcher."""
+    if "RANK" not in env and "SLURM_PROCID" in env:  # srun, as init_distributed reads it
+        return int(env.get("SLURM_NTASKS") or 1)
+    return int(env.get("WORLD_SIZE") or 1)
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Initialise torch.distributed through DeepSpeed. Works under torchrun, the deepspeed
     launcher, SLURM's srun (SLURM_* variables) and as a single process without a launcher."""
