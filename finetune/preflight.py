@@ -8,7 +8,7 @@ the folder listing and the first frames of each split.
   download unpacked a folder or two down, the split folders there are when one is missing, and
   the command that writes train.txt / val.txt for a dataset published without them;
 - segmentation training on one frame per process where BatchNorm is not synchronised across
-  processes (UPerNet's pyramid pooling cannot train on it);
+  processes (UPerNet's pyramid pooling cannot train on it); detection with its weights in bf16;
 - a split in which no frame has all its files, or whose first frames are all unusable as training
   reads them (colour label images, values outside the classes, 0 / 255 masks read as indices);
 - detection labels none of whose boxes has a configured class, or (validation) none of whose
@@ -51,6 +51,16 @@ def check_batch(cfg, name: str, processes: int = 1, cuda: bool = False) -> None:
                      f"train.batch_size=2 or more (train.effective_batch, when set, keeps the batch the optimizer "
                      f"sees: the accumulation follows), or train on 2 or more GPUs, where SyncBatchNorm pools their "
                      f"frames")
+
+
+def check_precision(cfg, name: str) -> None:
+    """Detection does not run with its weights in bf16 (``train.precision=bf16``): its boxes would be
+    bf16 too (8 bits of mantissa: a coordinate near 600 px moves in steps of 4 px) and torchvision's
+    NMS has no bf16 kernel. ``bf16_autocast`` computes in bf16 and keeps the boxes in float32."""
+    if "boxes" in cfg.data and cfg.train.precision == "bf16":
+        raise ValueError(f"{name}: train.precision=bf16 holds the weights in bf16, and detection's boxes with them "
+                         f"(steps of 4 px near 600 px; torchvision's NMS has no bf16 kernel): use "
+                         f"train.precision=bf16_autocast (bf16 compute, float32 weights and boxes) or fp32")
 
 
 def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), read_frames: bool = True,
@@ -147,6 +157,7 @@ def check_run(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), proces
     """Everything refused before a run of ``splits`` with ``processes`` (on GPUs: ``cuda``): the
     weights its method needs, the batch training needs, then its inputs."""
     check_weights_given(cfg, name)
+    check_precision(cfg, name)
     if "train" in splits:
         check_batch(cfg, name, processes, cuda)
     check_inputs(cfg, name, splits)

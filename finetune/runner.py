@@ -14,8 +14,8 @@ from finetune.data.pairs import write_report
 from finetune.data.stream import MapBatchStream
 from finetune.factory import intensity_rule_mismatch, parameter_report
 from finetune.models.methods import get_method
-from pretrain.engine import (EpochLoader, Task, TrainingPlan, ignore_preemption_signals, launched_world_size,
-                             param_groups, poly_lr_at, training_inputs)
+from pretrain.engine import (EpochLoader, Task, TrainingPlan, engine_input, ignore_preemption_signals,
+                             launched_world_size, param_groups, poly_lr_at, training_inputs)
 
 
 class FinetuneTask(Task):
@@ -99,7 +99,7 @@ class FinetuneTask(Task):
                           float(o.min_lr))
 
     def forward(self, engine, batch: dict) -> torch.Tensor:
-        get = (lambda k: batch[k].to(self.device, non_blocking=True) if k in batch else None)
+        get = (lambda k: engine_input(engine, batch[k].to(self.device, non_blocking=True)) if k in batch else None)
         return engine(get("ir"), get("vi"), self.targets(batch, self.device))
 
     def eval_every(self, cfg) -> int:

@@ -50,7 +50,9 @@ def reconstruction_grid(model, images: torch.Tensor, seed: int = 0) -> np.ndarra
     was_training = model.training
     model.eval()
     g = torch.Generator(device=images.device).manual_seed(seed)
-    _, pred, mask = model(images, generator=g)
+    dtype = next(model.parameters()).dtype  # bf16 where the run holds its weights in bf16
+    _, pred, mask = model(images.to(dtype), generator=g)
+    pred = pred.float()
     p, c = model.cfg.encoder.patch_size, model.cfg.encoder.in_chans
     target = patchify(match_channels(images, c), p)
     if model.cfg.norm_pix_loss:  # predictions are per-patch normalised: undo with the true statistics

@@ -12,7 +12,8 @@ from data_tools.config import to_container
 from data_tools.transforms import IntensityConfig, RoICropConfig
 from pretrain.data import (PretrainStream, StreamConfig, batches_per_epoch, epoch_samples, load_shard_set,
                            network_input)
-from pretrain.engine import EpochLoader, PlanError, Task, TrainingPlan, lr_at, param_groups, run, training_inputs
+from pretrain.engine import (EpochLoader, PlanError, Task, TrainingPlan, engine_input, lr_at, param_groups, run,
+                             training_inputs)
 from pretrain.factory import build_model_from_config, initialise_from_config
 from pretrain.models.pad import (gated_parameter_names, pad_adapters, scale_predictor_trainable,
                                  set_scale_predictors_trainable)
@@ -112,7 +113,8 @@ class PretrainTask(Task):
 
     def forward(self, engine, batch: dict) -> torch.Tensor:
         images = batch["images"].to(self.device, non_blocking=True)
-        loss, _, _ = engine(network_input(images, float(self.cfg.data.mean), float(self.cfg.data.std)))
+        loss, _, _ = engine(engine_input(engine, network_input(images, float(self.cfg.data.mean),
+                                                               float(self.cfg.data.std))))
         return loss
 
     def log_fields(self) -> dict:

@@ -17,7 +17,8 @@ from pretrain.engine.health import HealthPolicy
 from pretrain.engine.loop import (EXIT_PREEMPTED, Batching, LoopSpec, Process, frozen_reference, new_state,
                                   prepare_run_dir, resolve_batching, resume_state, run_entry_point, train_steps,
                                   weights_for_evaluation)
-from pretrain.engine.optim import build_engine, deepspeed_config, hold_gated_groups, param_groups, set_lr
+from pretrain.engine.optim import (build_engine, deepspeed_config, engine_input, hold_gated_groups, param_groups,
+                                   set_lr)
 from pretrain.engine.run import run
 from pretrain.engine.runlock import RunDirBusy
 from pretrain.engine.schedules import lr_at, poly_lr_at
@@ -30,7 +31,8 @@ __all__ = [
     "LoopSpec", "PlanError", "Process", "ResumableStream", "ResumeError", "RunDirBusy", "StopSignals", "Task",
     "TrainingPlan",
     "average_over_ranks",
-    "batchnorm_statistics", "build_engine", "deepspeed_config", "finish", "free_port", "frozen_fingerprint",
+    "batchnorm_statistics", "build_engine", "deepspeed_config", "engine_input", "finish", "free_port",
+    "frozen_fingerprint",
     "frozen_reference", "hold_gated_groups", "ignore_preemption_signals", "init_distributed", "launched_world_size",
     "lr_at", "new_state",
     "param_groups", "poly_lr_at", "prepare_run_dir", "resolve_batching", "resume_state", "run", "run_entry_point",

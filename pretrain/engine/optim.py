@@ -7,6 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
+def engine_input(engine, images: torch.Tensor) -> torch.Tensor:
+    """An image batch in the dtype of the engine's weights. DeepSpeed's ``bf16`` mode holds the
+    model in bf16 but casts no inputs (only its fp16 mode has ``auto_cast``), and a float32 image
+    into a bf16 convolution raises. Only images: targets (box coordinates) keep their precision."""
+    return images.to(torch.bfloat16) if engine.bfloat16_enabled() and images.is_floating_point() else images
+
+
 def no_weight_decay(name: str, ndim: int) -> bool:
     """MAE / timm rule: no decay on biases and 1-D parameters (norms, layer scales)."""
     return ndim <= 1 or name.endswith(".bias")

@@ -49,7 +49,9 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
     if task.sync_batchnorm and world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    frozen_ref = frozen_reference(model, cfg.init.checkpoint)
+    frozen_ref = frozen_reference(model, cfg.init.checkpoint)  # of the weights as built, as an export rebuilds them
+    if t.precision == "bf16":  # weights and buffers: DeepSpeed's bf16 casts parameters only (from 0.18),
+        model.to(torch.bfloat16)  # and a BatchNorm with bf16 weights and fp32 running statistics raises
     meta = {"config_hash": cfg_hash, "frozen": frozen_ref}
 
     batching = resolve_batching(t, world)
