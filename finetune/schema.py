@@ -71,6 +71,15 @@ class _ModelSchema(Section):
         check_modality(self.method, self.modality)
         return self
 
+    @model_validator(mode="after")
+    def _two_patches_a_side(self):
+        # the heads' coarsest level (stride 32) max-pools the patch grid by 2
+        enc = self.encoder
+        if min(enc.img_size) < 2 * enc.patch_size:
+            raise ValueError(f"encoder.img_size {list(enc.img_size)} must be at least 2 patches "
+                             f"({2 * enc.patch_size} px) a side: the heads' stride-32 level halves the patch grid")
+        return self
+
 
 class SegModelSchema(_ModelSchema):
     head: SegHeadSchema
@@ -185,7 +194,7 @@ class EvalSchema(Section):
 
 
 class SegEvalSchema(EvalSchema):
-    stride: PosInt | None
+    stride: PosInt | tuple[PosInt, PosInt] | None  # sliding windows: one stride, or (height, width)
     windows_per_batch: PosInt
     overlays: NonNegInt
 
@@ -208,6 +217,21 @@ class SegConfig(Section):
     optim: FinetuneOptimSchema
     train: FinetuneTrainSchema
     eval: SegEvalSchema
+
+    @model_validator(mode="after")
+    def _class_weights_and_windows_fit(self):
+        weights, classes = self.model.head.class_weight, self.data.classes
+        if weights is not None and len(weights) != len(classes):
+            raise ValueError(f"model.head.class_weight has {len(weights)} values for the {len(classes)} classes of "
+                             f"data.classes ({', '.join(classes)}): one per class, in their order")
+        stride, window = self.eval.stride, self.model.encoder.img_size
+        if stride is not None:
+            stride = (stride, stride) if isinstance(stride, int) else stride
+            if stride[0] > window[0] or stride[1] > window[1]:
+                raise ValueError(f"eval.stride {list(stride)} is larger than the sliding window "
+                                 f"(model.encoder.img_size {list(window)}): pixels between windows would get no "
+                                 "prediction")
+        return self
 
 
 class DetConfig(Section):

@@ -67,7 +67,11 @@ class SegTask(FinetuneTask):
         from finetune.models.segmentor import slide_inference
 
         crop = tuple(cfg.model.encoder.img_size)
-        stride = tuple(cfg.eval.stride) if cfg.eval.stride else tuple(max(1, 2 * c // 3) for c in crop)
+        stride = cfg.eval.stride
+        if not stride:  # mmsegmentation's slide inference: 2/3 of the crop
+            stride = tuple(max(1, 2 * c // 3) for c in crop)
+        elif isinstance(stride, int):
+            stride = (stride, stride)
         get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision != "fp32"):
             scores = slide_inference(model, get("ir"), get("vi"), crop, stride, int(cfg.eval.windows_per_batch))

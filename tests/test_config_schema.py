@@ -51,6 +51,50 @@ def test_each_bad_value_is_one_line_naming_the_key_and_range(override, line):
     assert len(lines) == 2 and lines[1].strip() == line
 
 
+SEG_TINY = CONFIG_DIR / "finetune" / "seg_tiny.yaml"  # 64 x 80 windows, 4 classes
+
+
+@pytest.mark.parametrize("config,override,line", [
+    ("seg_tiny.yaml", "model.encoder.img_size=[16,32]", "model: Value error, encoder.img_size [16, 32] must be at least 2 "
+     "patches (32 px) a side: the heads' stride-32 level halves the patch grid"),
+    ("det_tiny.yaml", "model.encoder.img_size=[32,16]", "model: Value error, encoder.img_size [32, 16] must be at "
+     "least 2 patches (32 px) a side: the heads' stride-32 level halves the patch grid"),
+    ("seg_tiny.yaml", "model.head.class_weight=[1,10]", "(top level): Value error, model.head.class_weight has 2 values for "
+     "the 4 classes of data.classes (background, road, person, car): one per class, in their order"),
+    ("seg_tiny.yaml", "eval.stride=72", "(top level): Value error, eval.stride [72, 72] is larger than the sliding window "
+     "(model.encoder.img_size [64, 80]): pixels between windows would get no prediction"),
+    ("seg_tiny.yaml", "eval.stride=[32,96]", "(top level): Value error, eval.stride [32, 96] is larger than the sliding "
+     "window (model.encoder.img_size [64, 80]): pixels between windows would get no prediction"),
+])
+def test_fine_tuning_settings_that_cannot_work_together_are_one_line(config, override, line):
+    """Each used to fail with a traceback: at the first step (image too small for the heads, class
+    weights of another class count) or after training, in evaluation (a stride with gaps)."""
+    path = CONFIG_DIR / "finetune" / config
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [override], DetConfig if "boxes" in load_config(path).data else SegConfig)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2 and lines[1].strip() == line
+
+
+@pytest.mark.parametrize("stride", ["32", "[64,80]", "[48,40]", "null"])
+def test_a_sliding_window_stride_is_one_number_or_height_and_width(stride):
+    """``eval.stride`` as one number used to pass the schema and then fail in evaluation (``tuple(32)``);
+    both forms give the windows mmsegmentation's slide mode would, each pixel scored."""
+    import torch
+
+    from finetune.factory import build_segmentor
+    from finetune.seg import SegTask
+
+    cfg = load_config(SEG_TINY, [f"eval.stride={stride}", "model.method=full", "model.modality=ir"], SegConfig)
+    model = build_segmentor(cfg).eval()
+    calls = []
+    model.predict = lambda ir, vi: calls.append(ir.shape[0]) or torch.ones(ir.shape[0], 4, 64, 80)
+    frame = {"ir": torch.rand(1, 150, 170).numpy()}
+    pred = SegTask.predict_frame(model, cfg, frame, torch.device("cpu"))
+    windows = {"32": 4 * 4, "[64,80]": 3 * 3, "[48,40]": 3 * 4, "null": 4 * 3}[stride]  # rows x columns
+    assert pred.shape == (150, 170) and sum(calls) == windows
+
+
 def test_a_typo_in_a_yaml_file_is_refused(tmp_path):
     bad = tmp_path / "typo.yaml"
     bad.write_text(f"_base_: {CONFIG_DIR / 'finetune' / 'seg_tiny.yaml'}\ntrain: {{stpes: 3}}\n")
