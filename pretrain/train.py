@@ -85,9 +85,13 @@ class PretrainTask(Task):
         self.warmup_steps = int(o.warmup_epochs * steps_per_epoch)
         self.base_lr = o.blr * batching.effective / 256  # MAE's linear scaling rule
         if where.is_main:
+            total, used = epoch_samples(self.sets, cfg.data.samples_per_epoch), micro_per_epoch * micro * where.world
+            left = "" if used >= total else (
+                f"; {used:,} of the {total:,} samples of an epoch (whole micro-batches for each accumulation step and "
+                f"loader worker; which ones fall out changes with each epoch's shard order)")
             print(f"effective batch {batching.effective} = {micro} x {accum} accumulation x {where.world} processes; "
                   f"lr = blr {o.blr:g} x {batching.effective}/256 = {self.base_lr:.3e}; {steps_per_epoch} steps/epoch, "
-                  f"{self.total_steps} steps, {self.warmup_steps} warm-up", flush=True)
+                  f"{self.total_steps} steps, {self.warmup_steps} warm-up{left}", flush=True)
         self.stream_cfg = _stream_config(cfg, micro, micro_per_epoch)
         loader = EpochLoader(PretrainStream(self.sets, self.stream_cfg, int(t.seed), where.rank, where.world),
                              workers, int(cfg.data.prefetch_factor), cfg.data.pin_memory)
