@@ -56,6 +56,15 @@ def trim_jsonl(path: str | Path, keep: Callable[[dict], bool]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if keep(r)))
 
 
+def file_not_folder(path: str | Path) -> str | None:
+    """Where a folder was expected and ``path`` is a file (one frame, a video, an archive): the line
+    that says so and names the folder holding it; None otherwise (a folder, or nothing there)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file where a folder is expected (the folder holding it: {path.parent})"
+    return None
+
+
 def folders_below(base: str | Path, relative: Sequence[str], depth: int = 2) -> Iterator[Path]:
     """Folders up to ``depth`` levels below ``base`` (nearest first, then by name) that hold every
     folder (or file, such as a ``data.yaml``) of ``relative``: where a dataset that unpacked into a

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from data_tools.config import yaml_problem
-from data_tools.files import folders_below
+from data_tools.files import file_not_folder, folders_below
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".pnm")
 BOX_FORMATS = ("coco", "yolo", "voc", "bbgt")  # what a source's (or a fine-tuning split's) boxes may be
@@ -211,7 +211,8 @@ def _found_below(missing: Path, ancestors: int = 3) -> str:
 def discover(source: Source) -> Discovery:
     root = Path(source.root)
     if not root.is_dir():
-        raise SourceError(f"source '{source.name}': root folder does not exist: {root}{_found_below(root)}")
+        raise SourceError(f"source '{source.name}': root " + (file_not_folder(root)
+                                                              or f"folder does not exist: {root}{_found_below(root)}"))
     files: set[str] = set()
     videos: set[str] = set()
     for pattern in source.globs:

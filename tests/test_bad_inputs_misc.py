@@ -87,3 +87,27 @@ def test_segmentation_on_one_frame_per_process_is_refused_before_the_run_starts(
                           "train.batch_size=1"]) == 2
     assert "train.batch_size=1 with one process" in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def test_a_file_given_where_a_folder_is_expected_is_named_as_a_file(tmp_path, capsys):
+    """One frame, a video or an archive given as the frames' folder was reported as a folder that
+    does not exist; each command now says it is a file and names the folder holding it."""
+    from data_tools.cli import main as data_main
+    from finetune.cli import main as finetune_main
+    from finetune.data.pairs import list_images
+
+    frame = tmp_path / "cam" / "f0.png"
+    frame.parent.mkdir()
+    cv2.imwrite(str(frame), np.zeros((8, 8), np.uint8))
+    said = f"{frame} is a file where a folder is expected (the folder holding it: {frame.parent})"
+    assert data_main(["build", "--source", f"cam={frame}", "--out", str(tmp_path / "shards")]) == 2
+    assert f"source 'cam': root {said}" in capsys.readouterr().err
+    assert data_main(["split", "--root", str(tmp_path), "--images", "cam/f0.png"]) == 2
+    assert said in capsys.readouterr().err
+    assert finetune_main(["check", "--config", str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"),
+                          f"data.root={frame}"]) == 2
+    assert f"data.root {said}" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="is a file where a folder is expected"):
+        list_images(frame)  # predict's --ir / --vi
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        list_images(tmp_path / "absent")
