@@ -95,9 +95,14 @@ def _cmd_reencode(args: argparse.Namespace) -> int:
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
+    from data_tools.manifest import ManifestError
     from data_tools.preview import preview_shards
 
-    path = preview_shards(args.dir, args.out, samples=args.samples, seed=args.seed)
+    try:
+        path = preview_shards(args.dir, args.out, samples=args.samples, seed=args.seed)
+    except (ManifestError, ValueError) as e:  # not a shard folder; one without samples
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
     return 0
 

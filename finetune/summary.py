@@ -8,6 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from data_tools.files import file_not_folder
+
 SCORES = {"seg": lambda m: f"mIoU {100 * m['mIoU']:.1f}",
           "det": lambda m: (f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}" if m["AP"] is not None
                             else "no score (no object to score)")}
@@ -16,6 +18,8 @@ SCORES = {"seg": lambda m: f"mIoU {100 * m['mIoU']:.1f}",
 def run_summary(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     path = run_dir / "metrics.json"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(file_not_folder(run_dir) or f"{run_dir}: no such run folder")
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.json (the run has not finished: rerun its command to resume)")
     m = json.loads(path.read_text())

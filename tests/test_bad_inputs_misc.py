@@ -111,3 +111,17 @@ def test_a_file_given_where_a_folder_is_expected_is_named_as_a_file(tmp_path, ca
         list_images(frame)  # predict's --ir / --vi
     with pytest.raises(FileNotFoundError, match="no such folder"):
         list_images(tmp_path / "absent")
+
+
+def test_preview_and_summary_of_a_folder_that_is_not_theirs_say_so(tmp_path, capsys):
+    """preview of a folder without shards raised a traceback; summary of a run folder that is not
+    there said the run had not finished."""
+    from data_tools.cli import main as data_main
+    from finetune.cli import main as finetune_main
+
+    assert data_main(["preview", str(tmp_path), "--out", str(tmp_path / "grid.png")]) == 2
+    assert f"{tmp_path}: no manifest.json (not a shard folder" in capsys.readouterr().err
+    assert finetune_main(["summary", str(tmp_path / "absent")]) == 2
+    assert f"{tmp_path / 'absent'}: no such run folder" in capsys.readouterr().err
+    assert finetune_main(["summary", str(tmp_path)]) == 2
+    assert "no metrics.json (the run has not finished" in capsys.readouterr().err
