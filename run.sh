@@ -4,12 +4,13 @@
 #   ./run.sh                      set up, then run every stage on the embedded synthetic corpus
 #   ./run.sh test [pytest args]   set up, then run the test suite (one worker per core, at most 4;
 #                                 -n0 runs it in this process)
-#   ./run.sh --data SOURCES.yaml  run the stages on your own infrared sources
+#   ./run.sh --data SOURCES.yaml  run the stages on your own infrared sources (or --data FOLDER: one folder)
 #   ./run.sh setup|synth|shards|pretrain|export|seg|det
 #                                 run one stage (finished stages are skipped, interrupted ones resume)
 #
 # Options (before or after the stage name):
-#   --data FILE      sources YAML for the shard builder (default: the synthetic corpus)
+#   --data FILE|DIR  sources YAML for the shard builder, or one folder of frames (a source named after
+#                    it, its subfolders included); default: the synthetic corpus
 #   --config FILE    pre-training config (default: configs/pretrain/tiny.yaml, the CPU demo size)
 #   --seg-config F   segmentation config (default: configs/finetune/seg_tiny.yaml on the synthetic pairs;
 #                    your own config names its data.root)
@@ -86,7 +87,8 @@ shell_words() {
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --data)    DATA="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
+    --data)    [[ -e "$2" ]] || fail "--data $2: no such file or folder (a sources YAML, or one folder of frames)"
+               DATA="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --out)     mkdir -p "$2"; OUT="$(cd "$2" && pwd)"; shift 2 ;;
     --workers) WORKERS="$2"; shift 2 ;;
     --ranker)  [[ -f "$2" ]] || fail "--ranker $2: no such file (fit one with python -m data_tools proposals-fit)"
@@ -173,12 +175,18 @@ stage_shards() {
     sources="$OUT/synth/sources.yaml"
     [[ -f "$sources" ]] || stage_synth
   fi
-  local wargs=()
+  local wargs=() input=(--sources "$sources")
+  if [[ -d "$sources" ]]; then  # one folder of frames: a source named after it (letters, digits, _ and -)
+    local name
+    name="$(printf '%s' "$(basename "$sources")" | tr -c 'A-Za-z0-9_-' '_')"
+    [[ "$name" =~ ^[A-Za-z0-9] ]] || name="frames$name"
+    input=(--source "$name=$sources")
+  fi
   [[ -n "$WORKERS" ]] && wargs=(--workers "$WORKERS")
   [[ -n "$RANKER" ]] && wargs+=(proposals.method=thermal_blobs_fitted "proposals.ranker=$(yaml_str "$RANKER")")
   say "shards: building WebDataset shards with region proposals from $sources into $OUT/shards"
-  PY -m data_tools build --sources "$sources" --out "$OUT/shards" "${wargs[@]}" \
-    || fail "stage shards failed (rerun the same command to resume)"
+  PY -m data_tools build "${input[@]}" --out "$OUT/shards" "${wargs[@]}" \
+    || fail "stage shards failed: fix what the error above names; the same command then resumes the build"
   if [[ "$OUT/shards/preview.png" -nt "$OUT/shards/manifest.json" ]]; then
     say "shards: verified and previewed before ($OUT/shards/preview.png)"; return 0
   fi

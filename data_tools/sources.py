@@ -170,6 +170,8 @@ def load_sources(path: str | Path, root: str | Path | None = None) -> list[Sourc
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise SourceError(yaml_problem(path, e)) from None
+    except UnicodeDecodeError:
+        raise SourceError(f"{path}: not a sources YAML (not text: an image or an archive?)") from None
     entries = data.get("sources") if isinstance(data, dict) else None
     if not entries:
         raise SourceError(f"{path}: expected a top-level 'sources:' list")

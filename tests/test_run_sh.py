@@ -175,6 +175,25 @@ def test_fine_tuning_overrides_reach_the_check_and_the_stage(tmp_path):
     assert res.returncode != 0 and "--det-set split_dirs: expected key=value" in res.stderr
 
 
+def test_data_may_be_one_folder_of_frames(tmp_path):
+    """`--data FOLDER` (frames in subfolders too) builds a source named after the folder, as
+    `data_tools build --source NAME=FOLDER`; a path that is not there is refused before set-up, and
+    a file that is not a sources YAML is named as such."""
+    from tests.conftest import shared_path
+
+    frames = tmp_path / "_thermal cam #2"
+    (frames / "day1").mkdir(parents=True)
+    for png in sorted(shared_path("msrs20", "ir").glob("*.png"))[:6]:
+        (frames / "day1" / png.name).write_bytes(png.read_bytes())
+    said = _ok(_run_sh("--data", str(frames), "--out", str(tmp_path / "out"), "shards"))
+    manifest = json.loads((tmp_path / "out" / "shards" / "manifest.json").read_text())
+    assert manifest["totals"]["written"] == 6 and "frames_thermal_cam__2: found 6" in said
+    res = _run_sh("--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out2"), "shards")
+    assert res.returncode != 0 and "--data " + str(tmp_path / "absent") + ": no such file or folder" in res.stderr
+    res = _run_sh("--data", str(frames / "day1" / png.name), "--out", str(tmp_path / "out2"), "shards")
+    assert res.returncode != 0 and "not a sources YAML (not text" in res.stderr
+
+
 def test_the_check_counts_the_processes_a_launch_starts(tmp_path):
     """Segmentation at one frame per process trains only where SyncBatchNorm pools the GPUs'
     frames: the check before any stage is told how many processes the stages will launch (--nproc
