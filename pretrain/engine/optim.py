@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+
 def engine_input(engine, images: torch.Tensor) -> torch.Tensor:
     """An image batch in the dtype of the engine's weights. DeepSpeed's ``bf16`` mode holds the
     model in bf16 but casts no inputs (only its fp16 mode has ``auto_cast``), and a float32 image
