@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from data_tools.config import CONFIG_DIR, load_config, override_arg
+from data_tools.config import CONFIG_DIR, int_in, load_config, override_arg
 from data_tools.manifest import read_manifest
 
 DEFAULT_BUILD_CONFIG = CONFIG_DIR / "data" / "build.yaml"
@@ -122,9 +122,9 @@ def _add_labelled_frame_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sources-root", help="folder the sources' relative paths start from")
     p.add_argument("--source", action="append", default=[], metavar="NAME=PATH", help=argparse.SUPPRESS)
     p.add_argument("--config", default=str(DEFAULT_BUILD_CONFIG), help="build settings YAML (its proposals section)")
-    p.add_argument("--min-object-side", type=int, default=40, help="objects smaller than this on a side are not counted")
-    p.add_argument("--every", type=int, default=1, help="use frames i with i %% EVERY == OFFSET (a held-out split)")
-    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--min-object-side", type=int_in(0), default=40, help="objects smaller than this on a side are not counted")
+    p.add_argument("--every", type=int_in(1), default=1, help="use frames i with i %% EVERY == OFFSET (a held-out split)")
+    p.add_argument("--offset", type=int_in(0), default=0, help="0 to EVERY - 1")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. proposals.max_proposals=30")
 
 
@@ -243,7 +243,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="add every image under PATH as source NAME (repeatable)")
     b.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     b.add_argument("--config", default=str(DEFAULT_BUILD_CONFIG), help="build settings YAML")
-    b.add_argument("--workers", type=int, default=0, help="worker processes (default: all CPUs)")
+    b.add_argument("--workers", type=int_in(0), default=0, help="worker processes (default: all CPUs)")
     b.add_argument("--overwrite", action="store_true", help="replace shards built with another config")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("overrides", nargs="*", help="config overrides, e.g. shards.max_samples=500")
@@ -262,13 +262,13 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("dir")
     r.add_argument("--out", required=True, help="new folder (must not exist or be empty)")
     r.add_argument("--encoding", required=True, choices=("png", "raw"))
-    r.add_argument("--png-compression", type=int, default=None, help="PNG level 0-9 (default: the source's)")
+    r.add_argument("--png-compression", type=int_in(0, 9), default=None, help="PNG level 0-9 (default: the source's)")
     r.set_defaults(func=_cmd_reencode)
 
     pv = sub.add_parser("preview", help="draw samples with proposals and an online RoI crop")
     pv.add_argument("dir")
     pv.add_argument("--out", required=True)
-    pv.add_argument("--samples", type=int, default=8)
+    pv.add_argument("--samples", type=int_in(1), default=8)
     pv.add_argument("--seed", type=int, default=0)
     pv.set_defaults(func=_cmd_preview)
 
@@ -297,9 +297,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="generate the synthetic thermal/visible demo corpus")
     s.add_argument("--out", required=True)
-    s.add_argument("--num", type=int, default=96)
-    s.add_argument("--width", type=int, default=320)
-    s.add_argument("--height", type=int, default=256)
+    s.add_argument("--num", type=int_in(1), default=96)
+    s.add_argument("--width", type=int_in(16), default=320)
+    s.add_argument("--height", type=int_in(16), default=256)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
     s.set_defaults(func=_cmd_synth)

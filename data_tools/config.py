@@ -157,6 +157,22 @@ def override_arg(key: str, value: str | Path) -> str:
     return f'"{word}"' if not re.search(r'[$`"\\!]', word) else shlex.quote(word)
 
 
+def int_in(minimum: int, maximum: int | None = None):
+    """An argparse ``type``: an integer from ``minimum`` to ``maximum`` (argparse then refuses
+    anything else with the option's name, before any work)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        value = int(text)  # not a number: argparse says "invalid integer ... value"
+        if value < minimum or (maximum is not None and value > maximum):
+            span = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def _expand_home(node) -> None:
     """``~/data`` in a config (a file or an override) means the home folder, as in a shell: no
     shell expands it there, and a path starting with ``~`` is nothing else."""

@@ -101,6 +101,9 @@ def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: 
     from data_tools.imageio import SkipSample, crop_border, read_frame
     from data_tools.sources import discover
 
+    if every < 1 or not 0 <= offset < every:
+        raise ValueError(f"--every {every} --offset {offset}: frames i with i % every == offset need every >= 1 "
+                         f"and 0 <= offset < every")
     index = 0
     for source in sources:
         discovery = discover(source)

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from data_tools.config import CONFIG_DIR, load_config
+from data_tools.config import CONFIG_DIR, int_in, load_config
 from finetune.preflight import check_run, check_weights_given
 
 SEG_CONFIG = str(CONFIG_DIR / "finetune" / "seg_vitb.yaml")
@@ -127,7 +127,7 @@ def make_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="check a seg / det config and the dataset folders it names, without "
                                       "building or training anything")
     ck.add_argument("--config", default=SEG_CONFIG)
-    ck.add_argument("--processes", type=int, default=1,
+    ck.add_argument("--processes", type=int_in(1), default=1,
                     help="processes the run will be launched with (GPUs over all nodes; default 1)")
     ck.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=MFNet")
     ck.set_defaults(func=_cmd_check)
@@ -140,7 +140,7 @@ def make_parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", required=True, help="output folder")
     pd.add_argument("--checkpoint", default=None,
                     help="checkpoint folder name (default: best where the run kept one, else the newest)")
-    pd.add_argument("--overlays", type=int, default=8, help="overlay PNGs of the first N frames (default 8)")
+    pd.add_argument("--overlays", type=int_in(0), default=8, help="overlay PNGs of the first N frames (default 8)")
     pd.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
     pd.add_argument("--min-score", type=float, default=0.0,
                     help="detection: leave out boxes scoring below this (default 0: all the detector keeps)")

@@ -125,3 +125,34 @@ def test_preview_and_summary_of_a_folder_that_is_not_theirs_say_so(tmp_path, cap
     assert f"{tmp_path / 'absent'}: no such run folder" in capsys.readouterr().err
     assert finetune_main(["summary", str(tmp_path)]) == 2
     assert "no metrics.json (the run has not finished" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["proposals-eval", "--every", "0"], "argument --every: must be at least 1, got 0"),  # was a ZeroDivisionError
+    (["synth", "--out", "X", "--width", "8"], "argument --width: must be at least 16, got 8"),  # OpenCV / numpy raised
+    (["synth", "--out", "X", "--num", "two"], "argument --num: invalid integer value: 'two'"),
+    (["reencode", "X", "--out", "Y", "--encoding", "png", "--png-compression", "12"],
+     "argument --png-compression: must be from 0 to 9, got 12"),
+    (["build", "--source", "a=X", "--out", "Y", "--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+])
+def test_numbers_out_of_range_are_refused_by_the_argument_parser(argv, said, tmp_path, capsys):
+    from data_tools.cli import main as data_main
+
+    with pytest.raises(SystemExit) as e:
+        data_main([a.replace("X", str(tmp_path / "x")).replace("Y", str(tmp_path / "y")) for a in argv])
+    assert e.value.code == 2 and said in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_held_out_split_needs_an_offset_below_every(tmp_path, capsys):
+    from data_tools.cli import main as data_main
+
+    frames = tmp_path / "f"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "a.png"), np.zeros((64, 64), np.uint8))
+    (frames / "a.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    sources = tmp_path / "s.yaml"
+    sources.write_text(f"sources:\n  - name: a\n    root: {frames}\n    boxes: {{format: yolo, path: {frames}}}\n")
+    for command in (["proposals-eval"], ["proposals-fit", "--out", str(tmp_path / "r.json")]):
+        assert data_main([*command, "--sources", str(sources), "--every", "2", "--offset", "2"]) == 2
+        assert "--every 2 --offset 2: frames i with i % every == offset need" in capsys.readouterr().err
