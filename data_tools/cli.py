@@ -122,8 +122,10 @@ def _add_labelled_frame_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sources-root", help="folder the sources' relative paths start from")
     p.add_argument("--source", action="append", default=[], metavar="NAME=PATH", help=argparse.SUPPRESS)
     p.add_argument("--config", default=str(DEFAULT_BUILD_CONFIG), help="build settings YAML (its proposals section)")
-    p.add_argument("--min-object-side", type=int_in(0), default=40, help="objects smaller than this on a side are not counted")
-    p.add_argument("--every", type=int_in(1), default=1, help="use frames i with i %% EVERY == OFFSET (a held-out split)")
+    p.add_argument("--min-object-side", type=int_in(0), default=40,
+                   help="objects smaller than this on a side are not counted")
+    p.add_argument("--every", type=int_in(1), default=1,
+                   help="use frames i with i %% EVERY == OFFSET (a held-out split)")
     p.add_argument("--offset", type=int_in(0), default=0, help="0 to EVERY - 1")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. proposals.max_proposals=30")
 
