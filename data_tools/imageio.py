@@ -8,6 +8,7 @@ infrared corpus should not silently contain visible images.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -151,6 +152,13 @@ def read_rgb(path: str) -> np.ndarray:
     if image.ndim == 2 or image.shape[2] == 1:
         return np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
     return cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_BGR2RGB)
+
+
+LOSSY_SUFFIXES = (".jpg", ".jpeg")  # compression that changes values along every edge
+
+
+def is_lossy(path: str) -> bool:
+    return Path(path).suffix.lower() in LOSSY_SUFFIXES
 
 
 def read_label_map(path: str) -> np.ndarray:

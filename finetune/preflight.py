@@ -190,6 +190,8 @@ def _first_frames_problem(cfg, records: list, count: int = 4) -> str | None:
     from finetune.factory import seg_spec
 
     segmentation = "boxes" not in cfg.data
+    if segmentation and (problem := _lossy_labels_problem(cfg, records[:count])):
+        return problem
     if segmentation:
         first = SegDataset(records[:count], seg_spec(cfg))
         problems = [first.check(i) for i in range(len(first))]
@@ -200,6 +202,21 @@ def _first_frames_problem(cfg, records: list, count: int = 4) -> str | None:
     if segmentation and not cfg.data.binary_labels:
         return _ignored_masks_problem(first, [i for i, p in enumerate(problems) if p is None])
     return None
+
+
+def _lossy_labels_problem(cfg, records: list) -> str | None:
+    """Label maps saved as JPEG: its compression changes class indices along every edge, into
+    values of no class (frames left out) or of a neighbouring class (wrong labels, unseen). Binary
+    masks survive it: ``binary_labels`` thresholds a JPEG mask at half its range."""
+    from data_tools.imageio import is_lossy
+
+    lossy = [r.label for r in records if r.label and is_lossy(r.label)]
+    if not lossy or cfg.data.binary_labels:
+        return None
+    return (f"its label maps are JPEG ({len(lossy)} of the first {len(records)}, e.g. {lossy[0]}): JPEG compression "
+            "changes class indices along every edge, into values of no class or of a neighbouring one. Use label "
+            "maps saved without loss (PNG); binary masks (object / background) may stay JPEG with "
+            "data.binary_labels=true")
 
 
 def _ignored_masks_problem(dataset, usable: list[int]) -> str | None:

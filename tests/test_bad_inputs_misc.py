@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from data_tools.config import CONFIG_DIR, load_config
+from data_tools.synth import SynthConfig, write_corpus
 
 
 def test_split_refuses_a_bad_fraction_and_a_missing_folder(tmp_path, capsys):
@@ -156,3 +157,33 @@ def test_a_held_out_split_needs_an_offset_below_every(tmp_path, capsys):
     for command in (["proposals-eval"], ["proposals-fit", "--out", str(tmp_path / "r.json")]):
         assert data_main([*command, "--sources", str(sources), "--every", "2", "--offset", "2"]) == 2
         assert "--every 2 --offset 2: frames i with i % every == offset need" in capsys.readouterr().err
+
+
+def test_jpeg_label_maps_are_refused_and_jpeg_binary_masks_thresholded(tmp_path, capsys):
+    """JPEG changes class indices along every edge: a multi-class dataset of JPEG label maps lost
+    3 of 4 frames to 'unknown values' and trained the rest on wrong edges, unsaid; binary masks read
+    '> 0' turned JPEG's ringing into more false target pixels than there were target pixels."""
+    from data_tools.imageio import read_label_map
+    from finetune.cli import main as finetune_main
+    from finetune.data.pairs import PairRecord
+    from finetune.data.seg import SegDataSpec, SegDataset
+    from tests.conftest import shared_path
+
+    write_corpus(tmp_path / "synth", SynthConfig(num_images=4, width=160, height=128))
+    for mask in (tmp_path / "synth" / "masks").glob("*.png"):
+        cv2.imwrite(str(mask.with_suffix(".jpg")), cv2.imread(str(mask), cv2.IMREAD_UNCHANGED))
+        mask.unlink()
+    config = str(CONFIG_DIR / "finetune" / "seg_tiny.yaml")
+    assert finetune_main(["check", "--config", config, f"data.root={tmp_path / 'synth'}"]) == 2
+    assert "its label maps are JPEG (4 of the first 4" in capsys.readouterr().err
+
+    records, truth = [], []
+    for i, png in enumerate(sorted(shared_path("sirst", "masks").glob("*_pixels0.png"))[:12]):
+        truth.append(read_label_map(str(png)) > 0)
+        jpeg = tmp_path / f"m{i}.jpg"
+        cv2.imwrite(str(jpeg), (truth[-1] * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 75])
+        assert ((read_label_map(str(jpeg)) > 0) != truth[-1]).any() or not truth[-1].any()  # JPEG's ringing
+        records.append(PairRecord(f"m{i}", label=str(jpeg)))
+    dataset = SegDataset(records, SegDataSpec(num_classes=2, binary_labels=True))
+    for i, target in enumerate(truth):
+        assert np.array_equal(dataset._label(records[i]), target.astype(np.int64))
