@@ -27,7 +27,7 @@ from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, ass
                                     boxes_to_pixels, clip_boxes, issue, read_annotations)
 from data_tools.config import (check_config, config_changes, config_hash, earlier_version_of, save_resolved,
                                to_container)
-from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, read_frame, read_mask
+from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, mask_foreground, read_frame, read_mask
 from data_tools.manifest import MANIFEST, read_manifest
 from data_tools.overlay import OverlayFinding, find_source_overlay, overlay_message
 from data_tools.proposals import ProposalConfig, compute_proposals, method_input_files, unique_boxes
@@ -67,7 +67,7 @@ def frame_annotation_boxes(records: list[BoxRecord], mask_path: str | None, orig
             issues.append(issue(mask_path, "mask_size_mismatch",
                                 f"mask {mask.shape[1]}x{mask.shape[0]}, image {orig_w}x{orig_h} ({rel})"))
         else:
-            boxes = np.concatenate([boxes, boxes_from_mask(mask)])
+            boxes = np.concatenate([boxes, boxes_from_mask(mask_foreground(mask, mask_path))])
     top, bottom, left, right = source.border_crop
     boxes = boxes - np.array([left, top, 0, 0], np.float64)
     w, h = orig_w - left - right, orig_h - top - bottom

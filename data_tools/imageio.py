@@ -161,6 +161,12 @@ def is_lossy(path: str) -> bool:
     return Path(path).suffix.lower() in LOSSY_SUFFIXES
 
 
+def mask_foreground(mask: np.ndarray, path: str) -> np.ndarray:
+    """The object pixels of a binary mask read from ``path``: its non-zero values, or, of a JPEG
+    mask, those over half its largest value (JPEG leaves small non-zero values along every edge)."""
+    return mask > (mask.max() // 2 if is_lossy(path) and mask.size else 0)
+
+
 def read_label_map(path: str) -> np.ndarray:
     """A segmentation label PNG as (H, W) class indices: grey or palette ('P') images give their
     stored values (Pillow, because OpenCV expands palettes to colours); colour label images are

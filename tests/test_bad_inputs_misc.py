@@ -163,7 +163,10 @@ def test_jpeg_label_maps_are_refused_and_jpeg_binary_masks_thresholded(tmp_path,
     """JPEG changes class indices along every edge: a multi-class dataset of JPEG label maps lost
     3 of 4 frames to 'unknown values' and trained the rest on wrong edges, unsaid; binary masks read
     '> 0' turned JPEG's ringing into more false target pixels than there were target pixels."""
+    from data_tools.annotations import boxes_from_mask
+    from data_tools.build import frame_annotation_boxes
     from data_tools.imageio import read_label_map
+    from data_tools.sources import Source
     from finetune.cli import main as finetune_main
     from finetune.data.pairs import PairRecord
     from finetune.data.seg import SegDataSpec, SegDataset
@@ -187,3 +190,7 @@ def test_jpeg_label_maps_are_refused_and_jpeg_binary_masks_thresholded(tmp_path,
     dataset = SegDataset(records, SegDataSpec(num_classes=2, binary_labels=True))
     for i, target in enumerate(truth):
         assert np.array_equal(dataset._label(records[i]), target.astype(np.int64))
+        # the build's boxes from a source's masks read a JPEG mask the same way
+        h, w = target.shape
+        boxes, _ = frame_annotation_boxes([], records[i].label, w, h, Source("m", str(tmp_path)), "f.png")
+        assert np.array_equal(boxes, boxes_from_mask(target))

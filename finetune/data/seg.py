@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data_tools.imageio import SkipSample, is_lossy, read_frame, read_label_map, read_raw, read_rgb
+from data_tools.imageio import SkipSample, mask_foreground, read_frame, read_label_map, read_raw, read_rgb
 from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
 from finetune.data.augment import AugmentConfig, crop, hflip, network_inputs, photometric, rescale
 from finetune.data.pairs import PairRecord, issue
@@ -22,9 +22,7 @@ from finetune.data.threads import map_in_threads
 class SegDataSpec:
     num_classes: int
     ignore_index: int = 255
-    # masks such as SIRST's 0/255: every non-zero value is class 1 (of a JPEG mask, every value over
-    # half its largest: JPEG leaves small non-zero values along the object's edges)
-    binary_labels: bool = False
+    binary_labels: bool = False  # masks such as SIRST's 0/255: their foreground is class 1 (mask_foreground)
     crop_size: tuple[int, int] = (512, 512)  # (height, width)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
@@ -74,7 +72,7 @@ class SegDataset:
         label = read_label_map(record.label)
         if not self.spec.binary_labels:
             return label
-        return (label > (label.max() // 2 if is_lossy(record.label) else 0)).astype(np.int64)
+        return mask_foreground(label, record.label).astype(np.int64)
 
     def load(self, index: int) -> dict:
         record = self.records[index]
