@@ -47,11 +47,22 @@ class PretrainTask(Task):
     schema = PretrainConfig
 
     def check_inputs(self, cfg, eval_only=False):
-        """Each shard folder holds a finished build: a parent folder given names the builds below it."""
+        """Shard folders are given, each once, and each holds a finished build (a parent folder given
+        names the builds below it)."""
         from data_tools.manifest import read_manifest
 
-        for shard_set in cfg.data.shards:
+        if not cfg.data.shards:
+            raise ValueError('data.shards is empty: name the folders `python -m data_tools build` wrote, e.g. '
+                             '"data.shards=[{path: shards/msip}]"')
+        first: dict[Path, int] = {}
+        for i, shard_set in enumerate(cfg.data.shards):
             read_manifest(shard_set.path)
+            folder = Path(shard_set.path).resolve()
+            if folder in first:
+                raise ValueError(f"data.shards[{first[folder]}] and data.shards[{i}] are the same folder {folder}: "
+                                 "its samples would be read twice per epoch; give it once, with a weight to sample "
+                                 "it more often")
+            first[folder] = i
 
     def build_model(self, cfg, where):
         model = build_model_from_config(cfg)

@@ -194,3 +194,23 @@ def test_jpeg_label_maps_are_refused_and_jpeg_binary_masks_thresholded(tmp_path,
         h, w = target.shape
         boxes, _ = frame_annotation_boxes([], records[i].label, w, h, Source("m", str(tmp_path)), "f.png")
         assert np.array_equal(boxes, boxes_from_mask(target))
+
+
+def test_pretraining_needs_its_shard_folders_each_once(tmp_path, capsys):
+    """An empty data.shards (the shipped configs' default) said '0 samples per epoch cannot fill
+    one batch'; a folder listed twice was read twice per epoch, unsaid."""
+    from data_tools.build import build_shards
+    from data_tools.cli import DEFAULT_BUILD_CONFIG
+    from data_tools.sources import load_sources
+    from pretrain.cli import main as pretrain_main
+
+    write_corpus(tmp_path / "synth", SynthConfig(num_images=4, width=64, height=64))
+    build_shards(load_sources(tmp_path / "synth" / "sources.yaml"), load_config(DEFAULT_BUILD_CONFIG),
+                 tmp_path / "shards", progress=False)
+    train = ["train", "--config", str(CONFIG_DIR / "pretrain" / "tiny.yaml"), "--run-dir", str(tmp_path / "run")]
+    assert pretrain_main([*train, "data.shards=[]"]) == 2
+    assert 'data.shards is empty: name the folders `python -m data_tools build` wrote' in capsys.readouterr().err
+    shards = tmp_path / "shards"
+    assert pretrain_main([*train, f"data.shards=[{{path: {shards}}}, {{path: {shards}/, weight: 2}}]"]) == 2
+    assert f"data.shards[0] and data.shards[1] are the same folder {shards}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
