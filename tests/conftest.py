@@ -15,6 +15,22 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("IRPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def _no_training_inside_pytest(monkeypatch):
+    """Tests call the training commands in this process only to see them refused before the engine
+    starts. The engine ends its process when a run ends (os._exit, for a clean distributed exit):
+    a run that was not refused would end pytest itself, with the run's status (0: a silent pass).
+    Training runs in subprocesses."""
+    import importlib
+
+    engine_run = importlib.import_module("pretrain.engine.run")  # the module; the package exports run()
+
+    def started(*args, **kwargs):
+        raise AssertionError("a training run started inside the pytest process instead of being refused")
+
+    monkeypatch.setattr(engine_run, "run_entry_point", started)
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared/data; the test is skipped with a reason when it is absent."""
     path = SHARED_DATA.joinpath(*parts)
