@@ -27,7 +27,8 @@ from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, ass
                                     boxes_to_pixels, clip_boxes, issue, read_annotations)
 from data_tools.config import (check_config, config_changes, config_hash, earlier_version_of, save_resolved,
                                to_container)
-from data_tools.imageio import SKIP_REASONS, SkipSample, crop_border, mask_foreground, read_frame, read_mask
+from data_tools.imageio import (SKIP_REASONS, SkipSample, crop_border, label_map_values, mask_foreground, read_frame,
+                               read_mask)
 from data_tools.manifest import MANIFEST, read_manifest
 from data_tools.overlay import OverlayFinding, find_source_overlay, overlay_message
 from data_tools.proposals import ProposalConfig, compute_proposals, method_input_files, unique_boxes
@@ -91,6 +92,8 @@ def process_item(task: tuple) -> dict[str, Any]:
                                           f"minimum side {image_cfg['min_side']}")
         if source.black_threshold is not None and float(image.max()) <= source.black_threshold:
             raise SkipSample("black_frame", f"max {int(image.max())} <= {source.black_threshold:g}")
+        if image_cfg.get("skip_label_maps", True) and (values := label_map_values(image)) is not None:
+            raise SkipSample("label_map", f"values {values.tolist()}")
     except SkipSample as s:
         return {"index": index, "source": item.source,
                 "skip": {"source": item.source, "path": item.rel, "reason": s.reason, "detail": s.detail}}

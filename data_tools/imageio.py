@@ -24,6 +24,8 @@ SKIP_REASONS = {
     "too_small": "after the border crop, a side is shorter than the crop minimum",
     "black_frame": "the frame's maximum is at or below the source's black-frame threshold",
     "no_such_channel": "the frame has fewer channels than the source's `channel` names",
+    "label_map": "2 to 16 distinct values, all small class indices (< 64) or 0 / 255: a segmentation label "
+                 "map or mask, not a frame (a source rooted at a dataset's top folder takes its label folders too)",
 }
 
 _SIGNATURES = (
@@ -165,6 +167,18 @@ def mask_foreground(mask: np.ndarray, path: str) -> np.ndarray:
     """The object pixels of a binary mask read from ``path``: its non-zero values, or, of a JPEG
     mask, those over half its largest value (JPEG leaves small non-zero values along every edge)."""
     return mask > (mask.max() // 2 if is_lossy(path) and mask.size else 0)
+
+
+def label_map_values(image: np.ndarray) -> np.ndarray | None:
+    """The values of a frame that is a label map or mask rather than a camera's frame: 2 to 16
+    distinct values, each a small class index (< 64), 255 (ignore / mask) or the type's maximum;
+    None otherwise. Real infrared frames measured hold 12-256 values, never only small ones (the
+    fewest, a SIRST sky frame: 12 values from 23 to 204)."""
+    values = np.flatnonzero(np.bincount(image.ravel()))
+    if not 2 <= len(values) <= 16:
+        return None
+    small = (values < 64) | (values == 255) | (values == np.iinfo(image.dtype).max)
+    return values if small.all() else None
 
 
 def read_label_map(path: str) -> np.ndarray:

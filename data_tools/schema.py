@@ -29,6 +29,7 @@ class IntensitySchema(Section):
 class ImageSchema(Section):
     min_side: PosInt
     grey_tolerance: NonNegInt
+    skip_label_maps: bool = True
 
 
 class ProposalSchema(Section):

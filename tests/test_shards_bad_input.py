@@ -115,6 +115,32 @@ def test_bad_inputs_are_skipped_with_reasons(bad_corpus):
     assert [60, 10, 50, 50] in samples["good16.png"][1].tolist()
 
 
+def test_label_maps_among_the_frames_are_skipped_as_such(tmp_path):
+    """A source rooted at a dataset's top folder takes its label folders too: label maps (class
+    indices) and 0 / 255 masks were stored as infrared frames. They are skipped as `label_map` and
+    counted; a real frame of few values (SIRST's darkest sky frame holds 12, from 23 to 204) stays."""
+    root = tmp_path / "dataset"
+    (root / "ir").mkdir(parents=True)
+    (root / "labels").mkdir()
+    cv2.imwrite(str(root / "ir" / "a.png"), _scene())
+    cv2.imwrite(str(root / "ir" / "b16.png"), _scene(dtype=np.uint16))
+    few = np.repeat(np.linspace(23, 204, 12).astype(np.uint8), 128 * 8).reshape(96, 128)
+    cv2.imwrite(str(root / "ir" / "few.png"), few)
+    labels = np.zeros((96, 128), np.uint8)
+    labels[20:80, 20:70], labels[30:60, 90:110], labels[:4] = 1, 3, 255
+    cv2.imwrite(str(root / "labels" / "a.png"), labels)
+    cv2.imwrite(str(root / "labels" / "mask.png"), (labels == 1).astype(np.uint8) * 255)
+    cv2.imwrite(str(root / "labels" / "mask16.png"), (labels == 1).astype(np.uint16) * 65535)
+    sources = [source_from_dict({"name": "ds", "root": str(root)}, tmp_path)]
+    m = build_shards(sources, load_config(DEFAULT_BUILD_CONFIG), tmp_path / "out", workers=1, progress=False)
+    assert {s["path"]: s["reason"] for s in m["skipped"]} == {
+        "labels/a.png": "label_map", "labels/mask.png": "label_map", "labels/mask16.png": "label_map"}
+    assert m["sources"]["ds"]["written"] == 3 and m["sources"]["ds"]["skipped_by_reason"] == {"label_map": 3}
+    kept = load_config(DEFAULT_BUILD_CONFIG, ["image.skip_label_maps=false"])
+    m = build_shards(sources, kept, tmp_path / "all", workers=1, progress=False)
+    assert m["sources"]["ds"]["written"] == 6
+
+
 # too_small and black_frame are decided by the source rules, not by the reader.
 @pytest.mark.parametrize("name,reason", sorted((n, r) for n, r in EXPECTED_SKIPS.items()
                                                if r not in ("too_small", "black_frame")))
