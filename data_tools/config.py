@@ -160,16 +160,25 @@ def override_arg(key: str, value: str | Path) -> str:
 def int_in(minimum: int, maximum: int | None = None):
     """An argparse ``type``: an integer from ``minimum`` to ``maximum`` (argparse then refuses
     anything else with the option's name, before any work)."""
+    return _number_in(int, "integer", minimum, maximum)
+
+
+def float_in(minimum: float, maximum: float | None = None):
+    """An argparse ``type``: a number from ``minimum`` to ``maximum``."""
+    return _number_in(float, "number", minimum, maximum)
+
+
+def _number_in(kind, name: str, minimum, maximum):
     import argparse
 
-    def parse(text: str) -> int:
-        value = int(text)  # not a number: argparse says "invalid integer ... value"
+    def parse(text: str):
+        value = kind(text)  # not a number: argparse says "invalid <name> value"
         if value < minimum or (maximum is not None and value > maximum):
             span = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
             raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
         return value
 
-    parse.__name__ = "integer"
+    parse.__name__ = name
     return parse
 
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from data_tools.config import CONFIG_DIR, int_in, load_config
+from data_tools.config import CONFIG_DIR, float_in, int_in, load_config
 from finetune.preflight import check_run, check_weights_given
 
 SEG_CONFIG = str(CONFIG_DIR / "finetune" / "seg_vitb.yaml")
@@ -142,7 +142,7 @@ def make_parser() -> argparse.ArgumentParser:
                     help="checkpoint folder name (default: best where the run kept one, else the newest)")
     pd.add_argument("--overlays", type=int_in(0), default=8, help="overlay PNGs of the first N frames (default 8)")
     pd.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
-    pd.add_argument("--min-score", type=float, default=0.0,
+    pd.add_argument("--min-score", type=float_in(0.0, 1.0), default=0.0,
                     help="detection: leave out boxes scoring below this (default 0: all the detector keeps)")
     pd.set_defaults(func=_cmd_predict)
     su = sub.add_parser("summary", help="one line on a finished run: method, score, frames, trainable share")

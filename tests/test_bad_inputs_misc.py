@@ -135,12 +135,17 @@ def test_preview_and_summary_of_a_folder_that_is_not_theirs_say_so(tmp_path, cap
     (["reencode", "X", "--out", "Y", "--encoding", "png", "--png-compression", "12"],
      "argument --png-compression: must be from 0 to 9, got 12"),
     (["build", "--source", "a=X", "--out", "Y", "--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+    (["predict", "X", "--ir", "X", "--out", "Y", "--min-score", "2"],  # scores are 0-1: every box was dropped
+     "argument --min-score: must be from 0.0 to 1.0, got 2.0"),
+    (["check", "--processes", "0"], "argument --processes: must be at least 1, got 0"),
 ])
 def test_numbers_out_of_range_are_refused_by_the_argument_parser(argv, said, tmp_path, capsys):
     from data_tools.cli import main as data_main
+    from finetune.cli import main as finetune_main
 
+    main = finetune_main if argv[0] in ("predict", "check") else data_main
     with pytest.raises(SystemExit) as e:
-        data_main([a.replace("X", str(tmp_path / "x")).replace("Y", str(tmp_path / "y")) for a in argv])
+        main([a.replace("X", str(tmp_path / "x")).replace("Y", str(tmp_path / "y")) for a in argv])
     assert e.value.code == 2 and said in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
