@@ -224,13 +224,14 @@ class SegConfig(Section):
         if weights is not None and len(weights) != len(classes):
             raise ValueError(f"model.head.class_weight has {len(weights)} values for the {len(classes)} classes of "
                              f"data.classes ({', '.join(classes)}): one per class, in their order")
-        stride, window = self.eval.stride, self.model.encoder.img_size
-        if stride is not None:
-            stride = (stride, stride) if isinstance(stride, int) else stride
-            if stride[0] > window[0] or stride[1] > window[1]:
-                raise ValueError(f"eval.stride {list(stride)} is larger than the sliding window "
-                                 f"(model.encoder.img_size {list(window)}): pixels between windows would get no "
-                                 "prediction")
+        from finetune.models.segmentor import slide_stride
+
+        window = self.model.encoder.img_size
+        stride = slide_stride(self.eval.stride, window)
+        if stride[0] > window[0] or stride[1] > window[1]:
+            raise ValueError(f"eval.stride {list(stride)} is larger than the sliding window "
+                             f"(model.encoder.img_size {list(window)}): pixels between windows would get no "
+                             "prediction")
         return self
 
 

@@ -64,14 +64,10 @@ class SegTask(FinetuneTask):
     def predict_frame(model, cfg, sample: dict, device: torch.device) -> torch.Tensor:
         """(H, W) class indices of one frame (its network inputs, ``sample``) by sliding-window
         inference over windows of the training input size."""
-        from finetune.models.segmentor import slide_inference
+        from finetune.models.segmentor import slide_inference, slide_stride
 
         crop = tuple(cfg.model.encoder.img_size)
-        stride = cfg.eval.stride
-        if not stride:  # mmsegmentation's slide inference: 2/3 of the crop
-            stride = tuple(max(1, 2 * c // 3) for c in crop)
-        elif isinstance(stride, int):
-            stride = (stride, stride)
+        stride = slide_stride(cfg.eval.stride, crop)
         get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision != "fp32"):
             scores = slide_inference(model, get("ir"), get("vi"), crop, stride, int(cfg.eval.windows_per_batch))

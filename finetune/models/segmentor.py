@@ -71,6 +71,14 @@ class Segmentor(nn.Module):
 
 
 @torch.no_grad()
+def slide_stride(stride: int | tuple[int, int] | None, crop: tuple[int, int]) -> tuple[int, int]:
+    """``eval.stride`` as (height, width): one number for both, or, unset, 2/3 of the crop
+    (mmsegmentation's slide inference)."""
+    if not stride:
+        return tuple(max(1, 2 * c // 3) for c in crop)
+    return (stride, stride) if isinstance(stride, int) else tuple(stride)
+
+
 def slide_inference(model: Segmentor, ir: torch.Tensor | None, vi: torch.Tensor | None, crop: tuple[int, int],
                     stride: tuple[int, int], windows_per_batch: int) -> torch.Tensor:
     """Class scores (N, K, H, W) for images of any size: crop-sized windows at ``stride`` (the last

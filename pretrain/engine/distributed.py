@@ -29,10 +29,15 @@ def threads_per_process(env: dict, threads: int) -> int:
     return max(1, threads // int(local))
 
 
+def _under_srun(env) -> bool:
+    """SLURM's srun started this process as one task (it sets SLURM_*, not RANK / WORLD_SIZE)."""
+    return "RANK" not in env and "SLURM_PROCID" in env
+
+
 def launched_world_size(env=os.environ) -> int:
     """The number of processes of this launch, from the launcher's variables (torchrun, the
     deepspeed launcher, SLURM's srun), before the process group exists; 1 without a launcher."""
-    if "RANK" not in env and "SLURM_PROCID" in env:  # srun, as init_distributed reads it
+    if _under_srun(env):
         return int(env.get("SLURM_NTASKS") or 1)
     return int(env.get("WORLD_SIZE") or 1)
 
@@ -44,7 +49,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
     env = os.environ
     die_with_launcher(env)  # before the SLURM / single-process defaults below set LOCAL_RANK
-    if "RANK" not in env and "SLURM_PROCID" in env:  # srun: one task per process
+    if _under_srun(env):  # one task per process
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
