@@ -241,7 +241,9 @@ def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[So
         per_source[s.name] = {"root": s.root, "matched": d.matched, "found": len(d.items),
                               "written": 0, "skipped": 0, "skipped_by_reason": {},
                               "colour_converted": 0, "annotation_issues": 0, "videos_not_read": len(d.videos),
-                              "held_by_earlier_sources": dict(d.held_earlier)}
+                              "held_by_earlier_sources": dict(d.held_earlier),
+                              "links_not_followed": len(d.links_not_followed),
+                              "unreadable_folders": len(d.unreadable_folders)}
         if s.name in overlays:
             per_source[s.name]["overlay"] = overlays[s.name].describe()
     skipped, colour, issues, shards = [], [], list(orphan_issues), []
@@ -336,12 +338,15 @@ def source_overlays(sources: list[Source], discoveries: dict, cfg: dict, out: Pa
 # ----------------------------------------------------------------------------------------------
 
 def _without_held_frames(name: str, items: list, held: dict[str, str]) -> tuple[list, dict[str, int]]:
-    """``items`` less the frames an earlier source of the build holds (``held``: real path -> source,
-    updated), and how many each such source held. Pooling datasets often nests one root in another."""
-    kept, held_by = [], {}
+    """``items`` less the frames an earlier source of the build (or an earlier name in this one) holds
+    (``held``: real path -> source, updated), and how many each such source held. Pooling datasets
+    often nests one root in another."""
+    kept, held_by, own = [], {}, set()
     for it in items:
-        first = held.setdefault(os.path.realpath(it.path), name)
-        if first == name:
+        real = os.path.realpath(it.path)
+        first = held.setdefault(real, name)
+        if first == name and real not in own:  # a link to a frame of the same source is a second copy too
+            own.add(real)
             kept.append(it)
         else:
             held_by[first] = held_by.get(first, 0) + 1
@@ -379,6 +384,13 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
         if d.videos:  # beside its frames: not read, so said (and counted in the manifest)
             print(f"warning: source '{s.name}': {len(d.videos)} video file(s) not read (e.g. {d.videos[0]}): "
                   "the builder reads frames; extract them into folders to include them", file=sys.stderr)
+        if d.links_not_followed:  # their frames are read once, under their own folder's name
+            print(f"warning: source '{s.name}': {len(d.links_not_followed)} linked folder(s) not followed (e.g. "
+                  f"{d.links_not_followed[0]}): each leads to a folder the source reads already (a loop, or a "
+                  "second name for it)", file=sys.stderr)
+        if d.unreadable_folders:
+            print(f"warning: source '{s.name}': {len(d.unreadable_folders)} folder(s) could not be listed (e.g. "
+                  f"{d.unreadable_folders[0]}; permissions?): their frames are not in the corpus", file=sys.stderr)
         by_image, issues = annotations_for_source(s, d)
         orphan_issues += issues
         offsets[s.name] = len(items)

@@ -46,6 +46,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     for name, ps in manifest["sources"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(ps["skipped_by_reason"].items())) or "none"
         videos = f", {ps['videos_not_read']} video file(s) not read" if ps.get("videos_not_read") else ""
+        videos += f", {ps['unreadable_folders']} folder(s) not listed" if ps.get("unreadable_folders") else ""
         held = "".join(f", {n} already in source '{other}'"
                        for other, n in ps.get("held_by_earlier_sources", {}).items())
         overlay = ps.get("overlay", {})

@@ -7,7 +7,6 @@ flat folder keeps every n-th image. Frames sort naturally (``frame2`` before ``f
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shlex
@@ -19,6 +18,7 @@ import yaml
 
 from data_tools.config import yaml_problem
 from data_tools.files import file_not_folder, folders_below
+from data_tools.walk import split_pattern, walk_matching
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".pnm")
 BOX_FORMATS = ("coco", "yolo", "voc", "bbgt")  # what a source's (or a fine-tuning split's) boxes may be
@@ -83,6 +83,8 @@ class Discovery:
     all_rel: list[str] = field(default_factory=list)  # every matched file (annotations match these)
     videos: list[str] = field(default_factory=list)  # matched recordings, not read (VIDEO_EXTENSIONS)
     held_earlier: dict[str, int] = field(default_factory=dict)  # frames an earlier source holds, by source
+    links_not_followed: list[str] = field(default_factory=list)  # linked folders already read (loops, aliases)
+    unreadable_folders: list[str] = field(default_factory=list)  # folders that could not be listed
 
 
 def natural_key(text: str) -> list:
@@ -118,7 +120,12 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
         raise SourceError(f"source '{name}': 'root' is required")
     root = _resolve(base_dir, d.pop("root"))
     globs = d.pop("glob", d.pop("globs", DEFAULT_GLOBS))
-    globs = (globs,) if isinstance(globs, str) else tuple(globs)
+    globs = tuple(globs) if isinstance(globs, (list, tuple)) else (globs,)
+    for pattern in globs:
+        if (not isinstance(pattern, str) or not pattern.strip() or os.path.isabs(pattern)
+                or ".." in split_pattern(pattern)):
+            raise SourceError(f"source '{name}': glob {pattern!r} must be a pattern below the root (`*.png`, "
+                              "`**/lwir/*.jpg`); for frames elsewhere, move the root or add a source")
     stride = int(d.pop("stride", 1))
     if stride < 1:
         raise SourceError(f"source '{name}': stride must be >= 1, got {stride}")
@@ -217,12 +224,14 @@ def discover(source: Source) -> Discovery:
                                                               or f"folder does not exist: {root}{_found_below(root)}"))
     files: set[str] = set()
     videos: set[str] = set()
-    for pattern in source.globs:
-        for p in glob.glob(os.path.join(glob.escape(str(root)), pattern), recursive=True):
-            name = p.lower()
-            kind = files if name.endswith(IMAGE_EXTENSIONS) else videos if name.endswith(VIDEO_EXTENSIONS) else None
-            if kind is not None and os.path.isfile(p):  # one stat, only for the files it keeps
-                kind.add(os.path.relpath(p, root).replace(os.sep, "/"))
+    walk = walk_matching(str(root), source.globs)
+    for rel in walk.files:
+        name = rel.lower()
+        kind = files if name.endswith(IMAGE_EXTENSIONS) else videos if name.endswith(VIDEO_EXTENSIONS) else None
+        # one stat, only for the files it keeps: a link to nothing stays (its read is a named skip), a
+        # FIFO or device named like an image does not (reading it would block)
+        if kind is not None and (os.path.isfile(root / rel) or not os.path.exists(root / rel)):
+            kind.add(rel)
     if not files:
         if videos:
             first = min(videos)
@@ -239,7 +248,8 @@ def discover(source: Source) -> Discovery:
     by_folder: dict[str, list[str]] = {}
     for rel in files:
         by_folder.setdefault(os.path.dirname(rel) or ".", []).append(rel)
-    out = Discovery(matched=len(files), all_rel=sorted(files), videos=sorted(videos))
+    out = Discovery(matched=len(files), all_rel=sorted(files), videos=sorted(videos),
+                    links_not_followed=walk.links_not_followed, unreadable_folders=walk.unreadable_folders)
     for folder in sorted(by_folder, key=key):
         frames = sorted(by_folder[folder], key=lambda r: key(os.path.basename(r)))
         for index in range(0, len(frames), source.stride):

@@ -624,3 +624,76 @@ def test_a_frame_two_sources_hold_enters_the_corpus_once(tmp_path, capsys):
     assert manifest["totals"]["written"] == 4
     assert {n: (ps["found"], ps["held_by_earlier_sources"]) for n, ps in manifest["sources"].items()} == {
         "all": (4, {}), "train": (0, {"all": 2}), "link": (0, {"all": 2})}
+
+
+def _tree(root: Path, files: list[str]) -> None:
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_png(_scene()))
+
+
+@pytest.mark.parametrize("pattern", ["**/*", "*.png", "*/ir/*", "**/lwir/*.png", "a/**", ".hidden/*", "**/.hidden/*",
+                                     "[ab]/*.png", "x?.png", "a/b/c.png", "**"])
+def test_patterns_match_what_glob_matches_on_a_tree_without_links(tmp_path, pattern):
+    import glob
+
+    from data_tools.walk import walk_matching
+    _tree(tmp_path, ["x1.png", "xy.png", ".dot.png", "a/b/c.png", "a/ir/1.png", "b/ir/2.png", "b/v/lwir/3.png",
+                     "lwir/4.png", ".hidden/5.png", "a/.hidden/6.png", "c/7.png", ".hidden/lwir/8.png"])
+    expected = sorted(os.path.relpath(p, tmp_path) for p in glob.glob(os.path.join(str(tmp_path), pattern),
+                                                                          recursive=True) if os.path.isfile(p))
+    assert walk_matching(str(tmp_path), [pattern]).files == expected
+
+
+def test_linked_folders_are_read_once_loops_and_second_names_counted(tmp_path, capsys):
+    root, elsewhere = tmp_path / "frames", tmp_path / "disk2"
+    _tree(root, ["a/1.png", "a/2.png", "b/3.png"])
+    _tree(elsewhere, ["night/4.png"])
+    (root / "a" / "up").symlink_to("..")  # a loop: glob listed the tree again at each depth, 40 deep
+    (root / "b" / "again").symlink_to(root / "b")
+    (root / "0_b").symlink_to(root / "b")  # a second name of a folder in the tree, listed before it
+    (root / "disk2").symlink_to(elsewhere)  # a dataset linked in from another disk: read
+    (root / "disk2_alias").symlink_to(elsewhere)
+    (elsewhere / "night" / "back").symlink_to(elsewhere)
+    (root / "b" / "3_link.png").symlink_to(root / "b" / "3.png")  # a link to a frame of the source
+    (root / "gone.png").symlink_to(tmp_path / "nowhere.png")  # dangling: read, and skipped by name
+    os.mkfifo(root / "pipe.png")  # not a file: reading it would block
+
+    d = discover(Source("cam", str(root)))
+    assert d.all_rel == ["a/1.png", "a/2.png", "b/3.png", "b/3_link.png", "disk2/night/4.png", "gone.png"]
+    assert d.links_not_followed == ["0_b", "a/up", "b/again", "disk2/night/back", "disk2_alias"]
+
+    out = tmp_path / "o"
+    assert cli_main(["build", "--source", f"cam={root}", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "5 linked folder(s) not followed (e.g. 0_b)" in err
+    assert "1 frame(s) left out, source 'cam' already holds them" in err
+    per = json.loads((out / "manifest.json").read_text())["sources"]["cam"]
+    assert (per["found"], per["written"], per["skipped_by_reason"]) == (5, 4, {"unreadable": 1})
+    assert per["links_not_followed"] == 5 and per["held_by_earlier_sources"] == {"cam": 1}
+
+
+def test_a_folder_that_cannot_be_listed_is_counted(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "frames"
+    _tree(root, ["ok/1.png", "ok/2.png", "locked/3.png"])
+    listing = os.scandir
+
+    def scandir(path="."):  # permissions cannot lock out the root user the tests may run as
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "o"
+    assert cli_main(["build", "--source", f"cam={root}", "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "1 folder(s) could not be listed (e.g. locked; permissions?)" in said.err
+    assert "1 folder(s) not listed" in said.out
+    per = json.loads((out / "manifest.json").read_text())["sources"]["cam"]
+    assert per["unreadable_folders"] == 1 and per["written"] == 2
+
+
+@pytest.mark.parametrize("pattern", ["../other/*.png", "/data/*.png", "a/../../*.png", "", 3])
+def test_a_glob_outside_the_root_is_refused(tmp_path, pattern):
+    with pytest.raises(SourceError, match="must be a pattern below the root"):
+        source_from_dict({"name": "cam", "root": "frames", "glob": pattern}, tmp_path)
