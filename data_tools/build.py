@@ -90,8 +90,11 @@ def process_item(task: tuple) -> dict[str, Any]:
         if min(image.shape) < image_cfg["min_side"]:
             raise SkipSample("too_small", f"{image.shape[1]}x{image.shape[0]} after crop, "
                                           f"minimum side {image_cfg['min_side']}")
-        if source.black_threshold is not None and float(image.max()) <= source.black_threshold:
-            raise SkipSample("black_frame", f"max {int(image.max())} <= {source.black_threshold:g}")
+        low, high = int(image.min()), int(image.max())
+        if source.black_threshold is not None and high <= source.black_threshold:
+            raise SkipSample("black_frame", f"max {high} <= {source.black_threshold:g}")
+        if low == high:
+            raise SkipSample("blank_frame", f"every pixel {low}")
         if image_cfg.get("skip_label_maps", True) and (values := label_map_values(image)) is not None:
             raise SkipSample("label_map", f"values {values.tolist()}")
     except SkipSample as s:

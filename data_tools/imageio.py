@@ -22,6 +22,7 @@ SKIP_REASONS = {
     "decode_failed": "the decoder rejected the data (corrupt content)",
     "unsupported_dtype": "pixels are neither 8- nor 16-bit unsigned integers",
     "too_small": "after the border crop, a side is shorter than the crop minimum",
+    "blank_frame": "every pixel holds the same value (a dropped or blank frame: nothing to learn from)",
     "black_frame": "the frame's maximum is at or below the source's black-frame threshold",
     "no_such_channel": "the frame has fewer channels than the source's `channel` names",
     "label_map": "2 to 16 distinct values, all small class indices (< 64) or 0 / 255: a segmentation label "

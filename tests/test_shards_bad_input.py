@@ -51,6 +51,7 @@ def bad_corpus(tmp_path):
     (root / "corrupt.png").write_bytes(bytes(corrupt))
     cv2.imwrite(str(root / "tiny.png"), _scene(40, 50))
     cv2.imwrite(str(root / "black.png"), np.full((96, 128), 10, np.uint8))
+    cv2.imwrite(str(root / "blank16.png"), np.full((96, 128), 3000, np.uint16))  # bright, but one value
     os.symlink("/proc/self/mem", root / "unreadable.png")  # open() works, read() fails (EIO)
     labels = tmp_path / "labels"
     labels.mkdir()
@@ -78,7 +79,7 @@ sources:
 EXPECTED_SKIPS = {
     "truncated.png": "truncated", "truncated.jpg": "truncated", "empty.png": "empty_file",
     "notimage.png": "not_an_image", "corrupt.png": "decode_failed", "tiny.png": "too_small",
-    "black.png": "black_frame", "unreadable.png": "unreadable",
+    "black.png": "black_frame", "blank16.png": "blank_frame", "unreadable.png": "unreadable",
 }
 
 
@@ -88,7 +89,7 @@ def test_bad_inputs_are_skipped_with_reasons(bad_corpus):
     skipped = {s["path"]: s["reason"] for s in m["skipped"]}
     assert skipped == EXPECTED_SKIPS
     ps = m["sources"]["bad"]
-    assert ps["found"] == 13 and ps["written"] == 5 and ps["skipped"] == 8
+    assert ps["found"] == 14 and ps["written"] == 5 and ps["skipped"] == 9
     assert ps["found"] == ps["written"] + ps["skipped"]
     assert ps["skipped_by_reason"]["truncated"] == 2
     assert [c["path"] for c in m["colour_converted"]] == ["colour.png"]
@@ -141,9 +142,9 @@ def test_label_maps_among_the_frames_are_skipped_as_such(tmp_path):
     assert m["sources"]["ds"]["written"] == 6
 
 
-# too_small and black_frame are decided by the source rules, not by the reader.
+# too_small, black_frame and blank_frame are decided by the build's rules, not by the reader.
 @pytest.mark.parametrize("name,reason", sorted((n, r) for n, r in EXPECTED_SKIPS.items()
-                                               if r not in ("too_small", "black_frame")))
+                                               if r not in ("too_small", "black_frame", "blank_frame")))
 def test_read_frame_reasons(bad_corpus, name, reason):
     with pytest.raises(SkipSample) as e:
         read_frame(str(bad_corpus / "frames" / name))
