@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import yaml
+
 
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
@@ -79,3 +81,46 @@ def folders_below(base: str | Path, relative: Sequence[str], depth: int = 2) -> 
     for _ in range(depth):
         level = [c for folder in level for c in subfolders(folder)]
         yield from (c for c in level if all((c / r).exists() for r in relative))
+
+
+# What each of our output folders is, and what to do with it: said when one is given to a command
+# that takes another (an export of a fine-tuning run, a prediction with a pre-training run).
+FOLDER_KINDS = {
+    "shards": ("a shard folder (data_tools build)", "pre-train on it: data.shards=[{path: DIR}]"),
+    "pretrain": ("a pre-training run", "python -m pretrain export DIR --out backbone.pth makes the backbone "
+                 "fine-tuning takes as init.checkpoint"),
+    "seg": ("a segmentation fine-tuning run", "python -m finetune predict DIR applies it to new frames"),
+    "det": ("a detection fine-tuning run", "python -m finetune predict DIR applies it to new frames"),
+}
+
+PRETRAIN_RUNS, FINETUNE_RUNS = ("pretrain",), ("seg", "det")
+
+
+def folder_kind(folder: str | Path) -> str | None:
+    """Which of FOLDER_KINDS ``folder`` is, from the ``config.yaml`` each of them saves; None for a
+    folder without one, or with a config of something else."""
+    path = Path(folder) / "config.yaml"
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    if "build" in cfg and "sources" in cfg:
+        return "shards"
+    if "shards" in data:
+        return "pretrain"
+    if "layout" in data:
+        return "det" if "boxes" in data else "seg"
+    return None
+
+
+def check_folder_kind(folder: str | Path, kinds: tuple[str, ...]) -> None:
+    """Refuse a folder of ours that is not one of ``kinds``, saying what it is and what it is for."""
+    kind = folder_kind(folder)
+    if kind is not None and kind not in kinds:
+        wanted = ("a fine-tuning run" if set(kinds) <= {"seg", "det"}
+                  else " or ".join(FOLDER_KINDS[k][0] for k in kinds))
+        what, use = FOLDER_KINDS[kind]
+        raise ValueError(f"{folder} is {what}, not {wanted} ({use.replace('DIR', str(folder))})")

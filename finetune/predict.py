@@ -71,6 +71,7 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     """Predict every frame of the ``ir`` / ``vi`` folders (or of ``packed``'s 4-channel images, which
     hold both) with the run's model; returns the report.
     ``min_score``: detections scoring lower are not written (all the detector keeps by default)."""
+    from data_tools.files import FINETUNE_RUNS
     from finetune.data.augment import network_inputs
     from finetune.data.det import fit_to_input
     from finetune.factory import intensity_config, ir_normalisation
@@ -78,7 +79,7 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     from pretrain.engine.trained import load_trained, run_config
 
     run_dir, out = Path(run_dir), Path(out)
-    run_cfg = run_config(run_dir)
+    run_cfg = run_config(run_dir, FINETUNE_RUNS)
     task = _task(run_cfg)
     if packed and (ir or vi):
         raise ValueError("give the frames one way: --packed DIR (4-channel images), or --ir / --vi folders")
@@ -99,7 +100,7 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
                                 + nested_images_note(folders))
     if tag is None and (run_dir / "checkpoints" / "best" / "best.json").is_file():
         tag = "best"  # the evaluation's best step, where the run kept one (load_trained verifies it)
-    model, tag, cfg = load_trained(run_dir, task.build_network, tag)
+    model, tag, cfg = load_trained(run_dir, task.build_network, FINETUNE_RUNS, tag)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     mean, std = ir_normalisation(cfg)

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from data_tools.files import file_not_folder
+from data_tools.files import FINETUNE_RUNS, check_folder_kind, file_not_folder
 
 SCORES = {"seg": lambda m: f"mIoU {100 * m['mIoU']:.1f}",
           "det": lambda m: (f"AP {100 * m['AP']:.1f}, AP50 {100 * m['AP50']:.1f}" if m["AP"] is not None
@@ -20,6 +20,7 @@ def run_summary(run_dir: str | Path) -> str:
     path = run_dir / "metrics.json"
     if not run_dir.is_dir():
         raise FileNotFoundError(file_not_folder(run_dir) or f"{run_dir}: no such run folder")
+    check_folder_kind(run_dir, FINETUNE_RUNS)
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.json (the run has not finished: rerun its command to resume)")
     m = json.loads(path.read_text())
@@ -34,9 +35,9 @@ def run_summary(run_dir: str | Path) -> str:
 def predict_command(run_dir: str | Path) -> str:
     """The ``finetune predict`` command of a run, as a shell reads it, with the frame folders its
     model takes (MFNet's packed images: ``--packed``; a detector of both modalities: both)."""
-    from data_tools.config import load_config
+    from pretrain.engine.trained import run_config
 
-    cfg = load_config(Path(run_dir) / "config.yaml")  # the config the run saved
+    cfg = run_config(Path(run_dir), FINETUNE_RUNS)  # the config the run saved
     data, modality = cfg.data, cfg.model.modality
     if data.get("layout") == "mfnet":
         frames = "--packed DIR"

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_tools.config import to_container
+from data_tools.files import PRETRAIN_RUNS
 from pretrain.engine.trained import load_trained
 from pretrain.factory import build_model_from_config, initialise_from_config
 from pretrain.weights import export_backbone
@@ -18,7 +19,7 @@ def _pretrain_model(cfg):
 def load_run_model(run_dir: str | Path, tag: str | None = None):
     """(the run's MAE with its frozen weights rebuilt (and verified) and its trainable weights
     loaded, the checkpoint tag, the run's config)."""
-    return load_trained(run_dir, _pretrain_model, tag)
+    return load_trained(run_dir, _pretrain_model, PRETRAIN_RUNS, tag)
 
 
 def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_tools.files import read_jsonl
+from data_tools.files import PRETRAIN_RUNS, check_folder_kind, read_jsonl
 
 
 def run_summary(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
+    check_folder_kind(run_dir, PRETRAIN_RUNS)
     log = run_dir / "metrics.jsonl"
     if not log.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a pre-training run folder, or no step logged yet)")

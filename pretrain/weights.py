@@ -65,13 +65,29 @@ def _torch_load_tensors(path: Path):
                            f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
+def weights_folder_problem(path: Path) -> str:
+    """What a folder given as a weights file is, and the file to give instead: a pre-training run of
+    ours (or one of its checkpoints) is exported first; a DeepSpeed checkpoint folder (MAE's and PAD's
+    scripts under DeepSpeed write one) holds its weights in one file."""
+    from data_tools.files import FOLDER_KINDS, folder_kind
+
+    kind = folder_kind(path)
+    run = path.parent.parent if path.parent.name == "checkpoints" else None
+    if kind == "pretrain" or run is not None and folder_kind(run) == "pretrain":
+        run_dir, tag = (path, "") if kind == "pretrain" else (run, f" --tag {path.name}")
+        what = "a pre-training run" if kind == "pretrain" else f"a checkpoint of the pre-training run {run_dir}"
+        return (f"{path} is {what}, not a weights file: export its backbone first "
+                f"(python -m pretrain export {run_dir}{tag} --out backbone.pth) and give that file")
+    if kind is not None:
+        return f"weights file {path} is {FOLDER_KINDS[kind][0]}, not weights"
+    states = path / "mp_rank_00_model_states.pt"
+    return f"weights file {path} is a folder" + (f"; its weights are in {states}" if states.is_file() else "")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
-    if path.is_dir():  # e.g. a DeepSpeed checkpoint folder (MAE's and PAD's scripts under DeepSpeed write one)
-        states = path / "mp_rank_00_model_states.pt"
-        raise FileNotFoundError(f"weights file {path} is a folder" + (
-            f"; its weights are in {states} (a run of this project: python -m pretrain export RUN_DIR)"
-            if states.is_file() else ""))
+    if path.is_dir():
+        raise FileNotFoundError(weights_folder_problem(path))
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":

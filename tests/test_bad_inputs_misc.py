@@ -219,3 +219,51 @@ def test_pretraining_needs_its_shard_folders_each_once(tmp_path, capsys):
     assert pretrain_main([*train, f"data.shards=[{{path: {shards}}}, {{path: {shards}/, weight: 2}}]"]) == 2
     assert f"data.shards[0] and data.shards[1] are the same folder {shards}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_each_command_says_which_of_our_folders_it_was_given(tmp_path, capsys):
+    """A pre-training run given to `finetune predict` (or `finetune summary --predict-command`) raised
+    a traceback about a missing config key, a fine-tuning run given to `pretrain export` one about
+    unknown MAE keys, `pretrain summary` of a fine-tuning run printed a pre-training line, and a run
+    folder as `init.checkpoint` a traceback: each now says what the folder is and what to give."""
+    from data_tools.cli import main as data_main
+    from data_tools.config import save_resolved
+    from finetune.cli import main as finetune_main
+    from pretrain.cli import main as pretrain_main
+
+    shards, pre, seg, det = (tmp_path / n for n in ("shards", "pre", "seg", "det"))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "f0.png"), np.random.default_rng(0).integers(0, 255, (96, 128), np.uint8))
+    assert data_main(["build", "--source", f"cam={frames}", "--out", str(shards)]) == 0
+    save_resolved(load_config(CONFIG_DIR / "pretrain" / "tiny.yaml"), pre)  # what each run saves first
+    save_resolved(load_config(CONFIG_DIR / "finetune" / "seg_tiny.yaml", ["data.root=/data"]), seg)
+    save_resolved(load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", ["data.root=/data"]), det)
+    (pre / "checkpoints" / "step00000004").mkdir(parents=True)
+    capsys.readouterr()
+
+    for argv in (["predict", str(pre), "--ir", str(frames), "--out", str(tmp_path / "p")],
+                 ["summary", str(pre)], ["summary", "--predict-command", str(pre)]):
+        assert finetune_main(argv) == 2
+        assert (f"{pre} is a pre-training run, not a fine-tuning run (python -m pretrain export {pre} --out "
+                "backbone.pth makes the backbone") in capsys.readouterr().err
+    assert finetune_main(["predict", str(shards), "--ir", str(frames), "--out", str(tmp_path / "p")]) == 2
+    assert f"{shards} is a shard folder (data_tools build), not a fine-tuning run" in capsys.readouterr().err
+    for run, what in ((seg, "a segmentation fine-tuning run"), (det, "a detection fine-tuning run")):
+        for argv in (["export", str(run), "--out", str(tmp_path / "b.pth")], ["summary", str(run)]):
+            assert pretrain_main(argv) == 2
+            assert (f"{run} is {what}, not a pre-training run (python -m finetune predict {run} applies it"
+                    in capsys.readouterr().err)
+
+    seg_cli = ["seg", "--config", str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"), "--run-dir", str(tmp_path / "r"),
+               f"data.root={tmp_path}"]
+    assert finetune_main(seg_cli + [f"init.checkpoint={pre}"]) == 2
+    assert (f"{pre} is a pre-training run, not a weights file: export its backbone first (python -m pretrain "
+            f"export {pre} --out backbone.pth)") in capsys.readouterr().err
+    step = pre / "checkpoints" / "step00000004"
+    assert finetune_main(seg_cli + [f"init.checkpoint={step}"]) == 2
+    assert (f"a checkpoint of the pre-training run {pre}, not a weights file: export its backbone first (python -m "
+            f"pretrain export {pre} --tag step00000004 --out backbone.pth)") in capsys.readouterr().err
+    assert finetune_main(seg_cli + [f"init.checkpoint={seg}"]) == 2
+    assert f"{seg} is a segmentation fine-tuning run, not weights" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

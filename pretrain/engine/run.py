@@ -26,6 +26,9 @@ def run(task: Task, cfg, run_dir: str | Path, overwrite: bool = False, eval_only
     init = cfg.get("init", {}).get("checkpoint")
     if init and not Path(init).exists():  # said before the run directory is touched, without a traceback
         raise FileNotFoundError(f"init.checkpoint {init}: no such file")
+    if init and Path(init).is_dir():
+        from pretrain.weights import weights_folder_problem
+        raise FileNotFoundError(f"init.checkpoint: {weights_folder_problem(Path(init))}")
     task.check_inputs(cfg, eval_only)
     run_entry_point(functools.partial(_run_process, task=task, eval_only=eval_only), cfg, Path(run_dir), overwrite)
 

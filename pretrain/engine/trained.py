@@ -13,24 +13,26 @@ from typing import Callable
 import torch
 
 from data_tools.config import load_config
+from data_tools.files import check_folder_kind
 from pretrain.engine.checkpoint import Checkpointer, ResumeError, _weights_only_load, frozen_fingerprint
 
 
-def run_config(run_dir: Path):
-    """The resolved config a run saved (``config.yaml``)."""
+def run_config(run_dir: Path, kinds: tuple[str, ...]):
+    """The resolved config a run of one of ``kinds`` saved (``config.yaml``)."""
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    check_folder_kind(run_dir, kinds)
     return load_config(run_dir / "config.yaml")
 
 
-def load_trained(run_dir: str | Path, build: Callable, tag: str | None = None):
+def load_trained(run_dir: str | Path, build: Callable, kinds: tuple[str, ...], tag: str | None = None):
     """(the model of ``run_dir`` in eval mode, the checkpoint tag, the run's config).
 
     ``build(cfg)`` makes the model with its frozen weights (and ``requires_grad`` on exactly the
     parameters the run trained); ``tag``: a checkpoint folder name (``best``, ``step00000400``),
     by default the newest one that verifies."""
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
+    cfg = run_config(run_dir, kinds)
     ckpt_dir = run_dir / "checkpoints"
     ckpt = Checkpointer(ckpt_dir)
     if tag is None:
