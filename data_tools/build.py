@@ -378,7 +378,7 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     discoveries, items, offsets, orphan_issues, per_item_ann = {}, [], {}, [], []
     held: dict[str, str] = {}
     for s in sources:
-        d = discover(s)
+        d = discover(s, skip=(str(out),))  # an output folder inside a source's root is not read as frames
         discoveries[s.name] = d
         d.items, d.held_earlier = _without_held_frames(s.name, d.items, held)
         for other, n in d.held_earlier.items():

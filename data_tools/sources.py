@@ -217,14 +217,15 @@ def _found_below(missing: Path, ancestors: int = 3) -> str:
     return ""
 
 
-def discover(source: Source) -> Discovery:
+def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
+    """The frames of ``source`` (stride applied), outside the folders ``skip``."""
     root = Path(source.root)
     if not root.is_dir():
         raise SourceError(f"source '{source.name}': root " + (file_not_folder(root)
                                                               or f"folder does not exist: {root}{_found_below(root)}"))
     files: set[str] = set()
     videos: set[str] = set()
-    walk = walk_matching(str(root), source.globs)
+    walk = walk_matching(str(root), source.globs, skip)
     for rel in walk.files:
         name = rel.lower()
         kind = files if name.endswith(IMAGE_EXTENSIONS) else videos if name.endswith(VIDEO_EXTENSIONS) else None

@@ -63,13 +63,14 @@ def split_pattern(pattern: str) -> list[str]:
     return [s for s in pattern.replace(os.sep, "/").split("/") if s not in ("", ".")]
 
 
-def walk_matching(root: str, patterns: Sequence[str]) -> Walk:
+def walk_matching(root: str, patterns: Sequence[str], skip: Sequence[str] = ()) -> Walk:
     """Every file (or link to one, dangling included: the reader names it) under ``root`` whose
-    relative path matches one of ``patterns``. Folders are read in sorted order, so which name a
-    folder reached twice keeps does not depend on the file system's listing order."""
+    relative path matches one of ``patterns``, outside the folders ``skip`` (the build's own output).
+    Folders are read in sorted order, so which name a folder reached twice keeps does not depend on
+    the file system's listing order."""
     split = [split_pattern(p) for p in patterns]
     top = os.path.realpath(root)
-    seen = {top}
+    seen = {top, *(os.path.realpath(s) for s in skip)}
     out = Walk()
     def unreadable(error: OSError) -> None:
         out.unreadable_folders.append(os.path.relpath(error.filename, top).replace(os.sep, "/"))
@@ -84,6 +85,8 @@ def walk_matching(root: str, patterns: Sequence[str]) -> Walk:
                 continue
             real = os.path.realpath(full)
             inside = real == top or real.startswith(top + os.sep)
+            if real in seen and not os.path.islink(full):  # a folder of ``skip``
+                continue
             if os.path.islink(full) and (inside or real in seen):
                 out.links_not_followed.append("/".join(parts + [d]))
                 continue

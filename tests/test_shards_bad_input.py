@@ -698,3 +698,12 @@ def test_a_folder_that_cannot_be_listed_is_counted(tmp_path, monkeypatch, capsys
 def test_a_glob_outside_the_root_is_refused(tmp_path, pattern):
     with pytest.raises(SourceError, match="must be a pattern below the root"):
         source_from_dict({"name": "cam", "root": "frames", "glob": pattern}, tmp_path)
+
+
+def test_an_output_folder_inside_the_source_is_not_read_as_frames(tmp_path):
+    """`--out frames/shards`: the pictures a build and its previews write there (overlay-<source>.png,
+    grid.png) would become frames of the next build."""
+    root = tmp_path / "frames"
+    _tree(root, ["a.png", "b/c.png", "shards/grid.png", "shards/more/overlay-cam.png"])
+    m = build_shards([Source("cam", str(root))], load_config(DEFAULT_BUILD_CONFIG), root / "shards", progress=False)
+    assert (m["sources"]["cam"]["matched"], m["sources"]["cam"]["written"]) == (2, 2)
