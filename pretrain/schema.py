@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from data_tools.config import Section
 from data_tools.schema import Fraction, IntensitySchema, NonNegFloat, NonNegInt, PosFloat, PosInt
@@ -122,6 +122,17 @@ class RoISchema(Section):
 
 class PretrainDataSchema(Section):
     shards: list[ShardSetSchema]
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _folders_with_weights(cls, value):
+        """A folder given as it is typed (``data.shards=shards/``) is named with the form to give."""
+        items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        if any(isinstance(item, str) for item in items):
+            form = ", ".join(f"{{path: {item}}}" if isinstance(item, str) else "..." for item in items)
+            raise ValueError(f"a list of shard folders, each with its sampling weight: data.shards='[{form}]' "
+                             "(weight 1 when left out)")
+        return value
     samples_per_epoch: PosInt | None
     num_workers: NonNegInt
     prefetch_factor: PosInt

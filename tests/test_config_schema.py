@@ -41,6 +41,10 @@ def test_every_shipped_config_fits_its_schema(path):
     ("train.epochs=0", "train.epochs: Input should be greater than 0 (got 0)"),
     ("train.nonfinite=ignore", "train.nonfinite: Input should be 'stop', 'skip' or 'rollback' (got 'ignore')"),
     ("data.shards=[{path: s, wieght: 2}]", "data.shards[0].wieght: unknown key (allowed: path, weight)"),
+    ("data.shards=shards/msip", "data.shards: Value error, a list of shard folders, each with its sampling weight: "
+                                "data.shards='[{path: shards/msip}]' (weight 1 when left out) (got 'shards/msip')"),
+    ("data.shards=[a,{path: b}]", "data.shards: Value error, a list of shard folders, each with its sampling weight: "
+                                  "data.shards='[{path: a}, ...]' (weight 1 when left out) (got ['a', {'path': 'b'}])"),
     ("model.encoder.img_size=[64,81]", "model.encoder: Value error, img_size [64, 81] must be a multiple of patch_size 16"),
     ("optim.warmup_epochs=3", "(top level): Value error, optim.warmup_epochs 3.0 exceeds train.epochs 2.0"),
 ])
