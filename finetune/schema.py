@@ -157,6 +157,13 @@ class _DataSchema(Section):
     intensity: IntensitySchema
     num_workers: NonNegInt
 
+    @model_validator(mode="after")
+    def _each_class_once(self):
+        twice = sorted({c for c in self.classes if self.classes.count(c) > 1})
+        if twice:  # a label of that name would always take the first index; the other would never train
+            raise ValueError(f"data.classes names {', '.join(twice)} more than once: one name per class")
+        return self
+
 
 class SegDataSchema(_DataSchema):
     ignore_index: int

@@ -23,6 +23,13 @@ class EncoderSchema(Section):
     mlp_ratio: PosFloat
     drop_path: Dropout
 
+    @field_validator("img_size", mode="before")
+    @classmethod
+    def _height_and_width(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):  # as "512 crops" is written
+            raise ValueError(f"give [height, width], e.g. [{value},{value}] for {value} x {value} inputs")
+        return value
+
     @model_validator(mode="after")
     def _whole_patches(self):
         if any(side % self.patch_size for side in self.img_size):

@@ -67,6 +67,10 @@ SEG_TINY = CONFIG_DIR / "finetune" / "seg_tiny.yaml"  # 64 x 80 windows, 4 class
      "the 4 classes of data.classes (background, road, person, car): one per class, in their order"),
     ("seg_tiny.yaml", "eval.stride=72", "(top level): Value error, eval.stride [72, 72] is larger than the sliding window "
      "(model.encoder.img_size [64, 80]): pixels between windows would get no prediction"),
+    ("det_tiny.yaml", "data.classes=[person,car,person]", "data: Value error, data.classes names person more than "
+     "once: one name per class"),
+    ("seg_tiny.yaml", "model.encoder.img_size=512", "model.encoder.img_size: Value error, give [height, width], e.g. "
+     "[512,512] for 512 x 512 inputs (got 512)"),
     ("seg_tiny.yaml", "eval.stride=[32,96]", "(top level): Value error, eval.stride [32, 96] is larger than the sliding "
      "window (model.encoder.img_size [64, 80]): pixels between windows would get no prediction"),
 ])
