@@ -24,6 +24,7 @@ import numpy as np
 
 from data_tools.issues import issue as data_issue
 from data_tools.sources import IMAGE_EXTENSIONS
+from data_tools.walk import walk_matching
 
 ISSUE_REASONS = {
     "annotation_without_image": "an annotation names an image that the source does not contain",
@@ -198,12 +199,11 @@ def _annotation_files(fmt: str, folder: str, suffix: str = "", nested: bool = Fa
     if not nested:
         return [(stem(n), os.path.join(folder, n)) for n in sorted(os.listdir(folder))
                 if _is_annotation_file(fmt, n, suffix)]
-    out = []
-    for here, dirs, files in os.walk(folder):
-        dirs.sort()
-        rel = os.path.relpath(here, folder).replace(os.sep, "/")
-        out += [(stem(n) if rel == "." else f"{rel}/{stem(n)}", os.path.join(here, n))
-                for n in sorted(files) if _is_annotation_file(fmt, n, suffix)]
+    out = []  # linked sequence folders are read as the frames' are (walk_matching: each folder once)
+    for rel in walk_matching(folder, ["**/*"]).files:
+        here, name = os.path.split(rel)
+        if _is_annotation_file(fmt, name, suffix):
+            out.append((f"{here}/{stem(name)}" if here else stem(name), os.path.join(folder, rel)))
     return out
 
 

@@ -707,3 +707,22 @@ def test_an_output_folder_inside_the_source_is_not_read_as_frames(tmp_path):
     _tree(root, ["a.png", "b/c.png", "shards/grid.png", "shards/more/overlay-cam.png"])
     m = build_shards([Source("cam", str(root))], load_config(DEFAULT_BUILD_CONFIG), root / "shards", progress=False)
     assert (m["sources"]["cam"]["matched"], m["sources"]["cam"]["written"]) == (2, 2)
+
+
+def test_linked_sequence_folders_of_frames_and_annotations_are_both_read(tmp_path):
+    """A set kept on another disk and linked into the dataset's tree (frames and annotations):
+    the frames were read through the link and their annotations were not, so they were built
+    without boxes; a macOS `._` file beside the labels is not an annotation."""
+    _frames(tmp_path / "kaist", "images/set00/V000/lwir/I00000.png")
+    _frames(tmp_path / "disk2", "images/set01/V000/lwir/I00000.png")
+    (tmp_path / "kaist" / "images" / "set01").symlink_to(tmp_path / "disk2" / "images" / "set01")
+    for where, key in (("kaist", "set00"), ("disk2", "set01")):
+        path = tmp_path / where / "annotations" / key / "V000" / "I00000.txt"
+        path.parent.mkdir(parents=True)
+        path.write_text("0 0.5 0.5 0.3 0.5\n")
+    (tmp_path / "kaist" / "annotations" / "set00" / "V000" / "._I00000.txt").write_bytes(b"\x00\x05\x16\x07")
+    (tmp_path / "kaist" / "annotations" / "set01").symlink_to(tmp_path / "disk2" / "annotations" / "set01")
+    m = _build(tmp_path, "{format: yolo, path: kaist/annotations}", root="kaist", glob="images/**/lwir/*.png")
+    assert _annotation_boxes_per_frame(tmp_path / "out") == {"images/set00/V000/lwir/I00000.png": 1,
+                                                              "images/set01/V000/lwir/I00000.png": 1}
+    assert m["annotation_issues"] == []
