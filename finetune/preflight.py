@@ -69,6 +69,7 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
     for ``splits`` are there, listed as training lists them, with some frame that has all its
     files; ValueError when the first frames read (``read_frames``) are all unusable, or (detection)
     no box has a configured class, or (``scoring``) no validation object would be scored."""
+    from finetune.data.classes import misordered_classes_problem
     from finetune.data.det import ScoringLimits, classes_problem
     from finetune.data.pairs import discover, name_suffix, no_frames_problem
     from finetune.factory import data_for_split, split_list
@@ -93,6 +94,8 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{name} ({split}): {e}") from None
             if problem:
+                raise ValueError(f"{name} ({split}): {problem}")
+            if problem := misordered_classes_problem(data):
                 raise ValueError(f"{name} ({split}): {problem}")
 
 

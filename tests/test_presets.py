@@ -691,3 +691,29 @@ def test_eval_only_needs_the_validation_folders_alone(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     res = run_finetune_cli("seg", tmp_path / "new", config, f"data.root={root}", *_tiny("msrs_seg"))
     assert res.returncode == 2 and f"(train): not found: {root / 'train'}" in res.stderr
+
+
+def test_a_class_list_the_dataset_ships_in_another_order_is_refused(tmp_path, capsys):
+    """YOLO label files hold class ids; data.classes typed in another order than the dataset's own
+    classes.txt (LabelImg writes it into the label folder) would train every box of a class as
+    another. A text class file is read as data.classes_file too, one name or `id name` per line."""
+    from finetune.cli import main as finetune_main
+
+    root = tmp_path / "msrs"
+    build_replica("msrs_det", root)
+    check = ["check", "--config", str(PRESETS / "msrs_det.yaml"), f"data.root={root}"]
+    assert finetune_main(check) == 0
+    capsys.readouterr()
+    (root / "train" / "labels_ir" / "classes.txt").write_text("person\ncar\nbicycle\n")
+    assert finetune_main(check) == 2
+    said = capsys.readouterr().err
+    assert ("(train): data.classes ['person', 'bicycle', 'car'] puts bicycle at id 1, but the dataset's "
+            f"{root / 'train' / 'labels_ir' / 'classes.txt'} names the classes in id order ['person', 'car', "
+            "'bicycle'] (bicycle at 2)") in said
+    assert "Use data.classes_file=train/labels_ir/classes.txt (or give data.classes in that order)" in said
+    (root / "train" / "labels_ir" / "classes.txt").write_text("person\nbike\nautomobile\n")  # renamed: kept
+    assert finetune_main(check) == 0
+    capsys.readouterr()
+    (root / "classes.txt").write_text("0 person\n2 car\n1 bicycle\n")
+    assert finetune_main(check + ["data.classes=[]", "data.classes_file=classes.txt"]) == 0
+    assert "3 classes (from classes.txt): person, bicycle, car" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Class names from the dataset's own file (``data.classes_file``): Ultralytics / Roboflow YOLO
 datasets ship a ``data.yaml`` whose ``names`` (a list, or a map of id: name) the label files'
-class ids index. Reading them, rather than retyping them, keeps the ids and names in one order.
+class ids index; LabelImg and darknet write ``classes.txt`` / ``obj.names``, one name per line
+(or ``id name``). Reading them, rather than retyping them, keeps the ids and names in one order.
 """
 from __future__ import annotations
 
@@ -12,11 +13,33 @@ from data_tools.config import ConfigError, override_arg, yaml_problem
 from data_tools.files import file_not_folder
 
 
+TEXT_CLASS_FILES = (".txt", ".names")  # one name per line: LabelImg's classes.txt, darknet's obj.names
+# The files a YOLO dataset names its classes in, where its tools write them (the root, the label folder).
+SHIPPED_CLASS_FILES = ("data.yaml", "classes.txt", "obj.names")
+
+
+def _text_class_names(path: Path) -> list[str]:
+    """A name per line; lines of ``id name`` with ids 0 .. n-1 (as some datasets write it) give the
+    names in id order."""
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    pairs = [line.split(maxsplit=1) for line in lines]
+    if lines and all(len(p) == 2 and p[0].isdigit() for p in pairs):
+        by_id = {int(i): name.strip() for i, name in pairs}
+        if sorted(by_id) == list(range(len(lines))):
+            return [by_id[i] for i in range(len(lines))]
+    if not lines:
+        raise ConfigError(f"data.classes_file {path}: no class names (one per line)")
+    return lines
+
+
 def read_class_names(path: str | Path) -> list[str]:
-    """The ``names`` of a YAML file, in id order; ids of a map must be 0 .. n-1."""
+    """The ``names`` of a YAML file, in id order (ids of a map must be 0 .. n-1), or the lines of a
+    ``.txt`` / ``.names`` file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.classes_file {path}: no such file (or give data.classes=[...])")
+    if path.suffix.lower() in TEXT_CLASS_FILES:
+        return _text_class_names(path)
     try:
         content = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -72,3 +95,36 @@ def _refuse_missing(root: Path, name: str) -> None:
         raise FileNotFoundError(f"data.classes_file {root / name}: no such file, but the dataset is under {where}: "
                                 f"use {override_arg('data.root', str(where))}")
     raise FileNotFoundError(f"data.classes_file {root / name}: no such file (or give data.classes=[...])")
+
+
+def misordered_classes_problem(data) -> str | None:
+    """For YOLO labels (class ids) with ``data.classes`` typed in (no ``classes_file``), a class file
+    the dataset ships (SHIPPED_CLASS_FILES in ``data.root``, the label folder or the folder above it)
+    that puts a name of ``data.classes`` at another id: every box of that class would train as
+    another. Names the file does not hold (a renamed class) are not refused. ``data``: one split's
+    (``data_for_split``: the box path filled in and under the root)."""
+    if data.boxes.format != "yolo" or data.get("classes_file") or not data.root:
+        return None
+    folders = [Path(data.root)]
+    if data.boxes.path and "{" not in data.boxes.path:
+        labels = Path(data.boxes.path) if Path(data.boxes.path).is_absolute() else Path(data.root) / data.boxes.path
+        folders += [labels, labels.parent]
+    for folder in dict.fromkeys(folders):
+        for name in SHIPPED_CLASS_FILES:
+            path = folder / name
+            if not path.is_file():
+                continue
+            try:
+                shipped = read_class_names(path)
+            except (ConfigError, OSError):
+                continue
+            moved = [(c, i, shipped.index(c)) for i, c in enumerate(data.classes)
+                     if c in shipped and shipped.index(c) != i]
+            if moved:
+                c, ours, theirs = moved[0]
+                relative = path.relative_to(data.root) if path.is_relative_to(data.root) else path
+                return (f"data.classes {list(data.classes)} puts {c} at id {ours}, but the dataset's {path} names the "
+                        f"classes in id order {shipped} ({c} at {theirs}): the label files' ids index that order, so "
+                        f"{c} boxes would train as another class. Use data.classes_file={relative} (or give "
+                        "data.classes in that order)")
+    return None
