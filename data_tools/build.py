@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data_tools import SAMPLE_SCHEMA_VERSION
+from data_tools import SAMPLE_SCHEMA_VERSION, dirlock
 from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, assign_to_images, boxes_from_mask,
                                     boxes_to_pixels, clip_boxes, issue, read_annotations)
 from data_tools.config import (check_config, config_changes, config_hash, earlier_version_of, save_resolved,
@@ -367,6 +367,20 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     cfg = to_container(cfg)
     check_config(cfg, BuildConfig)  # bad settings fail here, before any work
     out = Path(out_dir)
+    try:  # two builds writing one folder would interleave their shards and progress records
+        note = dirlock.acquire(out, "one build per output folder. Wait for it, stop it, or use another --out")
+    except dirlock.FolderBusy as e:
+        raise BuildError(str(e)) from None
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    try:
+        return _build_in(out, sources, cfg, workers, overwrite, progress, stop_after_shards)
+    finally:
+        dirlock.release(out)
+
+
+def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwrite: bool, progress: bool,
+              stop_after_shards: int | None) -> dict:
     identity = build_identity(sources, cfg)
     ident_hash = config_hash(identity)
     done = _prepare_out_dir(out, identity, ident_hash, overwrite)

@@ -15,7 +15,7 @@ def test_a_live_holder_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
                                "time.sleep(600)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(runlock.RunDirBusy, match=rf"is in use by PID {holder.pid} on "):
+        with pytest.raises(runlock.FolderBusy, match=rf"is in use by PID {holder.pid} on "):
             runlock.acquire(tmp_path)
     finally:
         holder.kill()
@@ -63,3 +63,33 @@ def test_a_launched_worker_dies_with_its_launcher_and_a_shell_child_does_not(tmp
         while mark.read_text() != "survived" and time.monotonic() < deadline:
             time.sleep(0.05)
         assert mark.read_text() == "survived"
+
+
+def test_a_second_build_into_a_folder_in_use_is_refused(tmp_path, capsys):
+    """Two builds into one output folder (a pipeline started twice) wrote the same shard names."""
+    import cv2
+    import numpy as np
+
+    from data_tools.cli import main as data_main
+
+    frames, out = tmp_path / "frames", tmp_path / "shards"
+    frames.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(frames / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (96, 128), np.uint8))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from data_tools import dirlock; dirlock.acquire(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(600)", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    build = ["build", "--source", f"cam={frames}", "--out", str(out)]
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert data_main(build) == 2
+        assert (f"{out} is in use by PID {holder.pid} on " in capsys.readouterr().err
+                and not (out / "manifest.json").exists())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert data_main(build) == 0
+    assert f"took over the lock of {out} from PID {holder.pid}" in capsys.readouterr().err
+    assert data_main(build) == 0  # the build let go of it when it ended
+    assert "note: took over" not in capsys.readouterr().err

@@ -20,7 +20,7 @@ from pretrain.engine.loop import (EXIT_PREEMPTED, Batching, LoopSpec, Process, f
 from pretrain.engine.optim import (build_engine, deepspeed_config, engine_input, hold_gated_groups, param_groups,
                                    set_lr)
 from pretrain.engine.run import run
-from pretrain.engine.runlock import RunDirBusy
+from pretrain.engine.runlock import FolderBusy
 from pretrain.engine.schedules import lr_at, poly_lr_at
 from pretrain.engine.signals import StopSignals, ignore_preemption_signals
 from pretrain.engine.streams import DataError, EpochLoader, PlanError, ResumableStream
@@ -28,7 +28,7 @@ from pretrain.engine.task import Task, TrainingPlan, training_inputs
 
 __all__ = [
     "Batching", "Checkpointer", "CheckpointWriteError", "DataError", "EXIT_PREEMPTED", "EpochLoader", "HealthPolicy",
-    "LoopSpec", "PlanError", "Process", "ResumableStream", "ResumeError", "RunDirBusy", "StopSignals", "Task",
+    "LoopSpec", "PlanError", "Process", "ResumableStream", "ResumeError", "FolderBusy", "StopSignals", "Task",
     "TrainingPlan",
     "average_over_ranks",
     "batchnorm_statistics", "build_engine", "deepspeed_config", "engine_input", "finish", "free_port",

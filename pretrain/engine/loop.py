@@ -99,7 +99,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, ran
                           f"not have take these values: {'; '.join(config_changes(run_dir / 'config.yaml', cfg))}",
                           flush=True)
             decision = [(action, error, run_hash)]
-        except runlock.RunDirBusy as e:
+        except runlock.FolderBusy as e:
             decision = [("busy", str(e), cfg_hash)]
     dist.broadcast_object_list(decision, src=0)
     action, error, run_hash = decision[0]
