@@ -48,7 +48,8 @@ class BoxRecord:
     box: tuple[float, float, float, float]  # x, y, w, h (normalised to [0, 1] if `normalized`)
     label: str | int
     normalized: bool = False
-    ignore: bool = False  # a COCO crowd box: a region that scoring ignores, not one object
+    ignore: bool = False  # a region that training and scoring ignore, not one object (ignored_as: why)
+    ignored_as: str = ""  # crowd (COCO iscrowd), difficult (VOC <difficult>), ignore flag (bbGt)
     occlusion: int | None = None  # VOC <occlusion> (KAIST: 0 none, 1 partial, 2 heavy); None: not given
 
 
@@ -171,7 +172,7 @@ def read_coco(path: str, nested: bool = False) -> AnnotationSet:
             x, y, w, h = (float(v) for v in ann["bbox"])
             out.boxes[keys[ann["image_id"]]].append(
                 BoxRecord((x, y, w, h), cats.get(ann["category_id"], ann["category_id"]),
-                          ignore=bool(ann.get("iscrowd", 0))))
+                          ignore=bool(ann.get("iscrowd", 0)), ignored_as="crowd"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
         return out
@@ -263,7 +264,7 @@ def _bbgt_record(parts: list[str], line_no: int) -> BoxRecord | None:
     x, y, w, h = (float(v) for v in parts[1:5])
     occlusion = int(float(parts[5])) if len(parts) > 5 else None
     ignore = len(parts) > 10 and float(parts[10]) != 0
-    return BoxRecord((x, y, w, h), parts[0], ignore=ignore, occlusion=occlusion)
+    return BoxRecord((x, y, w, h), parts[0], ignore=ignore, ignored_as="ignore flag", occlusion=occlusion)
 
 
 def _bbgt_header(lines: list[str]) -> None:
@@ -295,13 +296,24 @@ def read_voc(folder: str, nested: bool = False) -> AnnotationSet:
     for key, path in _annotation_files("voc", folder, nested=nested):
         try:
             root = ET.parse(path).getroot()
-            recs = [BoxRecord(_voc_object_box(obj, k), obj.findtext("name", "object"), occlusion=_voc_occlusion(obj, k))
+            recs = [BoxRecord(_voc_object_box(obj, k), obj.findtext("name", "object"), occlusion=_voc_occlusion(obj, k),
+                              ignore=_voc_difficult(obj, k), ignored_as="difficult")
                     for k, obj in enumerate(root.iter("object"), 1)]
         except (OSError, ET.ParseError, AttributeError, TypeError, ValueError) as e:
             out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
             continue
         out.boxes[key] = recs
     return out
+
+
+def _voc_difficult(obj: ET.Element, number: int) -> bool:
+    """An ``<object>`` marked ``<difficult>1</difficult>``: PASCAL VOC's evaluation neither counts it
+    as missed nor a detection of it as false, and mmdetection's VOC reader does not train on it; here
+    it is an ignore region, as a COCO crowd box is."""
+    text = (obj.findtext("difficult") or "0").strip().lower()
+    if text not in ("0", "1", "true", "false", ""):
+        raise ValueError(f"object {number} ({obj.findtext('name', '?')}): <difficult> {text!r} is not 0 or 1")
+    return text in ("1", "true")
 
 
 def _voc_occlusion(obj: ET.Element, number: int) -> int | None:

@@ -224,6 +224,48 @@ def test_ignored_classes_and_crowd_boxes_are_regions_that_evaluation_does_not_co
             check_config(load_config(TINY, ["data.classes=[person]", "data.ignore_classes=[person]"]), DetConfig)
 
 
+def test_voc_difficult_objects_are_ignore_regions(tmp_path):
+    """PASCAL VOC's <difficult>1</difficult>: not trained on, and neither missed nor a false positive
+    at evaluation (VOC's own scoring, mmdetection's VOC reader). It was trained and scored as any
+    object. A <difficult> that is not 0 / 1 leaves its frame out, named."""
+    import torch
+
+    from finetune.det import DetTask
+
+    for name in ("a", "b"):
+        _png(tmp_path / "ir" / f"{name}.png", np.zeros((128, 160), np.uint8))
+        _png(tmp_path / "vi" / f"{name}.png", np.zeros((128, 160, 3), np.uint8))
+    easy, hard = [10, 10, 40, 90], [80, 20, 150, 100]
+    objs = "".join(f"<object><name>person</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}"
+                   f"</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+                   for b, d in ((easy, 0), (hard, 1)))
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.xml").write_text(f"<annotation>{objs}</annotation>")
+    (tmp_path / "labels" / "b.xml").write_text(objs.replace("<difficult>1", "<difficult>maybe").join(
+        ["<annotation>", "</annotation>"]))
+    cfg = load_config(TINY, [f"data.root={tmp_path}", "data.boxes.format=voc", f"data.boxes.path={tmp_path / 'labels'}",
+                             "data.classes=[person]", "data.num_workers=0", "train.precision=fp32"])
+    dataset, issues, _ = det_dataset(cfg, "train")
+    [record] = dataset.records
+    np.testing.assert_allclose(record.boxes, [easy])
+    np.testing.assert_allclose(record.ignore, [hard])
+    assert ("a", "ignore_region", "class 'person' (difficult)") in [(i["name"], i["reason"], i["detail"])
+                                                                     for i in issues]
+    assert any(i["reason"] == "annotation_parse_error" and "<difficult> 'maybe' is not 0 or 1" in i["detail"]
+               for i in issues)
+
+    class Fires:  # a detector that finds both
+        def eval(self):
+            return self
+
+        def predict(self, ir, vi):
+            return [{"boxes": torch.tensor([easy, hard], dtype=torch.float32), "scores": torch.tensor([0.6, 0.9]),
+                     "labels": torch.tensor([0, 0])}]
+
+    m = DetTask().evaluate_split(Fires(), cfg, dataset, torch.device("cpu"), 0, 1, tmp_path / "run")
+    assert m["AP50"] == pytest.approx(1.0)  # the hard one's detection is neither a hit nor a false positive
+
+
 def test_the_reasonable_setting_scores_short_and_heavily_occluded_objects_as_ignore_regions(tmp_path):
     """KAIST's "reasonable" scoring (eval.min_height 55, eval.max_occlusion 1): a person 40 px tall
     and one behind another (<occlusion> 2) are neither missed when not found nor hits when found;

@@ -3,8 +3,9 @@ folders or VOC XML folders (which modality's labels to use is the choice of ``da
 
 Rules, each counted and named in the data report: boxes extending outside the image are clipped
 (``box_clipped``); boxes with no area after clipping are dropped (``box_empty``); boxes of a class
-not in ``data.classes`` are dropped (``unknown_class``); boxes of ``data.ignore_classes`` and COCO
-crowd boxes become ignore regions (``ignore_region``: not trained on; at evaluation a detection on one
+not in ``data.classes`` are dropped (``unknown_class``); boxes of ``data.ignore_classes``, COCO
+crowd boxes, VOC difficult objects and bbGt ignore boxes become ignore regions (``ignore_region``:
+not trained on; at evaluation a detection on one
 counts neither as a hit nor as a false positive, as in Caltech / KAIST pedestrian evaluation); label
 files without an image are listed (``label_without_image``); frames without boxes stay as negatives.
 Nothing fails mid-epoch.
@@ -222,8 +223,8 @@ def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
         for r in ann.boxes.get(pair.name, []):
             if r.ignore or r.label in ignore_classes:
                 regions.append(r)
-                crowd = " (crowd)" if r.ignore else ""
-                issues.append(issue(pair.name, "ignore_region", f"class {r.label!r}{crowd}"))
+                why = f" ({r.ignored_as})" if r.ignore else ""
+                issues.append(issue(pair.name, "ignore_region", f"class {r.label!r}{why}"))
             elif (k := _class_index(r.label, classes)) is None:
                 issues.append(issue(pair.name, "unknown_class", f"class {r.label!r}"))
             else:
