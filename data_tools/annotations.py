@@ -170,9 +170,12 @@ def read_coco(path: str, nested: bool = False) -> AnnotationSet:
             out.boxes.setdefault(key, [])
         for ann in data.get("annotations", []):
             x, y, w, h = (float(v) for v in ann["bbox"])
+            # iscrowd, and the `ignore` flag of pedestrian sets converted to COCO (CityPersons, Caltech):
+            # regions, as pycocotools and mmdetection's COCO reader take them
+            crowd, flagged = bool(ann.get("iscrowd", 0)), bool(ann.get("ignore", 0))
             out.boxes[keys[ann["image_id"]]].append(
-                BoxRecord((x, y, w, h), cats.get(ann["category_id"], ann["category_id"]),
-                          ignore=bool(ann.get("iscrowd", 0)), ignored_as="crowd"))
+                BoxRecord((x, y, w, h), cats.get(ann["category_id"], ann["category_id"]), ignore=crowd or flagged,
+                          ignored_as="crowd" if crowd else "ignore flag"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
         return out

@@ -266,6 +266,20 @@ def test_voc_difficult_objects_are_ignore_regions(tmp_path):
     assert m["AP50"] == pytest.approx(1.0)  # the hard one's detection is neither a hit nor a false positive
 
 
+def test_coco_boxes_flagged_ignore_are_regions_as_crowd_boxes_are(tmp_path):
+    """Pedestrian sets converted to COCO (CityPersons, Caltech) mark regions with `ignore: 1` beside
+    `iscrowd`; pycocotools and mmdetection take either as a region. It was trained as an object."""
+    from data_tools.annotations import read_annotations
+
+    anns = [{"id": k, "image_id": 1, "category_id": 1, "bbox": [10 * k, 5, 20, 40], **extra}
+            for k, extra in enumerate(({}, {"iscrowd": 1}, {"ignore": 1}, {"ignore": 0, "iscrowd": 0}), 1)]
+    (tmp_path / "a.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": anns,
+                                                 "categories": [{"id": 1, "name": "person"}]}))
+    recs = read_annotations("coco", str(tmp_path / "a.json")).boxes["a"]
+    assert [(r.ignore, r.ignored_as if r.ignore else "") for r in recs] == [
+        (False, ""), (True, "crowd"), (True, "ignore flag"), (False, "")]
+
+
 def test_the_reasonable_setting_scores_short_and_heavily_occluded_objects_as_ignore_regions(tmp_path):
     """KAIST's "reasonable" scoring (eval.min_height 55, eval.max_occlusion 1): a person 40 px tall
     and one behind another (<occlusion> 2) are neither missed when not found nor hits when found;
