@@ -15,7 +15,7 @@ from pathlib import Path
 
 LOCK_NAME = ".lock"
 
-_held: dict[str, int] = {}  # run dir -> open descriptor, kept for the life of the process
+_held: dict[str, int] = {}  # folder -> open descriptor, kept for the life of the process
 
 
 class FolderBusy(RuntimeError):
@@ -35,23 +35,22 @@ def _describe(holder: dict) -> str:
     return f"PID {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')})"
 
 
-def acquire(run_dir: Path, busy: str = "one run per run directory. Wait for it, stop it (signal its launcher), "
-                                       "or use another --run-dir") -> str | None:
+def acquire(folder: Path, busy: str) -> str | None:
     """Take the folder's lock for this process; returns a note when a stale lock was taken over.
     Raises FolderBusy naming the holder (and ``busy``: what to do) when a live process has it."""
     import fcntl
 
-    key = str(run_dir.resolve())
+    key = str(folder.resolve())
     if key in _held:
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_NAME
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise FolderBusy(f"{run_dir} is in use by {_describe(_holder(path))}: {busy}") from None
+        raise FolderBusy(f"{folder} is in use by {_describe(_holder(path))}: {busy}") from None
     previous = _holder(path)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     os.ftruncate(fd, 0)
@@ -59,12 +58,12 @@ def acquire(run_dir: Path, busy: str = "one run per run directory. Wait for it, 
     os.fsync(fd)
     _held[key] = fd
     if previous:
-        return f"took over the lock of {run_dir} from {_describe(previous)}, which is no longer running"
+        return f"took over the lock of {folder} from {_describe(previous)}, which is no longer running"
     return None
 
 
-def release(run_dir: Path) -> None:
-    fd = _held.pop(str(run_dir.resolve()), None)
+def release(folder: Path) -> None:
+    fd = _held.pop(str(folder.resolve()), None)
     if fd is not None:
         os.ftruncate(fd, 0)  # a holder that let go is not named to the next one, as a killed one is
         os.close(fd)  # closing the descriptor drops the flock

@@ -77,7 +77,7 @@ def test_a_second_build_into_a_folder_in_use_is_refused(tmp_path, capsys):
     for i in range(2):
         cv2.imwrite(str(frames / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (96, 128), np.uint8))
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from data_tools import dirlock; dirlock.acquire(Path(sys.argv[1])); "
+                               "from data_tools import dirlock; dirlock.acquire(Path(sys.argv[1]), 'busy'); "
                                "print('held', flush=True); time.sleep(600)", str(out)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     build = ["build", "--source", f"cam={frames}", "--out", str(out)]

@@ -16,7 +16,16 @@ import os
 import signal
 import sys
 
-from data_tools.dirlock import LOCK_NAME, FolderBusy, acquire, release  # noqa: F401 (the engine's lock)
+from pathlib import Path
+
+from data_tools import dirlock
+from data_tools.dirlock import LOCK_NAME, FolderBusy, release  # noqa: F401 (the engine's names)
+
+
+def acquire(run_dir: Path) -> str | None:
+    """Take the run directory's lock (``dirlock.acquire``): a note when a killed run's was taken over."""
+    return dirlock.acquire(run_dir, "one run per run directory. Wait for it, stop it (signal its launcher), or "
+                                    "use another --run-dir")
 
 
 def die_with_launcher(env: dict) -> None:
