@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from data_tools.config import yaml_problem
-from data_tools.files import file_not_folder, folders_below
+from data_tools.files import file_not_folder, folder_kind, folders_below
 from data_tools.walk import split_pattern, walk_matching
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".pnm")
@@ -243,8 +243,10 @@ def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
                 f"folder of its own first, e.g. mkdir -p {folder} && ffmpeg -i {shlex.quote(str(root / first))} "
                 f"{folder}/%06d.png (FLIR .seq / .csq: the camera vendor's tools), and point the source at "
                 "those folders (`stride` then keeps every n-th frame of each)")
+        built = (": it is a shard folder (data_tools build), which pre-training reads as it is: "
+                 f"data.shards=[{{path: {root}}}]" if folder_kind(root) == "shards" else "")
         raise SourceError(f"source '{source.name}': no image files match {list(source.globs)} "
-                          f"under {root}")
+                          f"under {root}{built}")
     key = natural_key if source.sort == "natural" else (lambda s: s)
     by_folder: dict[str, list[str]] = {}
     for rel in files:

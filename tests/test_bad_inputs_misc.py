@@ -249,6 +249,9 @@ def test_each_command_says_which_of_our_folders_it_was_given(tmp_path, capsys):
                 "backbone.pth makes the backbone") in capsys.readouterr().err
     assert finetune_main(["predict", str(shards), "--ir", str(frames), "--out", str(tmp_path / "p")]) == 2
     assert f"{shards} is a shard folder (data_tools build), not a fine-tuning run" in capsys.readouterr().err
+    assert data_main(["build", "--source", f"again={shards}", "--out", str(tmp_path / "again")]) == 2
+    assert (f"under {shards}: it is a shard folder (data_tools build), which pre-training reads as it is: "
+            f"data.shards=[{{path: {shards}}}]") in capsys.readouterr().err
     for run, what in ((seg, "a segmentation fine-tuning run"), (det, "a detection fine-tuning run")):
         for argv in (["export", str(run), "--out", str(tmp_path / "b.pth")], ["summary", str(run)]):
             assert pretrain_main(argv) == 2
