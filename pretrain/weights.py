@@ -254,8 +254,11 @@ def _load_matching(model: nn.Module, sd: dict, target: dict, report: LoadReport)
 def export_backbone(model: nn.Module, out_path: str | Path, input_norm: dict | None = None) -> tuple[Path, Path]:
     """Encoder + adapters (decoder dropped) with timm names, and a JSON that rebuilds it.
     ``input_norm``: how pre-training normalised its input (``mean``, ``std`` of the 8-bit-scaled
-    infrared intensity and the 16-bit ``intensity`` rule), for fine-tuning to do the same."""
+    infrared intensity and the 16-bit ``intensity`` rule), for fine-tuning to do the same.
+    ``out_path``: the .pth to write, or a folder to write ``backbone.pth`` into."""
     out_path = Path(out_path)
+    if out_path.is_dir():  # `--out exports/`: torch.save would fail on the folder itself
+        out_path = out_path / "backbone.pth"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k[len("encoder."):]: v.detach().cpu().contiguous()
           for k, v in model.state_dict().items() if k.startswith("encoder.")}

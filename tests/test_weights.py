@@ -43,7 +43,9 @@ def test_official_mae_round_trip_through_export(tmp_path):
             if ".parallel_mlp." in n:
                 p.normal_(0, 0.1)
     model.eval()
-    pth, js = export_backbone(model, tmp_path / "backbone.pth")
+    (tmp_path / "exports").mkdir()
+    pth, js = export_backbone(model, tmp_path / "exports")  # a folder: its backbone.pth
+    assert (pth, js) == (tmp_path / "exports" / "backbone.pth", tmp_path / "exports" / "backbone.json")
     meta = json.loads(js.read_text())
     assert meta["version"] == 2 and meta["encoder"]["size"] == "tiny" and meta["input"] is None
     assert meta["adapters"] == [{"name": "pad", "settings": dataclasses.asdict(model.cfg.pad)}]
