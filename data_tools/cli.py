@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from data_tools.config import CONFIG_DIR, int_in, load_config, override_arg
+from data_tools.config import CONFIG_DIR, int_in, load_config, out_file, out_folder, override_arg
 from data_tools.manifest import read_manifest
 
 DEFAULT_BUILD_CONFIG = CONFIG_DIR / "data" / "build.yaml"
@@ -244,7 +244,7 @@ def make_parser() -> argparse.ArgumentParser:
                                           "folder), e.g. where the MSIP datasets are unpacked")
     b.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
                    help="add every image under PATH as source NAME (repeatable)")
-    b.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    b.add_argument("--out", required=True, type=out_folder, help="output folder for shards and manifest.json")
     b.add_argument("--config", default=str(DEFAULT_BUILD_CONFIG), help="build settings YAML")
     b.add_argument("--workers", type=int_in(0), default=0, help="worker processes (default: all CPUs)")
     b.add_argument("--overwrite", action="store_true", help="replace shards built with another config")
@@ -263,14 +263,15 @@ def make_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reencode", help="convert a shard folder's frames to another encoding (png | raw), "
                                         "keeping proposals, keys and shards")
     r.add_argument("dir")
-    r.add_argument("--out", required=True, help="new folder (must not exist or be empty)")
+    r.add_argument("--out", required=True, type=out_folder, help="new folder (must not exist or be empty)")
     r.add_argument("--encoding", required=True, choices=("png", "raw"))
     r.add_argument("--png-compression", type=int_in(0, 9), default=None, help="PNG level 0-9 (default: the source's)")
     r.set_defaults(func=_cmd_reencode)
 
     pv = sub.add_parser("preview", help="draw samples with proposals and an online RoI crop")
     pv.add_argument("dir")
-    pv.add_argument("--out", required=True)
+    pv.add_argument("--out", required=True, type=out_file("preview.png", (".png", ".jpg", ".jpeg")),
+                    help="the grid image to write (.png / .jpg), or a folder for its preview.png")
     pv.add_argument("--samples", type=int_in(1), default=8)
     pv.add_argument("--seed", type=int, default=0)
     pv.set_defaults(func=_cmd_preview)
@@ -279,12 +280,13 @@ def make_parser() -> argparse.ArgumentParser:
                                                "on labelled frames")
     _add_labelled_frame_args(pe)
     pe.add_argument("--methods", help="comma-separated (default: every method the config can run)")
-    pe.add_argument("--out", help="folder for proposals_eval.json and recall_vs_proposals.png")
+    pe.add_argument("--out", type=out_folder, help="folder for proposals_eval.json and recall_vs_proposals.png")
     pe.set_defaults(func=_cmd_proposals_eval)
 
     pf = sub.add_parser("proposals-fit", help="fit the thermal_blobs_fitted ranking to a camera's labelled frames")
     _add_labelled_frame_args(pf)
-    pf.add_argument("--out", required=True, help="the ranker JSON to write (then proposals.ranker=FILE)")
+    pf.add_argument("--out", required=True, type=out_file("ranker.json", (".json",)),
+                    help="the ranker JSON to write (then proposals.ranker=FILE), or a folder for its ranker.json")
     pf.add_argument("--l2", type=float, default=0.01, help="L2 penalty of the logistic regression")
     pf.add_argument("--folds", type=int, default=5,
                     help="compare with the hand ranking by cross-validation over this many folds of frames (0: skip)")
@@ -299,7 +301,7 @@ def make_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_split)
 
     s = sub.add_parser("synth", help="generate the synthetic thermal/visible demo corpus")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, type=out_folder)
     s.add_argument("--num", type=int_in(1), default=96)
     s.add_argument("--width", type=int_in(16), default=320)
     s.add_argument("--height", type=int_in(16), default=256)

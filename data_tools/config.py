@@ -168,6 +168,35 @@ def float_in(minimum: float, maximum: float | None = None):
     return _number_in(float, "number", minimum, maximum)
 
 
+def out_folder(text: str) -> str:
+    """An argparse ``type``: a folder to write into, refused (before any work) where a file is."""
+    import argparse
+
+    from data_tools.files import file_not_folder
+
+    if problem := file_not_folder(Path(text).expanduser()):
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def out_file(default_name: str, suffixes: tuple[str, ...]):
+    """An argparse ``type``: a file to write, with one of ``suffixes``; a folder given stands for
+    ``FOLDER/default_name`` (refused before any work: a fit of minutes then failed on the name)."""
+    import argparse
+
+    def parse(text: str) -> str:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            return str(path / default_name)
+        if path.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(f"{text}: give a {' / '.join(suffixes)} file, or a folder for its "
+                                             f"{default_name}")
+        return text
+
+    parse.__name__ = "output file"
+    return parse
+
+
 def _number_in(kind, name: str, minimum, maximum):
     import argparse
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from data_tools.config import CONFIG_DIR, float_in, int_in, load_config
+from data_tools.config import CONFIG_DIR, float_in, int_in, load_config, out_folder
 from finetune.preflight import check_run, check_weights_given
 
 SEG_CONFIG = str(CONFIG_DIR / "finetune" / "seg_vitb.yaml")
@@ -137,7 +137,7 @@ def make_parser() -> argparse.ArgumentParser:
     pd.add_argument("--ir", help="folder of infrared frames")
     pd.add_argument("--vi", help="folder of visible frames (matched to the infrared ones by name)")
     pd.add_argument("--packed", help="folder of 4-channel images holding both, RGB + thermal (MFNet's layout)")
-    pd.add_argument("--out", required=True, help="output folder")
+    pd.add_argument("--out", required=True, type=out_folder, help="output folder")
     pd.add_argument("--checkpoint", default=None,
                     help="checkpoint folder name (default: best where the run kept one, else the newest)")
     pd.add_argument("--overlays", type=int_in(0), default=8, help="overlay PNGs of the first N frames (default 8)")

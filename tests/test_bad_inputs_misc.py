@@ -270,3 +270,36 @@ def test_each_command_says_which_of_our_folders_it_was_given(tmp_path, capsys):
     assert finetune_main(seg_cli + [f"init.checkpoint={seg}"]) == 2
     assert f"{seg} is a segmentation fine-tuning run, not weights" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["build", "--source", "a=D", "--out", "F"], "argument --out: F is a file where a folder is expected"),
+    (["proposals-eval", "--out", "F"], "argument --out: F is a file where a folder is expected"),
+    (["synth", "--out", "F"], "argument --out: F is a file where a folder is expected"),
+    (["reencode", "D", "--out", "F", "--encoding", "png"], "argument --out: F is a file where a folder is expected"),
+    (["predict", "D", "--ir", "D", "--out", "F"], "argument --out: F is a file where a folder is expected"),
+    (["preview", "D", "--out", "D/grid"], "argument --out: D/grid: give a .png / .jpg / .jpeg file, or a folder"),
+    (["proposals-fit", "--out", "D/ranker.txt"], "argument --out: D/ranker.txt: give a .json file, or a folder"),
+])
+def test_an_output_of_the_wrong_kind_is_refused_before_any_work(argv, said, tmp_path, capsys):
+    """A file given where an output folder goes raised FileExistsError after the work (proposals-fit:
+    minutes of fitting); preview's grid without an image extension an OpenCV error, a ranker written
+    to a folder IsADirectoryError."""
+    from data_tools.cli import main as data_main
+    from finetune.cli import main as finetune_main
+
+    (tmp_path / "D").mkdir()
+    (tmp_path / "F").write_text("a file\n")
+    main = finetune_main if argv[0] == "predict" else data_main
+    with pytest.raises(SystemExit) as e:
+        main([a.replace("D", str(tmp_path / "D")).replace("F", str(tmp_path / "F")) for a in argv])
+    assert e.value.code == 2 and said.replace("D", str(tmp_path / "D")).replace("F", str(tmp_path / "F")) in \
+        capsys.readouterr().err
+
+
+def test_a_folder_given_for_an_output_file_takes_its_usual_name(tmp_path):
+    from data_tools.config import out_file
+
+    (tmp_path / "exports").mkdir()
+    assert out_file("preview.png", (".png",))(str(tmp_path / "exports")) == str(tmp_path / "exports" / "preview.png")
+    assert out_file("preview.png", (".png",))(str(tmp_path / "grid.PNG")) == str(tmp_path / "grid.PNG")
