@@ -157,7 +157,7 @@ def make_parser() -> argparse.ArgumentParser:
              "data.root=M3FD model.head.detector=retinanet", _cmd_det)):
         task = sub.add_parser(name, help=f"{help_text} (resumes RUN_DIR)")
         task.add_argument("--config", default=config)
-        task.add_argument("--run-dir", required=True)
+        task.add_argument("--run-dir", required=True, type=out_folder)
         task.add_argument("--overwrite", action="store_true", help="discard what RUN_DIR holds and start fresh")
         task.add_argument("--eval-only", action="store_true",
                           help="evaluate the latest checkpoint of RUN_DIR (any number of processes), no training")

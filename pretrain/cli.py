@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_tools.config import CONFIG_DIR, load_config
+from data_tools.config import CONFIG_DIR, load_config, out_folder
 
 
 # Commands import what they need: `summary` and argument errors should not wait for torch.
@@ -102,7 +102,7 @@ def make_parser() -> argparse.ArgumentParser:
     lc.set_defaults(func=_cmd_load_check)
     tr = sub.add_parser("train", help="pre-train (resumes automatically from RUN_DIR's latest checkpoint)")
     tr.add_argument("--config", default=str(CONFIG_DIR / "pretrain" / "pad_vitb.yaml"))
-    tr.add_argument("--run-dir", required=True)
+    tr.add_argument("--run-dir", required=True, type=out_folder)
     tr.add_argument("--overwrite", action="store_true", help="discard what RUN_DIR holds and start fresh")
     tr.add_argument("overrides", nargs="*", help="e.g. data.shards='[{path: shards/}]' train.epochs=100")
     tr.set_defaults(func=_cmd_train)

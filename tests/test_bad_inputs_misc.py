@@ -278,19 +278,22 @@ def test_each_command_says_which_of_our_folders_it_was_given(tmp_path, capsys):
     (["synth", "--out", "F"], "argument --out: F is a file where a folder is expected"),
     (["reencode", "D", "--out", "F", "--encoding", "png"], "argument --out: F is a file where a folder is expected"),
     (["predict", "D", "--ir", "D", "--out", "F"], "argument --out: F is a file where a folder is expected"),
+    (["seg", "--run-dir", "F"], "argument --run-dir: F is a file where a folder is expected"),
+    (["train", "--run-dir", "F"], "argument --run-dir: F is a file where a folder is expected"),
     (["preview", "D", "--out", "D/grid"], "argument --out: D/grid: give a .png / .jpg / .jpeg file, or a folder"),
     (["proposals-fit", "--out", "D/ranker.txt"], "argument --out: D/ranker.txt: give a .json file, or a folder"),
 ])
 def test_an_output_of_the_wrong_kind_is_refused_before_any_work(argv, said, tmp_path, capsys):
     """A file given where an output folder goes raised FileExistsError after the work (proposals-fit:
-    minutes of fitting); preview's grid without an image extension an OpenCV error, a ranker written
+    minutes of fitting; a run directory: after the start-up); preview's grid without an image extension an OpenCV error, a ranker written
     to a folder IsADirectoryError."""
     from data_tools.cli import main as data_main
     from finetune.cli import main as finetune_main
+    from pretrain.cli import main as pretrain_main
 
     (tmp_path / "D").mkdir()
     (tmp_path / "F").write_text("a file\n")
-    main = finetune_main if argv[0] == "predict" else data_main
+    main = {"predict": finetune_main, "seg": finetune_main, "train": pretrain_main}.get(argv[0], data_main)
     with pytest.raises(SystemExit) as e:
         main([a.replace("D", str(tmp_path / "D")).replace("F", str(tmp_path / "F")) for a in argv])
     assert e.value.code == 2 and said.replace("D", str(tmp_path / "D")).replace("F", str(tmp_path / "F")) in \
