@@ -89,13 +89,19 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --data)    [[ -e "$2" ]] || fail "--data $2: no such file or folder (a sources YAML, or one folder of frames)"
                DATA="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
-    --out)     mkdir -p "$2"; OUT="$(cd "$2" && pwd)"; shift 2 ;;
+    --out)     [[ ! -e "$2" || -d "$2" ]] || fail "--out $2 is a file: give a folder for the pipeline's outputs"
+               mkdir -p "$2"; OUT="$(cd "$2" && pwd)"; shift 2 ;;
     --workers) WORKERS="$2"; shift 2 ;;
     --ranker)  [[ -f "$2" ]] || fail "--ranker $2: no such file (fit one with python -m data_tools proposals-fit)"
                RANKER="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
-    --config)  PRETRAIN_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
-    --seg-config) SEG_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
-    --det-config) DET_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
+    --config|--seg-config|--det-config)
+               [[ -f "$2" ]] || fail "$1 $2: no such file (a YAML config)"
+               case "$1" in
+                 --config) PRETRAIN_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")" ;;
+                 --seg-config) SEG_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")" ;;
+                 --det-config) DET_CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")" ;;
+               esac
+               shift 2 ;;
     --seg-preset|--det-preset)
                [[ -f "$PRESETS/$2.yaml" ]] || fail "no preset '$2'; choose one of: $(cd "$PRESETS" && ls *.yaml | sed 's/.yaml//' | tr '\n' ' ')"
                if [[ "$1" == --seg-preset ]]; then SEG_CONFIG="$PRESETS/$2.yaml"; else DET_CONFIG="$PRESETS/$2.yaml"; fi

@@ -273,3 +273,14 @@ def test_shards_stage_ranks_proposals_with_a_fitted_ranker(tmp_path, msrs_ranker
     assert manifest["config"]["proposals_ranker_sha256"]
     metas = [decode_sample(m)[2] for e in manifest["shards"] for _, m in iter_shard(str(out / "shards" / e["shard"]))]
     assert len(metas) == 2 and {m["proposals_method"] for m in metas} == {"thermal_blobs_fitted"}
+
+
+@pytest.mark.parametrize("option", ["--out", "--config", "--seg-config", "--det-config"])
+def test_a_path_of_the_wrong_kind_is_refused_before_any_stage(tmp_path, option):
+    """`--out FILE` failed with mkdir's message; a missing --config after the shards were built."""
+    afile, absent = tmp_path / "afile", tmp_path / "absent.yaml"
+    afile.write_text("a file\n")
+    res = _run_sh(option, str(afile if option == "--out" else absent), "shards")
+    said = (f"--out {afile} is a file: give a folder" if option == "--out"
+            else f"{option} {absent}: no such file (a YAML config)")
+    assert res.returncode != 0 and said in res.stderr
