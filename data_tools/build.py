@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -147,8 +148,8 @@ def build_identity(sources: list[Source], cfg: dict) -> dict[str, Any]:
         "sources": [s.describe() for s in sources],
         "image": cfg["image"], "proposals": cfg["proposals"], "shards": cfg["shards"],
     }
-    for field, path in method_input_files(pcfg).items():
-        identity[f"proposals_{field}_sha256"] = sha256_file(path)
+    for name, path in method_input_files(pcfg).items():
+        identity[f"proposals_{name}_sha256"] = sha256_file(path)
     return identity
 
 
@@ -356,6 +357,50 @@ def _without_held_frames(name: str, items: list, held: dict[str, str]) -> tuple[
     return kept, held_by
 
 
+@dataclass
+class Corpus:
+    """What a build reads, before any frame is: each source's discovery, the frames in corpus order
+    with their annotations, and the annotation files that match no frame."""
+
+    discoveries: dict = field(default_factory=dict)
+    items: list = field(default_factory=list)
+    offsets: dict[str, int] = field(default_factory=dict)  # source -> index of its first frame
+    orphan_issues: list[dict] = field(default_factory=list)
+    per_item_ann: list = field(default_factory=list)  # (source, boxes, mask path) per frame
+
+
+def discover_corpus(sources: list[Source], out: Path) -> Corpus:
+    """Every source's frames and annotations, with the warnings a build prints (recordings not read,
+    links not followed, folders not listed, frames an earlier source holds); ``out``, the build's
+    output folder, is not read as frames."""
+    corpus = Corpus()
+    held: dict[str, str] = {}
+    for s in sources:
+        d = discover(s, skip=(str(out),))  # an output folder inside a source's root is not read as frames
+        corpus.discoveries[s.name] = d
+        d.items, d.held_earlier = _without_held_frames(s.name, d.items, held)
+        for other, n in d.held_earlier.items():
+            print(f"warning: source '{s.name}': {n} frame(s) left out, source '{other}' already holds them "
+                  "(overlapping roots or links to the same files): a frame enters the corpus once", file=sys.stderr)
+        if d.videos:  # beside its frames: not read, so said (and counted in the manifest)
+            print(f"warning: source '{s.name}': {len(d.videos)} video file(s) not read (e.g. {d.videos[0]}): "
+                  "the builder reads frames; extract them into folders to include them", file=sys.stderr)
+        if d.links_not_followed:  # their frames are read once, under their own folder's name
+            print(f"warning: source '{s.name}': {len(d.links_not_followed)} linked folder(s) not followed (e.g. "
+                  f"{d.links_not_followed[0]}): each leads to a folder the source reads already (a loop, or a "
+                  "second name for it)", file=sys.stderr)
+        if d.unreadable_folders:
+            print(f"warning: source '{s.name}': {len(d.unreadable_folders)} folder(s) could not be listed (e.g. "
+                  f"{d.unreadable_folders[0]}; permissions?): their frames are not in the corpus", file=sys.stderr)
+        by_image, issues = annotations_for_source(s, d)
+        corpus.orphan_issues.extend(issues)
+        corpus.offsets[s.name] = len(corpus.items)
+        for it in d.items:
+            corpus.per_item_ann.append((s, *by_image.get(it.rel, ([], None))))
+            corpus.items.append(it)
+    return corpus
+
+
 def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: int = 1,
                  overwrite: bool = False, progress: bool = True,
                  stop_after_shards: int | None = None) -> dict:
@@ -389,31 +434,9 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
         return done
     save_resolved({"build": cfg, "sources": [s.describe() for s in sources]}, out, "config.yaml")
 
-    discoveries, items, offsets, orphan_issues, per_item_ann = {}, [], {}, [], []
-    held: dict[str, str] = {}
-    for s in sources:
-        d = discover(s, skip=(str(out),))  # an output folder inside a source's root is not read as frames
-        discoveries[s.name] = d
-        d.items, d.held_earlier = _without_held_frames(s.name, d.items, held)
-        for other, n in d.held_earlier.items():
-            print(f"warning: source '{s.name}': {n} frame(s) left out, source '{other}' already holds them "
-                  "(overlapping roots or links to the same files): a frame enters the corpus once", file=sys.stderr)
-        if d.videos:  # beside its frames: not read, so said (and counted in the manifest)
-            print(f"warning: source '{s.name}': {len(d.videos)} video file(s) not read (e.g. {d.videos[0]}): "
-                  "the builder reads frames; extract them into folders to include them", file=sys.stderr)
-        if d.links_not_followed:  # their frames are read once, under their own folder's name
-            print(f"warning: source '{s.name}': {len(d.links_not_followed)} linked folder(s) not followed (e.g. "
-                  f"{d.links_not_followed[0]}): each leads to a folder the source reads already (a loop, or a "
-                  "second name for it)", file=sys.stderr)
-        if d.unreadable_folders:
-            print(f"warning: source '{s.name}': {len(d.unreadable_folders)} folder(s) could not be listed (e.g. "
-                  f"{d.unreadable_folders[0]}; permissions?): their frames are not in the corpus", file=sys.stderr)
-        by_image, issues = annotations_for_source(s, d)
-        orphan_issues += issues
-        offsets[s.name] = len(items)
-        for it in d.items:
-            per_item_ann.append((s, *by_image.get(it.rel, ([], None))))
-            items.append(it)
+    corpus = discover_corpus(sources, out)
+    discoveries, items, offsets = corpus.discoveries, corpus.items, corpus.offsets
+    orphan_issues, per_item_ann = corpus.orphan_issues, corpus.per_item_ann
     worker_cfg = dict(cfg, _source_offsets=offsets)
     overlays = source_overlays(sources, discoveries, cfg, out)
     masks = {name: f.mask for name, f in overlays.items() if f.mask is not None}

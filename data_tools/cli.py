@@ -1,4 +1,5 @@
-"""``python -m data_tools`` (or ``irpt-data``): build, verify, reencode, preview, proposals-eval, split, synth."""
+"""``python -m data_tools`` (or ``irpt-data``): build, verify, summary, reencode, preview, proposals-eval,
+proposals-fit, split, synth."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,28 @@ def _read_sources(args: argparse.Namespace) -> list:
     return sources
 
 
+def _dry_run(sources, out: Path) -> int:
+    """What each source gives a build, from its folders and annotation files alone: no frame is
+    read and nothing is written (a corpus of 178k frames is checked in seconds, not hours)."""
+    from data_tools.build import discover_corpus
+
+    corpus = discover_corpus(sources, out)
+    ends = [*list(corpus.offsets.values())[1:], len(corpus.items)]
+    for s, start, end in zip(sources, corpus.offsets.values(), ends):
+        d = corpus.discoveries[s.name]
+        annotated = sum(bool(len(boxes)) or mask is not None for _, boxes, mask in corpus.per_item_ann[start:end])
+        stride = f", 1 in {s.stride} of each folder" if s.stride > 1 else ""
+        expected = ""
+        if s.expected_frames is not None:
+            expected = f"; expected_frames {s.expected_frames:,}" + (
+                " (more than found: a folder missing or named otherwise?)" if s.expected_frames > end - start else "")
+        print(f"  {s.name}: {end - start:,} frame(s) (of {d.matched:,} matched{stride}), {annotated:,} with "
+              f"annotations{expected}")
+    print(f"dry run: {len(corpus.items):,} frame(s) from {len(sources)} source(s), "
+          f"{len(corpus.orphan_issues)} annotation file issue(s); no frame read, nothing written to {out}")
+    return 0
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from data_tools.build import BuildError, build_shards, overlay_picture
     from data_tools.sources import SourceError
@@ -29,6 +52,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     try:
         sources = _read_sources(args)
         cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            return _dry_run(sources, Path(args.out))
         manifest = build_shards(sources, cfg, args.out, workers=args.workers or os.cpu_count() or 1,
                                 overwrite=args.overwrite, progress=not args.quiet)
     except (SourceError, BuildError, FileNotFoundError, KeyError, ValueError) as e:
@@ -249,6 +274,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int_in(0), default=0, help="worker processes (default: all CPUs)")
     b.add_argument("--overwrite", action="store_true", help="replace shards built with another config")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--dry-run", action="store_true", help="say what each source gives (frames, annotations) "
+                                                         "without reading a frame or writing anything")
     b.add_argument("overrides", nargs="*", help="config overrides, e.g. shards.max_samples=500")
     b.set_defaults(func=_cmd_build)
 

@@ -74,6 +74,29 @@ def test_build_from_one_root_warns_where_a_count_differs(tmp_path, capsys):
     assert err.count("the recipe expects") == 8 and per_source["lasher"]["expected_frames"] == 51_843
 
 
+def test_a_dry_run_says_what_each_source_gives_without_reading_or_writing(tmp_path, capsys):
+    """`build --dry-run` on the recipe: frames per source after the stride (the build's `found`),
+    the expected count where the folders hold fewer, and nothing written."""
+    _replica(tmp_path / "raw")
+    out = tmp_path / "shards"
+    assert data_main(["build", "--sources", str(MSIP), "--sources-root", str(tmp_path / "raw"), "--out", str(out),
+                      "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert ("  scut_fir_pedestrian: 4 frame(s) (of 24 matched, 1 in 10 of each folder), 0 with annotations; "
+            "expected_frames 21,049 (more than found: a folder missing or named otherwise?)") in said
+    assert "  lasher: 4 frame(s) (of 22 matched, 1 in 10 of each folder)" in said
+    assert "dry run: 26 frame(s) from 8 source(s)" in said and not out.exists()
+    _frame(tmp_path / "cam" / "a.png")
+    _frame(tmp_path / "cam" / "b.png")
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "labels" / "c.txt").write_text("0 0.5 0.5 0.2 0.2\n")  # no frame c
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: cam, root: cam, boxes: {format: yolo, path: labels}}\n")
+    assert data_main(["build", "--sources", str(tmp_path / "s.yaml"), "--out", str(out), "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "  cam: 2 frame(s) (of 2 matched), 1 with annotations" in said and "1 annotation file issue(s)" in said
+
+
 def test_a_matching_count_is_quiet(tmp_path, capsys):
     src = tmp_path / "sources.yaml"
     _frame(tmp_path / "cam" / "a.png")
