@@ -259,3 +259,14 @@ def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
             rel = frames[index]
             out.items.append(Item(source.name, str(root / rel), rel, folder, index))
     return out
+
+
+def nested_images_note(folders) -> str:
+    """'; F holds N image files: ...' for the first subfolder F of ``folders`` that holds images:
+    frames are read from a folder itself, so images a level down (``ir/seq1/*.png``) are not seen."""
+    for folder in folders:
+        for sub, _, files in os.walk(folder):
+            count = sum(Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in files)
+            if count and Path(sub) != Path(folder):
+                return f"; {sub} holds {count} image files: frames are read from the folder named, not its subfolders"
+    return ""

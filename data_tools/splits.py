@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.files import atomic_write_text, file_not_folder
-from data_tools.sources import IMAGE_EXTENSIONS
-from data_tools.walk import walk_matching
+from data_tools.sources import IMAGE_EXTENSIONS, nested_images_note
 
 
 def write_split(root: str | Path, images: str, val_fraction: float, seed: int = 0,
@@ -24,7 +23,7 @@ def write_split(root: str | Path, images: str, val_fraction: float, seed: int = 
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     stems = sorted({p.stem for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS})
     if len(stems) < 2:
-        raise ValueError(f"{folder} holds {len(stems)} image(s): nothing to split{_below_note(folder)}")
+        raise ValueError(f"{folder} holds {len(stems)} image(s): nothing to split{nested_images_note([folder])}")
     outputs = [root / n for n in names]
     existing = [str(p) for p in outputs if p.exists()]
     if existing and not overwrite:
@@ -36,13 +35,3 @@ def write_split(root: str | Path, images: str, val_fraction: float, seed: int = 
     for path, items in zip(outputs, (train, val)):
         atomic_write_text(path, "\n".join(items) + "\n")
     return len(train), len(val)
-
-
-def _below_note(folder: Path) -> str:
-    """Where the images are when they sit in subfolders (one per sequence): the split lists frames
-    of the folder itself, as the fine-tuning layouts read it."""
-    for rel in walk_matching(str(folder), ["*/**/*"]).files:
-        if rel.lower().endswith(IMAGE_EXTENSIONS):
-            return (f"; its subfolders hold images (e.g. {rel}): point --images at the folder that holds "
-                    "the frames")
-    return ""

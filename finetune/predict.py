@@ -20,8 +20,9 @@ import cv2
 import numpy as np
 import torch
 
+from data_tools.sources import nested_images_note
 from finetune.coco_eval import coco_results
-from finetune.data.pairs import PairRecord, discover, name_suffix, nested_images_note, summarise_issues
+from finetune.data.pairs import PairRecord, discover, name_suffix, summarise_issues
 from finetune.data.seg import read_checked_pair
 
 

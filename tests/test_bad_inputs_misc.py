@@ -21,8 +21,8 @@ def test_split_refuses_a_bad_fraction_and_a_missing_folder(tmp_path, capsys):
     (tmp_path / "Seq" / "day1").mkdir(parents=True)  # frames a folder further down: said where
     cv2.imwrite(str(tmp_path / "Seq" / "day1" / "0.png"), np.zeros((4, 4), np.uint8))
     assert data_main(["split", "--root", str(tmp_path), "--images", "Seq"]) == 2
-    assert (f"{tmp_path / 'Seq'} holds 0 image(s): nothing to split; its subfolders hold images (e.g. day1/0.png)"
-            in capsys.readouterr().err)
+    assert (f"{tmp_path / 'Seq'} holds 0 image(s): nothing to split; {tmp_path / 'Seq' / 'day1'} holds 1 image "
+            "files: frames are read from the folder named, not its subfolders" in capsys.readouterr().err)
 
 
 def test_a_split_placeholder_without_split_dirs_is_named():

@@ -16,7 +16,6 @@ Folders may name each frame's own folder with ``{dir}``, filled from the split l
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from data_tools.annotations import ISSUE_REASONS
 from data_tools.files import file_not_folder
 from data_tools.issues import count_by_reason
 from data_tools.issues import issue as data_issue
-from data_tools.sources import IMAGE_EXTENSIONS
+from data_tools.sources import IMAGE_EXTENSIONS, nested_images_note
 
 PAIR_ISSUES = {
     "missing_partner": "the infrared or the visible frame of a pair is missing",
@@ -193,17 +192,6 @@ def discover(data, split: str | None, need_label: bool = True) -> tuple[list[Pai
         files = {m: images[m][n] for m in images}
         records.append(PairRecord(n, label=labels.get(n), **files))
     return records, issues, len(names)
-
-
-def nested_images_note(folders) -> str:
-    """'; F holds N image files: ...' for the first subfolder F of ``folders`` that holds images:
-    frames are read from a folder itself, so images a level down (``ir/seq1/*.png``) are not seen."""
-    for folder in folders:
-        for sub, _, files in os.walk(folder):
-            count = sum(Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in files)
-            if count and Path(sub) != Path(folder):
-                return f"; {sub} holds {count} image files: frames are read from the folder named, not its subfolders"
-    return ""
 
 
 def describe_issues(issues: list[dict]) -> str:
