@@ -62,6 +62,27 @@ def acquire(folder: Path, busy: str) -> str | None:
     return None
 
 
+def holder_if_busy(folder: Path) -> str | None:
+    """Who holds ``folder``'s lock now (for a reader: "a build is writing it"), or None; writes
+    nothing, so it works on a read-only folder. Not held by this process's own ``acquire``."""
+    import fcntl
+
+    path = Path(folder) / LOCK_NAME
+    if str(Path(folder).resolve()) in _held or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:  # a shared lock is refused only while a holder has the exclusive one
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _describe(_holder(path))
+    finally:
+        os.close(fd)  # drops the probe's shared lock at once
+    return None
+
+
 def release(folder: Path) -> None:
     fd = _held.pop(str(folder.resolve()), None)
     if fd is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data_tools import dirlock
+
 MANIFEST = "manifest.json"
 
 
@@ -26,6 +28,9 @@ def read_manifest(folder: str | Path, complete: bool = True) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path} is not readable JSON ({e}); rebuild the shards") from None
     if complete and manifest.get("status") != "complete":
+        writer = dirlock.holder_if_busy(Path(folder))
+        if writer:
+            raise ManifestError(f"{folder}: a shard build is writing it now ({writer}); wait for it to finish")
         raise ManifestError(f"{folder}: the shard build is not complete (status {manifest.get('status')!r}); "
                             "rerun it to finish")
     return manifest

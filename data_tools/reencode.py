@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
+from data_tools import dirlock
 from data_tools.build import SAMPLE_FRAME_FORMAT
 from data_tools.config import config_hash, save_resolved
 from data_tools.files import atomic_write_text
@@ -21,8 +23,8 @@ class ReencodeError(RuntimeError):
 
 def reencode_shards(src: str | Path, dst: str | Path, encoding: str, png_compression: int | None = None) -> dict:
     """Write ``src``'s shards to ``dst`` with frames in ``encoding``; returns the new manifest.
-    ``dst`` must not exist yet (no half-converted folder is ever taken for a finished one: the
-    manifest is written last)."""
+    ``dst`` must not exist yet or be empty (no half-converted folder is ever taken for a finished
+    one: the manifest is written last), and is locked for the conversion."""
     src, dst = Path(src), Path(dst)
     if encoding not in ENCODINGS:
         raise ReencodeError(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
@@ -30,7 +32,24 @@ def reencode_shards(src: str | Path, dst: str | Path, encoding: str, png_compres
         manifest = read_manifest(src)
     except ManifestError as e:
         raise ReencodeError(str(e)) from None
-    if dst.exists() and any(dst.iterdir()):
+    try:  # two conversions into one folder would write the same shard names at once
+        note = dirlock.acquire(dst, "one reencode per output folder. Wait for it, stop it, or use another --out")
+    except dirlock.FolderBusy as e:
+        raise ReencodeError(str(e)) from None
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    try:
+        return _reencode_into(src, dst, manifest, encoding, png_compression)
+    finally:
+        dirlock.release(dst)
+
+
+def _reencode_into(src: Path, dst: Path, manifest: dict, encoding: str, png_compression: int | None) -> dict:
+    held = [p.name for p in dst.iterdir() if p.name != dirlock.LOCK_NAME]
+    if held and all(name.endswith((".tar", ".tar.tmp")) for name in held):  # the manifest comes last
+        raise ReencodeError(f"{dst} holds {len(held)} shard files but no {MANIFEST}: a conversion that was "
+                            "stopped; remove the folder (or choose another --out) and run again")
+    if held:
         raise ReencodeError(f"{dst} exists and is not empty")
     config = copy.deepcopy(manifest["config"])
     config["shards"]["encoding"] = encoding

@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -89,6 +90,24 @@ def kill_process_tree(proc) -> None:
         except psutil.NoSuchProcess:
             pass
     proc.communicate(timeout=120)
+
+
+@contextlib.contextmanager
+def folder_locked_by_another_process(folder: Path):
+    """A live process holding ``folder``'s lock (a build, reencode or training elsewhere); yields its PID."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from data_tools import dirlock; dirlock.acquire(Path(sys.argv[1]), ''); "
+                               "print('held', flush=True); time.sleep(600)", str(folder)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def run_finetune_cli(task: str, run_dir, config, *overrides: str, nproc: int = 0, eval_only: bool = False,

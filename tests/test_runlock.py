@@ -6,23 +6,16 @@ import time
 import pytest
 
 from pretrain.engine import runlock
-from tests.conftest import ROOT
+from tests.conftest import ROOT, folder_locked_by_another_process
 
 
 def test_a_live_holder_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from pretrain.engine import runlock; runlock.acquire(Path(sys.argv[1])); print('held', flush=True); "
-                               "time.sleep(600)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(runlock.FolderBusy, match=rf"is in use by PID {holder.pid} on "):
+    with folder_locked_by_another_process(tmp_path) as pid:
+        with pytest.raises(runlock.FolderBusy, match=rf"is in use by PID {pid} on "):
             runlock.acquire(tmp_path)
-    finally:
-        holder.kill()
-        holder.wait()
     note = runlock.acquire(tmp_path)  # the kernel dropped the dead holder's lock
     try:
-        assert note and f"from PID {holder.pid} on" in note and "no longer running" in note
+        assert note and f"from PID {pid} on" in note and "no longer running" in note
         assert runlock.acquire(tmp_path) is None  # this process holds it already
     finally:
         runlock.release(tmp_path)

@@ -16,7 +16,7 @@ from data_tools.transforms import RoICropConfig, normalize_ir, to_unit_intensity
 from data_tools.verify import verify_shards
 from pretrain.data import PretrainStream, StreamConfig, load_shard_set
 from pretrain.engine import EpochLoader
-from tests.conftest import shared_path
+from tests.conftest import folder_locked_by_another_process, shared_path
 
 
 def _build(sources, out, encoding, *overrides):
@@ -79,6 +79,54 @@ def test_reencode_refusals(both_encodings, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert data_main(["reencode", str(tmp_path), "--out", str(tmp_path / "o"), "--encoding", "raw"]) == 2
     assert "no manifest" in capsys.readouterr().err
+
+
+def test_a_stopped_reencode_is_named_and_a_live_one_refused(both_encodings, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import data_tools.reencode as reencode
+
+    root, _ = both_encodings
+    real_encode, calls = reencode.encode_image, []
+
+    def encode_then_stop(*args):
+        calls.append(1)
+        if len(calls) == 8:  # in the second shard: the first is finished, the manifest never written
+            raise KeyboardInterrupt
+        return real_encode(*args)
+
+    monkeypatch.setattr(reencode, "encode_image", encode_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        reencode.reencode_shards(root / "png", tmp_path / "out", "raw")
+    monkeypatch.setattr(reencode, "encode_image", real_encode)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "shard-000000.tar"]
+    assert data_main(["reencode", str(root / "png"), "--out", str(tmp_path / "out"), "--encoding", "raw"]) == 2
+    assert "holds 1 shard files but no manifest.json: a conversion that was stopped" in capsys.readouterr().err
+
+    shutil.rmtree(tmp_path / "out")
+    with folder_locked_by_another_process(tmp_path / "out") as pid:
+        assert data_main(["reencode", str(root / "png"), "--out", str(tmp_path / "out"), "--encoding", "raw"]) == 2
+        assert f"is in use by PID {pid} on " in capsys.readouterr().err
+    assert data_main(["reencode", str(root / "png"), "--out", str(tmp_path / "out"), "--encoding", "raw"]) == 0
+    assert verify_shards(str(tmp_path / "out")) == []
+
+
+def test_a_reader_of_a_folder_being_built_is_told_to_wait(tmp_path):
+    """A training (or reencode, verify) started on a shard folder while its build still runs."""
+    import json
+
+    from data_tools.manifest import ManifestError, read_manifest
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"status": "building"}))
+    with pytest.raises(ManifestError, match="not complete .status 'building'.; rerun it to finish"):
+        read_manifest(tmp_path)  # no build holds it: one that was stopped
+    with folder_locked_by_another_process(tmp_path) as pid:
+        with pytest.raises(ManifestError, match=rf"a shard build is writing it now \(PID {pid} on .*wait for"):
+            read_manifest(tmp_path)
+        with pytest.raises(ValueError, match="a shard build is writing it now"):
+            load_shard_set(str(tmp_path))
+    with pytest.raises(ManifestError, match="rerun it to finish"):
+        read_manifest(tmp_path)
 
 
 def test_a_raw_member_never_unpickles_and_must_be_a_frame():
