@@ -412,16 +412,9 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     cfg = to_container(cfg)
     check_config(cfg, BuildConfig)  # bad settings fail here, before any work
     out = Path(out_dir)
-    try:  # two builds writing one folder would interleave their shards and progress records
-        note = dirlock.acquire(out, "one build per output folder. Wait for it, stop it, or use another --out")
-    except dirlock.FolderBusy as e:
-        raise BuildError(str(e)) from None
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    try:
+    # Two builds writing one folder would interleave their shards and progress records.
+    with dirlock.holding(out, "one build per output folder. Wait for it, stop it, or use another --out", BuildError):
         return _build_in(out, sources, cfg, workers, overwrite, progress, stop_after_shards)
-    finally:
-        dirlock.release(out)
 
 
 def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwrite: bool, progress: bool,

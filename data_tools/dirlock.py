@@ -7,9 +7,11 @@ A second process on a live folder is refused with the holder named, before it to
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -60,6 +62,22 @@ def acquire(folder: Path, busy: str) -> str | None:
     if previous:
         return f"took over the lock of {folder} from {_describe(previous)}, which is no longer running"
     return None
+
+
+@contextlib.contextmanager
+def holding(folder: Path, busy: str, error: type[Exception] = FolderBusy):
+    """The lock of ``folder`` for a ``with`` block (:func:`acquire`, :func:`release`); a live holder
+    raises ``error`` naming it, a stale lock taken over is noted on stderr."""
+    try:
+        note = acquire(folder, busy)
+    except FolderBusy as e:
+        raise error(str(e)) from None
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    try:
+        yield
+    finally:
+        release(folder)
 
 
 def holder_if_busy(folder: Path) -> str | None:

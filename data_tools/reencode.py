@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 from data_tools import dirlock
@@ -32,16 +31,10 @@ def reencode_shards(src: str | Path, dst: str | Path, encoding: str, png_compres
         manifest = read_manifest(src)
     except ManifestError as e:
         raise ReencodeError(str(e)) from None
-    try:  # two conversions into one folder would write the same shard names at once
-        note = dirlock.acquire(dst, "one reencode per output folder. Wait for it, stop it, or use another --out")
-    except dirlock.FolderBusy as e:
-        raise ReencodeError(str(e)) from None
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    try:
+    # Two conversions into one folder would write the same shard names at once.
+    with dirlock.holding(dst, "one reencode per output folder. Wait for it, stop it, or use another --out",
+                         ReencodeError):
         return _reencode_into(src, dst, manifest, encoding, png_compression)
-    finally:
-        dirlock.release(dst)
 
 
 def _reencode_into(src: Path, dst: Path, manifest: dict, encoding: str, png_compression: int | None) -> dict:

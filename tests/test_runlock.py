@@ -69,20 +69,11 @@ def test_a_second_build_into_a_folder_in_use_is_refused(tmp_path, capsys):
     frames.mkdir()
     for i in range(2):
         cv2.imwrite(str(frames / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (96, 128), np.uint8))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from data_tools import dirlock; dirlock.acquire(Path(sys.argv[1]), 'busy'); "
-                               "print('held', flush=True); time.sleep(600)", str(out)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     build = ["build", "--source", f"cam={frames}", "--out", str(out)]
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with folder_locked_by_another_process(out) as pid:
         assert data_main(build) == 2
-        assert (f"{out} is in use by PID {holder.pid} on " in capsys.readouterr().err
-                and not (out / "manifest.json").exists())
-    finally:
-        holder.kill()
-        holder.wait()
+        assert f"{out} is in use by PID {pid} on " in capsys.readouterr().err and not (out / "manifest.json").exists()
     assert data_main(build) == 0
-    assert f"took over the lock of {out} from PID {holder.pid}" in capsys.readouterr().err
+    assert f"took over the lock of {out} from PID {pid}" in capsys.readouterr().err
     assert data_main(build) == 0  # the build let go of it when it ended
     assert "note: took over" not in capsys.readouterr().err
