@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.data.pairs import write_report
+from finetune.data.pairs import unknown_classes_note, write_report
 from finetune.data.stream import MapBatchStream
 from finetune.factory import intensity_rule_mismatch, parameter_report
 from finetune.models.methods import get_method
@@ -125,6 +125,8 @@ class FinetuneTask(Task):
             report = write_report(path, split, found, len(dataset), issues)
             print(f"{split}: {len(dataset)} of {found} frames used; issues {report['issues_by_reason'] or 'none'} "
                   f"(names in {path})", flush=True)
+            if note := unknown_classes_note(issues, cfg.data.classes):
+                print(f"note: {split}: {note}", file=sys.stderr, flush=True)
         return dataset
 
 

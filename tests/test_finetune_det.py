@@ -10,6 +10,7 @@ import pytest
 from data_tools.config import CONFIG_DIR, load_config
 from finetune.coco_eval import coco_ground_truth, coco_metrics, coco_results
 from finetune.factory import build_detector, det_dataset
+from finetune.data.pairs import unknown_classes_note
 from pretrain.engine import DataError
 from tests.conftest import run_finetune_cli, shared_path
 
@@ -421,6 +422,10 @@ def test_bad_annotations_are_clipped_dropped_and_named(tmp_path, fmt):
     assert found == 2 and len(dataset) == 2
     reasons = sorted((i["name"], i["reason"]) for i in issues)
     assert reasons == [("a", "box_clipped"), ("a", "box_empty"), ("a", "unknown_class"), ("ghost", "label_without_image")]
+    # The log names the label: a YOLO id past the end of data.classes, or a name.
+    truck, what = ("7", "YOLO class ids index data.classes") if fmt == "yolo" else ("'truck'", "add a class")
+    assert unknown_classes_note(issues, classes).startswith(
+        f"1 boxes left out, their class is not in data.classes ['person', 'car']: class {truck} x1; {what}")
     rec = {r.pair.name: r for r in dataset.records}
     np.testing.assert_allclose(rec["a"].boxes, [[10, 10, 30, 40], [100, 20, 120, 60]], atol=1e-3)
     assert rec["a"].labels.tolist() == [0, 1] and len(rec["b"].boxes) == 0

@@ -16,6 +16,7 @@ Folders may name each frame's own folder with ``{dir}``, filled from the split l
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,6 +223,20 @@ def summarise_issues(split_name: str, found: int, used: int, issues: list[dict])
     by_reason = count_by_reason(issues)
     return {"split": split_name, "found": found, "used": used, "left_out": found - used,
             "issues_by_reason": by_reason, "reasons": {r: PAIR_ISSUES[r] for r in by_reason}, "issues": issues}
+
+
+def unknown_classes_note(issues: list[dict], classes) -> str | None:
+    """Which labels the boxes dropped as ``unknown_class`` had, most boxes first: a class missing
+    from data.classes (or a YOLO id past its end) is seen in the log, not only in the report."""
+    counts = Counter(i["detail"] for i in issues if i["reason"] == "unknown_class")
+    if not counts:
+        return None
+    shown = ", ".join(f"{label} x{n}" for label, n in counts.most_common(8)) + (", ..." if len(counts) > 8 else "")
+    head = f"{sum(counts.values())} boxes left out, their class is not in data.classes {list(classes)}: {shown}; "
+    if any(d.removeprefix("class ").isdigit() for d in counts):  # the detail is the label's repr: a YOLO id
+        return head + ("YOLO class ids index data.classes from 0: give it a name for every id the labels use "
+                       "(data.classes_file: the dataset's data.yaml or classes.txt)")
+    return head + "add a class to data.classes to train on it, or to data.ignore_classes to score it as an ignore region"
 
 
 def write_report(path: Path, split_name: str, found: int, used: int, issues: list[dict]) -> dict:
