@@ -425,7 +425,7 @@ def test_bad_annotations_are_clipped_dropped_and_named(tmp_path, fmt):
     # The log names the label: a YOLO id past the end of data.classes, or a name.
     truck, what = ("7", "YOLO class ids index data.classes") if fmt == "yolo" else ("'truck'", "add a class")
     assert unknown_classes_note(issues, classes).startswith(
-        f"1 boxes left out, their class is not in data.classes ['person', 'car']: class {truck} x1; {what}")
+        f"1 box left out, their class is not in data.classes ['person', 'car']: class {truck} x1; {what}")
     rec = {r.pair.name: r for r in dataset.records}
     np.testing.assert_allclose(rec["a"].boxes, [[10, 10, 30, 40], [100, 20, 120, 60]], atol=1e-3)
     assert rec["a"].labels.tolist() == [0, 1] and len(rec["b"].boxes) == 0

@@ -232,7 +232,8 @@ def unknown_classes_note(issues: list[dict], classes) -> str | None:
     if not counts:
         return None
     shown = ", ".join(f"{label} x{n}" for label, n in counts.most_common(8)) + (", ..." if len(counts) > 8 else "")
-    head = f"{sum(counts.values())} boxes left out, their class is not in data.classes {list(classes)}: {shown}; "
+    n = sum(counts.values())
+    head = f"{n} box{'es' if n != 1 else ''} left out, their class is not in data.classes {list(classes)}: {shown}; "
     if any(d.removeprefix("class ").isdigit() for d in counts):  # the detail is the label's repr: a YOLO id
         return head + ("YOLO class ids index data.classes from 0: give it a name for every id the labels use "
                        "(data.classes_file: the dataset's data.yaml or classes.txt)")
