@@ -12,7 +12,6 @@ backbone from that config alone, then loads the weights into it:
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from finetune.models.backbone import Backbone, BackboneConfig
 from finetune.models.methods import get_method
@@ -38,12 +37,11 @@ def resolve(cfg: BackboneConfig) -> BackboneConfig:
 def load_weights(backbone: Backbone, cfg: BackboneConfig) -> LoadReport | None:
     """Load ``cfg.checkpoint`` into a backbone built from ``resolve(cfg)``; the report, or None
     without a checkpoint."""
-    from pretrain.weights import is_exported_backbone, load_exported_into, load_into_encoder
+    from pretrain.weights import is_exported_backbone, load_exported_into, load_into_encoder, warn_random_init
 
     path = cfg.checkpoint
     if not path:
-        print(f"warning: method '{cfg.method}' without a checkpoint: the backbone starts from random init",
-              file=sys.stderr)
+        warn_random_init(f"method '{cfg.method}' without a checkpoint: the backbone starts from random init")
         return None
     if is_exported_backbone(path):
         return load_exported_into(backbone.encoder, path)

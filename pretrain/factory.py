@@ -1,7 +1,6 @@
 """Model construction from a config, shared by the CLI commands and the trainer."""
 from __future__ import annotations
 
-import sys
 
 import torch
 
@@ -18,7 +17,7 @@ def build_model_from_config(cfg, device: str | torch.device = "cpu"):
 def initialise_from_config(model, cfg):
     """Load ``init.checkpoint`` as the paradigm asks: pad / continual start from it (random init,
     with a warning, when none is given); scratch refuses one. Returns the LoadReport or None."""
-    from pretrain.weights import load_into_mae
+    from pretrain.weights import load_into_mae, warn_random_init
 
     checkpoint = cfg.init.checkpoint
     if cfg.model.paradigm == "scratch":
@@ -26,7 +25,7 @@ def initialise_from_config(model, cfg):
             raise ValueError("paradigm 'scratch' trains from random init: unset init.checkpoint")
         return None
     if not checkpoint:
-        print(f"warning: paradigm '{cfg.model.paradigm}' without init.checkpoint: the encoder starts "
-              "from random init (PAD expects the ImageNet MAE weights)", file=sys.stderr)
+        warn_random_init(f"paradigm '{cfg.model.paradigm}' without init.checkpoint: the encoder starts "
+                         "from random init (PAD expects the ImageNet MAE weights)")
         return None
     return load_into_mae(model, checkpoint, allow_missing=bool(cfg.init.allow_missing))

@@ -200,11 +200,12 @@ def test_a_preempted_single_process_exits_75_and_the_rerun_finishes_with_0(shard
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
 
-def test_export_from_a_run(uninterrupted, tmp_path):
+def test_export_from_a_run(uninterrupted, tmp_path, capsys):
     from pretrain.cli import main
     from pretrain.weights import load_backbone
 
     assert main(["export", str(uninterrupted), "--out", str(tmp_path / "backbone.pth")]) == 0
+    assert "random init" not in capsys.readouterr().err  # said when the run trained, not on its export
     vit, meta, _ = load_backbone(tmp_path / "backbone.pth")
     saved = trainable(uninterrupted)["module"]
     assert torch.equal(vit.blocks[1].parallel_mlp["pad"].up.weight, saved["encoder.blocks.1.parallel_mlp.pad.up.weight"])

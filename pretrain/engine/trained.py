@@ -15,6 +15,7 @@ import torch
 from data_tools.config import load_config
 from data_tools.files import check_folder_kind
 from pretrain.engine.checkpoint import Checkpointer, ResumeError, _weights_only_load, frozen_fingerprint
+from pretrain.weights import rebuilding_trained_run
 
 
 def run_config(run_dir: Path, kinds: tuple[str, ...]):
@@ -46,7 +47,8 @@ def load_trained(run_dir: str | Path, build: Callable, kinds: tuple[str, ...], t
     if cfg.train.zero_stage == 3:
         raise ResumeError("ZeRO stage 3 partitions the weights: consolidate with DeepSpeed's zero_to_fp32.py first")
     torch.manual_seed(int(cfg.train.seed))  # frozen weights of a random-init run come from the seed
-    model = build(cfg)
+    with rebuilding_trained_run():  # its frozen weights as it trained with them, said then
+        model = build(cfg)
     state = json.loads((ckpt_dir / tag / "state_rank0.json").read_text())
     if frozen_fingerprint(model) != state["frozen"]["fingerprint"]:
         raise ResumeError(f"the frozen weights rebuilt for {run_dir} differ from the checkpoint's reference "
