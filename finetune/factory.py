@@ -159,6 +159,7 @@ def build_detector(cfg, device: str | torch.device = "cpu"):
 
 def det_dataset(cfg, split: str):
     """The dataset of a split with its boxes read under the documented rules, its issues and frame count."""
+    from finetune.data.classes import label_id_names
     from finetune.data.det import DetDataset, DetDataSpec, build_records
     from finetune.data.pairs import discover, name_suffix, split_names
 
@@ -172,5 +173,6 @@ def det_dataset(cfg, split: str):
     split_file = split_list(data, split)
     pairs, issues, found = discover(data, split_file, need_label=False)
     records, more = build_records(pairs, data.boxes, spec.classes, split_names(data, split_file),
-                                  name_suffix(data, "ir"), tuple(data.get("ignore_classes") or ()))
+                                  name_suffix(data, "ir"), tuple(data.get("ignore_classes") or ()),
+                                  label_id_names(data))
     return DetDataset(records, spec), issues + more, found

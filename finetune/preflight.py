@@ -69,7 +69,7 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
     for ``splits`` are there, listed as training lists them, with some frame that has all its
     files; ValueError when the first frames read (``read_frames``) are all unusable, or (detection)
     no box has a configured class, or (``scoring``) no validation object would be scored."""
-    from finetune.data.classes import misordered_classes_problem
+    from finetune.data.classes import label_id_names, misordered_classes_problem
     from finetune.data.det import ScoringLimits, classes_problem
     from finetune.data.pairs import discover, name_suffix, no_frames_problem
     from finetune.factory import data_for_split, split_list
@@ -90,7 +90,8 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
         if detection and data.boxes.path:
             try:  # a folder of label files where they are read (each frame folder's), or one COCO file
                 problem = classes_problem(listed[0], data.boxes, tuple(cfg.data.classes), name_suffix(data, "ir"),
-                                          ScoringLimits.of(cfg) if split == "val" and scoring else None)
+                                          ScoringLimits.of(cfg) if split == "val" and scoring else None,
+                                          label_id_names(data))
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{name} ({split}): {e}") from None
             if problem:

@@ -435,6 +435,34 @@ def test_bad_annotations_are_clipped_dropped_and_named(tmp_path, fmt):
     assert (sample["boxes"][:, [0, 2]] <= w).all() and (sample["boxes"][:, [1, 3]] <= h).all()
 
 
+def test_data_classes_picks_some_classes_of_a_yolo_class_file_in_its_own_order(tmp_path, capsys):
+    """A six-class YOLO export trained on two of its classes: ids read through data.yaml's names,
+    the other classes left out and counted, or ignore regions; a name data.yaml lacks is refused."""
+    from data_tools.config import ConfigError
+    from finetune.cli import main as finetune_main
+    from finetune.data.classes import resolve_classes
+
+    _png(tmp_path / "ir" / "a.png", np.zeros((100, 120), np.uint8))
+    _png(tmp_path / "vi" / "a.png", np.zeros((100, 120, 3), np.uint8))
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "data.yaml").write_text("names: [person, bicycle, car, bus, lamp, truck]\n")
+    ids = [0, 2, 2, 1, 4, 7]  # person, car, car, bicycle, lamp, an id past the file's names
+    (tmp_path / "labels" / "a.txt").write_text("".join(f"{k} 0.{k + 1} 0.5 0.05 0.1\n" for k in ids))
+    common = [f"data.root={tmp_path}", "data.boxes.format=yolo", "data.boxes.path=labels", "data.classes_file=data.yaml"]
+    cfg = load_config(TINY, [*common, "data.classes=[car,person]", "data.ignore_classes=[bicycle]"])
+    resolve_classes(cfg)
+    assert list(cfg.data.classes) == ["car", "person"]
+    dataset, issues, _ = det_dataset(cfg, "train")
+    record = dataset.records[0]
+    assert record.labels.tolist() == [1, 0, 0]  # person, car, car: indices of data.classes, not the file's ids
+    assert len(record.ignore) == 1  # the bicycle
+    assert sorted(i["detail"] for i in issues if i["reason"] == "unknown_class") == ["class 'lamp'", "class 7"]
+    with pytest.raises(ConfigError, match=r"data.classes names \['dog'\], which .*data.yaml does not"):
+        resolve_classes(load_config(TINY, [*common, "data.classes=[car,dog]"]))
+    assert finetune_main(["check", "--config", TINY, *common, "data.classes=[car,person]"]) == 0
+    assert "2 classes" in capsys.readouterr().out
+
+
 def test_coco_entries_sharing_a_stem_are_named_and_their_frame_left_out(tmp_path):
     for name in ("a", "b"):
         _png(tmp_path / "ir" / f"{name}.png", np.zeros((100, 120), np.uint8))

@@ -334,8 +334,9 @@ def test_class_names_come_from_the_datasets_yaml_in_id_order(tmp_path, capsys):
                           ("names: [person, car\n", "data.classes_file")):
         with pytest.raises(ConfigError, match=message):
             resolved(text)
-    with pytest.raises(ConfigError, match=r"differ from the names in .*data.yaml \['person', 'car'\]: the label files"):
-        resolved("names: [person, car]\n", "data.classes=[car,person]")
+    assert resolved("names: [person, car]\n", "data.classes=[car]") == ["car"]  # some of them, to train on
+    with pytest.raises(ConfigError, match=r"data.classes names \['bus'\], which .*data.yaml does not \(\['person', 'car'\]\)"):
+        resolved("names: [person, car]\n", "data.classes=[car,bus]")
     # a download that unpacked into a folder of its own is named; no file and no names is refused
     (tmp_path / "set" / "v2").mkdir(parents=True)
     (tmp_path / "data.yaml").rename(tmp_path / "set" / "v2" / "data.yaml")
@@ -712,7 +713,7 @@ def test_a_class_list_the_dataset_ships_in_another_order_is_refused(tmp_path, ca
     assert ("(train): data.classes ['person', 'bicycle', 'car'] puts bicycle at id 1, but the dataset's "
             f"{root / 'train' / 'labels_ir' / 'classes.txt'} names the classes in id order ['person', 'car', "
             "'bicycle'] (bicycle at 2)") in said
-    assert "Use data.classes_file=train/labels_ir/classes.txt (or give data.classes in that order)" in said
+    assert "Use data.classes_file=train/labels_ir/classes.txt (data.classes then picks among its names" in said
     (root / "train" / "labels_ir" / "classes.txt").write_text("person\nbike\nautomobile\n")  # renamed: kept
     assert finetune_main(check) == 0
     capsys.readouterr()

@@ -62,25 +62,41 @@ def read_class_names(path: str | Path) -> list[str]:
 
 def resolve_classes(cfg) -> None:
     """Fill ``cfg.data.classes`` from ``data.classes_file`` (relative: under ``data.root``) where
-    it is empty; where both are given, they must agree (the label files' ids index the names)."""
+    it is empty. Where both are given, data.classes picks the classes to train, in its own order,
+    among the file's (the label files' ids index the file's names; boxes of the others are left
+    out and counted, or are ignore regions when data.ignore_classes names them)."""
     data = cfg.data
-    name = data.get("classes_file")
-    if not name:
+    path = _classes_file(data)
+    if path is None:
         return
-    path = Path(name)
-    if not path.is_absolute():
-        if not data.root:
-            raise ConfigError(f"data.classes_file {name} is relative to data.root, which is not set")
-        path = Path(data.root) / path
     if data.classes and not path.is_file():
         return  # the names are given; the file is only where a dataset ships one
-    if not path.is_file() and not Path(name).is_absolute():
-        _refuse_missing(Path(data.root), name)
+    if not path.is_file() and not Path(data.classes_file).is_absolute():
+        _refuse_missing(Path(data.root), data.classes_file)
     names = read_class_names(path)
-    if data.classes and list(data.classes) != names:
-        raise ConfigError(f"data.classes {list(data.classes)} differ from the names in {path} {names}: the label "
-                          f"files' class ids index that file's order; drop data.classes or give the same names")
-    data.classes = names
+    if not data.classes:
+        data.classes = names
+    elif unknown := [c for c in data.classes if c not in names]:
+        raise ConfigError(f"data.classes names {unknown}, which {path} does not ({names}): the label files' class "
+                          "ids index that file's names; data.classes may pick some of them, in any order")
+
+
+def label_id_names(data) -> tuple[str, ...]:
+    """The names YOLO class ids index: ``data.classes_file``'s where the dataset has it (data.classes
+    may then be some of them, in another order), else data.classes."""
+    path = _classes_file(data)
+    return tuple(read_class_names(path)) if path is not None and path.is_file() else tuple(data.classes)
+
+
+def _classes_file(data) -> Path | None:
+    name = data.get("classes_file")
+    if not name:
+        return None
+    if Path(name).is_absolute():
+        return Path(name)
+    if not data.root:
+        raise ConfigError(f"data.classes_file {name} is relative to data.root, which is not set")
+    return Path(data.root) / name
 
 
 def _refuse_missing(root: Path, name: str) -> None:
@@ -125,6 +141,6 @@ def misordered_classes_problem(data) -> str | None:
                 relative = path.relative_to(data.root) if path.is_relative_to(data.root) else path
                 return (f"data.classes {list(data.classes)} puts {c} at id {ours}, but the dataset's {path} names the "
                         f"classes in id order {shipped} ({c} at {theirs}): the label files' ids index that order, so "
-                        f"{c} boxes would train as another class. Use data.classes_file={relative} (or give "
-                        "data.classes in that order)")
+                        f"{c} boxes would train as another class. Use data.classes_file={relative} (data.classes then "
+                        "picks among its names, in any order), or give data.classes in that order")
     return None

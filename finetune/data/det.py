@@ -71,14 +71,14 @@ def _class_index(label, classes: tuple[str, ...]) -> int | None:
     return int(label) if 0 <= int(label) < len(classes) else None
 
 
-def frame_boxes(boxes_cfg, classes: tuple[str, ...], names: list[str], name_suffix: str = "") -> AnnotationSet:
+def frame_boxes(boxes_cfg, id_names: tuple[str, ...], names: list[str], name_suffix: str = "") -> AnnotationSet:
     """The annotations of ``data.boxes`` by frame name: stems without ``name_suffix`` (annotations
     named as the infrared files); where the path holds ``{dir}``, the folder of each frame
     ``DIR/NAME`` of ``names``; else, for frames named by their folders, also a file named by the
     whole name with its folders joined by ``_`` (``set06_V000_I00019.txt`` is frame
     ``set06/V000/I00019``: KAIST's improved test annotations and Caltech's converted releases
     are one folder of such files). A label file that cannot be parsed is an issue of its frame
-    (the file in the detail)."""
+    (the file in the detail). ``id_names``: the names YOLO class ids index (``label_id_names``)."""
     path, fmt = str(boxes_cfg.path), boxes_cfg.format
     if FRAME_DIR in path and fmt == "coco":
         raise ValueError(f"data.boxes.path {path}: {FRAME_DIR} names a folder per frame folder, for label files "
@@ -92,7 +92,7 @@ def frame_boxes(boxes_cfg, classes: tuple[str, ...], names: list[str], name_suff
 
     out = AnnotationSet()
     for prefix, folder in folders:
-        ann = read_annotations(fmt, folder, classes=classes)
+        ann = read_annotations(fmt, folder, classes=id_names)
         out.boxes.update({frame(prefix, stem): recs for stem, recs in ann.boxes.items()})
         for i in ann.issues:
             if i["reason"] != "annotation_parse_error":
@@ -110,12 +110,12 @@ def _unreadable_coco(ann: AnnotationSet, boxes_cfg) -> str | None:
 
 
 def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...], name_suffix: str = "",
-                    scoring: ScoringLimits | None = None) -> str | None:
+                    scoring: ScoringLimits | None = None, id_names: tuple[str, ...] | None = None) -> str | None:
     """From the annotation files (no pixel read): why the boxes of these frames cannot teach a
     detector of ``classes`` (none at all, or none of a configured class: trained on, every frame
     would be background), or, with ``scoring``, why none of them would be scored; or None."""
     names = {p.name for p in pairs}
-    ann = frame_boxes(boxes_cfg, classes, sorted(names), name_suffix)
+    ann = frame_boxes(boxes_cfg, id_names or classes, sorted(names), name_suffix)
     if problem := _unreadable_coco(ann, boxes_cfg):
         return problem
     labels = [r.label for name, recs in ann.boxes.items() if name in names for r in recs]
@@ -197,12 +197,14 @@ def _pixel_boxes(recs, w: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
                   in_split: list[str] | None = None, name_suffix: str = "",
-                  ignore_classes: tuple[str, ...] = ()) -> tuple[list[DetRecord], list[dict]]:
+                  ignore_classes: tuple[str, ...] = (),
+                  id_names: tuple[str, ...] | None = None) -> tuple[list[DetRecord], list[dict]]:
     """Read every frame once (size check) and attach its boxes under the documented rules.
     ``in_split``: the split's names (label files of other frames are not orphans);
     ``name_suffix``: removed from annotation stems (annotations named as the infrared files);
-    ``ignore_classes``: labels whose boxes are ignore regions."""
-    ann = frame_boxes(boxes_cfg, classes, [p.name for p in pairs], name_suffix)
+    ``ignore_classes``: labels whose boxes are ignore regions; ``id_names``: the names YOLO class ids
+    index, where they are more than ``classes`` (a dataset's class file)."""
+    ann = frame_boxes(boxes_cfg, id_names or classes, [p.name for p in pairs], name_suffix)
     if problem := _unreadable_coco(ann, boxes_cfg):
         raise DataError(f"{problem}; no frame would have its boxes")
     issues = list(ann.issues)
