@@ -689,9 +689,11 @@ def test_eval_only_needs_the_validation_folders_alone(tmp_path):
     config, run_dir = PRESETS / "msrs_seg.yaml", tmp_path / "run"
     res = run_finetune_cli("seg", run_dir, config, f"data.root={root}", *_tiny("msrs_seg"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "the backbone starts from random init" in res.stderr  # ivtuning without init.checkpoint
     shutil.rmtree(root / "train")
     res = run_finetune_cli("seg", run_dir, config, f"data.root={root}", *_tiny("msrs_seg"), eval_only=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "random init" not in res.stderr  # the trained weights are what it scores
     res = run_finetune_cli("seg", tmp_path / "new", config, f"data.root={root}", *_tiny("msrs_seg"))
     assert res.returncode == 2 and f"(train): not found: {root / 'train'}" in res.stderr
 

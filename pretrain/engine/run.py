@@ -1,6 +1,7 @@
 """``run(task, cfg, run_dir)``: one run of any task, from the config check to the exit status."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ from pretrain.engine.loop import (LoopSpec, Process, frozen_reference, new_state
                                   resume_state, run_entry_point, train_steps, weights_for_evaluation)
 from pretrain.engine.optim import build_engine, deepspeed_config
 from pretrain.engine.task import Task
+from pretrain.weights import rebuilding_trained_run
 
 
 def run(task: Task, cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
@@ -47,7 +49,8 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
     resume, cfg_hash = prepare_run_dir(run_dir, overwrite, cfg, cfg_hash, rank)  # a run keeps its own hash
 
     torch.manual_seed(int(t.seed))  # identical initialisation on every rank
-    model = task.build_model(cfg, where)
+    with rebuilding_trained_run() if eval_only else contextlib.nullcontext():  # its weights are loaded next
+        model = task.build_model(cfg, where)
     task.describe_model(model, cfg, where)
     if task.sync_batchnorm and world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
