@@ -36,7 +36,7 @@ from data_tools.proposals import ProposalConfig, compute_proposals, method_input
 from data_tools.schema import BuildConfig
 from data_tools.files import atomic_write_text, sha256_file
 from data_tools.shards import ENCODINGS, ShardFile, encode_image, encode_sample, sample_key, tar_bytes
-from data_tools.sources import Source, discover
+from data_tools.sources import Source, check_roots, discover
 
 SAMPLE_FRAME_FORMAT = {
     "png": "the frame, lossless PNG, one channel, uint8 or uint16 exactly as read",
@@ -373,6 +373,7 @@ def discover_corpus(sources: list[Source], out: Path) -> Corpus:
     """Every source's frames and annotations, with the warnings a build prints (recordings not read,
     links not followed, folders not listed, frames an earlier source holds); ``out``, the build's
     output folder, is not read as frames."""
+    check_roots(sources)
     corpus = Corpus()
     held: dict[str, str] = {}
     for s in sources:
@@ -411,6 +412,7 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     """
     cfg = to_container(cfg)
     check_config(cfg, BuildConfig)  # bad settings fail here, before any work
+    check_roots(sources)  # and sources not there, before the output folder is touched
     out = Path(out_dir)
     # Two builds writing one folder would interleave their shards and progress records.
     with dirlock.holding(out, "one build per output folder. Wait for it, stop it, or use another --out", BuildError):

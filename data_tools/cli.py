@@ -14,13 +14,14 @@ DEFAULT_BUILD_CONFIG = CONFIG_DIR / "data" / "build.yaml"
 
 
 def _read_sources(args: argparse.Namespace) -> list:
-    from data_tools.sources import SourceError, load_sources, source_from_shortcut
+    from data_tools.sources import SourceError, load_sources, select_sources, source_from_shortcut
 
     sources = load_sources(args.sources, getattr(args, "sources_root", None)) if args.sources else []
     sources += [source_from_shortcut(s) for s in args.source]
     if not sources:
         raise SourceError("no sources: pass --sources FILE.yaml and/or --source NAME=PATH")
-    return sources
+    only = getattr(args, "only", None)
+    return select_sources(sources, [n.strip() for n in only.split(",") if n.strip()]) if only else sources
 
 
 def _dry_run(sources, out: Path) -> int:
@@ -270,6 +271,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
                    help="add every image under PATH as source NAME (repeatable)")
     b.add_argument("--out", required=True, type=out_folder, help="output folder for shards and manifest.json")
+    b.add_argument("--only", metavar="NAME[,NAME...]", help="build from these sources of the file alone "
+                                                           "(e.g. the downloads that are there so far)")
     b.add_argument("--config", default=str(DEFAULT_BUILD_CONFIG), help="build settings YAML")
     b.add_argument("--workers", type=int_in(0), default=0, help="worker processes (default: all CPUs)")
     b.add_argument("--overwrite", action="store_true", help="replace shards built with another config")

@@ -217,12 +217,42 @@ def _found_below(missing: Path, ancestors: int = 3) -> str:
     return ""
 
 
+def _root_problem(root: Path) -> str | None:
+    if root.is_dir():
+        return None
+    return file_not_folder(root) or f"folder does not exist: {root}{_found_below(root)}"
+
+
+def check_roots(sources: list[Source]) -> None:
+    """Every source's root is a folder; else one error naming each that is not (a corpus of eight
+    downloads with two still missing is told so at once, not one download per run) and the
+    sources that are there, to build from with ``build --only``."""
+    missing = [(s.name, problem) for s in sources if (problem := _root_problem(Path(s.root)))]
+    if not missing:
+        return
+    if len(sources) == 1:
+        raise SourceError(f"source '{missing[0][0]}': root {missing[0][1]}")
+    there = [s.name for s in sources if s.name not in dict(missing)]
+    lines = "".join(f"\n  source '{name}': root {problem}" for name, problem in missing)
+    those = "the other source is" if len(there) == 1 else f"the other {len(there)} sources are"
+    rest = (f"\n{those} there: build from them alone with --only {','.join(there)} (or leave the others out of "
+            "the sources file)") if there else ""
+    raise SourceError(f"{len(missing)} of {len(sources)} sources cannot be read:{lines}{rest}")
+
+
+def select_sources(sources: list[Source], names: list[str]) -> list[Source]:
+    """The sources named (``build --only``), in the sources file's order; an unknown name is refused."""
+    known = [s.name for s in sources]
+    if unknown := [n for n in names if n not in known]:
+        raise SourceError(f"--only names {', '.join(unknown)}, which the sources do not: {', '.join(known)}")
+    return [s for s in sources if s.name in names]
+
+
 def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
     """The frames of ``source`` (stride applied), outside the folders ``skip``."""
     root = Path(source.root)
-    if not root.is_dir():
-        raise SourceError(f"source '{source.name}': root " + (file_not_folder(root)
-                                                              or f"folder does not exist: {root}{_found_below(root)}"))
+    if problem := _root_problem(root):
+        raise SourceError(f"source '{source.name}': root {problem}")
     files: set[str] = set()
     videos: set[str] = set()
     walk = walk_matching(str(root), source.globs, skip)

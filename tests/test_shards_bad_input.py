@@ -208,6 +208,30 @@ def test_a_root_that_unpacked_one_folder_down_is_pointed_at(tmp_path, capsys):
     assert f"root folder does not exist: {tmp_path / 'downloads' / 'infrared' / 'train'}; it is at {frames}" in err
 
 
+def test_sources_not_downloaded_yet_are_named_together_and_the_rest_built_with_only(tmp_path, capsys):
+    """An eight-source recipe with some downloads still missing: every missing root in one error,
+    the sources that are there named, and `--only` builds from those."""
+    (tmp_path / "dl" / "LLVIP" / "infrared" / "train").mkdir(parents=True)
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / "dl" / "LLVIP" / "infrared" / "train" / f"{i}.png"), _scene(seed=i))
+    recipe = tmp_path / "sources.yaml"
+    recipe.write_text("sources:\n  - {name: drone, root: DroneVehicle/train}\n  - {name: llvip, root: LLVIP/infrared/train}"
+                      "\n  - {name: ship, root: ship}\n")
+    build = ["build", "--sources", str(recipe), "--sources-root", str(tmp_path / "dl"), "--out", str(tmp_path / "o")]
+    for extra in ([], ["--dry-run"]):
+        assert cli_main(build + extra) == 2
+        err = capsys.readouterr().err
+        assert (f"error: 2 of 3 sources cannot be read:\n  source 'drone': root folder does not exist: "
+                f"{tmp_path / 'dl' / 'DroneVehicle' / 'train'}\n  source 'ship': root folder does not exist: "
+                f"{tmp_path / 'dl' / 'ship'}\nthe other source is there: build from them alone with --only llvip") in err
+        assert not (tmp_path / "o" / "manifest.json").exists()
+    assert cli_main(build + ["--only", "llvip", "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert list(manifest["sources"]) == ["llvip"] and manifest["totals"]["written"] == 2
+    assert cli_main(build + ["--only", "llvip,lvip"]) == 2
+    assert "--only names lvip, which the sources do not: drone, llvip, ship" in capsys.readouterr().err
+
+
 def test_output_of_a_different_config_is_refused_unless_overwrite(bad_corpus, capsys):
     src = load_sources(bad_corpus / "sources.yaml")
     out = bad_corpus / "out"
