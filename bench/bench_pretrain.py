@@ -109,11 +109,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="base")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=6, help="timed steps + the first two, excluded (>= 3)")
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
     args = ap.parse_args()
+    if args.steps < 3:
+        ap.error(f"--steps {args.steps}: the first two steps are not timed, so at least 3")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_corpus(work / "synth", SynthConfig(num_images=max(32, args.batch * 2), width=320, height=256))
