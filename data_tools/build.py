@@ -15,9 +15,12 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -81,8 +84,15 @@ def frame_annotation_boxes(records: list[BoxRecord], mask_path: str | None, orig
     return clipped[keep], issues
 
 
+# Fault injection for the test of a worker killed mid-build (as the kernel's OOM killer does): the
+# worker given this frame index dies at once.
+WORKER_KILL_FAULT_ENV = "IRPT_FAULT_SIGKILL_BUILD_WORKER_AT"
+
+
 def process_item(task: tuple) -> dict[str, Any]:
     index, item, source, records, mask_path, cfg = task
+    if os.environ.get(WORKER_KILL_FAULT_ENV) == str(index) and mp.parent_process() is not None:
+        os.kill(os.getpid(), 9)
     image_cfg, pcfg = cfg["image"], ProposalConfig(**cfg["proposals"])
     try:
         frame = read_frame(item.path, image_cfg["grey_tolerance"], source.channel)
@@ -127,6 +137,30 @@ def process_item(task: tuple) -> dict[str, Any]:
 
 
 _OVERLAYS: dict[str, np.ndarray] = {}  # source name -> its burned-in overlay mask, set once per process
+
+
+def _in_order(pool: ProcessPoolExecutor, fn, tasks: Iterable, window: int) -> Iterator:
+    """``fn`` over ``tasks`` in the pool, results in task order, at most ``window`` frames in flight
+    (a 178k-frame corpus is not submitted at once, as ``Executor.map`` would)."""
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.submit(fn, task))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _worker_deaths_said(results: Iterable[dict], start: int, total: int) -> Iterator[dict]:
+    done = start
+    try:
+        for res in results:
+            yield res
+            done += 1
+    except BrokenProcessPool:
+        raise BuildError(f"a worker process died after frame {done} of {total} (killed: out of memory?); "
+                         "the finished shards are kept: rerun the same command to resume (with fewer --workers "
+                         "if memory is short)") from None
 
 
 def _init_worker(overlays: dict[str, np.ndarray]) -> None:
@@ -449,8 +483,11 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
     if workers > 1:
         # spawn, not fork: a forked child inherits OpenCV's (or torch's) thread-pool locks in
         # whatever state the parent's threads left them, and can deadlock on its first call.
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(masks,))
-        results: Iterable[dict] = pool.imap(process_item, tasks, chunksize=1)
+        # concurrent.futures, not multiprocessing.Pool: a worker killed mid-frame (out of memory)
+        # breaks the executor, where Pool.imap would wait for that frame forever.
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(masks,))
+        results: Iterable[dict] = _in_order(pool, process_item, tasks, window=4 * workers)
     else:
         _init_worker(masks)
         results = map(process_item, tasks)
@@ -475,7 +512,7 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
 
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     try:
-        for res in results:
+        for res in _worker_deaths_said(results, start, len(items)):
             bar.update(1)
             if "skip" in res:
                 rec["skipped"].append(res["skip"])
@@ -500,9 +537,8 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
             finish(len(items))
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if pool is not None:  # frames being read finish (a frame is short); the rest are not started
+            pool.shutdown(wait=True, cancel_futures=True)
         if shard is not None:  # interrupted mid-shard: no half-written tar survives
             shard.abandon()
     return _write_manifest(out, identity, ident_hash, sources, discoveries, orphan_issues, records, overlays)

@@ -177,6 +177,28 @@ def test_resume_after_sigkill_of_the_cli(tmp_path):
     assert verify_shards(tmp_path / "killed") == []
 
 
+def test_a_worker_killed_mid_build_ends_the_build_and_the_rerun_resumes(tmp_path):
+    """A worker killed while reading a frame (the kernel's OOM killer) left multiprocessing.Pool
+    waiting for that frame forever; the build now ends, says so, and the rerun finishes it."""
+    from data_tools.build import WORKER_KILL_FAULT_ENV
+
+    root = shared_path("roadscene", "cropinfrared")
+    (tmp_path / "s.yaml").write_text(f"sources:\n  - {{name: roadscene, root: {root}, stride: 4}}\n")
+    args = ["build", "--sources", str(tmp_path / "s.yaml"), "--quiet", "--workers", "2", "shards.max_samples=10"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **{WORKER_KILL_FAULT_ENV: "25"})
+    res = subprocess.run([sys.executable, "-m", "data_tools", *args, "--out", str(tmp_path / "killed")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "error: a worker process died after frame " in res.stderr and " of 56 (killed: out of memory?)" in res.stderr
+    assert json.loads((tmp_path / "killed" / "manifest.json").read_text())["status"] == "building"
+    assert not list((tmp_path / "killed").glob("*.tmp"))  # the shard being written was let go
+    assert cli_main([*args, "--out", str(tmp_path / "killed")]) == 0
+    assert cli_main([*args, "--out", str(tmp_path / "clean")]) == 0
+    killed = json.loads((tmp_path / "killed" / "manifest.json").read_text())
+    assert killed["shards"] == json.loads((tmp_path / "clean" / "manifest.json").read_text())["shards"]
+    assert killed["totals"]["written"] == 56
+
+
 def test_discovery_of_real_folders_is_sorted_naturally():
     root = shared_path("sirst", "images")
     items = discover(Source("sirst", str(root), stride=100)).items
