@@ -37,7 +37,7 @@ from data_tools.manifest import MANIFEST, read_manifest
 from data_tools.overlay import OverlayFinding, find_source_overlay, overlay_message
 from data_tools.proposals import ProposalConfig, compute_proposals, method_input_files, unique_boxes
 from data_tools.schema import BuildConfig
-from data_tools.files import atomic_write_text, sha256_file
+from data_tools.files import atomic_write_text, sha256_file, storage_problem
 from data_tools.shards import ENCODINGS, ShardFile, encode_image, encode_sample, sample_key, tar_bytes
 from data_tools.sources import Source, check_roots, discover
 
@@ -450,7 +450,14 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     out = Path(out_dir)
     # Two builds writing one folder would interleave their shards and progress records.
     with dirlock.holding(out, "one build per output folder. Wait for it, stop it, or use another --out", BuildError):
-        return _build_in(out, sources, cfg, workers, overwrite, progress, stop_after_shards)
+        try:
+            return _build_in(out, sources, cfg, workers, overwrite, progress, stop_after_shards)
+        except OSError as e:
+            if (problem := storage_problem(e)) is None:
+                raise
+            done = len(list((out / PROGRESS_DIR).glob("*.json")))
+            raise BuildError(f"writing {out} failed ({problem}); its {done} finished shard record(s) are kept: free "
+                             "space (or choose another --out) and rerun the same command to resume") from None
 
 
 def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwrite: bool, progress: bool,

@@ -1,6 +1,7 @@
 """File helpers shared by every stage: checksums, atomic writes, our append-only JSONL logs."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,18 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# Errors of the storage written to, not of the data: a full disk or quota, a read-only mount.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def storage_problem(e: OSError) -> str | None:
+    """``e`` said as a problem of the storage written to (``No space left on device: PATH``), or
+    None when it is another error."""
+    if e.errno not in STORAGE_ERRNOS:
+        return None
+    return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

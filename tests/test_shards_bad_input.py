@@ -232,6 +232,43 @@ def test_sources_not_downloaded_yet_are_named_together_and_the_rest_built_with_o
     assert "--only names lvip, which the sources do not: drone, llvip, ship" in capsys.readouterr().err
 
 
+def _full_disk_after(samples: int, monkeypatch):
+    """Shard writes fail as on a full disk once ``samples`` samples are written."""
+    import errno
+
+    from data_tools.shards import ShardFile
+
+    real_write, written = ShardFile.write, []
+
+    def write_until_full(shard, sample):
+        if len(written) == samples:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(1)
+        real_write(shard, sample)
+
+    monkeypatch.setattr(ShardFile, "write", write_until_full)
+    return lambda: monkeypatch.setattr(ShardFile, "write", real_write)
+
+
+def test_a_full_disk_ends_the_build_with_that_said_and_the_rerun_resumes(tmp_path, monkeypatch):
+    from data_tools.reencode import ReencodeError, reencode_shards
+
+    for i in range(9):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), _scene(seed=i))
+    sources, cfg = [Source("cam", str(tmp_path))], load_config(DEFAULT_BUILD_CONFIG, ["shards.max_samples=3"])
+    space_freed = _full_disk_after(5, monkeypatch)  # the second shard's third frame
+    with pytest.raises(BuildError, match=r"writing .*out failed \(No space left on device\); its 1 finished shard "
+                                         r"record\(s\) are kept: free space .* rerun the same command to resume"):
+        build_shards(sources, cfg, tmp_path / "out", progress=False)
+    space_freed()
+    resumed = build_shards(sources, cfg, tmp_path / "out", progress=False)
+    assert resumed == build_shards(sources, cfg, tmp_path / "clean", progress=False)
+    assert resumed["totals"]["written"] == 9
+    _full_disk_after(4, monkeypatch)
+    with pytest.raises(ReencodeError, match=r"writing .*raw failed \(No space left on device\): free space"):
+        reencode_shards(tmp_path / "clean", tmp_path / "raw", "raw")
+
+
 def test_output_of_a_different_config_is_refused_unless_overwrite(bad_corpus, capsys):
     src = load_sources(bad_corpus / "sources.yaml")
     out = bad_corpus / "out"
