@@ -14,6 +14,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -92,7 +93,7 @@ WORKER_KILL_FAULT_ENV = "IRPT_FAULT_SIGKILL_BUILD_WORKER_AT"
 def process_item(task: tuple) -> dict[str, Any]:
     index, item, source, records, mask_path, cfg = task
     if os.environ.get(WORKER_KILL_FAULT_ENV) == str(index) and mp.parent_process() is not None:
-        os.kill(os.getpid(), 9)
+        os.kill(os.getpid(), signal.SIGKILL)
     image_cfg, pcfg = cfg["image"], ProposalConfig(**cfg["proposals"])
     try:
         frame = read_frame(item.path, image_cfg["grey_tolerance"], source.channel)
