@@ -37,7 +37,8 @@ def resolve(cfg: BackboneConfig) -> BackboneConfig:
 def load_weights(backbone: Backbone, cfg: BackboneConfig) -> LoadReport | None:
     """Load ``cfg.checkpoint`` into a backbone built from ``resolve(cfg)``; the report, or None
     without a checkpoint."""
-    from pretrain.weights import is_exported_backbone, load_exported_into, load_into_encoder, warn_random_init
+    from pretrain.random_init import warn_random_init
+    from pretrain.weights import is_exported_backbone, load_exported_into, load_into_encoder
 
     path = cfg.checkpoint
     if not path:

@@ -17,7 +17,8 @@ def build_model_from_config(cfg, device: str | torch.device = "cpu"):
 def initialise_from_config(model, cfg):
     """Load ``init.checkpoint`` as the paradigm asks: pad / continual start from it (random init,
     with a warning, when none is given); scratch refuses one. Returns the LoadReport or None."""
-    from pretrain.weights import load_into_mae, warn_random_init
+    from pretrain.random_init import warn_random_init
+    from pretrain.weights import load_into_mae
 
     checkpoint = cfg.init.checkpoint
     if cfg.model.paradigm == "scratch":

@@ -11,11 +11,9 @@ explicitly allowed; every missing / unexpected key is reported.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import pickle
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,27 +40,6 @@ class LoadReport:
     def summary(self) -> str:
         return (f"{self.path}: loaded {self.loaded} tensors, {len(self.missing)} missing, "
                 f"{len(self.unexpected)} unexpected, adapted {self.adapted or 'none'}")
-
-
-_rebuilding_trained_run = False
-
-
-@contextlib.contextmanager
-def rebuilding_trained_run():
-    """While a trained run's model is rebuilt (export, predict): a random init was said when it
-    trained, and its trained weights are loaded next, so it is not said again."""
-    global _rebuilding_trained_run
-    before, _rebuilding_trained_run = _rebuilding_trained_run, True
-    try:
-        yield
-    finally:
-        _rebuilding_trained_run = before
-
-
-def warn_random_init(message: str) -> None:
-    """``warning: message`` on stderr when a model is built for training without init weights."""
-    if not _rebuilding_trained_run:
-        print(f"warning: {message}", file=sys.stderr)
 
 
 def _torch_load_tensors(path: Path):

@@ -15,7 +15,7 @@ from pretrain.engine.loop import (LoopSpec, Process, frozen_reference, new_state
                                   resume_state, run_entry_point, train_steps, weights_for_evaluation)
 from pretrain.engine.optim import build_engine, deepspeed_config
 from pretrain.engine.task import Task
-from pretrain.weights import rebuilding_trained_run
+from pretrain.random_init import rebuilding_trained_run
 
 
 def run(task: Task, cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:

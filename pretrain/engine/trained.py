@@ -15,7 +15,7 @@ import torch
 from data_tools.config import load_config
 from data_tools.files import check_folder_kind
 from pretrain.engine.checkpoint import Checkpointer, ResumeError, _weights_only_load, frozen_fingerprint
-from pretrain.weights import rebuilding_trained_run
+from pretrain.random_init import rebuilding_trained_run
 
 
 def run_config(run_dir: Path, kinds: tuple[str, ...]):
