@@ -14,8 +14,8 @@ from finetune.data.pairs import unknown_classes_note, write_report
 from finetune.data.stream import MapBatchStream
 from finetune.factory import intensity_rule_mismatch, parameter_report
 from finetune.models.methods import get_method
-from pretrain.engine import (EpochLoader, Task, TrainingPlan, engine_input, ignore_preemption_signals,
-                             launched_world_size, param_groups, poly_lr_at, training_inputs)
+from pretrain.engine import (EpochLoader, Task, TrainingPlan, engine_input, launched_world_size, param_groups,
+                             poly_lr_at, training_inputs)
 
 
 class FinetuneTask(Task):
@@ -128,25 +128,3 @@ class FinetuneTask(Task):
             if note := unknown_classes_note(issues, cfg.data.classes):
                 print(f"note: {split}: {note}", file=sys.stderr, flush=True)
         return dataset
-
-
-class _EvalFrames(torch.utils.data.Dataset):
-    def __init__(self, dataset, indices: list[int]):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset.eval_sample(self.indices[i])
-
-
-def _as_is(sample):
-    return sample
-
-
-def eval_loader(dataset, indices: list[int], workers: int):
-    """This rank's frames, one at a time, read by spawned workers that ignore preemption signals."""
-    return torch.utils.data.DataLoader(_EvalFrames(dataset, indices), batch_size=None, num_workers=workers,
-                                       collate_fn=_as_is, multiprocessing_context="spawn" if workers else None,
-                                       worker_init_fn=ignore_preemption_signals if workers else None)

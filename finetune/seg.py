@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from finetune.factory import build_segmentor, seg_dataset
-from finetune.runner import FinetuneTask, eval_loader
+from finetune.data.eval_frames import eval_loader
+from finetune.runner import FinetuneTask
 from pretrain.engine import run
 from finetune.schema import SegConfig
 

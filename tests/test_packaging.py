@@ -32,3 +32,22 @@ def test_a_wheel_holds_the_configs_and_its_cli_runs_outside_the_checkout(tmp_pat
                              str(site / "irpt_configs" / "finetune" / "presets" / "mfnet.yaml")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert preset.returncode == 2 and "data.root is not set" in preset.stderr  # its _base_ resolved, schema passed
+
+
+def test_data_loader_workers_import_no_model_library():
+    """A spawned loader worker imports the modules of the stream and dataset it unpickles; timm and
+    torchvision (2.5-3.5 s) came in through a constant and a helper, in every worker of every run."""
+    code = ("import sys, pretrain.data, pretrain.engine, finetune.data.stream, finetune.data.det, "
+            "finetune.data.seg, finetune.data.eval_frames; print(sorted(m for m in ('timm', 'torchvision', 'deepspeed') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr[-2000:]
+
+
+def test_the_imagenet_normalisation_written_out_is_timms():
+    import numpy as np
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from finetune.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    np.testing.assert_array_equal(IMAGENET_MEAN, np.array(IMAGENET_DEFAULT_MEAN, np.float32))
+    np.testing.assert_array_equal(IMAGENET_STD, np.array(IMAGENET_DEFAULT_STD, np.float32))
