@@ -57,9 +57,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
     """Refuse a config before any work: its schema, and the folders and files it names."""
     import torch
 
+    from finetune.data.classes import label_id_names
+
     cfg = _checked(args)
     check_run(cfg, args.config, processes=args.processes, cuda=torch.cuda.is_available())
-    source = f" (from {cfg.data.classes_file})" if cfg.data.get("classes_file") else ""
+    source = ""
+    if cfg.data.get("classes_file"):  # all of its classes, or some of them (data.classes picks)
+        names = label_id_names(cfg.data)
+        source = (f" (from {cfg.data.classes_file})" if list(names) == list(cfg.data.classes)
+                  else f" (of the {len(names)} in {cfg.data.classes_file})")
     print(f"{args.config}: config fits its schema; the {cfg.data.layout} layout under {cfg.data.root} is there; "
           f"{len(cfg.data.classes)} class{'es' if len(cfg.data.classes) > 1 else ''}{source}: "
           f"{', '.join(cfg.data.classes)}{_val_boxes_note(cfg)}{_scoring_note(cfg)}")
