@@ -408,7 +408,6 @@ def discover_corpus(sources: list[Source], out: Path) -> Corpus:
     """Every source's frames and annotations, with the warnings a build prints (recordings not read,
     links not followed, folders not listed, frames an earlier source holds); ``out``, the build's
     output folder, is not read as frames."""
-    check_roots(sources)
     corpus = Corpus()
     held: dict[str, str] = {}
     for s in sources:

@@ -28,7 +28,9 @@ def _dry_run(sources, out: Path) -> int:
     """What each source gives a build, from its folders and annotation files alone: no frame is
     read and nothing is written (a corpus of 178k frames is checked in seconds, not hours)."""
     from data_tools.build import discover_corpus
+    from data_tools.sources import check_roots
 
+    check_roots(sources)  # every missing root at once, as the build says it
     corpus = discover_corpus(sources, out)
     ends = [*list(corpus.offsets.values())[1:], len(corpus.items)]
     for s, start, end in zip(sources, corpus.offsets.values(), ends):
