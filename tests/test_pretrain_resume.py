@@ -21,6 +21,7 @@ from pretrain.engine.loop import FAULT_ENV
 from tests.conftest import ROOT, kill_process_tree
 
 TINY = str(CONFIG_DIR / "pretrain" / "tiny.yaml")
+NO_TRACEBACK_OF_OURS = f'File "{ROOT / "pretrain"}'  # a traceback's frame in our code
 
 
 @pytest.fixture(scope="module")
@@ -534,7 +535,7 @@ def test_a_full_disk_while_saving_is_said_on_every_rank_and_resume_works(shards,
     message = f"checkpoint step00000004 could not be written to {run_dir / 'checkpoints'}: no space left (needs ~"
     assert out.count(message) == 2  # both ranks say it
     assert "previous checkpoint step00000002 is intact" in out and "Connection closed" not in out
-    assert "pretrain/engine.py" not in out  # our message alone, no traceback of ours (torchrun reports the exit)
+    assert NO_TRACEBACK_OF_OURS not in out  # our message alone (torchrun reports the exit)
     ckpt = Checkpointer(run_dir / "checkpoints")
     assert ckpt.latest_tag() == "step00000002" and ckpt.problem("step00000002") is None
     assert not (run_dir / "checkpoints" / "step00000004").exists()
@@ -572,6 +573,23 @@ def _same_training_state(a: dict, b: dict) -> bool:
         return False
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     return sa.keys() == sb.keys() and all(torch.equal(v, sb[i][k]) for i, st in sa.items() for k, v in st.items())
+
+
+def test_a_loader_worker_killed_ends_the_run_with_one_line(shards, tmp_path):
+    """A data-loader worker SIGKILLed (the out-of-memory killer) as it starts epoch 1: the run ends
+    with status 1 and one line that says so and how to go on, no traceback, no warning of leaked
+    semaphores after it (os._exit skips multiprocessing's clean-up); epoch 0's checkpoints stay."""
+    from pretrain.engine import Checkpointer
+    from pretrain.engine.streams import LOADER_KILL_FAULT_ENV
+
+    run_dir = tmp_path / "oom"
+    res = launch(run_dir, shards, nproc=1, extra=["data.num_workers=2"], env_extra={LOADER_KILL_FAULT_ENV: "1"})
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert out.count("error: a data-loader worker process died, perhaps for memory (PyTorch: DataLoader worker") == 1
+    assert "the same command then resumes from the last checkpoint" in out
+    assert NO_TRACEBACK_OF_OURS not in out and "leaked semaphore" not in out, out[-3000:]
+    assert Checkpointer(run_dir / "checkpoints").latest_tag() == "step00000012"  # 12 steps per epoch
 
 
 def _finished_with_nan_at(run_dir, shards, steps: str, extra: list[str]) -> str:
@@ -620,7 +638,7 @@ def test_consecutive_non_finite_steps_stop_the_run(shards, tmp_path):
     out = res.stdout + res.stderr
     assert res.returncode != 0
     assert "non-finite loss at step 4: 2 consecutive non-finite steps (train.nonfinite_max_consecutive=2)" in out
-    assert "pretrain/loop.py" not in out  # our message alone, no traceback
+    assert NO_TRACEBACK_OF_OURS not in out and "leaked semaphore" not in out  # our message alone
     assert Checkpointer(run_dir / "checkpoints").latest_tag() == "step00000002"
 
 

@@ -33,7 +33,7 @@ from pretrain.engine.distributed import average_over_ranks, batchnorm_statistics
 from pretrain.engine.health import HealthPolicy, StepHealth, faulty_steps, step_verdict
 from pretrain.engine.optim import set_lr
 from pretrain.engine.signals import StopSignals
-from pretrain.engine.streams import DataError, PlanError
+from pretrain.engine.streams import DataError, PlanError, loader_worker_death
 
 if TYPE_CHECKING:
     from pretrain.engine.task import Task
@@ -135,17 +135,29 @@ def run_entry_point(body, *args) -> None:
     try:
         finished = body(rank, world, device, *args)
     except (ResumeError, CheckpointWriteError, FloatingPointError, PlanError, DataError, WeightsError) as e:  # ours
-        print(f"error: {e}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    except Exception:
+        _exit_after_error(f"error: {e}")
+    except Exception as e:
+        died = loader_worker_death(e)
+        if died is not None:
+            _exit_after_error(f"error: a data-loader worker process died, perhaps for memory (PyTorch: "
+                              f"{died.rstrip('. ')}). Fewer data.num_workers or a smaller data.prefetch_factor use "
+                              "less; the same command then resumes from the last checkpoint")
         import traceback
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        _exit_after_error(traceback.format_exc().rstrip())
     finish(EXIT_PREEMPTED if finished is False else 0)
+
+
+def _exit_after_error(message: str) -> None:
+    """Say ``message`` and leave at once with status 1. os._exit skips multiprocessing's exit
+    handler, whose finalizers unlink the named semaphores of the loader workers' queues: run them
+    first, or its resource tracker reports them as leaked after the message."""
+    from multiprocessing import util
+
+    print(message, file=sys.stderr)
+    util._run_finalizers(0)  # exit priority >= 0: the semaphores' unlinking, not the queues' joins
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 @dataclass(frozen=True)

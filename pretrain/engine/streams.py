@@ -9,6 +9,8 @@ A stream yields dicts with the keys ``batch`` (index in the epoch), ``worker`` a
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -16,6 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pretrain.engine.signals import ignore_preemption_signals
 
 MAX_WORKERS = 64  # loader workers per training process
+LOADER_KILL_FAULT_ENV = "IRPT_FAULT_SIGKILL_LOADER_WORKER_AT_EPOCH"  # fault injection: loader worker 0 dies (as OOM)
 
 
 class DataError(ValueError):
@@ -26,6 +29,13 @@ class DataError(ValueError):
 class PlanError(ValueError):
     """The data cannot fill the batches and steps the config asks for; the message says what to
     change (said without a traceback: it is the user's setting, not a bug)."""
+
+
+def loader_worker_death(error: BaseException) -> str | None:
+    """PyTorch's words when ``error`` says that a loader worker process died (killed by a signal,
+    the out-of-memory killer's SIGKILL among them, or exited), else None."""
+    text = str(error).strip()
+    return text if isinstance(error, RuntimeError) and text.startswith("DataLoader worker (pid") else None
 
 
 class ResumableStream(IterableDataset):
@@ -77,6 +87,8 @@ class ResumableStream(IterableDataset):
         batches arrive in order after a resume."""
         info = get_worker_info()
         loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None and loader_worker == 0 and os.environ.get(LOADER_KILL_FAULT_ENV) == str(self.epoch):
+            os.kill(os.getpid(), signal.SIGKILL)
         worker = (loader_worker + self.start_batch) % workers
         mine = [b for b in range(self.batches_per_epoch) if b % workers == worker and b >= self.start_batch]
         return worker, workers, mine
@@ -112,8 +124,6 @@ class EpochLoader:
         self.stream.set_position(epoch, start_batch, positions)
         if self.started or self.loader.num_workers == 0:
             return iter(self.loader)
-        import signal
-
         preemption = (signal.SIGTERM, signal.SIGUSR1)
         handlers = {s: signal.signal(s, signal.SIG_IGN) for s in preemption}
         try:
