@@ -1,6 +1,7 @@
 """Pieces of the training engine on their own: which evaluation makes the ``best`` checkpoint,
 and how ``best`` is kept beside the step checkpoints."""
 import json
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -82,3 +83,19 @@ def test_an_effective_batch_that_is_no_multiple_of_the_batches_is_a_plan_error()
     assert resolve_batching(train, 2) == Batching(4, 3, 2)
     with pytest.raises(PlanError, match="effective_batch 24 is not a multiple of batch_size 4 x 4 processes"):
         resolve_batching(train, 4)
+
+
+def test_a_first_ctrl_c_asks_to_save_a_second_stops_at_once_and_restore_puts_the_handlers_back():
+    from pretrain.engine import StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    signals = StopSignals(announce=False)
+    try:
+        assert not signals.requested
+        signal.raise_signal(signal.SIGINT)
+        assert signals.requested and signals.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGINT) is before

@@ -182,23 +182,28 @@ def test_sigterm_saves_and_exits_then_resumes(shards, tmp_path):
     assert res.returncode == 0 and f"resumed from {tag}" in res.stdout, res.stdout + res.stderr
 
 
-def test_a_preempted_single_process_exits_75_and_the_rerun_finishes_with_0(shards, tmp_path):
-    """Without a launcher, the trainer's own exit status says what happened: 75 (EX_TEMPFAIL)
-    after a SIGTERM save, so that a wrapper knows to rerun; 0 once finished."""
+def test_ctrl_c_saves_and_exits_75_then_the_rerun_finishes_with_0(shards, tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the whole process group, loader workers included) on a run
+    without a launcher: the trainer saves at the end of the step and exits 75 (EX_TEMPFAIL, so a
+    wrapper knows to rerun), its loader workers ignore the signal; the rerun finishes with 0."""
     run_dir = tmp_path / "alone"
     args = [sys.executable, "-m", "pretrain", "train", *_common_args(run_dir, shards), "train.epochs=6",
-            "train.save_every_steps=1000"]
+            "train.save_every_steps=1000", "data.num_workers=2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 75 and "SIGTERM: saved step" in out, out[-3000:]
+    assert proc.returncode == 75 and "Ctrl-C: saving at the end of this step" in out, out[-3000:]
+    step = int(out.split("SIGINT: saved step ")[1].split(",")[0])
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step{step:08d}"
+    assert "DataLoader worker" not in out and NO_TRACEBACK_OF_OURS not in out
     res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0 and f"resumed from step{step:08d}" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
 
 def test_export_from_a_run(uninterrupted, tmp_path, capsys):

@@ -120,13 +120,15 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, ran
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; the same command resumes
+EXIT_INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
 
 
 def run_entry_point(body, *args) -> None:
     """Run ``body(rank, world, device, *args)`` in an initialised process group and end the
-    process: 0 on success, 75 when ``body`` returns False (stopped by a preemption signal after
-    saving: a wrapper can tell "rerun me" from "done" without reading files), 1 on any error
-    (a failed rank must not wait in a barrier)."""
+    process: 0 on success, 75 when ``body`` returns False (stopped by a preemption signal or a
+    Ctrl-C after saving: a wrapper can tell "rerun me" from "done" without reading files), 130
+    when interrupted without saving (Ctrl-C twice), 1 on any error (a failed rank must not wait in
+    a barrier)."""
     from pretrain.engine import finish, init_distributed
 
     rank, world, device = init_distributed()
@@ -136,6 +138,9 @@ def run_entry_point(body, *args) -> None:
         finished = body(rank, world, device, *args)
     except (ResumeError, CheckpointWriteError, FloatingPointError, PlanError, DataError, WeightsError) as e:  # ours
         _exit_after_error(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C twice, or once before the steps began
+        _exit_after_error("interrupted: the steps since the last checkpoint are lost; the same command resumes "
+                          "from it (or starts again if none was written)", EXIT_INTERRUPTED)
     except Exception as e:
         died = loader_worker_death(e)
         if died is not None:
@@ -147,8 +152,8 @@ def run_entry_point(body, *args) -> None:
     finish(EXIT_PREEMPTED if finished is False else 0)
 
 
-def _exit_after_error(message: str) -> None:
-    """Say ``message`` and leave at once with status 1. os._exit skips multiprocessing's exit
+def _exit_after_error(message: str, code: int = 1) -> None:
+    """Say ``message`` and leave at once with status ``code``. os._exit skips multiprocessing's exit
     handler, whose finalizers unlink the named semaphores of the loader workers' queues: run them
     first, or its resource tracker reports them as leaked after the message."""
     from multiprocessing import util
@@ -157,7 +162,7 @@ def _exit_after_error(message: str) -> None:
     util._run_finalizers(0)  # exit priority >= 0: the semaphores' unlinking, not the queues' joins
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(code)
 
 
 @dataclass(frozen=True)
@@ -328,7 +333,7 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
     samples_log = run_dir / f"samples_rank{rank}.jsonl" if spec.record_samples else None
     if samples_log is not None and samples_log.is_file():  # drop steps the resumed run will redo
         trim_jsonl(samples_log, lambda r: r["step"] < state["step"])
-    signals = StopSignals()
+    signals = StopSignals(announce=rank == 0)
     fault_step = int(os.environ.get(FAULT_ENV, "-1"))
     nan_steps = faulty_steps() if rank == 0 else set()
     health = StepHealth(spec.health, state, rank)
@@ -398,8 +403,10 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
                 if rank == 0:
                     print(f"{signals.signal_name or 'stop signal'}: saved step {state['step']}, exiting; "
                           "rerun the same command to resume", flush=True)
+                signals.restore()
                 return False
     progress.close()
+    signals.restore()
     return True
 
 

@@ -1,23 +1,35 @@
-"""Preemption signals: SIGTERM / SIGUSR1 ask the run to save and stop; loader workers ignore them."""
+"""Stop requests: SIGTERM / SIGUSR1 (preemption notices) and a first Ctrl-C (SIGINT) ask the run to
+save and stop; a second Ctrl-C stops at once. Loader workers ignore all three."""
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
 import torch.distributed as dist
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
 
 class StopSignals:
-    """SIGTERM / SIGUSR1 (preemption notices) set a flag; the loop saves and stops at the next
-    step, once every rank agrees (an all-reduce, so no rank is left waiting in a collective)."""
+    """Stop signals set a flag; the loop saves and stops at the end of the step, once every rank
+    agrees (an all-reduce, so no rank is left waiting in a collective). A second SIGINT raises
+    KeyboardInterrupt (Ctrl-C twice: the user wants out now, unsaved). ``restore`` puts the
+    previous handlers back (after the loop, a signal is no longer a request to save)."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.requested = False
         self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+        self.announce = announce
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
 
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            if self.announce:  # os.write: a print could re-enter a write the signal interrupted
+                os.write(2, b"\nCtrl-C: saving at the end of this step, then stopping "
+                            b"(Ctrl-C again stops at once, without saving)\n")
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
@@ -26,9 +38,14 @@ class StopSignals:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
 
 def ignore_preemption_signals(_worker_id: int) -> None:
     """Runs in each loader worker after PyTorch installed its own SIGTERM handler (which re-raises
-    SIGTERM from any sender but the parent): the training process handles preemption."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    SIGTERM from any sender but the parent): the training process handles the stop signals (Ctrl-C
+    in a terminal reaches the whole process group)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

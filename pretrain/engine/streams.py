@@ -15,7 +15,7 @@ import signal
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pretrain.engine.signals import ignore_preemption_signals
+from pretrain.engine.signals import STOP_SIGNALS, ignore_preemption_signals
 
 MAX_WORKERS = 64  # loader workers per training process
 LOADER_KILL_FAULT_ENV = "IRPT_FAULT_SIGKILL_LOADER_WORKER_AT_EPOCH"  # fault injection: loader worker 0 dies (as OOM)
@@ -99,7 +99,7 @@ class EpochLoader:
 
     Workers are spawned once (not forked, so they never inherit locked thread pools from the
     training process) and told where each epoch starts through the stream's shared position.
-    They ignore SIGTERM / SIGUSR1, inherited (SIG_IGN survives exec) and set again once PyTorch's
+    They ignore SIGTERM / SIGUSR1 / SIGINT, inherited (SIG_IGN survives exec) and set again once PyTorch's
     worker handlers are installed: a scheduler signals the whole process group, and the training
     process must be the one to react (save, then stop), not lose its workers.
     """
@@ -124,8 +124,7 @@ class EpochLoader:
         self.stream.set_position(epoch, start_batch, positions)
         if self.started or self.loader.num_workers == 0:
             return iter(self.loader)
-        preemption = (signal.SIGTERM, signal.SIGUSR1)
-        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in preemption}
+        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
         try:
             self.started = True
             return iter(self.loader)  # spawns the workers, which inherit SIG_IGN
