@@ -22,6 +22,10 @@ def rebuilding_trained_run():
 
 
 def warn_random_init(message: str) -> None:
-    """``warning: message`` on stderr when a model is built for training without init weights."""
-    if not _rebuilding_trained_run:
-        print(f"warning: {message}", file=sys.stderr)
+    """``warning: message`` on stderr when a model is built for training without init weights, by
+    the first process of a launch only (every rank builds the model)."""
+    import torch.distributed as dist
+
+    if _rebuilding_trained_run or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return
+    print(f"warning: {message}", file=sys.stderr)

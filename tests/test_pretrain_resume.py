@@ -62,6 +62,7 @@ def uninterrupted(shards, tmp_path_factory):
     res = launch(run_dir, shards)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "effective batch 4 = 2 x 1 accumulation x 2 processes" in res.stdout
+    assert res.stderr.count("the encoder starts from random init") == 1  # by the first process only
     return run_dir
 
 
