@@ -38,7 +38,7 @@ from data_tools.manifest import MANIFEST, read_manifest
 from data_tools.overlay import OverlayFinding, find_source_overlay, overlay_message
 from data_tools.proposals import ProposalConfig, compute_proposals, method_input_files, unique_boxes
 from data_tools.schema import BuildConfig
-from data_tools.files import atomic_write_text, sha256_file, storage_problem
+from data_tools.files import Interrupted, atomic_write_text, sha256_file, storage_problem
 from data_tools.shards import ENCODINGS, ShardFile, encode_image, encode_sample, sample_key, tar_bytes
 from data_tools.sources import Source, check_roots, discover
 
@@ -85,9 +85,11 @@ def frame_annotation_boxes(records: list[BoxRecord], mask_path: str | None, orig
     return clipped[keep], issues
 
 
-# Fault injection for the test of a worker killed mid-build (as the kernel's OOM killer does): the
-# worker given this frame index dies at once.
+# Fault injection for the tests of a build stopped midway: the worker given this frame index dies at
+# once (as by the kernel's OOM killer); the build sends its process group Ctrl-C's SIGINT once this
+# frame's result is in (the test starts it in a session of its own).
 WORKER_KILL_FAULT_ENV = "IRPT_FAULT_SIGKILL_BUILD_WORKER_AT"
+CTRL_C_FAULT_ENV = "IRPT_FAULT_CTRL_C_BUILD_AT"
 
 
 def process_item(task: tuple) -> dict[str, Any]:
@@ -166,6 +168,8 @@ def _worker_deaths_said(results: Iterable[dict], start: int, total: int) -> Iter
 
 def _init_worker(overlays: dict[str, np.ndarray]) -> None:
     cv2.setNumThreads(1)  # one OpenCV thread per process; parallelism comes from processes
+    if mp.parent_process() is not None:  # Ctrl-C reaches the whole process group: the build decides
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _OVERLAYS.clear()
     _OVERLAYS.update(overlays)  # once per worker, not pickled with every frame's task
 
@@ -455,9 +459,16 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
         except OSError as e:
             if (problem := storage_problem(e)) is None:
                 raise
-            done = len(list((out / PROGRESS_DIR).glob("*.json")))
-            raise BuildError(f"writing {out} failed ({problem}); its {done} finished shard record(s) are kept: free "
-                             "space (or choose another --out) and rerun the same command to resume") from None
+            raise BuildError(f"writing {out} failed ({problem}); its {_records_kept(out)} finished shard record(s) "
+                             "are kept: free space (or choose another --out) and rerun the same command to "
+                             "resume") from None
+        except KeyboardInterrupt:
+            raise Interrupted(f"{_records_kept(out)} finished shard record(s) in {out} are kept: rerun the "
+                              "same command to resume") from None
+
+
+def _records_kept(out: Path) -> int:
+    return len(list((out / PROGRESS_DIR).glob("*.json")))
 
 
 def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwrite: bool, progress: bool,
@@ -518,9 +529,12 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
         rec, shard = _new_record(rec["number"] + 1, end), None
 
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
+    ctrl_c_at = os.environ.get(CTRL_C_FAULT_ENV)
     try:
         for res in _worker_deaths_said(results, start, len(items)):
             bar.update(1)
+            if str(res["index"]) == ctrl_c_at:
+                os.killpg(0, signal.SIGINT)
             if "skip" in res:
                 rec["skipped"].append(res["skip"])
                 continue

@@ -11,7 +11,7 @@ from pathlib import Path
 from data_tools import dirlock
 from data_tools.build import SAMPLE_FRAME_FORMAT
 from data_tools.config import config_hash, save_resolved
-from data_tools.files import atomic_write_text, storage_problem
+from data_tools.files import Interrupted, atomic_write_text, storage_problem
 from data_tools.manifest import MANIFEST, ManifestError, read_manifest
 from data_tools.shards import ENCODINGS, ShardFile, decode_image, encode_image, image_member, iter_shard
 
@@ -41,6 +41,8 @@ def reencode_shards(src: str | Path, dst: str | Path, encoding: str, png_compres
                 raise
             raise ReencodeError(f"writing {dst} failed ({problem}): free space (or choose another --out), remove "
                                 "the folder and run again") from None
+        except KeyboardInterrupt:
+            raise Interrupted(f"{dst} holds part of the conversion: remove the folder and run again") from None
 
 
 def _reencode_into(src: Path, dst: Path, manifest: dict, encoding: str, png_compression: int | None) -> dict:

@@ -177,26 +177,50 @@ def test_resume_after_sigkill_of_the_cli(tmp_path):
     assert verify_shards(tmp_path / "killed") == []
 
 
-def test_a_worker_killed_mid_build_ends_the_build_and_the_rerun_resumes(tmp_path):
-    """A worker killed while reading a frame (the kernel's OOM killer) left multiprocessing.Pool
-    waiting for that frame forever; the build now ends, says so, and the rerun finishes it."""
-    from data_tools.build import WORKER_KILL_FAULT_ENV
+STOPPED_BUILD = ["--workers", "2", "shards.max_samples=10"]
 
+
+@pytest.fixture(scope="module")
+def roadscene_sources(tmp_path_factory):
+    """RoadScene's infrared frames, every 4th (56), and their uninterrupted build."""
+    tmp = tmp_path_factory.mktemp("stopped")
     root = shared_path("roadscene", "cropinfrared")
-    (tmp_path / "s.yaml").write_text(f"sources:\n  - {{name: roadscene, root: {root}, stride: 4}}\n")
-    args = ["build", "--sources", str(tmp_path / "s.yaml"), "--quiet", "--workers", "2", "shards.max_samples=10"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **{WORKER_KILL_FAULT_ENV: "25"})
-    res = subprocess.run([sys.executable, "-m", "data_tools", *args, "--out", str(tmp_path / "killed")], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "error: a worker process died after frame " in res.stderr and " of 56 (killed: out of memory?)" in res.stderr
-    assert json.loads((tmp_path / "killed" / "manifest.json").read_text())["status"] == "building"
-    assert not list((tmp_path / "killed").glob("*.tmp"))  # the shard being written was let go
-    assert cli_main([*args, "--out", str(tmp_path / "killed")]) == 0
-    assert cli_main([*args, "--out", str(tmp_path / "clean")]) == 0
-    killed = json.loads((tmp_path / "killed" / "manifest.json").read_text())
-    assert killed["shards"] == json.loads((tmp_path / "clean" / "manifest.json").read_text())["shards"]
-    assert killed["totals"]["written"] == 56
+    (tmp / "s.yaml").write_text(f"sources:\n  - {{name: roadscene, root: {root}, stride: 4}}\n")
+    assert cli_main(["build", "--sources", str(tmp / "s.yaml"), "--quiet", *STOPPED_BUILD, "--out",
+                     str(tmp / "clean")]) == 0
+    return tmp / "s.yaml", json.loads((tmp / "clean" / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("stop", ["worker_killed", "ctrl_c"])
+def test_a_build_stopped_midway_says_so_and_the_rerun_resumes(roadscene_sources, tmp_path, stop):
+    """A worker killed while reading a frame (the kernel's OOM killer) left multiprocessing.Pool
+    waiting for that frame forever; Ctrl-C in a terminal (SIGINT to the whole process group) ended
+    in a traceback. Both now end the build with one line (exit 2 and 130), no half-written shard,
+    and the rerun finishes it with the shards of an uninterrupted build."""
+    from data_tools.build import CTRL_C_FAULT_ENV, WORKER_KILL_FAULT_ENV
+
+    sources, clean = roadscene_sources
+    args = ["build", "--sources", str(sources), "--quiet", *STOPPED_BUILD, "--out", str(tmp_path / "stopped")]
+    # Ctrl-C once the last frame is in: the workers then wait for work, where one not told to leave
+    # SIGINT to the build dies with a traceback of its own.
+    fault = {"worker_killed": (WORKER_KILL_FAULT_ENV, "25"), "ctrl_c": (CTRL_C_FAULT_ENV, "55")}[stop]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **dict([fault]))
+    res = subprocess.run([sys.executable, "-m", "data_tools", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    if stop == "worker_killed":
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "error: a worker process died after frame " in res.stderr and " of 56 (killed: out of memory?)" in res.stderr
+    else:
+        assert res.returncode == 130, res.stderr[-2000:]
+        assert res.stderr.strip().splitlines()[-1] == (f"interrupted: 5 finished shard record(s) in {tmp_path / 'stopped'}"
+                                                      " are kept: rerun the same command to resume")
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]  # the workers' included
+    assert json.loads((tmp_path / "stopped" / "manifest.json").read_text())["status"] == "building"
+    assert not list((tmp_path / "stopped").glob("*.tmp"))  # the shard being written was let go
+    assert cli_main(args) == 0
+    resumed = json.loads((tmp_path / "stopped" / "manifest.json").read_text())
+    assert resumed["shards"] == clean["shards"] and resumed["totals"]["written"] == 56
 
 
 def test_discovery_of_real_folders_is_sorted_naturally():
