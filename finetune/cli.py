@@ -179,3 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (predict, check): one line, no traceback; training says its own
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -179,3 +179,14 @@ def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys):
     assert "6 of 6 frames predicted with best of" in capsys.readouterr().out
     assert json.loads((tmp_path / "pred_best" / "predict_report.json").read_text())["checkpoint"] == "best"
     assert not (tmp_path / "pred_best" / "overlays").exists()
+
+
+def test_ctrl_c_during_predict_is_one_line(tmp_path, monkeypatch, capsys):
+    import finetune.predict
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.predict, "predict_run", interrupted)
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(tmp_path), "--out", str(tmp_path / "p")]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
