@@ -99,3 +99,41 @@ def test_a_first_ctrl_c_asks_to_save_a_second_stops_at_once_and_restore_puts_the
     finally:
         signals.restore()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_errors_the_user_acts_on_are_one_line_and_a_bug_keeps_its_traceback():
+    import errno
+
+    from pretrain.engine.loop import said_error
+    from pretrain.engine.streams import PlanError
+
+    full = said_error(OSError(errno.ENOSPC, "No space left on device"))
+    assert full.startswith("error: a write failed (No space left on device): free space")
+    assert said_error(OSError(errno.EDQUOT, "Disk quota exceeded", "/runs/a/metrics.jsonl")).startswith(
+        "error: a write failed (Disk quota exceeded: /runs/a/metrics.jsonl)")
+    died = said_error(RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "))
+    assert "died, perhaps for memory (PyTorch: DataLoader worker (pid 4242) is killed by signal: Killed)" in died
+    assert said_error(PlanError("set data.samples_per_epoch=32 or more")) == "error: set data.samples_per_epoch=32 or more"
+    assert said_error(OSError(errno.EACCES, "Permission denied")) is None  # not the disk's fullness: a traceback
+    assert said_error(RuntimeError("shape mismatch")) is None and said_error(KeyError("encoder")) is None
+
+
+def test_a_background_threads_full_disk_is_left_to_the_main_thread(monkeypatch, capsys):
+    """TensorBoard's writer thread hits the full disk first and hands the error to the main thread's
+    next write (one line there); the thread's own traceback would print over that line."""
+    import errno
+    import threading
+
+    from pretrain.engine.loop import _storage_errors_said_by_the_main_thread
+
+    monkeypatch.setattr(threading, "excepthook", _storage_errors_said_by_the_main_thread)
+
+    def fails(error):
+        raise error
+
+    for error in (OSError(errno.ENOSPC, "No space left on device"), ValueError("a bug in a thread")):
+        t = threading.Thread(target=fails, args=(error,))
+        t.start()
+        t.join()
+    err = capsys.readouterr().err
+    assert "No space left" not in err and "ValueError: a bug in a thread" in err

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from data_tools.config import config_changes, earlier_version_of, save_resolved
 from pretrain.backbone_meta import WeightsError
-from data_tools.files import sha256_file, trim_jsonl
+from data_tools.files import sha256_file, storage_problem, trim_jsonl
 from pretrain.engine import runlock
 from pretrain.engine.checkpoint import (Checkpointer, CheckpointWriteError, ResumeError, frozen_fingerprint,
                                         seed_step)
@@ -134,22 +135,45 @@ def run_entry_point(body, *args) -> None:
     rank, world, device = init_distributed()
     if rank == 0:
         print(f"{world} process(es) ({dist.get_backend()}), {torch.get_num_threads()} CPU threads each")
+    threading.excepthook = _storage_errors_said_by_the_main_thread
     try:
         finished = body(rank, world, device, *args)
-    except (ResumeError, CheckpointWriteError, FloatingPointError, PlanError, DataError, WeightsError) as e:  # ours
-        _exit_after_error(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C twice, or once before the steps began
         _exit_after_error("interrupted: the steps since the last checkpoint are lost; the same command resumes "
                           "from it (or starts again if none was written)", EXIT_INTERRUPTED)
     except Exception as e:
-        died = loader_worker_death(e)
-        if died is not None:
-            _exit_after_error(f"error: a data-loader worker process died, perhaps for memory (PyTorch: "
-                              f"{died.rstrip('. ')}). Fewer data.num_workers or a smaller data.prefetch_factor use "
-                              "less; the same command then resumes from the last checkpoint")
-        import traceback
-        _exit_after_error(traceback.format_exc().rstrip())
+        message = said_error(e)
+        if message is None:  # a bug: its traceback
+            import traceback
+            message = traceback.format_exc().rstrip()
+        _exit_after_error(message)
     finish(EXIT_PREEMPTED if finished is False else 0)
+
+
+USER_ERRORS = (ResumeError, CheckpointWriteError, FloatingPointError, PlanError, DataError, WeightsError)
+
+
+def said_error(e: BaseException) -> str | None:
+    """The one line that says ``e`` when it is the user's to act on (a setting, the data, the
+    machine's memory or disk), without a traceback; None for anything else (a bug: its traceback)."""
+    if isinstance(e, USER_ERRORS):
+        return f"error: {e}"
+    if (died := loader_worker_death(e)) is not None:
+        return (f"error: a data-loader worker process died, perhaps for memory (PyTorch: {died.rstrip('. ')}). "
+                "Fewer data.num_workers or a smaller data.prefetch_factor use less; the same command then resumes "
+                "from the last checkpoint")
+    if isinstance(e, OSError) and (problem := storage_problem(e)) is not None:
+        return (f"error: a write failed ({problem}): free space (or give another --run-dir) and rerun the same "
+                "command; it resumes from the last checkpoint")
+    return None
+
+
+def _storage_errors_said_by_the_main_thread(args) -> None:
+    """A background thread's full disk is not printed as a traceback: TensorBoard's writer thread
+    hands its error to the main thread's next write, which says it in one line (said_error)."""
+    if isinstance(args.exc_value, OSError) and storage_problem(args.exc_value) is not None:
+        return
+    threading.__excepthook__(args)
 
 
 def _exit_after_error(message: str, code: int = 1) -> None:
