@@ -6,6 +6,7 @@ import json
 import sys
 
 from data_tools.config import CONFIG_DIR, float_in, int_in, load_config, out_folder
+from data_tools.files import storage_error_line
 from finetune.preflight import check_run, check_weights_given
 
 SEG_CONFIG = str(CONFIG_DIR / "finetune" / "seg_vitb.yaml")
@@ -182,3 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C (predict, check): one line, no traceback; training says its own
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # predict's outputs on a full disk
+        if (line := storage_error_line(e)) is None:
+            raise
+        print(line, file=sys.stderr)
+        return 2

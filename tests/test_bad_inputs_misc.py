@@ -311,3 +311,32 @@ def test_a_folder_given_for_an_output_file_takes_its_usual_name(tmp_path):
     (tmp_path / "exports").mkdir()
     assert out_file("preview.png", (".png",))(str(tmp_path / "exports")) == str(tmp_path / "exports" / "preview.png")
     assert out_file("preview.png", (".png",))(str(tmp_path / "grid.PNG")) == str(tmp_path / "grid.PNG")
+
+
+@pytest.mark.parametrize("command", ["data_tools synth", "finetune predict"])
+def test_a_full_disk_under_a_command_is_one_line_and_other_os_errors_keep_their_traceback(command, tmp_path,
+                                                                                          monkeypatch, capsys):
+    import errno
+
+    import data_tools.synth
+    import finetune.predict
+    from data_tools.cli import main as data_main
+    from finetune.cli import main as finetune_main
+
+    def fails(*args, **kwargs):
+        raise error
+
+    if command == "data_tools synth":
+        monkeypatch.setattr(data_tools.synth, "write_corpus", fails)
+        main, argv = data_main, ["synth", "--out", str(tmp_path / "synth")]
+    else:
+        monkeypatch.setattr(finetune.predict, "predict_run", fails)
+        main, argv = finetune_main, ["predict", str(tmp_path), "--ir", str(tmp_path), "--out", str(tmp_path / "p")]
+    written = tmp_path / "out" / "a.png"
+    error = OSError(errno.ENOSPC, "No space left on device", str(written))
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"error: a write failed (No space left on device: {written}): free space "
+                                       "(or write elsewhere) and run again\n")
+    error = PermissionError(errno.EACCES, "Permission denied")
+    with pytest.raises(PermissionError):
+        main(argv)
