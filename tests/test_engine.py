@@ -114,6 +114,9 @@ def test_errors_the_user_acts_on_are_one_line_and_a_bug_keeps_its_traceback():
     died = said_error(RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "))
     assert "died, perhaps for memory (PyTorch: DataLoader worker (pid 4242) is killed by signal: Killed)" in died
     assert said_error(PlanError("set data.samples_per_epoch=32 or more")) == "error: set data.samples_per_epoch=32 or more"
+    lost = said_error(RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:19077. "
+                                    "This is typically caused by a remote worker crashing."))
+    assert lost.startswith("error: lost the connection to another process of this launch")
     assert said_error(OSError(errno.EACCES, "Permission denied")) is None  # not the disk's fullness: a traceback
     assert said_error(RuntimeError("shape mismatch")) is None and said_error(KeyError("encoder")) is None
 

@@ -581,21 +581,23 @@ def _same_training_state(a: dict, b: dict) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(v, sb[i][k]) for i, st in sa.items() for k, v in st.items())
 
 
-def test_a_loader_worker_killed_ends_the_run_with_one_line(shards, tmp_path):
-    """A data-loader worker SIGKILLed (the out-of-memory killer) as it starts epoch 1: the run ends
-    with status 1 and one line that says so and how to go on, no traceback, no warning of leaked
-    semaphores after it (os._exit skips multiprocessing's clean-up); epoch 0's checkpoints stay."""
+def test_a_loader_worker_killed_ends_the_run_with_one_line_per_process(shards, tmp_path):
+    """Rank 1's data-loader worker SIGKILLed (the out-of-memory killer) as it starts epoch 1: rank 1
+    says so and how to go on, rank 0 that it lost its peer (gloo's traceback before), one line each,
+    no traceback of ours, no warning of leaked semaphores after them (os._exit skips
+    multiprocessing's clean-up); epoch 0's checkpoints stay."""
     from pretrain.engine import Checkpointer
     from pretrain.engine.streams import LOADER_KILL_FAULT_ENV
 
     run_dir = tmp_path / "oom"
-    res = launch(run_dir, shards, nproc=1, extra=["data.num_workers=2"], env_extra={LOADER_KILL_FAULT_ENV: "1"})
+    res = launch(run_dir, shards, extra=["data.num_workers=2"], env_extra={LOADER_KILL_FAULT_ENV: "1@1"})
     out = res.stdout + res.stderr
     assert res.returncode != 0
     assert out.count("error: a data-loader worker process died, perhaps for memory (PyTorch: DataLoader worker") == 1
     assert "the same command then resumes from the last checkpoint" in out
+    assert out.count("error: lost the connection to another process of this launch: it stopped") == 1, out[-3000:]
     assert NO_TRACEBACK_OF_OURS not in out and "leaked semaphore" not in out, out[-3000:]
-    assert Checkpointer(run_dir / "checkpoints").latest_tag() == "step00000012"  # 12 steps per epoch
+    assert Checkpointer(run_dir / "checkpoints").latest_tag() == "step00000006"  # 6 steps per epoch
 
 
 def _finished_with_nan_at(run_dir, shards, steps: str, extra: list[str]) -> str:

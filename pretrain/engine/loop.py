@@ -151,6 +151,7 @@ def run_entry_point(body, *args) -> None:
 
 
 USER_ERRORS = (ResumeError, CheckpointWriteError, FloatingPointError, PlanError, DataError, WeightsError)
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")  # gloo, when another rank's process ended
 
 
 def said_error(e: BaseException) -> str | None:
@@ -162,6 +163,9 @@ def said_error(e: BaseException) -> str | None:
         return (f"error: a data-loader worker process died, perhaps for memory (PyTorch: {died.rstrip('. ')}). "
                 "Fewer data.num_workers or a smaller data.prefetch_factor use less; the same command then resumes "
                 "from the last checkpoint")
+    if isinstance(e, RuntimeError) and any(words in str(e) for words in PEER_LOST):
+        return ("error: lost the connection to another process of this launch: it stopped (its own message says "
+                "why) or the network to it failed; the same command resumes from the last checkpoint")
     if isinstance(e, OSError) and (problem := storage_problem(e)) is not None:
         return (f"error: a write failed ({problem}): free space (or give another --run-dir) and rerun the same "
                 "command; it resumes from the last checkpoint")

@@ -18,7 +18,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pretrain.engine.signals import STOP_SIGNALS, ignore_preemption_signals
 
 MAX_WORKERS = 64  # loader workers per training process
-LOADER_KILL_FAULT_ENV = "IRPT_FAULT_SIGKILL_LOADER_WORKER_AT_EPOCH"  # fault injection: loader worker 0 dies (as OOM)
+# Fault injection: loader worker 0 dies (as by the OOM killer) as it starts epoch E ("E"), on one rank only ("E@R").
+LOADER_KILL_FAULT_ENV = "IRPT_FAULT_SIGKILL_LOADER_WORKER_AT_EPOCH"
 
 
 class DataError(ValueError):
@@ -87,7 +88,8 @@ class ResumableStream(IterableDataset):
         batches arrive in order after a resume."""
         info = get_worker_info()
         loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if info is not None and loader_worker == 0 and os.environ.get(LOADER_KILL_FAULT_ENV) == str(self.epoch):
+        if info is not None and loader_worker == 0 and os.environ.get(LOADER_KILL_FAULT_ENV) in (
+                str(self.epoch), f"{self.epoch}@{os.environ.get('RANK', '0')}"):
             os.kill(os.getpid(), signal.SIGKILL)
         worker = (loader_worker + self.start_batch) % workers
         mine = [b for b in range(self.batches_per_epoch) if b % workers == worker and b >= self.start_batch]
