@@ -161,7 +161,7 @@ def said_error(e: BaseException) -> str | None:
         return f"error: {e}"
     if (died := loader_worker_death(e)) is not None:
         return (f"error: a data-loader worker process died, perhaps for memory (PyTorch: {died.rstrip('. ')}). "
-                "Fewer data.num_workers or a smaller data.prefetch_factor use less; the same command then resumes "
+                "Fewer data.num_workers use less (each holds batches of its own); the same command then resumes "
                 "from the last checkpoint")
     if isinstance(e, RuntimeError) and any(words in str(e) for words in PEER_LOST):
         return ("error: lost the connection to another process of this launch: it stopped (its own message says "
