@@ -106,3 +106,10 @@ def release(folder: Path) -> None:
     if fd is not None:
         os.ftruncate(fd, 0)  # a holder that let go is not named to the next one, as a killed one is
         os.close(fd)  # closing the descriptor drops the flock
+
+
+def release_all() -> None:
+    """Let go of every lock this process holds: for a process about to leave by ``os._exit``, which
+    skips the ``with`` blocks that would (a run that ended is not named to the next as a killed one)."""
+    for key in list(_held):
+        release(Path(key))

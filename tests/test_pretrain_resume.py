@@ -205,6 +205,7 @@ def test_ctrl_c_saves_and_exits_75_then_the_rerun_finishes_with_0(shards, tmp_pa
     assert "DataLoader worker" not in out and NO_TRACEBACK_OF_OURS not in out
     res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and f"resumed from step{step:08d}" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "took over the lock" not in res.stdout + res.stderr  # a run that stopped let go of it, unlike a killed one
 
 
 def test_export_from_a_run(uninterrupted, tmp_path, capsys):
@@ -598,6 +599,7 @@ def test_a_loader_worker_killed_ends_the_run_with_one_line_per_process(shards, t
     assert out.count("error: lost the connection to another process of this launch: it stopped") == 1, out[-3000:]
     assert NO_TRACEBACK_OF_OURS not in out and "leaked semaphore" not in out, out[-3000:]
     assert Checkpointer(run_dir / "checkpoints").latest_tag() == "step00000006"  # 6 steps per epoch
+    assert (run_dir / ".lock").read_text() == ""  # let go of, not left to be taken over as a killed run's
 
 
 def _finished_with_nan_at(run_dir, shards, steps: str, extra: list[str]) -> str:

@@ -147,6 +147,7 @@ def run_entry_point(body, *args) -> None:
             import traceback
             message = traceback.format_exc().rstrip()
         _exit_after_error(message)
+    runlock.release_all()
     finish(EXIT_PREEMPTED if finished is False else 0)
 
 
@@ -187,6 +188,7 @@ def _exit_after_error(message: str, code: int = 1) -> None:
     from multiprocessing import util
 
     print(message, file=sys.stderr)
+    runlock.release_all()
     util._run_finalizers(0)  # exit priority >= 0: the semaphores' unlinking, not the queues' joins
     sys.stdout.flush()
     sys.stderr.flush()

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from data_tools import dirlock
-from data_tools.dirlock import LOCK_NAME, FolderBusy, release  # noqa: F401 (the engine's names)
+from data_tools.dirlock import LOCK_NAME, FolderBusy, release, release_all  # noqa: F401 (the engine's names)
 
 
 def acquire(run_dir: Path) -> str | None:
