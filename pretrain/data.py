@@ -26,7 +26,7 @@ from data_tools.manifest import read_manifest
 from data_tools.shards import SampleDecodeError, decode_for_training, iter_shard
 from data_tools.transforms import (IntensityConfig, RoICropConfig, normalize_ir, object_sensitive_crop,
                                    random_hflip, to_unit_intensity)
-from pretrain.engine.streams import PlanError, ResumableStream
+from pretrain.engine.streams import DataError, PlanError, ResumableStream
 
 
 MAX_CONSECUTIVE_BAD_SAMPLES = 100  # then the data, not a sample, is broken: stop with the reason
@@ -141,8 +141,9 @@ class PretrainStream(ResumableStream):
                 yielded += 1
                 yield sample
             if yielded == 0:  # never spin on a set that has nothing readable
-                raise RuntimeError(f"shard set '{self.sets[set_index].name}': a full pass over its shards gave "
-                                   f"no readable sample for loader slot {slot} of {slots}")
+                raise DataError(f"shard set '{self.sets[set_index].name}': a full pass over its shards gave no "
+                                f"readable sample for loader slot {slot} of {slots} (were they moved, deleted or "
+                                "changed while the run trained? `python -m data_tools verify` checks them)")
 
     def _mixed_stream(self, slot: int, slots: int, counters: dict) -> Iterator[dict]:
         streams = [self._slot_stream(i, slot, slots, counters) for i in range(len(self.sets))]
@@ -204,8 +205,8 @@ class PretrainStream(ResumableStream):
                     counters["bad_samples"] += 1
                     consecutive_bad += 1
                     if consecutive_bad >= MAX_CONSECUTIVE_BAD_SAMPLES:
-                        raise RuntimeError(f"{consecutive_bad} consecutive samples failed to decode, the last: "
-                                           f"{e}") from e
+                        raise DataError(f"{consecutive_bad} consecutive samples failed to decode, the last: {e} "
+                                        "(`python -m data_tools verify` checks the shards)") from e
             batch = self._to_network(crops)
             new_bad_shards = counters["bad_shard_urls"][reported_shards:]  # failed reads since the last batch
             yield {"images": batch, "keys": keys, "epoch": self.epoch, "batch": b, "worker": worker, "position": position,

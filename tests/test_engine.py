@@ -104,8 +104,10 @@ def test_a_first_ctrl_c_asks_to_save_a_second_stops_at_once_and_restore_puts_the
 def test_errors_the_user_acts_on_are_one_line_and_a_bug_keeps_its_traceback():
     import errno
 
+    from torch._utils import ExceptionWrapper
+
     from pretrain.engine.loop import said_error
-    from pretrain.engine.streams import PlanError
+    from pretrain.engine.streams import DataError, PlanError
 
     full = said_error(OSError(errno.ENOSPC, "No space left on device"))
     assert full.startswith("error: a write failed (No space left on device): free space")
@@ -117,6 +119,14 @@ def test_errors_the_user_acts_on_are_one_line_and_a_bug_keeps_its_traceback():
     lost = said_error(RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:19077. "
                                     "This is typically caused by a remote worker crashing."))
     assert lost.startswith("error: lost the connection to another process of this launch")
+    try:  # raised in a loader worker: PyTorch writes the worker's traceback into the message
+        raise DataError("no frame of the dataset could be loaded any more")
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as raised:
+        wrapped.reraise()
+    assert "Original Traceback" in str(raised.value)
+    assert said_error(raised.value) == "error: no frame of the dataset could be loaded any more"
     assert said_error(OSError(errno.EACCES, "Permission denied")) is None  # not the disk's fullness: a traceback
     assert said_error(RuntimeError("shape mismatch")) is None and said_error(KeyError("encoder")) is None
 

@@ -14,7 +14,7 @@ from data_tools.manifest import ManifestError
 from data_tools.sources import load_sources
 from data_tools.synth import SynthConfig, write_corpus
 from pretrain.data import PretrainStream, ShardSet, StreamConfig, batches_per_epoch, load_shard_set
-from pretrain.engine import EpochLoader, lr_at
+from pretrain.engine import DataError, EpochLoader, lr_at
 from data_tools.transforms import RoICropConfig
 
 
@@ -120,7 +120,7 @@ def test_corrupt_samples_and_shards_are_counted_and_skipped(shards, tmp_path):
 def test_a_set_with_nothing_readable_is_an_error_not_a_hang(tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"junk" * 100)
     bad = ShardSet("junk", (str(tmp_path / "junk.tar"),), 10)
-    with pytest.raises(RuntimeError, match="no readable sample"):
+    with pytest.raises(DataError, match="no readable sample"):  # the user's data: one line, no traceback
         run(PretrainStream([bad], stream_cfg(2), seed=0))
 
 
@@ -210,7 +210,7 @@ def test_undecodable_samples_are_bounded(tmp_path):
             m.size = len(data)
             tout.addfile(m, io.BytesIO(data))
     garbage = ShardSet("garbage", (str(tmp_path / "garbage.tar"),), 6)
-    with pytest.raises(RuntimeError, match=f"{pretrain.data.MAX_CONSECUTIVE_BAD_SAMPLES} consecutive samples "
+    with pytest.raises(DataError, match=f"{pretrain.data.MAX_CONSECUTIVE_BAD_SAMPLES} consecutive samples "
                                            r"failed to decode, the last: sample synth-\d+"):
         run(PretrainStream([garbage], stream_cfg(2), seed=0))
 
@@ -245,3 +245,23 @@ def test_a_bad_shard_counts_once_however_often_it_is_read(shards, tmp_path, caps
             note_bad_shards(state, batch["bad_shard_urls"], rank=0)
     assert reads >= 3 and state["bad_shards"] == 1 and state["bad_shard_names"] == [str(truncated)]
     assert capsys.readouterr().err.count("truncated.tar is unreadable or truncated") == 1
+
+
+def test_a_fine_tuning_stream_whose_frames_all_fail_is_a_data_error():
+    """Frames moved or deleted while a fine-tuning run trains: each is counted and replaced by the
+    next, and when none loads any more, a DataError (said in one line) instead of a spin or a bug's
+    traceback."""
+    from finetune.data.stream import MapBatchStream
+
+    class Gone:
+        def __len__(self):
+            return 4
+
+        def names(self):
+            return [f"frame{i}" for i in range(4)]
+
+        def train_sample(self, i, rng):
+            raise FileNotFoundError(f"frame{i}.png")
+
+    with pytest.raises(DataError, match=r"could be loaded any more \(the last, frame(\d): frame\1\.png\)"):
+        next(iter(MapBatchStream(Gone(), batch_size=2, seed=0)))

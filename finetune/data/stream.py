@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pretrain.engine import PlanError, ResumableStream
+from pretrain.engine import DataError, PlanError, ResumableStream
 
 
 def batches_per_epoch(num_samples: int, world: int, batch_size: int, multiple: int = 1) -> int:
@@ -54,9 +54,11 @@ class MapBatchStream(ResumableStream):
                         samples.append(self.dataset.train_sample(i, np.random.default_rng([self.seed, epoch, i])))
                         break
                     except Exception as e:  # changed on disk since it was checked: counted, replaced
-                        bad, error = bad + 1, e
+                        bad, error = bad + 1, f"{self.dataset.names()[i]}: {e}"
                 else:
-                    raise RuntimeError(f"no frame of the dataset could be loaded (last error: {error!r})")
+                    raise DataError(f"no frame of the dataset could be loaded any more (the last, {error}): were its "
+                                    "files moved or deleted while the run trained? With them back, the same command "
+                                    "resumes from the last checkpoint")
             batch = self.dataset.collate(samples)
             batch.update(batch=b, worker=worker, position=0, bad_samples=bad, bad_shard_urls=[],
                          keys=[s["name"] for s in samples])

@@ -159,7 +159,7 @@ def said_error(e: BaseException) -> str | None:
     """The one line that says ``e`` when it is the user's to act on (a setting, the data, the
     machine's memory or disk), without a traceback; None for anything else (a bug: its traceback)."""
     if isinstance(e, USER_ERRORS):
-        return f"error: {e}"
+        return f"error: {_without_worker_traceback(e)}"
     if (died := loader_worker_death(e)) is not None:
         return (f"error: a data-loader worker process died, perhaps for memory (PyTorch: {died.rstrip('. ')}). "
                 "Fewer data.num_workers use less (each holds batches of its own); the same command then resumes "
@@ -171,6 +171,17 @@ def said_error(e: BaseException) -> str | None:
         return (f"error: a write failed ({problem}): free space (or give another --run-dir) and rerun the same "
                 "command; it resumes from the last checkpoint")
     return None
+
+
+def _without_worker_traceback(e: BaseException) -> str:
+    """``e``'s own message: PyTorch re-raises a loader worker's exception with the worker's traceback
+    written into the message (``Caught X in DataLoader worker process 0. Original Traceback ...``)."""
+    text = str(e)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        kind = type(e)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        text = text.rsplit(f"\n{name}: ", 1)[-1]
+    return text.strip()
 
 
 def _storage_errors_said_by_the_main_thread(args) -> None:
