@@ -150,3 +150,27 @@ def test_a_background_threads_full_disk_is_left_to_the_main_thread(monkeypatch, 
         t.join()
     err = capsys.readouterr().err
     assert "No space left" not in err and "ValueError: a bug in a thread" in err
+
+
+class _SigintAtUnpickling:
+    """Records the SIGINT disposition a spawned loader worker has when it unpickles the dataset,
+    before PyTorch's worker loop and its ``worker_init_fn`` run."""
+
+    def __init__(self):
+        self.seen = None  # a state to pickle: without one, unpickling does not call __setstate__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, seen=signal.getsignal(signal.SIGINT))
+
+    def eval_sample(self, i):
+        return str(self.seen)
+
+
+def test_evaluation_workers_ignore_ctrl_c_from_their_start():
+    """A Ctrl-C in the second a fresh evaluation worker spends importing would kill it, read as a
+    worker that died of memory, and end the run unsaved: the workers inherit SIG_IGN."""
+    from finetune.data.eval_frames import eval_loader
+
+    before = signal.getsignal(signal.SIGINT)
+    assert list(eval_loader(_SigintAtUnpickling(), [0], workers=1)) == [str(signal.SIG_IGN)]
+    assert signal.getsignal(signal.SIGINT) is before  # the training process's own handler is back

@@ -3,9 +3,11 @@ light to import: each worker imports the module of what it unpickles (this one a
 and the runner's would bring the models, timm and torchvision into every worker (4.7 s each)."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
-from pretrain.engine.signals import ignore_preemption_signals
+from pretrain.engine.signals import ignore_preemption_signals, stop_signals_ignored
 
 
 class _EvalFrames(torch.utils.data.Dataset):
@@ -23,8 +25,11 @@ def _as_is(sample):
     return sample
 
 
-def eval_loader(dataset, indices: list[int], workers: int):
-    """This rank's frames, one at a time, read by spawned workers that ignore preemption signals."""
-    return torch.utils.data.DataLoader(_EvalFrames(dataset, indices), batch_size=None, num_workers=workers,
-                                       collate_fn=_as_is, multiprocessing_context="spawn" if workers else None,
-                                       worker_init_fn=ignore_preemption_signals if workers else None)
+def eval_loader(dataset, indices: list[int], workers: int) -> Iterator[dict]:
+    """This rank's frames, one at a time, read by spawned workers that ignore the stop signals (the
+    training process decides), from their start."""
+    loader = torch.utils.data.DataLoader(_EvalFrames(dataset, indices), batch_size=None, num_workers=workers,
+                                         collate_fn=_as_is, multiprocessing_context="spawn" if workers else None,
+                                         worker_init_fn=ignore_preemption_signals if workers else None)
+    with stop_signals_ignored():
+        return iter(loader)  # spawns the workers

@@ -2,6 +2,7 @@
 save and stop; a second Ctrl-C stops at once. Loader workers ignore all three."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -49,3 +50,16 @@ def ignore_preemption_signals(_worker_id: int) -> None:
     in a terminal reaches the whole process group)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def stop_signals_ignored():
+    """Loader workers spawned inside inherit SIG_IGN for the stop signals (it survives exec), so a
+    Ctrl-C or SIGTERM in the second or two before ``ignore_preemption_signals`` runs in them cannot
+    kill them (which would read as a worker that died of memory)."""
+    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)

@@ -15,7 +15,7 @@ import signal
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pretrain.engine.signals import STOP_SIGNALS, ignore_preemption_signals
+from pretrain.engine.signals import ignore_preemption_signals, stop_signals_ignored
 
 MAX_WORKERS = 64  # loader workers per training process
 # Fault injection: loader worker 0 dies (as by the OOM killer) as it starts epoch E ("E"), on one rank only ("E@R").
@@ -126,10 +126,6 @@ class EpochLoader:
         self.stream.set_position(epoch, start_batch, positions)
         if self.started or self.loader.num_workers == 0:
             return iter(self.loader)
-        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
-        try:
+        with stop_signals_ignored():
             self.started = True
-            return iter(self.loader)  # spawns the workers, which inherit SIG_IGN
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
+            return iter(self.loader)  # spawns the workers
