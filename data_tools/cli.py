@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from data_tools.config import CONFIG_DIR, int_in, load_config, out_file, out_folder, override_arg
-from data_tools.files import storage_error_line
+from data_tools.command import run_command
 from data_tools.manifest import read_manifest
 
 DEFAULT_BUILD_CONFIG = CONFIG_DIR / "data" / "build.yaml"
@@ -346,13 +346,4 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt as e:  # Ctrl-C: one line (what is kept, when the command says), no traceback
-        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
-        return 130
-    except OSError as e:
-        if (line := storage_error_line(e)) is None:
-            raise
-        print(line, file=sys.stderr)
-        return 2
+    return run_command(args.func, args)

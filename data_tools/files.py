@@ -32,15 +32,6 @@ def storage_problem(e: OSError) -> str | None:
     return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
 
 
-def storage_error_line(e: OSError) -> str | None:
-    """The command line's one line for a write that failed on a full disk (quota, read-only mount),
-    or None for another error."""
-    problem = storage_problem(e)
-    if problem is None:
-        return None
-    return f"error: a write failed ({problem}): free space (or write elsewhere) and run again"
-
-
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C while a command writes a folder; the message says what is kept and how to go on (still a
     KeyboardInterrupt to a caller, the command line says it in one line)."""

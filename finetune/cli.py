@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from data_tools.config import CONFIG_DIR, float_in, int_in, load_config, out_folder
-from data_tools.files import storage_error_line
+from data_tools.command import run_command
 from finetune.preflight import check_run, check_weights_given
 
 SEG_CONFIG = str(CONFIG_DIR / "finetune" / "seg_vitb.yaml")
@@ -175,16 +174,4 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C (predict, check): one line, no traceback; training says its own
-        print("interrupted", file=sys.stderr)
-        return 130
-    except OSError as e:  # predict's outputs on a full disk
-        if (line := storage_error_line(e)) is None:
-            raise
-        print(line, file=sys.stderr)
-        return 2
+    return run_command(args.func, args, (KeyError, ValueError, FileNotFoundError, RuntimeError))

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from data_tools.command import run_command
 from data_tools.config import CONFIG_DIR, load_config, out_folder
 
 
@@ -125,8 +126,5 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:  # WeightsError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # WeightsError is a ValueError
+    return run_command(args.func, args, (KeyError, ValueError, FileNotFoundError, RuntimeError))

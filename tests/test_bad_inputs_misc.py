@@ -313,15 +313,17 @@ def test_a_folder_given_for_an_output_file_takes_its_usual_name(tmp_path):
     assert out_file("preview.png", (".png",))(str(tmp_path / "grid.PNG")) == str(tmp_path / "grid.PNG")
 
 
-@pytest.mark.parametrize("command", ["data_tools synth", "finetune predict"])
+@pytest.mark.parametrize("command", ["data_tools synth", "finetune predict", "pretrain export"])
 def test_a_full_disk_under_a_command_is_one_line_and_other_os_errors_keep_their_traceback(command, tmp_path,
                                                                                           monkeypatch, capsys):
     import errno
 
     import data_tools.synth
     import finetune.predict
+    import pretrain.export
     from data_tools.cli import main as data_main
     from finetune.cli import main as finetune_main
+    from pretrain.cli import main as pretrain_main
 
     def fails(*args, **kwargs):
         raise error
@@ -329,9 +331,12 @@ def test_a_full_disk_under_a_command_is_one_line_and_other_os_errors_keep_their_
     if command == "data_tools synth":
         monkeypatch.setattr(data_tools.synth, "write_corpus", fails)
         main, argv = data_main, ["synth", "--out", str(tmp_path / "synth")]
-    else:
+    elif command == "finetune predict":
         monkeypatch.setattr(finetune.predict, "predict_run", fails)
         main, argv = finetune_main, ["predict", str(tmp_path), "--ir", str(tmp_path), "--out", str(tmp_path / "p")]
+    else:
+        monkeypatch.setattr(pretrain.export, "export_run", fails)
+        main, argv = pretrain_main, ["export", str(tmp_path), "--out", str(tmp_path / "backbone.pth")]
     written = tmp_path / "out" / "a.png"
     error = OSError(errno.ENOSPC, "No space left on device", str(written))
     assert main(argv) == 2

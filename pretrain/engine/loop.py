@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.distributed as dist
 
+from data_tools.command import EXIT_INTERRUPTED
 from data_tools.config import config_changes, earlier_version_of, save_resolved
 from pretrain.backbone_meta import WeightsError
 from data_tools.files import sha256_file, storage_problem, trim_jsonl
@@ -121,7 +122,6 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, ran
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; the same command resumes
-EXIT_INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
 
 
 def run_entry_point(body, *args) -> None:
