@@ -303,6 +303,26 @@ def earlier_version_of(saved: str | Path | dict, saved_hash: str | None, cfg: Di
     return saved_hash is not None and config_hash(_within(to_container(cfg), then)) == saved_hash
 
 
+def equal_but_for(saved: str | Path | dict, saved_hash: str | None, cfg: DictConfig | dict,
+                  keys: Iterable[str]) -> bool:
+    """Whether ``cfg`` is the config saved at ``saved`` (its hash was ``saved_hash``) once the dotted
+    ``keys`` take their saved values (and the settings the saved one lacks are left out, as in
+    :func:`earlier_version_of`)."""
+    then = _saved_config(saved)
+    if then is None or saved_hash is None:
+        return False
+    now = to_container(cfg)
+    for key in keys:
+        *parents, leaf = key.split(".")
+        old, new = then, now
+        for part in parents:
+            old = old.get(part) if isinstance(old, dict) else None
+            new = new.get(part) if isinstance(new, dict) else None
+        if isinstance(new, dict) and isinstance(old, dict) and leaf in old:
+            new[leaf] = old[leaf]
+    return config_hash(_within(now, then)) == saved_hash
+
+
 def _within(tree: Any, shape: Any) -> Any:
     """``tree`` without the dict keys ``shape`` lacks, in dicts and in lists of equal length."""
     if isinstance(tree, dict) and isinstance(shape, dict):

@@ -174,3 +174,30 @@ def test_evaluation_workers_ignore_ctrl_c_from_their_start():
     before = signal.getsignal(signal.SIGINT)
     assert list(eval_loader(_SigintAtUnpickling(), [0], workers=1)) == [str(signal.SIG_IGN)]
     assert signal.getsignal(signal.SIGINT) is before  # the training process's own handler is back
+
+
+def test_a_resume_with_another_loader_worker_count_starts_the_new_workers_streams_afresh():
+    from pretrain.engine.loop import fit_positions_to_workers, new_state
+
+    state = dict(new_state(2), epoch=3, batch=5, positions=[40, 36])
+    note = fit_positions_to_workers(state, 1, needs_positions=True)
+    assert state["positions"] == [0]
+    assert note.startswith("data.num_workers changed (2 -> 1 loader streams): the rest of epoch 3 is read from")
+    state = dict(new_state(2), epoch=3, batch=0, positions=[40, 36])  # at an epoch's start nothing changes
+    assert fit_positions_to_workers(state, 4, needs_positions=True) is None and state["positions"] == [0] * 4
+    state = dict(new_state(2), batch=5, positions=[40, 36])  # fine-tuning: a batch is the same from any worker
+    assert fit_positions_to_workers(state, 1, needs_positions=False) is None
+    state = dict(new_state(0), batch=5, positions=[7])  # 0 workers read as one stream, as 1 worker does
+    assert fit_positions_to_workers(state, 1, needs_positions=True) is None and state["positions"] == [7]
+
+
+def test_a_config_equal_but_for_how_its_data_is_loaded():
+    from data_tools.config import config_hash, equal_but_for
+    from pretrain.engine.loop import LOADING_KEYS
+
+    then = {"data": {"num_workers": 2, "prefetch_factor": 2, "shards": ["a"]}, "train": {"steps": 10}}
+    now = {"data": {"num_workers": 1, "prefetch_factor": 4, "shards": ["a"]}, "train": {"steps": 10}}
+    assert equal_but_for(then, config_hash(then), now, LOADING_KEYS)
+    assert not equal_but_for(then, config_hash(then), dict(now, train={"steps": 11}), LOADING_KEYS)
+    later = {"data": {**now["data"], "pin_memory": True}, "train": {"steps": 10}}  # a setting added since
+    assert equal_but_for(then, config_hash(then), later, LOADING_KEYS)

@@ -96,8 +96,9 @@ def test_a_run_of_an_earlier_version_resumes_with_the_settings_it_lacked(shards,
     res = launch(run_dir, shards, extra=[f"data.shards=[{{path: {shards}, weight: 1.0}}]"])
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    assert f"{run_dir} was started by an earlier version of this toolkit; the settings it did not have take these " \
-           f'values: data.shards: [{{"path": "{shards}"}}] -> [{{"path": "{shards}", "weight": 1.0}}]' in out
+    assert f"{run_dir} goes on with settings that differ from its start but not what it learns (how its data is " \
+           f"loaded, or settings this toolkit added since it started): " \
+           f'data.shards: [{{"path": "{shards}"}}] -> [{{"path": "{shards}", "weight": 1.0}}]' in out
     assert "resumed from step00000002 at step 2" in out
     a, b = trainable(uninterrupted), trainable(run_dir)
     assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
@@ -586,7 +587,7 @@ def test_a_loader_worker_killed_ends_the_run_with_one_line_per_process(shards, t
     """Rank 1's data-loader worker SIGKILLed (the out-of-memory killer) as it starts epoch 1: rank 1
     says so and how to go on, rank 0 that it lost its peer (gloo's traceback before), one line each,
     no traceback of ours, no warning of leaked semaphores after them (os._exit skips
-    multiprocessing's clean-up); epoch 0's checkpoints stay."""
+    multiprocessing's clean-up); epoch 0's checkpoints stay, and the run resumes with fewer workers."""
     from pretrain.engine import Checkpointer
     from pretrain.engine.streams import LOADER_KILL_FAULT_ENV
 
@@ -595,11 +596,16 @@ def test_a_loader_worker_killed_ends_the_run_with_one_line_per_process(shards, t
     out = res.stdout + res.stderr
     assert res.returncode != 0
     assert out.count("error: a data-loader worker process died, perhaps for memory (PyTorch: DataLoader worker") == 1
-    assert "the same command then resumes from the last checkpoint" in out
+    assert "The same command resumes from the last checkpoint, also with fewer data.num_workers" in out
     assert out.count("error: lost the connection to another process of this launch: it stopped") == 1, out[-3000:]
     assert NO_TRACEBACK_OF_OURS not in out and "leaked semaphore" not in out, out[-3000:]
     assert Checkpointer(run_dir / "checkpoints").latest_tag() == "step00000006"  # 6 steps per epoch
     assert (run_dir / ".lock").read_text() == ""  # let go of, not left to be taken over as a killed run's
+    # As the message says: the run resumes with fewer loader workers (not refused as another config).
+    res = launch(run_dir, shards, extra=["data.num_workers=1"])
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "resumed from step00000006" in out and "data.num_workers: 2 -> 1" in out
 
 
 def _finished_with_nan_at(run_dir, shards, steps: str, extra: list[str]) -> str:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from data_tools.command import EXIT_INTERRUPTED
-from data_tools.config import config_changes, earlier_version_of, save_resolved
+from data_tools.config import config_changes, equal_but_for, save_resolved
 from pretrain.backbone_meta import WeightsError
 from data_tools.files import sha256_file, storage_problem, trim_jsonl
 from pretrain.engine import runlock
@@ -45,13 +45,18 @@ FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume te
 
 # --- run directory ----------------------------------------------------------------------------
 
+# How the data is loaded, not what is learned: a resume may change them (fewer loader workers after
+# one died of memory); every other setting of a run is its own.
+LOADING_KEYS = ("data.num_workers", "data.prefetch_factor", "data.pin_memory")
+
+
 def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str, cfg: Any = None) -> tuple[str, str | None]:
     """('resume' | 'fresh' | 'wipe', error or None) for a run directory; ``cfg``: this run's config,
     to name what differs from a run of another config."""
     saved = _saved_hash(run_dir)
     if Checkpointer(run_dir / "checkpoints").has_checkpoints() and not overwrite:
-        if saved != cfg_hash and cfg is not None and earlier_version_of(run_dir / "config.yaml", saved, cfg):
-            return "resume", None  # a run started before some settings existed: it goes on as it was
+        if saved != cfg_hash and cfg is not None and equal_but_for(run_dir / "config.yaml", saved, cfg, LOADING_KEYS):
+            return "resume", None  # started before some settings existed, or now loading its data otherwise
         if saved != cfg_hash:
             changes = config_changes(run_dir / "config.yaml", cfg) if cfg is not None else []
             said = f": {'; '.join(changes)}" if changes else ""
@@ -97,9 +102,9 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, ran
             if action == "resume" and not error:
                 run_hash = _saved_hash(run_dir) or cfg_hash
                 if run_hash != cfg_hash:
-                    print(f"note: {run_dir} was started by an earlier version of this toolkit; the settings it did "
-                          f"not have take these values: {'; '.join(config_changes(run_dir / 'config.yaml', cfg))}",
-                          flush=True)
+                    print(f"note: {run_dir} goes on with settings that differ from its start but not what it learns "
+                          "(how its data is loaded, or settings this toolkit added since it started): "
+                          f"{'; '.join(config_changes(run_dir / 'config.yaml', cfg))}", flush=True)
             decision = [(action, error, run_hash)]
         except runlock.FolderBusy as e:
             decision = [("busy", str(e), cfg_hash)]
@@ -162,8 +167,8 @@ def said_error(e: BaseException) -> str | None:
         return f"error: {_without_worker_traceback(e)}"
     if (died := loader_worker_death(e)) is not None:
         return (f"error: a data-loader worker process died, perhaps for memory (PyTorch: {died.rstrip('. ')}). "
-                "Fewer data.num_workers use less (each holds batches of its own); the same command then resumes "
-                "from the last checkpoint")
+                "The same command resumes from the last checkpoint, also with fewer data.num_workers, which use "
+                "less (each holds batches of its own)")
     if isinstance(e, RuntimeError) and any(words in str(e) for words in PEER_LOST):
         return ("error: lost the connection to another process of this launch: it stopped (its own message says "
                 "why) or the network to it failed; the same command resumes from the last checkpoint")
@@ -295,6 +300,21 @@ class LoopSpec:
     health: HealthPolicy = field(default_factory=HealthPolicy)
     eval_every: int = 0  # evaluate every n steps and at the end (0: never inside the loop)
     best_metric: str | None = None  # the evaluation metric (higher is better) that picks the ``best`` checkpoint
+
+
+def fit_positions_to_workers(state: dict, workers: int, needs_positions: bool) -> str | None:
+    """A resume with another ``data.num_workers`` (LOADING_KEYS): the saved per-worker stream
+    positions belong to the old count, so each new worker starts its stream afresh. Returns a note
+    when that changes which samples the rest of the epoch reads (a stream that needs positions,
+    resumed inside an epoch)."""
+    before, now = len(state["positions"]), max(workers, 1)
+    if before == now:
+        return None
+    state["positions"] = [0] * now
+    if state["batch"] and needs_positions:
+        return (f"data.num_workers changed ({before} -> {now} loader streams): the rest of epoch {state['epoch']} is "
+                "read from the start of the new workers' streams, not in the order an uninterrupted run reads it")
+    return None
 
 
 def new_state(num_workers: int) -> dict:

@@ -11,8 +11,9 @@ import torch
 from data_tools.config import check_config, config_hash
 from pretrain.engine.checkpoint import Checkpointer, ResumeError
 from pretrain.engine.health import HealthPolicy
-from pretrain.engine.loop import (LoopSpec, Process, frozen_reference, new_state, prepare_run_dir, resolve_batching,
-                                  resume_state, run_entry_point, train_steps, weights_for_evaluation)
+from pretrain.engine.loop import (LoopSpec, Process, fit_positions_to_workers, frozen_reference, new_state,
+                                  prepare_run_dir, resolve_batching, resume_state, run_entry_point, train_steps,
+                                  weights_for_evaluation)
 from pretrain.engine.optim import build_engine, deepspeed_config
 from pretrain.engine.task import Task
 from pretrain.random_init import rebuilding_trained_run
@@ -79,6 +80,9 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
     if plan.inputs is not None:
         meta["inputs"] = plan.inputs
     state = resume_state(ckpt, engine, rank, world, cfg_hash, frozen_ref, plan.inputs) if resume else new_state(workers)
+    note = fit_positions_to_workers(state, workers, plan.loader.stream.needs_positions)
+    if note and rank == 0:
+        print(f"note: {note}", flush=True)
     task.start(model, optimizer, plan, cfg, where)
     evaluation = Evaluation(task, model, cfg, where)
     spec = LoopSpec(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, batching=batching,
