@@ -297,17 +297,13 @@ def earlier_version_of(saved: str | Path | dict, saved_hash: str | None, cfg: Di
     """Whether ``cfg`` is the config saved at ``saved`` (a file, or the config itself; its hash was
     ``saved_hash``) as a later version of the toolkit reads it: equal once the settings the saved
     one lacks are left out (a run started before those settings existed)."""
-    then = _saved_config(saved)
-    if then is None:
-        return False
-    return saved_hash is not None and config_hash(_within(to_container(cfg), then)) == saved_hash
+    return equal_but_for(saved, saved_hash, cfg, ())
 
 
 def equal_but_for(saved: str | Path | dict, saved_hash: str | None, cfg: DictConfig | dict,
                   keys: Iterable[str]) -> bool:
     """Whether ``cfg`` is the config saved at ``saved`` (its hash was ``saved_hash``) once the dotted
-    ``keys`` take their saved values (and the settings the saved one lacks are left out, as in
-    :func:`earlier_version_of`)."""
+    ``keys`` take their saved values and the settings the saved one lacks are left out."""
     then = _saved_config(saved)
     if then is None or saved_hash is None:
         return False
