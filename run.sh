@@ -232,7 +232,7 @@ launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the
   local stage="$1" rc=0
   shift
   launch "$@" || rc=$?
-  [[ $rc -eq 75 ]] && fail "stage $stage was preempted and saved its state: rerun the same command to resume"
+  [[ $rc -eq 75 ]] && fail "stage $stage stopped on a signal (Ctrl-C, preemption) and saved its state: rerun the same command to resume"
   [[ $rc -eq 0 ]] || fail "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
 }
 
