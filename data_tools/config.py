@@ -7,6 +7,7 @@ value of the wrong type or out of range is an error naming the key's path, befor
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -307,7 +308,7 @@ def equal_but_for(saved: str | Path | dict, saved_hash: str | None, cfg: DictCon
     then = _saved_config(saved)
     if then is None or saved_hash is None:
         return False
-    now = to_container(cfg)
+    now = copy.deepcopy(to_container(cfg))  # the caller's config stays as it is
     for key in keys:
         *parents, leaf = key.split(".")
         old, new = then, now

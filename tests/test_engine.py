@@ -198,6 +198,7 @@ def test_a_config_equal_but_for_how_its_data_is_loaded():
     then = {"data": {"num_workers": 2, "prefetch_factor": 2, "shards": ["a"]}, "train": {"steps": 10}}
     now = {"data": {"num_workers": 1, "prefetch_factor": 4, "shards": ["a"]}, "train": {"steps": 10}}
     assert equal_but_for(then, config_hash(then), now, LOADING_KEYS)
+    assert now["data"]["num_workers"] == 1  # the config compared is left as it was
     assert not equal_but_for(then, config_hash(then), dict(now, train={"steps": 11}), LOADING_KEYS)
     later = {"data": {**now["data"], "pin_memory": True}, "train": {"steps": 10}}  # a setting added since
     assert equal_but_for(then, config_hash(then), later, LOADING_KEYS)
