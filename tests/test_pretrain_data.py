@@ -254,10 +254,13 @@ def test_a_fine_tuning_stream_whose_frames_all_fail_is_a_data_error():
     from finetune.data.stream import MapBatchStream
 
     class Gone:
+        listed = 0
+
         def __len__(self):
             return 4
 
-        def names(self):
+        def names(self):  # a list of every frame: built once, for the message, not per failed frame
+            Gone.listed += 1
             return [f"frame{i}" for i in range(4)]
 
         def train_sample(self, i, rng):
@@ -265,3 +268,4 @@ def test_a_fine_tuning_stream_whose_frames_all_fail_is_a_data_error():
 
     with pytest.raises(DataError, match=r"could be loaded any more \(the last, frame(\d): frame\1\.png\)"):
         next(iter(MapBatchStream(Gone(), batch_size=2, seed=0)))
+    assert Gone.listed == 1

@@ -46,7 +46,7 @@ class MapBatchStream(ResumableStream):
         epoch, bs = self.epoch, self.batch_size
         order = self.epoch_order(epoch)
         for b in mine:
-            samples, bad, error = [], 0, None
+            samples, bad, error, failed = [], 0, None, None
             for j in range(bs):
                 for attempt in range(len(order)):
                     i = int(order[(b * bs + j + attempt) % len(order)])
@@ -54,9 +54,10 @@ class MapBatchStream(ResumableStream):
                         samples.append(self.dataset.train_sample(i, np.random.default_rng([self.seed, epoch, i])))
                         break
                     except Exception as e:  # changed on disk since it was checked: counted, replaced
-                        bad, error = bad + 1, f"{self.dataset.names()[i]}: {e}"
-                else:
-                    raise DataError(f"no frame of the dataset could be loaded any more (the last, {error}): were its "
+                        bad, error, failed = bad + 1, e, i
+                else:  # the frame's name only now: names() lists every frame
+                    raise DataError(f"no frame of the dataset could be loaded any more (the last, "
+                                    f"{self.dataset.names()[failed]}: {error}): were its "
                                     "files moved or deleted while the run trained? With them back, the same command "
                                     "resumes from the last checkpoint")
             batch = self.dataset.collate(samples)
