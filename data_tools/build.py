@@ -38,7 +38,8 @@ from data_tools.manifest import MANIFEST, read_manifest
 from data_tools.overlay import OverlayFinding, find_source_overlay, overlay_message
 from data_tools.proposals import ProposalConfig, compute_proposals, method_input_files, unique_boxes
 from data_tools.schema import BuildConfig
-from data_tools.files import Interrupted, atomic_write_text, sha256_file, storage_problem
+from data_tools.command import Interrupted
+from data_tools.files import atomic_write_text, sha256_file, storage_problem
 from data_tools.shards import ENCODINGS, ShardFile, encode_image, encode_sample, sample_key, tar_bytes
 from data_tools.sources import Source, check_roots, discover
 

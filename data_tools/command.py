@@ -14,6 +14,11 @@ EXIT_REFUSED = 2  # a command line, config or input refused
 EXIT_INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while a command writes a folder; the message says what is kept and how to go on (still a
+    KeyboardInterrupt to a caller; :func:`run_command` says it in one line)."""
+
+
 def storage_error_line(e: OSError) -> str | None:
     """The one line for a write that failed on a full disk (quota, read-only mount), or None for
     another error."""

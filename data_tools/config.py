@@ -7,7 +7,6 @@ value of the wrong type or out of range is an error naming the key's path, befor
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -301,6 +300,9 @@ def earlier_version_of(saved: str | Path | dict, saved_hash: str | None, cfg: Di
     return equal_but_for(saved, saved_hash, cfg, ())
 
 
+_ABSENT = object()
+
+
 def equal_but_for(saved: str | Path | dict, saved_hash: str | None, cfg: DictConfig | dict,
                   keys: Iterable[str]) -> bool:
     """Whether ``cfg`` is the config saved at ``saved`` (its hash was ``saved_hash``) once the dotted
@@ -308,16 +310,12 @@ def equal_but_for(saved: str | Path | dict, saved_hash: str | None, cfg: DictCon
     then = _saved_config(saved)
     if then is None or saved_hash is None:
         return False
-    now = copy.deepcopy(to_container(cfg))  # the caller's config stays as it is
+    saved_cfg, now = OmegaConf.create(then), OmegaConf.create(to_container(cfg))  # a copy: cfg stays as it is
     for key in keys:
-        *parents, leaf = key.split(".")
-        old, new = then, now
-        for part in parents:
-            old = old.get(part) if isinstance(old, dict) else None
-            new = new.get(part) if isinstance(new, dict) else None
-        if isinstance(new, dict) and isinstance(old, dict) and leaf in old:
-            new[leaf] = old[leaf]
-    return config_hash(_within(now, then)) == saved_hash
+        value = OmegaConf.select(saved_cfg, key, default=_ABSENT)
+        if value is not _ABSENT:
+            OmegaConf.update(now, key, value, force_add=True)
+    return config_hash(_within(to_container(now), then)) == saved_hash
 
 
 def _within(tree: Any, shape: Any) -> Any:

@@ -32,11 +32,6 @@ def storage_problem(e: OSError) -> str | None:
     return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C while a command writes a folder; the message says what is kept and how to go on (still a
-    KeyboardInterrupt to a caller, the command line says it in one line)."""
-
-
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary name, make it durable, then rename: readers see old or new, never half."""
     tmp = f"{path}.tmp"

@@ -11,7 +11,8 @@ from pathlib import Path
 from data_tools import dirlock
 from data_tools.build import SAMPLE_FRAME_FORMAT
 from data_tools.config import config_hash, save_resolved
-from data_tools.files import Interrupted, atomic_write_text, storage_problem
+from data_tools.command import Interrupted
+from data_tools.files import atomic_write_text, storage_problem
 from data_tools.manifest import MANIFEST, ManifestError, read_manifest
 from data_tools.shards import ENCODINGS, ShardFile, decode_image, encode_image, image_member, iter_shard
 

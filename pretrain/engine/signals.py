@@ -22,7 +22,7 @@ class StopSignals:
         self.requested = False
         self.signal_name = None
         self.announce = announce
-        self._previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
+        self._previous = _set_stop_handlers(self._handler)
 
     def _handler(self, signum, frame) -> None:
         if signum == signal.SIGINT:
@@ -40,16 +40,14 @@ class StopSignals:
         return bool(flag.item() > 0)
 
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        _restore(self._previous)
 
 
 def ignore_preemption_signals(_worker_id: int) -> None:
     """Runs in each loader worker after PyTorch installed its own SIGTERM handler (which re-raises
     SIGTERM from any sender but the parent): the training process handles the stop signals (Ctrl-C
     in a terminal reaches the whole process group)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    _set_stop_handlers(signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -57,9 +55,18 @@ def stop_signals_ignored():
     """Loader workers spawned inside inherit SIG_IGN for the stop signals (it survives exec), so a
     Ctrl-C or SIGTERM in the second or two before ``ignore_preemption_signals`` runs in them cannot
     kill them (which would read as a worker that died of memory)."""
-    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+    previous = _set_stop_handlers(signal.SIG_IGN)
     try:
         yield
     finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+        _restore(previous)
+
+
+def _set_stop_handlers(handler) -> dict:
+    """Set ``handler`` for every stop signal; returns the handlers it replaced."""
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+
+def _restore(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
