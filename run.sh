@@ -3,7 +3,7 @@
 #
 #   ./run.sh                      set up, then run every stage on the embedded synthetic corpus
 #   ./run.sh test [pytest args]   set up, then run the test suite (one worker per core, at most 4;
-#                                 -n0 runs it in this process)
+#                                 -n0 runs it in this process; -m slow --dist load: the slow tier)
 #   ./run.sh --data SOURCES.yaml  run the stages on your own infrared sources (or --data FOLDER: one folder)
 #   ./run.sh setup|synth|shards|pretrain|export|seg|det
 #                                 run one stage (finished stages are skipped, interrupted ones resume)

@@ -132,9 +132,11 @@ def pad_export(tmp_path_factory):
 FEW = ["Misc_1", "Misc_10", "Misc_140", "Misc_287"]  # 240 x 320 frames with 11-44 target pixels
 
 
-# `frozen` trains the head only (its trainable set is checked with every method in
-# test_finetune_models): run with -m slow, to keep the default suite within its budget.
-@pytest.mark.parametrize("method", ["full", pytest.param("frozen", marks=pytest.mark.slow), "pad", "mona", "ivtuning"])
+# The long learning runs (~2 min each on one core) are the `slow` tier, which CI runs beside the
+# default suite (README, Tests); every method's trainable set is checked in the default suite
+# (test_finetune_models), and IV-tuning's learning on synthetic pairs below.
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "frozen", "pad", "mona", "ivtuning"])
 def test_each_method_overfits_a_few_real_sirst_frames(method, tmp_path, pad_export):
     root = shared_path("sirst")
     split = tmp_path / "few.txt"
