@@ -70,6 +70,20 @@ TEST_ARGS=()
 
 say()  { printf '\n==> %s\n' "$*"; }
 fail() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
+# failed STATUS STAGE MESSAGE: a stage's command ended with STATUS. A stop after saving (75, a
+# signal or Ctrl-C during training) and Ctrl-C (130) end run.sh with that same status, so that a
+# wrapper which requeues on 75 sees it, and say how to go on; any other status fails with MESSAGE.
+failed() {
+  local rc="$1" stage="$2"
+  shift 2
+  case "$rc" in
+    75)  printf '\nSTOPPED: stage %s stopped on a signal (Ctrl-C, preemption) and saved its state: %s\n' \
+           "$stage" "rerun the same command to resume" >&2; exit 75 ;;
+    130) printf '\nSTOPPED: stage %s interrupted (Ctrl-C); what it finished is kept: %s\n' \
+           "$stage" "rerun the same command to go on" >&2; exit 130 ;;
+    *)   fail "$@" ;;
+  esac
+}
 # A path as the value of a key=value config override: single-quoted for YAML when it holds more than
 # plain path characters, so that a folder named 'run #2' or 'a, b' reaches the config as written
 # (unquoted, YAML reads ' #' as the start of a comment, ', ' and brackets as structure).
@@ -172,7 +186,7 @@ stage_synth() {
   [[ -n "$DATA" ]] && return 0
   if [[ -f "$OUT/synth/synth.json" ]]; then say "synth: $OUT/synth already generated"; return 0; fi
   say "synth: generating the embedded demo corpus in $OUT/synth"
-  PY -m data_tools synth --out "$OUT/synth" || fail "stage synth failed"
+  PY -m data_tools synth --out "$OUT/synth" || failed $? synth "stage synth failed"
 }
 
 stage_shards() {
@@ -192,12 +206,12 @@ stage_shards() {
   [[ -n "$RANKER" ]] && wargs+=(proposals.method=thermal_blobs_fitted "proposals.ranker=$(yaml_str "$RANKER")")
   say "shards: building WebDataset shards with region proposals from $sources into $OUT/shards"
   PY -m data_tools build "${input[@]}" --out "$OUT/shards" "${wargs[@]}" \
-    || fail "stage shards failed: fix what the error above names; the same command then resumes the build"
+    || failed $? shards "stage shards failed: fix what the error above names; the same command then resumes the build"
   if [[ "$OUT/shards/preview.png" -nt "$OUT/shards/manifest.json" ]]; then
     say "shards: verified and previewed before ($OUT/shards/preview.png)"; return 0
   fi
-  PY -m data_tools verify "$OUT/shards" || fail "shard verification failed"
-  PY -m data_tools preview "$OUT/shards" --out "$OUT/shards/preview.png" || fail "shard preview failed"
+  PY -m data_tools verify "$OUT/shards" || failed $? shards "shard verification failed"
+  PY -m data_tools preview "$OUT/shards" --out "$OUT/shards/preview.png" || failed $? shards "shard preview failed"
 }
 
 # A stage's input that is missing is made by running the stage before it, except on a torchrun
@@ -225,15 +239,14 @@ stage_export() {
     say "export: $OUT/backbone.pth is up to date"; return 0
   fi
   say "export: encoder + PAD adapters -> $OUT/backbone.pth"
-  PY -m pretrain export "$OUT/pretrain" --out "$OUT/backbone.pth" || fail "stage export failed"
+  PY -m pretrain export "$OUT/pretrain" --out "$OUT/backbone.pth" || failed $? export "stage export failed"
 }
 
 launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the exit status means
   local stage="$1" rc=0
   shift
   launch "$@" || rc=$?
-  [[ $rc -eq 75 ]] && fail "stage $stage stopped on a signal (Ctrl-C, preemption) and saved its state: rerun the same command to resume"
-  [[ $rc -eq 0 ]] || fail "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
+  [[ $rc -eq 0 ]] || failed "$rc" "$stage" "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
 }
 
 launch_processes() {  # the processes launch starts: the fine-tuning check needs it (BatchNorm's batch)
@@ -338,11 +351,12 @@ for stage in "${STAGES[@]}"; do
   case "$stage" in
     setup)  ;;
     test)   say "test: running the test suite"
-            # pytest-xdist, whole modules per worker (a module's fixtures are built once): most tests
-            # wait on the processes they launch, so a second worker on two cores takes about a fifth
-            # off the suite (BENCHMARKS.md, Test suite).
+            # pytest-xdist: most tests wait on the processes they launch, so a second worker on two
+            # cores takes about a fifth off the suite (BENCHMARKS.md, Test suite). Tests go to the
+            # workers one by one, but a module marked xdist_group (its fixtures train runs) goes
+            # whole to one worker, which builds them once.
             workers=$(nproc); (( workers > 4 )) && workers=4
-            cd "$ROOT" && PY -m pytest -n "$workers" --dist loadfile "${TEST_ARGS[@]}" ;;
+            cd "$ROOT" && PY -m pytest -n "$workers" --dist loadgroup "${TEST_ARGS[@]}" ;;
     synth)  stage_synth ;;
     shards) stage_shards ;;
     pretrain) stage_pretrain ;;

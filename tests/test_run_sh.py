@@ -6,8 +6,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +20,34 @@ from pretrain.engine import free_port
 from pretrain.engine.loop import FAULT_ENV
 from tests.conftest import ROOT
 
+# One pytest-xdist worker takes the whole module (./run.sh test: --dist loadgroup): its pipeline
+# fixture runs every stage once (~100 s).
+pytestmark = pytest.mark.xdist_group("run_sh")
 
-def _run_sh(*args, env_extra=None):
+
+def _start_run_sh(*args, env_extra=None) -> subprocess.Popen:
+    """run.sh in a session of its own: a Ctrl-C sent to its process group reaches run.sh and
+    every process it starts, as in a terminal, and nothing else."""
     venv = Path(sys.prefix)
     if not list(venv.glob(".irpt-installed-*")):
         pytest.skip(f"{venv} was not set up by run.sh (run the suite with ./run.sh test)")
     env = dict(os.environ, IRPT_VENV=str(venv), PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.run(["bash", str(ROOT / "run.sh"), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1200)
+    return subprocess.Popen(["bash", str(ROOT / "run.sh"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=1200)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _run_sh(*args, env_extra=None):
+    return _finish(_start_run_sh(*args, env_extra=env_extra))
 
 
 def _ok(res):
@@ -284,3 +306,62 @@ def test_a_path_of_the_wrong_kind_is_refused_before_any_stage(tmp_path, option):
     said = (f"--out {afile} is a file: give a folder" if option == "--out"
             else f"{option} {absent}: no such file (a YAML config)")
     assert res.returncode != 0 and said in res.stderr
+
+
+def test_ctrl_c_in_a_training_stage_ends_run_sh_with_75_and_says_to_rerun(pipeline, tmp_path):
+    """Ctrl-C in the terminal reaches run.sh and the trainer: the trainer saves and exits 75, and
+    run.sh ends with that status (a requeueing wrapper's signal to rerun), saying so."""
+    out, _ = pipeline
+    new = tmp_path / "out"
+    new.mkdir()
+    shutil.copytree(out / "shards", new / "shards")
+    config = tmp_path / "long.yaml"  # far too long to finish during the test
+    config.write_text(f"_base_: {ROOT / 'configs' / 'pretrain' / 'tiny.yaml'}\ntrain: {{epochs: 2000}}\n")
+    proc = _start_run_sh("--out", str(new), "--config", str(config), "pretrain")
+    metrics = new / "pretrain" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    res = _finish(proc)
+    assert res.returncode == 75, res.stdout[-3000:] + res.stderr[-3000:]
+    assert ("STOPPED: stage pretrain stopped on a signal (Ctrl-C, preemption) and saved its state: rerun the "
+            "same command to resume") in res.stderr
+    assert (new / "pretrain" / "checkpoints" / "latest").is_file() and not (new / "pretrain" / "DONE").exists()
+
+
+def test_ctrl_c_in_the_shards_stage_ends_run_sh_with_130_and_the_rerun_goes_on(tmp_path):
+    from data_tools.build import CTRL_C_FAULT_ENV
+    from tests.conftest import shared_path
+
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(f"sources:\n  - name: msrs\n    root: {shared_path('msrs20', 'ir')}\n    stride: 2\n")
+    args = ("shards", "--data", str(sources), "--out", str(tmp_path / "out"), "--workers", "1")
+    res = _run_sh(*args, env_extra={CTRL_C_FAULT_ENV: "3"})  # the build sends its group Ctrl-C's SIGINT
+    assert res.returncode == 130, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "STOPPED: stage shards interrupted (Ctrl-C); what it finished is kept: rerun the same command to go on" \
+        in res.stderr and "ERROR" not in res.stderr
+    log = _ok(_run_sh(*args))
+    manifest = json.loads((tmp_path / "out" / "shards" / "manifest.json").read_text())
+    assert manifest["totals"]["written"] == 10, log[-3000:]
+
+
+def test_two_nodes_train_one_run_in_a_shared_output_folder(pipeline, tmp_path):
+    """`--nnodes 2`: the same command on each node (here two on one machine, one process each,
+    sharing --out as nodes share a file system) trains one run of two processes, and both
+    commands end with 0 (the second node's sees the DONE that rank 0 writes)."""
+    out, _ = pipeline
+    new = tmp_path / "out"
+    new.mkdir()
+    shutil.copytree(out / "shards", new / "shards")
+    master = f"127.0.0.1:{free_port()}"
+    nodes = [_start_run_sh("--out", str(new), "pretrain", "--nnodes", "2", "--node-rank", str(rank), "--master", master,
+                           env_extra={"OMP_NUM_THREADS": "1"}) for rank in (0, 1)]
+    results = [_finish(node) for node in nodes]
+    for rank, res in enumerate(results):
+        assert res.returncode == 0, (rank, res.stdout[-3000:] + res.stderr[-3000:])
+        assert f"torch.distributed.run --nnodes 2 --node_rank {rank} --nproc_per_node 1" in res.stdout
+    assert "2 process(es) (gloo), 1 CPU threads each" in results[0].stdout
+    done, alone = (json.loads((o / "pretrain" / "DONE").read_text()) for o in (new, out))
+    # the same epoch over two processes: the one-process run's samples in half its steps
+    assert done["samples_seen"] == alone["samples_seen"] > 0 and 2 * done["steps"] == alone["steps"]
