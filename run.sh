@@ -351,12 +351,11 @@ for stage in "${STAGES[@]}"; do
   case "$stage" in
     setup)  ;;
     test)   say "test: running the test suite"
-            # pytest-xdist: most tests wait on the processes they launch, so a second worker on two
-            # cores takes about a fifth off the suite (BENCHMARKS.md, Test suite). Tests go to the
-            # workers one by one, but a module marked xdist_group (its fixtures train runs) goes
-            # whole to one worker, which builds them once.
+            # pytest-xdist, whole modules per worker (a module's fixtures are built once): most tests
+            # wait on the processes they launch, so a second worker on two cores takes about a fifth
+            # off the suite (BENCHMARKS.md, Test suite).
             workers=$(nproc); (( workers > 4 )) && workers=4
-            cd "$ROOT" && PY -m pytest -n "$workers" --dist loadgroup "${TEST_ARGS[@]}" ;;
+            cd "$ROOT" && PY -m pytest -n "$workers" --dist loadfile "${TEST_ARGS[@]}" ;;
     synth)  stage_synth ;;
     shards) stage_shards ;;
     pretrain) stage_pretrain ;;

@@ -641,9 +641,10 @@ def finetune_det(run_dir, *overrides):
     return run_finetune_cli("det", run_dir, TINY, *overrides)
 
 
-# Full fine-tuning's run is in the `slow` tier (README, Tests); IV-tuning's stays in the default suite.
-@pytest.mark.parametrize("method,modality,detector", [pytest.param("full", "ir", "fcos", marks=pytest.mark.slow),
-                                                      ("ivtuning", "both", "fcos")])
+# The long learning runs (1-2 min each on one core) are the `slow` tier, which CI runs beside the
+# default suite (README, Tests).
+@pytest.mark.slow
+@pytest.mark.parametrize("method,modality,detector", [("full", "ir", "fcos"), ("ivtuning", "both", "fcos")])
 def test_real_msrs_pairs_overfit_to_high_ap50(method, modality, detector, tmp_path):
     """Full fine-tuning (IR) and IV-tuning (IR + VI) with FCOS. The default Faster R-CNN also
     overfits these pairs (BENCHMARKS.md) but needs ~2.7x the time per step and its AP50 after 150

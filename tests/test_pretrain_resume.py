@@ -20,10 +20,6 @@ from data_tools.synth import SynthConfig, write_corpus
 from pretrain.engine.loop import FAULT_ENV
 from tests.conftest import ROOT, kill_process_tree
 
-# One pytest-xdist worker takes the whole module (./run.sh test: --dist loadgroup): the shards and
-# the uninterrupted run it compares with are built once.
-pytestmark = pytest.mark.xdist_group("pretrain_resume")
-
 TINY = str(CONFIG_DIR / "pretrain" / "tiny.yaml")
 NO_TRACEBACK_OF_OURS = f'File "{ROOT / "pretrain"}'  # a traceback's frame in our code
 

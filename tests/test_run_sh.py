@@ -20,10 +20,6 @@ from pretrain.engine import free_port
 from pretrain.engine.loop import FAULT_ENV
 from tests.conftest import ROOT
 
-# One pytest-xdist worker takes the whole module (./run.sh test: --dist loadgroup): its pipeline
-# fixture runs every stage once (~100 s).
-pytestmark = pytest.mark.xdist_group("run_sh")
-
 
 def _start_run_sh(*args, env_extra=None) -> subprocess.Popen:
     """run.sh in a session of its own: a Ctrl-C sent to its process group reaches run.sh and

@@ -20,10 +20,6 @@ from data_tools.sources import Source, discover
 from data_tools.verify import verify_shards
 from tests.conftest import ROOT, shared_path
 
-# One pytest-xdist worker takes the whole module (./run.sh test: --dist loadgroup): the build of the
-# real samples is done once.
-pytestmark = pytest.mark.xdist_group("shards_real")
-
 
 def _all_samples(out: Path, manifest: dict):
     for entry in manifest["shards"]:
