@@ -304,25 +304,30 @@ def test_a_path_of_the_wrong_kind_is_refused_before_any_stage(tmp_path, option):
     assert res.returncode != 0 and said in res.stderr
 
 
-def test_ctrl_c_in_a_training_stage_ends_run_sh_with_75_and_says_to_rerun(pipeline, tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp_path, nproc):
     """Ctrl-C in the terminal reaches run.sh and the trainer: the trainer saves and exits 75, and
-    run.sh ends with that status (a requeueing wrapper's signal to rerun), saying so."""
+    run.sh ends with that status (a requeueing wrapper's signal to rerun), saying so. Under
+    torchrun (which gets the Ctrl-C and passes it on), the processes save too; torchrun reports
+    their stop as its own failure (1), and run.sh says it was Ctrl-C and ends with 130."""
     out, _ = pipeline
     new = tmp_path / "out"
     new.mkdir()
     shutil.copytree(out / "shards", new / "shards")
     config = tmp_path / "long.yaml"  # far too long to finish during the test
     config.write_text(f"_base_: {ROOT / 'configs' / 'pretrain' / 'tiny.yaml'}\ntrain: {{epochs: 2000}}\n")
-    proc = _start_run_sh("--out", str(new), "--config", str(config), "pretrain")
+    proc = _start_run_sh("--out", str(new), "--config", str(config), "pretrain", "--nproc", str(nproc),
+                         "--master", f"127.0.0.1:{free_port()}")
     metrics = new / "pretrain" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
     res = _finish(proc)
-    assert res.returncode == 75, res.stdout[-3000:] + res.stderr[-3000:]
-    assert ("STOPPED: stage pretrain stopped on a signal (Ctrl-C, preemption) and saved its state: rerun the "
-            "same command to resume") in res.stderr
+    said = {1: (75, "stopped on a signal (Ctrl-C, preemption) and saved its state: rerun the same command to resume"),
+            2: (130, "interrupted (Ctrl-C); what it finished is kept: rerun the same command to go on")}[nproc]
+    assert res.returncode == said[0], res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"STOPPED: stage pretrain {said[1]}" in res.stderr and "\nERROR: " not in res.stderr
     assert (new / "pretrain" / "checkpoints" / "latest").is_file() and not (new / "pretrain" / "DONE").exists()
 
 
@@ -336,7 +341,7 @@ def test_ctrl_c_in_the_shards_stage_ends_run_sh_with_130_and_the_rerun_goes_on(t
     res = _run_sh(*args, env_extra={CTRL_C_FAULT_ENV: "3"})  # the build sends its group Ctrl-C's SIGINT
     assert res.returncode == 130, res.stdout[-3000:] + res.stderr[-3000:]
     assert "STOPPED: stage shards interrupted (Ctrl-C); what it finished is kept: rerun the same command to go on" \
-        in res.stderr and "ERROR" not in res.stderr
+        in res.stderr and "\nERROR: " not in res.stderr
     log = _ok(_run_sh(*args))
     manifest = json.loads((tmp_path / "out" / "shards" / "manifest.json").read_text())
     assert manifest["totals"]["written"] == 10, log[-3000:]
