@@ -243,14 +243,13 @@ stage_export() {
 }
 
 launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the exit status means
-  local stage="$1" rc=0
+  local stage="$1" rc=0 ctrl_c=""
   shift
-  CTRL_C=""
-  trap 'CTRL_C=1' INT  # Ctrl-C reaches the launcher and its processes too: they save; say so after
+  trap 'ctrl_c=1' INT  # Ctrl-C reaches the launcher and its processes too: they save; say so after
   launch "$@" || rc=$?
   trap - INT
   # torchrun and the DeepSpeed launcher report their workers' stop on Ctrl-C as their own failure
-  [[ -n "$CTRL_C" && $rc -ne 0 && $rc -ne 75 ]] && rc=130
+  [[ -n "$ctrl_c" && $rc -ne 0 && $rc -ne 75 ]] && rc=130
   [[ $rc -eq 0 ]] || failed "$rc" "$stage" "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
 }
 

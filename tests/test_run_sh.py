@@ -110,15 +110,22 @@ def test_rerun_skips_every_finished_stage(pipeline):
     assert "==> summary" in log
 
 
-def _seg_stage_folder(pipeline, tmp_path) -> tuple[Path, Path]:
-    """A new output folder holding the finished pipeline's backbone, and a small segmentation
-    config (8 synthetic pairs, 8 steps, a checkpoint every 4) for the seg stage alone."""
+def _new_out_with(pipeline, tmp_path, *names) -> Path:
+    """A new output folder holding these outputs (files or folders) of the finished pipeline: a
+    stage run alone there finds its input."""
     out, _ = pipeline
     new = tmp_path / "out"
     new.mkdir()
-    for name in ("backbone.pth", "backbone.json"):
-        shutil.copy(out / name, new / name)
-    synth = out / "synth"
+    for name in names:
+        (shutil.copytree if (out / name).is_dir() else shutil.copy)(out / name, new / name)
+    return new
+
+
+def _seg_stage_folder(pipeline, tmp_path) -> tuple[Path, Path]:
+    """A new output folder holding the finished pipeline's backbone, and a small segmentation
+    config (8 synthetic pairs, 8 steps, a checkpoint every 4) for the seg stage alone."""
+    new = _new_out_with(pipeline, tmp_path, "backbone.pth", "backbone.json")
+    synth = pipeline[0] / "synth"
     split = tmp_path / "few.txt"
     split.write_text("\n".join(sorted(p.stem for p in (synth / "ir").glob("*.png"))[:8]) + "\n")
     config = tmp_path / "seg.yaml"
@@ -310,10 +317,7 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     run.sh ends with that status (a requeueing wrapper's signal to rerun), saying so. Under
     torchrun (which gets the Ctrl-C and passes it on), the processes save too; torchrun reports
     their stop as its own failure (1), and run.sh says it was Ctrl-C and ends with 130."""
-    out, _ = pipeline
-    new = tmp_path / "out"
-    new.mkdir()
-    shutil.copytree(out / "shards", new / "shards")
+    new = _new_out_with(pipeline, tmp_path, "shards")
     config = tmp_path / "long.yaml"  # far too long to finish during the test
     config.write_text(f"_base_: {ROOT / 'configs' / 'pretrain' / 'tiny.yaml'}\ntrain: {{epochs: 2000}}\n")
     proc = _start_run_sh("--out", str(new), "--config", str(config), "pretrain", "--nproc", str(nproc),
@@ -352,9 +356,7 @@ def test_two_nodes_train_one_run_in_a_shared_output_folder(pipeline, tmp_path):
     sharing --out as nodes share a file system) trains one run of two processes, and both
     commands end with 0 (the second node's sees the DONE that rank 0 writes)."""
     out, _ = pipeline
-    new = tmp_path / "out"
-    new.mkdir()
-    shutil.copytree(out / "shards", new / "shards")
+    new = _new_out_with(pipeline, tmp_path, "shards")
     master = f"127.0.0.1:{free_port()}"
     nodes = [_start_run_sh("--out", str(new), "pretrain", "--nnodes", "2", "--node-rank", str(rank), "--master", master,
                            env_extra={"OMP_NUM_THREADS": "1"}) for rank in (0, 1)]
