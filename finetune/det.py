@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,7 @@ from finetune.factory import build_detector, det_dataset
 from finetune.data.eval_frames import eval_loader
 from finetune.runner import FinetuneTask
 from pretrain.engine import run
+from pretrain.engine.signals import stop_polling
 from finetune.schema import DetConfig
 
 
@@ -35,8 +37,9 @@ class DetTask(FinetuneTask):
 
     @torch.no_grad()
     def evaluate_split(self, model, cfg, dataset, device: torch.device, rank: int, world: int,
-                       run_dir: Path) -> dict:
-        """Predict this rank's frames, gather on rank 0, score with pycocotools."""
+                       run_dir: Path, stop_requested: Callable[[], bool] | None = None) -> dict:
+        """Predict this rank's frames, gather on rank 0, score with pycocotools. ``stop_requested``:
+        polled before each frame (:func:`~pretrain.engine.signals.stop_polling`)."""
         from finetune.coco_eval import coco_ground_truth, coco_metrics, coco_results
         from finetune.data.det import ScoringLimits, evaluation_truth
         from finetune.overlay import write_det_overlay
@@ -46,7 +49,9 @@ class DetTask(FinetuneTask):
         indices = list(range(rank, len(dataset), world))
         frames, results = [], []
         names = list(cfg.data.classes)
-        for n, (index, sample) in enumerate(zip(indices, eval_loader(dataset, indices, int(cfg.data.num_workers)))):
+        loader = stop_polling(eval_loader(dataset, indices, int(cfg.data.num_workers)), len(dataset) // world,
+                              stop_requested)
+        for n, (index, sample) in enumerate(zip(indices, loader)):
             scaled = self.predict_frame(model, cfg, sample, device)
             boxes = scaled["boxes"] / sample["scale"]  # back to the original frame's pixels
             record = dataset.records[index]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -36,7 +37,8 @@ class FinetuneTask(Task):
     def targets(self, batch: dict, device: torch.device):
         raise NotImplementedError
 
-    def evaluate_split(self, model, cfg, dataset, device: torch.device, rank: int, world: int, run_dir: Path) -> dict:
+    def evaluate_split(self, model, cfg, dataset, device: torch.device, rank: int, world: int, run_dir: Path,
+                       stop_requested: Callable[[], bool] | None = None) -> dict:
         raise NotImplementedError
 
     def describe(self, metrics: dict) -> str:
@@ -105,10 +107,11 @@ class FinetuneTask(Task):
     def eval_every(self, cfg) -> int:
         return int(cfg.eval.every_steps)
 
-    def evaluate(self, model, cfg, where):
+    def evaluate(self, model, cfg, where, stop_requested=None):
         if self.val_set is None:  # read (and reported) once, however often it is evaluated
             self.val_set = self.load_split(cfg, "val", where)
-        metrics = self.evaluate_split(model, cfg, self.val_set, where.device, where.rank, where.world, where.run_dir)
+        metrics = self.evaluate_split(model, cfg, self.val_set, where.device, where.rank, where.world, where.run_dir,
+                                      stop_requested)
         metrics.update(method=cfg.model.method, modality=cfg.model.modality,
                        params={k: v for k, v in self.report.items() if k != "per_module"})
         return metrics

@@ -8,6 +8,7 @@ Re-running the same command resumes training, or re-evaluates a finished run.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ from finetune.factory import build_segmentor, seg_dataset
 from finetune.data.eval_frames import eval_loader
 from finetune.runner import FinetuneTask
 from pretrain.engine import run
+from pretrain.engine.signals import stop_polling
 from finetune.schema import SegConfig
 
 
@@ -33,9 +35,10 @@ class SegTask(FinetuneTask):
 
     @torch.no_grad()
     def evaluate_split(self, model, cfg, dataset, device: torch.device, rank: int, world: int,
-                       run_dir: Path) -> dict:
+                       run_dir: Path, stop_requested: Callable[[], bool] | None = None) -> dict:
         """Sliding-window inference on this rank's share of the frames; the confusion matrix is summed
-        over ranks. Rank 0 writes overlays of its first ``eval.overlays`` frames."""
+        over ranks. Rank 0 writes overlays of its first ``eval.overlays`` frames. ``stop_requested``:
+        polled before each frame (:func:`~pretrain.engine.signals.stop_polling`)."""
         from finetune.metrics import confusion_matrix, reduce_confusion, segmentation_metrics
         from finetune.overlay import write_seg_overlay
 
@@ -44,7 +47,7 @@ class SegTask(FinetuneTask):
         indices = list(range(rank, len(dataset), world))
         loader = eval_loader(dataset, indices, int(cfg.data.num_workers))
         cm = torch.zeros(k, k, dtype=torch.int64, device=device)
-        for n, sample in enumerate(loader):
+        for n, sample in enumerate(stop_polling(loader, len(dataset) // world, stop_requested)):
             pred = self.predict_frame(model, cfg, sample, device)
             label = torch.from_numpy(sample["label"]).to(device)
             cm += confusion_matrix(pred, label, k, ignore)

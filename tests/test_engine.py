@@ -19,18 +19,18 @@ def test_best_is_the_first_evaluation_with_the_highest_metric(tmp_path):
     improved = {}
     for step, value in values.items():
         state["step"] = step
-        improved[step] = _evaluate_now(lambda s: {"mIoU": value, "frames": 3, "per_class_iou": {"a": value}},
-                                       state, spec, log, rank=0)
+        improved[step] = _evaluate_now(lambda s, _: {"mIoU": value, "frames": 3, "per_class_iou": {"a": value}},
+                                       state, spec, log, 0, None)
     assert improved == {2: True, 4: True, 6: False, 8: False, 10: False}
     assert state["best"] == {"metric": "mIoU", "value": 0.7, "step": 4}
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[1] == {"step": 4, "val/mIoU": 0.7, "val/frames": 3}  # scalars only
     # Other ranks take part in the evaluation but neither log nor decide.
-    assert _evaluate_now(lambda s: {"mIoU": 0.9}, {"step": 12}, spec, log, rank=1) is False
+    assert _evaluate_now(lambda s, _: {"mIoU": 0.9}, {"step": 12}, spec, log, 1, None) is False
     # A metric not defined on the split (None: a detection split whose objects are all ignored) is
     # logged as nothing and beats nothing.
     state["step"] = 12
-    assert _evaluate_now(lambda s: {"mIoU": None, "frames": 3}, state, spec, log, rank=0) is False
+    assert _evaluate_now(lambda s, _: {"mIoU": None, "frames": 3}, state, spec, log, 0, None) is False
     assert state["best"] == {"metric": "mIoU", "value": 0.7, "step": 4}
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 12, "val/frames": 3}
 
@@ -99,6 +99,21 @@ def test_a_first_ctrl_c_asks_to_save_a_second_stops_at_once_and_restore_puts_the
     finally:
         signals.restore()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_stop_polling_asks_before_each_of_the_first_polls_frames_and_stops_there():
+    """An evaluation during training asks before each frame whether any rank got a stop request;
+    only as many times as every rank has frames (the question is a collective)."""
+    from pretrain.engine.signals import EvaluationStopped, stop_polling
+
+    asked, seen = [], []
+    with pytest.raises(EvaluationStopped):
+        for frame in stop_polling("abcdef", 5, lambda: asked.append(1) or len(asked) == 3):
+            seen.append(frame)
+    assert seen == ["a", "b"] and len(asked) == 3
+    asked.clear()
+    assert list(stop_polling("abc", 2, lambda: asked.append(1) or False)) == list("abc") and len(asked) == 2
+    assert list(stop_polling("abc", 3, None)) == list("abc")
 
 
 def test_errors_the_user_acts_on_are_one_line_and_a_bug_keeps_its_traceback():

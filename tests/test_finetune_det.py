@@ -12,6 +12,7 @@ from finetune.coco_eval import coco_ground_truth, coco_metrics, coco_results
 from finetune.factory import build_detector, det_dataset
 from finetune.data.pairs import unknown_classes_note
 from pretrain.engine import DataError
+from pretrain.engine.signals import EvaluationStopped
 from tests.conftest import run_finetune_cli, shared_path
 
 TINY = str(CONFIG_DIR / "finetune" / "det_tiny.yaml")
@@ -265,6 +266,12 @@ def test_voc_difficult_objects_are_ignore_regions(tmp_path):
 
     m = DetTask().evaluate_split(Fires(), cfg, dataset, torch.device("cpu"), 0, 1, tmp_path / "run")
     assert m["AP50"] == pytest.approx(1.0)  # the hard one's detection is neither a hit nor a false positive
+    # A stop request during training's evaluation ends it before the next frame; with 2 ranks one of
+    # them has no frame of this one, so neither asks (the question is a collective) and it finishes.
+    with pytest.raises(EvaluationStopped):
+        DetTask().evaluate_split(Fires(), cfg, dataset, torch.device("cpu"), 0, 1, tmp_path / "run", lambda: True)
+    m = DetTask().evaluate_split(Fires(), cfg, dataset, torch.device("cpu"), 0, 2, tmp_path / "run", lambda: True)
+    assert m["AP50"] == pytest.approx(1.0)
 
 
 def test_coco_boxes_flagged_ignore_are_regions_as_crowd_boxes_are(tmp_path):

@@ -18,10 +18,10 @@ def pairs(tmp_path_factory):
     return root
 
 
-def _finetune(task, run_dir, overrides, nproc=0, eval_only=False):
+def _finetune(task, run_dir, overrides, nproc=0, eval_only=False, env_extra=None):
     """One thread per process in both runs, so that 1 and 2 processes compute frames identically."""
     return run_finetune_cli(task, run_dir, CONFIG_DIR / "finetune" / f"{task}_tiny.yaml", *overrides, nproc=nproc,
-                            eval_only=eval_only, env_extra={"OMP_NUM_THREADS": "1"})
+                            eval_only=eval_only, env_extra={"OMP_NUM_THREADS": "1", **(env_extra or {})})
 
 
 def _eval_twice(task, run_dir, overrides):
@@ -104,7 +104,8 @@ def test_two_process_training_evaluates_the_model_it_saves_and_resumes_to_it(pai
     """IV-tuning (BatchNorm in its hybrid operation and in the heads) trained by 2 processes: every
     rank holds the same BatchNorm statistics, so --eval-only of the saved checkpoint reproduces the
     run's own metrics exactly, and a run SIGKILLed whole at a seeded random moment of its training
-    resumes to the same weights, BatchNorm buffers and metrics."""
+    resumes to the same weights, BatchNorm buffers and metrics, as does one stopped by a Ctrl-C during
+    a periodic evaluation (the ranks hold 6 and 5 frames and stop at the same one)."""
     import random
     import time
 
@@ -112,8 +113,10 @@ def test_two_process_training_evaluates_the_model_it_saves_and_resumes_to_it(pai
 
     from tests.conftest import kill_process_tree
 
+    from pretrain.engine.loop import EVAL_STOP_FAULT_ENV
+
     overrides = [f"data.root={pairs}", "train.steps=6", "train.save_every_steps=2", "train.batch_size=2",
-                 "eval.overlays=0", "train.log_every_steps=1"]
+                 "eval.overlays=0", "train.log_every_steps=1", "eval.every_steps=3"]
     res = _finetune("seg", tmp_path / "clean", overrides, nproc=2)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     trained = json.loads((tmp_path / "clean" / "metrics.json").read_text())
@@ -137,10 +140,23 @@ def test_two_process_training_evaluates_the_model_it_saves_and_resumes_to_it(pai
     assert killed_during_training, "the run ended before the kill: make it longer"
     res = _finetune("seg", tmp_path / "run", overrides, nproc=2)
     assert res.returncode == 0 and "resumed from step0000000" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
-    a, b = (torch.load(d / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
-            for d in (tmp_path / "clean", tmp_path / "run"))
+
+    res = _finetune("seg", tmp_path / "stopped", overrides, nproc=2, env_extra={EVAL_STOP_FAULT_ENV: "3"})
+    said = res.stdout + res.stderr
+    assert res.returncode != 0 and "SIGINT: saved step 3, its evaluation stopped; exiting" in said, said[-3000:]
+    res = _finetune("seg", tmp_path / "stopped", overrides, nproc=2)
+    assert res.returncode == 0 and "evaluating step 3 first" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+    evaluations = (lambda d: [(r["step"], r["val/mIoU"]) for r in map(json.loads, (d / "metrics.jsonl").read_text()
+                                                                    .splitlines()) if "val/mIoU" in r])
+    a = torch.load(tmp_path / "clean" / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt",
+                   weights_only=True)["module"]
     assert any("running_var" in k for k in a)  # the checkpoint holds BatchNorm statistics
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert resumed["confusion_matrix"] == trained["confusion_matrix"]
+    for run in ("run", "stopped"):
+        b = torch.load(tmp_path / run / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt",
+                       weights_only=True)["module"]
+        for k in a:
+            assert torch.equal(a[k], b[k]), (run, k)
+        resumed = json.loads((tmp_path / run / "metrics.json").read_text())
+        assert resumed["confusion_matrix"] == trained["confusion_matrix"]
+        assert evaluations(tmp_path / run) == evaluations(tmp_path / "clean") and len(evaluations(tmp_path / run)) == 2

@@ -34,13 +34,14 @@ from pretrain.engine.checkpoint import (Checkpointer, CheckpointWriteError, Resu
 from pretrain.engine.distributed import average_over_ranks, batchnorm_statistics
 from pretrain.engine.health import HealthPolicy, StepHealth, faulty_steps, step_verdict
 from pretrain.engine.optim import set_lr
-from pretrain.engine.signals import StopSignals
+from pretrain.engine.signals import EvaluationStopped, StopSignals
 from pretrain.engine.streams import DataError, PlanError, loader_worker_death
 
 if TYPE_CHECKING:
     from pretrain.engine.task import Task
 
 FAULT_ENV = "IRPT_FAULT_SIGKILL_AFTER_STEP"  # fault injection for the resume tests
+EVAL_STOP_FAULT_ENV = "IRPT_FAULT_SIGINT_DURING_EVAL_AT_STEP"  # Ctrl-C after the first frame of that evaluation
 
 
 # --- run directory ----------------------------------------------------------------------------
@@ -379,14 +380,16 @@ def weights_for_evaluation(ckpt: Checkpointer, engine, cfg_hash: str, frozen_ref
 
 
 def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state: dict, spec: LoopSpec,
-                where: Process, *, checkpoint_meta: dict, evaluate: Callable[[int], dict | None] | None = None) -> bool:
+                where: Process, *, checkpoint_meta: dict, evaluate: Callable[..., dict | None] | None = None) -> bool:
     """Run steps until ``spec.total_steps`` (True) or a preemption signal (False, after saving).
 
     Each step reseeds every generator from (seed, rank, step), sets the lr, takes ``accum``
     micro-batches and steps; a checkpoint every ``save_every`` steps, at the end and on a signal.
     With ``evaluate`` and ``spec.eval_every``: every ``eval_every`` steps and at the end, every rank
-    calls ``evaluate(step)``; rank 0 logs its scalar metrics (``val/<name>``) and, when
+    calls ``evaluate(step, stop_requested)``; rank 0 logs its scalar metrics (``val/<name>``) and, when
     ``spec.best_metric`` improved, the checkpoint of that step (always saved) is kept as ``best``.
+    A stop request during an evaluation ends it within a frame: the step is saved with its
+    evaluation pending (``eval_pending`` in the state), and the resumed run evaluates it first.
     """
     run_dir, rank, device, world = where.run_dir, where.rank, where.device, where.world
     accum, workers = spec.batching.accum, spec.num_workers
@@ -402,6 +405,36 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
 
     def save() -> None:
         ckpt.save(engine, f"step{state['step']:08d}", rank, dict(checkpoint_meta, data=state, world_size=world))
+
+    eval_fault, polls = int(os.environ.get(EVAL_STOP_FAULT_ENV, "-1")), [0]
+
+    def stop_requested() -> bool:  # polled by an evaluation before each frame, on every rank alike
+        polls[0] += 1
+        if state["step"] == eval_fault and polls[0] == 2 and rank == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return signals.any_rank_requested(device)
+
+    def evaluate_step() -> tuple[bool, bool]:
+        """(improved, stopped) for the evaluation after this step."""
+        polls[0] = 0
+        try:
+            improved = _evaluate_now(evaluate, state, spec, log, rank, stop_requested)
+        except EvaluationStopped:
+            state["eval_pending"] = state["step"]
+            return False, True
+        state.pop("eval_pending", None)
+        return improved, False
+
+    if state.pop("eval_pending", None) == state["step"] and evaluate is not None and spec.eval_every:
+        if rank == 0:  # the saved step whose evaluation a stop request ended
+            print(f"evaluating step {state['step']} first (its evaluation was stopped)", flush=True)
+        improved, stopped = evaluate_step()
+        if stopped:  # the checkpoint on disk still says it is pending
+            _say_stopped(signals, state, rank, "its evaluation stopped again; ")
+            signals.restore()
+            return False
+        if improved:
+            ckpt.keep_as_best(f"step{state['step']:08d}", rank, state["best"])
 
     progress = progress_bar(spec.total_steps, state["step"], rank == 0, spec.desc)
     while state["step"] < spec.total_steps:
@@ -449,11 +482,12 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
             if state["step"] % spec.log_every == 0 or state["step"] == spec.total_steps or not verdict.finite:
                 log.write(_step_record(task, verdict, state, optimizer, spec, elapsed, wait, device))
             task.end_step(state["step"])
-            evaluated = improved = False
+            evaluated = improved = stopped_in_eval = False
             if evaluate is not None and spec.eval_every and (state["step"] % spec.eval_every == 0
                                                             or state["step"] == spec.total_steps):
-                evaluated, improved = True, _evaluate_now(evaluate, state, spec, log, rank)
-            stop = signals.any_rank_requested(device)
+                evaluated = True
+                improved, stopped_in_eval = evaluate_step()
+            stop = stopped_in_eval or signals.any_rank_requested(device)
             if state["step"] % spec.save_every == 0 or state["step"] == spec.total_steps or stop or evaluated:
                 save()
                 if improved:
@@ -461,9 +495,7 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
             if state["step"] == fault_step:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop:
-                if rank == 0:
-                    print(f"{signals.signal_name or 'stop signal'}: saved step {state['step']}, exiting; "
-                          "rerun the same command to resume", flush=True)
+                _say_stopped(signals, state, rank, "its evaluation stopped; " if stopped_in_eval else "")
                 signals.restore()
                 return False
     progress.close()
@@ -471,11 +503,17 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
     return True
 
 
-def _evaluate_now(evaluate: Callable[[int], dict | None], state: dict, spec: LoopSpec, log: MetricsLog,
-                  rank: int) -> bool:
+def _say_stopped(signals: StopSignals, state: dict, rank: int, evaluation: str) -> None:
+    if rank == 0:
+        print(f"{signals.signal_name or 'stop signal'}: saved step {state['step']}, {evaluation}exiting; "
+              "rerun the same command to resume", flush=True)
+
+
+def _evaluate_now(evaluate: Callable[..., dict | None], state: dict, spec: LoopSpec, log: MetricsLog,
+                  rank: int, stop_requested: Callable[[], bool]) -> bool:
     """Evaluate after this step; True on rank 0 when ``spec.best_metric`` beat every earlier value.
     The best value so far travels in the state (so in checkpoints: a resumed run compares with it)."""
-    metrics = evaluate(state["step"])
+    metrics = evaluate(state["step"], stop_requested)
     if rank != 0 or metrics is None:
         return False
     log.write({"step": state["step"], **{f"val/{k}": v for k, v in metrics.items()

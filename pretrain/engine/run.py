@@ -5,6 +5,7 @@ import contextlib
 import functools
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -105,10 +106,12 @@ class Evaluation:
         self.task, self.model, self.cfg, self.where = task, model, cfg, where
         self.step, self.metrics = None, None
 
-    def __call__(self, step: int) -> dict | None:
+    def __call__(self, step: int, stop_requested: Callable[[], bool] | None = None) -> dict | None:
         was_training = self.model.training
-        self.metrics = self.task.evaluate(self.model, self.cfg, self.where)
-        self.model.train(was_training)
+        try:
+            self.metrics = self.task.evaluate(self.model, self.cfg, self.where, stop_requested)
+        finally:  # also when a stop request ended it
+            self.model.train(was_training)
         self.step = step
         return self.metrics
 

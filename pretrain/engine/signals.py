@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,8 +30,8 @@ class StopSignals:
             if self.requested:
                 raise KeyboardInterrupt
             if self.announce:  # os.write: a print could re-enter a write the signal interrupted
-                os.write(2, b"\nCtrl-C: saving at the end of this step, then stopping "
-                            b"(Ctrl-C again stops at once, without saving)\n")
+                os.write(2, b"\nCtrl-C: saving at the end of this step (an evaluation under way stops), then "
+                            b"stopping (Ctrl-C again stops at once, without saving)\n")
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
@@ -41,6 +42,22 @@ class StopSignals:
 
     def restore(self) -> None:
         _restore(self._previous)
+
+
+class EvaluationStopped(Exception):
+    """A stop request ended an evaluation part-way; the run saves its step and stops, and the
+    resumed run evaluates that step first."""
+
+
+def stop_polling(frames: Iterable, polls: int, requested: Callable[[], bool] | None) -> Iterator:
+    """``frames``, asking ``requested()`` before each of the first ``polls``. Every rank must ask the
+    same number of times (``requested`` is a collective), so ``polls`` is the smallest share of frames
+    any rank has. A preemption notice gives a grace period of tens of seconds, shorter than an
+    evaluation of a large validation split: the run stops within a frame instead."""
+    for n, frame in enumerate(frames):
+        if requested is not None and n < polls and requested():
+            raise EvaluationStopped
+        yield frame
 
 
 def ignore_preemption_signals(_worker_id: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -93,8 +93,11 @@ class Task:
         """Evaluate every n steps during training (and at the end); 0: only at the end."""
         return 0
 
-    def evaluate(self, model: nn.Module, cfg, where: Process) -> dict | None:
-        """Metrics on held-out data (every rank takes part; rank 0's dict is kept), or None."""
+    def evaluate(self, model: nn.Module, cfg, where: Process,
+                 stop_requested: Callable[[], bool] | None = None) -> dict | None:
+        """Metrics on held-out data (every rank takes part; rank 0's dict is kept), or None.
+        ``stop_requested`` (during training): a collective to poll as it goes, raising
+        :class:`~pretrain.engine.signals.EvaluationStopped` when it says so."""
         return None
 
     def result_line(self, metrics: dict | None, steps: int, where: Process) -> str:
