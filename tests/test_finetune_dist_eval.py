@@ -143,7 +143,7 @@ def test_two_process_training_evaluates_the_model_it_saves_and_resumes_to_it(pai
 
     res = _finetune("seg", tmp_path / "stopped", overrides, nproc=2, env_extra={EVAL_STOP_FAULT_ENV: "3"})
     said = res.stdout + res.stderr
-    assert res.returncode != 0 and "SIGINT: saved step 3, its evaluation stopped; exiting" in said, said[-3000:]
+    assert res.returncode != 0 and "SIGINT: saved step 3, its evaluation stopped, exiting" in said, said[-3000:]
     res = _finetune("seg", tmp_path / "stopped", overrides, nproc=2)
     assert res.returncode == 0 and "evaluating step 3 first" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 

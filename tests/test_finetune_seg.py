@@ -198,7 +198,7 @@ def test_killed_seg_run_resumes_to_the_same_weights(synth_pairs, tmp_path):
     # Ctrl-C after the first frame of step 4's evaluation: step 4 saved at once, its evaluation pending
     stopped = finetune(tmp_path / "stopped", TINY, *args, env_extra={EVAL_STOP_FAULT_ENV: "4"})
     out = stopped.stdout + stopped.stderr
-    assert stopped.returncode == 75 and "SIGINT: saved step 4, its evaluation stopped; exiting" in out, out[-3000:]
+    assert stopped.returncode == 75 and "SIGINT: saved step 4, its evaluation stopped, exiting" in out, out[-3000:]
     assert _evaluations(tmp_path / "stopped") == {}
     saved = json.loads((tmp_path / "stopped" / "checkpoints" / "step00000004" / "state_rank0.json").read_text())
     assert saved["data"]["eval_pending"] == 4
@@ -225,6 +225,24 @@ def test_killed_seg_run_resumes_to_the_same_weights(synth_pairs, tmp_path):
         ma = json.loads((tmp_path / "clean" / "metrics.json").read_text())
         mb = json.loads((tmp_path / run / "metrics.json").read_text())
         assert ma["confusion_matrix"] == mb["confusion_matrix"]
+
+
+def test_ctrl_c_during_the_final_evaluation_stops_it_and_the_same_command_evaluates_again(synth_pairs, tmp_path):
+    """Without periodic evaluation the run evaluates once, after its last step (saved); a Ctrl-C then
+    ends that evaluation at the next frame (exit 75, no DONE), and so it does under --eval-only."""
+    args = [f"data.root={synth_pairs}", "train.steps=2", "train.batch_size=2", "eval.overlays=0"]
+    run = tmp_path / "run"
+    stopped = finetune(run, TINY, *args, env_extra={EVAL_STOP_FAULT_ENV: "2"})
+    said = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 75 and "SIGINT: step 2 is saved, its evaluation stopped, exiting" in said, said[-3000:]
+    assert not (run / "DONE").exists() and not (run / "metrics.json").exists()
+    res = finetune(run, TINY, *args)
+    assert res.returncode == 0 and "resumed from step00000002 at step 2" in res.stdout, res.stdout[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert json.loads((run / "DONE").read_text())["steps"] == 2 and metrics["frames"] == 8
+    res = run_finetune_cli("seg", run, TINY, *args, eval_only=True, env_extra={EVAL_STOP_FAULT_ENV: "2"})
+    assert res.returncode == 75 and "its evaluation stopped" in res.stdout, res.stdout[-3000:]
+    assert json.loads((run / "metrics.json").read_text()) == metrics  # left as it was
 
 
 def test_mfnet_layout_and_joint_augmentation_keep_modalities_aligned(tmp_path):

@@ -406,19 +406,10 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
     def save() -> None:
         ckpt.save(engine, f"step{state['step']:08d}", rank, dict(checkpoint_meta, data=state, world_size=world))
 
-    eval_fault, polls = int(os.environ.get(EVAL_STOP_FAULT_ENV, "-1")), [0]
-
-    def stop_requested() -> bool:  # polled by an evaluation before each frame, on every rank alike
-        polls[0] += 1
-        if state["step"] == eval_fault and polls[0] == 2 and rank == 0:
-            os.kill(os.getpid(), signal.SIGINT)
-        return signals.any_rank_requested(device)
-
     def evaluate_step() -> tuple[bool, bool]:
         """(improved, stopped) for the evaluation after this step."""
-        polls[0] = 0
         try:
-            improved = _evaluate_now(evaluate, state, spec, log, rank, stop_requested)
+            improved = _evaluate_now(evaluate, state, spec, log, rank, stop_poll(signals, device, rank, state["step"]))
         except EvaluationStopped:
             state["eval_pending"] = state["step"]
             return False, True
@@ -430,7 +421,7 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
             print(f"evaluating step {state['step']} first (its evaluation was stopped)", flush=True)
         improved, stopped = evaluate_step()
         if stopped:  # the checkpoint on disk still says it is pending
-            _say_stopped(signals, state, rank, "its evaluation stopped again; ")
+            say_stopped(signals, rank, f"saved step {state['step']}, its evaluation stopped again")
             signals.restore()
             return False
         if improved:
@@ -495,7 +486,8 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
             if state["step"] == fault_step:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop:
-                _say_stopped(signals, state, rank, "its evaluation stopped; " if stopped_in_eval else "")
+                evaluation = ", its evaluation stopped" if stopped_in_eval else ""
+                say_stopped(signals, rank, f"saved step {state['step']}{evaluation}")
                 signals.restore()
                 return False
     progress.close()
@@ -503,10 +495,23 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
     return True
 
 
-def _say_stopped(signals: StopSignals, state: dict, rank: int, evaluation: str) -> None:
+def say_stopped(signals: StopSignals, rank: int, what: str) -> None:
     if rank == 0:
-        print(f"{signals.signal_name or 'stop signal'}: saved step {state['step']}, {evaluation}exiting; "
-              "rerun the same command to resume", flush=True)
+        print(f"{signals.signal_name or 'stop signal'}: {what}, exiting; rerun the same command to resume", flush=True)
+
+
+def stop_poll(signals: StopSignals, device: torch.device, rank: int, step: int) -> Callable[[], bool]:
+    """What an evaluation after ``step`` asks before each frame: did any rank get a stop request?
+    (A collective: every rank asks alike.)"""
+    asked, fault = 0, rank == 0 and os.environ.get(EVAL_STOP_FAULT_ENV) == str(step)
+
+    def requested() -> bool:
+        nonlocal asked
+        asked += 1
+        if fault and asked == 2:  # fault injection: Ctrl-C after the evaluation's first frame
+            os.kill(os.getpid(), signal.SIGINT)
+        return signals.any_rank_requested(device)
+    return requested
 
 
 def _evaluate_now(evaluate: Callable[..., dict | None], state: dict, spec: LoopSpec, log: MetricsLog,

@@ -13,8 +13,9 @@ from data_tools.config import check_config, config_hash
 from pretrain.engine.checkpoint import Checkpointer, ResumeError
 from pretrain.engine.health import HealthPolicy
 from pretrain.engine.loop import (LoopSpec, Process, fit_positions_to_workers, frozen_reference, new_state,
-                                  prepare_run_dir, resolve_batching, resume_state, run_entry_point, train_steps,
-                                  weights_for_evaluation)
+                                  prepare_run_dir, resolve_batching, resume_state, run_entry_point, say_stopped,
+                                  stop_poll, train_steps, weights_for_evaluation)
+from pretrain.engine.signals import EvaluationStopped, StopSignals
 from pretrain.engine.optim import build_engine, deepspeed_config
 from pretrain.engine.task import Task
 from pretrain.random_init import rebuilding_trained_run
@@ -74,8 +75,7 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
         state = weights_for_evaluation(ckpt, engine, cfg_hash, frozen_ref)
         if rank == 0:
             print(f"evaluating {ckpt.latest_tag()} (step {state['step']}) with {world} processes", flush=True)
-        _finish(task, model, cfg, where, state)
-        return True
+        return _finish(task, model, cfg, where, state)
 
     workers = int(cfg.data.num_workers)
     if plan.inputs is not None:
@@ -94,8 +94,7 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
     if not train_steps(task, engine, optimizer, plan.loader, ckpt, state, spec, where, checkpoint_meta=meta,
                        evaluate=evaluation):
         return False
-    _finish(task, model, cfg, where, state, evaluation)
-    return True
+    return _finish(task, model, cfg, where, state, evaluation)
 
 
 class Evaluation:
@@ -115,16 +114,26 @@ class Evaluation:
         self.step = step
         return self.metrics
 
-    def at(self, step: int) -> dict | None:
+    def at(self, step: int, stop_requested: Callable[[], bool] | None = None) -> dict | None:
         """The metrics after ``step``: kept from the loop or evaluated now."""
-        return self.metrics if self.step == step else self(step)
+        return self.metrics if self.step == step else self(step, stop_requested)
 
 
-def _finish(task: Task, model, cfg, where: Process, state: dict, evaluation: Evaluation | None = None) -> None:
-    """Final evaluation, ``metrics.json``, ``DONE`` and the result line."""
-    metrics = (evaluation or Evaluation(task, model, cfg, where)).at(state["step"])
+def _finish(task: Task, model, cfg, where: Process, state: dict, evaluation: Evaluation | None = None) -> bool:
+    """Final evaluation, ``metrics.json``, ``DONE`` and the result line. False when a stop signal
+    (Ctrl-C, preemption) ended the evaluation: the step it evaluates is saved, the same command
+    evaluates it again."""
+    signals = StopSignals(announce=where.is_main)
+    try:
+        metrics = (evaluation or Evaluation(task, model, cfg, where)).at(
+            state["step"], stop_poll(signals, where.device, where.rank, state["step"]))
+    except EvaluationStopped:
+        say_stopped(signals, where.rank, f"step {state['step']} is saved, its evaluation stopped")
+        return False
+    finally:
+        signals.restore()
     if not where.is_main:
-        return
+        return True
     done = {"steps": state["step"], "samples_seen": state["samples_seen"]}
     if state.get("best"):
         done["best"] = state["best"]
@@ -133,3 +142,4 @@ def _finish(task: Task, model, cfg, where: Process, state: dict, evaluation: Eva
         (where.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (where.run_dir / "DONE").write_text(json.dumps(done))
     print(task.result_line(metrics, state["step"], where), flush=True)
+    return True
