@@ -144,8 +144,14 @@ def test_two_process_training_evaluates_the_model_it_saves_and_resumes_to_it(pai
     res = _finetune("seg", tmp_path / "stopped", overrides, nproc=2, env_extra={EVAL_STOP_FAULT_ENV: "3"})
     said = res.stdout + res.stderr
     assert res.returncode != 0 and "SIGINT: saved step 3, its evaluation stopped, exiting" in said, said[-3000:]
+    for rank in (0, 1):  # saved at once, its evaluation pending; nothing of it logged
+        state = tmp_path / "stopped" / "checkpoints" / "step00000003" / f"state_rank{rank}.json"
+        state = json.loads(state.read_text())
+        assert state["data"]["eval_pending"] == 3
+    assert "val/mIoU" not in (tmp_path / "stopped" / "metrics.jsonl").read_text()
     res = _finetune("seg", tmp_path / "stopped", overrides, nproc=2)
-    assert res.returncode == 0 and "evaluating step 3 first" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0 and "evaluating step 3 first (its evaluation was stopped)" in res.stdout, \
+        res.stdout[-3000:] + res.stderr[-3000:]
 
     evaluations = (lambda d: [(r["step"], r["val/mIoU"]) for r in map(json.loads, (d / "metrics.jsonl").read_text()
                                                                     .splitlines()) if "val/mIoU" in r])
@@ -160,3 +166,5 @@ def test_two_process_training_evaluates_the_model_it_saves_and_resumes_to_it(pai
         resumed = json.loads((tmp_path / run / "metrics.json").read_text())
         assert resumed["confusion_matrix"] == trained["confusion_matrix"]
         assert evaluations(tmp_path / run) == evaluations(tmp_path / "clean") and len(evaluations(tmp_path / run)) == 2
+        best = (lambda d: json.loads((d / "checkpoints" / "best" / "best.json").read_text()))
+        assert best(tmp_path / run) == best(tmp_path / "clean")

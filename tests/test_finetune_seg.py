@@ -177,14 +177,12 @@ def test_ivtuning_overfits_synthetic_infrared_visible_pairs(synth_pairs, tmp_pat
 
 
 def _evaluations(run_dir) -> dict[int, float]:
-    log = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["val/mIoU"] for r in records if "val/mIoU" in r}
 
 
 def test_killed_seg_run_resumes_to_the_same_weights(synth_pairs, tmp_path):
-    """With periodic evaluation in the loop: the same weights, evaluations and ``best`` checkpoint,
-    after a kill between evaluations and after a Ctrl-C during one (which ends it part-way)."""
+    """With periodic evaluation in the loop: the same weights, evaluations and ``best`` checkpoint."""
     args = [f"data.root={synth_pairs}", "train.steps=8", "train.save_every_steps=3", "train.batch_size=2",
             "eval.overlays=0", "data.num_workers=1", "train.record_samples=true", "eval.every_steps=4",
             "train.keep_last=1", "optim.lr=1e-3"]
@@ -195,36 +193,24 @@ def test_killed_seg_run_resumes_to_the_same_weights(synth_pairs, tmp_path):
     resumed = finetune(tmp_path / "run", TINY, *args)
     # an evaluation step is always saved: the kill after step 5 resumes from step 4
     assert resumed.returncode == 0 and "resumed from step00000004 at step 4" in resumed.stdout
-    # Ctrl-C after the first frame of step 4's evaluation: step 4 saved at once, its evaluation pending
-    stopped = finetune(tmp_path / "stopped", TINY, *args, env_extra={EVAL_STOP_FAULT_ENV: "4"})
-    out = stopped.stdout + stopped.stderr
-    assert stopped.returncode == 75 and "SIGINT: saved step 4, its evaluation stopped, exiting" in out, out[-3000:]
-    assert _evaluations(tmp_path / "stopped") == {}
-    saved = json.loads((tmp_path / "stopped" / "checkpoints" / "step00000004" / "state_rank0.json").read_text())
-    assert saved["data"]["eval_pending"] == 4
-    resumed = finetune(tmp_path / "stopped", TINY, *args)
-    assert resumed.returncode == 0 and "evaluating step 4 first (its evaluation was stopped)" in resumed.stdout
     evals = _evaluations(tmp_path / "clean")
-    assert sorted(evals) == [4, 8] and _evaluations(tmp_path / "run") == evals == _evaluations(tmp_path / "stopped")
+    assert sorted(evals) == [4, 8] and _evaluations(tmp_path / "run") == evals
     best_step = max(evals, key=lambda step: (evals[step], -step))  # the first of equal values stays best
-    for run in ("clean", "run", "stopped"):
+    for run in ("clean", "run"):
         best = json.loads((tmp_path / run / "checkpoints" / "best" / "best.json").read_text())
         assert (best["step"], best["metric"]) == (best_step, "mIoU") and best["value"] == pytest.approx(evals[best_step])
         assert json.loads((tmp_path / run / "DONE").read_text())["best"]["step"] == best_step
         assert Checkpointer(tmp_path / run / "checkpoints").problem("best") is None  # complete, checksums verify
     assert json.loads((tmp_path / "clean" / "metrics.json").read_text())["mIoU"] == pytest.approx(evals[8])
-    weights = lambda run: torch.load(tmp_path / run / "checkpoints" / "step00000008" / "mp_rank_00_model_states.pt",
-                                     weights_only=True)["module"]
-    a = weights("clean")
-    for run in ("run", "stopped"):
-        b = weights(run)
-        for k in a:
-            assert torch.equal(a[k], b[k]), (run, k)
-        samples = (lambda d: (tmp_path / d / "samples_rank0.jsonl").read_text())
-        assert samples("clean") == samples(run)
-        ma = json.loads((tmp_path / "clean" / "metrics.json").read_text())
-        mb = json.loads((tmp_path / run / "metrics.json").read_text())
-        assert ma["confusion_matrix"] == mb["confusion_matrix"]
+    a, b = (torch.load(tmp_path / run / "checkpoints" / "step00000008" / "mp_rank_00_model_states.pt",
+                       weights_only=True)["module"] for run in ("clean", "run"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    samples = (lambda run: (tmp_path / run / "samples_rank0.jsonl").read_text())
+    assert samples("clean") == samples("run")
+    ma = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert ma["confusion_matrix"] == mb["confusion_matrix"]
 
 
 def test_ctrl_c_during_the_final_evaluation_stops_it_and_the_same_command_evaluates_again(synth_pairs, tmp_path):
