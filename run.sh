@@ -243,13 +243,18 @@ stage_export() {
 }
 
 launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the exit status means
-  local stage="$1" rc=0 ctrl_c=""
+  local stage="$1" rc=0 ctrl_c="" term=""
   shift
-  trap 'ctrl_c=1' INT  # Ctrl-C reaches the launcher and its processes too: they save; say so after
+  # Ctrl-C, or a scheduler's SIGTERM to the whole process group, reaches the launcher and its
+  # processes too: they save. run.sh waits for them (untrapped, SIGTERM would end it at once, 143,
+  # while they still write), then says what happened.
+  trap 'ctrl_c=1' INT
+  trap 'term=1' TERM
   launch "$@" || rc=$?
-  trap - INT
-  # torchrun and the DeepSpeed launcher report their workers' stop on Ctrl-C as their own failure
+  trap - INT TERM
+  # torchrun and the DeepSpeed launcher report their workers' stop on a signal as their own failure
   [[ -n "$ctrl_c" && $rc -ne 0 && $rc -ne 75 ]] && rc=130
+  [[ -z "$ctrl_c" && -n "$term" && $rc -ne 0 ]] && rc=75
   [[ $rc -eq 0 ]] || failed "$rc" "$stage" "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
 }
 

@@ -311,12 +311,15 @@ def test_a_path_of_the_wrong_kind_is_refused_before_any_stage(tmp_path, option):
     assert res.returncode != 0 and said in res.stderr
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp_path, nproc):
+@pytest.mark.parametrize("stop, nproc", [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGTERM, 2)],
+                         ids=["ctrl_c-1", "ctrl_c-2", "sigterm-2"])
+def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp_path, stop, nproc):
     """Ctrl-C in the terminal reaches run.sh and the trainer: the trainer saves and exits 75, and
     run.sh ends with that status (a requeueing wrapper's signal to rerun), saying so. Under
     torchrun (which gets the Ctrl-C and passes it on), the processes save too; torchrun reports
-    their stop as its own failure (1), and run.sh says it was Ctrl-C and ends with 130."""
+    their stop as its own failure (1), and run.sh says it was Ctrl-C and ends with 130. A
+    scheduler's SIGTERM to the process group: run.sh waits for the processes to save (untrapped,
+    it ended at once with 143 while they wrote) and ends with 75, also under torchrun."""
     new = _new_out_with(pipeline, tmp_path, "shards")
     config = tmp_path / "long.yaml"  # far too long to finish during the test
     config.write_text(f"_base_: {ROOT / 'configs' / 'pretrain' / 'tiny.yaml'}\ntrain: {{epochs: 2000}}\n")
@@ -326,10 +329,11 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, stop)
     res = _finish(proc)
-    said = {1: (75, "stopped on a signal (Ctrl-C, preemption) and saved its state: rerun the same command to resume"),
-            2: (130, "interrupted (Ctrl-C); what it finished is kept: rerun the same command to go on")}[nproc]
+    saved = (75, "stopped on a signal (Ctrl-C, preemption) and saved its state: rerun the same command to resume")
+    said = saved if nproc == 1 or stop == signal.SIGTERM else (
+        130, "interrupted (Ctrl-C); what it finished is kept: rerun the same command to go on")
     assert res.returncode == said[0], res.stdout[-3000:] + res.stderr[-3000:]
     assert f"STOPPED: stage pretrain {said[1]}" in res.stderr and "\nERROR: " not in res.stderr
     assert (new / "pretrain" / "checkpoints" / "latest").is_file() and not (new / "pretrain" / "DONE").exists()
