@@ -252,9 +252,10 @@ launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the
   trap 'term=1' TERM
   launch "$@" || rc=$?
   trap - INT TERM
-  # torchrun and the DeepSpeed launcher report their workers' stop on a signal as their own failure
-  [[ -n "$ctrl_c" && $rc -ne 0 && $rc -ne 75 ]] && rc=130
-  [[ -z "$ctrl_c" && -n "$term" && $rc -ne 0 ]] && rc=75
+  # torchrun and the DeepSpeed launcher report their workers' stop on a signal as their own failure;
+  # a stage that finished as the signal came is kept, and the next one is not started
+  [[ -n "$ctrl_c" && $rc -ne 75 ]] && rc=130
+  [[ -z "$ctrl_c" && -n "$term" ]] && rc=75
   [[ $rc -eq 0 ]] || failed "$rc" "$stage" "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
 }
 
