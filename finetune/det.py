@@ -15,10 +15,9 @@ import torch
 import torch.distributed as dist
 
 from finetune.factory import build_detector, det_dataset
-from finetune.data.eval_frames import eval_loader
+from finetune.data.eval_frames import rank_frames
 from finetune.runner import FinetuneTask
 from pretrain.engine import run
-from pretrain.engine.signals import stop_polling
 from finetune.schema import DetConfig
 
 
@@ -39,19 +38,17 @@ class DetTask(FinetuneTask):
     def evaluate_split(self, model, cfg, dataset, device: torch.device, rank: int, world: int,
                        run_dir: Path, stop_requested: Callable[[], bool] | None = None) -> dict:
         """Predict this rank's frames, gather on rank 0, score with pycocotools. ``stop_requested``:
-        polled before each frame (:func:`~pretrain.engine.signals.stop_polling`)."""
+        asked before each frame (:func:`~finetune.data.eval_frames.rank_frames`)."""
         from finetune.coco_eval import coco_ground_truth, coco_metrics, coco_results
         from finetune.data.det import ScoringLimits, evaluation_truth
         from finetune.overlay import write_det_overlay
 
         model.eval()
         limits = ScoringLimits.of(cfg)
-        indices = list(range(rank, len(dataset), world))
+        indices, samples = rank_frames(dataset, rank, world, int(cfg.data.num_workers), stop_requested)
         frames, results = [], []
         names = list(cfg.data.classes)
-        loader = stop_polling(eval_loader(dataset, indices, int(cfg.data.num_workers)), len(dataset) // world,
-                              stop_requested)
-        for n, (index, sample) in enumerate(zip(indices, loader)):
+        for n, (index, sample) in enumerate(zip(indices, samples)):
             scaled = self.predict_frame(model, cfg, sample, device)
             boxes = scaled["boxes"] / sample["scale"]  # back to the original frame's pixels
             record = dataset.records[index]

@@ -14,10 +14,9 @@ import torch
 import torch.distributed as dist
 
 from finetune.factory import build_segmentor, seg_dataset
-from finetune.data.eval_frames import eval_loader
+from finetune.data.eval_frames import rank_frames
 from finetune.runner import FinetuneTask
 from pretrain.engine import run
-from pretrain.engine.signals import stop_polling
 from finetune.schema import SegConfig
 
 
@@ -38,16 +37,15 @@ class SegTask(FinetuneTask):
                        run_dir: Path, stop_requested: Callable[[], bool] | None = None) -> dict:
         """Sliding-window inference on this rank's share of the frames; the confusion matrix is summed
         over ranks. Rank 0 writes overlays of its first ``eval.overlays`` frames. ``stop_requested``:
-        polled before each frame (:func:`~pretrain.engine.signals.stop_polling`)."""
+        asked before each frame (:func:`~finetune.data.eval_frames.rank_frames`)."""
         from finetune.metrics import confusion_matrix, reduce_confusion, segmentation_metrics
         from finetune.overlay import write_seg_overlay
 
         model.eval()
         k, ignore = len(cfg.data.classes), int(cfg.data.ignore_index)
-        indices = list(range(rank, len(dataset), world))
-        loader = eval_loader(dataset, indices, int(cfg.data.num_workers))
+        indices, samples = rank_frames(dataset, rank, world, int(cfg.data.num_workers), stop_requested)
         cm = torch.zeros(k, k, dtype=torch.int64, device=device)
-        for n, sample in enumerate(stop_polling(loader, len(dataset) // world, stop_requested)):
+        for n, sample in enumerate(samples):
             pred = self.predict_frame(model, cfg, sample, device)
             label = torch.from_numpy(sample["label"]).to(device)
             cm += confusion_matrix(pred, label, k, ignore)

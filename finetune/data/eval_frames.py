@@ -3,11 +3,11 @@ light to import: each worker imports the module of what it unpickles (this one a
 and the runner's would bring the models, timm and torchvision into every worker (4.7 s each)."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-from pretrain.engine.signals import ignore_preemption_signals, stop_signals_ignored
+from pretrain.engine.signals import ignore_preemption_signals, stop_polling, stop_signals_ignored
 
 
 class _EvalFrames(torch.utils.data.Dataset):
@@ -33,3 +33,11 @@ def eval_loader(dataset, indices: list[int], workers: int) -> Iterator[dict]:
                                          worker_init_fn=ignore_preemption_signals if workers else None)
     with stop_signals_ignored():
         return iter(loader)  # spawns the workers
+
+
+def rank_frames(dataset, rank: int, world: int, workers: int,
+                stop_requested: Callable[[], bool] | None = None) -> tuple[list[int], Iterator[dict]]:
+    """This rank's share of an evaluation (every ``world``-th frame from ``rank``) and its frames,
+    ``stop_requested`` asked before each frame that every rank has (:func:`stop_polling`)."""
+    indices = list(range(rank, len(dataset), world))
+    return indices, stop_polling(eval_loader(dataset, indices, workers), len(dataset) // world, stop_requested)
