@@ -252,8 +252,9 @@ launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the
   trap 'term=1' TERM
   launch "$@" || rc=$?
   trap - INT TERM
-  # torchrun and the DeepSpeed launcher report their workers' stop on a signal as their own failure;
-  # a stage that finished as the signal came is kept, and the next one is not started
+  # the launchers end a stop on a signal with a status of their own (torchrun 130 / 143, the
+  # DeepSpeed launcher 1 or a worker's); a stage that finished as the signal came is kept, and the
+  # next one is not started
   [[ -n "$ctrl_c" && $rc -ne 75 ]] && rc=130
   [[ -z "$ctrl_c" && -n "$term" ]] && rc=75
   [[ $rc -eq 0 ]] || failed "$rc" "$stage" "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
@@ -277,7 +278,8 @@ launch() {  # launch MODULE ARGS...: one process, torchrun, or the DeepSpeed lau
     [[ -n "$MASTER_SET" ]] && cmd+=(--master_addr "${MASTER%:*}" --master_port "${MASTER##*:}")
     cmd+=("${LAUNCHER_ARGS[@]}" --module "$@")
   elif [[ "$NPROC" -gt 1 || "$NNODES" -gt 1 ]]; then
-    cmd=("$VENV/bin/python" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK"
+    # torchrun, with its stop on a signal said in one line and status 128 + signal (no traceback)
+    cmd=("$VENV/bin/python" -m pretrain.engine.torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK"
          --nproc_per_node "$NPROC" --master_addr "${MASTER%:*}" --master_port "${MASTER##*:}"
          "${LAUNCHER_ARGS[@]}" -m "$@")
   else

@@ -140,7 +140,7 @@ def test_interrupted_stage_fails_then_resumes_under_torchrun(pipeline, tmp_path)
     args = ["--out", str(out), "--seg-config", str(config), "seg", "--nproc", "2"]
     res = _run_sh(*args, "--master", f"127.0.0.1:{free_port()}", env_extra={FAULT_ENV: "6"})  # killed after step 6
     assert res.returncode != 0 and "the same command then goes on from the last checkpoint" in res.stderr
-    assert "torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 2" in res.stdout
+    assert "pretrain.engine.torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2" in res.stdout
     assert not (out / "seg" / "DONE").exists()
     log = _ok(_run_sh(*args, "--master", f"127.0.0.1:{free_port()}"))
     assert "resumed from step00000004" in log
@@ -316,10 +316,11 @@ def test_a_path_of_the_wrong_kind_is_refused_before_any_stage(tmp_path, option):
 def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp_path, stop, nproc):
     """Ctrl-C in the terminal reaches run.sh and the trainer: the trainer saves and exits 75, and
     run.sh ends with that status (a requeueing wrapper's signal to rerun), saying so. Under
-    torchrun (which gets the Ctrl-C and passes it on), the processes save too; torchrun reports
-    their stop as its own failure (1), and run.sh says it was Ctrl-C and ends with 130. A
-    scheduler's SIGTERM to the process group: run.sh waits for the processes to save (untrapped,
-    it ended at once with 143 while they wrote) and ends with 75, also under torchrun."""
+    torchrun (which gets the Ctrl-C and passes it on), the processes save too; torchrun says the
+    stop in one line instead of its SignalException traceback, and run.sh says it was Ctrl-C and
+    ends with 130. A scheduler's SIGTERM to the process group: run.sh waits for the processes to
+    save (untrapped, it ended at once with 143 while they wrote) and ends with 75, also under
+    torchrun."""
     new = _new_out_with(pipeline, tmp_path, "shards")
     config = tmp_path / "long.yaml"  # far too long to finish during the test
     config.write_text(f"_base_: {ROOT / 'configs' / 'pretrain' / 'tiny.yaml'}\ntrain: {{epochs: 2000}}\n")
@@ -337,6 +338,9 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     assert res.returncode == said[0], res.stdout[-3000:] + res.stderr[-3000:]
     assert f"STOPPED: stage pretrain {said[1]}" in res.stderr and "\nERROR: " not in res.stderr
     assert (new / "pretrain" / "checkpoints" / "latest").is_file() and not (new / "pretrain" / "DONE").exists()
+    if nproc > 1:
+        assert f"torchrun: {signal.Signals(stop).name} passed on to its processes" in res.stderr
+        assert "Traceback" not in res.stderr, res.stderr[-3000:]
 
 
 def test_ctrl_c_in_the_shards_stage_ends_run_sh_with_130_and_the_rerun_goes_on(tmp_path):
@@ -367,7 +371,7 @@ def test_two_nodes_train_one_run_in_a_shared_output_folder(pipeline, tmp_path):
     results = [_finish(node) for node in nodes]
     for rank, res in enumerate(results):
         assert res.returncode == 0, (rank, res.stdout[-3000:] + res.stderr[-3000:])
-        assert f"torch.distributed.run --nnodes 2 --node_rank {rank} --nproc_per_node 1" in res.stdout
+        assert f"pretrain.engine.torchrun --nnodes 2 --node_rank {rank} --nproc_per_node 1" in res.stdout
     assert "2 process(es) (gloo), 1 CPU threads each" in results[0].stdout
     done, alone = (json.loads((o / "pretrain" / "DONE").read_text()) for o in (new, out))
     # the same epoch over two processes: the one-process run's samples in half its steps
