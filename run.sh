@@ -252,11 +252,10 @@ launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the
   trap 'term=1' TERM
   launch "$@" || rc=$?
   trap - INT TERM
-  # the launchers end a stop on a signal with a status of their own (torchrun 130 / 143, the
-  # DeepSpeed launcher 1 or a worker's); a stage that finished as the signal came is kept, and the
-  # next one is not started
+  # a stage that finished as the signal came is kept, and the next one is not started; 143: a
+  # SIGTERM to the launcher alone, passed on to its processes (pretrain/engine/launchers.py)
   [[ -n "$ctrl_c" && $rc -ne 75 ]] && rc=130
-  [[ -z "$ctrl_c" && -n "$term" ]] && rc=75
+  [[ -z "$ctrl_c" && ( -n "$term" || $rc -eq 143 ) ]] && rc=75
   [[ $rc -eq 0 ]] || failed "$rc" "$stage" "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
 }
 
@@ -271,15 +270,15 @@ launch_processes() {  # the processes launch starts: the fine-tuning check needs
 }
 
 launch() {  # launch MODULE ARGS...: one process, torchrun, or the DeepSpeed launcher (printed first)
+  # (the launchers through pretrain/engine/launchers.py: a stop on a signal ends in one line, 130 / 143)
   local cmd
   if [[ -n "$HOSTFILE" ]]; then
-    cmd=("$VENV/bin/deepspeed" --hostfile "$HOSTFILE")
+    cmd=("$VENV/bin/python" -m pretrain.engine.launchers deepspeed --hostfile "$HOSTFILE")
     [[ -n "$NPROC_SET" ]] && cmd+=(--num_gpus "$NPROC")
     [[ -n "$MASTER_SET" ]] && cmd+=(--master_addr "${MASTER%:*}" --master_port "${MASTER##*:}")
     cmd+=("${LAUNCHER_ARGS[@]}" --module "$@")
   elif [[ "$NPROC" -gt 1 || "$NNODES" -gt 1 ]]; then
-    # torchrun, with its stop on a signal said in one line and status 128 + signal (no traceback)
-    cmd=("$VENV/bin/python" -m pretrain.engine.torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK"
+    cmd=("$VENV/bin/python" -m pretrain.engine.launchers torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK"
          --nproc_per_node "$NPROC" --master_addr "${MASTER%:*}" --master_port "${MASTER##*:}"
          "${LAUNCHER_ARGS[@]}" -m "$@")
   else

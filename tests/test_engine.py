@@ -217,3 +217,12 @@ def test_a_config_equal_but_for_how_its_data_is_loaded():
     assert not equal_but_for(then, config_hash(then), dict(now, train={"steps": 11}), LOADING_KEYS)
     later = {"data": {**now["data"], "pin_memory": True}, "train": {"steps": 10}}  # a setting added since
     assert equal_but_for(then, config_hash(then), later, LOADING_KEYS)
+
+
+def test_the_launchers_module_names_its_launchers_when_given_another(capsys):
+    from pretrain.engine.launchers import main
+
+    for argv in ([], ["mpirun", "-n", "2"]):
+        assert main(argv) == 2
+        said = capsys.readouterr().err
+        assert "usage: python -m pretrain.engine.launchers {torchrun,deepspeed} LAUNCHER_ARGS..." in said

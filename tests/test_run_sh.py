@@ -1,6 +1,7 @@
 """run.sh end to end at the embedded default size: every stage on a fresh output folder and the
 summary; a rerun that skips every finished stage; an interrupted stage that fails loudly and
 resumes when rerun; launcher options that reach torchrun and the DeepSpeed launcher."""
+import contextlib
 import json
 import os
 import re
@@ -60,6 +61,39 @@ AWKWARD = "run #2, [v2] it's"
 def pipeline(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / AWKWARD
     return out, _ok(_run_sh("--out", str(out)))
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _still_running_when_it_ends(proc: subprocess.Popen, tree: list):
+    """A list that gets the command lines of the processes of ``tree`` still running at the moment
+    run.sh ends (they would hold its output pipes open: reading them to the end would wait for
+    them), and the thread that fills it."""
+    import threading
+
+    import psutil
+
+    outlived = []
+
+    def watch():
+        shell = psutil.Process(proc.pid)
+        while _running(shell):
+            time.sleep(0.01)
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if _running(process):
+                    outlived.append(" ".join(process.cmdline()))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return outlived, watcher
 
 
 def _finished(out: Path) -> dict:
@@ -140,7 +174,7 @@ def test_interrupted_stage_fails_then_resumes_under_torchrun(pipeline, tmp_path)
     args = ["--out", str(out), "--seg-config", str(config), "seg", "--nproc", "2"]
     res = _run_sh(*args, "--master", f"127.0.0.1:{free_port()}", env_extra={FAULT_ENV: "6"})  # killed after step 6
     assert res.returncode != 0 and "the same command then goes on from the last checkpoint" in res.stderr
-    assert "pretrain.engine.torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2" in res.stdout
+    assert "pretrain.engine.launchers torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2" in res.stdout
     assert not (out / "seg" / "DONE").exists()
     log = _ok(_run_sh(*args, "--master", f"127.0.0.1:{free_port()}"))
     assert "resumed from step00000004" in log
@@ -155,7 +189,8 @@ def test_hostfile_runs_the_deepspeed_launcher(pipeline, tmp_path):
     # One host: the launcher runs it locally (no ssh needed with --no_ssh_check and a master address).
     log = _ok(_run_sh("--out", str(out), "--seg-config", str(config), "seg", "--hostfile", str(hostfile),
                       "--nproc", "2", "--master", f"127.0.0.1:{free_port()}", "--launcher-args", "--no_ssh_check"))
-    assert re.search(r"bin/deepspeed --hostfile \S+ --num_gpus 2 --master_addr 127.0.0.1 --master_port \d+ "
+    assert re.search(r"pretrain.engine.launchers deepspeed --hostfile \S+ --num_gpus 2 --master_addr 127.0.0.1 "
+                     r"--master_port \d+ "
                      r"--no_ssh_check --module finetune seg", log)
     # The launcher sets no thread count: each of the 2 processes takes half of torch's default.
     threads = os.environ.get("OMP_NUM_THREADS") or max(1, torch.get_num_threads() // 2)
@@ -311,36 +346,59 @@ def test_a_path_of_the_wrong_kind_is_refused_before_any_stage(tmp_path, option):
     assert res.returncode != 0 and said in res.stderr
 
 
-@pytest.mark.parametrize("stop, nproc", [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGTERM, 2)],
-                         ids=["ctrl_c-1", "ctrl_c-2", "sigterm-2"])
-def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp_path, stop, nproc):
+@pytest.mark.parametrize("stop, nproc, launcher, to", [
+    (signal.SIGINT, 1, None, "group"), (signal.SIGINT, 2, "torchrun", "group"),
+    (signal.SIGTERM, 2, "torchrun", "group"), (signal.SIGINT, 2, "deepspeed", "group"),
+    (signal.SIGTERM, 2, "deepspeed", "launcher")],
+    ids=["ctrl_c-1", "ctrl_c-2", "sigterm-2", "ctrl_c-deepspeed", "sigterm-deepspeed-alone"])
+def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp_path, stop, nproc, launcher, to):
     """Ctrl-C in the terminal reaches run.sh and the trainer: the trainer saves and exits 75, and
     run.sh ends with that status (a requeueing wrapper's signal to rerun), saying so. Under
     torchrun (which gets the Ctrl-C and passes it on), the processes save too; torchrun says the
     stop in one line instead of its SignalException traceback, and run.sh says it was Ctrl-C and
     ends with 130. A scheduler's SIGTERM to the process group: run.sh waits for the processes to
     save (untrapped, it ended at once with 143 while they wrote) and ends with 75, also under
-    torchrun."""
+    torchrun. The DeepSpeed launcher ended at once on Ctrl-C (a KeyboardInterrupt traceback) while
+    its per-node launcher still stopped the processes: run.sh said STOPPED before they had ended;
+    now it returns after them. A SIGTERM to the DeepSpeed launcher alone reached no process; now
+    they save, and run.sh says so."""
     new = _new_out_with(pipeline, tmp_path, "shards")
     config = tmp_path / "long.yaml"  # far too long to finish during the test
     config.write_text(f"_base_: {ROOT / 'configs' / 'pretrain' / 'tiny.yaml'}\ntrain: {{epochs: 2000}}\n")
-    proc = _start_run_sh("--out", str(new), "--config", str(config), "pretrain", "--nproc", str(nproc),
-                         "--master", f"127.0.0.1:{free_port()}")
+    launch = ["--nproc", str(nproc), "--master", f"127.0.0.1:{free_port()}"]
+    if launcher == "deepspeed":
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("localhost slots=2\n")
+        launch += ["--hostfile", str(hostfile), "--launcher-args", "--no_ssh_check"]
+    proc = _start_run_sh("--out", str(new), "--config", str(config), "pretrain", *launch)
     metrics = new / "pretrain" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.05)
-    os.killpg(proc.pid, stop)
+    import psutil
+
+    # the launchers and trainers (not their loader workers or multiprocessing's helpers, which end
+    # with them, a moment after)
+    tree = [p for p in psutil.Process(proc.pid).children(recursive=True)
+            if "pretrain" in " ".join(p.cmdline()) and p.cmdline() != p.parent().cmdline()]
+    outlived, watcher = _still_running_when_it_ends(proc, tree)
+    if to == "group":
+        os.killpg(proc.pid, stop)
+    else:
+        next(p for p in tree if "pretrain.engine.launchers" in " ".join(p.cmdline())).send_signal(stop)
     res = _finish(proc)
+    watcher.join()
     saved = (75, "stopped on a signal (Ctrl-C, preemption) and saved its state: rerun the same command to resume")
     said = saved if nproc == 1 or stop == signal.SIGTERM else (
         130, "interrupted (Ctrl-C); what it finished is kept: rerun the same command to go on")
     assert res.returncode == said[0], res.stdout[-3000:] + res.stderr[-3000:]
     assert f"STOPPED: stage pretrain {said[1]}" in res.stderr and "\nERROR: " not in res.stderr
     assert (new / "pretrain" / "checkpoints" / "latest").is_file() and not (new / "pretrain" / "DONE").exists()
-    if nproc > 1:
-        assert f"torchrun: {signal.Signals(stop).name} passed on to its processes" in res.stderr
+    if launcher:
+        assert f"{launcher}: {signal.Signals(stop).name} passed on to its processes" in res.stderr
         assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert len(tree) == nproc + {None: 0, "torchrun": 1, "deepspeed": 2}[launcher], [p.cmdline() for p in tree]
+    assert not outlived, f"still running when run.sh ended: {outlived}"
 
 
 def test_ctrl_c_in_the_shards_stage_ends_run_sh_with_130_and_the_rerun_goes_on(tmp_path):
@@ -371,7 +429,7 @@ def test_two_nodes_train_one_run_in_a_shared_output_folder(pipeline, tmp_path):
     results = [_finish(node) for node in nodes]
     for rank, res in enumerate(results):
         assert res.returncode == 0, (rank, res.stdout[-3000:] + res.stderr[-3000:])
-        assert f"pretrain.engine.torchrun --nnodes 2 --node_rank {rank} --nproc_per_node 1" in res.stdout
+        assert f"pretrain.engine.launchers torchrun --nnodes 2 --node_rank {rank} --nproc_per_node 1" in res.stdout
     assert "2 process(es) (gloo), 1 CPU threads each" in results[0].stdout
     done, alone = (json.loads((o / "pretrain" / "DONE").read_text()) for o in (new, out))
     # the same epoch over two processes: the one-process run's samples in half its steps

@@ -4,5 +4,7 @@
 set -euo pipefail
 : "${HOSTFILE:=docs/launch/hostfile.example}" "${RUN_DIR:=runs/pad_vitb}" "${SHARDS:=shards/msip}"
 : "${INIT:=weights/mae_pretrain_vit_base.pth}"
-exec deepspeed --hostfile "$HOSTFILE" --module pretrain train --config configs/pretrain/pad_vitb.yaml \
+# the DeepSpeed launcher with the same arguments (README: Preemption)
+exec python -m pretrain.engine.launchers deepspeed --hostfile "$HOSTFILE" \
+  --module pretrain train --config configs/pretrain/pad_vitb.yaml \
   --run-dir "$RUN_DIR" "data.shards=[{path: $SHARDS}]" "init.checkpoint=$INIT" "$@"

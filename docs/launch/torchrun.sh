@@ -7,8 +7,8 @@
 set -euo pipefail
 : "${NNODES:=1}" "${NODE_RANK:=0}" "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}" "${GPUS:=8}"
 : "${RUN_DIR:=runs/pad_vitb}" "${SHARDS:=shards/msip}" "${INIT:=weights/mae_pretrain_vit_base.pth}"
-# torchrun with the same arguments; a stop on Ctrl-C / SIGTERM is said in one line (README: Preemption)
-exec python -m pretrain.engine.torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
+# torchrun with the same arguments; a stop on Ctrl-C / SIGTERM ends in one line (README: Preemption)
+exec python -m pretrain.engine.launchers torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   -m pretrain train --config configs/pretrain/pad_vitb.yaml --run-dir "$RUN_DIR" \
   "data.shards=[{path: $SHARDS}]" "init.checkpoint=$INIT" "$@"

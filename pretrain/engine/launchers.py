@@ -1,0 +1,81 @@
+"""The launchers run.sh starts multi-process training with, ending a stop on a signal cleanly.
+
+``python -m pretrain.engine.launchers torchrun ARGS`` is ``torchrun ARGS``, and ``... deepspeed ARGS``
+is ``deepspeed ARGS`` (the DeepSpeed launcher), except after Ctrl-C or a scheduler's SIGTERM:
+
+- torchrun passes the signal on to its processes, waits for them (ours save and exit 75), then
+  raises its own ``SignalException``: a 30-line traceback after a stop that went as planned, and
+  status 1, as for a crash.
+- The DeepSpeed launcher on one node ends at once (a ``KeyboardInterrupt`` traceback, or killed by
+  SIGTERM) while the per-node launcher it started is still stopping the processes, which save:
+  run.sh would say the stage stopped, and a requeueing wrapper start it again, while they still
+  write; and a SIGTERM to it alone reached nobody. Here it passes the signal on to the per-node
+  launcher, which sends its processes SIGTERM (again, when the whole group got the signal too: our
+  processes take a repeated stop request as one), and waits for it. Several nodes over pdsh keep
+  DeepSpeed's own handling.
+
+Both then say the stop in one line and end with the shell's status for the signal (130 for
+SIGINT, 143 for SIGTERM), which run.sh reads.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+
+def _say_stopped(launcher: str, signum: int) -> int:
+    print(f"{launcher}: {signal.Signals(signum).name} passed on to its processes, which have ended (their own "
+          "lines above say whether they saved)", file=sys.stderr, flush=True)
+    return 128 + int(signum)
+
+
+def torchrun(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.run import main
+
+    try:
+        main(argv)
+    except SignalException as stop:
+        return _say_stopped("torchrun", stop.sigval)
+    return 0
+
+
+def deepspeed(argv: list[str]) -> int:
+    import psutil
+    from deepspeed.launcher.runner import main
+
+    signals: list[int] = []
+
+    def pass_on(signum, frame):
+        signals.append(signum)
+        launchers = psutil.Process().children()
+        if not launchers:  # none started yet: nothing to wait for
+            raise SystemExit(128 + signum)
+        for launcher in launchers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                launcher.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, pass_on)
+    try:
+        main(argv)
+        status = 0
+    except SystemExit as end:  # the launcher's way of passing on its processes' status
+        status = end.code if isinstance(end.code, int) else 1
+    return _say_stopped("deepspeed", signals[0]) if signals else status
+
+
+LAUNCHERS = {"torchrun": torchrun, "deepspeed": deepspeed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in LAUNCHERS:
+        print(f"usage: python -m pretrain.engine.launchers {{{','.join(LAUNCHERS)}}} LAUNCHER_ARGS...", file=sys.stderr)
+        return 2
+    return LAUNCHERS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
