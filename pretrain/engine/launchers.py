@@ -62,7 +62,7 @@ def deepspeed(argv: list[str]) -> int:
         main(argv)
         status = 0
     except SystemExit as end:  # the launcher's way of passing on its processes' status
-        status = end.code if isinstance(end.code, int) else 1
+        status = 0 if end.code is None else end.code if isinstance(end.code, int) else 1
     return _say_stopped("deepspeed", signals[0]) if signals else status
 
 
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in LAUNCHERS:
         print(f"usage: python -m pretrain.engine.launchers {{{','.join(LAUNCHERS)}}} LAUNCHER_ARGS...", file=sys.stderr)
         return 2
+    sys.argv[0] = argv[0]  # the launcher's own messages name it as its command does
     return LAUNCHERS[argv[0]](argv[1:])
 
 
