@@ -72,6 +72,21 @@ def _running(process) -> bool:
         return False
 
 
+def _launchers_and_trainers(proc: subprocess.Popen) -> list:
+    """The pre-training launchers and processes below run.sh now (not their loader workers or
+    multiprocessing's helpers, which end with them, a moment after; not a process that ends while
+    it is looked at)."""
+    import psutil
+
+    found = []
+    for process in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            command = process.cmdline()
+            if "pretrain" in " ".join(command) and command != process.parent().cmdline():
+                found.append(process)
+    return found
+
+
 def _still_running_when_it_ends(proc: subprocess.Popen, tree: list):
     """A list that gets the command lines of the processes of ``tree`` still running at the moment
     run.sh ends (they would hold its output pipes open: reading them to the end would wait for
@@ -375,12 +390,7 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.05)
-    import psutil
-
-    # the launchers and trainers (not their loader workers or multiprocessing's helpers, which end
-    # with them, a moment after)
-    tree = [p for p in psutil.Process(proc.pid).children(recursive=True)
-            if "pretrain" in " ".join(p.cmdline()) and p.cmdline() != p.parent().cmdline()]
+    tree = _launchers_and_trainers(proc)
     outlived, watcher = _still_running_when_it_ends(proc, tree)
     if to == "group":
         os.killpg(proc.pid, stop)
@@ -397,7 +407,7 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     if launcher:
         assert f"{launcher}: {signal.Signals(stop).name} passed on to its processes" in res.stderr
         assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert len(tree) == nproc + {None: 0, "torchrun": 1, "deepspeed": 2}[launcher], [p.cmdline() for p in tree]
+    assert len(tree) == nproc + {None: 0, "torchrun": 1, "deepspeed": 2}[launcher], [p.pid for p in tree]
     assert not outlived, f"still running when run.sh ended: {outlived}"
 
 
