@@ -249,13 +249,13 @@ launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the
   # processes too: they save. run.sh waits for them (untrapped, SIGTERM would end it at once, 143,
   # while they still write), then says what happened.
   trap 'ctrl_c=1' INT
-  trap 'term=1' TERM
+  trap 'term=1' TERM USR1
   launch "$@" || rc=$?
-  trap - INT TERM
-  # a stage that finished as the signal came is kept, and the next one is not started; 143: a
-  # SIGTERM to the launcher alone, passed on to its processes (pretrain/engine/launchers.py)
+  trap - INT TERM USR1
+  # a stage that finished as the signal came is kept, and the next one is not started; 143 / 138:
+  # a SIGTERM / SIGUSR1 to the launcher alone, passed on to its processes (pretrain/engine/launchers.py)
   [[ -n "$ctrl_c" && $rc -ne 75 ]] && rc=130
-  [[ -z "$ctrl_c" && ( -n "$term" || $rc -eq 143 ) ]] && rc=75
+  [[ -z "$ctrl_c" && ( -n "$term" || $rc -eq 143 || $rc -eq 138 ) ]] && rc=75
   [[ $rc -eq 0 ]] || failed "$rc" "$stage" "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
 }
 

@@ -364,8 +364,8 @@ def test_a_path_of_the_wrong_kind_is_refused_before_any_stage(tmp_path, option):
 @pytest.mark.parametrize("stop, nproc, launcher, to", [
     (signal.SIGINT, 1, None, "group"), (signal.SIGINT, 2, "torchrun", "group"),
     (signal.SIGTERM, 2, "torchrun", "group"), (signal.SIGINT, 2, "deepspeed", "group"),
-    (signal.SIGTERM, 2, "deepspeed", "launcher")],
-    ids=["ctrl_c-1", "ctrl_c-2", "sigterm-2", "ctrl_c-deepspeed", "sigterm-deepspeed-alone"])
+    (signal.SIGTERM, 2, "deepspeed", "launcher"), (signal.SIGUSR1, 2, "torchrun", "group")],
+    ids=["ctrl_c-1", "ctrl_c-2", "sigterm-2", "ctrl_c-deepspeed", "sigterm-deepspeed-alone", "sigusr1-2"])
 def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp_path, stop, nproc, launcher, to):
     """Ctrl-C in the terminal reaches run.sh and the trainer: the trainer saves and exits 75, and
     run.sh ends with that status (a requeueing wrapper's signal to rerun), saying so. Under
@@ -376,7 +376,8 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     torchrun. The DeepSpeed launcher ended at once on Ctrl-C (a KeyboardInterrupt traceback) while
     its per-node launcher still stopped the processes: run.sh said STOPPED before they had ended;
     now it returns after them. A SIGTERM to the DeepSpeed launcher alone reached no process; now
-    they save, and run.sh says so."""
+    they save, and run.sh says so. A SIGUSR1 (SLURM's preemption notice) ended run.sh and torchrun
+    at once, and the processes with them, unsaved; now it is a stop request as SIGTERM is."""
     new = _new_out_with(pipeline, tmp_path, "shards")
     config = tmp_path / "long.yaml"  # far too long to finish during the test
     config.write_text(f"_base_: {ROOT / 'configs' / 'pretrain' / 'tiny.yaml'}\ntrain: {{epochs: 2000}}\n")
@@ -399,7 +400,7 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     res = _finish(proc)
     watcher.join()
     saved = (75, "stopped on a signal (Ctrl-C, preemption) and saved its state: rerun the same command to resume")
-    said = saved if nproc == 1 or stop == signal.SIGTERM else (
+    said = saved if nproc == 1 or stop != signal.SIGINT else (
         130, "interrupted (Ctrl-C); what it finished is kept: rerun the same command to go on")
     assert res.returncode == said[0], res.stdout[-3000:] + res.stderr[-3000:]
     assert f"STOPPED: stage pretrain {said[1]}" in res.stderr and "\nERROR: " not in res.stderr

@@ -14,8 +14,9 @@ is ``deepspeed ARGS`` (the DeepSpeed launcher), except after Ctrl-C or a schedul
   processes take a repeated stop request as one), and waits for it. Several nodes over pdsh keep
   DeepSpeed's own handling.
 
-Both then say the stop in one line and end with the shell's status for the signal (130 for
-SIGINT, 143 for SIGTERM), which run.sh reads.
+Both also pass a SIGUSR1 on (torchrun's default set of signals leaves it out: it ended at once,
+its processes unsaved), and then say the stop in one line and end with the shell's status for the
+signal (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1), which run.sh reads.
 """
 from __future__ import annotations
 
@@ -31,9 +32,15 @@ def _say_stopped(launcher: str, signum: int) -> int:
 
 
 def torchrun(argv: list[str]) -> int:
+    import os
+
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.run import main
 
+    # torchrun's default --signals-to-handle leaves out SIGUSR1 (a preemption notice, as SLURM's
+    # --signal sends it), whose default action ended torchrun at once, and its processes with it,
+    # unsaved: passed on, our processes take it as a stop request. The flag, given, still wins.
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     try:
         main(argv)
     except SignalException as stop:
@@ -52,11 +59,11 @@ def deepspeed(argv: list[str]) -> int:
         launchers = psutil.Process().children()
         if not launchers:  # none started yet: nothing to wait for
             raise SystemExit(128 + signum)
-        for launcher in launchers:
+        for launcher in launchers:  # DeepSpeed's per-node launcher would die of a SIGUSR1: SIGTERM for it
             with contextlib.suppress(psutil.NoSuchProcess):
-                launcher.send_signal(signum)
+                launcher.send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, pass_on)
     try:
         main(argv)
