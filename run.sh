@@ -270,7 +270,7 @@ launch_processes() {  # the processes launch starts: the fine-tuning check needs
 }
 
 launch() {  # launch MODULE ARGS...: one process, torchrun, or the DeepSpeed launcher (printed first)
-  # (the launchers through pretrain/engine/launchers.py: a stop on a signal ends in one line, 130 / 143)
+  # (the launchers through pretrain/engine/launchers.py: a stop on a signal ends in one line, 128 + signal)
   local cmd
   if [[ -n "$HOSTFILE" ]]; then
     cmd=("$VENV/bin/python" -m pretrain.engine.launchers deepspeed --hostfile "$HOSTFILE")

@@ -76,6 +76,15 @@ def real_build(real_sources_yaml, tmp_path_factory):
     return out, manifest
 
 
+def alive(pid: int) -> bool:
+    """Running, not a zombie (a container's first process may never reap an orphan)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def kill_process_tree(proc) -> None:
     """SIGKILL a launched process and every process under it at once, as a node failure does."""
     import psutil

@@ -10,16 +10,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from pretrain.engine import free_port
 from pretrain.engine.loop import FAULT_ENV
-from tests.conftest import ROOT
+from tests.conftest import ROOT, alive
 
 
 def _start_run_sh(*args, env_extra=None) -> subprocess.Popen:
@@ -63,21 +65,10 @@ def pipeline(tmp_path_factory):
     return out, _ok(_run_sh("--out", str(out)))
 
 
-def _running(process) -> bool:
-    import psutil
-
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _launchers_and_trainers(proc: subprocess.Popen) -> list:
     """The pre-training launchers and processes below run.sh now (not their loader workers or
     multiprocessing's helpers, which end with them, a moment after; not a process that ends while
     it is looked at)."""
-    import psutil
-
     found = []
     for process in psutil.Process(proc.pid).children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -91,19 +82,14 @@ def _still_running_when_it_ends(proc: subprocess.Popen, tree: list):
     """A list that gets the command lines of the processes of ``tree`` still running at the moment
     run.sh ends (they would hold its output pipes open: reading them to the end would wait for
     them), and the thread that fills it."""
-    import threading
-
-    import psutil
-
     outlived = []
 
     def watch():
-        shell = psutil.Process(proc.pid)
-        while _running(shell):
+        while alive(proc.pid):
             time.sleep(0.01)
         for process in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
-                if _running(process):
+                if alive(process.pid):
                     outlived.append(" ".join(process.cmdline()))
 
     watcher = threading.Thread(target=watch, daemon=True)

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from pretrain.engine import runlock
-from tests.conftest import ROOT, folder_locked_by_another_process
+from tests.conftest import ROOT, alive, folder_locked_by_another_process
 
 
 def test_a_live_holder_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
@@ -19,15 +19,6 @@ def test_a_live_holder_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
         assert runlock.acquire(tmp_path) is None  # this process holds it already
     finally:
         runlock.release(tmp_path)
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie (a container's first process may never reap an orphan)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.parametrize("launched", [True, False])
@@ -49,9 +40,9 @@ def test_a_launched_worker_dies_with_its_launcher_and_a_shell_child_does_not(tmp
     pid = int(text.split()[1])
     deadline = time.monotonic() + 60
     if launched:
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(pid) and mark.read_text() == text  # killed with its launcher, before its 2 s
+        assert not alive(pid) and mark.read_text() == text  # killed with its launcher, before its 2 s
     else:
         while mark.read_text() != "survived" and time.monotonic() < deadline:
             time.sleep(0.05)
