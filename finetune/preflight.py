@@ -8,7 +8,8 @@ the folder listing and the first frames of each split.
   download unpacked a folder or two down, the split folders there are when one is missing, and
   the command that writes train.txt / val.txt for a dataset published without them;
 - segmentation training on one frame per process where BatchNorm is not synchronised across
-  processes (UPerNet's pyramid pooling cannot train on it); detection with its weights in bf16;
+  processes (UPerNet's pyramid pooling cannot train on it; the linear probe can); detection with its
+  weights in bf16;
 - a split in which no frame has all its files, or whose first frames are all unusable as training
   reads them (colour label images, values outside the classes, 0 / 255 masks read as indices);
 - detection labels none of whose boxes has a configured class, or (validation) none of whose
@@ -41,8 +42,11 @@ def check_batch(cfg, name: str, processes: int = 1, cuda: bool = False) -> None:
     (scale 1) normalises a map pooled to one pixel, one value per channel and frame, and BatchNorm
     cannot train on a single value (PyTorch raises; mmsegmentation asks for two samples per GPU
     for the same reason). On several GPUs the engine's SyncBatchNorm pools the processes' frames;
-    plain BatchNorm in CPU processes does not. Detection heads normalise whole maps: no limit."""
-    if "boxes" in cfg.data or int(cfg.train.batch_size) >= 2 or (processes > 1 and cuda):
+    plain BatchNorm in CPU processes does not. Detection heads normalise whole maps, the linear
+    probe nothing: no limit."""
+    if "boxes" in cfg.data or cfg.model.head.get("type", "upernet") != "upernet":
+        return
+    if int(cfg.train.batch_size) >= 2 or (processes > 1 and cuda):
         return
     where = (f"{processes} CPU processes, whose BatchNorm is not synchronised" if processes > 1
              else "one process")

@@ -25,6 +25,7 @@ class IVTuningSchema(Section):
 
 
 class SegHeadSchema(Section):
+    type: Literal["upernet", "linear"] = "upernet"
     channels: PosInt
     aux_channels: PosInt
     aux_weight: NonNegFloat

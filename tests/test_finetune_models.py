@@ -431,6 +431,57 @@ def test_segmentor_shapes_on_non_square_input():
     assert model.predict(torch.randn(1, 1, 48, 96), torch.randn(1, 3, 48, 96)).shape == (1, 4, 48, 96)
 
 
+def test_linear_probe_is_one_1x1_conv_on_the_concatenated_block_maps():
+    """UNIP's linear probing: the out_indices maps at stride 16, concatenated without a neck or a
+    normalisation, one 1x1 convolution (N(0, 0.01), bias 0); with method frozen only it trains."""
+    cfg = load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"),
+                      ["model.encoder.img_size=[48,96]", "model.method=frozen", "model.modality=ir",
+                       "model.head.type=linear"])
+    torch.manual_seed(0)
+    model = build_segmentor(cfg).eval()
+    assert model.aux_head is None
+    conv = model.decode_head.classifier
+    dim, classes = model.backbone.embed_dim, len(cfg.data.classes)
+    assert conv.weight.shape == (classes, 4 * dim, 1, 1) and conv.bias.abs().max() == 0
+    assert 0.008 < conv.weight.std().item() < 0.012
+    randomize(model.decode_head)
+    ir = torch.randn(2, 1, 48, 96)
+    out, aux = model.logits(ir, None)
+    maps = model.backbone(ir, None)
+    assert len(maps) == 4 and maps[0].shape == (2, dim, 3, 6)
+    by_hand = torch.einsum("kc,bchw->bkhw", conv.weight[:, :, 0, 0], torch.cat(maps, dim=1)) + conv.bias[:, None, None]
+    assert aux is None and out.shape == (2, classes, 3, 6)
+    assert torch.allclose(out, by_hand, atol=1e-5)
+    assert model.trainable_names() == {"decode_head.classifier.weight", "decode_head.classifier.bias"}
+    vitb = parameter_report(build_segmentor(load_config(SEG, ["model.method=frozen", "model.modality=ir",
+                                                               "model.head.type=linear"]), "meta"))
+    assert vitb["trainable_backbone"] == 0 and vitb["trainable"] == 9 * (4 * 768 + 1)  # MFNet's 9 classes
+    # no BatchNorm: one frame per step trains, and the check lets it
+    from finetune.preflight import check_batch
+
+    model.train()(ir[:1], None, torch.zeros(1, 48, 96, dtype=torch.long)).backward()
+    # a frozen encoder runs as at evaluation in training too: no stochastic depth
+    deep = build_segmentor(load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"),
+                                       ["model.encoder.img_size=[48,96]", "model.method=frozen", "model.modality=ir",
+                                        "model.head.type=linear", "model.encoder.drop_path=0.5"])).train()
+    assert deep.training and not deep.backbone.encoder.training
+    with torch.no_grad():
+        assert torch.equal(deep.logits(ir, None)[0], deep.logits(ir, None)[0])
+    check_batch(load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"),
+                            ["train.batch_size=1", "model.head.type=linear"]), "seg")
+
+
+def test_a_segmentation_head_type_outside_the_two_is_refused_by_name():
+    from data_tools.config import ConfigError, check_config
+    from finetune.models.segmentor import SegHeadConfig, Segmentor
+    from finetune.schema import SegConfig
+
+    with pytest.raises(ConfigError, match=r"model.head.type: Input should be 'upernet' or 'linear'"):
+        check_config(load_config(SEG, ["model.head.type=fcn"]), SegConfig)
+    with pytest.raises(ValueError, match="head type must be upernet or linear, got 'fcn'"):
+        Segmentor(BackboneConfig(method="frozen", modality="ir", encoder=TINY_ENC), SegHeadConfig(type="fcn"), 2)
+
+
 class PointwiseModel:
     """Scores that depend on each pixel alone: sliding windows must reproduce them exactly."""
     num_classes = 3

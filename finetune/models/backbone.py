@@ -93,6 +93,14 @@ class Backbone(nn.Module):
     def embed_dim(self) -> int:
         return self.encoder.embed_dim
 
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        if self.method.trains == "none":
+            # nothing of the encoder learns: it computes as at evaluation (no stochastic depth), as
+            # mmsegmentation's frozen stages do in UNIP's linear probing
+            self.encoder.eval()
+        return self
+
     def trainable_names(self) -> set[str]:
         # The encoder's final LayerNorm is not used: the heads read block outputs (as MAE's and
         # ViTDet's do), so it never gets a gradient and is left out.

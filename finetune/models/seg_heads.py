@@ -1,4 +1,5 @@
-"""Segmentation neck and heads (UperNet, Xiao et al. ECCV 2018; FCN auxiliary head, as in mmsegmentation), written here because none of our libraries ships them
+"""Segmentation neck and heads (UperNet, Xiao et al. ECCV 2018; FCN auxiliary head, as in mmsegmentation;
+the linear probe of UNIP, Zhang et al. ICLR 2025), written here because none of our libraries ships them
 (torchvision has an FPN but no UperNet; mmsegmentation is not a dependency). They follow
 mmsegmentation's UPerHead / FCNHead and the MAE / BEiT segmentation neck.
 """
@@ -75,3 +76,20 @@ class FCNHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.conv(x)))
+
+
+class LinearHead(nn.Module):
+    """Linear probing as UNIP evaluates a frozen backbone: the stride-16 token maps of the chosen
+    blocks (no neck, no normalisation) concatenated, then one 1x1 convolution to the classes. Its
+    released configs build it as mmsegmentation's FCNHead with no convolution and no dropout, whose
+    classifier starts at N(0, 0.01) with bias 0."""
+
+    def __init__(self, in_channels: list[int], num_classes: int):
+        super().__init__()
+        self.classifier = nn.Conv2d(sum(in_channels), num_classes, 1)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        size = features[0].shape[2:]
+        return self.classifier(torch.cat([features[0]] + [_resize(f, size) for f in features[1:]], dim=1))

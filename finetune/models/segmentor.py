@@ -1,5 +1,5 @@
-"""Backbone + multi-level neck + UperNet (+ FCN auxiliary head): training loss and sliding-window
-inference."""
+"""Backbone + multi-level neck + UperNet (+ FCN auxiliary head), or backbone + linear probe: training
+loss and sliding-window inference."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,11 +9,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from finetune.models.backbone import Backbone, BackboneConfig
-from finetune.models.seg_heads import FCNHead, MultiLevelNeck, UperHead
+from finetune.models.seg_heads import FCNHead, LinearHead, MultiLevelNeck, UperHead
 
 
 @dataclass(frozen=True)
 class SegHeadConfig:
+    # upernet: neck + UperNet + FCN auxiliary head (PAD, MAE fine-tuning); linear: UNIP's linear probe
+    # (the settings below are UperNet's and its auxiliary head's, unused by it)
+    type: str = "upernet"
     channels: int = 768  # UperNet channels (768 for ViT-B, as in MAE / PAD segmentation)
     aux_channels: int = 256
     aux_weight: float = 0.4
@@ -29,9 +32,17 @@ class Segmentor(nn.Module):
         super().__init__()
         self.backbone = Backbone(backbone_cfg)
         dim = self.backbone.embed_dim
-        self.neck = MultiLevelNeck(dim)
-        self.decode_head = UperHead([dim] * 4, head.channels, num_classes, dropout=head.dropout)
-        self.aux_head = FCNHead(dim, head.aux_channels, num_classes, dropout=head.dropout) if head.aux_weight else None
+        levels = len(self.backbone.out_indices)
+        if head.type == "linear":
+            self.neck, self.aux_head = nn.Identity(), None
+            self.decode_head = LinearHead([dim] * levels, num_classes)
+        elif head.type == "upernet":
+            self.neck = MultiLevelNeck(dim)
+            self.decode_head = UperHead([dim] * 4, head.channels, num_classes, dropout=head.dropout)
+            self.aux_head = (FCNHead(dim, head.aux_channels, num_classes, dropout=head.dropout)
+                             if head.aux_weight else None)
+        else:
+            raise ValueError(f"segmentation head type must be upernet or linear, got {head.type!r}")
         self.head_cfg = head
         self.num_classes = num_classes
         self.ignore_index = ignore_index
