@@ -85,6 +85,14 @@ class _ModelSchema(Section):
 class SegModelSchema(_ModelSchema):
     head: SegHeadSchema
 
+    @model_validator(mode="after")
+    def _upernet_reads_four_maps(self):
+        if self.head.type == "upernet" and self.out_indices is not None and len(self.out_indices) != 4:
+            raise ValueError(f"out_indices {self.out_indices}: UperNet's neck turns 4 block outputs into strides "
+                             f"4 / 8 / 16 / 32; give 4 (one block 4 times reads that block alone: [11, 11, 11, 11]), "
+                             f"or head.type=linear, which reads any number")
+        return self
+
 
 class DetModelSchema(_ModelSchema):
     head: DetHeadSchema

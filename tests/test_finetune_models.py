@@ -478,6 +478,10 @@ def test_a_segmentation_head_type_outside_the_two_is_refused_by_name():
 
     with pytest.raises(ConfigError, match=r"model.head.type: Input should be 'upernet' or 'linear'"):
         check_config(load_config(SEG, ["model.head.type=fcn"]), SegConfig)
+    with pytest.raises(ConfigError, match=r"model: .*out_indices \[11\]: UperNet's neck turns 4 block outputs"):
+        check_config(load_config(SEG, ["model.out_indices=[11]"]), SegConfig)
+    check_config(load_config(SEG, ["model.out_indices=[11,11,11,11]"]), SegConfig)
+    check_config(load_config(SEG, ["model.out_indices=[5]", "model.head.type=linear"]), SegConfig)
     with pytest.raises(ValueError, match="head type must be upernet or linear, got 'fcn'"):
         Segmentor(BackboneConfig(method="frozen", modality="ir", encoder=TINY_ENC), SegHeadConfig(type="fcn"), 2)
 
