@@ -45,6 +45,13 @@ def augment_config(cfg) -> AugmentConfig:
     return AugmentConfig(**dict(a, ratio_range=tuple(a["ratio_range"])))
 
 
+def img_scale(cfg) -> tuple[int, int] | None:
+    """``data.img_scale``: the (long, short) size segmentation frames are rescaled to fit, in training
+    (times the random ratio) and evaluation; None: the frames' own size."""
+    scale = cfg.data.get("img_scale")
+    return (int(scale[0]), int(scale[1])) if scale else None
+
+
 def intensity_config(cfg) -> IntensityConfig:
     i = to_container(cfg.data.intensity)
     return IntensityConfig(**dict(i, percentiles=tuple(i["percentiles"])))
@@ -115,7 +122,7 @@ def seg_spec(cfg):
     mean, std = ir_normalisation(cfg)
     return SegDataSpec(num_classes=len(cfg.data.classes), ignore_index=int(cfg.data.ignore_index),
                        binary_labels=bool(cfg.data.binary_labels), crop_size=tuple(cfg.model.encoder.img_size),
-                       augment=augment_config(cfg), intensity=intensity_config(cfg),
+                       img_scale=img_scale(cfg), augment=augment_config(cfg), intensity=intensity_config(cfg),
                        ir_mean=mean, ir_std=std)
 
 

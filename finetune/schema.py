@@ -113,6 +113,8 @@ class SegAugmentSchema(Section):
     ratio_range: tuple[PosFloat, PosFloat]
     hflip: Fraction
     photometric: bool
+    photometric_ir: bool = False
+    cat_max_ratio: Annotated[float, Field(gt=0, le=1)] = 1.0
 
 
 class DetAugmentSchema(Section):
@@ -177,6 +179,7 @@ class _DataSchema(Section):
 class SegDataSchema(_DataSchema):
     ignore_index: int
     binary_labels: bool
+    img_scale: tuple[PosInt, PosInt] | None = None  # (long, short), mmsegmentation's Resize img_scale
     augment: SegAugmentSchema
 
 

@@ -65,14 +65,29 @@ class SegTask(FinetuneTask):
     @torch.no_grad()
     def predict_frame(model, cfg, sample: dict, device: torch.device) -> torch.Tensor:
         """(H, W) class indices of one frame (its network inputs, ``sample``) by sliding-window
-        inference over windows of the training input size."""
+        inference over windows of the training input size, on the frame rescaled to fit
+        ``data.img_scale`` (where set) and scored back at its own size, as mmsegmentation tests."""
+        from torch.nn import functional as F
+
+        from finetune.data.augment import scale_factor, scaled_size
+        from finetune.factory import img_scale
         from finetune.models.segmentor import slide_inference, slide_stride
 
         crop = tuple(cfg.model.encoder.img_size)
         stride = slide_stride(cfg.eval.stride, crop)
-        get = (lambda key: torch.from_numpy(sample[key])[None].to(device) if key in sample else None)
+        size = next(sample[k].shape[-2:] for k in ("ir", "vi") if k in sample)
+        scaled = scaled_size(*size, scale_factor(*size, 1.0, img_scale(cfg)))
+
+        def get(key):
+            if key not in sample:
+                return None
+            x = torch.from_numpy(sample[key])[None].to(device)
+            # bilinear on the normalised input: the resize of the frame before its (affine) normalisation
+            return F.interpolate(x, size=scaled, mode="bilinear", align_corners=False) if scaled != size else x
+
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision != "fp32"):
-            scores = slide_inference(model, get("ir"), get("vi"), crop, stride, int(cfg.eval.windows_per_batch))
+            scores = slide_inference(model, get("ir"), get("vi"), crop, stride, int(cfg.eval.windows_per_batch),
+                                     out_size=size)
         return scores.argmax(dim=1)[0]
 
     def describe(self, m: dict) -> str:

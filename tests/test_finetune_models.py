@@ -487,22 +487,49 @@ def test_a_segmentation_head_type_outside_the_two_is_refused_by_name():
 
 
 class PointwiseModel:
-    """Scores that depend on each pixel alone: sliding windows must reproduce them exactly."""
+    """Logits that depend on each pixel alone: sliding windows must reproduce them exactly."""
     num_classes = 3
 
     def predict(self, ir, vi):
         x = ir[:, :1]
-        return torch.cat([x, 2 * x, -x], dim=1).softmax(dim=1)
+        return torch.cat([x, 2 * x, -x], dim=1)
 
 
 def test_sliding_window_reproduces_a_pointwise_model():
     ir = torch.randn(2, 1, 70, 101)
-    expected = PointwiseModel().predict(ir, None)
+    expected = PointwiseModel().predict(ir, None).softmax(dim=1)
     for crop, stride in [((32, 48), (21, 32)), ((64, 64), (40, 40)), ((80, 128), (53, 85))]:  # last: padded
         for windows_per_batch in (1, 3, 64):
             got = slide_inference(PointwiseModel(), ir, None, crop, stride, windows_per_batch)
             assert got.shape == expected.shape
             assert torch.allclose(got, expected, atol=1e-6)
+
+
+class WindowOffsetModel:
+    """Class-0 logit 4 in the first window it sees, -2 in the next: where two windows overlap,
+    mmsegmentation averages the logits (1: softmax 0.731), not the softmax scores (0.550)."""
+    num_classes = 2
+
+    def __init__(self):
+        self.offsets = [4.0, -2.0]
+
+    def predict(self, ir, vi):
+        out = torch.zeros(ir.shape[0], 2, *ir.shape[-2:])
+        out[:, 0] = self.offsets.pop(0)
+        return out
+
+
+def test_overlapping_windows_average_logits_then_resize_then_softmax():
+    ir = torch.zeros(1, 1, 8, 12)
+    got = slide_inference(WindowOffsetModel(), ir, None, (8, 8), (8, 4), windows_per_batch=1)  # x = 0 and 4
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    assert np.allclose(got[0, 0, 0].numpy(), [sig(4)] * 4 + [sig(1)] * 4 + [sig(-2)] * 4, atol=1e-6)
+    # resized to the frame's own size (inference on a rescaled frame): the logits, before the softmax
+    resized = slide_inference(WindowOffsetModel(), ir, None, (8, 8), (8, 4), 1, out_size=(4, 6))
+    logits = torch.zeros(1, 2, 8, 12)
+    logits[:, 0] = torch.tensor([4.0] * 4 + [1.0] * 4 + [-2.0] * 4)
+    expected = F.interpolate(logits, size=(4, 6), mode="bilinear", align_corners=False).softmax(dim=1)
+    assert resized.shape == (1, 2, 4, 6) and torch.allclose(resized, expected, atol=1e-6)
 
 
 def test_batched_windows_give_the_scores_of_one_window_at_a_time():

@@ -308,7 +308,7 @@ def test_own_data_pretrains_then_fine_tunes_what_it_is_given_and_says_how_to_run
     build_replica("msrs_seg", tmp_path / "MSRS")
     small = ["model.encoder.img_size=[64,80]", "model.head.channels=32", "model.head.aux_channels=16",
              "data.num_workers=0", "train.steps=2", "train.batch_size=2", "train.effective_batch=null",
-             "train.precision=fp32", "train.save_every_steps=2", "eval.overlays=0"]
+             "train.precision=fp32", "train.save_every_steps=2", "eval.overlays=0", "data.img_scale=null"]
     # the preset itself, made CPU-sized by --seg-set (as the config file above does)
     log = _ok(_run_sh("--data", str(sources), "--out", str(out), "--seg-preset", "msrs_seg", "--seg-root",
                       str(tmp_path / "MSRS"), *[w for k in small for w in ("--seg-set", k)], "--", "train.epochs=1"))

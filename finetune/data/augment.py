@@ -17,9 +17,47 @@ IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    ratio_range: tuple[float, float] = (0.5, 2.0)  # random rescale of the frame
+    ratio_range: tuple[float, float] = (0.5, 2.0)  # random rescale: of data.img_scale, or of the frame
     hflip: float = 0.5
     photometric: bool = True  # visible only: brightness, contrast, saturation, hue (each with p 0.5)
+    photometric_ir: bool = False  # brightness and contrast on the infrared frame too (PAD's thermal pipeline)
+    cat_max_ratio: float = 1.0  # < 1: crops redrawn (up to 10 times) while one class fills more of them
+
+
+def scale_factor(height: int, width: int, ratio: float, img_scale: tuple[int, int] | None) -> float:
+    """mmsegmentation's ``Resize(img_scale, ratio_range, keep_ratio=True)``: the factor that makes the
+    frame as large as fits in (long, short) = img_scale x ratio (for 480x640 and (2048, 512): short
+    side 512 x ratio); without img_scale, ratio x the frame's own size."""
+    if img_scale is None:
+        return ratio
+    long_edge, short_edge = int(max(img_scale) * ratio), int(min(img_scale) * ratio)
+    return min(long_edge / max(height, width), short_edge / min(height, width))
+
+
+def scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
+    """(height, width) x factor, rounded half up as mmcv's rescale."""
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+
+
+def crop_corner(label: np.ndarray, crop_size: tuple[int, int], rng: np.random.Generator, cat_max_ratio: float,
+                ignore_index: int) -> tuple[int, int]:
+    """mmsegmentation's ``RandomCrop(crop_size, cat_max_ratio)``: a uniform corner; with cat_max_ratio
+    < 1, redrawn up to 10 times until no class holds that share of the crop's labelled pixels (the
+    last draw is kept either way)."""
+    (h, w), (ch, cw) = label.shape, crop_size
+
+    def draw() -> tuple[int, int]:
+        return int(rng.integers(0, max(h - ch, 0) + 1)), int(rng.integers(0, max(w - cw, 0) + 1))
+
+    y, x = draw()
+    for _ in range(10 if cat_max_ratio < 1 else 0):
+        piece = label[y:y + ch, x:x + cw]
+        counts = np.bincount(piece[piece != ignore_index].ravel().astype(np.int64))
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+        y, x = draw()
+    return y, x
 
 
 def rescale(arrays: dict, ratio: float) -> dict:
@@ -31,8 +69,8 @@ def rescale(arrays: dict, ratio: float) -> dict:
         elif key == "boxes":
             out[key] = a * ratio
         else:
-            h, w = a.shape[:2]
-            size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+            h, w = scaled_size(*a.shape[:2], ratio)
+            size = (w, h)
             interp = cv2.INTER_NEAREST if key == "label" else cv2.INTER_LINEAR
             r = cv2.resize(a.astype(np.int32) if key == "label" else a, size, interpolation=interp)
             out[key] = r.astype(a.dtype)
@@ -74,12 +112,7 @@ def hflip(arrays: dict, width: int) -> dict:
 def photometric(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """mmsegmentation's PhotoMetricDistortion: brightness +-32, contrast 0.5-1.5, saturation 0.5-1.5,
     hue +-18 degrees, each applied with probability 0.5."""
-    img = rgb.astype(np.float32)
-    if rng.uniform() < 0.5:
-        img = img + rng.uniform(-32, 32)
-    if rng.uniform() < 0.5:
-        img = img * rng.uniform(0.5, 1.5)
-    img = np.clip(img, 0, 255).astype(np.uint8)
+    img = _brightness_contrast(rgb, rng, 255.0).astype(np.uint8)
     saturation = rng.uniform(0.5, 1.5) if rng.uniform() < 0.5 else 1.0
     hue = rng.uniform(-9, 9) if rng.uniform() < 0.5 else 0.0  # OpenCV hue is in [0, 180): 9 = 18 degrees
     if saturation != 1.0 or hue != 0.0:
@@ -90,18 +123,52 @@ def photometric(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
+def _brightness_contrast(img: np.ndarray, rng: np.random.Generator, top: float) -> np.ndarray:
+    """Brightness +-32 / 255 of ``top``, then contrast 0.5-1.5 (each with p 0.5), clipped to [0, top]."""
+    out = img.astype(np.float32)
+    if rng.uniform() < 0.5:
+        out = out + rng.uniform(-32, 32) * top / 255.0
+    if rng.uniform() < 0.5:
+        out = out * rng.uniform(0.5, 1.5)
+    return np.clip(out, 0, top)
+
+
+def photometric_infrared(ir: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """PhotoMetricDistortion as PAD's thermal-only pipeline applies it to its grey frames, where
+    saturation and hue change nothing: brightness and contrast, on 8 bits (an 8-bit frame) or on
+    [0, 1] (a 16-bit frame, normalised as a whole when read)."""
+    if ir.dtype == np.uint8:
+        return _brightness_contrast(ir, rng, 255.0).astype(np.uint8)
+    return _brightness_contrast(ir, rng, 1.0)
+
+
 def normalize_visible(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (3, H, W) float32 with ImageNet statistics."""
     return ((rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy()
 
 
+def whole_frame_intensity(frames: dict, intensity) -> dict:
+    """The frames with a 16-bit infrared frame brought to [0, 1] (float32) as a whole, as soon as it
+    is read: its percentiles (or min / max) are the frame's, as at pre-training, not those of a crop
+    or of a frame padded with zeros. 8-bit frames stay 8-bit (resizes and photometric steps round
+    to 8 bits as mmsegmentation's do)."""
+    from data_tools.transforms import to_unit_intensity
+
+    ir = frames.get("ir")
+    if ir is None or ir.dtype != np.uint16:
+        return frames
+    return dict(frames, ir=to_unit_intensity(ir, intensity))
+
+
 def network_inputs(ir: np.ndarray | None, vi: np.ndarray | None, intensity, ir_mean: float, ir_std: float) -> dict:
-    """{'ir': (1, H, W), 'vi': (3, H, W)} float32 network inputs of the frames present."""
+    """{'ir': (1, H, W), 'vi': (3, H, W)} float32 network inputs of the frames present; ``ir`` 8- or
+    16-bit as read, or float32 in [0, 1] (:func:`whole_frame_intensity`)."""
     from data_tools.transforms import normalize_ir, to_unit_intensity
 
     out = {}
     if ir is not None:
-        out["ir"] = normalize_ir(to_unit_intensity(ir, intensity), ir_mean, ir_std)[None].astype(np.float32)
+        unit = ir if ir.dtype == np.float32 else to_unit_intensity(ir, intensity)
+        out["ir"] = normalize_ir(unit, ir_mean, ir_std)[None].astype(np.float32)
     if vi is not None:
         out["vi"] = normalize_visible(vi)
     return out

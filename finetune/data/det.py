@@ -21,7 +21,7 @@ import torch
 
 from data_tools.annotations import AnnotationSet, boxes_to_pixels, clip_boxes, read_annotations
 from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
-from finetune.data.augment import crop, hflip, network_inputs, photometric, rescale
+from finetune.data.augment import crop, hflip, network_inputs, photometric, rescale, whole_frame_intensity
 from finetune.data.pairs import FRAME_DIR, UNKNOWN_BOXES, PairRecord, frame_dirs, issue
 from finetune.data.seg import read_checked_pair, read_pair
 from finetune.data.threads import map_in_threads
@@ -291,7 +291,7 @@ class DetDataset:
         """Large-scale jitter: resize so the frame's long side is input x U(scale_range), random
         crop / pad to the input size, flip; identical for both modalities and the boxes."""
         rec = self.records[index]
-        frames = read_pair(rec.pair)
+        frames = whole_frame_intensity(read_pair(rec.pair), self.spec.intensity)
         ih, iw = self.spec.input_size
         h, w = rec.size
         ratio = float(rng.uniform(*self.spec.scale_range)) * min(ih / h, iw / w)
@@ -315,7 +315,8 @@ class DetDataset:
         """Resized to fit the input size (aspect kept) and padded at the bottom / right; boxes in
         the original frame's pixels, ``scale`` maps predictions back."""
         rec = self.records[index]
-        arrays, ratio = fit_to_input(read_pair(rec.pair), self.spec.input_size)
+        arrays, ratio = fit_to_input(whole_frame_intensity(read_pair(rec.pair), self.spec.intensity),
+                                     self.spec.input_size)
         return self._to_input(arrays, rec.pair.name, rec.boxes, rec.labels, ratio)
 
     @staticmethod

@@ -13,7 +13,8 @@ import torch
 
 from data_tools.imageio import SkipSample, mask_foreground, read_frame, read_label_map, read_raw, read_rgb
 from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
-from finetune.data.augment import AugmentConfig, crop, hflip, network_inputs, photometric, rescale
+from finetune.data.augment import (AugmentConfig, crop, crop_corner, hflip, network_inputs, photometric,
+                                    photometric_infrared, rescale, scale_factor, whole_frame_intensity)
 from finetune.data.pairs import PairRecord, issue
 from finetune.data.threads import map_in_threads
 
@@ -24,6 +25,7 @@ class SegDataSpec:
     ignore_index: int = 255
     binary_labels: bool = False  # masks such as SIRST's 0/255: their foreground is class 1 (mask_foreground)
     crop_size: tuple[int, int] = (512, 512)  # (height, width)
+    img_scale: tuple[int, int] | None = None  # (long, short) the frames are rescaled to fit, train and eval
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     ir_mean: float = IR_MEAN
@@ -76,7 +78,8 @@ class SegDataset:
 
     def load(self, index: int) -> dict:
         record = self.records[index]
-        return dict(read_pair(record), label=self._label(record), name=record.name)
+        frames = whole_frame_intensity(read_pair(record), self.spec.intensity)
+        return dict(frames, label=self._label(record), name=record.name)
 
     def check(self, index: int) -> dict | None:
         """None when the frame is usable, else the issue that leaves it out."""
@@ -113,19 +116,21 @@ class SegDataset:
                     name=sample["name"], label=sample["label"].astype(np.int64))
 
     def train_sample(self, index: int, rng: np.random.Generator) -> dict:
-        """Random rescale, crop (label padded with the ignore index), flip; photometric on visible."""
+        """Random rescale, crop (label padded with the ignore index), flip; photometric on visible
+        (and on infrared with ``photometric_ir``)."""
         s = self.load(index)
         aug, (ch, cw) = self.spec.augment, self.spec.crop_size
         arrays = {"ir": s["ir"], "vi": s["vi"], "label": s["label"]}
-        arrays = rescale(arrays, float(rng.uniform(*aug.ratio_range)))
-        h, w = arrays["label"].shape
-        y = int(rng.integers(0, max(h - ch, 0) + 1))
-        x = int(rng.integers(0, max(w - cw, 0) + 1))
+        ratio = float(rng.uniform(*aug.ratio_range))
+        arrays = rescale(arrays, scale_factor(*s["label"].shape, ratio, self.spec.img_scale))
+        y, x = crop_corner(arrays["label"], (ch, cw), rng, aug.cat_max_ratio, self.spec.ignore_index)
         arrays = crop(arrays, y, x, ch, cw, fill={"label": self.spec.ignore_index})
         if rng.uniform() < aug.hflip:
             arrays = hflip(arrays, cw)
         if arrays["vi"] is not None and aug.photometric:
             arrays["vi"] = photometric(arrays["vi"], rng)
+        if arrays["ir"] is not None and aug.photometric_ir:
+            arrays["ir"] = photometric_infrared(arrays["ir"], rng)
         return self._to_arrays(dict(arrays, name=s["name"]))
 
     def eval_sample(self, index: int) -> dict:

@@ -75,10 +75,10 @@ class Segmentor(nn.Module):
 
     @torch.no_grad()
     def predict(self, ir: torch.Tensor | None, vi: torch.Tensor | None) -> torch.Tensor:
-        """Class scores at input resolution for one crop-sized input."""
+        """Class logits at input resolution for one crop-sized input."""
         out, _ = self.logits(ir, vi)
         size = (ir if ir is not None else vi).shape[-2:]
-        return F.interpolate(out, size=size, mode="bilinear", align_corners=False).float().softmax(dim=1)
+        return F.interpolate(out, size=size, mode="bilinear", align_corners=False).float()
 
 
 @torch.no_grad()
@@ -91,12 +91,14 @@ def slide_stride(stride: int | tuple[int, int] | None, crop: tuple[int, int]) ->
 
 
 def slide_inference(model: Segmentor, ir: torch.Tensor | None, vi: torch.Tensor | None, crop: tuple[int, int],
-                    stride: tuple[int, int], windows_per_batch: int) -> torch.Tensor:
+                    stride: tuple[int, int], windows_per_batch: int, out_size: tuple[int, int] | None = None
+                    ) -> torch.Tensor:
     """Class scores (N, K, H, W) for images of any size: crop-sized windows at ``stride`` (the last
-    window flush with the border), padded with zeros when the image is smaller than the crop,
-    softmax scores averaged where windows overlap (mmsegmentation's 'slide' mode). Windows go
-    through the model ``windows_per_batch`` at a time (mmsegmentation runs one at a time: a CPU
-    took 3-4x longer on frames of 36 small windows); eval mode makes the batching invisible."""
+    window flush with the border), padded with zeros when the image is smaller than the crop, their
+    logits averaged where windows overlap, resized (bilinear) to ``out_size`` when given (the frame's
+    own size, when it was rescaled for inference), then the softmax: mmsegmentation's 'slide' mode.
+    Windows go through the model ``windows_per_batch`` at a time (mmsegmentation runs one at a time:
+    a CPU took 3-4x longer on frames of 36 small windows); eval mode makes the batching invisible."""
     if windows_per_batch < 1:
         raise ValueError(f"eval.windows_per_batch must be at least 1, got {windows_per_batch}")
     ref = ir if ir is not None else vi
@@ -123,4 +125,7 @@ def slide_inference(model: Segmentor, ir: torch.Tensor | None, vi: torch.Tensor 
         for (y, x), window_scores in zip(group, out.split(n)):
             scores[..., y:y + ch, x:x + cw] += window_scores
             counts[..., y:y + ch, x:x + cw] += 1
-    return (scores / counts)[..., :h, :w]
+    logits = (scores / counts)[..., :h, :w]
+    if out_size is not None and tuple(out_size) != (h, w):
+        logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return logits.softmax(dim=1)

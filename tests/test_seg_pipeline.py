@@ -1,0 +1,186 @@
+"""The segmentation pipeline of PAD's (MAE's) mmsegmentation configs: frames rescaled to fit
+img_scale (2048, 512) x ratio in training and x 1 in evaluation, scored back at their own size;
+crops redrawn while one class fills 75 % of them (cat_max_ratio)."""
+import numpy as np
+import pytest
+import torch
+
+from data_tools.config import CONFIG_DIR, load_config
+from finetune.data.augment import crop_corner, scale_factor, scaled_size
+from finetune.schema import SegConfig
+
+SEG_TINY = CONFIG_DIR / "finetune" / "seg_tiny.yaml"
+SEG_VITB = CONFIG_DIR / "finetune" / "seg_vitb.yaml"
+
+
+def one_frame(folder, ir, label):
+    """A one-frame segmentation record: ``ir`` and ``label`` written as PNG under ``folder``."""
+    import cv2
+
+    from finetune.data.pairs import PairRecord
+
+    for sub, array in (("ir", ir), ("labels", label)):
+        (folder / sub).mkdir(exist_ok=True)
+        cv2.imwrite(str(folder / sub / "a.png"), array)
+    return PairRecord(name="a", ir=str(folder / "ir" / "a.png"), vi=None, label=str(folder / "labels" / "a.png"))
+
+
+@pytest.mark.parametrize("hw, ratio, scale, expected", [
+    ((480, 640), 1.0, (2048, 512), (512, 683)),    # MFNet / SODA: short side to 512
+    ((480, 640), 0.5, (2048, 512), (256, 341)),
+    ((480, 640), 2.0, (2048, 512), (1024, 1365)),
+    ((512, 384), 1.0, (2048, 512), (683, 512)),    # portrait: the short side is the width
+    ((200, 1600), 1.0, (2048, 512), (256, 2048)),  # a panorama: the long side bounds it
+    ((480, 640), 0.75, None, (360, 480)),          # no img_scale: the frame's own size x ratio
+])
+def test_frames_are_rescaled_to_fit_img_scale_as_mmsegmentation(hw, ratio, scale, expected):
+    assert scaled_size(*hw, scale_factor(*hw, ratio, scale)) == expected
+
+
+class ScriptedRng:
+    """Hands out the crop corners given, in order, and counts the draws."""
+
+    def __init__(self, corners):
+        self.values = [v for corner in corners for v in corner]
+        self.draws = 0
+
+    def integers(self, low, high):
+        value = self.values.pop(0)
+        assert low <= value < high
+        self.draws += 1
+        return value
+
+
+def test_crops_are_redrawn_while_one_class_fills_three_quarters():
+    label = np.zeros((4, 8), np.int64)
+    label[:, :2] = 255  # ignore: not counted
+    label[:, 6:] = 1
+    # x = 0: one class among the labelled pixels; 3: class 0 at 0.75, not under it; 4: half and half
+    rng = ScriptedRng([(0, 0), (0, 3), (0, 4), (0, 1)])
+    assert crop_corner(label, (4, 4), rng, 0.75, 255) == (0, 4) and rng.draws == 6
+    rng = ScriptedRng([(0, 0)] * 11)  # never good: the 11th draw is kept, as mmsegmentation's RandomCrop
+    assert crop_corner(label, (4, 4), rng, 0.75, 255) == (0, 0) and rng.draws == 22
+    rng = ScriptedRng([(0, 1), (0, 4)])  # cat_max_ratio 1: the first draw, whatever it holds
+    assert crop_corner(label, (4, 4), rng, 1.0, 255) == (0, 1) and rng.draws == 2
+
+
+def test_training_rescales_to_img_scale_before_the_crop(tmp_path):
+    from finetune.data.seg import SegDataset
+    from finetune.factory import seg_spec
+
+    record = one_frame(tmp_path, np.full((480, 640), 100, np.uint8), np.ones((480, 640), np.uint8))
+    for scale, seen in (("[2048,512]", 512 * 683), ("null", 480 * 640)):
+        cfg = load_config(SEG_TINY, ["model.method=full", "model.modality=ir", "model.encoder.img_size=[704,704]",
+                                     f"data.img_scale={scale}", "data.augment.ratio_range=[1.0,1.0]",
+                                     "data.classes=[a,b]"], SegConfig)
+        sample = SegDataset([record], seg_spec(cfg)).train_sample(0, np.random.default_rng(0))
+        assert (sample["label"] == 1).sum() == seen  # the crop, larger than the frame, padded with ignore
+
+
+def test_evaluation_infers_at_img_scale_and_scores_at_the_frames_own_size(monkeypatch):
+    import finetune.models.segmentor as segmentor
+    from finetune.seg import SegTask
+
+    frame = np.linspace(-1, 1, 480 * 640, dtype=np.float32).reshape(1, 480, 640)
+    seen = []
+
+    def slide(model, ir, vi, crop, stride, windows_per_batch, out_size=None):
+        seen.append((tuple(ir.shape), out_size))
+        if ir.shape[-2:] != frame.shape[-2:]:  # bilinear, as cv2 resizes the frame before its normalisation
+            import cv2
+            expected = cv2.resize(frame[0], (ir.shape[-1], ir.shape[-2]), interpolation=cv2.INTER_LINEAR)
+            assert np.allclose(ir[0, 0].numpy(), expected, atol=1e-5)
+        return torch.ones(1, 4, *out_size)
+
+    monkeypatch.setattr(segmentor, "slide_inference", slide)
+    for scale in ("[2048,512]", "null"):
+        cfg = load_config(SEG_TINY, ["model.method=full", "model.modality=ir", f"data.img_scale={scale}"], SegConfig)
+        pred = SegTask.predict_frame(None, cfg, {"ir": frame}, torch.device("cpu"))
+        assert pred.shape == (480, 640)
+    assert seen == [((1, 1, 512, 683), (480, 640)), ((1, 1, 480, 640), (480, 640))]
+
+
+def test_the_vitb_defaults_are_pads_pipeline():
+    cfg = load_config(SEG_VITB, [], SegConfig)
+    assert list(cfg.data.img_scale) == [2048, 512] and cfg.data.augment.cat_max_ratio == 0.75
+    assert list(cfg.data.augment.ratio_range) == [0.5, 2.0] and list(cfg.model.encoder.img_size) == [512, 512]
+
+
+def _gradient16(height, width):
+    """A 16-bit frame rising left to right over 20,000-40,000 (raw counts of a radiometric camera)."""
+    return np.tile(np.linspace(20000, 40000, width), (height, 1)).astype(np.uint16)
+
+
+def test_a_16_bit_frame_is_normalised_as_a_whole_before_the_training_crop(tmp_path):
+    """The 1st / 99th percentiles are the frame's, as at pre-training and evaluation: a crop of the
+    left half of a gradient spans about half the unit range. Normalised per crop, as before, every
+    crop was stretched over the whole range, which evaluation (the whole frame) never does."""
+    from data_tools.transforms import IR_MEAN, IR_STD
+    from finetune.data.seg import SegDataset
+    from finetune.factory import seg_spec
+
+    record = one_frame(tmp_path, _gradient16(64, 160), np.ones((64, 160), np.uint8))
+    cfg = load_config(SEG_TINY, ["model.method=full", "model.modality=ir", "model.encoder.img_size=[64,80]",
+                                 "data.augment.ratio_range=[1.0,1.0]", "data.augment.hflip=0", "data.classes=[a,b]"],
+                      SegConfig)
+    dataset = SegDataset([record], seg_spec(cfg))
+    whole = dataset.eval_sample(0)["ir"][0] * IR_STD + IR_MEAN
+    for seed in range(4):
+        unit = dataset.train_sample(0, np.random.default_rng(seed))["ir"][0] * IR_STD + IR_MEAN
+        assert 0.45 < unit.max() - unit.min() < 0.55
+        x = int(np.argmin(np.abs(whole[0] - unit[0, 0])))  # where the crop starts in the whole frame
+        np.testing.assert_allclose(unit, whole[:, x:x + 80], atol=1e-5)
+
+
+def test_a_16_bit_detection_frame_is_normalised_before_its_padding(tmp_path):
+    """Evaluation pads a frame to the input size with zeros; in raw 16-bit counts those zeros were half
+    the pixels of this frame and moved its 1st percentile from 20,200 to 0."""
+    import cv2
+
+    from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig, to_unit_intensity
+    from finetune.factory import det_dataset
+
+    for folder in ("ir", "labels"):
+        (tmp_path / folder).mkdir()
+    frame = _gradient16(80, 160)
+    cv2.imwrite(str(tmp_path / "ir" / "a.png"), frame)
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    cfg = load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml",
+                      [f"data.root={tmp_path}", "data.dirs.vi=null", "model.modality=ir", "model.method=full",
+                       "data.boxes.format=yolo", f"data.boxes.path={tmp_path / 'labels'}", "data.classes=[person]",
+                       "model.encoder.img_size=[160,160]"])
+    dataset, issues, _ = det_dataset(cfg, "val")
+    sample = dataset.eval_sample(0)
+    unit = sample["ir"][0] * IR_STD + IR_MEAN
+    assert sample["scale"] == 1.0 and unit.shape == (160, 160)
+    np.testing.assert_allclose(unit[:80], to_unit_intensity(frame, IntensityConfig()), atol=1e-5)
+    np.testing.assert_allclose(unit[80:], 0.0, atol=1e-6)
+
+
+def test_photometric_distortion_reaches_infrared_only_when_asked():
+    """PAD's and UNIP's thermal pipelines run PhotoMetricDistortion on the thermal frame: on grey,
+    brightness +-32 and contrast 0.5-1.5 (p 0.5 each), clipped; 16-bit frames on their [0, 1] scale."""
+    from finetune.data.augment import photometric_infrared
+
+    frame = np.full((4, 4), 200, np.uint8)
+    outs = [photometric_infrared(frame, np.random.default_rng(seed)) for seed in range(64)]
+    assert all(o.dtype == np.uint8 and len(np.unique(o)) == 1 for o in outs)
+    values = {int(o[0, 0]) for o in outs}
+    assert 200 in values and 255 in values and min(values) >= (200 - 32) * 0.5 - 1 and len(values) > 20
+    unit = photometric_infrared(np.full((4, 4), 0.9, np.float32), np.random.default_rng(3))
+    assert unit.dtype == np.float32 and 0 <= unit.min() and unit.max() <= 1
+
+
+def test_the_thermal_presets_distort_infrared_as_pad_does(tmp_path):
+    from finetune.data.seg import SegDataset
+    from finetune.factory import seg_spec
+
+    record = one_frame(tmp_path, np.full((64, 80), 100, np.uint8), np.ones((64, 80), np.uint8))
+    assert load_config(CONFIG_DIR / "finetune" / "presets" / "soda.yaml", [], SegConfig).data.augment.photometric_ir
+    for on in (True, False):
+        cfg = load_config(SEG_TINY, ["model.method=full", "model.modality=ir", "model.encoder.img_size=[64,80]",
+                                     "data.augment.ratio_range=[1.0,1.0]", "data.classes=[a,b]",
+                                     f"data.augment.photometric_ir={str(on).lower()}"], SegConfig)
+        dataset = SegDataset([record], seg_spec(cfg))
+        means = {round(float(dataset.train_sample(0, np.random.default_rng(s))["ir"].mean()), 4) for s in range(8)}
+        assert (len(means) > 1) == on
