@@ -15,6 +15,7 @@ from finetune.weights import load_weights, resolve
 def backbone_config(cfg) -> BackboneConfig:
     m = to_container(cfg.model)
     d = {k: m[k] for k in ("method", "modality", "encoder", "out_indices", "mona", "ivtuning")}
+    d.update({k: m[k] for k in ("rel_pos_bias", "layer_scale") if k in m})  # absent from earlier runs' configs
     return backbone_config_from_dict(dict(d, checkpoint=cfg.init.checkpoint, allow_missing=bool(cfg.init.allow_missing),
                                            pad_scale=cfg.init.pad_scale))
 

@@ -58,6 +58,8 @@ class _ModelSchema(Section):
     out_indices: list[NonNegInt] | None
     mona: MonaSchema
     ivtuning: IVTuningSchema
+    rel_pos_bias: bool = False  # BEiT's relative position bias in every block (PAD's / MAE's segmentation)
+    layer_scale: PosFloat | None = None  # BEiT's layer scale, its initial value (PAD's segmentation: 1.0)
 
     @field_validator("method")
     @classmethod
@@ -68,8 +70,9 @@ class _ModelSchema(Section):
 
     @model_validator(mode="after")
     def _modality_fits_the_method(self):
-        from finetune.models.backbone import check_modality
+        from finetune.models.backbone import check_block_extras, check_modality
         check_modality(self.method, self.modality)
+        check_block_extras(self.method, self.rel_pos_bias, self.layer_scale)
         return self
 
     @model_validator(mode="after")

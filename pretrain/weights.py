@@ -22,6 +22,7 @@ from torch import nn
 from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import adapt_input_conv
 
+from pretrain.models.block_extras import is_block_extra
 from pretrain.backbone_meta import (BACKBONE_FORMAT, BACKBONE_VERSION, WeightsError, adapter_names,  # noqa: F401
                                     is_exported_backbone, read_backbone_meta)
 
@@ -315,6 +316,7 @@ def load_exported_into(vit: nn.Module, path: str | Path) -> LoadReport:
     exported = set(adapter_names(read_backbone_meta(path)))
     added = {k for k in target if any(f".{p}." in k and k.split(f".{p}.", 1)[1].split(".")[0] not in exported
                                       for p in POSITIONS)}
+    added |= {k for k in target if k not in sd and is_block_extra(k)}  # fine-tuning's BEiT additions
     if "pos_embed" in sd and sd["pos_embed"].shape != target["pos_embed"].shape:
         # Our encoders never train the position embedding: the fixed sin-cos of the new grid
         # (written by build_encoder) is exact, where resampling would only approximate it.
@@ -375,9 +377,11 @@ def load_into_encoder(vit: nn.Module, path: str | Path, allow_missing: bool = Fa
     _consume_fixed_scales(sd, target, _fixed_scale_of(vit), report)
     _refuse_stray_adapter_keys(sd, target, report)
     slots = tuple(f".{p}." for p in POSITIONS)  # adapter parameters and buffers start from their init
-    missing = sorted(k for k in target if k not in sd and not any(s in k for s in slots))
+    fresh = {k for k in target if k not in sd and (any(s in k for s in slots) or is_block_extra(k))}
+    missing = sorted(k for k in target if k not in sd and k not in fresh)
     if missing and not allow_missing:
         raise WeightsError(f"{path}: {len(missing)} backbone weight(s) missing, e.g. {missing[:5]}; "
                            "pass allow_missing to accept")
     _load_matching(vit, sd, target, report)
+    report.missing = [k for k in report.missing if not is_block_extra(k)]  # initialised, as intended
     return report

@@ -14,6 +14,7 @@ from torch import nn
 
 import pretrain.models.pad  # noqa: F401  (registers the PAD adapter a checkpoint can carry)
 from pretrain.models.adapters import TokenContext, adapter_parameter_names, attach_named
+from pretrain.models.block_extras import add_block_extras
 from pretrain.models.vit import EncoderConfig, build_encoder, embed_patches, prepend_cls, run_blocks
 from finetune.models.ivtuning import IVTuningConfig
 from finetune.models.methods import get_method
@@ -33,6 +34,11 @@ class BackboneConfig:
     checkpoint: str | None = None  # exported backbone, official MAE or PAD, timm .pth / .safetensors
     allow_missing: bool = False
     pad_scale: str | None = None  # method pad on a PAD release whose predictor takes d inputs: sum | side | gside
+    # BEiT's block additions of PAD's / MAE's segmentation backbones (pretrain.models.block_extras): a
+    # relative position bias (zero at the start) and a layer scale starting at this value; they train
+    # with the encoder, so only methods that train it whole take them
+    rel_pos_bias: bool = False
+    layer_scale: float | None = None
     # Adapters that come with the weights (a PAD export or release), as (name, settings): set by
     # finetune.weights.resolve from the checkpoint, attached before the method's own.
     carried_adapters: tuple[tuple[str, dict], ...] = ()
@@ -41,6 +47,14 @@ class BackboneConfig:
         if self.modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
         check_modality(self.method, self.modality)
+        check_block_extras(self.method, self.rel_pos_bias, self.layer_scale)
+
+
+def check_block_extras(method: str, rel_pos_bias: bool, layer_scale: float | None) -> None:
+    if (rel_pos_bias or layer_scale is not None) and get_method(method).trains != "all":
+        raise ValueError(f"rel_pos_bias / layer_scale train with the encoder; method {method!r} keeps it frozen, "
+                         "where they would stay at their initial values: use them with a method that trains the "
+                         "whole encoder (full, pad), or set model.rel_pos_bias=false model.layer_scale=null")
 
 
 def check_modality(method: str, modality: str) -> None:
@@ -75,6 +89,8 @@ class Backbone(nn.Module):
         self.encoder = build_encoder(cfg.encoder)
         for name, settings in cfg.carried_adapters:
             attach_named(self.encoder, name, settings)
+        if cfg.rel_pos_bias or cfg.layer_scale is not None:
+            add_block_extras(self.encoder, cfg.rel_pos_bias, cfg.layer_scale)
         self.load_report = None  # set by the loading step (finetune.weights)
         depth = len(self.encoder.blocks)
         self.out_indices = cfg.out_indices or default_out_indices(depth)

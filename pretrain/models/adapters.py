@@ -4,7 +4,7 @@ Each timm ``Block`` is replaced by an ``AdaptedBlock`` that adopts the block's o
 under their own names (``norm1``, ``attn``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``,
 ``drop_path2``), so the state-dict keys of the ViT stay timm's, and adds three named slots:
 
-    x = x + DropPath(LS1(Attn(LN1(x))))
+    x = x + DropPath(LS1(Attn(LN1(x))))             # Attn + a relative position bias where attn_bias is set
     x = post_attn adapters (x, ctx)                 # Mona, IV-tuning: residual modules on x
     m = LS2(MLP(LN2(x)))
     x = x + DropPath(m) + sum(parallel_mlp adapters (x, m, ctx))   # PAD, AdaptFormer
@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from pretrain.models.block_extras import attention_with_bias
 
 POSITIONS = ("post_attn", "parallel_mlp", "post_mlp")
 _BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -82,11 +84,17 @@ class AdaptedBlock(nn.Module):
         self.post_attn = nn.ModuleDict()
         self.parallel_mlp = nn.ModuleDict()
         self.post_mlp = nn.ModuleDict()
+        self.attn_bias: nn.Module | None = None  # BEiT's relative position bias (pretrain.models.block_extras)
 
     def forward(self, x: torch.Tensor, ctx: TokenContext | None = None) -> torch.Tensor:
         if ctx is None:
             ctx = TokenContext(grid=None)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        h = self.norm1(x)
+        if self.attn_bias is None:
+            a = self.attn(h)
+        else:
+            a = attention_with_bias(self.attn, h, self.attn_bias())
+        x = x + self.drop_path1(self.ls1(a))
         for adapter in self.post_attn.values():
             x = adapter(x, ctx)
         m = self.ls2(self.mlp(self.norm2(x)))
