@@ -72,9 +72,12 @@ class FinetuneTask(Task):
         o = cfg.optim
         # Layer-wise lr decay where the whole encoder trains (BEiT / MAE fine-tuning); adapters: none.
         layer_decay = o.layer_decay if get_method(cfg.model.method).trains == "all" else None
-        depth = len(model.backbone.encoder.blocks)
-        return param_groups(model, float(o.weight_decay), layer_decay, depth if layer_decay else None,
-                            prefix=model.backbone_prefix + "encoder.")
+        encoder, prefix = model.backbone.encoder, model.backbone_prefix + "encoder."
+        # MAE's fine-tuning (and mmsegmentation's / detectron2's ViT recipes) exempt the CLS token and
+        # the position embedding from weight decay: timm's no_weight_decay() names them
+        no_decay = {prefix + n for n in encoder.no_weight_decay()}
+        return param_groups(model, float(o.weight_decay), layer_decay, len(encoder.blocks) if layer_decay else None,
+                            prefix=prefix, no_decay=no_decay)
 
     def training_plan(self, model, cfg, batching, where):
         t = cfg.train

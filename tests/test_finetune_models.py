@@ -574,6 +574,23 @@ def test_layer_decay_applies_where_the_whole_encoder_trains(method, decays, pad_
         assert scales == {0.125, 0.25, 0.5, 1.0}
 
 
+def test_fine_tuning_keeps_weight_decay_off_the_cls_token_and_position_embedding():
+    """MAE's fine-tuning (timm's no_weight_decay()) and mmsegmentation's / detectron2's ViT recipes: no
+    decay on cls_token and pos_embed, as on biases and norms; MAE's pre-training decays the CLS token."""
+    from finetune.seg import SegTask
+    from pretrain.engine.optim import param_groups
+
+    cfg = load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"),
+                      ["model.method=full", "model.modality=ir", "model.encoder.depth=2", "optim.weight_decay=0.05"])
+    model = build_segmentor(cfg, "meta")
+    decay = {n: g["weight_decay"] for g in SegTask().param_groups(model, cfg) for n in g["names"]}
+    assert decay["backbone.encoder.cls_token"] == decay["backbone.encoder.pos_embed"] == 0.0
+    assert decay["backbone.encoder.blocks.0.attn.qkv.weight"] == 0.05
+    assert decay["backbone.encoder.blocks.0.norm1.weight"] == 0.0
+    pre = {n: g["weight_decay"] for g in param_groups(model.backbone, 0.05, prefix="encoder.") for n in g["names"]}
+    assert pre["encoder.cls_token"] == 0.05
+
+
 def test_pad_refuses_weights_without_pad_adapters(tmp_path):
     from pretrain.weights import export_backbone
     from tests.test_mae_pad import tiny

@@ -32,10 +32,11 @@ def layer_id(name: str, num_layers: int, prefix: str = "encoder.") -> int:
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
                  num_layers: int | None = None, prefix: str = "encoder.",
-                 gates: dict[str, set[str]] | None = None) -> list[dict]:
+                 gates: dict[str, set[str]] | None = None, no_decay: set[str] = frozenset()) -> list[dict]:
     """Groups of trainable parameters with their weight decay and lr scale (``lr_scale``).
     ``gates`` (gate name -> parameter names) puts those parameters in groups of their own with
-    ``gate`` set, so that an optimiser can hold them back as a whole (PAD's scale predictor)."""
+    ``gate`` set, so that an optimiser can hold them back as a whole (PAD's scale predictor).
+    ``no_decay``: names without weight decay besides biases and 1-D parameters."""
     gate_of = {n: gate for gate, names in (gates or {}).items() for n in names}
     if layer_decay is not None and num_layers is None:
         raise ValueError("layer_decay needs num_layers")
@@ -43,7 +44,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        wd = 0.0 if no_weight_decay(name, p.ndim) else weight_decay
+        wd = 0.0 if no_weight_decay(name, p.ndim) or name in no_decay else weight_decay
         lid = layer_id(name, num_layers, prefix) if layer_decay is not None else 0
         scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0
         gate = gate_of.get(name)
