@@ -205,6 +205,16 @@ class FinetuneOptimSchema(OptimSchema):
     lr: PosFloat
     warmup_steps: NonNegInt  # linear warm-up, then polynomial decay to min_lr (mmsegmentation's schedule)
     poly_power: PosFloat
+    # instead of the polynomial decay: lr x step_gamma at each of these steps (detectron2's multi-step, ViTDet's)
+    milestones: list[PosInt] | None = None
+    step_gamma: Fraction = 0.1
+
+    @field_validator("milestones")
+    @classmethod
+    def _ascending(cls, milestones):
+        if milestones is not None and milestones != sorted(set(milestones)):
+            raise ValueError(f"milestones must be ascending steps, each once, got {milestones}")
+        return milestones
 
 
 class FinetuneTrainSchema(LoopSchema):

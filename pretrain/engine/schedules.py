@@ -20,3 +20,11 @@ def poly_lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, p
     progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
     return min_lr + (base_lr - min_lr) * (1.0 - progress) ** power
 
+
+
+def step_lr_at(step: int, warmup_steps: int, base_lr: float, milestones: list[int], gamma: float = 0.1) -> float:
+    """Linear warm-up, then ``base_lr`` x ``gamma`` for each milestone reached (detectron2's
+    WarmupMultiStepLR, ViTDet's detection schedule)."""
+    if step < warmup_steps:
+        return base_lr * step / max(warmup_steps, 1)
+    return base_lr * gamma ** sum(step >= m for m in milestones)

@@ -1,6 +1,8 @@
-"""The segmentation pipeline of PAD's (MAE's) mmsegmentation configs: frames rescaled to fit
-img_scale (2048, 512) x ratio in training and x 1 in evaluation, scored back at their own size;
-crops redrawn while one class fills 75 % of them (cat_max_ratio)."""
+"""Fine-tuning as PAD's (MAE's) and UNIP's released configs run it. Segmentation (mmsegmentation):
+frames rescaled to fit img_scale (2048, 512) x ratio in training and x 1 in evaluation, scored back at
+their own size; crops redrawn while one class fills 75 % of them (cat_max_ratio); photometric
+distortion of thermal frames; 16-bit frames normalised whole. Detection (detectron2's ViTDet): the
+multi-step schedule of PAD's FLIR run."""
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,22 @@ def test_the_thermal_presets_distort_infrared_as_pad_does(tmp_path):
         dataset = SegDataset([record], seg_spec(cfg))
         means = {round(float(dataset.train_sample(0, np.random.default_rng(s))["ir"].mean()), 4) for s in range(8)}
         assert (len(means) > 1) == on
+
+
+def test_a_multi_step_schedule_is_detectron2s_and_the_flir_preset_runs_pads():
+    """PAD's FLIR detection (ViTDet): 250 warm-up steps, then lr x 0.1 at step 35,448 and again at 48,741."""
+    from data_tools.config import ConfigError
+    from finetune.det import DetTask
+    from finetune.schema import DetConfig
+    from pretrain.engine import step_lr_at
+
+    assert [step_lr_at(s, 250, 1.0, [400, 500]) for s in (0, 125, 250, 399, 400, 499, 500, 900)] == pytest.approx(
+        [0.0, 0.5, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    task = DetTask()
+    task.cfg = load_config(CONFIG_DIR / "finetune" / "presets" / "flir_v1.yaml", ["data.root=/data"], DetConfig)
+    task.total_steps = int(task.cfg.train.steps)
+    assert task.total_steps == 53172 and task.cfg.train.effective_batch == 2
+    lrs = [task.learning_rate(s) for s in (100, 1000, 35447, 35448, 48741, 53171)]
+    assert lrs == pytest.approx([4e-5, 1e-4, 1e-4, 1e-5, 1e-6, 1e-6])
+    with pytest.raises(ConfigError, match="milestones must be ascending steps"):
+        load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", ["optim.milestones=[20,10]"], DetConfig)
