@@ -104,3 +104,6 @@ def test_a_method_that_keeps_the_encoder_frozen_refuses_them():
     assert cfg.model.rel_pos_bias and cfg.model.layer_scale == 1.0 and cfg.model.method == "pad"
     with pytest.raises(ConfigError, match="model.rel_pos_bias=false model.layer_scale=null"):
         check_config(load_config(soda, ["model.method=mona"]), SegConfig)
+    # the README's linear probe on SODA
+    check_config(load_config(soda, ["data.root=/data", "model.method=frozen", "model.head.type=linear",
+                                    "model.rel_pos_bias=false", "model.layer_scale=null"]), SegConfig)
