@@ -377,8 +377,7 @@ def load_into_encoder(vit: nn.Module, path: str | Path, allow_missing: bool = Fa
     _consume_fixed_scales(sd, target, _fixed_scale_of(vit), report)
     _refuse_stray_adapter_keys(sd, target, report)
     slots = tuple(f".{p}." for p in POSITIONS)  # adapter parameters and buffers start from their init
-    fresh = {k for k in target if k not in sd and (any(s in k for s in slots) or is_block_extra(k))}
-    missing = sorted(k for k in target if k not in sd and k not in fresh)
+    missing = sorted(k for k in target if k not in sd and not any(s in k for s in slots) and not is_block_extra(k))
     if missing and not allow_missing:
         raise WeightsError(f"{path}: {len(missing)} backbone weight(s) missing, e.g. {missing[:5]}; "
                            "pass allow_missing to accept")

@@ -89,8 +89,7 @@ class Backbone(nn.Module):
         self.encoder = build_encoder(cfg.encoder)
         for name, settings in cfg.carried_adapters:
             attach_named(self.encoder, name, settings)
-        if cfg.rel_pos_bias or cfg.layer_scale is not None:
-            add_block_extras(self.encoder, cfg.rel_pos_bias, cfg.layer_scale)
+        add_block_extras(self.encoder, cfg.rel_pos_bias, cfg.layer_scale)
         self.load_report = None  # set by the loading step (finetune.weights)
         depth = len(self.encoder.blocks)
         self.out_indices = cfg.out_indices or default_out_indices(depth)

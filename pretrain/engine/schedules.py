@@ -21,7 +21,6 @@ def poly_lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, p
     return min_lr + (base_lr - min_lr) * (1.0 - progress) ** power
 
 
-
 def step_lr_at(step: int, warmup_steps: int, base_lr: float, milestones: list[int], gamma: float = 0.1) -> float:
     """Linear warm-up, then ``base_lr`` x ``gamma`` for each milestone reached (detectron2's
     WarmupMultiStepLR, ViTDet's detection schedule)."""

@@ -27,17 +27,16 @@ class RelativePositionBias(nn.Module):
     def __init__(self, grid: tuple[int, int], num_heads: int):
         super().__init__()
         h, w = grid
-        self.grid = (h, w)
-        self.num_distances = (2 * h - 1) * (2 * w - 1) + 3
-        self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_distances, num_heads))
+        distances = (2 * h - 1) * (2 * w - 1) + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(distances, num_heads))
         ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, H*W), rows first as the patch embedding
         rel = coords[:, :, None] - coords[:, None, :]
         index = torch.zeros(h * w + 1, h * w + 1, dtype=torch.long)
         index[1:, 1:] = (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
-        index[0, :] = self.num_distances - 3
-        index[:, 0] = self.num_distances - 2
-        index[0, 0] = self.num_distances - 1
+        index[0, :] = distances - 3
+        index[:, 0] = distances - 2
+        index[0, 0] = distances - 1
         self.register_buffer("index", index, persistent=False)  # rebuilt from the grid, never loaded
 
     def forward(self) -> torch.Tensor:
@@ -48,7 +47,7 @@ class RelativePositionBias(nn.Module):
 def attention_with_bias(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """A timm ``Attention`` with ``bias`` added to its logits: softmax(q k^T / sqrt(d) + bias) v,
     through its own projections (written here: timm's forward takes no bias before 1.0.15)."""
-    b, n, c = x.shape
+    b, n, _ = x.shape
     qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
