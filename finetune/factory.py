@@ -15,7 +15,8 @@ from finetune.weights import load_weights, resolve
 def backbone_config(cfg) -> BackboneConfig:
     m = to_container(cfg.model)
     d = {k: m[k] for k in ("method", "modality", "encoder", "out_indices", "mona", "ivtuning")}
-    d.update({k: m[k] for k in ("rel_pos_bias", "layer_scale") if k in m})  # absent from earlier runs' configs
+    later = ("rel_pos_bias", "layer_scale", "window_size", "global_blocks", "decomposed_rel_pos")
+    d.update({k: m[k] for k in later if k in m})  # absent from earlier runs' configs
     return backbone_config_from_dict(dict(d, checkpoint=cfg.init.checkpoint, allow_missing=bool(cfg.init.allow_missing),
                                            pad_scale=cfg.init.pad_scale))
 

@@ -41,6 +41,8 @@ class DetHeadSchema(Section):
     detections_per_image: PosInt
     roi_samples_per_image: PosInt
     anchor_sizes: Annotated[list[PosInt], Field(min_length=5, max_length=5)] | None  # p2..p6
+    box_head: Literal["mlp", "conv"] = "mlp"  # Faster R-CNN's box head: torchvision's | ViTDet's 4 conv + 1 fc
+    rpn_convs: PosInt = 1  # Faster R-CNN's RPN: 3x3 convs before its outputs (ViTDet: 2)
 
     @field_validator("detector")
     @classmethod
@@ -49,6 +51,13 @@ class DetHeadSchema(Section):
         if detector not in DETECTOR_BUILDERS:
             raise ValueError(f"detector must be one of {tuple(DETECTOR_BUILDERS)}, got {detector!r}")
         return detector
+
+    @model_validator(mode="after")
+    def _rcnn_heads_for_faster_rcnn(self):
+        if self.detector != "faster_rcnn" and (self.box_head != "mlp" or self.rpn_convs != 1):
+            raise ValueError(f"box_head / rpn_convs shape Faster R-CNN's heads; detector {self.detector!r} has "
+                             "its own: set model.head.box_head=mlp model.head.rpn_convs=1")
+        return self
 
 
 class _ModelSchema(Section):
@@ -60,6 +69,9 @@ class _ModelSchema(Section):
     ivtuning: IVTuningSchema
     rel_pos_bias: bool = False  # BEiT's relative position bias in every block (PAD's / MAE's segmentation)
     layer_scale: PosFloat | None = None  # BEiT's layer scale, its initial value (PAD's segmentation: 1.0)
+    window_size: NonNegInt = 0  # ViTDet's window attention, patches a side (PAD's FLIR: 14); 0: global everywhere
+    global_blocks: list[NonNegInt] | None = None  # blocks that stay global; null: the last of each quarter
+    decomposed_rel_pos: bool = False  # ViTDet's decomposed relative position embedding in every block
 
     @field_validator("method")
     @classmethod
@@ -72,7 +84,15 @@ class _ModelSchema(Section):
     def _modality_fits_the_method(self):
         from finetune.models.backbone import check_block_extras, check_modality
         check_modality(self.method, self.modality)
-        check_block_extras(self.method, self.rel_pos_bias, self.layer_scale)
+        check_block_extras(self.method, self.rel_pos_bias, self.layer_scale, self.decomposed_rel_pos)
+        return self
+
+    @model_validator(mode="after")
+    def _global_blocks_exist(self):
+        from pretrain.models.vit import VIT_SIZES
+        depth = self.encoder.depth or VIT_SIZES[self.encoder.size][1]
+        if self.global_blocks is not None and max(self.global_blocks, default=0) >= depth:
+            raise ValueError(f"global_blocks {self.global_blocks} must index the encoder's {depth} blocks")
         return self
 
     @model_validator(mode="after")

@@ -20,8 +20,8 @@ def test_relative_position_index_is_beits():
     torch.manual_seed(0)
     with torch.no_grad():
         rpb.relative_position_bias_table.normal_()
-    bias, table = rpb(), rpb.relative_position_bias_table
-    assert bias.shape == (2, 1 + h * w, 1 + h * w)
+    bias, table = rpb(torch.randn(3, 2, 1 + h * w, 8))[0], rpb.relative_position_bias_table
+    assert bias.shape == (2, 1 + h * w, 1 + h * w)  # the same for every query
     cells = [(y, x) for y in range(h) for x in range(w)]
     for i, (yi, xi) in enumerate(cells):
         for j, (yj, xj) in enumerate(cells):
@@ -42,8 +42,8 @@ def test_attention_with_a_bias_is_its_formula():
     q, k, v = attn.qkv(x).reshape(3, 7, 3, 2, 8).permute(2, 0, 3, 1, 4)
     weights = (q @ k.transpose(-2, -1) / 8 ** 0.5 + bias).softmax(dim=-1)
     by_hand = attn.proj((weights @ v).transpose(1, 2).reshape(3, 7, 16))
-    assert torch.allclose(attention_with_bias(attn, x, bias), by_hand, atol=1e-5)
-    assert torch.allclose(attention_with_bias(attn, x, torch.zeros(2, 7, 7)), attn(x), atol=1e-5)
+    assert torch.allclose(attention_with_bias(attn, x, lambda q: bias[None]), by_hand, atol=1e-5)
+    assert torch.allclose(attention_with_bias(attn, x, lambda q: torch.zeros(1, 2, 7, 7)), attn(x), atol=1e-5)
 
 
 def test_the_encoder_with_them_starts_as_the_plain_one_and_trains_them():

@@ -482,7 +482,7 @@ def test_training_from_python_runs_the_same_checks_before_the_run_directory(tmp_
     cfg = load_config(PRESETS / "flir_v2.yaml", [f"data.root={root}"])
     with pytest.raises(ValueError, match="the det config: model.method=pad fine-tunes a backbone pre-trained"):
         train_det(cfg, run_dir)
-    cfg.model.method = "frozen"
+    cfg.model.method = "full"
     shutil.rmtree(root / "images_thermal_train")
     with pytest.raises(FileNotFoundError, match=r"flir_v2.yaml \(train\): not found: .*images_thermal_train"):
         train_det(cfg, run_dir, config_name="flir_v2.yaml")

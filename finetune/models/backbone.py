@@ -16,6 +16,7 @@ import pretrain.models.pad  # noqa: F401  (registers the PAD adapter a checkpoin
 from pretrain.models.adapters import TokenContext, adapter_parameter_names, attach_named
 from pretrain.models.block_extras import add_block_extras
 from pretrain.models.vit import EncoderConfig, build_encoder, embed_patches, prepend_cls, run_blocks
+from pretrain.models.window_attention import add_window_attention
 from finetune.models.ivtuning import IVTuningConfig
 from finetune.models.methods import get_method
 from finetune.models.mona import MonaConfig
@@ -39,6 +40,13 @@ class BackboneConfig:
     # with the encoder, so only methods that train it whole take them
     rel_pos_bias: bool = False
     layer_scale: float | None = None
+    # ViTDet's attention (pretrain.models.window_attention): windows of this many patches a side in
+    # every block but global_blocks (None: the last of each quarter of the depth), a decomposed
+    # relative position embedding (zero at the start, trains with the encoder); with either, the
+    # blocks see patch tokens only, as ViTDet's (no CLS token)
+    window_size: int = 0
+    global_blocks: tuple[int, ...] | None = None
+    decomposed_rel_pos: bool = False
     # Adapters that come with the weights (a PAD export or release), as (name, settings): set by
     # finetune.weights.resolve from the checkpoint, attached before the method's own.
     carried_adapters: tuple[tuple[str, dict], ...] = ()
@@ -47,14 +55,25 @@ class BackboneConfig:
         if self.modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
         check_modality(self.method, self.modality)
-        check_block_extras(self.method, self.rel_pos_bias, self.layer_scale)
+        check_block_extras(self.method, self.rel_pos_bias, self.layer_scale, self.decomposed_rel_pos)
+
+    @property
+    def patch_tokens_only(self) -> bool:
+        """ViTDet's blocks: no CLS token."""
+        return bool(self.window_size) or self.decomposed_rel_pos
 
 
-def check_block_extras(method: str, rel_pos_bias: bool, layer_scale: float | None) -> None:
-    if (rel_pos_bias or layer_scale is not None) and get_method(method).trains != "all":
-        raise ValueError(f"rel_pos_bias / layer_scale train with the encoder; method {method!r} keeps it frozen, "
-                         "where they would stay at their initial values: use them with a method that trains the "
-                         "whole encoder (full, pad), or set model.rel_pos_bias=false model.layer_scale=null")
+def check_block_extras(method: str, rel_pos_bias: bool, layer_scale: float | None,
+                       decomposed_rel_pos: bool = False) -> None:
+    if rel_pos_bias and decomposed_rel_pos:
+        raise ValueError("model.rel_pos_bias (BEiT's) and model.decomposed_rel_pos (ViTDet's) are two kinds of "
+                         "relative position term: choose one")
+    off = {"rel_pos_bias": "false", "decomposed_rel_pos": "false", "layer_scale": "null"}
+    on = [name for name, value in zip(off, (rel_pos_bias, decomposed_rel_pos, layer_scale is not None)) if value]
+    if on and get_method(method).trains != "all":
+        raise ValueError(f"{' / '.join(on)} train with the encoder; method {method!r} keeps it frozen, where they "
+                         "would stay at their initial values: use them with a method that trains the whole encoder "
+                         f"(full, pad), or set {' '.join(f'model.{name}={off[name]}' for name in on)}")
 
 
 def check_modality(method: str, modality: str) -> None:
@@ -69,9 +88,11 @@ def backbone_config_from_dict(d: dict) -> BackboneConfig:
     if "img_size" in enc:
         enc["img_size"] = tuple(enc["img_size"])
     out = d.pop("out_indices", None)
+    global_blocks = d.pop("global_blocks", None)
     return BackboneConfig(encoder=EncoderConfig(**enc), mona=MonaConfig(**d.pop("mona", {})),
                           ivtuning=IVTuningConfig(**d.pop("ivtuning", {})),
-                          out_indices=tuple(out) if out is not None else None, **d)
+                          out_indices=tuple(out) if out is not None else None,
+                          global_blocks=tuple(global_blocks) if global_blocks is not None else None, **d)
 
 
 def default_out_indices(depth: int) -> tuple[int, ...]:
@@ -90,6 +111,8 @@ class Backbone(nn.Module):
         for name, settings in cfg.carried_adapters:
             attach_named(self.encoder, name, settings)
         add_block_extras(self.encoder, cfg.rel_pos_bias, cfg.layer_scale)
+        add_window_attention(self.encoder, cfg.window_size, cfg.global_blocks, cfg.decomposed_rel_pos)
+        self.num_prefix = 0 if cfg.patch_tokens_only else self.encoder.num_prefix_tokens
         self.load_report = None  # set by the loading step (finetune.weights)
         depth = len(self.encoder.blocks)
         self.out_indices = cfg.out_indices or default_out_indices(depth)
@@ -118,8 +141,10 @@ class Backbone(nn.Module):
 
     def trainable_names(self) -> set[str]:
         # The encoder's final LayerNorm is not used: the heads read block outputs (as MAE's and
-        # ViTDet's do), so it never gets a gradient and is left out.
-        names = {n for n, _ in self.named_parameters() if not n.startswith("encoder.norm.")}
+        # ViTDet's do), so it never gets a gradient and is left out; nor is the CLS token where the
+        # blocks see patch tokens only.
+        unused = ("encoder.norm.", "encoder.cls_token") if self.num_prefix == 0 else ("encoder.norm.",)
+        names = {n for n, _ in self.named_parameters() if not n.startswith(unused)}
         if self.method.trains == "all":
             return names
         if self.method.trains == "none":
@@ -130,7 +155,7 @@ class Backbone(nn.Module):
 
     def forward(self, ir: torch.Tensor | None = None, vi: torch.Tensor | None = None) -> list[torch.Tensor]:
         vit = self.encoder
-        ctx = TokenContext(grid=tuple(vit.patch_embed.grid_size), num_prefix=vit.num_prefix_tokens)
+        ctx = TokenContext(grid=tuple(vit.patch_embed.grid_size), num_prefix=self.num_prefix)
         if self.prompter is not None:
             tokens = self.prompter.tokens(vit, ir, vi, ctx)
         else:
@@ -139,6 +164,6 @@ class Backbone(nn.Module):
                 raise ValueError(f"modality '{self.cfg.modality}' but no such image in the batch")
             tokens = embed_patches(vit, image)
         wanted = sorted(set(self.out_indices))
-        _, outputs = run_blocks(vit, prepend_cls(vit, tokens), ctx, wanted)
+        _, outputs = run_blocks(vit, prepend_cls(vit, tokens) if self.num_prefix else tokens, ctx, wanted)
         by_index = dict(zip(wanted, outputs))
-        return [ctx.to_map(by_index[i][:, vit.num_prefix_tokens:]) for i in self.out_indices]
+        return [ctx.to_map(ctx.split(by_index[i])[1]) for i in self.out_indices]

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from finetune.models.backbone import Backbone, BackboneConfig
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
+BOX_HEADS = ("mlp", "conv")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class DetHeadConfig:
     detections_per_image: int = 100
     roi_samples_per_image: int = 512  # Faster R-CNN: RoIs sampled per training image (a quarter positive)
     anchor_sizes: list[int] | None = None  # base anchor per level p2..p6; None: the detector's own
+    # Faster R-CNN's heads. box_head "mlp": torchvision's two 1024-wide layers; "conv": ViTDet's four
+    # 3x3 convs with LayerNorm and one 1024-wide layer. rpn_convs: 3x3 convs before the RPN's outputs
+    # (ViTDet: 2).
+    box_head: str = "mlp"
+    rpn_convs: int = 1
 
 
 def _anchor_bases(head: DetHeadConfig, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -92,17 +98,29 @@ class SimpleFeaturePyramid(nn.Module):
 def _faster_rcnn(pyramid: SimpleFeaturePyramid, num_classes: int, head: DetHeadConfig, common: dict) -> nn.Module:
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+    from torchvision.models.detection.rpn import RPNHead
     from torchvision.ops import MultiScaleRoIAlign
 
     if head.roi_samples_per_image < 1:
         raise ValueError(f"model.head.roi_samples_per_image must be at least 1, got {head.roi_samples_per_image}")
+    if head.box_head not in BOX_HEADS or head.rpn_convs < 1:
+        raise ValueError(f"model.head.box_head must be one of {BOX_HEADS} and rpn_convs at least 1, got "
+                         f"{head.box_head!r}, {head.rpn_convs}")
     # 8x the level's stride, as torchvision's and ViTDet's FPN Faster R-CNN.
     sizes = tuple((s,) for s in _anchor_bases(head, (32, 64, 128, 256, 512)))
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
-    return FasterRCNN(pyramid, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
+    boxes = {}
+    if head.box_head == "conv":
+        box_head = FastRCNNConvFCHead((pyramid.out_channels, 7, 7), [pyramid.out_channels] * 4, [1024],
+                                      norm_layer=LayerNorm2d)
+        boxes = dict(box_head=box_head, box_predictor=FastRCNNPredictor(1024, num_classes + 1))
+    return FasterRCNN(pyramid, num_classes=None if boxes else num_classes + 1, rpn_anchor_generator=anchors,
+                      rpn_head=RPNHead(pyramid.out_channels, anchors.num_anchors_per_location()[0],
+                                       conv_depth=head.rpn_convs),
                       box_roi_pool=MultiScaleRoIAlign(list(LEVELS[:4]), 7, 2),
                       box_score_thresh=head.score_threshold, box_detections_per_img=head.detections_per_image,
-                      box_batch_size_per_image=head.roi_samples_per_image, **common)
+                      box_batch_size_per_image=head.roi_samples_per_image, **boxes, **common)
 
 
 def _retinanet(pyramid: SimpleFeaturePyramid, num_classes: int, head: DetHeadConfig, common: dict) -> nn.Module:

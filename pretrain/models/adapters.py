@@ -4,7 +4,8 @@ Each timm ``Block`` is replaced by an ``AdaptedBlock`` that adopts the block's o
 under their own names (``norm1``, ``attn``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``,
 ``drop_path2``), so the state-dict keys of the ViT stay timm's, and adds three named slots:
 
-    x = x + DropPath(LS1(Attn(LN1(x))))             # Attn + a relative position bias where attn_bias is set
+    x = x + DropPath(LS1(Attn(LN1(x))))             # Attn + a logit bias where attn_bias is set, in windows
+                                                    # where window is set
     x = post_attn adapters (x, ctx)                 # Mona, IV-tuning: residual modules on x
     m = LS2(MLP(LN2(x)))
     x = x + DropPath(m) + sum(parallel_mlp adapters (x, m, ctx))   # PAD, AdaptFormer
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from pretrain.models.block_extras import attention_with_bias
+from pretrain.models.window_attention import windowed
 
 POSITIONS = ("post_attn", "parallel_mlp", "post_mlp")
 _BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -84,16 +86,19 @@ class AdaptedBlock(nn.Module):
         self.post_attn = nn.ModuleDict()
         self.parallel_mlp = nn.ModuleDict()
         self.post_mlp = nn.ModuleDict()
-        self.attn_bias: nn.Module | None = None  # BEiT's relative position bias (pretrain.models.block_extras)
+        # A term added to the attention logits, from the queries: BEiT's relative position bias
+        # (pretrain.models.block_extras) or ViTDet's decomposed one (pretrain.models.window_attention).
+        self.attn_bias: nn.Module | None = None
+        self.window = 0  # ViTDet's window attention: patches a side of a window; 0: global attention
 
     def forward(self, x: torch.Tensor, ctx: TokenContext | None = None) -> torch.Tensor:
         if ctx is None:
             ctx = TokenContext(grid=None)
         h = self.norm1(x)
-        if self.attn_bias is None:
-            a = self.attn(h)
+        if self.window:
+            a = windowed(self.attention, h, ctx.grid, self.window)
         else:
-            a = attention_with_bias(self.attn, h, self.attn_bias())
+            a = self.attention(h)
         x = x + self.drop_path1(self.ls1(a))
         for adapter in self.post_attn.values():
             x = adapter(x, ctx)
@@ -105,6 +110,11 @@ class AdaptedBlock(nn.Module):
         for adapter in self.post_mlp.values():
             x = adapter(x, ctx)
         return x
+
+    def attention(self, h: torch.Tensor) -> torch.Tensor:
+        if self.attn_bias is None:
+            return self.attn(h)
+        return attention_with_bias(self.attn, h, self.attn_bias)
 
 
 def attach(vit: nn.Module, name: str, position: str, factory: Callable[[int, int], nn.Module],

@@ -12,6 +12,8 @@ tells the weight loaders which keys those are).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -39,19 +41,21 @@ class RelativePositionBias(nn.Module):
         index[0, 0] = distances - 1
         self.register_buffer("index", index, persistent=False)  # rebuilt from the grid, never loaded
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """The same bias for every query: (1, heads, n, n)."""
         n = self.index.shape[0]
-        return self.relative_position_bias_table[self.index.flatten()].view(n, n, -1).permute(2, 0, 1)
+        return self.relative_position_bias_table[self.index.flatten()].view(n, n, -1).permute(2, 0, 1)[None]
 
 
-def attention_with_bias(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """A timm ``Attention`` with ``bias`` added to its logits: softmax(q k^T / sqrt(d) + bias) v,
+def attention_with_bias(attn: nn.Module, x: torch.Tensor,
+                        bias: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A timm ``Attention`` with ``bias(q)`` added to its logits: softmax(q k^T / sqrt(d) + bias(q)) v,
     through its own projections (written here: timm's forward takes no bias before 1.0.15)."""
     b, n, _ = x.shape
     qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)[None],
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias(q).to(q.dtype),
                                          dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = out.transpose(1, 2).reshape(b, n, -1)
     norm = getattr(attn, "norm", None)  # timm >= 1.0.15: an optional norm after the heads (Identity here)

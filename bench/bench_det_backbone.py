@@ -1,0 +1,70 @@
+"""The detection backbone with global attention in every block against ViTDet's (windows of 14
+patches, 4 global blocks, decomposed relative positions; PAD's FLIR setting): seconds per
+forward + backward of one frame, and the attention-logit entries of one forward where they are
+materialised (ViTDet's code does; a fused attention kernel without a bias does not).
+
+    python bench/bench_det_backbone.py [--size base] [--img 1024] [--batch 1] [--repeats 3] [--device cpu]
+
+Prints one line per variant.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from finetune.models.backbone import Backbone, BackboneConfig  # noqa: E402
+from pretrain.models.vit import EncoderConfig  # noqa: E402
+
+VARIANTS = {"global": dict(), "vitdet": dict(window_size=14, decomposed_rel_pos=True)}
+
+
+def attention_logits(backbone: Backbone, batch: int) -> int:
+    """Entries of the attention-logit tensors of one forward (every block, every head, every window)."""
+    gh, gw = backbone.encoder.patch_embed.grid_size
+    total = 0
+    for block in backbone.encoder.blocks:
+        if block.window:
+            windows = -(-gh // block.window) * -(-gw // block.window)
+            tokens = block.window ** 2
+        else:
+            windows, tokens = 1, gh * gw + backbone.num_prefix
+        total += batch * windows * block.attn.num_heads * tokens ** 2
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="base")
+    parser.add_argument("--img", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    encoder = EncoderConfig(size=args.size, img_size=(args.img, args.img))
+    for name, extra in VARIANTS.items():
+        torch.manual_seed(0)
+        backbone = Backbone(BackboneConfig(method="full", modality="ir", encoder=encoder, **extra)).to(args.device)
+        x = torch.randn(args.batch, 1, args.img, args.img, device=args.device)
+        times = []
+        for _ in range(args.repeats + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            backbone(x)[-1].square().mean().backward()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            backbone.zero_grad(set_to_none=True)
+        logits = attention_logits(backbone, args.batch)
+        print(f"{name:7s} ViT-{args.size} {args.img}px batch {args.batch} on {args.device}: "
+              f"{statistics.median(times[1:]):.2f} s forward + backward (median of {args.repeats}); "
+              f"attention logits {logits / 1e6:.0f} M entries ({logits * 4 / 2 ** 30:.2f} GiB in fp32)")
+
+
+if __name__ == "__main__":
+    main()
