@@ -115,11 +115,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _resample_pos(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The patch positions of a square grid resampled to ``grid`` as MAE's ``interpolate_pos_embed``,
+    ViTDet's ``get_abs_pos`` and mmsegmentation's ``resize_pos_embed`` do (bicubic, corners not aligned,
+    no antialiasing: timm's default antialiasing gives other values even when upsampling); the CLS
+    slot as it is."""
     length = pos.shape[1] - 1
     side = int(round(length**0.5))
     if side * side != length:
         raise WeightsError(f"cannot infer the grid of a position embedding with {length} tokens")
-    return resample_abs_pos_embed(pos, new_size=list(grid), old_size=[side, side], num_prefix_tokens=1)
+    return resample_abs_pos_embed(pos, new_size=list(grid), old_size=[side, side], num_prefix_tokens=1,
+                                  antialias=False)
 
 
 def adapt_encoder_state(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], grid: tuple[int, int],
@@ -316,12 +321,10 @@ def load_exported_into(vit: nn.Module, path: str | Path) -> LoadReport:
     exported = set(adapter_names(read_backbone_meta(path)))
     added = {k for k in target if any(f".{p}." in k and k.split(f".{p}.", 1)[1].split(".")[0] not in exported
                                       for p in POSITIONS)}
-    added |= {k for k in target if k not in sd and is_block_extra(k)}  # fine-tuning's BEiT additions
-    if "pos_embed" in sd and sd["pos_embed"].shape != target["pos_embed"].shape:
-        # Our encoders never train the position embedding: the fixed sin-cos of the new grid
-        # (written by build_encoder) is exact, where resampling would only approximate it.
-        sd["pos_embed"] = target["pos_embed"]
-        report.adapted.append("pos_embed (sin-cos for the new grid)")
+    added |= {k for k in target if k not in sd and is_block_extra(k)}  # fine-tuning's block additions
+    # at another input size the position embedding is resampled, as PAD's and MAE's fine-tuning
+    # resample their pre-training checkpoints' (not the sin-cos of the new grid: that one places
+    # the patches at positions the pre-training never saw)
     adapt_encoder_state(sd, target, tuple(vit.patch_embed.grid_size), "", report)
     missing = sorted(set(target) - set(sd) - added)
     if missing:

@@ -110,6 +110,41 @@ def test_position_embedding_resampled_to_a_non_square_grid(tmp_path):
     model(torch.rand(1, 1, 128, 160))  # and the model runs on that grid
 
 
+def _as_mae_resamples(pos: torch.Tensor, side: int, grid: tuple[int, int]) -> torch.Tensor:
+    """MAE's interpolate_pos_embed (DeiT's; ViTDet's get_abs_pos and mmsegmentation's resize_pos_embed
+    alike): the patch positions bicubically, corners not aligned, the CLS slot kept."""
+    patches = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+def test_fine_tuning_at_another_size_resamples_the_position_embedding_as_mae(tmp_path):
+    """An export and an official MAE checkpoint (4 x 4 grid) fine-tuned on an 8 x 10 grid start from
+    the same resampled embedding as MAE's / PAD's / ViTDet's fine-tuning give theirs."""
+    from finetune.models.backbone import Backbone, BackboneConfig
+    from finetune.weights import load_weights
+    from pretrain.models.vit import EncoderConfig
+
+    sd = official_mae_checkpoint(tmp_path / "mae.pth", img_size=(64, 64))
+    model = tiny(encoder={"img_size": [64, 64]})
+    load_into_mae(model, tmp_path / "mae.pth")
+    pth, _ = export_backbone(model, tmp_path / "export")
+    pos = sd["pos_embed"]
+    assert torch.equal(model.encoder.pos_embed, pos)
+    expected = _as_mae_resamples(pos, 4, (8, 10))
+    encoder = EncoderConfig(size="tiny", depth=2, img_size=(128, 160))
+    for path, method in ((pth, "pad"), (tmp_path / "mae.pth", "full")):
+        cfg = BackboneConfig(method=method, modality="ir", encoder=encoder, checkpoint=str(path))
+        if method == "pad":
+            from finetune.weights import resolve
+            cfg = resolve(cfg)
+        backbone = Backbone(cfg)
+        report = load_weights(backbone, cfg)
+        assert any("pos_embed" in k for k in report.adapted), report.adapted
+        torch.testing.assert_close(backbone.encoder.pos_embed, expected, atol=1e-6, rtol=0)
+        assert backbone.encoder.pos_embed.requires_grad  # it trains with the encoder, as in MAE's fine-tuning
+
+
 def test_three_channel_weights_fold_into_one_channel_model(tmp_path):
     sd = official_mae_checkpoint(tmp_path / "rgb.pth")
     model = tiny(encoder={"in_chans": 1})
