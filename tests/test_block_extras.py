@@ -107,3 +107,25 @@ def test_a_method_that_keeps_the_encoder_frozen_refuses_them():
     # the README's linear probe on SODA
     check_config(load_config(soda, ["data.root=/data", "model.method=frozen", "model.head.type=linear",
                                     "model.rel_pos_bias=false", "model.layer_scale=null"]), SegConfig)
+
+
+def test_a_parallel_adapter_reads_the_mlp_output_before_the_layer_scale():
+    """PAD's block (BEiT's code with its adapter): the scale predictor reads the MLP's own output,
+    and only the MLP branch is multiplied by the layer scale: x + gamma_2 * m + adapter(x, m)."""
+    from pretrain.models.adapters import ParallelMLPAdapter, TokenContext, attach
+
+    class Probe(ParallelMLPAdapter):
+        def forward(self, x, mlp_out, ctx):
+            self.seen = mlp_out
+            return 0.25 * mlp_out
+
+    torch.manual_seed(0)
+    backbone = Backbone(BackboneConfig(method="full", modality="ir", encoder=TINY, layer_scale=0.5)).eval()
+    attach(backbone.encoder, "probe", "parallel_mlp", lambda i, dim: Probe())
+    block = backbone.encoder.blocks[0]
+    x = torch.randn(2, 7, 192)
+    out = block(x, TokenContext(grid=(2, 3)))
+    after_attn = x + 0.5 * block.attn(block.norm1(x))
+    m = block.mlp(block.norm2(after_attn))
+    assert torch.allclose(block.parallel_mlp["probe"].seen, m, atol=1e-6)
+    assert torch.allclose(out, after_attn + 0.5 * m + 0.25 * m, atol=1e-5)

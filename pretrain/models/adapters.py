@@ -7,8 +7,8 @@ under their own names (``norm1``, ``attn``, ``ls1``, ``drop_path1``, ``norm2``, 
     x = x + DropPath(LS1(Attn(LN1(x))))             # Attn + a logit bias where attn_bias is set, in windows
                                                     # where window is set
     x = post_attn adapters (x, ctx)                 # Mona, IV-tuning: residual modules on x
-    m = LS2(MLP(LN2(x)))
-    x = x + DropPath(m) + sum(parallel_mlp adapters (x, m, ctx))   # PAD, AdaptFormer
+    m = MLP(LN2(x))
+    x = x + DropPath(LS2(m)) + sum(parallel_mlp adapters (x, m, ctx))   # PAD, AdaptFormer
     x = post_mlp adapters (x, ctx)
 
 With no adapters attached the block computes exactly timm's ``Block.forward``. Adapters get a
@@ -102,8 +102,9 @@ class AdaptedBlock(nn.Module):
         x = x + self.drop_path1(self.ls1(a))
         for adapter in self.post_attn.values():
             x = adapter(x, ctx)
-        m = self.ls2(self.mlp(self.norm2(x)))
-        update = self.drop_path2(m)
+        m = self.mlp(self.norm2(x))
+        update = self.drop_path2(self.ls2(m))
+        # a parallel adapter reads the MLP's output before the layer scale, as PAD's scale predictor does
         for adapter in self.parallel_mlp.values():
             update = update + adapter(x, m, ctx)
         x = x + update
