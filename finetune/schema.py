@@ -41,8 +41,10 @@ class DetHeadSchema(Section):
     detections_per_image: PosInt
     roi_samples_per_image: PosInt
     anchor_sizes: Annotated[list[PosInt], Field(min_length=5, max_length=5)] | None  # p2..p6
-    box_head: Literal["mlp", "conv"] = "mlp"  # Faster R-CNN's box head: torchvision's | ViTDet's 4 conv + 1 fc
-    rpn_convs: PosInt = 1  # Faster R-CNN's RPN: 3x3 convs before its outputs (ViTDet: 2)
+    # Faster R-CNN's heads (absent from earlier runs' configs: torchvision's, mlp and 1); null: ViTDet's
+    # for Faster R-CNN (conv, 2), the detector's own for the others
+    box_head: Literal["mlp", "conv"] | None = "mlp"  # torchvision's two 1024 fc | ViTDet's 4 conv (LN) + 1 fc
+    rpn_convs: PosInt | None = 1  # 3x3 convs before the RPN's outputs
 
     @field_validator("detector")
     @classmethod
@@ -54,9 +56,9 @@ class DetHeadSchema(Section):
 
     @model_validator(mode="after")
     def _rcnn_heads_for_faster_rcnn(self):
-        if self.detector != "faster_rcnn" and (self.box_head != "mlp" or self.rpn_convs != 1):
+        if self.detector != "faster_rcnn" and (self.box_head is not None or self.rpn_convs is not None):
             raise ValueError(f"box_head / rpn_convs shape Faster R-CNN's heads; detector {self.detector!r} has "
-                             "its own: set model.head.box_head=mlp model.head.rpn_convs=1")
+                             "its own: set model.head.box_head=null model.head.rpn_convs=null")
         return self
 
 

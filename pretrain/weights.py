@@ -114,25 +114,32 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _resample_pos(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """The patch positions of a square grid resampled to ``grid`` as MAE's ``interpolate_pos_embed``,
-    ViTDet's ``get_abs_pos`` and mmsegmentation's ``resize_pos_embed`` do (bicubic, corners not aligned,
-    no antialiasing: timm's default antialiasing gives other values even when upsampling); the CLS
-    slot as it is."""
+def _resample_pos(pos: torch.Tensor, grid: tuple[int, int],
+                  old_grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """The patch positions of ``old_grid`` (None: a square one) resampled to ``grid`` as MAE's
+    ``interpolate_pos_embed``, ViTDet's ``get_abs_pos`` and mmsegmentation's ``resize_pos_embed`` do
+    (bicubic, corners not aligned, no antialiasing: timm's default antialiasing gives other values
+    even when upsampling); the CLS slot as it is."""
     length = pos.shape[1] - 1
-    side = int(round(length**0.5))
-    if side * side != length:
-        raise WeightsError(f"cannot infer the grid of a position embedding with {length} tokens")
-    return resample_abs_pos_embed(pos, new_size=list(grid), old_size=[side, side], num_prefix_tokens=1,
+    if old_grid is None:
+        side = int(round(length**0.5))
+        if side * side != length:
+            raise WeightsError(f"cannot infer the grid of a position embedding with {length} tokens (not square)")
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != length:
+        raise WeightsError(f"a position embedding of {length} tokens does not fill the "
+                           f"{old_grid[0]}x{old_grid[1]} grid its weights were saved for")
+    return resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(old_grid), num_prefix_tokens=1,
                                   antialias=False)
 
 
 def adapt_encoder_state(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], grid: tuple[int, int],
-                        prefix: str, report: LoadReport) -> None:
-    """Make encoder tensors (keys under ``prefix``) fit the target shapes, in place."""
+                        prefix: str, report: LoadReport, saved_grid: tuple[int, int] | None = None) -> None:
+    """Make encoder tensors (keys under ``prefix``) fit the target shapes, in place. ``saved_grid``:
+    the patch grid the weights were saved for, where known (an export's); None: a square one."""
     pos, proj = f"{prefix}pos_embed", f"{prefix}patch_embed.proj.weight"
     if pos in sd and pos in target and sd[pos].shape != target[pos].shape:
-        sd[pos] = _resample_pos(sd[pos], grid)
+        sd[pos] = _resample_pos(sd[pos], grid, saved_grid)
         report.adapted.append(pos)
     if proj in sd and proj in target and sd[proj].shape != target[proj].shape:
         src, dst = sd[proj], target[proj]
@@ -318,14 +325,16 @@ def load_exported_into(vit: nn.Module, path: str | Path) -> LoadReport:
     report = LoadReport(str(path))
     sd = read_state_dict(path)
     target = vit.state_dict()
-    exported = set(adapter_names(read_backbone_meta(path)))
+    meta = read_backbone_meta(path)
+    exported = set(adapter_names(meta))
     added = {k for k in target if any(f".{p}." in k and k.split(f".{p}.", 1)[1].split(".")[0] not in exported
                                       for p in POSITIONS)}
     added |= {k for k in target if k not in sd and is_block_extra(k)}  # fine-tuning's block additions
     # at another input size the position embedding is resampled, as PAD's and MAE's fine-tuning
     # resample their pre-training checkpoints' (not the sin-cos of the new grid: that one places
     # the patches at positions the pre-training never saw)
-    adapt_encoder_state(sd, target, tuple(vit.patch_embed.grid_size), "", report)
+    adapt_encoder_state(sd, target, tuple(vit.patch_embed.grid_size), "", report,
+                        saved_grid=exported_encoder_config(meta).grid)
     missing = sorted(set(target) - set(sd) - added)
     if missing:
         raise WeightsError(f"{path}: exported backbone lacks {missing[:5]}")

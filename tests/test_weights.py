@@ -122,7 +122,7 @@ def test_fine_tuning_at_another_size_resamples_the_position_embedding_as_mae(tmp
     """An export and an official MAE checkpoint (4 x 4 grid) fine-tuned on an 8 x 10 grid start from
     the same resampled embedding as MAE's / PAD's / ViTDet's fine-tuning give theirs."""
     from finetune.models.backbone import Backbone, BackboneConfig
-    from finetune.weights import load_weights
+    from finetune.weights import load_weights, resolve
     from pretrain.models.vit import EncoderConfig
 
     sd = official_mae_checkpoint(tmp_path / "mae.pth", img_size=(64, 64))
@@ -136,13 +136,22 @@ def test_fine_tuning_at_another_size_resamples_the_position_embedding_as_mae(tmp
     for path, method in ((pth, "pad"), (tmp_path / "mae.pth", "full")):
         cfg = BackboneConfig(method=method, modality="ir", encoder=encoder, checkpoint=str(path))
         if method == "pad":
-            from finetune.weights import resolve
             cfg = resolve(cfg)
         backbone = Backbone(cfg)
         report = load_weights(backbone, cfg)
         assert any("pos_embed" in k for k in report.adapted), report.adapted
         torch.testing.assert_close(backbone.encoder.pos_embed, expected, atol=1e-6, rtol=0)
         assert backbone.encoder.pos_embed.requires_grad  # it trains with the encoder, as in MAE's fine-tuning
+    # an export pre-trained on a 4 x 5 grid: its own grid, from its JSON
+    wide = tiny(encoder={"img_size": [64, 80]})
+    pth, _ = export_backbone(wide, tmp_path / "wide")
+    patches = wide.encoder.pos_embed[:, 1:].reshape(1, 4, 5, -1).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches, size=(8, 10), mode="bicubic", align_corners=False)
+    cfg = resolve(BackboneConfig(method="pad", modality="ir", encoder=encoder, checkpoint=str(pth)))
+    backbone = Backbone(cfg)
+    load_weights(backbone, cfg)
+    torch.testing.assert_close(backbone.encoder.pos_embed[:, 1:], patches.permute(0, 2, 3, 1).flatten(1, 2),
+                               atol=1e-6, rtol=0)
 
 
 def test_three_channel_weights_fold_into_one_channel_model(tmp_path):

@@ -145,6 +145,22 @@ def test_the_config_checks_them():
         load_config(det, ["model.head.box_head=mask"], DetConfig)
 
 
+def test_faster_rcnn_takes_vitdets_heads_by_default_and_the_others_keep_their_own():
+    from data_tools.config import CONFIG_DIR, load_config
+    from finetune.factory import build_detector
+    from finetune.schema import DetConfig
+
+    def built(*overrides):
+        torch.manual_seed(0)
+        return build_detector(load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", list(overrides), DetConfig)).model
+
+    default = built()
+    assert type(default.roi_heads.box_head).__name__ == "FastRCNNConvFCHead" and len(default.rpn.head.conv) == 2
+    plain = built("model.head.box_head=mlp", "model.head.rpn_convs=1")  # torchvision's, as runs saved before
+    assert type(plain.roi_heads.box_head).__name__ == "TwoMLPHead" and len(plain.rpn.head.conv) == 1
+    assert type(built("model.head.detector=retinanet").head).__name__ == "RetinaNetHead"
+
+
 def test_vitdets_heads_and_backbone_from_the_config(tmp_path):
     """The FLIR presets' model: windows of 14 patches but in blocks 2 / 5 / 8 / 11, relative positions
     sized to what each block attends over, four conv + LayerNorm layers and one 1024-wide layer in the

@@ -34,10 +34,11 @@ class DetHeadConfig:
     roi_samples_per_image: int = 512  # Faster R-CNN: RoIs sampled per training image (a quarter positive)
     anchor_sizes: list[int] | None = None  # base anchor per level p2..p6; None: the detector's own
     # Faster R-CNN's heads. box_head "mlp": torchvision's two 1024-wide layers; "conv": ViTDet's four
-    # 3x3 convs with LayerNorm and one 1024-wide layer. rpn_convs: 3x3 convs before the RPN's outputs
-    # (ViTDet: 2).
-    box_head: str = "mlp"
-    rpn_convs: int = 1
+    # 3x3 convs with LayerNorm and one 1024-wide layer (PAD's and IV-tuning's detection use these).
+    # rpn_convs: 3x3 convs before the RPN's outputs (ViTDet: 2). None: ViTDet's. The defaults are
+    # what runs saved before these settings existed trained with.
+    box_head: str | None = "mlp"
+    rpn_convs: int | None = 1
 
 
 def _anchor_bases(head: DetHeadConfig, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -104,20 +105,22 @@ def _faster_rcnn(pyramid: SimpleFeaturePyramid, num_classes: int, head: DetHeadC
 
     if head.roi_samples_per_image < 1:
         raise ValueError(f"model.head.roi_samples_per_image must be at least 1, got {head.roi_samples_per_image}")
-    if head.box_head not in BOX_HEADS or head.rpn_convs < 1:
+    box_head = head.box_head or "conv"
+    rpn_convs = head.rpn_convs or 2
+    if box_head not in BOX_HEADS or rpn_convs < 1:
         raise ValueError(f"model.head.box_head must be one of {BOX_HEADS} and rpn_convs at least 1, got "
-                         f"{head.box_head!r}, {head.rpn_convs}")
+                         f"{box_head!r}, {rpn_convs}")
     # 8x the level's stride, as torchvision's and ViTDet's FPN Faster R-CNN.
     sizes = tuple((s,) for s in _anchor_bases(head, (32, 64, 128, 256, 512)))
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
     boxes = {}
-    if head.box_head == "conv":
+    if box_head == "conv":
         box_head = FastRCNNConvFCHead((pyramid.out_channels, 7, 7), [pyramid.out_channels] * 4, [1024],
                                       norm_layer=LayerNorm2d)
         boxes = dict(box_head=box_head, box_predictor=FastRCNNPredictor(1024, num_classes + 1))
     return FasterRCNN(pyramid, num_classes=None if boxes else num_classes + 1, rpn_anchor_generator=anchors,
                       rpn_head=RPNHead(pyramid.out_channels, anchors.num_anchors_per_location()[0],
-                                       conv_depth=head.rpn_convs),
+                                       conv_depth=rpn_convs),
                       box_roi_pool=MultiScaleRoIAlign(list(LEVELS[:4]), 7, 2),
                       box_score_thresh=head.score_threshold, box_detections_per_img=head.detections_per_image,
                       box_batch_size_per_image=head.roi_samples_per_image, **boxes, **common)
