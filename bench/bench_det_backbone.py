@@ -1,15 +1,19 @@
 """The detection backbone with global attention in every block against ViTDet's (windows of 14
 patches, 4 global blocks, decomposed relative positions; PAD's FLIR setting): seconds per
 forward + backward of one frame, and the attention-logit entries of one forward where they are
-materialised (ViTDet's code does; a fused attention kernel without a bias does not).
+materialised (ViTDet's code does; a fused attention kernel does not, and ours folds the relative
+positions into the queries and keys rather than building them as a bias).
 
     python bench/bench_det_backbone.py [--size base] [--img 1024] [--batch 1] [--repeats 3] [--device cpu]
+                                       [--variants global vitdet]
 
-Prints one line per variant.
+Prints one line per variant, with the process's peak resident memory so far (run one variant per
+process to compare it).
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -46,9 +50,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
     encoder = EncoderConfig(size=args.size, img_size=(args.img, args.img))
-    for name, extra in VARIANTS.items():
+    for name in args.variants:
+        extra = VARIANTS[name]
         torch.manual_seed(0)
         backbone = Backbone(BackboneConfig(method="full", modality="ir", encoder=encoder, **extra)).to(args.device)
         x = torch.randn(args.batch, 1, args.img, args.img, device=args.device)
@@ -63,7 +69,8 @@ def main() -> None:
         logits = attention_logits(backbone, args.batch)
         print(f"{name:7s} ViT-{args.size} {args.img}px batch {args.batch} on {args.device}: "
               f"{statistics.median(times[1:]):.2f} s forward + backward (median of {args.repeats}); "
-              f"attention logits {logits / 1e6:.0f} M entries ({logits * 4 / 2 ** 30:.2f} GiB in fp32)")
+              f"attention logits {logits / 1e6:.0f} M entries ({logits * 4 / 2 ** 30:.2f} GiB in fp32); "
+              f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ def test_decomposed_rel_pos_is_its_formula():
             by_hand = q[:, :, i] @ rel.rel_pos_h[yi - yj + h - 1] + q[:, :, i] @ rel.rel_pos_w[xi - xj + w - 1]
             assert torch.allclose(bias[:, :, i, j], by_hand, atol=1e-5)
     assert set(rel.state_dict()) == {"rel_pos_h", "rel_pos_w"}  # the offsets are rebuilt, never loaded
+    # folded into the queries and keys, the logits are the same: scale q . k + the term
+    k = torch.randn(2, 3, h * w, c)
+    q_folded, k_folded = rel.fold(q, k, 0.5)
+    assert torch.allclose(q_folded @ k_folded.transpose(-2, -1), 0.5 * q @ k.transpose(-2, -1) + bias, atol=1e-5)
 
 
 def _random_tables(backbone: Backbone) -> None:
