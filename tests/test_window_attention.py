@@ -41,6 +41,14 @@ def test_decomposed_rel_pos_is_its_formula():
     k = torch.randn(2, 3, h * w, c)
     q_folded, k_folded = rel.fold(q, k, 0.5)
     assert torch.allclose(q_folded @ k_folded.transpose(-2, -1), 0.5 * q @ k.transpose(-2, -1) + bias, atol=1e-5)
+    # and attention through the fold is attention with the bias
+    from timm.models.vision_transformer import Attention
+
+    from pretrain.models.block_extras import attention_with_bias
+
+    attn = Attention(3 * c, num_heads=3, qkv_bias=True).eval()
+    x = torch.randn(2, h * w, 3 * c)
+    assert torch.allclose(attention_with_bias(attn, x, rel), attention_with_bias(attn, x, lambda q: rel(q)), atol=1e-5)
 
 
 def _random_tables(backbone: Backbone) -> None:
