@@ -650,6 +650,21 @@ def finetune_det(run_dir, *overrides):
 
 # The long learning runs (1-2 min each on one core) are the `slow` tier, which CI runs beside the
 # default suite (README, Tests).
+def _train_on_four_msrs_pairs(tmp_path, *overrides) -> dict:
+    """Fine-tune on the first four MSRS pairs and evaluate on the same four (every one each step, no
+    augmentation); the run's metrics."""
+    root = shared_path("msrs20")
+    names = sorted(p.stem for p in (root / "ir").glob("*.png"))[:4]
+    split = tmp_path / "few.txt"
+    split.write_text("\n".join(names) + "\n")
+    res = finetune_det(tmp_path / "run", f"data.root={root}", f"data.boxes.path={root / 'labels_ir'}",
+                       "data.classes=[person,bicycle,car]", f"data.train_split={split}", f"data.val_split={split}",
+                       "model.encoder.img_size=[240,320]", "data.augment.scale_range=[1.0,1.0]",
+                       "data.augment.hflip=0", "train.batch_size=4", *overrides)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method,modality,detector", [("full", "ir", "fcos"), ("ivtuning", "both", "fcos")])
 def test_real_msrs_pairs_overfit_to_high_ap50(method, modality, detector, tmp_path):
@@ -659,20 +674,10 @@ def test_real_msrs_pairs_overfit_to_high_ap50(method, modality, detector, tmp_pa
     Each step sees all four pairs (full batch): with two pairs a step, the same seed reached AP50
     0.95 on one CPU and 0.21 on another after 150 steps (float sums in another order, then another
     trajectory); the full batch reaches 0.93-0.99 by 100 steps."""
-    root = shared_path("msrs20")
-    names = sorted(p.stem for p in (root / "ir").glob("*.png"))[:4]
-    split = tmp_path / "few.txt"
-    split.write_text("\n".join(names) + "\n")
     # FCOS's towers on the stride-4 level are most of a step: 32 channels wide instead of the tiny
     # config's 64, a step takes 0.6x the time and AP50 is the same (0.97 / 0.99 against 0.98 / 0.99).
-    res = finetune_det(tmp_path / "run", f"data.root={root}", f"data.boxes.path={root / 'labels_ir'}",
-                       "data.classes=[person,bicycle,car]", f"data.train_split={split}", f"data.val_split={split}",
-                       f"model.method={method}", f"model.modality={modality}", f"model.head.detector={detector}",
-                       "model.encoder.img_size=[240,320]",
-                       "data.augment.scale_range=[1.0,1.0]", "data.augment.hflip=0", "train.steps=100",
-                       "train.batch_size=4", "model.head.channels=32")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    m = _train_on_four_msrs_pairs(tmp_path, f"model.method={method}", f"model.modality={modality}",
+                                  f"model.head.detector={detector}", "train.steps=100", "model.head.channels=32")
     print(method, detector, {k: m[k] for k in ("AP", "AP50", "AP75", "per_class_AP")})
     assert m["frames"] == 4 and m["AP50"] > 0.3  # an untrained detector scores ~0 here
     preds = json.loads((tmp_path / "run" / "predictions.json").read_text())
@@ -687,17 +692,7 @@ def test_real_msrs_pairs_overfit_with_vitdets_attention_and_heads(tmp_path):
     """The FLIR presets' model, tiny: window attention (7 patches on the 15 x 20 grid, blocks 1 and 3
     global), the relative positions, ViTDet's Faster R-CNN heads; full fine-tuning on the infrared
     frames learns them (BENCHMARKS.md: AP50 0.72 after 150 steps, global attention 0.80)."""
-    root = shared_path("msrs20")
-    names = sorted(p.stem for p in (root / "ir").glob("*.png"))[:4]
-    split = tmp_path / "few.txt"
-    split.write_text("\n".join(names) + "\n")
-    res = finetune_det(tmp_path / "run", f"data.root={root}", f"data.boxes.path={root / 'labels_ir'}",
-                       "data.classes=[person,bicycle,car]", f"data.train_split={split}", f"data.val_split={split}",
-                       "model.method=full", "model.modality=ir", "model.encoder.img_size=[240,320]",
-                       "model.window_size=7", "model.global_blocks=[1,3]", "model.decomposed_rel_pos=true",
-                       "data.augment.scale_range=[1.0,1.0]", "data.augment.hflip=0", "train.steps=150",
-                       "train.batch_size=4")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    m = _train_on_four_msrs_pairs(tmp_path, "model.method=full", "model.modality=ir", "model.window_size=7",
+                                  "model.global_blocks=[1,3]", "model.decomposed_rel_pos=true", "train.steps=150")
     print({k: m[k] for k in ("AP", "AP50", "AP75")})
     assert m["frames"] == 4 and m["AP50"] > 0.3  # an untrained detector scores ~0 here
