@@ -41,10 +41,10 @@ class DetHeadSchema(Section):
     detections_per_image: PosInt
     roi_samples_per_image: PosInt
     anchor_sizes: Annotated[list[PosInt], Field(min_length=5, max_length=5)] | None  # p2..p6
-    # Faster R-CNN's heads (absent from earlier runs' configs: torchvision's, mlp and 1); null: ViTDet's
-    # for Faster R-CNN (conv, 2), the detector's own for the others
-    box_head: Literal["mlp", "conv"] | None = "mlp"  # torchvision's two 1024 fc | ViTDet's 4 conv (LN) + 1 fc
-    rpn_convs: PosInt | None = 1  # 3x3 convs before the RPN's outputs
+    # Faster R-CNN's heads; null: ViTDet's for Faster R-CNN (conv, 2), the detector's own for the others.
+    # Absent (configs of runs saved before these existed): torchvision's, as DetHeadConfig's defaults.
+    box_head: Literal["mlp", "conv"] | None = None  # torchvision's two 1024 fc | ViTDet's 4 conv (LN) + 1 fc
+    rpn_convs: PosInt | None = None  # 3x3 convs before the RPN's outputs
 
     @field_validator("detector")
     @classmethod

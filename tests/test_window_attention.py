@@ -155,6 +155,14 @@ def test_the_config_checks_them():
         load_config(det, ["model.head.detector=fcos", "model.head.box_head=conv"], DetConfig)
     with pytest.raises(ConfigError, match="box_head"):
         load_config(det, ["model.head.box_head=mask"], DetConfig)
+    # a RetinaNet run saved before these settings existed still checks
+    from omegaconf import OmegaConf
+
+    from data_tools.config import check_config
+
+    saved = OmegaConf.to_container(load_config(det, ["model.head.detector=retinanet"]))
+    del saved["model"]["head"]["box_head"], saved["model"]["head"]["rpn_convs"]
+    assert check_config(OmegaConf.create(saved), DetConfig).model.head.box_head is None
 
 
 def test_faster_rcnn_takes_vitdets_heads_by_default_and_the_others_keep_their_own():

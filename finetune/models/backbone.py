@@ -71,11 +71,9 @@ def check_block_extras(method: str, rel_pos_bias: bool, layer_scale: float | Non
     off = {"rel_pos_bias": "false", "decomposed_rel_pos": "false", "layer_scale": "null"}
     on = [name for name, value in zip(off, (rel_pos_bias, decomposed_rel_pos, layer_scale is not None)) if value]
     if on and get_method(method).trains != "all":
-        one = len(on) == 1
-        raise ValueError(f"{' / '.join(on)} {'trains' if one else 'train'} with the encoder; method {method!r} keeps "
-                         f"it frozen, where {'it' if one else 'they'} would stay at {'its' if one else 'their'} "
-                         f"initial value{'' if one else 's'}: use {'it' if one else 'them'} with a method that trains the whole encoder "
-                         f"(full, pad), or set {' '.join(f'model.{name}={off[name]}' for name in on)}")
+        raise ValueError(f"{' / '.join(on)}: learnt with the encoder, but method {method!r} keeps it frozen, so "
+                         "nothing would move from its start; use a method that trains the whole encoder (full, pad), "
+                         f"or set {' '.join(f'model.{name}={off[name]}' for name in on)}")
 
 
 def check_modality(method: str, modality: str) -> None:
