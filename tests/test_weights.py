@@ -154,6 +154,16 @@ def test_fine_tuning_at_another_size_resamples_the_position_embedding_as_mae(tmp
                                atol=1e-6, rtol=0)
 
 
+def test_a_position_embedding_that_does_not_fill_its_grid_is_named():
+    from pretrain.weights import _resample_pos
+
+    with pytest.raises(WeightsError, match="cannot infer the grid of a position embedding with 20 tokens"):
+        _resample_pos(torch.zeros(1, 21, 8), (8, 10))
+    with pytest.raises(WeightsError, match="20 tokens does not fill the 4x4 grid"):
+        _resample_pos(torch.zeros(1, 21, 8), (8, 10), (4, 4))
+    assert _resample_pos(torch.zeros(1, 21, 8), (8, 10), (4, 5)).shape == (1, 81, 8)
+
+
 def test_three_channel_weights_fold_into_one_channel_model(tmp_path):
     sd = official_mae_checkpoint(tmp_path / "rgb.pth")
     model = tiny(encoder={"in_chans": 1})

@@ -214,3 +214,12 @@ def test_vitdets_heads_and_backbone_from_the_config(tmp_path):
     assert torch.isfinite(loss) and blocks[0].attn_bias.rel_pos_h.grad is not None
     out = det.eval().predict(ir, None)
     assert len(out) == 1 and out[0]["boxes"].shape[1] == 4
+
+
+def test_window_attention_refuses_tokens_off_the_grid():
+    from pretrain.models.window_attention import windowed
+
+    with pytest.raises(ValueError, match="cannot run on masked tokens"):
+        windowed(lambda t: t, torch.zeros(1, 6, 4), None, 2)
+    with pytest.raises(ValueError, match="patch tokens only: 7 tokens on a 2x3 grid"):
+        windowed(lambda t: t, torch.zeros(1, 7, 4), (2, 3), 2)  # a CLS token left in
