@@ -45,6 +45,10 @@ class DetHeadSchema(Section):
     # Absent (configs of runs saved before these existed): torchvision's, as DetHeadConfig's defaults.
     box_head: Literal["mlp", "conv"] | None = None  # torchvision's two 1024 fc | ViTDet's 4 conv (LN) + 1 fc
     rpn_convs: PosInt | None = None  # 3x3 convs before the RPN's outputs
+    # Faster R-CNN's training rules; null: detectron2's as ViTDet trains; torchvision's: 1/9, 2000, false
+    box_loss_beta: NonNegFloat | None = None  # smooth-L1 beta of both box losses (null: 0, i.e. L1)
+    rpn_post_nms_train: PosInt | None = None  # proposals kept per training image after the RPN's NMS (null: 1000)
+    aligned_roi_pool: bool | None = None  # detectron2's ROIAlignV2 (null: true); false: torchvision's RoIAlign
 
     @field_validator("detector")
     @classmethod
@@ -56,9 +60,11 @@ class DetHeadSchema(Section):
 
     @model_validator(mode="after")
     def _rcnn_heads_for_faster_rcnn(self):
-        if self.detector != "faster_rcnn" and (self.box_head is not None or self.rpn_convs is not None):
-            raise ValueError(f"box_head / rpn_convs shape Faster R-CNN's heads; detector {self.detector!r} has "
-                             "its own: set model.head.box_head=null model.head.rpn_convs=null")
+        rcnn_only = ("box_head", "rpn_convs", "box_loss_beta", "rpn_post_nms_train", "aligned_roi_pool")
+        given = [k for k in rcnn_only if getattr(self, k) is not None]
+        if self.detector != "faster_rcnn" and given:
+            raise ValueError(f"{' / '.join(given)} shape Faster R-CNN's heads; detector {self.detector!r} has "
+                             f"its own: set {' '.join(f'model.head.{k}=null' for k in given)}")
         return self
 
 

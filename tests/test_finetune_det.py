@@ -690,9 +690,11 @@ def test_real_msrs_pairs_overfit_to_high_ap50(method, modality, detector, tmp_pa
 @pytest.mark.slow
 def test_real_msrs_pairs_overfit_with_vitdets_attention_and_heads(tmp_path):
     """The FLIR presets' model, tiny: window attention (7 patches on the 15 x 20 grid, blocks 1 and 3
-    global), the relative positions, ViTDet's Faster R-CNN heads; full fine-tuning on the infrared
-    frames learns them (BENCHMARKS.md: AP50 0.72 after 150 steps, global attention 0.80)."""
+    global), the relative positions, ViTDet's Faster R-CNN heads and training rules (L1 box losses);
+    full fine-tuning on the infrared frames learns them. At the tiny config's demo rate (1e-3) the L1
+    losses swing (AP50 0.11-0.56 over seeds 0-2); at 3e-4 AP50 is 0.53-0.59 (BENCHMARKS.md)."""
     m = _train_on_four_msrs_pairs(tmp_path, "model.method=full", "model.modality=ir", "model.window_size=7",
-                                  "model.global_blocks=[1,3]", "model.decomposed_rel_pos=true", "train.steps=150")
+                                  "model.global_blocks=[1,3]", "model.decomposed_rel_pos=true", "train.steps=150",
+                                  "optim.lr=3e-4")
     print({k: m[k] for k in ("AP", "AP50", "AP75")})
     assert m["frames"] == 4 and m["AP50"] > 0.3  # an untrained detector scores ~0 here

@@ -1,5 +1,6 @@
-"""ViTDet-style detection on our backbone, with torchvision's detectors (anchors, RoI align,
-losses and NMS are torchvision's).
+"""ViTDet-style detection on our backbone, with torchvision's detectors (anchors, matching, sampling
+and NMS are torchvision's; Faster R-CNN takes detectron2's losses and RoI pooling by default, as ViTDet
+trains, see finetune.models.rcnn_rules).
 
 The last block's map (stride 16) becomes strides 4 / 8 / 16 / 32 (deconv x2 twice, deconv,
 identity, max-pool), each projected to ``channels`` by a 1x1 and a 3x3 conv with LayerNorm, and
@@ -39,6 +40,11 @@ class DetHeadConfig:
     # what runs saved before these settings existed trained with.
     box_head: str | None = "mlp"
     rpn_convs: int | None = 1
+    # Faster R-CNN's training rules (finetune.models.rcnn_rules). None: detectron2's, as ViTDet trains
+    # (L1, 1000, aligned); the defaults are torchvision's, what runs saved before these existed used.
+    box_loss_beta: float | None = 1 / 9  # smooth-L1 beta of the RPN's and the box head's box losses
+    rpn_post_nms_train: int | None = 2000  # proposals kept per training image after the RPN's NMS
+    aligned_roi_pool: bool | None = False  # detectron2's ROIAlignV2 pooling (else torchvision's)
 
 
 def _anchor_bases(head: DetHeadConfig, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -77,6 +83,8 @@ class SimpleFeaturePyramid(nn.Module):
                           nn.Conv2d(channels, channels, 3, padding=1, bias=False), LayerNorm2d(channels))
             for c in dims])
         self.out_channels = channels
+        patch = backbone.cfg.encoder.patch_size
+        self.strides = tuple(patch * f for f in (0.25, 0.5, 1, 2, 4))  # p2 .. p6
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         modality = self.backbone.cfg.modality
@@ -103,6 +111,8 @@ def _faster_rcnn(pyramid: SimpleFeaturePyramid, num_classes: int, head: DetHeadC
     from torchvision.models.detection.rpn import RPNHead
     from torchvision.ops import MultiScaleRoIAlign
 
+    from finetune.models.rcnn_rules import TORCHVISION_BETA, AlignedRoIPool, set_box_loss_beta
+
     if head.roi_samples_per_image < 1:
         raise ValueError(f"model.head.roi_samples_per_image must be at least 1, got {head.roi_samples_per_image}")
     box_head = head.box_head or "conv"
@@ -118,12 +128,19 @@ def _faster_rcnn(pyramid: SimpleFeaturePyramid, num_classes: int, head: DetHeadC
         box_head = FastRCNNConvFCHead((pyramid.out_channels, 7, 7), [pyramid.out_channels] * 4, [1024],
                                       norm_layer=LayerNorm2d)
         boxes = dict(box_head=box_head, box_predictor=FastRCNNPredictor(1024, num_classes + 1))
-    return FasterRCNN(pyramid, num_classes=None if boxes else num_classes + 1, rpn_anchor_generator=anchors,
-                      rpn_head=RPNHead(pyramid.out_channels, anchors.num_anchors_per_location()[0],
-                                       conv_depth=rpn_convs),
-                      box_roi_pool=MultiScaleRoIAlign(list(LEVELS[:4]), 7, 2),
-                      box_score_thresh=head.score_threshold, box_detections_per_img=head.detections_per_image,
-                      box_batch_size_per_image=head.roi_samples_per_image, **boxes, **common)
+    aligned = head.aligned_roi_pool is not False
+    names = list(LEVELS[:4])
+    pool = AlignedRoIPool(names, pyramid.strides[:4]) if aligned else MultiScaleRoIAlign(names, 7, 2)
+    model = FasterRCNN(pyramid, num_classes=None if boxes else num_classes + 1, rpn_anchor_generator=anchors,
+                       rpn_head=RPNHead(pyramid.out_channels, anchors.num_anchors_per_location()[0],
+                                        conv_depth=rpn_convs),
+                       rpn_post_nms_top_n_train=head.rpn_post_nms_train or 1000, box_roi_pool=pool,
+                       box_score_thresh=head.score_threshold, box_detections_per_img=head.detections_per_image,
+                       box_batch_size_per_image=head.roi_samples_per_image, **boxes, **common)
+    beta = 0.0 if head.box_loss_beta is None else head.box_loss_beta
+    if beta != TORCHVISION_BETA:
+        set_box_loss_beta(model, beta)
+    return model
 
 
 def _retinanet(pyramid: SimpleFeaturePyramid, num_classes: int, head: DetHeadConfig, common: dict) -> nn.Module:
