@@ -117,8 +117,9 @@ def test_aligned_pool_is_roialignv2_by_hand():
     torch.testing.assert_close(legacy[0, 1, 4] - 2000, torch.arange(7) * 2.0 + 2.0)  # torchvision's: no shift
 
 
-def test_vitdets_rules_by_default_torchvisions_for_runs_saved_before():
-    from finetune.models.detector import DetHeadConfig
+def test_vitdets_rules_by_default_torchvisions_for_runs_saved_before(tmp_path):
+    from omegaconf import OmegaConf
+
     from finetune.models.rcnn_rules import AlignedRoIPool as Pool
 
     vitdet = _built().model
@@ -126,12 +127,16 @@ def test_vitdets_rules_by_default_torchvisions_for_runs_saved_before():
     assert vitdet.rpn._post_nms_top_n == {"training": 1000, "testing": 1000}
     assert isinstance(vitdet.roi_heads.box_roi_pool, Pool) and vitdet.roi_heads.box_roi_pool.sampling_ratio == 0
     assert vitdet.backbone.strides == (4, 8, 16, 32, 64)
-    # a run's config saved before these settings: the keys are absent, torchvision's rules as it trained with
-    saved = DetHeadConfig(detector="faster_rcnn")
-    assert (saved.box_loss_beta, saved.rpn_post_nms_train, saved.aligned_roi_pool) == (1 / 9, 2000, False)
-    old = _built(*TORCHVISION_RULES).model
-    assert type(old.rpn).__name__ == "RegionProposalNetwork" and type(old.roi_heads).__name__ == "RoIHeads"
-    assert old.rpn._post_nms_top_n["training"] == 2000 and type(old.roi_heads.box_roi_pool).__name__ != "AlignedRoIPool"
+    # a run's config saved before these settings (the keys absent), as `predict` reads it: torchvision's rules,
+    # as it trained with; the same as naming them
+    saved = OmegaConf.to_container(load_config(TINY, SMALL))
+    for k in ("box_loss_beta", "rpn_post_nms_train", "aligned_roi_pool"):
+        del saved["model"]["head"][k]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    for old in (build_detector(load_config(tmp_path / "config.yaml")).model, _built(*TORCHVISION_RULES).model):
+        assert type(old.rpn).__name__ == "RegionProposalNetwork" and type(old.roi_heads).__name__ == "RoIHeads"
+        assert old.rpn._post_nms_top_n["training"] == 2000
+        assert type(old.roi_heads.box_roi_pool).__name__ == "MultiScaleRoIAlign"
 
 
 def test_the_rules_are_faster_rcnns_alone():
