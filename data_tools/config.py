@@ -318,6 +318,19 @@ def equal_but_for(saved: str | Path | dict, saved_hash: str | None, cfg: DictCon
     return config_hash(_within(to_container(now), then)) == saved_hash
 
 
+def as_the_run_began(cfg: DictConfig | dict, saved: str | Path | dict, section: str) -> tuple[DictConfig, list[str]]:
+    """``cfg`` without the settings of ``section`` that the config saved at ``saved`` (a file, or the
+    config itself) lacks, and their dotted names: in a run an earlier version of the toolkit began, a
+    setting added since keeps the meaning its absence had then. ``cfg`` unchanged where nothing is
+    left out or ``saved`` is unreadable."""
+    then, now = _saved_config(saved), to_container(cfg)
+    if then is None or not isinstance(then.get(section), dict) or not isinstance(now.get(section), dict):
+        return cfg, []
+    kept = _within(now[section], then[section])
+    left_out = sorted(set(_flat(now[section], f"{section}.")) - set(_flat(kept, f"{section}.")))
+    return (OmegaConf.create(dict(now, **{section: kept})), left_out) if left_out else (cfg, [])
+
+
 def _within(tree: Any, shape: Any) -> Any:
     """``tree`` without the dict keys ``shape`` lacks, in dicts and in lists of equal length."""
     if isinstance(tree, dict) and isinstance(shape, dict):

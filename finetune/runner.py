@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from data_tools.config import as_the_run_began
 from finetune.data.pairs import unknown_classes_note, write_report
 from finetune.data.stream import MapBatchStream
 from finetune.factory import intensity_rule_mismatch, parameter_report
@@ -52,6 +53,12 @@ class FinetuneTask(Task):
                   torch.cuda.is_available())
 
     def build_model(self, cfg, where):
+        # A run an earlier version began goes on as it began: a model setting added since (Faster R-CNN's
+        # training rules, say) keeps the meaning its absence had, as `predict` reads the run's saved config.
+        cfg, left_out = as_the_run_began(cfg, where.run_dir / "config.yaml", "model")
+        if left_out and where.is_main:
+            print(f"note: {where.run_dir} began before these model settings existed and goes on as it began, "
+                  f"without them (their values here are not used): {', '.join(left_out)}", flush=True)
         return self.build_network(cfg)
 
     def describe_model(self, model, cfg, where):

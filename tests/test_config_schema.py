@@ -207,6 +207,21 @@ def test_config_changes_name_each_setting_that_differs_from_a_saved_run(tmp_path
     assert config_changes(tmp_path / "missing.yaml", now) == []
 
 
+def test_a_run_begun_by_an_earlier_version_keeps_its_sections_settings_as_they_were(tmp_path):
+    from data_tools.config import as_the_run_began, save_resolved
+
+    save_resolved(OmegaConf.create({"model": {"head": {"channels": 64}, "depth": 2}, "data": {"root": "a"}}), tmp_path)
+    now = OmegaConf.create({"model": {"head": {"channels": 64, "beta": None, "new": {"a": 1, "b": 2}}, "depth": 2,
+                                      "window": 14}, "data": {"root": "a", "workers": 3}})
+    cfg, left_out = as_the_run_began(now, tmp_path / "config.yaml", "model")
+    assert left_out == ["model.head.beta", "model.head.new.a", "model.head.new.b", "model.window"]
+    assert OmegaConf.to_container(cfg) == {"model": {"head": {"channels": 64}, "depth": 2},
+                                           "data": {"root": "a", "workers": 3}}  # other sections as given
+    same = OmegaConf.create({"model": {"head": {"channels": 64}, "depth": 2}})
+    assert as_the_run_began(same, tmp_path / "config.yaml", "model") == (same, [])
+    assert as_the_run_began(now, tmp_path / "missing.yaml", "model") == (now, [])
+
+
 def test_a_config_is_an_earlier_versions_only_when_it_lacks_settings_and_changes_none(tmp_path):
     from data_tools.config import config_hash, earlier_version_of, save_resolved
 

@@ -151,3 +151,39 @@ def test_the_rules_are_faster_rcnns_alone():
     for k in ("box_loss_beta", "rpn_post_nms_train", "aligned_roi_pool"):
         del saved["model"]["head"][k]
     assert check_config(OmegaConf.create(saved), DetConfig).model.head.aligned_roi_pool is None
+
+
+def test_a_detection_run_begun_before_the_rules_resumes_by_torchvisions(tmp_path):
+    """A run an earlier version began (its saved config without the three settings) and killed, resumed
+    with today's config (the settings null: detectron2's): it goes on by torchvision's rules, as it began,
+    says so, and ends with the weights of an uninterrupted run by torchvision's rules."""
+    from omegaconf import OmegaConf
+
+    from data_tools.synth import SynthConfig, write_corpus
+    from pretrain.engine.loop import FAULT_ENV
+    from tests.conftest import run_finetune_cli
+
+    write_corpus(str(tmp_path / "pairs"), SynthConfig(num_images=4, width=160, height=128))
+    args = [f"data.root={tmp_path / 'pairs'}", f"data.boxes.path={tmp_path / 'pairs' / 'labels'}", "train.steps=4",
+            "train.save_every_steps=2", "train.batch_size=2", "eval.overlays=0", *SMALL]
+
+    def run(name, *extra):
+        res = run_finetune_cli("det", tmp_path / name, TINY, *args, *extra, env_extra={"OMP_NUM_THREADS": "1"})
+        return res, res.stdout + res.stderr
+
+    res, out = run("clean", *TORCHVISION_RULES)
+    assert res.returncode == 0, out[-3000:]
+    earlier = OmegaConf.to_container(load_config(TINY, args))  # the config as an earlier version had it
+    for k in ("box_loss_beta", "rpn_post_nms_train", "aligned_roi_pool"):
+        del earlier["model"]["head"][k]
+    (tmp_path / "earlier.yaml").write_text(OmegaConf.to_yaml(earlier))
+    killed = run_finetune_cli("det", tmp_path / "earlier", tmp_path / "earlier.yaml",
+                              env_extra={"OMP_NUM_THREADS": "1", FAULT_ENV: "3"})
+    assert killed.returncode != 0 and (tmp_path / "earlier" / "checkpoints" / "step00000002").is_dir()
+    res, out = run("earlier")  # today's config
+    assert res.returncode == 0 and "resumed from step00000002 at step 2" in out, out[-3000:]
+    assert "began before these model settings existed and goes on as it began, without them (their values here " \
+           "are not used): model.head.aligned_roi_pool, model.head.box_loss_beta, model.head.rpn_post_nms_train" in out
+    a, b = (torch.load(tmp_path / name / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt",
+                       weights_only=True)["module"] for name in ("clean", "earlier"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
