@@ -153,6 +153,7 @@ def test_the_rules_are_faster_rcnns_alone():
     assert check_config(OmegaConf.create(saved), DetConfig).model.head.aligned_roi_pool is None
 
 
+@pytest.mark.slow  # three training processes (~35 s): the default suite stays near 15 min
 def test_a_detection_run_begun_before_the_rules_resumes_by_torchvisions(tmp_path):
     """A run an earlier version began (its saved config without the three settings) and killed, resumed
     with today's config (the settings null: detectron2's): it goes on by torchvision's rules, as it began,
