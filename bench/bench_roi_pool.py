@@ -11,6 +11,7 @@ RoIs are drawn with sides from 8 px to the frame's, log-uniform (seeded).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -27,8 +28,7 @@ NAMES, STRIDES = ["p2", "p3", "p4", "p5"], (4, 8, 16, 32)
 
 
 def random_boxes(n: int, img: int, generator: torch.Generator) -> torch.Tensor:
-    sides = torch.exp(torch.empty(n, 2).uniform_(torch.log(torch.tensor(8.0)).item(), torch.log(torch.tensor(
-        float(img))).item(), generator=generator))
+    sides = torch.exp(torch.empty(n, 2).uniform_(math.log(8.0), math.log(img), generator=generator))
     corner = torch.rand(n, 2, generator=generator) * (img - sides)
     return torch.cat([corner, corner + sides], dim=1)
 

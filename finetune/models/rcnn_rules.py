@@ -79,7 +79,9 @@ def set_box_loss_beta(faster_rcnn: nn.Module, beta: float) -> None:
 class AlignedRoIPool(MultiScaleRoIAlign):
     """detectron2's ROIAlignV2 pooler: each box pooled from one level, the level chosen from the box's
     size (224 px on stride 16, one level per octave), with half-pixel-aligned RoIAlign and sampling
-    points adapted to the box (``sampling_ratio`` 0). ``strides``: the levels' strides, finest first."""
+    points adapted to the box (``sampling_ratio`` 0). ``strides``: the levels' strides, finest first.
+    A MultiScaleRoIAlign only in type, which torchvision's FasterRCNN requires of its pooler; the levels
+    follow detectron2's rule rather than torchvision's LevelMapper (its epsilon sits outside the log)."""
 
     def __init__(self, featmap_names: list[str], strides: tuple[float, ...], output_size: int = 7,
                  sampling_ratio: int = 0):
