@@ -117,6 +117,8 @@ def test_aligned_pool_is_roialignv2_by_hand():
     unaligned = MultiScaleRoIAlign(names, 7, 2)
     legacy = unaligned(features, [boxes[2:3]], [(512, 512)])
     torch.testing.assert_close(legacy[0, 1, 4] - 2000, torch.arange(7) * 2.0 + 2.0)  # torchvision's: no shift
+    with pytest.raises(ValueError, match="one stride per level: 4 levels, strides"):
+        AlignedRoIPool(names, strides[:3])
 
 
 def test_vitdets_rules_by_default_torchvisions_for_runs_saved_before(tmp_path):
