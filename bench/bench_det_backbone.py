@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--bf16", action="store_true", help="under bf16 autocast, as the configs train on a GPU")
     args = parser.parse_args()
     encoder = EncoderConfig(size=args.size, img_size=(args.img, args.img))
     for name in args.variants:
@@ -58,19 +59,26 @@ def main() -> None:
         torch.manual_seed(0)
         backbone = Backbone(BackboneConfig(method="full", modality="ir", encoder=encoder, **extra)).to(args.device)
         x = torch.randn(args.batch, 1, args.img, args.img, device=args.device)
-        times = []
+        times, cuda = [], args.device.startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(args.repeats + 1):  # the first is a warm-up
             start = time.perf_counter()
-            backbone(x)[-1].square().mean().backward()
-            if args.device.startswith("cuda"):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                out = backbone(x)[-1]
+            out.float().square().mean().backward()
+            if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             backbone.zero_grad(set_to_none=True)
         logits = attention_logits(backbone, args.batch)
-        print(f"{name:7s} ViT-{args.size} {args.img}px batch {args.batch} on {args.device}: "
-              f"{statistics.median(times[1:]):.2f} s forward + backward (median of {args.repeats}); "
+        memory = (f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if cuda else
+                  f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB")
+        print(f"{name:7s} ViT-{args.size} {args.img}px batch {args.batch} on {args.device}"
+              f"{' bf16' if args.bf16 else ''}: "
+              f"{statistics.median(times[1:]):.3f} s forward + backward (median of {args.repeats}); "
               f"attention logits {logits / 1e6:.0f} M entries ({logits * 4 / 2 ** 30:.2f} GiB in fp32); "
-              f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB")
+              f"{memory}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Pre-training cost of pad vs continual vs scratch on the same model and batch.
 
     python bench/bench_pretrain.py [--size base] [--batch 8] [--steps 6] [--img 224] [--device cuda]
-                                   [--peak-tflops 989]
+                                   [--workers 1] [--peak-tflops 989]
 
 Runs the real trainer (``python -m pretrain train``, one process, fp32 on CPU or bf16 autocast on a
 GPU) for each paradigm in a fresh process on synthetic shards, and prints the median step time
@@ -79,7 +79,7 @@ def run_paradigm(name: str, shards: Path, work: Path, args) -> dict:
     overrides = [
         f"data.shards=[{{path: {shards}}}]", *model_overrides(args), f"train.batch_size={args.batch}",
         "train.effective_batch=null", "train.accum_steps=1", "train.epochs=1", "optim.warmup_epochs=0",
-        f"data.samples_per_epoch={args.batch * args.steps}", "data.num_workers=1",
+        f"data.samples_per_epoch={args.batch * args.steps}", f"data.num_workers={args.workers}",
         f"train.precision={'bf16_autocast' if cuda else 'fp32'}", f"train.save_every_steps={args.steps}",
         "train.log_every_steps=1",
     ]
@@ -88,7 +88,7 @@ def run_paradigm(name: str, shards: Path, work: Path, args) -> dict:
             "print(json.dumps({'rc': r.returncode, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
     cmd = [sys.executable, "-c", code, sys.executable, "-m", "pretrain", "train", "--config",
            str(ROOT / "configs" / "pretrain" / CONFIGS[name]), "--run-dir", str(run_dir), *overrides]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     last = out.stdout.strip().splitlines()[-1]
     usage = json.loads(last)
@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="timed steps + the first two, excluded (>= 3)")
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--workers", type=int, default=1, help="loader processes (a GPU step outruns one)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
     args = ap.parse_args()
     if args.steps < 3:

@@ -163,8 +163,11 @@ def _root_below(cfg) -> str | None:
 def check_run(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), processes: int = 1,
               cuda: bool = False) -> None:
     """Everything refused before a run of ``splits`` with ``processes`` (on GPUs: ``cuda``): the
-    weights its method needs, the batch training needs, then its inputs."""
+    weights its method needs (and the file given: there), the batch training needs, then its inputs."""
+    from pretrain.engine.run import check_init_checkpoint
+
     check_weights_given(cfg, name)
+    check_init_checkpoint(cfg)
     check_precision(cfg, name)
     if "train" in splits:
         check_batch(cfg, name, processes, cuda)

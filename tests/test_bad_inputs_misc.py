@@ -41,6 +41,20 @@ def test_check_refuses_segmentation_without_label_folder(tmp_path, capsys):
     assert "data.dirs.label is not set" in capsys.readouterr().err
 
 
+def test_check_refuses_an_init_checkpoint_that_is_not_there_as_training_would(tmp_path, capsys):
+    """`finetune check` before a long job says what the job would say at its start."""
+    from finetune.cli import main as finetune_main
+
+    write_corpus(tmp_path / "syn", SynthConfig(num_images=4, width=80, height=64))
+    args = ["check", "--config", str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"), f"data.root={tmp_path / 'syn'}"]
+    assert finetune_main(args) == 0
+    assert finetune_main(args + [f"init.checkpoint={tmp_path / 'backbone.pth'}"]) == 2
+    assert f"init.checkpoint {tmp_path / 'backbone.pth'}: no such file" in capsys.readouterr().err
+    (tmp_path / "weights").mkdir()
+    assert finetune_main(args + [f"init.checkpoint={tmp_path / 'weights'}"]) == 2
+    assert "init.checkpoint: " in capsys.readouterr().err
+
+
 def test_rollback_without_any_checkpoint_stops_with_the_reason(tmp_path):
     from pretrain.engine import Checkpointer
     from pretrain.engine.loop import _roll_back

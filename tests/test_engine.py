@@ -226,3 +226,19 @@ def test_the_launchers_module_names_its_launchers_when_given_another(capsys):
         assert main(argv) == 2
         said = capsys.readouterr().err
         assert "usage: python -m pretrain.engine.launchers {torchrun,deepspeed} LAUNCHER_ARGS..." in said
+
+
+@pytest.mark.parametrize("backend, expected", [("nccl", {"device_ids": [3]}), ("gloo", {})])
+def test_a_barrier_names_the_gpu_of_its_process_on_nccl(monkeypatch, backend, expected):
+    """NCCL without the device guesses it and warns at every barrier (seen on an H200); gloo takes none."""
+    import torch
+    import torch.distributed as dist
+
+    from pretrain.engine.distributed import barrier
+
+    calls = []
+    monkeypatch.setattr(dist, "get_backend", lambda: backend)
+    monkeypatch.setattr(dist, "barrier", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    barrier()
+    assert calls == [expected]

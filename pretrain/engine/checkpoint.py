@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from data_tools.files import atomic_write_text, sha256_file
+from pretrain.engine.distributed import barrier
 
 LATEST = "latest"
 BEST = "best"  # the checkpoint with the best evaluation metric so far (fine-tuning with eval.every_steps)
@@ -141,14 +142,14 @@ class Checkpointer:
             intact = f"previous checkpoint {self.latest_tag()} is intact" if self.latest_tag() else "no earlier checkpoint"
             raise CheckpointWriteError(f"checkpoint {tag} could not be written to {self.directory} (rank {rank}): "
                                        f"{type(e).__name__}: {e}; {intact}; rerun the same command to resume") from e
-        dist.barrier()  # every rank has written everything for this tag
+        barrier()  # every rank has written everything for this tag
         if rank == 0:
             files = sorted(p.name for p in tag_dir.iterdir() if p.is_file() and p.name != CHECKSUMS)
             sums = {name: sha256_file(tag_dir / name) for name in files}
             atomic_write_text(tag_dir / CHECKSUMS, json.dumps({"world_size": dist.get_world_size(), "files": sums}))
             atomic_write_text(self.directory / LATEST, tag)
             self._prune(keep=tag)
-        dist.barrier()
+        barrier()
 
     def keep_as_best(self, tag: str, rank: int, best: dict) -> None:
         """Rank 0: make ``best/`` a copy of checkpoint ``tag`` (hard links where the file system

@@ -69,13 +69,22 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def barrier() -> None:
+    """Wait for every process. On NCCL name this process's GPU: without it torch guesses the device
+    and warns at every barrier."""
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
 def finish(code: int) -> None:
     """End a distributed entry point. torch/gloo can abort at interpreter shutdown after all work
     is done (pytorch issue 190489, ~3-6% of 2-process runs): barrier, destroy the group, flush and
     leave with os._exit so that no late destructor turns a finished run into a failure."""
     try:
         if dist.is_initialized():
-            dist.barrier()
+            barrier()
             dist.destroy_process_group()
     finally:
         sys.stdout.flush()

@@ -31,7 +31,7 @@ from data_tools.files import sha256_file, storage_problem, trim_jsonl
 from pretrain.engine import runlock
 from pretrain.engine.checkpoint import (Checkpointer, CheckpointWriteError, ResumeError, frozen_fingerprint,
                                         seed_step)
-from pretrain.engine.distributed import average_over_ranks, batchnorm_statistics
+from pretrain.engine.distributed import average_over_ranks, barrier, batchnorm_statistics
 from pretrain.engine.health import HealthPolicy, StepHealth, faulty_steps, step_verdict
 from pretrain.engine.optim import set_lr
 from pretrain.engine.signals import EvaluationStopped, StopSignals
@@ -123,7 +123,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, ran
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir)
         (run_dir / "config_hash.txt").write_text(cfg_hash + "\n")
-    dist.barrier()
+    barrier()
     return action == "resume", run_hash
 
 

@@ -21,6 +21,17 @@ from pretrain.engine.task import Task
 from pretrain.random_init import rebuilding_trained_run
 
 
+def check_init_checkpoint(cfg) -> None:
+    """Refuse an ``init.checkpoint`` that is not there, or a folder, before the run directory is
+    touched (and in ``finetune check``), in one line without a traceback."""
+    init = cfg.get("init", {}).get("checkpoint")
+    if init and not Path(init).exists():
+        raise FileNotFoundError(f"init.checkpoint {init}: no such file")
+    if init and Path(init).is_dir():
+        from pretrain.weights import weights_folder_problem
+        raise FileNotFoundError(f"init.checkpoint: {weights_folder_problem(Path(init))}")
+
+
 def run(task: Task, cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
     """Check ``cfg`` against the task's schema (before the run directory is touched), then train
     (resuming whatever the run directory holds) and evaluate in every process of the launch, and
@@ -28,12 +39,7 @@ def run(task: Task, cfg, run_dir: str | Path, overwrite: bool = False, eval_only
     ``eval_only``: evaluate the latest checkpoint with any number of processes, without training."""
     if task.schema is not None:
         check_config(cfg, task.schema)
-    init = cfg.get("init", {}).get("checkpoint")
-    if init and not Path(init).exists():  # said before the run directory is touched, without a traceback
-        raise FileNotFoundError(f"init.checkpoint {init}: no such file")
-    if init and Path(init).is_dir():
-        from pretrain.weights import weights_folder_problem
-        raise FileNotFoundError(f"init.checkpoint: {weights_folder_problem(Path(init))}")
+    check_init_checkpoint(cfg)
     task.check_inputs(cfg, eval_only)
     run_entry_point(functools.partial(_run_process, task=task, eval_only=eval_only), cfg, Path(run_dir), overwrite)
 
