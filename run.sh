@@ -243,14 +243,25 @@ stage_export() {
 }
 
 launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the exit status means
-  local stage="$1" rc=0 ctrl_c="" term=""
+  local stage="$1" rc=0 ctrl_c="" term="" child=""
   shift
   # Ctrl-C, or a scheduler's SIGTERM to the whole process group, reaches the launcher and its
-  # processes too: they save. run.sh waits for them (untrapped, SIGTERM would end it at once, 143,
-  # while they still write), then says what happened.
+  # processes too: they save. A SIGTERM / SIGUSR1 to run.sh alone (docker stop and a Kubernetes pod's
+  # end signal PID 1 only) is passed on to the launcher; our processes take the same stop request
+  # twice as once. run.sh waits for them (untrapped, SIGTERM would end it at once, 143, while they
+  # still write), then says what happened. The launch runs in the background so that the traps run
+  # while it does (bash defers them until a foreground command ends); `trap - INT` undoes the
+  # SIGINT that bash ignores in background commands, so Ctrl-C still reaches it from the terminal.
   trap 'ctrl_c=1' INT
-  trap 'term=1' TERM USR1
-  launch "$@" || rc=$?
+  trap 'term=TERM; pass_on' TERM
+  trap 'term=USR1; pass_on' USR1
+  ( trap - INT QUIT; launch "$@" ) &
+  child=$!
+  [[ -z "$term" ]] || pass_on  # a signal in the instant before the launch started
+  while :; do
+    wait "$child" && rc=0 || rc=$?
+    kill -0 "$child" 2>/dev/null || break  # a trapped signal ended the wait, not the launch
+  done
   trap - INT TERM USR1
   # a stage that finished as the signal came is kept, and the next one is not started; 143 / 138:
   # a SIGTERM / SIGUSR1 to the launcher alone, passed on to its processes (pretrain/engine/launchers.py)
@@ -258,6 +269,8 @@ launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the
   [[ -z "$ctrl_c" && ( -n "$term" || $rc -eq 143 || $rc -eq 138 ) ]] && rc=75
   [[ $rc -eq 0 ]] || failed "$rc" "$stage" "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
 }
+
+pass_on() { [[ -z "$child" ]] || kill -"$term" "$child" 2>/dev/null || true; }  # launch_stage's term, child
 
 launch_processes() {  # the processes launch starts: the fine-tuning check needs it (BatchNorm's batch)
   if [[ -n "$HOSTFILE" ]]; then  # the DeepSpeed launcher: --nproc per host, or each host's slots
@@ -285,7 +298,7 @@ launch() {  # launch MODULE ARGS...: one process, torchrun, or the DeepSpeed lau
     cmd=("$VENV/bin/python" -m "$@")
   fi
   printf '    %s\n' "$(shell_words "${cmd[@]}")"
-  "${cmd[@]}"
+  exec "${cmd[@]}"  # in launch_stage's background subshell: the launcher is the process signalled
 }
 
 # Fine-tuning stages: the exported backbone goes to IV-tuning (segmentation and detection). With
@@ -351,7 +364,7 @@ check_finetune_inputs() {
     [[ -n "$root" ]] && args+=("data.root=$(yaml_str "$root")")
     finetune_sets "$task"
     args+=("${SETS[@]}")
-    PY -m finetune check --processes "$(launch_processes)" "${args[@]}" \
+    PY -m finetune check --processes "$(launch_processes)" --init-written-later "${args[@]}" \
       || fail "the $task config above is not usable: fix what it names; nothing was run"
   done
 }

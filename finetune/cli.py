@@ -60,7 +60,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from finetune.data.classes import label_id_names
 
     cfg = _checked(args)
-    check_run(cfg, args.config, processes=args.processes, cuda=torch.cuda.is_available())
+    check_run(cfg, args.config, processes=args.processes, cuda=torch.cuda.is_available(),
+              init_written_later=args.init_written_later)
     source = ""
     if cfg.data.get("classes_file"):  # all of its classes, or some of them (data.classes picks)
         names = label_id_names(cfg.data)
@@ -135,6 +136,8 @@ def make_parser() -> argparse.ArgumentParser:
     ck.add_argument("--config", default=SEG_CONFIG)
     ck.add_argument("--processes", type=int_in(1), default=1,
                     help="processes the run will be launched with (GPUs over all nodes; default 1)")
+    ck.add_argument("--init-written-later", action="store_true",
+                    help="init.checkpoint is the export an earlier stage will write: not there yet")
     ck.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=MFNet")
     ck.set_defaults(func=_cmd_check)
     pd = sub.add_parser("predict", help="apply a trained run to frames without labels: masks (seg) or COCO "

@@ -161,13 +161,15 @@ def _root_below(cfg) -> str | None:
 
 
 def check_run(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), processes: int = 1,
-              cuda: bool = False) -> None:
+              cuda: bool = False, init_written_later: bool = False) -> None:
     """Everything refused before a run of ``splits`` with ``processes`` (on GPUs: ``cuda``): the
-    weights its method needs (and the file given: there), the batch training needs, then its inputs."""
+    weights its method needs (and the file given: there, unless ``init_written_later``, the export of
+    a pipeline's earlier stage), the batch training needs, then its inputs."""
     from pretrain.engine.run import check_init_checkpoint
 
     check_weights_given(cfg, name)
-    check_init_checkpoint(cfg)
+    if not init_written_later:
+        check_init_checkpoint(cfg)
     check_precision(cfg, name)
     if "train" in splits:
         check_batch(cfg, name, processes, cuda)

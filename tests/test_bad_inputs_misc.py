@@ -50,6 +50,9 @@ def test_check_refuses_an_init_checkpoint_that_is_not_there_as_training_would(tm
     assert finetune_main(args) == 0
     assert finetune_main(args + [f"init.checkpoint={tmp_path / 'backbone.pth'}"]) == 2
     assert f"init.checkpoint {tmp_path / 'backbone.pth'}: no such file" in capsys.readouterr().err
+    # run.sh checks before pre-training the export its fine-tuning stages will be given
+    later = ["check", "--init-written-later", *args[1:], f"init.checkpoint={tmp_path / 'backbone.pth'}"]
+    assert finetune_main(later) == 0
     (tmp_path / "weights").mkdir()
     assert finetune_main(args + [f"init.checkpoint={tmp_path / 'weights'}"]) == 2
     assert "init.checkpoint: " in capsys.readouterr().err

@@ -228,6 +228,24 @@ def test_the_launchers_module_names_its_launchers_when_given_another(capsys):
         assert "usage: python -m pretrain.engine.launchers {torchrun,deepspeed} LAUNCHER_ARGS..." in said
 
 
+def test_torchrun_takes_a_repeated_stop_signal_as_one_request_but_a_second_ctrl_c_counts():
+    """A scheduler's SIGTERM to the group and run.sh's pass-on of it reach torchrun twice; its handler
+    (by the name torch installs it under) raises for the first only."""
+    from torch.distributed.elastic.multiprocessing import SignalException, api as elastic_api
+
+    from pretrain.engine.launchers import _one_stop_request
+
+    assert callable(elastic_api._terminate_process_handler)  # the name torchrun installs its handler by
+    fake = SimpleNamespace(_terminate_process_handler=elastic_api._terminate_process_handler)
+    _one_stop_request(fake)
+    with pytest.raises(SignalException):
+        fake._terminate_process_handler(signal.SIGTERM, None)
+    assert fake._terminate_process_handler(signal.SIGTERM, None) is None
+    assert fake._terminate_process_handler(signal.SIGUSR1, None) is None
+    with pytest.raises(SignalException):
+        fake._terminate_process_handler(signal.SIGINT, None)
+
+
 @pytest.mark.parametrize("backend, expected", [("nccl", {"device_ids": [3]}), ("gloo", {})])
 def test_a_barrier_names_the_gpu_of_its_process_on_nccl(monkeypatch, backend, expected):
     """NCCL without the device guesses it and warns at every barrier (seen on an H200); gloo takes none."""

@@ -350,8 +350,10 @@ def test_a_path_of_the_wrong_kind_is_refused_before_any_stage(tmp_path, option):
 @pytest.mark.parametrize("stop, nproc, launcher, to", [
     (signal.SIGINT, 1, None, "group"), (signal.SIGINT, 2, "torchrun", "group"),
     (signal.SIGTERM, 2, "torchrun", "group"), (signal.SIGINT, 2, "deepspeed", "group"),
-    (signal.SIGTERM, 2, "deepspeed", "launcher"), (signal.SIGUSR1, 2, "torchrun", "group")],
-    ids=["ctrl_c-1", "ctrl_c-2", "sigterm-2", "ctrl_c-deepspeed", "sigterm-deepspeed-alone", "sigusr1-2"])
+    (signal.SIGTERM, 2, "deepspeed", "launcher"), (signal.SIGUSR1, 2, "torchrun", "group"),
+    (signal.SIGTERM, 1, None, "run.sh"), (signal.SIGTERM, 2, "torchrun", "run.sh")],
+    ids=["ctrl_c-1", "ctrl_c-2", "sigterm-2", "ctrl_c-deepspeed", "sigterm-deepspeed-alone", "sigusr1-2",
+         "sigterm-run.sh-alone", "sigterm-run.sh-alone-2"])
 def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp_path, stop, nproc, launcher, to):
     """Ctrl-C in the terminal reaches run.sh and the trainer: the trainer saves and exits 75, and
     run.sh ends with that status (a requeueing wrapper's signal to rerun), saying so. Under
@@ -363,7 +365,9 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     its per-node launcher still stopped the processes: run.sh said STOPPED before they had ended;
     now it returns after them. A SIGTERM to the DeepSpeed launcher alone reached no process; now
     they save, and run.sh says so. A SIGUSR1 (SLURM's preemption notice) ended run.sh and torchrun
-    at once, and the processes with them, unsaved; now it is a stop request as SIGTERM is."""
+    at once, and the processes with them, unsaved; now it is a stop request as SIGTERM is. A SIGTERM
+    to run.sh alone (docker stop) waited for training to end, unsaved 10 s later by the SIGKILL that
+    follows; now run.sh passes it on."""
     new = _new_out_with(pipeline, tmp_path, "shards")
     config = tmp_path / "long.yaml"  # far too long to finish during the test
     config.write_text(f"_base_: {ROOT / 'configs' / 'pretrain' / 'tiny.yaml'}\ntrain: {{epochs: 2000}}\n")
@@ -381,6 +385,8 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     outlived, watcher = _still_running_when_it_ends(proc, tree)
     if to == "group":
         os.killpg(proc.pid, stop)
+    elif to == "run.sh":  # docker stop, a Kubernetes pod's end: PID 1 only
+        proc.send_signal(stop)
     else:
         next(p for p in tree if "pretrain.engine.launchers" in " ".join(p.cmdline())).send_signal(stop)
     res = _finish(proc)

@@ -31,16 +31,38 @@ def _say_stopped(launcher: str, signum: int) -> int:
     return 128 + int(signum)
 
 
+def _one_stop_request(api) -> None:
+    """torchrun raises its SignalException for every signal it handles. A scheduler's SIGTERM to the
+    process group and run.sh's pass-on of it (for a SIGTERM to run.sh alone) are one request, but a
+    second one, arriving while torchrun stopped its processes, raised again there: a traceback, and
+    its processes signalled again as they saved. So a repeated SIGTERM / SIGUSR1 is dropped; a second
+    Ctrl-C still counts (stop at once). torchrun looks its handler up by this module-level name when
+    it installs it (no public hook); a torch without it keeps its own handling."""
+    raise_stop = getattr(api, "_terminate_process_handler", None)
+    if raise_stop is None:
+        return
+    received: list[int] = []
+
+    def once(signum, frame):
+        if received and signum != signal.SIGINT:
+            return
+        received.append(signum)
+        raise_stop(signum, frame)
+
+    api._terminate_process_handler = once
+
+
 def torchrun(argv: list[str]) -> int:
     import os
 
-    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing import SignalException, api
     from torch.distributed.run import main
 
     # torchrun's default --signals-to-handle leaves out SIGUSR1 (a preemption notice, as SLURM's
     # --signal sends it), whose default action ended torchrun at once, and its processes with it,
     # unsaved: passed on, our processes take it as a stop request. The flag, given, still wins.
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    _one_stop_request(api)
     try:
         main(argv)
     except SignalException as stop:
