@@ -351,7 +351,9 @@ def test_a_path_of_the_wrong_kind_is_refused_before_any_stage(tmp_path, option):
     (signal.SIGINT, 1, None, "group"), (signal.SIGINT, 2, "torchrun", "group"),
     (signal.SIGTERM, 2, "torchrun", "group"), (signal.SIGINT, 2, "deepspeed", "group"),
     (signal.SIGTERM, 2, "deepspeed", "launcher"), (signal.SIGUSR1, 2, "torchrun", "group"),
-    (signal.SIGTERM, 1, None, "run.sh"), (signal.SIGTERM, 2, "torchrun", "run.sh")],
+    (signal.SIGTERM, 1, None, "run.sh"),
+    # the slow tier: about 40 s of two processes, beside sigterm-2's group signal through the same torchrun path
+    pytest.param(signal.SIGTERM, 2, "torchrun", "run.sh", marks=pytest.mark.slow)],
     ids=["ctrl_c-1", "ctrl_c-2", "sigterm-2", "ctrl_c-deepspeed", "sigterm-deepspeed-alone", "sigusr1-2",
          "sigterm-run.sh-alone", "sigterm-run.sh-alone-2"])
 def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp_path, stop, nproc, launcher, to):
