@@ -263,17 +263,22 @@ def test_slurm_srun_environment_gives_the_same_run(shards, uninterrupted, tmp_pa
 
 
 def test_deepspeed_launcher_gives_the_same_run(shards, uninterrupted, tmp_path):
+    """... and leaves no shared memory behind: DeepSpeed's CPU all-reduce (on one node it sets
+    LOCAL_SIZE, which turns it on) never unlinked its two 64 MiB buffers in /dev/shm, so every
+    such run left them there (a day of test runs filled the machine's memory)."""
     import shutil
 
     from pretrain.engine import free_port
+    from pretrain.engine.distributed import SHM_DIR
 
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-    run_dir = tmp_path / "ds"
+    run_dir, port = tmp_path / "ds", free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # as torchrun sets it: same float order
-    res = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain", "train",
+    res = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(port), "--module", "pretrain", "train",
                           *_common_args(run_dir, shards)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     _assert_same_run(uninterrupted, run_dir)
+    assert not list(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_cpu_threads_are_shared_among_the_processes_of_a_node():

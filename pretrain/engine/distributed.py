@@ -1,10 +1,12 @@
-"""Processes of a run: the process group, threads per process, a clean exit, and the BatchNorm
-statistics that DeepSpeed leaves per rank."""
+"""Processes of a run: the process group, threads per process, a clean exit, and what DeepSpeed
+leaves per rank (BatchNorm statistics) or behind (the names of its CPU all-reduce buffers)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -65,8 +67,29 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if not cuda:
+        release_shared_buffer_name(dist.get_rank(), env)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+SHM_DIR = Path("/dev/shm")  # where shm_open keeps its names on Linux
+
+
+def shared_buffer_name(rank: int, env) -> str:
+    """The name DeepSpeed's CPU all-reduce gives the shared buffer of ``rank`` (its shm.cpp)."""
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+
+
+def release_shared_buffer_name(rank: int, env) -> None:
+    """DeepSpeed's CPU all-reduce shares a 64 MiB buffer per process through /dev/shm and never
+    unlinks its name, so every multi-process CPU run left its buffers behind, killed or not (a day
+    of test runs filled a 24 GB machine's memory with them). Its init returns once every process
+    has mapped every other's buffer; after a barrier the names can go: the mappings stay valid, and
+    the memory is freed when the last process ends."""
+    barrier()
+    with contextlib.suppress(FileNotFoundError):
+        (SHM_DIR / shared_buffer_name(rank, env)).unlink()
 
 
 def barrier() -> None:
