@@ -570,7 +570,8 @@ def test_a_split_folder_named_otherwise_is_pointed_at(preset, folder, renamed, n
     build_replica(preset, root)
     (root / folder).rename(root / renamed)
     config = str(PRESETS / f"{preset}.yaml")
-    weights = "init.checkpoint=backbone.pth"  # flir_v2's method, pad, needs one (check does not read it)
+    (tmp_path / "backbone.pth").touch()  # flir_v2's method, pad, needs one (check sees it is there, not more)
+    weights = f"init.checkpoint={tmp_path / 'backbone.pth'}"
     assert finetune_main(["check", "--config", config, f"data.root={root}", weights]) == 2
     task = "det" if preset in DET else "seg"
     assert f"; the split folders in {root} are {there}: set data.split_dirs.val to one of them (now '{now}'; " \
