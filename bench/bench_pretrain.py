@@ -51,10 +51,7 @@ def flops_per_image(name: str, args) -> float:
     from pretrain.factory import build_model_from_config
 
     cfg = load_config(str(ROOT / "configs" / "pretrain" / CONFIGS[name]), model_overrides(args))
-    model = build_model_from_config(cfg, device="meta")
-    trainable = model.trainable_names()
-    for n, param in model.named_parameters():
-        param.requires_grad_(n in trainable)
+    model = build_model_from_config(cfg, device="meta")  # the paradigm's trainable set already marked
     imgs = torch.zeros(1, int(cfg.model.encoder.in_chans), args.img, args.img, device="meta")
     with FlopCounterMode(display=False) as counter:
         loss, _, _ = model(imgs)

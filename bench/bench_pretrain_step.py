@@ -29,11 +29,8 @@ from pretrain.factory import build_model_from_config  # noqa: E402
 def model_and_optimizer(config: str, device: str):
     cfg = load_config(str(ROOT / "configs" / "pretrain" / config))
     torch.manual_seed(0)
-    model = build_model_from_config(cfg, device=device)
-    trainable = model.trainable_names()
-    params = [p for n, p in model.named_parameters() if n in trainable]
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in trainable)
+    model = build_model_from_config(cfg, device=device)  # its paradigm's trainable set already marked
+    params = [p for p in model.parameters() if p.requires_grad]
     return cfg, model, torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
 
 
