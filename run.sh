@@ -186,7 +186,7 @@ stage_synth() {
   [[ -n "$DATA" ]] && return 0
   if [[ -f "$OUT/synth/synth.json" ]]; then say "synth: $OUT/synth already generated"; return 0; fi
   say "synth: generating the embedded demo corpus in $OUT/synth"
-  PY -m data_tools synth --out "$OUT/synth" || failed $? synth "stage synth failed"
+  run_stage PY -m data_tools synth --out "$OUT/synth" || failed $? synth "stage synth failed"
 }
 
 stage_shards() {
@@ -205,13 +205,14 @@ stage_shards() {
   [[ -n "$WORKERS" ]] && wargs=(--workers "$WORKERS")
   [[ -n "$RANKER" ]] && wargs+=(proposals.method=thermal_blobs_fitted "proposals.ranker=$(yaml_str "$RANKER")")
   say "shards: building WebDataset shards with region proposals from $sources into $OUT/shards"
-  PY -m data_tools build "${input[@]}" --out "$OUT/shards" "${wargs[@]}" \
+  run_stage PY -m data_tools build "${input[@]}" --out "$OUT/shards" "${wargs[@]}" \
     || failed $? shards "stage shards failed: fix what the error above names; the same command then resumes the build"
   if [[ "$OUT/shards/preview.png" -nt "$OUT/shards/manifest.json" ]]; then
     say "shards: verified and previewed before ($OUT/shards/preview.png)"; return 0
   fi
-  PY -m data_tools verify "$OUT/shards" || failed $? shards "shard verification failed"
-  PY -m data_tools preview "$OUT/shards" --out "$OUT/shards/preview.png" || failed $? shards "shard preview failed"
+  run_stage PY -m data_tools verify "$OUT/shards" || failed $? shards "shard verification failed"
+  run_stage PY -m data_tools preview "$OUT/shards" --out "$OUT/shards/preview.png" \
+    || failed $? shards "shard preview failed"
 }
 
 # A stage's input that is missing is made by running the stage before it, except on a torchrun
@@ -239,38 +240,52 @@ stage_export() {
     say "export: $OUT/backbone.pth is up to date"; return 0
   fi
   say "export: encoder + PAD adapters -> $OUT/backbone.pth"
-  PY -m pretrain export "$OUT/pretrain" --out "$OUT/backbone.pth" || failed $? export "stage export failed"
+  run_stage PY -m pretrain export "$OUT/pretrain" --out "$OUT/backbone.pth" || failed $? export "stage export failed"
 }
 
 launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the exit status means
-  local stage="$1" rc=0 ctrl_c="" term="" child=""
+  local stage="$1"
   shift
-  # Ctrl-C, or a scheduler's SIGTERM to the whole process group, reaches the launcher and its
-  # processes too: they save. A SIGTERM / SIGUSR1 to run.sh alone (docker stop and a Kubernetes pod's
-  # end signal PID 1 only) is passed on to the launcher; our processes take the same stop request
-  # twice as once. run.sh waits for them (untrapped, SIGTERM would end it at once, 143, while they
-  # still write), then says what happened. The launch runs in the background so that the traps run
-  # while it does (bash defers them until a foreground command ends); `trap - INT` undoes the
-  # SIGINT that bash ignores in background commands, so Ctrl-C still reaches it from the terminal.
-  trap 'ctrl_c=1' INT
-  trap 'term=TERM; pass_on' TERM
-  trap 'term=USR1; pass_on' USR1
-  ( trap - INT QUIT; launch "$@" ) &
-  child=$!
-  [[ -z "$term" ]] || pass_on  # a signal in the instant before the launch started
-  while :; do
-    wait "$child" && rc=0 || rc=$?
-    kill -0 "$child" 2>/dev/null || break  # a trapped signal ended the wait, not the launch
-  done
-  trap - INT TERM USR1
-  # a stage that finished as the signal came is kept, and the next one is not started; 143 / 138:
-  # a SIGTERM / SIGUSR1 to the launcher alone, passed on to its processes (pretrain/engine/launchers.py)
-  [[ -n "$ctrl_c" && $rc -ne 75 ]] && rc=130
-  [[ -z "$ctrl_c" && ( -n "$term" || $rc -eq 143 || $rc -eq 138 ) ]] && rc=75
-  [[ $rc -eq 0 ]] || failed "$rc" "$stage" "stage $stage failed or was interrupted: fix what the error above names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
+  run_stage launch "$@" || failed $? "$stage" "stage $stage failed or was interrupted: fix what the error above \
+names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
 }
 
-pass_on() { [[ -z "$child" ]] || kill -"$term" "$child" 2>/dev/null || true; }  # launch_stage's term, child
+# run_stage CMD...: a stage's command (PY ... or launch ...), so that a stop reaches it and run.sh
+# waits for it. Ctrl-C, or a scheduler's SIGTERM to the whole process group, reaches the command too:
+# it stops and keeps what it finished (training saves). A signal to run.sh alone (docker stop and a
+# Kubernetes pod's end signal PID 1 only; docker run without -t passes Ctrl-C the same way) is passed
+# on: SIGTERM and SIGUSR1 as they are, SIGINT as SIGTERM, since a command that had the terminal's
+# Ctrl-C too takes a second SIGINT as "stop at once, unsaved", and our commands take a SIGTERM after a
+# stop request as the same request. Untrapped, SIGTERM ended run.sh at once (143) while the command
+# still wrote, and SIGINT to run.sh alone was lost. The command runs in the background so that the
+# traps run while it does (bash defers them until a foreground command ends); `trap - INT` undoes the
+# SIGINT that bash ignores in background commands, so Ctrl-C still reaches it from the terminal.
+# Returns the command's status, or 130 (Ctrl-C) / 75 (another stop signal) where run.sh was
+# signalled: a command that finished as the signal came is kept, and the next one is not started.
+run_stage() {
+  local rc=0 ctrl_c="" term="" child=""
+  trap 'ctrl_c=1; pass_on TERM' INT
+  trap 'term=TERM; pass_on TERM' TERM
+  trap 'term=USR1; pass_on USR1' USR1
+  (
+    trap - INT QUIT
+    [[ "$1" == PY ]] && exec "$VENV/bin/python" "${@:2}"
+    "$@"  # launch, which execs the launcher: the process signalled
+  ) &
+  child=$!
+  [[ -z "$ctrl_c$term" ]] || pass_on "${term:-TERM}"  # a signal in the instant before the command started
+  while :; do
+    wait "$child" && rc=0 || rc=$?
+    kill -0 "$child" 2>/dev/null || break  # a trapped signal ended the wait, not the command
+  done
+  trap - INT TERM USR1
+  # 143 / 138: a SIGTERM / SIGUSR1 to a launcher alone, passed on to its processes (pretrain/engine/launchers.py)
+  [[ -n "$ctrl_c" && $rc -ne 75 ]] && rc=130
+  [[ -z "$ctrl_c" && ( -n "$term" || $rc -eq 143 || $rc -eq 138 ) ]] && rc=75
+  return "$rc"
+}
+
+pass_on() { [[ -z "$child" ]] || kill -"$1" "$child" 2>/dev/null || true; }  # pass_on SIGNAL: to run_stage's child
 
 launch_processes() {  # the processes launch starts: the fine-tuning check needs it (BatchNorm's batch)
   if [[ -n "$HOSTFILE" ]]; then  # the DeepSpeed launcher: --nproc per host, or each host's slots

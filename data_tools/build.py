@@ -87,10 +87,20 @@ def frame_annotation_boxes(records: list[BoxRecord], mask_path: str | None, orig
 
 
 # Fault injection for the tests of a build stopped midway: the worker given this frame index dies at
-# once (as by the kernel's OOM killer); the build sends its process group Ctrl-C's SIGINT once this
-# frame's result is in (the test starts it in a session of its own).
+# once (as by the kernel's OOM killer); once this frame's result is in, the build sends a stop signal
+# ("INDEX[:SIGNAL[:parent]]", SIGINT by default) to its process group, as Ctrl-C in a terminal does
+# (the test starts it in a session of its own), or to its parent alone (run.sh, as docker signals it).
 WORKER_KILL_FAULT_ENV = "IRPT_FAULT_SIGKILL_BUILD_WORKER_AT"
-CTRL_C_FAULT_ENV = "IRPT_FAULT_CTRL_C_BUILD_AT"
+STOP_FAULT_ENV = "IRPT_FAULT_STOP_BUILD_AT"
+
+
+def _send_fault_stop(spec: str) -> None:
+    parts = spec.split(":")
+    stop = signal.Signals[parts[1]] if len(parts) > 1 else signal.SIGINT
+    if parts[2:] == ["parent"]:
+        os.kill(os.getppid(), stop)
+    else:
+        os.killpg(0, stop)
 
 
 def process_item(task: tuple) -> dict[str, Any]:
@@ -169,8 +179,12 @@ def _worker_deaths_said(results: Iterable[dict], start: int, total: int) -> Iter
 
 def _init_worker(overlays: dict[str, np.ndarray]) -> None:
     cv2.setNumThreads(1)  # one OpenCV thread per process; parallelism comes from processes
-    if mp.parent_process() is not None:  # Ctrl-C reaches the whole process group: the build decides
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if mp.parent_process() is not None:  # Ctrl-C or a preemption notice reaches the whole process group:
+        # the build decides (its pool stops, the kept shards are said). Not SIGTERM: the pool ends its
+        # workers with it (after one died); a scheduler's SIGTERM to the group ends the build's wait on
+        # them before their ends are noticed
+        for stop in (signal.SIGINT, signal.SIGUSR1):
+            signal.signal(stop, signal.SIG_IGN)
     _OVERLAYS.clear()
     _OVERLAYS.update(overlays)  # once per worker, not pickled with every frame's task
 
@@ -530,12 +544,12 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
         rec, shard = _new_record(rec["number"] + 1, end), None
 
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    ctrl_c_at = os.environ.get(CTRL_C_FAULT_ENV)
+    stop_fault = os.environ.get(STOP_FAULT_ENV, "")
     try:
         for res in _worker_deaths_said(results, start, len(items)):
             bar.update(1)
-            if str(res["index"]) == ctrl_c_at:
-                os.killpg(0, signal.SIGINT)
+            if str(res["index"]) == stop_fault.split(":")[0]:
+                _send_fault_stop(stop_fault)
             if "skip" in res:
                 rec["skipped"].append(res["skip"])
                 continue

@@ -1,17 +1,21 @@
-"""How a command line ends: the user's errors, a full disk and Ctrl-C in one line each (no
-traceback: the input, the machine or the user, not a bug), anything else with its traceback. The
+"""How a command line ends: the user's errors, a full disk, Ctrl-C and a stop signal in one line each
+(no traceback: the input, the machine or the user, not a bug), anything else with its traceback. The
 one way for the ``data_tools``, ``pretrain`` and ``finetune`` commands (training runs end in the
-engine, which says its errors the same way)."""
+engine, which says its errors the same way and takes the stop signals itself while it trains)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 from data_tools.files import storage_problem
 
 EXIT_REFUSED = 2  # a command line, config or input refused
 EXIT_INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -28,20 +32,55 @@ def storage_error_line(e: OSError) -> str | None:
     return f"error: a write failed ({problem}): free space (or write elsewhere) and run again"
 
 
+class _StopAsCtrlC:
+    """A SIGTERM (a scheduler's stop, ``docker stop``) or SIGUSR1 (a preemption notice) ends a command
+    as Ctrl-C does, through its KeyboardInterrupt path, which keeps what it finished (their default
+    action ended it at once; a build's pool workers, which ignore them, went on without it). The same
+    request arriving twice (a process group's signal and run.sh's pass-on of it) is one: a SIGTERM /
+    SIGUSR1 after the first stop signal is dropped; a second Ctrl-C still raises (the user wants out)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        if self.signum is not None and signum != signal.SIGINT:
+            return
+        self.signum = self.signum or signum
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stop_signals_as_ctrl_c() -> Iterator[_StopAsCtrlC]:
+    stop = _StopAsCtrlC()
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's alone
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace,
                 user_errors: tuple[type[Exception], ...] = ()) -> int:
     """``func(args)``'s exit status; ``user_errors`` and a full disk said as ``error: ...`` (2), Ctrl-C
-    as ``interrupted`` with what the command says is kept (130)."""
-    try:
-        return func(args)
-    except user_errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_REFUSED
-    except KeyboardInterrupt as e:
-        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as e:
-        if (line := storage_error_line(e)) is None:
-            raise
-        print(line, file=sys.stderr)
-        return EXIT_REFUSED
+    as ``interrupted`` with what the command says is kept (130), a SIGTERM / SIGUSR1 the same way as
+    ``stopped by SIGTERM`` (the shell's status for it, 143 / 138)."""
+    with _stop_signals_as_ctrl_c() as stop:
+        try:
+            return func(args)
+        except user_errors as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_REFUSED
+        except KeyboardInterrupt as e:
+            ctrl_c = stop.signum in (None, signal.SIGINT)
+            what = "interrupted" if ctrl_c else f"stopped by {signal.Signals(stop.signum).name}"
+            print(f"{what}{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+            return EXIT_INTERRUPTED if ctrl_c else 128 + stop.signum
+        except OSError as e:
+            if (line := storage_error_line(e)) is None:
+                raise
+            print(line, file=sys.stderr)
+            return EXIT_REFUSED

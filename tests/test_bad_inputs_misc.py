@@ -362,3 +362,39 @@ def test_a_full_disk_under_a_command_is_one_line_and_other_os_errors_keep_their_
     error = PermissionError(errno.EACCES, "Permission denied")
     with pytest.raises(PermissionError):
         main(argv)
+
+
+@pytest.mark.parametrize("first, again, status, said", [
+    ("SIGTERM", "SIGTERM", 143, "stopped by SIGTERM: what it finished is kept"),
+    ("SIGUSR1", "SIGTERM", 138, "stopped by SIGUSR1: what it finished is kept"),
+    ("SIGINT", "SIGTERM", 130, "interrupted: what it finished is kept"),
+    ("SIGINT", "SIGINT", 130, "interrupted")])
+def test_a_stop_signal_ends_a_command_as_ctrl_c_does_and_the_same_request_again_is_one(first, again, status, said,
+                                                                                     tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM or a preemption notice (SIGUSR1) ended a command at once, unsaid, past
+    the Ctrl-C path that keeps what it finished; now they take that path, with the shell's status for
+    the signal. A process group's signal and run.sh's pass-on of it reach a command both: a SIGTERM
+    after a stop request is the same request (dropped), a second Ctrl-C still stops at once."""
+    import os
+    import signal
+    import time
+
+    import data_tools.synth
+    from data_tools.cli import main
+    from data_tools.command import Interrupted
+
+    def stopped(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.Signals[first])
+            time.sleep(5)  # the handler raises within it
+            raise AssertionError("not stopped")
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.Signals[again])
+            time.sleep(0.1)
+            raise Interrupted("what it finished is kept") from None
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    monkeypatch.setattr(data_tools.synth, "write_corpus", stopped)
+    assert main(["synth", "--out", str(tmp_path / "synth")]) == status
+    assert capsys.readouterr().err == said + "\n"
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # the command's handlers are gone

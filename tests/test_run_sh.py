@@ -351,11 +351,12 @@ def test_a_path_of_the_wrong_kind_is_refused_before_any_stage(tmp_path, option):
     (signal.SIGINT, 1, None, "group"), (signal.SIGINT, 2, "torchrun", "group"),
     (signal.SIGTERM, 2, "torchrun", "group"), (signal.SIGINT, 2, "deepspeed", "group"),
     (signal.SIGTERM, 2, "deepspeed", "launcher"), (signal.SIGUSR1, 2, "torchrun", "group"),
-    (signal.SIGTERM, 1, None, "run.sh"),
-    # the slow tier: about 40 s of two processes, beside sigterm-2's group signal through the same torchrun path
-    pytest.param(signal.SIGTERM, 2, "torchrun", "run.sh", marks=pytest.mark.slow)],
+    (signal.SIGTERM, 1, None, "run.sh"), (signal.SIGINT, 1, None, "run.sh"),
+    # the slow tier: about 40 s of two processes each, beside the group signals through the same torchrun path
+    pytest.param(signal.SIGTERM, 2, "torchrun", "run.sh", marks=pytest.mark.slow),
+    pytest.param(signal.SIGINT, 2, "torchrun", "run.sh", marks=pytest.mark.slow)],
     ids=["ctrl_c-1", "ctrl_c-2", "sigterm-2", "ctrl_c-deepspeed", "sigterm-deepspeed-alone", "sigusr1-2",
-         "sigterm-run.sh-alone", "sigterm-run.sh-alone-2"])
+         "sigterm-run.sh-alone", "ctrl_c-run.sh-alone", "sigterm-run.sh-alone-2", "ctrl_c-run.sh-alone-2"])
 def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp_path, stop, nproc, launcher, to):
     """Ctrl-C in the terminal reaches run.sh and the trainer: the trainer saves and exits 75, and
     run.sh ends with that status (a requeueing wrapper's signal to rerun), saying so. Under
@@ -369,7 +370,8 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     they save, and run.sh says so. A SIGUSR1 (SLURM's preemption notice) ended run.sh and torchrun
     at once, and the processes with them, unsaved; now it is a stop request as SIGTERM is. A SIGTERM
     to run.sh alone (docker stop) waited for training to end, unsaved 10 s later by the SIGKILL that
-    follows; now run.sh passes it on."""
+    follows, and a SIGINT to run.sh alone (Ctrl-C under docker run without -t) was lost; now run.sh
+    passes them on (SIGINT as SIGTERM)."""
     new = _new_out_with(pipeline, tmp_path, "shards")
     config = tmp_path / "long.yaml"  # far too long to finish during the test
     config.write_text(f"_base_: {ROOT / 'configs' / 'pretrain' / 'tiny.yaml'}\ntrain: {{epochs: 2000}}\n")
@@ -400,23 +402,33 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     assert f"STOPPED: stage pretrain {said[1]}" in res.stderr and "\nERROR: " not in res.stderr
     assert (new / "pretrain" / "checkpoints" / "latest").is_file() and not (new / "pretrain" / "DONE").exists()
     if launcher:
-        assert f"{launcher}: {signal.Signals(stop).name} passed on to its processes" in res.stderr
+        passed = signal.SIGTERM if to == "run.sh" else stop
+        assert f"{launcher}: {passed.name} passed on to its processes" in res.stderr
         assert "Traceback" not in res.stderr, res.stderr[-3000:]
     assert len(tree) == nproc + {None: 0, "torchrun": 1, "deepspeed": 2}[launcher], [p.pid for p in tree]
     assert not outlived, f"still running when run.sh ended: {outlived}"
 
 
-def test_ctrl_c_in_the_shards_stage_ends_run_sh_with_130_and_the_rerun_goes_on(tmp_path):
-    from data_tools.build import CTRL_C_FAULT_ENV
+@pytest.mark.parametrize("stop, status", [("SIGINT", 130), ("SIGINT:parent", 130), ("SIGTERM:parent", 75),
+                                          ("SIGTERM", 75)],
+                         ids=["ctrl_c", "ctrl_c-run.sh-alone", "sigterm-run.sh-alone", "sigterm"])
+def test_a_stop_in_the_shards_stage_ends_run_sh_saying_so_and_the_rerun_goes_on(tmp_path, stop, status):
+    """Ctrl-C in a terminal (SIGINT to the process group) and a scheduler's SIGTERM to it stop the
+    build, which keeps its finished shards, and run.sh ends saying so. A SIGINT to run.sh alone (Ctrl-C
+    under docker run without -t) was lost: the build and the stages after it went on; a SIGTERM to it
+    alone (docker stop) ended run.sh at once while the build went on writing. Now run.sh passes both on."""
+    from data_tools.build import STOP_FAULT_ENV
     from tests.conftest import shared_path
 
     sources = tmp_path / "sources.yaml"
     sources.write_text(f"sources:\n  - name: msrs\n    root: {shared_path('msrs20', 'ir')}\n    stride: 2\n")
     args = ("shards", "--data", str(sources), "--out", str(tmp_path / "out"), "--workers", "1")
-    res = _run_sh(*args, env_extra={CTRL_C_FAULT_ENV: "3"})  # the build sends its group Ctrl-C's SIGINT
-    assert res.returncode == 130, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "STOPPED: stage shards interrupted (Ctrl-C); what it finished is kept: rerun the same command to go on" \
-        in res.stderr and "\nERROR: " not in res.stderr
+    res = _run_sh(*args, env_extra={STOP_FAULT_ENV: f"3:{stop}"})  # the build signals its group, or run.sh
+    assert res.returncode == status, res.stdout[-3000:] + res.stderr[-3000:]
+    said = {130: "interrupted (Ctrl-C); what it finished is kept: rerun the same command to go on",
+            75: "stopped on a signal (Ctrl-C, preemption) and saved its state: rerun the same command to resume"}
+    assert f"STOPPED: stage shards {said[status]}" in res.stderr and "\nERROR: " not in res.stderr
+    assert not (tmp_path / "out" / "shards" / "preview.png").exists()  # the stage's last command did not run
     log = _ok(_run_sh(*args))
     manifest = json.loads((tmp_path / "out" / "shards" / "manifest.json").read_text())
     assert manifest["totals"]["written"] == 10, log[-3000:]

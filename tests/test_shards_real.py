@@ -191,19 +191,21 @@ def roadscene_sources(tmp_path_factory):
     return tmp / "s.yaml", json.loads((tmp / "clean" / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("stop", ["worker_killed", "ctrl_c"])
+@pytest.mark.parametrize("stop", ["worker_killed", "ctrl_c", "sigterm"])
 def test_a_build_stopped_midway_says_so_and_the_rerun_resumes(roadscene_sources, tmp_path, stop):
     """A worker killed while reading a frame (the kernel's OOM killer) left multiprocessing.Pool
     waiting for that frame forever; Ctrl-C in a terminal (SIGINT to the whole process group) ended
-    in a traceback. Both now end the build with one line (exit 2 and 130), no half-written shard,
+    in a traceback; a scheduler's SIGTERM to the group ended the build and its workers at once,
+    unsaid. All three now end the build with one line (exit 2, 130 and 143), no half-written shard,
     and the rerun finishes it with the shards of an uninterrupted build."""
-    from data_tools.build import CTRL_C_FAULT_ENV, WORKER_KILL_FAULT_ENV
+    from data_tools.build import STOP_FAULT_ENV, WORKER_KILL_FAULT_ENV
 
     sources, clean = roadscene_sources
     args = ["build", "--sources", str(sources), "--quiet", *STOPPED_BUILD, "--out", str(tmp_path / "stopped")]
     # Ctrl-C once the last frame is in: the workers then wait for work, where one not told to leave
     # SIGINT to the build dies with a traceback of its own.
-    fault = {"worker_killed": (WORKER_KILL_FAULT_ENV, "25"), "ctrl_c": (CTRL_C_FAULT_ENV, "55")}[stop]
+    fault = {"worker_killed": (WORKER_KILL_FAULT_ENV, "25"), "ctrl_c": (STOP_FAULT_ENV, "55"),
+             "sigterm": (STOP_FAULT_ENV, "55:SIGTERM")}[stop]
     env = dict(os.environ, PYTHONPATH=str(ROOT), **dict([fault]))
     res = subprocess.run([sys.executable, "-m", "data_tools", *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120, start_new_session=True,
@@ -212,8 +214,9 @@ def test_a_build_stopped_midway_says_so_and_the_rerun_resumes(roadscene_sources,
         assert res.returncode == 2, res.stderr[-2000:]
         assert "error: a worker process died after frame " in res.stderr and " of 56 (killed: out of memory?)" in res.stderr
     else:
-        assert res.returncode == 130, res.stderr[-2000:]
-        assert res.stderr.strip().splitlines()[-1] == (f"interrupted: 5 finished shard record(s) in {tmp_path / 'stopped'}"
+        status, said = {"ctrl_c": (130, "interrupted"), "sigterm": (143, "stopped by SIGTERM")}[stop]
+        assert res.returncode == status, res.stderr[-2000:]
+        assert res.stderr.strip().splitlines()[-1] == (f"{said}: 5 finished shard record(s) in {tmp_path / 'stopped'}"
                                                       " are kept: rerun the same command to resume")
     assert "Traceback" not in res.stderr, res.stderr[-2000:]  # the workers' included
     assert json.loads((tmp_path / "stopped" / "manifest.json").read_text())["status"] == "building"

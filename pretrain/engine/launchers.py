@@ -77,6 +77,8 @@ def deepspeed(argv: list[str]) -> int:
     signals: list[int] = []
 
     def pass_on(signum, frame):
+        if signals and signum != signal.SIGINT:
+            return  # the same stop request again (as torchrun's, _one_stop_request); a second Ctrl-C still counts
         signals.append(signum)
         launchers = psutil.Process().children()
         if not launchers:  # none started yet: nothing to wait for
