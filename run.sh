@@ -278,7 +278,7 @@ run_stage() {
     wait "$child" && rc=0 || rc=$?
     kill -0 "$child" 2>/dev/null || break  # a trapped signal ended the wait, not the command
   done
-  trap - INT TERM USR1
+  between_commands_traps
   # 143 / 138: a SIGTERM / SIGUSR1 to a launcher alone, passed on to its processes (pretrain/engine/launchers.py)
   [[ -n "$ctrl_c" && $rc -ne 75 ]] && rc=130
   [[ -z "$ctrl_c" && ( -n "$term" || $rc -eq 143 || $rc -eq 138 ) ]] && rc=75
@@ -286,6 +286,15 @@ run_stage() {
 }
 
 pass_on() { [[ -z "$child" ]] || kill -"$1" "$child" 2>/dev/null || true; }  # pass_on SIGNAL: to run_stage's child
+
+# Outside a stage's command (set-up, the up-front check of the fine-tuning configs, the summary), a stop
+# signal to run.sh ends it as soon as the command under way returns (bash runs a trap only then), before
+# anything else starts: untrapped, a SIGINT to run.sh alone was lost there and the stages went on.
+between_commands_traps() { trap 'stopped_between 130' INT; trap 'stopped_between 75' TERM USR1; }
+stopped_between() {
+  printf '\nSTOPPED: on a signal, before the next stage; the same command goes on from where it stopped\n' >&2
+  exit "$1"
+}
 
 launch_processes() {  # the processes launch starts: the fine-tuning check needs it (BatchNorm's batch)
   if [[ -n "$HOSTFILE" ]]; then  # the DeepSpeed launcher: --nproc per host, or each host's slots
@@ -384,6 +393,7 @@ check_finetune_inputs() {
   done
 }
 
+between_commands_traps
 setup
 check_finetune_inputs
 for stage in "${STAGES[@]}"; do

@@ -236,6 +236,26 @@ def test_fine_tuning_overrides_reach_the_check_and_the_stage(tmp_path):
     assert res.returncode != 0 and "--det-set split_dirs: expected key=value" in res.stderr
 
 
+def test_a_stop_to_run_sh_alone_between_stages_ends_it_before_the_next(tmp_path):
+    """A SIGINT to run.sh alone (Ctrl-C under docker run without -t) while it checked the fine-tuning
+    config up front was lost: the stages went on (here the first, which stops at once: two nodes
+    need an export first). Now run.sh ends as the check returns, before any stage starts."""
+    from tests.test_presets import build_replica
+
+    root = tmp_path / "flir"
+    build_replica("flir_v2", root)
+    proc = _start_run_sh("--out", str(tmp_path / "out"), "--det-preset", "flir_v2", "--det-root", str(root), "det",
+                         "--nnodes", "2", "--master", "127.0.0.1:1")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not any(
+            "finetune check" in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children()):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    res = _finish(proc)
+    assert res.returncode == 130, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "STOPPED: on a signal, before the next stage" in res.stderr and "backbone.pth is missing" not in res.stderr
+
+
 def test_data_may_be_one_folder_of_frames(tmp_path):
     """`--data FOLDER` (frames in subfolders too) builds a source named after the folder, as
     `data_tools build --source NAME=FOLDER`; a path that is not there is refused before set-up, and
