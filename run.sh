@@ -250,18 +250,14 @@ launch_stage() {  # launch_stage STAGE MODULE ARGS...: launch, then say what the
 names (a config value, a path, the data), if anything; the same command then goes on from the last checkpoint"
 }
 
-# run_stage CMD...: a stage's command (PY ... or launch ...), so that a stop reaches it and run.sh
-# waits for it. Ctrl-C, or a scheduler's SIGTERM to the whole process group, reaches the command too:
-# it stops and keeps what it finished (training saves). A signal to run.sh alone (docker stop and a
-# Kubernetes pod's end signal PID 1 only; docker run without -t passes Ctrl-C the same way) is passed
-# on: SIGTERM and SIGUSR1 as they are, SIGINT as SIGTERM, since a command that had the terminal's
-# Ctrl-C too takes a second SIGINT as "stop at once, unsaved", and our commands take a SIGTERM after a
-# stop request as the same request. Untrapped, SIGTERM ended run.sh at once (143) while the command
-# still wrote, and SIGINT to run.sh alone was lost. The command runs in the background so that the
-# traps run while it does (bash defers them until a foreground command ends); `trap - INT` undoes the
-# SIGINT that bash ignores in background commands, so Ctrl-C still reaches it from the terminal.
-# Returns the command's status, or 130 (Ctrl-C) / 75 (another stop signal) where run.sh was
-# signalled: a command that finished as the signal came is kept, and the next one is not started.
+# run_stage CMD...: run a stage's command (PY ... or launch ...) so that a stop reaches it and run.sh
+# waits for it to save. Ctrl-C, or a SIGTERM to the whole process group, reaches the command itself. A
+# signal to run.sh alone (docker stop, a pod's end, Ctrl-C under docker run without -t) is passed on:
+# SIGINT as SIGTERM, since a command that also had the terminal's Ctrl-C takes a second SIGINT as "stop
+# at once, unsaved", and a SIGTERM after a stop request as the same request. The command runs in the
+# background because bash runs a trap only once a foreground command ends; `trap - INT` undoes the
+# SIGINT that bash ignores in background commands. Returns the command's status, or 130 (Ctrl-C) / 75
+# (another signal) where run.sh was signalled: what finished is kept, and nothing more is started.
 run_stage() {
   local rc=0 ctrl_c="" term="" child=""
   trap 'ctrl_c=1; pass_on TERM' INT
