@@ -17,7 +17,7 @@ from pathlib import Path
 
 LOCK_NAME = ".lock"
 
-_held: dict[str, int] = {}  # folder -> open descriptor, kept for the life of the process
+_held: dict[str, int | None] = {}  # folder -> open descriptor (None: no locks there), kept for the process's life
 
 
 class FolderBusy(RuntimeError):
@@ -53,6 +53,11 @@ def acquire(folder: Path, busy: str) -> str | None:
     except BlockingIOError:
         os.close(fd)
         raise FolderBusy(f"{folder} is in use by {_describe(_holder(path))}: {busy}") from None
+    except OSError as e:  # a file system that keeps no locks: Lustre without -o flock, NFS without its
+        os.close(fd)      # lock daemon, FUSE mounts of object stores. Their users still build and train.
+        _held[key] = None
+        return (f"{folder} is on a file system without file locks ({e.strerror or e}): a second process "
+                f"writing it at the same time is not refused ({busy.split('.')[0]}: keep to it yourself)")
     previous = _holder(path)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     os.ftruncate(fd, 0)
@@ -96,6 +101,8 @@ def holder_if_busy(folder: Path) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return _describe(_holder(path))
+    except OSError:  # a file system without locks: no holder can be told
+        return None
     finally:
         os.close(fd)  # drops the probe's shared lock at once
     return None

@@ -68,3 +68,40 @@ def test_a_second_build_into_a_folder_in_use_is_refused(tmp_path, capsys):
     assert f"took over the lock of {out} from PID {pid}" in capsys.readouterr().err
     assert data_main(build) == 0  # the build let go of it when it ended
     assert "note: took over" not in capsys.readouterr().err
+
+
+def test_a_file_system_without_locks_is_said_and_the_build_and_its_readers_go_on(tmp_path, monkeypatch, capsys):
+    """flock fails with ENOSYS on Lustre mounted without -o flock (ENOLCK on NFS without its lock
+    daemon, and on FUSE mounts of object stores): the build, a run's start and every reader of a
+    shard folder ended in a traceback there. Now the lock is skipped with a note saying so."""
+    import errno
+    import fcntl
+
+    import cv2
+    import numpy as np
+
+    from data_tools import dirlock
+    from data_tools.cli import main as data_main
+
+    frames, out = tmp_path / "frames", tmp_path / "shards"
+    frames.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(frames / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (96, 128), np.uint8))
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert data_main(["build", "--source", f"cam={frames}", "--out", str(out)]) == 0
+    assert (f"note: {out} is on a file system without file locks (Function not implemented): a second process "
+            "writing it at the same time is not refused (one build per output folder: keep to it yourself)"
+            in capsys.readouterr().err)
+    assert data_main(["verify", str(out)]) == 0  # a reader asks whether a build is writing it
+    assert dirlock.holder_if_busy(out) is None
+    note = runlock.acquire(tmp_path / "run")
+    try:
+        assert "without file locks" in note and "one run per run directory: keep to it yourself" in note
+        assert runlock.acquire(tmp_path / "run") is None  # taken (as far as it can be) once
+    finally:
+        runlock.release(tmp_path / "run")
+    assert str((tmp_path / "run").resolve()) not in dirlock._held
