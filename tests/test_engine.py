@@ -5,9 +5,11 @@ import signal
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from pretrain.engine import Batching, Checkpointer, LoopSpec, TrainingPlan
 from pretrain.engine.loop import MetricsLog, _evaluate_now
+from pretrain.engine.streams import DataError, EpochLoader, ResumableStream
 
 
 def test_best_is_the_first_evaluation_with_the_highest_metric(tmp_path):
@@ -260,3 +262,48 @@ def test_a_barrier_names_the_gpu_of_its_process_on_nccl(monkeypatch, backend, ex
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     barrier()
     assert calls == [expected]
+
+
+
+class ShortStream(ResumableStream):
+    """6 batches an epoch, of which the workers hand over only the first ``delivered`` (the others
+    lost, as when /dev/shm has no room for them)."""
+
+    def __init__(self, delivered: int):
+        super().__init__(6)
+        self.delivered = delivered
+
+    def __iter__(self):
+        _, _, mine = self.my_batches()
+        for b in mine[:self.delivered]:
+            yield {"batch": b, "images": torch.zeros(2, 1, 8, 8, dtype=torch.uint8)}
+
+
+def test_an_epoch_that_ends_short_is_an_error_saying_why_not_a_bare_stop_iteration(monkeypatch, capsys):
+    """A loader worker whose batch does not fit in /dev/shm (64 MiB in a container by default) prints
+    a traceback and the batch is lost: the epoch ended short and the loop died of a bare
+    StopIteration. Now the epoch's end is checked, and the first batch's size against /dev/shm."""
+    import shutil
+    from collections import namedtuple
+
+    assert [b["batch"] for b in EpochLoader(ShortStream(6), 0).epoch(0)] == list(range(6))
+    assert [b["batch"] for b in EpochLoader(ShortStream(6), 0).epoch(1, 4)] == [4, 5]  # resumed: from batch 4
+    batches = EpochLoader(ShortStream(3), 0).epoch(0)
+    assert [next(batches)["batch"] for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(DataError, match=r"the data loader ended epoch 0 after 3 of 6 batches: .* `unable to allocate "
+                                        r"shared memory`: the workers pass batches through /dev/shm, which holds "):
+        next(batches)
+
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 * 2**20, 0, 64 * 2**20))
+    loader = EpochLoader(ShortStream(6), 2, prefetch_factor=4)
+    frames = torch.zeros(256, 1, 224, 224, dtype=torch.uint8)  # 12.25 MiB
+    loader._warn_if_shared_memory_is_short({"batch": 0, "images": frames})  # 2 x 4 + 1 of them
+    assert capsys.readouterr().err == (
+        "warning: the batches in flight may take 110 MiB of shared memory: the workers pass batches through "
+        "/dev/shm, which holds 64 MiB here: give it more (a container: docker run --shm-size=8g), or lower "
+        "data.num_workers (2), data.prefetch_factor (4) or the batch size\n")
+    loader._warn_if_shared_memory_is_short({"batch": 0, "images": frames[:16]})  # 7 MiB: room
+    assert capsys.readouterr().err == ""

@@ -8,9 +8,12 @@ A stream yields dicts with the keys ``batch`` (index in the epoch), ``worker`` a
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import shutil
 import signal
+import sys
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -18,6 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pretrain.engine.signals import ignore_preemption_signals, stop_signals_ignored
 
 MAX_WORKERS = 64  # loader workers per training process
+SHARED_MEMORY = "/dev/shm"  # where PyTorch's loader workers put the batches they hand over (Linux)
 # Fault injection: loader worker 0 dies (as by the OOM killer) as it starts epoch E ("E"), on one rank only ("E@R").
 LOADER_KILL_FAULT_ENV = "IRPT_FAULT_SIGKILL_LOADER_WORKER_AT_EPOCH"
 
@@ -121,11 +125,55 @@ class EpochLoader:
             pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
             worker_init_fn=ignore_preemption_signals if num_workers else None)
         self.started = False
+        self.shared_memory_checked = False
 
     def epoch(self, epoch: int, start_batch: int = 0, positions: list[int] | None = None):
         self.stream.set_position(epoch, start_batch, positions)
         if self.started or self.loader.num_workers == 0:
-            return iter(self.loader)
-        with stop_signals_ignored():
-            self.started = True
-            return iter(self.loader)  # spawns the workers
+            batches = iter(self.loader)
+        else:
+            with stop_signals_ignored():
+                self.started = True
+                batches = iter(self.loader)  # spawns the workers
+        return self._whole(batches, epoch, self.stream.batches_per_epoch - start_batch)
+
+    def _whole(self, batches, epoch: int, expected: int):
+        """``batches``, and an error where they end before the epoch's last one. A worker whose batch
+        cannot be handed over (no room in /dev/shm: a container's default is 64 MB) prints a traceback
+        and the batch is lost; the epoch then ended short, a bare StopIteration in the training loop."""
+        delivered = 0
+        for batch in batches:
+            if not self.shared_memory_checked:  # once, on the first batch: its size is known then
+                self.shared_memory_checked = True
+                self._warn_if_shared_memory_is_short(batch)
+            delivered += 1
+            yield batch
+        if delivered < expected:
+            raise DataError(f"the data loader ended epoch {epoch} after {delivered} of {expected} batches: a loader "
+                            f"worker could not hand over its batches (its message is above). If it says `unable to "
+                            f"allocate shared memory`: {self._shared_memory_advice()}. The same command resumes "
+                            "from the last checkpoint")
+
+    def _shared_memory_need(self, batch) -> int:
+        """Bytes of /dev/shm the batches in flight between this node's workers and processes take."""
+        size = sum(t.numel() * t.element_size() for t in batch.values() if isinstance(t, torch.Tensor))
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return size * (self.loader.num_workers * (self.loader.prefetch_factor or 0) + 1) * processes
+
+    def _shared_memory_advice(self) -> str:
+        try:
+            total = shutil.disk_usage(SHARED_MEMORY).total
+        except OSError:
+            return "the workers pass batches through shared memory, which is full"
+        return (f"the workers pass batches through {SHARED_MEMORY}, which holds {total / 2**20:,.0f} MiB here: give "
+                f"it more (a container: docker run --shm-size=8g), or lower data.num_workers "
+                f"({self.loader.num_workers}), data.prefetch_factor ({self.loader.prefetch_factor}) or the batch size")
+
+    def _warn_if_shared_memory_is_short(self, batch) -> None:
+        if not self.loader.num_workers or os.environ.get("LOCAL_RANK", "0") != "0":
+            return
+        need = self._shared_memory_need(batch)
+        with contextlib.suppress(OSError):
+            if need > shutil.disk_usage(SHARED_MEMORY).total:
+                print(f"warning: the batches in flight may take {need / 2**20:,.0f} MiB of shared memory: "
+                      f"{self._shared_memory_advice()}", file=sys.stderr, flush=True)
