@@ -2,6 +2,8 @@
 and how ``best`` is kept beside the step checkpoints."""
 import json
 import signal
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -307,3 +309,25 @@ def test_an_epoch_that_ends_short_is_an_error_saying_why_not_a_bare_stop_iterati
         "data.num_workers (2), data.prefetch_factor (4) or the batch size\n")
     loader._warn_if_shared_memory_is_short({"batch": 0, "images": frames[:16]})  # 7 MiB: room
     assert capsys.readouterr().err == ""
+
+
+def test_deepspeed_builds_its_cpu_op_in_the_environment_not_under_a_home_that_may_be_read_only(tmp_path):
+    """Torch's extension cache defaults to HOME, and a CPU run whose HOME was missing or read-only (a
+    container run as another user) ended with `No such file or directory: HOME` when DeepSpeed built
+    its communication op. The first writable of the environment's folder and a temporary one is used,
+    unless TORCH_EXTENSIONS_DIR says."""
+    from pretrain.engine.distributed import default_extensions_dir
+
+    env = {}
+    default_extensions_dir(env, (Path("/proc/no-such-folder"), tmp_path / "tmp"))
+    assert env == {"TORCH_EXTENSIONS_DIR": str(tmp_path / "tmp" / "torch_extensions")}
+    assert (tmp_path / "tmp" / "torch_extensions").is_dir()
+    env = {"TORCH_EXTENSIONS_DIR": "/mine"}
+    default_extensions_dir(env, (tmp_path,))
+    assert env == {"TORCH_EXTENSIONS_DIR": "/mine"}
+    env = {}
+    default_extensions_dir(env, (Path("/proc/no-such-folder"),))
+    assert env == {}  # torch's own default then
+    env = {}
+    default_extensions_dir(env)
+    assert env == {"TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}  # run.sh's folder

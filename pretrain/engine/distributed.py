@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -36,6 +37,25 @@ def _under_srun(env) -> bool:
     return "RANK" not in env and "SLURM_PROCID" in env
 
 
+def default_extensions_dir(env: dict, candidates: tuple[Path, ...] | None = None) -> None:
+    """Where DeepSpeed builds its CPU communication op on first use (torch's extension cache), unless
+    ``TORCH_EXTENSIONS_DIR`` says: the environment's own folder, as run.sh sets it (one build for
+    both), else a folder of this user's in the temporary folder. Torch's default is under HOME, and
+    where HOME is missing or read-only (a container run as another user, a cluster's compute nodes)
+    a CPU run ended with `No such file or directory: HOME`."""
+    if env.get("TORCH_EXTENSIONS_DIR"):
+        return
+    if candidates is None:
+        candidates = (Path(sys.prefix), Path(tempfile.gettempdir()) / f"irpt-{os.getuid()}")
+    for base in candidates:
+        folder = base / "torch_extensions"
+        with contextlib.suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                env["TORCH_EXTENSIONS_DIR"] = str(folder)
+                return
+
+
 def launched_world_size(env=os.environ) -> int:
     """The number of processes of this launch, from the launcher's variables (torchrun, the
     deepspeed launcher, SLURM's srun), before the process group exists; 1 without a launcher."""
@@ -62,6 +82,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         env.setdefault("MASTER_PORT", str(free_port()))
     if "OMP_NUM_THREADS" not in env:
         torch.set_num_threads(threads_per_process(env, torch.get_num_threads()))
+    default_extensions_dir(env)
     cuda = torch.cuda.is_available()
     local_rank = int(env.get("LOCAL_RANK", 0))
     if cuda:
