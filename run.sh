@@ -23,7 +23,7 @@
 #   --seg-set K=V, --det-set K=V
 #                    an override of the seg / det config (repeatable), e.g. --det-set data.split_dirs.val=valid
 #   --out DIR        where outputs go (default: ./outputs)
-#   --workers N      shard-builder worker processes (default: number of CPUs)
+#   --workers N      shard-builder worker processes (default: the CPUs it may use, quota included)
 #   --ranker FILE    rank the region proposals with a ranker fitted to your camera
 #                    (python -m data_tools proposals-fit; proposals.method=thermal_blobs_fitted)
 #   --nproc N        training processes per node (N > 1: torchrun; one per GPU on GPU machines)

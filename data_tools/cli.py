@@ -3,12 +3,12 @@ proposals-fit, split, synth."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from data_tools.config import CONFIG_DIR, int_in, load_config, out_file, out_folder, override_arg
 from data_tools.command import run_command
+from data_tools.cpus import usable_cpus
 from data_tools.manifest import read_manifest
 
 DEFAULT_BUILD_CONFIG = CONFIG_DIR / "data" / "build.yaml"
@@ -58,7 +58,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             return _dry_run(sources, Path(args.out))
-        manifest = build_shards(sources, cfg, args.out, workers=args.workers or os.cpu_count() or 1,
+        manifest = build_shards(sources, cfg, args.out, workers=args.workers or usable_cpus(),
                                 overwrite=args.overwrite, progress=not args.quiet)
     except (SourceError, BuildError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -277,7 +277,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", metavar="NAME[,NAME...]", help="build from these sources of the file alone "
                                                            "(e.g. the downloads that are there so far)")
     b.add_argument("--config", default=str(DEFAULT_BUILD_CONFIG), help="build settings YAML")
-    b.add_argument("--workers", type=int_in(0), default=0, help="worker processes (default: all CPUs)")
+    b.add_argument("--workers", type=int_in(0), default=0,
+                   help="worker processes (default: the CPUs this process may use: its affinity and CPU quota)")
     b.add_argument("--overwrite", action="store_true", help="replace shards built with another config")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("--dry-run", action="store_true", help="say what each source gives (frames, annotations) "

@@ -723,3 +723,35 @@ def test_one_run_per_run_dir_and_no_orphaned_workers(shards, tmp_path):
     out = third.stdout + third.stderr
     assert f"took over the lock of {run_dir} from PID {holder['pid']}" in out, out[-3000:]
     assert f"resumed from step{resume_step:08d}" in out
+
+
+def test_the_cpus_a_process_may_use_count_its_cgroups_quota(tmp_path, monkeypatch):
+    """A pod limited to 8 CPUs of a 128-core node (a CFS quota, which os.cpu_count() and torch's
+    thread count do not see) started a build worker per core and 64 threads per training process.
+    The quota is read from the process's cgroup and those above it, v2 and v1."""
+    from data_tools import cpus
+
+    v2 = tmp_path / "v2"
+    (v2 / "kubepods" / "pod1").mkdir(parents=True)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    (v2 / "kubepods" / "cpu.max").write_text("1600000 100000\n")  # 16 CPUs above
+    (v2 / "kubepods" / "pod1" / "cpu.max").write_text("250000 100000\n")  # 2.5 CPUs on the pod
+    assert cpus.cgroup_cpu_limit(v2, "0::/kubepods/pod1\n") == 2.5
+    assert cpus.cgroup_cpu_limit(v2, "0::/\n") is None  # "max": no quota
+    assert cpus.cgroup_cpu_limit(v2, "0::/elsewhere/abc\n") is None  # not mounted here, the root has none
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct" / "docker" / "c1").mkdir(parents=True)
+    for folder, quota in ((v1 / "cpu,cpuacct", "-1"), (v1 / "cpu,cpuacct" / "docker" / "c1", "400000")):
+        (folder / "cpu.cfs_quota_us").write_text(quota + "\n")
+        (folder / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpus.cgroup_cpu_limit(v1, "4:cpu,cpuacct:/docker/c1\n3:memory:/docker/c1\n") == 4.0
+    assert cpus.cgroup_cpu_limit(v1, "4:cpu,cpuacct:/\n") is None
+    assert cpus.cgroup_cpu_limit(tmp_path / "none", "0::/\n") is None  # nothing readable
+
+    monkeypatch.setattr(cpus, "cgroup_cpu_limit", lambda: 2.5)
+    affinity = len(os.sched_getaffinity(0))
+    assert cpus.usable_cpus() == min(affinity, 3)  # a part of a CPU counts as one
+    monkeypatch.setattr(cpus, "cgroup_cpu_limit", lambda: 0.1)
+    assert cpus.usable_cpus() == 1
+    monkeypatch.setattr(cpus, "cgroup_cpu_limit", lambda: None)
+    assert cpus.usable_cpus() == affinity

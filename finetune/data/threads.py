@@ -10,12 +10,12 @@ R = TypeVar("R")
 
 
 def frame_threads() -> int:
-    """This process's share of the cores it may use (as ``nproc`` counts them) among the processes
+    """This process's share of the cores it may use (its affinity and CPU quota) among the processes
     of its node, whatever torch's intra-op thread count (torchrun sets that to 1)."""
+    from data_tools.cpus import usable_cpus
     from pretrain.engine.distributed import threads_per_process
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return threads_per_process(os.environ, cores)
+    return threads_per_process(os.environ, usable_cpus())
 
 
 def map_in_threads(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:

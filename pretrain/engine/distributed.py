@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_tools.cpus import usable_cpus
 from pretrain.engine.runlock import die_with_launcher
 
 
@@ -81,7 +82,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))
     if "OMP_NUM_THREADS" not in env:
-        torch.set_num_threads(threads_per_process(env, torch.get_num_threads()))
+        torch.set_num_threads(threads_per_process(env, min(torch.get_num_threads(), usable_cpus())))
     default_extensions_dir(env)
     cuda = torch.cuda.is_available()
     local_rank = int(env.get("LOCAL_RANK", 0))
