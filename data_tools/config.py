@@ -169,12 +169,13 @@ def float_in(minimum: float, maximum: float | None = None):
 
 
 def out_folder(text: str) -> str:
-    """An argparse ``type``: a folder to write into, refused (before any work) where a file is."""
+    """An argparse ``type``: a folder to write into, refused (before any work) where a file is or
+    where this user cannot write."""
     import argparse
 
-    from data_tools.files import file_not_folder
+    from data_tools.files import file_not_folder, unwritable
 
-    if problem := file_not_folder(Path(text).expanduser()):
+    if problem := file_not_folder(Path(text).expanduser()) or unwritable(Path(text).expanduser()):
         raise argparse.ArgumentTypeError(problem)
     return text
 
@@ -184,13 +185,17 @@ def out_file(default_name: str, suffixes: tuple[str, ...]):
     ``FOLDER/default_name`` (refused before any work: a fit of minutes then failed on the name)."""
     import argparse
 
+    from data_tools.files import unwritable
+
     def parse(text: str) -> str:
         path = Path(text).expanduser()
         if path.is_dir():
-            return str(path / default_name)
-        if path.suffix.lower() not in suffixes:
+            path, text = path / default_name, str(path / default_name)
+        elif path.suffix.lower() not in suffixes:
             raise argparse.ArgumentTypeError(f"{text}: give a {' / '.join(suffixes)} file, or a folder for its "
                                              f"{default_name}")
+        if problem := unwritable(path):
+            raise argparse.ArgumentTypeError(problem)
         return text
 
     parse.__name__ = "output file"

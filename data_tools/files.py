@@ -80,6 +80,22 @@ def file_not_folder(path: str | Path) -> str | None:
     return None
 
 
+def unwritable(path: str | Path) -> str | None:
+    """Where this user cannot write ``path`` (a folder or file to write, there or not yet): the line
+    that says so, naming the folder in the way (not writable, or on a read-only mount); None otherwise.
+    The commands check their outputs with it before any work: a build or a run's start ended in a
+    PermissionError traceback there."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    folder = existing if existing.is_dir() else existing.parent
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    where = "it" if folder == path else f"{folder} (where it would go)"
+    return f"{path}: this user cannot write {where}: no permission, or a read-only mount; choose another place"
+
+
 def folders_below(base: str | Path, relative: Sequence[str], depth: int = 2) -> Iterator[Path]:
     """Folders up to ``depth`` levels below ``base`` (nearest first, then by name) that hold every
     folder (or file, such as a ``data.yaml``) of ``relative``: where a dataset that unpacked into a

@@ -322,6 +322,35 @@ def test_an_output_of_the_wrong_kind_is_refused_before_any_work(argv, said, tmp_
         capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["build", "--source", "a=D", "--out", "R/shards"], "--out"), (["train", "--run-dir", "R/run"], "--run-dir"),
+    (["seg", "--run-dir", "R"], "--run-dir"), (["predict", "D", "--ir", "D", "--out", "R/pred"], "--out"),
+    (["proposals-fit", "--out", "R"], "--out")])
+def test_an_output_this_user_cannot_write_is_refused_before_any_work(argv, option, tmp_path, monkeypatch, capsys):
+    """An output folder under a folder the user may not write (another user's, a read-only mount)
+    ended the build and a run's start in a PermissionError traceback."""
+    import os
+
+    from data_tools.cli import main as data_main
+    from finetune.cli import main as finetune_main
+    from pretrain.cli import main as pretrain_main
+
+    (tmp_path / "D").mkdir()
+    (tmp_path / "R").mkdir()
+    locked = str(tmp_path / "R")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != locked and access(path, mode))
+    main = {"predict": finetune_main, "seg": finetune_main, "train": pretrain_main}.get(argv[0], data_main)
+    with pytest.raises(SystemExit) as e:
+        main([a.replace("D", str(tmp_path / "D")).replace("R", locked) for a in argv])
+    out = argv[argv.index(option) + 1].replace("R", locked)
+    if argv[0] == "proposals-fit":
+        out += "/ranker.json"
+    where = "it" if out == locked else f"{locked} (where it would go)"
+    assert e.value.code == 2 and (f"argument {option}: {out}: this user cannot write {where}: no permission, or a "
+                                  "read-only mount; choose another place") in capsys.readouterr().err
+
+
 def test_a_folder_given_for_an_output_file_takes_its_usual_name(tmp_path):
     from data_tools.config import out_file
 
