@@ -314,20 +314,20 @@ def test_an_epoch_that_ends_short_is_an_error_saying_why_not_a_bare_stop_iterati
 def test_deepspeed_builds_its_cpu_op_in_the_environment_not_under_a_home_that_may_be_read_only(tmp_path):
     """Torch's extension cache defaults to HOME, and a CPU run whose HOME was missing or read-only (a
     container run as another user) ended with `No such file or directory: HOME` when DeepSpeed built
-    its communication op. The first writable of the environment's folder and a temporary one is used,
-    unless TORCH_EXTENSIONS_DIR says."""
+    its communication op. The first writable of the virtual environment's folder, torch's default and
+    a temporary one is used, unless TORCH_EXTENSIONS_DIR says."""
     from pretrain.engine.distributed import default_extensions_dir
 
     env = {}
-    default_extensions_dir(env, (Path("/proc/no-such-folder"), tmp_path / "tmp"))
+    default_extensions_dir(env, (Path("/proc/no-home/.cache/torch_extensions"), tmp_path / "tmp" / "torch_extensions"))
     assert env == {"TORCH_EXTENSIONS_DIR": str(tmp_path / "tmp" / "torch_extensions")}
-    assert (tmp_path / "tmp" / "torch_extensions").is_dir()
     env = {"TORCH_EXTENSIONS_DIR": "/mine"}
     default_extensions_dir(env, (tmp_path,))
     assert env == {"TORCH_EXTENSIONS_DIR": "/mine"}
     env = {}
-    default_extensions_dir(env, (Path("/proc/no-such-folder"),))
+    default_extensions_dir(env, (Path("/proc/no-home/torch_extensions"),))
     assert env == {}  # torch's own default then
     env = {}
     default_extensions_dir(env)
+    assert sys.prefix != sys.base_prefix  # the suite runs in run.sh's virtual environment
     assert env == {"TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}  # run.sh's folder

@@ -40,17 +40,20 @@ def _under_srun(env) -> bool:
 
 def default_extensions_dir(env: dict, candidates: tuple[Path, ...] | None = None) -> None:
     """Where DeepSpeed builds its CPU communication op on first use (torch's extension cache), unless
-    ``TORCH_EXTENSIONS_DIR`` says: the environment's own folder, as run.sh sets it (one build for
-    both), else a folder of this user's in the temporary folder. Torch's default is under HOME, and
-    where HOME is missing or read-only (a container run as another user, a cluster's compute nodes)
-    a CPU run ended with `No such file or directory: HOME`."""
+    ``TORCH_EXTENSIONS_DIR`` says: in a virtual environment its own folder, as run.sh sets it (one
+    build for both); else torch's default under HOME where this user can write there; else a folder
+    of this user's in the temporary one. Where HOME was missing or read-only (a container run as
+    another user, a cluster's compute nodes) a CPU run ended with `No such file or directory: HOME`."""
     if env.get("TORCH_EXTENSIONS_DIR"):
         return
     if candidates is None:
-        candidates = (Path(sys.prefix), Path(tempfile.gettempdir()) / f"irpt-{os.getuid()}")
-    for base in candidates:
-        folder = base / "torch_extensions"
-        with contextlib.suppress(OSError):
+        from torch.utils.cpp_extension import get_default_build_root
+
+        venv = (Path(sys.prefix) / "torch_extensions",) if sys.prefix != sys.base_prefix else ()
+        candidates = (*venv, Path(get_default_build_root()),
+                      Path(tempfile.gettempdir()) / f"irpt-{os.getuid()}" / "torch_extensions")
+    for folder in candidates:
+        with contextlib.suppress(OSError):  # made as torch would (access() says yes to root in /proc)
             folder.mkdir(parents=True, exist_ok=True)
             if os.access(folder, os.W_OK):
                 env["TORCH_EXTENSIONS_DIR"] = str(folder)
