@@ -139,7 +139,7 @@ class EpochLoader:
 
     def _whole(self, batches, epoch: int, expected: int):
         """``batches``, and an error where they end before the epoch's last one. A worker whose batch
-        cannot be handed over (no room in /dev/shm: a container's default is 64 MB) prints a traceback
+        cannot be handed over (no room in /dev/shm: a container's default is 64 MiB) prints a traceback
         and the batch is lost; the epoch then ended short, a bare StopIteration in the training loop."""
         delivered = 0
         for batch in batches:
