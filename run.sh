@@ -178,9 +178,6 @@ PY() { "$VENV/bin/python" "$@"; }
 
 # Offline everywhere: no code path may reach a model hub.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# DeepSpeed compiles a small communication op on first use; keep the build with its environment,
-# so that two checkouts never invalidate (and rebuild) each other's copy.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
 
 stage_synth() {
   [[ -n "$DATA" ]] && return 0

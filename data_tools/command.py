@@ -49,18 +49,27 @@ class _StopAsCtrlC:
         raise KeyboardInterrupt
 
 
+def set_stop_handlers(handler) -> dict:
+    """Set ``handler`` for every stop signal; returns the handlers it replaced."""
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+
+def restore_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def _stop_signals_as_ctrl_c() -> Iterator[_StopAsCtrlC]:
     stop = _StopAsCtrlC()
     if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's alone
         yield stop
         return
-    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    previous = set_stop_handlers(stop)
     try:
         yield stop
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_handlers(previous)
 
 
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace,

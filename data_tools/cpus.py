@@ -53,7 +53,7 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, self_cgroup: str | None = None) -
                 except (OSError, ValueError, IndexError):
                     continue
         elif "cpu" in controllers.split(","):  # v1: the cpu controller's own mount
-            for mount in (root / controllers, root / "cpu"):
+            for mount in dict.fromkeys((root / controllers, root / "cpu")):  # "cpu,cpuacct" or its "cpu" link
                 for folder in _upwards(mount, path):
                     try:
                         limits.append(_quota((folder / "cpu.cfs_quota_us").read_text(),

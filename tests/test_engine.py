@@ -330,4 +330,4 @@ def test_deepspeed_builds_its_cpu_op_in_the_environment_not_under_a_home_that_ma
     env = {}
     default_extensions_dir(env)
     assert sys.prefix != sys.base_prefix  # the suite runs in run.sh's virtual environment
-    assert env == {"TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}  # run.sh's folder
+    assert env == {"TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}  # the environment's

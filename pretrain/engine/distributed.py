@@ -40,8 +40,9 @@ def _under_srun(env) -> bool:
 
 def default_extensions_dir(env: dict, candidates: tuple[Path, ...] | None = None) -> None:
     """Where DeepSpeed builds its CPU communication op on first use (torch's extension cache), unless
-    ``TORCH_EXTENSIONS_DIR`` says: in a virtual environment its own folder, as run.sh sets it (one
-    build for both); else torch's default under HOME where this user can write there; else a folder
+    ``TORCH_EXTENSIONS_DIR`` says: in a virtual environment (run.sh's) its own folder, so that two
+    checkouts never rebuild each other's copy; else torch's default under HOME where this user can
+    write there; else a folder
     of this user's in the temporary one. Where HOME was missing or read-only (a container run as
     another user, a cluster's compute nodes) a CPU run ended with `No such file or directory: HOME`."""
     if env.get("TORCH_EXTENSIONS_DIR"):

@@ -10,7 +10,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+from data_tools.command import restore_handlers, set_stop_handlers
+
 
 
 class StopSignals:
@@ -23,7 +24,7 @@ class StopSignals:
         self.requested = False
         self.signal_name = None
         self.announce = announce
-        self._previous = _set_stop_handlers(self._handler)
+        self._previous = set_stop_handlers(self._handler)
 
     def _handler(self, signum, frame) -> None:
         if signum == signal.SIGINT:
@@ -41,7 +42,7 @@ class StopSignals:
         return bool(flag.item() > 0)
 
     def restore(self) -> None:
-        _restore(self._previous)
+        restore_handlers(self._previous)
 
 
 class EvaluationStopped(Exception):
@@ -64,7 +65,7 @@ def ignore_preemption_signals(_worker_id: int) -> None:
     """Runs in each loader worker after PyTorch installed its own SIGTERM handler (which re-raises
     SIGTERM from any sender but the parent): the training process handles the stop signals (Ctrl-C
     in a terminal reaches the whole process group)."""
-    _set_stop_handlers(signal.SIG_IGN)
+    set_stop_handlers(signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -72,18 +73,8 @@ def stop_signals_ignored():
     """Loader workers spawned inside inherit SIG_IGN for the stop signals (it survives exec), so a
     Ctrl-C or SIGTERM in the second or two before ``ignore_preemption_signals`` runs in them cannot
     kill them (which would read as a worker that died of memory)."""
-    previous = _set_stop_handlers(signal.SIG_IGN)
+    previous = set_stop_handlers(signal.SIG_IGN)
     try:
         yield
     finally:
-        _restore(previous)
-
-
-def _set_stop_handlers(handler) -> dict:
-    """Set ``handler`` for every stop signal; returns the handlers it replaced."""
-    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-
-
-def _restore(previous: dict) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
+        restore_handlers(previous)

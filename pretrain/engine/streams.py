@@ -8,7 +8,6 @@ A stream yields dicts with the keys ``batch`` (index in the epoch), ``worker`` a
 """
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import shutil
@@ -18,10 +17,10 @@ import sys
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pretrain.engine.distributed import SHM_DIR
 from pretrain.engine.signals import ignore_preemption_signals, stop_signals_ignored
 
 MAX_WORKERS = 64  # loader workers per training process
-SHARED_MEMORY = "/dev/shm"  # where PyTorch's loader workers put the batches they hand over (Linux)
 # Fault injection: loader worker 0 dies (as by the OOM killer) as it starts epoch E ("E"), on one rank only ("E@R").
 LOADER_KILL_FAULT_ENV = "IRPT_FAULT_SIGKILL_LOADER_WORKER_AT_EPOCH"
 
@@ -149,10 +148,10 @@ class EpochLoader:
             delivered += 1
             yield batch
         if delivered < expected:
+            advice = self._shared_memory_advice(_shared_memory_size())
             raise DataError(f"the data loader ended epoch {epoch} after {delivered} of {expected} batches: a loader "
                             f"worker could not hand over its batches (its message is above). If it says `unable to "
-                            f"allocate shared memory`: {self._shared_memory_advice()}. The same command resumes "
-                            "from the last checkpoint")
+                            f"allocate shared memory`: {advice}. The same command resumes from the last checkpoint")
 
     def _shared_memory_need(self, batch) -> int:
         """Bytes of /dev/shm the batches in flight between this node's workers and processes take."""
@@ -160,20 +159,24 @@ class EpochLoader:
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         return size * (self.loader.num_workers * (self.loader.prefetch_factor or 0) + 1) * processes
 
-    def _shared_memory_advice(self) -> str:
-        try:
-            total = shutil.disk_usage(SHARED_MEMORY).total
-        except OSError:
-            return "the workers pass batches through shared memory, which is full"
-        return (f"the workers pass batches through {SHARED_MEMORY}, which holds {total / 2**20:,.0f} MiB here: give "
-                f"it more (a container: docker run --shm-size=8g), or lower data.num_workers "
-                f"({self.loader.num_workers}), data.prefetch_factor ({self.loader.prefetch_factor}) or the batch size")
+    def _shared_memory_advice(self, size: int | None) -> str:
+        """What to change where the workers' batches find no room in /dev/shm (of ``size`` bytes)."""
+        held = f", which holds {size / 2**20:,.0f} MiB here" if size is not None else ""
+        return (f"the workers pass batches through {SHM_DIR}{held}: give it more (a container: docker run "
+                f"--shm-size=8g), or lower data.num_workers ({self.loader.num_workers}), data.prefetch_factor "
+                f"({self.loader.prefetch_factor}) or the batch size")
 
     def _warn_if_shared_memory_is_short(self, batch) -> None:
         if not self.loader.num_workers or os.environ.get("LOCAL_RANK", "0") != "0":
             return
-        need = self._shared_memory_need(batch)
-        with contextlib.suppress(OSError):
-            if need > shutil.disk_usage(SHARED_MEMORY).total:
-                print(f"warning: the batches in flight may take {need / 2**20:,.0f} MiB of shared memory: "
-                      f"{self._shared_memory_advice()}", file=sys.stderr, flush=True)
+        need, size = self._shared_memory_need(batch), _shared_memory_size()
+        if size is not None and need > size:
+            print(f"warning: the batches in flight may take {need / 2**20:,.0f} MiB of shared memory: "
+                  f"{self._shared_memory_advice(size)}", file=sys.stderr, flush=True)
+
+
+def _shared_memory_size() -> int | None:
+    try:
+        return shutil.disk_usage(SHM_DIR).total
+    except OSError:
+        return None
