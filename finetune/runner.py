@@ -93,8 +93,8 @@ class FinetuneTask(Task):
         steps_per_epoch = stream.batches_per_epoch // batching.accum
         self.total_steps = int(t.steps)
         if where.is_main:
-            print(f"effective batch {batching.effective} = {batching.micro} x {batching.accum} accumulation x "
-                  f"{where.world} processes; {steps_per_epoch} steps/epoch, {self.total_steps} steps", flush=True)
+            print(f"effective batch {batching.said()}; {steps_per_epoch} steps/epoch, {self.total_steps} steps",
+                  flush=True)
             if len(train_set) < batching.effective:
                 print(f"note: the train split has {len(train_set)} frames, fewer than one effective batch of "
                       f"{batching.effective}: its frames repeat within each step", file=sys.stderr, flush=True)

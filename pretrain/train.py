@@ -100,7 +100,7 @@ class PretrainTask(Task):
             left = "" if used >= total else (
                 f"; {used:,} of the {total:,} samples of an epoch (whole micro-batches for each accumulation step and "
                 f"loader worker; which ones fall out changes with each epoch's shard order)")
-            print(f"effective batch {batching.effective} = {micro} x {accum} accumulation x {where.world} processes; "
+            print(f"effective batch {batching.said()}; "
                   f"lr = blr {o.blr:g} x {batching.effective}/256 = {self.base_lr:.3e}; {steps_per_epoch} steps/epoch, "
                   f"{self.total_steps} steps, {self.warmup_steps} warm-up{left}", flush=True)
         self.stream_cfg = _stream_config(cfg, micro, micro_per_epoch)

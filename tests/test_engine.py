@@ -196,7 +196,8 @@ def test_evaluation_workers_ignore_ctrl_c_from_their_start():
 
 
 def test_a_resume_with_another_loader_worker_count_starts_the_new_workers_streams_afresh():
-    from pretrain.engine.loop import fit_positions_to_workers, new_state
+    from pretrain.engine.batching import fit_positions_to_workers
+    from pretrain.engine.loop import new_state
 
     state = dict(new_state(2), epoch=3, batch=5, positions=[40, 36])
     note = fit_positions_to_workers(state, 1, needs_positions=True)
@@ -331,3 +332,48 @@ def test_deepspeed_builds_its_cpu_op_in_the_environment_not_under_a_home_that_ma
     default_extensions_dir(env)
     assert sys.prefix != sys.base_prefix  # the suite runs in run.sh's virtual environment
     assert env == {"TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}  # the environment's
+
+
+def test_a_resume_onto_another_split_of_the_global_batch_goes_on_at_the_same_step_of_the_epoch():
+    from pretrain.engine.batching import fit_state_to_batching
+    from pretrain.engine.loop import new_state
+
+    then, now = Batching(64, 1, 8), Batching(64, 2, 4)
+    state = dict(new_state(8, then), step=700, epoch=2, batch=13, positions=[5] * 8)
+    note = fit_state_to_batching(state, then, now, steps_per_epoch=344, workers=6, needs_positions=True)
+    assert (state["epoch"], state["batch"], state["positions"]) == (2, (700 - 688) * 2, [0] * 6)
+    assert state["batching"] == {"micro": 64, "accum": 2, "world": 4}
+    assert note == ("the checkpoint's global batch 512 = 64 x 1 accumulation x 8 processes goes on as 512 = 64 x 2 "
+                    "accumulation x 4 processes; the rest of epoch 2 is read from the start of the new streams, not "
+                    "in the order an uninterrupted run reads it")
+    state = dict(new_state(8, then), step=688, epoch=2, batch=0)  # at an epoch's start: the same samples
+    assert fit_state_to_batching(state, then, now, 344, 8, True).endswith("4 processes")
+    state = dict(new_state(8, then), step=700, epoch=2, batch=13)  # a map-style stream: the same frames
+    assert fit_state_to_batching(state, then, now, 344, 8, False).endswith("4 processes")
+    state = dict(new_state(8, then), step=700, epoch=2, batch=12, positions=[5] * 8)
+    assert fit_state_to_batching(state, then, then, 344, 8, True) is None and state["positions"] == [5] * 8
+
+
+def test_a_resume_keeps_the_global_batch_and_an_optimiser_state_split_among_its_processes(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pretrain.engine.batching import layout_problem, saved_batching
+
+    tag = tmp_path / "step00000004"
+    tag.mkdir()
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert layout_problem(Batching(64, 1, 8), Batching(64, 2, 4), tag) is None
+    assert layout_problem(Batching(64, 1, 8), Batching(32, 1, 8), tag).startswith(
+        "the checkpoint's global batch is 512 = 64 x 1 accumulation x 8 processes, this run's 256 = 32 x 1 "
+        "accumulation x 8 processes: resume with the same global batch (train.effective_batch=512")
+    (tag / "bf16_zero_pp_rank_7_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert layout_problem(Batching(64, 1, 8), Batching(64, 2, 4), tag) == (
+        "the checkpoint was written by 8 processes with the optimiser state split among them (train.zero_stage >= 1), "
+        "this run has 4: resume with 8 processes")
+    assert layout_problem(Batching(64, 1, 8), Batching(32, 2, 8), tag) is None  # the same processes
+    # a checkpoint that does not record its batching: the run's own config, with the world it was written by
+    OmegaConf.save(OmegaConf.create({"train": {"batch_size": 8, "accum_steps": 1, "effective_batch": 64}}),
+                   tmp_path / "config.yaml")
+    assert saved_batching({"step": 4}, 2, tmp_path / "config.yaml") == Batching(8, 4, 2)
+    assert saved_batching({"batching": {"micro": 2, "accum": 1, "world": 2}}, 2, tmp_path / "nowhere") == \
+        Batching(2, 1, 2)

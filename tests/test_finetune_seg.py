@@ -229,6 +229,37 @@ def test_killed_seg_run_resumes_to_the_same_weights(synth_pairs, tmp_path):
     assert ma["confusion_matrix"] == mb["confusion_matrix"]
 
 
+def _frames_per_step(run_dir) -> dict[int, list[str]]:
+    """Every process's recorded frames of each step, together."""
+    steps: dict[int, list[str]] = {}
+    for log in sorted(run_dir.glob("samples_rank*.jsonl")):
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            steps.setdefault(record["step"], []).extend(record["keys"])
+    return {step: sorted(keys) for step, keys in steps.items()}
+
+
+def test_a_seg_run_killed_on_two_processes_goes_on_on_one_with_the_same_frames_at_each_step(synth_pairs, tmp_path):
+    """A fine-tuning split's epoch order does not depend on how the global batch is split: resumed
+    on 1 process with twice the accumulation, each step trains on the frames the 2-process run trains on."""
+    args = [f"data.root={synth_pairs}", "train.steps=6", "train.save_every_steps=3", "train.batch_size=2",
+            "eval.overlays=0", "train.record_samples=true", "optim.lr=1e-3"]
+    clean = run_finetune_cli("seg", tmp_path / "clean", TINY, *args, nproc=2)
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+    killed = run_finetune_cli("seg", tmp_path / "run", TINY, *args, nproc=2, env_extra={FAULT_ENV: "4"})
+    assert killed.returncode != 0
+    resumed = finetune(tmp_path / "run", TINY, *args, "train.accum_steps=2")
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resumed from step00000003 at step 3" in out
+    assert "global batch 4 = 2 x 1 accumulation x 2 processes goes on as 4 = 2 x 2 accumulation x 1 processes" in out
+    frames = _frames_per_step(tmp_path / "clean")
+    assert sorted(frames) == list(range(6)) and all(len(keys) == 4 for keys in frames.values())
+    assert _frames_per_step(tmp_path / "run") == frames
+    lr = (lambda run: [json.loads(line).get("lr") for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+    assert lr("run") == lr("clean")
+
+
 def test_ctrl_c_during_the_final_evaluation_stops_it_and_the_same_command_evaluates_again(synth_pairs, tmp_path):
     """Without periodic evaluation the run evaluates once, after its last step (saved); a Ctrl-C then
     ends that evaluation at the next frame (exit 75, no DONE), and so it does under --eval-only."""

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -97,7 +98,7 @@ def test_a_run_of_an_earlier_version_resumes_with_the_settings_it_lacked(shards,
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     assert f"{run_dir} goes on with settings that differ from its start but not what it learns (how its data is " \
-           f"loaded, or settings this toolkit added since it started): " \
+           f"loaded or its global batch split, or settings this toolkit added since it started): " \
            f'data.shards: [{{"path": "{shards}"}}] -> [{{"path": "{shards}", "weight": 1.0}}]' in out
     assert "resumed from step00000002 at step 2" in out
     a, b = trainable(uninterrupted), trainable(run_dir)
@@ -122,15 +123,57 @@ def test_checkpoint_holds_only_trainable_weights(uninterrupted):
     assert (uninterrupted / "tensorboard").is_dir() and (uninterrupted / "config.yaml").is_file()
 
 
-def test_changed_world_size_is_refused(shards, uninterrupted, tmp_path):
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adamw_steps(run_dir, tag="step00000012") -> set:
+    return {float(s["step"]) for s in trainable(run_dir, tag)["optimizer"]["state"].values()}
+
+
+def test_a_run_resumes_on_fewer_then_more_processes_with_its_global_batch(shards, uninterrupted, killed_at_4, tmp_path):
+    """A lost node: the 2-process run killed at step 4 goes on with 1 process at twice the batch,
+    is killed at step 8, and ends on 2 processes: the optimiser state and the schedule go on as
+    in the uninterrupted run, and every step's global batch is 4 samples."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_at_4, run_dir)
+    res = launch(run_dir, shards, nproc=1, extra=["train.batch_size=4"], env_extra={FAULT_ENV: "8"})
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "resumed from step00000004 at step 4 (epoch 0, micro-batch 4)" in out, out[-3000:]
+    assert ("the checkpoint's global batch 4 = 2 x 1 accumulation x 2 processes goes on as 4 = 4 x 1 accumulation "
+            "x 1 processes; the rest of epoch 0 is read from the start of the new streams") in out
+    assert _adamw_steps(run_dir, "step00000008") == {8.0}
+    res = launch(run_dir, shards, nproc=2)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "resumed from step00000008 at step 8 (epoch 1, micro-batch 2)" in out
+    assert "4 = 4 x 1 accumulation x 1 processes goes on as 4 = 2 x 1 accumulation x 2 processes" in out
+    # the optimiser state went on (a fresh one would count at most 4 updates); the scale predictor's
+    # gate closes at the same step
+    assert _adamw_steps(run_dir) == _adamw_steps(uninterrupted) and max(_adamw_steps(run_dir)) == 12
+    then, now = _metrics(uninterrupted), _metrics(run_dir)
+    assert [m["step"] for m in now] == list(range(1, 13))
+    assert [m["lr"] for m in now] == [m["lr"] for m in then]  # the same schedule, step for step
+    assert now[-1]["samples_seen"] == then[-1]["samples_seen"] == 48
+    assert all(np.isfinite(m["loss"]) for m in now)
+    state = json.loads((run_dir / "checkpoints" / "step00000012" / "state_rank1.json").read_text())
+    assert state["data"]["batching"] == {"micro": 2, "accum": 1, "world": 2}
+
+
+def test_another_global_batch_is_refused_on_resume(shards, killed_at_4, tmp_path):
     import shutil
 
     run_dir = tmp_path / "copy"
-    shutil.copytree(uninterrupted, run_dir)
-    (run_dir / "checkpoints" / "latest").write_text("step00000010")
+    shutil.copytree(killed_at_4, run_dir)
     res = launch(run_dir, shards, nproc=1)
     assert res.returncode != 0
-    assert "written by 2 processes, this run has 1" in res.stdout + res.stderr
+    assert ("checkpoint step00000004: the checkpoint's global batch is 4 = 2 x 1 accumulation x 2 processes, this "
+            "run's 2 = 2 x 1 accumulation x 1 processes: resume with the same global batch (train.effective_batch=4 "
+            "sets the accumulation") in res.stdout + res.stderr
+    assert NO_TRACEBACK_OF_OURS not in res.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000004"  # nothing written
 
 
 def test_refusals_for_other_config_and_non_empty_dir(shards, uninterrupted, tmp_path):
@@ -298,6 +341,17 @@ def test_bf16_autocast_and_zero1_run(shards, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     losses = [json.loads(l)["loss"] for l in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and all(l == l and l < 10 for l in losses)
+    # ZeRO 1 splits the optimiser state among the processes, in files a resume on another number of
+    # processes is refused by: DeepSpeed's names for them are what that refusal looks for
+    from pretrain.engine.batching import PARTITIONED_STATE_MARK
+
+    split = [p.name for p in (tmp_path / "bf16" / "checkpoints" / "step00000006").iterdir()
+             if PARTITIONED_STATE_MARK in p.name]
+    assert len(split) == 2, split
+    res = launch(tmp_path / "bf16", shards, nproc=1, extra=["train.precision=bf16_autocast", "train.zero_stage=1",
+                                                           "train.epochs=1", "train.batch_size=4"])
+    assert res.returncode == 1 and ("the checkpoint was written by 2 processes with the optimiser state split among "
+                                    "them (train.zero_stage >= 1), this run has 1") in res.stdout + res.stderr
 
 
 def test_the_checkpoint_records_which_shards_it_trained_on():
@@ -437,15 +491,15 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(killed_at_4,
     ckpt_dir = tmp_path / "checkpoints"
     shutil.copytree(killed_at_4 / "checkpoints", ckpt_dir)
     ckpt = Checkpointer(ckpt_dir)
-    assert ckpt.choose(world=2) == ("step00000004", [])
+    assert ckpt.choose() == ("step00000004", [])
     _corrupt(ckpt_dir, kind)
-    tag, skipped = ckpt.choose(world=2)
+    tag, skipped = ckpt.choose()
     expected = "step00000002" if "latest" not in kind else "step00000004"  # a bad pointer: the newest intact
     assert tag == expected and any(reason in why for why in skipped), skipped
     shutil.rmtree(ckpt_dir / "step00000002")
     if "latest" not in kind:
         with pytest.raises(ResumeError, match="no usable checkpoint"):
-            ckpt.choose(world=2)
+            ckpt.choose()
 
 
 def test_resume_after_flipped_bytes_ends_like_an_uninterrupted_run(shards, uninterrupted, killed_at_4, tmp_path):

@@ -5,18 +5,18 @@ task's model, reports it, builds the DeepSpeed engine, resumes, runs the step lo
 accumulation, exact resume, preemption signals, non-finite losses, periodic evaluation) and ends
 the process with an exit status that says what happened. A :class:`Task` supplies what differs.
 
-Modules: ``distributed`` (process group, clean exit), ``checkpoint`` (exact resume), ``loop`` (the
-steps), ``schedules`` (learning rates), ``optim`` (parameter groups, DeepSpeed), ``streams`` (what
-the loop reads), ``health`` (non-finite losses), ``runlock`` (one run per directory), ``signals``
-(preemption). Fine-tuning and pre-training import the names below only.
+Modules: ``distributed`` (process group, clean exit), ``checkpoint`` (exact resume), ``batching``
+(the global batch over processes), ``loop`` (the steps), ``schedules`` (learning rates), ``optim``
+(parameter groups, DeepSpeed), ``streams`` (what the loop reads), ``health`` (non-finite losses),
+``runlock`` (one run per directory), ``signals`` (preemption). Fine-tuning and pre-training import the names below only.
 """
+from pretrain.engine.batching import Batching, resolve_batching
 from pretrain.engine.checkpoint import Checkpointer, CheckpointWriteError, ResumeError, frozen_fingerprint, seed_step
 from pretrain.engine.distributed import (average_over_ranks, batchnorm_statistics, finish, free_port,
                                          init_distributed, launched_world_size, threads_per_process)
 from pretrain.engine.health import HealthPolicy
-from pretrain.engine.loop import (EXIT_PREEMPTED, Batching, LoopSpec, Process, frozen_reference, new_state,
-                                  prepare_run_dir, resolve_batching, resume_state, run_entry_point, train_steps,
-                                  weights_for_evaluation)
+from pretrain.engine.loop import (EXIT_PREEMPTED, LoopSpec, Process, frozen_reference, new_state, prepare_run_dir,
+                                  resume_state, run_entry_point, train_steps, weights_for_evaluation)
 from pretrain.engine.optim import (build_engine, deepspeed_config, engine_input, hold_gated_groups, param_groups,
                                    set_lr)
 from pretrain.engine.run import run

@@ -18,6 +18,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -198,9 +199,9 @@ class Checkpointer:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def problem(self, tag: str, world: int | None = None) -> str | None:
-        """Why checkpoint ``tag`` cannot be resumed (None: complete and intact). ``world``: the
-        process count whose state files must all be there (None: any)."""
+    def problem(self, tag: str) -> str | None:
+        """Why checkpoint ``tag`` cannot be resumed (None: complete and intact: every file it lists
+        matches its checksum, and every process that wrote it wrote its state)."""
         tag_dir = self.directory / tag
         if not tag_dir.is_dir():
             return "its folder is missing"
@@ -221,11 +222,9 @@ class Checkpointer:
             name = f"state_rank{r}.json"
             if name not in listed["files"]:
                 return f"{name} was not written"
-        if world is not None and saved_world != world:
-            return f"written by {saved_world} processes, this run has {world}: resume with the same number of processes"
         return None
 
-    def choose(self, world: int | None = None) -> tuple[str, list[str]]:
+    def choose(self) -> tuple[str, list[str]]:
         """The newest usable checkpoint (the latest first) and the reasons others were skipped."""
         latest = self.latest_tag()
         skipped = []
@@ -233,37 +232,46 @@ class Checkpointer:
             skipped.append(f"latest names {latest!r}, which does not exist" if latest else "latest is empty")
         order = ([latest] if latest in self.tags() else []) + [t for t in self.tags() if t != latest]
         for tag in order:
-            reason = self.problem(tag, world)
+            reason = self.problem(tag)
             if reason is None:
                 return tag, skipped
             skipped.append(f"{tag}: {reason}")
         raise ResumeError(f"no usable checkpoint in {self.directory}: " + ("; ".join(skipped) or "none written")
                           + " (use --overwrite to start again)")
 
-    def load(self, engine, rank: int, weights_only: bool = False) -> dict:
+    def load(self, engine, rank: int, weights_only: bool = False,
+             check: Callable[[Path, dict], str | None] | None = None) -> dict:
         """Load the newest verified checkpoint into ``engine`` (rank 0 decides, every rank loads
-        the same one); returns this rank's saved state and sets ``self.loaded_tag``.
+        the same one); returns this rank's saved state (rank 0's for a rank the checkpoint's run did
+        not have) and sets ``self.loaded_tag``. ``check(tag folder, rank 0's state)``: rank 0's reason
+        not to load it (None: load), raised on every rank before anything is loaded.
         ``weights_only``: the trainable weights without optimizer state, for any number of
         processes (evaluation), with rank 0's state (config hash, frozen reference)."""
-        world = dist.get_world_size()
         choice: list = [None]
         if rank == 0:
             try:
-                tag, skipped = self.choose(None if weights_only else world)
+                tag, skipped = self.choose()
                 for why in skipped:
                     print(f"warning: checkpoint skipped: {why}", file=sys.stderr, flush=True)
-                choice = [(tag, None)]
+                problem = check(self.directory / tag, self._state(tag, 0)) if check else None
+                choice = [(tag, f"checkpoint {tag}: {problem}" if problem else None)]
             except ResumeError as e:
                 choice = [(None, str(e))]
         dist.broadcast_object_list(choice, src=0)
         tag, error = choice[0]
         if error:
             raise ResumeError(error)
-        state_path = self.directory / tag / f"state_rank{0 if weights_only else rank}.json"
-        state = json.loads(state_path.read_text())
+        state = self._state(tag, 0 if weights_only else rank)
         engine.checkpoint_engine.load = _weights_only_load
         engine.load_checkpoint(str(self.directory), tag=tag, load_module_strict=False,
                                load_optimizer_states=not weights_only, load_lr_scheduler_states=False)
         self.loaded_tag = tag
         return state
+
+    def _state(self, tag: str, rank: int) -> dict:
+        """The state ``rank`` saved with checkpoint ``tag``; rank 0's where the run that wrote it had
+        fewer processes (a resume onto more: step and epoch are every rank's, and the data position
+        is laid out afresh for the new processes)."""
+        path = self.directory / tag / f"state_rank{rank}.json"
+        return json.loads((path if path.is_file() else self.directory / tag / "state_rank0.json").read_text())
 

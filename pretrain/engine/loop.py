@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -29,6 +29,7 @@ from data_tools.config import config_changes, equal_but_for, save_resolved
 from pretrain.backbone_meta import WeightsError
 from data_tools.files import sha256_file, storage_problem, trim_jsonl
 from pretrain.engine import runlock
+from pretrain.engine.batching import BATCHING_KEYS, Batching, layout_problem, saved_batching
 from pretrain.engine.checkpoint import (Checkpointer, CheckpointWriteError, ResumeError, frozen_fingerprint,
                                         seed_step)
 from pretrain.engine.distributed import average_over_ranks, barrier, batchnorm_statistics
@@ -47,8 +48,10 @@ EVAL_STOP_FAULT_ENV = "IRPT_FAULT_SIGINT_DURING_EVAL_AT_STEP"  # Ctrl-C after th
 # --- run directory ----------------------------------------------------------------------------
 
 # How the data is loaded, not what is learned: a resume may change them (fewer loader workers after
-# one died of memory); every other setting of a run is its own.
+# one died of memory), as it may split the same global batch otherwise (BATCHING_KEYS, checked when
+# the checkpoint is read); every other setting of a run is its own.
 LOADING_KEYS = ("data.num_workers", "data.prefetch_factor", "data.pin_memory")
+RESUMABLE_KEYS = LOADING_KEYS + BATCHING_KEYS
 
 
 def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str, cfg: Any = None) -> tuple[str, str | None]:
@@ -56,7 +59,7 @@ def _run_dir_decision(run_dir: Path, overwrite: bool, cfg_hash: str, cfg: Any = 
     to name what differs from a run of another config."""
     saved = _saved_hash(run_dir)
     if Checkpointer(run_dir / "checkpoints").has_checkpoints() and not overwrite:
-        if saved != cfg_hash and cfg is not None and equal_but_for(run_dir / "config.yaml", saved, cfg, LOADING_KEYS):
+        if saved != cfg_hash and cfg is not None and equal_but_for(run_dir / "config.yaml", saved, cfg, RESUMABLE_KEYS):
             return "resume", None  # started before some settings existed, or now loading its data otherwise
         if saved != cfg_hash:
             changes = config_changes(run_dir / "config.yaml", cfg) if cfg is not None else []
@@ -104,7 +107,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, cfg: Any, cfg_hash: str, ran
                 run_hash = _saved_hash(run_dir) or cfg_hash
                 if run_hash != cfg_hash:
                     print(f"note: {run_dir} goes on with settings that differ from its start but not what it learns "
-                          "(how its data is loaded, or settings this toolkit added since it started): "
+                          "(how its data is loaded or its global batch split, or settings this toolkit added since it "
+                          "started): "
                           f"{'; '.join(config_changes(run_dir / 'config.yaml', cfg))}", flush=True)
             decision = [(action, error, run_hash)]
         except runlock.FolderBusy as e:
@@ -227,28 +231,6 @@ class Process:
 
 # --- batching ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Batching:
-    micro: int  # per process
-    accum: int
-    world: int
-
-    @property
-    def effective(self) -> int:
-        return self.micro * self.accum * self.world
-
-
-def resolve_batching(t, world: int) -> Batching:
-    """``train.batch_size`` per process; ``train.effective_batch`` (if set) fixes the accumulation."""
-    micro, accum = int(t.batch_size), int(t.accum_steps)
-    if t.effective_batch:
-        if t.effective_batch % (micro * world):
-            raise PlanError(f"effective_batch {t.effective_batch} is not a multiple of batch_size {micro} x "
-                             f"{world} processes")
-        accum = t.effective_batch // (micro * world)
-    return Batching(micro, accum, world)
-
-
 # --- logging ----------------------------------------------------------------------------------
 
 class MetricsLog:
@@ -303,23 +285,10 @@ class LoopSpec:
     best_metric: str | None = None  # the evaluation metric (higher is better) that picks the ``best`` checkpoint
 
 
-def fit_positions_to_workers(state: dict, workers: int, needs_positions: bool) -> str | None:
-    """A resume with another ``data.num_workers`` (LOADING_KEYS): the saved per-worker stream
-    positions belong to the old count, so each new worker starts its stream afresh. Returns a note
-    when that changes which samples the rest of the epoch reads (a stream that needs positions,
-    resumed inside an epoch)."""
-    before, now = len(state["positions"]), max(workers, 1)
-    if before == now:
-        return None
-    state["positions"] = [0] * now
-    if state["batch"] and needs_positions:
-        return (f"data.num_workers changed ({before} -> {now} loader streams): the rest of epoch {state['epoch']} is "
-                "read from the start of the new workers' streams, not in the order an uninterrupted run reads it")
-    return None
-
-
-def new_state(num_workers: int) -> dict:
+def new_state(num_workers: int, batching: Batching | None = None) -> dict:
+    """The loop state of a run's start (``batching``: its layout, recorded with every checkpoint)."""
     return {"step": 0, "epoch": 0, "batch": 0, "positions": [0] * max(num_workers, 1), "samples_seen": 0,
+            **({"batching": asdict(batching)} if batching else {}),
             "bad_samples": 0, "bad_shards": 0, "bad_shard_names": [], "nonfinite_steps": 0,
             "nonfinite_consecutive": 0, "loss_spikes": 0, "loss_history": []}
 
@@ -349,14 +318,19 @@ def _check_checkpoint(saved: dict, cfg_hash: str, frozen_ref: dict) -> None:
                           "(was the init checkpoint changed or modified?)")
 
 
-def resume_state(ckpt: Checkpointer, engine, rank: int, world: int, cfg_hash: str, frozen_ref: dict,
+def resume_state(ckpt: Checkpointer, engine, rank: int, batching: Batching, cfg_hash: str, frozen_ref: dict,
                  inputs: dict | None = None) -> dict:
     """Load the latest checkpoint and check it belongs to this run (and, where both record it, to
-    the same training data, ``inputs``); returns the loop state."""
-    saved = ckpt.load(engine, rank)
-    if saved["world_size"] != world:
-        raise ResumeError(f"the checkpoint was written by {saved['world_size']} processes, this run has {world}: "
-                          "resume with the same number of processes")
+    the same training data, ``inputs``) and that its global batch can go on as ``batching``;
+    returns the loop state, whose ``batching`` is the checkpoint's (``fit_state_to_batching``
+    lays it out as ``batching``)."""
+    run_config = ckpt.directory.parent / "config.yaml"
+
+    def written_with(state: dict, world: int) -> Batching:
+        return saved_batching(state["data"], world, run_config)
+
+    saved = ckpt.load(engine, rank, check=lambda tag_dir, state0: layout_problem(
+        written_with(state0, state0["world_size"]), batching, tag_dir))
     _check_checkpoint(saved, cfg_hash, frozen_ref)
     then = saved.get("inputs")
     if then is not None and inputs is not None and then != inputs:
@@ -365,6 +339,7 @@ def resume_state(ckpt: Checkpointer, engine, rank: int, world: int, cfg_hash: st
         raise ResumeError(f"the training data differs from the checkpoint's: {said(then)} then, {said(inputs)} now. "
                           "Resume on the data the run started with, or start again with --overwrite")
     state = saved["data"]
+    state["batching"] = asdict(written_with(saved, saved["world_size"]))
     if rank == 0:
         print(f"resumed from {ckpt.loaded_tag} at step {state['step']} (epoch {state['epoch']}, "
               f"micro-batch {state['batch']})", flush=True)
@@ -395,8 +370,10 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
     accum, workers = spec.batching.accum, spec.num_workers
     log = MetricsLog(run_dir, state["step"], rank == 0)
     samples_log = run_dir / f"samples_rank{rank}.jsonl" if spec.record_samples else None
-    if samples_log is not None and samples_log.is_file():  # drop steps the resumed run will redo
-        trim_jsonl(samples_log, lambda r: r["step"] < state["step"])
+    if samples_log is not None:  # drop steps the resumed run will redo, also in the logs of processes it lacks
+        for path in [samples_log] + ([] if rank else _logs_of_ranks_from(run_dir, world)):
+            if path.is_file():
+                trim_jsonl(path, lambda r: r["step"] < state["step"])
     signals = StopSignals(announce=rank == 0)
     fault_step = int(os.environ.get(FAULT_ENV, "-1"))
     nan_steps = faulty_steps() if rank == 0 else set()
@@ -493,6 +470,11 @@ def train_steps(task: Task, engine, optimizer, loader, ckpt: Checkpointer, state
     progress.close()
     signals.restore()
     return True
+
+
+def _logs_of_ranks_from(run_dir: Path, first: int) -> list[Path]:
+    """The sample logs of ranks ``first`` and above (a run resumed on fewer processes)."""
+    return [p for p in run_dir.glob("samples_rank*.jsonl") if int(p.stem.removeprefix("samples_rank")) >= first]
 
 
 def say_stopped(signals: StopSignals, rank: int, what: str) -> None:

@@ -10,10 +10,11 @@ from typing import Callable
 import torch
 
 from data_tools.config import check_config, config_hash
+from pretrain.engine.batching import Batching, fit_positions_to_workers, fit_state_to_batching, resolve_batching
 from pretrain.engine.checkpoint import Checkpointer, ResumeError
 from pretrain.engine.health import HealthPolicy
-from pretrain.engine.loop import (LoopSpec, Process, fit_positions_to_workers, frozen_reference, new_state,
-                                  prepare_run_dir, resolve_batching, resume_state, run_entry_point, say_stopped,
+from pretrain.engine.loop import (LoopSpec, Process, frozen_reference, new_state, prepare_run_dir, resume_state,
+                                  run_entry_point, say_stopped,
                                   stop_poll, train_steps, weights_for_evaluation)
 from pretrain.engine.signals import EvaluationStopped, StopSignals
 from pretrain.engine.optim import build_engine, deepspeed_config
@@ -86,10 +87,14 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
     workers = int(cfg.data.num_workers)
     if plan.inputs is not None:
         meta["inputs"] = plan.inputs
-    state = resume_state(ckpt, engine, rank, world, cfg_hash, frozen_ref, plan.inputs) if resume else new_state(workers)
-    note = fit_positions_to_workers(state, workers, plan.loader.stream.needs_positions)
-    if note and rank == 0:
-        print(f"note: {note}", flush=True)
+    state = resume_state(ckpt, engine, rank, batching, cfg_hash, frozen_ref, plan.inputs) if resume else \
+        new_state(workers, batching)
+    needs_positions = plan.loader.stream.needs_positions
+    for note in (fit_state_to_batching(state, Batching(**state["batching"]), batching, plan.steps_per_epoch, workers,
+                                       needs_positions),
+                 fit_positions_to_workers(state, workers, needs_positions)):
+        if note and rank == 0:
+            print(f"note: {note}", flush=True)
     task.start(model, optimizer, plan, cfg, where)
     evaluation = Evaluation(task, model, cfg, where)
     spec = LoopSpec(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, batching=batching,

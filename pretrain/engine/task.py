@@ -13,7 +13,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from pretrain.engine.loop import Batching, Process
+from pretrain.engine.batching import Batching
+from pretrain.engine.loop import Process
 
 
 @dataclass(frozen=True)
