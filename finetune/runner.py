@@ -100,7 +100,7 @@ class FinetuneTask(Task):
                       f"{batching.effective}: its frames repeat within each step", file=sys.stderr, flush=True)
         loader = EpochLoader(stream, int(cfg.data.num_workers))
         inputs = training_inputs("frames of the training split", len(train_set), train_set.names())
-        return TrainingPlan(loader, steps_per_epoch, self.total_steps, float(cfg.optim.lr), inputs)
+        return TrainingPlan(loader, steps_per_epoch, self.total_steps, inputs)
 
     def start(self, model, optimizer, plan, cfg, where):
         self.cfg, self.device = cfg, where.device

@@ -106,7 +106,7 @@ class PretrainTask(Task):
         self.stream_cfg = _stream_config(cfg, micro, micro_per_epoch)
         loader = EpochLoader(PretrainStream(self.sets, self.stream_cfg, int(t.seed), where.rank, where.world),
                              workers, int(cfg.data.prefetch_factor), cfg.data.pin_memory)
-        return TrainingPlan(loader, steps_per_epoch, self.total_steps, self.base_lr, shard_inputs(self.sets))
+        return TrainingPlan(loader, steps_per_epoch, self.total_steps, shard_inputs(self.sets))
 
     def start(self, model, optimizer, plan, cfg, where):
         self.model, self.cfg, self.device, self.run_dir = model, cfg, where.device, where.run_dir

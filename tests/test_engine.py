@@ -69,7 +69,7 @@ def test_best_survives_pruning_of_its_step(tmp_path):
 
 def test_a_plan_that_takes_more_micro_batches_than_its_stream_yields_is_refused():
     def plan(steps_per_epoch, batches):
-        return TrainingPlan(SimpleNamespace(stream=SimpleNamespace(batches_per_epoch=batches)), steps_per_epoch, 10, 0.1)
+        return TrainingPlan(SimpleNamespace(stream=SimpleNamespace(batches_per_epoch=batches)), steps_per_epoch, 10)
 
     plan(3, 12).check(4, "seg")
     plan(3, 13).check(4, "seg")  # a micro-batch left over is no harm

@@ -256,7 +256,8 @@ def test_a_seg_run_killed_on_two_processes_goes_on_on_one_with_the_same_frames_a
     frames = _frames_per_step(tmp_path / "clean")
     assert sorted(frames) == list(range(6)) and all(len(keys) == 4 for keys in frames.values())
     assert _frames_per_step(tmp_path / "run") == frames
-    lr = (lambda run: [json.loads(line).get("lr") for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+    def lr(run):
+        return [json.loads(line).get("lr") for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     assert lr("run") == lr("clean")
 
 

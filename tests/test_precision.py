@@ -49,6 +49,10 @@ def test_pretraining_in_bf16_trains_previews_and_exports(corpus, tmp_path):
     assert len(previews) == 2 and cv2.imread(str(previews[-1])).std() > 0
     states = _module_states(run_dir)
     assert {t.dtype for t in states.values() if t.is_floating_point()} == {torch.bfloat16}
+    # AdamW counts the 2 steps trained, not the one DeepSpeed's bf16 optimiser takes as it wraps it
+    (tag,) = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step")][-1:]
+    adamw = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=True)["optimizer"]["optimizer_state_dict"]
+    assert max(float(s["step"]) for s in adamw["state"].values()) == 2
     res = subprocess.run([sys.executable, "-m", "pretrain", "export", str(run_dir), "--out", str(tmp_path / "b.pth")],
                          **common)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -108,22 +108,34 @@ def hold_gated_groups(optimizer: torch.optim.Optimizer, hold: UpdateHold | None 
     return optimizer
 
 
-def build_engine(model: torch.nn.Module, groups: list[dict], lr: float, betas: tuple[float, float], ds_cfg: dict):
+def build_engine(model: torch.nn.Module, groups: list[dict], betas: tuple[float, float], ds_cfg: dict):
     """DeepSpeed engine around ``model`` with a torch AdamW (no extension to compile). A group
     with a ``gate`` name keeps it (and ``gated``, False until a task closes the gate);
-    ``engine.update_hold`` drops a whole step's update."""
+    ``engine.update_hold`` drops a whole step's update. The learning rate starts at 0: the loop
+    sets it before every step."""
     import deepspeed
 
-    opt_groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr,
+    opt_groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": 0.0,
                    "lr_scale": g.get("lr_scale", 1.0), "gate": g.get("gate"), "gated": False} for g in groups]
     hold = UpdateHold()
-    optimizer = hold_gated_groups(torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas)), hold)
+    optimizer = hold_gated_groups(torch.optim.AdamW(opt_groups, lr=0.0, betas=tuple(betas)), hold)
     params = [p for g in groups for p in g["params"]]
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
-                                                   model_parameters=params)
+    engine, wrapped, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
+                                                 model_parameters=params)
+    uncount_steps_taken_while_wrapping(optimizer)
     engine.update_hold = hold
-    return engine, optimizer
+    return engine, wrapped
 
+
+def uncount_steps_taken_while_wrapping(optimizer: torch.optim.Optimizer) -> None:
+    """DeepSpeed's bf16 optimiser without ZeRO (``train.precision=bf16``) makes AdamW's state as it
+    wraps it, with one step on zero gradients: at learning rate 0 that step moved no weight (weight
+    decay included), but AdamW counted it, and its bias correction would take the first real step
+    for the second (AdamW's, and so MAE's and PAD's, count starts at 1). Zero moments at count 0 are
+    a fresh state."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -75,8 +75,8 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
     if plan is not None:
         plan.check(batching.accum, task.name)
     ds_cfg = deepspeed_config(batching.micro, batching.accum, world, t.precision, t.zero_stage, t.grad_clip)
-    engine, optimizer = build_engine(model, task.param_groups(model, cfg), plan.base_lr if plan else 0.0,
-                                     tuple(cfg.optim.betas), ds_cfg)  # one optim: section for every task
+    engine, optimizer = build_engine(model, task.param_groups(model, cfg), tuple(cfg.optim.betas),
+                                     ds_cfg)  # one optim: section for every task
 
     if eval_only:
         state = weights_for_evaluation(ckpt, engine, cfg_hash, frozen_ref)

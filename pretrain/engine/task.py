@@ -23,7 +23,6 @@ class TrainingPlan:
     loader: object  # an EpochLoader (batches epoch after epoch, resumable)
     steps_per_epoch: int
     total_steps: int
-    base_lr: float
     inputs: dict | None = None  # what the data is (training_inputs): a resume on other data is refused
 
     def check(self, accum: int, task: str) -> None:
