@@ -189,7 +189,7 @@ def out_file(default_name: str, suffixes: tuple[str, ...]):
 
     def parse(text: str) -> str:
         path = Path(text).expanduser()
-        if path.is_dir():
+        if path.is_dir() or text.endswith(("/", os.sep)):  # a folder, there or said as one
             path, text = path / default_name, str(path / default_name)
         elif path.suffix.lower() not in suffixes:
             raise argparse.ArgumentTypeError(f"{text}: give a {' / '.join(suffixes)} file, or a folder for its "

@@ -81,6 +81,9 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
     detection = "boxes" in cfg.data
     for split in splits:
         data = data_for_split(cfg, split)
+        if detection and not data.boxes.path:
+            raise ValueError(f"{name} ({split}): data.boxes.path is not set (the boxes: a COCO JSON file, or a folder "
+                             "of YOLO / bbGt txt or VOC xml files; relative paths start at data.root)")
         try:
             listed = discover(data, split_list(data, split), need_label=not detection)
         except FileNotFoundError as e:

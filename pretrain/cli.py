@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from data_tools.command import run_command
-from data_tools.config import CONFIG_DIR, load_config, out_folder
+from data_tools.config import CONFIG_DIR, load_config, out_file, out_folder
 
 
 # Commands import what they need: `summary` and argument errors should not wait for torch.
@@ -109,8 +109,8 @@ def make_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_cmd_train)
     ex = sub.add_parser("export", help="write the fine-tuning backbone (encoder + adapters) of a run")
     ex.add_argument("run_dir")
-    ex.add_argument("--out", required=True, help="backbone .pth, or a folder for its backbone.pth (a .json with its "
-                    "config is written beside it)")
+    ex.add_argument("--out", required=True, type=out_file("backbone.pth", (".pth", ".pt")),
+                    help="backbone .pth, or a folder for its backbone.pth (a .json with its config is written beside it)")
     ex.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     ex.set_defaults(func=_cmd_export)
     ve = sub.add_parser("verify", help="check a run's checkpoints (files, checksums) and say which one a resume "

@@ -1,4 +1,6 @@
 """Refusals of the smaller commands and helpers: each names what is wrong."""
+import argparse
+
 import cv2
 import numpy as np
 import pytest
@@ -39,6 +41,21 @@ def test_check_refuses_segmentation_without_label_folder(tmp_path, capsys):
     assert finetune_main(["check", "--config", str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"), f"data.root={tmp_path}",
                           "data.dirs.label=null"]) == 2
     assert "data.dirs.label is not set" in capsys.readouterr().err
+
+
+def test_detection_without_a_boxes_path_is_refused_before_training_as_the_check_refuses_it(tmp_path, capsys):
+    """The tiny detection config names no boxes (run.sh passes the synthetic corpus's): run by hand
+    on a data.root alone, training ended in a traceback (`annotation path does not exist: None`)."""
+    from finetune.cli import main as finetune_main
+
+    write_corpus(tmp_path / "syn", SynthConfig(num_images=4, width=80, height=64))
+    args = ["--config", str(CONFIG_DIR / "finetune" / "det_tiny.yaml"), f"data.root={tmp_path / 'syn'}"]
+    for command in (["check"], ["det", "--run-dir", str(tmp_path / "run")]):
+        assert finetune_main(command + args) == 2
+        err = capsys.readouterr().err
+        assert "det_tiny.yaml (train): data.boxes.path is not set (the boxes: a COCO JSON file" in err, err
+    assert not (tmp_path / "run").exists()
+    assert finetune_main(["check", *args, "data.boxes.path=labels"]) == 0
 
 
 def test_check_refuses_an_init_checkpoint_that_is_not_there_as_training_would(tmp_path, capsys):
@@ -315,7 +332,8 @@ def test_an_output_of_the_wrong_kind_is_refused_before_any_work(argv, said, tmp_
 
     (tmp_path / "D").mkdir()
     (tmp_path / "F").write_text("a file\n")
-    main = {"predict": finetune_main, "seg": finetune_main, "train": pretrain_main}.get(argv[0], data_main)
+    main = {"predict": finetune_main, "seg": finetune_main, "train": pretrain_main,
+            "export": pretrain_main}.get(argv[0], data_main)
     with pytest.raises(SystemExit) as e:
         main([a.replace("D", str(tmp_path / "D")).replace("F", str(tmp_path / "F")) for a in argv])
     assert e.value.code == 2 and said.replace("D", str(tmp_path / "D")).replace("F", str(tmp_path / "F")) in \
@@ -325,7 +343,7 @@ def test_an_output_of_the_wrong_kind_is_refused_before_any_work(argv, said, tmp_
 @pytest.mark.parametrize("argv, option", [
     (["build", "--source", "a=D", "--out", "R/shards"], "--out"), (["train", "--run-dir", "R/run"], "--run-dir"),
     (["seg", "--run-dir", "R"], "--run-dir"), (["predict", "D", "--ir", "D", "--out", "R/pred"], "--out"),
-    (["proposals-fit", "--out", "R"], "--out")])
+    (["proposals-fit", "--out", "R"], "--out"), (["export", "D", "--out", "R/b.pth"], "--out")])
 def test_an_output_this_user_cannot_write_is_refused_before_any_work(argv, option, tmp_path, monkeypatch, capsys):
     """An output folder under a folder the user may not write (another user's, a read-only mount)
     ended the build and a run's start in a PermissionError traceback."""
@@ -340,7 +358,8 @@ def test_an_output_this_user_cannot_write_is_refused_before_any_work(argv, optio
     locked = str(tmp_path / "R")
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: str(path) != locked and access(path, mode))
-    main = {"predict": finetune_main, "seg": finetune_main, "train": pretrain_main}.get(argv[0], data_main)
+    main = {"predict": finetune_main, "seg": finetune_main, "train": pretrain_main,
+            "export": pretrain_main}.get(argv[0], data_main)
     with pytest.raises(SystemExit) as e:
         main([a.replace("D", str(tmp_path / "D")).replace("R", locked) for a in argv])
     out = argv[argv.index(option) + 1].replace("R", locked)
@@ -357,6 +376,10 @@ def test_a_folder_given_for_an_output_file_takes_its_usual_name(tmp_path):
     (tmp_path / "exports").mkdir()
     assert out_file("preview.png", (".png",))(str(tmp_path / "exports")) == str(tmp_path / "exports" / "preview.png")
     assert out_file("preview.png", (".png",))(str(tmp_path / "grid.PNG")) == str(tmp_path / "grid.PNG")
+    # a folder not there yet, said as one by its final slash (a file of that name was written before)
+    assert out_file("backbone.pth", (".pth",))(str(tmp_path / "new") + "/") == str(tmp_path / "new" / "backbone.pth")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"new: give a .pth / .pt file, or a folder for its backbone"):
+        out_file("backbone.pth", (".pth", ".pt"))(str(tmp_path / "new"))
 
 
 @pytest.mark.parametrize("command", ["data_tools synth", "finetune predict", "pretrain export"])
