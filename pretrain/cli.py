@@ -110,7 +110,8 @@ def make_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write the fine-tuning backbone (encoder + adapters) of a run")
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True, type=out_file("backbone.pth", (".pth", ".pt")),
-                    help="backbone .pth, or a folder for its backbone.pth (a .json with its config is written beside it)")
+                    help="backbone .pth, or a folder for its backbone.pth (a .json with its config is written "
+                         "beside it)")
     ex.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     ex.set_defaults(func=_cmd_export)
     ve = sub.add_parser("verify", help="check a run's checkpoints (files, checksums) and say which one a resume "
