@@ -34,13 +34,13 @@ def shards(tmp_path_factory):
     return root / "shards"
 
 
-def launch(run_dir, shards, nproc=2, extra=(), env_extra=None, wait=True):
+def launch(run_dir, shards, nproc=2, extra=(), env_extra=None, wait=True, launcher_args=()):
     """torchrun with `nproc` gloo processes; 6 steps per epoch, 2 epochs, a checkpoint every 2 steps."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env_extra or {}))
     from pretrain.engine import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "-m", "pretrain", "train", "--config", TINY, "--run-dir", str(run_dir),
+           str(free_port()), *launcher_args, "-m", "pretrain", "train", "--config", TINY, "--run-dir", str(run_dir),
            f"data.shards=[{{path: {shards}}}]", "train.batch_size=2", "train.save_every_steps=2",
            "train.record_samples=true", *extra]
     if not wait:
@@ -160,6 +160,20 @@ def test_a_run_resumes_on_fewer_then_more_processes_with_its_global_batch(shards
     assert all(np.isfinite(m["loss"]) for m in now)
     state = json.loads((run_dir / "checkpoints" / "step00000012" / "state_rank1.json").read_text())
     assert state["data"]["batching"] == {"micro": 2, "accum": 1, "world": 2}
+
+
+def test_torchrun_restarts_the_killed_workers_and_they_resume_bit_exactly(shards, uninterrupted, tmp_path):
+    """`--max-restarts`: torchrun starts the workers again after one is killed; they form their
+    process group anew (the agent's store still held the first round's addresses: most restarts
+    failed to connect or hung) and resume from the checkpoint as a rerun would."""
+    run_dir = tmp_path / "run"
+    res = launch(run_dir, shards, env_extra={FAULT_ENV: "4"}, launcher_args=["--max-restarts", "1"])
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "exitcode: -9" in out and "resumed from step00000004 at step 4" in out
+    a, b = trainable(uninterrupted), trainable(run_dir)
+    assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
+    assert samples(run_dir) == samples(uninterrupted)
 
 
 def test_another_global_batch_is_refused_on_resume(shards, killed_at_4, tmp_path):

@@ -92,11 +92,42 @@ def init_distributed() -> tuple[int, int, torch.device]:
     local_rank = int(env.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
+    if (store := restart_safe_store(env)) is not None:  # DeepSpeed adopts the group made here
+        from deepspeed.constants import default_pg_timeout  # DeepSpeed's own (DEEPSPEED_TIMEOUT)
+
+        dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                                timeout=default_pg_timeout, **_device_binding(cuda, local_rank, env))
+    deepspeed.init_distributed(dist_backend=backend)
     if not cuda:
         release_shared_buffer_name(dist.get_rank(), env)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def restart_safe_store(env) -> dist.Store | None:
+    """The store of the process group under torchrun, apart for each restart of its workers
+    (``--max-restarts``); None elsewhere (the default rendezvous is then right). torchrun's workers
+    form their group through its agent's store, which outlives a restart: the restarted workers
+    found the previous round's addresses there and failed to connect (gloo's `connectFullMesh
+    failed ... Connection refused`) or waited for ever, in most restarts (pytorch issues 135712,
+    167288). Each restart count keys its own round."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from deepspeed.constants import default_pg_timeout
+
+    agent = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"irpt/restart{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
+
+
+def _device_binding(cuda: bool, local_rank: int, env) -> dict:
+    """The ``device_id`` DeepSpeed binds an NCCL group to when it forms the group itself (several
+    processes; not on the torch versions where binding hangs, pytorch issue 153960)."""
+    hangs = "2.6.0" < torch.__version__ < "2.7.1"  # TorchVersion compares as a version
+    if not cuda or int(env["WORLD_SIZE"]) == 1 or hangs:
+        return {}
+    return {"device_id": torch.device("cuda", local_rank)}
 
 
 SHM_DIR = Path("/dev/shm")  # where shm_open keeps its names on Linux
