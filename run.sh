@@ -159,15 +159,27 @@ for n in "$NPROC" "$NNODES" "$NODE_RANK"; do [[ "$n" =~ ^[0-9]+$ ]] || fail "not
 [[ -z "$HOSTFILE" || "$NNODES" -eq 1 ]] || fail "--hostfile and --nnodes exclude each other (the DeepSpeed launcher reads the nodes from the hostfile)"
 
 # --- set-up: a virtual environment with the pinned dependencies; a no-op when already done ---
+# The pins tested with the environment's Python: constraints.txt (CI, Python >= 3.11), or the set for
+# Python 3.10, which has no wheels of several of those versions.
+pins_for() {
+  local py="$1"
+  [[ -x "$VENV/bin/python" ]] && py="$VENV/bin/python"
+  "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
+    || fail "$py is not Python >= 3.10 ($("$py" -V 2>&1)): pass --python with one that is (python3.11, python3.12)"
+  if "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then echo "$ROOT/constraints.txt"
+  else echo "$ROOT/constraints-py310.txt"; fi
+}
+
 setup() {
-  local stamp_src stamp
-  stamp_src="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
+  local stamp_src stamp pins
+  pins="$(pins_for "$PYTHON_BOOT")" || exit 1
+  stamp_src="$(cat "$ROOT/pyproject.toml" "$pins" | sha256sum | cut -c1-16)"
   stamp="$VENV/.irpt-installed-$stamp_src"
   if [[ -f "$stamp" ]]; then return 0; fi
   say "setup: creating $VENV and installing pinned dependencies (first run only, ~2 min)"
   local t0=$SECONDS
   [[ -x "$VENV/bin/python" ]] || "$PYTHON_BOOT" -m venv "$VENV" || fail "could not create a venv with $PYTHON_BOOT"
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[test]" \
+  "$VENV/bin/python" -m pip install -q -c "$pins" -e "$ROOT[test]" \
     || fail "dependency installation failed (see pip's message above)"
   rm -f "$VENV"/.irpt-installed-*
   touch "$stamp"

@@ -215,6 +215,19 @@ def test_bad_launcher_options_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out" / "synth").exists()
 
 
+def test_a_python_older_than_3_10_is_refused_before_the_environment_is_made(tmp_path):
+    """pip said only `ResolutionImpossible` (or that irpt needs another Python), after a venv."""
+    old = tmp_path / "python3.9"  # answers as a Python 3.9 would
+    old.write_text('#!/bin/sh\n[ "$1" = -V ] && { echo "Python 3.9.18"; exit 0; }\nexit 1\n')
+    old.chmod(0o755)
+    env = dict(os.environ, IRPT_VENV=str(tmp_path / "venv"))
+    res = subprocess.run(["bash", str(ROOT / "run.sh"), "setup", "--python", str(old)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and (f"ERROR: {old} is not Python >= 3.10 (Python 3.9.18): pass --python with one "
+                                    "that is (python3.11, python3.12)") in res.stderr, res.stderr
+    assert not (tmp_path / "venv").exists()
+
+
 def test_fine_tuning_overrides_reach_the_check_and_the_stage(tmp_path):
     """`--det-set KEY=VALUE` overrides the detection config, first in the check that runs before
     any stage (a preset's split folder named otherwise), then in the stage itself."""
