@@ -93,9 +93,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(local_rank)
     backend = "nccl" if cuda else "gloo"
-    if (store := restart_safe_store(env)) is not None:  # DeepSpeed adopts the group made here
-        from deepspeed.constants import default_pg_timeout  # DeepSpeed's own (DEEPSPEED_TIMEOUT)
+    from deepspeed.constants import default_pg_timeout  # DeepSpeed's own (DEEPSPEED_TIMEOUT)
 
+    if (store := restart_safe_store(env, default_pg_timeout)) is not None:  # DeepSpeed adopts this group
         dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
                                 timeout=default_pg_timeout, **_device_binding(cuda, local_rank, env))
     deepspeed.init_distributed(dist_backend=backend)
@@ -105,7 +105,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def restart_safe_store(env) -> dist.Store | None:
+def restart_safe_store(env, timeout) -> dist.Store | None:
     """The store of the process group under torchrun, apart for each restart of its workers
     (``--max-restarts``); None elsewhere (the default rendezvous is then right). torchrun's workers
     form their group through its agent's store, which outlives a restart: the restarted workers
@@ -114,10 +114,8 @@ def restart_safe_store(env) -> dist.Store | None:
     167288). Each restart count keys its own round."""
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    from deepspeed.constants import default_pg_timeout
-
     agent = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
-                          timeout=default_pg_timeout)
+                          timeout=timeout)
     return dist.PrefixStore(f"irpt/restart{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
 
 
