@@ -94,7 +94,7 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
             raise FileNotFoundError(f"{name} ({split}): {problem}")
         if read_frames and (problem := _first_frames_problem(cfg, listed[0])):
             raise ValueError(f"{name} ({split}): {problem}")
-        if detection and data.boxes.path:
+        if detection:  # its boxes.path is set (above)
             try:  # a folder of label files where they are read (each frame folder's), or one COCO file
                 problem = classes_problem(listed[0], data.boxes, tuple(cfg.data.classes), name_suffix(data, "ir"),
                                           ScoringLimits.of(cfg) if split == "val" and scoring else None,

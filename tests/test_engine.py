@@ -339,18 +339,18 @@ def test_a_resume_onto_another_split_of_the_global_batch_goes_on_at_the_same_ste
     from pretrain.engine.loop import new_state
 
     then, now = Batching(64, 1, 8), Batching(64, 2, 4)
-    state = dict(new_state(8, then), step=700, epoch=2, batch=13, positions=[5] * 8)
+    state = dict(new_state(8), step=700, epoch=2, batch=13, positions=[5] * 8)
     note = fit_state_to_batching(state, then, now, steps_per_epoch=344, workers=6, needs_positions=True)
     assert (state["epoch"], state["batch"], state["positions"]) == (2, (700 - 688) * 2, [0] * 6)
     assert state["batching"] == {"micro": 64, "accum": 2, "world": 4}
     assert note == ("the checkpoint's global batch 512 = 64 x 1 accumulation x 8 processes goes on as 512 = 64 x 2 "
                     "accumulation x 4 processes; the rest of epoch 2 is read from the start of the new streams, not "
                     "in the order an uninterrupted run reads it")
-    state = dict(new_state(8, then), step=688, epoch=2, batch=0)  # at an epoch's start: the same samples
+    state = dict(new_state(8), step=688, epoch=2, batch=0)  # at an epoch's start: the same samples
     assert fit_state_to_batching(state, then, now, 344, 8, True).endswith("4 processes")
-    state = dict(new_state(8, then), step=700, epoch=2, batch=13)  # a map-style stream: the same frames
+    state = dict(new_state(8), step=700, epoch=2, batch=13)  # a map-style stream: the same frames
     assert fit_state_to_batching(state, then, now, 344, 8, False).endswith("4 processes")
-    state = dict(new_state(8, then), step=700, epoch=2, batch=12, positions=[5] * 8)
+    state = dict(new_state(8), step=700, epoch=2, batch=12, positions=[5] * 8)
     assert fit_state_to_batching(state, then, then, 344, 8, True) is None and state["positions"] == [5] * 8
 
 

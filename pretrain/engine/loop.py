@@ -229,8 +229,6 @@ class Process:
         return self.rank == 0
 
 
-# --- batching ---------------------------------------------------------------------------------
-
 # --- logging ----------------------------------------------------------------------------------
 
 class MetricsLog:
@@ -285,10 +283,8 @@ class LoopSpec:
     best_metric: str | None = None  # the evaluation metric (higher is better) that picks the ``best`` checkpoint
 
 
-def new_state(num_workers: int, batching: Batching | None = None) -> dict:
-    """The loop state of a run's start (``batching``: its layout, recorded with every checkpoint)."""
+def new_state(num_workers: int) -> dict:
     return {"step": 0, "epoch": 0, "batch": 0, "positions": [0] * max(num_workers, 1), "samples_seen": 0,
-            **({"batching": asdict(batching)} if batching else {}),
             "bad_samples": 0, "bad_shards": 0, "bad_shard_names": [], "nonfinite_steps": 0,
             "nonfinite_consecutive": 0, "loss_spikes": 0, "loss_history": []}
 

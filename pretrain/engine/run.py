@@ -14,8 +14,7 @@ from pretrain.engine.batching import Batching, fit_positions_to_workers, fit_sta
 from pretrain.engine.checkpoint import Checkpointer, ResumeError
 from pretrain.engine.health import HealthPolicy
 from pretrain.engine.loop import (LoopSpec, Process, frozen_reference, new_state, prepare_run_dir, resume_state,
-                                  run_entry_point, say_stopped,
-                                  stop_poll, train_steps, weights_for_evaluation)
+                                  run_entry_point, say_stopped, stop_poll, train_steps, weights_for_evaluation)
 from pretrain.engine.signals import EvaluationStopped, StopSignals
 from pretrain.engine.optim import build_engine, deepspeed_config
 from pretrain.engine.task import Task
@@ -88,10 +87,10 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
     if plan.inputs is not None:
         meta["inputs"] = plan.inputs
     state = resume_state(ckpt, engine, rank, batching, cfg_hash, frozen_ref, plan.inputs) if resume else \
-        new_state(workers, batching)
+        new_state(workers)
+    written_with = Batching(**state["batching"]) if resume else batching  # recorded with every checkpoint
     needs_positions = plan.loader.stream.needs_positions
-    for note in (fit_state_to_batching(state, Batching(**state["batching"]), batching, plan.steps_per_epoch, workers,
-                                       needs_positions),
+    for note in (fit_state_to_batching(state, written_with, batching, plan.steps_per_epoch, workers, needs_positions),
                  fit_positions_to_workers(state, workers, needs_positions)):
         if note and rank == 0:
             print(f"note: {note}", flush=True)

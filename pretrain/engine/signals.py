@@ -13,7 +13,6 @@ import torch.distributed as dist
 from data_tools.command import restore_handlers, set_stop_handlers
 
 
-
 class StopSignals:
     """Stop signals set a flag; the loop saves and stops at the end of the step, once every rank
     agrees (an all-reduce, so no rank is left waiting in a collective). A second SIGINT raises
