@@ -251,6 +251,22 @@ def test_torchrun_takes_a_repeated_stop_signal_as_one_request_but_a_second_ctrl_
         fake._terminate_process_handler(signal.SIGINT, None)
 
 
+@pytest.mark.parametrize("args, apart", [
+    (["--nnodes", "2", "--master_addr", "node0", "--master_port", "29500"], None),  # static: run.sh's
+    (["--nnodes", "2:4", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400"], "1"),
+    (["--standalone", "--nproc_per_node", "2"], "1"),
+])
+def test_torchrun_rounds_form_their_groups_apart_under_a_dynamic_rendezvous(args, apart):
+    from pretrain.engine.launchers import _round_stores_apart
+
+    env = {}
+    _round_stores_apart([*args, "-m", "pretrain", "train"], env)
+    assert env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == apart
+    given = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"}
+    _round_stores_apart([*args, "train.py"], given)
+    assert given == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"}  # a value given wins
+
+
 @pytest.mark.parametrize("backend, expected", [("nccl", {"device_ids": [3]}), ("gloo", {})])
 def test_a_barrier_names_the_gpu_of_its_process_on_nccl(monkeypatch, backend, expected):
     """NCCL without the device guesses it and warns at every barrier (seen on an H200); gloo takes none."""

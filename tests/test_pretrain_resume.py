@@ -176,6 +176,59 @@ def test_torchrun_restarts_the_killed_workers_and_they_resume_bit_exactly(shards
     assert samples(run_dir) == samples(uninterrupted)
 
 
+ROUND_WORKER = """
+import os, signal, sys, time
+import torch, torch.distributed as dist
+from pretrain.engine.distributed import finish, init_distributed
+mark, node = sys.argv[1], os.environ["GROUP_RANK"]
+first_round = not os.path.exists(mark)  # read before the all-reduce, which node 0 passes only with node 1
+init_distributed()
+x = torch.ones(1)
+dist.all_reduce(x)
+print(f"node {node} restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: {x.item():.0f} processes", flush=True)
+if first_round and node == "0":
+    open(mark, "w").close()
+    os.kill(os.getpid(), signal.SIGKILL)  # a fault on node 0
+if first_round:
+    time.sleep(120)  # node 1 between collectives (on a GPU: waiting in one) until its agent restarts it
+dist.all_reduce(x)
+print(f"node {node}: done", flush=True)
+finish(0)  # as our entry points end (the gloo exit crash)
+"""
+
+
+def test_a_restart_caused_by_another_node_forms_the_new_group(tmp_path):
+    """Two torchrun agents (nodes) under a c10d rendezvous, a process each, node 0's killed: node 0
+    restarts for its own fault (restart count 1), node 1 for the new round (count 0). Through the
+    launcher both form the second round's group and finish; keyed by the restart counts on the
+    shared store, each round waited for the other node's count until every restart was spent."""
+    from pretrain.engine import free_port
+
+    script = tmp_path / "worker.py"
+    script.write_text(ROUND_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", DEEPSPEED_TIMEOUT="1")
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "pretrain.engine.launchers", "torchrun", "--nnodes", "2",
+                               "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                               "--rdzv-id", "two_nodes", "--max-restarts", "1", "--monitor-interval", "0.5",
+                               str(script), str(tmp_path / "killed")],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for _ in range(2)]
+    outs = []
+    for node in nodes:
+        try:
+            outs.append(node.communicate(timeout=200)[0])
+        except subprocess.TimeoutExpired:
+            kill_process_tree(node)
+            outs.append("(killed after 200 s)")
+    said = "\n".join(outs)
+    assert "node 0 restart 1: 2 processes" in said, said[-4000:]
+    assert said.count("node 1 restart 0: 2 processes") == 2  # in both rounds: the counts differed
+    assert "node 0: done" in said and "node 1: done" in said
+    assert [node.returncode for node in nodes] == [0, 0], said[-4000:]
+
+
 def test_another_global_batch_is_refused_on_resume(shards, killed_at_4, tmp_path):
     import shutil
 

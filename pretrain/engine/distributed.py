@@ -111,7 +111,9 @@ def restart_safe_store(env, timeout) -> dist.Store | None:
     form their group through its agent's store, which outlives a restart: the restarted workers
     found the previous round's addresses there and failed to connect (gloo's `connectFullMesh
     failed ... Connection refused`) or waited for ever, in most restarts (pytorch issues 135712,
-    167288). Each restart count keys its own round."""
+    167288). Each restart count keys its own round: right under a static rendezvous, where every
+    restart is a node's own; under a dynamic one the counts of the nodes can differ, and the
+    launcher gives each round a store of its own instead (``launchers._round_stores_apart``)."""
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     agent = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,

@@ -14,6 +14,9 @@ is ``deepspeed ARGS`` (the DeepSpeed launcher), except after Ctrl-C or a schedul
   processes take a repeated stop request as one), and waits for it. Several nodes over pdsh keep
   DeepSpeed's own handling.
 
+Under a dynamic rendezvous (``--rdzv-backend c10d``, ``--standalone``) torchrun's workers form each
+round's group through a store of their own (``_round_stores_apart``).
+
 Both also pass a SIGUSR1 on (torchrun's default set of signals leaves it out: it ended at once,
 its processes unsaved), and then say the stop in one line and end with the shell's status for the
 signal (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1), which run.sh reads.
@@ -21,6 +24,7 @@ signal (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1), which run.sh reads.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 
@@ -52,9 +56,24 @@ def _one_stop_request(api) -> None:
     api._terminate_process_handler = once
 
 
-def torchrun(argv: list[str]) -> int:
-    import os
+def _round_stores_apart(argv: list[str], env=os.environ) -> None:
+    """Under a dynamic rendezvous, each round of workers forms its process group through a store of its
+    own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: rank 0 of the round serves one on a port chosen for the
+    round). Shared, the agent's store outlives the rounds, and the workers' only key for a round, their
+    restart count, is their node's own (pytorch issue 108158): a node whose processes were restarted
+    for another node's failure (or for a node joining) keeps its count, so the nodes' counts differed
+    and the new round waited until the timeout, and again in every round after (measured: two nodes,
+    one worker killed, `--max-restarts 2`: all restarts spent). Under a static rendezvous (run.sh's
+    `--master_port`) every restart is a node's own failure, and the count keys the round
+    (``distributed.restart_safe_store``). A value given wins."""
+    from torch.distributed.run import get_args_parser
 
+    args = get_args_parser().parse_args(argv)
+    if args.standalone or args.rdzv_backend != "static":
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+
+
+def torchrun(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing import SignalException, api
     from torch.distributed.run import main
 
@@ -62,6 +81,7 @@ def torchrun(argv: list[str]) -> int:
     # --signal sends it), whose default action ended torchrun at once, and its processes with it,
     # unsaved: passed on, our processes take it as a stop request. The flag, given, still wins.
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    _round_stores_apart(argv)
     _one_stop_request(api)
     try:
         main(argv)
