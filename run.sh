@@ -272,6 +272,7 @@ run_stage() {
   trap 'ctrl_c=1; pass_on TERM' INT
   trap 'term=TERM; pass_on TERM' TERM
   trap 'term=USR1; pass_on USR1' USR1
+  trap 'term=HUP; pass_on TERM' HUP  # the terminal hung up (its processes had it too): wait for them to save
   (
     trap - INT QUIT
     [[ "$1" == PY ]] && exec "$VENV/bin/python" "${@:2}"
@@ -284,9 +285,10 @@ run_stage() {
     kill -0 "$child" 2>/dev/null || break  # a trapped signal ended the wait, not the command
   done
   between_commands_traps
-  # 143 / 138: a SIGTERM / SIGUSR1 to a launcher alone, passed on to its processes (pretrain/engine/launchers.py)
+  # 143 / 138 / 129: a SIGTERM / SIGUSR1 / SIGHUP to a launcher alone, passed on to its processes
+  # (pretrain/engine/launchers.py)
   [[ -n "$ctrl_c" && $rc -ne 75 ]] && rc=130
-  [[ -z "$ctrl_c" && ( -n "$term" || $rc -eq 143 || $rc -eq 138 ) ]] && rc=75
+  [[ -z "$ctrl_c" && ( -n "$term" || $rc -eq 143 || $rc -eq 138 || $rc -eq 129 ) ]] && rc=75
   return "$rc"
 }
 
@@ -295,7 +297,7 @@ pass_on() { [[ -z "$child" ]] || kill -"$1" "$child" 2>/dev/null || true; }  # p
 # Outside a stage's command (set-up, the up-front check of the fine-tuning configs, the summary), a stop
 # signal to run.sh ends it as soon as the command under way returns (bash runs a trap only then), before
 # anything else starts: untrapped, a SIGINT to run.sh alone was lost there and the stages went on.
-between_commands_traps() { trap 'stopped_between 130' INT; trap 'stopped_between 75' TERM USR1; }
+between_commands_traps() { trap 'stopped_between 130' INT; trap 'stopped_between 75' TERM USR1 HUP; }
 stopped_between() {
   printf '\nSTOPPED: on a signal, before the next stage; the same command goes on from where it stopped\n' >&2
   exit "$1"

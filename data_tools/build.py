@@ -179,11 +179,11 @@ def _worker_deaths_said(results: Iterable[dict], start: int, total: int) -> Iter
 
 def _init_worker(overlays: dict[str, np.ndarray]) -> None:
     cv2.setNumThreads(1)  # one OpenCV thread per process; parallelism comes from processes
-    if mp.parent_process() is not None:  # Ctrl-C or a preemption notice reaches the whole process group:
+    if mp.parent_process() is not None:  # Ctrl-C, a preemption notice or a hang-up reaches the whole group:
         # the build decides (its pool stops, the kept shards are said). Not SIGTERM: the pool ends its
         # workers with it (after one died); a scheduler's SIGTERM to the group ends the build's wait on
         # them before their ends are noticed
-        for stop in (signal.SIGINT, signal.SIGUSR1):
+        for stop in (signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
             signal.signal(stop, signal.SIG_IGN)
     _OVERLAYS.clear()
     _OVERLAYS.update(overlays)  # once per worker, not pickled with every frame's task

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import os
 import signal
 import sys
 import threading
@@ -15,7 +17,24 @@ from data_tools.files import storage_problem
 
 EXIT_REFUSED = 2  # a command line, config or input refused
 EXIT_INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+# SIGHUP: the terminal hung up (an ssh connection dropped); it reaches every process of the
+# foreground job, and torchrun passes it on. Taken as a stop request, a training run saves first.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+
+
+def leave_a_hung_up_terminal() -> None:
+    """On a stop signal, point stdout / stderr at /dev/null where they are a terminal that hung up
+    (an ssh connection dropped): every write to it fails (EIO), and the first line written, a log
+    line or the one saying the stop, ended the run with a traceback, before or after it saved. Probed
+    with an empty write, so that output to a live terminal, files and pipes stays where it goes."""
+    for fd in (1, 2):
+        try:
+            os.write(fd, b"")
+        except OSError as e:
+            if e.errno == errno.EIO:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -33,7 +52,8 @@ def storage_error_line(e: OSError) -> str | None:
 
 
 class _StopAsCtrlC:
-    """A SIGTERM (a scheduler's stop, ``docker stop``) or SIGUSR1 (a preemption notice) ends a command
+    """A SIGTERM (a scheduler's stop, ``docker stop``), SIGUSR1 (a preemption notice) or SIGHUP (the
+    terminal hung up) ends a command
     as Ctrl-C does, through its KeyboardInterrupt path, which keeps what it finished (their default
     action ended it at once; a build's pool workers, which ignore them, went on without it). The same
     request arriving twice (a process group's signal and run.sh's pass-on of it) is one: a SIGTERM /
@@ -43,6 +63,7 @@ class _StopAsCtrlC:
         self.signum: int | None = None
 
     def __call__(self, signum, frame) -> None:
+        leave_a_hung_up_terminal()
         if self.signum is not None and signum != signal.SIGINT:
             return
         self.signum = self.signum or signum
@@ -76,7 +97,7 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
                 user_errors: tuple[type[Exception], ...] = ()) -> int:
     """``func(args)``'s exit status; ``user_errors`` and a full disk said as ``error: ...`` (2), Ctrl-C
     as ``interrupted`` with what the command says is kept (130), a SIGTERM / SIGUSR1 the same way as
-    ``stopped by SIGTERM`` (the shell's status for it, 143 / 138)."""
+    ``stopped by SIGTERM`` (the shell's status for it, 143 / 138 / 129)."""
     with _stop_signals_as_ctrl_c() as stop:
         try:
             return func(args)

@@ -419,6 +419,7 @@ def test_a_full_disk_under_a_command_is_one_line_and_other_os_errors_keep_their_
 @pytest.mark.parametrize("first, again, status, said", [
     ("SIGTERM", "SIGTERM", 143, "stopped by SIGTERM: what it finished is kept"),
     ("SIGUSR1", "SIGTERM", 138, "stopped by SIGUSR1: what it finished is kept"),
+    ("SIGHUP", "SIGTERM", 129, "stopped by SIGHUP: what it finished is kept"),
     ("SIGINT", "SIGTERM", 130, "interrupted: what it finished is kept"),
     ("SIGINT", "SIGINT", 130, "interrupted")])
 def test_a_stop_signal_ends_a_command_as_ctrl_c_does_and_the_same_request_again_is_one(first, again, status, said,
@@ -445,7 +446,7 @@ def test_a_stop_signal_ends_a_command_as_ctrl_c_does_and_the_same_request_again_
             time.sleep(0.1)
             raise Interrupted("what it finished is kept") from None
 
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
     monkeypatch.setattr(data_tools.synth, "write_corpus", stopped)
     assert main(["synth", "--out", str(tmp_path / "synth")]) == status
     assert capsys.readouterr().err == said + "\n"

@@ -442,6 +442,55 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     assert not outlived, f"still running when run.sh ended: {outlived}"
 
 
+@pytest.mark.parametrize("nproc", [1, 2], ids=["one-process", "torchrun-2"])
+def test_a_dropped_ssh_connection_saves_the_training_step_it_was_at(pipeline, tmp_path, nproc):
+    """An ssh login as it is: an interactive bash on a pseudo-terminal, run.sh typed into it; the
+    connection drops (the terminal's master side closes): the shell sends SIGHUP to its jobs and the
+    terminal fails every write (EIO). The run ended at once, unsaved (SIGHUP's default action), and a
+    process that took the stop still died at its next line to the terminal; now it saves the step it
+    was at. No periodic checkpoint falls inside the test, so any checkpoint is the stop's."""
+    import pty
+    import select
+
+    venv = Path(sys.prefix)
+    if not list(venv.glob(".irpt-installed-*")):
+        pytest.skip(f"{venv} was not set up by run.sh (run the suite with ./run.sh test)")
+    new = _new_out_with(pipeline, tmp_path, "shards")
+    config = tmp_path / "long.yaml"
+    config.write_text(f"_base_: {ROOT / 'configs' / 'pretrain' / 'tiny.yaml'}\n"
+                      "train: {epochs: 2000, save_every_steps: 100000}\n")
+    line = shlex.join(["env", f"IRPT_VENV={venv}", "bash", str(ROOT / "run.sh"), "--out", str(new), "--config",
+                       str(config), "pretrain", "--nproc", str(nproc), "--master", f"127.0.0.1:{free_port()}"])
+    metrics, latest = new / "pretrain" / "metrics.jsonl", new / "pretrain" / "checkpoints" / "latest"
+    pid, terminal = pty.fork()
+    if pid == 0:  # the login shell
+        os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
+    os.write(terminal, (line + "\n").encode())
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+        if select.select([terminal], [], [], 0.2)[0]:
+            os.read(terminal, 65536)  # what the terminal shows
+    logged = len(metrics.read_text().splitlines())
+    os.close(terminal)  # the connection drops
+    os.waitpid(pid, 0)
+    while time.time() < deadline and any(str(new) in " ".join(q.cmdline()) for q in _processes()):
+        time.sleep(0.2)
+    left = [q.pid for q in _processes() if str(new) in " ".join(q.cmdline())]
+    for q in left:
+        os.kill(q, signal.SIGKILL)
+    assert not left, "still running after the connection dropped"
+    assert latest.is_file(), "nothing saved"
+    saved = int(latest.read_text()[4:])
+    assert logged <= saved == len(metrics.read_text().splitlines())  # the step it was at when the stop came
+
+
+def _processes():
+    for q in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            q.cmdline()
+            yield q
+
+
 @pytest.mark.parametrize("stop, status", [("SIGINT", 130), ("SIGINT:parent", 130), ("SIGTERM:parent", 75),
                                           ("SIGTERM", 75)],
                          ids=["ctrl_c", "ctrl_c-run.sh-alone", "sigterm-run.sh-alone", "sigterm"])

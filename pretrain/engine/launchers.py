@@ -28,8 +28,11 @@ import os
 import signal
 import sys
 
+from data_tools.command import leave_a_hung_up_terminal
+
 
 def _say_stopped(launcher: str, signum: int) -> int:
+    leave_a_hung_up_terminal()
     print(f"{launcher}: {signal.Signals(signum).name} passed on to its processes, which have ended (their own "
           "lines above say whether they saved)", file=sys.stderr, flush=True)
     return 128 + int(signum)
@@ -107,6 +110,12 @@ def deepspeed(argv: list[str]) -> int:
             with contextlib.suppress(psutil.NoSuchProcess):
                 launcher.send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
 
+    # A hang-up of the terminal reaches the launchers and the processes alike (one process group): the
+    # processes save on it; DeepSpeed's per-node launcher, which has no handler for it, died, and the
+    # kernel killed its processes with it (die_with_launcher), unsaved. Ignored here, and so in the
+    # launchers started from here (an ignored signal stays ignored across exec; our processes set
+    # their own handler). run.sh passes a SIGHUP to it alone on as SIGTERM.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, pass_on)
     try:

@@ -1,5 +1,5 @@
-"""Stop requests: SIGTERM / SIGUSR1 (preemption notices) and a first Ctrl-C (SIGINT) ask the run to
-save and stop; a second Ctrl-C stops at once. Loader workers ignore all three."""
+"""Stop requests: SIGTERM / SIGUSR1 (preemption notices), SIGHUP (the terminal hung up) and a first
+Ctrl-C (SIGINT) ask the run to save and stop; a second Ctrl-C stops at once. Loader workers ignore them."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from data_tools.command import restore_handlers, set_stop_handlers
+from data_tools.command import leave_a_hung_up_terminal, restore_handlers, set_stop_handlers
 
 
 class StopSignals:
@@ -26,6 +26,7 @@ class StopSignals:
         self._previous = set_stop_handlers(self._handler)
 
     def _handler(self, signum, frame) -> None:
+        leave_a_hung_up_terminal()
         if signum == signal.SIGINT:
             if self.requested:
                 raise KeyboardInterrupt
