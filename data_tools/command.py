@@ -53,11 +53,11 @@ def storage_error_line(e: OSError) -> str | None:
 
 class _StopAsCtrlC:
     """A SIGTERM (a scheduler's stop, ``docker stop``), SIGUSR1 (a preemption notice) or SIGHUP (the
-    terminal hung up) ends a command
-    as Ctrl-C does, through its KeyboardInterrupt path, which keeps what it finished (their default
-    action ended it at once; a build's pool workers, which ignore them, went on without it). The same
-    request arriving twice (a process group's signal and run.sh's pass-on of it) is one: a SIGTERM /
-    SIGUSR1 after the first stop signal is dropped; a second Ctrl-C still raises (the user wants out)."""
+    terminal hung up) ends a command as Ctrl-C does, through its KeyboardInterrupt path, which keeps
+    what it finished (their default action ended it at once; a build's pool workers, which ignore
+    them, went on without it). The same request arriving twice (a process group's signal and run.sh's
+    pass-on of it) is one: a SIGTERM / SIGUSR1 / SIGHUP after the first stop signal is dropped; a
+    second Ctrl-C still raises (the user wants out)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -96,8 +96,8 @@ def _stop_signals_as_ctrl_c() -> Iterator[_StopAsCtrlC]:
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace,
                 user_errors: tuple[type[Exception], ...] = ()) -> int:
     """``func(args)``'s exit status; ``user_errors`` and a full disk said as ``error: ...`` (2), Ctrl-C
-    as ``interrupted`` with what the command says is kept (130), a SIGTERM / SIGUSR1 the same way as
-    ``stopped by SIGTERM`` (the shell's status for it, 143 / 138 / 129)."""
+    as ``interrupted`` with what the command says is kept (130), a SIGTERM / SIGUSR1 / SIGHUP the same
+    way as ``stopped by SIGTERM`` (the shell's status for it, 143 / 138 / 129)."""
     with _stop_signals_as_ctrl_c() as stop:
         try:
             return func(args)
