@@ -18,8 +18,19 @@ from data_tools.files import storage_problem
 EXIT_REFUSED = 2  # a command line, config or input refused
 EXIT_INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
 # SIGHUP: the terminal hung up (an ssh connection dropped); it reaches every process of the
-# foreground job, and torchrun passes it on. Taken as a stop request, a training run saves first.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+# terminal's jobs, and torchrun passes it on. Taken as a stop request, a training run saves first.
+# Unless it was ignored when the process started (``nohup``, a shell's ``trap '' HUP``): the user asked
+# the run to outlive its terminal, and it stays ignored, as bash keeps a signal ignored at its start.
+# The DeepSpeed launcher ignores it for its own per-node launcher and says so in HANGUP_STOPS_ENV.
+HANGUP_STOPS_ENV = "IRPT_HANGUP_STOPS"
+
+
+def hangup_stops() -> bool:
+    """Whether a SIGHUP is a stop request here: not where the process was started with it ignored."""
+    return signal.getsignal(signal.SIGHUP) != signal.SIG_IGN or os.environ.get(HANGUP_STOPS_ENV) == "1"
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) + ((signal.SIGHUP,) if hangup_stops() else ())
 
 
 def leave_a_hung_up_terminal() -> None:

@@ -442,13 +442,15 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     assert not outlived, f"still running when run.sh ended: {outlived}"
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["one-process", "torchrun-2"])
-def test_a_dropped_ssh_connection_saves_the_training_step_it_was_at(pipeline, tmp_path, nproc):
+@pytest.mark.parametrize("nproc, detached", [(1, False), (2, False), (2, True)],
+                         ids=["one-process", "torchrun-2", "torchrun-2-nohup"])
+def test_a_dropped_ssh_connection_saves_the_training_step_it_was_at(pipeline, tmp_path, nproc, detached):
     """An ssh login as it is: an interactive bash on a pseudo-terminal, run.sh typed into it; the
     connection drops (the terminal's master side closes): the shell sends SIGHUP to its jobs and the
     terminal fails every write (EIO). The run ended at once, unsaved (SIGHUP's default action), and a
     process that took the stop still died at its next line to the terminal; now it saves the step it
-    was at. No periodic checkpoint falls inside the test, so any checkpoint is the stop's."""
+    was at. No periodic checkpoint falls inside the test, so any checkpoint is the stop's. Started
+    with `nohup ... &`, the run goes on without its terminal, as the user asked."""
     import pty
     import select
 
@@ -461,27 +463,39 @@ def test_a_dropped_ssh_connection_saves_the_training_step_it_was_at(pipeline, tm
                       "train: {epochs: 2000, save_every_steps: 100000}\n")
     line = shlex.join(["env", f"IRPT_VENV={venv}", "bash", str(ROOT / "run.sh"), "--out", str(new), "--config",
                        str(config), "pretrain", "--nproc", str(nproc), "--master", f"127.0.0.1:{free_port()}"])
+    if detached:
+        line = f"nohup {line} > {shlex.quote(str(tmp_path / 'run.log'))} 2>&1 &"
     metrics, latest = new / "pretrain" / "metrics.jsonl", new / "pretrain" / "checkpoints" / "latest"
+    steps = lambda: len(metrics.read_text().splitlines()) if metrics.is_file() else 0  # noqa: E731
     pid, terminal = pty.fork()
-    if pid == 0:  # the login shell
+    if pid == 0:  # the login shell, with the signal dispositions a login starts with
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
     os.write(terminal, (line + "\n").encode())
     deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+    while time.time() < deadline and steps() < 3:
         if select.select([terminal], [], [], 0.2)[0]:
             os.read(terminal, 65536)  # what the terminal shows
-    logged = len(metrics.read_text().splitlines())
+    logged = steps()
     os.close(terminal)  # the connection drops
     os.waitpid(pid, 0)
-    while time.time() < deadline and any(str(new) in " ".join(q.cmdline()) for q in _processes()):
-        time.sleep(0.2)
-    left = [q.pid for q in _processes() if str(new) in " ".join(q.cmdline())]
+    ours = lambda: [q.pid for q in _processes() if str(new) in " ".join(q.cmdline())]  # noqa: E731
+    if detached:
+        while time.time() < deadline and steps() < logged + 10:
+            time.sleep(0.2)
+    else:
+        while time.time() < deadline and ours():
+            time.sleep(0.2)
+    left = ours()
     for q in left:
         os.kill(q, signal.SIGKILL)
+    if detached:
+        assert steps() >= logged + 10 and not latest.is_file(), "the run under nohup stopped with its terminal"
+        return
     assert not left, "still running after the connection dropped"
     assert latest.is_file(), "nothing saved"
     saved = int(latest.read_text()[4:])
-    assert logged <= saved == len(metrics.read_text().splitlines())  # the step it was at when the stop came
+    assert logged <= saved == steps()  # the step it was at when the stop came
 
 
 def _processes():

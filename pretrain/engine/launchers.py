@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 
-from data_tools.command import leave_a_hung_up_terminal
+from data_tools.command import HANGUP_STOPS_ENV, hangup_stops, leave_a_hung_up_terminal
 
 
 def _say_stopped(launcher: str, signum: int) -> int:
@@ -83,7 +83,9 @@ def torchrun(argv: list[str]) -> int:
     # torchrun's default --signals-to-handle leaves out SIGUSR1 (a preemption notice, as SLURM's
     # --signal sends it), whose default action ended torchrun at once, and its processes with it,
     # unsaved: passed on, our processes take it as a stop request. The flag, given, still wins.
-    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    # Under nohup SIGHUP stays ignored, here and (inherited) in the processes (data_tools.command).
+    handled = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" if hangup_stops() else "SIGTERM,SIGINT,SIGQUIT,SIGUSR1"
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", handled)
     _round_stores_apart(argv)
     _one_stop_request(api)
     try:
@@ -114,7 +116,10 @@ def deepspeed(argv: list[str]) -> int:
     # processes save on it; DeepSpeed's per-node launcher, which has no handler for it, died, and the
     # kernel killed its processes with it (die_with_launcher), unsaved. Ignored here, and so in the
     # launchers started from here (an ignored signal stays ignored across exec; our processes set
-    # their own handler). run.sh passes a SIGHUP to it alone on as SIGTERM.
+    # their own handler, told by HANGUP_STOPS_ENV; not under nohup). run.sh passes a SIGHUP to it alone
+    # on as SIGTERM.
+    if hangup_stops():
+        os.environ[HANGUP_STOPS_ENV] = "1"
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, pass_on)
