@@ -241,11 +241,19 @@ def _wait_for_step(run_dir, step, node, timeout=240):
         time.sleep(0.2)
 
 
+def _wait_for_said(log, said, times, process, timeout=240):
+    start = time.time()
+    while log.read_text().count(said) < times:
+        assert process.poll() is None and time.time() - start < timeout, f"never said {times} times: {said}"
+        time.sleep(0.2)
+
+
 def test_an_elastic_run_goes_on_as_a_node_joins_and_as_one_is_lost(shards, tmp_path):
     """torchrun `--nnodes 1:2` (c10d): node 0 trains alone; node 1 joins (node 0's process saves on
     torchrun's stop and both resume as a world of 2); node 1 is killed, whole (node 0's process loses
-    its peer, and resumes alone). The global batch stays 4 throughout, each step logged once. With the
-    agent's store shared among the rounds (torch's default), the join timed out in the agents."""
+    its peer, and resumes alone); a SIGTERM then ends the run, saved. The global batch stays 4
+    throughout, each step logged once. With the agent's store shared among the rounds (torch's
+    default), the join timed out in the agents."""
     from pretrain.engine import free_port
 
     run_dir, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
@@ -255,8 +263,9 @@ def test_an_elastic_run_goes_on_as_a_node_joins_and_as_one_is_lost(shards, tmp_p
            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "elastic", "--rdzv-conf",
            "last_call_timeout=1", "--max-restarts", "3", "--monitor-interval", "0.5", "-m", "pretrain", "train",
            "--config", TINY, "--run-dir", str(run_dir), f"data.shards=[{{path: {shards}}}]", "train.batch_size=2",
-           "train.effective_batch=4", "train.epochs=30", "train.save_every_steps=10"]
+           "train.effective_batch=4", "train.epochs=100000", "train.save_every_steps=10"]  # ended by the test
     logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    alone, joined = "2 x 2 accumulation x 1 processes", "2 x 1 accumulation x 2 processes"
 
     def start(node):
         with open(logs[node], "w") as log:
@@ -268,25 +277,25 @@ def test_an_elastic_run_goes_on_as_a_node_joins_and_as_one_is_lost(shards, tmp_p
         _wait_for_step(run_dir, 10, node0)
         node1 = start(1)
         try:
-            start_wait = time.time()
-            while "x 2 processes" not in logs[0].read_text():  # rank 0 (node 0) says the new split
-                assert node1.poll() is None and time.time() - start_wait < 240, "node 1 never joined"
-                time.sleep(0.2)
+            _wait_for_said(logs[0], joined, 1, node1)  # rank 0 (node 0) says the new split
             _wait_for_step(run_dir, _latest_step(run_dir) + 10, node0)  # and saved as a world of 2
         finally:
             kill_process_tree(node1)
-        node0.wait(timeout=240)
+        _wait_for_said(logs[0], alone, 2, node0)
+        _wait_for_step(run_dir, _latest_step(run_dir) + 10, node0)  # saved alone again
+        node0.send_signal(signal.SIGTERM)  # the launcher passes it on; the process saves
+        node0.wait(timeout=120)
     finally:
         kill_process_tree(node0)
     said = logs[0].read_text()
-    assert node0.returncode == 0, said[-4000:]
-    alone, joined = "2 x 2 accumulation x 1 processes", "2 x 1 accumulation x 2 processes"
+    assert node0.returncode == 128 + signal.SIGTERM, said[-4000:]
     assert [said.count(f"effective batch 4 = {split}") for split in (alone, joined)] == [2, 1]
     assert said.index(alone) < said.index(joined) < said.rindex(alone)
-    assert said.count("resumed from step") == 2 and (run_dir / "DONE").exists()
+    assert said.count("resumed from step") == 2
+    last = _latest_step(run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
-    assert steps == list(range(1, 181))
+    assert steps == list(range(1, last + 1))
     assert [r["samples_seen"] for r in records if "loss" in r] == [4 * s for s in steps]
 
 
