@@ -38,7 +38,7 @@ from data_tools.manifest import MANIFEST, read_manifest
 from data_tools.overlay import OverlayFinding, find_source_overlay, overlay_message
 from data_tools.proposals import ProposalConfig, compute_proposals, method_input_files, unique_boxes
 from data_tools.schema import BuildConfig
-from data_tools.command import Interrupted
+from data_tools.command import STOP_SIGNALS, Interrupted
 from data_tools.files import atomic_write_text, sha256_file, storage_problem
 from data_tools.shards import ENCODINGS, ShardFile, encode_image, encode_sample, sample_key, tar_bytes
 from data_tools.sources import Source, check_roots, discover
@@ -183,8 +183,9 @@ def _init_worker(overlays: dict[str, np.ndarray]) -> None:
         # the build decides (its pool stops, the kept shards are said). Not SIGTERM: the pool ends its
         # workers with it (after one died); a scheduler's SIGTERM to the group ends the build's wait on
         # them before their ends are noticed
-        for stop in (signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
-            signal.signal(stop, signal.SIG_IGN)
+        for stop in STOP_SIGNALS:
+            if stop != signal.SIGTERM:
+                signal.signal(stop, signal.SIG_IGN)
     _OVERLAYS.clear()
     _OVERLAYS.update(overlays)  # once per worker, not pickled with every frame's task
 

@@ -25,12 +25,8 @@ EXIT_INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
 HANGUP_STOPS_ENV = "IRPT_HANGUP_STOPS"
 
 
-def hangup_stops() -> bool:
-    """Whether a SIGHUP is a stop request here: not where the process was started with it ignored."""
-    return signal.getsignal(signal.SIGHUP) != signal.SIG_IGN or os.environ.get(HANGUP_STOPS_ENV) == "1"
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) + ((signal.SIGHUP,) if hangup_stops() else ())
+_HANGUP_STOPS = signal.getsignal(signal.SIGHUP) != signal.SIG_IGN or os.environ.get(HANGUP_STOPS_ENV) == "1"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) + ((signal.SIGHUP,) if _HANGUP_STOPS else ())
 
 
 def leave_a_hung_up_terminal() -> None:

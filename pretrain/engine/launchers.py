@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 
-from data_tools.command import HANGUP_STOPS_ENV, hangup_stops, leave_a_hung_up_terminal
+from data_tools.command import HANGUP_STOPS_ENV, STOP_SIGNALS, leave_a_hung_up_terminal
 
 
 def _say_stopped(launcher: str, signum: int) -> int:
@@ -84,8 +84,8 @@ def torchrun(argv: list[str]) -> int:
     # --signal sends it), whose default action ended torchrun at once, and its processes with it,
     # unsaved: passed on, our processes take it as a stop request. The flag, given, still wins.
     # Under nohup SIGHUP stays ignored, here and (inherited) in the processes (data_tools.command).
-    handled = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" if hangup_stops() else "SIGTERM,SIGINT,SIGQUIT,SIGUSR1"
-    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", handled)
+    hangup = ",SIGHUP" if signal.SIGHUP in STOP_SIGNALS else ""
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGQUIT,SIGUSR1" + hangup)
     _round_stores_apart(argv)
     _one_stop_request(api)
     try:
@@ -118,7 +118,7 @@ def deepspeed(argv: list[str]) -> int:
     # launchers started from here (an ignored signal stays ignored across exec; our processes set
     # their own handler, told by HANGUP_STOPS_ENV; not under nohup). run.sh passes a SIGHUP to it alone
     # on as SIGTERM.
-    if hangup_stops():
+    if signal.SIGHUP in STOP_SIGNALS:
         os.environ[HANGUP_STOPS_ENV] = "1"
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
