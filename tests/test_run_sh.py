@@ -451,7 +451,6 @@ def test_a_dropped_ssh_connection_saves_the_training_step_it_was_at(pipeline, tm
     process that took the stop still died at its next line to the terminal; now it saves the step it
     was at. No periodic checkpoint falls inside the test, so any checkpoint is the stop's. Started
     with `nohup ... &`, the run goes on without its terminal, as the user asked."""
-    import pty
     import select
 
     venv = Path(sys.prefix)
@@ -467,10 +466,15 @@ def test_a_dropped_ssh_connection_saves_the_training_step_it_was_at(pipeline, tm
         line = f"nohup {line} > {shlex.quote(str(tmp_path / 'run.log'))} 2>&1 &"
     metrics, latest = new / "pretrain" / "metrics.jsonl", new / "pretrain" / "checkpoints" / "latest"
     steps = lambda: len(metrics.read_text().splitlines()) if metrics.is_file() else 0  # noqa: E731
-    pid, terminal = pty.fork()
-    if pid == 0:  # the login shell, with the signal dispositions a login starts with
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
+    # The login shell: a session of its own whose controlling terminal is the pseudo-terminal (setsid -c),
+    # with the SIGHUP disposition a login starts with. Started by exec from a fresh interpreter rather
+    # than pty.fork(), which forks this multi-threaded test process.
+    terminal, child_side = os.openpty()
+    shell = subprocess.Popen(
+        [sys.executable, "-c", "import os, signal; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+         "os.execvp('setsid', ['setsid', '-c', 'bash', '--norc', '--noprofile', '-i'])"],
+        stdin=child_side, stdout=child_side, stderr=child_side)
+    os.close(child_side)
     os.write(terminal, (line + "\n").encode())
     deadline = time.time() + 300
     while time.time() < deadline and steps() < 3:
@@ -478,7 +482,7 @@ def test_a_dropped_ssh_connection_saves_the_training_step_it_was_at(pipeline, tm
             os.read(terminal, 65536)  # what the terminal shows
     logged = steps()
     os.close(terminal)  # the connection drops
-    os.waitpid(pid, 0)
+    shell.wait()
     ours = lambda: [q.pid for q in _processes() if str(new) in " ".join(q.cmdline())]  # noqa: E731
     if detached:
         while time.time() < deadline and steps() < logged + 10:
