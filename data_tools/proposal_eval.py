@@ -5,13 +5,16 @@ kept. ``python -m data_tools proposals-eval`` runs it on any labelled source tha
 
 An object counts when both sides are at least ``min_object_side`` (40 px: PAD's smallest
 proposal) after the source's border crop; it is found when a proposal overlaps it with IoU at or
-above the threshold. Sizes are bucketed by sqrt(w h).
+above the threshold. Sizes are bucketed by sqrt(w h). Ignore regions (COCO crowd boxes, VOC
+``<difficult>`` objects, bbGt's ignore flag) are not objects to find, as detection scoring and
+proposal benchmarks leave them out; they are counted apart.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -44,6 +47,8 @@ class LabelledFrame:
     image: np.ndarray
     boxes: np.ndarray  # (N, 4) float xywh, objects of at least min_object_side
     overlay: np.ndarray | None = None  # its source's burned-in overlay mask, as the build finds it
+    ignored: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # ignore regions, xywh, any size
+    ignored_as: Counter = field(default_factory=Counter)  # why each ignore region is one: crowd, difficult, ...
 
 
 @dataclass
@@ -59,6 +64,7 @@ class MethodResult:
     # objects without a box at IoU >= 0.5 among those kept; boxes x y w h after the border crop
     missed: list[dict] = field(default_factory=list)
     tiles: list[np.ndarray] = field(default_factory=list)  # pictures of the first missed objects
+    ignored_as: Counter = field(default_factory=Counter)  # ignore regions of the frames, not counted as objects
 
     def summary(self) -> dict:
         best, sizes, ranks = np.asarray(self.best_iou), np.asarray(self.sizes), np.asarray(self.rank_hit)
@@ -81,6 +87,7 @@ class MethodResult:
             "frames_per_second_one_core": round(self.frames / max(self.seconds, 1e-9), 2),
             "recall_at_k_iou_0.5": curve,
             "missed_iou_0.5": self.missed,
+            "ignore_regions": dict(sorted(self.ignored_as.items())),
         }
 
 
@@ -128,10 +135,12 @@ def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: 
                     unreadable.append({"source": source.name, "path": item.rel, "reason": e.reason, "detail": e.detail})
                 continue
             h, w = frame.image.shape
-            boxes, _ = frame_annotation_boxes(records, mask, w, h, source, item.rel)
+            ignore = [r for r in records if r.ignore]
+            boxes, _ = frame_annotation_boxes([r for r in records if not r.ignore], mask, w, h, source, item.rel)
+            ignored, _ = frame_annotation_boxes(ignore, None, w, h, source, item.rel)
             big = (boxes[:, 2] >= min_object_side) & (boxes[:, 3] >= min_object_side)
             yield LabelledFrame(source.name, item.rel, crop_border(frame.image, source.border_crop), boxes[big],
-                                overlay)
+                                overlay, ignored, Counter(r.ignored_as for r in ignore))
 
 
 def evaluate(frames: Iterable[LabelledFrame], configs: dict[str, ProposalConfig], cap: int,
@@ -170,6 +179,7 @@ def _score_frame(result: MethodResult, frame: LabelledFrame, proposals: np.ndarr
     result.proposals += min(len(proposals), cap)
     result.seconds += seconds
     result.objects += len(frame.boxes)
+    result.ignored_as.update(frame.ignored_as)
     result.sizes += np.sqrt(frame.boxes[:, 2] * frame.boxes[:, 3]).tolist()
     if len(frame.boxes) == 0:
         return
@@ -280,6 +290,16 @@ def format_misses(summary: dict) -> str:
         ranks = ", ".join(map(str, later)) if len(later) <= 5 else f"{later[0]}-{later[-1]}"
         line += f"; {len(later)} of them found past the cap of {summary['cap']} (rank {ranks})"
     return line
+
+
+def format_ignored(summary: dict) -> str:
+    """One line on the ignore regions left out of the objects ('' when there were none)."""
+    counts = summary.get("ignore_regions") or {}
+    if not counts:
+        return ""
+    kinds = ", ".join(f"{kind} {n}" for kind, n in counts.items())
+    return (f"not counted as objects: {sum(counts.values())} ignore region(s) ({kinds}), which detection scoring "
+            f"leaves out too")
 
 
 def format_table(summaries: list[dict]) -> str:

@@ -102,18 +102,28 @@ class FrameCandidates:
     features: np.ndarray
     hits: np.ndarray  # IoU >= 0.5 with a labelled box
     objects: np.ndarray
+    in_fit: np.ndarray  # the candidates the fit learns from: all but those on an ignore region that hit no object
 
 
-def frame_candidates(frames: Iterable[tuple[np.ndarray, np.ndarray]], cfg: ProposalConfig) -> list[FrameCandidates]:
-    """The candidates of (grey uint8 frame, labelled boxes) pairs, frame by frame (a bar on a
-    terminal, as proposals-eval's: a thousand frames take about a minute)."""
+def _hits(boxes: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Which of ``boxes`` overlap one of ``targets`` with IoU >= HIT_IOU."""
+    if not len(boxes) or not len(targets):
+        return np.zeros(len(boxes), bool)
+    return box_iou(boxes, targets).max(axis=1) >= HIT_IOU
+
+
+def frame_candidates(frames: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                     cfg: ProposalConfig) -> list[FrameCandidates]:
+    """The candidates of (grey uint8 frame, labelled boxes, ignore regions) triples, frame by frame
+    (a bar on a terminal, as proposals-eval's: a thousand frames take about a minute). A candidate
+    on an ignore region (a crowd, a difficult object) is neither a hit nor a miss: the fit leaves it
+    out, as a detector's training does."""
     tables = []
-    for grey, objects in tqdm(frames, unit="frame", disable=not sys.stderr.isatty(), leave=False):
+    for grey, objects, ignored in tqdm(frames, unit="frame", disable=not sys.stderr.isatty(), leave=False):
         boxes, scores = thermal_blob_candidates(grey, cfg)
         features = box_features(grey, boxes, scores) if len(boxes) else np.zeros((0, len(FEATURES)))
-        hits = (box_iou(boxes, objects).max(axis=1) >= HIT_IOU if len(objects) and len(boxes)
-                else np.zeros(len(boxes), bool))
-        tables.append(FrameCandidates(boxes, scores, features, hits, objects))
+        hits = _hits(boxes, objects)
+        tables.append(FrameCandidates(boxes, scores, features, hits, objects, hits | ~_hits(boxes, ignored)))
     if not tables:
         raise RankerError("no labelled frames in these sources (proposals-fit needs boxes or masks)")
     if not any(len(t.boxes) for t in tables):
@@ -123,15 +133,16 @@ def frame_candidates(frames: Iterable[tuple[np.ndarray, np.ndarray]], cfg: Propo
 
 def labelled_grey_frames(sources, min_object_side: int = 40, every: int = 1, offset: int = 0,
                          unreadable: list | None = None, find_overlays: bool = True):
-    """(grey uint8 frame, labelled boxes) of the labelled frames of ``sources``, read as ``build``
-    and ``proposals-eval`` read them, the source's overlay filled in: what ``frame_candidates``
-    takes (unreadable frames, overlays: as :func:`~data_tools.proposal_eval.labelled_frames`)."""
+    """(grey uint8 frame, labelled boxes, ignore regions) of the labelled frames of ``sources``, read
+    as ``build`` and ``proposals-eval`` read them, the source's overlay filled in: what
+    ``frame_candidates`` takes (unreadable frames, overlays: as
+    :func:`~data_tools.proposal_eval.labelled_frames`)."""
     from data_tools.overlay import fill_overlay
     from data_tools.proposal_eval import labelled_frames
     from data_tools.transforms import to_uint8
 
     for frame in labelled_frames(sources, min_object_side, every, offset, unreadable, find_overlays):
-        yield grey_frame(fill_overlay(to_uint8(frame.image), frame.overlay)), frame.boxes
+        yield grey_frame(fill_overlay(to_uint8(frame.image), frame.overlay)), frame.boxes, frame.ignored
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 100) -> tuple[np.ndarray, float]:
@@ -159,8 +170,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 100)
 
 def fit_weights(tables: list[FrameCandidates], l2: float) -> dict:
     """Standardisation and logistic weights fitted on the candidates of ``tables``."""
-    x = np.concatenate([t.features for t in tables])
-    y = np.concatenate([t.hits for t in tables]).astype(np.float64)
+    x = np.concatenate([t.features[t.in_fit] for t in tables])
+    y = np.concatenate([t.hits[t.in_fit] for t in tables]).astype(np.float64)
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale = np.where(scale > 0, scale, 1.0)
     weights, bias = fit_logistic((x - mean) / scale, y, l2)
@@ -201,9 +212,10 @@ def fitted_wins(cross_validation: dict) -> bool:
     return found is not None and found["thermal_blobs_fitted"] > found["thermal_blobs"]
 
 
-def fit_ranker(frames: Iterable[tuple[np.ndarray, np.ndarray]], cfg: ProposalConfig, l2: float = 0.01,
+def fit_ranker(frames: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], cfg: ProposalConfig, l2: float = 0.01,
                sources: list[str] | None = None, folds: int = 5) -> dict:
-    """A ranker (the JSON-ready dict ``save_ranker`` writes) fitted on (grey frame, boxes) pairs,
+    """A ranker (the JSON-ready dict ``save_ranker`` writes) fitted on (grey frame, boxes, ignore
+    regions) triples (:func:`labelled_grey_frames`),
     with the cross-validated comparison against the hand ranking (``folds`` = 0: none)."""
     if not l2 > 0:
         raise RankerError(f"l2 must be > 0, got {l2}")
@@ -212,7 +224,8 @@ def fit_ranker(frames: Iterable[tuple[np.ndarray, np.ndarray]], cfg: ProposalCon
     tables = frame_candidates(frames, cfg)
     hits = sum(int(t.hits.sum()) for t in tables)
     fitted_on = {"frames": len(tables), "objects": int(sum(len(t.objects) for t in tables)),
-                 "candidates": int(sum(len(t.boxes) for t in tables)), "hits": hits, "sources": sources or []}
+                 "candidates": int(sum(len(t.boxes) for t in tables)), "hits": hits,
+                 "left_out_on_ignore_regions": int(sum((~t.in_fit).sum() for t in tables)), "sources": sources or []}
     if folds:
         fitted_on["cross_validation"] = cross_validate(tables, cfg, l2, folds)
     return {

@@ -61,7 +61,7 @@ def test_cross_validation_holds_each_frame_out_once(msrs_ranker, tmp_path):
 
     def found(cfg_used, subset):
         return sum(int((box_iou(compute_proposals(image, cfg_used).astype(float), boxes).max(axis=0) >= 0.5).sum())
-                   for image, boxes in subset)
+                   for image, boxes, _ in subset)
 
     cv = cross_validate(frame_candidates(frames, cfg), cfg, l2=0.01, folds=2)
     assert (cv["folds"], cv["frames"], cv["objects"]) == (2, 10, 12)

@@ -313,6 +313,59 @@ def test_an_unreadable_labelled_frame_is_left_out_and_named_by_eval_and_fit(tmp_
     assert "left out 1 labelled frame(s) that could not be read" in capsys.readouterr().err
 
 
+def test_ignore_regions_are_not_objects_to_find_nor_examples_to_fit(tmp_path, capsys):
+    """A COCO crowd box and a box flagged `ignore` (pedestrian sets converted to COCO) are regions,
+    not objects: proposals-eval leaves them out of recall and counts them apart, and proposals-fit
+    learns nothing from the candidates on them that hit no object."""
+    import shutil
+
+    from data_tools.proposal_ranker import fit_weights, frame_candidates, labelled_grey_frames
+    from data_tools.sources import load_sources
+
+    msrs = shared_path("msrs20")
+    (tmp_path / "ir").mkdir()
+    names = ("00004N", "00016N", "00028N")
+    images, annotations = [], []
+    for i, name in enumerate(names):
+        shutil.copy(msrs / "ir" / f"{name}.png", tmp_path / "ir")
+        images.append({"id": i, "file_name": f"{name}.png", "width": 640, "height": 480})
+        rows = np.loadtxt(msrs / "labels_ir" / f"{name}.txt", ndmin=2)
+        boxes = [[(cx - w / 2) * 640, (cy - h / 2) * 480, w * 640, h * 480] for _, cx, cy, w, h in rows]
+        largest = int(np.argmax([w * h for _, _, w, h in boxes]))
+        for k, box in enumerate(boxes):
+            flag = {0: {"iscrowd": 1}, 1: {"ignore": 1}}.get(i, {}) if k == largest else {}
+            annotations.append({"image_id": i, "bbox": box, "category_id": 1, **flag})
+    (tmp_path / "a.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                 "categories": [{"id": 1, "name": "object"}]}))
+    (tmp_path / "yolo").mkdir()
+    for name in names:
+        shutil.copy(msrs / "labels_ir" / f"{name}.txt", tmp_path / "yolo")
+    for fmt, path in (("coco", "a.json"), ("yolo", "yolo")):
+        (tmp_path / f"{fmt}.yaml").write_text(f"sources:\n  - {{name: m, root: ir, boxes: {{format: {fmt}, "
+                                             f"path: {path}}}}}\n")
+    coco = _eval_by_method(tmp_path / "coco.yaml", tmp_path / "eval_coco", "--methods", "thermal_blobs")
+    said = capsys.readouterr().out
+    every = _eval_by_method(tmp_path / "yolo.yaml", tmp_path / "eval_yolo", "--methods", "thermal_blobs")
+    blobs, plain = coco["thermal_blobs"], every["thermal_blobs"]
+    assert blobs["ignore_regions"] == {"crowd": 1, "ignore flag": 1} and plain["ignore_regions"] == {}
+    assert blobs["objects"] == plain["objects"] - 2  # the two largest boxes, both >= 40 px on a side
+    assert "not counted as objects: 2 ignore region(s) (crowd 1, ignore flag 1)" in said
+    [coco_frames, yolo_frames] = [list(labelled_grey_frames(load_sources(tmp_path / f"{f}.yaml"), find_overlays=False))
+                                  for f in ("coco", "yolo")]
+    assert [len(ignored) for _, _, ignored in coco_frames] == [1, 1, 0]
+    with_regions = frame_candidates(coco_frames, ProposalConfig())
+    as_objects = frame_candidates(yolo_frames, ProposalConfig())
+    for regions, objects in zip(with_regions, as_objects):
+        on_region_only = objects.hits & ~regions.hits  # hit the region's box, and no other object
+        assert np.array_equal(regions.in_fit, ~on_region_only)
+    assert sum((~t.in_fit).sum() for t in with_regions) > 0
+    assert all(t.in_fit.all() for t in as_objects)
+    left_out = [replace(t, boxes=t.boxes[t.in_fit], scores=t.scores[t.in_fit], features=t.features[t.in_fit],
+                        hits=t.hits[t.in_fit], in_fit=t.in_fit[t.in_fit]) for t in with_regions]
+    fit, fit_without = fit_weights(with_regions, 0.01), fit_weights(left_out, 0.01)
+    assert np.allclose(fit["weights"], fit_without["weights"]) and np.isclose(fit["bias"], fit_without["bias"])
+
+
 def test_replace_keeps_a_valid_config():
     cfg = replace(ProposalConfig(), method="selective_search")
     assert cfg.method == "selective_search" and cfg.blob_closings == ((3, 3), (3, 9), (7, 7), (3, 15))
@@ -382,7 +435,7 @@ def _found(frames, transform) -> int:
     from data_tools.proposal_eval import evaluate
 
     cfg = ProposalConfig()
-    labelled = (LabelledFrame("msrs", str(i), transform(grey), objects) for i, (grey, objects) in enumerate(frames))
+    labelled = (LabelledFrame("msrs", str(i), transform(grey), objects) for i, (grey, objects, _) in enumerate(frames))
     return evaluate(labelled, {cfg.method: cfg}, cfg.max_proposals)[cfg.method].summary()["found_iou_0.5"]
 
 
@@ -391,7 +444,7 @@ def test_thermal_blobs_find_objects_on_black_hot_and_low_contrast_frames():
     automatic gain uses: the default looks for warmer and colder blobs in views of the frame's own
     range, so the 20 MSRS frames give the same objects either way (25 of 29; BENCHMARKS.md)."""
     frames = msrs_labelled_frames(every=1)
-    assert sum(len(objects) for _, objects in frames) == 29
+    assert sum(len(objects) for _, objects, _ in frames) == 29
     white_hot = _found(frames, lambda g: g)
     assert white_hot >= 24
     assert _found(frames, lambda g: 255 - g) >= white_hot - 1
