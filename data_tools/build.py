@@ -361,7 +361,12 @@ def annotations_for_source(source: Source, discovery) -> tuple[dict[str, tuple[l
     subfolders (a tree per sequence, as tracking and video sets ship them): see ``assign_to_images``."""
     anns = AnnotationSet()
     for spec in source.annotations:
-        anns.merge(read_annotations(spec.format, spec.path, spec.suffix, spec.classes, nested=True))
+        read = read_annotations(spec.format, spec.path, spec.suffix, spec.classes, nested=True)
+        for records in read.boxes.values():
+            for r in records:
+                if not r.ignore and str(r.label) in spec.ignore_classes:
+                    r.ignore, r.ignored_as = True, f"class {r.label}"
+        anns.merge(read)
     images = {rel: f"{source.root}/{rel}" for rel in discovery.all_rel}
     assigned, matching = assign_to_images(anns, images, "images of the source")
     for it in anns.issues + matching:

@@ -41,6 +41,9 @@ class AnnotationSpec:
     path: str  # COCO: a JSON file; others: a folder
     suffix: str = ""  # mask files are <stem><suffix>, e.g. "_pixels0.png"
     classes: tuple[str, ...] = ()  # YOLO class names (index order), optional
+    # labels whose boxes are ignore regions (KAIST's `people` and `person?`), as COCO crowd boxes are:
+    # not objects that proposals-eval counts or proposals-fit learns from; they still join the proposals
+    ignore_classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class Source:
         d.pop("expected_frames")
         if d["channel"] is None:  # unset: the identity of builds made before the option existed
             d.pop("channel")
+        for spec in d["annotations"]:  # the same, and it changes no stored byte
+            spec.pop("ignore_classes")
         return d
 
 
@@ -153,8 +158,11 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
         if "path" not in spec:
             raise SourceError(f"source '{name}': {key}.path is required (the folder or file of the {key})")
         path = _resolve(base_dir, spec.pop("path"))
+        ignore_classes = spec.pop("ignore_classes", ()) or ()
+        if isinstance(ignore_classes, (str, int)) or not all(isinstance(c, (str, int)) for c in ignore_classes):
+            raise SourceError(f"source '{name}': {key}.ignore_classes must be a list of labels, got {ignore_classes!r}")
         anns.append(AnnotationSpec(fmt, str(path), str(spec.pop("suffix", ".png" if fmt == "mask" else "")),
-                                   tuple(spec.pop("classes", ()) or ())))
+                                   tuple(spec.pop("classes", ()) or ()), tuple(str(c) for c in ignore_classes)))
         if spec:
             raise SourceError(f"source '{name}': unknown {key} option(s) {sorted(spec)}")
     if d:

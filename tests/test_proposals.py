@@ -314,9 +314,10 @@ def test_an_unreadable_labelled_frame_is_left_out_and_named_by_eval_and_fit(tmp_
 
 
 def test_ignore_regions_are_not_objects_to_find_nor_examples_to_fit(tmp_path, capsys):
-    """A COCO crowd box and a box flagged `ignore` (pedestrian sets converted to COCO) are regions,
-    not objects: proposals-eval leaves them out of recall and counts them apart, and proposals-fit
-    learns nothing from the candidates on them that hit no object."""
+    """A COCO crowd box, a box flagged `ignore` (pedestrian sets converted to COCO) and a box of a
+    class the source names in `ignore_classes` (KAIST's `people`) are regions, not objects:
+    proposals-eval leaves them out of recall and counts them apart, and proposals-fit learns nothing
+    from the candidates on them that hit no object."""
     import shutil
 
     from data_tools.proposal_ranker import fit_weights, frame_candidates, labelled_grey_frames
@@ -332,27 +333,28 @@ def test_ignore_regions_are_not_objects_to_find_nor_examples_to_fit(tmp_path, ca
         rows = np.loadtxt(msrs / "labels_ir" / f"{name}.txt", ndmin=2)
         boxes = [[(cx - w / 2) * 640, (cy - h / 2) * 480, w * 640, h * 480] for _, cx, cy, w, h in rows]
         largest = int(np.argmax([w * h for _, _, w, h in boxes]))
-        for k, box in enumerate(boxes):
-            flag = {0: {"iscrowd": 1}, 1: {"ignore": 1}}.get(i, {}) if k == largest else {}
+        for k, box in enumerate(boxes):  # the largest box: a crowd, flagged, of a class named to ignore
+            flag = ({0: {"iscrowd": 1}, 1: {"ignore": 1}, 2: {"category_id": 2}}[i] if k == largest else {})
             annotations.append({"image_id": i, "bbox": box, "category_id": 1, **flag})
-    (tmp_path / "a.json").write_text(json.dumps({"images": images, "annotations": annotations,
-                                                 "categories": [{"id": 1, "name": "object"}]}))
+    (tmp_path / "a.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": [
+        {"id": 1, "name": "object"}, {"id": 2, "name": "people"}]}))
     (tmp_path / "yolo").mkdir()
     for name in names:
         shutil.copy(msrs / "labels_ir" / f"{name}.txt", tmp_path / "yolo")
     for fmt, path in (("coco", "a.json"), ("yolo", "yolo")):
         (tmp_path / f"{fmt}.yaml").write_text(f"sources:\n  - {{name: m, root: ir, boxes: {{format: {fmt}, "
-                                             f"path: {path}}}}}\n")
+                                             f"path: {path}, ignore_classes: [people]}}}}\n")
     coco = _eval_by_method(tmp_path / "coco.yaml", tmp_path / "eval_coco", "--methods", "thermal_blobs")
     said = capsys.readouterr().out
     every = _eval_by_method(tmp_path / "yolo.yaml", tmp_path / "eval_yolo", "--methods", "thermal_blobs")
     blobs, plain = coco["thermal_blobs"], every["thermal_blobs"]
-    assert blobs["ignore_regions"] == {"crowd": 1, "ignore flag": 1} and plain["ignore_regions"] == {}
-    assert blobs["objects"] == plain["objects"] - 2  # the two largest boxes, both >= 40 px on a side
-    assert "not counted as objects: 2 ignore region(s) (crowd 1, ignore flag 1)" in said
+    assert blobs["ignore_regions"] == {"class people": 1, "crowd": 1, "ignore flag": 1}
+    assert plain["ignore_regions"] == {}  # YOLO's labels are 0-2 here: no `people`
+    assert blobs["objects"] == plain["objects"] - 3  # the three largest boxes, all >= 40 px on a side
+    assert "not counted as objects: 3 ignore region(s) (class people 1, crowd 1, ignore flag 1)" in said
     [coco_frames, yolo_frames] = [list(labelled_grey_frames(load_sources(tmp_path / f"{f}.yaml"), find_overlays=False))
                                   for f in ("coco", "yolo")]
-    assert [len(ignored) for _, _, ignored in coco_frames] == [1, 1, 0]
+    assert [len(ignored) for _, _, ignored in coco_frames] == [1, 1, 1]
     with_regions = frame_candidates(coco_frames, ProposalConfig())
     as_objects = frame_candidates(yolo_frames, ProposalConfig())
     for regions, objects in zip(with_regions, as_objects):

@@ -417,6 +417,19 @@ def test_a_4_channel_frame_reads_the_channel_the_source_names(tmp_path, capsys):
         source_from_dict({"name": "x", "root": "images", "channel": "alpha"}, tmp_path)
 
 
+def test_ignore_classes_is_a_list_of_labels_and_leaves_the_build_as_it_was(tmp_path):
+    """`boxes.ignore_classes` changes what proposals-eval counts, not a stored byte: a build made
+    without it is the same build (its identity, `describe()`, is unchanged); a bare string is refused."""
+    (tmp_path / "images").mkdir()
+    plain = {"name": "k", "root": "images", "boxes": {"format": "bbgt", "path": "ann"}}
+    ignoring = {**plain, "boxes": {**plain["boxes"], "ignore_classes": ["people", "person?"]}}
+    with_it = source_from_dict(ignoring, tmp_path)
+    assert with_it.annotations[0].ignore_classes == ("people", "person?")
+    assert with_it.describe() == source_from_dict(plain, tmp_path).describe()
+    with pytest.raises(SourceError, match=r"boxes.ignore_classes must be a list of labels, got 'people'"):
+        source_from_dict({**plain, "boxes": {**plain["boxes"], "ignore_classes": "people"}}, tmp_path)
+
+
 def test_tiff_bmp_and_netpbm_8_and_16_bit_round_trip(tmp_path):
     root = tmp_path / "f"
     root.mkdir()
