@@ -32,6 +32,16 @@ def test_every_shipped_config_fits_its_schema(path):
     check_config(cfg, _schema_of(path))
 
 
+def test_every_shipped_yaml_reads_the_same_with_any_yaml_reader():
+    """Users copy our YAML into their own tools (PyYAML, ruamel, other languages' readers): each
+    file reads the same with PyYAML's safe loader as with ours (a bare `person?]` in a flow list
+    is an error to PyYAML, where OmegaConf's reader takes it)."""
+    import yaml
+
+    for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+        assert yaml.safe_load(path.read_text()) == OmegaConf.to_container(OmegaConf.load(path)), path
+
+
 @pytest.mark.parametrize("override,line", [
     ("train.epochs=two", "train.epochs: Input should be a valid number, unable to parse string as a number (got 'two')"),
     ("train.batch_size=0", "train.batch_size: Input should be greater than 0 (got 0)"),
