@@ -6,8 +6,8 @@ kept. ``python -m data_tools proposals-eval`` runs it on any labelled source tha
 An object counts when both sides are at least ``min_object_side`` (40 px: PAD's smallest
 proposal) after the source's border crop; it is found when a proposal overlaps it with IoU at or
 above the threshold. Sizes are bucketed by sqrt(w h). Ignore regions (COCO crowd boxes, VOC
-``<difficult>`` objects, bbGt's ignore flag) are not objects to find, as detection scoring and
-proposal benchmarks leave them out; they are counted apart.
+``<difficult>`` objects, bbGt's ignore flag, a source's ``boxes.ignore_classes``) are not objects
+to find, as detection scoring and proposal benchmarks leave them out; they are counted apart.
 """
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
         if "path" not in spec:
             raise SourceError(f"source '{name}': {key}.path is required (the folder or file of the {key})")
         path = _resolve(base_dir, spec.pop("path"))
-        ignore_classes = spec.pop("ignore_classes", ()) or ()
+        ignore_classes = (spec.pop("ignore_classes", ()) or ()) if key == "boxes" else ()  # masks carry no labels
         if isinstance(ignore_classes, (str, int)) or not all(isinstance(c, (str, int)) for c in ignore_classes):
             raise SourceError(f"source '{name}': {key}.ignore_classes must be a list of labels, got {ignore_classes!r}")
         anns.append(AnnotationSpec(fmt, str(path), str(spec.pop("suffix", ".png" if fmt == "mask" else "")),

@@ -428,6 +428,8 @@ def test_ignore_classes_is_a_list_of_labels_and_leaves_the_build_as_it_was(tmp_p
     assert with_it.describe() == source_from_dict(plain, tmp_path).describe()
     with pytest.raises(SourceError, match=r"boxes.ignore_classes must be a list of labels, got 'people'"):
         source_from_dict({**plain, "boxes": {**plain["boxes"], "ignore_classes": "people"}}, tmp_path)
+    with pytest.raises(SourceError, match=r"unknown masks option\(s\) \['ignore_classes'\]"):
+        source_from_dict({**plain, "masks": {"path": "m", "ignore_classes": ["people"]}}, tmp_path)
 
 
 def test_tiff_bmp_and_netpbm_8_and_16_bit_round_trip(tmp_path):
