@@ -173,7 +173,14 @@ def _proposal_base(args: argparse.Namespace):
 
 
 def _cmd_proposals_eval(args: argparse.Namespace) -> int:
-    from data_tools.proposal_eval import format_ignored, format_misses, format_table, run, runnable_methods
+    from data_tools.proposal_eval import (
+        format_by_source,
+        format_ignored,
+        format_misses,
+        format_table,
+        run,
+        runnable_methods,
+    )
     from data_tools.proposals import METHODS
     from data_tools.sources import SourceError
 
@@ -193,6 +200,8 @@ def _cmd_proposals_eval(args: argparse.Namespace) -> int:
     if format_ignored(summaries[0]):
         print(format_ignored(summaries[0]))
     for summary in summaries:
+        if format_by_source(summary):
+            print(format_by_source(summary))
         print(format_misses(summary))
     _say_unreadable(summaries[0]["unreadable_frames"])
     if args.out:

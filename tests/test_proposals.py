@@ -289,6 +289,26 @@ sources:
     assert "no labelled frames" in capsys.readouterr().err
 
 
+def test_eval_gives_each_source_its_own_figures(tmp_path, capsys):
+    """Sources pooled in one evaluation (several cameras, or day and night) each get their objects,
+    found and recall, in the JSON and on the console; they add up to the pooled figures."""
+    root = shared_path("msrs20")
+    sources = tmp_path / "sources.yaml"
+    sources.write_text("sources:\n" + "".join(
+        f"  - {{name: {name}, root: {root / 'ir'}, glob: '*{suffix}.png', "
+        f"boxes: {{format: yolo, path: {root / 'labels_ir'}}}}}\n" for name, suffix in (("day", "D"), ("night", "N"))))
+    blobs = _eval_by_method(sources, tmp_path / "eval", "--methods", "thermal_blobs")["thermal_blobs"]
+    out = capsys.readouterr().out
+    by_source = blobs["by_source"]
+    assert sorted(by_source) == ["day", "night"] and all(s["frames"] > 0 for s in by_source.values())
+    assert sum(s["frames"] for s in by_source.values()) == blobs["frames"]
+    assert sum(s["objects"] for s in by_source.values()) == blobs["objects"] == 29
+    assert sum(s["found_iou_0.5"] for s in by_source.values()) == blobs["found_iou_0.5"]
+    for name, s in by_source.items():
+        assert s["recall_iou_0.5"] == round(s["found_iou_0.5"] / s["objects"], 4)
+        assert f"thermal_blobs on {name}: {s['found_iou_0.5']} of {s['objects']} objects" in out
+
+
 def test_an_unreadable_labelled_frame_is_left_out_and_named_by_eval_and_fit(tmp_path, capsys):
     import shutil
 
