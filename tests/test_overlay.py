@@ -133,7 +133,14 @@ def test_proposals_eval_sees_the_frames_as_the_build_does(burned_frames, capsys)
     assert len(frames) == MIN_FRAMES + 2 and all(f.overlay is not None for f in frames)
     assert all(f.overlay is None for f in labelled_frames([source], find_overlays=False))
     summaries = {on: run([source], ProposalConfig(overlay_mask=on), ["thermal_blobs"], None)[0] for on in (True, False)}
-    assert summaries[True]["found_iou_0.5"] > summaries[False]["found_iou_0.5"]
+    # Filled in, the burned frames give what the same frames without the overlay give (a strict gain over
+    # not filling it in is one object here with OpenCV 5.0 and none with 4.10).
+    clean = source_from_dict({"name": "cam", "root": str(Path(shared_path("msrs20")) / "ir"),
+                              "glob": sorted(p.name for p in burned_frames.iterdir()),
+                              "boxes": {"format": "yolo", "path": str(Path(shared_path("msrs20")) / "labels_ir")}},
+                             burned_frames)
+    as_clean = run([clean], ProposalConfig(overlay_mask=False), ["thermal_blobs"], None)[0]["found_iou_0.5"]
+    assert summaries[True]["found_iou_0.5"] == as_clean >= summaries[False]["found_iou_0.5"]
     assert summaries[True]["overlays"]["cam"]["masked"] and summaries[False]["overlays"] == {}
     share = summaries[True]["overlays"]["cam"]["static_share"]
     said = capsys.readouterr().err
