@@ -197,12 +197,9 @@ def _cmd_proposals_eval(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(summaries))
-    if format_ignored(summaries[0]):
-        print(format_ignored(summaries[0]))
-    for summary in summaries:
-        if format_by_source(summary):
-            print(format_by_source(summary))
-        print(format_misses(summary))
+    for line in [format_ignored(summaries[0])] + [f(s) for s in summaries for f in (format_by_source, format_misses)]:
+        if line:
+            print(line)
     _say_unreadable(summaries[0]["unreadable_frames"])
     if args.out:
         print(f"wrote {Path(args.out)}: proposals_eval.json (with the missed objects), recall_vs_proposals.png, "

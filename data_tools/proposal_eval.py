@@ -48,7 +48,6 @@ class LabelledFrame:
     boxes: np.ndarray  # (N, 4) float xywh, objects of at least min_object_side
     overlay: np.ndarray | None = None  # its source's burned-in overlay mask, as the build finds it
     ignored: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # ignore regions, xywh, any size
-    ignored_as: Counter = field(default_factory=Counter)  # why each ignore region is one: crowd, difficult, ...
 
 
 @dataclass
@@ -66,7 +65,6 @@ class MethodResult:
     # objects without a box at IoU >= 0.5 among those kept; boxes x y w h after the border crop
     missed: list[dict] = field(default_factory=list)
     tiles: list[np.ndarray] = field(default_factory=list)  # pictures of the first missed objects
-    ignored_as: Counter = field(default_factory=Counter)  # ignore regions of the frames, not counted as objects
 
     def summary(self) -> dict:
         best, sizes, ranks = np.asarray(self.best_iou), np.asarray(self.sizes), np.asarray(self.rank_hit)
@@ -89,7 +87,6 @@ class MethodResult:
             "frames_per_second_one_core": round(self.frames / max(self.seconds, 1e-9), 2),
             "recall_at_k_iou_0.5": curve,
             "missed_iou_0.5": self.missed,
-            "ignore_regions": dict(sorted(self.ignored_as.items())),
             "by_source": self._by_source(best),
         }
 
@@ -110,13 +107,14 @@ def _share(hits: np.ndarray) -> float | None:
 
 def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: int = 0,
                     unreadable: list | None = None, find_overlays: bool = True,
-                    overlays: dict | None = None) -> Iterator[LabelledFrame]:
+                    overlays: dict | None = None, ignored: Counter | None = None) -> Iterator[LabelledFrame]:
     """Frames of ``sources`` that carry annotation boxes or masks, read and cropped as ``build``
     reads them, each with its source's overlay mask as the build finds it (``find_overlays``, the
     config's ``proposals.overlay_mask``); ``every`` / ``offset`` select frames i with i % every ==
     offset (a held-out split). A frame that cannot be read is left out and appended to
     ``unreadable`` (source, path, reason), as the build skips it; each source's overlay finding
-    goes into ``overlays`` (source name -> ``OverlayFinding``)."""
+    goes into ``overlays`` (source name -> ``OverlayFinding``); the frames' ignore regions, by kind,
+    are counted into ``ignored`` (their boxes ride along in ``LabelledFrame.ignored``)."""
     from data_tools.build import annotations_for_source, frame_annotation_boxes
     from data_tools.imageio import SkipSample, crop_border, read_frame
     from data_tools.sources import discover
@@ -150,10 +148,12 @@ def labelled_frames(sources, min_object_side: int = 40, every: int = 1, offset: 
             h, w = frame.image.shape
             ignore = [r for r in records if r.ignore]
             boxes, _ = frame_annotation_boxes([r for r in records if not r.ignore], mask, w, h, source, item.rel)
-            ignored, _ = frame_annotation_boxes(ignore, None, w, h, source, item.rel)
+            regions, _ = frame_annotation_boxes(ignore, None, w, h, source, item.rel)
+            if ignored is not None:
+                ignored.update(r.ignored_as for r in ignore)
             big = (boxes[:, 2] >= min_object_side) & (boxes[:, 3] >= min_object_side)
             yield LabelledFrame(source.name, item.rel, crop_border(frame.image, source.border_crop), boxes[big],
-                                overlay, ignored, Counter(r.ignored_as for r in ignore))
+                                overlay, regions)
 
 
 def evaluate(frames: Iterable[LabelledFrame], configs: dict[str, ProposalConfig], cap: int,
@@ -193,7 +193,6 @@ def _score_frame(result: MethodResult, frame: LabelledFrame, proposals: np.ndarr
     result.proposals += min(len(proposals), cap)
     result.seconds += seconds
     result.objects += len(frame.boxes)
-    result.ignored_as.update(frame.ignored_as)
     result.sizes += np.sqrt(frame.boxes[:, 2] * frame.boxes[:, 3]).tolist()
     result.object_sources += [frame.source] * len(frame.boxes)
     if len(frame.boxes) == 0:
@@ -344,8 +343,9 @@ def format_table(summaries: list[dict]) -> str:
 def run(sources, base: ProposalConfig, methods: list[str], out: Path | None, min_object_side: int = 40,
         every: int = 1, offset: int = 0, max_k: int = 100) -> list[dict]:
     unreadable: list[dict] = []
+    ignored: Counter = Counter()  # ignore regions by kind, not counted as objects
     overlays: dict = {}
-    frames = labelled_frames(sources, min_object_side, every, offset, unreadable, base.overlay_mask, overlays)
+    frames = labelled_frames(sources, min_object_side, every, offset, unreadable, base.overlay_mask, overlays, ignored)
     configs = method_configs(base, methods, max_k)
     results = evaluate(frames, configs, base.max_proposals)
     if not max((r.frames for r in results.values()), default=0):
@@ -358,7 +358,8 @@ def run(sources, base: ProposalConfig, methods: list[str], out: Path | None, min
     summaries = [r.summary() for r in results.values()]
     for s in summaries:
         s.update(cap=base.max_proposals, min_object_side=min_object_side, split={"every": every, "offset": offset},
-                 unreadable_frames=unreadable, overlays={name: f.describe() for name, f in overlays.items()})
+                 unreadable_frames=unreadable, overlays={name: f.describe() for name, f in overlays.items()},
+                 ignore_regions=dict(sorted(ignored.items())))
         for name, path in method_input_files(configs[s["method"]]).items():  # what was measured, by content
             s[name] = {"path": path, "sha256": sha256_file(path)}
     if out is not None:
