@@ -39,6 +39,8 @@
 #   -- ARGS          everything after -- goes to the trainer as config overrides (key=value)
 # Environment: IRPT_VENV (default ./.venv) to place the environment elsewhere. The python -m CLIs
 # (data_tools, pretrain, finetune) run in it: source .venv/bin/activate, or call .venv/bin/python.
+# IRPT_PINS=none installs into IRPT_VENV without the tested pins, keeping the versions it already
+# holds where pyproject.toml's ranges allow them (a cluster's own CUDA build of torch).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -170,18 +172,66 @@ pins_for() {
   else echo "$ROOT/constraints-py310.txt"; fi
 }
 
+# An environment run.sh did not make (a cluster's, with its own CUDA build of torch) is installed into
+# only when that keeps its torch and torchvision: with the pins, when it holds the pinned versions;
+# with IRPT_PINS=none, when they lie in pyproject.toml's ranges. Otherwise pip would replace them.
+# Reads the installed versions' metadata only (no import), with the environment's own Python.
+check_foreign_env() {
+  local pins="$1"
+  "$VENV/bin/python" - "$ROOT/pyproject.toml" "$pins" "$VENV" <<'PYEOF' || exit 1
+import importlib.metadata as md, re, sys
+pyproject, pins, venv = sys.argv[1:]
+def release(v):
+    return tuple(int(x) for x in re.match(r"\d+(?:\.\d+)*", v).group().split("."))
+for name in ("torch", "torchvision"):
+    try:
+        have = md.version(name)
+    except md.PackageNotFoundError:
+        continue
+    if pins == "none":
+        spec = re.search(rf'"{name}((?:[<>=!]=?[\d.]+,?)+)"', open(pyproject).read()).group(1)
+        ok = all({">=": release(have) >= release(v), "<": release(have) < release(v)}[op]
+                 for op, v in re.findall(r"(>=|<)([\d.]+)", spec))
+        why = f"outside the supported range {spec} (pyproject.toml): pip would replace it"
+    else:
+        want = re.search(rf"^{name}==(\S+)", open(pins).read(), re.M).group(1)
+        ok = release(have) == release(want)
+        why = (f"which the set-up would replace with the tested {name}=={want} ({pins}); IRPT_PINS=none "
+               "keeps the versions it holds where pyproject.toml's ranges allow them")
+    if not ok:
+        sys.exit(f"\nERROR: {venv} (IRPT_VENV) was not made by run.sh and holds {name} {have}, {why}; "
+                 "or point IRPT_VENV at a new folder")
+PYEOF
+}
+
 setup() {
   local stamp_src stamp pins
   pins="$(pins_for "$PYTHON_BOOT")" || exit 1
-  stamp_src="$(cat "$ROOT/pyproject.toml" "$pins" | sha256sum | cut -c1-16)"
+  [[ "${IRPT_PINS:-}" == none ]] && pins=none
+  [[ -z "${IRPT_PINS:-}" || "$IRPT_PINS" == none ]] \
+    || fail "IRPT_PINS=$IRPT_PINS: leave it unset (the tested pins) or set it to 'none'"
+  stamp_src="$({ cat "$ROOT/pyproject.toml"; if [[ "$pins" == none ]]; then echo none; else cat "$pins"; fi; } \
+    | sha256sum | cut -c1-16)"
   stamp="$VENV/.irpt-installed-$stamp_src"
   if [[ -f "$stamp" ]]; then return 0; fi
-  say "setup: creating $VENV and installing pinned dependencies (first run only, ~2 min)"
+  # Foreign: it had a Python before run.sh first installed into it (marked then, so that a later
+  # set-up with other pins is checked again).
+  local foreign=""
+  if [[ -f "$VENV/.irpt-foreign" ]] \
+     || { [[ -x "$VENV/bin/python" ]] && ! compgen -G "$VENV/.irpt-installed-*" > /dev/null; }; then
+    foreign=1
+    check_foreign_env "$pins"
+  fi
+  local pin_args=(-c "$pins")
+  [[ "$pins" == none ]] && pin_args=()
+  if [[ "$pins" == none ]]; then say "setup: installing into $VENV without the tested pins (IRPT_PINS=none)"
+  else say "setup: creating $VENV and installing pinned dependencies (first run only, ~2 min)"; fi
   local t0=$SECONDS
   [[ -x "$VENV/bin/python" ]] || "$PYTHON_BOOT" -m venv "$VENV" || fail "could not create a venv with $PYTHON_BOOT"
-  "$VENV/bin/python" -m pip install -q -c "$pins" -e "$ROOT[test]" \
+  "$VENV/bin/python" -m pip install -q "${pin_args[@]}" -e "$ROOT[test]" \
     || fail "dependency installation failed (see pip's message above)"
   rm -f "$VENV"/.irpt-installed-*
+  [[ -z "$foreign" ]] || touch "$VENV/.irpt-foreign"
   touch "$stamp"
   say "setup: done in $((SECONDS - t0)) s"
 }

@@ -228,6 +228,75 @@ def test_a_python_older_than_3_10_is_refused_before_the_environment_is_made(tmp_
     assert not (tmp_path / "venv").exists()
 
 
+def _cluster_env(root: Path, torch_version: str, torchvision_version: str) -> Path:
+    """An environment run.sh did not make, holding torch and torchvision as a cluster's would (their
+    metadata only); its pip writes down how it was called instead of installing."""
+    site = root / "site"
+    for name, version in (("torch", torch_version), ("torchvision", torchvision_version)):
+        info = site / f"{name}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (root / "bin").mkdir()
+    python = root / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = pip ]; then echo "$@" >> "{root}/pip.log"; exit 0; fi\n'
+                      f'PYTHONPATH="{site}" exec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    return root
+
+
+def _setup_in(env_dir: Path, pins: str | None = None):
+    env = dict(os.environ, IRPT_VENV=str(env_dir))
+    env.pop("IRPT_PINS", None)
+    if pins is not None:
+        env["IRPT_PINS"] = pins
+    return subprocess.run(["bash", str(ROOT / "run.sh"), "setup"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _supported(name: str) -> tuple[str, str]:
+    """pyproject.toml's range of a dependency: (lowest supported, first unsupported)."""
+    return re.search(rf'"{name}>=([\d.]+),<([\d.]+)"', (ROOT / "pyproject.toml").read_text()).groups()
+
+
+def test_set_up_refuses_to_replace_the_torch_of_an_environment_it_did_not_make(tmp_path):
+    """IRPT_VENV pointed at a cluster's environment: pip with the tested pins would replace its CUDA
+    build of torch; the set-up stops before pip and says how to keep it."""
+    env_dir = _cluster_env(tmp_path / "cluster", "2.11.0+cu124", "0.26.0+cu124")
+    pinned = re.search(r"^torch==(\S+)", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    res = _setup_in(env_dir)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert (f"ERROR: {env_dir} (IRPT_VENV) was not made by run.sh and holds torch 2.11.0+cu124, which the set-up "
+            f"would replace with the tested torch=={pinned}") in res.stderr, res.stderr
+    assert "IRPT_PINS=none keeps the versions it holds" in res.stderr
+    assert not (env_dir / "pip.log").exists() and not list(env_dir.glob(".irpt-*"))
+
+
+def test_set_up_without_pins_keeps_a_supported_torch_and_refuses_an_unsupported_one(tmp_path):
+    low, high = _supported("torch")
+    tv_low, _ = _supported("torchvision")
+    old = _cluster_env(tmp_path / "old", "2.4.1+cu121", "0.19.1+cu121")
+    res = _setup_in(old, pins="none")
+    assert res.returncode == 1 and (f"holds torch 2.4.1+cu121, outside the supported range >={low},<{high} "
+                                    "(pyproject.toml): pip would replace it") in res.stderr, res.stderr
+    assert not (old / "pip.log").exists()
+
+    ok = _cluster_env(tmp_path / "ok", f"{low}.1+cu124", f"{tv_low}.1+cu124")
+    res = _setup_in(ok, pins="none")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "installing into" in res.stdout and "without the tested pins (IRPT_PINS=none)" in res.stdout
+    calls = (ok / "pip.log").read_text().splitlines()
+    assert len(calls) == 1 and calls[0].startswith("-m pip install -q -e ") and " -c " not in calls[0], calls
+    assert (ok / ".irpt-foreign").exists() and len(list(ok.glob(".irpt-installed-*"))) == 1
+    assert _setup_in(ok, pins="none").returncode == 0 and len((ok / "pip.log").read_text().splitlines()) == 1
+    # Set up once, it is still not run.sh's own: the pins are refused there later too.
+    res = _setup_in(ok)
+    assert res.returncode == 1 and "was not made by run.sh" in res.stderr, res.stdout + res.stderr
+    assert len((ok / "pip.log").read_text().splitlines()) == 1
+
+    res = _setup_in(ok, pins="constraints.txt")
+    assert res.returncode == 1 and "IRPT_PINS=constraints.txt: leave it unset" in res.stderr, res.stderr
+
+
 def test_fine_tuning_overrides_reach_the_check_and_the_stage(tmp_path):
     """`--det-set KEY=VALUE` overrides the detection config, first in the check that runs before
     any stage (a preset's split folder named otherwise), then in the stage itself."""
