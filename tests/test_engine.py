@@ -251,6 +251,61 @@ def test_torchrun_takes_a_repeated_stop_signal_as_one_request_but_a_second_ctrl_
         fake._terminate_process_handler(signal.SIGINT, None)
 
 
+@pytest.mark.parametrize("under_nohup", [False, True])
+def test_torchrun_keeps_a_hang_up_ignored_under_nohup(monkeypatch, under_nohup):
+    """torch before 2.9 handles SIGHUP whatever --signals-to-handle would say: under nohup the run
+    ended with its terminal. The handler torchrun installs drops it there; otherwise it is a stop."""
+    from torch.distributed.elastic.multiprocessing import SignalException, api as elastic_api
+
+    from pretrain.engine import launchers
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) + (() if under_nohup else (signal.SIGHUP,))
+    monkeypatch.setattr(launchers, "STOP_SIGNALS", stops)
+    fake = SimpleNamespace(_terminate_process_handler=elastic_api._terminate_process_handler)
+    launchers._one_stop_request(fake)
+    if under_nohup:
+        assert fake._terminate_process_handler(signal.SIGHUP, None) is None
+        with pytest.raises(SignalException):  # and a stop request after it still counts
+            fake._terminate_process_handler(signal.SIGTERM, None)
+    else:
+        with pytest.raises(SignalException):
+            fake._terminate_process_handler(signal.SIGHUP, None)
+
+
+@pytest.mark.parametrize("torch_has_the_flag", [False, True])
+def test_torchrun_of_a_torch_before_2_9_passes_sigusr1_on(monkeypatch, torch_has_the_flag):
+    """Without --signals-to-handle (torch before 2.9) torchrun left SIGUSR1 to its default action (the
+    launcher died, its processes unsaved); there the launcher sets torchrun's own handler for it."""
+    import argparse
+
+    import torch.distributed.run as run
+    from torch.distributed.elastic.multiprocessing import SignalException, api as elastic_api
+
+    from pretrain.engine.launchers import _handle_sigusr1_before_torch_2_9
+
+    def old_parser():
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--nproc-per-node")
+        if torch_has_the_flag:
+            parser.add_argument("--signals-to-handle")
+        return parser
+
+    monkeypatch.setattr(run, "get_args_parser", old_parser)
+    fake = SimpleNamespace(_terminate_process_handler=elastic_api._terminate_process_handler)
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        _handle_sigusr1_before_torch_2_9(fake)
+        handler = signal.getsignal(signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    if torch_has_the_flag:
+        assert handler is before
+    else:
+        with pytest.raises(SignalException) as stop:
+            handler(signal.SIGUSR1, None)
+        assert stop.value.sigval == signal.SIGUSR1
+
+
 @pytest.mark.parametrize("args, apart", [
     (["--nnodes", "2", "--master_addr", "node0", "--master_port", "29500"], None),  # static: run.sh's
     (["--nnodes", "2:4", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400"], "1"),

@@ -51,12 +51,26 @@ def _one_stop_request(api) -> None:
     received: list[int] = []
 
     def once(signum, frame):
+        if signum == signal.SIGHUP and signal.SIGHUP not in STOP_SIGNALS:
+            return  # under nohup: a torch before 2.9 handles a hang-up whatever --signals-to-handle says
         if received and signum != signal.SIGINT:
             return
         received.append(signum)
         raise_stop(signum, frame)
 
     api._terminate_process_handler = once
+
+
+def _handle_sigusr1_before_torch_2_9(api) -> None:
+    """torchrun has --signals-to-handle from torch 2.9; before, it handles SIGTERM, SIGINT, SIGHUP and
+    SIGQUIT only, and a SIGUSR1 ended it at once, unsaved. There its handler is set for SIGUSR1 here, so
+    that the stop goes the same way: torchrun passes the signal on to its processes, which save."""
+    from torch.distributed.run import get_args_parser
+
+    if getattr(api, "_terminate_process_handler", None) is None or any(
+            "--signals-to-handle" in action.option_strings for action in get_args_parser()._actions):
+        return
+    signal.signal(signal.SIGUSR1, lambda signum, frame: api._terminate_process_handler(signum, frame))
 
 
 def _round_stores_apart(argv: list[str], env=os.environ) -> None:
@@ -88,6 +102,7 @@ def torchrun(argv: list[str]) -> int:
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGQUIT,SIGUSR1" + hangup)
     _round_stores_apart(argv)
     _one_stop_request(api)
+    _handle_sigusr1_before_torch_2_9(api)
     try:
         main(argv)
     except SignalException as stop:
