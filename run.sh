@@ -207,15 +207,16 @@ PYEOF
 setup() {
   local stamp_src stamp pins
   pins="$(pins_for "$PYTHON_BOOT")" || exit 1
-  [[ "${IRPT_PINS:-}" == none ]] && pins=none
   [[ -z "${IRPT_PINS:-}" || "$IRPT_PINS" == none ]] \
     || fail "IRPT_PINS=$IRPT_PINS: leave it unset (the tested pins) or set it to 'none'"
+  # IRPT_PINS=none once is remembered in an environment run.sh did not make (the marker below).
+  if [[ "${IRPT_PINS:-}" == none ]] || grep -qx none "$VENV/.irpt-foreign" 2> /dev/null; then pins=none; fi
   stamp_src="$({ cat "$ROOT/pyproject.toml"; if [[ "$pins" == none ]]; then echo none; else cat "$pins"; fi; } \
     | sha256sum | cut -c1-16)"
   stamp="$VENV/.irpt-installed-$stamp_src"
   if [[ -f "$stamp" ]]; then return 0; fi
   # Foreign: it had a Python before run.sh first installed into it (marked then, so that a later
-  # set-up with other pins is checked again).
+  # set-up is checked again; the marker says 'none' where it was installed into without the pins).
   local foreign=""
   if [[ -f "$VENV/.irpt-foreign" ]] \
      || { [[ -x "$VENV/bin/python" ]] && ! compgen -G "$VENV/.irpt-installed-*" > /dev/null; }; then
@@ -231,7 +232,8 @@ setup() {
   "$VENV/bin/python" -m pip install -q "${pin_args[@]}" -e "$ROOT[test]" \
     || fail "dependency installation failed (see pip's message above)"
   rm -f "$VENV"/.irpt-installed-*
-  [[ -z "$foreign" ]] || touch "$VENV/.irpt-foreign"
+  if [[ -n "$foreign" && "$pins" == none ]]; then echo none > "$VENV/.irpt-foreign"
+  elif [[ -n "$foreign" ]]; then touch "$VENV/.irpt-foreign"; fi
   touch "$stamp"
   say "setup: done in $((SECONDS - t0)) s"
 }

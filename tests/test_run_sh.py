@@ -261,11 +261,13 @@ def _supported(name: str) -> tuple[str, str]:
 def test_set_up_refuses_to_replace_the_torch_of_an_environment_it_did_not_make(tmp_path):
     """IRPT_VENV pointed at a cluster's environment: pip with the tested pins would replace its CUDA
     build of torch; the set-up stops before pip and says how to keep it."""
-    env_dir = _cluster_env(tmp_path / "cluster", "2.11.0+cu124", "0.26.0+cu124")
     pinned = re.search(r"^torch==(\S+)", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    major, minor, patch = pinned.split(".")[:3]
+    theirs = f"{major}.{minor}.{int(patch) + 1}+cu124"  # a patch release apart is enough
+    env_dir = _cluster_env(tmp_path / "cluster", theirs, "0.26.0+cu124")
     res = _setup_in(env_dir)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert (f"ERROR: {env_dir} (IRPT_VENV) was not made by run.sh and holds torch 2.11.0+cu124, which the set-up "
+    assert (f"ERROR: {env_dir} (IRPT_VENV) was not made by run.sh and holds torch {theirs}, which the set-up "
             f"would replace with the tested torch=={pinned}") in res.stderr, res.stderr
     assert "IRPT_PINS=none keeps the versions it holds" in res.stderr
     assert not (env_dir / "pip.log").exists() and not list(env_dir.glob(".irpt-*"))
@@ -286,11 +288,18 @@ def test_set_up_without_pins_keeps_a_supported_torch_and_refuses_an_unsupported_
     assert "installing into" in res.stdout and "without the tested pins (IRPT_PINS=none)" in res.stdout
     calls = (ok / "pip.log").read_text().splitlines()
     assert len(calls) == 1 and calls[0].startswith("-m pip install -q -e ") and " -c " not in calls[0], calls
-    assert (ok / ".irpt-foreign").exists() and len(list(ok.glob(".irpt-installed-*"))) == 1
-    assert _setup_in(ok, pins="none").returncode == 0 and len((ok / "pip.log").read_text().splitlines()) == 1
-    # Set up once, it is still not run.sh's own: the pins are refused there later too.
+    assert (ok / ".irpt-foreign").read_text() == "none\n" and len(list(ok.glob(".irpt-installed-*"))) == 1
+    # Remembered: the next commands need not say IRPT_PINS=none again, and find it set up.
+    assert _setup_in(ok).returncode == 0 and len((ok / "pip.log").read_text().splitlines()) == 1
+    # Set up once, it is still not run.sh's own: when pyproject.toml changes (the stamp with it), its torch
+    # is checked again, here one replaced by an unsupported version since.
+    for stamp in ok.glob(".irpt-installed-*"):
+        stamp.unlink()
+    shutil.rmtree(ok / "site" / f"torch-{low}.1+cu124.dist-info")
+    _cluster_env(tmp_path / "older", "2.4.1", f"{tv_low}.1")
+    shutil.move(tmp_path / "older" / "site" / "torch-2.4.1.dist-info", ok / "site")
     res = _setup_in(ok)
-    assert res.returncode == 1 and "was not made by run.sh" in res.stderr, res.stdout + res.stderr
+    assert res.returncode == 1 and "holds torch 2.4.1, outside the supported range" in res.stderr, res.stderr
     assert len((ok / "pip.log").read_text().splitlines()) == 1
 
     res = _setup_in(ok, pins="constraints.txt")
