@@ -102,3 +102,17 @@ def test_the_checks_find_a_renamed_flag_subcommand_option_and_key():
     text = _text()
     assert config_key_problems(text + "\n`train.epoch=2` and `data.split_dirs.val=valid`") == [
         "train.epoch=: no config has this key"]
+
+
+def test_the_readme_sources_example_is_a_sources_file(tmp_path):
+    """The README's sources YAML, as a user copies it: every key read (an unknown one is an error)."""
+    from data_tools.sources import load_sources
+
+    examples = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(examples) == 1
+    (tmp_path / "sources.yaml").write_text(examples[0])
+    sources = load_sources(tmp_path / "sources.yaml")
+    assert [s.name for s in sources] == ["dronevehicle", "scut_fir", "lasher", "llvip", "sirst", "mfnet"]
+    by_name = {s.name: s for s in sources}
+    assert by_name["dronevehicle"].border_crop == (100, 100, 100, 100) and by_name["scut_fir"].stride == 10
+    assert [a.format for a in by_name["sirst"].annotations] == ["voc", "mask"]
