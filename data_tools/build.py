@@ -471,6 +471,7 @@ def build_shards(sources: list[Source], cfg: Any, out_dir: str | Path, workers: 
     """
     cfg = to_container(cfg)
     check_config(cfg, BuildConfig)  # bad settings fail here, before any work
+    ProposalConfig(**cfg["proposals"])  # and a method's own checks (its ranker file, OpenCV's contrib)
     check_roots(sources)  # and sources not there, before the output folder is touched
     out = Path(out_dir)
     # Two builds writing one folder would interleave their shards and progress records.

@@ -187,7 +187,10 @@ def _cmd_proposals_eval(args: argparse.Namespace) -> int:
     try:
         sources = _read_sources(args)
         base = _proposal_base(args)
-        methods = args.methods.split(",") if args.methods else runnable_methods(base)
+        left_out: dict[str, str] = {}
+        methods = args.methods.split(",") if args.methods else runnable_methods(base, left_out)
+        for name, why in left_out.items():  # said first: a long evaluation follows
+            print(f"not evaluated: {name}: {why}", file=sys.stderr)
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")

@@ -214,13 +214,17 @@ def _score_frame(result: MethodResult, frame: LabelledFrame, proposals: np.ndarr
                                   "first_hit_rank": int(rank) + 1 if rank >= 0 else None})
 
 
-def runnable_methods(base: ProposalConfig) -> list[str]:
-    """Every registered method this config can run (``thermal_blobs_fitted`` only with a ranker)."""
+def runnable_methods(base: ProposalConfig, left_out: dict[str, str] | None = None) -> list[str]:
+    """Every registered method this config can run (``thermal_blobs_fitted`` only with a ranker,
+    ``selective_search`` only with OpenCV's contrib modules); why each other one cannot goes into
+    ``left_out`` (method -> reason) when given."""
     names = []
     for name in sorted(METHODS):
         try:
             replace(base, method=name)
-        except ValueError:
+        except ValueError as e:
+            if left_out is not None:
+                left_out[name] = str(e)
             continue
         names.append(name)
     return names

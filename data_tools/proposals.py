@@ -37,7 +37,9 @@ normalisation as the network input (``to_uint8``). A new method is a module that
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import cv2
@@ -200,6 +202,36 @@ def selective_search(image_u8: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
 
 def selective_search_proposals(image_u8: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
     return filter_proposals(selective_search(image_u8, cfg), cfg)
+
+
+def opencv_contrib_problem() -> str | None:
+    """Why OpenCV's selective search is not there, or None. It is one of OpenCV's contrib modules
+    (opencv-contrib-python-headless); another OpenCV package in the same environment (opencv-python,
+    a dependency of many tools) writes the same cv2 module, and the one installed last wins: cv2 then
+    still has an empty ``ximgproc`` and fails at the first frame."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    segmentation = getattr(getattr(cv2, "ximgproc", None), "segmentation", None)
+    if hasattr(segmentation, "createSelectiveSearchSegmentation"):
+        return None
+    installed = {}
+    for name in ("opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless"):
+        with contextlib.suppress(PackageNotFoundError):
+            installed[name] = version(name)
+    ours = installed.pop("opencv-contrib-python-headless", None)
+    fix = (f"`pip install --force-reinstall --no-deps opencv-contrib-python-headless=={ours}`" if ours
+           else "install opencv-contrib-python-headless in pyproject.toml's range")
+    if installed:
+        fix = f"`pip uninstall {' '.join(installed)}`, then {fix}"
+    clash = f" ({', '.join(f'{n} {v}' for n, v in installed.items())} shares the cv2 module)" if installed else ""
+    where = f"{getattr(cv2, '__version__', 'no version')}, {Path(getattr(cv2, '__file__', None) or '?').parent}"
+    return f"OpenCV's contrib modules, which this cv2 ({where}) lacks{clash}: {fix}"
+
+
+def _check_selective_search(cfg: ProposalConfig) -> None:
+    problem = opencv_contrib_problem()
+    if problem:
+        raise ValueError(f"proposals.method=selective_search needs {problem}")
 
 
 # --- thermal blobs ----------------------------------------------------------------------------
@@ -407,7 +439,7 @@ def method_input_files(cfg: ProposalConfig) -> dict[str, str]:
 
 
 register_method("thermal_blobs", thermal_blob_proposals, ranked=True)
-register_method("selective_search", selective_search_proposals, ranked=False)
+register_method("selective_search", selective_search_proposals, ranked=False, check=_check_selective_search)
 
 
 def compute_proposals(image: np.ndarray, cfg: ProposalConfig, overlay: np.ndarray | None = None) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Region proposals: the recall measure on hand-made boxes, every method's output contract on real
 frames (8- and 16-bit), the cap, builds with each method, and the proposals-eval CLI."""
 import json
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -471,3 +472,34 @@ def test_thermal_blobs_find_objects_on_black_hot_and_low_contrast_frames():
     assert white_hot >= 24
     assert _found(frames, lambda g: 255 - g) >= white_hot - 1
     assert _found(frames, lambda g: (g.astype(np.float64) * 0.4 + 80).round().astype(np.uint8)) >= white_hot - 1
+
+
+def test_selective_search_without_opencv_contrib_is_refused_before_any_frame(tmp_path, monkeypatch, capsys):
+    """Another OpenCV package installed over opencv-contrib-python-headless (opencv-python, which many
+    tools pull in) leaves cv2 with an empty ximgproc: selective search failed at its first frame with
+    an AttributeError. Now the config says so, with the fix; proposals-eval evaluates the others and
+    says which it left out and why."""
+    import cv2
+
+    from data_tools.cli import main
+    from data_tools.proposal_eval import runnable_methods
+
+    monkeypatch.setattr(cv2, "ximgproc", types.SimpleNamespace(), raising=False)
+    with pytest.raises(ValueError, match=r"proposals.method=selective_search needs OpenCV's contrib modules, which "
+                                         r"this cv2 \(.*\) lacks.*opencv-contrib-python-headless"):
+        ProposalConfig(method="selective_search")
+    left_out: dict = {}
+    assert runnable_methods(ProposalConfig(), left_out) == ["thermal_blobs"]
+    assert sorted(left_out) == ["selective_search", "thermal_blobs_fitted"]
+    root = shared_path("msrs20")
+    first = sorted((root / "ir").iterdir())[0].name
+    sources = tmp_path / "s.yaml"
+    sources.write_text(f"sources:\n  - name: ir\n    root: {root / 'ir'}\n    globs: [{first}]\n"
+                       f"    boxes: {{format: yolo, path: {root / 'labels_ir'}}}\n")
+    assert list(_eval_by_method(sources, tmp_path / "eval")) == ["thermal_blobs"]
+    assert ("not evaluated: selective_search: proposals.method=selective_search needs OpenCV's contrib"
+            in capsys.readouterr().err)
+    assert main(["build", "--source", f"ir={root / 'ir'}", "--out", str(tmp_path / "shards"),
+                 "proposals.method=selective_search"]) == 2
+    assert "needs OpenCV's contrib modules" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()
