@@ -69,8 +69,15 @@ def _launchers_and_trainers(proc: subprocess.Popen) -> list:
     """The pre-training launchers and processes below run.sh now (not their loader workers or
     multiprocessing's helpers, which end with them, a moment after; not a process that ends while
     it is looked at)."""
+    try:
+        children = [] if proc.poll() is not None else psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    if proc.poll() is not None:  # it ended before training got going: its own words say why
+        res = _finish(proc)
+        raise AssertionError(f"run.sh ended early ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     found = []
-    for process in psutil.Process(proc.pid).children(recursive=True):
+    for process in children:
         with contextlib.suppress(psutil.NoSuchProcess):
             command = process.cmdline()
             if "pretrain" in " ".join(command) and command != process.parent().cmdline():
