@@ -223,17 +223,17 @@ setup() {
     foreign=1
     check_foreign_env "$pins"
   fi
-  local pin_args=(-c "$pins")
-  [[ "$pins" == none ]] && pin_args=()
-  if [[ "$pins" == none ]]; then say "setup: installing into $VENV without the tested pins (IRPT_PINS=none)"
-  else say "setup: creating $VENV and installing pinned dependencies (first run only, ~2 min)"; fi
+  local pin_args=(-c "$pins") doing="creating $VENV and installing pinned dependencies (first run only, ~2 min)"
+  if [[ "$pins" == none ]]; then pin_args=(); doing="installing into $VENV without the tested pins (IRPT_PINS=none)"; fi
+  say "setup: $doing"
   local t0=$SECONDS
   [[ -x "$VENV/bin/python" ]] || "$PYTHON_BOOT" -m venv "$VENV" || fail "could not create a venv with $PYTHON_BOOT"
   "$VENV/bin/python" -m pip install -q "${pin_args[@]}" -e "$ROOT[test]" \
     || fail "dependency installation failed (see pip's message above)"
   rm -f "$VENV"/.irpt-installed-*
-  if [[ -n "$foreign" && "$pins" == none ]]; then echo none > "$VENV/.irpt-foreign"
-  elif [[ -n "$foreign" ]]; then touch "$VENV/.irpt-foreign"; fi
+  if [[ -n "$foreign" ]]; then
+    if [[ "$pins" == none ]]; then echo none; fi > "$VENV/.irpt-foreign"
+  fi
   touch "$stamp"
   say "setup: done in $((SECONDS - t0)) s"
 }

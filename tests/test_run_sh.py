@@ -235,14 +235,21 @@ def test_a_python_older_than_3_10_is_refused_before_the_environment_is_made(tmp_
     assert not (tmp_path / "venv").exists()
 
 
+def _hold(root: Path, name: str, version: str) -> None:
+    """``root``'s environment holds ``name`` at ``version`` (its installed metadata, in place of any other)."""
+    for old in (root / "site").glob(f"{name}-*.dist-info"):
+        shutil.rmtree(old)
+    info = root / "site" / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
 def _cluster_env(root: Path, torch_version: str, torchvision_version: str) -> Path:
     """An environment run.sh did not make, holding torch and torchvision as a cluster's would (their
     metadata only); its pip writes down how it was called instead of installing."""
+    _hold(root, "torch", torch_version)
+    _hold(root, "torchvision", torchvision_version)
     site = root / "site"
-    for name, version in (("torch", torch_version), ("torchvision", torchvision_version)):
-        info = site / f"{name}-{version}.dist-info"
-        info.mkdir(parents=True)
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     (root / "bin").mkdir()
     python = root / "bin" / "python"
     python.write_text(f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = pip ]; then echo "$@" >> "{root}/pip.log"; exit 0; fi\n'
@@ -302,9 +309,7 @@ def test_set_up_without_pins_keeps_a_supported_torch_and_refuses_an_unsupported_
     # is checked again, here one replaced by an unsupported version since.
     for stamp in ok.glob(".irpt-installed-*"):
         stamp.unlink()
-    shutil.rmtree(ok / "site" / f"torch-{low}.1+cu124.dist-info")
-    _cluster_env(tmp_path / "older", "2.4.1", f"{tv_low}.1")
-    shutil.move(tmp_path / "older" / "site" / "torch-2.4.1.dist-info", ok / "site")
+    _hold(ok, "torch", "2.4.1")
     res = _setup_in(ok)
     assert res.returncode == 1 and "holds torch 2.4.1, outside the supported range" in res.stderr, res.stderr
     assert len((ok / "pip.log").read_text().splitlines()) == 1
