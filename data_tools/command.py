@@ -58,23 +58,48 @@ def storage_error_line(e: OSError) -> str | None:
     return f"error: a write failed ({problem}): free space (or write elsewhere) and run again"
 
 
+class StopRequests:
+    """What a stop signal asks, given the ones before it. A stop reaches a process more than once: the
+    terminal's Ctrl-C (or a scheduler's SIGTERM) goes to the whole process group, and run.sh or a
+    launcher passes it on, as a SIGTERM, in either order, the second one's handler even running inside
+    the first's. Those are one request; only a Ctrl-C after a Ctrl-C is the user wanting out at once.
+    (Taken as any stop after a SIGTERM, a Ctrl-C ended a saving run unsaved, now and then.)"""
+
+    FIRST, SECOND_CTRL_C, AGAIN = "first", "second Ctrl-C", "again"
+
+    def __init__(self) -> None:
+        self.first: int | None = None  # the signal of the first request
+        self.ctrl_c = False
+
+    def take(self, signum: int) -> str:
+        """FIRST, SECOND_CTRL_C, or AGAIN (the same request again: to be dropped). Call it before
+        anything else in a handler: a signal arriving later runs its handler inside the caller's."""
+        verdict = (self.FIRST if self.first is None else
+                   self.SECOND_CTRL_C if signum == signal.SIGINT and self.ctrl_c else self.AGAIN)
+        self.first = self.first or signum
+        self.ctrl_c = self.ctrl_c or signum == signal.SIGINT
+        return verdict
+
+    @property
+    def signum(self) -> int | None:
+        """The request's signal, said as Ctrl-C where one came."""
+        return signal.SIGINT if self.ctrl_c else self.first
+
+
 class _StopAsCtrlC:
     """A SIGTERM (a scheduler's stop, ``docker stop``), SIGUSR1 (a preemption notice) or SIGHUP (the
     terminal hung up) ends a command as Ctrl-C does, through its KeyboardInterrupt path, which keeps
     what it finished (their default action ended it at once; a build's pool workers, which ignore
-    them, went on without it). The same request arriving twice (a process group's signal and run.sh's
-    pass-on of it) is one: a SIGTERM / SIGUSR1 / SIGHUP after the first stop signal is dropped; a
-    second Ctrl-C still raises (the user wants out)."""
+    them, went on without it). The same request arriving twice is one (:class:`StopRequests`)."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.requests = StopRequests()
 
     def __call__(self, signum, frame) -> None:
+        verdict = self.requests.take(signum)
         leave_a_hung_up_terminal()
-        if self.signum is not None and signum != signal.SIGINT:
-            return
-        self.signum = self.signum or signum
-        raise KeyboardInterrupt
+        if verdict != StopRequests.AGAIN:
+            raise KeyboardInterrupt
 
 
 def set_stop_handlers(handler) -> dict:
@@ -112,10 +137,11 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
             print(f"error: {e}", file=sys.stderr)
             return EXIT_REFUSED
         except KeyboardInterrupt as e:
-            ctrl_c = stop.signum in (None, signal.SIGINT)
-            what = "interrupted" if ctrl_c else f"stopped by {signal.Signals(stop.signum).name}"
+            signum = stop.requests.signum
+            ctrl_c = signum in (None, signal.SIGINT)
+            what = "interrupted" if ctrl_c else f"stopped by {signal.Signals(signum).name}"
             print(f"{what}{': ' + str(e) if str(e) else ''}", file=sys.stderr)
-            return EXIT_INTERRUPTED if ctrl_c else 128 + stop.signum
+            return EXIT_INTERRUPTED if ctrl_c else 128 + signum
         except OSError as e:
             if (line := storage_error_line(e)) is None:
                 raise

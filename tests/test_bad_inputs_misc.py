@@ -416,18 +416,39 @@ def test_a_full_disk_under_a_command_is_one_line_and_other_os_errors_keep_their_
         main(argv)
 
 
+@pytest.mark.parametrize("signals, verdicts, said_as", [
+    ("SIGINT SIGTERM SIGINT", "first again second", "SIGINT"),
+    ("SIGTERM SIGINT SIGTERM SIGINT", "first again again second", "SIGINT"),  # run.sh's pass-on of a Ctrl-C first
+    ("SIGTERM SIGUSR1 SIGHUP SIGTERM", "first again again again", "SIGTERM"),
+    ("SIGUSR1 SIGTERM", "first again", "SIGUSR1")])
+def test_stop_requests_are_one_request_until_a_second_ctrl_c(signals, verdicts, said_as):
+    """A Ctrl-C or a scheduler's stop reaches a process from the process group and passed on by
+    run.sh or a launcher, in either order; only a Ctrl-C after a Ctrl-C asks for more."""
+    import signal
+
+    from data_tools.command import StopRequests
+
+    requests = StopRequests()
+    taken = [requests.take(signal.Signals[name]) for name in signals.split()]
+    assert taken == [{"first": StopRequests.FIRST, "again": StopRequests.AGAIN,
+                      "second": StopRequests.SECOND_CTRL_C}[v] for v in verdicts.split()]
+    assert requests.signum == signal.Signals[said_as]
+
+
 @pytest.mark.parametrize("first, again, status, said", [
     ("SIGTERM", "SIGTERM", 143, "stopped by SIGTERM: what it finished is kept"),
     ("SIGUSR1", "SIGTERM", 138, "stopped by SIGUSR1: what it finished is kept"),
     ("SIGHUP", "SIGTERM", 129, "stopped by SIGHUP: what it finished is kept"),
     ("SIGINT", "SIGTERM", 130, "interrupted: what it finished is kept"),
+    ("SIGTERM", "SIGINT", 130, "interrupted: what it finished is kept"),  # run.sh's pass-on handled first
     ("SIGINT", "SIGINT", 130, "interrupted")])
 def test_a_stop_signal_ends_a_command_as_ctrl_c_does_and_the_same_request_again_is_one(first, again, status, said,
                                                                                      tmp_path, monkeypatch, capsys):
     """A scheduler's SIGTERM or a preemption notice (SIGUSR1) ended a command at once, unsaid, past
     the Ctrl-C path that keeps what it finished; now they take that path, with the shell's status for
-    the signal. A process group's signal and run.sh's pass-on of it reach a command both: a SIGTERM
-    after a stop request is the same request (dropped), a second Ctrl-C still stops at once."""
+    the signal. A process group's signal and run.sh's pass-on of it reach a command both, in either
+    order: a SIGTERM after a stop request, or a Ctrl-C after a SIGTERM, is the same request (dropped;
+    a Ctrl-C said as one); a second Ctrl-C still stops at once."""
     import os
     import signal
     import time

@@ -105,6 +105,35 @@ def test_a_first_ctrl_c_asks_to_save_a_second_stops_at_once_and_restore_puts_the
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["one-after-the-other", "inside-the-ctrl-c-handler"])
+def test_ctrl_c_and_the_sigterm_passed_on_for_it_are_one_request_in_either_order(monkeypatch, nested):
+    """The terminal's Ctrl-C reaches the trainer and run.sh (or torchrun), which passes it on as a
+    SIGTERM. Where the SIGTERM's handler ran first, or inside the Ctrl-C's, the Ctrl-C was taken as the
+    second one: the run ended unsaved (exit 130), now and then. Now both are one request, said as
+    Ctrl-C; a Ctrl-C after that still stops at once."""
+    import pretrain.engine.signals as signals_module
+    from pretrain.engine import StopSignals
+
+    first, second = (signal.SIGINT, signal.SIGTERM) if nested else (signal.SIGTERM, signal.SIGINT)
+    if nested:  # the SIGTERM arrives while the Ctrl-C's handler runs
+        arriving = [signal.SIGTERM]
+        monkeypatch.setattr(signals_module, "leave_a_hung_up_terminal",
+                            lambda: arriving and signal.raise_signal(arriving.pop()))
+    signals = StopSignals(announce=False)
+    try:
+        try:
+            signal.raise_signal(first)
+            if not nested:
+                signal.raise_signal(second)
+        except KeyboardInterrupt:
+            pytest.fail("the Ctrl-C was taken as a second one: stopped at once, unsaved")
+        assert signals.requested and signals.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signals.restore()
+
+
 def test_stop_polling_asks_before_each_of_the_first_polls_frames_and_stops_there():
     """An evaluation during training asks before each frame whether any rank got a stop request;
     only as many times as every rank has frames (the question is a collective)."""
@@ -233,20 +262,25 @@ def test_the_launchers_module_names_its_launchers_when_given_another(capsys):
         assert "usage: python -m pretrain.engine.launchers {torchrun,deepspeed} LAUNCHER_ARGS..." in said
 
 
-def test_torchrun_takes_a_repeated_stop_signal_as_one_request_but_a_second_ctrl_c_counts():
-    """A scheduler's SIGTERM to the group and run.sh's pass-on of it reach torchrun twice; its handler
-    (by the name torch installs it under) raises for the first only."""
+@pytest.mark.parametrize("ctrl_c_first", [False, True], ids=["sigterm-first", "ctrl-c-first"])
+def test_torchrun_takes_a_repeated_stop_signal_as_one_request_but_a_second_ctrl_c_counts(ctrl_c_first):
+    """A scheduler's SIGTERM to the group and run.sh's pass-on of it reach torchrun twice, as do a
+    Ctrl-C's SIGINT and run.sh's SIGTERM for it, in either order; its handler (by the name torch
+    installs it under) raises for the first only, and again for a second Ctrl-C."""
     from torch.distributed.elastic.multiprocessing import SignalException, api as elastic_api
 
     from pretrain.engine.launchers import _one_stop_request
 
     assert callable(elastic_api._terminate_process_handler)  # the name torchrun installs its handler by
     fake = SimpleNamespace(_terminate_process_handler=elastic_api._terminate_process_handler)
-    _one_stop_request(fake)
+    requests = _one_stop_request(fake)
     with pytest.raises(SignalException):
-        fake._terminate_process_handler(signal.SIGTERM, None)
+        fake._terminate_process_handler(signal.SIGINT if ctrl_c_first else signal.SIGTERM, None)
     assert fake._terminate_process_handler(signal.SIGTERM, None) is None
     assert fake._terminate_process_handler(signal.SIGUSR1, None) is None
+    if not ctrl_c_first:
+        assert fake._terminate_process_handler(signal.SIGINT, None) is None  # the Ctrl-C run.sh passed on first
+    assert requests.signum == signal.SIGINT  # said as the Ctrl-C it was
     with pytest.raises(SignalException):
         fake._terminate_process_handler(signal.SIGINT, None)
 

@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 
-from data_tools.command import HANGUP_STOPS_ENV, STOP_SIGNALS, leave_a_hung_up_terminal
+from data_tools.command import HANGUP_STOPS_ENV, STOP_SIGNALS, StopRequests, leave_a_hung_up_terminal
 
 
 def _say_stopped(launcher: str, signum: int) -> int:
@@ -38,27 +38,27 @@ def _say_stopped(launcher: str, signum: int) -> int:
     return 128 + int(signum)
 
 
-def _one_stop_request(api) -> None:
+def _one_stop_request(api) -> StopRequests | None:
     """torchrun raises its SignalException for every signal it handles. A scheduler's SIGTERM to the
-    process group and run.sh's pass-on of it (for a SIGTERM to run.sh alone) are one request, but a
-    second one, arriving while torchrun stopped its processes, raised again there: a traceback, and
-    its processes signalled again as they saved. So a repeated SIGTERM / SIGUSR1 is dropped; a second
-    Ctrl-C still counts (stop at once). torchrun looks its handler up by this module-level name when
-    it installs it (no public hook); a torch without it keeps its own handling."""
+    process group and run.sh's pass-on of it (for a SIGTERM to run.sh alone, or a Ctrl-C) are one
+    request, but a second one, arriving while torchrun stopped its processes, raised again there: a
+    traceback, and its processes signalled again as they saved. So the same request again is dropped;
+    a second Ctrl-C still counts (stop at once) (:class:`StopRequests`). torchrun looks its handler up
+    by this module-level name when it installs it (no public hook); a torch without it keeps its own
+    handling."""
     raise_stop = getattr(api, "_terminate_process_handler", None)
     if raise_stop is None:
-        return
-    received: list[int] = []
+        return None
+    requests = StopRequests()
 
     def once(signum, frame):
         if signum == signal.SIGHUP and signal.SIGHUP not in STOP_SIGNALS:
             return  # under nohup: a torch before 2.9 handles a hang-up whatever --signals-to-handle says
-        if received and signum != signal.SIGINT:
-            return
-        received.append(signum)
-        raise_stop(signum, frame)
+        if requests.take(signum) != StopRequests.AGAIN:
+            raise_stop(signum, frame)
 
     api._terminate_process_handler = once
+    return requests
 
 
 def _handle_sigusr1_before_torch_2_9(api) -> None:
@@ -101,12 +101,12 @@ def torchrun(argv: list[str]) -> int:
     hangup = ",SIGHUP" if signal.SIGHUP in STOP_SIGNALS else ""
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGQUIT,SIGUSR1" + hangup)
     _round_stores_apart(argv)
-    _one_stop_request(api)
+    requests = _one_stop_request(api)
     _handle_sigusr1_before_torch_2_9(api)
     try:
         main(argv)
     except SignalException as stop:
-        return _say_stopped("torchrun", stop.sigval)
+        return _say_stopped("torchrun", stop.sigval if requests is None else requests.signum)
     return 0
 
 
@@ -114,12 +114,11 @@ def deepspeed(argv: list[str]) -> int:
     import psutil
     from deepspeed.launcher.runner import main
 
-    signals: list[int] = []
+    requests = StopRequests()
 
     def pass_on(signum, frame):
-        if signals and signum != signal.SIGINT:
+        if requests.take(signum) == StopRequests.AGAIN:
             return  # the same stop request again (as torchrun's, _one_stop_request); a second Ctrl-C still counts
-        signals.append(signum)
         launchers = psutil.Process().children()
         if not launchers:  # none started yet: nothing to wait for
             raise SystemExit(128 + signum)
@@ -143,7 +142,7 @@ def deepspeed(argv: list[str]) -> int:
         status = 0
     except SystemExit as end:  # the launcher's way of passing on its processes' status
         status = 0 if end.code is None else end.code if isinstance(end.code, int) else 1
-    return _say_stopped("deepspeed", signals[0]) if signals else status
+    return _say_stopped("deepspeed", requests.signum) if requests.signum is not None else status
 
 
 LAUNCHERS = {"torchrun": torchrun, "deepspeed": deepspeed}

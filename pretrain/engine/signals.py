@@ -10,31 +10,35 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from data_tools.command import leave_a_hung_up_terminal, restore_handlers, set_stop_handlers
+from data_tools.command import StopRequests, leave_a_hung_up_terminal, restore_handlers, set_stop_handlers
 
 
 class StopSignals:
     """Stop signals set a flag; the loop saves and stops at the end of the step, once every rank
-    agrees (an all-reduce, so no rank is left waiting in a collective). A second SIGINT raises
-    KeyboardInterrupt (Ctrl-C twice: the user wants out now, unsaved). ``restore`` puts the
-    previous handlers back (after the loop, a signal is no longer a request to save)."""
+    agrees (an all-reduce, so no rank is left waiting in a collective). A second Ctrl-C raises
+    KeyboardInterrupt (the user wants out now, unsaved); a Ctrl-C's SIGINT and the SIGTERM passed on
+    for it are one request (:class:`StopRequests`). ``restore`` puts the previous handlers back (after
+    the loop, a signal is no longer a request to save)."""
 
     def __init__(self, announce: bool = True):
         self.requested = False
-        self.signal_name = None
+        self.requests = StopRequests()
         self.announce = announce
         self._previous = set_stop_handlers(self._handler)
 
+    @property
+    def signal_name(self) -> str | None:
+        return None if self.requests.signum is None else signal.Signals(self.requests.signum).name
+
     def _handler(self, signum, frame) -> None:
-        leave_a_hung_up_terminal()
-        if signum == signal.SIGINT:
-            if self.requested:
-                raise KeyboardInterrupt
-            if self.announce:  # os.write: a print could re-enter a write the signal interrupted
-                os.write(2, b"\nCtrl-C: saving at the end of this step (an evaluation under way stops), then "
-                            b"stopping (Ctrl-C again stops at once, without saving)\n")
+        verdict = self.requests.take(signum)
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        leave_a_hung_up_terminal()
+        if verdict == StopRequests.SECOND_CTRL_C:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT and self.announce:  # os.write: a print could re-enter a write the signal interrupted
+            os.write(2, b"\nCtrl-C: saving at the end of this step (an evaluation under way stops), then "
+                        b"stopping (Ctrl-C again stops at once, without saving)\n")
 
     def any_rank_requested(self, device: torch.device) -> bool:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
