@@ -1,8 +1,10 @@
 """Pieces of the training engine on their own: which evaluation makes the ``best`` checkpoint,
 and how ``best`` is kept beside the step checkpoints."""
 import json
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -200,28 +202,52 @@ def test_a_background_threads_full_disk_is_left_to_the_main_thread(monkeypatch, 
     assert "No space left" not in err and "ValueError: a bug in a thread" in err
 
 
-class _SigintAtUnpickling:
-    """Records the SIGINT disposition a spawned loader worker has when it unpickles the dataset,
-    before PyTorch's worker loop and its ``worker_init_fn`` run."""
+class _StoppedAtUnpickling:
+    """Sends its own process a Ctrl-C and a SIGTERM when a spawned loader worker unpickles it, before
+    PyTorch's worker loop and its ``worker_init_fn`` run (a stop to the whole process group then)."""
 
     def __init__(self):
-        self.seen = None  # a state to pickle: without one, unpickling does not call __setstate__
+        self.pid = None  # a state to pickle: without one, unpickling does not call __setstate__
 
     def __setstate__(self, state):
-        self.__dict__.update(state, seen=signal.getsignal(signal.SIGINT))
+        self.__dict__.update(state, pid=os.getpid())
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def eval_sample(self, i):
-        return str(self.seen)
+        return self.pid
 
 
-def test_evaluation_workers_ignore_ctrl_c_from_their_start():
+def test_evaluation_workers_outlive_a_stop_from_their_start():
     """A Ctrl-C in the second a fresh evaluation worker spends importing would kill it, read as a
-    worker that died of memory, and end the run unsaved: the workers inherit SIG_IGN."""
+    worker that died of memory, and end the run unsaved: the workers are born with the stop signals
+    blocked, and discard them once they ignore them."""
     from finetune.data.eval_frames import eval_loader
 
-    before = signal.getsignal(signal.SIGINT)
-    assert list(eval_loader(_SigintAtUnpickling(), [0], workers=1)) == [str(signal.SIG_IGN)]
-    assert signal.getsignal(signal.SIGINT) is before  # the training process's own handler is back
+    before = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    (pid,) = list(eval_loader(_StoppedAtUnpickling(), [0], workers=1))
+    assert pid not in (None, os.getpid())  # read by the worker, which outlived both signals
+    assert (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])) == before
+
+
+def test_a_stop_while_loader_workers_are_spawned_is_taken_once_they_are():
+    """Handing each spawned worker a large pickled dataset takes seconds; a SIGTERM meanwhile was
+    ignored with the workers (lost: the run went on until the scheduler's SIGKILL). It is held back
+    while they are spawned, then taken."""
+    from pretrain.engine import StopSignals
+    from pretrain.engine.signals import stop_signals_held
+
+    signals = StopSignals(announce=False)
+    try:
+        with stop_signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # taken in this thread at once; a few bytecodes later if another thread got it
+            if signals.requested:
+                break
+            time.sleep(0.01)
+        assert signals.requested and signals.signal_name == "SIGTERM"
+    finally:
+        signals.restore()
 
 
 def test_a_resume_with_another_loader_worker_count_starts_the_new_workers_streams_afresh():

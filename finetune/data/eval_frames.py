@@ -7,7 +7,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from pretrain.engine.signals import ignore_preemption_signals, stop_polling, stop_signals_ignored
+from pretrain.engine.signals import ignore_preemption_signals, stop_polling, stop_signals_held
 
 
 class _EvalFrames(torch.utils.data.Dataset):
@@ -31,7 +31,7 @@ def eval_loader(dataset, indices: list[int], workers: int) -> Iterator[dict]:
     loader = torch.utils.data.DataLoader(_EvalFrames(dataset, indices), batch_size=None, num_workers=workers,
                                          collate_fn=_as_is, multiprocessing_context="spawn" if workers else None,
                                          worker_init_fn=ignore_preemption_signals if workers else None)
-    with stop_signals_ignored():
+    with stop_signals_held():
         return iter(loader)  # spawns the workers
 
 

@@ -3,6 +3,7 @@ Ctrl-C (SIGINT) ask the run to save and stop; a second Ctrl-C stops at once. Loa
 from __future__ import annotations
 
 import contextlib
+import multiprocessing.resource_tracker
 import os
 import signal
 from typing import Callable, Iterable, Iterator
@@ -10,7 +11,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from data_tools.command import StopRequests, leave_a_hung_up_terminal, restore_handlers, set_stop_handlers
+from data_tools.command import (STOP_SIGNALS, StopRequests, leave_a_hung_up_terminal, restore_handlers,
+                                set_stop_handlers)
 
 
 class StopSignals:
@@ -73,12 +75,24 @@ def ignore_preemption_signals(_worker_id: int) -> None:
 
 
 @contextlib.contextmanager
-def stop_signals_ignored():
-    """Loader workers spawned inside inherit SIG_IGN for the stop signals (it survives exec), so a
-    Ctrl-C or SIGTERM in the second or two before ``ignore_preemption_signals`` runs in them cannot
-    kill them (which would read as a worker that died of memory)."""
-    previous = set_stop_handlers(signal.SIG_IGN)
+def stop_signals_held():
+    """Loader workers spawned inside are born with the stop signals blocked (a thread's signal mask
+    survives fork and exec), so a Ctrl-C or SIGTERM in the seconds before ``ignore_preemption_signals``
+    runs in them cannot kill them (which would read as a worker that died of memory); it stays pending
+    there until that discards it. The spawn itself can take seconds: each worker is handed the pickled
+    dataset through a pipe, and one larger than the pipe's buffer (a long frame list) waits for the
+    worker to import and read it (measured: 1.4 s a worker for 1 MB, one after the other). Held back
+    here too, a stop request arriving meanwhile is taken once the workers are started; ignored
+    instead (SIG_IGN, also inherited), it was lost, and a preemption notice in that window ended the
+    run unsaved at the grace period's end."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
+        # Python's resource tracker, a process started with the first one spawned, must be born with
+        # them blocked too (a preemption notice to the process group killed it, and its restart
+        # printed a traceback for each name the first one had tracked); once started, it unblocks
+        # SIGINT and SIGTERM in this thread (its own block, lifted, not restored): blocked again.
+        multiprocessing.resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         yield
     finally:
-        restore_handlers(previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pretrain.engine.distributed import SHM_DIR
-from pretrain.engine.signals import ignore_preemption_signals, stop_signals_ignored
+from pretrain.engine.signals import ignore_preemption_signals, stop_signals_held
 
 MAX_WORKERS = 64  # loader workers per training process
 # Fault injection: loader worker 0 dies (as by the OOM killer) as it starts epoch E ("E"), on one rank only ("E@R").
@@ -104,9 +104,9 @@ class EpochLoader:
 
     Workers are spawned once (not forked, so they never inherit locked thread pools from the
     training process) and told where each epoch starts through the stream's shared position.
-    They ignore SIGTERM / SIGUSR1 / SIGINT, inherited (SIG_IGN survives exec) and set again once PyTorch's
-    worker handlers are installed: a scheduler signals the whole process group, and the training
-    process must be the one to react (save, then stop), not lose its workers.
+    They never take SIGTERM / SIGUSR1 / SIGINT: born with them blocked (``stop_signals_held``) and
+    ignoring them once PyTorch's worker handlers are installed: a scheduler signals the whole process
+    group, and the training process must be the one to react (save, then stop), not lose its workers.
     """
 
     def __init__(self, stream: ResumableStream, num_workers: int, prefetch_factor: int = 2,
@@ -131,7 +131,7 @@ class EpochLoader:
         if self.started or self.loader.num_workers == 0:
             batches = iter(self.loader)
         else:
-            with stop_signals_ignored():
+            with stop_signals_held():
                 self.started = True
                 batches = iter(self.loader)  # spawns the workers
         return self._whole(batches, epoch, self.stream.batches_per_epoch - start_batch)
