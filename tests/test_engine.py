@@ -230,6 +230,40 @@ def test_evaluation_workers_outlive_a_stop_from_their_start():
     assert (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])) == before
 
 
+class _LargeFrames:
+    """An evaluation dataset whose pickle (0.9 MB) outgrows a pipe's buffer, as a large split's frame list does."""
+
+    def __init__(self):
+        self.names = [f"frame{i:07d}" for i in range(60_000)]
+
+    def eval_sample(self, i):
+        return self.names[i]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluation_workers_load_their_frames_from_a_file_that_goes_with_them(workers, tmp_path, monkeypatch, capfd):
+    """Spawned evaluation workers were handed the whole dataset pickled through a pipe, and the spawn
+    waited for each to import torch and read it, one after the other (1.6 s a worker for a 1 MB one,
+    at every evaluation). Each is now handed a file's path (a short pickle) and loads the file as it
+    starts; the frames are the same, and the file goes once the frames end or are left (after the
+    workers, a worker still starting reads it first)."""
+    import pickle
+    import tempfile
+
+    from finetune.data.eval_frames import _EvalFrames, eval_loader
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dataset, indices = _LargeFrames(), [5, 17, 59_999]
+    assert len(pickle.dumps(dataset)) > 2**16  # a pipe's buffer
+    assert len(pickle.dumps(_EvalFrames(dataset, indices, str(tmp_path / "frames.pickle")))) < 1000
+    assert list(eval_loader(dataset, indices, workers)) == ["frame0000005", "frame0000017", "frame0059999"]
+    frames = eval_loader(dataset, indices, workers)
+    assert next(frames) == "frame0000005"
+    frames.close()  # left after one frame (a stop request): the other worker may still be starting
+    assert not list(tmp_path.iterdir())
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_a_stop_while_loader_workers_are_spawned_is_taken_once_they_are():
     """Handing each spawned worker a large pickled dataset takes seconds; a SIGTERM meanwhile was
     ignored with the workers (lost: the run went on until the scheduler's SIGKILL). It is held back
