@@ -1,18 +1,34 @@
 """A wheel built from the tree carries every config, and its CLIs find them when run from outside
 the checkout (the defaults and presets resolve inside the installed package)."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 from data_tools.config import CONFIG_DIR
 from tests.conftest import ROOT
 
 
+def _source_copy(to: Path) -> Path:
+    """The files a wheel is built from, copied: setuptools builds in the source tree (``build/``), and
+    a module deleted since stayed there and went into the next wheel built from the checkout."""
+    to.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, to / name)
+    for package in ("data_tools", "pretrain", "finetune", "configs"):
+        shutil.copytree(ROOT / package, to / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return to
+
+
 def test_a_wheel_holds_the_configs_and_its_cli_runs_outside_the_checkout(tmp_path):
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-                            "-w", str(tmp_path / "wheel"), "-q"], capture_output=True, text=True, timeout=600)
+    had_build = (ROOT / "build").exists()
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(_source_copy(tmp_path / "source")), "--no-deps",
+                            "--no-build-isolation", "-w", str(tmp_path / "wheel"), "-q"],
+                           capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
+    assert (ROOT / "build").exists() == had_build  # the checkout is left as it was
     (wheel,) = (tmp_path / "wheel").glob("irpt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"irpt_configs/{p.relative_to(CONFIG_DIR).as_posix()}" for p in CONFIG_DIR.rglob("*.yaml")}
