@@ -23,10 +23,13 @@ class StopSignals:
     the loop, a signal is no longer a request to save)."""
 
     def __init__(self, announce: bool = True):
-        self.requested = False
         self.requests = StopRequests()
         self.announce = announce
         self._previous = set_stop_handlers(self._handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.requests.first is not None
 
     @property
     def signal_name(self) -> str | None:
@@ -34,7 +37,6 @@ class StopSignals:
 
     def _handler(self, signum, frame) -> None:
         verdict = self.requests.take(signum)
-        self.requested = True
         leave_a_hung_up_terminal()
         if verdict == StopRequests.SECOND_CTRL_C:
             raise KeyboardInterrupt
