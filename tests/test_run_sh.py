@@ -70,7 +70,7 @@ def _launchers_and_trainers(proc: subprocess.Popen) -> list:
     multiprocessing's helpers, which end with them, a moment after; not a process that ends while
     it is looked at)."""
     try:
-        children = [] if proc.poll() is not None else psutil.Process(proc.pid).children(recursive=True)
+        children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
     if proc.poll() is not None:  # it ended before training got going: its own words say why
@@ -351,7 +351,7 @@ def test_a_stop_to_run_sh_alone_between_stages_ends_it_before_the_next(tmp_path)
                          "--nnodes", "2", "--master", "127.0.0.1:1")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not any(
-            "finetune check" in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children()):
+            "finetune check" in _command_of(p) for p in psutil.Process(proc.pid).children()):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     res = _finish(proc)
@@ -573,7 +573,7 @@ def test_a_dropped_ssh_connection_saves_the_training_step_it_was_at(pipeline, tm
     logged = steps()
     os.close(terminal)  # the connection drops
     shell.wait()
-    ours = lambda: [q.pid for q in _processes() if str(new) in " ".join(q.cmdline())]  # noqa: E731
+    ours = lambda: [q.pid for q in _processes() if str(new) in _command_of(q)]  # noqa: E731
     if detached:
         while time.time() < deadline and steps() < logged + 10:
             time.sleep(0.2)
@@ -590,6 +590,14 @@ def test_a_dropped_ssh_connection_saves_the_training_step_it_was_at(pipeline, tm
     assert latest.is_file(), "nothing saved"
     saved = int(latest.read_text()[4:])
     assert logged <= saved == steps()  # the step it was at when the stop came
+
+
+def _command_of(process: psutil.Process) -> str:
+    """``process``'s command line, or '' where it ended (or is a zombie not yet reaped) as it is looked at."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def _processes():
