@@ -240,28 +240,78 @@ class _LargeFrames:
         return self.names[i]
 
 
+class _LargeFrameList:
+    """A training dataset whose pickle outgrows a pipe's buffer as well (frame names, one number each)."""
+
+    def __init__(self):
+        self.frames = [(f"frame{i:07d}", i) for i in range(60_000)]
+
+    def __len__(self):
+        return len(self.frames)
+
+    def train_sample(self, i, rng):
+        return {"name": self.frames[i][0], "value": torch.tensor([self.frames[i][1]])}
+
+    def collate(self, samples):
+        return {"value": torch.cat([s["value"] for s in samples])}
+
+
+@pytest.fixture
+def spawn_pipe_bytes(monkeypatch):
+    """The bytes each process spawned from now on is handed through its pipe (what it runs, pickled)."""
+    import multiprocessing.reduction
+
+    sizes, dump = [], multiprocessing.reduction.dump
+
+    def measured(obj, file, protocol=None):
+        before = file.tell()
+        dump(obj, file, protocol)
+        if isinstance(obj, multiprocessing.process.BaseProcess):
+            sizes.append(file.tell() - before)
+
+    monkeypatch.setattr(multiprocessing.reduction, "dump", measured)
+    return sizes
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_evaluation_workers_load_their_frames_from_a_file_that_goes_with_them(workers, tmp_path, monkeypatch, capfd):
+def test_evaluation_workers_get_a_large_dataset_in_shared_memory(workers, spawn_pipe_bytes, capfd):
     """Spawned evaluation workers were handed the whole dataset pickled through a pipe, and the spawn
     waited for each to import torch and read it, one after the other (1.6 s a worker for a 1 MB one,
-    at every evaluation). Each is now handed a file's path (a short pickle) and loads the file as it
-    starts; the frames are the same, and the file goes once the frames end or are left (after the
-    workers, a worker still starting reads it first)."""
+    at every evaluation). It now travels in a block of shared memory each worker inherits; what goes
+    through the pipe stays small, and the frames are the same, also when they are left early."""
     import pickle
-    import tempfile
 
-    from finetune.data.eval_frames import _EvalFrames, eval_loader
+    from finetune.data.eval_frames import eval_loader
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dataset, indices = _LargeFrames(), [5, 17, 59_999]
     assert len(pickle.dumps(dataset)) > 2**16  # a pipe's buffer
-    assert len(pickle.dumps(_EvalFrames(dataset, indices, str(tmp_path / "frames.pickle")))) < 1000
     assert list(eval_loader(dataset, indices, workers)) == ["frame0000005", "frame0000017", "frame0059999"]
+    assert len(spawn_pipe_bytes) == workers and all(size < 2**14 for size in spawn_pipe_bytes)
     frames = eval_loader(dataset, indices, workers)
     assert next(frames) == "frame0000005"
     frames.close()  # left after one frame (a stop request): the other worker may still be starting
-    assert not list(tmp_path.iterdir())
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_training_loader_workers_get_a_large_dataset_in_shared_memory_and_the_position_beside_it(spawn_pipe_bytes):
+    """The same for the persistent workers of a training loader, whose stream also holds its position in
+    shared memory of its own: set after the workers started, each epoch's start reaches them."""
+    from finetune.data.stream import MapBatchStream
+    from pretrain.engine import EpochLoader
+
+    def batches(workers: int, epoch: int, start: int) -> list[tuple[int, list[int]]]:
+        return [(b["batch"], b["value"].tolist()) for b in loader[workers].epoch(epoch, start)]
+
+    dataset = _LargeFrameList()
+    loader = {w: EpochLoader(MapBatchStream(dataset, batch_size=2, seed=3), w) for w in (0, 2)}
+    for w in (0, 2):
+        loader[w].stream.batches_per_epoch = 5  # a few batches of the 30,000 an epoch holds
+    first = batches(2, epoch=0, start=0)
+    assert first == batches(0, epoch=0, start=0) and [b for b, _ in first] == [0, 1, 2, 3, 4]
+    assert len(spawn_pipe_bytes) == 2 and all(size < 2**14 for size in spawn_pipe_bytes)
+    assert batches(2, epoch=1, start=3) == batches(0, epoch=1, start=3) != first[3:]
+    assert len(spawn_pipe_bytes) == 2  # persistent: started once
+    assert loader[2].stream._shared_state is None  # the parent's own reference went after the start
 
 
 def test_a_stop_while_loader_workers_are_spawned_is_taken_once_they_are():

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pretrain.engine.distributed import SHM_DIR
-from pretrain.engine.signals import ignore_preemption_signals, stop_signals_held
+from pretrain.engine.signals import ignore_preemption_signals
+from pretrain.engine.worker_start import SharedPickle, start_workers
 
 MAX_WORKERS = 64  # loader workers per training process
 # Fault injection: loader worker 0 dies (as by the OOM killer) as it starts epoch E ("E"), on one rank only ("E@R").
@@ -42,11 +43,12 @@ def loader_worker_death(error: BaseException) -> str | None:
     return text if isinstance(error, RuntimeError) and text.startswith("DataLoader worker (pid") else None
 
 
-class ResumableStream(IterableDataset):
+class ResumableStream(SharedPickle, IterableDataset):
     """An iterable of whole batches whose epoch and start are set from outside, also for
     persistent loader workers (they hold a copy of this object; the position lives in shared
     memory). Batch b of an epoch belongs to logical loader worker b % W."""
 
+    _pickled_inline = ("_where",)
     needs_positions = False  # True when resuming inside an epoch needs per-worker stream positions
 
     def __init__(self, batches_per_epoch: int):
@@ -131,9 +133,8 @@ class EpochLoader:
         if self.started or self.loader.num_workers == 0:
             batches = iter(self.loader)
         else:
-            with stop_signals_held():
-                self.started = True
-                batches = iter(self.loader)  # spawns the workers
+            self.started = True
+            batches = start_workers(self.loader)
         return self._whole(batches, epoch, self.stream.batches_per_epoch - start_batch)
 
     def _whole(self, batches, epoch: int, expected: int):
