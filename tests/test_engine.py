@@ -314,6 +314,24 @@ def test_training_loader_workers_get_a_large_dataset_in_shared_memory_and_the_po
     assert loader[2].stream._shared_state is None  # the parent's own reference went after the start
 
 
+def test_loader_workers_get_their_dataset_through_their_pipes_where_no_shared_memory_is_left(
+        spawn_pipe_bytes, monkeypatch, capfd):
+    """A full /dev/shm and temporary folder: the dataset goes the slow way, and a line says why."""
+    import errno
+    import multiprocessing as mp
+
+    from finetune.data.eval_frames import eval_loader
+
+    def no_room(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(mp.get_context("spawn")), "RawArray", no_room)
+    assert list(eval_loader(_LargeFrames(), [5, 17], workers=1)) == ["frame0000005", "frame0000017"]
+    assert len(spawn_pipe_bytes) == 1 and spawn_pipe_bytes[0] > 2**16
+    err = capfd.readouterr().err
+    assert "note: loader workers get their dataset through their pipes" in err and "No space left" in err
+
+
 def test_a_stop_while_loader_workers_are_spawned_is_taken_once_they_are():
     """Handing each spawned worker a large pickled dataset takes seconds; a SIGTERM meanwhile was
     ignored with the workers (lost: the run went on until the scheduler's SIGKILL). It is held back

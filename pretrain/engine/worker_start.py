@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing as mp
 import pickle
+import sys
 
 import torch
 
@@ -54,8 +55,14 @@ class SharedPickle:
 def start_workers(loader: torch.utils.data.DataLoader):
     """``iter(loader)``, which spawns its workers: each inherits the dataset's shared block (a
     :class:`SharedPickle`) as it is created, and is born with the stop signals blocked
-    (:func:`stop_signals_held`)."""
-    loader.dataset.share_state()
+    (:func:`stop_signals_held`). Where no block can be made (no room in /dev/shm, nor in the temporary
+    folder multiprocessing falls back to), the dataset goes through the pipes as before, and a line
+    says why the start is slower."""
+    try:
+        loader.dataset.share_state()
+    except OSError as e:
+        print(f"note: loader workers get their dataset through their pipes, one after the other (no shared "
+              f"memory for it: {e})", file=sys.stderr, flush=True)
     try:
         with stop_signals_held():
             return iter(loader)
