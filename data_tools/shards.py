@@ -17,7 +17,7 @@ import io
 import json
 import os
 import tarfile
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -177,9 +177,12 @@ class ShardFile:
                 os.remove(self.tmp_path)
 
 
-def iter_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a tar, in order, with plain ``tarfile``."""
-    current_key, members = None, {}
+def iter_shard(path: str, wanted: Callable[[int], bool] | None = None
+               ) -> Iterator[tuple[str, dict[str, bytes] | None]]:
+    """(key, {extension: bytes}) for each sample of a tar, in order, with plain ``tarfile``.
+    ``wanted(i)``: whether sample i (0-based) is read; one that is not comes as (key, None), its
+    members' data skipped over, not read (a seekable tar: only their 512-byte headers are)."""
+    current_key, members, index, reading = None, {}, -1, True
     with tarfile.open(path, "r") as tar:
         for info in tar:
             if not info.isfile():
@@ -187,10 +190,12 @@ def iter_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             base = os.path.basename(info.name)
             key, _, ext = base.partition(".")
             key = os.path.join(os.path.dirname(info.name), key) if os.path.dirname(info.name) else key
-            if key != current_key and current_key is not None:
-                yield current_key, members
-                members = {}
-            current_key = key
-            members[ext] = tar.extractfile(info).read()
+            if key != current_key:
+                if current_key is not None:
+                    yield current_key, members if reading else None
+                current_key, members, index = key, {}, index + 1
+                reading = wanted is None or wanted(index)
+            if reading:
+                members[ext] = tar.extractfile(info).read()
     if current_key is not None:
-        yield current_key, members
+        yield current_key, members if reading else None

@@ -2,8 +2,9 @@
 
 Order is a pure function of (seed, epoch, rank, worker):
 - each shard set's shards are permuted per epoch (and per pass when a slot cycles its shards);
-- slots (rank x loader worker) take disjoint shards, or, when there are fewer shards than slots,
-  every slot reads all shards and keeps every n-th sample, so no rank ever starves;
+- slots (rank x loader worker) take disjoint contiguous runs of each pass's samples in that shard
+  order, equal to one sample, reading only their own part of a shard shared with a neighbour, so
+  no rank starves and the corpus is read about once per pass, however many slots there are;
 - several shard sets are interleaved by weighted sampling;
 - a seeded shuffle buffer mixes the samples of each pass; each sample's crop/flip draws from its own generator,
   seeded by its position in the stream, so skipping samples needs no decoding.
@@ -38,12 +39,12 @@ class ShardSet:
     urls: tuple[str, ...]
     samples: int  # from the manifest
     weight: float = 1.0
-    # Samples of each shard (manifest): a shard cut at a tar block boundary reads as a shorter,
-    # valid tar, so only this count tells it is truncated. None: not checked.
-    shard_samples: tuple[int, ...] | None = None
+    # Samples of each shard (manifest): what each loader slot's share is cut from; a shard cut at a
+    # tar block boundary reads as a shorter, valid tar, so only this count tells it is truncated.
+    shard_samples: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if self.shard_samples is not None and len(self.shard_samples) != len(self.urls):
+        if len(self.shard_samples) != len(self.urls):
             raise ValueError(f"shard set '{self.name}': {len(self.shard_samples)} counts for {len(self.urls)} shards")
 
 
@@ -100,6 +101,7 @@ def seeded_shuffle(samples: Iterator, bufsize: int, rng: np.random.Generator) ->
 
 class PretrainStream(ResumableStream):
     needs_positions = True
+    order_version = 2  # 1: whole shards per loader stream (before 2026-12-05); 2: contiguous runs of samples
 
     def __init__(self, sets: list[ShardSet], cfg: StreamConfig, seed: int, rank: int = 0, world_size: int = 1):
         super().__init__(cfg.batches_per_epoch)
@@ -110,25 +112,40 @@ class PretrainStream(ResumableStream):
 
     # --- the raw sample stream of one slot ---
     def _slot_pass(self, set_index: int, slot: int, slots: int, cycle: int, counters: dict) -> Iterator[dict]:
-        """One pass of a slot over its share of a shard set."""
+        """One pass of a slot over its share of a shard set: a contiguous run of the pass's samples in
+        its shard order, 1/slots of them (to one sample), as a distributed sampler splits a dataset.
+        A shard split between neighbouring slots is read by each for its part only: the samples before
+        it are skipped over by their headers, the reading stops after it. (Slots used to take whole
+        shards: with fewer shards than slots each read every shard, the corpus read once per slot.)"""
         shard_set = self.sets[set_index]
-        n = len(shard_set.urls)
-        order = np.random.default_rng([self.seed, self.epoch, set_index, cycle]).permutation(n)
-        index = 0
-        for shard in (order[slot::slots] if n >= slots else order):
-            url = shard_set.urls[shard]
+        counts, total = shard_set.shard_samples, sum(shard_set.shard_samples)
+        order = np.random.default_rng([self.seed, self.epoch, set_index, cycle]).permutation(len(shard_set.urls))
+        if not total:
+            return
+        lo, hi = slot * total // slots, (slot + 1) * total // slots
+        if lo == hi:  # fewer samples than slots: one each, repeating
+            lo, hi = slot % total, slot % total + 1
+        start = 0  # the pass's index of the current shard's first sample
+        for shard in order:
+            first, last, start = lo - start, hi - start, start + counts[shard]
+            if last <= 0:
+                break
+            if first >= counts[shard]:
+                continue
+            url, first, last = shard_set.urls[shard], max(first, 0), min(last, counts[shard])
             read = 0
             try:
-                for key, members in iter_shard(url):
-                    index += 1
-                    read += 1
-                    if n >= slots or (index - 1) % slots == slot:
+                for i, (key, members) in enumerate(iter_shard(url, wanted=lambda i, first=first: i >= first)):
+                    read = i + 1
+                    if members is not None:
                         yield {"__key__": key, **members}
+                    if read == last:
+                        break
             except (OSError, tarfile.TarError, EOFError):  # unreadable or truncated shard: named, skipped
                 counters["bad_shard_urls"].append(url)
                 continue
-            if shard_set.shard_samples is not None and read != shard_set.shard_samples[shard]:
-                counters["bad_shard_urls"].append(url)  # cut at a block boundary: a valid but shorter tar
+            if read < last:  # cut at a block boundary: a valid but shorter tar
+                counters["bad_shard_urls"].append(url)
 
     def _slot_stream(self, set_index: int, slot: int, slots: int, counters: dict) -> Iterator[dict]:
         """Endless passes, each shuffled on its own (the buffer is flushed at the end of a pass),

@@ -352,6 +352,23 @@ def test_a_stop_while_loader_workers_are_spawned_is_taken_once_they_are():
         signals.restore()
 
 
+def test_a_resume_by_a_version_that_deals_samples_otherwise_starts_the_streams_afresh():
+    from pretrain.engine.batching import fit_positions_to_stream_order
+    from pretrain.engine.loop import new_state
+
+    state = dict(new_state(2), epoch=3, batch=5, positions=[40, 36])  # saved before the version was recorded
+    note = fit_positions_to_stream_order(state, 2, needs_positions=True)
+    assert state["positions"] == [0, 0] and state["stream_order"] == 2
+    assert note.startswith("this version of the toolkit deals the samples to its loader streams otherwise than the "
+                           "one that saved the checkpoint (order 1 -> 2): the rest of epoch 3 is read from the start")
+    state["positions"] = [7, 9]  # the same version again: nothing changes
+    assert fit_positions_to_stream_order(state, 2, needs_positions=True) is None and state["positions"] == [7, 9]
+    state = dict(new_state(2), epoch=3, batch=0, positions=[40, 36])  # at an epoch's start: no note
+    assert fit_positions_to_stream_order(state, 2, needs_positions=True) is None and state["positions"] == [0, 0]
+    state = dict(new_state(1), batch=5)  # fine-tuning's streams keep order 1
+    assert fit_positions_to_stream_order(state, 1, needs_positions=False) is None and state["stream_order"] == 1
+
+
 def test_a_resume_with_another_loader_worker_count_starts_the_new_workers_streams_afresh():
     from pretrain.engine.batching import fit_positions_to_workers
     from pretrain.engine.loop import new_state

@@ -11,6 +11,7 @@ from data_tools.build import build_shards
 from data_tools.cli import DEFAULT_BUILD_CONFIG
 from data_tools.config import load_config
 from data_tools.manifest import ManifestError
+from data_tools.shards import iter_shard
 from data_tools.sources import load_sources
 from data_tools.synth import SynthConfig, write_corpus
 from pretrain.data import PretrainStream, ShardSet, StreamConfig, batches_per_epoch, load_shard_set
@@ -62,6 +63,42 @@ def test_every_rank_gets_the_same_number_of_batches_with_few_shards(shards, monk
         assert len(batches) == bpe
         seen += [k for b in batches for k in b["keys"]]
     assert len(seen) == len(set(seen)) == 3 * bpe * 2  # disjoint samples across all six slots
+
+
+@pytest.mark.parametrize("slots", [1, 3, 6, 7, 20, 25])
+def test_slots_split_each_pass_evenly_and_read_only_their_own_samples(shards, slots, monkeypatch):
+    """A pass over 20 samples in 4 shards of 5, split among `slots` ranks x loader workers: every
+    sample once, each slot 20 // slots of them or one more (one each, repeating, past 20 slots), and
+    each slot reads the data of its own samples only, from at most the shards its run touches. With
+    whole shards per slot, 6 slots had each read all 4 shards (the corpus once per slot) and 3 slots
+    got 10 / 5 / 5 samples."""
+    import pretrain.data
+
+    opened, data_read = [], []
+
+    def counting(url, wanted=None):
+        opened.append(url)
+        for key, members in iter_shard(url, wanted):
+            data_read.extend([key] if members is not None else [])
+            yield key, members
+
+    monkeypatch.setattr(pretrain.data, "iter_shard", counting)
+    stream = PretrainStream([shards], stream_cfg(1), seed=5)
+    stream.set_position(epoch=2, start_batch=0)
+    per_slot = []
+    for slot in range(slots):
+        opened.clear()
+        data_read.clear()
+        keys = [sample["__key__"] for sample in stream._slot_pass(0, slot, slots, 0, {"bad_shard_urls": []})]
+        assert data_read == keys  # nothing read but what the slot yields
+        share = max(20 // slots, 1)
+        assert len(keys) in (share, share + 1) and len(opened) <= -(-len(keys) // 5) + 1
+        per_slot.append(keys)
+    every = [k for keys in per_slot for k in keys]
+    if slots <= 20:
+        assert len(every) == len(set(every)) == 20
+    else:
+        assert len(set(every)) == 20 and len(every) == slots
 
 
 def test_resume_at_saved_positions_replays_exactly(shards):
@@ -119,7 +156,7 @@ def test_corrupt_samples_and_shards_are_counted_and_skipped(shards, tmp_path):
 
 def test_a_set_with_nothing_readable_is_an_error_not_a_hang(tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"junk" * 100)
-    bad = ShardSet("junk", (str(tmp_path / "junk.tar"),), 10)
+    bad = ShardSet("junk", (str(tmp_path / "junk.tar"),), 10, shard_samples=(10,))
     with pytest.raises(DataError, match="no readable sample"):  # the user's data: one line, no traceback
         run(PretrainStream([bad], stream_cfg(2), seed=0))
 
@@ -130,7 +167,7 @@ def test_weighted_mixing_of_shard_sets(shards, tmp_path):
     (tmp_path / "s.yaml").write_text(f"sources:\n  - {{name: other, root: {tmp_path / 'other' / 'ir'}}}\n")
     build_shards(load_sources(tmp_path / "s.yaml"), cfg, tmp_path / "other_shards", progress=False)
     other = load_shard_set(str(tmp_path / "other_shards"), weight=1.0)
-    a = ShardSet(shards.name, shards.urls, shards.samples, weight=3.0)
+    a = ShardSet(shards.name, shards.urls, shards.samples, weight=3.0, shard_samples=shards.shard_samples)
     s = PretrainStream([a, other], stream_cfg(1), seed=0)
     counters = {"bad_shards": 0, "bad_samples": 0}
     keys = [next(it)["__key__"] for it in [s._mixed_stream(0, 1, counters)] for _ in range(400)]
@@ -209,7 +246,7 @@ def test_undecodable_samples_are_bounded(tmp_path):
                 data = b"garbage"
             m.size = len(data)
             tout.addfile(m, io.BytesIO(data))
-    garbage = ShardSet("garbage", (str(tmp_path / "garbage.tar"),), 6)
+    garbage = ShardSet("garbage", (str(tmp_path / "garbage.tar"),), 6, shard_samples=(6,))
     with pytest.raises(DataError, match=f"{pretrain.data.MAX_CONSECUTIVE_BAD_SAMPLES} consecutive samples "
                                            r"failed to decode, the last: sample synth-\d+"):
         run(PretrainStream([garbage], stream_cfg(2), seed=0))

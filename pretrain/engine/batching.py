@@ -104,3 +104,20 @@ def fit_positions_to_workers(state: dict, workers: int, needs_positions: bool) -
         return (f"data.num_workers changed ({before} -> {now} loader streams): the rest of epoch {state['epoch']} is "
                 "read from the start of the new workers' streams, not in the order an uninterrupted run reads it")
     return None
+
+
+def fit_positions_to_stream_order(state: dict, version: int, needs_positions: bool) -> str | None:
+    """A resume by a toolkit whose stream deals its samples to the loader streams otherwise than the
+    one that saved (``ResumableStream.order_version``; a checkpoint without one: 1): the saved
+    positions are of the old order, so each stream starts afresh. Records ``version`` in ``state``;
+    returns a note where the rest of an epoch then reads other samples."""
+    before = state.get("stream_order", 1)
+    state["stream_order"] = version
+    if before == version:
+        return None
+    state["positions"] = [0] * len(state["positions"])
+    if state["batch"] and needs_positions:
+        return (f"this version of the toolkit deals the samples to its loader streams otherwise than the one that "
+                f"saved the checkpoint (order {before} -> {version}): the rest of epoch {state['epoch']} is read from "
+                "the start of the streams, not in the order an uninterrupted run reads it")
+    return None

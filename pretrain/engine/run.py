@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 
 from data_tools.config import check_config, config_hash
-from pretrain.engine.batching import Batching, fit_positions_to_workers, fit_state_to_batching, resolve_batching
+from pretrain.engine.batching import (Batching, fit_positions_to_stream_order, fit_positions_to_workers,
+                                      fit_state_to_batching, resolve_batching)
 from pretrain.engine.checkpoint import Checkpointer, ResumeError
 from pretrain.engine.health import HealthPolicy
 from pretrain.engine.loop import (LoopSpec, Process, frozen_reference, new_state, prepare_run_dir, resume_state,
@@ -89,9 +90,11 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
     state = resume_state(ckpt, engine, rank, batching, cfg_hash, frozen_ref, plan.inputs) if resume else \
         new_state(workers)
     written_with = Batching(**state["batching"]) if resume else batching  # recorded with every checkpoint
-    needs_positions = plan.loader.stream.needs_positions
+    stream = plan.loader.stream
+    needs_positions = stream.needs_positions
     for note in (fit_state_to_batching(state, written_with, batching, plan.steps_per_epoch, workers, needs_positions),
-                 fit_positions_to_workers(state, workers, needs_positions)):
+                 fit_positions_to_workers(state, workers, needs_positions),
+                 fit_positions_to_stream_order(state, stream.order_version, needs_positions)):
         if note and rank == 0:
             print(f"note: {note}", flush=True)
     task.start(model, optimizer, plan, cfg, where)

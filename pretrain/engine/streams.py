@@ -50,6 +50,7 @@ class ResumableStream(SharedPickle, IterableDataset):
 
     _pickled_inline = ("_where",)
     needs_positions = False  # True when resuming inside an epoch needs per-worker stream positions
+    order_version = 1  # raised when a new version deals the samples to the loader streams otherwise
 
     def __init__(self, batches_per_epoch: int):
         super().__init__()
