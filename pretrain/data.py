@@ -99,8 +99,27 @@ def seeded_shuffle(samples: Iterator, bufsize: int, rng: np.random.Generator) ->
         yield buf.pop(int(rng.integers(len(buf))))
 
 
+_AT = "__at__"  # a sample passed while a resume skipped, not read: (shard url, index in the shard)
+
+
+def _read_if_left(sample: dict) -> dict:
+    """``sample``, read now if the skip of a resume passed it without reading it (one of the samples
+    the shuffle buffer held when the skip ended)."""
+    if _AT not in sample:
+        return sample
+    url, index = sample[_AT]
+    try:
+        for i, (key, members) in enumerate(iter_shard(url, wanted=lambda i: i == index)):
+            if i == index:
+                return {"__key__": key, **members}
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise SampleDecodeError(f"sample {sample['__key__']}: its shard {url} cannot be read again: {e}") from e
+    raise SampleDecodeError(f"sample {sample['__key__']}: its shard {url} ended before it")
+
+
 class PretrainStream(ResumableStream):
     needs_positions = True
+    _skipping = False  # True while a resume skips the samples consumed before it
     order_version = 2  # 1: whole shards per loader stream (before 2026-12-05); 2: contiguous runs of samples
 
     def __init__(self, sets: list[ShardSet], cfg: StreamConfig, seed: int, rank: int = 0, world_size: int = 1):
@@ -135,10 +154,11 @@ class PretrainStream(ResumableStream):
             url, first, last = shard_set.urls[shard], max(first, 0), min(last, counts[shard])
             read = 0
             try:
-                for i, (key, members) in enumerate(iter_shard(url, wanted=lambda i, first=first: i >= first)):
+                for i, (key, members) in enumerate(iter_shard(
+                        url, wanted=lambda i, first=first: i >= first and not self._skipping)):
                     read = i + 1
-                    if members is not None:
-                        yield {"__key__": key, **members}
+                    if i >= first:  # while a resume skips, where the sample is, for the few it will use
+                        yield {"__key__": key, **members} if members is not None else {"__key__": key, _AT: (url, i)}
                     if read == last:
                         break
             except (OSError, tarfile.TarError, EOFError):  # unreadable or truncated shard: named, skipped
@@ -204,8 +224,10 @@ class PretrainStream(ResumableStream):
         counters = {"bad_samples": 0, "bad_shard_urls": []}
         stream = self._mixed_stream(slot, slots, counters)
         position = self.positions[worker] if self.positions else 0  # raw samples consumed so far
+        self._skipping = True  # the samples skipped are not read, only walked past in their shards
         for _ in range(position):
             next(stream)
+        self._skipping = False
         reported_samples, reported_shards = counters["bad_samples"], len(counters["bad_shard_urls"])
         consecutive_bad = 0
         for b in my_batches:
@@ -215,7 +237,7 @@ class PretrainStream(ResumableStream):
                 rng = np.random.default_rng([self.seed, self.epoch, slot, position])
                 position += 1
                 try:
-                    crops.append(self._crop(sample, rng))
+                    crops.append(self._crop(_read_if_left(sample), rng))
                     keys.append(sample["__key__"])
                     consecutive_bad = 0
                 except SampleDecodeError as e:  # a corrupt sample: counted and skipped, unless all are

@@ -113,6 +113,40 @@ def test_resume_at_saved_positions_replays_exactly(shards):
         assert torch.equal(x["images"], y["images"])
 
 
+def test_a_resume_reads_none_of_the_samples_it_skips(shards, monkeypatch):
+    """A resume inside an epoch walks its stream up to the saved position to rebuild the shuffle
+    buffer; the samples passed are not read (only their tar headers), the buffer's are read as they are
+    used: the same batches, and per sample used at most one read more (the one that entered the buffer)."""
+    import pretrain.data
+
+    full = run(PretrainStream([shards], stream_cfg(8), seed=1))
+    reads = []
+
+    def counting(url, wanted=None):
+        for key, members in iter_shard(url, wanted):
+            reads.extend([key] if members is not None else [])
+            yield key, members
+
+    monkeypatch.setattr(pretrain.data, "iter_shard", counting)
+    resumed = run(PretrainStream([shards], stream_cfg(8), seed=1), start=5, positions=[full[4]["position"]])
+    assert [b["batch"] for b in resumed] == [5, 6, 7] and full[4]["position"] == 10
+    for x, y in zip(full[5:], resumed):
+        assert torch.equal(x["images"], y["images"]) and x["keys"] == y["keys"]
+    assert 6 <= len(reads) <= 12  # 6 samples used; the skipped 10 and the buffer's unused ones not read
+
+
+def test_a_skipped_sample_whose_shard_went_since_is_a_bad_sample(shards, tmp_path):
+    from data_tools.shards import SampleDecodeError
+    from pretrain.data import _read_if_left
+
+    first_key = next(iter_shard(shards.urls[0]))[0]
+    assert _read_if_left({"__key__": "k", "__at__": (shards.urls[0], 0)})["__key__"] == first_key
+    with pytest.raises(SampleDecodeError, match="cannot be read again"):
+        _read_if_left({"__key__": "k", "__at__": (str(tmp_path / "gone.tar"), 0)})
+    with pytest.raises(SampleDecodeError, match="ended before it"):
+        _read_if_left({"__key__": "k", "__at__": (shards.urls[0], 99)})
+
+
 def test_resume_needs_positions_and_the_same_worker_count(shards):
     s = PretrainStream([shards], stream_cfg(4), seed=0)
     with pytest.raises(ValueError, match="positions"):
