@@ -177,6 +177,39 @@ class ShardFile:
                 os.remove(self.tmp_path)
 
 
+def _key_and_extension(info: tarfile.TarInfo) -> tuple[str, str]:
+    base = os.path.basename(info.name)
+    key, _, ext = base.partition(".")
+    return (os.path.join(os.path.dirname(info.name), key) if os.path.dirname(info.name) else key), ext
+
+
+def shard_index(path: str) -> list[tuple[str, list[tarfile.TarInfo]]]:
+    """Each sample's key and its members' headers (data offset and size), in order, from the tar
+    headers alone: to read samples of a shard by position (:func:`read_indexed_sample`)."""
+    index: list[tuple[str, list[tarfile.TarInfo]]] = []
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if info.isfile():
+                key, _ = _key_and_extension(info)
+                if not index or index[-1][0] != key:
+                    index.append((key, []))
+                index[-1][1].append(info)
+    return index
+
+
+def read_indexed_sample(path: str, members: list[tarfile.TarInfo]) -> dict[str, bytes]:
+    """{extension: bytes} of one sample of :func:`shard_index`, each member read at its offset."""
+    out = {}
+    with open(path, "rb") as f:
+        for info in members:
+            f.seek(info.offset_data)
+            data = f.read(info.size)
+            if len(data) != info.size:
+                raise EOFError(f"{path}: member {info.name} is cut short")
+            out[_key_and_extension(info)[1]] = data
+    return out
+
+
 def iter_shard(path: str, wanted: Callable[[int], bool] | None = None
                ) -> Iterator[tuple[str, dict[str, bytes] | None]]:
     """(key, {extension: bytes}) for each sample of a tar, in order, with plain ``tarfile``.
@@ -187,9 +220,7 @@ def iter_shard(path: str, wanted: Callable[[int], bool] | None = None
         for info in tar:
             if not info.isfile():
                 continue
-            base = os.path.basename(info.name)
-            key, _, ext = base.partition(".")
-            key = os.path.join(os.path.dirname(info.name), key) if os.path.dirname(info.name) else key
+            key, ext = _key_and_extension(info)
             if key != current_key:
                 if current_key is not None:
                     yield current_key, members if reading else None

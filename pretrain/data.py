@@ -15,6 +15,7 @@ Corrupt samples and unreadable shards are counted and skipped; the counts travel
 """
 from __future__ import annotations
 
+import functools
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 
 from data_tools.manifest import read_manifest
-from data_tools.shards import SampleDecodeError, decode_for_training, iter_shard
+from data_tools.shards import (SampleDecodeError, decode_for_training, iter_shard, read_indexed_sample,
+                               shard_index)
 from data_tools.transforms import (IntensityConfig, RoICropConfig, normalize_ir, object_sensitive_crop,
                                    random_hflip, to_unit_intensity)
 from pretrain.engine.streams import DataError, PlanError, ResumableStream
@@ -102,19 +104,23 @@ def seeded_shuffle(samples: Iterator, bufsize: int, rng: np.random.Generator) ->
 _AT = "__at__"  # a sample passed while a resume skipped, not read: (shard url, index in the shard)
 
 
+_shard_index = functools.lru_cache(maxsize=4)(shard_index)  # the buffer's left samples come from a few shards
+
+
 def _read_if_left(sample: dict) -> dict:
     """``sample``, read now if the skip of a resume passed it without reading it (one of the samples
-    the shuffle buffer held when the skip ended)."""
+    the shuffle buffer held when the skip ended), at its offsets in its shard: each shard's headers
+    are walked once for all its left samples, not once per sample."""
     if _AT not in sample:
         return sample
     url, index = sample[_AT]
     try:
-        for i, (key, members) in enumerate(iter_shard(url, wanted=lambda i: i == index)):
-            if i == index:
-                return {"__key__": key, **members}
+        samples = _shard_index(url)
+        if index >= len(samples):
+            raise SampleDecodeError(f"sample {sample['__key__']}: its shard {url} ended before it")
+        return {"__key__": samples[index][0], **read_indexed_sample(url, samples[index][1])}
     except (OSError, tarfile.TarError, EOFError) as e:
         raise SampleDecodeError(f"sample {sample['__key__']}: its shard {url} cannot be read again: {e}") from e
-    raise SampleDecodeError(f"sample {sample['__key__']}: its shard {url} ended before it")
 
 
 class PretrainStream(ResumableStream):

@@ -11,7 +11,7 @@ from data_tools.build import build_shards
 from data_tools.cli import DEFAULT_BUILD_CONFIG
 from data_tools.config import load_config
 from data_tools.manifest import ManifestError
-from data_tools.shards import iter_shard
+from data_tools.shards import iter_shard, read_indexed_sample
 from data_tools.sources import load_sources
 from data_tools.synth import SynthConfig, write_corpus
 from pretrain.data import PretrainStream, ShardSet, StreamConfig, batches_per_epoch, load_shard_set
@@ -127,12 +127,23 @@ def test_a_resume_reads_none_of_the_samples_it_skips(shards, monkeypatch):
             reads.extend([key] if members is not None else [])
             yield key, members
 
+    left = []
+
+    def counting_one(url, members):
+        reads.append(members[0].name)
+        left.append(members[0].name)
+        return read_indexed_sample(url, members)
+
     monkeypatch.setattr(pretrain.data, "iter_shard", counting)
+    monkeypatch.setattr(pretrain.data, "read_indexed_sample", counting_one)
+    pretrain.data._shard_index.cache_clear()
     resumed = run(PretrainStream([shards], stream_cfg(8), seed=1), start=5, positions=[full[4]["position"]])
     assert [b["batch"] for b in resumed] == [5, 6, 7] and full[4]["position"] == 10
     for x, y in zip(full[5:], resumed):
         assert torch.equal(x["images"], y["images"]) and x["keys"] == y["keys"]
     assert 6 <= len(reads) <= 12  # 6 samples used; the skipped 10 and the buffer's unused ones not read
+    index = pretrain.data._shard_index.cache_info()  # each shard's headers walked once for its left samples
+    assert left and index.misses <= len(shards.urls) and index.hits + index.misses == len(left)
 
 
 def test_a_skipped_sample_whose_shard_went_since_is_a_bad_sample(shards, tmp_path):
