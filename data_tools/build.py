@@ -1,8 +1,9 @@
 """Build WebDataset shards with region proposals from infrared sources.
 
-Frames are processed in parallel (read, crop, check, propose, encode) and written in corpus order
-by the parent, so the output depends only on the inputs and the config, never on the number of
-workers: same inputs + config -> byte-identical shards and manifest.
+Frames are processed in parallel (read, crop, check, propose, encode) and written by the parent in
+the order of ``write_order`` (a seeded shuffle of the corpus, or corpus order), so the output depends
+only on the inputs and the config, never on the number of workers: same inputs + config ->
+byte-identical shards and manifest.
 
 Resume: each finished shard is renamed into place and followed by a small progress record
 (``.progress/shard-NNNNNN.json``: item range, sha256, skips). A rerun keeps every shard whose
@@ -123,7 +124,7 @@ def process_item(task: tuple) -> dict[str, Any]:
         if image_cfg.get("skip_label_maps", True) and (values := label_map_values(image)) is not None:
             raise SkipSample("label_map", f"values {values.tolist()}")
     except SkipSample as s:
-        return {"index": index, "source": item.source,
+        return {"source": item.source,
                 "skip": {"source": item.source, "path": item.rel, "reason": s.reason, "detail": s.detail}}
     ann, issues = frame_annotation_boxes(records, mask_path, orig_w, orig_h, source, item.rel)
     for it in issues:
@@ -144,7 +145,7 @@ def process_item(task: tuple) -> dict[str, Any]:
     }
     ext, data = encode_image(image, cfg["shards"]["encoding"], cfg["shards"]["png_compression"])
     key = sample_key(item.source, index - cfg["_source_offsets"][item.source])
-    return {"index": index, "source": item.source, "path": item.rel, "colour": frame.colour,
+    return {"source": item.source, "path": item.rel, "colour": frame.colour,
             "channel_spread": frame.channel_spread,
             "issues": issues, "proposals": int(len(proposals)),
             "sample": encode_sample(key, ext, data, proposals, meta)}
@@ -206,6 +207,17 @@ def build_identity(sources: list[Source], cfg: dict) -> dict[str, Any]:
     for name, path in method_input_files(pcfg).items():
         identity[f"proposals_{name}_sha256"] = sha256_file(path)
     return identity
+
+
+def write_order(frames: int, shards_cfg: dict) -> np.ndarray:
+    """The corpus indices of the frames in the order their samples are written. Shuffled: a shard, and
+    the run of samples each pre-training loader stream reads (``pretrain/data.py``), then holds frames
+    of every source, as PAD's random sampler draws them, where corpus order gives it a few sequences of
+    one source (a shuffle buffer cannot mix what a stream never reads). WebDataset shuffles samples when
+    writing shards for the same reason; seeded, so the shards stay a function of the frames and config."""
+    if shards_cfg["order"] == "corpus":
+        return np.arange(frames)
+    return np.random.default_rng(shards_cfg["seed"]).permutation(frames)
 
 
 def _shard_name(cfg: dict, n: int) -> str:
@@ -511,11 +523,12 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
     masks = {name: f.mask for name, f in overlays.items() if f.mask is not None}
 
     records = _load_progress(out, cfg)
-    start = records[-1]["end"] if records else 0
+    start = records[-1]["end"] if records else 0  # records count positions in the write order
     if records:
         print(f"resuming: {len(records)} complete shard record(s), continuing at frame {start}/{len(items)}",
               file=sys.stderr)
-    tasks = ((i, items[i], *per_item_ann[i], worker_cfg) for i in range(start, len(items)))
+    order = write_order(len(items), cfg["shards"])
+    tasks = ((int(i), items[i], *per_item_ann[i], worker_cfg) for i in order[start:])
     max_samples = int(cfg["shards"].get("max_samples") or 0)
     max_bytes = int(cfg["shards"].get("max_bytes") or 0)
 
@@ -553,9 +566,9 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     stop_fault = os.environ.get(STOP_FAULT_ENV, "")
     try:
-        for res in _worker_deaths_said(results, start, len(items)):
+        for position, res in enumerate(_worker_deaths_said(results, start, len(items)), start):
             bar.update(1)
-            if str(res["index"]) == stop_fault.split(":")[0]:
+            if str(position) == stop_fault.split(":")[0]:
                 _send_fault_stop(stop_fault)
             if "skip" in res:
                 rec["skipped"].append(res["skip"])
@@ -563,7 +576,7 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
             sample = res["sample"]
             if shard is not None and ((max_samples and shard.count >= max_samples) or
                                       (max_bytes and shard.bytes + tar_bytes(sample) > max_bytes)):
-                finish(res["index"])
+                finish(position)
                 if stop_after_shards is not None and new_shards >= stop_after_shards:
                     return {"status": "stopped", "shards_written": new_shards}
             if shard is None:

@@ -68,6 +68,8 @@ class ShardsSchema(Section):
     max_samples: NonNegInt | None  # 0 / null: no limit
     max_bytes: NonNegInt | None
     png_compression: Annotated[int, Field(ge=0, le=9)]
+    order: Literal["shuffled", "corpus"]
+    seed: int
 
 
 class BuildConfig(Section):

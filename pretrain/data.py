@@ -4,7 +4,8 @@ Order is a pure function of (seed, epoch, rank, worker):
 - each shard set's shards are permuted per epoch (and per pass when a slot cycles its shards);
 - slots (rank x loader worker) take disjoint contiguous runs of each pass's samples in that shard
   order, equal to one sample, reading only their own part of a shard shared with a neighbour, so
-  no rank starves and the corpus is read about once per pass, however many slots there are;
+  no rank starves and the corpus is read about once per pass, however many slots there are (the
+  build writes samples in a shuffled order, so a run holds every source: ``data_tools.build.write_order``);
 - several shard sets are interleaved by weighted sampling;
 - a seeded shuffle buffer mixes the samples of each pass; each sample's crop/flip draws from its own generator,
   seeded by its position in the stream, so skipping samples needs no decoding.
@@ -44,6 +45,9 @@ class ShardSet:
     # Samples of each shard (manifest): what each loader slot's share is cut from; a shard cut at a
     # tar block boundary reads as a shorter, valid tar, so only this count tells it is truncated.
     shard_samples: tuple[int, ...] = ()
+    # The build's ``shards.order``: "corpus" (source by source; builds before the setting existed too)
+    # gives each loader stream runs of one source's consecutive frames (see ``corpus_order_note``).
+    order: str = "shuffled"
 
     def __post_init__(self):
         if len(self.shard_samples) != len(self.urls):
@@ -58,7 +62,21 @@ def load_shard_set(path: str, weight: float = 1.0, name: str | None = None) -> S
     if not urls:
         raise ValueError(f"{folder}: the manifest lists no shards")
     return ShardSet(name or folder.name, urls, int(manifest["totals"]["written"]), float(weight),
-                    tuple(int(s["samples"]) for s in manifest["shards"]))
+                    tuple(int(s["samples"]) for s in manifest["shards"]),
+                    manifest["config"]["shards"].get("order", "corpus"))
+
+
+def corpus_order_note(sets: list[ShardSet]) -> str | None:
+    """What training says of shard sets written source by source: each loader stream reads a run of
+    consecutive samples, there a few sequences of one source, which its shuffle buffer cannot mix with
+    the rest of the corpus as PAD's random sampler does."""
+    ordered = [s.name for s in sets if s.order == "corpus" and len(s.urls) > 1]
+    if not ordered:
+        return None
+    return (f"note: shard set(s) {', '.join(ordered)} hold their frames source by source (shards.order=corpus, or "
+            "built before the setting): each loader stream reads runs of one source's consecutive frames, so a "
+            "batch holds few sources and sequences; rebuild with `python -m data_tools build ... --overwrite` "
+            "(shards.order=shuffled, the default) to mix them in every shard")
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import torch
 
 from data_tools.config import to_container
 from data_tools.transforms import IntensityConfig, RoICropConfig
-from pretrain.data import (PretrainStream, StreamConfig, batches_per_epoch, epoch_samples, load_shard_set,
-                           network_input)
+from pretrain.data import (PretrainStream, StreamConfig, batches_per_epoch, corpus_order_note, epoch_samples,
+                           load_shard_set, network_input)
 from pretrain.engine import (EpochLoader, PlanError, Task, TrainingPlan, engine_input, lr_at, param_groups, run,
                              training_inputs)
 from pretrain.factory import build_model_from_config, initialise_from_config
@@ -95,6 +95,8 @@ class PretrainTask(Task):
         o = cfg.optim
         self.warmup_steps = int(o.warmup_epochs * steps_per_epoch)
         self.base_lr = o.blr * batching.effective / 256  # MAE's linear scaling rule
+        if where.is_main and (note := corpus_order_note(self.sets)):
+            print(note, flush=True)
         if where.is_main:
             total, used = epoch_samples(self.sets, cfg.data.samples_per_epoch), micro_per_epoch * micro * where.world
             left = "" if used >= total else (
