@@ -10,8 +10,8 @@ import torch
 
 from data_tools.config import to_container
 from data_tools.transforms import IntensityConfig, RoICropConfig
-from pretrain.data import (PretrainStream, StreamConfig, batches_per_epoch, corpus_order_note, epoch_samples,
-                           load_shard_set, network_input)
+from pretrain.data import (PretrainStream, StreamConfig, corpus_order_note, epoch_samples, load_shard_set,
+                           micro_batches_per_epoch, network_input)
 from pretrain.engine import (EpochLoader, PlanError, Task, TrainingPlan, engine_input, lr_at, param_groups, run,
                              training_inputs)
 from pretrain.factory import build_model_from_config, initialise_from_config
@@ -80,16 +80,13 @@ class PretrainTask(Task):
         t, micro, accum = cfg.train, batching.micro, batching.accum
         self.sets = [load_shard_set(s["path"], s.get("weight", 1.0)) for s in to_container(cfg.data.shards)]
         workers = int(cfg.data.num_workers)
-        # Micro-batches per epoch and rank: a multiple of accumulation x loader workers, so that every
-        # loader slot needs the same number of samples (no slot re-reads samples within an epoch).
-        unit = accum * max(workers, 1)
-        micro_per_epoch = batches_per_epoch(self.sets, cfg.data.samples_per_epoch, where.world, micro) // unit * unit
+        micro_per_epoch = micro_batches_per_epoch(self.sets, cfg.data.samples_per_epoch, where.world, micro, accum)
         if micro_per_epoch < 1:
             raise PlanError(
-                f"an epoch of {epoch_samples(self.sets, cfg.data.samples_per_epoch)} samples holds fewer than {unit} micro-batches of {micro} per process "
-                f"({accum} accumulation x {max(workers, 1)} loader workers), the least it needs: lower "
-                f"train.effective_batch (now {batching.effective}), use fewer data.num_workers, or set "
-                f"data.samples_per_epoch={unit * micro * where.world} or more (the corpus then repeats within an epoch)")
+                f"an epoch of {epoch_samples(self.sets, cfg.data.samples_per_epoch)} samples holds fewer than {accum} "
+                f"micro-batches of {micro} per process (one step of {accum} accumulation), the least it needs: lower "
+                f"train.effective_batch (now {batching.effective}) or set data.samples_per_epoch="
+                f"{accum * micro * where.world} or more (the corpus then repeats within an epoch)")
         steps_per_epoch = micro_per_epoch // accum
         self.total_steps = int(t.epochs * steps_per_epoch)
         o = cfg.optim
@@ -100,8 +97,8 @@ class PretrainTask(Task):
         if where.is_main:
             total, used = epoch_samples(self.sets, cfg.data.samples_per_epoch), micro_per_epoch * micro * where.world
             left = "" if used >= total else (
-                f"; {used:,} of the {total:,} samples of an epoch (whole micro-batches for each accumulation step and "
-                f"loader worker; which ones fall out changes with each epoch's shard order)")
+                f"; {used:,} of the {total:,} samples of an epoch (whole steps of {accum} micro-batches of {micro} "
+                f"per process; which ones fall out changes with each epoch's shard order)")
             print(f"effective batch {batching.said()}; "
                   f"lr = blr {o.blr:g} x {batching.effective}/256 = {self.base_lr:.3e}; {steps_per_epoch} steps/epoch, "
                   f"{self.total_steps} steps, {self.warmup_steps} warm-up{left}", flush=True)

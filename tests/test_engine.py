@@ -369,6 +369,20 @@ def test_a_resume_by_a_version_that_deals_samples_otherwise_starts_the_streams_a
     assert fit_positions_to_stream_order(state, 1, needs_positions=False) is None and state["stream_order"] == 1
 
 
+def test_a_resume_under_a_plan_that_cuts_epochs_otherwise_says_so():
+    from pretrain.engine.batching import fit_state_to_plan
+    from pretrain.engine.loop import new_state
+
+    state = dict(new_state(4), step=210)  # a checkpoint that recorded no plan: nothing to compare
+    assert fit_state_to_plan(state, 43, 4300) is None and state["plan"] == {"steps_per_epoch": 43, "total_steps": 4300}
+    assert fit_state_to_plan(state, 43, 4300) is None  # the same plan
+    state["plan"] = {"steps_per_epoch": 40, "total_steps": 4000}
+    assert fit_state_to_plan(state, 43, 4300) == (
+        "this run's epochs were 40 steps (4000 in all) when the checkpoint was written and are 43 (4300) now: the "
+        "learning-rate schedule goes on over the new length from step 210")
+    assert state["plan"]["steps_per_epoch"] == 43
+
+
 def test_a_resume_with_another_loader_worker_count_starts_the_new_workers_streams_afresh():
     from pretrain.engine.batching import fit_positions_to_workers
     from pretrain.engine.loop import new_state

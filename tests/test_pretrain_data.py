@@ -14,7 +14,8 @@ from data_tools.manifest import ManifestError
 from data_tools.shards import iter_shard, read_indexed_sample
 from data_tools.sources import load_sources
 from data_tools.synth import SynthConfig, write_corpus
-from pretrain.data import PretrainStream, ShardSet, StreamConfig, batches_per_epoch, load_shard_set
+from pretrain.data import (PretrainStream, ShardSet, StreamConfig, batches_per_epoch, load_shard_set,
+                          micro_batches_per_epoch)
 from pretrain.engine import DataError, EpochLoader, lr_at
 from data_tools.transforms import RoICropConfig
 
@@ -111,6 +112,40 @@ def test_resume_at_saved_positions_replays_exactly(shards):
     assert [b["batch"] for b in resumed] == [5, 6, 7]
     for x, y in zip(full[5:], resumed):
         assert torch.equal(x["images"], y["images"])
+
+
+def test_an_epoch_is_whole_steps_whatever_the_loader_workers():
+    """MSIP (178,756 frames) at PAD's 4,096 samples a step is 43 steps an epoch, as MAE's loop takes them
+    (a step every `accum` micro-batches of a drop_last loader), on 1, 8 or 32 GPUs; rounding the
+    micro-batches to a multiple of accumulation x loader workers (4) had made it 40."""
+    msip = [ShardSet("msip", ("a.tar",), 178_756, shard_samples=(178_756,))]
+    for world, micro, accum in ((1, 64, 64), (8, 64, 8), (32, 32, 4), (64, 64, 1)):
+        assert micro_batches_per_epoch(msip, None, world, micro, accum) // accum == 178_756 // 4096 == 43
+    assert micro_batches_per_epoch(msip, 4096, 1, 64, 64) == 64 and micro_batches_per_epoch(msip, 4095, 1, 64, 64) == 0
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_loader_workers_may_yield_a_micro_batch_more_than_another(shards, batch_size):
+    """7 micro-batches with 2 loader workers: worker 0 yields 4, worker 1 three, in order, epoch after
+    epoch; at 3 samples a batch worker 0 needs 12 of its run of 10 and goes on into its next pass. A
+    resume inside the epoch replays the same batches."""
+    loader = EpochLoader(PretrainStream([shards], stream_cfg(7, batch_size), seed=2), 2)
+    epochs = [list(loader.epoch(e, 0, None)) for e in (0, 1)]
+    for batches in epochs:
+        assert [b["batch"] for b in batches] == list(range(7)) and [b["worker"] for b in batches] == [0, 1] * 3 + [0]
+    assert not torch.equal(epochs[0][0]["images"], epochs[1][0]["images"])
+    first, second = ([k for b in epochs[0] if b["worker"] == w for k in b["keys"]] for w in (0, 1))
+    assert (len(first), len(second)) == (4 * batch_size, 3 * batch_size)
+    run = first[:10]  # its own run of the pass, each sample once, none of the other worker's
+    assert len(set(run)) == len(run) and set(run).isdisjoint(second) and len(set(second)) == len(second)
+    for start in (3, 4, 6):
+        positions = [0, 0]
+        for b in epochs[0][:start]:
+            positions[b["worker"]] = b["position"]
+        resumed = list(EpochLoader(PretrainStream([shards], stream_cfg(7, batch_size), seed=2), 2).epoch(
+            0, start, positions))
+        assert [b["batch"] for b in resumed] == list(range(start, 7))
+        assert all(torch.equal(x["images"], y["images"]) for x, y in zip(epochs[0][start:], resumed))
 
 
 def test_a_resume_reads_none_of_the_samples_it_skips(shards, monkeypatch):

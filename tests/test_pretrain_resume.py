@@ -338,13 +338,13 @@ def test_an_effective_batch_larger_than_the_corpus_is_refused_with_what_to_chang
     out = res.stdout + res.stderr
     assert res.returncode == 1
     assert ("error: an epoch of 24 samples holds fewer than 16 micro-batches of 2 per process "
-            "(16 accumulation x 1 loader workers)") in out
+            "(one step of 16 accumulation)") in out
     assert "set data.samples_per_epoch=32 or more" in out and "pretrain/train.py" not in out  # no traceback of ours
     res = launch(run_dir, shards, nproc=1, extra=["train.effective_batch=32", "data.samples_per_epoch=40",
                                                   "train.epochs=1"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "effective batch 32 = 2 x 16 accumulation x 1 processes" in res.stdout and "1 steps/epoch, 1 steps" in res.stdout
-    assert "1 warm-up; 32 of the 40 samples of an epoch (whole micro-batches" in res.stdout  # 8 fall out, said
+    assert "1 warm-up; 32 of the 40 samples of an epoch (whole steps of 16 micro-batches of 2" in res.stdout  # 8 fall out
 
 
 def test_sigterm_saves_and_exits_then_resumes(shards, tmp_path):

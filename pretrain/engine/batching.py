@@ -121,3 +121,17 @@ def fit_positions_to_stream_order(state: dict, version: int, needs_positions: bo
                 f"saved the checkpoint (order {before} -> {version}): the rest of epoch {state['epoch']} is read from "
                 "the start of the streams, not in the order an uninterrupted run reads it")
     return None
+
+
+def fit_state_to_plan(state: dict, steps_per_epoch: int, total_steps: int) -> str | None:
+    """A resume whose plan cuts epochs otherwise than the run's checkpoint records (a version of the
+    toolkit that counts an epoch's steps otherwise: whole optimiser steps since 2026-12-05). Records the
+    plan in ``state``; returns a note saying the schedule now goes on over the new length (None: the
+    same plan, or a checkpoint that did not record one)."""
+    then = state.get("plan")
+    state["plan"] = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+    if then is None or then == state["plan"]:
+        return None
+    return (f"this run's epochs were {then['steps_per_epoch']} steps ({then['total_steps']} in all) when the "
+            f"checkpoint was written and are {steps_per_epoch} ({total_steps}) now: the learning-rate schedule goes "
+            f"on over the new length from step {state['step']}")

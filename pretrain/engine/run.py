@@ -11,7 +11,7 @@ import torch
 
 from data_tools.config import check_config, config_hash
 from pretrain.engine.batching import (Batching, fit_positions_to_stream_order, fit_positions_to_workers,
-                                      fit_state_to_batching, resolve_batching)
+                                      fit_state_to_batching, fit_state_to_plan, resolve_batching)
 from pretrain.engine.checkpoint import Checkpointer, ResumeError
 from pretrain.engine.health import HealthPolicy
 from pretrain.engine.loop import (LoopSpec, Process, frozen_reference, new_state, prepare_run_dir, resume_state,
@@ -94,7 +94,8 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
     needs_positions = stream.needs_positions
     for note in (fit_state_to_batching(state, written_with, batching, plan.steps_per_epoch, workers, needs_positions),
                  fit_positions_to_workers(state, workers, needs_positions),
-                 fit_positions_to_stream_order(state, stream.order_version, needs_positions)):
+                 fit_positions_to_stream_order(state, stream.order_version, needs_positions),
+                 fit_state_to_plan(state, plan.steps_per_epoch, plan.total_steps)):
         if note and rank == 0:
             print(f"note: {note}", flush=True)
     task.start(model, optimizer, plan, cfg, where)
