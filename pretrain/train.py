@@ -97,8 +97,8 @@ class PretrainTask(Task):
         if where.is_main:
             total, used = epoch_samples(self.sets, cfg.data.samples_per_epoch), micro_per_epoch * micro * where.world
             left = "" if used >= total else (
-                f"; {used:,} of the {total:,} samples of an epoch (whole steps of {accum} micro-batches of {micro} "
-                f"per process; which ones fall out changes with each epoch's shard order)")
+                f"; {used:,} of the {total:,} samples of an epoch (whole steps of {accum * micro} samples per process; "
+                f"which ones fall out changes with each epoch's shard order)")
             print(f"effective batch {batching.said()}; "
                   f"lr = blr {o.blr:g} x {batching.effective}/256 = {self.base_lr:.3e}; {steps_per_epoch} steps/epoch, "
                   f"{self.total_steps} steps, {self.warmup_steps} warm-up{left}", flush=True)

@@ -344,7 +344,7 @@ def test_an_effective_batch_larger_than_the_corpus_is_refused_with_what_to_chang
                                                   "train.epochs=1"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "effective batch 32 = 2 x 16 accumulation x 1 processes" in res.stdout and "1 steps/epoch, 1 steps" in res.stdout
-    assert "1 warm-up; 32 of the 40 samples of an epoch (whole steps of 16 micro-batches of 2" in res.stdout  # 8 left
+    assert "1 warm-up; 32 of the 40 samples of an epoch (whole steps of 32 samples per process" in res.stdout  # 8 left
 
 
 def test_sigterm_saves_and_exits_then_resumes(shards, tmp_path):
