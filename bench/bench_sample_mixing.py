@@ -4,8 +4,8 @@ sources and sequences per micro-batch and per optimiser step, against PAD's rand
     python bench/bench_sample_mixing.py [--gpus 8] [--workers 4] [--micro 64] [--effective 4096]
 
 The corpus has MSIP's shape (8 sources, 178,756 frames, PAD's counts) and shards of 1,000 samples;
-the video sources come in sequences (SCUT FIR ~100 kept frames per video, LSOTB-TIR ~41, LasHeR ~53,
-as their frame counts and training sequences give), every other frame is a sequence of its own.
+the video sources come in sequences (LSOTB-TIR 41 kept frames each, LasHeR 53: their frame counts over
+their 1,280 and 979 training sequences; SCUT FIR assumed 100), every other frame is an image of its own.
 The samples are written in the order ``data_tools.build.write_order`` gives, each a tar entry of a
 few bytes; the real ``PretrainStream`` reads them, slot by slot (rank x loader worker), with its
 shuffle buffer (1,000); only its crop is replaced by a stub, since the frames do not matter here.
