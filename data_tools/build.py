@@ -11,6 +11,7 @@ record and checksum agree and continues after the last one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -297,6 +298,32 @@ def _clear(out: Path) -> None:
         shutil.rmtree(out / PROGRESS_DIR)
 
 
+def describe_corpus(items: list) -> dict:
+    """The frames a build reads, as its progress records keep them: per source its frame count, and a
+    digest of every frame's source and path in corpus order."""
+    counts: dict[str, int] = {}
+    digest = hashlib.sha256()
+    for it in items:
+        counts[it.source] = counts.get(it.source, 0) + 1
+        digest.update(f"{it.source}\0{it.rel}\n".encode())
+    return {"frames": counts, "sha256": digest.hexdigest()}
+
+
+def _same_frames_as_the_finished_shards(out: Path, records: list[dict], now: dict) -> None:
+    """A resume continues the write order where the finished shards end; on another frame list (frames
+    added or removed since, as by a download still unpacking) its positions name other frames, and the
+    shards would repeat some and miss others."""
+    then = records[0].get("corpus") if records else None
+    if then is None or then == now:
+        return
+    changed = [f"{name}: {then['frames'].get(name, 0)} then, {now['frames'].get(name, 0)} now"
+               for name in sorted(set(then["frames"]) | set(now["frames"]))
+               if then["frames"].get(name, 0) != now["frames"].get(name, 0)]
+    raise BuildError(f"{out}: the frames of the sources changed since this build started ("
+                     f"{'; '.join(changed) or 'the same counts, other frames'}): its {len(records)} finished shard "
+                     "record(s) hold frames of the old list. Restore the frames, or pass --overwrite to build again")
+
+
 def _new_record(number: int, start: int) -> dict:
     return {"number": number, "shard": None, "start": start, "end": start, "samples": 0, "bytes": 0,
             "sha256": None, "first_key": None, "last_key": None, "proposals": 0,
@@ -523,6 +550,8 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
     masks = {name: f.mask for name, f in overlays.items() if f.mask is not None}
 
     records = _load_progress(out, cfg)
+    corpus_said = describe_corpus(items)
+    _same_frames_as_the_finished_shards(out, records, corpus_said)
     start = records[-1]["end"] if records else 0  # records count positions in the write order
     if records:
         print(f"resuming: {len(records)} complete shard record(s), continuing at frame {start}/{len(items)}",
@@ -545,7 +574,7 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
         _init_worker(masks)
         results = map(process_item, tasks)
 
-    rec = _new_record(len(records), start)
+    rec = dict(_new_record(len(records), start), corpus=corpus_said)
     shard: ShardFile | None = None
     new_shards = 0
     bar = tqdm(total=len(items), initial=start, unit="frame", disable=not progress or not sys.stderr.isatty(),
@@ -561,7 +590,7 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
             new_shards += 1
         atomic_write_text(str(out / PROGRESS_DIR / f"{rec['number']:06d}.json"), json.dumps(rec))
         records.append(rec)
-        rec, shard = _new_record(rec["number"] + 1, end), None
+        rec, shard = dict(_new_record(rec["number"] + 1, end), corpus=corpus_said), None
 
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     stop_fault = os.environ.get(STOP_FAULT_ENV, "")

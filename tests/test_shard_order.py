@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools.build import build_shards, write_order
+from data_tools.build import BuildError, build_shards, write_order
 from data_tools.cli import DEFAULT_BUILD_CONFIG
 from data_tools.config import ConfigError, load_config
 from data_tools.shards import iter_shard
@@ -110,3 +110,30 @@ def test_the_order_is_part_of_the_build_config(two_sources, tmp_path):
     manifest = json.loads((root / "kept" / "manifest.json").read_text())
     assert manifest["config"]["shards"]["order"] == "shuffled" and manifest["config"]["shards"]["seed"] == 0
     assert built["config_hash"] != _build(root, sources, "kept_corpus", "shards.order=corpus")["config_hash"]
+
+
+def test_a_resume_on_frames_that_changed_since_is_refused_naming_them(tmp_path):
+    """The write order continues where the finished shards end: with frames added or removed since (a
+    download still unpacking), its positions name other frames, and the shards would repeat some and
+    miss others. Refused, naming the sources and their counts; --overwrite builds it again."""
+    root = tmp_path / "frames"
+    for i in range(30):
+        (root / f"s{i % 2}").mkdir(parents=True, exist_ok=True)
+        frame = np.random.default_rng(i).integers(0, 256, (64, 80), np.uint8)
+        cv2.imwrite(str(root / f"s{i % 2}" / f"{i:03d}.png"), frame)
+    sources = [Source("a", str(root / "s0")), Source("b", str(root / "s1"))]
+    cfg = load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false", "shards.max_samples=5"])
+    assert build_shards(sources, cfg, tmp_path / "out", progress=False, stop_after_shards=2)["status"] == "stopped"
+    cv2.imwrite(str(root / "s1" / "999.png"), np.full((64, 80), 7, np.uint8) + np.eye(64, 80, dtype=np.uint8))
+    with pytest.raises(BuildError, match=r"the frames of the sources changed since this build started \(b: 15 then, "
+                                         r"16 now\): its 2 finished shard record\(s\) hold frames of the old list"):
+        build_shards(sources, cfg, tmp_path / "out", progress=False)
+    (root / "s1" / "999.png").rename(root / "s1" / "998.png")
+    (root / "s1" / "001.png").unlink()  # the same counts, another frame
+    with pytest.raises(BuildError, match="the same counts, other frames"):
+        build_shards(sources, cfg, tmp_path / "out", progress=False)
+    (root / "s1" / "998.png").unlink()
+    cv2.imwrite(str(root / "s1" / "001.png"), np.random.default_rng(1).integers(0, 256, (64, 80), np.uint8))
+    resumed = build_shards(sources, cfg, tmp_path / "out", progress=False)  # the frames as they were: resumes
+    assert resumed["totals"]["written"] == 30
+    assert build_shards(sources, cfg, tmp_path / "whole", progress=False)["shards"] == resumed["shards"]
