@@ -298,7 +298,7 @@ def _clear(out: Path) -> None:
         shutil.rmtree(out / PROGRESS_DIR)
 
 
-def describe_corpus(items: list) -> dict:
+def _frame_list(items: list) -> dict:
     """The frames a build reads, as its progress records keep them: per source its frame count, and a
     digest of every frame's source and path in corpus order."""
     counts: dict[str, int] = {}
@@ -324,8 +324,10 @@ def _same_frames_as_the_finished_shards(out: Path, records: list[dict], now: dic
                      "record(s) hold frames of the old list. Restore the frames, or pass --overwrite to build again")
 
 
-def _new_record(number: int, start: int) -> dict:
-    return {"number": number, "shard": None, "start": start, "end": start, "samples": 0, "bytes": 0,
+def _new_record(number: int, start: int, frame_list: dict) -> dict:
+    """A progress record of the build of ``frame_list`` (``_frame_list``)."""
+    return {"number": number, "corpus": frame_list, "shard": None, "start": start, "end": start, "samples": 0,
+            "bytes": 0,
             "sha256": None, "first_key": None, "last_key": None, "proposals": 0,
             "written": {}, "skipped": [], "colour_converted": [], "issues": []}
 
@@ -550,8 +552,8 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
     masks = {name: f.mask for name, f in overlays.items() if f.mask is not None}
 
     records = _load_progress(out, cfg)
-    corpus_said = describe_corpus(items)
-    _same_frames_as_the_finished_shards(out, records, corpus_said)
+    frame_list = _frame_list(items)
+    _same_frames_as_the_finished_shards(out, records, frame_list)
     start = records[-1]["end"] if records else 0  # records count positions in the write order
     if records:
         print(f"resuming: {len(records)} complete shard record(s), continuing at frame {start}/{len(items)}",
@@ -574,7 +576,7 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
         _init_worker(masks)
         results = map(process_item, tasks)
 
-    rec = dict(_new_record(len(records), start), corpus=corpus_said)
+    rec = _new_record(len(records), start, frame_list)
     shard: ShardFile | None = None
     new_shards = 0
     bar = tqdm(total=len(items), initial=start, unit="frame", disable=not progress or not sys.stderr.isatty(),
@@ -590,7 +592,7 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
             new_shards += 1
         atomic_write_text(str(out / PROGRESS_DIR / f"{rec['number']:06d}.json"), json.dumps(rec))
         records.append(rec)
-        rec, shard = dict(_new_record(rec["number"] + 1, end), corpus=corpus_said), None
+        rec, shard = _new_record(rec["number"] + 1, end, frame_list), None
 
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     stop_fault = os.environ.get(STOP_FAULT_ENV, "")
