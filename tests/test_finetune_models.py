@@ -1,6 +1,8 @@
 """Fine-tuning models: Mona (arXiv 2408.08345) and IV-tuning (arXiv 2412.16654) against their
 formulas written out by hand, token geometry on non-square grids, step-0 behaviour, each method's
 trainable set, parameter counts, heads, sliding windows, metrics."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from finetune.factory import build_detector, build_segmentor, parameter_report
 from finetune.metrics import confusion_matrix, segmentation_metrics
 from finetune.models.backbone import Backbone, BackboneConfig, default_out_indices
 from finetune.models.detector import DETECTOR_BUILDERS
-from finetune.models.ivtuning import HybridAdapter, IVTuningConfig, SimAM
+from finetune.models.ivtuning import HybridAdapter, IVTuningConfig, SimAM, to_vit_prompt_keys
 from finetune.models.methods import Method, get_method, method_names, register
 from finetune.models.mona import Mona, MonaConfig
 from finetune.models.segmentor import slide_inference
@@ -260,7 +262,7 @@ def test_ivtuning_init_is_upstreams():
 
 
 def test_vit_prompt_state_dict_round_trips_through_the_key_map(tmp_path):
-    from finetune.models.ivtuning import from_vit_prompt_keys, to_vit_prompt_keys
+    from finetune.models.ivtuning import from_vit_prompt_keys
 
     model = _random_ivtuning_backbone()
     theirs = to_vit_prompt_keys(model.state_dict())
@@ -280,15 +282,18 @@ def test_vit_prompt_state_dict_round_trips_through_the_key_map(tmp_path):
     back = from_vit_prompt_keys(theirs)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.norm.")}
     assert back.keys() == own.keys() and all(torch.equal(back[k], own[k]) for k in own)
-    # Loading their file into a fresh backbone through the config gives the same model.
+    # Loading their file into a fresh backbone through the config gives the same model, run as
+    # theirs runs: without a CLS token.
     torch.save({"state_dict": {"backbone." + k: v for k, v in theirs.items()}}, tmp_path / "ivt.pth")
     loaded = backbone_for(BackboneConfig(method="ivtuning", modality="both", checkpoint=str(tmp_path / "ivt.pth"),
                                      encoder=EncoderConfig(size="tiny", depth=2, img_size=(48, 80)),
                                      out_indices=(0, 1))).eval()
-    assert loaded.load_report.missing == []
+    assert loaded.load_report.missing == [] and loaded.num_prefix == 0
+    without_cls = Backbone(dataclasses.replace(model.cfg, prefix_tokens=False)).eval()
+    without_cls.load_state_dict(model.state_dict())
     vi, ir = torch.randn(1, 3, 48, 80), torch.randn(1, 1, 48, 80)
     with torch.no_grad():
-        for a, b in zip(loaded(ir, vi), model(ir, vi)):
+        for a, b in zip(loaded(ir, vi), without_cls(ir, vi)):
             assert torch.equal(a, b)
     theirs["blocks.0.mona_prompt3.gamma"] = torch.ones(192)  # a tensor that lands nowhere
     torch.save(theirs, tmp_path / "stray.pth")
@@ -296,6 +301,49 @@ def test_vit_prompt_state_dict_round_trips_through_the_key_map(tmp_path):
     with pytest.raises((WeightsError, StopIteration)):
         backbone_for(BackboneConfig(method="ivtuning", modality="both", checkpoint=str(tmp_path / "stray.pth"),
                                 encoder=EncoderConfig(size="tiny", depth=2, img_size=(48, 80))))
+
+
+def _vit_prompt_release(tmp_path, seed=0):
+    """A file laid out as the authors' ViT_prompt checkpoints are: their key names, and the position
+    embedding at the 224 px pre-training grid with its CLS slot (their ViT resamples it at every
+    forward, so it never changes size)."""
+    theirs = to_vit_prompt_keys(_random_ivtuning_backbone(img_size=(224, 224)).state_dict())
+    del theirs["cls_token"]  # their ViT has none
+    assert theirs["pos_embed"].shape == (1, 1 + 14 * 14, 192)
+    path = tmp_path / f"vit_prompt_{seed}.pth"
+    torch.save({"state_dict": {"backbone." + k: v for k, v in theirs.items()}}, path)
+    return path, theirs
+
+
+def test_a_vit_prompt_release_loads_at_another_input_size_resampled_as_theirs(tmp_path):
+    """Their detectors run at 800-1024 px from a file that keeps 197 positions: the embedding is
+    resampled once to our grid as their get_abs_pos does at every forward (bicubic, corners not
+    aligned, no antialiasing), here to a non-square 6x10 grid."""
+    path, theirs = _vit_prompt_release(tmp_path)
+    loaded = backbone_for(BackboneConfig(method="ivtuning", modality="both", checkpoint=str(path),
+                                         encoder=EncoderConfig(size="tiny", depth=2, img_size=(96, 160)),
+                                         out_indices=(0, 1)))
+    grid = theirs["pos_embed"][:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(6, 10), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    assert torch.allclose(loaded.encoder.pos_embed[:, 1:], expected, atol=1e-6)
+    assert "encoder.pos_embed" in loaded.load_report.adapted and loaded.load_report.missing == []
+
+
+def test_a_vit_prompt_release_runs_without_a_cls_token_as_theirs_does(tmp_path):
+    """Their ViT (a ViTDet backbone) has no CLS token; one in our attention would change every
+    feature their adapters were trained on. A plain MAE start keeps the CLS token (SPEC)."""
+    path, _ = _vit_prompt_release(tmp_path)
+    cfg = BackboneConfig(method="ivtuning", modality="both", checkpoint=str(path),
+                         encoder=EncoderConfig(size="tiny", depth=2, img_size=(64, 80)), out_indices=(0, 1))
+    loaded = backbone_for(cfg).eval()
+    assert loaded.num_prefix == 0 and "encoder.cls_token" not in loaded.trainable_names()
+    vi, ir = torch.randn(1, 3, 64, 80), torch.randn(1, 1, 64, 80)
+    with torch.no_grad():
+        before = loaded(ir, vi)
+        loaded.encoder.cls_token.normal_(0, 5.0)
+        after = loaded(ir, vi)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert backbone("ivtuning", "both").num_prefix == 1
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,9 @@ class BackboneConfig:
     # Adapters that come with the weights (a PAD export or release), as (name, settings): set by
     # finetune.weights.resolve from the checkpoint, attached before the method's own.
     carried_adapters: tuple[tuple[str, dict], ...] = ()
+    # False: the blocks see patch tokens only, whatever the attention; set by finetune.weights.resolve
+    # for weights trained without a CLS token (IV-tuning's ViT_prompt, a ViTDet backbone)
+    prefix_tokens: bool = True
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
@@ -60,7 +63,7 @@ class BackboneConfig:
     @property
     def patch_tokens_only(self) -> bool:
         """ViTDet's blocks: no CLS token."""
-        return bool(self.window_size) or self.decomposed_rel_pos
+        return bool(self.window_size) or self.decomposed_rel_pos or not self.prefix_tokens
 
 
 def check_block_extras(method: str, rel_pos_bias: bool, layer_scale: float | None,

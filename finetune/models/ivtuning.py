@@ -193,6 +193,19 @@ def attach_ivtuning(vit: nn.Module, cfg: IVTuningConfig = IVTuningConfig()) -> N
     attach(vit, "ivtuning", "post_mlp", lambda i, dim: IVTuningAdapter(dim, cfg))
 
 
+def _resolve_release(cfg):
+    """The authors' ``ViT_prompt`` is a ViTDet backbone: its blocks never saw a CLS token, so with its
+    weights ours see patch tokens only too (a CLS token in the attention would change every feature
+    their adapters were trained on)."""
+    import dataclasses
+
+    from pretrain.weights import read_state_dict
+
+    if cfg.checkpoint and is_vit_prompt_state(read_state_dict(cfg.checkpoint)):
+        return dataclasses.replace(cfg, prefix_tokens=False)
+    return cfg
+
+
 def _load_release(backbone: nn.Module, cfg):
     """The authors' ``ViT_prompt`` weights (backbone and prompts in one file), or None for any
     other file (the plain encoder reader takes it)."""
@@ -206,7 +219,7 @@ register(Method("ivtuning", "infrared patch embedding + prompt generator + per-b
                 "fuses the infrared and the visible image",
                 attach=lambda encoder, cfg: attach_ivtuning(encoder, cfg.ivtuning),
                 input_module=lambda encoder, cfg: IVTuningInput(encoder.patch_embed, encoder.embed_dim, cfg.ivtuning),
-                modalities=("ir", "vi", "both"), load_release=_load_release))
+                modalities=("ir", "vi", "both"), resolve_release=_resolve_release, load_release=_load_release))
 
 
 # --- the authors' checkpoints -------------------------------------------------------------------
@@ -288,22 +301,29 @@ def _their_key(ours: str) -> str:
 
 def load_vit_prompt_state(backbone: nn.Module, sd: dict[str, torch.Tensor], path: str, allow_missing: bool = False):
     """Load an authors' IV-tuning ViT state dict (``backbone.`` prefixes of a detector checkpoint
-    stripped) into our IV-tuning Backbone. Every tensor must land; our CLS token, which their
-    ViT lacks, keeps its value (reported missing), other missing weights raise unless allowed."""
-    from pretrain.weights import LoadReport, WeightsError
+    stripped) into our IV-tuning Backbone. Every tensor must land; their position embedding, kept at
+    the pre-training grid (their ViT resamples it at every forward), is resampled once to ours as
+    theirs is (bicubic, corners not aligned). Our CLS token, which their ViT lacks, is unused where
+    the blocks see patch tokens only (as ``finetune.weights.resolve`` sets up for their weights) and
+    otherwise keeps its value (reported missing); other missing weights raise unless allowed."""
+    from pretrain.weights import LoadReport, WeightsError, adapt_encoder_state
 
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     ours = from_vit_prompt_keys(sd)
     target = backbone.state_dict()
+    report = LoadReport(path, adapted=[f"{_EMPG_KERNEL} (transposed)"])
+    adapt_encoder_state(ours, target, tuple(backbone.encoder.patch_embed.grid_size), "encoder.", report)
     stray = sorted(k for k in ours if k not in target)
     if stray:
         raise WeightsError(f"{path}: {len(stray)} tensor(s) match nothing in this IV-tuning backbone: {stray[:6]}")
     mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in ours.items() if v.shape != target[k].shape]
     if mismatched:
         raise WeightsError(f"{path}: shape mismatch for {mismatched[:5]}")
-    missing = sorted(k for k in target if k not in ours and not k.startswith("encoder.norm."))
+    unused = ("encoder.norm.", "encoder.cls_token") if backbone.num_prefix == 0 else ("encoder.norm.",)
+    missing = sorted(k for k in target if k not in ours and not k.startswith(unused))
     if [k for k in missing if k != "encoder.cls_token"] and not allow_missing:
         raise WeightsError(f"{path}: {len(missing)} weight(s) missing, e.g. {missing[:5]}; pass allow_missing to accept")
     backbone.load_state_dict(ours, strict=False)
-    return LoadReport(path, loaded=len(ours), missing=missing, adapted=[f"{_EMPG_KERNEL} (transposed)"])
+    report.loaded, report.missing = len(ours), missing
+    return report
