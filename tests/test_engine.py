@@ -383,6 +383,18 @@ def test_a_resume_under_a_plan_that_cuts_epochs_otherwise_says_so():
     assert state["plan"]["steps_per_epoch"] == 43
 
 
+def test_an_optimiser_group_layout_that_changed_is_named_by_parameter():
+    from pretrain.engine.optim import group_layout_problem
+
+    then = [["a.weight", "b.weight"], ["a.bias"]]
+    assert group_layout_problem(None, then) is None  # a checkpoint that recorded none: nothing to compare
+    assert group_layout_problem(then, [list(g) for g in then]) is None
+    said = group_layout_problem(then, [["a.weight"], ["b.weight", "a.bias"], ["c.gamma"]])
+    assert said.startswith("the optimiser's parameter groups differ from the checkpoint's (trained now: 1 (e.g. "
+                           "c.gamma); in another optimiser group: 2 (e.g. b.weight, a.bias)): its AdamW state")
+    assert "no longer trained: 1 (e.g. a.bias)" in group_layout_problem(then, [["a.weight", "b.weight"]])
+
+
 def test_a_resume_with_another_loader_worker_count_starts_the_new_workers_streams_afresh():
     from pretrain.engine.batching import fit_positions_to_workers
     from pretrain.engine.loop import new_state

@@ -313,6 +313,38 @@ def test_another_global_batch_is_refused_on_resume(shards, killed_at_4, tmp_path
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000004"  # nothing written
 
 
+def test_a_checkpoint_whose_optimiser_groups_differ_from_this_codes_is_refused(shards, killed_at_4, tmp_path):
+    """AdamW's state is matched to the parameters by position: a checkpoint written by code that
+    grouped them otherwise (a parameter moved to another weight-decay group) would load its
+    moments onto other parameters, which first fails steps later with a shape error. Refused
+    before anything is loaded, naming the parameter."""
+    import shutil
+
+    from data_tools.files import sha256_file
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(killed_at_4, run_dir)
+    tag_dir = run_dir / "checkpoints" / "step00000004"
+    sums = json.loads((tag_dir / "checksums.json").read_text())
+    for rank in (0, 1):
+        path = tag_dir / f"state_rank{rank}.json"
+        state = json.loads(path.read_text())
+        groups = state["optimizer_groups"]
+        assert len(groups) >= 2 and "mask_token" in groups[0] + groups[1]
+        moved = groups[0].pop(0)  # as an earlier version that decayed it otherwise would have laid it out
+        groups[1].insert(0, moved)
+        path.write_text(json.dumps(state))
+        sums["files"][path.name] = sha256_file(path)
+    (tag_dir / "checksums.json").write_text(json.dumps(sums))
+    res = launch(run_dir, shards)
+    assert res.returncode != 0
+    said = res.stdout + res.stderr
+    assert ("checkpoint step00000004: the optimiser's parameter groups differ from the checkpoint's (in another "
+            f"optimiser group: ") in said and moved in said and "--overwrite" in said, said[-3000:]
+    assert NO_TRACEBACK_OF_OURS not in res.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000004"  # nothing written
+
+
 def test_refusals_for_other_config_and_non_empty_dir(shards, uninterrupted, tmp_path):
     import shutil
 

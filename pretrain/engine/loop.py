@@ -34,7 +34,7 @@ from pretrain.engine.checkpoint import (Checkpointer, CheckpointWriteError, Resu
                                         seed_step)
 from pretrain.engine.distributed import average_over_ranks, barrier, batchnorm_statistics
 from pretrain.engine.health import HealthPolicy, StepHealth, faulty_steps, step_verdict
-from pretrain.engine.optim import set_lr
+from pretrain.engine.optim import group_layout_problem, set_lr
 from pretrain.engine.signals import EvaluationStopped, StopSignals
 from pretrain.engine.streams import DataError, PlanError, loader_worker_death
 
@@ -315,18 +315,21 @@ def _check_checkpoint(saved: dict, cfg_hash: str, frozen_ref: dict) -> None:
 
 
 def resume_state(ckpt: Checkpointer, engine, rank: int, batching: Batching, cfg_hash: str, frozen_ref: dict,
-                 inputs: dict | None = None) -> dict:
+                 inputs: dict | None = None, groups: list[list[str]] | None = None) -> dict:
     """Load the latest checkpoint and check it belongs to this run (and, where both record it, to
-    the same training data, ``inputs``) and that its global batch can go on as ``batching``;
-    returns the loop state, whose ``batching`` is the checkpoint's (``fit_state_to_batching``
-    lays it out as ``batching``)."""
+    the same training data, ``inputs``, and the same optimiser group layout, ``groups``) and that
+    its global batch can go on as ``batching``; returns the loop state, whose ``batching`` is the
+    checkpoint's (``fit_state_to_batching`` lays it out as ``batching``)."""
     run_config = ckpt.directory.parent / "config.yaml"
 
     def written_with(state: dict, world: int) -> Batching:
         return saved_batching(state["data"], world, run_config)
 
-    saved = ckpt.load(engine, rank, check=lambda tag_dir, state0: layout_problem(
-        written_with(state0, state0["world_size"]), batching, tag_dir))
+    def problem(tag_dir: Path, state0: dict) -> str | None:  # before any state is loaded
+        return (layout_problem(written_with(state0, state0["world_size"]), batching, tag_dir)
+                or (group_layout_problem(state0.get("optimizer_groups"), groups) if groups is not None else None))
+
+    saved = ckpt.load(engine, rank, check=problem)
     _check_checkpoint(saved, cfg_hash, frozen_ref)
     then = saved.get("inputs")
     if then is not None and inputs is not None and then != inputs:

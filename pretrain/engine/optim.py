@@ -55,6 +55,33 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     return list(groups.values())
 
 
+def group_layout(groups: list[dict]) -> list[list[str]]:
+    """The parameter names of each optimiser group, in order: an optimiser's saved state (AdamW's
+    moments) is matched to parameters by these positions when a checkpoint is loaded."""
+    return [list(g["names"]) for g in groups]
+
+
+def group_layout_problem(then: list[list[str]] | None, now: list[list[str]]) -> str | None:
+    """Why optimiser state saved under the group layout ``then`` cannot be loaded into ``now`` (None:
+    it can, or the checkpoint recorded no layout). A layout changes when the code groups the
+    parameters otherwise (their weight decay, lr scale or gate) or trains another set; loaded by
+    position, the saved moments would land on other parameters, of other shapes or none."""
+    if then is None or then == now:
+        return None
+    place_then = {n: (i, j) for i, names in enumerate(then) for j, n in enumerate(names)}
+    place_now = {n: (i, j) for i, names in enumerate(now) for j, n in enumerate(names)}
+    dropped = [n for n in place_then if n not in place_now]
+    added = [n for n in place_now if n not in place_then]
+    moved = [n for n in place_now if n in place_then and place_then[n] != place_now[n]]
+    said = [f"{what} {len(names)} (e.g. {', '.join(names[:3])})"
+            for what, names in (("no longer trained:", dropped), ("trained now:", added),
+                                ("in another optimiser group:", moved)) if names]
+    return ("the optimiser's parameter groups differ from the checkpoint's (" + "; ".join(said) + "): its AdamW "
+            "state is matched to the parameters by position and would land on others. This version of the code "
+            "groups or trains the parameters otherwise (weight decay, learning-rate scale, what trains): resume "
+            "with the version that wrote the run, or start again with --overwrite")
+
+
 def deepspeed_config(micro_batch: int, accum_steps: int, world_size: int, precision: str, zero_stage: int,
                      grad_clip: float) -> dict[str, Any]:
     cfg: dict[str, Any] = {

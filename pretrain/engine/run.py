@@ -17,7 +17,7 @@ from pretrain.engine.health import HealthPolicy
 from pretrain.engine.loop import (LoopSpec, Process, frozen_reference, new_state, prepare_run_dir, resume_state,
                                   run_entry_point, say_stopped, stop_poll, train_steps, weights_for_evaluation)
 from pretrain.engine.signals import EvaluationStopped, StopSignals
-from pretrain.engine.optim import build_engine, deepspeed_config
+from pretrain.engine.optim import build_engine, deepspeed_config, group_layout
 from pretrain.engine.task import Task
 from pretrain.random_init import rebuilding_trained_run
 
@@ -75,8 +75,9 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
     if plan is not None:
         plan.check(batching.accum, task.name)
     ds_cfg = deepspeed_config(batching.micro, batching.accum, world, t.precision, t.zero_stage, t.grad_clip)
-    engine, optimizer = build_engine(model, task.param_groups(model, cfg), tuple(cfg.optim.betas),
-                                     ds_cfg)  # one optim: section for every task
+    groups = task.param_groups(model, cfg)
+    meta["optimizer_groups"] = group_layout(groups)  # what a resume matches the saved AdamW state by
+    engine, optimizer = build_engine(model, groups, tuple(cfg.optim.betas), ds_cfg)  # one optim: section for every task
 
     if eval_only:
         state = weights_for_evaluation(ckpt, engine, cfg_hash, frozen_ref)
@@ -87,7 +88,8 @@ def _run_process(rank: int, world: int, device: torch.device, cfg, run_dir: Path
     workers = int(cfg.data.num_workers)
     if plan.inputs is not None:
         meta["inputs"] = plan.inputs
-    state = resume_state(ckpt, engine, rank, batching, cfg_hash, frozen_ref, plan.inputs) if resume else \
+    state = resume_state(ckpt, engine, rank, batching, cfg_hash, frozen_ref, plan.inputs,
+                         meta["optimizer_groups"]) if resume else \
         new_state(workers)
     written_with = Batching(**state["batching"]) if resume else batching  # recorded with every checkpoint
     stream = plan.loader.stream
