@@ -340,7 +340,7 @@ def test_a_checkpoint_whose_optimiser_groups_differ_from_this_codes_is_refused(s
     assert res.returncode != 0
     said = res.stdout + res.stderr
     assert ("checkpoint step00000004: the optimiser's parameter groups differ from the checkpoint's (in another "
-            f"optimiser group: ") in said and moved in said and "--overwrite" in said, said[-3000:]
+            "optimiser group: ") in said and moved in said and "--overwrite" in said, said[-3000:]
     assert NO_TRACEBACK_OF_OURS not in res.stderr
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000004"  # nothing written
 
