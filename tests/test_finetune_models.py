@@ -329,6 +329,26 @@ def test_a_vit_prompt_release_loads_at_another_input_size_resampled_as_theirs(tm
     assert "encoder.pos_embed" in loaded.load_report.adapted and loaded.load_report.missing == []
 
 
+def test_a_vit_prompt_release_with_zero_relative_position_tables_loads_and_with_learnt_ones_is_refused(tmp_path):
+    """Their ViT built with ViTDet's use_rel_pos holds relative position tables, frozen at zero by
+    IV-tuning: dropped (they add nothing); tables that are not zero are refused by name."""
+    from pretrain.weights import WeightsError
+
+    path, theirs = _vit_prompt_release(tmp_path)
+    for i in (0, 1):
+        theirs[f"blocks.{i}.attn.rel_pos_h"] = torch.zeros(27, 64)
+        theirs[f"blocks.{i}.attn.rel_pos_w"] = torch.zeros(27, 64)
+    torch.save(theirs, path)
+    cfg = BackboneConfig(method="ivtuning", modality="both", checkpoint=str(path),
+                         encoder=EncoderConfig(size="tiny", depth=2, img_size=(64, 80)), out_indices=(0, 1))
+    assert "4 relative position tables, all zero, dropped" in backbone_for(cfg).load_report.adapted
+    theirs["blocks.1.attn.rel_pos_w"][3, 5] = 0.1
+    torch.save(theirs, path)
+    with pytest.raises(WeightsError, match=r"1 relative position table\(s\) are not zero \(e.g. "
+                                           r"encoder.blocks.1.attn.rel_pos_w\)"):
+        backbone_for(cfg)
+
+
 def test_a_vit_prompt_release_runs_without_a_cls_token_as_theirs_does(tmp_path):
     """Their ViT (a ViTDet backbone) has no CLS token; one in our attention would change every
     feature their adapters were trained on. A plain MAE start keeps the CLS token (SPEC)."""

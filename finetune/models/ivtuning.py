@@ -25,6 +25,7 @@ their EMPG's 3x3 kernel is transposed when their weights are loaded.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 import torch
@@ -299,6 +300,24 @@ def _their_key(ours: str) -> str:
     return ours[len("encoder."):]
 
 
+def _drop_frozen_relative_positions(ours: dict[str, torch.Tensor], path: str, report) -> None:
+    """ViTDet's decomposed relative position tables (``blocks.i.attn.rel_pos_h`` / ``_w``), which their
+    ViT holds when built with ``use_rel_pos``: IV-tuning freezes them at their zero start (only the
+    prompt modules train, and MAE's weights have none), so they add nothing and are dropped. Tables
+    that are not zero come from another training and are refused, by name."""
+    from pretrain.weights import WeightsError
+
+    tables = sorted(k for k in ours if re.fullmatch(r"encoder\.blocks\.\d+\.attn\.rel_pos_[hw]", k))
+    learnt = [k for k in tables if ours[k].any()]
+    if learnt:
+        raise WeightsError(f"{path}: {len(learnt)} relative position table(s) are not zero (e.g. {learnt[0]}): "
+                           "weights trained with ViTDet's relative positions, which IV-tuning keeps frozen at zero")
+    for k in tables:
+        del ours[k]
+    if tables:
+        report.adapted.append(f"{len(tables)} relative position tables, all zero, dropped")
+
+
 def load_vit_prompt_state(backbone: nn.Module, sd: dict[str, torch.Tensor], path: str, allow_missing: bool = False):
     """Load an authors' IV-tuning ViT state dict (``backbone.`` prefixes of a detector checkpoint
     stripped) into our IV-tuning Backbone. Every tensor must land; their position embedding, kept at
@@ -314,6 +333,7 @@ def load_vit_prompt_state(backbone: nn.Module, sd: dict[str, torch.Tensor], path
     target = backbone.state_dict()
     report = LoadReport(path, adapted=[f"{_EMPG_KERNEL} (transposed)"])
     adapt_encoder_state(ours, target, tuple(backbone.encoder.patch_embed.grid_size), "encoder.", report)
+    _drop_frozen_relative_positions(ours, path, report)
     stray = sorted(k for k in ours if k not in target)
     if stray:
         raise WeightsError(f"{path}: {len(stray)} tensor(s) match nothing in this IV-tuning backbone: {stray[:6]}")
