@@ -48,7 +48,9 @@ def load_weights(backbone: Backbone, cfg: BackboneConfig) -> LoadReport | None:
         return load_exported_into(backbone.encoder, path)
     release = get_method(cfg.method).load_release
     report = release(backbone, cfg) if release else None
-    return report if report is not None else load_into_encoder(backbone.encoder, path, cfg.allow_missing)
+    # the heads read block outputs, never the encoder's final norm (see Backbone.trainable_names)
+    return report if report is not None else load_into_encoder(backbone.encoder, path, cfg.allow_missing,
+                                                               unused=("norm.",))
 
 
 def backbone_for(cfg: BackboneConfig) -> Backbone:

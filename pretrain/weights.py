@@ -374,10 +374,13 @@ def pad_config_from_state(sd: dict[str, torch.Tensor], scale: str | None = None)
     return PADConfig(**kwargs)
 
 
-def load_into_encoder(vit: nn.Module, path: str | Path, allow_missing: bool = False) -> LoadReport:
+def load_into_encoder(vit: nn.Module, path: str | Path, allow_missing: bool = False,
+                      unused: tuple[str, ...] = ()) -> LoadReport:
     """Official MAE, PAD, timm, or our MAE weights into a bare encoder (decoder and head keys are
-    reported unexpected). Missing non-adapter weights raise unless allowed; adapter tensors that
-    match nothing raise."""
+    reported unexpected). Missing non-adapter weights raise unless allowed, or unless the caller
+    never uses them (``unused``: key prefixes, e.g. the final norm that fine-tuning's heads do not
+    read, which MAE's fine-tuned checkpoints replace by ``fc_norm``); adapter tensors that match
+    nothing raise."""
     from pretrain.models.adapters import POSITIONS
 
     report = LoadReport(str(path))
@@ -389,10 +392,12 @@ def load_into_encoder(vit: nn.Module, path: str | Path, allow_missing: bool = Fa
     _consume_fixed_scales(sd, target, _fixed_scale_of(vit), report)
     _refuse_stray_adapter_keys(sd, target, report)
     slots = tuple(f".{p}." for p in POSITIONS)  # adapter parameters and buffers start from their init
-    missing = sorted(k for k in target if k not in sd and not any(s in k for s in slots) and not is_block_extra(k))
+    missing = sorted(k for k in target if k not in sd and not any(s in k for s in slots) and not is_block_extra(k)
+                     and not k.startswith(unused))
     if missing and not allow_missing:
         raise WeightsError(f"{path}: {len(missing)} backbone weight(s) missing, e.g. {missing[:5]}; "
                            "pass allow_missing to accept")
     _load_matching(vit, sd, target, report)
-    report.missing = [k for k in report.missing if not is_block_extra(k)]  # initialised, as intended
+    # initialised as intended (block extras), or never used by the caller
+    report.missing = [k for k in report.missing if not is_block_extra(k) and not k.startswith(unused)]
     return report

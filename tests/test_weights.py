@@ -98,6 +98,27 @@ def test_missing_backbone_weights_fail_unless_allowed(tmp_path):
     assert "encoder.blocks.1.attn.proj.weight" in report.missing
 
 
+def test_an_mae_fine_tuned_checkpoint_without_the_final_norm_starts_fine_tuning_but_not_pre_training(tmp_path):
+    """MAE's fine-tuned ViTs (global pooling) replace the final norm by fc_norm: fine-tuning never
+    reads that norm (its heads take block outputs), so the file loads there; MAE's encoder applies
+    it, so pre-training still refuses the file without it."""
+    from finetune.models.backbone import BackboneConfig
+    from finetune.weights import backbone_for
+    from pretrain.models.vit import EncoderConfig
+
+    sd = official_mae_checkpoint(tmp_path / "pre.pth")
+    sd = {k: v for k, v in sd.items() if not k.startswith(("norm.", "decoder", "mask_token"))}
+    sd.update({"fc_norm.weight": torch.ones(192), "fc_norm.bias": torch.zeros(192),
+               "head.weight": torch.zeros(1000, 192), "head.bias": torch.zeros(1000)})
+    torch.save({"model": sd}, tmp_path / "finetuned.pth")
+    cfg = BackboneConfig(method="full", modality="ir", checkpoint=str(tmp_path / "finetuned.pth"),
+                         encoder=EncoderConfig(size="tiny", depth=2, img_size=(64, 80)))
+    report = backbone_for(cfg).load_report
+    assert report.missing == [] and {"fc_norm.weight", "head.weight"} <= set(report.unexpected)
+    with pytest.raises(WeightsError, match="norm.bias"):
+        load_into_mae(tiny(adapter="none", paradigm="continual"), tmp_path / "finetuned.pth")
+
+
 def test_position_embedding_resampled_to_a_non_square_grid(tmp_path):
     official_mae_checkpoint(tmp_path / "sq.pth", img_size=(64, 64))  # 4x4 grid
     model = tiny(encoder={"img_size": [128, 160]})  # 8x10 grid
