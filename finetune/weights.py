@@ -48,9 +48,10 @@ def load_weights(backbone: Backbone, cfg: BackboneConfig) -> LoadReport | None:
         return load_exported_into(backbone.encoder, path)
     release = get_method(cfg.method).load_release
     report = release(backbone, cfg) if release else None
-    # the heads read block outputs, never the encoder's final norm (see Backbone.trainable_names)
-    return report if report is not None else load_into_encoder(backbone.encoder, path, cfg.allow_missing,
-                                                               unused=("norm.",))
+    if report is not None:
+        return report
+    unused = tuple(p[len("encoder."):] for p in backbone.unused_prefixes)  # names inside the encoder
+    return load_into_encoder(backbone.encoder, path, cfg.allow_missing, unused=unused)
 
 
 def backbone_for(cfg: BackboneConfig) -> Backbone:

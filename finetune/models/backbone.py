@@ -142,12 +142,15 @@ class Backbone(nn.Module):
             self.encoder.eval()
         return self
 
+    @property
+    def unused_prefixes(self) -> tuple[str, ...]:
+        """Parameter names the forward never reads: the encoder's final LayerNorm (the heads read
+        block outputs, as MAE's and ViTDet's do), and the CLS token where the blocks see patch tokens
+        only. They never train, and weights need not hold them."""
+        return ("encoder.norm.", "encoder.cls_token") if self.num_prefix == 0 else ("encoder.norm.",)
+
     def trainable_names(self) -> set[str]:
-        # The encoder's final LayerNorm is not used: the heads read block outputs (as MAE's and
-        # ViTDet's do), so it never gets a gradient and is left out; nor is the CLS token where the
-        # blocks see patch tokens only.
-        unused = ("encoder.norm.", "encoder.cls_token") if self.num_prefix == 0 else ("encoder.norm.",)
-        names = {n for n, _ in self.named_parameters() if not n.startswith(unused)}
+        names = {n for n, _ in self.named_parameters() if not n.startswith(self.unused_prefixes)}
         if self.method.trains == "all":
             return names
         if self.method.trains == "none":

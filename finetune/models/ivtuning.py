@@ -340,8 +340,7 @@ def load_vit_prompt_state(backbone: nn.Module, sd: dict[str, torch.Tensor], path
     mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in ours.items() if v.shape != target[k].shape]
     if mismatched:
         raise WeightsError(f"{path}: shape mismatch for {mismatched[:5]}")
-    unused = ("encoder.norm.", "encoder.cls_token") if backbone.num_prefix == 0 else ("encoder.norm.",)
-    missing = sorted(k for k in target if k not in ours and not k.startswith(unused))
+    missing = sorted(k for k in target if k not in ours and not k.startswith(backbone.unused_prefixes))
     if [k for k in missing if k != "encoder.cls_token"] and not allow_missing:
         raise WeightsError(f"{path}: {len(missing)} weight(s) missing, e.g. {missing[:5]}; pass allow_missing to accept")
     backbone.load_state_dict(ours, strict=False)
