@@ -55,7 +55,10 @@ def _torch_load_tensors(path: Path):
         raise WeightsError(f"{path}: not a PyTorch checkpoint (.pth / .pt) nor a .safetensors file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            # torch.save's zip format maps into memory: a method that looks at names and shapes before
+            # the load (IV-tuning's and PAD's releases) reads little of the file, and the tensors are
+            # copied once, into the model. The legacy format cannot be mapped.
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=magic[:2] == b"PK")
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", str(e))
         what = f"a pickled {found.group(1)}" if found else "pickled objects other than tensors"

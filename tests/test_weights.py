@@ -236,6 +236,33 @@ def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path):
         read_state_dict(tmp_path / "cut.safetensors")
 
 
+def _mapped_from(tensor: torch.Tensor) -> str | None:
+    """The file whose mapping holds the tensor's memory (Linux's /proc/self/maps), or None."""
+    address = tensor.data_ptr()
+    for line in open("/proc/self/maps"):
+        span, *rest = line.split(maxsplit=5)
+        start, end = (int(a, 16) for a in span.split("-"))
+        if start <= address < end:
+            return rest[-1].strip() if len(rest) == 5 and rest[-1].startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_zip_checkpoint_is_mapped_and_a_legacy_one_read_alike(tmp_path):
+    """torch.save's zip format is read through a private file mapping (a method that looks at a release
+    before the load reads little of it); the legacy format, which cannot be mapped, reads as before."""
+    sd = official_mae_checkpoint(tmp_path / "zip.pth")
+    torch.save({"model": sd}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    mapped, legacy = read_state_dict(tmp_path / "zip.pth"), read_state_dict(tmp_path / "legacy.pth")
+    assert mapped.keys() == legacy.keys() == sd.keys()
+    assert all(torch.equal(mapped[k], legacy[k]) for k in sd)
+    assert _mapped_from(mapped["blocks.0.attn.qkv.weight"]) == str(tmp_path / "zip.pth")
+    assert _mapped_from(legacy["blocks.0.attn.qkv.weight"]) is None
+    mapped["blocks.0.attn.qkv.weight"].add_(1.0)  # a change in memory never reaches the file
+    again = read_state_dict(tmp_path / "zip.pth")
+    assert torch.equal(again["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])
+
+
 def test_sincos_matches_mae_reference_layout():
     """First half of the channels encodes the column, second half the row (MAE's layout)."""
     emb = sincos_2d(8, 2, 3, cls_token=False)  # 2 rows x 3 cols
