@@ -32,6 +32,24 @@ def _no_training_inside_pytest(monkeypatch):
     monkeypatch.setattr(engine_run, "run_entry_point", started)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_under_pytests_folder(tmp_path_factory):
+    """The processes the tests launch keep their temporary files (multiprocessing's pymp-*, the
+    torchelastic_* folder torchrun makes for each launch and never removes, those a killed process
+    leaves) in pytest's own folder, whose old copies pytest removes, not in the machine's /tmp."""
+    import tempfile
+
+    folder = tmp_path_factory.mktemp("tmp")
+    before = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
+    yield folder
+    if before[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before[0]
+    tempfile.tempdir = before[1]
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared/data; the test is skipped with a reason when it is absent."""
     path = SHARED_DATA.joinpath(*parts)
