@@ -53,12 +53,23 @@ def _torch_load_tensors(path: Path):
         magic = f.read(4)
     if magic[:2] != b"PK" and magic[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
         raise WeightsError(f"{path}: not a PyTorch checkpoint (.pth / .pt) nor a .safetensors file")
-    try:
+    def load(mmap: bool):
         with torch.serialization.safe_globals([argparse.Namespace]):
-            # torch.save's zip format maps into memory: a method that looks at names and shapes before
-            # the load (IV-tuning's and PAD's releases) reads little of the file, and the tensors are
-            # copied once, into the model. The legacy format cannot be mapped.
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=magic[:2] == b"PK")
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        # torch.save's zip format maps into memory: a method that looks at names and shapes before the
+        # load (IV-tuning's and PAD's releases) reads little of the file, and the tensors are copied
+        # once, into the model. The legacy format cannot be mapped; where the file system cannot map
+        # files (some FUSE mounts), the file is read whole.
+        try:
+            return load(mmap=magic[:2] == b"PK")
+        except pickle.UnpicklingError:
+            raise
+        except Exception:
+            if magic[:2] != b"PK":
+                raise
+            return load(mmap=False)
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", str(e))
         what = f"a pickled {found.group(1)}" if found else "pickled objects other than tensors"

@@ -263,6 +263,23 @@ def test_a_zip_checkpoint_is_mapped_and_a_legacy_one_read_alike(tmp_path):
     assert torch.equal(again["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])
 
 
+def test_a_file_system_that_cannot_map_files_reads_the_checkpoint_whole(tmp_path, monkeypatch):
+    sd = official_mae_checkpoint(tmp_path / "zip.pth")
+    load = torch.load
+
+    def unmappable(*args, mmap=None, **kwargs):
+        if mmap:
+            raise RuntimeError("mmap: No such device")  # what mmap(2) says on a mount without it
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", unmappable)
+    read = read_state_dict(tmp_path / "zip.pth")
+    assert read.keys() == sd.keys() and all(torch.equal(read[k], sd[k]) for k in sd)
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "zip.pth").read_bytes()[:1000])  # damaged: said as before
+    with pytest.raises(WeightsError, match=r"cut\.pth: not readable as a PyTorch checkpoint \(RuntimeError: "):
+        read_state_dict(tmp_path / "cut.pth")
+
+
 def test_sincos_matches_mae_reference_layout():
     """First half of the channels encodes the column, second half the row (MAE's layout)."""
     emb = sincos_2d(8, 2, 3, cls_token=False)  # 2 rows x 3 cols
