@@ -25,7 +25,7 @@ class IVTuningSchema(Section):
 
 
 class SegHeadSchema(Section):
-    type: Literal["upernet", "linear"] = "upernet"
+    type: Literal["upernet", "segformer", "linear"] = "upernet"
     channels: PosInt
     aux_channels: PosInt
     aux_weight: NonNegFloat
@@ -117,11 +117,12 @@ class SegModelSchema(_ModelSchema):
     head: SegHeadSchema
 
     @model_validator(mode="after")
-    def _upernet_reads_four_maps(self):
-        if self.head.type == "upernet" and self.out_indices is not None and len(self.out_indices) != 4:
-            raise ValueError(f"out_indices {self.out_indices}: UperNet's neck turns 4 block outputs into strides "
-                             f"4 / 8 / 16 / 32; give 4 (one block 4 times reads that block alone: [11, 11, 11, 11]), "
-                             f"or head.type=linear, which reads any number")
+    def _the_neck_reads_four_maps(self):
+        if self.head.type != "linear" and self.out_indices is not None and len(self.out_indices) != 4:
+            head = {"upernet": "UperNet", "segformer": "SegFormer's decoder"}[self.head.type]
+            raise ValueError(f"out_indices {self.out_indices}: {head}'s neck turns 4 block "
+                             f"outputs into strides 4 / 8 / 16 / 32; give 4 (one block 4 times reads that block "
+                             f"alone: [11, 11, 11, 11]), or head.type=linear, which reads any number")
         return self
 
 

@@ -539,18 +539,67 @@ def test_linear_probe_is_one_1x1_conv_on_the_concatenated_block_maps():
                             ["train.batch_size=1", "model.head.type=linear"]), "seg")
 
 
-def test_a_segmentation_head_type_outside_the_two_is_refused_by_name():
+def test_segformer_head_is_per_level_1x1_blocks_upsampled_concatenated_fused_and_classified():
+    """SegFormer's all-MLP decoder (IV-tuning's segmentation head) on the neck's four levels, against
+    the same computation written out per pixel: each level's 1x1 conv (no bias) + BatchNorm + ReLU,
+    bilinear to the finest level, concatenated finest first, the fusing 1x1 block, the classifier."""
+    from torch.nn import functional as F
+
+    cfg = load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"),
+                      ["model.encoder.img_size=[64,96]", "model.head.type=segformer", "model.head.aux_weight=0"])
+    torch.manual_seed(0)
+    model = build_segmentor(cfg).eval()
+    randomize(model.decode_head)
+    assert model.aux_head is None
+    ir, vi = torch.randn(2, 1, 64, 96), torch.randn(2, 3, 64, 96)
+    out, aux = model.logits(ir, vi)
+    levels = model.neck(model.backbone(ir, vi))
+    assert [tuple(f.shape[2:]) for f in levels] == [(16, 24), (8, 12), (4, 6), (2, 3)] and aux is None
+
+    def block(x, seq):  # 1x1 conv without bias, BatchNorm with its running statistics, ReLU
+        conv, bn = seq[0], seq[1]
+        y = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x)
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return torch.relu((y - bn.running_mean[:, None, None]) * scale[:, None, None] + bn.bias[:, None, None])
+
+    head = model.decode_head
+    size = levels[0].shape[2:]
+    per_level = [F.interpolate(block(f, seq), size=size, mode="bilinear", align_corners=False)
+                 for f, seq in zip(levels, head.levels)]
+    fused = block(torch.cat(per_level, dim=1), head.fuse)
+    classifier = head.classifier
+    by_hand = torch.einsum("kc,bchw->bkhw", classifier.weight[:, :, 0, 0], fused) + classifier.bias[:, None, None]
+    assert out.shape == (2, len(cfg.data.classes), 16, 24)
+    assert torch.allclose(out, by_hand, atol=1e-5)
+    assert [seq[0].bias for seq in head.levels] == [None] * 4
+    # one frame per step trains (BatchNorm sees 16 x 24 pixels, no pooled map)
+    from finetune.preflight import check_batch
+
+    model.train()(ir[:1], vi[:1], torch.zeros(1, 64, 96, dtype=torch.long)).backward()
+    check_batch(load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"),
+                            ["train.batch_size=1", "model.head.type=segformer"]), "seg")
+    vitb = parameter_report(build_segmentor(load_config(SEG, ["model.head.type=segformer", "model.head.aux_weight=0",
+                                                              "model.method=frozen", "model.modality=ir"]), "meta"))
+    # 4 levels of 768 -> 768 (+ BatchNorm), the 4 x 768 -> 768 fusion (+ BatchNorm), 768 -> 9 classes,
+    # and the neck (two deconvolutions x4 with a BatchNorm between, one x2)
+    neck = 3 * (768 * 768 * 4 + 768) + 2 * 768
+    assert vitb["trainable_head"] == 4 * (768 * 768 + 2 * 768) + (4 * 768 * 768 + 2 * 768) + (768 * 9 + 9) + neck
+
+
+def test_a_segmentation_head_type_outside_the_three_is_refused_by_name():
     from data_tools.config import ConfigError, check_config
     from finetune.models.segmentor import SegHeadConfig, Segmentor
     from finetune.schema import SegConfig
 
-    with pytest.raises(ConfigError, match=r"model.head.type: Input should be 'upernet' or 'linear'"):
+    with pytest.raises(ConfigError, match=r"model.head.type: Input should be 'upernet', 'segformer' or 'linear'"):
         check_config(load_config(SEG, ["model.head.type=fcn"]), SegConfig)
     with pytest.raises(ConfigError, match=r"model: .*out_indices \[11\]: UperNet's neck turns 4 block outputs"):
         check_config(load_config(SEG, ["model.out_indices=[11]"]), SegConfig)
+    with pytest.raises(ConfigError, match=r"out_indices \[11\]: SegFormer's decoder's neck turns 4 block outputs"):
+        check_config(load_config(SEG, ["model.out_indices=[11]", "model.head.type=segformer"]), SegConfig)
     check_config(load_config(SEG, ["model.out_indices=[11,11,11,11]"]), SegConfig)
     check_config(load_config(SEG, ["model.out_indices=[5]", "model.head.type=linear"]), SegConfig)
-    with pytest.raises(ValueError, match="head type must be upernet or linear, got 'fcn'"):
+    with pytest.raises(ValueError, match="head type must be upernet, segformer or linear, got 'fcn'"):
         Segmentor(BackboneConfig(method="frozen", modality="ir", encoder=TINY_ENC), SegHeadConfig(type="fcn"), 2)
 
 

@@ -1,7 +1,8 @@
 """Segmentation neck and heads (UperNet, Xiao et al. ECCV 2018; FCN auxiliary head, as in mmsegmentation;
-the linear probe of UNIP, Zhang et al. ICLR 2025), written here because none of our libraries ships them
-(torchvision has an FPN but no UperNet; mmsegmentation is not a dependency). They follow
-mmsegmentation's UPerHead / FCNHead and the MAE / BEiT segmentation neck.
+SegFormer's all-MLP decoder, Xie et al. NeurIPS 2021; the linear probe of UNIP, Zhang et al. ICLR 2025),
+written here because none of our libraries ships them (torchvision has an FPN but no UperNet;
+mmsegmentation is not a dependency). They follow mmsegmentation's UPerHead / FCNHead / SegformerHead
+and the MAE / BEiT segmentation neck.
 """
 from __future__ import annotations
 
@@ -76,6 +77,26 @@ class FCNHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.conv(x)))
+
+
+class SegFormerHead(nn.Module):
+    """SegFormer's all-MLP decoder, the head of IV-tuning's segmentation results: each level to
+    ``channels`` by a 1x1 convolution (BatchNorm, ReLU, as mmsegmentation builds it), all upsampled
+    to the finest level and concatenated finest first, fused by a 1x1 convolution (BatchNorm, ReLU),
+    dropout, classifier. Every operation is per pixel: no pooling, so one frame per step trains."""
+
+    def __init__(self, in_channels: list[int], channels: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.levels = nn.ModuleList([ConvBNReLU(c, channels, 1) for c in in_channels])
+        self.fuse = ConvBNReLU(len(in_channels) * channels, channels, 1)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        size = features[0].shape[2:]
+        outs = [level(f) for level, f in zip(self.levels, features)]
+        fused = self.fuse(torch.cat([outs[0]] + [_resize(o, size) for o in outs[1:]], dim=1))
+        return self.classifier(self.dropout(fused))
 
 
 class LinearHead(nn.Module):

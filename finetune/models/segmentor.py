@@ -1,5 +1,5 @@
-"""Backbone + multi-level neck + UperNet (+ FCN auxiliary head), or backbone + linear probe: training
-loss and sliding-window inference."""
+"""Backbone + multi-level neck + UperNet or SegFormer's decoder (+ FCN auxiliary head), or backbone +
+linear probe: training loss and sliding-window inference."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,15 +9,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from finetune.models.backbone import Backbone, BackboneConfig
-from finetune.models.seg_heads import FCNHead, LinearHead, MultiLevelNeck, UperHead
+from finetune.models.seg_heads import FCNHead, LinearHead, MultiLevelNeck, SegFormerHead, UperHead
 
 
 @dataclass(frozen=True)
 class SegHeadConfig:
-    # upernet: neck + UperNet + FCN auxiliary head (PAD, MAE fine-tuning); linear: UNIP's linear probe
-    # (the settings below are UperNet's and its auxiliary head's, unused by it)
+    # upernet: neck + UperNet + FCN auxiliary head (PAD, MAE fine-tuning); segformer: neck + SegFormer's
+    # all-MLP decoder (IV-tuning's head; its configs have no auxiliary head: aux_weight 0); linear: UNIP's
+    # linear probe (the settings below are unused by it)
     type: str = "upernet"
-    channels: int = 768  # UperNet channels (768 for ViT-B, as in MAE / PAD segmentation)
+    channels: int = 768  # the decoder's channels (768 for ViT-B, as in MAE / PAD segmentation)
     aux_channels: int = 256
     aux_weight: float = 0.4
     aux_level: int = 2  # the neck level the auxiliary head reads (stride 16)
@@ -36,13 +37,14 @@ class Segmentor(nn.Module):
         if head.type == "linear":
             self.neck, self.aux_head = nn.Identity(), None
             self.decode_head = LinearHead([dim] * levels, num_classes)
-        elif head.type == "upernet":
+        elif head.type in ("upernet", "segformer"):
             self.neck = MultiLevelNeck(dim)
-            self.decode_head = UperHead([dim] * 4, head.channels, num_classes, dropout=head.dropout)
+            decoder = UperHead if head.type == "upernet" else SegFormerHead
+            self.decode_head = decoder([dim] * 4, head.channels, num_classes, dropout=head.dropout)
             self.aux_head = (FCNHead(dim, head.aux_channels, num_classes, dropout=head.dropout)
                              if head.aux_weight else None)
         else:
-            raise ValueError(f"segmentation head type must be upernet or linear, got {head.type!r}")
+            raise ValueError(f"segmentation head type must be upernet, segformer or linear, got {head.type!r}")
         self.head_cfg = head
         self.num_classes = num_classes
         self.ignore_index = ignore_index
