@@ -120,9 +120,9 @@ class SegModelSchema(_ModelSchema):
     def _the_neck_reads_four_maps(self):
         if self.head.type != "linear" and self.out_indices is not None and len(self.out_indices) != 4:
             head = {"upernet": "UperNet", "segformer": "SegFormer's decoder"}[self.head.type]
-            raise ValueError(f"out_indices {self.out_indices}: {head}'s neck turns 4 block "
-                             f"outputs into strides 4 / 8 / 16 / 32; give 4 (one block 4 times reads that block "
-                             f"alone: [11, 11, 11, 11]), or head.type=linear, which reads any number")
+            raise ValueError(f"out_indices {self.out_indices}: the neck under {head} turns 4 block outputs into "
+                             f"strides 4 / 8 / 16 / 32; give 4 (one block 4 times reads that block alone: "
+                             f"[11, 11, 11, 11]), or head.type=linear, which reads any number")
         return self
 
 

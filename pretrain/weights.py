@@ -53,21 +53,23 @@ def _torch_load_tensors(path: Path):
         magic = f.read(4)
     if magic[:2] != b"PK" and magic[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
         raise WeightsError(f"{path}: not a PyTorch checkpoint (.pth / .pt) nor a .safetensors file")
+
     def load(mmap: bool):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
 
+    # torch.save's zip format maps into memory: a method that looks at names and shapes before the
+    # load (IV-tuning's and PAD's releases) reads little of the file, and the tensors are copied once,
+    # into the model. The legacy format cannot be mapped; where the file system cannot map files
+    # (some FUSE mounts), the file is read whole.
+    mappable = magic[:2] == b"PK"
     try:
-        # torch.save's zip format maps into memory: a method that looks at names and shapes before the
-        # load (IV-tuning's and PAD's releases) reads little of the file, and the tensors are copied
-        # once, into the model. The legacy format cannot be mapped; where the file system cannot map
-        # files (some FUSE mounts), the file is read whole.
         try:
-            return load(mmap=magic[:2] == b"PK")
+            return load(mmap=mappable)
         except pickle.UnpicklingError:
             raise
         except Exception:
-            if magic[:2] != b"PK":
+            if not mappable:
                 raise
             return load(mmap=False)
     except pickle.UnpicklingError as e:

@@ -593,9 +593,9 @@ def test_a_segmentation_head_type_outside_the_three_is_refused_by_name():
 
     with pytest.raises(ConfigError, match=r"model.head.type: Input should be 'upernet', 'segformer' or 'linear'"):
         check_config(load_config(SEG, ["model.head.type=fcn"]), SegConfig)
-    with pytest.raises(ConfigError, match=r"model: .*out_indices \[11\]: UperNet's neck turns 4 block outputs"):
+    with pytest.raises(ConfigError, match=r"model: .*out_indices \[11\]: the neck under UperNet turns 4 block outputs"):
         check_config(load_config(SEG, ["model.out_indices=[11]"]), SegConfig)
-    with pytest.raises(ConfigError, match=r"out_indices \[11\]: SegFormer's decoder's neck turns 4 block outputs"):
+    with pytest.raises(ConfigError, match=r"out_indices \[11\]: the neck under SegFormer's decoder turns 4 block"):
         check_config(load_config(SEG, ["model.out_indices=[11]", "model.head.type=segformer"]), SegConfig)
     check_config(load_config(SEG, ["model.out_indices=[11,11,11,11]"]), SegConfig)
     check_config(load_config(SEG, ["model.out_indices=[5]", "model.head.type=linear"]), SegConfig)
