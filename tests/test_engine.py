@@ -527,6 +527,42 @@ def test_torchrun_rounds_form_their_groups_apart_under_a_dynamic_rendezvous(args
     assert given == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"}  # a value given wins
 
 
+def test_torchrun_leaves_no_folder_behind_unless_a_process_wrote_its_record(tmp_path):
+    """torchrun makes a torchelastic_* folder per launch and never removes it; through run.sh's wrapper
+    it is removed when empty, kept (and said) when a process wrote its error record there, and a
+    --log-dir given is the user's."""
+    import subprocess
+
+    from pretrain.engine import free_port
+    from tests.conftest import ROOT
+
+    script = tmp_path / "worker.py"
+    script.write_text("import sys\n"
+                      "from torch.distributed.elastic.multiprocessing.errors import record\n"
+                      "@record\n"
+                      "def main():\n"
+                      "    if len(sys.argv) > 1:\n"
+                      "        raise RuntimeError('failed on purpose')\n"
+                      "main()\n")
+
+    def launch(*args):
+        temp = tmp_path / f"tmp{len(list(tmp_path.glob('tmp*')))}"
+        temp.mkdir()
+        res = subprocess.run([sys.executable, "-m", "pretrain.engine.launchers", "torchrun", "--nproc_per_node", "1",
+                              "--master_port", str(free_port()), *args], cwd=ROOT, capture_output=True, text=True,
+                             env=dict(os.environ, TMPDIR=str(temp), PYTHONPATH=str(ROOT)), timeout=300)
+        return res, sorted(p.name for p in temp.glob("torchelastic_*"))
+
+    res, left = launch(str(script))
+    assert res.returncode == 0 and left == [], res.stderr[-2000:]
+    res, left = launch(str(script), "fail")
+    assert res.returncode != 0 and len(left) == 1 and left[0].startswith("torchelastic_")
+    assert f"torchrun: its processes' records are kept in {tmp_path / 'tmp1' / left[0]}" in res.stderr
+    assert [p.name for p in (tmp_path / "tmp1" / left[0]).rglob("*") if p.is_file()] == ["error.json"]
+    res, left = launch("--log-dir", str(tmp_path / "logs"), str(script))
+    assert res.returncode == 0 and left == [] and (tmp_path / "logs").is_dir()
+
+
 @pytest.mark.parametrize("backend, expected", [("nccl", {"device_ids": [3]}), ("gloo", {})])
 def test_a_barrier_names_the_gpu_of_its_process_on_nccl(monkeypatch, backend, expected):
     """NCCL without the device guesses it and warns at every barrier (seen on an H200); gloo takes none."""

@@ -90,6 +90,33 @@ def _round_stores_apart(argv: list[str], env=os.environ) -> None:
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
 
 
+@contextlib.contextmanager
+def _log_folder_removed_when_empty(argv: list[str], env=os.environ):
+    """torchrun makes a ``torchelastic_*`` folder in the temporary folder at every launch, for its
+    processes' error records, and never removes it: a node that trains often collects them by the
+    thousand. Unless ``--log-dir`` says where, the folder is made here and removed at the end when no
+    file was written into it (a process's error record is kept, and said)."""
+    import shutil
+    import tempfile
+
+    from torch.distributed.run import get_args_parser
+
+    if get_args_parser().parse_args(argv).log_dir:  # the flag or PET_LOG_DIR
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="torchelastic_")
+    env["PET_LOG_DIR"] = folder
+    try:
+        yield
+    finally:
+        env.pop("PET_LOG_DIR", None)
+        kept = [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files]
+        if kept:
+            print(f"torchrun: its processes' records are kept in {folder}", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def torchrun(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing import SignalException, api
     from torch.distributed.run import main
@@ -104,7 +131,8 @@ def torchrun(argv: list[str]) -> int:
     requests = _one_stop_request(api)
     _handle_sigusr1_before_torch_2_9(api)
     try:
-        main(argv)
+        with _log_folder_removed_when_empty(argv):
+            main(argv)
     except SignalException as stop:
         return _say_stopped("torchrun", stop.sigval if requests is None else requests.signum)
     return 0
