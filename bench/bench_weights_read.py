@@ -72,7 +72,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         print(f"method {args.method}, {args.size} at {args.img} px, {args.format} file {size_mb:.0f} MB: "
               f"read {len(reads)} time(s), backbone_for {seconds:.2f} s, "
-              f"peak RSS {before:.0f} -> {peak_rss_mb():.0f} MB, loaded {backbone.load_report.loaded} tensors, torch {torch.__version__}")
+              f"peak RSS {before:.0f} -> {peak_rss_mb():.0f} MB, loaded {backbone.load_report.loaded} tensors, "
+              f"torch {torch.__version__}")
 
 
 if __name__ == "__main__":

@@ -66,9 +66,7 @@ def _torch_load_tensors(path: Path):
     try:
         try:
             return load(mmap=mappable)
-        except pickle.UnpicklingError:
-            raise
-        except Exception:
+        except (RuntimeError, OSError):  # not a refused pickle: torch's own and the file system's errors
             if not mappable:
                 raise
             return load(mmap=False)
@@ -408,12 +406,14 @@ def load_into_encoder(vit: nn.Module, path: str | Path, allow_missing: bool = Fa
     _consume_fixed_scales(sd, target, _fixed_scale_of(vit), report)
     _refuse_stray_adapter_keys(sd, target, report)
     slots = tuple(f".{p}." for p in POSITIONS)  # adapter parameters and buffers start from their init
-    missing = sorted(k for k in target if k not in sd and not any(s in k for s in slots) and not is_block_extra(k)
-                     and not k.startswith(unused))
+
+    def not_needed(k: str) -> bool:  # initialised as intended (block extras), or never used by the caller
+        return is_block_extra(k) or k.startswith(unused)
+
+    missing = sorted(k for k in target if k not in sd and not any(s in k for s in slots) and not not_needed(k))
     if missing and not allow_missing:
         raise WeightsError(f"{path}: {len(missing)} backbone weight(s) missing, e.g. {missing[:5]}; "
                            "pass allow_missing to accept")
     _load_matching(vit, sd, target, report)
-    # initialised as intended (block extras), or never used by the caller
-    report.missing = [k for k in report.missing if not is_block_extra(k) and not k.startswith(unused)]
+    report.missing = [k for k in report.missing if not not_needed(k)]
     return report

@@ -517,13 +517,15 @@ def test_torchrun_of_a_torch_before_2_9_passes_sigusr1_on(monkeypatch, torch_has
     (["--standalone", "--nproc_per_node", "2"], "1"),
 ])
 def test_torchrun_rounds_form_their_groups_apart_under_a_dynamic_rendezvous(args, apart):
+    from torch.distributed.run import get_args_parser
+
     from pretrain.engine.launchers import _round_stores_apart
 
     env = {}
-    _round_stores_apart([*args, "-m", "pretrain", "train"], env)
+    _round_stores_apart(get_args_parser().parse_args([*args, "-m", "pretrain", "train"]), env)
     assert env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == apart
     given = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"}
-    _round_stores_apart([*args, "train.py"], given)
+    _round_stores_apart(get_args_parser().parse_args([*args, "train.py"]), given)
     assert given == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"}  # a value given wins
 
 

@@ -73,7 +73,7 @@ def _handle_sigusr1_before_torch_2_9(api) -> None:
     signal.signal(signal.SIGUSR1, lambda signum, frame: api._terminate_process_handler(signum, frame))
 
 
-def _round_stores_apart(argv: list[str], env=os.environ) -> None:
+def _round_stores_apart(args, env=os.environ) -> None:
     """Under a dynamic rendezvous, each round of workers forms its process group through a store of its
     own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: rank 0 of the round serves one on a port chosen for the
     round). Shared, the agent's store outlives the rounds, and the workers' only key for a round, their
@@ -82,16 +82,13 @@ def _round_stores_apart(argv: list[str], env=os.environ) -> None:
     and the new round waited until the timeout, and again in every round after (measured: two nodes,
     one worker killed, `--max-restarts 2`: all restarts spent). Under a static rendezvous (run.sh's
     `--master_port`) every restart is a node's own failure, and the count keys the round
-    (``distributed.restart_safe_store``). A value given wins."""
-    from torch.distributed.run import get_args_parser
-
-    args = get_args_parser().parse_args(argv)
+    (``distributed.restart_safe_store``). A value given wins. ``args``: torchrun's parsed arguments."""
     if args.standalone or args.rdzv_backend != "static":
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
 
 
 @contextlib.contextmanager
-def _log_folder_removed_when_empty(argv: list[str], env=os.environ):
+def _log_folder_removed_when_empty(log_dir: str | None, env=os.environ):
     """torchrun makes a ``torchelastic_*`` folder in the temporary folder at every launch, for its
     processes' error records, and never removes it: a node that trains often collects them by the
     thousand. Unless ``--log-dir`` says where, the folder is made here and removed at the end when no
@@ -99,9 +96,7 @@ def _log_folder_removed_when_empty(argv: list[str], env=os.environ):
     import shutil
     import tempfile
 
-    from torch.distributed.run import get_args_parser
-
-    if get_args_parser().parse_args(argv).log_dir:  # the flag or PET_LOG_DIR
+    if log_dir:  # torchrun's --log-dir, or PET_LOG_DIR
         yield
         return
     folder = tempfile.mkdtemp(prefix="torchelastic_")
@@ -110,8 +105,7 @@ def _log_folder_removed_when_empty(argv: list[str], env=os.environ):
         yield
     finally:
         env.pop("PET_LOG_DIR", None)
-        kept = [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files]
-        if kept:
+        if any(files for _, _, files in os.walk(folder)):
             print(f"torchrun: its processes' records are kept in {folder}", file=sys.stderr, flush=True)
         else:
             shutil.rmtree(folder, ignore_errors=True)
@@ -119,7 +113,7 @@ def _log_folder_removed_when_empty(argv: list[str], env=os.environ):
 
 def torchrun(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing import SignalException, api
-    from torch.distributed.run import main
+    from torch.distributed.run import get_args_parser, main
 
     # torchrun's default --signals-to-handle leaves out SIGUSR1 (a preemption notice, as SLURM's
     # --signal sends it), whose default action ended torchrun at once, and its processes with it,
@@ -127,11 +121,12 @@ def torchrun(argv: list[str]) -> int:
     # Under nohup SIGHUP stays ignored, here and (inherited) in the processes (data_tools.command).
     hangup = ",SIGHUP" if signal.SIGHUP in STOP_SIGNALS else ""
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGQUIT,SIGUSR1" + hangup)
-    _round_stores_apart(argv)
+    args = get_args_parser().parse_args(argv)
+    _round_stores_apart(args)
     requests = _one_stop_request(api)
     _handle_sigusr1_before_torch_2_9(api)
     try:
-        with _log_folder_removed_when_empty(argv):
+        with _log_folder_removed_when_empty(args.log_dir):
             main(argv)
     except SignalException as stop:
         return _say_stopped("torchrun", stop.sigval if requests is None else requests.signum)
