@@ -25,13 +25,20 @@ class IVTuningSchema(Section):
 
 
 class SegHeadSchema(Section):
-    type: Literal["upernet", "segformer", "linear"] = "upernet"
+    type: str = "upernet"  # a registered head (finetune.models.seg_heads): upernet, segformer, linear
     channels: PosInt
     aux_channels: PosInt
     aux_weight: NonNegFloat
     aux_level: Annotated[int, Field(ge=0, le=3)]
     dropout: Dropout
     class_weight: list[NonNegFloat] | None
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from finetune.models.seg_heads import get_seg_head
+        get_seg_head(name)
+        return name
 
 
 class DetHeadSchema(Section):
@@ -118,9 +125,10 @@ class SegModelSchema(_ModelSchema):
 
     @model_validator(mode="after")
     def _the_neck_reads_four_maps(self):
-        if self.head.type != "linear" and self.out_indices is not None and len(self.out_indices) != 4:
-            head = {"upernet": "UperNet", "segformer": "SegFormer's decoder"}[self.head.type]
-            raise ValueError(f"out_indices {self.out_indices}: the neck under {head} turns 4 block outputs into "
+        from finetune.models.seg_heads import get_seg_head
+        head = get_seg_head(self.head.type)
+        if head.neck and self.out_indices is not None and len(self.out_indices) != 4:
+            raise ValueError(f"out_indices {self.out_indices}: the neck under {head.title} turns 4 block outputs into "
                              f"strides 4 / 8 / 16 / 32; give 4 (one block 4 times reads that block alone: "
                              f"[11, 11, 11, 11]), or head.type=linear, which reads any number")
         return self

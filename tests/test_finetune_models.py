@@ -586,12 +586,13 @@ def test_segformer_head_is_per_level_1x1_blocks_upsampled_concatenated_fused_and
     assert vitb["trainable_head"] == 4 * (768 * 768 + 2 * 768) + (4 * 768 * 768 + 2 * 768) + (768 * 9 + 9) + neck
 
 
-def test_a_segmentation_head_type_outside_the_three_is_refused_by_name():
+def test_a_segmentation_head_type_not_registered_is_refused_by_name():
     from data_tools.config import ConfigError, check_config
     from finetune.models.segmentor import SegHeadConfig, Segmentor
     from finetune.schema import SegConfig
 
-    with pytest.raises(ConfigError, match=r"model.head.type: Input should be 'upernet', 'segformer' or 'linear'"):
+    with pytest.raises(ConfigError, match=r"model.head.type: Value error, segmentation head type must be one of "
+                                          r"\('linear', 'segformer', 'upernet'\), got 'fcn'"):
         check_config(load_config(SEG, ["model.head.type=fcn"]), SegConfig)
     with pytest.raises(ConfigError, match=r"model: .*out_indices \[11\]: the neck under UperNet turns 4 block outputs"):
         check_config(load_config(SEG, ["model.out_indices=[11]"]), SegConfig)
@@ -599,8 +600,48 @@ def test_a_segmentation_head_type_outside_the_three_is_refused_by_name():
         check_config(load_config(SEG, ["model.out_indices=[11]", "model.head.type=segformer"]), SegConfig)
     check_config(load_config(SEG, ["model.out_indices=[11,11,11,11]"]), SegConfig)
     check_config(load_config(SEG, ["model.out_indices=[5]", "model.head.type=linear"]), SegConfig)
-    with pytest.raises(ValueError, match="head type must be upernet, segformer or linear, got 'fcn'"):
+    with pytest.raises(ValueError, match="head type must be one of .*, got 'fcn'"):
         Segmentor(BackboneConfig(method="frozen", modality="ir", encoder=TINY_ENC), SegHeadConfig(type="fcn"), 2)
+
+
+def test_a_segmentation_head_registered_by_one_module_is_built_from_the_config(monkeypatch):
+    """A new head is one registration: the config accepts its name, the segmentor builds it on the neck
+    (or on the raw block maps when it declares no neck), a training step runs; a second head under a
+    taken name is refused."""
+    from torch import nn
+
+    from data_tools.config import check_config
+    from finetune.models import seg_heads
+    from finetune.schema import SegConfig
+
+    class Pointwise(nn.Module):  # one 1x1 convolution on the finest level
+        def __init__(self, chans, n):
+            super().__init__()
+            self.levels, self.classifier = len(chans), nn.Conv2d(chans[0], n, 1)
+
+        def forward(self, features):
+            assert len(features) == self.levels
+            return self.classifier(features[0])
+
+    monkeypatch.setattr(seg_heads.SEG_HEADS, "_entries", dict(seg_heads.SEG_HEADS._entries))
+    seg_heads.register_seg_head(seg_heads.SegHead("pointwise", "a 1x1 head", lambda c, cfg, n: Pointwise(c, n)))
+    seg_heads.register_seg_head(seg_heads.SegHead("pointwise_raw", "a 1x1 head", lambda c, cfg, n: Pointwise(c, n),
+                                                  neck=False))
+    with pytest.raises(ValueError, match="a segmentation head named 'linear' is already registered"):
+        seg_heads.register_seg_head(seg_heads.SegHead("linear", "another", lambda c, cfg, n: Pointwise(c, n)))
+    tiny = str(CONFIG_DIR / "finetune" / "seg_tiny.yaml")
+    for name, levels, stride in (("pointwise", 4, 4), ("pointwise_raw", 2, 16)):
+        cfg = load_config(tiny, ["model.encoder.img_size=[64,96]", f"model.head.type={name}",
+                                 "model.out_indices=[0,1]" if levels == 2 else "model.head.aux_weight=0.4"])
+        check_config(cfg, SegConfig)
+        model = build_segmentor(cfg)
+        assert isinstance(model.decode_head, Pointwise) and model.decode_head.levels == levels
+        assert (model.aux_head is not None) == (name == "pointwise")
+        out, _ = model.logits(torch.randn(2, 1, 64, 96), torch.randn(2, 3, 64, 96))
+        assert tuple(out.shape) == (2, len(cfg.data.classes), 64 // stride, 96 // stride)
+        loss = model(torch.randn(2, 1, 64, 96), torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.long))
+        loss.backward()
+        assert model.decode_head.classifier.weight.grad.abs().sum() > 0
 
 
 class PointwiseModel:

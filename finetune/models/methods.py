@@ -13,6 +13,8 @@ from typing import Callable
 
 from torch import nn
 
+from data_tools.registry import Registry
+
 
 @dataclass(frozen=True)
 class Method:
@@ -40,25 +42,19 @@ class Method:
             raise ValueError(f"method {self.name}: trains must be all, none or own, got {self.trains!r}")
 
 
-_REGISTRY: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("fine-tuning method", "method")
 
 
 def register(method: Method) -> Method:
-    if method.name in _REGISTRY and _REGISTRY[method.name] != method:
-        raise ValueError(f"a fine-tuning method named {method.name!r} is already registered")
-    _REGISTRY[method.name] = method
-    return method
+    return METHODS.register(method.name, method)
 
 
 def method_names() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    return METHODS.names()
 
 
 def get_method(name: str) -> Method:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"method must be one of {method_names()}, got {name!r}") from None
+    return METHODS.get(name)
 
 
 # The baselines the papers compare with; PAD fine-tunes a pre-training export whole (its adapters

@@ -3,12 +3,20 @@ SegFormer's all-MLP decoder, Xie et al. NeurIPS 2021; the linear probe of UNIP, 
 written here because none of our libraries ships them (torchvision has an FPN but no UperNet;
 mmsegmentation is not a dependency). They follow mmsegmentation's UPerHead / FCNHead / SegformerHead
 and the MAE / BEiT segmentation neck.
+
+``model.head.type`` names a registered :class:`SegHead`; a new head is one module that calls
+:func:`register_seg_head` (imported by :mod:`finetune.models.segmentor`, as the three below are).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from data_tools.registry import Registry
 
 
 class ConvBNReLU(nn.Sequential):
@@ -114,3 +122,32 @@ class LinearHead(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[2:]
         return self.classifier(torch.cat([features[0]] + [_resize(f, size) for f in features[1:]], dim=1))
+
+
+@dataclass(frozen=True)
+class SegHead:
+    name: str  # model.head.type
+    title: str  # how messages name it
+    # ``build(in_channels, head_config, num_classes)``: the decode head (head_config: SegHeadConfig)
+    build: Callable[[list[int], object, int], nn.Module]
+    # True: reads the neck's 4 levels (strides 4 / 8 / 16 / 32) and may have the FCN auxiliary head;
+    # False: the stride-16 token maps of any number of blocks as they are, no auxiliary head
+    neck: bool = True
+
+
+SEG_HEADS: Registry[SegHead] = Registry("segmentation head", "segmentation head type")
+
+
+def register_seg_head(head: SegHead) -> SegHead:
+    return SEG_HEADS.register(head.name, head)
+
+
+def get_seg_head(name: str) -> SegHead:
+    return SEG_HEADS.get(name)
+
+
+register_seg_head(SegHead("upernet", "UperNet",
+                          lambda chans, cfg, n: UperHead(chans, cfg.channels, n, dropout=cfg.dropout)))
+register_seg_head(SegHead("segformer", "SegFormer's decoder",
+                          lambda chans, cfg, n: SegFormerHead(chans, cfg.channels, n, dropout=cfg.dropout)))
+register_seg_head(SegHead("linear", "the linear probe", lambda chans, cfg, n: LinearHead(chans, n), neck=False))

@@ -1,5 +1,5 @@
-"""Backbone + multi-level neck + UperNet or SegFormer's decoder (+ FCN auxiliary head), or backbone +
-linear probe: training loss and sliding-window inference."""
+"""Backbone + multi-level neck + a registered decode head (UperNet, SegFormer's decoder; + FCN auxiliary
+head), or backbone + a neckless head (the linear probe): training loss and sliding-window inference."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,14 +9,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from finetune.models.backbone import Backbone, BackboneConfig
-from finetune.models.seg_heads import FCNHead, LinearHead, MultiLevelNeck, SegFormerHead, UperHead
+from finetune.models.seg_heads import FCNHead, MultiLevelNeck, get_seg_head
 
 
 @dataclass(frozen=True)
 class SegHeadConfig:
-    # upernet: neck + UperNet + FCN auxiliary head (PAD, MAE fine-tuning); segformer: neck + SegFormer's
-    # all-MLP decoder (IV-tuning's head; its configs have no auxiliary head: aux_weight 0); linear: UNIP's
-    # linear probe (the settings below are unused by it)
+    # a registered head (finetune.models.seg_heads): upernet: neck + UperNet + FCN auxiliary head (PAD, MAE
+    # fine-tuning); segformer: neck + SegFormer's all-MLP decoder (IV-tuning's head; its configs have no
+    # auxiliary head: aux_weight 0); linear: UNIP's linear probe (the settings below are unused by it)
     type: str = "upernet"
     channels: int = 768  # the decoder's channels (768 for ViT-B, as in MAE / PAD segmentation)
     aux_channels: int = 256
@@ -34,17 +34,15 @@ class Segmentor(nn.Module):
         self.backbone = Backbone(backbone_cfg)
         dim = self.backbone.embed_dim
         levels = len(self.backbone.out_indices)
-        if head.type == "linear":
-            self.neck, self.aux_head = nn.Identity(), None
-            self.decode_head = LinearHead([dim] * levels, num_classes)
-        elif head.type in ("upernet", "segformer"):
+        decoder = get_seg_head(head.type)
+        if decoder.neck:
             self.neck = MultiLevelNeck(dim)
-            decoder = UperHead if head.type == "upernet" else SegFormerHead
-            self.decode_head = decoder([dim] * 4, head.channels, num_classes, dropout=head.dropout)
+            self.decode_head = decoder.build([dim] * 4, head, num_classes)
             self.aux_head = (FCNHead(dim, head.aux_channels, num_classes, dropout=head.dropout)
                              if head.aux_weight else None)
         else:
-            raise ValueError(f"segmentation head type must be upernet, segformer or linear, got {head.type!r}")
+            self.neck, self.aux_head = nn.Identity(), None
+            self.decode_head = decoder.build([dim] * levels, head, num_classes)
         self.head_cfg = head
         self.num_classes = num_classes
         self.ignore_index = ignore_index

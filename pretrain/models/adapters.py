@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from data_tools.registry import Registry
 from pretrain.models.block_extras import attention_with_bias
 from pretrain.models.window_attention import windowed
 
@@ -155,17 +156,14 @@ class BlockAdapterKind:
     attach: Callable[[nn.Module, object], None]
 
 
-_BLOCK_ADAPTERS: dict[str, BlockAdapterKind] = {}
+BLOCK_ADAPTERS: Registry[BlockAdapterKind] = Registry("pre-training adapter", "adapter")
 
 
 def register_block_adapter(kind: BlockAdapterKind) -> BlockAdapterKind:
-    _BLOCK_ADAPTERS[kind.name] = kind
-    return kind
+    return BLOCK_ADAPTERS.register(kind.name, kind)
 
 
 def attach_named(vit: nn.Module, name: str, settings: dict) -> None:
     """Attach the registered adapter ``name`` with ``settings`` (as an export records them)."""
-    if name not in _BLOCK_ADAPTERS:
-        raise ValueError(f"unknown adapter {name!r} (known: {sorted(_BLOCK_ADAPTERS)})")
-    kind = _BLOCK_ADAPTERS[name]
+    kind = BLOCK_ADAPTERS.get(name)
     kind.attach(vit, kind.config(**settings))
