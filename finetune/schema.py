@@ -42,7 +42,7 @@ class SegHeadSchema(Section):
 
 
 class DetHeadSchema(Section):
-    detector: str  # a registered torchvision detector (finetune.models.detector.DETECTOR_BUILDERS)
+    detector: str  # a registered torchvision detector (finetune.models.detector.DETECTORS)
     channels: PosInt
     score_threshold: Fraction
     detections_per_image: PosInt
@@ -60,9 +60,8 @@ class DetHeadSchema(Section):
     @field_validator("detector")
     @classmethod
     def _registered(cls, detector: str) -> str:
-        from finetune.models.detector import DETECTOR_BUILDERS
-        if detector not in DETECTOR_BUILDERS:
-            raise ValueError(f"detector must be one of {tuple(DETECTOR_BUILDERS)}, got {detector!r}")
+        from finetune.models.detector import DETECTORS
+        DETECTORS.get(detector)
         return detector
 
     @model_validator(mode="after")

@@ -124,7 +124,7 @@ def test_a_typo_in_a_yaml_file_is_refused(tmp_path):
                                           r"'ivtuning', 'mona', 'pad'\), got 'lora'"):
         load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", ["model.method=lora"], DetConfig)
     with pytest.raises(ConfigError, match=r"model.head.detector: Value error, detector must be one of "
-                                          r"\('faster_rcnn', 'retinanet', 'fcos'\), got 'yolo'"):
+                                          r"\('faster_rcnn', 'fcos', 'retinanet'\), got 'yolo'"):
         load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", ["model.head.detector=yolo"], DetConfig)
     with pytest.raises(ConfigError, match=r"proposals.blob_views\[1\]: Input should be 'linear' or 'equalized' "
                                           r"\(got 'gamma'\)"):

@@ -12,7 +12,7 @@ from data_tools.config import CONFIG_DIR, load_config
 from finetune.factory import build_detector, build_segmentor, parameter_report
 from finetune.metrics import confusion_matrix, segmentation_metrics
 from finetune.models.backbone import Backbone, BackboneConfig, default_out_indices
-from finetune.models.detector import DETECTOR_BUILDERS
+from finetune.models.detector import DETECTORS as DETECTOR_REGISTRY
 from finetune.models.ivtuning import HybridAdapter, IVTuningConfig, SimAM, to_vit_prompt_keys
 from finetune.models.methods import Method, get_method, method_names, register
 from finetune.models.mona import Mona, MonaConfig
@@ -371,7 +371,7 @@ def pad_export(tmp_path_factory):
     return tiny_pad_export(tmp_path_factory.mktemp("export"), depth=2)
 
 
-DETECTORS = tuple(DETECTOR_BUILDERS)
+DETECTORS = DETECTOR_REGISTRY.names()
 # What each built-in method trains in the backbone (names inside it), stated apart from the registry.
 EXPECTED_BACKBONE = {
     "full": lambda n: not n.startswith("encoder.norm."),

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from data_tools.registry import Registry
 from finetune.models.backbone import Backbone, BackboneConfig
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
@@ -165,16 +167,19 @@ def _fcos(pyramid: SimpleFeaturePyramid, num_classes: int, head: DetHeadConfig, 
                 score_thresh=head.score_threshold, detections_per_img=head.detections_per_image, **common)
 
 
-DETECTOR_BUILDERS = {"faster_rcnn": _faster_rcnn, "retinanet": _retinanet, "fcos": _fcos}
+# model.head.detector: ``build(pyramid, num_classes, head_config, common torchvision arguments)``
+DETECTORS: Registry[Callable[..., nn.Module]] = Registry("detector", "detector")
+DETECTORS.register("faster_rcnn", _faster_rcnn)
+DETECTORS.register("retinanet", _retinanet)
+DETECTORS.register("fcos", _fcos)
 
 
 def _build_torchvision(kind: str, pyramid: SimpleFeaturePyramid, num_classes: int, size: tuple[int, int],
                        head: DetHeadConfig, channels: int) -> nn.Module:
-    if kind not in DETECTOR_BUILDERS:
-        raise ValueError(f"detector must be one of {tuple(DETECTOR_BUILDERS)}, got {kind!r}")
+    build = DETECTORS.get(kind)
     common = dict(min_size=min(size), max_size=max(size), image_mean=[0.0] * channels, image_std=[1.0] * channels,
                   size_divisible=1)
-    return DETECTOR_BUILDERS[kind](pyramid, num_classes, head, common)
+    return build(pyramid, num_classes, head, common)
 
 
 class Detector(nn.Module):
