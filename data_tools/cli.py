@@ -181,7 +181,7 @@ def _cmd_proposals_eval(args: argparse.Namespace) -> int:
         run,
         runnable_methods,
     )
-    from data_tools.proposals import METHODS
+    from data_tools.proposals import PROPOSAL_METHODS
     from data_tools.sources import SourceError
 
     try:
@@ -191,9 +191,9 @@ def _cmd_proposals_eval(args: argparse.Namespace) -> int:
         methods = args.methods.split(",") if args.methods else runnable_methods(base, left_out)
         for name, why in left_out.items():  # said first: a long evaluation follows
             print(f"not evaluated: {name}: {why}", file=sys.stderr)
-        unknown = sorted(set(methods) - set(METHODS))
+        unknown = sorted(set(methods) - set(PROPOSAL_METHODS.names()))
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(PROPOSAL_METHODS.names())}")
         summaries = run(sources, base, methods, Path(args.out) if args.out else None,
                         args.min_object_side, args.every, args.offset)
     except (SourceError, FileNotFoundError, KeyError, ValueError) as e:

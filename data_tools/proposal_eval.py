@@ -27,11 +27,11 @@ from data_tools.files import sha256_file
 from data_tools.preview import display_bgr, write_grid
 from data_tools.overlay import find_source_overlay, overlay_message
 from data_tools.proposals import (
-    METHODS,
-    RANKED,
+    PROPOSAL_METHODS,
     ProposalConfig,
     box_iou,
     compute_proposals,
+    is_ranked,
     method_input_files,
 )
 
@@ -76,7 +76,7 @@ class MethodResult:
                 row[name] = _share(best[inside] >= t) if inside.any() else None
             recall[f"iou_{t}"] = row
         curve = None
-        if self.method in RANKED:
+        if is_ranked(self.method):
             curve = {str(k): _share((ranks >= 0) & (ranks < k)) for k in CURVE_POINTS}
         return {
             "method": self.method, "frames": self.frames, "objects": self.objects,
@@ -178,7 +178,7 @@ def evaluate(frames: Iterable[LabelledFrame], configs: dict[str, ProposalConfig]
                 proposals = compute_proposals(frame.image, cfg, frame.overlay)
                 elapsed = time.perf_counter() - start
                 missed_before = len(result.missed)
-                _score_frame(result, frame, proposals, elapsed, cap if name in RANKED else len(proposals))
+                _score_frame(result, frame, proposals, elapsed, cap if is_ranked(name) else len(proposals))
                 for miss in result.missed[missed_before:][:max(missed_tiles - len(result.tiles), 0)]:
                     result.tiles.append(missed_tile(frame.image, miss))
         return results
@@ -219,7 +219,7 @@ def runnable_methods(base: ProposalConfig, left_out: dict[str, str] | None = Non
     ``selective_search`` only with OpenCV's contrib modules); why each other one cannot goes into
     ``left_out`` (method -> reason) when given."""
     names = []
-    for name in sorted(METHODS):
+    for name in PROPOSAL_METHODS.names():
         try:
             replace(base, method=name)
         except ValueError as e:
@@ -233,7 +233,7 @@ def runnable_methods(base: ProposalConfig, left_out: dict[str, str] | None = Non
 def method_configs(base: ProposalConfig, methods: list[str], max_k: int) -> dict[str, ProposalConfig]:
     """One config per method; ranked methods keep up to ``max_k`` so that the curve can be read
     at every k up to it (the frame's first k boxes are what a cap of k keeps)."""
-    return {m: replace(base, method=m, max_proposals=max(max_k, base.max_proposals) if m in RANKED
+    return {m: replace(base, method=m, max_proposals=max(max_k, base.max_proposals) if is_ranked(m)
                        else base.max_proposals) for m in methods}
 
 

@@ -46,6 +46,7 @@ import cv2
 import numpy as np
 
 from data_tools.overlay import fill_overlay
+from data_tools.registry import Registry
 from data_tools.transforms import to_uint8
 
 BLOB_VIEWS = ("linear", "equalized")
@@ -85,8 +86,7 @@ class ProposalConfig:
     overlay_mask: bool = True
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"proposals.method must be one of {sorted(METHODS)}, got {self.method!r}")
+        method = PROPOSAL_METHODS.get(self.method)  # refuses an unknown name, naming the known ones
         if len(self.blob_sides) != len(self.blob_backgrounds):
             raise ValueError("proposals.blob_sides and proposals.blob_backgrounds need one value each per scale")
         if self.max_proposals < 1:
@@ -97,8 +97,8 @@ class ProposalConfig:
         for name in ("blob_sides", "blob_backgrounds", "blob_thresholds", "blob_views"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "blob_closings", tuple(tuple(c) for c in self.blob_closings))
-        if self.method in CONFIG_CHECKS:
-            CONFIG_CHECKS[self.method](self)
+        if method.check is not None:
+            method.check(self)
 
 
 # --- shared box helpers --------------------------------------------------------------------------
@@ -414,10 +414,15 @@ def thermal_blob_proposals(image_u8: np.ndarray, cfg: ProposalConfig) -> np.ndar
 
 # --- registry ---------------------------------------------------------------------------------
 
-METHODS: dict[str, Callable[[np.ndarray, ProposalConfig], np.ndarray]] = {}
-RANKED: set[str] = set()  # methods whose order is a ranking (best first)
-CONFIG_CHECKS: dict[str, Callable[[ProposalConfig], None]] = {}
-INPUT_FILES: dict[str, tuple[str, ...]] = {}  # config fields naming files a method reads
+@dataclass(frozen=True)
+class ProposalMethod:
+    propose: Callable[[np.ndarray, ProposalConfig], np.ndarray]  # (frame_u8, cfg) -> boxes (N, 4) xywh
+    ranked: bool  # its order is a ranking (best first), so a cap keeps the best
+    check: Callable[[ProposalConfig], None] | None = None
+    input_files: tuple[str, ...] = ()  # config fields naming files a method reads
+
+
+PROPOSAL_METHODS: Registry[ProposalMethod] = Registry("proposal method", "proposals.method")
 
 
 def register_method(name: str, fn: Callable[[np.ndarray, ProposalConfig], np.ndarray], ranked: bool,
@@ -425,17 +430,16 @@ def register_method(name: str, fn: Callable[[np.ndarray, ProposalConfig], np.nda
     """Make ``proposals.method=name`` run ``fn(frame_u8, cfg)``; ``check(cfg)`` raises ValueError
     for a config the method cannot run with (called when the config is made); ``input_files``
     are the config fields that name files its output depends on (hashed into a build's identity)."""
-    METHODS[name] = fn
-    if ranked:
-        RANKED.add(name)
-    if check is not None:
-        CONFIG_CHECKS[name] = check
-    INPUT_FILES[name] = tuple(input_files)
+    PROPOSAL_METHODS.register(name, ProposalMethod(fn, ranked, check, tuple(input_files)))
+
+
+def is_ranked(name: str) -> bool:
+    return PROPOSAL_METHODS.get(name).ranked
 
 
 def method_input_files(cfg: ProposalConfig) -> dict[str, str]:
     """{config field: path} of the files the configured method reads besides the frame."""
-    return {field: getattr(cfg, field) for field in INPUT_FILES.get(cfg.method, ())}
+    return {field: getattr(cfg, field) for field in PROPOSAL_METHODS.get(cfg.method).input_files}
 
 
 register_method("thermal_blobs", thermal_blob_proposals, ranked=True)
@@ -447,7 +451,7 @@ def compute_proposals(image: np.ndarray, cfg: ProposalConfig, overlay: np.ndarra
     its source's burned-in overlay mask (``overlay.find_source_overlay``), filled in first."""
     if not cfg.enabled:
         return np.zeros((0, 4), np.int32)
-    return METHODS[cfg.method](fill_overlay(to_uint8(image), overlay), cfg)
+    return PROPOSAL_METHODS.get(cfg.method).propose(fill_overlay(to_uint8(image), overlay), cfg)
 
 
 # A method in its own module registers itself on import (after everything it uses is defined above).

@@ -11,8 +11,7 @@ import pytest
 from data_tools.imageio import read_frame
 from data_tools.proposal_eval import LabelledFrame, MethodResult, _score_frame, format_misses, missed_tile
 from data_tools.proposals import (
-    METHODS,
-    RANKED,
+    PROPOSAL_METHODS,
     ProposalConfig,
     _ring_contrast,
     _touching_unions,
@@ -135,7 +134,7 @@ def real_frames():
     return frames
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", PROPOSAL_METHODS.names())
 def test_each_method_returns_unique_in_image_filtered_deterministic_boxes(method, real_frames, msrs_ranker):
     cfg = ProposalConfig(**proposal_overrides(method, msrs_ranker))
     for image in real_frames:
@@ -147,7 +146,7 @@ def test_each_method_returns_unique_in_image_filtered_deterministic_boxes(method
         assert (x >= 0).all() and (y >= 0).all() and (x + bw <= w).all() and (y + bh <= h).all()
         assert (bw >= 40).all() and (bh >= 40).all() and (np.maximum(bw / bh, bh / bw) <= 3).all()
         assert (bw * bh >= 600).all()
-        if method in RANKED:
+        if PROPOSAL_METHODS.get(method).ranked:
             assert len(boxes) <= cfg.max_proposals
         else:
             assert (np.lexsort(boxes.T[::-1]) == np.arange(len(boxes))).all()  # sorted
@@ -170,7 +169,8 @@ def test_cap_keeps_the_highest_ranked_boxes(cap, real_frames):
 
 
 def test_bad_proposal_settings_are_refused():
-    with pytest.raises(ValueError, match="proposals.method"):
+    with pytest.raises(ValueError, match=r"proposals.method must be one of \('selective_search', 'thermal_blobs', "
+                                         r"'thermal_blobs_fitted'\), got 'edge_boxes_v9'"):
         ProposalConfig(method="edge_boxes_v9")
     with pytest.raises(ValueError, match="max_proposals"):
         ProposalConfig(max_proposals=0)
@@ -223,7 +223,7 @@ def test_the_equalised_view_finds_a_parked_car_the_linear_view_misses():
     assert box_iou(car, linear).max() < 0.5 <= box_iou(car, both).max()
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", PROPOSAL_METHODS.names())
 def test_build_with_each_method_writes_readable_shards(method, tmp_path, msrs_ranker):
     from data_tools.build import build_shards
     from data_tools.cli import DEFAULT_BUILD_CONFIG
