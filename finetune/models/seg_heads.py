@@ -5,7 +5,7 @@ mmsegmentation is not a dependency). They follow mmsegmentation's UPerHead / FCN
 and the MAE / BEiT segmentation neck.
 
 ``model.head.type`` names a registered :class:`SegHead`; a new head is one module that calls
-:func:`register_seg_head` (imported by :mod:`finetune.models.segmentor`, as the three below are).
+:func:`register_seg_head`, imported at the end of this one (as the methods' modules are in methods.py).
 """
 from __future__ import annotations
 
