@@ -197,6 +197,9 @@ def _evaluations(run_dir) -> dict[int, float]:
     return {r["step"]: r["val/mIoU"] for r in records if "val/mIoU" in r}
 
 
+# slow: three launches (~55 s), so that the default suite stays near 15 min; a killed seg run resuming to the same
+# weights is also tested there, on 2 processes (test_finetune_dist_eval)
+@pytest.mark.slow
 def test_killed_seg_run_resumes_to_the_same_weights(synth_pairs, tmp_path):
     """With periodic evaluation in the loop: the same weights, evaluations and ``best`` checkpoint."""
     args = [f"data.root={synth_pairs}", "train.steps=8", "train.save_every_steps=3", "train.batch_size=2",

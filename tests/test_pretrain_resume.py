@@ -67,7 +67,8 @@ def uninterrupted(shards, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("kill_after", [3, 6])  # mid-epoch (before a checkpoint) and at the epoch boundary
+# mid-epoch (before a checkpoint) and at the epoch boundary (slow: the default suite stays near 15 min)
+@pytest.mark.parametrize("kill_after", [3, pytest.param(6, marks=pytest.mark.slow)])
 def test_sigkill_and_resume_is_bit_exact(shards, uninterrupted, tmp_path, kill_after):
     run_dir = tmp_path / "run"
     killed = launch(run_dir, shards, env_extra={FAULT_ENV: str(kill_after)})
@@ -248,6 +249,7 @@ def _wait_for_said(log, said, times, process, timeout=240):
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # four launches (~45 s): the default suite stays near 15 min
 def test_an_elastic_run_goes_on_as_a_node_joins_and_as_one_is_lost(shards, tmp_path):
     """torchrun `--nnodes 1:2` (c10d): node 0 trains alone; node 1 joins (node 0's process saves on
     torchrun's stop and both resume as a world of 2); node 1 is killed, whole (node 0's process loses
@@ -886,6 +888,8 @@ def test_consecutive_non_finite_steps_stop_the_run(shards, tmp_path):
     assert Checkpointer(run_dir / "checkpoints").latest_tag() == "step00000002"
 
 
+# slow: four launches (~30 s); the default suite keeps test_sigkill_and_resume_is_bit_exact[3] and stays near 15 min
+@pytest.mark.slow
 def test_three_kills_at_random_moments_end_like_an_uninterrupted_run(shards, uninterrupted, tmp_path):
     """The whole job is SIGKILLed 3 times at seeded random moments while it trains (a random step
     to reach, then a random fraction of a step: inside a step, a save, a log write); the rerun
