@@ -1,5 +1,6 @@
-"""Named entries of one kind (fine-tuning methods, segmentation heads, pre-training adapters), so that
-a new one is a single module that registers itself and the code that uses them knows no name."""
+"""Named entries of one kind (fine-tuning methods, segmentation heads, detectors, pre-training adapters,
+proposal methods), so that a new one is a single module that registers itself and the code that uses
+them knows no name."""
 from __future__ import annotations
 
 from typing import Generic, TypeVar
