@@ -346,3 +346,23 @@ def test_random_init_is_maes_initialize_weights():
             assert torch.count_nonzero(p) == 0, name
         if ".norm" in name or name.startswith("norm."):
             assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name
+
+
+@pytest.mark.parametrize("paradigm", ["pad", "scratch"])
+def test_pad_adapters_start_as_pads_init_after_the_encoders(paradigm):
+    """PAD initialises its adapters after MAE's initialize_weights: Down kaiming-uniform with
+    a = sqrt(5) (uniform on +-1 / sqrt(fan_in), std 1 / sqrt(3 fan_in)), not xavier; zero Down bias,
+    zero Up, zero W_s. On ViT-B: 768 x 64 draws per block."""
+    torch.manual_seed(0)
+    model = build_mae({"paradigm": paradigm})
+    adapters = [m for m in model.modules() if isinstance(m, PADAdapter)]
+    assert len(adapters) == 12
+    bound = 768 ** -0.5
+    for adapter in adapters:
+        w = adapter.down.weight.detach()
+        assert w.shape == (64, 768)
+        assert abs(w.std().item() - bound / 3**0.5) < 0.02 * bound / 3**0.5
+        assert 0.99 * bound <= w.abs().max().item() <= bound * 1.0001
+        assert torch.count_nonzero(adapter.down.bias) == 0
+        assert torch.count_nonzero(adapter.up.weight) == 0 and torch.count_nonzero(adapter.up.bias) == 0
+        assert torch.count_nonzero(adapter.scale.weight) == 0
