@@ -43,10 +43,16 @@ def test_mona_equals_spec_by_hand():
     d, grid = 32, (3, 5)
     mona = Mona(d, MonaConfig(hidden=8)).eval()
     randomize(mona)
-    x = torch.randn(2, 1 + 15, d)
+    # Small tokens too, where the LayerNorm's epsilon (PyTorch's default 1e-5, as Mona's) shows.
+    for x in (torch.randn(2, 1 + 15, d), 0.01 * torch.randn(2, 1 + 15, d)):
+        _check_mona_by_hand(mona, x, grid)
+
+
+def _check_mona_by_hand(mona, x, grid):
+    d = x.shape[-1]
     ctx = TokenContext(grid=grid, num_prefix=1)
     # Mona (arXiv 2408.08345) written out.
-    z = mona.gamma * F.layer_norm(x, (d,), mona.norm.weight, mona.norm.bias) + mona.gamma_x * x
+    z = mona.gamma * F.layer_norm(x, (d,), mona.norm.weight, mona.norm.bias, eps=1e-5) + mona.gamma_x * x
     h = z @ mona.down.weight.T + mona.down.bias
     cls, patches = h[:, :1], h[:, 1:]
     m = patches.transpose(1, 2).reshape(2, 8, *grid)
@@ -140,8 +146,8 @@ def _ref_hybrid_op(m, op):
     head = F.conv2d(m[:, :q], op.pconv.weight, op.pconv.bias, padding=1, groups=q)
     y = m + torch.cat([head, m[:, q:]], dim=1)
     t = F.conv2d(y, op.conv1.weight, op.conv1.bias)
-    bn = op.bn  # eval: running statistics
-    t = (t - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    bn = op.bn  # eval: running statistics; epsilon PyTorch's default, as upstream's BatchNorm2d
+    t = (t - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + 1e-5)
     t = t * bn.weight[:, None, None] + bn.bias[:, None, None]
     return y + F.conv2d(F.relu(t), op.conv2.weight, op.conv2.bias)
 
@@ -208,6 +214,25 @@ def test_ivtuning_block_equals_spec_by_hand_on_a_non_square_grid():
     with torch.no_grad():
         out = adapter(x, TokenContext(grid=grid, num_prefix=1, stream=s))
     assert torch.equal(out[:, 0], x[:, 0]) and not torch.allclose(out[:, 1:], x[:, 1:])
+
+
+def test_ivtuning_norms_match_by_hand_on_small_tokens():
+    """Tokens of small spread, where each LayerNorm's and BatchNorm's epsilon (PyTorch's default
+    1e-5, as upstream's) shows: both adapters of a block and the prompt LayerNorm."""
+    model = _random_ivtuning_backbone()
+    block, grid = model.encoder.blocks[0], (3, 5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.mul_(1e-4)
+    x, s = 0.01 * torch.randn(2, 15, 192), 0.01 * torch.randn(2, 15, 192)
+    ctx = TokenContext(grid=grid, num_prefix=0, stream=s)
+    with torch.no_grad():
+        for adapter in (block.post_attn["ivtuning"], block.post_mlp["ivtuning"]):
+            torch.testing.assert_close(adapter.hybrid(x, ctx), _ref_ha(x, adapter.hybrid, grid), atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(adapter.prompt(s, ctx), _ref_ipa(s, adapter.prompt, grid), atol=2e-5, rtol=1e-5)
+        norm = model.prompter.norm
+        torch.testing.assert_close(norm(x), F.layer_norm(x, (192,), norm.weight, norm.bias, 1e-5), atol=1e-5, rtol=1e-5)
 
 
 def test_ivtuning_backbone_equals_spec_by_hand():
@@ -714,6 +739,11 @@ def test_segmentation_metrics_on_fixed_input():
     assert m["per_class_iou"]["d"] is None  # absent from both: no IoU, not a zero
     assert m["mIoU"] == pytest.approx(sum(iou.values()) / 3)
     assert m["pixel_accuracy"] == pytest.approx(5 / 7)
+    accuracy = {"a": 1 / 2, "b": 1.0, "c": 1 / 2}  # per class: its pixels predicted as it
+    for k, v in accuracy.items():
+        assert m["per_class_accuracy"][k] == pytest.approx(v)
+    assert m["per_class_accuracy"]["d"] is None
+    assert m["mean_accuracy"] == pytest.approx(sum(accuracy.values()) / 3)
 
 
 @pytest.mark.parametrize("method,decays", [("full", True), ("pad", True), ("mona", False), ("ivtuning", False),
