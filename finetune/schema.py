@@ -239,7 +239,7 @@ class DetDataSchema(_DataSchema):
 
 class FinetuneOptimSchema(OptimSchema):
     lr: PosFloat
-    warmup_steps: NonNegInt  # linear warm-up, then polynomial decay to min_lr (mmsegmentation's schedule)
+    warmup_steps: NonNegInt  # polynomial decay to min_lr from step 0, linear warm-up on it (mmcv's poly)
     poly_power: PosFloat
     # instead of the polynomial decay: lr x step_gamma at each of these steps (detectron2's multi-step, ViTDet's)
     milestones: list[PosInt] | None = None

@@ -188,6 +188,28 @@ def test_the_thermal_presets_distort_infrared_as_pad_does(tmp_path):
         assert (len(means) > 1) == on
 
 
+def test_the_poly_schedule_is_mmcvs_as_pads_segmentation_ran_it():
+    """mmcv's poly policy with linear warm-up (PAD's, UNIP's and Mona's mmsegmentation 0.x configs):
+    (1 - step / total)^power from step 0, times 1 - (1 - step / warmup)(1 - 1e-6) during the warm-up."""
+    from finetune.seg import SegTask
+    from pretrain.engine import poly_lr_at
+
+    def mmcv(step, total, warmup, power=1.0, min_lr=0.0):
+        regular = (1.0 - min_lr) * (1 - step / total) ** power + min_lr
+        return regular * (1 - (1 - step / warmup) * (1 - 1e-6)) if step < warmup else regular
+
+    for step in (0, 1, 500, 999, 1000, 1001, 5400, 9799, 9800):
+        assert poly_lr_at(step, 9800, 1000, 1.0) == pytest.approx(mmcv(step, 9800, 1000), rel=1e-12, abs=1e-15)
+        assert poly_lr_at(step, 9800, 1000, 1.0, 0.9, 0.01) == pytest.approx(mmcv(step, 9800, 1000, 0.9, 0.01))
+    assert poly_lr_at(1000, 9800, 1000, 1.0) == pytest.approx(1 - 1000 / 9800)  # not back at the base rate
+    assert poly_lr_at(0, 9800, 1000, 1.0) == pytest.approx(1e-6)
+    task = SegTask()  # PAD's SODA schedule: 14,400 steps, 1,500 warm-up, lr 1e-4
+    task.cfg = load_config(CONFIG_DIR / "finetune" / "presets" / "soda.yaml", ["data.root=/data"], SegConfig)
+    task.total_steps = int(task.cfg.train.steps)
+    for step in (750, 1500, 7200, 14399):
+        assert task.learning_rate(step) == pytest.approx(1e-4 * mmcv(step, 14400, 1500))
+
+
 def test_a_multi_step_schedule_is_detectron2s_and_the_flir_preset_runs_pads():
     """PAD's FLIR detection (ViTDet): 250 warm-up steps, then lr x 0.1 at step 35,448 and again at 48,741."""
     from data_tools.config import ConfigError
