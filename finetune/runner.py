@@ -17,7 +17,7 @@ from finetune.data.stream import MapBatchStream
 from finetune.factory import intensity_rule_mismatch, parameter_report
 from finetune.models.methods import get_method
 from pretrain.engine import (EpochLoader, Task, TrainingPlan, engine_input, launched_world_size, param_groups,
-                             poly_lr_at, step_lr_at, training_inputs)
+                             milestone_steps, poly_lr_at, step_lr_at, training_inputs)
 
 
 class FinetuneTask(Task):
@@ -108,7 +108,8 @@ class FinetuneTask(Task):
     def learning_rate(self, step: int) -> float:
         o = self.cfg.optim
         if o.get("milestones"):
-            return step_lr_at(step, int(o.warmup_steps), float(o.lr), list(o.milestones), float(o.step_gamma))
+            milestones = milestone_steps(list(o.milestones), self.total_steps)
+            return step_lr_at(step, int(o.warmup_steps), float(o.lr), milestones, float(o.step_gamma))
         return poly_lr_at(step, self.total_steps, int(o.warmup_steps), float(o.lr), float(o.poly_power),
                           float(o.min_lr))
 

@@ -241,15 +241,23 @@ class FinetuneOptimSchema(OptimSchema):
     lr: PosFloat
     warmup_steps: NonNegInt  # polynomial decay to min_lr from step 0, linear warm-up on it (mmcv's poly)
     poly_power: PosFloat
-    # instead of the polynomial decay: lr x step_gamma at each of these steps (detectron2's multi-step, ViTDet's)
-    milestones: list[PosInt] | None = None
+    # instead of the polynomial decay: lr x step_gamma at each of these steps, or shares of train.steps
+    # (floats in (0, 1)): detectron2's multi-step, ViTDet's
+    milestones: list[PosInt | float] | None = None
     step_gamma: Fraction = 0.1
 
     @field_validator("milestones")
     @classmethod
     def _ascending(cls, milestones):
-        if milestones is not None and milestones != sorted(set(milestones)):
-            raise ValueError(f"milestones must be ascending steps, each once, got {milestones}")
+        if milestones is None:
+            return milestones
+        steps = all(isinstance(m, int) for m in milestones)
+        shares = all(isinstance(m, float) and 0 < m < 1 for m in milestones)
+        if not (steps or shares):
+            raise ValueError(f"milestones must be all steps (integers >= 1) or all shares of train.steps (between 0 "
+                             f"and 1), got {milestones}")
+        if milestones != sorted(set(milestones)):
+            raise ValueError(f"milestones must be ascending, each once, got {milestones}")
         return milestones
 
 

@@ -211,19 +211,33 @@ def test_the_poly_schedule_is_mmcvs_as_pads_segmentation_ran_it():
 
 
 def test_a_multi_step_schedule_is_detectron2s_and_the_flir_preset_runs_pads():
-    """PAD's FLIR detection (ViTDet): 250 warm-up steps, then lr x 0.1 at step 35,448 and again at 48,741."""
+    """detectron2's WarmupMultiStepLR (warm-up from 0.001 x lr over 250 steps). PAD's FLIR detection
+    (ViTDet): lr x 0.1 at step 35,448 and again at 48,741; the other detection presets: ViTDet's and
+    IV-tuning's shares, 8/9 and 26/27 of the steps (163,889 and 177,546 of 184,375)."""
     from data_tools.config import ConfigError
     from finetune.det import DetTask
     from finetune.schema import DetConfig
     from pretrain.engine import step_lr_at
 
-    assert [step_lr_at(s, 250, 1.0, [400, 500]) for s in (0, 125, 250, 399, 400, 499, 500, 900)] == pytest.approx(
-        [0.0, 0.5, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    def warm(step):  # detectron2's linear warm-up factor
+        return 0.001 + 0.999 * step / 250 if step < 250 else 1.0
+
+    steps = (0, 125, 250, 399, 400, 499, 500, 900)
+    assert [step_lr_at(s, 250, 1.0, [400, 500]) for s in steps] == pytest.approx(
+        [warm(0), warm(125), 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
     task = DetTask()
     task.cfg = load_config(CONFIG_DIR / "finetune" / "presets" / "flir_v1.yaml", ["data.root=/data"], DetConfig)
     task.total_steps = int(task.cfg.train.steps)
     assert task.total_steps == 53172 and task.cfg.train.effective_batch == 2
     lrs = [task.learning_rate(s) for s in (100, 1000, 35447, 35448, 48741, 53171)]
-    assert lrs == pytest.approx([4e-5, 1e-4, 1e-4, 1e-5, 1e-6, 1e-6])
-    with pytest.raises(ConfigError, match="milestones must be ascending steps"):
+    assert lrs == pytest.approx([1e-4 * warm(100), 1e-4, 1e-4, 1e-5, 1e-6, 1e-6])
+    task.cfg = load_config(CONFIG_DIR / "finetune" / "presets" / "m3fd.yaml", ["data.root=/data", "train.steps=184375"],
+                           DetConfig)
+    task.total_steps = 184375
+    lrs = [task.learning_rate(s) for s in (0, 163888, 163889, 177545, 177546)]
+    assert lrs == pytest.approx([1e-7, 1e-4, 1e-5, 1e-5, 1e-6])
+    with pytest.raises(ConfigError, match="milestones must be ascending"):
         load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", ["optim.milestones=[20,10]"], DetConfig)
+    for mixed in ("[0.5,30]", "[1.5]", "[0.0]"):
+        with pytest.raises(ConfigError, match="all steps .integers >= 1. or all shares of train.steps"):
+            load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", [f"optim.milestones={mixed}"], DetConfig)

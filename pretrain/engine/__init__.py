@@ -21,7 +21,7 @@ from pretrain.engine.optim import (build_engine, deepspeed_config, engine_input,
                                    set_lr)
 from pretrain.engine.run import run
 from pretrain.engine.runlock import FolderBusy
-from pretrain.engine.schedules import lr_at, poly_lr_at, step_lr_at
+from pretrain.engine.schedules import lr_at, milestone_steps, poly_lr_at, step_lr_at
 from pretrain.engine.signals import StopSignals, ignore_preemption_signals
 from pretrain.engine.streams import DataError, EpochLoader, PlanError, ResumableStream
 from pretrain.engine.task import Task, TrainingPlan, training_inputs
@@ -35,7 +35,7 @@ __all__ = [
     "frozen_fingerprint",
     "frozen_reference", "hold_gated_groups", "ignore_preemption_signals", "init_distributed", "launched_world_size",
     "lr_at", "new_state",
-    "param_groups", "poly_lr_at", "prepare_run_dir", "resolve_batching", "resume_state", "run", "run_entry_point",
+    "milestone_steps", "param_groups", "poly_lr_at", "prepare_run_dir", "resolve_batching", "resume_state", "run", "run_entry_point",
     "step_lr_at",
     "seed_step", "set_lr", "threads_per_process", "train_steps", "training_inputs", "weights_for_evaluation",
 ]

@@ -26,9 +26,18 @@ def poly_lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, p
     return lr
 
 
-def step_lr_at(step: int, warmup_steps: int, base_lr: float, milestones: list[int], gamma: float = 0.1) -> float:
-    """Linear warm-up, then ``base_lr`` x ``gamma`` for each milestone reached (detectron2's
-    WarmupMultiStepLR, ViTDet's detection schedule)."""
+def step_lr_at(step: int, warmup_steps: int, base_lr: float, milestones: list[int], gamma: float = 0.1,
+               warmup_factor: float = 0.001) -> float:
+    """detectron2's WarmupMultiStepLR, ViTDet's detection schedule (mmdetection's LinearLR + MultiStepLR
+    in IV-tuning's code): ``base_lr`` x ``gamma`` for each milestone reached, scaled during the first
+    ``warmup_steps`` linearly from ``warmup_factor`` to 1."""
+    lr = base_lr * gamma ** sum(step >= m for m in milestones)
     if step < warmup_steps:
-        return base_lr * step / max(warmup_steps, 1)
-    return base_lr * gamma ** sum(step >= m for m in milestones)
+        lr *= warmup_factor + (1.0 - warmup_factor) * step / warmup_steps
+    return lr
+
+
+def milestone_steps(milestones: list[int | float], total_steps: int) -> list[int]:
+    """Milestones as steps: integers are steps already; shares of the run (floats in (0, 1), as
+    ViTDet's 8/9 and 26/27) become the nearest step of ``total_steps``."""
+    return [round(m * total_steps) if isinstance(m, float) else int(m) for m in milestones]
