@@ -35,7 +35,8 @@ __all__ = [
     "frozen_fingerprint",
     "frozen_reference", "hold_gated_groups", "ignore_preemption_signals", "init_distributed", "launched_world_size",
     "lr_at", "new_state",
-    "milestone_steps", "param_groups", "poly_lr_at", "prepare_run_dir", "resolve_batching", "resume_state", "run", "run_entry_point",
+    "milestone_steps", "param_groups", "poly_lr_at", "prepare_run_dir", "resolve_batching", "resume_state", "run",
+    "run_entry_point",
     "step_lr_at",
     "seed_step", "set_lr", "threads_per_process", "train_steps", "training_inputs", "weights_for_evaluation",
 ]
