@@ -81,6 +81,10 @@ def test_log_average_miss_rate_and_ignore_regions_on_hand_made_detections():
     assert coco_metrics(coco_ground_truth(frames, ["a", "b"]), results)["MR"] == pytest.approx(
         np.exp(4 * np.log(2 / 7) / 9))
     assert coco_metrics(coco_ground_truth(frames, ["a", "b"]), [])["MR"] == 1.0
+    # The miss rate's matching is at IoU 0.5: a box at IoU 0.509 (2,160 / 4,240) finds its object
+    one = [dict(frames[0], boxes=np.array([[10, 10, 50, 90]]), labels=np.array([0]))]
+    m = coco_metrics(coco_ground_truth(one, ["a", "b"]), coco_results(1, [[23, 10, 63, 90]], [0.9], [0]))
+    assert m["AP50"] == pytest.approx(1.0) and m["MR"] == pytest.approx(1e-10)
     # Every object ignored: no score is defined (pycocotools' -1), and none is reported
     for f in frames:
         f["ignore"], f["boxes"], f["labels"] = f["boxes"], np.zeros((0, 4)), np.zeros(0, np.int64)
