@@ -44,6 +44,9 @@ def test_recall_counts_exact_hits_and_iou_just_above_or_below_the_threshold():
         s = _summary(gt, [[shift, 0, 100, 100]])
         assert s["recall"]["iou_0.7"]["all"] == hit7 and s["recall"]["iou_0.5"]["all"] == 1.0
     assert _summary(gt, [])["recall"]["iou_0.5"]["all"] == 0.0
+    # IoU exactly at the threshold is a hit ("at or above"): half the box, 0.5; 70 % of it, 0.7.
+    assert _summary(gt, [[0, 0, 100, 50]])["recall"]["iou_0.5"]["all"] == 1.0
+    assert _summary(gt, [[0, 0, 100, 70]])["recall"]["iou_0.7"]["all"] == 1.0
     assert box_iou(np.array([[0, 0, 100, 100]]), np.array([[33, 0, 100, 100]]))[0, 0] == pytest.approx(67 / 133)
 
 
@@ -53,6 +56,10 @@ def test_recall_by_size_bucket_and_ranked_curve():
     proposals = [[100, 100, 120, 120], [0, 0, 50, 50], [0, 300, 60, 60]]  # the large object is missed
     s = _summary(gt, proposals, cap=2, method="thermal_blobs")
     assert s["objects_by_size"] == {"40-96": 1, "96-192": 1, "192+": 1}
+    # A bucket holds its lower edge: sqrt(w h) = 96 is medium, 192 large
+    edges = _summary([[0, 0, 96, 96], [0, 0, 192, 192]], [[0, 0, 96, 96]])
+    assert edges["objects_by_size"] == {"40-96": 0, "96-192": 1, "192+": 1}
+    assert edges["recall"]["iou_0.5"] == {"all": 0.5, "40-96": None, "96-192": 1.0, "192+": 0.0}
     assert s["recall"]["iou_0.5"] == {"all": pytest.approx(2 / 3, abs=1e-4), "40-96": 1.0, "96-192": 1.0, "192+": 0.0}
     assert s["proposals_per_frame"] == 2  # scored on the cap
     curve = s["recall_at_k_iou_0.5"]  # rank 0 finds the medium object, rank 1 the small one
