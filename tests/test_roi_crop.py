@@ -82,6 +82,84 @@ def test_same_seed_same_crops(real_frame):
     assert a == b and seq_a == seq_b and len(set(seq_a)) > 10
 
 
+def _pad_get_roi(proposals, width, height, rng, p=0.85, min_size=60):
+    """PAD's RandomRoiCrop.get_roi as its pre-training code has it, written out on a numpy Generator in
+    the same draw order: an integer centre plus an integer jitter, the crop's far edges clamped to
+    width - 1 / height - 1. None: every try failed (PAD then draws a RandomResizedCrop)."""
+    larger = rng.uniform() > p
+    for _ in range(20):
+        x, y, w, h = (int(v) for v in proposals[rng.integers(len(proposals))])
+        if x < 0 or y < 0 or x + w > width or y + h > height or w < 40 or h < 40:
+            continue
+        xc = int(round(x + w / 2.0)) + int(round(w * rng.uniform(-0.4, 0.4)))
+        yc = int(round(y + h / 2.0)) + int(round(h * rng.uniform(-0.4, 0.4)))
+        wa, ha = max(w * rng.uniform(0.7, 1.5), min_size), max(h * rng.uniform(0.7, 1.5), min_size)
+        x1, x2 = max(0, int(round(xc - wa / 2.0))), min(int(round(xc + wa / 2.0)), width - 1)
+        y1, y2 = max(0, int(round(yc - ha / 2.0))), min(int(round(yc + ha / 2.0)), height - 1)
+        if x2 <= x1 or y2 <= y1 or x2 - x1 < min_size or y2 - y1 < min_size:
+            continue
+        if larger and (x2 - x1) * (y2 - y1) / (width * height) < 0.15:
+            continue
+        return x1, y1, x2 - x1, y2 - y1
+    return None
+
+
+def test_crops_are_pads_get_roi_to_a_pixel_or_two():
+    """The same draws through PAD's own algorithm: the same proposal each time, the same crop but for
+    rounding (ours rounds the jittered centre once, and lets a crop reach the last row and column)."""
+    width, height = 640, 480
+    proposals = np.array([
+        [100, 80, 120, 100],   # an ordinary object
+        [300, 200, 40, 44],    # small: the 60 px minimum crop side binds
+        [500, 20, 90, 30],     # too flat (h < 40): never a crop centre
+        [20, 400, 36, 70],     # too narrow (w < 40)
+        [600, 300, 60, 60],    # leaves the frame
+        [560, 380, 80, 100],   # touches the right and bottom edges
+        [0, 0, 640, 480],      # the whole frame (wanted when a large crop is drawn)
+    ], np.int32)
+    image = np.zeros((height, width), np.uint8)
+    differ, fallbacks, small = 0, 0, 0
+    for seed in range(3000):
+        ours = object_sensitive_crop(image, proposals, np.random.default_rng(seed))
+        pads = _pad_get_roi(proposals, width, height, np.random.default_rng(seed))
+        if pads is None or ours.fallback:
+            differ += (pads is None) != ours.fallback
+            fallbacks += ours.fallback
+            continue
+        gap = max(abs(a - b) for a, b in zip(ours.box, pads))
+        differ += gap > 2
+        small += ours.box[2] <= 61 and ours.box[3] <= 61
+    assert differ <= 15, differ  # rounding decides a few crops at the 60 px or 15 % limits
+    assert small > 200 and fallbacks < 30  # the small proposal was drawn, and its crop kept at 60 px
+
+
+def test_random_resized_crop_box_is_torchvisions_in_distribution():
+    """Our numpy re-implementation against torchvision's RandomResizedCrop.get_params, 4,000 draws each:
+    on a frame too wide for most draws (the tries and the centre-crop fallback matter) and on a square
+    one (every draw fits: the log-uniform aspect shows), the mean crop position, width, height and area,
+    and the shares of crops wider than tall and of fallbacks, agree within sampling error."""
+    import torch
+    from torchvision.transforms import RandomResizedCrop
+
+    n = 4000
+    for width, height in ((640, 160), (480, 480)):
+        rng = np.random.default_rng(0)
+        ours = np.array([random_resized_crop_box(width, height, (0.2, 1.0), (3 / 4, 4 / 3), rng) for _ in range(n)])
+        torch.manual_seed(0)
+        frame = torch.zeros(1, height, width)
+        draws = (RandomResizedCrop.get_params(frame, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n))
+        theirs = np.array([[j, i, w, h] for i, j, h, w in draws])  # torchvision's order: top, left, height, width
+        for column in range(4):  # x, y, w, h
+            assert abs(ours[:, column].mean() - theirs[:, column].mean()) < 0.05 * theirs[:, column].mean() + 1
+        area = lambda c: (c[:, 2] * c[:, 3]).mean()
+        assert abs(area(ours) - area(theirs)) < 0.05 * area(theirs)
+        wider = lambda c: (c[:, 2] > c[:, 3]).mean()
+        assert abs(wider(ours) - wider(theirs)) < 0.04
+        centre = lambda c: ((c[:, 2] == 213) & (c[:, 3] == 160)).mean()  # the wide frame's fallback: 4:3, centred
+        assert abs(centre(ours) - centre(theirs)) < 0.04
+    assert 0.45 < wider(theirs) < 0.55  # square frame: log-uniform aspect, about half wider than tall
+
+
 def test_random_resized_crop_box_bounds():
     rng = np.random.default_rng(0)
     for _ in range(500):
