@@ -159,6 +159,65 @@ def test_a_16_bit_detection_frame_is_normalised_before_its_padding(tmp_path):
     np.testing.assert_allclose(unit[80:], 0.0, atol=1e-6)
 
 
+def _mmseg_photometric(bgr, rng):
+    """mmsegmentation's PhotoMetricDistortion written out from its transforms, on the BGR frame it
+    loads, with its draws taken from a numpy Generator in its order."""
+    import cv2
+
+    def convert(img, alpha=1.0, beta=0.0):
+        return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def contrast(img):
+        return convert(img, alpha=rng.uniform(0.5, 1.5)) if rng.integers(2) else img
+
+    img = convert(bgr, beta=rng.uniform(-32, 32)) if rng.integers(2) else bgr
+    mode = rng.integers(2)
+    if mode == 1:
+        img = contrast(img)
+    if rng.integers(2):
+        hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        hsv[:, :, 1] = convert(hsv[:, :, 1], alpha=rng.uniform(0.5, 1.5))
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if rng.integers(2):
+        hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + rng.integers(-18, 18)) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if mode == 0:
+        img = contrast(img)
+    return img
+
+
+def test_photometric_distortion_is_mmsegmentations_step_by_step():
+    """Each step clipped and cut to 8 bits (a bright pixel pushed past 255 stays at 255 for the contrast
+    that follows), contrast first or last, hue moved by whole OpenCV units up to 18 (36 degrees)."""
+    from finetune.data.augment import photometric
+
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    rgb[0, :4] = (250, 250, 250)
+    changed = 0
+    for seed in range(300):
+        ours = photometric(rgb, np.random.default_rng(seed))
+        theirs = _mmseg_photometric(np.ascontiguousarray(rgb[..., ::-1]), np.random.default_rng(seed))[..., ::-1]
+        assert np.array_equal(ours, theirs), seed
+        changed += not np.array_equal(ours, rgb)
+    assert changed > 250  # four coins: 15 in 16 frames change
+    # On grey (PAD's thermal frames) saturation and hue do nothing: brightness, then contrast, each cut
+    # to 8 bits; a pixel at 250 brightened past 255 and then darkened starts from 255
+    from finetune.data.augment import photometric_infrared
+
+    grey = np.array([[250, 120, 3]], np.uint8)
+    both = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        beta = rng.uniform(-32, 32) if rng.integers(2) else 0.0
+        alpha = rng.uniform(0.5, 1.5) if rng.integers(2) else 1.0
+        step = np.clip(grey + np.float32(beta), 0, 255).astype(np.uint8)
+        expected = np.clip(step * np.float32(alpha), 0, 255).astype(np.uint8)
+        assert np.array_equal(photometric_infrared(grey, np.random.default_rng(seed)), expected), seed
+        both += beta > 5 and alpha < 1
+    assert both > 10
+
+
 def test_photometric_distortion_reaches_infrared_only_when_asked():
     """PAD's and UNIP's thermal pipelines run PhotoMetricDistortion on the thermal frame: on grey,
     brightness +-32 and contrast 0.5-1.5 (p 0.5 each), clipped; 16-bit frames on their [0, 1] scale."""

@@ -19,7 +19,7 @@ IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
 class AugmentConfig:
     ratio_range: tuple[float, float] = (0.5, 2.0)  # random rescale: of data.img_scale, or of the frame
     hflip: float = 0.5
-    photometric: bool = True  # visible only: brightness, contrast, saturation, hue (each with p 0.5)
+    photometric: bool = True  # visible only: mmsegmentation's brightness, contrast, saturation, hue
     photometric_ir: bool = False  # brightness and contrast on the infrared frame too (PAD's thermal pipeline)
     cat_max_ratio: float = 1.0  # < 1: crops redrawn (up to 10 times) while one class fills more of them
 
@@ -110,36 +110,48 @@ def hflip(arrays: dict, width: int) -> dict:
 
 
 def photometric(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """mmsegmentation's PhotoMetricDistortion: brightness +-32, contrast 0.5-1.5, saturation 0.5-1.5,
-    hue +-18 degrees, each applied with probability 0.5."""
-    img = _brightness_contrast(rgb, rng, 255.0).astype(np.uint8)
-    saturation = rng.uniform(0.5, 1.5) if rng.uniform() < 0.5 else 1.0
-    hue = rng.uniform(-9, 9) if rng.uniform() < 0.5 else 0.0  # OpenCV hue is in [0, 180): 9 = 18 degrees
-    if saturation != 1.0 or hue != 0.0:
-        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV).astype(np.float32)
-        hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
-        hsv[..., 0] = (hsv[..., 0] + hue) % 180
-        img = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+    """mmsegmentation's PhotoMetricDistortion on an 8-bit RGB frame, step by step as it runs: brightness
+    +-32; then contrast 0.5-1.5 either first or last (a coin), around saturation 0.5-1.5 and hue +-18 in
+    OpenCV's units (whole units of 2 degrees: up to 36 degrees); each applied with probability 0.5 and
+    each clipped and cut back to 8 bits."""
+    img = _brightness(rgb, rng, 255.0)
+    contrast_first = rng.integers(2) == 1
+    if contrast_first:
+        img = _contrast(img, rng, 255.0)
+    if rng.integers(2):
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[..., 1] = _convert(hsv[..., 1], 255.0, alpha=rng.uniform(0.5, 1.5))
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if rng.integers(2):
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + int(rng.integers(-18, 18))) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if not contrast_first:
+        img = _contrast(img, rng, 255.0)
     return img
 
 
-def _brightness_contrast(img: np.ndarray, rng: np.random.Generator, top: float) -> np.ndarray:
-    """Brightness +-32 / 255 of ``top``, then contrast 0.5-1.5 (each with p 0.5), clipped to [0, top]."""
-    out = img.astype(np.float32)
-    if rng.uniform() < 0.5:
-        out = out + rng.uniform(-32, 32) * top / 255.0
-    if rng.uniform() < 0.5:
-        out = out * rng.uniform(0.5, 1.5)
-    return np.clip(out, 0, top)
+def _convert(img: np.ndarray, top: float, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """img x alpha + beta clipped to [0, top] (mmsegmentation's ``convert``): an 8-bit image is cut back
+    to 8 bits after every step, as there; a float one (a 16-bit frame in [0, 1]) stays float."""
+    out = np.clip(img.astype(np.float32) * alpha + beta, 0.0, top)
+    return out.astype(np.uint8) if img.dtype == np.uint8 else out
+
+
+def _brightness(img: np.ndarray, rng: np.random.Generator, top: float) -> np.ndarray:
+    return _convert(img, top, beta=rng.uniform(-32, 32) * top / 255.0) if rng.integers(2) else img
+
+
+def _contrast(img: np.ndarray, rng: np.random.Generator, top: float) -> np.ndarray:
+    return _convert(img, top, alpha=rng.uniform(0.5, 1.5)) if rng.integers(2) else img
 
 
 def photometric_infrared(ir: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """PhotoMetricDistortion as PAD's thermal-only pipeline applies it to its grey frames, where
-    saturation and hue change nothing: brightness and contrast, on 8 bits (an 8-bit frame) or on
+    saturation and hue change nothing: brightness, then contrast, on 8 bits (an 8-bit frame) or on
     [0, 1] (a 16-bit frame, normalised as a whole when read)."""
-    if ir.dtype == np.uint8:
-        return _brightness_contrast(ir, rng, 255.0).astype(np.uint8)
-    return _brightness_contrast(ir, rng, 1.0)
+    top = 255.0 if ir.dtype == np.uint8 else 1.0
+    return _contrast(_brightness(ir, rng, top), rng, top)
 
 
 def normalize_visible(rgb: np.ndarray) -> np.ndarray:
