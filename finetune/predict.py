@@ -73,7 +73,7 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     hold both) with the run's model; returns the report.
     ``min_score``: detections scoring lower are not written (all the detector keeps by default)."""
     from data_tools.files import FINETUNE_RUNS
-    from finetune.data.augment import network_inputs, whole_frame_intensity
+    from finetune.data.augment import network_inputs, pad_inputs, whole_frame_intensity
     from finetune.data.det import fit_to_input
     from finetune.factory import intensity_config, ir_normalisation
     from finetune.overlay import write_det_overlay, write_seg_overlay
@@ -117,6 +117,8 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
         if detection:  # as the run's evaluation: the frame fitted to the input size
             frames, scale = fit_to_input(frames, tuple(cfg.model.encoder.img_size))
         sample = dict(network_inputs(frames["ir"], frames["vi"], intensity, mean, std), name=record.name)
+        if detection:
+            sample = pad_inputs(sample, *cfg.model.encoder.img_size)
         pred = task.predict_frame(model, cfg, sample, dev)
         overlay = out / "overlays" / f"{record.name}.png" if len(predicted) < overlays else None
         if detection:

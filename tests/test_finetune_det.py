@@ -599,7 +599,11 @@ def test_label_files_that_windows_tools_wrote_read_as_any(tmp_path):
 
 def test_large_scale_jitter_moves_both_frames_and_the_boxes_together(tmp_path):
     """A bright rectangle drawn at the box in both modalities stays under the jittered box (after
-    rescale 0.3-2, random crop / pad and flip); a box the crop leaves too small is dropped."""
+    rescale 0.3-2, random crop, flip and padding); a box the crop leaves too small is dropped. Padding
+    (at the bottom / right, after the flip) is 0, the normalised mean, as detectron2 pads for ViTDet."""
+    from data_tools.transforms import IR_MEAN, IR_STD
+    from finetune.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
     ir = np.zeros((100, 120), np.uint8)
     vi = np.zeros((100, 120, 3), np.uint8)
     ir[20:60, 30:70] = 255
@@ -611,11 +615,18 @@ def test_large_scale_jitter_moves_both_frames_and_the_boxes_together(tmp_path):
     cfg = load_config(TINY, [f"data.root={tmp_path}", f"data.boxes.path={tmp_path / 'labels'}",
                              "data.augment.scale_range=[0.3,2.0]", "data.augment.hflip=0.5"])
     dataset, _, _ = det_dataset(cfg, "train")
-    flips, dropped = 0, 0
+    flips, dropped, padded = 0, 0, 0
     for seed in range(24):
         sample = dataset.train_sample(0, np.random.default_rng(seed))
-        bright = {m: sample[m][0 if m == "ir" else 1] > sample[m][0 if m == "ir" else 1].min() + 1.0
-                  for m in ("ir", "vi")}
+        # over half-way from the frame's black (-2 once normalised) to the rectangle's 255 (padding: 0)
+        bright = {"ir": sample["ir"][0] > (0.5 - IR_MEAN) / IR_STD,
+                  "vi": sample["vi"][1] > (0.5 - IMAGENET_MEAN[1]) / IMAGENET_STD[1]}
+        for m in ("ir", "vi"):
+            pad = (sample[m] == 0).all(axis=0)
+            rows, cols = pad.all(axis=1), pad.all(axis=0)
+            assert np.array_equal(pad, rows[:, None] | cols[None, :])  # whole rows and columns ...
+            assert np.array_equal(rows, np.sort(rows)) and np.array_equal(cols, np.sort(cols))  # ... at the end
+            padded += int(pad.any())
         assert (bright["ir"] == bright["vi"]).mean() > 0.995  # the same geometry for both modalities
         if not len(sample["boxes"]):
             dropped += 1
@@ -625,7 +636,11 @@ def test_large_scale_jitter_moves_both_frames_and_the_boxes_together(tmp_path):
         ys, xs = np.nonzero(bright["ir"])
         np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], [x1, y1, x2, y2], atol=1.5)
         flips += (x1 + x2) / 2 > sample["ir"].shape[2] / 2 * 1.2
-    assert 0 < flips < 24 and dropped < 24
+    assert 0 < flips < 24 and dropped < 24 and padded > 10
+    fitted = dataset.eval_sample(0)  # 100x120 fitted to 128x160: x 1.28, 154 columns, 6 of padding
+    for m in ("ir", "vi"):
+        assert fitted[m].shape[1:] == (128, 160) and (fitted[m][:, :, 154:] == 0).all()
+        assert not (fitted[m][:, :, :154] == 0).all(axis=(0, 1)).any()
 
 
 def test_head_settings_reach_torchvision_and_bad_anchor_sizes_are_refused():

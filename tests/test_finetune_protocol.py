@@ -135,8 +135,9 @@ def test_a_16_bit_frame_is_normalised_as_a_whole_before_the_training_crop(tmp_pa
 
 
 def test_a_16_bit_detection_frame_is_normalised_before_its_padding(tmp_path):
-    """Evaluation pads a frame to the input size with zeros; in raw 16-bit counts those zeros were half
-    the pixels of this frame and moved its 1st percentile from 20,200 to 0."""
+    """Evaluation pads a frame to the input size (with the normalised mean, after normalisation); padded
+    in raw 16-bit counts, zeros would be half the pixels of this frame and move its 1st percentile from
+    20,200 to 0."""
     import cv2
 
     from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig, to_unit_intensity
@@ -156,7 +157,7 @@ def test_a_16_bit_detection_frame_is_normalised_before_its_padding(tmp_path):
     unit = sample["ir"][0] * IR_STD + IR_MEAN
     assert sample["scale"] == 1.0 and unit.shape == (160, 160)
     np.testing.assert_allclose(unit[:80], to_unit_intensity(frame, IntensityConfig()), atol=1e-5)
-    np.testing.assert_allclose(unit[80:], 0.0, atol=1e-6)
+    np.testing.assert_allclose(sample["ir"][0][80:], 0.0, atol=1e-6)
 
 
 def _mmseg_photometric(bgr, rng):
@@ -230,6 +231,28 @@ def test_photometric_distortion_reaches_infrared_only_when_asked():
     assert 200 in values and 255 in values and min(values) >= (200 - 32) * 0.5 - 1 and len(values) > 20
     unit = photometric_infrared(np.full((4, 4), 0.9, np.float32), np.random.default_rng(3))
     assert unit.dtype == np.float32 and 0 <= unit.min() and unit.max() <= 1
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_a_crop_larger_than_the_frame_is_padded_after_normalisation_as_mmsegmentation(tmp_path, flip):
+    """mmsegmentation's Resize, RandomCrop, RandomFlip, ..., Normalize, Pad: a frame smaller than the crop
+    is flipped as it is, then padded at the bottom / right with 0 (the normalised mean, not black) and its
+    label with the ignore index."""
+    from finetune.data.seg import SegDataset
+    from finetune.factory import seg_spec
+
+    ir = np.tile(np.linspace(150, 250, 50).astype(np.uint8), (40, 1))  # brighter to the right
+    record = one_frame(tmp_path, ir, np.ones((40, 50), np.uint8))
+    cfg = load_config(SEG_TINY, ["model.method=full", "model.modality=ir", "model.encoder.img_size=[64,80]",
+                                 "data.augment.ratio_range=[1.0,1.0]", "data.img_scale=null", "data.classes=[a,b]",
+                                 f"data.augment.hflip={flip}"], SegConfig)
+    sample = SegDataset([record], seg_spec(cfg)).train_sample(0, np.random.default_rng(0))
+    image, label = sample["ir"][0], sample["label"]
+    assert image.shape == (64, 80) and label.shape == (64, 80)
+    assert (image[40:] == 0).all() and (image[:, 50:] == 0).all()
+    assert (label[40:] == 255).all() and (label[:, 50:] == 255).all() and (label[:40, :50] == 1).all()
+    frame = image[:40, :50]
+    assert (frame > 0.5).all() and (frame[:, 0] > frame[:, -1]).all() == bool(flip)
 
 
 def test_the_thermal_presets_distort_infrared_as_pad_does(tmp_path):

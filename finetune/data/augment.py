@@ -77,8 +77,9 @@ def rescale(arrays: dict, ratio: float) -> dict:
     return out
 
 
-def crop(arrays: dict, y: int, x: int, ch: int, cw: int, fill: dict) -> dict:
-    """Crop (y, x, ch, cw), padding past the border with ``fill[key]``; boxes shifted (not clipped)."""
+def crop(arrays: dict, y: int, x: int, ch: int, cw: int) -> dict:
+    """The (y, x, ch, cw) window of each array, smaller where it passes the frame's bottom or right
+    edge (``pad_inputs`` fills it after normalisation); boxes shifted (not clipped)."""
     out = {}
     for key, a in arrays.items():
         if a is None:
@@ -86,12 +87,23 @@ def crop(arrays: dict, y: int, x: int, ch: int, cw: int, fill: dict) -> dict:
         elif key == "boxes":
             out[key] = a - np.array([x, y, x, y], np.float32)
         else:
-            piece = a[y:y + ch, x:x + cw]
-            if piece.shape[:2] != (ch, cw):
-                canvas = np.full((ch, cw) + a.shape[2:], fill.get(key, 0), a.dtype)
-                canvas[: piece.shape[0], : piece.shape[1]] = piece
-                piece = canvas
-            out[key] = piece
+            out[key] = a[y:y + ch, x:x + cw]
+    return out
+
+
+def pad_inputs(sample: dict, height: int, width: int, label_fill: int = 0) -> dict:
+    """A sample's network inputs ('ir', 'vi': (C, H, W), normalised) padded at the bottom / right to
+    (height, width) with 0, the normalised mean, as mmsegmentation pads after Normalize and
+    detectron2's ImageList pads normalised images (ViTDet): a padded border reads as an average
+    frame, not as black; its 'label' map, if any, with ``label_fill``."""
+    out = dict(sample)
+    for key in ("ir", "vi", "label"):
+        a = sample.get(key)
+        if a is None or a.shape[-2:] == (height, width):
+            continue
+        h, w = a.shape[-2:]
+        pad = [(0, 0)] * (a.ndim - 2) + [(0, height - h), (0, width - w)]
+        out[key] = np.pad(a, pad, constant_values=label_fill if key == "label" else 0)
     return out
 
 

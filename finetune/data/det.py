@@ -21,7 +21,7 @@ import torch
 
 from data_tools.annotations import AnnotationSet, boxes_to_pixels, clip_boxes, read_annotations
 from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
-from finetune.data.augment import crop, hflip, network_inputs, photometric, rescale, whole_frame_intensity
+from finetune.data.augment import crop, hflip, network_inputs, pad_inputs, photometric, rescale, whole_frame_intensity
 from finetune.data.pairs import FRAME_DIR, UNKNOWN_BOXES, PairRecord, frame_dirs, issue
 from finetune.data.seg import read_checked_pair, read_pair
 from finetune.data.threads import map_in_threads
@@ -265,11 +265,12 @@ def scored_objects(boxes: np.ndarray, occlusion: np.ndarray, size: tuple[float, 
 
 def fit_to_input(frames: dict, input_size: tuple[int, int]) -> tuple[dict, float]:
     """The frames ({'ir', 'vi'}, either may be None) resized to fit ``input_size`` (height, width)
-    with their aspect kept and padded at the bottom / right, and the scale that maps back."""
+    with their aspect kept, and the scale that maps back; ``pad_inputs`` pads their network inputs
+    at the bottom / right."""
     h, w = next(f.shape[:2] for f in frames.values() if f is not None)
     ih, iw = input_size
     ratio = min(ih / h, iw / w)
-    return crop(rescale({"ir": frames["ir"], "vi": frames["vi"]}, ratio), 0, 0, ih, iw, fill={}), ratio
+    return crop(rescale({"ir": frames["ir"], "vi": frames["vi"]}, ratio), 0, 0, ih, iw), ratio
 
 
 class DetDataset:
@@ -283,13 +284,15 @@ class DetDataset:
         return [record.pair.name for record in self.records]
 
     def _to_input(self, arrays: dict, name: str, boxes, labels, scale: float) -> dict:
+        """Network inputs padded to the input size with the normalised mean (detectron2's ImageList, ViTDet)."""
         spec = self.spec
-        return dict(network_inputs(arrays["ir"], arrays["vi"], spec.intensity, spec.ir_mean, spec.ir_std), name=name,
-                    boxes=np.asarray(boxes, np.float32).reshape(-1, 4), labels=np.asarray(labels, np.int64), scale=scale)
+        inputs = network_inputs(arrays["ir"], arrays["vi"], spec.intensity, spec.ir_mean, spec.ir_std)
+        return dict(pad_inputs(inputs, *spec.input_size), name=name, boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+                    labels=np.asarray(labels, np.int64), scale=scale)
 
     def train_sample(self, index: int, rng: np.random.Generator) -> dict:
         """Large-scale jitter: resize so the frame's long side is input x U(scale_range), random
-        crop / pad to the input size, flip; identical for both modalities and the boxes."""
+        crop, flip, pad to the input size; identical for both modalities and the boxes."""
         rec = self.records[index]
         frames = whole_frame_intensity(read_pair(rec.pair), self.spec.intensity)
         ih, iw = self.spec.input_size
@@ -299,12 +302,13 @@ class DetDataset:
         sh, sw = (arrays["ir"] if arrays["ir"] is not None else arrays["vi"]).shape[:2]
         y = int(rng.integers(0, max(sh - ih, 0) + 1))
         x = int(rng.integers(0, max(sw - iw, 0) + 1))
-        arrays = crop(arrays, y, x, ih, iw, fill={})
-        boxes = arrays["boxes"]  # clipped to the frame's part of the crop, before a flip moves that part
-        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, min(iw, sw - x))
-        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, min(ih, sh - y))
+        arrays = crop(arrays, y, x, ih, iw)
+        ph, pw = (arrays["ir"] if arrays["ir"] is not None else arrays["vi"]).shape[:2]
+        boxes = arrays["boxes"]  # clipped to the crop
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, pw)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, ph)
         if rng.uniform() < self.spec.hflip:
-            arrays = hflip(arrays, iw)
+            arrays = hflip(arrays, pw)
         if arrays["vi"] is not None and self.spec.photometric:
             arrays["vi"] = photometric(arrays["vi"], rng)
         boxes = arrays["boxes"]

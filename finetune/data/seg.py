@@ -13,7 +13,7 @@ import torch
 
 from data_tools.imageio import SkipSample, mask_foreground, read_frame, read_label_map, read_raw, read_rgb
 from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
-from finetune.data.augment import (AugmentConfig, crop, crop_corner, hflip, network_inputs, photometric,
+from finetune.data.augment import (AugmentConfig, crop, crop_corner, hflip, network_inputs, pad_inputs, photometric,
                                     photometric_infrared, rescale, scale_factor, whole_frame_intensity)
 from finetune.data.pairs import PairRecord, issue
 from finetune.data.threads import map_in_threads
@@ -116,22 +116,23 @@ class SegDataset:
                     name=sample["name"], label=sample["label"].astype(np.int64))
 
     def train_sample(self, index: int, rng: np.random.Generator) -> dict:
-        """Random rescale, crop (label padded with the ignore index), flip; photometric on visible
-        (and on infrared with ``photometric_ir``)."""
+        """mmsegmentation's order: random rescale, crop, flip, photometric on visible (and on infrared
+        with ``photometric_ir``), normalise, pad to the crop size (images with the normalised mean,
+        the label with the ignore index)."""
         s = self.load(index)
         aug, (ch, cw) = self.spec.augment, self.spec.crop_size
         arrays = {"ir": s["ir"], "vi": s["vi"], "label": s["label"]}
         ratio = float(rng.uniform(*aug.ratio_range))
         arrays = rescale(arrays, scale_factor(*s["label"].shape, ratio, self.spec.img_scale))
         y, x = crop_corner(arrays["label"], (ch, cw), rng, aug.cat_max_ratio, self.spec.ignore_index)
-        arrays = crop(arrays, y, x, ch, cw, fill={"label": self.spec.ignore_index})
+        arrays = crop(arrays, y, x, ch, cw)
         if rng.uniform() < aug.hflip:
-            arrays = hflip(arrays, cw)
+            arrays = hflip(arrays, arrays["label"].shape[1])
         if arrays["vi"] is not None and aug.photometric:
             arrays["vi"] = photometric(arrays["vi"], rng)
         if arrays["ir"] is not None and aug.photometric_ir:
             arrays["ir"] = photometric_infrared(arrays["ir"], rng)
-        return self._to_arrays(dict(arrays, name=s["name"]))
+        return pad_inputs(self._to_arrays(dict(arrays, name=s["name"])), ch, cw, self.spec.ignore_index)
 
     def eval_sample(self, index: int) -> dict:
         return self._to_arrays(self.load(index))
