@@ -564,6 +564,61 @@ def test_linear_probe_is_one_1x1_conv_on_the_concatenated_block_maps():
                             ["train.batch_size=1", "model.head.type=linear"]), "seg")
 
 
+def test_neck_upernet_and_fcn_head_equal_mmsegmentations_computation_written_out():
+    """The MAE / BEiT neck (deconv, BatchNorm, GELU, deconv; deconv; identity; 2x2 max-pool), UPerHead
+    (pooling to 1, 2, 3 and 6 on the coarsest level, each a 1x1 block, upsampled and concatenated into a
+    3x3 bottleneck; 1x1 laterals; top-down sums; 3x3 FPN blocks; all upsampled to the finest and fused
+    by a 3x3 block; classifier) and the FCN auxiliary head (a 3x3 block on level 2), written out with
+    functional operations on the modules' own weights, BatchNorm in eval mode."""
+    from torch.nn import functional as F
+
+    from finetune.models.seg_heads import FCNHead, MultiLevelNeck, UperHead
+
+    torch.manual_seed(0)
+    dim, channels, classes = 16, 8, 3
+    neck, head = MultiLevelNeck(dim).eval(), UperHead([dim] * 4, channels, classes).eval()
+    aux = FCNHead(dim, 4, classes).eval()
+    for module in (neck, head, aux):
+        randomize(module)
+        for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_var.abs_().add_(0.5)
+    features = [torch.randn(2, dim, 8, 12) for _ in range(4)]
+
+    def norm(x, bn):
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, 1e-5)
+
+    def block(x, seq, k):  # k x k conv without bias, BatchNorm, ReLU
+        assert seq[0].weight.shape[-2:] == (k, k)
+        return F.relu(norm(F.conv2d(x, seq[0].weight, None, padding=k // 2), seq[1]))
+
+    def up(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    d1, bn, _, d2 = neck.up4
+    levels = [F.conv_transpose2d(F.gelu(norm(F.conv_transpose2d(features[0], d1.weight, d1.bias, stride=2), bn)),
+                                 d2.weight, d2.bias, stride=2),
+              F.conv_transpose2d(features[1], neck.up2.weight, neck.up2.bias, stride=2),
+              features[2], F.max_pool2d(features[3], 2)]
+    with torch.no_grad():
+        for got, expected in zip(neck(features), levels):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        top = levels[3]
+        pooled = [up(block(F.adaptive_avg_pool2d(top, scale), pool[1], 1), top.shape[2:])
+                  for scale, pool in zip((1, 2, 3, 6), head.pools)]
+        laterals = [block(f, lateral, 1) for f, lateral in zip(levels[:3], head.laterals)]
+        laterals.append(block(torch.cat([top, *pooled], dim=1), head.bottleneck, 3))
+        for i in (3, 2, 1):
+            laterals[i - 1] = laterals[i - 1] + up(laterals[i], laterals[i - 1].shape[2:])
+        outs = [block(lat, conv, 3) for lat, conv in zip(laterals[:3], head.fpn_convs)] + [laterals[3]]
+        stacked = torch.cat([outs[0]] + [up(o, outs[0].shape[2:]) for o in outs[1:]], dim=1)
+        fused = block(stacked, head.fpn_bottleneck, 3)
+        expected = F.conv2d(fused, head.classifier.weight, head.classifier.bias)
+        torch.testing.assert_close(head(levels), expected, atol=1e-5, rtol=1e-5)
+        expected_aux = F.conv2d(block(levels[2], aux.conv, 3), aux.classifier.weight, aux.classifier.bias)
+        torch.testing.assert_close(aux(levels[2]), expected_aux, atol=1e-5, rtol=1e-5)
+    assert expected.shape == (2, classes, 32, 48) and expected_aux.shape == (2, classes, 8, 12)
+
+
 def test_segformer_head_is_per_level_1x1_blocks_upsampled_concatenated_fused_and_classified():
     """SegFormer's all-MLP decoder (IV-tuning's segmentation head) on the neck's four levels, against
     the same computation written out per pixel: each level's 1x1 conv (no bias) + BatchNorm + ReLU,
