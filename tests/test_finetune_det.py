@@ -643,6 +643,47 @@ def test_large_scale_jitter_moves_both_frames_and_the_boxes_together(tmp_path):
         assert not (fitted[m][:, :, :154] == 0).all(axis=(0, 1)).any()
 
 
+def test_the_feature_pyramid_is_vitdets_written_out():
+    """ViTDet's simple feature pyramid on the last block's map: deconv, LayerNorm, GELU, deconv (stride
+    4); deconv (8); as it is (16); 2x2 max-pool (32); each a 1x1 and a 3x3 conv without bias, each
+    followed by a LayerNorm over the channels with detectron2's epsilon 1e-6; p6 the 1x1 max-pool of p5 at
+    stride 2. Written out with functional operations on a map of small spread, where the epsilon shows."""
+    import torch
+    from torch.nn import functional as F
+
+    cfg = load_config(TINY, ["model.encoder.depth=1", "model.encoder.img_size=[64,80]"])
+    pyramid = build_detector(cfg).model.backbone
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pyramid.named_parameters():
+            if not name.startswith("backbone."):
+                p.copy_(torch.zeros_like(p) if name.endswith("bias") else torch.randn(p.shape, generator=generator))
+    dim = pyramid.backbone.embed_dim
+    top = 1e-3 * torch.randn(2, dim, 4, 5, generator=generator)
+    pyramid.backbone.forward = lambda ir, vi: [top]
+
+    def norm(x, ln):  # per position, over the channels
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], ln.weight, ln.bias, 1e-6).permute(0, 3, 1, 2)
+
+    def output(x, seq):
+        conv1, ln1, conv3, ln3 = seq
+        return norm(F.conv2d(norm(F.conv2d(x, conv1.weight), ln1), conv3.weight, padding=1), ln3)
+
+    d1, ln, _, d2 = pyramid.scales[0]
+    scaled = [F.conv_transpose2d(F.gelu(norm(F.conv_transpose2d(top, d1.weight, d1.bias, stride=2), ln)),
+                                 d2.weight, d2.bias, stride=2),
+              F.conv_transpose2d(top, pyramid.scales[1].weight, pyramid.scales[1].bias, stride=2),
+              top, F.max_pool2d(top, 2)]
+    expected = [output(x, seq) for x, seq in zip(scaled, pyramid.outputs)]
+    expected.append(F.max_pool2d(expected[-1], 1, stride=2))
+    with torch.no_grad():
+        got = pyramid(torch.zeros(2, 4, 64, 80))
+    assert list(got) == ["p2", "p3", "p4", "p5", "p6"]
+    for level, want in zip(got.values(), expected):
+        torch.testing.assert_close(level, want, atol=1e-5, rtol=1e-4)
+    assert [tuple(m.shape[2:]) for m in got.values()] == [(16, 20), (8, 10), (4, 5), (2, 2), (1, 1)]
+
+
 def test_head_settings_reach_torchvision_and_bad_anchor_sizes_are_refused():
     def built(*overrides):
         cfg = load_config(TINY, ["model.encoder.depth=1", "model.encoder.img_size=[64,80]", *overrides])

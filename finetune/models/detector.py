@@ -58,10 +58,11 @@ def _anchor_bases(head: DetHeadConfig, default: tuple[int, ...]) -> tuple[int, .
 
 
 class LayerNorm2d(nn.GroupNorm):
-    """LayerNorm over the channels of each position (ViTDet's norm in the pyramid)."""
+    """LayerNorm over the channels of each position (ViTDet's norm in the pyramid and the box head),
+    with detectron2's epsilon, 1e-6 (mmdetection's LN2d for ViTDet has the same)."""
 
     def __init__(self, channels: int):
-        super().__init__(1, channels)
+        super().__init__(1, channels, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
