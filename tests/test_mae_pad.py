@@ -318,6 +318,20 @@ def test_layer_decay_groups():
     assert by_name["encoder.blocks.0.attn.qkv.bias"]["weight_decay"] == 0.0
     assert by_name["encoder.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
     assert "encoder.pos_embed" not in by_name  # fixed
+    # The run's groups: with layer decay the CLS token is spared, as MAE's / PAD's param_groups_lrd
+    # spare no_weight_decay(); without it, decayed, as their timm add_weight_decay groups do
+    from data_tools.config import CONFIG_DIR, load_config
+    from pretrain.factory import build_model_from_config
+    from pretrain.schema import PretrainConfig
+    from pretrain.train import PretrainTask
+
+    for layer_decay, decay in (("0.7", 0.0), ("null", 0.05)):
+        cfg = load_config(CONFIG_DIR / "pretrain" / "tiny.yaml", ["model.paradigm=continual", "model.adapter=none",
+                                                                 f"optim.layer_decay={layer_decay}"], PretrainConfig)
+        run_groups = PretrainTask().param_groups(build_model_from_config(cfg), cfg)
+        by_name = {n: g for g in run_groups for n in g["names"]}
+        assert by_name["encoder.cls_token"]["weight_decay"] == decay
+        assert by_name["encoder.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
 
 
 def test_random_init_is_maes_initialize_weights():
