@@ -74,8 +74,9 @@ class PretrainTask(Task):
     def param_groups(self, model, cfg):
         o, depth = cfg.optim, len(model.encoder.blocks)
         # MAE's and PAD's layer-decay groups (their lr_decay.param_groups_lrd) also spare the model's
-        # no_weight_decay() names from decay; their plain groups (timm's add_weight_decay) do not.
-        spared = {"encoder.cls_token", "encoder.pos_embed"} if o.layer_decay else set()
+        # no_weight_decay() names from decay, as fine-tuning does; their plain groups (timm's
+        # add_weight_decay) do not.
+        spared = {"encoder." + n for n in model.encoder.no_weight_decay()} if o.layer_decay else set()
         return param_groups(model, o.weight_decay, o.layer_decay, depth if o.layer_decay else None,
                             gates={"scale_predictor": gated_parameter_names(model)}, no_decay=spared)
 
