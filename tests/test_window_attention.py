@@ -19,10 +19,11 @@ def test_global_blocks_are_vitdets():
     assert default_global_blocks(32) == (7, 15, 23, 31)
 
 
-def test_decomposed_rel_pos_is_its_formula():
+@pytest.mark.parametrize("h, w", [(2, 3), (3, 3)])  # square: a window, where the two tables have one shape
+def test_decomposed_rel_pos_is_its_formula(h, w):
     """bias[i, j] = q_i . R_h[yi - yj + H - 1] + q_i . R_w[xi - xj + W - 1] on an H x W grid."""
     torch.manual_seed(0)
-    h, w, c = 2, 3, 4
+    c = 4
     rel = DecomposedRelPos((h, w), c)
     assert rel.rel_pos_h.shape == (2 * h - 1, c) and rel.rel_pos_w.shape == (2 * w - 1, c)
     assert rel.rel_pos_h.abs().max() == 0  # zero at the start
