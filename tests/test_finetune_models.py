@@ -142,7 +142,7 @@ def test_simam_matches_its_formula():
 # --- IV-tuning (arXiv 2412.16654) written out (independent of finetune.models.ivtuning's code) ---------
 
 def _ref_hybrid_op(m, op):
-    q = op.partial
+    q = m.shape[1] // 4  # PConv's n_div 4: a quarter of the channels through the 3x3 depthwise conv
     head = F.conv2d(m[:, :q], op.pconv.weight, op.pconv.bias, padding=1, groups=q)
     y = m + torch.cat([head, m[:, q:]], dim=1)
     t = F.conv2d(y, op.conv1.weight, op.conv1.bias)
@@ -166,10 +166,10 @@ def _from_map(m):
     return m.flatten(2).transpose(1, 2)
 
 
-def _ref_ha(x, ha, grid):
+def _ref_ha(x, ha, grid, dropout=lambda t: t):
     z = F.layer_norm(x, x.shape[-1:], ha.norm.weight, ha.norm.bias, 1e-5) * ha.gamma + ha.beta
     h = _from_map(_ref_hybrid_op(_to_map(z @ ha.down.weight.T + ha.down.bias, grid), ha.op))
-    return F.gelu(h) @ ha.up.weight.T + ha.up.bias
+    return dropout(F.gelu(h)) @ ha.up.weight.T + ha.up.bias
 
 
 def _ref_ipa(s, ipa, grid):
@@ -214,6 +214,22 @@ def test_ivtuning_block_equals_spec_by_hand_on_a_non_square_grid():
     with torch.no_grad():
         out = adapter(x, TokenContext(grid=grid, num_prefix=1, stream=s))
     assert torch.equal(out[:, 0], x[:, 0]) and not torch.allclose(out[:, 1:], x[:, 1:])
+
+
+def test_ivtuning_hybrid_adapter_drops_out_after_its_gelu_in_training():
+    """Upstream's Mona-style adapter: dropout(p 0.1) on GELU's output, before the up projection
+    (the order matters only while training: the dropout scales what survives by 1 / 0.9)."""
+    ha = _random_ivtuning_backbone().encoder.blocks[0].post_attn["ivtuning"].hybrid.train()
+    ha.op.bn.eval()  # running statistics, as the reference uses them
+    x, grid = torch.randn(2, 15, 192), (3, 5)
+    ctx = TokenContext(grid=grid, num_prefix=0, stream=None)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        got = ha(x, ctx)
+        torch.manual_seed(3)
+        expected = _ref_ha(x, ha, grid, dropout=lambda t: F.dropout(t, 0.1, training=True))
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+        assert not torch.allclose(got, _ref_ha(x, ha, grid), atol=1e-3)  # the dropout did act
 
 
 def test_ivtuning_norms_match_by_hand_on_small_tokens():
