@@ -46,9 +46,16 @@ def test_mona_equals_spec_by_hand():
     # Small tokens too, where the LayerNorm's epsilon (PyTorch's default 1e-5, as Mona's) shows.
     for x in (torch.randn(2, 1 + 15, d), 0.01 * torch.randn(2, 1 + 15, d)):
         _check_mona_by_hand(mona, x, grid)
+    # Training: dropout (p 0.1, Mona's) on GELU's output, before the up projection.
+    mona.train()
+    x = torch.randn(2, 1 + 15, d)
+    _check_mona_by_hand(mona, x, grid, dropout=lambda t: F.dropout(t, 0.1, training=True))
+    ctx = TokenContext(grid=grid, num_prefix=1)
+    torch.manual_seed(3)
+    assert not torch.allclose(mona(x, ctx), mona.eval()(x, ctx), atol=1e-4)  # the dropout did act
 
 
-def _check_mona_by_hand(mona, x, grid):
+def _check_mona_by_hand(mona, x, grid, dropout=lambda t: t):
     d = x.shape[-1]
     ctx = TokenContext(grid=grid, num_prefix=1)
     # Mona (arXiv 2408.08345) written out.
@@ -61,7 +68,9 @@ def _check_mona_by_hand(mona, x, grid):
     m = m + sum(convs) / 3
     m = m + F.conv2d(m, op.projector.weight, op.projector.bias)
     h = torch.cat([cls, m.flatten(2).transpose(1, 2)], dim=1)
-    expected = x + F.gelu(h) @ mona.up.weight.T + mona.up.bias
+    torch.manual_seed(3)
+    expected = x + dropout(F.gelu(h)) @ mona.up.weight.T + mona.up.bias
+    torch.manual_seed(3)
     assert torch.allclose(mona(x, ctx), expected, atol=1e-5)
 
 
