@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from pretrain.cli import main as pretrain_main
 from pretrain.models.mae import build_mae, patchify, random_masking
-from pretrain.models.pad import (SCALE_VARIANTS, PADAdapter, scale_predictor_trainable,
+from pretrain.models.pad import (SCALE_VARIANTS, PADAdapter, PADConfig, scale_predictor_trainable,
                                  set_scale_predictors_trainable)
 from pretrain.models.vit import encode
 from pretrain.engine import param_groups
@@ -70,21 +70,66 @@ def test_block_matches_spec_formula_with_random_adapter(scale):
     adapter = block.parallel_mlp["pad"]
     randomize(adapter, seed=3)
     x = torch.randn(2, 7, model.encoder.embed_dim)
-    # PAD's adapter formula (arXiv 2312.08192) by hand:
-    x1 = x + block.attn(block.norm1(x))
-    a_in = F.layer_norm(x1, (x1.shape[-1],), adapter.norm.weight, adapter.norm.bias, eps=1e-5)
-    a = F.linear(F.relu(F.linear(a_in, adapter.down.weight, adapter.down.bias)), adapter.up.weight, adapter.up.bias)
-    m = block.mlp(block.norm2(x1))
-    if scale == "fixed":
-        s = 0.5
-    elif scale == "layer":
-        s = adapter.scale
-    else:
-        inp = {"concat": torch.cat([m, a], -1), "sum": m + a, "side": a, "gside": m}[scale]
-        s = torch.sigmoid(inp @ adapter.scale.weight.t())
-        assert s.shape == (2, 7, 1)  # one scale per token
-    expected = x1 + s * a + m
-    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+    def by_hand(dropout=lambda t: t):  # PAD's adapter formula (arXiv 2312.08192)
+        x1 = x + block.attn(block.norm1(x))
+        a_in = F.layer_norm(x1, (x1.shape[-1],), adapter.norm.weight, adapter.norm.bias, eps=1e-5)
+        hidden = dropout(F.relu(F.linear(a_in, adapter.down.weight, adapter.down.bias)))
+        a = F.linear(hidden, adapter.up.weight, adapter.up.bias)
+        m = block.mlp(block.norm2(x1))
+        if scale == "fixed":
+            s = 0.5
+        elif scale == "layer":
+            s = adapter.scale
+        else:
+            inp = {"concat": torch.cat([m, a], -1), "sum": m + a, "side": a, "gside": m}[scale]
+            s = torch.sigmoid(inp @ adapter.scale.weight.t())
+            assert s.shape == (2, 7, 1)  # one scale per token
+        return x1 + s * a + m
+
+    torch.testing.assert_close(block(x), by_hand(), atol=1e-5, rtol=1e-5)
+    # Training: PAD's Adapter drops out (p 0.1) after its ReLU, before Up.
+    block.train()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = block(x)
+        torch.manual_seed(5)
+        torch.testing.assert_close(got, by_hand(lambda t: F.dropout(t, 0.1, training=True)), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, by_hand(), atol=1e-4)  # the dropout did act
+
+
+def test_the_shipped_pretraining_recipes_hold_the_papers_constants():
+    """configs/pretrain/*_vitb.yaml as PAD and MAE run them (SPEC 2-4), and the model's own PAD
+    defaults equal the shipped ones, so that a config leaving a key out gets the same adapter."""
+    import dataclasses
+
+    from data_tools.config import CONFIG_DIR, load_config
+    from pretrain.schema import PretrainConfig
+
+    def recipe(name):
+        return load_config(CONFIG_DIR / "pretrain" / f"{name}.yaml", schema=PretrainConfig)
+
+    cfg = recipe("pad_vitb")
+    m, o, d = cfg.model, cfg.optim, cfg.data
+    assert (m.encoder.size, list(m.encoder.img_size), m.encoder.patch_size, m.encoder.drop_path) == ("base", [224, 224],
+                                                                                                    16, 0.0)
+    assert dict(m.decoder) == {"dim": 512, "depth": 8, "num_heads": 16, "mlp_ratio": 4.0}
+    assert (m.adapter, m.paradigm, m.mask_ratio, m.norm_pix_loss, m.train_decoder_embed) == ("pad", "pad", 0.75,
+                                                                                             True, False)
+    assert dict(m.pad) == dataclasses.asdict(PADConfig()) == {"hidden": 64, "dropout": 0.1, "scale": "concat",
+                                                              "fixed_scale": 0.5, "scale_freeze_fraction": 0.6}
+    assert (o.blr, list(o.betas), o.weight_decay, o.layer_decay, o.min_lr, o.warmup_epochs) == (1e-4, [0.9, 0.95],
+                                                                                                0.05, None, 0.0, 30)
+    assert (cfg.train.epochs, cfg.train.effective_batch, cfg.train.grad_clip) == (100, 4096, 0.0)
+    assert (d.mean, d.std, d.hflip) == (0.3801, 0.1871, 0.5)
+    assert dict(d.roi) == {"p": 0.85, "tries": 20, "min_proposal_side": 40, "center_jitter": 0.4, "scale_min": 0.7,
+                           "scale_max": 1.5, "min_crop_side": 60, "big_area_ratio": 0.15, "fallback_scale": [0.2, 1.0],
+                           "fallback_ratio": [0.75, 1.3333333]}
+    scratch, continual = recipe("scratch_vitb"), recipe("continual_vitb")
+    assert (scratch.model.paradigm, scratch.model.adapter, scratch.train.epochs, scratch.optim.warmup_epochs) == (
+        "scratch", "none", 400, 40)
+    assert (continual.model.paradigm, continual.model.adapter, continual.train.epochs,
+            continual.optim.warmup_epochs) == ("continual", "none", 100, 30)
 
 
 @pytest.mark.parametrize("length,ratio,keep", [(196, 0.9, 19), (30, 0.75, 7), (22, 0.75, 5), (1280, 0.75, 320),
@@ -380,3 +425,9 @@ def test_pad_adapters_start_as_pads_init_after_the_encoders(paradigm):
         assert torch.count_nonzero(adapter.down.bias) == 0
         assert torch.count_nonzero(adapter.up.weight) == 0 and torch.count_nonzero(adapter.up.bias) == 0
         assert torch.count_nonzero(adapter.scale.weight) == 0
+    # the per-layer scale ablation starts at PAD's init_value 0.5, after a reset too
+    layer = PADAdapter(32, PADConfig(scale="layer"))
+    with torch.no_grad():
+        layer.scale.fill_(2.0)
+    layer.reset_parameters()
+    assert layer.scale.tolist() == [0.5]
