@@ -108,6 +108,33 @@ def test_the_vitb_defaults_are_pads_pipeline():
     assert list(cfg.data.augment.ratio_range) == [0.5, 2.0] and list(cfg.model.encoder.img_size) == [512, 512]
 
 
+def test_the_soda_and_flir_presets_hold_pads_released_recipes():
+    """PAD's SODA UperNet run (mmsegmentation: AdamW lr 1e-4, betas 0.9 / 0.999, weight decay 0.05, layer
+    decay 0.65, poly from 1,500 warm-up steps, 14,400 steps of 8 frames, drop path 0.1, blocks 3 / 5 / 7 /
+    11, 512 crops slid at 341, UperNet 768 channels with an FCN auxiliary head of 256 at 0.4, BEiT's
+    relative position bias and layer scale 1) and its FLIR ViTDet run (detectron2's AdamW: lr 1e-4, weight
+    decay 0.1, layer decay 0.7, drop path 0.1, 1024 px, windows of 14 with relative positions)."""
+    from finetune.models.segmentor import slide_stride
+    from finetune.schema import DetConfig
+
+    soda = load_config(CONFIG_DIR / "finetune" / "presets" / "soda.yaml", ["data.root=/data"], SegConfig)
+    o, m, t = soda.optim, soda.model, soda.train
+    assert (o.lr, list(o.betas), o.weight_decay, o.layer_decay, o.warmup_steps, o.poly_power, o.min_lr,
+            o.milestones) == (1e-4, [0.9, 0.999], 0.05, 0.65, 1500, 1.0, 0.0, None)
+    assert (t.steps, t.effective_batch, t.grad_clip) == (14400, 8, 0.0)
+    assert (m.method, m.modality, m.encoder.drop_path, m.rel_pos_bias, m.layer_scale) == ("pad", "ir", 0.1, True, 1.0)
+    assert m.out_indices is None and list(m.encoder.img_size) == [512, 512]  # None: 3, 5, 7, 11 of 12 blocks
+    assert slide_stride(soda.eval.stride, (512, 512)) == (341, 341)
+    h = m.head
+    assert (h.type, h.channels, h.aux_channels, h.aux_weight, h.aux_level, h.dropout) == ("upernet", 768, 256, 0.4,
+                                                                                        2, 0.1)
+    flir = load_config(CONFIG_DIR / "finetune" / "presets" / "flir_v1.yaml", ["data.root=/data"], DetConfig)
+    o, m = flir.optim, flir.model
+    assert (o.lr, list(o.betas), o.weight_decay, o.layer_decay, o.warmup_steps) == (1e-4, [0.9, 0.999], 0.1, 0.7, 250)
+    assert (m.method, m.encoder.drop_path, list(m.encoder.img_size), m.window_size, m.global_blocks,
+            m.decomposed_rel_pos) == ("pad", 0.1, [1024, 1024], 14, None, True)
+
+
 def _gradient16(height, width):
     """A 16-bit frame rising left to right over 20,000-40,000 (raw counts of a radiometric camera)."""
     return np.tile(np.linspace(20000, 40000, width), (height, 1)).astype(np.uint16)
