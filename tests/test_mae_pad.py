@@ -132,6 +132,19 @@ def test_the_shipped_pretraining_recipes_hold_the_papers_constants():
             continual.optim.warmup_epochs) == ("continual", "none", 100, 30)
 
 
+def test_layer_norm_epsilons_are_maes_and_pads():
+    """MAE's encoder and decoder LayerNorms take eps 1e-6 (norm_layer=partial(nn.LayerNorm, eps=1e-6));
+    PAD's adapter keeps PyTorch's default 1e-5 for its own LayerNorm."""
+    model = tiny()
+    eps = {name: m.eps for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    adapter_norms = {n for n in eps if ".parallel_mlp.pad." in n}
+    assert len(adapter_norms) == 2 and all(eps[n] == 1e-5 for n in adapter_norms)
+    others = {n: e for n, e in eps.items() if n not in adapter_norms}
+    assert {"decoder_norm", "decoder_blocks.0.norm1", "decoder_blocks.0.norm2", "encoder.norm",
+            "encoder.blocks.1.norm2"} <= set(others)
+    assert all(e == 1e-6 for e in others.values()), others
+
+
 @pytest.mark.parametrize("length,ratio,keep", [(196, 0.9, 19), (30, 0.75, 7), (22, 0.75, 5), (1280, 0.75, 320),
                                                (196, 0.75, 49), (30, 0.9, 2)])
 def test_masking_keeps_int_of_visible_share_as_mae(length, ratio, keep):
