@@ -788,11 +788,12 @@ def test_overlapping_windows_average_logits_then_resize_then_softmax():
     sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
     assert np.allclose(got[0, 0, 0].numpy(), [sig(4)] * 4 + [sig(1)] * 4 + [sig(-2)] * 4, atol=1e-6)
     # resized to the frame's own size (inference on a rescaled frame): the logits, before the softmax
-    resized = slide_inference(WindowOffsetModel(), ir, None, (8, 8), (8, 4), 1, out_size=(4, 6))
+    # (5 x 7: not a whole fraction, so corners aligned or not read other points, as mmsegmentation's resize)
+    resized = slide_inference(WindowOffsetModel(), ir, None, (8, 8), (8, 4), 1, out_size=(5, 7))
     logits = torch.zeros(1, 2, 8, 12)
     logits[:, 0] = torch.tensor([4.0] * 4 + [1.0] * 4 + [-2.0] * 4)
-    expected = F.interpolate(logits, size=(4, 6), mode="bilinear", align_corners=False).softmax(dim=1)
-    assert resized.shape == (1, 2, 4, 6) and torch.allclose(resized, expected, atol=1e-6)
+    expected = F.interpolate(logits, size=(5, 7), mode="bilinear", align_corners=False).softmax(dim=1)
+    assert resized.shape == (1, 2, 5, 7) and torch.allclose(resized, expected, atol=1e-6)
 
 
 def test_batched_windows_give_the_scores_of_one_window_at_a_time():
@@ -824,6 +825,26 @@ def test_segmentation_metrics_on_fixed_input():
         assert m["per_class_accuracy"][k] == pytest.approx(v)
     assert m["per_class_accuracy"]["d"] is None
     assert m["mean_accuracy"] == pytest.approx(sum(accuracy.values()) / 3)
+    # a class predicted but absent from the ground truth scores 0 (its union is not empty), as mmsegmentation's
+    m = segmentation_metrics(confusion_matrix(torch.tensor([[0, 1]]), torch.tensor([[0, 0]]), 2, 255), ["a", "b"])
+    assert m["per_class_iou"] == {"a": 0.5, "b": 0.0} and m["mIoU"] == pytest.approx(0.25)
+
+
+def test_class_weights_weigh_the_cross_entropy_of_each_pixel_by_its_class():
+    """model.head.class_weight: sum of w(class) x -log p(class) over the labelled pixels, over the sum of
+    their weights (PyTorch's and mmsegmentation's weighted mean); ignored pixels count in neither."""
+    cfg = load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"), ["model.head.class_weight=[1,10,2,0.5]"])
+    model = build_segmentor(cfg)
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 4, 3, 5), torch.randint(0, 4, (2, 3, 5))
+    target[0, 0, :2] = 255
+    w = torch.tensor([1.0, 10.0, 2.0, 0.5])
+    keep = target != 255
+    nll = -logits.log_softmax(dim=1).gather(1, target.clamp(max=3)[:, None])[:, 0]
+    expected = (w[target.clamp(max=3)] * nll)[keep].sum() / w[target.clamp(max=3)][keep].sum()
+    assert torch.allclose(model._ce(logits, target), expected, atol=1e-6)
+    assert not torch.allclose(build_segmentor(load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml")))._ce(
+        logits, target), expected, atol=1e-3)
 
 
 @pytest.mark.parametrize("method,decays", [("full", True), ("pad", True), ("mona", False), ("ivtuning", False),
