@@ -17,7 +17,7 @@ from finetune.data.stream import MapBatchStream
 from finetune.factory import intensity_rule_mismatch, parameter_report
 from finetune.models.methods import get_method
 from pretrain.engine import (EpochLoader, Task, TrainingPlan, engine_input, launched_world_size, param_groups,
-                             milestone_steps, poly_lr_at, step_lr_at, training_inputs)
+                             milestone_steps, poly_lr_at, spared_from_decay, step_lr_at, training_inputs)
 
 
 class FinetuneTask(Task):
@@ -80,11 +80,8 @@ class FinetuneTask(Task):
         # Layer-wise lr decay where the whole encoder trains (BEiT / MAE fine-tuning); adapters: none.
         layer_decay = o.layer_decay if get_method(cfg.model.method).trains == "all" else None
         encoder, prefix = model.backbone.encoder, model.backbone_prefix + "encoder."
-        # MAE's fine-tuning (and mmsegmentation's / detectron2's ViT recipes) exempt the CLS token and
-        # the position embedding from weight decay: timm's no_weight_decay() names them
-        no_decay = {prefix + n for n in encoder.no_weight_decay()}
         return param_groups(model, float(o.weight_decay), layer_decay, len(encoder.blocks) if layer_decay else None,
-                            prefix=prefix, no_decay=no_decay)
+                            prefix=prefix, no_decay=spared_from_decay(encoder, prefix))
 
     def training_plan(self, model, cfg, batching, where):
         t = cfg.train

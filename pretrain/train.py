@@ -13,7 +13,7 @@ from data_tools.transforms import IntensityConfig, RoICropConfig
 from pretrain.data import (PretrainStream, StreamConfig, corpus_order_note, epoch_samples, load_shard_set,
                            micro_batches_per_epoch, network_input)
 from pretrain.engine import (EpochLoader, PlanError, Task, TrainingPlan, engine_input, lr_at, param_groups, run,
-                             training_inputs)
+                             spared_from_decay, training_inputs)
 from pretrain.factory import build_model_from_config, initialise_from_config
 from pretrain.models.pad import (gated_parameter_names, pad_adapters, scale_predictor_trainable,
                                  set_scale_predictors_trainable)
@@ -73,10 +73,9 @@ class PretrainTask(Task):
 
     def param_groups(self, model, cfg):
         o, depth = cfg.optim, len(model.encoder.blocks)
-        # MAE's and PAD's layer-decay groups (their lr_decay.param_groups_lrd) also spare the model's
-        # no_weight_decay() names from decay, as fine-tuning does; their plain groups (timm's
-        # add_weight_decay) do not.
-        spared = {"encoder." + n for n in model.encoder.no_weight_decay()} if o.layer_decay else set()
+        # MAE's and PAD's layer-decay groups (their lr_decay.param_groups_lrd) spare the encoder's
+        # no_weight_decay() names; their plain groups (timm's add_weight_decay) do not.
+        spared = spared_from_decay(model.encoder) if o.layer_decay else set()
         return param_groups(model, o.weight_decay, o.layer_decay, depth if o.layer_decay else None,
                             gates={"scale_predictor": gated_parameter_names(model)}, no_decay=spared)
 

@@ -18,7 +18,7 @@ from pretrain.engine.health import HealthPolicy
 from pretrain.engine.loop import (EXIT_PREEMPTED, LoopSpec, Process, frozen_reference, new_state, prepare_run_dir,
                                   resume_state, run_entry_point, train_steps, weights_for_evaluation)
 from pretrain.engine.optim import (build_engine, deepspeed_config, engine_input, hold_gated_groups, param_groups,
-                                   set_lr)
+                                   set_lr, spared_from_decay)
 from pretrain.engine.run import run
 from pretrain.engine.runlock import FolderBusy
 from pretrain.engine.schedules import lr_at, milestone_steps, poly_lr_at, step_lr_at
@@ -38,5 +38,6 @@ __all__ = [
     "milestone_steps", "param_groups", "poly_lr_at", "prepare_run_dir", "resolve_batching", "resume_state", "run",
     "run_entry_point",
     "step_lr_at",
-    "seed_step", "set_lr", "threads_per_process", "train_steps", "training_inputs", "weights_for_evaluation",
+    "seed_step", "set_lr", "spared_from_decay", "threads_per_process", "train_steps", "training_inputs",
+    "weights_for_evaluation",
 ]

@@ -20,6 +20,13 @@ def no_weight_decay(name: str, ndim: int) -> bool:
     return ndim <= 1 or name.endswith(".bias")
 
 
+def spared_from_decay(encoder: nn.Module, prefix: str = "encoder.") -> set[str]:
+    """The encoder's ``no_weight_decay()`` names (timm: CLS token, position embedding) as parameter
+    names of the model it sits in: MAE's layer-decay groups, its fine-tuning and mmsegmentation's /
+    detectron2's ViT recipes exempt them from weight decay."""
+    return {prefix + n for n in encoder.no_weight_decay()}
+
+
 def layer_id(name: str, num_layers: int, prefix: str = "encoder.") -> int:
     """0 for the embeddings, i + 1 for encoder block i, num_layers + 1 for everything after
     (heads, decoders). ``prefix``: where the encoder sits in the model's parameter names."""
