@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from data_tools.config import CONFIG_DIR, load_config
 from pretrain.cli import main as pretrain_main
 from pretrain.models.mae import build_mae, patchify, random_masking
 from pretrain.models.pad import (SCALE_VARIANTS, PADAdapter, PADConfig, scale_predictor_trainable,
@@ -15,6 +16,7 @@ from pretrain.models.pad import (SCALE_VARIANTS, PADAdapter, PADConfig, scale_pr
 from pretrain.models.vit import encode
 from pretrain.engine import param_groups
 from pretrain.params import parameter_report
+from pretrain.schema import PretrainConfig
 
 TINY = {"encoder": {"size": "tiny", "depth": 2, "img_size": [64, 80]}, "decoder": {"dim": 64, "depth": 1, "num_heads": 2}}
 
@@ -102,9 +104,6 @@ def test_the_shipped_pretraining_recipes_hold_the_papers_constants():
     """configs/pretrain/*_vitb.yaml as PAD and MAE run them (SPEC 2-4), and the model's own PAD
     defaults equal the shipped ones, so that a config leaving a key out gets the same adapter."""
     import dataclasses
-
-    from data_tools.config import CONFIG_DIR, load_config
-    from pretrain.schema import PretrainConfig
 
     def recipe(name):
         return load_config(CONFIG_DIR / "pretrain" / f"{name}.yaml", schema=PretrainConfig)
@@ -378,9 +377,7 @@ def test_layer_decay_groups():
     assert "encoder.pos_embed" not in by_name  # fixed
     # The run's groups: with layer decay the CLS token is spared, as MAE's / PAD's param_groups_lrd
     # spare no_weight_decay(); without it, decayed, as their timm add_weight_decay groups do
-    from data_tools.config import CONFIG_DIR, load_config
     from pretrain.factory import build_model_from_config
-    from pretrain.schema import PretrainConfig
     from pretrain.train import PretrainTask
 
     for layer_decay, decay in (("0.7", 0.0), ("null", 0.05)):
