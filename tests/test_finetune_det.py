@@ -341,6 +341,8 @@ def test_the_reasonable_setting_scores_short_and_heavily_occluded_objects_as_ign
     assert reasonable["AP50"] == pytest.approx(1.0) and reasonable["MR"] == pytest.approx(0.0, abs=1e-9)
     _, _, tall_only = scored("eval.min_height=55")  # the hidden person counts, and is missed
     assert tall_only["AP50"] == pytest.approx(51 / 101)
+    _, _, visible = scored("eval.max_occlusion=1")  # at the limit, the short person is scored (and found)
+    assert visible["AP50"] == pytest.approx(1.0) and visible["objects"] == 2
     # the tall person starts 10 px from the left edge and the hidden one 20 px from the top: within a 30-px
     # border both are ignore regions, and only the short one, found, is scored
     _, _, inside = scored("eval.border=30")
@@ -641,6 +643,57 @@ def test_large_scale_jitter_moves_both_frames_and_the_boxes_together(tmp_path):
     for m in ("ir", "vi"):
         assert fitted[m].shape[1:] == (128, 160) and (fitted[m][:, :, 154:] == 0).all()
         assert not (fitted[m][:, :, :154] == 0).all(axis=(0, 1)).any()
+
+
+def test_jitter_scales_to_the_input_crops_anywhere_flips_at_its_rate_and_regions_stay_in_the_frame(tmp_path):
+    """The jitter's scale is relative to the input the frame fits (100x120 into 128x160: 1.28); the
+    crop of a frame larger than the input lies anywhere in it; data.augment.hflip is the flip's rate.
+    An ignore region wholly outside the frame ignores nothing; a YOLO id past data.classes is unknown."""
+    _png(tmp_path / "ir" / "a.png", np.zeros((100, 120), np.uint8))
+    _png(tmp_path / "vi" / "a.png", np.full((100, 120, 3), 100, np.uint8))
+    (tmp_path / "voc").mkdir()
+    (tmp_path / "voc" / "a.xml").write_text("<annotation>" + "".join(
+        f"<object><name>{c}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>"
+        f"<ymax>{b[3]}</ymax></bndbox></object>"
+        for c, b in (("person", (50, 40, 70, 60)), ("people", (130, 10, 150, 30)), ("people", (0, 0, 10, 10))))
+        + "</annotation>")
+
+    def dataset(*overrides, labels="voc", fmt="voc"):
+        cfg = load_config(TINY, [f"data.root={tmp_path}", f"data.boxes.format={fmt}",
+                                 f"data.boxes.path={tmp_path / labels}", "data.classes=[person]", *overrides])
+        return det_dataset(cfg, "train")
+
+    fixed, _, _ = dataset("data.ignore_classes=[people]", "data.augment.scale_range=[1.0,1.0]",
+                          "data.augment.hflip=0.0")
+    np.testing.assert_allclose(fixed.records[0].ignore, [[0, 0, 10, 10]])
+    person = np.array([50, 40, 70, 60]) * 1.28
+    for seed in range(8):
+        sample = fixed.train_sample(0, np.random.default_rng(seed))
+        assert sample["scale"] == pytest.approx(1.28)
+        np.testing.assert_allclose(sample["boxes"], [person], atol=1e-4)
+    distorted, _, _ = dataset("data.augment.scale_range=[1.0,1.0]", "data.augment.hflip=0.0",
+                              "data.augment.photometric=true")  # on the visible frame only
+    pairs = [(fixed.train_sample(0, np.random.default_rng(seed)),
+              distorted.train_sample(0, np.random.default_rng(seed))) for seed in range(8)]
+    assert all(np.array_equal(a["ir"], b["ir"]) and np.array_equal(a["boxes"], b["boxes"]) for a, b in pairs)
+    assert sum(not np.array_equal(a["vi"], b["vi"]) for a, b in pairs) >= 4
+    flipped, _, _ = dataset("data.augment.scale_range=[1.0,1.0]", "data.augment.hflip=1.0")
+    for seed in range(8):  # mirrored in the 154 columns the frame fills
+        np.testing.assert_allclose(flipped.train_sample(0, np.random.default_rng(seed))["boxes"],
+                                   [[154 - person[2], person[1], 154 - person[0], person[3]]], atol=1e-4)
+    large, _, _ = dataset("data.augment.scale_range=[2.0,2.0]", "data.augment.hflip=0.0")
+    corners = []  # the frame, 256x307 at 2.56, holds the 128x160 crop at y 0-128, x 0-147
+    for seed in range(40):
+        boxes = large.train_sample(0, np.random.default_rng(seed))["boxes"]
+        corners += [b[:2] for b in boxes if b[0] > 0 and b[1] > 0]  # the box's corner inside the crop
+    corners = np.array(corners)
+    assert len(corners) >= 10 and (corners >= [128 - 147, 102.4 - 128]).all() and (corners <= [128, 102.4]).all()
+    assert np.ptp(corners[:, 0]) > 40 and np.ptp(corners[:, 1]) > 40
+    (tmp_path / "yolo").mkdir()
+    (tmp_path / "yolo" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n1 0.3 0.3 0.2 0.2\n")
+    yolo, issues, _ = dataset(labels="yolo", fmt="yolo")
+    assert yolo.records[0].labels.tolist() == [0]
+    assert [(i["reason"], i["detail"]) for i in issues] == [("unknown_class", "class 1")]
 
 
 def test_the_feature_pyramid_is_vitdets_written_out():
