@@ -38,7 +38,7 @@ def test_bad_pairs_are_reported_by_name(tmp_path):
         if name == "mask":
             label = label[:31]
         if name == "values":
-            label[0, 0] = 7
+            label[0, 0] = 3  # one past the last class index
         _png(tmp_path / "labels" / f"{name}.png", label)
     _png(tmp_path / "ir" / "alone.png", frame())  # no visible partner
     _png(tmp_path / "labels" / "orphan.png", frame())  # no image
@@ -306,6 +306,63 @@ def test_mfnet_layout_and_joint_augmentation_keep_modalities_aligned(tmp_path):
         assert iou(hot_ir) > 0.8  # bilinear images vs nearest labels differ only at the edges
         hot_vi = s["vi"].mean(0) > s["vi"].mean(0)[inside].min() + 0.5  # photometric noise is uniform
         assert iou(hot_vi) > 0.8
+
+
+def test_mfnet_frames_read_as_rgb_and_thermal_in_8_and_16_bits(tmp_path):
+    """MFNet stores R, G, B, thermal (RGBA as PIL writes it): visible is the first three channels in
+    that order, thermal the fourth; a 16-bit frame's colour keeps its top 8 bits, its thermal all 16."""
+    from PIL import Image
+
+    from finetune.data.pairs import PairRecord
+    from finetune.data.seg import read_pair
+
+    rgbt = np.zeros((6, 8, 4), np.uint8)
+    rgbt[..., 0], rgbt[..., 1], rgbt[..., 2], rgbt[..., 3] = 30, 20, 10, 200
+    Image.fromarray(rgbt, "RGBA").save(tmp_path / "a.png")
+    frames = read_pair(PairRecord("a", packed=str(tmp_path / "a.png")))
+    assert frames["vi"].shape == (6, 8, 3) and (frames["vi"] == [30, 20, 10]).all()
+    assert frames["ir"].dtype == np.uint8 and (frames["ir"] == 200).all()
+    deep = np.zeros((6, 8, 4), np.uint16)  # OpenCV's order: B, G, R, thermal
+    deep[..., 0], deep[..., 1], deep[..., 2], deep[..., 3] = 10 * 256 + 99, 20 * 256, 30 * 256 + 255, 40000
+    cv2.imwrite(str(tmp_path / "b.png"), deep)
+    frames = read_pair(PairRecord("b", packed=str(tmp_path / "b.png")))
+    assert frames["vi"].dtype == np.uint8 and (frames["vi"] == [30, 20, 10]).all()
+    assert frames["ir"].dtype == np.uint16 and (frames["ir"] == 40000).all()
+
+
+def test_the_training_sample_draws_its_scale_and_distorts_the_visible_frame_only(tmp_path):
+    """mmsegmentation's random rescale draws a ratio per sample (a 40x50 frame, ratio 0.5-2.0, in a
+    crop larger than it: its rows and columns between 20x25 and 80x100), and PhotoMetricDistortion
+    (data.augment.photometric) changes the visible frame, not the infrared one nor the labels; visible
+    frames are normalised by ImageNet's mean and std in R, G, B order."""
+    from finetune.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize_visible
+
+    rng = np.random.default_rng(0)
+    _png(tmp_path / "ir" / "a.png", rng.integers(0, 255, (40, 50), np.uint8))
+    _png(tmp_path / "vi" / "a.png", rng.integers(60, 200, (40, 50, 3), np.uint8))
+    _png(tmp_path / "labels" / "a.png", rng.integers(0, 2, (40, 50), np.uint8))
+
+    def dataset(*overrides):
+        cfg = load_config(TINY, [f"data.root={tmp_path}", "data.dirs.label=labels", "data.classes=[a,b]",
+                                 "model.encoder.img_size=[96,112]", "data.augment.hflip=0.0", *overrides])
+        return seg_dataset(cfg, "train")[0]
+
+    plain = dataset("data.augment.ratio_range=[0.5,2.0]", "data.augment.photometric=false")
+    distorted = dataset("data.augment.ratio_range=[0.5,2.0]", "data.augment.photometric=true")
+    sizes, changed = set(), 0
+    for seed in range(12):
+        a, b = plain.train_sample(0, np.random.default_rng(seed)), distorted.train_sample(0, np.random.default_rng(seed))
+        inside = a["label"] != 255
+        rows, cols = int(inside.any(axis=1).sum()), int(inside.any(axis=0).sum())
+        assert 20 <= rows <= 80 and 25 <= cols <= 100 and abs(cols / rows - 1.25) < 0.1
+        sizes.add((rows, cols))
+        assert np.array_equal(a["ir"], b["ir"]) and np.array_equal(a["label"], b["label"])
+        changed += not np.array_equal(a["vi"], b["vi"])
+    assert len(sizes) >= 6 and changed >= 6
+    pixel = np.array([[[10, 128, 250]]], np.uint8)  # R, G, B
+    expected = (np.array([10, 128, 250]) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    np.testing.assert_allclose(normalize_visible(pixel)[:, 0, 0], expected, rtol=1e-6)
+    np.testing.assert_allclose([IMAGENET_MEAN, IMAGENET_STD], [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]])
 
 
 def test_official_mae_weights_load_into_the_finetune_backbone(tmp_path):
