@@ -351,7 +351,8 @@ def test_the_training_sample_draws_its_scale_and_distorts_the_visible_frame_only
     distorted = dataset("data.augment.ratio_range=[0.5,2.0]", "data.augment.photometric=true")
     sizes, changed = set(), 0
     for seed in range(12):
-        a, b = plain.train_sample(0, np.random.default_rng(seed)), distorted.train_sample(0, np.random.default_rng(seed))
+        a = plain.train_sample(0, np.random.default_rng(seed))
+        b = distorted.train_sample(0, np.random.default_rng(seed))
         inside = a["label"] != 255
         rows, cols = int(inside.any(axis=1).sum()), int(inside.any(axis=0).sum())
         assert 20 <= rows <= 80 and 25 <= cols <= 100 and abs(cols / rows - 1.25) < 0.1
