@@ -253,6 +253,8 @@ def read_yolo(folder: str, classes: tuple[str, ...] = (), nested: bool = False) 
         if parts[0] == "%" and parts[1:2] == ["bbGt"]:
             raise ValueError(f"line {line_no} is the header of Dollar's toolbox format: set the format to bbgt")
         cls = int(float(parts[0]))
+        if cls < 0:  # as an index into the class names it would name the last class
+            raise ValueError(f"line {line_no}: class id {parts[0]} is negative; YOLO class ids count from 0")
         return BoxRecord(_yolo_box(parts[1:], line_no), classes[cls] if cls < len(classes) else cls, normalized=True)
 
     return _read_line_files("yolo", folder, nested, parse)

@@ -504,15 +504,22 @@ def test_a_label_file_that_cannot_be_read_leaves_its_frame_out(tmp_path):
     (labels / "d.txt").write_text("0 60 50 20 30\n")  # pixel coordinates where fractions belong
     _png(tmp_path / "ir" / "d.png", np.zeros((100, 120), np.uint8))
     _png(tmp_path / "vi" / "d.png", np.zeros((100, 120, 3), np.uint8))
+    (labels / "e.txt").write_text("0 0.5 0.5 0.2 0.2\n-1 0.2 0.2 0.1 0.1\n")  # as an index, -1 names the last class
+    _png(tmp_path / "ir" / "e.png", np.zeros((100, 120), np.uint8))
+    _png(tmp_path / "vi" / "e.png", np.zeros((100, 120, 3), np.uint8))
     cfg = load_config(TINY, [f"data.root={tmp_path}", "data.boxes.format=yolo", f"data.boxes.path={labels}",
                              "data.classes=[person]"])
     dataset, issues, found = det_dataset(cfg, "train")
     assert [(i["name"], i["reason"]) for i in issues] == [("b", "annotation_parse_error"),
-                                                          ("d", "annotation_parse_error")]
+                                                          ("d", "annotation_parse_error"),
+                                                          ("e", "annotation_parse_error")]
     assert "line 1: expected class cx cy w h, or class and the x y pairs of a polygon; got 4 fields" in \
         issues[0]["detail"]
     assert "normalised to the image size (0-1), got 60 50 20 30: pixel coordinates?" in issues[1]["detail"]
+    assert "line 2: class id -1 is negative; YOLO class ids count from 0" in issues[2]["detail"]
     assert [(r.pair.name, len(r.boxes)) for r in dataset.records] == [("a", 1), ("c", 0)]  # c: no file, no objects
+    for path in (labels / "e.txt", tmp_path / "ir" / "e.png", tmp_path / "vi" / "e.png"):
+        path.unlink()
     (labels / "a.txt").unlink()  # no readable label file left: the check says why there are no boxes
     res = run_finetune_cli("det", tmp_path / "run", TINY, f"data.root={tmp_path}", "data.boxes.format=yolo",
                            f"data.boxes.path={labels}", "data.classes=[person]")
