@@ -174,7 +174,7 @@ def read_coco(path: str, nested: bool = False) -> AnnotationSet:
             # regions, as pycocotools and mmdetection's COCO reader take them
             crowd, flagged = bool(ann.get("iscrowd", 0)), bool(ann.get("ignore", 0))
             out.boxes[keys[ann["image_id"]]].append(
-                BoxRecord((x, y, w, h), cats.get(ann["category_id"], ann["category_id"]), ignore=crowd or flagged,
+                BoxRecord((x, y, w, h), _coco_label(cats, ann["category_id"]), ignore=crowd or flagged,
                           ignored_as="crowd" if crowd else "ignore flag"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         out.issues.append(issue(path, "annotation_parse_error", f"{type(e).__name__}: {e}"))
@@ -182,6 +182,12 @@ def read_coco(path: str, nested: bool = False) -> AnnotationSet:
     if not nested:  # sequences often repeat frame names (seq1/000001.jpg, seq2/000001.jpg): boxes would mix
         out.drop_ambiguous(list(images.values()), f"image entries of {path}")
     return out
+
+
+def _coco_label(cats: dict, category_id) -> str:
+    """The name of a COCO category; an id the file's ``categories`` do not name stays an unknown
+    label that says so (a COCO id is not an index into ``data.classes``, as a YOLO id is)."""
+    return cats[category_id] if category_id in cats else f"category_id {category_id} (not in the file's categories)"
 
 
 def _key(name: str) -> str:

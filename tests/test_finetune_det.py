@@ -540,6 +540,29 @@ def test_a_label_file_that_cannot_be_read_leaves_its_frame_out(tmp_path):
     assert f"(train): the COCO file {coco} could not be read (JSONDecodeError" in res.stderr
 
 
+def test_coco_category_ids_the_file_does_not_name_are_unknown_classes_not_indices(tmp_path):
+    """A COCO id is not an index into data.classes (as a YOLO id is): an annotation whose category the
+    file's ``categories`` do not name is dropped as an unknown class that says so; with no box left, the
+    check refuses the split before a run starts."""
+    _png(tmp_path / "ir" / "a.png", np.zeros((100, 120), np.uint8))
+    _png(tmp_path / "vi" / "a.png", np.zeros((100, 120, 3), np.uint8))
+    anns = [{"id": k, "image_id": 1, "category_id": c, "bbox": [10 * k, 10, 20, 20]} for k, c in ((1, 2), (2, 1))]
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": anns,
+                                "categories": [{"id": 2, "name": "car"}]}))
+    overrides = [f"data.root={tmp_path}", "data.boxes.format=coco", f"data.boxes.path={coco}",
+                 "data.classes=[person,car]"]
+    dataset, issues, _ = det_dataset(load_config(TINY, overrides), "train")
+    assert dataset.records[0].labels.tolist() == [1]
+    assert [(i["reason"], i["detail"]) for i in issues] == [
+        ("unknown_class", "class \"category_id 1 (not in the file's categories)\"")]
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": anns[1:]}))
+    res = run_finetune_cli("det", tmp_path / "run", TINY, *overrides)
+    assert res.returncode == 2 and not (tmp_path / "run").exists()
+    assert "none of its 1 boxes has a class of data.classes ['person', 'car']: the labels name category_id 1 " \
+        "(not in the file's categories) (1)" in res.stderr
+
+
 def test_yolo_polygons_read_as_the_box_enclosing_them(tmp_path):
     """YOLO-seg polygons and YOLO-OBB corners: the enclosing box, as Ultralytics trains a detector on them."""
     from data_tools.annotations import read_annotations
