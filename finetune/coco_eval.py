@@ -61,11 +61,12 @@ def coco_metrics(gt: dict, results: list[dict]) -> dict:
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
-        if not results:
-            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0,
-                    "per_class_AP": {c["name"]: 0.0 for c in gt["categories"]}, "detections": 0,
-                    "MR": 1.0, "per_class_MR": {c["name"]: 1.0 for c in gt["categories"]}, "objects": objects}
-        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys to the entries it gets
+        # loadRes cannot take an empty list: with nothing detected, one detection of no area and score 0
+        # stands in. It matches nothing, and with no object found moves no figure, so every key (AR,
+        # the size ranges, classes without objects: None) is what pycocotools reports otherwise.
+        stand_in = [{"image_id": gt["images"][0]["id"], "category_id": gt["categories"][0]["id"],
+                     "bbox": [0.0, 0.0, 0.0, 0.0], "score": 0.0}]
+        coco_dt = coco_gt.loadRes([dict(r) for r in results] or stand_in)  # loadRes adds keys to the entries
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         ev.evaluate()
         ev.accumulate()

@@ -49,7 +49,11 @@ def test_coco_metrics_on_hand_made_predictions():
     assert m["AP"] == pytest.approx(6 / 10)
     m = coco_metrics(gt_a, coco_results(1, [[10, 48, 110, 148]], [0.9], [0]))
     assert m["AP"] == pytest.approx(0.0) and m["AP50"] == pytest.approx(0.0)
-    assert coco_metrics(gt_a, [])["AP"] == 0.0
+    # nothing detected: pycocotools' own figures and keys (a 100x100 object: no small or medium one)
+    nothing = coco_metrics(gt_a, [])
+    assert nothing.keys() == m.keys() and nothing["detections"] == 0 and nothing["objects"] == 1
+    assert (nothing["AP"], nothing["APs"], nothing["APm"], nothing["APl"], nothing["AR100"], nothing["MR"]) == (
+        0.0, None, None, 0.0, 0.0, 1.0)
 
 
 def test_log_average_miss_rate_and_ignore_regions_on_hand_made_detections():
