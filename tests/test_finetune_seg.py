@@ -64,6 +64,42 @@ def test_bad_pairs_are_reported_by_name(tmp_path):
     assert "2 of 8 frames used" in res.stdout
 
 
+def test_frames_whose_extensions_are_upper_case_pair_as_any(tmp_path):
+    """Cameras and Windows tools write FRAME.PNG / FRAME.JPG: listed as frames as .png / .jpg are;
+    other files in the folders are not frames."""
+    rng = np.random.default_rng(0)
+    for name, ir_ext, vi_ext in (("A", "PNG", "JPG"), ("b", "Png", "jpeg")):
+        _png(tmp_path / "ir" / f"{name}.{ir_ext}", rng.integers(0, 255, (32, 40), np.uint8))
+        _png(tmp_path / "vi" / f"{name}.{vi_ext}", rng.integers(0, 255, (32, 40, 3), np.uint8))
+        _png(tmp_path / "labels" / f"{name}.png", rng.integers(0, 3, (32, 40), np.uint8))
+    (tmp_path / "ir" / "notes.TXT").write_text("not a frame")
+    cfg = load_config(TINY, [f"data.root={tmp_path}", "data.dirs.label=labels", "data.classes=[a,b,c]"])
+    dataset, issues, found = seg_dataset(cfg, "train")
+    assert sorted(r.name for r in dataset.records) == ["A", "b"] and issues == [] and found == 2
+    # both modalities read from one folder with no name suffixes to tell them apart: every frame would
+    # pair with itself, each image fed as both; refused, naming the setting that tells them apart
+    with pytest.raises(ValueError, match=r"the infrared and visible frames are both read from .*ir: set "
+                                         r"data.name_suffixes"):
+        seg_dataset(load_config(TINY, [f"data.root={tmp_path}", "data.dirs.label=labels", "data.classes=[a,b,c]",
+                                       "data.dirs.vi=ir"]), "train")
+
+
+def test_a_split_list_reports_each_of_its_frames_once_and_no_label_of_another_split(tmp_path):
+    """A name in the split list whose image is missing but whose label is there is one issue, the
+    label's (not also not_found); a label of a frame outside the list is not this split's orphan."""
+    rng = np.random.default_rng(0)
+    _png(tmp_path / "ir" / "a.png", rng.integers(0, 255, (32, 40), np.uint8))
+    _png(tmp_path / "vi" / "a.png", rng.integers(0, 255, (32, 40, 3), np.uint8))
+    for name in ("a", "y", "z"):
+        _png(tmp_path / "labels" / f"{name}.png", rng.integers(0, 3, (32, 40), np.uint8))
+    (tmp_path / "train.txt").write_text("a\ny\nx\n")
+    cfg = load_config(TINY, [f"data.root={tmp_path}", "data.dirs.label=labels", "data.classes=[a,b,c]",
+                             "data.train_split=train.txt"])
+    dataset, issues, found = seg_dataset(cfg, "train")
+    assert [r.name for r in dataset.records] == ["a"] and found == 1
+    assert sorted((i["name"], i["reason"]) for i in issues) == [("x", "not_found"), ("y", "label_without_image")]
+
+
 def test_an_epoch_holds_whole_optimizer_steps():
     from finetune.data.stream import batches_per_epoch
 
