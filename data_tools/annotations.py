@@ -184,10 +184,13 @@ def read_coco(path: str, nested: bool = False) -> AnnotationSet:
     return out
 
 
+UNNAMED_COCO_CATEGORY = "(not in the file's categories)"
+
+
 def _coco_label(cats: dict, category_id) -> str:
     """The name of a COCO category; an id the file's ``categories`` do not name stays an unknown
     label that says so (a COCO id is not an index into ``data.classes``, as a YOLO id is)."""
-    return cats[category_id] if category_id in cats else f"category_id {category_id} (not in the file's categories)"
+    return cats[category_id] if category_id in cats else f"category_id {category_id} {UNNAMED_COCO_CATEGORY}"
 
 
 def _key(name: str) -> str:

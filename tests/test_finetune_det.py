@@ -560,6 +560,8 @@ def test_coco_category_ids_the_file_does_not_name_are_unknown_classes_not_indice
     assert dataset.records[0].labels.tolist() == [1]
     assert [(i["reason"], i["detail"]) for i in issues] == [
         ("unknown_class", "class \"category_id 1 (not in the file's categories)\"")]
+    assert unknown_classes_note(issues, ["person", "car"]).endswith(
+        "x1; the COCO file's 'categories' must name every category_id its annotations use")
     coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": anns[1:]}))
     res = run_finetune_cli("det", tmp_path / "run", TINY, *overrides)
     assert res.returncode == 2 and not (tmp_path / "run").exists()

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_tools.annotations import ISSUE_REASONS
+from data_tools.annotations import ISSUE_REASONS, UNNAMED_COCO_CATEGORY
 from data_tools.files import file_not_folder
 from data_tools.issues import count_by_reason
 from data_tools.issues import issue as data_issue
@@ -234,6 +234,8 @@ def unknown_classes_note(issues: list[dict], classes) -> str | None:
     shown = ", ".join(f"{label} x{n}" for label, n in counts.most_common(8)) + (", ..." if len(counts) > 8 else "")
     n = sum(counts.values())
     head = f"{n} box{'es' if n != 1 else ''} left out, their class is not in data.classes {list(classes)}: {shown}; "
+    if any(UNNAMED_COCO_CATEGORY in d for d in counts):
+        return head + "the COCO file's 'categories' must name every category_id its annotations use"
     if any(d.removeprefix("class ").isdigit() for d in counts):  # the detail is the label's repr: a YOLO id
         return head + ("YOLO class ids index data.classes from 0: give it a name for every id the labels use "
                        "(data.classes_file: the dataset's data.yaml or classes.txt)")
