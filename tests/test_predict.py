@@ -149,9 +149,10 @@ def test_one_folder_of_both_modalities_pairs_by_the_runs_name_suffixes(pairs, tm
 
 
 def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys):
-    # 4 steps from random init score every box low: keep them all, so that there is something to compare
+    # 4 steps from random init score every box low: keep them all, so that there is something to compare.
+    # The 128x160 frames fit the 96x128 input at 0.75: boxes are mapped back to the frames' pixels.
     _trained("det", tmp_path / "run", DET, f"data.root={pairs}", f"data.boxes.path={pairs / 'labels'}",
-             "eval.every_steps=2", "model.head.score_threshold=0.0")
+             "eval.every_steps=2", "model.head.score_threshold=0.0", "model.encoder.img_size=[96,128]")
     out = tmp_path / "pred"
     assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--out", str(out)]) == 2
     assert "the run's detector takes infrared and visible frames" in capsys.readouterr().err  # it stacks both
@@ -167,6 +168,8 @@ def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys):
         return (d["category_id"], *np.round(d["bbox"], 2), round(d["score"], 4))
 
     assert len(theirs) > 0 and sorted(map(key, coco["annotations"])) == sorted(map(key, theirs))
+    corners = np.array([d["bbox"] for d in theirs])  # x y w h in the frames' pixels, past the input's 96x128
+    assert (corners[:, 0] + corners[:, 2]).max() > 128 and (corners[:, 1] + corners[:, 3]).max() > 96
     median = float(np.median([d["score"] for d in theirs]))
     assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
                           "--out", str(tmp_path / "sure"), "--checkpoint", "step00000004",
