@@ -41,6 +41,8 @@ ISSUE_REASONS = {
 # A normalised YOLO value above this is not a box a little past the frame's edge (clipped, as any)
 # but pixel coordinates written where fractions belong: every box would cover the frame.
 YOLO_MAX_NORMALISED = 1.5
+# How a COCO annotation's label reads when the file's ``categories`` do not name its category_id.
+UNNAMED_COCO_CATEGORY = "(not in the file's categories)"
 
 
 @dataclass
@@ -182,9 +184,6 @@ def read_coco(path: str, nested: bool = False) -> AnnotationSet:
     if not nested:  # sequences often repeat frame names (seq1/000001.jpg, seq2/000001.jpg): boxes would mix
         out.drop_ambiguous(list(images.values()), f"image entries of {path}")
     return out
-
-
-UNNAMED_COCO_CATEGORY = "(not in the file's categories)"
 
 
 def _coco_label(cats: dict, category_id) -> str:
