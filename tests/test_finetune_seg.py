@@ -100,6 +100,33 @@ def test_a_split_list_reports_each_of_its_frames_once_and_no_label_of_another_sp
     assert sorted((i["name"], i["reason"]) for i in issues) == [("x", "not_found"), ("y", "label_without_image")]
 
 
+def test_the_data_settings_reach_both_tasks_datasets_and_val_reads_the_training_list_when_it_has_none(tmp_path):
+    """data.intensity, data.ignore_index and data.img_scale reach the segmentation dataset, and
+    data.intensity the detection one; with data.val_split null the validation split is the training
+    list's frames (the config's comment: "null: the training frames")."""
+    from finetune.factory import det_dataset
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        _png(tmp_path / "ir" / f"{name}.png", rng.integers(0, 255, (32, 40), np.uint8))
+        _png(tmp_path / "vi" / f"{name}.png", rng.integers(0, 255, (32, 40, 3), np.uint8))
+        _png(tmp_path / "labels" / f"{name}.png", rng.integers(0, 3, (32, 40), np.uint8))
+    (tmp_path / "train.txt").write_text("a\nc\n")
+    settings = ["data.intensity.uint16_mode=minmax", "data.intensity.percentiles=[2.0,98.0]"]
+    cfg = load_config(TINY, [f"data.root={tmp_path}", "data.dirs.label=labels", "data.classes=[a,b,c]",
+                             "data.train_split=train.txt", "data.val_split=null", "data.ignore_index=200",
+                             "data.img_scale=[80,64]", *settings])
+    val, _, _ = seg_dataset(cfg, "val")
+    assert [r.name for r in val.records] == ["a", "c"]
+    assert (val.spec.intensity.uint16_mode, val.spec.intensity.percentiles) == ("minmax", (2.0, 98.0))
+    assert val.spec.ignore_index == 200 and val.spec.img_scale == (80, 64)
+    (tmp_path / "boxes").mkdir()
+    det_cfg = load_config(str(CONFIG_DIR / "finetune" / "det_tiny.yaml"),
+                          [f"data.root={tmp_path}", f"data.boxes.path={tmp_path / 'boxes'}", *settings])
+    intensity = det_dataset(det_cfg, "train")[0].spec.intensity
+    assert (intensity.uint16_mode, intensity.percentiles) == ("minmax", (2.0, 98.0))
+
+
 def test_an_epoch_holds_whole_optimizer_steps():
     from finetune.data.stream import batches_per_epoch
 
