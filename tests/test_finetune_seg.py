@@ -28,6 +28,13 @@ def _png(path, array):
     cv2.imwrite(str(path), array)
 
 
+def _labelled_pair(root, name, rng, size=(32, 40), classes=3):
+    """Random infrared / visible frames ``ir/NAME.png`` and ``vi/NAME.png`` and a label map ``labels/NAME.png``."""
+    _png(root / "ir" / f"{name}.png", rng.integers(0, 255, size, np.uint8))
+    _png(root / "vi" / f"{name}.png", rng.integers(0, 255, (*size, 3), np.uint8))
+    _png(root / "labels" / f"{name}.png", rng.integers(0, classes, size, np.uint8))
+
+
 def test_bad_pairs_are_reported_by_name(tmp_path):
     rng = np.random.default_rng(0)
     frame = lambda h=32, w=40: rng.integers(0, 255, (h, w), np.uint8)
@@ -88,9 +95,8 @@ def test_a_split_list_reports_each_of_its_frames_once_and_no_label_of_another_sp
     """A name in the split list whose image is missing but whose label is there is one issue, the
     label's (not also not_found); a label of a frame outside the list is not this split's orphan."""
     rng = np.random.default_rng(0)
-    _png(tmp_path / "ir" / "a.png", rng.integers(0, 255, (32, 40), np.uint8))
-    _png(tmp_path / "vi" / "a.png", rng.integers(0, 255, (32, 40, 3), np.uint8))
-    for name in ("a", "y", "z"):
+    _labelled_pair(tmp_path, "a", rng)
+    for name in ("y", "z"):
         _png(tmp_path / "labels" / f"{name}.png", rng.integers(0, 3, (32, 40), np.uint8))
     (tmp_path / "train.txt").write_text("a\ny\nx\n")
     cfg = load_config(TINY, [f"data.root={tmp_path}", "data.dirs.label=labels", "data.classes=[a,b,c]",
@@ -108,9 +114,7 @@ def test_the_data_settings_reach_both_tasks_datasets_and_val_reads_the_training_
 
     rng = np.random.default_rng(0)
     for name in ("a", "b", "c"):
-        _png(tmp_path / "ir" / f"{name}.png", rng.integers(0, 255, (32, 40), np.uint8))
-        _png(tmp_path / "vi" / f"{name}.png", rng.integers(0, 255, (32, 40, 3), np.uint8))
-        _png(tmp_path / "labels" / f"{name}.png", rng.integers(0, 3, (32, 40), np.uint8))
+        _labelled_pair(tmp_path, name, rng)
     (tmp_path / "train.txt").write_text("a\nc\n")
     settings = ["data.intensity.uint16_mode=minmax", "data.intensity.percentiles=[2.0,98.0]"]
     cfg = load_config(TINY, [f"data.root={tmp_path}", "data.dirs.label=labels", "data.classes=[a,b,c]",
@@ -146,9 +150,7 @@ def test_a_split_smaller_than_one_effective_batch_trains(tmp_path):
     rng = np.random.default_rng(1)
     names = ["a", "b", "c"]
     for name in names:
-        _png(tmp_path / "ir" / f"{name}.png", rng.integers(0, 255, (32, 40), np.uint8))
-        _png(tmp_path / "vi" / f"{name}.png", rng.integers(0, 255, (32, 40, 3), np.uint8))
-        _png(tmp_path / "labels" / f"{name}.png", rng.integers(0, 3, (32, 40), np.uint8))
+        _labelled_pair(tmp_path, name, rng)
     res = finetune(tmp_path / "run", TINY, f"data.root={tmp_path}", "data.dirs.label=labels", "data.classes=[a,b,c]",
                    "train.steps=2", "train.batch_size=2", "train.effective_batch=8", "train.record_samples=true",
                    "eval.overlays=0")
@@ -166,9 +168,7 @@ def test_split_lists_that_name_files_select_their_frames(tmp_path):
     byte-order mark)."""
     rng = np.random.default_rng(0)
     for name in ("a", "b", "frame.0001", "unused"):
-        _png(tmp_path / "ir" / f"{name}.png", rng.integers(0, 255, (32, 40), np.uint8))
-        _png(tmp_path / "vi" / f"{name}.png", rng.integers(0, 255, (32, 40, 3), np.uint8))
-        _png(tmp_path / "labels" / f"{name}.png", rng.integers(0, 3, (32, 40), np.uint8))
+        _labelled_pair(tmp_path, name, rng)
     (tmp_path / "train.txt").write_bytes(b"\xef\xbb\xbf frame.0001 \r\nir/a.png\r\nC:\\data\\vi\\b.PNG\r\n\r\n"
                                          b"missing.jpg\r\n")
     cfg = load_config(TINY, [f"data.root={tmp_path}", "data.dirs.label=labels", "data.train_split=train.txt",
@@ -400,10 +400,7 @@ def test_the_training_sample_draws_its_scale_and_distorts_the_visible_frame_only
     frames are normalised by ImageNet's mean and std in R, G, B order."""
     from finetune.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize_visible
 
-    rng = np.random.default_rng(0)
-    _png(tmp_path / "ir" / "a.png", rng.integers(0, 255, (40, 50), np.uint8))
-    _png(tmp_path / "vi" / "a.png", rng.integers(60, 200, (40, 50, 3), np.uint8))
-    _png(tmp_path / "labels" / "a.png", rng.integers(0, 2, (40, 50), np.uint8))
+    _labelled_pair(tmp_path, "a", np.random.default_rng(0), size=(40, 50), classes=2)
 
     def dataset(*overrides):
         cfg = load_config(TINY, [f"data.root={tmp_path}", "data.dirs.label=labels", "data.classes=[a,b]",
