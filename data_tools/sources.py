@@ -96,16 +96,42 @@ def natural_key(text: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's `true` is not a count
+
+
+def _integer(d: dict, key: str, name: str, default: int | None, minimum: int, what: str = "") -> int | None:
+    """``d[key]`` as a whole number >= ``minimum``: a fraction, a word, a list or a boolean is refused
+    (``stride: 2.7`` would otherwise keep every 2nd frame, ``stride: true`` every one)."""
+    if key not in d:
+        return default
+    value = d.pop(key)
+    if value is None and default is None:
+        return None
+    if not _is_int(value) or value < minimum:
+        raise SourceError(f"source '{name}': {key} must be a whole number >= {minimum}{what}, got {value!r}")
+    return value
+
+
+def _names(value: Any, name: str, key: str) -> tuple[str, ...]:
+    """A list of labels (a single word is refused: ``classes: person`` would read as six letters)."""
+    value = value or ()
+    if isinstance(value, (str, int, dict)) or not all(isinstance(c, (str, int)) and not isinstance(c, bool)
+                                                       for c in value):
+        raise SourceError(f"source '{name}': {key} must be a list of labels, got {value!r} (write [person, car])")
+    return tuple(str(c) for c in value)
+
+
 def _border(value: Any, name: str) -> tuple[int, int, int, int]:
     if value is None:
         return (0, 0, 0, 0)
-    if isinstance(value, int):
+    if _is_int(value):
         values = [value] * 4
     else:
-        values = list(value)
+        values = list(value) if isinstance(value, (list, tuple)) else []
         if len(values) == 2:  # (vertical, horizontal)
             values = [values[0], values[0], values[1], values[1]]
-    if len(values) != 4 or any((not isinstance(v, int)) or v < 0 for v in values):
+    if len(values) != 4 or any(not _is_int(v) or v < 0 for v in values):
         raise SourceError(f"source '{name}': border_crop must be an int >= 0, [v, h] or "
                           f"[top, bottom, left, right], got {value!r}")
     return tuple(values)  # type: ignore[return-value]
@@ -131,26 +157,25 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
                 or ".." in split_pattern(pattern)):
             raise SourceError(f"source '{name}': glob {pattern!r} must be a pattern below the root (`*.png`, "
                               "`**/lwir/*.jpg`); for frames elsewhere, move the root or add a source")
-    stride = int(d.pop("stride", 1))
-    if stride < 1:
-        raise SourceError(f"source '{name}': stride must be >= 1, got {stride}")
+    stride = _integer(d, "stride", name, 1, minimum=1)
     sort = str(d.pop("sort", "natural"))
     if sort not in ("natural", "lexical"):
         raise SourceError(f"source '{name}': sort must be 'natural' or 'lexical'")
     border = _border(d.pop("border_crop", None), name)
     black = d.pop("black_threshold", None)
-    expected = d.pop("expected_frames", None)
-    channel = d.pop("channel", None)
-    if channel is not None and (not isinstance(channel, int) or isinstance(channel, bool) or channel < 0):
-        raise SourceError(f"source '{name}': channel must be an integer >= 0 (0-based, in stored order B, G, R, A), "
-                          f"got {channel!r}")
-    if expected is not None and (not isinstance(expected, int) or expected < 1):
-        raise SourceError(f"source '{name}': expected_frames must be a positive integer, got {expected!r}")
+    if black is not None and (not isinstance(black, (int, float)) or isinstance(black, bool)):
+        raise SourceError(f"source '{name}': black_threshold must be a number (the largest value of a frame "
+                          f"dropped as black), got {black!r}")
+    expected = _integer(d, "expected_frames", name, None, minimum=1)
+    channel = _integer(d, "channel", name, None, minimum=0, what=" (0-based, in stored order B, G, R, A)")
     anns = []
     for key in ("boxes", "masks"):
         spec = d.pop(key, None)
         if spec is None:
             continue
+        if not isinstance(spec, dict):
+            raise SourceError(f"source '{name}': {key} must be a mapping of its options ({key}: {{format: ..., "
+                              f"path: ...}}), got {spec!r}")
         spec = dict(spec)
         fmt = "mask" if key == "masks" else str(spec.pop("format", ""))
         if fmt not in (*BOX_FORMATS, "mask"):
@@ -158,11 +183,14 @@ def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
         if "path" not in spec:
             raise SourceError(f"source '{name}': {key}.path is required (the folder or file of the {key})")
         path = _resolve(base_dir, spec.pop("path"))
-        ignore_classes = (spec.pop("ignore_classes", ()) or ()) if key == "boxes" else ()  # masks carry no labels
-        if isinstance(ignore_classes, (str, int)) or not all(isinstance(c, (str, int)) for c in ignore_classes):
-            raise SourceError(f"source '{name}': {key}.ignore_classes must be a list of labels, got {ignore_classes!r}")
-        anns.append(AnnotationSpec(fmt, str(path), str(spec.pop("suffix", ".png" if fmt == "mask" else "")),
-                                   tuple(spec.pop("classes", ()) or ()), tuple(str(c) for c in ignore_classes)))
+        ignore = spec.pop("ignore_classes", ()) if key == "boxes" else ()  # masks carry no labels
+        ignore_classes = _names(ignore, name, f"{key}.ignore_classes")
+        classes = _names(spec.pop("classes", ()), name, f"{key}.classes")
+        suffix = spec.pop("suffix", ".png" if fmt == "mask" else "")
+        if not isinstance(suffix, str):
+            raise SourceError(f"source '{name}': {key}.suffix must be text (the end of the file names, "
+                              f"'_mask.png'), got {suffix!r}")
+        anns.append(AnnotationSpec(fmt, str(path), suffix, classes, ignore_classes))
         if spec:
             raise SourceError(f"source '{name}': unknown {key} option(s) {sorted(spec)}")
     if d:

@@ -330,6 +330,36 @@ def test_unknown_override_and_source_option_are_errors(tmp_path):
         load_sources(tmp_path / "s.yaml")
 
 
+@pytest.mark.parametrize("option,value,said", [
+    ("stride", 2.7, "stride must be a whole number >= 1, got 2.7"),  # int() kept every 2nd frame
+    ("stride", True, "stride must be a whole number >= 1, got True"),  # int() kept every frame
+    ("stride", "abc", "stride must be a whole number >= 1, got 'abc'"),
+    ("stride", [2], r"stride must be a whole number >= 1, got \[2\]"),  # was a TypeError's traceback
+    ("stride", 0, "stride must be a whole number >= 1, got 0"),
+    ("stride", None, "stride must be a whole number >= 1, got None"),  # `stride:` left empty
+    ("expected_frames", "1000", "expected_frames must be a whole number >= 1, got '1000'"),
+    ("channel", -1, "channel must be a whole number >= 0"),
+    ("black_threshold", "dark", "black_threshold must be a number"),
+    ("black_threshold", [3], "black_threshold must be a number"),
+    ("border_crop", True, "border_crop must be an int >= 0"),
+    ("boxes", "labels", r"boxes must be a mapping of its options \(boxes: \{format: ..., path: ...\}\), got 'labels'"),
+    ("boxes", {"format": "yolo", "path": "l", "classes": "person"},  # was six classes: p, e, r, s, o, n
+     r"boxes.classes must be a list of labels, got 'person' \(write \[person, car\]\)"),
+    ("masks", {"path": "m", "suffix": 1}, "masks.suffix must be text"),
+])
+def test_a_source_option_of_the_wrong_kind_is_refused_naming_the_source(tmp_path, option, value, said):
+    with pytest.raises(SourceError, match=f"source 'a': {said}"):
+        source_from_dict({"name": "a", "root": ".", option: value}, tmp_path)
+
+
+def test_source_options_of_the_right_kind_are_kept(tmp_path):
+    source = source_from_dict({"name": "a", "root": ".", "stride": 3, "black_threshold": 2, "expected_frames": 10,
+                               "channel": 0, "boxes": {"format": "yolo", "path": "l", "classes": ["person", 7]}},
+                              tmp_path)
+    assert (source.stride, source.black_threshold, source.expected_frames, source.channel) == (3, 2.0, 10, 0)
+    assert source.annotations[0].classes == ("person", "7")
+
+
 def test_stride_per_sequence_folder_and_natural_sort(tmp_path):
     for seq in ("seq2", "seq10"):
         (tmp_path / seq).mkdir()
@@ -413,7 +443,7 @@ def test_a_4_channel_frame_reads_the_channel_the_source_names(tmp_path, capsys):
     assert meta["colour"] == "channel"
     none = json.loads((tmp_path / "none" / "manifest.json").read_text())
     assert none["totals"]["written"] == 0 and none["skipped"][0]["reason"] == "no_such_channel"
-    with pytest.raises(SourceError, match="channel must be an integer >= 0"):
+    with pytest.raises(SourceError, match=r"channel must be a whole number >= 0 \(0-based"):
         source_from_dict({"name": "x", "root": "images", "channel": "alpha"}, tmp_path)
 
 
