@@ -144,6 +144,61 @@ def test_an_epoch_holds_whole_optimizer_steps():
         batches_per_epoch(0, 1, 4, 1)
 
 
+class _DrawsFromItsGenerator:
+    """A dataset whose training sample is (frame index, the first draw of the generator it was given)."""
+
+    def __len__(self):
+        return 10
+
+    def train_sample(self, i, rng):
+        return {"name": f"f{i}", "index": i, "draw": float(rng.random())}
+
+    def collate(self, samples):
+        return {"samples": [(s["index"], s["draw"]) for s in samples]}
+
+
+def _epoch_samples(stream, epoch: int, start: int = 0) -> list[tuple[int, float]]:
+    stream.set_position(epoch, start)
+    return [s for batch in stream for s in batch["samples"]]
+
+
+def test_each_epoch_augments_a_frame_anew_and_the_ranks_share_out_its_frames():
+    """Frame i of epoch e is augmented from (seed, e, i): another epoch, another augmentation of the
+    same frame; the same epoch again (a resume), the same; each rank takes its own frames."""
+    from finetune.data.stream import MapBatchStream
+
+    dataset = _DrawsFromItsGenerator()
+    stream = MapBatchStream(dataset, batch_size=2, seed=5)
+    first, again, second = (_epoch_samples(stream, e) for e in (0, 0, 1))
+    assert first == again and sorted(i for i, _ in first) == list(range(10))
+    assert dict(first).keys() == dict(second).keys() and all(dict(first)[i] != d for i, d in second)
+    assert _epoch_samples(stream, 1, start=3) == second[6:]  # resuming at batch 3 needs nothing but 3
+    other_seed = _epoch_samples(MapBatchStream(dataset, batch_size=2, seed=6), 0)
+    assert [i for i, _ in other_seed] != [i for i, _ in first]
+    ranks = [_epoch_samples(MapBatchStream(dataset, batch_size=2, seed=5, rank=r, world_size=2), 0) for r in (0, 1)]
+    # 2 batches of 2 a rank: the epoch's first 8 frames, dealt out in turn
+    assert ranks[0] == first[0:8:2] and ranks[1] == first[1:8:2]
+
+
+def test_a_frame_that_fails_to_load_is_counted_and_replaced_by_the_next_of_the_epoch():
+    from finetune.data.stream import MapBatchStream
+
+    class FrameSevenGone(_DrawsFromItsGenerator):
+        def train_sample(self, i, rng):
+            if i == 7:
+                raise FileNotFoundError("f7.png")
+            return super().train_sample(i, rng)
+
+    stream = MapBatchStream(FrameSevenGone(), batch_size=2, seed=5)
+    stream.set_position(0, 0)
+    batches = list(stream)
+    order = [int(i) for i in stream.epoch_order(0)]
+    at = order.index(7)
+    assert [b["bad_samples"] for b in batches] == [int(b == at // 2) for b in range(5)]
+    got = [i for b in batches for i, _ in b["samples"]]
+    assert got == [order[(k + (k == at)) % 10] for k in range(10)] and 7 not in got
+
+
 def test_a_split_smaller_than_one_effective_batch_trains(tmp_path):
     """The ViT-B presets accumulate micro-batches of 4 to an effective batch of 16: a user's first
     try on a few labelled frames must train (frames repeat within a step), not stop mid-step."""
