@@ -200,6 +200,50 @@ def test_three_channel_weights_fold_into_one_channel_model(tmp_path):
     torch.testing.assert_close(model.decoder_pred.weight, w)
 
 
+def test_one_channel_weights_spread_over_a_three_channel_model(tmp_path):
+    """An infrared (1-channel) backbone into a visible-light encoder (IV-tuning's visible branch):
+    its patch weights are copied to each colour and divided by 3, so a grey image gives the infrared
+    frame's embedding."""
+    from pretrain.models.vit import EncoderConfig, build_encoder
+    from pretrain.weights import load_into_encoder
+
+    sd = official_mae_checkpoint(tmp_path / "ir.pth", in_chans=1)
+    rgb = build_encoder(EncoderConfig(size="tiny", depth=2, img_size=(64, 80), in_chans=3))
+    report = load_into_encoder(rgb, tmp_path / "ir.pth")
+    assert "patch_embed.proj.weight" in report.adapted
+    x = torch.rand(1, 1, 64, 80)
+    grey = torch.nn.functional.conv2d(x.expand(-1, 3, -1, -1), rgb.patch_embed.proj.weight, stride=16)
+    infrared = torch.nn.functional.conv2d(x, sd["patch_embed.proj.weight"], stride=16)
+    torch.testing.assert_close(grey, infrared, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "module", "model_state_dict", "data_parallel"])
+def test_wrapped_and_data_parallel_checkpoints_read_as_their_weights(tmp_path, wrap):
+    """The layouts other trainers save: mmsegmentation / Lightning (``state_dict``), DeepSpeed
+    (``module``), a plain loop (``model_state_dict``) and DataParallel / DDP (``module.`` before each
+    key) all read as the same weights."""
+    sd = official_mae_checkpoint(tmp_path / "plain.pth")
+    saved = ({f"module.{k}": v for k, v in sd.items()} if wrap == "data_parallel"
+             else {wrap: sd, "epoch": 3, "meta": {"note": "text"}})
+    torch.save(saved, tmp_path / "wrapped.pth")
+    got = read_state_dict(tmp_path / "wrapped.pth")
+    assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_a_fixed_pad_scale_is_read_from_the_file_and_must_equal_the_models(tmp_path):
+    from pretrain.weights import pad_config_from_state
+
+    sd = pad_author_checkpoint(tmp_path / "fixed.pth", "fixed")
+    for i in range(2):
+        sd[f"blocks.{i}.adaptmlp.scale"] = torch.tensor([0.25])
+    torch.save({"model": sd}, tmp_path / "quarter.pth")
+    assert pad_config_from_state(sd, "fixed").fixed_scale == 0.25  # not the default 0.5
+    report = load_into_mae(tiny(pad={"scale": "fixed", "fixed_scale": 0.25}), tmp_path / "quarter.pth")
+    assert report.missing == [] and report.unexpected == []
+    with pytest.raises(WeightsError, match=r"does not fit this model's PAD scale \(fixed at 0.26\)"):
+        load_into_mae(tiny(pad={"scale": "fixed", "fixed_scale": 0.26}), tmp_path / "quarter.pth")
+
+
 class NotATensor:
     pass
 
