@@ -773,7 +773,44 @@ def test_the_feature_pyramid_is_vitdets_written_out():
     assert [tuple(m.shape[2:]) for m in got.values()] == [(16, 20), (8, 10), (4, 5), (2, 2), (1, 1)]
 
 
+def test_the_modalities_reach_the_backbone_and_class_indices_torchvision_shifted_by_one():
+    """torchvision takes one image tensor: infrared and visible travel stacked (1 + 3 channels) and the
+    backbone gets each back as it was; class k outside is k + 1 inside (0 is torchvision's background)."""
+    import torch
+
+    cfg = load_config(TINY, ["model.encoder.depth=1", "model.encoder.img_size=[64,80]", "model.modality=both"])
+    detector = build_detector(cfg).eval()
+    ir, vi = torch.rand(2, 1, 64, 80), torch.rand(2, 3, 64, 80)
+    seen = {}
+
+    def backbone(ir_in, vi_in):
+        seen.update(ir=ir_in, vi=vi_in)
+        return [torch.zeros(len(ir_in), detector.backbone.embed_dim, 4, 5)]
+
+    detector.backbone.forward = backbone
+    detector.predict(ir, vi)
+    torch.testing.assert_close(seen["ir"], ir, rtol=0, atol=0)
+    torch.testing.assert_close(seen["vi"], vi, rtol=0, atol=0)
+
+    class Torchvision(torch.nn.Module):  # records what the detector is given, answers class 1 and 2
+        def forward(self, images, targets=None):
+            seen.update(images=images, targets=targets)
+            if targets is not None:
+                return {"loss": torch.tensor(1.0)}
+            return [{"boxes": torch.zeros(2, 4), "scores": torch.ones(2), "labels": torch.tensor([1, 2])}
+                    for _ in images]
+
+    detector.model = Torchvision()
+    detector(ir, vi, [{"boxes": torch.zeros(1, 4), "labels": torch.tensor([0])}] * 2)
+    assert [t["labels"].tolist() for t in seen["targets"]] == [[1], [1]]
+    assert [tuple(image.shape) for image in seen["images"]] == [(4, 64, 80)] * 2
+    torch.testing.assert_close(seen["images"][1], torch.cat([ir[1], vi[1]]), rtol=0, atol=0)  # infrared first
+    assert [p["labels"].tolist() for p in detector.predict(ir, vi)] == [[0, 1], [0, 1]]
+
+
 def test_head_settings_reach_torchvision_and_bad_anchor_sizes_are_refused():
+    import torch
+
     def built(*overrides):
         cfg = load_config(TINY, ["model.encoder.depth=1", "model.encoder.img_size=[64,80]", *overrides])
         return build_detector(cfg).model
@@ -786,6 +823,20 @@ def test_head_settings_reach_torchvision_and_bad_anchor_sizes_are_refused():
     assert [s[0] for s in small.sizes] == [8, 16, 32, 64, 128] and small.aspect_ratios == rpn.aspect_ratios
     retina = built("model.head.detector=retinanet", "model.head.anchor_sizes=[8,16,32,64,128]").anchor_generator
     assert retina.sizes[0] == (8, 10, 12) and retina.sizes[-1] == (128, 161, 203)  # 3 octave scales per level
+    vitdet = built("model.head.box_head=null", "model.head.rpn_convs=null")  # null: ViTDet's heads
+    convs = [m for m in vitdet.roi_heads.box_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert type(vitdet.roi_heads.box_head).__name__ == "FastRCNNConvFCHead" and len(convs) == 4
+    assert len([m for m in vitdet.rpn.head.conv.modules() if isinstance(m, torch.nn.Conv2d)]) == 2
+    torchvision_heads = built("model.head.box_head=mlp", "model.head.rpn_convs=1")
+    assert type(torchvision_heads.roi_heads.box_head).__name__ == "TwoMLPHead"
+    assert len([m for m in torchvision_heads.rpn.head.conv.modules() if isinstance(m, torch.nn.Conv2d)]) == 1
+    fcos = built("model.head.detector=fcos")
+    assert [s[0] for s in fcos.anchor_generator.sizes] == [4, 8, 16, 32, 64]  # one point per location: the stride
+    for kind in ("fcos", "retinanet", "faster_rcnn"):
+        model = built(f"model.head.detector={kind}", "model.head.score_threshold=0.3",
+                      "model.head.detections_per_image=7")
+        heads = model.roi_heads if kind == "faster_rcnn" else model
+        assert (heads.score_thresh, heads.detections_per_img) == (0.3, 7), kind
     for bad in ("[16,32,64,128]", "[0,32,64,128,256]"):
         with pytest.raises(ValueError, match="needs 5 positive sizes"):
             built(f"model.head.anchor_sizes={bad}")

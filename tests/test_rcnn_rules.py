@@ -130,6 +130,8 @@ def test_vitdets_rules_by_default_torchvisions_for_runs_saved_before(tmp_path):
     assert (type(vitdet.rpn).__name__, vitdet.rpn.box_loss_beta, vitdet.roi_heads.box_loss_beta) == ("BetaRPN", 0, 0)
     assert vitdet.rpn._post_nms_top_n == {"training": 1000, "testing": 1000}
     assert isinstance(vitdet.roi_heads.box_roi_pool, Pool) and vitdet.roi_heads.box_roi_pool.sampling_ratio == 0
+    pool = vitdet.roi_heads.box_roi_pool  # p2..p5 at their own strides, as detectron2's ROIPooler
+    assert pool.featmap_names == ["p2", "p3", "p4", "p5"] and pool.strides == (4, 8, 16, 32)
     assert vitdet.backbone.strides == (4, 8, 16, 32, 64)
     # a run's config saved before these settings (the keys absent), as `predict` reads it: torchvision's rules,
     # as it trained with; the same as naming them
