@@ -378,17 +378,53 @@ def test_border_crop_moves_boxes_and_records_crop(tmp_path):
     cv2.imwrite(str(root / "a.png"), img)
     (tmp_path / "a.json").write_text(json.dumps({
         "images": [{"id": 1, "file_name": "a.png", "width": 160, "height": 120}],
-        "annotations": [{"image_id": 1, "bbox": [30, 20, 50, 60], "category_id": 1}],
+        "annotations": [{"image_id": 1, "bbox": bbox, "category_id": 1}
+                        for bbox in ([30, 20, 50, 60], [40, 100, 20, 20], [60, 116, 20, 4], [150, 30, 10, 10])],
         "categories": [{"id": 1, "name": "person"}]}))
-    (tmp_path / "s.yaml").write_text("sources:\n  - {name: c, root: frames, border_crop: [10, 5, 20, 0], "
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: c, root: frames, border_crop: [10, 5, 20, 5], "
                                      "boxes: {format: coco, path: a.json}}\n")
     m = build_shards(load_sources(tmp_path / "s.yaml"), load_config(DEFAULT_BUILD_CONFIG), tmp_path / "out",
                      progress=False)
     (_, members), = iter_shard(str(tmp_path / "out" / m["shards"][0]["shard"]))
     image, props, meta = decode_sample(members)
-    np.testing.assert_array_equal(image, img[10:115, 20:160])
-    assert meta["crop"] == [10, 5, 20, 0] and (meta["orig_width"], meta["width"]) == (160, 140)
+    np.testing.assert_array_equal(image, img[10:115, 20:155])
+    assert meta["crop"] == [10, 5, 20, 5] and (meta["orig_width"], meta["width"], meta["height"]) == (160, 135, 105)
     assert [10, 10, 50, 60] in props.tolist()  # COCO box moved by (-20, -10)
+    # boxes reaching into the bottom and right borders are cut at the crop; one wholly in the border is gone
+    assert [20, 90, 20, 15] in props.tolist() and [130, 20, 5, 10] in props.tolist()  # x, y, w, h
+    assert meta["proposals_from_annotations"] == 3
+    assert sorted(i["reason"] for i in m["annotation_issues"]) == ["box_clipped", "box_clipped", "box_empty"]
+
+
+def test_sample_keys_count_the_frames_of_each_source_from_zero(tmp_path):
+    """`<source>-<index>`, the index within the source (README, What a shard holds): a source's keys do
+    not change when another source joins the corpus before it."""
+    sources = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            cv2.imwrite(str(tmp_path / name / f"{i}.png"), _scene(seed=i))
+        sources.append(source_from_dict({"name": name, "root": name}, tmp_path))
+    m = build_shards(sources, load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false"]), tmp_path / "out",
+                     progress=False)
+    keys = {key for e in m["shards"] for key, _ in iter_shard(str(tmp_path / "out" / e["shard"]))}
+    assert keys == {"a-00000000", "a-00000001", "b-00000000", "b-00000001"}
+
+
+def test_the_black_threshold_and_the_smallest_side_are_each_the_last_value_skipped_or_kept(tmp_path):
+    """A frame whose brightest pixel is the black threshold is black; one whose shorter side (after the
+    border crop) is image.min_side is kept, one pixel less is too small."""
+    (tmp_path / "frames").mkdir()
+    for name, high in (("at.png", 20), ("above.png", 21)):  # dark ramps: every value from 0 to the brightest
+        ramp = np.linspace(0, high, 80).round().astype(np.uint8)
+        cv2.imwrite(str(tmp_path / "frames" / name), np.tile(ramp, (64, 1)))
+    for name, height in (("short.png", 59), ("min.png", 60)):
+        cv2.imwrite(str(tmp_path / "frames" / name), _scene(height, 80))
+    source = source_from_dict({"name": "s", "root": "frames", "black_threshold": 20}, tmp_path)
+    m = build_shards([source], load_config(DEFAULT_BUILD_CONFIG, ["image.min_side=60"]), tmp_path / "out",
+                     progress=False)
+    assert [(s["path"], s["reason"]) for s in m["skipped"]] == [("at.png", "black_frame"), ("short.png", "too_small")]
+    assert m["skipped"][0]["detail"] == "max 20 <= 20" and m["sources"]["s"]["written"] == 2
 
 
 def test_dronevehicle_polygon_boxes_join_the_proposals_and_a_shapeless_object_is_named(tmp_path):
