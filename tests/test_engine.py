@@ -395,6 +395,27 @@ def test_an_optimiser_group_layout_that_changed_is_named_by_parameter():
     assert "no longer trained: 1 (e.g. a.bias)" in group_layout_problem(then, [["a.weight", "b.weight"]])
 
 
+def test_each_group_steps_at_the_learning_rate_times_its_scale_and_a_gated_group_not_at_all():
+    """Layer-wise lr decay: the loop's learning rate reaches each group times its ``lr_scale``. AdamW's
+    first step moves every weight by about its group's rate (m / sqrt(v) = sign of the gradient), so a
+    group at scale 0.25 moves a quarter as far; a gated group (PAD's held-back predictor) stays put."""
+    from pretrain.engine.optim import UpdateHold, hold_gated_groups, set_lr
+
+    weights = [torch.nn.Parameter(torch.zeros(4)) for _ in range(3)]
+    groups = [{"params": [w], "lr_scale": scale, "weight_decay": 0.0, "gated": gated}
+              for w, scale, gated in zip(weights, (1.0, 0.25, 1.0), (False, False, True))]
+    optimizer = hold_gated_groups(torch.optim.AdamW(groups, lr=0.0), UpdateHold())
+    set_lr(optimizer, 0.1)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1, 0.025, 0.1])
+    for w in weights:
+        w.grad = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    optimizer.step()
+    signs = torch.tensor([-1.0, 1.0, -1.0, 1.0])
+    torch.testing.assert_close(weights[0].detach(), 0.1 * signs, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weights[1].detach(), 0.025 * signs, rtol=1e-4, atol=1e-6)
+    assert torch.equal(weights[2].detach(), torch.zeros(4)) and weights[2].grad is not None
+
+
 def test_a_resume_with_another_loader_worker_count_starts_the_new_workers_streams_afresh():
     from pretrain.engine.batching import fit_positions_to_workers
     from pretrain.engine.loop import new_state
