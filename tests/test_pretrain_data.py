@@ -1,4 +1,5 @@
 """The pre-training stream: determinism, rank balance, exact positions, bad input, mixing; the lr schedule."""
+import dataclasses
 import io
 import math
 import tarfile
@@ -98,8 +99,32 @@ def test_slots_split_each_pass_evenly_and_read_only_their_own_samples(shards, sl
     every = [k for keys in per_slot for k in keys]
     if slots <= 20:
         assert len(every) == len(set(every)) == 20
-    else:
+    else:  # the repeats spread over the pass, not piled on its first sample
         assert len(set(every)) == 20 and len(every) == slots
+        assert max(every.count(k) for k in every) <= -(-slots // 20) + 1
+
+
+def test_a_slot_reads_other_shards_each_epoch_and_each_pass(shards):
+    """The shard order is drawn anew for each epoch and each pass of a slot over its share, as a
+    distributed sampler reshuffles every epoch: a slot (a rank's loader worker) does not see the same
+    half of the corpus every epoch, nor a slot that cycles its share the same samples in each pass."""
+    stream = PretrainStream([shards], stream_cfg(1), seed=5)
+
+    def share(epoch: int, cycle: int) -> frozenset:
+        stream.set_position(epoch=epoch, start_batch=0)
+        return frozenset(s["__key__"] for s in stream._slot_pass(0, 0, 2, cycle, {"bad_shard_urls": []}))
+
+    assert share(0, 0) == share(0, 0) and len(share(0, 0)) == 10
+    assert len({share(epoch, 0) for epoch in range(4)}) > 1
+    assert len({share(0, cycle) for cycle in range(4)}) > 1
+    # one shard: each pass holds the same samples, shuffled in another order
+    one = dataclasses.replace(shards, urls=shards.urls[:1], samples=shards.shard_samples[0],
+                              shard_samples=shards.shard_samples[:1])
+    single = PretrainStream([one], stream_cfg(1), seed=5)
+    single.set_position(epoch=0, start_batch=0)
+    passes = single._slot_stream(0, 0, 1, {"bad_shard_urls": []})
+    first, second = ([next(passes)["__key__"] for _ in range(5)] for _ in range(2))
+    assert sorted(first) == sorted(second) and first != second
 
 
 def test_resume_at_saved_positions_replays_exactly(shards):
@@ -254,6 +279,10 @@ def test_weighted_mixing_of_shard_sets(shards, tmp_path):
     keys = [next(it)["__key__"] for it in [s._mixed_stream(0, 1, counters)] for _ in range(400)]
     share = np.mean([k.startswith("synth") for k in keys])
     assert abs(share - 0.75) < 0.06
+    # each slot draws its own sequence of sets (not every slot the same set at the same place)
+    slots = [[next(it)["__key__"].startswith("synth") for _ in range(50)]
+             for it in (s._mixed_stream(slot, 2, counters) for slot in range(2))]
+    assert slots[0] != slots[1]
 
 
 def test_missing_or_unfinished_shard_folder(tmp_path):
@@ -331,6 +360,38 @@ def test_undecodable_samples_are_bounded(tmp_path):
     with pytest.raises(DataError, match=f"{pretrain.data.MAX_CONSECUTIVE_BAD_SAMPLES} consecutive samples "
                                            r"failed to decode, the last: sample synth-\d+"):
         run(PretrainStream([garbage], stream_cfg(2), seed=0))
+    # every other frame garbage: the bound is on bad samples in a row, not in all; each is counted
+    with tarfile.open(good.urls[0]) as tin, tarfile.open(tmp_path / "half.tar", "w") as tout:
+        for m in tin:
+            data = tin.extractfile(m).read()
+            if m.name.split(".", 1)[1] in ("png", "npy") and int(m.name.split(".")[0].split("-")[1]) % 2:
+                data = b"garbage"
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+    half = ShardSet("half", (str(tmp_path / "half.tar"),), 6, shard_samples=(6,))
+    batches = run(PretrainStream([half], stream_cfg(4, batch_size=40), seed=0))
+    assert sum(b["bad_samples"] for b in batches) > pretrain.data.MAX_CONSECUTIVE_BAD_SAMPLES
+
+
+def test_each_slot_draws_its_own_crops(shards, monkeypatch):
+    """Sample i of two ranks' streams gets a crop and flip drawn from generators of their own (seeded
+    by rank and loader worker as well as the position), not the same draws on other frames."""
+    import pretrain.data
+
+    draws = []
+    real_crop = pretrain.data.object_sensitive_crop
+
+    def recording(image, proposals, rng, cfg):
+        draws.append(rng.bit_generator.state["state"]["state"])  # where the sample's generator starts
+        return real_crop(image, proposals, rng, cfg)
+
+    monkeypatch.setattr(pretrain.data, "object_sensitive_crop", recording)
+    per_rank = []
+    for rank in range(2):
+        draws.clear()
+        run(PretrainStream([shards], stream_cfg(2), seed=0, rank=rank, world_size=2))
+        per_rank.append(list(draws))
+    assert len(per_rank[0]) == len(per_rank[1]) == 4 and per_rank[0] != per_rank[1]
 
 
 def test_previews_skip_a_corrupt_frame_like_training_does(shards, tmp_path, capsys):
