@@ -226,25 +226,27 @@ def test_resume_needs_positions_and_the_same_worker_count(shards):
         run(s, start=2, positions=[4, 4, 4], workers=0)
 
 
-def _copy_with_bad_sample(src: str, dst: str) -> str:
-    """Same tar, with the frame (PNG or raw) of its second sample replaced by garbage; returns its key."""
+def _copy_with_bad_frames(src: str, dst: str, bad=lambda i: i == 1) -> list[str]:
+    """Same tar, with the frame (PNG or raw) of each sample i where ``bad(i)`` replaced by garbage
+    (by default the second's); returns their keys."""
     with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
-        names = []
+        names, replaced = [], []
         for m in tin:
             data = tin.extractfile(m).read()
             key = m.name.split(".")[0]
             if key not in names:
                 names.append(key)
-            if len(names) == 2 and m.name.split(".", 1)[1] in ("png", "npy"):
+            if bad(len(names) - 1) and m.name.split(".", 1)[1] in ("png", "npy"):
                 data = b"not a png at all"
+                replaced.append(key)
             m.size = len(data)
             tout.addfile(m, io.BytesIO(data))
-    return names[1]
+    return replaced
 
 
 def test_corrupt_samples_and_shards_are_counted_and_skipped(shards, tmp_path):
     bad_sample = tmp_path / "bad_sample.tar"
-    _copy_with_bad_sample(shards.urls[0], str(bad_sample))
+    _copy_with_bad_frames(shards.urls[0], str(bad_sample))
     truncated = tmp_path / "truncated.tar"
     data = open(shards.urls[1], "rb").read()
     truncated.write_bytes(data[: len(data) // 3])
@@ -349,25 +351,13 @@ def test_undecodable_samples_are_bounded(tmp_path):
     build_shards(load_sources(root / "synth" / "sources.yaml"),
                  load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false"]), root / "shards", progress=False)
     good = load_shard_set(str(root / "shards"))
-    with tarfile.open(good.urls[0]) as tin, tarfile.open(tmp_path / "garbage.tar", "w") as tout:
-        for m in tin:
-            data = tin.extractfile(m).read()
-            if m.name.split(".", 1)[1] in ("png", "npy"):
-                data = b"garbage"
-            m.size = len(data)
-            tout.addfile(m, io.BytesIO(data))
+    _copy_with_bad_frames(good.urls[0], str(tmp_path / "garbage.tar"), bad=lambda i: True)
     garbage = ShardSet("garbage", (str(tmp_path / "garbage.tar"),), 6, shard_samples=(6,))
     with pytest.raises(DataError, match=f"{pretrain.data.MAX_CONSECUTIVE_BAD_SAMPLES} consecutive samples "
                                            r"failed to decode, the last: sample synth-\d+"):
         run(PretrainStream([garbage], stream_cfg(2), seed=0))
     # every other frame garbage: the bound is on bad samples in a row, not in all; each is counted
-    with tarfile.open(good.urls[0]) as tin, tarfile.open(tmp_path / "half.tar", "w") as tout:
-        for m in tin:
-            data = tin.extractfile(m).read()
-            if m.name.split(".", 1)[1] in ("png", "npy") and int(m.name.split(".")[0].split("-")[1]) % 2:
-                data = b"garbage"
-            m.size = len(data)
-            tout.addfile(m, io.BytesIO(data))
+    assert len(_copy_with_bad_frames(good.urls[0], str(tmp_path / "half.tar"), bad=lambda i: i % 2)) == 3
     half = ShardSet("half", (str(tmp_path / "half.tar"),), 6, shard_samples=(6,))
     batches = run(PretrainStream([half], stream_cfg(4, batch_size=40), seed=0))
     assert sum(b["bad_samples"] for b in batches) > pretrain.data.MAX_CONSECUTIVE_BAD_SAMPLES
@@ -400,7 +390,7 @@ def test_previews_skip_a_corrupt_frame_like_training_does(shards, tmp_path, caps
     from pretrain.preview import fixed_frames
 
     bad = tmp_path / "bad.tar"
-    bad_key = _copy_with_bad_sample(shards.urls[0], str(bad))
+    [bad_key] = _copy_with_bad_frames(shards.urls[0], str(bad))
     frames = fixed_frames([str(bad), str(tmp_path / "missing.tar"), *shards.urls[1:]], 6, (32, 48), 0.3801, 0.1871)
     assert frames.shape == (6, 1, 32, 48)
     err = capsys.readouterr().err
