@@ -301,13 +301,19 @@ def parse_ranker(text: str, source: str = "ranker") -> Ranker:
 
 @lru_cache(maxsize=8)
 def _load_cached(path: str, modified_ns: int, size: int) -> Ranker:
-    return parse_ranker(Path(path).read_text(), path)
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise _bad(path, "not text (an image or an archive?); proposals-fit writes a JSON file") from None
+    return parse_ranker(text, path)
 
 
 def load_ranker(path: str | Path) -> Ranker:
     """The ranker in ``path``, read and checked once per process and version of the file (every
     frame's config asks for it; a stat, not a read, tells a rewritten file)."""
     path = Path(path)
+    if path.is_dir():
+        raise RankerError(f"proposals.ranker: {path} is a folder; name the JSON file proposals-fit wrote in it")
     if not path.is_file():
         raise RankerError(f"proposals.ranker: no such file {path} (fit one with python -m data_tools proposals-fit)")
     stat = path.stat()

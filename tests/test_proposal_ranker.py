@@ -131,6 +131,11 @@ def test_the_fitted_method_needs_its_ranker_and_the_candidates_it_was_fitted_on(
         ProposalConfig(method="thermal_blobs_fitted")
     with pytest.raises(ValueError, match="no such file"):
         ProposalConfig(method="thermal_blobs_fitted", ranker=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="is a folder; name the JSON file proposals-fit wrote in it"):
+        ProposalConfig(method="thermal_blobs_fitted", ranker=str(tmp_path))
+    (tmp_path / "frame.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))  # not UTF-8
+    with pytest.raises(ValueError, match=r"frame.png: not a usable proposal ranker: not text \(an image"):
+        ProposalConfig(method="thermal_blobs_fitted", ranker=str(tmp_path / "frame.png"))
     with pytest.raises(ValueError, match="blob_size_power=0.75 \\(now 0.5\\)"):
         ProposalConfig(method="thermal_blobs_fitted", ranker=str(msrs_ranker), blob_size_power=0.5)
     # A ranker written before the texture weight existed was fitted without it.
