@@ -46,7 +46,7 @@ def test_coco_metrics_on_hand_made_predictions():
     gt_a = _gt([[[10, 10, 110, 110]]], [[0]])
     m = coco_metrics(gt_a, coco_results(1, [[10, 22, 110, 122]], [0.9], [0]))
     assert m["AP50"] == pytest.approx(1.0) and m["AP75"] == pytest.approx(1.0)
-    assert m["AP"] == pytest.approx(6 / 10)
+    assert m["AP"] == pytest.approx(6 / 10) and m["per_class_AP"]["a"] == pytest.approx(6 / 10)  # 0.5:0.95 too
     m = coco_metrics(gt_a, coco_results(1, [[10, 48, 110, 148]], [0.9], [0]))
     assert m["AP"] == pytest.approx(0.0) and m["AP50"] == pytest.approx(0.0)
     # nothing detected: pycocotools' own figures and keys (a 100x100 object: no small or medium one)
@@ -85,6 +85,11 @@ def test_log_average_miss_rate_and_ignore_regions_on_hand_made_detections():
     assert coco_metrics(coco_ground_truth(frames, ["a", "b"]), results)["MR"] == pytest.approx(
         np.exp(4 * np.log(2 / 7) / 9))
     assert coco_metrics(coco_ground_truth(frames, ["a", "b"]), [])["MR"] == 1.0
+    # An ignore region holds for every class: a 'b' detection on it, above b's one hit, is no false positive
+    region = [dict(frames[0], boxes=np.array([[10, 10, 50, 90]]), labels=np.array([1]),
+                   ignore=np.array([[60, 0, 100, 100]]))]
+    on_region = coco_results(1, [[60, 10, 90, 40]], [0.9], [1]) + coco_results(1, [[10, 10, 50, 90]], [0.8], [1])
+    assert coco_metrics(coco_ground_truth(region, ["a", "b"]), on_region)["per_class_AP"]["b"] == pytest.approx(1.0)
     # The miss rate's matching is at IoU 0.5: a box at IoU 0.509 (2,160 / 4,240) finds its object
     one = [dict(frames[0], boxes=np.array([[10, 10, 50, 90]]), labels=np.array([0]))]
     m = coco_metrics(coco_ground_truth(one, ["a", "b"]), coco_results(1, [[23, 10, 63, 90]], [0.9], [0]))
