@@ -371,6 +371,59 @@ def test_stride_per_sequence_folder_and_natural_sort(tmp_path):
     assert [it.sequence for it in items] == ["seq2"] * 3 + ["seq10"] * 3
 
 
+def test_grey_stored_as_colour_is_grey_up_to_the_tolerance_and_colour_past_it():
+    """`image.grey_tolerance` (2 by default): channels at most that far apart are one grey frame stored
+    three times (as JPEG encoders leave them), one more is colour, converted to luma and reported."""
+    from data_tools.imageio import to_single_channel
+
+    grey = _scene()
+    grey[10, 10] = 100  # room for the spread below 255
+    for spread, colour in ((2, "grey_rgb"), (3, "colour")):
+        bgr = np.stack([grey, grey, grey], axis=2).astype(np.int32)
+        bgr[10, 10] += (0, spread, 0)  # one pixel's green channel, the rest equal
+        image, said, _ = to_single_channel(np.clip(bgr, 0, 255).astype(np.uint8), 2)
+        assert said == colour and image.shape == grey.shape
+    # a JPEG some recorders pad after its end marker (zeros, a line end) is whole, not truncated
+    from data_tools.imageio import decode_frame
+
+    jpeg = cv2.imencode(".jpg", grey)[1].tobytes()
+    assert decode_frame(jpeg + b"\x00" * 600 + b"\r\n").image.shape == grey.shape
+    with pytest.raises(SkipSample, match="truncated"):
+        decode_frame(jpeg[:-600])
+    # luma weighs red, green and blue 0.299, 0.587, 0.114 (BT.601); OpenCV stores blue first
+    blue, red = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)
+    blue[..., 0], red[..., 2] = 200, 200
+    assert to_single_channel(blue, 2)[0][0, 0] == 23 and to_single_channel(red, 2)[0][0, 0] == 60
+
+
+def test_label_maps_are_2_to_16_values_each_a_class_index_below_64_or_255():
+    """A dataset's label folder read as frames: 2-16 distinct values, each a small class index (< 64),
+    255 or the type's maximum. A dark infrared frame holds more values, or larger ones."""
+    from data_tools.imageio import label_map_values
+
+    def frame(values):
+        return np.resize(np.array(values, np.uint8), (32, 40))
+
+    assert label_map_values(frame(list(range(16)))).tolist() == list(range(16))  # MFNet-like: 9 classes and more
+    assert label_map_values(frame([0, 40, 63, 255])).tolist() == [0, 40, 63, 255]
+    assert label_map_values(frame(list(range(17)))) is None and label_map_values(frame([0, 64])) is None
+    assert label_map_values(frame([7])) is None  # one value: a blank frame, said as such
+    assert label_map_values(np.resize(np.array([0, 1, 65535], np.uint16), (32, 40))).tolist() == [0, 1, 65535]
+
+
+def test_a_visible_frame_reads_as_red_green_blue_and_16_bit_as_its_high_byte(tmp_path):
+    from data_tools.imageio import read_rgb
+
+    bgr = np.zeros((8, 10, 3), np.uint8)
+    bgr[..., 0], bgr[..., 1], bgr[..., 2] = 10, 20, 30  # OpenCV's order: blue, green, red
+    cv2.imwrite(str(tmp_path / "colour.png"), bgr)
+    cv2.imwrite(str(tmp_path / "deep.png"), (bgr.astype(np.uint16) << 8) + 0x7F)
+    cv2.imwrite(str(tmp_path / "grey.png"), bgr[..., 1])
+    for name, expected in (("colour.png", [30, 20, 10]), ("deep.png", [30, 20, 10]), ("grey.png", [20, 20, 20])):
+        rgb = read_rgb(str(tmp_path / name))
+        assert rgb.dtype == np.uint8 and rgb.shape == (8, 10, 3) and rgb[3, 4].tolist() == expected, name
+
+
 def test_border_crop_moves_boxes_and_records_crop(tmp_path):
     root = tmp_path / "frames"
     root.mkdir()
