@@ -69,30 +69,72 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _allowed_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
-    """The keys the section at ``loc`` (the parent of an unknown key) declares."""
+def _section_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The section (model) that holds the key at the end of ``loc``."""
     import typing
 
     model = schema
-    for part in loc:
+    for part in loc[:-1]:
         if not isinstance(part, str):
             continue
         field = model.model_fields.get(part)
         if field is None:
-            return []
+            return None
         candidates = [field.annotation, *typing.get_args(field.annotation)]
         nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
         if not nested:
-            return []
+            return None
         model = nested[0]
-    return sorted(model.model_fields)
+    return model
+
+
+def _keys(section: type[BaseModel]) -> list[str]:
+    """The keys ``section`` takes, each alias of a key included (``glob`` and ``globs``)."""
+    from pydantic import AliasChoices
+
+    keys = []
+    for name, field in section.model_fields.items():
+        alias = field.validation_alias
+        keys += [c for c in alias.choices if isinstance(c, str)] if isinstance(alias, AliasChoices) else [name]
+    return sorted(keys)
 
 
 def _key_path(loc: tuple) -> str:
     path = ""
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(top level)"
+    return path
+
+
+def _described(schema: type[BaseModel], loc: tuple) -> str:
+    """The path of the key ``loc`` names, with the key's description where its schema gives one:
+    ``channel (0-based, in stored order B, G, R, A)``."""
+    keys = [i for i, part in enumerate(loc) if isinstance(part, str)]
+    if keys:
+        section = _section_at(schema, loc[:keys[-1] + 1])
+        field = section.model_fields.get(loc[keys[-1]]) if section is not None else None
+        if field is not None and field.description:
+            return f"{_key_path(loc)} ({field.description})"
+    return _key_path(loc)
+
+
+def schema_problems(error: ValidationError, schema: type[BaseModel]) -> list[str]:
+    """One line per problem of ``error``, each naming the key's path: ``train.epochs: Input should
+    be greater than 0 (got 0)``; a problem of the whole section is said alone."""
+    lines = []
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            section = _section_at(schema, loc)
+            allowed = _keys(section) if section is not None else []
+            what = "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        elif err["type"] == "missing":
+            what = "missing"
+        else:  # a validator's own words stand without pydantic's "Value error, "
+            text = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+            what = text + (f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else "")
+        lines.append(f"{_described(schema, loc)}: {what}" if loc else what)
+    return lines
 
 
 def check_config(cfg: DictConfig | dict, schema: type[BaseModel], source: str = "config") -> BaseModel:
@@ -101,17 +143,7 @@ def check_config(cfg: DictConfig | dict, schema: type[BaseModel], source: str = 
     try:
         return schema.model_validate(to_container(cfg))
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = tuple(err["loc"])
-            if err["type"] == "extra_forbidden":
-                allowed = _allowed_keys(schema, loc[:-1])
-                lines.append(f"{_key_path(loc)}: unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else ""))
-            elif err["type"] == "missing":
-                lines.append(f"{_key_path(loc)}: missing")
-            else:
-                got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else ""
-                lines.append(f"{_key_path(loc)}: {err['msg']}{got}")
+        lines = schema_problems(e, schema)
         raise ConfigError(f"{source} does not fit its schema ({schema.__name__}):\n  " + "\n  ".join(lines)) from None
 
 

@@ -16,19 +16,19 @@ from typing import Any
 
 import yaml
 
-from data_tools.config import yaml_problem
+from pydantic import ValidationError
+
+from data_tools.config import schema_problems, yaml_problem
 from data_tools.files import file_not_folder, folder_kind, folders_below
-from data_tools.walk import split_pattern, walk_matching
+from data_tools.schema import DEFAULT_GLOBS, SourceBoxesSchema, SourceMasksSchema, SourceSchema
+from data_tools.walk import walk_matching
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".pnm")
-BOX_FORMATS = ("coco", "yolo", "voc", "bbgt")  # what a source's (or a fine-tuning split's) boxes may be
 
 # Recordings the builder does not decode (it reads frames): counted and named, never silently passed
 # over. FLIR's radiometric .seq / .csq / .ats need the camera vendor's tools to become frames.
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".ts",
                     ".seq", ".csq", ".ats")
-DEFAULT_GLOBS = ("**/*",)  # every file with an image extension, recursively
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 class SourceError(ValueError):
@@ -96,107 +96,30 @@ def natural_key(text: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # YAML's `true` is not a count
-
-
-def _integer(d: dict, key: str, name: str, default: int | None, minimum: int, what: str = "") -> int | None:
-    """``d[key]`` as a whole number >= ``minimum``: a fraction, a word, a list or a boolean is refused
-    (``stride: 2.7`` would otherwise keep every 2nd frame, ``stride: true`` every one)."""
-    if key not in d:
-        return default
-    value = d.pop(key)
-    if value is None and default is None:
-        return None
-    if not _is_int(value) or value < minimum:
-        raise SourceError(f"source '{name}': {key} must be a whole number >= {minimum}{what}, got {value!r}")
-    return value
-
-
-def _names(value: Any, name: str, key: str) -> tuple[str, ...]:
-    """A list of labels (a single word is refused: ``classes: person`` would read as six letters)."""
-    value = value or ()
-    if isinstance(value, (str, int, dict)) or not all(isinstance(c, (str, int)) and not isinstance(c, bool)
-                                                       for c in value):
-        raise SourceError(f"source '{name}': {key} must be a list of labels, got {value!r} (write [person, car])")
-    return tuple(str(c) for c in value)
-
-
-def _border(value: Any, name: str) -> tuple[int, int, int, int]:
-    if value is None:
-        return (0, 0, 0, 0)
-    if _is_int(value):
-        values = [value] * 4
-    else:
-        values = list(value) if isinstance(value, (list, tuple)) else []
-        if len(values) == 2:  # (vertical, horizontal)
-            values = [values[0], values[0], values[1], values[1]]
-    if len(values) != 4 or any(not _is_int(v) or v < 0 for v in values):
-        raise SourceError(f"source '{name}': border_crop must be an int >= 0, [v, h] or "
-                          f"[top, bottom, left, right], got {value!r}")
-    return tuple(values)  # type: ignore[return-value]
-
-
 def _resolve(base_dir: Path, value) -> Path:
     """A path of the sources file: ``~/`` is the home folder, a relative one is under ``base_dir``."""
     return (base_dir / os.path.expanduser(str(value))).resolve()
 
 
-def source_from_dict(d: dict[str, Any], base_dir: Path) -> Source:
-    d = dict(d)
-    name = str(d.pop("name", ""))
-    if not _NAME_RE.match(name):
-        raise SourceError(f"source name {name!r} must be letters, digits, '_' or '-'")
-    if "root" not in d:
-        raise SourceError(f"source '{name}': 'root' is required")
-    root = _resolve(base_dir, d.pop("root"))
-    globs = d.pop("glob", d.pop("globs", DEFAULT_GLOBS))
-    globs = tuple(globs) if isinstance(globs, (list, tuple)) else (globs,)
-    for pattern in globs:
-        if (not isinstance(pattern, str) or not pattern.strip() or os.path.isabs(pattern)
-                or ".." in split_pattern(pattern)):
-            raise SourceError(f"source '{name}': glob {pattern!r} must be a pattern below the root (`*.png`, "
-                              "`**/lwir/*.jpg`); for frames elsewhere, move the root or add a source")
-    stride = _integer(d, "stride", name, 1, minimum=1)
-    sort = str(d.pop("sort", "natural"))
-    if sort not in ("natural", "lexical"):
-        raise SourceError(f"source '{name}': sort must be 'natural' or 'lexical'")
-    border = _border(d.pop("border_crop", None), name)
-    black = d.pop("black_threshold", None)
-    if black is not None and (not isinstance(black, (int, float)) or isinstance(black, bool)):
-        raise SourceError(f"source '{name}': black_threshold must be a number (the largest value of a frame "
-                          f"dropped as black), got {black!r}")
-    expected = _integer(d, "expected_frames", name, None, minimum=1)
-    channel = _integer(d, "channel", name, None, minimum=0, what=" (0-based, in stored order B, G, R, A)")
-    anns = []
-    for key in ("boxes", "masks"):
-        spec = d.pop(key, None)
-        if spec is None:
-            continue
-        if not isinstance(spec, dict):
-            raise SourceError(f"source '{name}': {key} must be a mapping of its options ({key}: {{format: ..., "
-                              f"path: ...}}), got {spec!r}")
-        spec = dict(spec)
-        fmt = "mask" if key == "masks" else str(spec.pop("format", ""))
-        if fmt not in (*BOX_FORMATS, "mask"):
-            raise SourceError(f"source '{name}': boxes.format must be one of {', '.join(BOX_FORMATS)}")
-        if "path" not in spec:
-            raise SourceError(f"source '{name}': {key}.path is required (the folder or file of the {key})")
-        path = _resolve(base_dir, spec.pop("path"))
-        ignore = spec.pop("ignore_classes", ()) if key == "boxes" else ()  # masks carry no labels
-        ignore_classes = _names(ignore, name, f"{key}.ignore_classes")
-        classes = _names(spec.pop("classes", ()), name, f"{key}.classes")
-        suffix = spec.pop("suffix", ".png" if fmt == "mask" else "")
-        if not isinstance(suffix, str):
-            raise SourceError(f"source '{name}': {key}.suffix must be text (the end of the file names, "
-                              f"'_mask.png'), got {suffix!r}")
-        anns.append(AnnotationSpec(fmt, str(path), suffix, classes, ignore_classes))
-        if spec:
-            raise SourceError(f"source '{name}': unknown {key} option(s) {sorted(spec)}")
-    if d:
-        raise SourceError(f"source '{name}': unknown option(s) {sorted(d)}")
-    return Source(name, str(root), globs, stride, sort, border,
-                  None if black is None else float(black), tuple(anns), expected, channel)
+def _annotation(spec: SourceBoxesSchema | SourceMasksSchema, base_dir: Path) -> AnnotationSpec:
+    boxes = isinstance(spec, SourceBoxesSchema)
+    return AnnotationSpec(spec.format if boxes else "mask", str(_resolve(base_dir, spec.path)), spec.suffix,
+                          tuple(spec.classes), tuple(spec.ignore_classes) if boxes else ())
+
+
+def source_from_dict(d: Any, base_dir: Path, number: int = 1) -> Source:
+    """One entry of a sources file (the ``number``-th) as a ``Source``, its paths under ``base_dir``;
+    an entry that does not fit ``SourceSchema`` is refused naming the source and each key at fault."""
+    try:
+        entry = SourceSchema.model_validate(d)
+    except ValidationError as e:
+        name = d.get("name") if isinstance(d, dict) else None
+        named = isinstance(name, (str, int)) and not isinstance(name, bool) and str(name)
+        which = f"source {str(name)!r}" if named else f"source #{number}"
+        raise SourceError(f"{which}: " + "\n  ".join(schema_problems(e, SourceSchema))) from None
+    anns = tuple(_annotation(spec, base_dir) for spec in (entry.boxes, entry.masks) if spec is not None)
+    return Source(entry.name, str(_resolve(base_dir, entry.root)), tuple(entry.globs), entry.stride, entry.sort,
+                  entry.border_crop, entry.black_threshold, anns, entry.expected_frames, entry.channel)
 
 
 def load_sources(path: str | Path, root: str | Path | None = None) -> list[Source]:
@@ -221,7 +144,7 @@ def load_sources(path: str | Path, root: str | Path | None = None) -> list[Sourc
     if root is not None and not Path(root).is_dir():
         raise SourceError(f"sources root {root} is not a folder")
     base = Path(root).expanduser().resolve() if root is not None else path.parent.resolve()
-    sources = [source_from_dict(e, base) for e in entries]
+    sources = [source_from_dict(e, base, number) for number, e in enumerate(entries, 1)]
     names = [s.name for s in sources]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

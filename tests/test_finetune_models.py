@@ -696,7 +696,7 @@ def test_a_segmentation_head_type_not_registered_is_refused_by_name():
     from finetune.models.segmentor import SegHeadConfig, Segmentor
     from finetune.schema import SegConfig
 
-    with pytest.raises(ConfigError, match=r"model.head.type: Value error, segmentation head type must be one of "
+    with pytest.raises(ConfigError, match=r"model.head.type: segmentation head type must be one of "
                                           r"\('linear', 'segformer', 'upernet'\), got 'fcn'"):
         check_config(load_config(SEG, ["model.head.type=fcn"]), SegConfig)
     with pytest.raises(ConfigError, match=r"model: .*out_indices \[11\]: the neck under UperNet turns 4 block outputs"):

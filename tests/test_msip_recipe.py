@@ -106,5 +106,5 @@ def test_a_matching_count_is_quiet(tmp_path, capsys):
     manifest = build_shards(load_sources(src), cfg, tmp_path / "out", progress=False)
     assert manifest["sources"]["cam"]["expected_frames"] == 2 and "recipe expects" not in capsys.readouterr().err
     src.write_text("sources:\n  - {name: cam, root: cam, expected_frames: many}\n")
-    with pytest.raises(SourceError, match="expected_frames must be a whole number >= 1"):
+    with pytest.raises(SourceError, match="expected_frames: Input should be a valid integer"):
         load_sources(src)

@@ -1,6 +1,7 @@
 """Every bad input the shard builder handles: skipped or reported with its reason, never lost."""
 import json
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -322,34 +323,61 @@ def test_unknown_override_and_source_option_are_errors(tmp_path):
     with pytest.raises(KeyError, match="no key 'shards.max_sample'"):
         load_config(DEFAULT_BUILD_CONFIG, ["shards.max_sample=3"])
     (tmp_path / "s.yaml").write_text("sources:\n  - {name: a, root: ., strde: 2}\n")
-    with pytest.raises(SourceError, match="unknown option"):
+    with pytest.raises(SourceError, match=r"source 'a': strde: unknown key \(allowed: black_threshold, border_crop, "
+                                          "boxes, channel, expected_frames, glob, globs, masks, name, root, sort, "
+                                          "stride\\)"):
         load_sources(tmp_path / "s.yaml")
     # The folder of the boxes is 'path' (the frames' folder is 'root'): a clear refusal, not a KeyError.
     (tmp_path / "s.yaml").write_text("sources:\n  - {name: a, root: ., boxes: {format: yolo, root: labels}}\n")
-    with pytest.raises(SourceError, match=r"source 'a': boxes.path is required"):
+    with pytest.raises(SourceError, match=r"source 'a': boxes.path \(the folder or file of the boxes\): missing"):
         load_sources(tmp_path / "s.yaml")
 
 
-@pytest.mark.parametrize("option,value,said", [
-    ("stride", 2.7, "stride must be a whole number >= 1, got 2.7"),  # int() kept every 2nd frame
-    ("stride", True, "stride must be a whole number >= 1, got True"),  # int() kept every frame
-    ("stride", "abc", "stride must be a whole number >= 1, got 'abc'"),
-    ("stride", [2], r"stride must be a whole number >= 1, got \[2\]"),  # was a TypeError's traceback
-    ("stride", 0, "stride must be a whole number >= 1, got 0"),
-    ("stride", None, "stride must be a whole number >= 1, got None"),  # `stride:` left empty
-    ("expected_frames", "1000", "expected_frames must be a whole number >= 1, got '1000'"),
-    ("channel", -1, "channel must be a whole number >= 0"),
-    ("black_threshold", "dark", "black_threshold must be a number"),
-    ("black_threshold", [3], "black_threshold must be a number"),
-    ("border_crop", True, "border_crop must be an int >= 0"),
-    ("boxes", "labels", r"boxes must be a mapping of its options \(boxes: \{format: ..., path: ...\}\), got 'labels'"),
-    ("boxes", {"format": "yolo", "path": "l", "classes": "person"},  # was six classes: p, e, r, s, o, n
-     r"boxes.classes must be a list of labels, got 'person' \(write \[person, car\]\)"),
-    ("masks", {"path": "m", "suffix": 1}, "masks.suffix must be text"),
+BORDER = "border_crop (an int >= 0, [v, h] or [top, bottom, left, right])"
+
+
+@pytest.mark.parametrize("entry,said", [
+    ({"stride": 2.7}, "stride: Input should be a valid integer (got 2.7)"),  # int() kept every 2nd frame
+    ({"stride": True}, "stride: Input should be a valid integer (got True)"),  # int() kept every frame
+    ({"stride": "abc"}, "stride: Input should be a valid integer (got 'abc')"),
+    ({"stride": [2]}, "stride: Input should be a valid integer (got [2])"),  # was a TypeError's traceback
+    ({"stride": 0}, "stride: Input should be greater than 0 (got 0)"),
+    ({"stride": None}, "stride: Input should be a valid integer (got None)"),  # `stride:` left empty
+    ({"expected_frames": "1000"}, "expected_frames: Input should be a valid integer (got '1000')"),
+    ({"channel": -1}, "channel (0-based, in stored order B, G, R, A): Input should be greater than or equal to 0 "
+                      "(got -1)"),
+    ({"black_threshold": "dark"}, "black_threshold (the largest value of a frame dropped as black): Input should "
+                                  "be a valid number (got 'dark')"),
+    ({"black_threshold": [3]}, "black_threshold (the largest value of a frame dropped as black): Input should "
+                               "be a valid number (got [3])"),
+    ({"border_crop": True}, f"{BORDER}: Input should be a valid tuple (got True)"),
+    ({"border_crop": [1, 2, 3]}, f"{BORDER}: 3 values (got [1, 2, 3])"),
+    ({"border_crop": [1, -2]}, "border_crop[2] (an int >= 0, [v, h] or [top, bottom, left, right]): Input should "
+                               "be greater than or equal to 0 (got -2)"),
+    ({"boxes": "labels"}, "boxes ({format: coco|yolo|voc|bbgt, path: ...}): Input should be a valid dictionary"),
+    ({"boxes": {"format": "yolo", "path": "l", "classes": "person"}},  # was six classes: p, e, r, s, o, n
+     "boxes.classes (the labels in index order, [person, car]): Input should be a valid list (got 'person')"),
+    ({"boxes": {"format": "yolo", "path": "l", "classes": ["person", True]}},
+     "boxes.classes[1] (the labels in index order, [person, car]): Input should be a valid string (got True)"),
+    ({"masks": {"path": "m", "suffix": 1}}, "masks.suffix (the end of the mask files' names, '_mask.png'): Input "
+                                            "should be a valid string (got 1)"),
+    ({"glob": "*.png", "globs": ["*.jpg"]}, "give glob or globs, not both"),  # one of them was dropped unsaid
+    ({"glob": 3}, "glob[0]: Input should be a valid string (got 3)"),
+    ({"glob": []}, "glob: Value should have at least 1 item after validation, not 0 (got [])"),  # matched nothing
+    ({"root": None}, "root (the folder of the frames): Input should be a valid string (got None)"),  # was ./None
 ])
-def test_a_source_option_of_the_wrong_kind_is_refused_naming_the_source(tmp_path, option, value, said):
-    with pytest.raises(SourceError, match=f"source 'a': {said}"):
-        source_from_dict({"name": "a", "root": ".", option: value}, tmp_path)
+def test_a_source_option_of_the_wrong_kind_is_refused_naming_the_source(tmp_path, entry, said):
+    with pytest.raises(SourceError, match=re.escape(f"source 'a': {said}")):
+        source_from_dict({"name": "a", "root": ".", **entry}, tmp_path)
+
+
+def test_a_source_entry_without_a_name_is_named_by_its_place(tmp_path):
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: a, root: .}\n  - {root: b}\n  - frames\n")
+    with pytest.raises(SourceError, match=re.escape("source #2: name (letters, digits, '_' or '-'): missing")):
+        load_sources(tmp_path / "s.yaml")
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: a, root: .}\n  - frames\n")
+    with pytest.raises(SourceError, match=re.escape("source #2: Input should be a valid dictionary")):
+        load_sources(tmp_path / "s.yaml")
 
 
 def test_source_options_of_the_right_kind_are_kept(tmp_path):
@@ -358,6 +386,13 @@ def test_source_options_of_the_right_kind_are_kept(tmp_path):
                               tmp_path)
     assert (source.stride, source.black_threshold, source.expected_frames, source.channel) == (3, 2.0, 10, 0)
     assert source.annotations[0].classes == ("person", "7")
+    # YAML reads a folder or a name of digits as a number: it is its text
+    year = source_from_dict({"name": 2020, "root": 2020, "glob": "*.png", "border_crop": [4, 8]}, tmp_path)
+    assert (year.name, year.root, year.globs, year.border_crop) == ("2020", str(tmp_path / "2020"), ("*.png",),
+                                                                     (4, 4, 8, 8))
+    with pytest.raises(SourceError, match=re.escape("source #1: name (letters, digits, '_' or '-'): Input should be "
+                                                    "a valid string (got True)")):
+        source_from_dict({"name": True, "root": "."}, tmp_path)
 
 
 def test_stride_per_sequence_folder_and_natural_sort(tmp_path):
@@ -532,7 +567,8 @@ def test_a_4_channel_frame_reads_the_channel_the_source_names(tmp_path, capsys):
     assert meta["colour"] == "channel"
     none = json.loads((tmp_path / "none" / "manifest.json").read_text())
     assert none["totals"]["written"] == 0 and none["skipped"][0]["reason"] == "no_such_channel"
-    with pytest.raises(SourceError, match=r"channel must be a whole number >= 0 \(0-based"):
+    with pytest.raises(SourceError, match=r"channel \(0-based, in stored order B, G, R, A\): Input should be a "
+                                          "valid integer"):
         source_from_dict({"name": "x", "root": "images", "channel": "alpha"}, tmp_path)
 
 
@@ -545,9 +581,10 @@ def test_ignore_classes_is_a_list_of_labels_and_leaves_the_build_as_it_was(tmp_p
     with_it = source_from_dict(ignoring, tmp_path)
     assert with_it.annotations[0].ignore_classes == ("people", "person?")
     assert with_it.describe() == source_from_dict(plain, tmp_path).describe()
-    with pytest.raises(SourceError, match=r"boxes.ignore_classes must be a list of labels, got 'people'"):
+    with pytest.raises(SourceError, match=r"boxes.ignore_classes \(labels of ignore regions, \[people\]\): Input "
+                                          "should be a valid list \\(got 'people'\\)"):
         source_from_dict({**plain, "boxes": {**plain["boxes"], "ignore_classes": "people"}}, tmp_path)
-    with pytest.raises(SourceError, match=r"unknown masks option\(s\) \['ignore_classes'\]"):
+    with pytest.raises(SourceError, match=r"masks.ignore_classes: unknown key \(allowed: classes, path, suffix\)"):
         source_from_dict({**plain, "masks": {"path": "m", "ignore_classes": ["people"]}}, tmp_path)
 
 
@@ -778,7 +815,8 @@ def test_annotation_paths_that_would_give_no_boxes_silently_are_errors(tmp_path,
 def test_a_box_format_the_builder_does_not_read_is_refused_naming_those_it_does(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text("sources:\n  - {name: cam, root: frames, boxes: {format: kitti, path: labels}}\n")
     assert cli_main(["build", "--sources", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 2
-    assert "source 'cam': boxes.format must be one of coco, yolo, voc, bbgt" in capsys.readouterr().err
+    assert ("source 'cam': boxes.format: Input should be 'coco', 'yolo', 'voc' or 'bbgt' (got 'kitti')"
+            in capsys.readouterr().err)
 
 
 def test_a_sources_file_yaml_cannot_read_is_one_line_naming_where(tmp_path, capsys):
@@ -889,7 +927,7 @@ def test_a_folder_that_cannot_be_listed_is_counted(tmp_path, monkeypatch, capsys
     assert per["unreadable_folders"] == 1 and per["written"] == 2
 
 
-@pytest.mark.parametrize("pattern", ["../other/*.png", "/data/*.png", "a/../../*.png", "", 3])
+@pytest.mark.parametrize("pattern", ["../other/*.png", "/data/*.png", "a/../../*.png", "", ["*.png", "/x/*.png"]])
 def test_a_glob_outside_the_root_is_refused(tmp_path, pattern):
     with pytest.raises(SourceError, match="must be a pattern below the root"):
         source_from_dict({"name": "cam", "root": "frames", "glob": pattern}, tmp_path)
