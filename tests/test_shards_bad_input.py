@@ -588,6 +588,22 @@ def test_ignore_classes_is_a_list_of_labels_and_leaves_the_build_as_it_was(tmp_p
         source_from_dict({**plain, "masks": {"path": "m", "ignore_classes": ["people"]}}, tmp_path)
 
 
+def test_text_that_starts_like_netpbm_and_float_frames_are_named_skips(tmp_path):
+    """A Netpbm signature is two bytes and white space: a note reading `P5X...` (or `P2:`) is not a
+    frame; a 32-bit float TIFF decodes but is neither 8- nor 16-bit, so it is skipped by that name."""
+    from data_tools.imageio import SkipSample, decode_raw, sniff_format
+
+    assert sniff_format(b"P5\n2 2\n255\n" + bytes(4)) == "pnm" and sniff_format(b"P2 2 1 255 0 9") == "pnm"
+    for note in (b"P5X notes", b"P2:todo"):
+        with pytest.raises(SkipSample) as e:
+            sniff_format(note)
+        assert e.value.reason == "not_an_image"
+    cv2.imwrite(str(tmp_path / "float.tif"), np.full((40, 40), 0.5, np.float32))
+    with pytest.raises(SkipSample) as e:
+        decode_raw((tmp_path / "float.tif").read_bytes())
+    assert (e.value.reason, e.value.detail) == ("unsupported_dtype", "float32")
+
+
 def test_tiff_bmp_and_netpbm_8_and_16_bit_round_trip(tmp_path):
     root = tmp_path / "f"
     root.mkdir()
