@@ -222,6 +222,8 @@ def crop_border(image: np.ndarray, border: tuple[int, int, int, int]) -> np.ndar
 
 def decode_png(data: bytes) -> np.ndarray:
     """Decode a shard's lossless image exactly as stored (uint8 or uint16, one channel)."""
+    if not data:  # OpenCV asserts on an empty buffer (cv2.error, no ValueError): a damaged sample, said as one
+        raise ValueError("image member is empty")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ValueError("image bytes do not decode as PNG")

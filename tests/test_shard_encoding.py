@@ -175,3 +175,137 @@ def test_real_frames_raw_equals_png(tmp_path):
     assert [s["first_key"] for s in png["shards"]] == [s["first_key"] for s in raw["shards"]]
     a, b = _batches(tmp_path / "png", batches=1), _batches(tmp_path / "raw", batches=1)
     assert torch.equal(a[0]["images"], b[0]["images"])
+
+
+@pytest.mark.parametrize("members,said", [
+    ({"png": b""}, "ValueError: image member is empty"),  # was OpenCV's assertion, a crash of the loader
+    ({"png": b"\x89PNG\r\n\x1a\n" + bytes(40)}, "ValueError: image bytes do not decode as PNG"),
+    ({"npy": b""}, "EOFError: No data left in file"),  # numpy's word for an empty .npy
+    ({"npy": "cut"}, "ValueError: EOF: reading array data"),
+    ({"png": "frame", "proposals.npy": b""}, "EOFError: No data left in file"),
+    ({"png": "frame", "proposals.npy": None}, "KeyError: 'proposals.npy'"),
+    ({"png": "frame", "npy": "frame"}, "ValueError: sample has 2 frame members"),
+])
+def test_each_damaged_member_is_a_decode_error_naming_the_sample(members, said):
+    """What the training loader skips and counts (never a crash of a loader worker): every way a stored
+    member fails to decode is a SampleDecodeError that names the sample."""
+    from data_tools.shards import SampleDecodeError, decode_for_training, encode_image, npy_bytes
+
+    frame = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    made = {"png": encode_image(frame, "png")[1], "npy": encode_image(frame, "raw")[1]}
+    sample = {"__key__": "cam-00000003", "proposals.npy": npy_bytes(np.zeros((0, 4), np.int32))}
+    for ext, data in members.items():
+        if data is None:
+            sample.pop(ext)
+        else:
+            sample[ext] = made[ext] if data == "frame" else made[ext][:-4] if data == "cut" else data
+    with pytest.raises(SampleDecodeError, match=f"^sample cam-00000003: {said}"):
+        decode_for_training(sample)
+
+
+def test_a_frame_encodes_to_the_same_bytes_whatever_its_memory_layout():
+    """Byte-identical shards for the same samples: a transposed or sliced view of a frame stores as
+    its contiguous copy does (numpy would otherwise write a Fortran-ordered header)."""
+    from data_tools.shards import encode_image
+
+    frame = np.arange(12 * 10, dtype=np.uint16).reshape(12, 10)
+    for view in (frame.T, frame[::2, 1:]):
+        for encoding in ("raw", "png"):
+            assert encode_image(view, encoding) == encode_image(np.ascontiguousarray(view), encoding)
+    assert decode_image({"npy": encode_image(frame.T, "raw")[1]}).flags["C_CONTIGUOUS"]
+    with pytest.raises(ValueError, match=r"shards.encoding must be one of \['png', 'raw'\], got 'jpeg'"):
+        encode_image(frame, "jpeg")
+
+
+def test_the_png_compression_level_changes_the_bytes_not_the_frame():
+    from data_tools.shards import encode_image
+
+    frame = np.tile(np.arange(64, dtype=np.uint8), (48, 1))
+    stored = {level: encode_image(frame, "png", level)[1] for level in (0, 9)}
+    assert len(stored[0]) > 2 * len(stored[9])
+    for data in stored.values():
+        np.testing.assert_array_equal(decode_image({"png": data}), frame)
+
+
+@pytest.mark.parametrize("array", [np.zeros((2, 3, 3), np.uint8), np.zeros((4, 5), np.float32),
+                                   np.zeros((4, 5), np.int16), np.zeros(20, np.uint16)])
+def test_a_raw_member_must_be_one_channel_of_8_or_16_bits(array):
+    from data_tools.shards import npy_bytes
+
+    with pytest.raises(ValueError, match=f"and dtype {array.dtype}: expected 2-D uint8 or uint16"):
+        decode_image({"npy": npy_bytes(array)})
+
+
+def test_a_sample_stores_int32_boxes_and_canonical_metadata():
+    """Same sample, same bytes: boxes as (N, 4) int32 whatever they came as, metadata JSON with
+    sorted keys and no spaces (the tar's sha256 in the manifest depends on it)."""
+    from data_tools.shards import encode_sample, npy_array
+
+    sample = encode_sample("cam-00000001", "png", b"frame", np.array([1, 2, 3, 4, 5, 6, 7, 8], np.int64),
+                           {"source": "cam", "frame": 1, "crop": [0, 0]})
+    boxes = npy_array(sample["proposals.npy"])
+    assert boxes.dtype == np.int32 and boxes.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert sample["json"] == b'{"crop":[0,0],"frame":1,"source":"cam"}'
+    assert (sample["__key__"], sample["png"]) == ("cam-00000001", b"frame")
+
+
+def test_a_sample_without_its_boxes_or_metadata_is_named_so():
+    from data_tools.shards import encode_image, npy_bytes
+
+    png = encode_image(np.zeros((4, 4), np.uint8), "png")[1]
+    with pytest.raises(ValueError, match=r"sample lacks member\(s\) \['proposals.npy', 'json'\]"):
+        decode_sample({"png": png})
+    with pytest.raises(ValueError, match=r"sample lacks member\(s\) \['json'\]"):
+        decode_sample({"png": png, "proposals.npy": npy_bytes(np.zeros((0, 4), np.int32))})
+
+
+def test_a_shards_counted_bytes_are_its_tar_less_the_end_blocks(tmp_path):
+    """``shards.max_bytes`` cuts shards by this count: every member's 512-byte header and its data
+    padded to whole 512-byte blocks; the tar then ends with two zero blocks, padded to a 10 KiB record."""
+    import math
+    import tarfile
+
+    from data_tools.shards import ShardFile
+
+    shard = ShardFile(str(tmp_path / "s.tar"))
+    for index, size in enumerate((0, 1, 511, 512, 513, 5000)):
+        shard.write({"__key__": f"k-{index}", "png": bytes(size), "json": b"{}"})
+    sha = shard.close()
+    assert shard.bytes == sum(512 + math.ceil(size / 512) * 512 for size in (0, 1, 511, 512, 513, 5000)) + 6 * 1024
+    record = tarfile.RECORDSIZE
+    assert (tmp_path / "s.tar").stat().st_size == math.ceil((shard.bytes + 1024) / record) * record
+    assert shard.count == 6 and shard.keys == [f"k-{i}" for i in range(6)] and len(sha) == 64
+    assert not (tmp_path / "s.tar.tmp").exists()
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        headers = {(info.mode, info.mtime, info.uname, info.gname, info.uid) for info in tar}
+    assert headers == {(0o444, 0, "irpt", "irpt", 0)}  # fixed: same samples, same bytes, on any machine
+
+
+def test_a_tar_with_folders_reads_one_sample_per_folder_and_key(tmp_path):
+    """WebDataset tars written by other tools may hold folder entries and keys under folders
+    (``day/000.png``, ``night/000.png``): two samples, not one; the folder entries are no members."""
+    import io
+    import tarfile
+
+    from data_tools.shards import iter_shard, read_indexed_sample, shard_index
+
+    path = tmp_path / "other.tar"
+    with tarfile.open(path, "w") as tar:
+        for folder in ("day", "night"):
+            entry = tarfile.TarInfo(folder)
+            entry.type = tarfile.DIRTYPE
+            tar.addfile(entry)
+            for ext, data in (("png", folder.encode() * 300), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{folder}/000.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    index = shard_index(str(path))
+    assert [(key, [m.name for m in members]) for key, members in index] == [
+        ("day/000", ["day/000.png", "day/000.json"]), ("night/000", ["night/000.png", "night/000.json"])]
+    assert read_indexed_sample(str(path), index[1][1]) == {"png": b"night" * 300, "json": b"{}"}
+    assert [(key, sorted(m)) for key, m in iter_shard(str(path))] == [("day/000", ["json", "png"]),
+                                                                       ("night/000", ["json", "png"])]
+    day_png = index[0][1][0]
+    path.write_bytes(path.read_bytes()[: day_png.offset_data + 100])  # cut inside the first frame
+    with pytest.raises(EOFError, match="member day/000.png is cut short"):
+        read_indexed_sample(str(path), index[0][1])
