@@ -712,3 +712,160 @@ def test_a_resume_keeps_the_global_batch_and_an_optimiser_state_split_among_its_
     assert saved_batching({"step": 4}, 2, tmp_path / "config.yaml") == Batching(8, 4, 2)
     assert saved_batching({"batching": {"micro": 2, "accum": 1, "world": 2}}, 2, tmp_path / "nowhere") == \
         Batching(2, 1, 2)
+
+
+def _checkpoint(directory: Path, step: int, world_size: int = 1, states: int | None = None) -> str:
+    """A checkpoint folder as a finished save leaves it: its files and their checksums."""
+    from data_tools.files import sha256_file
+
+    tag = f"step{step:08d}"
+    folder = directory / tag
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(bytes([step]) * 64)
+    for rank in range(world_size if states is None else states):
+        (folder / f"state_rank{rank}.json").write_text(json.dumps({"step": step, "rank": rank}))
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+    (folder / "checksums.json").write_text(json.dumps({"world_size": world_size, "files": files}))
+    return tag
+
+
+def test_each_way_a_checkpoint_can_be_unusable_is_named(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.problem("step00000001") == "its folder is missing"
+    tag = _checkpoint(tmp_path, 1, world_size=2)
+    assert ckpt.problem(tag) is None
+    checksums = tmp_path / tag / "checksums.json"
+    listed = checksums.read_text()
+    checksums.write_text(listed[:-3])
+    assert ckpt.problem(tag) == "checksums.json is not readable JSON"
+    checksums.write_bytes(b"\xff\xfe")
+    assert ckpt.problem(tag) == "checksums.json is not readable JSON"
+    checksums.unlink()
+    assert ckpt.problem(tag) == "checksums.json is missing (the save did not finish)"
+    checksums.write_text(listed)
+    (tmp_path / tag / "state_rank1.json").write_text("{}")
+    assert ckpt.problem(tag) == "state_rank1.json does not match its sha256 (corrupted or truncated)"
+    (tmp_path / tag / "state_rank1.json").unlink()
+    assert ckpt.problem(tag) == "state_rank1.json is missing"
+    # a process of a two-process run that never wrote its state: the checksums list only the others
+    partial = _checkpoint(tmp_path, 2, world_size=2, states=1)
+    assert ckpt.problem(partial) == "state_rank1.json was not written"
+
+
+def test_the_newest_intact_checkpoint_is_chosen_and_each_one_passed_over_is_said(tmp_path):
+    from pretrain.engine import ResumeError
+
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    assert not ckpt.has_checkpoints() and ckpt.tags() == []
+    with pytest.raises(ResumeError, match=r"no usable checkpoint in .*checkpoints: none written \(use --overwrite"):
+        ckpt.choose()
+    for step in (2, 4, 6):
+        _checkpoint(ckpt.directory, step)
+    assert ckpt.has_checkpoints()  # finished saves, even before any `latest`
+    (ckpt.directory / "latest").write_text("step00000004\n")
+    assert ckpt.latest_tag() == "step00000004" and ckpt.choose() == ("step00000004", [])  # latest, not the newest
+    (ckpt.directory / "step00000004" / "mp_rank_00_model_states.pt").write_bytes(b"cut")
+    assert ckpt.choose() == ("step00000006", ["step00000004: mp_rank_00_model_states.pt does not match its sha256 "
+                                              "(corrupted or truncated)"])
+    (ckpt.directory / "latest").write_text("step00000009")
+    assert ckpt.choose()[1][0] == "latest names 'step00000009', which does not exist"
+    for tag in ("step00000006", "step00000002"):
+        (ckpt.directory / tag / "checksums.json").unlink()
+    with pytest.raises(ResumeError, match="step00000006: checksums.json is missing .*; step00000004: .*; "
+                                          "step00000002: checksums.json is missing"):
+        ckpt.choose()
+    (ckpt.directory / "step00000004" / "checksums.json").unlink()
+    assert ckpt.has_checkpoints()  # a `latest` says a save finished once: resume refuses, never starts over
+    (ckpt.directory / "latest").unlink()
+    assert not ckpt.has_checkpoints()  # only saves cut short: a run starts again
+
+
+def test_pruning_keeps_the_newest_and_the_one_just_written(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4, 5):
+        _checkpoint(tmp_path, step)
+    (tmp_path / "best").mkdir()
+    ckpt._prune(keep="step00000001")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step00000001", "step00000004", "step00000005"]
+
+
+def test_a_process_the_saving_run_did_not_have_reads_rank_0s_state(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    tag = _checkpoint(tmp_path, 3, world_size=2)
+    assert [ckpt._state(tag, r)["rank"] for r in (0, 1, 2, 3)] == [0, 1, 0, 0]
+
+
+def test_the_space_a_save_needs_is_the_last_checkpoint_or_three_copies_of_the_trainable_weights(tmp_path,
+                                                                                                 monkeypatch):
+    from pretrain.engine.checkpoint import DISK_FULL_FAULT_ENV
+
+    ckpt = Checkpointer(tmp_path)
+    params = [torch.zeros(1000), torch.zeros(10, 50)]
+    assert ckpt._needed_mb(params) == pytest.approx(3 * 1500 * 4 / 1e6)  # weights and AdamW's two moments, fp32
+    tag = _checkpoint(tmp_path, 1)
+    (tmp_path / "latest").write_text(tag)
+    size = sum(p.stat().st_size for p in (tmp_path / tag).iterdir())
+    assert ckpt._needed_mb(params) == pytest.approx(size / 1e6)
+    monkeypatch.setenv(DISK_FULL_FAULT_ENV, "12")
+    assert ckpt._free_mb("step00000012") == 0.0 and ckpt._free_mb("step00000013") > 0
+    assert not ckpt._has_room("step00000012", params) and ckpt._has_room("step00000013", params)
+    import shutil
+
+    monkeypatch.delenv(DISK_FULL_FAULT_ENV)
+    (tmp_path / "latest").unlink()
+    weights = [torch.zeros(500_000)]  # 6 MB to save
+    for free_mb, room in ((5.9, False), (6.0, True), (6.1, True)):
+        monkeypatch.setattr(shutil, "disk_usage", lambda _, mb=free_mb: SimpleNamespace(free=mb * 1e6))
+        assert ckpt._has_room("step00000014", weights) is room
+
+
+def test_every_generator_is_a_function_of_seed_rank_and_step():
+    import random
+
+    import numpy as np
+
+    from pretrain.engine.checkpoint import seed_step
+
+    def draw(seed, rank, step):
+        seed_step(seed, rank, step)
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    first = draw(0, 0, 5)
+    draw(1, 1, 1)
+    assert draw(0, 0, 5) == first
+    for other in (draw(0, 0, 6), draw(0, 1, 5), draw(1, 0, 5)):
+        assert all(a != b for a, b in zip(other, first))  # each generator moves with each of the three
+
+
+def test_the_frozen_fingerprint_covers_frozen_weights_only():
+    from pretrain.engine.checkpoint import frozen_fingerprint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    before = frozen_fingerprint(model)
+    with torch.no_grad():
+        model[1].weight += 1  # trainable: not part of it
+    assert frozen_fingerprint(model) == before
+    with torch.no_grad():
+        model[0].bias[2] += 1e-6
+    assert frozen_fingerprint(model) != before
+    with torch.no_grad():
+        model[0].bias[2] -= 1e-6
+    assert frozen_fingerprint(model) == before
+    renamed = torch.nn.Sequential(torch.nn.Identity(), *model)  # the same weights under other names
+    assert frozen_fingerprint(renamed) != before
+
+
+class _Frozen(torch.nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+
+def test_the_frozen_fingerprint_covers_the_shape_of_each_weight():
+    weight = torch.arange(12.0)
+    from pretrain.engine.checkpoint import frozen_fingerprint
+
+    assert frozen_fingerprint(_Frozen(weight.reshape(3, 4))) != frozen_fingerprint(_Frozen(weight.reshape(4, 3)))
+    assert frozen_fingerprint(_Frozen(weight.reshape(3, 4))) == frozen_fingerprint(_Frozen(weight.clone().reshape(3, 4)))
