@@ -65,7 +65,7 @@ def _check_sample(members: dict[str, bytes]) -> list[str]:
     problems = []
     if image.ndim != 2:
         problems.append(f"image has shape {image.shape}, expected one channel")
-    if image.shape != (meta["height"], meta["width"]):
+    elif image.shape != (meta["height"], meta["width"]):
         problems.append(f"image {image.shape[1]}x{image.shape[0]} != meta {meta['width']}x{meta['height']}")
     if str(image.dtype) != meta["dtype"]:
         problems.append(f"image dtype {image.dtype} != meta {meta['dtype']}")

@@ -309,3 +309,120 @@ def test_a_tar_with_folders_reads_one_sample_per_folder_and_key(tmp_path):
     path.write_bytes(path.read_bytes()[: day_png.offset_data + 100])  # cut inside the first frame
     with pytest.raises(EOFError, match="member day/000.png is cut short"):
         read_indexed_sample(str(path), index[0][1])
+
+
+def _tampered(folder, tmp_path, shard=None, change=None, manifest=None):
+    """A copy of a shard folder with ``change(index, key, members) -> [(key, members), ...]`` applied to
+    each sample of ``shard`` (its sha256 in the manifest updated, so only the change itself shows)
+    and ``manifest(m)`` to the manifest."""
+    import json
+    import shutil
+
+    from data_tools.shards import ShardFile
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    if shard is not None:
+        samples = [s for i, (key, members) in enumerate(iter_shard(str(copy / shard))) for s in change(i, key, members)]
+        writer = ShardFile(str(copy / shard))
+        for key, members in samples:
+            writer.write({"__key__": key, **members})
+        next(e for e in m["shards"] if e["shard"] == shard)["sha256"] = writer.close()
+    if manifest is not None:
+        manifest(m)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    return copy
+
+
+def _with(**changes):
+    """A sample change: members replaced (``meta`` keys merged into its JSON) on the sample at index 1."""
+    import json
+
+    from data_tools.shards import npy_bytes
+
+    def change(i, key, members):
+        if i != 1:
+            return [(key, members)]
+        members = dict(members)
+        if "meta" in changes:
+            members["json"] = json.dumps({**json.loads(members["json"]), **changes["meta"]}).encode()
+        if "proposals" in changes:
+            members["proposals.npy"] = npy_bytes(changes["proposals"])
+        if "frame" in changes:
+            members["npy"] = changes["frame"]
+        if "png" in changes:  # the frame stored as PNG instead
+            members.pop("npy")
+            members["png"] = changes["png"]
+        return [(changes.get("key", key), members)]
+    return change
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+def test_verify_names_every_way_a_shard_folder_differs_from_its_manifest(both_encodings, tmp_path):
+    """`data_tools verify` after copying a corpus: each problem a line naming the shard (and sample)."""
+    import shutil
+
+    from data_tools.shards import encode_image
+
+    root, bits = both_encodings
+    folder = root / "raw"
+    keys = [[key for key, _ in iter_shard(str(folder / f"shard-00000{i}.tar"))] for i in range(3)]
+    dtype = "uint8" if bits == 8 else "uint16"
+    cases = {
+        "unlisted": (lambda c: shutil.copy(c / "shard-000002.tar", c / "shard-000099.tar"),
+                     ["shard-000099.tar: shard not listed in the manifest"]),
+        "missing": (lambda c: (c / "shard-000001.tar").unlink(),
+                    ["shard-000001.tar: missing", "8 samples in shards, manifest totals say 14"]),
+        "count": (lambda c: None, ["shard-000002.tar: 2 samples, manifest says 3",
+                                   "14 samples in shards, manifest totals say 15",
+                                   "totals: found 14 != written 15 + skipped 0"]),
+        "size": ("shard-000000.tar", _with(meta={"height": 81}),
+                 [f"shard-000000.tar/{keys[0][1]}: image 96x80 != meta 96x81"]),
+        "dtype": ("shard-000000.tar", _with(meta={"dtype": "float32"}),
+                  [f"shard-000000.tar/{keys[0][1]}: image dtype {dtype} != meta float32"]),
+        "proposal dtype": ("shard-000001.tar", _with(proposals=np.zeros((3, 4), np.int64)),
+                           [f"shard-000001.tar/{keys[1][1]}: proposals have shape (3, 4) / dtype int64"]),
+        "proposal shape": ("shard-000001.tar", _with(proposals=np.zeros((3, 5), np.int32)),
+                           [f"shard-000001.tar/{keys[1][1]}: proposals have shape (3, 5) / dtype int32"]),
+        "right edge": ("shard-000001.tar", _with(proposals=np.array([[0, 0, 4, 4], [90, 0, 7, 4]], np.int32)),
+                       [f"shard-000001.tar/{keys[1][1]}: a proposal leaves the image"]),
+        "bottom edge": ("shard-000001.tar", _with(proposals=np.array([[0, 70, 4, 11]], np.int32)),
+                        [f"shard-000001.tar/{keys[1][1]}: a proposal leaves the image"]),
+        "above": ("shard-000001.tar", _with(proposals=np.array([[3, -1, 4, 4]], np.int32)),
+                  [f"shard-000001.tar/{keys[1][1]}: a proposal leaves the image"]),
+        "duplicate": ("shard-000001.tar", _with(key=keys[0][0]), [f"shard-000001.tar: duplicate key {keys[0][0]}"]),
+        "undecodable": ("shard-000002.tar", _with(frame=b"junk"),
+                        [f"shard-000002.tar/{keys[2][1]}: does not decode (ValueError: "]),
+        "source": (None, None, ["source synth: found 15 != written + skipped"]),
+        "colour": ("shard-000000.tar", _with(png=encode_image(np.zeros((80, 96, 3), np.uint8), "png")[1]),
+                   [f"shard-000000.tar/{keys[0][1]}: image has shape (80, 96, 3), expected one channel"]
+                   + ([] if bits == 8 else [f"shard-000000.tar/{keys[0][1]}: image dtype uint8 != meta uint16"])),
+        "flat proposals": ("shard-000001.tar", _with(proposals=np.zeros(4, np.int32)),
+                           [f"shard-000001.tar/{keys[1][1]}: proposals have shape (4,) / dtype int32"]),
+        "flipped byte": (lambda c: c.joinpath("shard-000001.tar").write_bytes(
+            _flip(c.joinpath("shard-000001.tar").read_bytes(), 3000)), ["shard-000001.tar: sha256 differs"]),
+        "not a tar": (lambda c: c.joinpath("shard-000002.tar").write_bytes(b"junk" * 300),
+                      ["shard-000002.tar: sha256 differs", "shard-000002.tar: unreadable tar (ReadError: ",
+                       "shard-000002.tar: 0 samples, manifest says 2", "12 samples in shards"]),
+        "unfinished": (lambda c: None, [f"{tmp_path / 'copy'}: the shard build is not complete (status 'building')"]),
+    }
+    manifests = {"count": lambda m: (m["shards"][2].update(samples=3), m["totals"].update(written=15)),
+                 "unfinished": lambda m: m.update(status="building"),
+                 "source": lambda m: m["sources"]["synth"].update(found=15)}
+    for kind, case in cases.items():
+        if len(case) == 2:
+            copy = _tampered(folder, tmp_path, manifest=manifests.get(kind))
+            case[0](copy)
+        else:
+            copy = _tampered(folder, tmp_path, *case[:2], manifest=manifests.get(kind))
+        problems, expected = verify_shards(copy), case[-1]
+        assert len(problems) == len(expected) and all(p.startswith(e) for p, e in zip(problems, expected)), \
+            (kind, problems)
+        if kind == "source":
+            assert data_main(["verify", str(copy)]) == 1
+        shutil.rmtree(copy)
+    assert verify_shards(folder) == [] and data_main(["verify", str(folder)]) == 0
