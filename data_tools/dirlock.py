@@ -26,7 +26,7 @@ class FolderBusy(RuntimeError):
 
 def _holder(path: Path) -> dict:
     try:
-        return json.loads(path.read_text() or "{}")
+        return json.loads(path.read_text())  # an empty file (let go) is no JSON: {}
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
 

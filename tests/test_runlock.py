@@ -105,3 +105,50 @@ def test_a_file_system_without_locks_is_said_and_the_build_and_its_readers_go_on
     finally:
         runlock.release(tmp_path / "run")
     assert str((tmp_path / "run").resolve()) not in dirlock._held
+
+
+def test_the_lock_file_always_names_its_holder_and_leaks_nothing(tmp_path):
+    """The lock file of a folder: whatever an earlier holder (or another tool) left in it, the next
+    holder's record reads back whole; a refusal keeps no descriptor open; a holder that cannot be
+    read is 'an unknown process'; this process's own lock is no other's."""
+    import json
+    import os
+
+    from data_tools import dirlock
+
+    lock = tmp_path / dirlock.LOCK_NAME
+    lock.write_text(json.dumps({"host": "an-old-node-with-a-long-name" * 4, "pid": 1, "started": "then"}))
+    note = dirlock.acquire(tmp_path, "")
+    try:
+        assert "took over the lock" in note and "PID 1 on an-old-node" in note
+        assert json.loads(lock.read_text())["pid"] == os.getpid()  # no tail of the longer record left
+        assert dirlock.holder_if_busy(tmp_path) is None  # its own lock: no other writer
+    finally:
+        dirlock.release(tmp_path)
+    assert lock.read_text() == ""  # let go: not named to the next one
+    for garbage in ("", "not json", "\udcff"):
+        lock.write_text(garbage, errors="surrogateescape")
+        assert dirlock.acquire(tmp_path, "") is None  # nothing to name: no note, no crash
+        dirlock.release(tmp_path)
+    with folder_locked_by_another_process(tmp_path):
+        lock.write_text("written over by another tool")
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            with pytest.raises(dirlock.FolderBusy, match="is in use by an unknown process: wait"):
+                dirlock.acquire(tmp_path, "wait")
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert dirlock.holder_if_busy(tmp_path) == "an unknown process"
+
+
+def test_release_all_lets_go_of_every_folder_this_process_holds(tmp_path):
+    from data_tools import dirlock
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        dirlock.acquire(folder, "")
+    dirlock.release_all()
+    assert not any(str(f.resolve()) in dirlock._held for f in folders)
+    for folder in folders:
+        assert (folder / dirlock.LOCK_NAME).read_text() == ""
+        with folder_locked_by_another_process(folder):  # free: another process takes it at once
+            assert dirlock.holder_if_busy(folder).startswith("PID ")
