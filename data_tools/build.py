@@ -196,6 +196,12 @@ def _init_worker(overlays: dict[str, np.ndarray]) -> None:
 # Planning, resume, manifest
 # ----------------------------------------------------------------------------------------------
 
+def resolved_config(cfg: dict, described_sources: list[dict]) -> dict[str, Any]:
+    """What a shard folder's ``config.yaml`` holds: the build config and the sources it read (a
+    build, and a reencode of one, write the same)."""
+    return {"build": {k: cfg[k] for k in ("image", "proposals", "shards")}, "sources": described_sources}
+
+
 def build_identity(sources: list[Source], cfg: dict) -> dict[str, Any]:
     """Everything that determines the output bytes (the worker count does not), including the
     content of the files a proposal method reads (a ranker refitted under the same name is another build)."""
@@ -542,7 +548,7 @@ def _build_in(out: Path, sources: list[Source], cfg: dict, workers: int, overwri
     if done is not None:
         print(f"{out}: already complete ({done['totals']['written']} samples); nothing to do", file=sys.stderr)
         return done
-    save_resolved({"build": cfg, "sources": [s.describe() for s in sources]}, out, "config.yaml")
+    save_resolved(resolved_config(cfg, [s.describe() for s in sources]), out, "config.yaml")
 
     corpus = discover_corpus(sources, out)
     discoveries, items, offsets = corpus.discoveries, corpus.items, corpus.offsets

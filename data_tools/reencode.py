@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from data_tools import dirlock
-from data_tools.build import SAMPLE_FRAME_FORMAT
+from data_tools.build import SAMPLE_FRAME_FORMAT, resolved_config
 from data_tools.config import config_hash, save_resolved
 from data_tools.command import Interrupted
 from data_tools.files import atomic_write_text, storage_problem
@@ -80,7 +80,7 @@ def _reencode_into(src: Path, dst: Path, manifest: dict, encoding: str, png_comp
     new["sample_format"] = {ENCODINGS[encoding]: SAMPLE_FRAME_FORMAT[encoding],
                             **{k: v for k, v in manifest["sample_format"].items() if k not in ENCODINGS.values()}}
     new["reencoded_from"] = {"folder": str(src), "config_hash": manifest["config_hash"]}
-    save_resolved(config, dst, "config.yaml")
+    save_resolved(resolved_config(config, config["sources"]), dst, "config.yaml")  # as a build with it writes
     text = json.dumps(new, indent=1)
     atomic_write_text(str(dst / MANIFEST), text)
     return json.loads(text)

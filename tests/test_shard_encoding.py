@@ -66,9 +66,20 @@ def test_verify_and_reencode_round_trip(both_encodings, tmp_path):
             a, pa, ma = decode_sample(m1)
             b, pb, mb = decode_sample(m2)
             assert k1 == k2 and np.array_equal(a, b) and a.dtype == b.dtype and np.array_equal(pa, pb) and ma == mb
-    # A reencoded folder is what `build` with that encoding makes: the same command finds it complete.
+    # A reencoded folder is what `build` with that encoding makes: the same manifest (but for where it came
+    # from) and config.yaml, a shard folder to every tool.
+    import json
+
+    from data_tools.files import folder_kind
+
     reencoded = load_shard_set(str(tmp_path / "to_raw"))
     assert reencoded.samples == 14 and sum(reencoded.shard_samples) == 14
+    built, made = (json.loads((folder / "manifest.json").read_text()) for folder in (root / "raw", tmp_path / "to_raw"))
+    png_hash = json.loads((root / "png" / "manifest.json").read_text())["config_hash"]
+    assert made.pop("reencoded_from") == {"folder": str(root / "png"), "config_hash": png_hash}
+    assert made == built
+    assert (tmp_path / "to_raw" / "config.yaml").read_text() == (root / "raw" / "config.yaml").read_text()
+    assert folder_kind(tmp_path / "to_raw") == "shards"
 
 
 def test_reencode_refusals(both_encodings, tmp_path, capsys):
@@ -79,6 +90,46 @@ def test_reencode_refusals(both_encodings, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert data_main(["reencode", str(tmp_path), "--out", str(tmp_path / "o"), "--encoding", "raw"]) == 2
     assert "no manifest" in capsys.readouterr().err
+
+
+def test_reencode_to_another_png_level_and_its_refusals(both_encodings, tmp_path, monkeypatch):
+    import errno
+    import json
+
+    import data_tools.reencode as reencode
+    from data_tools.reencode import ReencodeError, reencode_shards
+
+    root, _ = both_encodings
+    for level in (0, 9):
+        m = reencode_shards(root / "raw", tmp_path / f"png{level}", "png", png_compression=level)
+        assert m["config"]["shards"]["png_compression"] == level and verify_shards(tmp_path / f"png{level}") == []
+    assert m["config_hash"] != json.loads((root / "png" / "manifest.json").read_text())["config_hash"]
+    sizes = {level: sum(p.stat().st_size for p in (tmp_path / f"png{level}").glob("*.tar")) for level in (0, 9)}
+    assert sizes[0] > sizes[9]
+    with pytest.raises(ReencodeError, match=r"encoding must be one of \['png', 'raw'\], got 'jpeg'"):
+        reencode_shards(root / "raw", tmp_path / "jpeg", "jpeg")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "shard-000000.tar.tmp").write_bytes(b"part")  # killed inside its first shard
+    with pytest.raises(ReencodeError, match="holds 1 shard files but no manifest.json: a conversion that was stopped"):
+        reencode_shards(root / "raw", tmp_path / "cut", "png")
+    m = json.loads((root / "raw" / "manifest.json").read_text())
+    m["shards"][1]["samples"] += 1
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for p in (root / "raw").glob("*.tar"):
+        (fewer / p.name).write_bytes(p.read_bytes())
+    (fewer / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ReencodeError, match="shard-000001.tar: read 6 samples, the manifest lists 7"):
+        reencode_shards(fewer, tmp_path / "from_fewer", "png")
+
+    def disk_full(self, sample):
+        raise OSError(errno.ENOSPC, "No space left on device", self.tmp_path)
+
+    monkeypatch.setattr(reencode.ShardFile, "write", disk_full)
+    with pytest.raises(ReencodeError, match=f"writing {tmp_path / 'full'} failed \\(No space left on device: "
+                                            f".*shard-000000.tar.tmp\\): free space"):
+        reencode_shards(root / "raw", tmp_path / "full", "png")
+    assert not list((tmp_path / "full").glob("*.tar*"))  # the shard begun is removed
 
 
 def test_a_stopped_reencode_is_named_and_a_live_one_refused(both_encodings, tmp_path, monkeypatch, capsys):
