@@ -1,0 +1,111 @@
+"""The file helpers every stage shares: our JSONL logs, checksums, atomic writes, and the checks
+that tell a user which folder is in the way (a file, no permission, another kind of output)."""
+import errno
+import hashlib
+import json
+import os
+
+import pytest
+
+from data_tools import files
+
+
+def test_a_log_reads_back_its_records_and_its_torn_last_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')
+    assert files.read_jsonl(log) == ([{"step": 1}, {"step": 2}], '{"step": 3, "lo')
+    log.write_text('{"step": 1}\n')
+    assert files.read_jsonl(log) == ([{"step": 1}], None)
+    log.write_text('{"step": 1}\nnot json\n{"step": 3}\n')  # not an append cut short: corruption
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON \(.*\); the log is corrupt"):
+        files.read_jsonl(log)
+
+
+def test_trimming_a_log_keeps_the_records_asked_for_and_says_it_dropped_a_torn_line(tmp_path, capsys):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)) + '{"st')
+    files.trim_jsonl(log, lambda r: r["step"] <= 3)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    assert "dropped a torn final line (4 characters; a run was killed mid-write)" in capsys.readouterr().err
+    files.trim_jsonl(log, lambda r: True)
+    assert capsys.readouterr().err == "" and not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_checksums_and_atomic_writes(tmp_path):
+    data = os.urandom((1 << 20) * 2 + 123)  # more than one read of the checksum
+    (tmp_path / "big").write_bytes(data)
+    assert files.sha256_file(tmp_path / "big") == hashlib.sha256(data).hexdigest()
+    files.atomic_write_text(tmp_path / "latest", "step00000002")
+    files.atomic_write_text(tmp_path / "latest", "step00000004")
+    assert (tmp_path / "latest").read_text() == "step00000004" and sorted(os.listdir(tmp_path)) == ["big", "latest"]
+
+
+def test_a_storage_error_is_said_as_one_and_any_other_is_not():
+    assert files.storage_problem(OSError(errno.ENOSPC, "No space left on device", "/d/x")) == \
+        "No space left on device: /d/x"
+    assert files.storage_problem(OSError(errno.EROFS, "Read-only file system")) == "Read-only file system"
+    assert files.storage_problem(OSError(errno.EDQUOT, "Disk quota exceeded", "/d")) == "Disk quota exceeded: /d"
+    assert files.storage_problem(OSError(errno.EACCES, "Permission denied", "/d")) is None
+
+
+def test_a_file_where_a_folder_is_expected_is_named_with_its_folder(tmp_path):
+    (tmp_path / "frame.png").write_bytes(b"x")
+    assert files.file_not_folder(tmp_path / "frame.png") == (
+        f"{tmp_path / 'frame.png'} is a file where a folder is expected (the folder holding it: {tmp_path})")
+    assert files.file_not_folder(tmp_path) is None and files.file_not_folder(tmp_path / "none") is None
+
+
+def test_an_unwritable_place_names_the_folder_in_the_way(tmp_path, monkeypatch):
+    """Checked with os.access (the tests may run as root, whom a mode does not stop)."""
+    locked = tmp_path / "locked"
+    (locked / "sub").mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(locked)) else real_access(p, mode))
+    assert files.unwritable(locked / "sub") == (f"{locked / 'sub'}: this user cannot write it: no permission, or a "
+                                                "read-only mount; choose another place")
+    assert files.unwritable(locked / "new" / "deeper" / "out.pth") == (
+        f"{locked / 'new' / 'deeper' / 'out.pth'}: this user cannot write {locked} (where it would go): no permission, "
+        "or a read-only mount; choose another place")
+    (locked / "sub" / "file.json").write_text("{}")
+    assert files.unwritable(locked / "sub" / "file.json").startswith(f"{locked / 'sub' / 'file.json'}: this user "
+                                                                     f"cannot write {locked / 'sub'} (where")
+    assert files.unwritable(tmp_path / "free" / "out") is None and files.unwritable(tmp_path) is None
+
+
+def test_folders_below_are_found_nearest_first_then_by_name(tmp_path):
+    for folder in ("MSRS-main/train", "b/MSRS/train", "a/MSRS/train", "c/d/e/train", "zz/train"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "zz" / "data.yaml").write_text("x")
+    found = list(files.folders_below(tmp_path, ["train"]))
+    assert found == [tmp_path / "MSRS-main", tmp_path / "zz", tmp_path / "a" / "MSRS", tmp_path / "b" / "MSRS"]
+    assert list(files.folders_below(tmp_path, ["train", "data.yaml"])) == [tmp_path / "zz"]  # every one of them
+    assert list(files.folders_below(tmp_path, ["train"], depth=1)) == [tmp_path / "MSRS-main", tmp_path / "zz"]
+
+
+@pytest.mark.parametrize("config,kind", [
+    ({"build": {}, "sources": []}, "shards"),
+    ({"sources": [], "image": {}}, None),  # a manifest's identity, not a build's config
+    ({"data": {"shards": []}}, "pretrain"),
+    ({"data": {"layout": "msrs", "boxes": {}}}, "det"),
+    ({"data": {"layout": "msrs"}}, "seg"),
+    ({"data": "shards and layout"}, None),  # not a section
+    ([1, 2], None),
+    ("a: [", None),  # no YAML
+])
+def test_each_of_our_output_folders_is_told_apart_by_its_config(tmp_path, config, kind):
+    text = config if isinstance(config, str) else json.dumps(config)
+    (tmp_path / "config.yaml").write_text(text)
+    assert files.folder_kind(tmp_path) == kind
+    if kind is not None and kind != "shards":
+        with pytest.raises(ValueError, match=f"{tmp_path} is a .*, not a shard folder"):
+            files.check_folder_kind(tmp_path, ("shards",))
+        files.check_folder_kind(tmp_path, (kind,))
+
+
+def test_a_folder_of_another_kind_is_refused_saying_what_it_is_for(tmp_path):
+    (tmp_path / "config.yaml").write_text(json.dumps({"data": {"shards": []}}))
+    with pytest.raises(ValueError, match=f"^{tmp_path} is a pre-training run, not a fine-tuning run "
+                                         rf"\(python -m pretrain export {tmp_path} --out backbone.pth"):
+        files.check_folder_kind(tmp_path, ("seg", "det"))
+    files.check_folder_kind(tmp_path / "none", ("seg",))  # not one of ours: no word
+    assert files.folder_kind(tmp_path / "none") is None
