@@ -109,3 +109,80 @@ def test_a_folder_of_another_kind_is_refused_saying_what_it_is_for(tmp_path):
         files.check_folder_kind(tmp_path, ("seg", "det"))
     files.check_folder_kind(tmp_path / "none", ("seg",))  # not one of ours: no word
     assert files.folder_kind(tmp_path / "none") is None
+
+
+def test_a_seeded_split_covers_every_frame_once_with_at_least_one_on_each_side(tmp_path):
+    from data_tools.splits import write_split
+
+    images = tmp_path / "Ir"
+    images.mkdir()
+    for i in range(10):
+        (images / f"{i:03d}.png").write_bytes(b"")
+    (images / "003.JPG").write_bytes(b"")  # the same frame in another format: one name
+    (images / "010.JPG").write_bytes(b"")
+    (images / "notes.txt").write_text("")
+    assert write_split(tmp_path, "Ir", 0.3, seed=4) == (8, 3)
+    train, val = ((tmp_path / n).read_text().split("\n") for n in ("train.txt", "val.txt"))
+    assert train[-1] == val[-1] == ""  # one name per line, each line ended
+    train, val = train[:-1], val[:-1]
+    assert train == sorted(train) and val == sorted(val) and sorted(train + val) == [f"{i:03d}" for i in range(11)]
+    assert write_split(tmp_path, "Ir", 0.3, seed=4, overwrite=True) == (8, 3)
+    assert (tmp_path / "val.txt").read_text().split() == val  # same seed, same lists
+    vals = set()
+    for seed in range(5):
+        write_split(tmp_path, "Ir", 0.3, seed=seed, overwrite=True)
+        vals.add((tmp_path / "val.txt").read_text())
+    assert len(vals) > 1  # the seed chooses
+    for fraction, counts in ((0.01, (10, 1)), (0.99, (1, 10)), (0.25, (8, 3)), (0.35, (7, 4))):  # rounded
+        assert write_split(tmp_path, "Ir", fraction, overwrite=True, names=("a.txt", "b.txt")) == counts
+    with pytest.raises(FileExistsError, match=r"a.txt, .*b.txt exist\(s\): pass --overwrite to replace"):
+        write_split(tmp_path, "Ir", 0.3, names=("a.txt", "b.txt"))
+
+
+def test_a_split_is_the_same_in_every_python_process(tmp_path):
+    """'The same files, fraction and seed give the same lists on any machine': not on the order a set
+    of names happens to have in one interpreter (string hashing is salted per process)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    for i in range(30):
+        (tmp_path / "Ir").mkdir(exist_ok=True)
+        (tmp_path / "Ir" / f"frame{i}.png").write_bytes(b"")
+    lists = set()
+    for hash_seed in ("1", "2", "3"):
+        code = ("import sys; from data_tools.splits import write_split; "
+                "write_split(sys.argv[1], 'Ir', 0.3, seed=0, names=(sys.argv[2] + '_t.txt', sys.argv[2] + '_v.txt'))")
+        subprocess.run([sys.executable, "-c", code, str(tmp_path), hash_seed], cwd=ROOT, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)})
+        lists.add((tmp_path / f"{hash_seed}_v.txt").read_text())
+    assert len(lists) == 1
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1.5])
+def test_a_split_fraction_outside_0_to_1_is_refused(tmp_path, fraction):
+    from data_tools.splits import write_split
+
+    (tmp_path / "Ir").mkdir()
+    with pytest.raises(ValueError, match=f"--val-fraction must be between 0 and 1, got {fraction}"):
+        write_split(tmp_path, "Ir", fraction)
+
+
+def test_a_split_of_no_folder_or_a_single_frame_is_refused(tmp_path):
+    from data_tools.splits import write_split
+
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'Ir'}: no such folder"):
+        write_split(tmp_path, "Ir", 0.3)
+    (tmp_path / "Ir").write_text("")
+    with pytest.raises(FileNotFoundError, match="is a file where a folder is expected"):
+        write_split(tmp_path, "Ir", 0.3)
+    (tmp_path / "Ir").unlink()
+    (tmp_path / "Ir" / "day").mkdir(parents=True)
+    (tmp_path / "Ir" / "one.png").write_bytes(b"")
+    for i in range(3):
+        (tmp_path / "Ir" / "day" / f"{i}.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"Ir holds 1 image\\(s\\): nothing to split; {tmp_path / 'Ir' / 'day'} holds 3 "
+                                         "image files"):
+        write_split(tmp_path, "Ir", 0.3)
+    assert not (tmp_path / "train.txt").exists()
