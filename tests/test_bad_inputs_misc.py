@@ -1,5 +1,7 @@
 """Refusals of the smaller commands and helpers: each names what is wrong."""
 import argparse
+import errno
+import os
 
 import cv2
 import numpy as np
@@ -476,3 +478,69 @@ def test_a_stop_signal_ends_a_command_as_ctrl_c_does_and_the_same_request_again_
     assert main(["synth", "--out", str(tmp_path / "synth")]) == status
     assert capsys.readouterr().err == said + "\n"
     assert {sig: signal.getsignal(sig) for sig in before} == before  # the command's handlers are gone
+
+
+@pytest.mark.parametrize("env,stops", [({}, False), ({"IRPT_HANGUP_STOPS": "1"}, True)])
+def test_a_hang_up_ignored_at_start_stays_ignored_unless_the_launcher_says_otherwise(env, stops):
+    """`nohup` (SIGHUP ignored when the process starts): the user asked the command to outlive its terminal.
+    The DeepSpeed launcher ignores it for its own per-node launcher and sets IRPT_HANGUP_STOPS=1."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    environment = {k: v for k, v in os.environ.items() if k != "IRPT_HANGUP_STOPS"}
+    said = subprocess.run(
+        [sys.executable, "-c", "import signal; from data_tools.command import STOP_SIGNALS; "
+                               "print(signal.SIGHUP in STOP_SIGNALS)"],
+        cwd=ROOT, env={**environment, **env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert said.stdout.strip() == str(stops)
+
+
+@pytest.mark.parametrize("error,redirected", [(errno.EIO, [2]), (errno.EPIPE, []), (None, [])])
+def test_only_a_terminal_that_hung_up_is_left_for_dev_null(monkeypatch, error, redirected):
+    """After an ssh connection drops every write to its terminal fails with EIO: stdout and stderr
+    then go to /dev/null; a closed pipe (EPIPE) or a working output stays where it goes."""
+    from data_tools import command
+
+    moved = []
+
+    def write(fd, data):
+        if fd == 2 and error is not None:
+            raise OSError(error, os.strerror(error))
+        return 0
+
+    monkeypatch.setattr(command.os, "write", write)
+    monkeypatch.setattr(command.os, "dup2", lambda source, fd: moved.append(fd))
+    command.leave_a_hung_up_terminal()
+    assert moved == redirected
+
+
+def test_a_stop_signal_leaves_a_hung_up_terminal_before_anything_is_said(monkeypatch):
+    import signal
+
+    from data_tools import command
+
+    calls = []
+    monkeypatch.setattr(command, "leave_a_hung_up_terminal", lambda: calls.append("left"))
+    stop = command._StopAsCtrlC()
+    with pytest.raises(KeyboardInterrupt):
+        stop(signal.SIGHUP, None)
+    stop(signal.SIGTERM, None)  # the same request again: dropped, but the terminal is checked again
+    assert calls == ["left", "left"]
+
+
+def test_a_command_run_outside_the_main_thread_sets_no_signal_handlers():
+    """A notebook or a GUI running a command in a worker thread: signal.signal would raise there."""
+    import argparse
+    import threading
+
+    from data_tools.command import run_command
+
+    results = []
+    worker = threading.Thread(target=lambda: results.append(run_command(lambda a: a.value, argparse.Namespace(value=7))))
+    worker.start()
+    worker.join()
+    assert results == [7]
