@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, ValidationError
 
 
 def _config_dir() -> Path:
@@ -90,8 +90,6 @@ def _section_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 
 def _keys(section: type[BaseModel]) -> list[str]:
     """The keys ``section`` takes, each alias of a key included (``glob`` and ``globs``)."""
-    from pydantic import AliasChoices
-
     keys = []
     for name, field in section.model_fields.items():
         alias = field.validation_alias

@@ -540,7 +540,8 @@ def test_a_command_run_outside_the_main_thread_sets_no_signal_handlers():
     from data_tools.command import run_command
 
     results = []
-    worker = threading.Thread(target=lambda: results.append(run_command(lambda a: a.value, argparse.Namespace(value=7))))
+    command = lambda: results.append(run_command(lambda a: a.value, argparse.Namespace(value=7)))  # noqa: E731
+    worker = threading.Thread(target=command)
     worker.start()
     worker.join()
     assert results == [7]

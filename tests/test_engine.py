@@ -868,4 +868,5 @@ def test_the_frozen_fingerprint_covers_the_shape_of_each_weight():
     from pretrain.engine.checkpoint import frozen_fingerprint
 
     assert frozen_fingerprint(_Frozen(weight.reshape(3, 4))) != frozen_fingerprint(_Frozen(weight.reshape(4, 3)))
-    assert frozen_fingerprint(_Frozen(weight.reshape(3, 4))) == frozen_fingerprint(_Frozen(weight.clone().reshape(3, 4)))
+    same = _Frozen(weight.clone().reshape(3, 4))
+    assert frozen_fingerprint(_Frozen(weight.reshape(3, 4))) == frozen_fingerprint(same)

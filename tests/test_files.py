@@ -182,7 +182,7 @@ def test_a_split_of_no_folder_or_a_single_frame_is_refused(tmp_path):
     (tmp_path / "Ir" / "one.png").write_bytes(b"")
     for i in range(3):
         (tmp_path / "Ir" / "day" / f"{i}.png").write_bytes(b"")
-    with pytest.raises(ValueError, match=f"Ir holds 1 image\\(s\\): nothing to split; {tmp_path / 'Ir' / 'day'} holds 3 "
-                                         "image files"):
+    day = tmp_path / "Ir" / "day"
+    with pytest.raises(ValueError, match=f"Ir holds 1 image\\(s\\): nothing to split; {day} holds 3 image files"):
         write_split(tmp_path, "Ir", 0.3)
     assert not (tmp_path / "train.txt").exists()
