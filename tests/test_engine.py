@@ -870,3 +870,47 @@ def test_the_frozen_fingerprint_covers_the_shape_of_each_weight():
     assert frozen_fingerprint(_Frozen(weight.reshape(3, 4))) != frozen_fingerprint(_Frozen(weight.reshape(4, 3)))
     same = _Frozen(weight.clone().reshape(3, 4))
     assert frozen_fingerprint(_Frozen(weight.reshape(3, 4))) == frozen_fingerprint(same)
+
+
+def test_the_usable_cpus_are_the_affinity_lowered_to_the_quota_rounded_up(monkeypatch):
+    """On a 16-CPU affinity (a pod on a big node): a quota of 2.5 CPUs is 3 processes' worth, 0.1 is 1."""
+    import os
+
+    from data_tools import cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    for limit, usable in ((2.5, 3), (0.1, 1), (0.0, 1), (40.0, 16), (None, 16), (8.0, 8)):
+        monkeypatch.setattr(cpus, "cgroup_cpu_limit", lambda limit=limit: limit)
+        assert cpus.usable_cpus() == usable
+
+
+def test_cgroup_quotas_of_every_layout_and_the_files_that_do_not_parse(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from data_tools import cpus
+
+    def quota(folder, text, period=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        if period is None:
+            (folder / "cpu.max").write_text(text)
+        else:
+            (folder / "cpu.cfs_quota_us").write_text(text)
+            (folder / "cpu.cfs_period_us").write_text(period)
+
+    quota(tmp_path / "v2" / "pod", "100000 0\n")  # a period of 0: no quota, no division by zero
+    assert cpus.cgroup_cpu_limit(tmp_path / "v2", "0::/pod\n") is None
+    quota(tmp_path / "v1" / "cpu" / "c1", "300000\n", "200000\n")  # v1 with its own period
+    assert cpus.cgroup_cpu_limit(tmp_path / "v1", "4:cpu:/c1\n") == 1.5
+    # "cpu,cpuacct" mounted as a link named "cpu" alone: the quota is found there
+    assert cpus.cgroup_cpu_limit(tmp_path / "v1", "4:cpu,cpuacct:/c1\n") == 1.5
+    # cpuset is another controller (its name starts with "cpu"), and a line without three fields is passed by
+    assert cpus.cgroup_cpu_limit(tmp_path / "v1", "5:cpuset:/c1\nnot a cgroup line\n") is None
+    real_read = Path.read_text
+
+    def locked(self, *args, **kwargs):
+        if str(self) == "/proc/self/cgroup":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", locked)
+    assert cpus.cgroup_cpu_limit(tmp_path / "v1") is None  # nothing readable: no quota known
