@@ -15,7 +15,8 @@ def _jsonl(path, rows):
 def test_pretrain_summary_says_steps_losses_and_whether_it_finished(tmp_path, capsys):
     run = tmp_path / "pretrain"
     run.mkdir()
-    _jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 1.5}, {"step": 2, "loss": 1.25}, {"step": 3, "loss": 0.75}])
+    _jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 1.5}, {"step": 2, "loss": 1.25}, {"step": 3, "loss": 0.75},
+                                   {"step": 3, "bad_samples": 1}])  # a record without a loss is no step
     assert pretrain_main(["summary", str(run)]) == 0
     line = capsys.readouterr().out
     assert line == f"pretrain   {run}: 3 steps, loss 1.5000 -> 0.7500 (not finished: rerun the training command to resume)\n"
@@ -24,6 +25,12 @@ def test_pretrain_summary_says_steps_losses_and_whether_it_finished(tmp_path, ca
     assert capsys.readouterr().out == f"pretrain   {run}: 3 steps, loss 1.5000 -> 0.7500\n"
     assert pretrain_main(["summary", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    seg = tmp_path / "seg"  # a fine-tuning run logs metrics.jsonl too: told apart by its config
+    seg.mkdir()
+    (seg / "config.yaml").write_text("data: {layout: msrs}\n")
+    _jsonl(seg / "metrics.jsonl", [{"step": 1, "loss": 1.5}])
+    assert pretrain_main(["summary", str(seg)]) == 2
+    assert f"{seg} is a segmentation fine-tuning run, not a pre-training run" in capsys.readouterr().err
     empty = tmp_path / "started"
     empty.mkdir()
     (empty / "metrics.jsonl").write_text("")
@@ -55,6 +62,16 @@ def test_finetune_summary_names_method_score_share_and_best(tmp_path, capsys):
                                        f"(2,684,928); best mIoU 50.0 at step 4; overlays {run / 'overlays'}\n")
     assert finetune_main(["summary", str(tmp_path)]) == 2
     assert "no metrics.json (the run has not finished" in capsys.readouterr().err
+    assert finetune_main(["summary", str(tmp_path / "sge")]) == 2  # a typo
+    assert capsys.readouterr().err == f"error: {tmp_path / 'sge'}: no such run folder\n"
+    assert finetune_main(["summary", str(run / "metrics.json")]) == 2
+    assert f"{run / 'metrics.json'} is a file where a folder is expected" in capsys.readouterr().err
+    pretrained = tmp_path / "pretrain"
+    pretrained.mkdir()
+    (pretrained / "config.yaml").write_text("data: {shards: []}\n")
+    (pretrained / "metrics.json").write_text(json.dumps(metrics))
+    assert finetune_main(["summary", str(pretrained)]) == 2
+    assert f"{pretrained} is a pre-training run, not a fine-tuning run" in capsys.readouterr().err
     det = tmp_path / "det"
     det.mkdir()
     share = {"trainable_backbone_share": 0.031, "trainable_backbone": 2684928}
