@@ -110,6 +110,11 @@ def test_segmentation_on_one_frame_per_process_is_refused_before_the_run_starts(
     check_batch(seg, "seg", processes=2, cuda=True)  # SyncBatchNorm: two frames per step over the GPUs
     check_batch(load_config(CONFIG_DIR / "finetune" / "seg_tiny.yaml", ["train.batch_size=2"]), "seg")
     check_batch(load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml", ["train.batch_size=1"]), "det")
+    from finetune.preflight import check_run
+
+    # an evaluation alone trains nothing: no batch rule, on to its inputs
+    with pytest.raises(ValueError, match="seg: data.root is not set"):
+        check_run(seg, "seg", splits=("val",))
     # the run's own check counts the processes from the launcher's variables, as the process group will
     from pretrain.engine import launched_world_size
 
@@ -225,6 +230,8 @@ def test_jpeg_label_maps_are_refused_and_jpeg_binary_masks_thresholded(tmp_path,
     config = str(CONFIG_DIR / "finetune" / "seg_tiny.yaml")
     assert finetune_main(["check", "--config", config, f"data.root={tmp_path / 'synth'}"]) == 2
     assert "its label maps are JPEG (4 of the first 4" in capsys.readouterr().err
+    assert finetune_main(["check", "--config", config, f"data.root={tmp_path / 'synth'}", "data.binary_labels=true",
+                          "data.classes=[background,object]", "model.head.class_weight=null"]) == 0
 
     records, truth = [], []
     for i, png in enumerate(sorted(shared_path("sirst", "masks").glob("*_pixels0.png"))[:12]):

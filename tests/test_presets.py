@@ -557,6 +557,11 @@ def test_a_split_without_a_usable_frame_is_refused_before_any_work(tmp_path, cap
     assert "(train): its first 4 label maps hold only 0 and 255, the ignore index: every object pixel would be " \
            "ignored. Binary masks (0 / 255): set data.binary_labels=true" in refused()
     assert finetune_main(["check", "--config", config, f"data.root={root}", "data.binary_labels=true"]) == 0
+    for png in (root / "train" / "Segmentation_labels").glob("*.png"):  # class indices with an ignored border
+        label = np.zeros((128, 160), np.uint8)
+        label[40:60, 50:80], label[:2] = 1, 255
+        _write(png, label)
+    assert finetune_main(["check", "--config", config, f"data.root={root}"]) == 0
 
 
 @pytest.mark.parametrize("preset,folder,renamed,now,there,fix", [
