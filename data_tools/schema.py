@@ -92,10 +92,10 @@ DEFAULT_GLOBS = ("**/*",)  # every file with an image extension, recursively
 class SourceSection(Section):
     """Strict: a sources file is written by hand, and lax coercion misreads it silently
     (``stride: 2.7`` kept every 2nd frame, ``stride: true`` every one, ``classes: person`` six letters)."""
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(strict=True)  # merged with Section's: unknown keys refused, frozen
 
 
-def _number_as_text(value: Any) -> Any:
+def number_as_text(value: Any) -> Any:
     """A folder or a label YAML reads as a number (``root: 2020``, ``classes: [0, 1]``) is its text."""
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
@@ -118,7 +118,7 @@ def _four_sides(value: Any) -> Any:
     return value
 
 
-Text = Annotated[str, BeforeValidator(_number_as_text)]
+Text = Annotated[str, BeforeValidator(number_as_text)]
 Labels = list[Text]
 GlobPattern = Annotated[str, AfterValidator(_below_root)]
 

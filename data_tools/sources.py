@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from data_tools.config import schema_problems, yaml_problem
 from data_tools.files import file_not_folder, folder_kind, folders_below
-from data_tools.schema import DEFAULT_GLOBS, SourceBoxesSchema, SourceMasksSchema, SourceSchema
+from data_tools.schema import DEFAULT_GLOBS, SourceBoxesSchema, SourceMasksSchema, SourceSchema, number_as_text
 from data_tools.walk import walk_matching
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".pnm")
@@ -112,9 +112,8 @@ def source_from_dict(d: Any, base_dir: Path, number: int = 1) -> Source:
     try:
         entry = SourceSchema.model_validate(d)
     except ValidationError as e:
-        name = d.get("name") if isinstance(d, dict) else None
-        named = isinstance(name, (str, int)) and not isinstance(name, bool) and str(name)
-        which = f"source {str(name)!r}" if named else f"source #{number}"
+        name = number_as_text(d.get("name")) if isinstance(d, dict) else None  # as the schema reads it
+        which = f"source {name!r}" if isinstance(name, str) and name else f"source #{number}"
         raise SourceError(f"{which}: " + "\n  ".join(schema_problems(e, SourceSchema))) from None
     anns = tuple(_annotation(spec, base_dir) for spec in (entry.boxes, entry.masks) if spec is not None)
     return Source(entry.name, str(_resolve(base_dir, entry.root)), tuple(entry.globs), entry.stride, entry.sort,

@@ -5,9 +5,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from data_tools.schema import BOX_FORMATS
 from data_tools.config import Section
-from data_tools.schema import Fraction, IntensitySchema, NonNegFloat, NonNegInt, PosFloat, PosInt
+from data_tools.schema import BOX_FORMATS, Fraction, IntensitySchema, NonNegFloat, NonNegInt, PosFloat, PosInt
 from pretrain.schema import Dropout, EncoderSchema, InitSchema, LoopSchema, OptimSchema
 
 
