@@ -208,3 +208,17 @@ def msrs_ranker(tmp_path_factory) -> Path:
 def proposal_overrides(method: str, ranker: Path) -> dict:
     """The proposals settings a method needs besides its name (the fitted one: its ranker)."""
     return {"method": method, "ranker": str(ranker) if method == "thermal_blobs_fitted" else None}
+
+
+@pytest.fixture(scope="module")
+def one_process_group():
+    """A process group of this process alone (gloo, in memory), for engine code that calls
+    collectives, tested in the pytest process; taken down after the module."""
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if started:
+        dist.destroy_process_group()

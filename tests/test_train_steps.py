@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pretrain.engine import Batching, LoopSpec
 from pretrain.engine.checkpoint import seed_step
@@ -21,14 +20,7 @@ from pretrain.engine.loop import Process, train_steps, new_state
 from pretrain.engine.signals import EvaluationStopped
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group():
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if started:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_process_group")
 
 
 class Engine:
