@@ -510,3 +510,74 @@ def test_selective_search_without_opencv_contrib_is_refused_before_any_frame(tmp
                  "proposals.method=selective_search"]) == 2
     assert "needs OpenCV's contrib modules" in capsys.readouterr().err
     assert not (tmp_path / "shards").exists()
+
+
+def test_a_box_at_exactly_the_threshold_is_found_in_each_figure_and_an_unranked_method_has_no_curve():
+    s = _summary([[0, 0, 100, 100]], [[0, 0, 100, 50]])  # IoU 0.5 exactly
+    assert s["missed_iou_0.5"] == [] and s["found_iou_0.5"] == 1
+    assert s["by_source"] == {"s": {"frames": 1, "objects": 1, "found_iou_0.5": 1, "recall_iou_0.5": 1.0}}
+    assert s["recall_at_k_iou_0.5"] is None  # selective search keeps its boxes unranked: no first k
+
+
+def test_an_unranked_method_is_scored_on_all_its_boxes_a_ranked_one_on_the_cap(monkeypatch):
+    """PAD keeps every selective-search box (no cap applies); a ranked method keeps its first ``cap``.
+    OpenCV's thread count is the caller's again afterwards."""
+    import cv2
+
+    import data_tools.proposal_eval as proposal_eval
+
+    boxes = np.array([[300, 300, 50, 50], [200, 200, 50, 50], [0, 0, 50, 50]], np.float64)  # the hit ranked last
+    monkeypatch.setattr(proposal_eval, "compute_proposals", lambda image, cfg, overlay=None: boxes)
+    frames = [LabelledFrame("s", "f.png", np.zeros((480, 640), np.uint8), np.array([[0.0, 0, 50, 50]]))]
+    configs = {m: replace(ProposalConfig(), method=m) for m in ("selective_search", "thermal_blobs")}
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        results = proposal_eval.evaluate(iter(frames), configs, cap=2)
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(threads)
+    unranked, ranked = results["selective_search"].summary(), results["thermal_blobs"].summary()
+    assert (unranked["found_iou_0.5"], unranked["proposals_per_frame"]) == (1, 3)
+    assert (ranked["found_iou_0.5"], ranked["proposals_per_frame"]) == (0, 2)
+    assert ranked["recall_at_k_iou_0.5"]["2"] == 0.0 and ranked["recall_at_k_iou_0.5"]["3"] == 1.0
+
+
+def test_ranked_methods_propose_past_the_cap_for_the_curve_and_the_split_is_checked():
+    from data_tools.proposal_eval import labelled_frames, method_configs
+
+    configs = method_configs(ProposalConfig(max_proposals=50), ["thermal_blobs", "selective_search"], max_k=100)
+    assert configs["thermal_blobs"].max_proposals == 100 and configs["selective_search"].max_proposals == 50
+    assert method_configs(ProposalConfig(max_proposals=120), ["thermal_blobs"], 100)["thermal_blobs"].max_proposals == 120
+    for every, offset in ((2, 2), (2, -1), (0, 0)):
+        with pytest.raises(ValueError, match=f"--every {every} --offset {offset}"):
+            next(labelled_frames([], every=every, offset=offset))
+
+
+def test_the_console_says_sources_and_ignore_regions_only_where_there_is_something_to_tell():
+    from data_tools.proposal_eval import format_by_source, format_ignored
+
+    one = {"method": "m", "by_source": {"a": {"frames": 2, "objects": 3, "found_iou_0.5": 2, "recall_iou_0.5": 0.6667}}}
+    assert format_by_source(one) == ""
+    two = {"method": "m", "by_source": {**one["by_source"], "b": {"frames": 1, "objects": 0, "found_iou_0.5": 0,
+                                                                     "recall_iou_0.5": None}}}
+    assert format_by_source(two) == "m on a: 2 of 3 objects (0.667), 2 frames\nm on b: 0 of 0 objects (-), 1 frames"
+    assert format_ignored({"ignore_regions": {}}) == "" and format_ignored({}) == ""
+
+
+def test_eval_reads_a_frame_as_the_build_does_with_its_border_crop_and_names_the_ranker_it_used(msrs_ranker):
+    from data_tools.files import sha256_file
+    from data_tools.proposal_eval import labelled_frames, run
+    from data_tools.sources import source_from_dict
+
+    root = shared_path("msrs20")
+    entry = {"name": "m", "root": str(root / "ir"), "glob": ["00004N.png"],
+             "boxes": {"format": "yolo", "path": str(root / "labels_ir")}}
+    [whole] = labelled_frames([source_from_dict(entry, root)])
+    [cropped] = labelled_frames([source_from_dict({**entry, "border_crop": [10, 20, 30, 40]}, root)])
+    assert cropped.image.shape == (480 - 30, 640 - 70)
+    assert np.array_equal(cropped.image, whole.image[10:-20, 30:-40])
+    [summary] = run([source_from_dict(entry, root)], ProposalConfig(method="thermal_blobs_fitted",
+                                                                    ranker=str(msrs_ranker)),
+                    ["thermal_blobs_fitted"], None)
+    assert summary["ranker"] == {"path": str(msrs_ranker), "sha256": sha256_file(msrs_ranker)}
