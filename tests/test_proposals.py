@@ -548,7 +548,8 @@ def test_ranked_methods_propose_past_the_cap_for_the_curve_and_the_split_is_chec
 
     configs = method_configs(ProposalConfig(max_proposals=50), ["thermal_blobs", "selective_search"], max_k=100)
     assert configs["thermal_blobs"].max_proposals == 100 and configs["selective_search"].max_proposals == 50
-    assert method_configs(ProposalConfig(max_proposals=120), ["thermal_blobs"], 100)["thermal_blobs"].max_proposals == 120
+    wider = method_configs(ProposalConfig(max_proposals=120), ["thermal_blobs"], max_k=100)
+    assert wider["thermal_blobs"].max_proposals == 120
     for every, offset in ((2, 2), (2, -1), (0, 0)):
         with pytest.raises(ValueError, match=f"--every {every} --offset {offset}"):
             next(labelled_frames([], every=every, offset=offset))
