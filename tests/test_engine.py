@@ -352,6 +352,52 @@ def test_a_stop_while_loader_workers_are_spawned_is_taken_once_they_are():
         signals.restore()
 
 
+def test_the_resource_tracker_is_born_with_the_stop_signals_blocked():
+    """Started inside ``stop_signals_held`` (with the first loader worker), Python's resource tracker
+    keeps the stop signals it does not ignore itself blocked: a preemption notice (SIGUSR1) to the
+    process group no longer kills it."""
+    import subprocess
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("no /proc")
+    code = ("import multiprocessing.resource_tracker as rt\n"
+            "from pretrain.engine.signals import stop_signals_held\n"
+            "with stop_signals_held():\n    pass\n"
+            "status = open(f'/proc/{rt._resource_tracker._pid}/status').read().splitlines()\n"
+            "print(next(line for line in status if line.startswith('SigBlk')).split()[1])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    assert int(out, 16) & (1 << (signal.SIGUSR1 - 1))
+
+
+def test_a_stop_request_on_any_rank_is_every_ranks_and_loader_workers_ignore_stops(monkeypatch):
+    """Another rank stands in through the all-reduce (its flag set): this rank stops too."""
+    import torch.distributed as dist
+
+    from pretrain.engine import StopSignals
+    from pretrain.engine.signals import ignore_preemption_signals
+
+    def another_rank_asked(flag, op):
+        assert op == dist.ReduceOp.MAX
+        flag.fill_(1.0)
+
+    signals = StopSignals(announce=False)
+    try:
+        assert signals.requested is False
+        monkeypatch.setattr(dist, "all_reduce", another_rank_asked)
+        assert signals.any_rank_requested(torch.device("cpu")) is True
+    finally:
+        signals.restore()
+    from data_tools.command import STOP_SIGNALS, restore_handlers
+
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        ignore_preemption_signals(0)
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in STOP_SIGNALS)
+    finally:
+        restore_handlers(before)
+
+
 def test_a_resume_by_a_version_that_deals_samples_otherwise_starts_the_streams_afresh():
     from pretrain.engine.batching import fit_positions_to_stream_order
     from pretrain.engine.loop import new_state

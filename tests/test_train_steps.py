@@ -100,8 +100,8 @@ class Task:
 
     name = "t"
 
-    def __init__(self, stop_at: tuple[int, int] | None = None):
-        self.stop_at = stop_at  # (step, micro-batch): a SIGTERM to this process in that forward
+    def __init__(self, stop_at: tuple[int, int] | None = None, stop: int = signal.SIGTERM):
+        self.stop_at, self.stop = stop_at, stop  # (step, micro-batch): signal ``stop`` to this process there
         self.begun, self.ended, self.forwards, self.noise = [], [], [], {}
         self.step = None
 
@@ -115,7 +115,7 @@ class Task:
     def forward(self, engine, batch):
         self.forwards.append((self.step, batch["keys"][0]))
         if (self.step, self.micro) == self.stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.stop)
         noise = torch.rand(()).item()
         self.noise.setdefault(self.step, noise)
         self.micro += 1
@@ -238,14 +238,18 @@ def test_a_resume_drops_the_logged_steps_it_redoes_also_from_the_sample_logs_of_
     assert [json.loads(line)["step"] for line in extra.read_text().splitlines()] == [0, 1, 2]
 
 
-def test_a_stop_request_saves_the_step_under_way_and_ends_it_unfinished(tmp_path, capsys):
-    before = signal.getsignal(signal.SIGTERM)
-    r = run(tmp_path, spec(save_every=100), task=Task(stop_at=(3, 0)))
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_request_saves_the_step_under_way_and_ends_it_unfinished(tmp_path, capfd, stop):
+    before = signal.getsignal(stop)
+    r = run(tmp_path, spec(save_every=100), task=Task(stop_at=(3, 0), stop=stop))
     assert r.finished is False
     assert r.task.begun == [0, 1, 2, 3] and r.engine.updates == 4  # the step under way ends, with its update
     assert sorted(r.ckpt.saved) == ["step00000004"] and r.ckpt.saved["step00000004"][0]["data"]["step"] == 4
-    assert "SIGTERM: saved step 4, exiting; rerun the same command to resume" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGTERM) is before  # after the loop a signal is no request to save
+    out, err = capfd.readouterr()
+    assert f"{stop.name}: saved step 4, exiting; rerun the same command to resume" in out
+    # A Ctrl-C is answered at once, in the terminal: what happens next and how to stop at once.
+    assert ("Ctrl-C: saving at the end of this step" in err) == (stop == signal.SIGINT)
+    assert signal.getsignal(stop) is before  # after the loop a signal is no request to save
 
 
 def test_evaluations_on_schedule_save_their_step_and_the_best_is_kept(tmp_path):
