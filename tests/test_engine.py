@@ -649,6 +649,59 @@ def test_a_barrier_names_the_gpu_of_its_process_on_nccl(monkeypatch, backend, ex
 
 
 
+def test_plain_batchnorm_statistics_are_averaged_over_ranks_and_syncbatchnorm_left_alone(monkeypatch):
+    """Another rank stands in through the all-reduce, its running statistics 3 where ours are 1."""
+    import torch.distributed as dist
+
+    from pretrain.engine.distributed import average_over_ranks, batchnorm_statistics
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.SyncBatchNorm(3), torch.nn.BatchNorm1d(4),
+                                torch.nn.BatchNorm1d(5, track_running_stats=False))
+    stats = batchnorm_statistics(model)
+    assert [tuple(b.shape) for b in stats] == [(2,), (2,), (4,), (4,)]  # mean and var of the plain ones
+    for b in stats:
+        b.fill_(1.0)
+    average_over_ranks(stats)  # one process: nothing to average, no collective
+    assert all(bool((b == 1.0).all()) for b in stats)
+
+    def other_rank_holds_three(flat):
+        flat += 3.0
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", other_rank_holds_three)
+    average_over_ranks(stats)
+    assert all(bool((b == 2.0).all()) for b in stats) and bool((model[1].running_mean == 0).all())
+
+
+@pytest.mark.parametrize("version, world, bound", [("2.15.0", 2, True), ("2.15.0", 1, False), ("2.6.1", 2, False),
+                                                    ("2.7.1", 2, True)])
+def test_an_nccl_group_is_bound_to_its_gpu_except_alone_or_where_binding_hangs(monkeypatch, version, world, bound):
+    from torch.torch_version import TorchVersion
+
+    from pretrain.engine.distributed import _device_binding
+
+    monkeypatch.setattr(torch, "__version__", TorchVersion(version))
+    assert _device_binding(True, 1, {"WORLD_SIZE": str(world)}) == ({"device_id": torch.device("cuda", 1)}
+                                                                    if bound else {})
+    assert _device_binding(False, 0, {"WORLD_SIZE": "2"}) == {}
+
+
+def test_each_restart_of_torchruns_workers_forms_its_group_under_a_prefix_of_its_own(monkeypatch):
+    import torch.distributed as dist
+
+    from pretrain.engine.distributed import restart_safe_store
+
+    made = []
+    monkeypatch.setattr(dist, "TCPStore", lambda *args, **kwargs: made.append((args, kwargs)) or "agent")
+    monkeypatch.setattr(dist, "PrefixStore", lambda prefix, store: (prefix, store))
+    env = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400", "WORLD_SIZE": "8"}
+    assert restart_safe_store(env, 60) is None and made == []  # not under torchrun's agent store
+    env["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+    assert restart_safe_store(env, 60) == ("irpt/restart0", "agent")
+    assert restart_safe_store({**env, "TORCHELASTIC_RESTART_COUNT": "2"}, 60) == ("irpt/restart2", "agent")
+    assert made[0] == (("10.0.0.1", 29400, 8), {"is_master": False, "timeout": 60})
+
+
 class ShortStream(ResumableStream):
     """6 batches an epoch, of which the workers hand over only the first ``delivered`` (the others
     lost, as when /dev/shm has no room for them)."""
