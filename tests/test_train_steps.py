@@ -2,8 +2,9 @@
 model and stand-ins for the engine, the loader and the checkpointer that record what the loop asks
 of them. What it checks, step by step: the learning rate, gradient accumulation, the data position
 through epochs, when it logs and saves, exact resume, stop requests, evaluation and the best
-checkpoint, and non-finite steps. (The runs under the launchers, with DeepSpeed, are in
-test_pretrain_resume.py and test_finetune_seg.py; these take seconds.)"""
+checkpoint, non-finite steps; and the end of a run (its final evaluation, metrics.json, DONE).
+(The runs under the launchers, with DeepSpeed, are in test_pretrain_resume.py and
+test_finetune_seg.py; these take seconds.)"""
 import copy
 import json
 import os
@@ -315,3 +316,72 @@ def test_a_non_finite_step_holds_its_update_back_and_is_logged_off_schedule(tmp_
     assert (r.ckpt.loaded_tag == "step00000004") == (policy == "rollback")
     assert f"non-finite loss at step 5: {'its update dropped' if policy == 'skip' else 'rolling back'}" in \
         capsys.readouterr().err
+
+
+# --- the end of a run (pretrain/engine/run.py) -------------------------------------------------------
+
+class Evaluated(Task):
+    """A task whose evaluation records the model's mode and may get a SIGTERM after its first frame."""
+
+    def __init__(self, stop_in_eval=False):
+        super().__init__()
+        self.stop_in_eval, self.modes = stop_in_eval, []
+
+    def evaluate(self, model, cfg, where, stop_requested=None):
+        self.modes.append(model.training)
+        model.eval()
+        for frame in range(3):
+            if stop_requested is not None and stop_requested():
+                raise EvaluationStopped
+            if self.stop_in_eval:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return {"score": 0.25}
+
+    def result_line(self, metrics, steps, where):
+        return f"score {metrics['score']} after {steps} steps"
+
+
+def test_the_end_of_a_run_reuses_the_last_evaluation_and_writes_metrics_done_and_its_line(tmp_path, capsys):
+    from pretrain.engine.run import Evaluation, _finish
+
+    task, model = Evaluated(), torch.nn.Linear(1, 1)
+    where = Process(0, 2, torch.device("cpu"), tmp_path)
+    evaluation = Evaluation(task, model, None, where)
+    assert evaluation(6) == {"score": 0.25} and model.training  # back in training mode after it
+    state = {"step": 6, "samples_seen": 24, "best": {"metric": "score", "value": 0.25, "step": 6}}
+    before = signal.getsignal(signal.SIGTERM)
+    assert _finish(task, model, None, where, state, evaluation) is True
+    assert signal.getsignal(signal.SIGTERM) is before  # a stop request only during its evaluation
+    assert task.modes == [True]  # step 6 was evaluated in the loop: not again
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"score": 0.25, "task": "t", "steps": 6,
+                                                                  "processes": 2}
+    assert json.loads((tmp_path / "DONE").read_text()) == {"steps": 6, "samples_seen": 24, "best": state["best"]}
+    assert capsys.readouterr().out.strip() == "score 0.25 after 6 steps"
+    assert _finish(task, model, None, where, dict(state, step=7), evaluation) is True and len(task.modes) == 2
+    assert capsys.readouterr().out.strip() == "score 0.25 after 7 steps"  # step 7 was not: evaluated now
+    other = tmp_path / "rank1"
+    other.mkdir()
+    assert _finish(task, model, None, Process(1, 2, torch.device("cpu"), other), state) is True
+    assert list(other.iterdir()) == [] and capsys.readouterr().out == ""  # rank 0 writes and says it
+
+
+def test_a_stop_during_the_final_evaluation_leaves_the_run_unfinished(tmp_path, capsys):
+    from pretrain.engine.run import _finish
+
+    task, model = Evaluated(stop_in_eval=True), torch.nn.Linear(1, 1)
+    assert _finish(task, model, None, Process(0, 1, torch.device("cpu"), tmp_path), {"step": 6}) is False
+    assert not (tmp_path / "DONE").exists() and not (tmp_path / "metrics.json").exists() and model.training
+    assert "SIGTERM: step 6 is saved, its evaluation stopped, exiting" in capsys.readouterr().out
+
+
+def test_an_init_checkpoint_that_is_missing_or_a_folder_is_refused_in_one_line(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pretrain.engine.run import check_init_checkpoint
+
+    check_init_checkpoint(OmegaConf.create({"init": {"checkpoint": None}}))
+    check_init_checkpoint(OmegaConf.create({}))
+    with pytest.raises(FileNotFoundError, match=f"init.checkpoint {tmp_path / 'no.pth'}: no such file"):
+        check_init_checkpoint(OmegaConf.create({"init": {"checkpoint": str(tmp_path / "no.pth")}}))
+    with pytest.raises(FileNotFoundError, match="init.checkpoint: "):
+        check_init_checkpoint(OmegaConf.create({"init": {"checkpoint": str(tmp_path)}}))
