@@ -374,6 +374,7 @@ def test_a_stop_request_on_any_rank_is_every_ranks_and_loader_workers_ignore_sto
     """Another rank stands in through the all-reduce (its flag set): this rank stops too."""
     import torch.distributed as dist
 
+    from data_tools.command import STOP_SIGNALS, restore_handlers
     from pretrain.engine import StopSignals
     from pretrain.engine.signals import ignore_preemption_signals
 
@@ -388,8 +389,6 @@ def test_a_stop_request_on_any_rank_is_every_ranks_and_loader_workers_ignore_sto
         assert signals.any_rank_requested(torch.device("cpu")) is True
     finally:
         signals.restore()
-    from data_tools.command import STOP_SIGNALS, restore_handlers
-
     before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         ignore_preemption_signals(0)

@@ -63,7 +63,7 @@ def test_the_step_verdict_is_one_decision_over_every_rank_micro_batch(monkeypatc
     assert step_verdict([torch.tensor(1.0), torch.tensor(3.0)]) == Verdict(False, None)
 
 
-def test_a_spike_is_judged_only_after_ten_steps_and_against_a_positive_median(capsys):
+def test_a_spike_is_judged_only_after_ten_steps_and_against_a_positive_median():
     state = {}
     health = StepHealth(HealthPolicy(spike_factor=3.0, spike_window=50), state, rank=0)
     for step in range(1, 10):
