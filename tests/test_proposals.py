@@ -582,3 +582,34 @@ def test_eval_reads_a_frame_as_the_build_does_with_its_border_crop_and_names_the
                                                                     ranker=str(msrs_ranker)),
                     ["thermal_blobs_fitted"], None)
     assert summary["ranker"] == {"path": str(msrs_ranker), "sha256": sha256_file(msrs_ranker)}
+
+
+def test_box_helpers_at_their_edges():
+    from data_tools.proposals import filter_mask, round_to_image
+
+    big = np.array([[0, 40_000, 50, 50], [0, 40_000, 50, 50], [70_000, 0, 40, 40]])  # beyond the packed key
+    assert unique_boxes(big).tolist() == [[0, 40_000, 50, 50], [70_000, 0, 40, 40]]
+    cfg = ProposalConfig()
+    boxes = np.array([[0, 0, 40, 120], [0, 0, 40, 121], [0, 0, 39, 60], [0, 0, 60, 39], [0, 0, 50, 50]])
+    assert filter_mask(boxes, cfg).tolist() == [True, False, False, False, True]  # aspect 3 is kept
+    assert filter_mask(boxes, replace(cfg, min_region_pixels=2500)).tolist() == [True, False, False, False, True]
+    assert filter_mask(boxes, replace(cfg, min_region_pixels=4801)).tolist() == [False, False, False, False, False]
+    # Corners rounded, not sides: x 10.4 + w 20.4 ends at 30.8 -> 31, so w is 21; then cut to the frame.
+    assert round_to_image(np.array([[10.4, 5.0, 20.4, 10.0], [-3.0, 90.0, 20.0, 20.0]]), 100, 100).tolist() == \
+        [[10, 5, 21, 10], [0, 90, 17, 10]]
+    # Boxes of no area overlap nothing (0, not 0/0); a box overlapping another by exactly the NMS
+    # threshold survives it (suppressed only above).
+    assert box_iou(np.zeros((1, 4)), np.zeros((2, 4))).tolist() == [[0.0, 0.0]]
+    pair = np.array([[0, 0, 100, 100], [0, 0, 100, 50]], np.float64)  # IoU 0.5
+    assert greedy_nms(pair, np.array([2.0, 1.0]), 0.5, 10).tolist() == [0, 1]
+    assert greedy_nms(pair, np.array([2.0, 1.0]), 0.49, 10).tolist() == [0]
+
+
+def test_a_one_pixel_wide_box_has_a_ring_on_every_side_and_disabled_proposals_are_none(real_frames):
+    frame = np.zeros((9, 9), np.uint8)
+    frame[:, 4] = 200  # a warm pole, one pixel wide
+    # The box on the pole, rows 2-6: its ring is at least a pixel on each side (columns 3 and 5, rows 1
+    # and 7: 16 pixels, 2 of them on the pole), not only above and below it.
+    assert _ring_contrast(frame, np.array([[4.0, 2.0, 1.0, 5.0]]))[0] == pytest.approx(200 - 400 / 16)
+    assert len(compute_proposals(real_frames[0], ProposalConfig())) > 0
+    assert compute_proposals(real_frames[0], ProposalConfig(enabled=False)).shape == (0, 4)
