@@ -453,7 +453,7 @@ def compute_proposals(image: np.ndarray, cfg: ProposalConfig, overlay: np.ndarra
     its source's burned-in overlay mask (``overlay.find_source_overlay``), filled in first."""
     if not cfg.enabled:
         return np.zeros((0, 4), np.int32)
-    return PROPOSAL_METHODS.get(cfg.method).propose(to_uint8(image), cfg)
+    return PROPOSAL_METHODS.get(cfg.method).propose(fill_overlay(to_uint8(image), overlay), cfg)
 
 
 # A method in its own module registers itself on import (after everything it uses is defined above).
