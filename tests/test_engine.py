@@ -522,20 +522,38 @@ def test_torchrun_takes_a_repeated_stop_signal_as_one_request_but_a_second_ctrl_
         fake._terminate_process_handler(signal.SIGINT, None)
 
 
+@pytest.fixture
+def deepspeed_wrapper(monkeypatch):
+    """The DeepSpeed launcher wrapper, run in this process: the launcher's own ``main`` is set by the
+    test; the signal handlers and the environment variable the wrapper sets for its whole process are
+    put back after."""
+    import deepspeed.launcher.runner as runner
+
+    from data_tools.command import HANGUP_STOPS_ENV, STOP_SIGNALS, restore_handlers
+    from pretrain.engine.launchers import deepspeed
+
+    monkeypatch.delenv(HANGUP_STOPS_ENV, raising=False)
+    before = {sig: signal.getsignal(sig) for sig in {*STOP_SIGNALS, signal.SIGHUP, signal.SIGINT, signal.SIGTERM,
+                                                     signal.SIGUSR1}}
+
+    def run(launcher_main, argv):
+        monkeypatch.setattr(runner, "main", launcher_main)
+        return deepspeed(argv)
+
+    yield run
+    restore_handlers(before)
+    os.environ.pop(HANGUP_STOPS_ENV, None)
+
+
 @pytest.mark.parametrize("stop, passed_as, status", [(signal.SIGINT, signal.SIGINT, 130),
                                                      (signal.SIGUSR1, signal.SIGTERM, 138)])
 def test_the_deepspeed_launcher_passes_a_stop_on_to_its_node_launcher_and_waits_for_it(
-        monkeypatch, capsys, stop, passed_as, status):
+        deepspeed_wrapper, capsys, stop, passed_as, status):
     """DeepSpeed's launcher stands in as a function that starts one child (its per-node launcher),
     gets the stop signal, and waits for the child, ending with its status. The child gets the signal
     (a SIGUSR1, which would kill DeepSpeed's per-node launcher, as SIGTERM); the same request again is
     not passed on; the launcher's line names the stop, and its status is the shell's for it."""
     import subprocess
-
-    import deepspeed.launcher.runner as runner
-
-    from data_tools.command import HANGUP_STOPS_ENV, STOP_SIGNALS, restore_handlers
-    from pretrain.engine.launchers import deepspeed
 
     child_code = ("import signal, sys, time\n"
                   "got = []\n"
@@ -555,29 +573,18 @@ def test_the_deepspeed_launcher_passes_a_stop_on_to_its_node_launcher_and_waits_
         seen["child"] = child.wait()
         raise SystemExit(seen["child"])
 
-    monkeypatch.setattr(runner, "main", launcher_main)
-    monkeypatch.delenv(HANGUP_STOPS_ENV, raising=False)
-    before = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGHUP, signal.SIGINT, signal.SIGTERM,
-                                                     signal.SIGUSR1)}
-    try:
-        assert deepspeed(["--num_gpus", "2", "train.py"]) == status
-    finally:
-        restore_handlers(before)
-        os.environ.pop(HANGUP_STOPS_ENV, None)
+    assert deepspeed_wrapper(launcher_main, ["--num_gpus", "2", "train.py"]) == status
     assert seen["child"] == 100 + passed_as  # one signal, as passed on
     assert f"deepspeed: {stop.name} passed on to its processes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ends, status", [(SystemExit(3), 3), (SystemExit(None), 0), (SystemExit("no hosts"), 1),
                                           (None, 0), (signal.SIGTERM, 143)])
-def test_the_deepspeed_launcher_ends_with_its_processes_status_or_a_stops(monkeypatch, capsys, ends, status):
+def test_the_deepspeed_launcher_ends_with_its_processes_status_or_a_stops(deepspeed_wrapper, monkeypatch, capsys,
+                                                                        ends, status):
     """Its status passed on as it ends (a message instead of a number: 1); a stop before it started
     any process ends it at once, with the stop's status and line."""
-    import deepspeed.launcher.runner as runner
     import psutil
-
-    from data_tools.command import HANGUP_STOPS_ENV, STOP_SIGNALS, restore_handlers
-    from pretrain.engine.launchers import deepspeed
 
     def launcher_main(argv):
         if isinstance(ends, SystemExit):
@@ -586,15 +593,8 @@ def test_the_deepspeed_launcher_ends_with_its_processes_status_or_a_stops(monkey
             os.kill(os.getpid(), ends)
             time.sleep(5)  # ended by the stop before this
 
-    monkeypatch.setattr(runner, "main", launcher_main)
     monkeypatch.setattr(psutil.Process, "children", lambda self, recursive=False: [])  # none started yet
-    before = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGHUP, signal.SIGINT, signal.SIGTERM,
-                                                     signal.SIGUSR1)}
-    try:
-        assert deepspeed([]) == status
-    finally:
-        restore_handlers(before)
-        os.environ.pop(HANGUP_STOPS_ENV, None)
+    assert deepspeed_wrapper(launcher_main, []) == status
     assert ("deepspeed: SIGTERM passed on" in capsys.readouterr().err) == (ends == signal.SIGTERM)
 
 
