@@ -177,17 +177,23 @@ def _seg_stage_folder(pipeline, tmp_path) -> tuple[Path, Path]:
     return new, config
 
 
-def test_interrupted_stage_fails_then_resumes_under_torchrun(pipeline, tmp_path):
+# Two processes under torchrun in the slow tier (~35 s): the default suite stays near 15 min; the default tier
+# kills and resumes 2-process fine-tuning under torchrun in test_finetune_dist_eval and test_finetune_seg.
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["one-process", "torchrun-2"])
+def test_interrupted_stage_fails_then_resumes(pipeline, tmp_path, nproc):
     out, config = _seg_stage_folder(pipeline, tmp_path)
-    args = ["--out", str(out), "--seg-config", str(config), "seg", "--nproc", "2"]
+    args = ["--out", str(out), "--seg-config", str(config), "seg", "--nproc", str(nproc)]
     res = _run_sh(*args, "--master", f"127.0.0.1:{free_port()}", env_extra={FAULT_ENV: "6"})  # killed after step 6
-    assert res.returncode != 0 and "the same command then goes on from the last checkpoint" in res.stderr
-    assert "pretrain.engine.launchers torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2" in res.stdout
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "ERROR: stage seg failed or was interrupted" in res.stderr
+    assert "the same command then goes on from the last checkpoint" in res.stderr
+    launched = "pretrain.engine.launchers torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2"
+    assert (launched in res.stdout) == (nproc == 2)
     assert not (out / "seg" / "DONE").exists()
     log = _ok(_run_sh(*args, "--master", f"127.0.0.1:{free_port()}"))
     assert "resumed from step00000004" in log
     metrics = json.loads((out / "seg" / "metrics.json").read_text())
-    assert metrics["processes"] == 2 and metrics["steps"] == 8 and metrics["frames"] == 8
+    assert metrics["processes"] == nproc and metrics["steps"] == 8 and metrics["frames"] == 8
 
 
 def test_hostfile_runs_the_deepspeed_launcher(pipeline, tmp_path):
@@ -525,8 +531,13 @@ def test_ctrl_c_in_a_training_stage_saves_and_run_sh_says_to_rerun(pipeline, tmp
     assert f"STOPPED: stage pretrain {said[1]}" in res.stderr and "\nERROR: " not in res.stderr
     assert (new / "pretrain" / "checkpoints" / "latest").is_file() and not (new / "pretrain" / "DONE").exists()
     if launcher:
-        passed = signal.SIGTERM if to == "run.sh" else stop
-        assert f"{launcher}: {passed.name} passed on to its processes" in res.stderr, res.stderr[-3000:]
+        # A Ctrl-C to the group reaches the launcher twice: the terminal's SIGINT and run.sh's SIGTERM a moment
+        # later. Python runs the handlers of signals pending together in number order (SIGINT first), but a
+        # SIGTERM arriving as the SIGINT's handler starts, before it has counted, runs inside it and raises
+        # first: the launcher then passes SIGTERM on, and its line says so (seen once in some twenty runs).
+        passed = {signal.SIGTERM} if to == "run.sh" else {stop, signal.SIGTERM} if stop == signal.SIGINT else {stop}
+        assert any(f"{launcher}: {s.name} passed on to its processes" in res.stderr for s in passed), \
+            res.stderr[-3000:]
         assert "Traceback" not in res.stderr, res.stderr[-3000:]
     assert len(tree) == nproc + {None: 0, "torchrun": 1, "deepspeed": 2}[launcher], [p.pid for p in tree]
     assert not outlived, f"still running when run.sh ended: {outlived}"
