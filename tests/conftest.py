@@ -183,6 +183,24 @@ def changed_after_two_steps(model, loss) -> set[str]:
     return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
 
 
+def plain_ring_statistics(view, box, ring: float = 0.25) -> tuple[float, float, float]:
+    """A box's mean inside minus the mean of the ring around it (``ring`` of each side wide, at least a
+    pixel, cut to the frame; 0 without a ring), and the standard deviations inside and in the ring:
+    the definition, pixel by pixel (the code under test uses integral images)."""
+    import numpy as np
+
+    x, y, w, h = (int(v) for v in box)
+    rx, ry = max(round(w * ring), 1), max(round(h * ring), 1)
+    inside = view[y:y + h, x:x + w].astype(np.float64)
+    outer = view[max(y - ry, 0):y + h + ry, max(x - rx, 0):x + w + rx].astype(np.float64)
+    mask = np.ones(outer.shape, bool)
+    mask[y - max(y - ry, 0):y - max(y - ry, 0) + h, x - max(x - rx, 0):x - max(x - rx, 0) + w] = False
+    ring_pixels = outer[mask]
+    if ring_pixels.size == 0:
+        return 0.0, float(inside.std()), 0.0
+    return float(inside.mean() - ring_pixels.mean()), float(inside.std()), float(ring_pixels.std())
+
+
 def msrs_labelled_frames(every: int = 2, offset: int = 0) -> list:
     """(grey uint8 frame, boxes >= 40 px) of the labelled MSRS frames; by default the even ones (10
     frames, 12 objects), every=1: all 20 (29 objects)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_tools.imageio import read_frame
 from data_tools.proposal_eval import runnable_methods
 from data_tools.proposal_ranker import (
     FEATURES,
@@ -17,7 +18,7 @@ from data_tools.proposal_ranker import (
     parse_ranker,
 )
 from data_tools.proposals import ProposalConfig, compute_proposals
-from tests.conftest import msrs_labelled_frames, shared_path
+from tests.conftest import msrs_labelled_frames, plain_ring_statistics, shared_path
 
 ROADSCENE_BOXES = Path(__file__).resolve().parents[1] / "bench" / "roadscene_boxes" / "sources.yaml"
 
@@ -33,6 +34,77 @@ def test_logistic_fit_weights_the_separating_feature_and_is_deterministic():
     assert fit_logistic(x, y.astype(np.float64), l2=1.0)[0][1] < weights[1]
     with pytest.raises(RankerError, match="all hits or all misses"):
         fit_logistic(x, np.zeros(2000), l2=0.01)
+    # The bias is not shrunk: on a feature far from 0 the boundary stays where the classes part.
+    far = rng.normal(5.0, 1.0, size=(2000, 1))
+    w, b = fit_logistic(far, (far[:, 0] > 5.5).astype(np.float64), l2=0.01)
+    assert -b / w[0] == pytest.approx(5.5, abs=0.2) and w[0] > 2.0  # shrunk too: 5.07 and 0.8 (bias -4 for -20)
+
+
+def test_the_fit_learns_from_what_it_should_and_says_what_it_cannot():
+    """A candidate at IoU exactly 0.5 with an object is a hit (as proposals-eval counts it); a feature
+    that is the same on every candidate (no box touches the top, say) keeps finite weights; an L2 of
+    0 (an unbounded fit where the classes separate) is refused."""
+    from data_tools.proposal_ranker import FrameCandidates, _hits, fit_ranker, fit_weights
+
+    assert _hits(np.array([[0, 0, 100, 100], [0, 0, 100, 101]], np.float64),
+                 np.array([[0, 0, 100, 50]], np.float64)).tolist() == [True, False]
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, len(FEATURES)))
+    features[:, 3] = 1.0
+    hits = features[:, 0] > 1.0
+    table = FrameCandidates(np.zeros((200, 4)), np.ones(200), features, hits, np.zeros((0, 4)), np.ones(200, bool))
+    fitted = fit_weights([table], l2=0.01)
+    assert np.isfinite(fitted["weights"]).all() and fitted["scale"][3] == 1.0 and fitted["weights"][0] > 1.0
+    for l2 in (0.0, -1.0):
+        with pytest.raises(RankerError, match="l2 must be > 0"):
+            fit_ranker([], ProposalConfig(), l2=l2)
+
+
+def _plain_features(grey, box, score) -> list[float]:
+    """The features of one box as the module docstring names them, pixel by pixel."""
+    import cv2
+
+    height, width = grey.shape
+    equalized = cv2.equalizeHist(grey)
+    row = [np.log(max(score, 1e-9))]
+    for view in (grey, equalized):
+        spread = view.astype(np.float64).std() + 1e-6
+        for ring in (0.1, 0.25, 0.5):
+            diff, std_in, std_ring = plain_ring_statistics(view, box, ring)
+            row += [abs(diff) / spread, np.sign(diff), std_in / spread, std_ring / spread]
+    smooth = cv2.GaussianBlur(equalized, (0, 0), 1.5)
+    gradient = np.hypot(cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1)).astype(np.float64)
+    x, y, w, h = box
+    row += [np.log(w * h / (width * height)), np.log(w / h), (y + h / 2) / height, abs((x + w / 2) / width - 0.5),
+            float(y <= 1), float(y + h >= height - 1), float(x <= 1 or x + w >= width - 1),
+            plain_ring_statistics(gradient, box, 0.1)[0] / (gradient.mean() + 1e-6)]
+    return row
+
+
+def test_box_features_are_their_definitions():
+    """Every feature of boxes on a real frame, against its definition computed plainly: boxes at each
+    edge (touching within a pixel), one a pixel short of each, and candidates of the frame."""
+    from data_tools.proposal_ranker import box_features
+    from data_tools.proposals import thermal_blob_candidates
+
+    grey = read_frame(str(shared_path("msrs20", "ir", "00004N.png"))).image
+    height, width = grey.shape
+    edges = np.array([[0, 0, 60, 60], [100, 1, 50, 80], [100, 2, 50, 80], [300, 420, 60, 59], [300, 419, 60, 59],
+                      [1, 200, 50, 50], [2, 200, 50, 50], [589, 100, 50, 50], [588, 100, 50, 50],
+                      [200, 150, 120, 40]], np.float64)
+    candidates, scores = thermal_blob_candidates(grey, ProposalConfig())
+    pick = np.random.default_rng(0).choice(len(candidates), 10, replace=False)
+    boxes = np.concatenate([edges, candidates[pick]])
+    scores = np.concatenate([[0.0, 1.0, 2.5, 10.0, 0.1, 3.0, 3.0, 7.0, 7.0, 1e3], scores[pick]])
+    features = box_features(grey, boxes, scores)
+    assert features.shape == (20, len(FEATURES)) and (width, height) == (640, 480)
+    for i, (box, score) in enumerate(zip(boxes, scores)):
+        plain = _plain_features(grey, box, score)
+        for name, got, expected in zip(FEATURES, features[i], plain):
+            assert got == pytest.approx(expected, rel=1e-6, abs=1e-9), (i, name)
+    touches = [FEATURES.index(f) for f in ("touches_top", "touches_bottom", "touches_side")]
+    assert features[:9, touches].tolist() == [[1, 0, 1], [1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 1],
+                                              [0, 0, 0], [0, 0, 1], [0, 0, 0]]
 
 
 def test_the_fitted_ranker_file_is_numbers_and_reads_back(msrs_ranker):
@@ -78,6 +150,33 @@ def test_cross_validation_holds_each_frame_out_once(msrs_ranker, tmp_path):
     assert "skipped" in cross_validate(frame_candidates(frames[:1], cfg), cfg, l2=0.01, folds=5)
 
 
+def test_cross_validation_folds_interleave_the_frames(monkeypatch):
+    """Frame i is held out in fold i % folds (neighbouring frames of a sequence fall in different
+    folds), and each fold's ranker is fitted on every other frame."""
+    import data_tools.proposal_ranker as ranker_module
+
+    tables = [ranker_module.FrameCandidates(np.zeros((1, 4)), np.ones(1), np.zeros((1, len(FEATURES))),
+                                            np.zeros(1, bool), np.zeros((0, 4)), np.ones(1, bool)) for _ in range(7)]
+    fitted_on = []
+
+    def fit_weights(used, l2):
+        fitted_on.append(sorted(next(i for i, t in enumerate(tables) if t is u) for u in used))
+        zeros = [0.0] * len(FEATURES)
+        return {"mean": zeros, "scale": [1.0] * len(FEATURES), "weights": zeros, "bias": 0.0}
+
+    scored = []  # (fold, frame) of each frame scored, by the hand ranking and by the fold's ranker
+
+    def objects_found(table, scores, cfg):
+        scored.append((len(fitted_on) - 1, next(i for i, t in enumerate(tables) if t is table)))
+        return 0
+
+    monkeypatch.setattr(ranker_module, "fit_weights", fit_weights)
+    monkeypatch.setattr(ranker_module, "objects_found", objects_found)
+    result = ranker_module.cross_validate(tables, ProposalConfig(), l2=0.01, folds=3)
+    assert result["folds"] == 3 and fitted_on == [[1, 2, 4, 5], [0, 2, 3, 5, 6], [0, 1, 3, 4, 6]]
+    assert sorted(set(scored)) == [(0, 0), (0, 3), (0, 6), (1, 1), (1, 4), (2, 2), (2, 5)] and len(scored) == 14
+
+
 def test_fitting_twice_writes_the_same_file_and_unlabelled_sources_are_refused(msrs_ranker, tmp_path, capsys):
     from data_tools.cli import main
 
@@ -117,6 +216,7 @@ def _good(msrs_ranker) -> dict:
     (lambda d: {**d, "mean": [True] + d["mean"][1:]}, "'mean' must be"),
     (lambda d: {**d, "scale": [0.0] + d["scale"][1:]}, "'scale' must be positive"),
     (lambda d: {**d, "bias": "1"}, "'bias'"),
+    (lambda d: {**d, "bias": True}, "'bias'"),
     (lambda d: {k: v for k, v in d.items() if k != "candidates"}, "'candidates'"),
 ])
 def test_bad_ranker_files_are_refused_with_the_reason(msrs_ranker, change, reason):

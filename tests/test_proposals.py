@@ -22,7 +22,7 @@ from data_tools.proposals import (
     thermal_blob_candidates,
     unique_boxes,
 )
-from tests.conftest import msrs_labelled_frames, proposal_overrides, shared_path
+from tests.conftest import msrs_labelled_frames, plain_ring_statistics, proposal_overrides, shared_path
 
 
 def _summary(gt, proposals, cap=None, method="selective_search"):
@@ -613,3 +613,96 @@ def test_a_one_pixel_wide_box_has_a_ring_on_every_side_and_disabled_proposals_ar
     assert _ring_contrast(frame, np.array([[4.0, 2.0, 1.0, 5.0]]))[0] == pytest.approx(200 - 400 / 16)
     assert len(compute_proposals(real_frames[0], ProposalConfig())) > 0
     assert compute_proposals(real_frames[0], ProposalConfig(enabled=False)).shape == (0, 4)
+
+
+def test_a_candidates_score_is_the_documented_product_at_every_working_scale():
+    """Each configured working scale gives candidates; a candidate's score is its ring contrast in each
+    view over that view's spread, summed, times sqrt(area) ** blob_size_power, times (1 + the texture
+    weight x the spread inside the box over the frame's, summed over the views at full resolution).
+    A real frame at 320 x 240, so that the scales' boxes are whole pixels (factors 1 and 2)."""
+    import cv2
+
+    from data_tools.proposals import _blob_candidates
+
+    grey = cv2.resize(read_frame(str(shared_path("msrs20", "ir", "00004N.png"))).image, (320, 240),
+                      interpolation=cv2.INTER_AREA)
+    cfg = ProposalConfig()
+    assert cfg.blob_sides == (320, 160)
+    rng = np.random.default_rng(0)
+    parts = []
+    for side, background in zip(cfg.blob_sides, cfg.blob_backgrounds):
+        boxes, scores = _blob_candidates(grey, side, background, cfg)
+        assert len(boxes) > 20, side
+        factor = 320 / side
+        small = cv2.resize(grey, (side, side * 3 // 4), interpolation=cv2.INTER_AREA) if factor != 1 else grey
+        views = [small, cv2.equalizeHist(small)]
+        for i in rng.choice(len(boxes), 20, replace=False):
+            working = boxes[i] / factor
+            assert np.array_equal(working, working.round())
+            contrast = sum(abs(plain_ring_statistics(v, working)[0]) / v.astype(np.float64).std() for v in views)
+            assert scores[i] == pytest.approx(contrast * (boxes[i, 2] * boxes[i, 3]) ** (0.5 * 0.75), rel=1e-4)
+        parts.append((boxes, scores))
+    boxes, scores = thermal_blob_candidates(grey, cfg)
+    expected = np.concatenate([p[0] for p in parts])
+    assert np.array_equal(boxes, expected)  # both scales, in order (all whole and inside the frame here)
+    full_views = [grey.astype(np.float64), cv2.equalizeHist(grey).astype(np.float64)]
+    for i in rng.choice(len(boxes), 30, replace=False):
+        x, y, w, h = boxes[i].astype(int)
+        texture = sum(v[y:y + h, x:x + w].std() / v.std() for v in full_views)
+        hand = np.concatenate([p[1] for p in parts])[i]
+        assert scores[i] == pytest.approx(hand * (1 + 2.0 * texture), rel=1e-4)
+
+
+def _hot_bars_frame(gap: int) -> tuple[np.ndarray, np.ndarray]:
+    """A flat 320 x 240 frame with two warm 20 x 50 bars side by side ``gap`` px apart, and the box of both."""
+    frame = np.full((240, 320), 60, np.uint8)
+    frame[95:145, 130:150] = 200
+    frame[95:145, 150 + gap:170 + gap] = 200
+    return frame, np.array([[130.0, 95.0, 40.0 + gap, 50.0]])
+
+
+def test_blobs_apart_by_at_most_the_merge_gap_give_their_union_and_the_background_gives_no_box():
+    """Two warm bars 10 px apart, each too narrow for PAD's filter, at one working scale where no closing
+    bridges 10 px: their union is a candidate when ``blob_merge_gap`` reaches 10, not at the default 2.
+    No candidate is the frame's background (its bounding box, the whole frame)."""
+    frame, both = _hot_bars_frame(10)
+    one_scale = dict(blob_sides=(320,), blob_backgrounds=(0.125,))
+    near, _ = thermal_blob_candidates(frame, ProposalConfig(**one_scale))
+    far, _ = thermal_blob_candidates(frame, ProposalConfig(**one_scale, blob_merge_gap=12))
+    assert len(near) and box_iou(both, far).max() >= 0.9 > box_iou(both, near).max()
+    whole = np.array([[0.0, 0.0, 320.0, 240.0]])
+    for boxes in (near, far, thermal_blob_candidates(frame, ProposalConfig())[0]):
+        assert box_iou(whole, boxes).max() < 0.9
+
+
+def test_a_colour_frame_is_proposed_on_as_its_grey_conversion():
+    """``compute_proposals`` takes B, G, R frames too (the build reads infrared frames as grey): thermal
+    blobs look at their grey conversion; selective search segments the colours, as PAD's does."""
+    import cv2
+
+    colour = cv2.imread(str(shared_path("msrs20", "vi", "00004N.png")), cv2.IMREAD_COLOR)  # B, G, R
+    assert colour.ndim == 3 and not np.array_equal(colour[..., 0], colour[..., 2])
+    grey = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)
+    assert np.array_equal(compute_proposals(colour, ProposalConfig()), compute_proposals(grey, ProposalConfig()))
+    selective = ProposalConfig(method="selective_search")
+    assert not np.array_equal(compute_proposals(colour, selective), compute_proposals(grey, selective))
+
+
+@pytest.mark.parametrize("shape", [(1, 700), (700, 1), (2, 2)])
+def test_a_frame_too_thin_for_any_box_gives_none(shape):
+    frame = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+    assert compute_proposals(frame, ProposalConfig()).shape == (0, 4)
+
+
+@pytest.mark.parametrize("size", [(504, 297), (423, 214), (370, 492)])
+def test_candidates_pass_pads_filter_after_their_corners_are_rounded(size):
+    """At a working scale that does not divide the frame, a box of aspect exactly 3 (151.2 x 50.4 on
+    504 x 297) rounds to 151 x 50 or is cut by the frame's edge: filtered again after rounding."""
+    import cv2
+
+    grey = cv2.resize(read_frame(str(shared_path("msrs20", "ir", "00004N.png"))).image, size,
+                      interpolation=cv2.INTER_AREA)
+    boxes, _ = thermal_blob_candidates(grey, ProposalConfig())
+    w, h = boxes[:, 2], boxes[:, 3]
+    assert len(boxes) > 100 and (w >= 40).all() and (h >= 40).all() and (np.maximum(w / h, h / w) <= 3).all()
+    assert np.array_equal(boxes, boxes.round()) and (boxes[:, 0] + w <= size[0]).all()
