@@ -251,3 +251,65 @@ def test_a_config_is_an_earlier_versions_only_when_it_lacks_settings_and_changes
     assert not earlier_version_of(path, saved_hash, OmegaConf.create({"shards": [{"path": "a"}, {"path": "b"}]}))
     assert not earlier_version_of(path, "another hash", now())
     assert not earlier_version_of(tmp_path / "x", saved_hash, now())
+
+
+def test_a_printed_override_reads_back_as_written_through_a_shell(tmp_path):
+    """``override_arg``: the key=value words run.sh and hints print; a shell splits them back into one
+    word whose value the override parser reads as written (quotes doubled inside YAML's own)."""
+    import shlex
+
+    from data_tools.config import override_arg
+
+    seg = CONFIG_DIR / "finetune" / "seg_tiny.yaml"
+    for value in ["/data/MSRS", "/data/run #2", "/data/a b", "/data/a, b", "/data/[x]", "/data/it's", "/data/$HOME"]:
+        word = override_arg("data.root", value)
+        (arg,) = shlex.split(word)
+        assert load_config(seg, [arg]).data.root == value, word
+    assert override_arg("data.root", "/data/MSRS") == "data.root=/data/MSRS"  # nothing to quote, none added
+
+
+def test_override_and_option_forms_are_checked(tmp_path):
+    import argparse
+
+    from data_tools.config import config_hash, float_in, int_in
+
+    seg = CONFIG_DIR / "finetune" / "seg_tiny.yaml"
+    with pytest.raises(ValueError, match="override 'train.steps' is not of the form key=value"):
+        load_config(seg, ["train.steps"])
+    with pytest.raises(KeyError, match="has no key 'train.stpes'"):
+        load_config(seg, ["train.stpes=3"])
+    at_least_one, fraction = int_in(1), float_in(0.0, 1.0)
+    assert at_least_one("1") == 1 and fraction("0") == 0.0 and fraction("1") == 1.0  # the ends are in
+    for parse, text in ((at_least_one, "0"), (fraction, "1.5"), (fraction, "-0.1")):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+            parse(text)
+    # The hash of a config does not depend on the order its keys were written in.
+    assert config_hash({"a": 1, "b": {"c": 2, "d": 3}}) == config_hash({"b": {"d": 3, "c": 2}, "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_a_quoted_tilde_alone_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seg = CONFIG_DIR / "finetune" / "seg_tiny.yaml"
+    assert load_config(seg, ["data.root='~'"]).data.root == str(tmp_path)  # unquoted, YAML's ~ is null
+
+
+def test_a_saved_config_is_resolved_and_an_unreadable_or_older_one_changes_nothing(tmp_path):
+    """The config saved into a run holds values, not interpolations; a saved config that YAML cannot
+    read, or that lacks a section, names no change and leaves that section as given; a list that grew
+    is not the list it was (an earlier version's run had fewer shard sets, not fewer settings)."""
+    from data_tools.config import (as_the_run_began, config_changes, config_hash, earlier_version_of,
+                                   save_resolved)
+
+    save_resolved(OmegaConf.create({"train": {"steps": 8, "warmup": "${train.steps}"}}), tmp_path)
+    assert (tmp_path / "config.yaml").read_text() == "train:\n  steps: 8\n  warmup: 8\n"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: {steps: 3\n")
+    now = OmegaConf.create({"model": {"depth": 2}, "train": {"steps": 3}})
+    assert config_changes(broken, now) == [] and as_the_run_began(now, broken, "model") == (now, [])
+    save_resolved(OmegaConf.create({"train": {"steps": 3}}), tmp_path, "no_model.yaml")
+    assert as_the_run_began(now, tmp_path / "no_model.yaml", "model") == (now, [])
+    saved = OmegaConf.create({"shards": [{"path": "a"}, {"path": "b"}]})
+    save_resolved(saved, tmp_path, "two.yaml")
+    grown = OmegaConf.create({"shards": [{"path": "a"}, {"path": "b"}, {"path": "c"}]})
+    assert not earlier_version_of(tmp_path / "two.yaml", config_hash(saved), grown)
