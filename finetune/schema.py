@@ -253,10 +253,10 @@ class FinetuneOptimSchema(OptimSchema):
         steps = all(isinstance(m, int) for m in milestones)
         shares = all(isinstance(m, float) and 0 < m < 1 for m in milestones)
         if not (steps or shares):
-            raise ValueError(f"milestones must be all steps (integers >= 1) or all shares of train.steps (between 0 "
-                             f"and 1), got {milestones}")
+            raise ValueError("milestones must be all steps (integers >= 1) or all shares of train.steps (between 0 "
+                             "and 1)")
         if milestones != sorted(set(milestones)):
-            raise ValueError(f"milestones must be ascending, each once, got {milestones}")
+            raise ValueError("milestones must be ascending, each once")
         return milestones
 
 

@@ -94,6 +94,40 @@ def test_fine_tuning_settings_that_cannot_work_together_are_one_line(config, ove
     assert len(lines) == 2 and lines[1].strip() == line
 
 
+@pytest.mark.parametrize("config,overrides,line", [
+    ("det_tiny.yaml", ["model.head.detector=retinanet", "model.head.box_head=conv"], "model.head: box_head shape "
+     "Faster R-CNN's heads; detector 'retinanet' has its own: set model.head.box_head=null"),
+    ("det_vitb.yaml", ["model.global_blocks=[2,5,8,12]"], "model: global_blocks [2, 5, 8, 12] must index the "
+     "encoder's 12 blocks"),
+    ("det_vitb.yaml", ["model.encoder.depth=6", "model.global_blocks=[5,6]"], "model: global_blocks [5, 6] must "
+     "index the encoder's 6 blocks"),
+    ("det_tiny.yaml", ["data.val_boxes.format=coco"], "data.val_boxes: data.val_boxes.format is set but not "
+     "data.val_boxes.path (the validation boxes)"),
+    ("det_tiny.yaml", ["data.ignore_classes=[person]"], "data: data.ignore_classes and data.classes both name "
+     "['person']: a box is an object or an ignore region, not both"),
+    ("seg_tiny.yaml", ["optim.milestones=[0.5,3]"], "optim.milestones: milestones must be all steps (integers >= 1) "
+     "or all shares of train.steps (between 0 and 1) (got [0.5, 3])"),
+    ("seg_tiny.yaml", ["optim.milestones=[1.0]"], "optim.milestones: milestones must be all steps (integers >= 1) "
+     "or all shares of train.steps (between 0 and 1) (got [1.0])"),
+    ("seg_tiny.yaml", ["optim.milestones=[0.5,0.5]"], "optim.milestones: milestones must be ascending, each once "
+     "(got [0.5, 0.5])"),
+    ("seg_tiny.yaml", ["model.head.aux_level=4"], "model.head.aux_level: Input should be less than or equal to 3 "
+     "(got 4)"),
+    ("det_tiny.yaml", ["model.head.anchor_sizes=[32,64,128,256]"], "model.head.anchor_sizes: List should have at "
+     "least 5 items after validation, not 4 (got [32, 64, 128, 256])"),
+    ("seg_tiny.yaml", ["data.augment.cat_max_ratio=0"], "data.augment.cat_max_ratio: Input should be greater than 0 "
+     "(got 0)"),
+    ("seg_tiny.yaml", ["data.classes=[]"], "data.classes: List should have at least 1 item after validation, not 0 "
+     "(got [])"),
+])
+def test_each_fine_tuning_setting_out_of_its_range_is_one_line(config, overrides, line):
+    path = CONFIG_DIR / "finetune" / config
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides, DetConfig if "boxes" in load_config(path).data else SegConfig)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2 and lines[1].strip() == line
+
+
 @pytest.mark.parametrize("stride", ["32", "[64,80]", "[48,40]", "null"])
 def test_a_sliding_window_stride_is_one_number_or_height_and_width(stride):
     """``eval.stride`` as one number used to pass the schema and then fail in evaluation (``tuple(32)``);
