@@ -57,10 +57,44 @@ def test_every_shipped_yaml_reads_the_same_with_any_yaml_reader():
                                   "data.shards='[{path: a}, ...]' (weight 1 when left out) (got ['a', {'path': 'b'}])"),
     ("model.encoder.img_size=[64,81]", "model.encoder: img_size [64, 81] must be a multiple of patch_size 16"),
     ("optim.warmup_epochs=3", "optim.warmup_epochs 3.0 exceeds train.epochs 2.0"),
+    ("train.loss_spike_factor=1", "train.loss_spike_factor: Input should be greater than 1 (got 1)"),
+    ("optim.layer_decay=0", "optim.layer_decay: Input should be greater than 0 (got 0)"),
+    ("data.shards=[{path: ''}]", "data.shards[0].path: String should have at least 1 character (got '')"),
+    ("data.roi.scale_min=5", "data.roi: scale_min / scale_max must not fall, got 5.0 > 1.5"),
+    ("data.roi.fallback_scale=[0.5,1.5]", "data.roi.fallback_scale[1]: Input should be less than or equal to 1 "
+                                          "(got 1.5)"),
+    ("data.intensity.percentiles=[50,50]", "data.intensity: percentiles must rise, got [50.0, 50.0]"),
+    ("data.intensity.percentiles=[1,101]", "data.intensity.percentiles[1]: Input should be less than or equal to 100 "
+                                           "(got 101)"),
 ])
 def test_each_bad_value_is_one_line_naming_the_key_and_range(override, line):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, [override], PretrainConfig)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2 and lines[1].strip() == line
+
+
+def test_a_range_may_be_one_value_and_warm_up_may_fill_the_run():
+    cfg = load_config(TINY, ["data.roi.scale_min=1.5", "data.roi.scale_max=1.5", "optim.warmup_epochs=2"],
+                      PretrainConfig)
+    assert (cfg.data.roi.scale_min, cfg.data.roi.scale_max, cfg.optim.warmup_epochs) == (1.5, 1.5, 2)
+
+
+@pytest.mark.parametrize("override,line", [
+    ("proposals.max_aspect=0.5", "proposals.max_aspect: Input should be greater than or equal to 1 (got 0.5)"),
+    ("proposals.blob_backgrounds=[0.1,1.0]", "proposals.blob_backgrounds[1]: Input should be less than 1 (got 1.0)"),
+    ("proposals.blob_views=[]", "proposals.blob_views: List should have at least 1 item after validation, not 0 "
+                                "(got [])"),
+    ("proposals.nms_iou=0", "proposals.nms_iou: Input should be greater than 0 (got 0)"),
+    ("proposals.blob_sides=[320]", "proposals: blob_sides and blob_backgrounds need one value each per scale"),
+    ("shards.prefix=a/b", "shards.prefix: String should match pattern '^[A-Za-z0-9_.-]+$' (got 'a/b')"),
+    ("shards.png_compression=10", "shards.png_compression: Input should be less than or equal to 9 (got 10)"),
+])
+def test_each_bad_build_setting_is_one_line_naming_the_key_and_range(override, line):
+    from data_tools.cli import DEFAULT_BUILD_CONFIG
+
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT_BUILD_CONFIG, [override], BuildConfig)
     lines = str(e.value).splitlines()
     assert len(lines) == 2 and lines[1].strip() == line
 
