@@ -128,9 +128,10 @@ def schema_problems(error: ValidationError, schema: type[BaseModel]) -> list[str
             what = "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
         elif err["type"] == "missing":
             what = "missing"
-        else:  # a validator's own words stand without pydantic's "Value error, "
+        else:  # a validator's own words stand without pydantic's "Value error, ", and the value once
             text = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
-            what = text + (f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else "")
+            got = f"got {err.get('input')!r}"
+            what = text + (f" ({got})" if not isinstance(err.get("input"), dict) and got not in text else "")
         lines.append(f"{_described(schema, loc)}: {what}" if loc else what)
     return lines
 

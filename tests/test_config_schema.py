@@ -153,6 +153,13 @@ def test_fine_tuning_settings_that_cannot_work_together_are_one_line(config, ove
      "(got 0)"),
     ("seg_tiny.yaml", ["data.classes=[]"], "data.classes: List should have at least 1 item after validation, not 0 "
      "(got [])"),
+    # a registry's own words name the value: said once
+    ("seg_tiny.yaml", ["model.method=nope"], "model.method: method must be one of ('frozen', 'full', 'ivtuning', "
+     "'mona', 'pad'), got 'nope'"),
+    ("det_tiny.yaml", ["model.head.detector=yolo"], "model.head.detector: detector must be one of ('faster_rcnn', "
+     "'fcos', 'retinanet'), got 'yolo'"),
+    ("seg_tiny.yaml", ["model.head.type=fpnx"], "model.head.type: segmentation head type must be one of ('linear', "
+     "'segformer', 'upernet'), got 'fpnx'"),
 ])
 def test_each_fine_tuning_setting_out_of_its_range_is_one_line(config, overrides, line):
     path = CONFIG_DIR / "finetune" / config
