@@ -42,6 +42,16 @@ def test_every_shipped_yaml_reads_the_same_with_any_yaml_reader():
         assert yaml.safe_load(path.read_text()) == OmegaConf.to_container(OmegaConf.load(path)), path
 
 
+def _the_one_problem(path, overrides, schema) -> str:
+    """The line naming the one problem of ``path`` with ``overrides`` (the error's first line says which
+    file and schema)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides, schema)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2
+    return lines[1].strip()
+
+
 @pytest.mark.parametrize("override,line", [
     ("train.epochs=two", "train.epochs: Input should be a valid number, unable to parse string as a number (got 'two')"),
     ("train.batch_size=0", "train.batch_size: Input should be greater than 0 (got 0)"),
@@ -68,10 +78,7 @@ def test_every_shipped_yaml_reads_the_same_with_any_yaml_reader():
                                            "(got 101)"),
 ])
 def test_each_bad_value_is_one_line_naming_the_key_and_range(override, line):
-    with pytest.raises(ConfigError) as e:
-        load_config(TINY, [override], PretrainConfig)
-    lines = str(e.value).splitlines()
-    assert len(lines) == 2 and lines[1].strip() == line
+    assert _the_one_problem(TINY, [override], PretrainConfig) == line
 
 
 def test_a_range_may_be_one_value_and_warm_up_may_fill_the_run():
@@ -93,42 +100,29 @@ def test_a_range_may_be_one_value_and_warm_up_may_fill_the_run():
 def test_each_bad_build_setting_is_one_line_naming_the_key_and_range(override, line):
     from data_tools.cli import DEFAULT_BUILD_CONFIG
 
-    with pytest.raises(ConfigError) as e:
-        load_config(DEFAULT_BUILD_CONFIG, [override], BuildConfig)
-    lines = str(e.value).splitlines()
-    assert len(lines) == 2 and lines[1].strip() == line
+    assert _the_one_problem(DEFAULT_BUILD_CONFIG, [override], BuildConfig) == line
 
 
 SEG_TINY = CONFIG_DIR / "finetune" / "seg_tiny.yaml"  # 64 x 80 windows, 4 classes
 
 
-@pytest.mark.parametrize("config,override,line", [
-    ("seg_tiny.yaml", "model.encoder.img_size=[16,32]", "model: encoder.img_size [16, 32] must be at least 2 "
-     "patches (32 px) a side: the heads' stride-32 level halves the patch grid"),
-    ("det_tiny.yaml", "model.encoder.img_size=[32,16]", "model: encoder.img_size [32, 16] must be at "
-     "least 2 patches (32 px) a side: the heads' stride-32 level halves the patch grid"),
-    ("seg_tiny.yaml", "model.head.class_weight=[1,10]", "model.head.class_weight has 2 values for "
-     "the 4 classes of data.classes (background, road, person, car): one per class, in their order"),
-    ("seg_tiny.yaml", "eval.stride=72", "eval.stride [72, 72] is larger than the sliding window "
-     "(model.encoder.img_size [64, 80]): pixels between windows would get no prediction"),
-    ("det_tiny.yaml", "data.classes=[person,car,person]", "data: data.classes names person more than "
-     "once: one name per class"),
-    ("seg_tiny.yaml", "model.encoder.img_size=512", "model.encoder.img_size: give [height, width], e.g. "
-     "[512,512] for 512 x 512 inputs (got 512)"),
-    ("seg_tiny.yaml", "eval.stride=[32,96]", "eval.stride [32, 96] is larger than the sliding "
-     "window (model.encoder.img_size [64, 80]): pixels between windows would get no prediction"),
-])
-def test_fine_tuning_settings_that_cannot_work_together_are_one_line(config, override, line):
-    """Each used to fail with a traceback: at the first step (image too small for the heads, class
-    weights of another class count) or after training, in evaluation (a stride with gaps)."""
-    path = CONFIG_DIR / "finetune" / config
-    with pytest.raises(ConfigError) as e:
-        load_config(path, [override], DetConfig if "boxes" in load_config(path).data else SegConfig)
-    lines = str(e.value).splitlines()
-    assert len(lines) == 2 and lines[1].strip() == line
-
-
 @pytest.mark.parametrize("config,overrides,line", [
+    # each used to fail with a traceback: at the first step (image too small for the heads, class weights
+    # of another class count) or after training, in evaluation (a stride with gaps)
+    ("seg_tiny.yaml", ["model.encoder.img_size=[16,32]"], "model: encoder.img_size [16, 32] must be at least 2 "
+     "patches (32 px) a side: the heads' stride-32 level halves the patch grid"),
+    ("det_tiny.yaml", ["model.encoder.img_size=[32,16]"], "model: encoder.img_size [32, 16] must be at "
+     "least 2 patches (32 px) a side: the heads' stride-32 level halves the patch grid"),
+    ("seg_tiny.yaml", ["model.head.class_weight=[1,10]"], "model.head.class_weight has 2 values for "
+     "the 4 classes of data.classes (background, road, person, car): one per class, in their order"),
+    ("seg_tiny.yaml", ["eval.stride=72"], "eval.stride [72, 72] is larger than the sliding window "
+     "(model.encoder.img_size [64, 80]): pixels between windows would get no prediction"),
+    ("det_tiny.yaml", ["data.classes=[person,car,person]"], "data: data.classes names person more than "
+     "once: one name per class"),
+    ("seg_tiny.yaml", ["model.encoder.img_size=512"], "model.encoder.img_size: give [height, width], e.g. "
+     "[512,512] for 512 x 512 inputs (got 512)"),
+    ("seg_tiny.yaml", ["eval.stride=[32,96]"], "eval.stride [32, 96] is larger than the sliding "
+     "window (model.encoder.img_size [64, 80]): pixels between windows would get no prediction"),
     ("det_tiny.yaml", ["model.head.detector=retinanet", "model.head.box_head=conv"], "model.head: box_head shape "
      "Faster R-CNN's heads; detector 'retinanet' has its own: set model.head.box_head=null"),
     ("det_vitb.yaml", ["model.global_blocks=[2,5,8,12]"], "model: global_blocks [2, 5, 8, 12] must index the "
@@ -161,12 +155,9 @@ def test_fine_tuning_settings_that_cannot_work_together_are_one_line(config, ove
     ("seg_tiny.yaml", ["model.head.type=fpnx"], "model.head.type: segmentation head type must be one of ('linear', "
      "'segformer', 'upernet'), got 'fpnx'"),
 ])
-def test_each_fine_tuning_setting_out_of_its_range_is_one_line(config, overrides, line):
+def test_each_fine_tuning_setting_out_of_its_range_or_at_odds_with_another_is_one_line(config, overrides, line):
     path = CONFIG_DIR / "finetune" / config
-    with pytest.raises(ConfigError) as e:
-        load_config(path, overrides, DetConfig if "boxes" in load_config(path).data else SegConfig)
-    lines = str(e.value).splitlines()
-    assert len(lines) == 2 and lines[1].strip() == line
+    assert _the_one_problem(path, overrides, DetConfig if "boxes" in load_config(path).data else SegConfig) == line
 
 
 @pytest.mark.parametrize("stride", ["32", "[64,80]", "[48,40]", "null"])

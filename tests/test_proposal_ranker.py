@@ -60,25 +60,29 @@ def test_the_fit_learns_from_what_it_should_and_says_what_it_cannot():
             fit_ranker([], ProposalConfig(), l2=l2)
 
 
-def _plain_features(grey, box, score) -> list[float]:
-    """The features of one box as the module docstring names them, pixel by pixel."""
+def _plain_features(grey, boxes, scores) -> list[list[float]]:
+    """The features of each box as the module docstring names them, pixel by pixel."""
     import cv2
 
     height, width = grey.shape
     equalized = cv2.equalizeHist(grey)
-    row = [np.log(max(score, 1e-9))]
-    for view in (grey, equalized):
-        spread = view.astype(np.float64).std() + 1e-6
-        for ring in (0.1, 0.25, 0.5):
-            diff, std_in, std_ring = plain_ring_statistics(view, box, ring)
-            row += [abs(diff) / spread, np.sign(diff), std_in / spread, std_ring / spread]
+    spreads = [view.astype(np.float64).std() + 1e-6 for view in (grey, equalized)]
     smooth = cv2.GaussianBlur(equalized, (0, 0), 1.5)
     gradient = np.hypot(cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1)).astype(np.float64)
-    x, y, w, h = box
-    row += [np.log(w * h / (width * height)), np.log(w / h), (y + h / 2) / height, abs((x + w / 2) / width - 0.5),
-            float(y <= 1), float(y + h >= height - 1), float(x <= 1 or x + w >= width - 1),
-            plain_ring_statistics(gradient, box, 0.1)[0] / (gradient.mean() + 1e-6)]
-    return row
+    rows = []
+    for box, score in zip(boxes, scores):
+        row = [np.log(max(score, 1e-9))]
+        for view, spread in zip((grey, equalized), spreads):
+            for ring in (0.1, 0.25, 0.5):
+                diff, std_in, std_ring = plain_ring_statistics(view, box, ring)
+                row += [abs(diff) / spread, np.sign(diff), std_in / spread, std_ring / spread]
+        x, y, w, h = box
+        row += [np.log(w * h / (width * height)), np.log(w / h), (y + h / 2) / height,
+                abs((x + w / 2) / width - 0.5), float(y <= 1), float(y + h >= height - 1),
+                float(x <= 1 or x + w >= width - 1),
+                plain_ring_statistics(gradient, box, 0.1)[0] / (gradient.mean() + 1e-6)]
+        rows.append(row)
+    return rows
 
 
 def test_box_features_are_their_definitions():
@@ -98,8 +102,7 @@ def test_box_features_are_their_definitions():
     scores = np.concatenate([[0.0, 1.0, 2.5, 10.0, 0.1, 3.0, 3.0, 7.0, 7.0, 1e3], scores[pick]])
     features = box_features(grey, boxes, scores)
     assert features.shape == (20, len(FEATURES)) and (width, height) == (640, 480)
-    for i, (box, score) in enumerate(zip(boxes, scores)):
-        plain = _plain_features(grey, box, score)
+    for i, plain in enumerate(_plain_features(grey, boxes, scores)):
         for name, got, expected in zip(FEATURES, features[i], plain):
             assert got == pytest.approx(expected, rel=1e-6, abs=1e-9), (i, name)
     touches = [FEATURES.index(f) for f in ("touches_top", "touches_bottom", "touches_side")]

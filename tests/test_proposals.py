@@ -615,7 +615,7 @@ def test_a_one_pixel_wide_box_has_a_ring_on_every_side_and_disabled_proposals_ar
     assert compute_proposals(real_frames[0], ProposalConfig(enabled=False)).shape == (0, 4)
 
 
-def test_a_candidates_score_is_the_documented_product_at_every_working_scale():
+def test_a_candidates_score_is_the_documented_product_at_every_working_scale(real_frames):
     """Each configured working scale gives candidates; a candidate's score is its ring contrast in each
     view over that view's spread, summed, times sqrt(area) ** blob_size_power, times (1 + the texture
     weight x the spread inside the box over the frame's, summed over the views at full resolution).
@@ -624,8 +624,7 @@ def test_a_candidates_score_is_the_documented_product_at_every_working_scale():
 
     from data_tools.proposals import _blob_candidates
 
-    grey = cv2.resize(read_frame(str(shared_path("msrs20", "ir", "00004N.png"))).image, (320, 240),
-                      interpolation=cv2.INTER_AREA)
+    grey = cv2.resize(real_frames[0], (320, 240), interpolation=cv2.INTER_AREA)
     cfg = ProposalConfig()
     assert cfg.blob_sides == (320, 160)
     rng = np.random.default_rng(0)
@@ -643,29 +642,23 @@ def test_a_candidates_score_is_the_documented_product_at_every_working_scale():
             assert scores[i] == pytest.approx(contrast * (boxes[i, 2] * boxes[i, 3]) ** (0.5 * 0.75), rel=1e-4)
         parts.append((boxes, scores))
     boxes, scores = thermal_blob_candidates(grey, cfg)
-    expected = np.concatenate([p[0] for p in parts])
-    assert np.array_equal(boxes, expected)  # both scales, in order (all whole and inside the frame here)
+    assert np.array_equal(boxes, np.concatenate([p[0] for p in parts]))  # both scales, in order (all whole here)
+    hand = np.concatenate([p[1] for p in parts])
     full_views = [grey.astype(np.float64), cv2.equalizeHist(grey).astype(np.float64)]
     for i in rng.choice(len(boxes), 30, replace=False):
         x, y, w, h = boxes[i].astype(int)
         texture = sum(v[y:y + h, x:x + w].std() / v.std() for v in full_views)
-        hand = np.concatenate([p[1] for p in parts])[i]
-        assert scores[i] == pytest.approx(hand * (1 + 2.0 * texture), rel=1e-4)
-
-
-def _hot_bars_frame(gap: int) -> tuple[np.ndarray, np.ndarray]:
-    """A flat 320 x 240 frame with two warm 20 x 50 bars side by side ``gap`` px apart, and the box of both."""
-    frame = np.full((240, 320), 60, np.uint8)
-    frame[95:145, 130:150] = 200
-    frame[95:145, 150 + gap:170 + gap] = 200
-    return frame, np.array([[130.0, 95.0, 40.0 + gap, 50.0]])
+        assert scores[i] == pytest.approx(hand[i] * (1 + 2.0 * texture), rel=1e-4)
 
 
 def test_blobs_apart_by_at_most_the_merge_gap_give_their_union_and_the_background_gives_no_box():
     """Two warm bars 10 px apart, each too narrow for PAD's filter, at one working scale where no closing
     bridges 10 px: their union is a candidate when ``blob_merge_gap`` reaches 10, not at the default 2.
     No candidate is the frame's background (its bounding box, the whole frame)."""
-    frame, both = _hot_bars_frame(10)
+    frame = np.full((240, 320), 60, np.uint8)
+    frame[95:145, 130:150] = 200
+    frame[95:145, 160:180] = 200
+    both = np.array([[130.0, 95.0, 50.0, 50.0]])
     one_scale = dict(blob_sides=(320,), blob_backgrounds=(0.125,))
     near, _ = thermal_blob_candidates(frame, ProposalConfig(**one_scale))
     far, _ = thermal_blob_candidates(frame, ProposalConfig(**one_scale, blob_merge_gap=12))
@@ -695,13 +688,12 @@ def test_a_frame_too_thin_for_any_box_gives_none(shape):
 
 
 @pytest.mark.parametrize("size", [(504, 297), (423, 214), (370, 492)])
-def test_candidates_pass_pads_filter_after_their_corners_are_rounded(size):
+def test_candidates_pass_pads_filter_after_their_corners_are_rounded(size, real_frames):
     """At a working scale that does not divide the frame, a box of aspect exactly 3 (151.2 x 50.4 on
     504 x 297) rounds to 151 x 50 or is cut by the frame's edge: filtered again after rounding."""
     import cv2
 
-    grey = cv2.resize(read_frame(str(shared_path("msrs20", "ir", "00004N.png"))).image, size,
-                      interpolation=cv2.INTER_AREA)
+    grey = cv2.resize(real_frames[0], size, interpolation=cv2.INTER_AREA)
     boxes, _ = thermal_blob_candidates(grey, ProposalConfig())
     w, h = boxes[:, 2], boxes[:, 3]
     assert len(boxes) > 100 and (w >= 40).all() and (h >= 40).all() and (np.maximum(w / h, h / w) <= 3).all()
