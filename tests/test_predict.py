@@ -43,6 +43,7 @@ def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys
                           "--out", str(out), "--overlays", "2"]) == 0
     said = capsys.readouterr()
     assert "seg: 6 of 6 frames predicted with step00000004" in said.out
+    assert f"; masks in masks/, overlays and predict_report.json in {out}" in said.out
     assert "random init" not in said.err  # the trained weights are what predicts
     names = sorted(p.stem for p in (pairs / "ir").glob("*.png"))
     k = len(metrics["confusion_matrix"])
@@ -87,12 +88,15 @@ def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys
                           "--out", str(tmp_path / "pred2")]) == 0
     report = json.loads((tmp_path / "pred2" / "predict_report.json").read_text())
     assert report["issues_by_reason"] == {"unreadable": 1, "missing_partner": 1} and report["used"] == 4
+    assert len(list((tmp_path / "pred2" / "overlays").glob("*.png"))) == 4  # by default, of the first 8 frames
     assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(frames / "ir"),
                           "--out", str(tmp_path / "pred3")]) == 0
     assert len(list((tmp_path / "pred3" / "masks").glob("*.png"))) == 5
     assert finetune_main(["predict", str(tmp_path / "run"), "--vi", str(frames / "vi"),
                           "--out", str(tmp_path / "x")]) == 2
     assert "give --ir" in capsys.readouterr().err
+    assert finetune_main(["predict", str(tmp_path / "run"), "--out", str(tmp_path / "x")]) == 2
+    assert "error: give the frames: --ir DIR and / or --vi DIR, or --packed DIR" in capsys.readouterr().err
     assert finetune_main(["predict", str(tmp_path), "--ir", str(frames / "ir"), "--out", str(tmp_path / "x")]) == 2
     assert "not a run directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -104,6 +108,12 @@ def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys
                           "--out", str(tmp_path / "x")]) == 2
     assert f"; {tmp_path / 'empty' / 'night'} holds 6 image files: frames are read from the folder named" in \
         capsys.readouterr().err
+    model = tmp_path / "run" / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:-16])  # a damaged checkpoint: one line, no traceback
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(frames / "ir"),
+                          "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == (f"error: no usable checkpoint in {model.parent.parent}: step00000004: "
+                                       f"{model.name} does not match its sha256 (corrupted or truncated)\n")
 
 
 def test_one_folder_of_both_modalities_pairs_by_the_runs_name_suffixes(pairs, tmp_path, capsys):
@@ -158,7 +168,7 @@ def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys):
     assert "the run's detector takes infrared and visible frames" in capsys.readouterr().err  # it stacks both
     assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
                           "--out", str(out), "--checkpoint", "step00000004"]) == 0
-    capsys.readouterr()
+    assert f"; detections.json, overlays and predict_report.json in {out}" in capsys.readouterr().out
     coco = json.loads((out / "detections.json").read_text())
     theirs = json.loads((tmp_path / "run" / "predictions.json").read_text())  # the last evaluation's
     assert [c["name"] for c in coco["categories"]] == ["person", "car"] and len(coco["images"]) == 6

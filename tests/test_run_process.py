@@ -124,6 +124,22 @@ def test_eval_only_is_refused_without_a_checkpoint_and_with_overwrite(pairs, tmp
         _run(tmp_path / "empty", pairs, eval_only=True, overwrite=True)
 
 
+def test_a_run_without_a_usable_checkpoint_says_what_to_do_where_it_applies(pairs, tmp_path):
+    """Training again offers --overwrite; an evaluation, which excludes it, does not."""
+    run_dir = tmp_path / "run"
+    assert _run(run_dir, pairs, "train.steps=2", "train.save_every_steps=10") is True  # its one checkpoint: step 2
+    model = run_dir / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:-16])
+    unusable = (f"no usable checkpoint in {run_dir / 'checkpoints'}: step00000002: mp_rank_00_model_states.pt does not "
+                "match its sha256 (corrupted or truncated)")
+    with pytest.raises(ResumeError) as refused:
+        _run(run_dir, pairs, "train.steps=2", "train.save_every_steps=10", eval_only=True)
+    assert str(refused.value) == unusable
+    with pytest.raises(ResumeError) as refused:
+        _run(run_dir, pairs, "train.steps=2", "train.save_every_steps=10")
+    assert str(refused.value) == unusable + " (use --overwrite to start again)"
+
+
 def test_a_stopped_run_resumes_with_another_batch_split_and_says_so(pairs, tmp_path, capfd):
     """SIGTERM during step 3 of 4: the step is finished and saved and the process says it stopped
     (False: exit 75). The same run on 2 x 2 micro-batches instead of 4 x 1 (the same global batch)
@@ -221,3 +237,44 @@ def test_a_resume_inside_an_epoch_with_other_loader_workers_starts_their_streams
         _run(run_dir, pairs, "train.steps=3", "train.batch_size=2", "data.num_workers=2", task=UnstartedSegTask())
     assert ("note: data.num_workers changed (1 -> 2 loader streams): the rest of epoch 0 is read from the start of "
             "the new workers' streams") in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["pretrain train", "finetune seg", "finetune det"])
+def test_the_training_commands_hand_the_engine_their_run_directory_and_flags(command, pairs, tmp_path, monkeypatch):
+    """What each training command gives the engine once its config and inputs passed their checks:
+    the run directory, ``--overwrite``, ``--eval-only`` and the task (which names its config file)."""
+    import importlib
+
+    from data_tools.cli import DEFAULT_BUILD_CONFIG
+    from finetune.cli import main as finetune_main, make_parser
+    from pretrain.cli import main as pretrain_main
+
+    engine_run = importlib.import_module("pretrain.engine.run")  # the module; the package exports run()
+    handed = []
+    monkeypatch.setattr(engine_run, "run_entry_point",
+                        lambda body, cfg, run_dir, overwrite: handed.append((body.keywords, run_dir, overwrite)))
+    run_dir = tmp_path / "run"
+    if command == "pretrain train":
+        from data_tools.build import build_shards
+        from data_tools.sources import load_sources
+
+        build_shards(load_sources(pairs / "sources.yaml"), load_config(DEFAULT_BUILD_CONFIG), tmp_path / "shards",
+                     progress=False)
+        common = ["--config", str(CONFIG_DIR / "pretrain" / "tiny.yaml"), "--run-dir", str(run_dir),
+                  f"data.shards=[{{path: {tmp_path / 'shards'}}}]"]
+        assert pretrain_main(["train", *common]) == 0
+        assert pretrain_main(["train", "--overwrite", *common]) == 0
+        assert [(k["task"].name, k["eval_only"], d, o) for k, d, o in handed] == [
+            ("pretrain", False, run_dir, False), ("pretrain", False, run_dir, True)]
+        return
+    task = command.split()[1]
+    default = make_parser().parse_args([task, "--run-dir", str(run_dir)]).config
+    assert default == str(CONFIG_DIR / "finetune" / f"{task}_vitb.yaml")  # the paper-scale recipe of the task
+    config = str(CONFIG_DIR / "finetune" / f"{task}_tiny.yaml")
+    common = ["--config", config, "--run-dir", str(run_dir), f"data.root={pairs}",
+              *([f"data.boxes.path={pairs / 'labels'}"] if task == "det" else [])]
+    for flags in ([], ["--overwrite"], ["--eval-only"]):
+        assert finetune_main([task, *flags, *common]) == 0
+    assert [(k["task"].name, k["task"].config_name, k["eval_only"], d, o) for k, d, o in handed] == [
+        (task, config, False, run_dir, False), (task, config, False, run_dir, True),
+        (task, config, True, run_dir, False)]

@@ -54,6 +54,9 @@ def frozen_fingerprint(model: torch.nn.Module) -> str:
 
 # --- checkpoints ------------------------------------------------------------------------------
 
+RESTART_ADVICE = " (use --overwrite to start again)"  # where a run has no checkpoint to resume from
+
+
 class ResumeError(RuntimeError):
     pass
 
@@ -224,8 +227,9 @@ class Checkpointer:
                 return f"{name} was not written"
         return None
 
-    def choose(self) -> tuple[str, list[str]]:
-        """The newest usable checkpoint (the latest first) and the reasons others were skipped."""
+    def choose(self, advice: str = RESTART_ADVICE) -> tuple[str, list[str]]:
+        """The newest usable checkpoint (the latest first) and the reasons others were skipped.
+        ``advice``: what the error where none is usable ends with (a resume's: train afresh)."""
         latest = self.latest_tag()
         skipped = []
         if latest is not None and latest not in self.tags():
@@ -237,7 +241,7 @@ class Checkpointer:
                 return tag, skipped
             skipped.append(f"{tag}: {reason}")
         raise ResumeError(f"no usable checkpoint in {self.directory}: " + ("; ".join(skipped) or "none written")
-                          + " (use --overwrite to start again)")
+                          + advice)
 
     def load(self, engine, rank: int, weights_only: bool = False,
              check: Callable[[Path, dict], str | None] | None = None) -> dict:
@@ -250,7 +254,7 @@ class Checkpointer:
         choice: list = [None]
         if rank == 0:
             try:
-                tag, skipped = self.choose()
+                tag, skipped = self.choose("" if weights_only else RESTART_ADVICE)  # evaluation: --overwrite excluded
                 for why in skipped:
                     print(f"warning: checkpoint skipped: {why}", file=sys.stderr, flush=True)
                 problem = check(self.directory / tag, self._state(tag, 0)) if check else None
