@@ -2,6 +2,7 @@
 formulas written out by hand, token geometry on non-square grids, step-0 behaviour, each method's
 trainable set, parameter counts, heads, sliding windows, metrics."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -892,3 +893,24 @@ def test_pad_refuses_weights_without_pad_adapters(tmp_path):
     with pytest.raises(ValueError, match=r"method 'pad' fine-tunes an export with pad adapters; .* has adapters \[\]"):
         backbone_for(BackboneConfig(method="pad", modality="ir", encoder=enc, checkpoint=str(plain)))
     assert backbone_for(BackboneConfig(method="full", modality="ir", encoder=enc, checkpoint=str(plain))).load_report
+
+
+def test_params_cli_reports_the_segmentor_or_the_detector_of_a_config(capsys):
+    """`finetune params`: the model a seg config builds, or the detector of a det config (one whose
+    data names boxes), with the method's trainable share; pad without its pre-trained adapters refused."""
+    from finetune.cli import main as finetune_main
+
+    det_config = CONFIG_DIR / "finetune" / "det_vitb.yaml"
+    # --local_rank as DeepSpeed's launcher passes it to each process
+    assert finetune_main(["--local_rank=1", "params", "model.method=mona", "model.modality=ir"]) == 0
+    seg = json.loads(capsys.readouterr().out)
+    assert finetune_main(["params", "--config", str(det_config), "model.method=mona", "model.modality=ir"]) == 0
+    det = json.loads(capsys.readouterr().out)
+    assert seg["config"] == det["config"] == {"method": "mona", "modality": "ir", "size": "base"}
+    detector = parameter_report(build_detector(load_config(det_config, ["model.method=mona", "model.modality=ir"]),
+                                               "meta"))
+    assert det["trainable_head"] == detector["trainable_head"] != seg["trainable_head"]
+    assert det["trainable_backbone"] == seg["trainable_backbone"] > 0  # the same Mona adapters
+    assert finetune_main(["params", "model.method=pad", "model.modality=ir"]) == 2
+    assert "model.method=pad fine-tunes a backbone pre-trained with pad adapters: give init.checkpoint=FILE" in \
+        capsys.readouterr().err

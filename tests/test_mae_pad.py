@@ -358,8 +358,13 @@ def test_params_cli_prints_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["trainable_encoder"] == 1_226_496
     assert {"total", "trainable", "frozen", "trainable_encoder", "trainable_decoder", "per_module"} <= set(out)
+    assert out["config"] == {"paradigm": "pad", "adapter": "pad", "scale": "concat", "size": "base"}
     assert pretrain_main(["params", "model.pad.scale=side", "model.encoder.size=large"]) == 0
-    assert json.loads(capsys.readouterr().out)["trainable_encoder"] == 24 * (2 * 1024 + 2 * 64 * 1024 + 64 + 1024 + 1024)
+    out = json.loads(capsys.readouterr().out)
+    assert out["trainable_encoder"] == 24 * (2 * 1024 + 2 * 64 * 1024 + 64 + 1024 + 1024)
+    assert out["config"] == {"paradigm": "pad", "adapter": "pad", "scale": "side", "size": "large"}
+    assert pretrain_main(["--local_rank=1", "params"]) == 0  # as the DeepSpeed launcher starts each process
+    assert json.loads(capsys.readouterr().out)["trainable_encoder"] == 1_226_496
     assert pretrain_main(["params", "model.pad.scale=bogus"]) == 2
 
 

@@ -266,6 +266,9 @@ def test_frames_in_folders_of_their_own_are_told_apart_by_their_folder(tmp_path,
     assert (f"is there; 1 class: person; scored as ignore regions: people, cyclist, person? boxes, objects under "
             f"{max(heights):g} px tall, objects occluded above level 1, objects within 5 px of the frame's edge") in \
         capsys.readouterr().out
+    assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}",
+                          f"eval.min_height={max(heights):g}", "eval.max_occlusion=0"]) == 0
+    assert "objects occluded above level 0," in capsys.readouterr().out  # 0: occluded objects are not scored
     unpacked = tmp_path / "download" / "kaist-cvpr15"  # a download that unpacked into a folder of its own
     shutil.copytree(root, unpacked)
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={unpacked.parent}"]) == 2

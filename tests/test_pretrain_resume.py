@@ -433,6 +433,11 @@ def test_export_from_a_run(uninterrupted, tmp_path, capsys):
     saved = trainable(uninterrupted)["module"]
     assert torch.equal(vit.blocks[1].parallel_mlp["pad"].up.weight, saved["encoder.blocks.1.parallel_mlp.pad.up.weight"])
     assert [a["name"] for a in meta["adapters"]] == ["pad"]
+    assert main(["export", str(uninterrupted), "--tag", "step00000010", "--out", str(tmp_path / "at10.pth")]) == 0
+    vit, _, _ = load_backbone(tmp_path / "at10.pth")  # an earlier checkpoint's weights, not the latest's
+    at10 = trainable(uninterrupted, "step00000010")["module"]["encoder.blocks.1.parallel_mlp.pad.up.weight"]
+    assert torch.equal(vit.blocks[1].parallel_mlp["pad"].up.weight, at10) and not torch.equal(at10, saved[
+        "encoder.blocks.1.parallel_mlp.pad.up.weight"])
     # The input normalisation of the run travels with the export, and fine-tuning uses it.
     assert meta["input"] == {"mean": 0.3801, "std": 0.1871, "intensity": {"uint16_mode": "percentile",
                                                                         "percentiles": [1.0, 99.0]}}
@@ -736,9 +741,14 @@ def test_verify_cli_reports_each_checkpoint_and_the_one_resume_uses(killed_at_4,
     out = capsys.readouterr().out
     assert "step00000004: mp_rank_00_model_states.pt does not match its sha256" in out
     assert "resume would use step00000002" in out
+    assert pretrain_main(["export", str(run_dir), "--tag", "step00000004", "--out", str(tmp_path / "b.pth")]) == 2
+    assert capsys.readouterr().err == ("error: checkpoint step00000004: mp_rank_00_model_states.pt does not match "
+                                       "its sha256 (corrupted or truncated)\n")  # one line, no traceback
     shutil.rmtree(run_dir / "checkpoints" / "step00000002")
     assert pretrain_main(["verify", str(run_dir)]) == 1
     assert "resume would fail" in capsys.readouterr().out
+    assert pretrain_main(["verify", str(tmp_path)]) == 1
+    assert capsys.readouterr().out == f"{tmp_path}: no checkpoints\n"
 
 
 def test_non_finite_weights_never_become_a_checkpoint(shards, tmp_path):

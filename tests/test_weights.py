@@ -452,3 +452,22 @@ def test_a_checkpoint_folder_names_the_file_inside(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"is a folder; its weights are in .*99/mp_rank_00_model_states"):
         read_state_dict(folder)
     assert torch.equal(read_state_dict(folder / "mp_rank_00_model_states.pt")["blocks.0.norm1.weight"], torch.ones(4))
+
+
+def test_load_check_cli_reports_what_the_init_checkpoint_fills(tmp_path, capsys):
+    """`pretrain load-check`: the configured model loads init.checkpoint and the command prints the
+    load report as JSON (stdout) and its one-line summary (stderr); without an init checkpoint, null."""
+    from data_tools.config import CONFIG_DIR
+    from pretrain.cli import main as pretrain_main
+
+    sd = official_mae_checkpoint(tmp_path / "mae.pth")  # the tiny config's encoder and decoder
+    config = str(CONFIG_DIR / "pretrain" / "tiny.yaml")
+    assert pretrain_main(["load-check", "--config", config, f"init.checkpoint={tmp_path / 'mae.pth'}"]) == 0
+    said = capsys.readouterr()
+    report = json.loads(said.out)
+    assert report["path"] == str(tmp_path / "mae.pth") and report["loaded"] == len(sd) and report["unexpected"] == []
+    assert report["missing"] and all(".parallel_mlp." in k for k in report["missing"])  # the PAD adapters
+    assert said.err == (f"{tmp_path / 'mae.pth'}: loaded {len(sd)} tensors, {len(report['missing'])} missing, "
+                        f"0 unexpected, adapted none\n")
+    assert pretrain_main(["load-check", "--config", config]) == 0
+    assert json.loads(capsys.readouterr().out) == {"checkpoint": None}
