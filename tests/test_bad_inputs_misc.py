@@ -176,6 +176,7 @@ def test_preview_and_summary_of_a_folder_that_is_not_theirs_say_so(tmp_path, cap
 
 @pytest.mark.parametrize("argv,said", [
     (["proposals-eval", "--every", "0"], "argument --every: must be at least 1, got 0"),  # was a ZeroDivisionError
+    (["proposals-eval", "--min-object-side", "-1"], "argument --min-object-side: must be at least 0, got -1"),
     (["synth", "--out", "X", "--width", "8"], "argument --width: must be at least 16, got 8"),  # OpenCV / numpy raised
     (["synth", "--out", "X", "--num", "two"], "argument --num: invalid integer value: 'two'"),
     (["reencode", "X", "--out", "Y", "--encoding", "png", "--png-compression", "12"],

@@ -28,10 +28,38 @@ def test_synth_build_verify_preview(tmp_path, capsys):
     assert cli_main(["preview", str(out), "--out", str(tmp_path / "p.png"), "--samples", "4"]) == 0
     grid = cv2.imread(str(tmp_path / "p.png"))
     assert grid is not None and grid.shape[0] >= 2 * 192 and grid.shape[2] == 3
+    for seed, name in ((0, "p0.png"), (1, "p1.png")):  # the seed picks the samples and their crops
+        assert cli_main(["preview", str(out), "--out", str(tmp_path / name), "--samples", "4",
+                         "--seed", str(seed)]) == 0
+    assert (tmp_path / "p0.png").read_bytes() == (tmp_path / "p.png").read_bytes()  # 0 is the default
+    assert (tmp_path / "p1.png").read_bytes() != (tmp_path / "p.png").read_bytes()
+    assert cli_main(["reencode", str(out), "--out", str(tmp_path / "png9"), "--encoding", "png",
+                     "--png-compression", "9"]) == 0
+    assert json.loads((tmp_path / "png9" / "manifest.json").read_text())["config"]["shards"]["png_compression"] == 9
     # A second build of the same corpus is a no-op.
     assert cli_main(["build", "--sources", str(tmp_path / "synth" / "sources.yaml"), "--out", str(out),
                      "--quiet", "shards.max_samples=5"]) == 0
     assert "already complete" in capsys.readouterr().err
+
+
+def test_build_needs_sources_and_takes_its_workers_from_the_command_or_the_cpus_it_may_use(tmp_path, monkeypatch,
+                                                                                            capsys):
+    import data_tools.build
+    import data_tools.cli
+
+    assert cli_main(["build", "--out", str(tmp_path / "o")]) == 2
+    assert "error: no sources: pass --sources FILE.yaml and/or --source NAME=PATH" in capsys.readouterr().err
+    workers = []
+
+    def recorded(sources, cfg, out, workers_given, **kwargs):
+        workers.append(workers_given)
+        raise ValueError("recorded")
+
+    monkeypatch.setattr(data_tools.build, "build_shards", lambda s, c, o, workers, **k: recorded(s, c, o, workers))
+    monkeypatch.setattr(data_tools.cli, "usable_cpus", lambda: 7)
+    assert cli_main(["build", "--source", f"a={tmp_path}", "--out", str(tmp_path / "o"), "--workers", "3"]) == 2
+    assert cli_main(["build", "--source", f"a={tmp_path}", "--out", str(tmp_path / "o")]) == 2
+    assert workers == [3, 7]
 
 
 def test_parallel_build_after_opencv_threads_does_not_hang(tmp_path):

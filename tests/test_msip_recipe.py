@@ -95,6 +95,18 @@ def test_a_dry_run_says_what_each_source_gives_without_reading_or_writing(tmp_pa
     assert data_main(["build", "--sources", str(tmp_path / "s.yaml"), "--out", str(out), "--dry-run"]) == 0
     said = capsys.readouterr().out
     assert "  cam: 2 frame(s) (of 2 matched), 1 with annotations" in said and "1 annotation file issue(s)" in said
+    # a source with masks alone is annotated too; a count as expected is quiet; --only takes "a, b"
+    _frame(tmp_path / "seg" / "a.png")
+    _frame(tmp_path / "seg" / "b.png")
+    _frame(tmp_path / "masks" / "a.png", black=True)
+    (tmp_path / "s.yaml").write_text("sources:\n  - {name: cam, root: cam, boxes: {format: yolo, path: labels}}\n"
+                                     "  - {name: seg, root: seg, masks: {path: masks}, expected_frames: 2}\n"
+                                     "  - {name: other, root: absent}\n")
+    assert data_main(["build", "--sources", str(tmp_path / "s.yaml"), "--only", "cam, seg", "--out", str(out),
+                      "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "  seg: 2 frame(s) (of 2 matched), 1 with annotations; expected_frames 2\n" in said
+    assert "dry run: 4 frame(s) from 2 source(s)" in said and "other" not in said
 
 
 def test_a_matching_count_is_quiet(tmp_path, capsys):

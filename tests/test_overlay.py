@@ -1,5 +1,6 @@
 """A camera's burned-in overlay: found as the pixels static across a source's frames, filled in
 before the proposal methods look, never changed in the stored frames."""
+import json
 from pathlib import Path
 
 import cv2
@@ -180,3 +181,8 @@ def test_the_build_cli_says_where_an_overlay_was_filled_in(burned_frames, tmp_pa
     said = capsys.readouterr()
     assert f"see {out / 'overlay-cam.png'}" in said.err and (out / "overlay-cam.png").is_file()
     assert "written 10, skipped 0 (none), burned-in overlay filled in for the proposals (" in said.out
+    clean = tmp_path / "clean"  # the same camera's frames without an overlay: looked for, not found, not said
+    assert cli_main(["build", "--source", f"cam={Path(shared_path('msrs20')) / 'ir'}", "--out", str(clean),
+                     "--workers", "1", "--quiet"]) == 0
+    assert not json.loads((clean / "manifest.json").read_text())["sources"]["cam"]["overlay"]["masked"]
+    assert "  cam: found 20 (of 20 matched), written 20, skipped 0 (none)\n" in capsys.readouterr().out

@@ -197,6 +197,8 @@ def test_fitting_twice_writes_the_same_file_and_unlabelled_sources_are_refused(m
     assert (f"thermal_blobs {found['thermal_blobs']}/12, thermal_blobs_fitted {found['thermal_blobs_fitted']}/12"
             in out)
     assert ("does not beat the hand ranking" in out) == (found["thermal_blobs_fitted"] <= found["thermal_blobs"])
+    assert ("to use it anyway: proposals.method=thermal_blobs_fitted" in out) == \
+        (found["thermal_blobs_fitted"] <= found["thermal_blobs"])
     assert main(["proposals-fit", "--sources", str(sources), "--folds", "1", "--out", str(tmp_path / "y.json")]) == 2
     assert "folds must be 0" in capsys.readouterr().err and not (tmp_path / "y.json").exists()
     unlabelled = tmp_path / "unlabelled.yaml"
@@ -340,3 +342,42 @@ def test_a_rewritten_ranker_file_is_read_again(msrs_ranker, tmp_path):
     assert load_ranker(path) is first
     path.write_text(json.dumps({**data, "bias": data["bias"] + 10.0}))
     assert load_ranker(path).bias == pytest.approx(first.bias + 10.0)
+
+
+def test_proposals_fit_takes_its_settings_and_says_when_it_could_not_compare(tmp_path, monkeypatch, capsys):
+    """--l2 and --folds reach the fit and proposals.overlay_mask the frames it reads; without a
+    cross-validation (--folds 0, or too few frames) nothing speaks against the fitted ranking, so the
+    advice is to use it, with a reminder to compare it on other frames."""
+    import data_tools.proposal_ranker as proposal_ranker
+    from data_tools.cli import _cross_validation_verdict, main
+
+    assert _cross_validation_verdict(None) == (
+        "not cross-validated (--folds 0): compare it with proposals-eval on frames it was not fitted on", True)
+    assert _cross_validation_verdict({"skipped": "needs at least 2 labelled frames"}) == (
+        "not cross-validated: needs at least 2 labelled frames; compare it with proposals-eval on other labelled "
+        "frames", True)
+    line, better = _cross_validation_verdict({"folds": 5, "objects": 9, "found": {"thermal_blobs": 6,
+                                                                                  "thermal_blobs_fitted": 6}})
+    assert not better and line.startswith("cross-validated (5 folds, each frame held out once): objects found at the "
+                                          "cap thermal_blobs 6/9, thermal_blobs_fitted 6/9\nthe fitted ranking does "
+                                          "not beat the hand ranking")
+    read_with_overlay_mask = []
+    real = proposal_ranker.labelled_grey_frames
+
+    def reading(*args):
+        read_with_overlay_mask.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(proposal_ranker, "labelled_grey_frames", reading)
+    msrs = shared_path("msrs20")
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(f"sources:\n  - name: msrs\n    root: {msrs / 'ir'}\n    boxes: {{format: yolo, "
+                       f"path: {msrs / 'labels_ir'}, classes: [person, bicycle, car]}}\n")
+    out = tmp_path / "r.json"
+    assert main(["proposals-fit", "--sources", str(sources), "--every", "4", "--l2", "0.5", "--folds", "0",
+                 "--out", str(out), "proposals.overlay_mask=false"]) == 0
+    ranker = json.loads(out.read_text())
+    assert ranker["l2"] == 0.5 and "cross_validation" not in ranker["fitted_on"] and read_with_overlay_mask == [False]
+    said = capsys.readouterr().out
+    assert "not cross-validated (--folds 0)" in said and f"use it: proposals.method=thermal_blobs_fitted " \
+        f"proposals.ranker={out}" in said
