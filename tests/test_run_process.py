@@ -1,8 +1,9 @@
 """One process's run as the engine wires it (``pretrain.engine.run._run_process``), in this process: a
 tiny segmentation fine-tuning on synthetic pairs (about a second a run) in a one-process gloo group.
 What the launched runs of the slow tests show in minutes is checked here in seconds: what a checkpoint
-records for a resume, the notes and refusals of a resume, a stop, periodic evaluation and the best
-step, the health policy, and ``--eval-only``."""
+records for a resume, what a run says as it starts, the notes and refusals of a resume, a stop,
+periodic evaluation and the best step, the health policy, ``--eval-only``, and what each training
+command hands the engine."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ from finetune.data.classes import resolve_classes
 from finetune.seg import SegTask
 from pretrain.engine import runlock
 from pretrain.engine.checkpoint import ResumeError, frozen_fingerprint
+from pretrain.engine.distributed import default_extensions_dir
 from pretrain.engine.health import NONFINITE_FAULT_ENV
 from pretrain.engine.optim import group_layout
 from pretrain.engine.run import _run_process
@@ -39,6 +41,10 @@ def pairs(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _one_process_launch(one_process_group, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")  # as a launcher sets it; DeepSpeed asks for it
+    extensions: dict = {}
+    default_extensions_dir(extensions)  # as the commands choose it: this environment's build of DeepSpeed's op,
+    for name, value in extensions.items():  # not one another checkout would rebuild (about 30 s each time)
+        monkeypatch.setenv(name, value)
     monkeypatch.delenv(NONFINITE_FAULT_ENV, raising=False)
     yield
     runlock.release_all()  # as the process's end would
@@ -100,6 +106,26 @@ def test_a_checkpoint_records_what_a_resume_checks(pairs, tmp_path):
     data = state["data"]
     assert data["batching"] == {"micro": 4, "accum": 1, "world": 1} and data["stream_order"] == 1
     assert data["plan"] == {"steps_per_epoch": 1, "total_steps": 2} and data["step"] == 2
+
+
+def test_a_run_says_what_it_loaded_and_what_trains(pairs, tmp_path, capfd):
+    """Rank 0, before training: the init checkpoint's load report, a 16-bit rule that differs from the
+    backbone's pre-training, the parameter report (``params.json``) and its line."""
+    init = tiny_pad_export(tmp_path, depth=4)
+    meta_path = tmp_path / "backbone.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(dict(meta, input={"mean": 0.38, "std": 0.19,
+                                                       "intensity": {"uint16_mode": "minmax"}})))
+    run_dir = tmp_path / "run"
+    task = CountingSegTask()
+    assert _run(run_dir, pairs, "train.steps=1", f"init.checkpoint={init}", task=task) is True
+    said = capfd.readouterr()
+    assert f"{init}: loaded " in said.out
+    assert f"warning: {init} was pre-trained with the 16-bit rule {{'uint16_mode': 'minmax'}}" in said.err
+    r = json.loads((run_dir / "params.json").read_text())
+    assert r == json.loads(json.dumps(task.report)) and 0 < r["trainable_backbone_share"] < 1
+    assert (f"seg ivtuning: {r['trainable_backbone']:,} of {r['backbone_total']:,} backbone parameters train "
+            f"({100 * r['trainable_backbone_share']:.2f}%), head {r['trainable_head']:,}") in said.out
 
 
 def test_eval_only_evaluates_the_trained_run_without_the_random_init_warning(pairs, tmp_path, capfd):
