@@ -49,17 +49,17 @@ def test_build_needs_sources_and_takes_its_workers_from_the_command_or_the_cpus_
 
     assert cli_main(["build", "--out", str(tmp_path / "o")]) == 2
     assert "error: no sources: pass --sources FILE.yaml and/or --source NAME=PATH" in capsys.readouterr().err
-    workers = []
+    given = []
 
-    def recorded(sources, cfg, out, workers_given, **kwargs):
-        workers.append(workers_given)
+    def recorded(sources, cfg, out, workers, **kwargs):  # the build's arguments, then a refusal (exit 2)
+        given.append(workers)
         raise ValueError("recorded")
 
-    monkeypatch.setattr(data_tools.build, "build_shards", lambda s, c, o, workers, **k: recorded(s, c, o, workers))
+    monkeypatch.setattr(data_tools.build, "build_shards", recorded)
     monkeypatch.setattr(data_tools.cli, "usable_cpus", lambda: 7)
     assert cli_main(["build", "--source", f"a={tmp_path}", "--out", str(tmp_path / "o"), "--workers", "3"]) == 2
     assert cli_main(["build", "--source", f"a={tmp_path}", "--out", str(tmp_path / "o")]) == 2
-    assert workers == [3, 7]
+    assert given == [3, 7]
 
 
 def test_parallel_build_after_opencv_threads_does_not_hang(tmp_path):
