@@ -61,6 +61,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from pretrain.engine import Checkpointer, ResumeError
+    from pretrain.engine.checkpoint import RESTART_ADVICE
 
     ckpt = Checkpointer(Path(args.run_dir) / "checkpoints")
     tags = ckpt.tags()
@@ -72,7 +73,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         problem = ckpt.problem(tag)
         print(f"  {tag}: {'complete, checksums match' if problem is None else problem}")
     try:
-        tag, _ = ckpt.choose()
+        tag, _ = ckpt.choose(RESTART_ADVICE)  # what a training resume would say
     except ResumeError as e:
         print(f"resume would fail: {e}")
         return 1

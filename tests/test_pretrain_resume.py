@@ -746,7 +746,8 @@ def test_verify_cli_reports_each_checkpoint_and_the_one_resume_uses(killed_at_4,
                                        "its sha256 (corrupted or truncated)\n")  # one line, no traceback
     shutil.rmtree(run_dir / "checkpoints" / "step00000002")
     assert pretrain_main(["verify", str(run_dir)]) == 1
-    assert "resume would fail" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "resume would fail" in said and said.endswith("(use --overwrite to start again)\n")  # a resume's advice
     assert pretrain_main(["verify", str(tmp_path)]) == 1
     assert capsys.readouterr().out == f"{tmp_path}: no checkpoints\n"
 

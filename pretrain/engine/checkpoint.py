@@ -227,9 +227,9 @@ class Checkpointer:
                 return f"{name} was not written"
         return None
 
-    def choose(self, advice: str = RESTART_ADVICE) -> tuple[str, list[str]]:
+    def choose(self, advice: str = "") -> tuple[str, list[str]]:
         """The newest usable checkpoint (the latest first) and the reasons others were skipped.
-        ``advice``: what the error where none is usable ends with (a resume's: train afresh)."""
+        ``advice``: what the error where none is usable ends with (a training resume's: RESTART_ADVICE)."""
         latest = self.latest_tag()
         skipped = []
         if latest is not None and latest not in self.tags():

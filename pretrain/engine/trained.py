@@ -39,7 +39,7 @@ def load_trained(run_dir: str | Path, build: Callable, kinds: tuple[str, ...], t
     if tag is None:
         if not ckpt.has_checkpoints():
             raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
-        tag, skipped = ckpt.choose(advice="")  # the newest verified one; no run is started again here
+        tag, skipped = ckpt.choose()  # the newest verified one
         for why in skipped:
             print(f"warning: checkpoint skipped: {why}", file=sys.stderr)
     elif (problem := ckpt.problem(tag)) is not None:
