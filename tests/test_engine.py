@@ -928,11 +928,14 @@ def test_each_way_a_checkpoint_can_be_unusable_is_named(tmp_path):
 
 def test_the_newest_intact_checkpoint_is_chosen_and_each_one_passed_over_is_said(tmp_path):
     from pretrain.engine import ResumeError
+    from pretrain.engine.checkpoint import RESTART_ADVICE
 
     ckpt = Checkpointer(tmp_path / "checkpoints")
     assert not ckpt.has_checkpoints() and ckpt.tags() == []
     with pytest.raises(ResumeError, match=r"no usable checkpoint in .*checkpoints: none written \(use --overwrite"):
-        ckpt.choose()
+        ckpt.choose(RESTART_ADVICE)  # a training resume's advice
+    with pytest.raises(ResumeError, match=r"no usable checkpoint in .*checkpoints: none written$"):
+        ckpt.choose()  # none by default: evaluation, export and predict cannot start again
     for step in (2, 4, 6):
         _checkpoint(ckpt.directory, step)
     assert ckpt.has_checkpoints()  # finished saves, even before any `latest`
