@@ -30,7 +30,10 @@ def _eval_twice(task, run_dir, overrides):
     for nproc in (1, 2):
         res = _finetune(task, run_dir, overrides, nproc=nproc, eval_only=True)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        assert f"with {nproc} processes" in res.stdout
+        # said once, by rank 0: what is evaluated, the split read, the result
+        said = res.stdout
+        assert said.count(f"with {nproc} processes") == said.count("val: 11 of 11 frames used") == 1, said[-3000:]
+        assert said.count(f"on 11 frames; {run_dir / 'metrics.json'}") == 1, said[-3000:]
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["processes"] == nproc and metrics["frames"] == 11 and metrics["steps"] == 6
         preds = json.loads((run_dir / "predictions.json").read_text()) if task == "det" else None
@@ -79,6 +82,16 @@ def test_eval_only_refuses_a_run_without_checkpoint_and_another_config(pairs, tm
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()  # the trained run is kept
 
 
+def test_a_launched_cpu_run_of_one_frame_a_step_is_refused_naming_its_processes(pairs, tmp_path):
+    """The launch's process count reaches the check made before a run: 2 CPU processes do not pool
+    their BatchNorm statistics, so one frame a step is refused as it is for one process."""
+    res = _finetune("seg", tmp_path / "run", [f"data.root={pairs}", "train.batch_size=1"], nproc=2)
+    said = res.stdout + res.stderr
+    assert res.returncode != 0, said[-3000:]
+    assert "train.batch_size=1 with 2 CPU processes, whose BatchNorm is not synchronised" in said, said[-3000:]
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
 def test_a_resume_on_other_training_frames_is_refused_with_what_changed(pairs, tmp_path):
     """The checkpoint records the training split (frame count and a digest of the names in order):
     re-running a run after frames were added or lost would replay another data order from the saved
@@ -120,6 +133,9 @@ def test_two_process_training_evaluates_the_model_it_saves_and_resumes_to_it(pai
                  "eval.overlays=0", "train.log_every_steps=1", "eval.every_steps=3"]
     res = _finetune("seg", tmp_path / "clean", overrides, nproc=2)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # what the run loaded and what trains: said by one process, params.json written by it
+    assert res.stdout.count("backbone parameters train (") == 1, res.stdout[-3000:]
+    assert json.loads((tmp_path / "clean" / "params.json").read_text())["trainable_backbone"] > 0
     trained = json.loads((tmp_path / "clean" / "metrics.json").read_text())
     res = _finetune("seg", tmp_path / "clean", overrides, nproc=2, eval_only=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -141,6 +157,7 @@ def test_two_process_training_evaluates_the_model_it_saves_and_resumes_to_it(pai
     assert killed_during_training, "the run ended before the kill: make it longer"
     res = _finetune("seg", tmp_path / "run", overrides, nproc=2)
     assert res.returncode == 0 and "resumed from step0000000" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("resumed from") == 1  # said once, by rank 0
 
     res = _finetune("seg", tmp_path / "stopped", overrides, nproc=2, env_extra={EVAL_STOP_FAULT_ENV: "3"})
     said = res.stdout + res.stderr
