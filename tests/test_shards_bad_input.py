@@ -363,11 +363,13 @@ BORDER = "border_crop (an int >= 0, [v, h] or [top, bottom, left, right])"
                                             "should be a valid string (got 1)"),
     ({"glob": "*.png", "globs": ["*.jpg"]}, "give glob or globs, not both"),  # one of them was dropped unsaid
     ({"glob": 3}, "glob[0]: Input should be a valid string (got 3)"),
-    ({"glob": []}, "glob: Value should have at least 1 item after validation, not 0 (got [])"),  # matched nothing
+    # matched nothing; pydantic's own words, 'List' in its 2.5, our lower bound
+    ({"glob": []}, re.compile(r"glob: (List|Value) should have at least 1 item after validation, not 0 \(got \[\]\)")),
     ({"root": None}, "root (the folder of the frames): Input should be a valid string (got None)"),  # was ./None
 ])
 def test_a_source_option_of_the_wrong_kind_is_refused_naming_the_source(tmp_path, entry, said):
-    with pytest.raises(SourceError, match=re.escape(f"source 'a': {said}")):
+    said = said.pattern if isinstance(said, re.Pattern) else re.escape(said)
+    with pytest.raises(SourceError, match="source 'a': " + said):
         source_from_dict({"name": "a", "root": ".", **entry}, tmp_path)
 
 
