@@ -164,10 +164,17 @@ for n in "$NPROC" "$NNODES" "$NODE_RANK"; do [[ "$n" =~ ^[0-9]+$ ]] || fail "not
 # The pins tested with the environment's Python: constraints.txt (CI, Python >= 3.11), or the set for
 # Python 3.10, which has no wheels of several of those versions.
 pins_for() {
-  local py="$1"
+  local py="$1" said status=0
   [[ -x "$VENV/bin/python" ]] && py="$VENV/bin/python"
-  "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
-    || fail "$py is not Python >= 3.10 ($("$py" -V 2>&1)): pass --python with one that is (python3.11, python3.12)"
+  said="$("$py" -c 'import sys; print(sys.version.split()[0]); sys.exit(sys.version_info < (3, 10))' 2>&1)" \
+    || status=$?
+  # One that does not run at all (not on PATH, a pyenv shim of a version not selected) is said as such.
+  if [[ $status -eq 1 && "$said" =~ ^[0-9]+\.[0-9]+ ]]; then
+    fail "$py is not Python >= 3.10 (Python $said): pass --python with one that is (python3.11, python3.12)"
+  elif [[ $status -ne 0 ]]; then
+    fail "$py does not run ($(tr '\n' ' ' <<< "${said:0:400}")): pass --python with a Python >= 3.10 that does" \
+      "(python3.11, or its full path)"
+  fi
   if "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then echo "$ROOT/constraints.txt"
   else echo "$ROOT/constraints-py310.txt"; fi
 }

@@ -228,16 +228,31 @@ def test_bad_launcher_options_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out" / "synth").exists()
 
 
-def test_a_python_older_than_3_10_is_refused_before_the_environment_is_made(tmp_path):
-    """pip said only `ResolutionImpossible` (or that irpt needs another Python), after a venv."""
-    old = tmp_path / "python3.9"  # answers as a Python 3.9 would
-    old.write_text('#!/bin/sh\n[ "$1" = -V ] && { echo "Python 3.9.18"; exit 0; }\nexit 1\n')
-    old.chmod(0o755)
+def test_a_python_older_than_3_10_or_one_that_does_not_run_is_refused_before_the_environment_is_made(tmp_path):
+    """pip said only `ResolutionImpossible` (or that irpt needs another Python), after a venv. An
+    interpreter that does not run (a pyenv shim of a version not selected) is said as such, with its
+    own words, not as too old."""
+    old = tmp_path / "python3.9"  # answers as a Python 3.9 would: its version, and False for >= 3.10
+    old.write_text('#!/bin/sh\n[ "$1" = -c ] && { echo "3.9.18"; exit 1; }\nexit 2\n')
+    shim = tmp_path / "python3.10"  # as pyenv's shim of a version installed but not selected
+    shim.write_text('#!/bin/sh\necho "pyenv: python3.10: command not found" >&2\nexit 127\n')
+    for fake in (old, shim):
+        fake.chmod(0o755)
     env = dict(os.environ, IRPT_VENV=str(tmp_path / "venv"))
-    res = subprocess.run(["bash", str(ROOT / "run.sh"), "setup", "--python", str(old)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+
+    def setup(python):
+        return subprocess.run(["bash", str(ROOT / "run.sh"), "setup", "--python", str(python)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    res = setup(old)
     assert res.returncode == 1 and (f"ERROR: {old} is not Python >= 3.10 (Python 3.9.18): pass --python with one "
                                     "that is (python3.11, python3.12)") in res.stderr, res.stderr
+    res = setup(shim)
+    assert res.returncode == 1 and (f"ERROR: {shim} does not run (pyenv: python3.10: command not found ): pass "
+                                    "--python with a Python >= 3.10 that does (python3.11, or its full path)"
+                                    ) in res.stderr, res.stderr
+    res = setup(tmp_path / "missing")
+    assert res.returncode == 1 and f"ERROR: {tmp_path / 'missing'} does not run (" in res.stderr, res.stderr
     assert not (tmp_path / "venv").exists()
 
 
