@@ -296,14 +296,16 @@ def _supported(name: str) -> tuple[str, str]:
 def test_set_up_refuses_to_replace_the_torch_of_an_environment_it_did_not_make(tmp_path):
     """IRPT_VENV pointed at a cluster's environment: pip with the tested pins would replace its CUDA
     build of torch; the set-up stops before pip and says how to keep it."""
-    pinned = re.search(r"^torch==(\S+)", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    # the pins for the environment's Python (this one's, which the stand-in runs), as run.sh chooses them
+    pins = ROOT / ("constraints.txt" if sys.version_info >= (3, 11) else "constraints-py310.txt")
+    pinned = re.search(r"^torch==(\S+)", pins.read_text(), re.M).group(1)
     major, minor, patch = pinned.split(".")[:3]
     theirs = f"{major}.{minor}.{int(patch) + 1}+cu124"  # a patch release apart is enough
     env_dir = _cluster_env(tmp_path / "cluster", theirs, "0.26.0+cu124")
     res = _setup_in(env_dir)
     assert res.returncode == 1, res.stdout + res.stderr
     assert (f"ERROR: {env_dir} (IRPT_VENV) was not made by run.sh and holds torch {theirs}, which the set-up "
-            f"would replace with the tested torch=={pinned}") in res.stderr, res.stderr
+            f"would replace with the tested torch=={pinned} ({pins})") in res.stderr, res.stderr
     assert "IRPT_PINS=none keeps the versions it holds" in res.stderr
     assert not (env_dir / "pip.log").exists() and not list(env_dir.glob(".irpt-*"))
 
