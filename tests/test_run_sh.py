@@ -248,7 +248,7 @@ def test_a_python_older_than_3_10_or_one_that_does_not_run_is_refused_before_the
     assert res.returncode == 1 and (f"ERROR: {old} is not Python >= 3.10 (Python 3.9.18): pass --python with one "
                                     "that is (python3.11, python3.12)") in res.stderr, res.stderr
     res = setup(shim)
-    assert res.returncode == 1 and (f"ERROR: {shim} does not run (pyenv: python3.10: command not found ): pass "
+    assert res.returncode == 1 and (f"ERROR: {shim} does not run (pyenv: python3.10: command not found): pass "
                                     "--python with a Python >= 3.10 that does (python3.11, or its full path)"
                                     ) in res.stderr, res.stderr
     res = setup(tmp_path / "missing")
