@@ -172,8 +172,8 @@ pins_for() {
   if [[ $status -eq 1 && "$said" =~ ^[0-9]+\.[0-9]+ ]]; then
     fail "$py is not Python >= 3.10 (Python $said): pass --python with one that is (python3.11, python3.12)"
   elif [[ $status -ne 0 ]]; then
-    fail "$py does not run ($(printf %s "${said:0:400}" | tr '\n' ' ')): pass --python with a Python >= 3.10 that does" \
-      "(python3.11, or its full path)"
+    fail "$py does not run ($(printf %s "${said:0:400}" | tr '\n' ' ')): pass --python with a Python >= 3.10" \
+      "that does (python3.11, or its full path)"
   fi
   if "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then echo "$ROOT/constraints.txt"
   else echo "$ROOT/constraints-py310.txt"; fi
