@@ -175,8 +175,7 @@ pins_for() {
     fail "$py does not run ($(printf %s "${said:0:400}" | tr '\n' ' ')): pass --python with a Python >= 3.10" \
       "that does (python3.11, or its full path)"
   fi
-  if "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then echo "$ROOT/constraints.txt"
-  else echo "$ROOT/constraints-py310.txt"; fi
+  if [[ "$said" =~ ^3\.10\. ]]; then echo "$ROOT/constraints-py310.txt"; else echo "$ROOT/constraints.txt"; fi
 }
 
 # An environment run.sh did not make (a cluster's, with its own CUDA build of torch) is installed into
