@@ -41,9 +41,11 @@ def pairs(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _one_process_launch(one_process_group, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")  # as a launcher sets it; DeepSpeed asks for it
+    # DeepSpeed's op built where the commands build it (this environment's folder), not in a shared cache
+    # that another checkout's run rebuilds from its own sources (about 30 s each time)
     extensions: dict = {}
-    default_extensions_dir(extensions)  # as the commands choose it: this environment's build of DeepSpeed's op,
-    for name, value in extensions.items():  # not one another checkout would rebuild (about 30 s each time)
+    default_extensions_dir(extensions)
+    for name, value in extensions.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv(NONFINITE_FAULT_ENV, raising=False)
     yield
