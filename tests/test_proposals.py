@@ -584,11 +584,30 @@ def test_eval_reads_a_frame_as_the_build_does_with_its_border_crop_and_names_the
     assert summary["ranker"] == {"path": str(msrs_ranker), "sha256": sha256_file(msrs_ranker)}
 
 
+def test_selective_search_on_a_reduced_copy_gives_boxes_in_frame_pixels():
+    """``proposals.max_side`` runs selective search on a smaller copy; its boxes come back scaled to
+    the frame: the one bright object is still found where it is, and no box leaves the frame."""
+    import cv2
+
+    from data_tools.proposals import selective_search
+
+    frame = np.full((480, 640), 60, np.uint8)
+    cv2.rectangle(frame, (400, 200), (519, 359), 200, -1)  # 120 x 160 at (400, 200)
+    frame = cv2.GaussianBlur(frame, (0, 0), 1)
+    for max_side in (None, 320, 160):
+        boxes = selective_search(frame, ProposalConfig(method="selective_search", max_side=max_side))
+        assert box_iou(np.array([[400, 200, 120, 160]]), boxes).max() > 0.9, max_side
+        assert (boxes[:, 0] + boxes[:, 2]).max() == 640 and (boxes[:, 1] + boxes[:, 3]).max() == 480
+
+
 def test_box_helpers_at_their_edges():
     from data_tools.proposals import filter_mask, round_to_image
 
     big = np.array([[0, 40_000, 50, 50], [0, 40_000, 50, 50], [70_000, 0, 40, 40]])  # beyond the packed key
     assert unique_boxes(big).tolist() == [[0, 40_000, 50, 50], [70_000, 0, 40, 40]]
+    # Past the key's 15 bits but nothing else sending them the slow way: a field would spill into the next.
+    assert unique_boxes(big[:2]).tolist() == [[0, 40_000, 50, 50]]
+    assert unique_boxes(np.array([[1 << 15, 0, 40, 40]])).tolist() == [[1 << 15, 0, 40, 40]]
     cfg = ProposalConfig()
     boxes = np.array([[0, 0, 40, 120], [0, 0, 40, 121], [0, 0, 39, 60], [0, 0, 60, 39], [0, 0, 50, 50]])
     assert filter_mask(boxes, cfg).tolist() == [True, False, False, False, True]  # aspect 3 is kept
