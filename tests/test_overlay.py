@@ -11,7 +11,17 @@ from data_tools.build import build_shards
 from data_tools.cli import DEFAULT_BUILD_CONFIG
 from data_tools.config import load_config
 from data_tools.imageio import read_frame
-from data_tools.overlay import MAX_SHARE, MIN_FRAMES, fill_overlay, find_overlay, sample_indices
+from data_tools.overlay import (
+    GROW,
+    MAX_SHARE,
+    MIN_FRAMES,
+    MIN_PIXELS,
+    TOLERANCE,
+    fill_overlay,
+    find_overlay,
+    find_source_overlay,
+    sample_indices,
+)
 from data_tools.proposals import ProposalConfig, box_iou, compute_proposals
 from data_tools.shards import decode_sample, iter_shard
 from data_tools.sources import source_from_dict
@@ -75,6 +85,52 @@ def test_a_still_scene_too_few_frames_and_mixed_sizes():
     filled = fill_overlay(burn_in_overlay(scene[0]), mixed.mask)
     assert np.abs(filled.astype(int) - scene[0])[mixed.mask > 0].mean() < 30  # overlay white is ~200 off
     assert np.array_equal(filled[mixed.mask == 0], burn_in_overlay(scene[0])[mixed.mask == 0])
+
+
+def _noise_frames(n: int, shape, seed: int = 0) -> list[np.ndarray]:
+    """Frames of independent uniform noise: no pixel stays within the tolerance by chance."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
+
+
+def test_the_tolerance_the_smallest_group_and_the_largest_share_are_each_the_last_value_kept():
+    frames = _noise_frames(12, (60, 80))
+    for i, f in enumerate(frames):
+        f[10:12, 10:14] = 100 + (TOLERANCE if i % 2 else 0)  # 8 px that vary by the tolerance: static
+        f[10:12, 40:44] = 100 + (TOLERANCE + 1 if i % 2 else 0)  # ... by one grey level more: not static
+        f[40, 10:10 + MIN_PIXELS] = 50  # the smallest group taken for an overlay ...
+        f[40, 40:40 + MIN_PIXELS - 1] = 50  # ... and one pixel fewer: chance
+    mask = find_overlay(frames).mask
+    assert mask[10:12, 10:14].all() and not mask[10:12, 40:44].any()
+    assert mask[40, 10:10 + MIN_PIXELS].all() and not mask[40, 40:40 + MIN_PIXELS - 1].any()
+    # A square that its GROW-pixel margin takes to exactly MAX_SHARE of a 40 x 40 frame is still an
+    # overlay; one row more is refused as a still scene.
+    side = int(round((MAX_SHARE * 1600) ** 0.5)) - 2 * GROW
+    for rows, kept in ((side, True), (side + 1, False)):
+        frames = _noise_frames(12, (40, 40), seed=1)
+        for f in frames:
+            f[10:10 + rows, 10:10 + side] = 200
+        finding = find_overlay(frames)
+        assert (finding.mask is not None) == kept, (rows, finding.share)
+        assert finding.share == pytest.approx((rows + 2 * GROW) * (side + 2 * GROW) / 1600)
+
+
+def test_a_source_is_compared_as_the_build_reads_it_border_crop_and_channel(tmp_path):
+    """The overlay of a source is found on its frames cut and channel-picked as the build reads
+    them: the mask has the cropped frame's size (a mask of another size is never applied) and
+    follows the stored channel the source names."""
+    from data_tools.sources import discover
+
+    (tmp_path / "ir").mkdir()
+    for i, (f, other) in enumerate(zip(_noise_frames(10, (60, 80)), _noise_frames(10, (60, 80), seed=2))):
+        f[20:30, 30:50] = 255  # the overlay, in the stored channel 2 only
+        cv2.imwrite(str(tmp_path / "ir" / f"{i:02d}.png"), np.dstack([other, other, f]))
+    source = source_from_dict({"name": "cam", "root": "ir", "channel": 2, "border_crop": [5, 5, 10, 10]}, tmp_path)
+    finding = find_source_overlay(source, discover(source).items)
+    assert finding.mask is not None and finding.mask.shape == (50, 60) and finding.frames == 10
+    assert finding.mask[15:25, 20:40].all() and finding.mask[:10].sum() == 0
+    grey = source_from_dict({"name": "cam", "root": "ir", "border_crop": [5, 5, 10, 10]}, tmp_path)
+    assert find_source_overlay(grey, discover(grey).items).mask is None  # luma of the noisy channels: not static
 
 
 def test_frames_are_sampled_across_the_whole_source():
