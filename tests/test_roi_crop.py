@@ -190,6 +190,21 @@ def test_random_resized_crop_box_bounds():
     # the centred box of the nearest ratio, the whole width (height) kept
     assert random_resized_crop_box(40, 400, (0.9, 1.0), (3 / 4, 4 / 3), rng) == (0, 173, 40, 53)
     assert random_resized_crop_box(400, 40, (0.9, 1.0), (3 / 4, 4 / 3), rng) == (173, 0, 53, 40)
+    # A draw as wide as the frame is kept (torchvision's 0 < w <= width), at any of its rows: with it refused,
+    # the fallback would centre the same box every time.
+    rows = {random_resized_crop_box(100, 50, (0.5, 0.5), (4, 4), np.random.default_rng(s))[1] for s in range(30)}
+    assert len(rows) > 5 and rows <= set(range(26))
+
+
+def test_a_large_crop_at_exactly_the_area_share_is_kept():
+    """PAD rejects a crop wanted large when its share of the frame is under 0.15: one of exactly 0.15
+    is kept, one a pixel column narrower is not (and the draw falls back to RandomResizedCrop)."""
+    exact = RoICropConfig(p=0.0, center_jitter=0.0, scale_min=1.0, scale_max=1.0)  # every draw wants a large crop
+    image = np.zeros((200, 200), np.uint8)
+    kept = object_sensitive_crop(image, np.array([[20, 20, 100, 60]]), np.random.default_rng(0), exact)
+    assert kept.need_big and not kept.fallback and kept.box == (20, 20, 100, 60)  # 6,000 of 40,000 px
+    short = object_sensitive_crop(image, np.array([[20, 20, 99, 60]]), np.random.default_rng(0), exact)
+    assert short.need_big and short.fallback
 
 
 def test_hflip_probability_and_content():
