@@ -523,7 +523,7 @@ def test_dronevehicle_polygon_boxes_join_the_proposals_and_a_shapeless_object_is
     file out, reported with the object named, never silently."""
     (tmp_path / "trainimgr").mkdir()
     (tmp_path / "trainlabelr").mkdir()
-    for stem in ("00001", "00002"):
+    for stem in ("00001", "00002", "00003"):
         cv2.imwrite(str(tmp_path / "trainimgr" / f"{stem}.jpg"), _scene(120, 160, seed=int(stem)))
     corners = "".join(f"<x{k}>{x}</x{k}><y{k}>{y}</y{k}>" for k, (x, y) in enumerate(
         [(40, 30), (100, 42), (94, 72), (34, 60)], 1))
@@ -531,6 +531,9 @@ def test_dronevehicle_polygon_boxes_join_the_proposals_and_a_shapeless_object_is
         f"<annotation><object><name>car</name><polygon>{corners}</polygon></object></annotation>")
     (tmp_path / "trainlabelr" / "00002.xml").write_text(
         "<annotation><object><name>car</name><point><x>5</x><y>6</y></point></object></annotation>")
+    (tmp_path / "trainlabelr" / "00003.xml").write_text(  # two corners: a line, not an object's outline
+        "<annotation><object><name>van</name><polygon><x1>5</x1><y1>6</y1><x2>50</x2><y2>60</y2></polygon>"
+        "</object></annotation>")
     (tmp_path / "s.yaml").write_text("sources:\n  - {name: dv, root: trainimgr, border_crop: 10, "
                                      "boxes: {format: voc, path: trainlabelr}}\n")
     m = build_shards(load_sources(tmp_path / "s.yaml"), load_config(DEFAULT_BUILD_CONFIG, ["proposals.enabled=false"]),
@@ -540,10 +543,25 @@ def test_dronevehicle_polygon_boxes_join_the_proposals_and_a_shapeless_object_is
         for _, members in iter_shard(str(tmp_path / "out" / entry["shard"])):
             _, props, meta = decode_sample(members)
             proposals[meta["path"]] = props.tolist()
-    assert proposals == {"00001.jpg": [[24, 20, 66, 42]], "00002.jpg": []}  # (34, 30)-(100, 72) less the crop
-    [bad] = m["annotation_issues"]
+    # (34, 30)-(100, 72) less the crop
+    assert proposals == {"00001.jpg": [[24, 20, 66, 42]], "00002.jpg": [], "00003.jpg": []}
+    bad, line = sorted(m["annotation_issues"], key=lambda i: i["name"])
     assert bad["reason"] == "annotation_parse_error" and bad["name"].endswith("00002.xml")
     assert "object 1 (car): neither <bndbox> nor <polygon>, only ['name', 'point']" in bad["detail"]
+    assert line["reason"] == "annotation_parse_error" and line["name"].endswith("00003.xml")
+    assert "object 1 (van): a <polygon> needs >= 3 <xN>/<yN> pairs, got 2 x and 2 y" in line["detail"]
+
+
+def test_mask_components_touching_at_a_corner_are_one_object():
+    """A mask's objects are its 8-connected components: a thin object drawn at a slant (pixels
+    meeting at corners) stays one box."""
+    from data_tools.annotations import boxes_from_mask
+
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:5, 2:5] = 1
+    mask[5:8, 5:8] = 1  # meets the first block at a corner only
+    mask[12:15, 2:4] = 255
+    assert boxes_from_mask(mask).tolist() == [[2, 2, 6, 6], [2, 12, 2, 3]]
 
 
 def test_a_4_channel_frame_reads_the_channel_the_source_names(tmp_path, capsys):
