@@ -461,6 +461,20 @@ def test_each_group_steps_at_the_learning_rate_times_its_scale_and_a_gated_group
     assert torch.equal(weights[2].detach(), torch.zeros(4)) and weights[2].grad is not None
 
 
+def test_the_deepspeed_config_counts_every_process_in_the_global_batch_and_names_its_precision():
+    from pretrain.engine.optim import deepspeed_config
+
+    cfg = deepspeed_config(4, 2, 8, "bf16_autocast", 1, 3.0)
+    batch = (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"])
+    assert batch == (64, 4, 2)  # 4 frames x 2 micro-batches x 8 processes
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in cfg
+    assert cfg["zero_optimization"] == {"stage": 1} and cfg["gradient_clipping"] == 3.0
+    assert deepspeed_config(4, 2, 8, "bf16", 1, 3.0)["bf16"] == {"enabled": True}
+    assert not {"bf16", "torch_autocast"} & set(deepspeed_config(4, 2, 8, "fp32", 1, 3.0))
+    with pytest.raises(ValueError, match="precision must be bf16_autocast, bf16 or fp32, got 'fp16'"):
+        deepspeed_config(4, 2, 8, "fp16", 1, 3.0)
+
+
 def test_a_resume_with_another_loader_worker_count_starts_the_new_workers_streams_afresh():
     from pretrain.engine.batching import fit_positions_to_workers
     from pretrain.engine.loop import new_state

@@ -312,6 +312,7 @@ def test_the_poly_schedule_is_mmcvs_as_pads_segmentation_ran_it():
         assert poly_lr_at(step, 9800, 1000, 1.0, 0.9, 0.01) == pytest.approx(mmcv(step, 9800, 1000, 0.9, 0.01))
     assert poly_lr_at(1000, 9800, 1000, 1.0) == pytest.approx(1 - 1000 / 9800)  # not back at the base rate
     assert poly_lr_at(0, 9800, 1000, 1.0) == pytest.approx(1e-6)
+    assert poly_lr_at(9900, 9800, 1000, 1.0, 0.9, 0.01) == pytest.approx(0.01)  # past the end: the floor, no NaN
     task = SegTask()  # PAD's SODA schedule: 14,400 steps, 1,500 warm-up, lr 1e-4
     task.cfg = load_config(CONFIG_DIR / "finetune" / "presets" / "soda.yaml", ["data.root=/data"], SegConfig)
     task.total_steps = int(task.cfg.train.steps)

@@ -319,6 +319,7 @@ def test_lr_schedule():
     assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)  # half-way through the cosine
     assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(32, 100, 10, 1.0, min_lr=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 22 / 90)))
+    assert lr_at(150, 100, 10, 1.0, min_lr=0.1) == pytest.approx(0.1)  # past the end: the cosine does not rise again
 
 
 def test_persistent_workers_follow_the_position_across_epochs(shards):
