@@ -34,6 +34,7 @@ def one_frame(folder, ir, label):
     ((512, 384), 1.0, (2048, 512), (683, 512)),    # portrait: the short side is the width
     ((200, 1600), 1.0, (2048, 512), (256, 2048)),  # a panorama: the long side bounds it
     ((480, 640), 0.75, None, (360, 480)),          # no img_scale: the frame's own size x ratio
+    ((480, 640), 0.77, (2048, 512), (394, 525)),   # img_scale x ratio truncated first: 512 x 0.77 -> 394
 ])
 def test_frames_are_rescaled_to_fit_img_scale_as_mmsegmentation(hw, ratio, scale, expected):
     assert scaled_size(*hw, scale_factor(*hw, ratio, scale)) == expected
@@ -64,6 +65,9 @@ def test_crops_are_redrawn_while_one_class_fills_three_quarters():
     assert crop_corner(label, (4, 4), rng, 0.75, 255) == (0, 0) and rng.draws == 22
     rng = ScriptedRng([(0, 1), (0, 4)])  # cat_max_ratio 1: the first draw, whatever it holds
     assert crop_corner(label, (4, 4), rng, 1.0, 255) == (0, 1) and rng.draws == 2
+    ignored = np.full((4, 8), 255, np.int64)  # no labelled pixel at all: redrawn to the 11th draw, no error
+    rng = ScriptedRng([(0, 2)] * 11)
+    assert crop_corner(ignored, (4, 4), rng, 0.75, 255) == (0, 2) and rng.draws == 22
 
 
 def test_training_rescales_to_img_scale_before_the_crop(tmp_path):
@@ -258,6 +262,12 @@ def test_photometric_distortion_reaches_infrared_only_when_asked():
     assert 200 in values and 255 in values and min(values) >= (200 - 32) * 0.5 - 1 and len(values) > 20
     unit = photometric_infrared(np.full((4, 4), 0.9, np.float32), np.random.default_rng(3))
     assert unit.dtype == np.float32 and 0 <= unit.min() and unit.max() <= 1
+    # The 16-bit path is the 8-bit one on the [0, 1] scale (brightness +-32 / 255), but for the 8-bit cuts
+    # (a level or less after brightness, contrast x1.5 at most after it, a level again).
+    for seed in range(32):
+        eight = photometric_infrared(np.full((2, 2), 128, np.uint8), np.random.default_rng(seed)) / 255.0
+        wide = photometric_infrared(np.full((2, 2), 128 / 255, np.float32), np.random.default_rng(seed))
+        assert np.abs(eight - wide).max() <= 3 / 255, seed
 
 
 @pytest.mark.parametrize("flip", [0.0, 1.0])
