@@ -150,6 +150,22 @@ def _toolbox_miss_rate(frames, detections) -> float:
     return float(np.exp(np.mean(np.log(np.maximum(1e-10, 1 - np.array(recall))))))
 
 
+def test_objects_are_scored_up_to_each_limit_inclusive():
+    """eval.min_height, eval.border and eval.max_occlusion each keep the object exactly at the limit
+    (a box ending border px from the right or bottom edge is inside); one pixel or level past it is
+    an ignore region."""
+    from finetune.data.det import ScoringLimits, scored_objects
+
+    boxes = np.array([[5, 5, 45, 55], [5, 5, 45, 54], [20, 10, 95, 60], [20, 10, 96, 60], [20, 25, 60, 75],
+                      [20, 26, 60, 76], [4, 10, 40, 60], [20, 10, 60, 60]], np.float32)
+    occlusion = np.array([0, 0, 1, 1, 1, 1, -1, 2])
+    limits = ScoringLimits(min_height=50.0, max_occlusion=1, border=5.0)
+    scored = scored_objects(boxes, occlusion, (80, 100), limits)  # height 80, width 100
+    assert scored.tolist() == [True, False, True, False, True, False, False, False]
+    assert scored_objects(boxes, occlusion, (80, 100), ScoringLimits(0.0, 2, 4.0)).tolist() == [
+        True, True, True, True, True, True, True, True]
+
+
 def test_log_average_miss_rate_equals_the_toolbox_definition_on_random_scenes():
     rng = np.random.default_rng(0)
     for trial in range(5):
@@ -726,6 +742,7 @@ def test_jitter_scales_to_the_input_crops_anywhere_flips_at_its_rate_and_regions
     corners = []  # the frame, 256x307 at 2.56, holds the 128x160 crop at y 0-128, x 0-147
     for seed in range(40):
         boxes = large.train_sample(0, np.random.default_rng(seed))["boxes"]
+        assert (boxes[:, [0, 2]] <= 160).all() and (boxes[:, [1, 3]] <= 128).all()  # clipped to the 128x160 crop
         corners += [b[:2] for b in boxes if b[0] > 0 and b[1] > 0]  # the box's corner inside the crop
     corners = np.array(corners)
     assert len(corners) >= 10 and (corners >= [128 - 147, 102.4 - 128]).all() and (corners <= [128, 102.4]).all()
