@@ -224,6 +224,10 @@ def test_intensity_normalisation():
     np.testing.assert_allclose(to_unit_intensity(u16, IntensityConfig("range")), u16 / 65535.0, rtol=1e-6)
     mm = to_unit_intensity(u16, IntensityConfig("minmax"))
     np.testing.assert_allclose(mm, (u16 - 7000.0) / 4000.0, atol=1e-6)
+    # A flat frame whose percentiles lie under one count apart (here 1000.5 and 1001) is mapped with a span
+    # of one count, not stretched to full contrast: its sensor noise stays noise.
+    flat = np.array([1000, 1000] + [1001] * 149, np.uint16).reshape(1, -1)
+    np.testing.assert_allclose(to_unit_intensity(flat)[0, [0, -1]], [0.0, 0.5])
 
 
 def test_display_conversions_share_one_rule():
