@@ -747,6 +747,16 @@ def test_jitter_scales_to_the_input_crops_anywhere_flips_at_its_rate_and_regions
     corners = np.array(corners)
     assert len(corners) >= 10 and (corners >= [128 - 147, 102.4 - 128]).all() and (corners <= [128, 102.4]).all()
     assert np.ptp(corners[:, 0]) > 40 and np.ptp(corners[:, 1]) > 40
+    # A box the crop leaves on either axis (the top-left 10x10 object, 25.6 px at this scale) is dropped, not
+    # kept with no height or width (torchvision's detectors refuse such a box).
+    both, _, _ = dataset("data.classes=[person,people]", "data.augment.scale_range=[2.0,2.0]", "data.augment.hflip=0.0")
+    corner = 0
+    for seed in range(40):
+        sample = both.train_sample(0, np.random.default_rng(seed))
+        sides = sample["boxes"][:, 2:] - sample["boxes"][:, :2]
+        assert (sides >= 1).all() and len(sample["labels"]) == len(sides)
+        corner += int((sample["labels"] == 1).sum())
+    assert 0 < corner < 10  # in the crop in a few draws only
     (tmp_path / "yolo").mkdir()
     (tmp_path / "yolo" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n1 0.3 0.3 0.2 0.2\n")
     yolo, issues, _ = dataset(labels="yolo", fmt="yolo")
