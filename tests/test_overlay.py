@@ -24,7 +24,7 @@ from data_tools.overlay import (
 )
 from data_tools.proposals import ProposalConfig, box_iou, compute_proposals
 from data_tools.shards import decode_sample, iter_shard
-from data_tools.sources import source_from_dict
+from data_tools.sources import discover, source_from_dict
 from data_tools.synth import burn_in_overlay
 from tests.conftest import shared_path
 
@@ -119,8 +119,6 @@ def test_a_source_is_compared_as_the_build_reads_it_border_crop_and_channel(tmp_
     """The overlay of a source is found on its frames cut and channel-picked as the build reads
     them: the mask has the cropped frame's size (a mask of another size is never applied) and
     follows the stored channel the source names."""
-    from data_tools.sources import discover
-
     (tmp_path / "ir").mkdir()
     for i, (f, other) in enumerate(zip(_noise_frames(10, (60, 80)), _noise_frames(10, (60, 80), seed=2))):
         f[20:30, 30:50] = 255  # the overlay, in the stored channel 2 only

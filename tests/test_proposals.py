@@ -19,6 +19,7 @@ from data_tools.proposals import (
     compute_proposals,
     greedy_nms,
     inside_texture,
+    selective_search,
     thermal_blob_candidates,
     unique_boxes,
 )
@@ -588,8 +589,6 @@ def test_selective_search_on_a_reduced_copy_gives_boxes_in_frame_pixels():
     """``proposals.max_side`` runs selective search on a smaller copy; its boxes come back scaled to
     the frame: the one bright object is still found where it is, and no box leaves the frame."""
     import cv2
-
-    from data_tools.proposals import selective_search
 
     frame = np.full((480, 640), 60, np.uint8)
     cv2.rectangle(frame, (400, 200), (519, 359), 200, -1)  # 120 x 160 at (400, 200)
