@@ -129,3 +129,21 @@ def test_a_parallel_adapter_reads_the_mlp_output_before_the_layer_scale():
     m = block.mlp(block.norm2(after_attn))
     assert torch.allclose(block.parallel_mlp["probe"].seen, m, atol=1e-6)
     assert torch.allclose(out, after_attn + 0.5 * m + 0.25 * m, atol=1e-5)
+
+
+def test_an_adapter_name_is_attached_once_per_position_and_token_maps_need_the_whole_grid():
+    from pretrain.models.adapters import TokenContext, attach
+
+    backbone = Backbone(BackboneConfig(method="full", modality="ir", encoder=TINY))
+    attach(backbone.encoder, "probe", "post_mlp", lambda i, dim: torch.nn.Identity())
+    assert [list(block.post_mlp) for block in backbone.encoder.blocks] == [["probe"], ["probe"]]
+    with pytest.raises(ValueError, match="block 0 already has an adapter 'probe' at post_mlp"):
+        attach(backbone.encoder, "probe", "post_mlp", lambda i, dim: torch.nn.Identity())
+    tokens = torch.arange(2 * 6 * 4, dtype=torch.float32).reshape(2, 6, 4)
+    assert torch.equal(TokenContext(grid=(2, 3)).to_map(tokens)[1, :, 1, 2], tokens[1, 5])
+    with pytest.raises(ValueError, match="cannot run on masked tokens"):
+        TokenContext(grid=None).to_map(tokens)
+    with pytest.raises(ValueError, match="5 patch tokens do not fill a 2x3 grid"):
+        TokenContext(grid=(2, 3)).to_map(tokens[:, :5])
+    with pytest.raises(ValueError, match="7 patch tokens do not fill a 2x3 grid"):
+        TokenContext(grid=(2, 3)).to_map(torch.cat([tokens, tokens[:, :1]], dim=1))

@@ -692,6 +692,46 @@ def test_segformer_head_is_per_level_1x1_blocks_upsampled_concatenated_fused_and
     assert vitb["trainable_head"] == 4 * (768 * 768 + 2 * 768) + (4 * 768 * 768 + 2 * 768) + (768 * 9 + 9) + neck
 
 
+@pytest.mark.parametrize("head_type", ["upernet", "segformer"])
+def test_segmentation_heads_drop_whole_channels_before_their_classifiers_at_the_configured_rate(head_type):
+    """mmsegmentation's heads (and their FCN auxiliary head) apply channel dropout (Dropout2d) to the
+    classifier's input in training, at ``model.head.dropout``: each frame's channel map is zeroed or
+    scaled by 1 / (1 - p) as a whole. Seen with the heads' dropout alone in training mode, so that
+    only it differs between the two passes."""
+    cfg = load_config(str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"),
+                      ["model.encoder.img_size=[64,96]", f"model.head.type={head_type}", "model.head.dropout=0.5"])
+    torch.manual_seed(0)
+    model = build_segmentor(cfg).eval()
+    seen = {}
+    for name in ("decode_head", "aux_head"):
+        getattr(model, name).classifier.register_forward_pre_hook(
+            lambda m, args, name=name: seen.__setitem__(name, args[0]))
+    ir, vi = torch.randn(4, 1, 64, 96), torch.randn(4, 3, 64, 96)
+    with torch.no_grad():
+        model.logits(ir, vi)
+        plain = dict(seen)
+        for module in [*model.decode_head.modules(), *model.aux_head.modules()]:  # the heads' own dropout only
+            if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+                module.train()
+        model.logits(ir, vi)
+    for name in ("decode_head", "aux_head"):
+        before, after = plain[name].flatten(2), seen[name].flatten(2)
+        live = before.abs().amax(dim=2) > 0  # (frames, channels) maps a ReLU left some signal in
+        ratio = (after.sum(dim=2) / before.sum(dim=2))[live]
+        assert torch.allclose(after, before * (after.sum(dim=2, keepdim=True) / before.sum(dim=2, keepdim=True))
+                              .nan_to_num(), atol=1e-5), name  # one factor per whole map
+        assert all(min(abs(r), abs(r - 2.0)) < 1e-4 for r in ratio.tolist()), name  # dropped, or x 1 / (1 - 0.5)
+        share = (ratio.abs() < 1e-4).float().mean().item()
+        assert live.sum() >= 40 and 0.3 < share < 0.7, (name, share)  # 4 frames x 32 (16) channels
+
+
+def test_the_neck_takes_four_levels():
+    from finetune.models.seg_heads import MultiLevelNeck
+
+    with pytest.raises(ValueError, match="the neck takes 4 feature maps, got 3"):
+        MultiLevelNeck(8)([torch.zeros(1, 8, 4, 4)] * 3)
+
+
 def test_a_segmentation_head_type_not_registered_is_refused_by_name():
     from data_tools.config import ConfigError, check_config
     from finetune.models.segmentor import SegHeadConfig, Segmentor

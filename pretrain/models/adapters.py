@@ -119,15 +119,12 @@ class AdaptedBlock(nn.Module):
         return attention_with_bias(self.attn, h, self.attn_bias)
 
 
-def attach(vit: nn.Module, name: str, position: str, factory: Callable[[int, int], nn.Module],
-           blocks: list[int] | None = None) -> None:
+def attach(vit: nn.Module, name: str, position: str, factory: Callable[[int, int], nn.Module]) -> None:
     """Attach ``factory(block_index, dim)`` as adapter ``name`` at ``position`` of each block."""
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}")
     dim = vit.embed_dim
     for i, block in enumerate(vit.blocks):
-        if blocks is not None and i not in blocks:
-            continue
         if not isinstance(block, AdaptedBlock):
             raise TypeError("build the encoder with pretrain.models.vit.build_encoder (blocks must be AdaptedBlock)")
         slot = getattr(block, position)
