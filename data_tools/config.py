@@ -7,6 +7,7 @@ value of the wrong type or out of range is an error naming the key's path, befor
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -247,6 +248,16 @@ def _number_in(kind, name: str, minimum, maximum):
     return parse
 
 
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    """Every key of a config as an override names it (``train.steps``), sections included."""
+    if not isinstance(node, DictConfig):
+        return []
+    keys = []
+    for name, value in node.items_ex(resolve=False):
+        keys += [f"{prefix}{name}", *_dotted_keys(value, f"{prefix}{name}.")]
+    return keys
+
+
 def _expand_home(node) -> None:
     """``~/data`` in a config (a file or an override) means the home folder, as in a shell: no
     shell expands it there, and a path starting with ``~`` is nothing else."""
@@ -277,7 +288,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), schema: type[Ba
             raise ValueError(f"override '{item}': YAML reads what follows '#' as a comment and would drop it; "
                              f"quote the value: {override_arg(key, value)}")
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
-            raise KeyError(f"override '{item}': the config {path} has no key '{key}'")
+            close = difflib.get_close_matches(key, _dotted_keys(cfg), n=1, cutoff=0.8)
+            raise ConfigError(f"override '{item}': the config {path} has no key '{key}'"
+                              + (f" (did you mean '{close[0]}'?)" if close else ""))
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     _expand_home(cfg)

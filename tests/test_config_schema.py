@@ -342,8 +342,12 @@ def test_override_and_option_forms_are_checked(tmp_path):
     seg = CONFIG_DIR / "finetune" / "seg_tiny.yaml"
     with pytest.raises(ValueError, match="override 'train.steps' is not of the form key=value"):
         load_config(seg, ["train.steps"])
-    with pytest.raises(KeyError, match="has no key 'train.stpes'"):
+    with pytest.raises(ConfigError, match=r"has no key 'train.stpes' \(did you mean 'train.steps'\?\)$"):
         load_config(seg, ["train.stpes=3"])
+    with pytest.raises(ConfigError, match=r"has no key 'model.head.channel' \(did you mean 'model.head.channels'\?\)$"):
+        load_config(seg, ["model.head.channel=3"])
+    with pytest.raises(ConfigError, match=r"the config .*seg_tiny.yaml has no key 'nothing.like.it'$"):
+        load_config(seg, ["nothing.like.it=3"])
     at_least_one, fraction = int_in(1), float_in(0.0, 1.0)
     assert at_least_one("1") == 1 and fraction("0") == 0.0 and fraction("1") == 1.0  # the ends are in
     for parse, text in ((at_least_one, "0"), (fraction, "1.5"), (fraction, "-0.1")):

@@ -10,7 +10,7 @@ import pytest
 
 from data_tools.build import BuildError, build_shards
 from data_tools.cli import DEFAULT_BUILD_CONFIG, main as cli_main
-from data_tools.config import load_config
+from data_tools.config import ConfigError, load_config
 from data_tools.imageio import SkipSample, read_frame
 from data_tools.shards import decode_sample, iter_shard
 from data_tools.sources import AnnotationSpec, Source, SourceError, discover, load_sources, source_from_dict
@@ -320,7 +320,7 @@ def test_a_build_of_an_earlier_version_is_kept_when_complete_and_refused_when_no
 
 
 def test_unknown_override_and_source_option_are_errors(tmp_path):
-    with pytest.raises(KeyError, match="no key 'shards.max_sample'"):
+    with pytest.raises(ConfigError, match=r"no key 'shards.max_sample' \(did you mean 'shards.max_samples'\?\)"):
         load_config(DEFAULT_BUILD_CONFIG, ["shards.max_sample=3"])
     (tmp_path / "s.yaml").write_text("sources:\n  - {name: a, root: ., strde: 2}\n")
     with pytest.raises(SourceError, match=r"source 'a': strde: unknown key \(allowed: black_threshold, border_crop, "
