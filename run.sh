@@ -296,8 +296,7 @@ stage_pretrain() {
     say "pretrain: already done ($OUT/pretrain); delete that folder to train again"; return 0
   fi
   say "pretrain: MAE + PAD with $(basename "$PRETRAIN_CONFIG") on $OUT/shards into $OUT/pretrain (rerun to resume)"
-  launch_stage pretrain pretrain train --config "$PRETRAIN_CONFIG" --run-dir "$OUT/pretrain" \
-    "data.shards=[{path: $(yaml_str "$OUT/shards")}]" "${EXTRA[@]}"
+  launch_stage pretrain pretrain train --config "$PRETRAIN_CONFIG" --run-dir "$OUT/pretrain" "${PRETRAIN_OVERRIDES[@]}"
   [[ -f "$OUT/pretrain/DONE" ]] || fail "stage pretrain stopped before the end (preempted?): rerun to resume"
 }
 
@@ -442,6 +441,13 @@ finetune_sets() {  # SETS: the --seg-set / --det-set overrides of a task
 
 # A fine-tuning config of the user's is checked (schema, dataset folders) before the first stage:
 # a mistake must not surface after hours of pre-training.
+check_pretrain_inputs() {  # the pre-training config and -- overrides, before the shard build (hours on a corpus)
+  [[ " ${STAGES[*]} " == *" pretrain "* || " ${STAGES[*]} " == *" all "* ]] || return 0
+  [[ -f "$OUT/pretrain/DONE" ]] && return 0
+  PY -m pretrain check --config "$PRETRAIN_CONFIG" --processes "$(launch_processes)" "${PRETRAIN_OVERRIDES[@]}" \
+    > /dev/null || fail "the pre-training config above is not usable: fix what it names; nothing was run"
+}
+
 check_finetune_inputs() {
   local task config root args
   for task in seg det; do
@@ -460,6 +466,8 @@ check_finetune_inputs() {
 
 between_commands_traps
 setup
+PRETRAIN_OVERRIDES=("data.shards=[{path: $(yaml_str "$OUT/shards")}]" "${EXTRA[@]}")
+check_pretrain_inputs
 check_finetune_inputs
 for stage in "${STAGES[@]}"; do
   case "$stage" in

@@ -1,4 +1,4 @@
-"""``python -m pretrain``: train, export, params, load-check."""
+"""``python -m pretrain``: check, train, export, params, load-check, verify, summary."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from data_tools.command import run_command
-from data_tools.config import CONFIG_DIR, load_config, out_file, out_folder
+from data_tools.config import CONFIG_DIR, int_in, load_config, out_file, out_folder
 
 
 # Commands import what they need: `summary` and argument errors should not wait for torch.
@@ -40,6 +40,25 @@ def _cmd_load_check(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps(asdict(report), indent=1))
     print(report.summary(), file=sys.stderr)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Refuse a config before any work (run.sh: before the shard build, hours on a large corpus): its
+    schema and overrides, the ``init.checkpoint`` file, the global batch over ``--processes``; the
+    checks ``train`` makes before it touches the run directory, the shards aside (not built yet)."""
+    from pretrain.schema import PretrainConfig
+
+    cfg = load_config(args.config, args.overrides, PretrainConfig)
+    said = ""
+    if cfg.init.checkpoint or cfg.train.effective_batch:  # the engine's checks import torch: only when needed
+        from pretrain.engine import resolve_batching
+        from pretrain.engine.run import check_init_checkpoint
+
+        check_init_checkpoint(cfg)
+        said = f"; global batch {resolve_batching(cfg.train, args.processes).said()}"
+    print(f"{args.config}: config fits its schema" + (f"; init.checkpoint {cfg.init.checkpoint} is there"
+                                                     if cfg.init.checkpoint else "") + said)
     return 0
 
 
@@ -102,6 +121,13 @@ def make_parser() -> argparse.ArgumentParser:
     lc.add_argument("--config", default=str(CONFIG_DIR / "pretrain" / "pad_vitb.yaml"))
     lc.add_argument("overrides", nargs="*", help="e.g. init.checkpoint=mae_pretrain_vit_base.pth")
     lc.set_defaults(func=_cmd_load_check)
+    ch = sub.add_parser("check", help="refuse a config before any work: schema, overrides, init.checkpoint, "
+                                      "global batch")
+    ch.add_argument("--config", default=str(CONFIG_DIR / "pretrain" / "pad_vitb.yaml"))
+    ch.add_argument("--processes", type=int_in(1), default=1,
+                    help="processes the run will be launched with (GPUs over all nodes; default 1)")
+    ch.add_argument("overrides", nargs="*", help="config overrides, as train takes them")
+    ch.set_defaults(func=_cmd_check)
     tr = sub.add_parser("train", help="pre-train (resumes automatically from RUN_DIR's latest checkpoint)")
     tr.add_argument("--config", default=str(CONFIG_DIR / "pretrain" / "pad_vitb.yaml"))
     tr.add_argument("--run-dir", required=True, type=out_folder)

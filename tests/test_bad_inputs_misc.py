@@ -77,6 +77,36 @@ def test_check_refuses_an_init_checkpoint_that_is_not_there_as_training_would(tm
     assert "init.checkpoint: " in capsys.readouterr().err
 
 
+def test_pretrain_check_refuses_what_training_would_refuse_at_its_start(tmp_path, capsys):
+    """`pretrain check` (run.sh: before the shard build) says what `pretrain train` would say before it
+    touches its run directory: a key the config lacks, an init.checkpoint that is not there, a global
+    batch the processes cannot split; the shards are not looked at (not built yet)."""
+    from pretrain.cli import main as pretrain_main
+
+    vitb = ["check", "--config", str(CONFIG_DIR / "pretrain" / "pad_vitb.yaml"), f"data.shards=[{{path: {tmp_path}}}]"]
+    assert pretrain_main(vitb + ["--processes", "8"]) == 0
+    assert capsys.readouterr().out.endswith("pad_vitb.yaml: config fits its schema; global batch 4096 = 64 x 8 "
+                                            "accumulation x 8 processes\n")
+    assert pretrain_main(vitb + ["--processes", "3"]) == 2
+    assert "error: effective_batch 4096 is not a multiple of batch_size 64 x 3 processes" in capsys.readouterr().err
+    assert pretrain_main(vitb + ["train.epoch=3"]) == 2
+    assert "has no key 'train.epoch' (did you mean 'train.epochs'?)" in capsys.readouterr().err
+    assert pretrain_main(vitb + ["train.epochs=0"]) == 2
+    assert "does not fit its schema (PretrainConfig):\n  train.epochs: Input should be greater than 0" in \
+        capsys.readouterr().err
+    assert pretrain_main(vitb + [f"init.checkpoint={tmp_path / 'mae.pth'}"]) == 2
+    assert f"error: init.checkpoint {tmp_path / 'mae.pth'}: no such file" in capsys.readouterr().err
+    (tmp_path / "mae.pth").write_bytes(b"")
+    assert pretrain_main(vitb + [f"init.checkpoint={tmp_path / 'mae.pth'}"]) == 0
+    assert f"init.checkpoint {tmp_path / 'mae.pth'} is there; global batch 4096" in capsys.readouterr().out
+    assert pretrain_main(vitb + [f"init.checkpoint={tmp_path}"]) == 2
+    assert "error: init.checkpoint: " in capsys.readouterr().err
+    tiny = ["check", "--config", str(CONFIG_DIR / "pretrain" / "tiny.yaml"), "--processes", "3"]
+    assert pretrain_main(tiny) == 0 and capsys.readouterr().out.endswith("tiny.yaml: config fits its schema\n")
+    assert pretrain_main(tiny + ["train.effective_batch=8"]) == 2  # 8 frames over 3 processes of 4
+    assert "effective_batch 8 is not a multiple of batch_size 4 x 3 processes" in capsys.readouterr().err
+
+
 def test_rollback_without_any_checkpoint_stops_with_the_reason(tmp_path):
     from pretrain.engine import Checkpointer
     from pretrain.engine.loop import _roll_back

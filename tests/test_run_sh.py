@@ -65,6 +65,20 @@ def pipeline(tmp_path_factory):
     return out, _ok(_run_sh("--out", str(out)))
 
 
+def test_a_pretraining_config_training_would_refuse_is_refused_before_the_first_stage(tmp_path):
+    """The `--` overrides and the pre-training config are checked before the shard build (hours on a
+    large corpus), over the processes the launch will start."""
+    out = tmp_path / "out"
+    for overrides, error in ((["train.epoch=3"], "has no key 'train.epoch' (did you mean 'train.epochs'?)"),
+                             (["train.effective_batch=8"], "effective_batch 8 is not a multiple of batch_size 4 x "
+                                                           "3 processes")):
+        res = _run_sh("--out", str(out), "--nproc", "3", "--", *overrides)
+        said = res.stdout + res.stderr
+        assert res.returncode == 1 and error in said, said[-3000:]
+        assert "the pre-training config above is not usable: fix what it names; nothing was run" in said
+        assert not (out / "synth").exists()
+
+
 def _launchers_and_trainers(proc: subprocess.Popen) -> list:
     """The pre-training launchers and processes below run.sh now (not their loader workers or
     multiprocessing's helpers, which end with them, a moment after; not a process that ends while
