@@ -399,7 +399,10 @@ stage_finetune() {
     say "$task: already done ($OUT/$task); delete that folder to train again"; return 0
   fi
   if [[ -z "$config" && -n "$DATA" ]]; then  # your frames pre-train; fine-tuning needs your labelled pairs
-    say "$task: skipped: --data gives pre-training frames only. To fine-tune on labelled data, add --$task-preset NAME --$task-root DIR (a benchmark as it unpacks; README: Dataset presets) or --$task-config YOUR.yaml (a copy of configs/finetune/${task}_vitb.yaml with data.root set)"
+    finetune_sets "$task"
+    local unused=""
+    (( ${#SETS[@]} )) && unused=" (the --$task-set overrides given, ${SETS[*]}, apply to that config)"
+    say "$task: skipped: --data gives pre-training frames only. To fine-tune on labelled data, add --$task-preset NAME --$task-root DIR (a benchmark as it unpacks; README: Dataset presets) or --$task-config YOUR.yaml (a copy of configs/finetune/${task}_vitb.yaml with data.root set)$unused"
     return 0
   fi
   if [[ -z "$config" ]]; then

@@ -471,12 +471,14 @@ def test_own_data_pretrains_then_fine_tunes_what_it_is_given_and_says_how_to_run
              "train.precision=fp32", "train.save_every_steps=2", "eval.overlays=0", "data.img_scale=null"]
     # the preset itself, made CPU-sized by --seg-set (as the config file above does)
     log = _ok(_run_sh("--data", str(sources), "--out", str(out), "--seg-preset", "msrs_seg", "--seg-root",
-                      str(tmp_path / "MSRS"), *[w for k in small for w in ("--seg-set", k)], "--", "train.epochs=1"))
+                      str(tmp_path / "MSRS"), *[w for k in small for w in ("--seg-set", k)],
+                      "--det-set", "train.steps=3", "--", "train.epochs=1"))
     seg = json.loads((out / "seg" / "metrics.json").read_text())
     assert seg["frames"] == 3 and seg["steps"] == 2  # the replica's test split
     assert (out / "backbone.pth").is_file() and not (out / "synth").exists()
     assert "det: skipped: --data gives pre-training frames only" in log and "--det-config" in log
     assert "--det-preset NAME --det-root DIR" in log and not (out / "det").exists()
+    assert "with data.root set) (the --det-set overrides given, train.steps=3, apply to that config)" in log
     assert re.search(r"^  backbone ", log[log.index("==> summary"):], re.M)
 
 
