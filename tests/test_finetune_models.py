@@ -711,7 +711,7 @@ def test_segmentation_heads_drop_whole_channels_before_their_classifiers_at_the_
         model.logits(ir, vi)
         plain = dict(seen)
         for module in [*model.decode_head.modules(), *model.aux_head.modules()]:  # the heads' own dropout only
-            if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            if isinstance(module, (torch.nn.Dropout, torch.nn.Dropout2d)):
                 module.train()
         model.logits(ir, vi)
     for name in ("decode_head", "aux_head"):
