@@ -393,7 +393,7 @@ launch() {  # launch MODULE ARGS...: one process, torchrun, or the DeepSpeed lau
 # the default configs they train on the synthetic infrared-visible pairs; a config of yours
 # names its own data.root (and data.boxes.path for detection).
 stage_finetune() {
-  local task="$1" config="$2" root="$3" defaults=()
+  local task="$1" config="$2" root="$3"
   need "$OUT/backbone.pth" export
   if [[ -f "$OUT/$task/DONE" ]]; then
     say "$task: already done ($OUT/$task); delete that folder to train again"; return 0
@@ -405,19 +405,25 @@ stage_finetune() {
     say "$task: skipped: --data gives pre-training frames only. To fine-tune on labelled data, add --$task-preset NAME --$task-root DIR (a benchmark as it unpacks; README: Dataset presets) or --$task-config YOUR.yaml (a copy of configs/finetune/${task}_vitb.yaml with data.root set)$unused"
     return 0
   fi
-  if [[ -z "$config" ]]; then
-    config="$ROOT/configs/finetune/${task}_tiny.yaml"
-    need "$OUT/synth/synth.json" synth
-    defaults=("data.root=$(yaml_str "$OUT/synth")" "data.train_split=train.txt" "data.val_split=val.txt")  # scored on held-out frames
-    [[ "$task" == det ]] && defaults+=("data.boxes.path=$(yaml_str "$OUT/synth/labels")")
-  fi
-  [[ -n "$root" ]] && defaults+=("data.root=$(yaml_str "$root")")
-  finetune_sets "$task"
-  defaults+=("${SETS[@]}")  # after the defaults: the user's word wins
-  say "$task: IV-tuning of $OUT/backbone.pth with $(basename "$config") into $OUT/$task (rerun to resume)"
-  launch_stage "$task" finetune "$task" --config "$config" --run-dir "$OUT/$task" "init.checkpoint=$(yaml_str "$OUT/backbone.pth")" \
-    "${defaults[@]}"
+  [[ -n "$config" ]] || need "$OUT/synth/synth.json" synth
+  finetune_args "$task" "$config" "$root"
+  say "$task: IV-tuning of $OUT/backbone.pth with $(basename "$FT_CONFIG") into $OUT/$task (rerun to resume)"
+  launch_stage "$task" finetune "$task" --config "$FT_CONFIG" --run-dir "$OUT/$task" "${FT_ARGS[@]}"
   [[ -f "$OUT/$task/DONE" ]] || fail "stage $task stopped before the end (preempted?): rerun to resume"
+}
+
+finetune_args() {  # finetune_args TASK CONFIG ROOT -> FT_CONFIG, FT_ARGS: what TASK's stage runs
+  local task="$1" root="$3"
+  FT_CONFIG="$2"
+  FT_ARGS=("init.checkpoint=$(yaml_str "$OUT/backbone.pth")")  # the export stage's
+  if [[ -z "$FT_CONFIG" ]]; then  # the embedded default, scored on the synthetic pairs' held-out frames
+    FT_CONFIG="$ROOT/configs/finetune/${task}_tiny.yaml"
+    FT_ARGS+=("data.root=$(yaml_str "$OUT/synth")" "data.train_split=train.txt" "data.val_split=val.txt")
+    [[ "$task" == det ]] && FT_ARGS+=("data.boxes.path=$(yaml_str "$OUT/synth/labels")")
+  fi
+  [[ -n "$root" ]] && FT_ARGS+=("data.root=$(yaml_str "$root")")
+  finetune_sets "$task"
+  FT_ARGS+=("${SETS[@]}")  # last: the user's word wins
 }
 
 summary() {  # each package describes its own artefacts
@@ -442,8 +448,8 @@ finetune_sets() {  # SETS: the --seg-set / --det-set overrides of a task
   if [[ "$1" == seg ]]; then SETS=("${SEG_SET[@]}"); else SETS=("${DET_SET[@]}"); fi
 }
 
-# A fine-tuning config of the user's is checked (schema, dataset folders) before the first stage:
-# a mistake must not surface after hours of pre-training.
+# The configs of the stages to run, with the user's overrides, are checked (schema, files, dataset folders)
+# before the first stage: a mistake must not surface after hours of shard building or pre-training.
 check_pretrain_inputs() {  # the pre-training config and -- overrides, before the shard build (hours on a corpus)
   [[ " ${STAGES[*]} " == *" pretrain "* || " ${STAGES[*]} " == *" all "* ]] || return 0
   [[ -f "$OUT/pretrain/DONE" ]] && return 0
@@ -452,17 +458,19 @@ check_pretrain_inputs() {  # the pre-training config and -- overrides, before th
 }
 
 check_finetune_inputs() {
-  local task config root args
+  local task config root later
   for task in seg det; do
     [[ " ${STAGES[*]} " == *" $task "* || " ${STAGES[*]} " == *" all "* ]] || continue
     config="$SEG_CONFIG"; root="$SEG_ROOT"
     [[ "$task" == det ]] && { config="$DET_CONFIG"; root="$DET_ROOT"; }
-    [[ -n "$config" ]] || continue
-    args=(--config "$config" "init.checkpoint=$(yaml_str "$OUT/backbone.pth")")  # the export the stage will pass
-    [[ -n "$root" ]] && args+=("data.root=$(yaml_str "$root")")
-    finetune_sets "$task"
-    args+=("${SETS[@]}")
-    PY -m finetune check --processes "$(launch_processes)" --init-written-later "${args[@]}" \
+    [[ -z "$config" && -n "$DATA" ]] && continue  # the stage is skipped
+    finetune_args "$task" "$config" "$root"
+    later=(--init-written-later)  # the export stage writes it
+    if [[ -z "$config" ]]; then  # the embedded default: its frames are the synth stage's
+      (( ${#SETS[@]} )) || continue  # as shipped: nothing of the user's to check
+      later+=(--data-written-later)
+    fi
+    PY -m finetune check --processes "$(launch_processes)" "${later[@]}" --config "$FT_CONFIG" "${FT_ARGS[@]}" \
       || fail "the $task config above is not usable: fix what it names; nothing was run"
   done
 }

@@ -61,7 +61,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     cfg = _checked(args)
     check_run(cfg, args.config, processes=args.processes, cuda=torch.cuda.is_available(),
-              init_written_later=args.init_written_later)
+              init_written_later=args.init_written_later, data_written_later=args.data_written_later)
+    if args.data_written_later:
+        print(f"{args.config}: config fits its schema; its frames under {cfg.data.root} are not looked at "
+              "(written later)")
+        return 0
     source = ""
     if cfg.data.get("classes_file"):  # all of its classes, or some of them (data.classes picks)
         names = label_id_names(cfg.data)
@@ -138,6 +142,8 @@ def make_parser() -> argparse.ArgumentParser:
                     help="processes the run will be launched with (GPUs over all nodes; default 1)")
     ck.add_argument("--init-written-later", action="store_true",
                     help="init.checkpoint is the export an earlier stage will write: not there yet")
+    ck.add_argument("--data-written-later", action="store_true",
+                    help="the dataset is what an earlier stage will write: its folders are not looked at")
     ck.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=MFNet")
     ck.set_defaults(func=_cmd_check)
     pd = sub.add_parser("predict", help="apply a trained run to frames without labels: masks (seg) or COCO "

@@ -164,10 +164,11 @@ def _root_below(cfg) -> str | None:
 
 
 def check_run(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), processes: int = 1,
-              cuda: bool = False, init_written_later: bool = False) -> None:
+              cuda: bool = False, init_written_later: bool = False, data_written_later: bool = False) -> None:
     """Everything refused before a run of ``splits`` with ``processes`` (on GPUs: ``cuda``): the
     weights its method needs (and the file given: there, unless ``init_written_later``, the export of
-    a pipeline's earlier stage), the batch training needs, then its inputs."""
+    a pipeline's earlier stage), the batch training needs, then its inputs (unless ``data_written_later``:
+    the frames of a pipeline's earlier stage)."""
     from pretrain.engine.run import check_init_checkpoint
 
     check_weights_given(cfg, name)
@@ -176,7 +177,8 @@ def check_run(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), proces
     check_precision(cfg, name)
     if "train" in splits:
         check_batch(cfg, name, processes, cuda)
-    check_inputs(cfg, name, splits)
+    if not data_written_later:
+        check_inputs(cfg, name, splits)
 
 
 def check_inputs(cfg, name: str, splits: tuple[str, ...] = ("train", "val")) -> None:

@@ -75,6 +75,15 @@ def test_check_refuses_an_init_checkpoint_that_is_not_there_as_training_would(tm
     (tmp_path / "weights").mkdir()
     assert finetune_main(args + [f"init.checkpoint={tmp_path / 'weights'}"]) == 2
     assert "init.checkpoint: " in capsys.readouterr().err
+    # run.sh's embedded default: its frames are what the synth stage writes; the rest is checked
+    unborn = ["check", "--init-written-later", "--config", str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"),
+              f"data.root={tmp_path / 'synth_later'}", f"init.checkpoint={tmp_path / 'backbone.pth'}"]
+    assert finetune_main(unborn) == 2
+    assert f"{tmp_path / 'synth_later'}" in capsys.readouterr().err
+    assert finetune_main(unborn[:1] + ["--data-written-later"] + unborn[1:]) == 0
+    assert f"its frames under {tmp_path / 'synth_later'} are not looked at (written later)" in capsys.readouterr().out
+    assert finetune_main(unborn[:1] + ["--data-written-later"] + unborn[1:] + ["train.batch_size=1"]) == 2
+    assert "train.batch_size=1 with one process" in capsys.readouterr().err
 
 
 def test_pretrain_check_refuses_what_training_would_refuse_at_its_start(tmp_path, capsys):

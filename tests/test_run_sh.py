@@ -65,18 +65,24 @@ def pipeline(tmp_path_factory):
     return out, _ok(_run_sh("--out", str(out)))
 
 
-def test_a_pretraining_config_training_would_refuse_is_refused_before_the_first_stage(tmp_path):
-    """The `--` overrides and the pre-training config are checked before the shard build (hours on a
-    large corpus), over the processes the launch will start."""
+def test_a_config_its_stage_would_refuse_is_refused_before_the_first_stage(tmp_path):
+    """The `--` overrides with the pre-training config, and the `--seg-set` / `--det-set` overrides with
+    the embedded default's fine-tuning configs, are checked before the corpus and the shard build (hours
+    on a large corpus), over the processes the launch will start."""
     out = tmp_path / "out"
-    for overrides, error in ((["train.epoch=3"], "has no key 'train.epoch' (did you mean 'train.epochs'?)"),
-                             (["train.effective_batch=8"], "effective_batch 8 is not a multiple of batch_size 4 x "
-                                                           "3 processes")):
-        res = _run_sh("--out", str(out), "--nproc", "3", "--", *overrides)
+    for args, error, which in (
+            (["--", "train.epoch=3"], "has no key 'train.epoch' (did you mean 'train.epochs'?)", "pre-training"),
+            (["--", "train.effective_batch=8"], "effective_batch 8 is not a multiple of batch_size 4 x 3 processes",
+             "pre-training"),
+            (["--seg-set", "train.stpes=3"], "has no key 'train.stpes' (did you mean 'train.steps'?)", "seg"),
+            # a valid --seg-set passes (its frames are not there yet: the synth stage writes them)
+            (["--seg-set", "train.steps=3", "--det-set", "model.method=mona"], "model: method 'mona' takes one image",
+             "det")):
+        res = _run_sh("--out", str(out), "--nproc", "3", *args)
         said = res.stdout + res.stderr
         assert res.returncode == 1 and error in said, said[-3000:]
-        assert "the pre-training config above is not usable: fix what it names; nothing was run" in said
-        assert not (out / "synth").exists()
+        assert f"the {which} config above is not usable: fix what it names; nothing was run" in said
+        assert said.count("config above is not usable") == 1 and not (out / "synth").exists()
 
 
 def _launchers_and_trainers(proc: subprocess.Popen) -> list:
