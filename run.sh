@@ -450,8 +450,12 @@ finetune_sets() {  # SETS: the --seg-set / --det-set overrides of a task
 
 # The configs of the stages to run, with the user's overrides, are checked (schema, files, dataset folders)
 # before the first stage: a mistake must not surface after hours of shard building or pre-training.
+stage_wanted() {  # stage_wanted NAME: this command runs stage NAME
+  [[ " ${STAGES[*]} " == *" $1 "* || " ${STAGES[*]} " == *" all "* ]]
+}
+
 check_pretrain_inputs() {  # the pre-training config and -- overrides, before the shard build (hours on a corpus)
-  [[ " ${STAGES[*]} " == *" pretrain "* || " ${STAGES[*]} " == *" all "* ]] || return 0
+  stage_wanted pretrain || return 0
   [[ -f "$OUT/pretrain/DONE" ]] && return 0
   PY -m pretrain check --config "$PRETRAIN_CONFIG" --processes "$(launch_processes)" "${PRETRAIN_OVERRIDES[@]}" \
     > /dev/null || fail "the pre-training config above is not usable: fix what it names; nothing was run"
@@ -460,7 +464,7 @@ check_pretrain_inputs() {  # the pre-training config and -- overrides, before th
 check_finetune_inputs() {
   local task config root later
   for task in seg det; do
-    [[ " ${STAGES[*]} " == *" $task "* || " ${STAGES[*]} " == *" all "* ]] || continue
+    stage_wanted "$task" || continue
     config="$SEG_CONFIG"; root="$SEG_ROOT"
     [[ "$task" == det ]] && { config="$DET_CONFIG"; root="$DET_ROOT"; }
     [[ -z "$config" && -n "$DATA" ]] && continue  # the stage is skipped
