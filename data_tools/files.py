@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import IO, Callable, Iterator, Sequence
 
 import yaml
 
@@ -32,14 +32,18 @@ def storage_problem(e: OSError) -> str | None:
     return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary name, make it durable, then rename: readers see old or new, never half."""
+def atomic_write(path: str | Path, write: Callable[[IO], object], binary: bool = False) -> None:
+    """``write(file)`` to a temporary name, made durable, then renamed: readers see old or new, never half."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb" if binary else "w") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text))
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict], str | None]:

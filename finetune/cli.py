@@ -63,8 +63,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     check_run(cfg, args.config, processes=args.processes, cuda=torch.cuda.is_available(),
               init_written_later=args.init_written_later, data_written_later=args.data_written_later)
     if args.data_written_later:
-        print(f"{args.config}: config fits its schema; its frames under {cfg.data.root} are not looked at "
-              "(written later)")
+        where = f" under {cfg.data.root}" if cfg.data.root else ""
+        print(f"{args.config}: config fits its schema; its frames{where} are not looked at (written later)")
         return 0
     source = ""
     if cfg.data.get("classes_file"):  # all of its classes, or some of them (data.classes picks)

@@ -22,9 +22,10 @@ from torch import nn
 from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import adapt_input_conv
 
+from data_tools.files import atomic_write, atomic_write_text
 from pretrain.models.block_extras import is_block_extra
 from pretrain.backbone_meta import (BACKBONE_FORMAT, BACKBONE_VERSION, WeightsError, adapter_names,  # noqa: F401
-                                    is_exported_backbone, read_backbone_meta)
+                                    check_tensor_counts, is_exported_backbone, read_backbone_meta)
 
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
 _DECODER_PREFIXES = ("mask_token", "decoder_")
@@ -289,7 +290,9 @@ def export_backbone(model: nn.Module, out_path: str | Path, input_norm: dict | N
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k[len("encoder."):]: v.detach().cpu().contiguous()
           for k, v in model.state_dict().items() if k.startswith("encoder.")}
-    torch.save(sd, out_path)
+    # each file whole or not at all (a temporary name, then a rename); the JSON last, as readers go by
+    # it, and with the tensor counts that tell a .pth of another export from this one's
+    atomic_write(out_path, lambda f: torch.save(sd, f), binary=True)
     cfg = model.cfg
     meta = {
         "format": BACKBONE_FORMAT, "version": BACKBONE_VERSION,
@@ -299,7 +302,7 @@ def export_backbone(model: nn.Module, out_path: str | Path, input_norm: dict | N
         "num_tensors": len(sd), "num_parameters": int(sum(v.numel() for v in sd.values())),
     }
     json_path = out_path.with_suffix(".json")
-    json_path.write_text(json.dumps(meta, indent=1))
+    atomic_write_text(json_path, json.dumps(meta, indent=1))
     return out_path, json_path
 
 
@@ -340,6 +343,7 @@ def load_exported_into(vit: nn.Module, path: str | Path) -> LoadReport:
     sd = read_state_dict(path)
     target = vit.state_dict()
     meta = read_backbone_meta(path)
+    check_tensor_counts(meta, path, len(sd), sum(v.numel() for v in sd.values()))
     exported = set(adapter_names(meta))
     added = {k for k in target if any(f".{p}." in k and k.split(f".{p}.", 1)[1].split(".")[0] not in exported
                                       for p in POSITIONS)}

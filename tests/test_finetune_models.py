@@ -933,6 +933,10 @@ def test_pad_refuses_weights_without_pad_adapters(tmp_path):
     with pytest.raises(ValueError, match=r"method 'pad' fine-tunes an export with pad adapters; .* has adapters \[\]"):
         backbone_for(BackboneConfig(method="pad", modality="ir", encoder=enc, checkpoint=str(plain)))
     assert backbone_for(BackboneConfig(method="full", modality="ir", encoder=enc, checkpoint=str(plain))).load_report
+    plain.with_suffix(".json").unlink()  # an export stopped before its JSON: the message says what is not there
+    with pytest.raises(ValueError, match=r"plain.pth is neither \(no export JSON, plain.json, beside it; no adapter "
+                                         r"tensors with PAD's names in it\)"):
+        backbone_for(BackboneConfig(method="pad", modality="ir", encoder=enc, checkpoint=str(plain)))
 
 
 def test_params_cli_reports_the_segmentor_or_the_detector_of_a_config(capsys):

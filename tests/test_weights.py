@@ -471,3 +471,71 @@ def test_load_check_cli_reports_what_the_init_checkpoint_fills(tmp_path, capsys)
                         f"0 unexpected, adapted none\n")
     assert pretrain_main(["load-check", "--config", config]) == 0
     assert json.loads(capsys.readouterr().out) == {"checkpoint": None}
+
+
+def test_an_export_is_written_whole_or_not_at_all_and_a_broken_pair_is_named(tmp_path, monkeypatch):
+    """A stopped export leaves the earlier pair as it was; a JSON cut short, of a newer version or
+    lacking a key, and a .pth of another export beside a JSON, are refused naming the file, not
+    taken for a plain checkpoint or loaded into the wrong architecture."""
+    from omegaconf import OmegaConf
+
+    from pretrain.engine.run import check_init_checkpoint
+    from pretrain.weights import is_exported_backbone, read_backbone_meta
+
+    first = tiny(encoder={"img_size": [64, 80]})
+    pth, js = export_backbone(first, tmp_path)
+    saved, meta_text = pth.read_bytes(), js.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.json", "backbone.pth"]  # no temporary left
+
+    def stopped(sd, f):  # the disk fills half-way through the second export's tensors
+        f.write(b"PK\x03\x04 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", stopped)
+    with pytest.raises(OSError, match="No space"):
+        export_backbone(tiny(adapter="none", paradigm="continual"), tmp_path)
+    monkeypatch.undo()
+    assert (pth.read_bytes(), js.read_text()) == (saved, meta_text)
+    vit, _, _ = load_backbone(pth)
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, first.encoder.blocks[0].attn.qkv.weight)
+    syncs = []
+
+    def json_stopped(fd):  # the second file made durable, the JSON: stopped before its rename
+        syncs.append(fd)
+        if len(syncs) == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", json_stopped)
+    with pytest.raises(OSError, match="No space"):
+        export_backbone(tiny(adapter="none", paradigm="continual"), tmp_path)
+    monkeypatch.undo()
+    assert js.read_text() == meta_text and pth.read_bytes() != saved  # the new tensors, the old JSON
+    with pytest.raises(WeightsError, match="the two files are of different exports"):
+        load_backbone(pth)
+    pth.write_bytes(saved)
+
+    def init(path):
+        return OmegaConf.create({"init": {"checkpoint": str(path)}})
+
+    meta = json.loads(meta_text)
+    broken = {"cut short": (meta_text[:100], "not readable JSON .* an export stopped while writing it"),
+              "newer": (json.dumps(dict(meta, version=3)), "export format version 3, and this toolkit reads "
+                                                            "versions 1 to 2: written by a newer release"),
+              "lacking": (json.dumps({k: v for k, v in meta.items() if k != "adapters"}),
+                          r"format version 2 lacks \['adapters'\]; re-run `python -m pretrain export`")}
+    for name, (text, said) in broken.items():
+        js.write_text(text)
+        with pytest.raises(WeightsError, match=said):
+            is_exported_backbone(pth) and read_backbone_meta(pth)
+        with pytest.raises(WeightsError, match=said):
+            check_init_checkpoint(init(pth))  # `finetune check`, `pretrain check` and every run refuse it
+    js.write_text('{"epoch": 3, "lr": ')  # another program's JSON beside a checkpoint, cut short: not ours
+    assert not is_exported_backbone(pth)
+    check_init_checkpoint(init(pth))
+    # the .pth of another export beside this JSON: counts differ, refused before any tensor is loaded
+    js.write_text(json.dumps(dict(meta, num_parameters=meta["num_parameters"] + 1)))
+    with pytest.raises(WeightsError, match=r"holds \d+ tensors, \d+ parameters; backbone.json beside it says "
+                                           r"\d+, \d+: the two files are of different exports"):
+        load_backbone(pth)
+    js.write_text(json.dumps({k: v for k, v in meta.items() if not k.startswith("num_")}))  # not written: not checked
+    load_backbone(pth)

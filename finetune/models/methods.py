@@ -9,6 +9,7 @@ below so that the built-in methods are always there).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from torch import nn
@@ -70,8 +71,10 @@ def _pad_release(cfg):
 
     sd = read_state_dict(cfg.checkpoint) if cfg.checkpoint else {}
     if not has_pad_author_keys(sd):
+        said = (f"; {cfg.checkpoint} is neither (no export JSON, {Path(cfg.checkpoint).with_suffix('.json').name}, "
+                "beside it; no adapter tensors with PAD's names in it)" if cfg.checkpoint else "")
         raise ValueError("method 'pad' needs init.checkpoint = a backbone exported by `python -m pretrain export` "
-                         "or a PAD pre-training checkpoint")
+                         f"or a PAD pre-training checkpoint{said}")
     settings = dataclasses.asdict(pad_config_from_state(sd, cfg.pad_scale))
     return dataclasses.replace(cfg, carried_adapters=(("pad", settings),))
 

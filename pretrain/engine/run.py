@@ -23,14 +23,19 @@ from pretrain.random_init import rebuilding_trained_run
 
 
 def check_init_checkpoint(cfg) -> None:
-    """Refuse an ``init.checkpoint`` that is not there, or a folder, before the run directory is
-    touched (and in ``finetune check``), in one line without a traceback."""
+    """Refuse an ``init.checkpoint`` that is not there, a folder, or an export whose JSON cannot be
+    read, before the run directory is touched (and in ``finetune check``), in one line without a
+    traceback."""
     init = cfg.get("init", {}).get("checkpoint")
     if init and not Path(init).exists():
         raise FileNotFoundError(f"init.checkpoint {init}: no such file")
     if init and Path(init).is_dir():
         from pretrain.weights import weights_folder_problem
         raise FileNotFoundError(f"init.checkpoint: {weights_folder_problem(Path(init))}")
+    from pretrain.backbone_meta import is_exported_backbone, read_backbone_meta
+
+    if init and is_exported_backbone(init):  # an export's JSON: cut short, too new, lacking a key
+        read_backbone_meta(init)
 
 
 def run(task: Task, cfg, run_dir: str | Path, overwrite: bool = False, eval_only: bool = False) -> None:
