@@ -1,6 +1,7 @@
 """File helpers shared by every stage: checksums, atomic writes, our append-only JSONL logs."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -35,11 +36,16 @@ def storage_problem(e: OSError) -> str | None:
 def atomic_write(path: str | Path, write: Callable[[IO], object], binary: bool = False) -> None:
     """``write(file)`` to a temporary name, made durable, then renamed: readers see old or new, never half."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb" if binary else "w") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no half file left beside the whole one (a kill -9 leaves it)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -496,6 +496,7 @@ def test_an_export_is_written_whole_or_not_at_all_and_a_broken_pair_is_named(tmp
         export_backbone(tiny(adapter="none", paradigm="continual"), tmp_path)
     monkeypatch.undo()
     assert (pth.read_bytes(), js.read_text()) == (saved, meta_text)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.json", "backbone.pth"]  # the half file removed
     vit, _, _ = load_backbone(pth)
     assert torch.equal(vit.blocks[0].attn.qkv.weight, first.encoder.blocks[0].attn.qkv.weight)
     syncs = []
@@ -510,6 +511,7 @@ def test_an_export_is_written_whole_or_not_at_all_and_a_broken_pair_is_named(tmp
         export_backbone(tiny(adapter="none", paradigm="continual"), tmp_path)
     monkeypatch.undo()
     assert js.read_text() == meta_text and pth.read_bytes() != saved  # the new tensors, the old JSON
+    assert not (tmp_path / "backbone.json.tmp").exists()
     with pytest.raises(WeightsError, match="the two files are of different exports"):
         load_backbone(pth)
     pth.write_bytes(saved)
