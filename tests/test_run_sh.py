@@ -183,6 +183,23 @@ def _new_out_with(pipeline, tmp_path, *names) -> Path:
     return new
 
 
+def test_an_export_stopped_before_its_json_is_redone(pipeline, tmp_path):
+    """A stop between the export's two files leaves a new backbone.pth without its JSON (or beside
+    an older one): the stage is not taken for done, the rerun writes the pair."""
+    new = _new_out_with(pipeline, tmp_path, "pretrain", "backbone.pth", "backbone.json")  # the .pth newer than DONE
+    json_path = new / "backbone.json"
+    for older in (False, True):
+        if older:  # an earlier export's JSON: older than the pre-training that ended since
+            json_path.write_text(json.dumps(dict(json.loads(json_path.read_text()), num_parameters=1)))
+            done = (new / "pretrain" / "DONE").stat().st_mtime
+            os.utime(json_path, (done - 60, done - 60))
+        else:
+            json_path.unlink()
+        log = _ok(_run_sh("--out", str(new), "export"))
+        assert "export: encoder + PAD adapters ->" in log and "is up to date" not in log
+        assert json.loads(json_path.read_text()) == json.loads((pipeline[0] / "backbone.json").read_text())
+
+
 def _seg_stage_folder(pipeline, tmp_path) -> tuple[Path, Path]:
     """A new output folder holding the finished pipeline's backbone, and a small segmentation
     config (8 synthetic pairs, 8 steps, a checkpoint every 4) for the seg stage alone."""
