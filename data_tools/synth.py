@@ -20,6 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_tools.files import atomic_write_text
+
 SEG_CLASSES = ("background", "road", "person", "car")  # mask values 0..3
 BOX_CLASSES = ("person", "car")  # YOLO class ids 0, 1
 VAL_EVERY = 4  # frames i with i % 4 == 3 form the held-out val.txt
@@ -169,7 +171,6 @@ def write_corpus(out_dir: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
     (out / "val.txt").write_text("".join(f"{n}\n" for n in names[VAL_EVERY - 1::VAL_EVERY]))
     (out / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(BOX_CLASSES)))
     (out / "seg_classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(SEG_CLASSES)))
-    (out / "synth.json").write_text(json.dumps(asdict(cfg), indent=1))
     (out / "sources.yaml").write_text(
         "# Shard-builder sources for this synthetic corpus (paths relative to this file).\n"
         "sources:\n"
@@ -177,6 +178,8 @@ def write_corpus(out_dir: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
         "    root: ir\n"
         "    glob: '*.png'\n"
         "    boxes: {format: yolo, path: labels, classes: [" + ", ".join(BOX_CLASSES) + "]}\n")
+    # last, and whole: the corpus is complete once it is there (run.sh skips the stage by it)
+    atomic_write_text(out / "synth.json", json.dumps(asdict(cfg), indent=1))
     return out
 
 

@@ -52,3 +52,26 @@ def test_write_corpus_is_deterministic(tmp_path):
     for f in sorted((tmp_path / "a").rglob("*")):
         if f.is_file():
             assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_a_corpus_stopped_before_its_last_file_has_no_synth_json(tmp_path, monkeypatch):
+    """synth.json is what marks the corpus complete (run.sh skips the stage by it): a stop while any
+    other file is written leaves none, so the rerun writes the corpus again."""
+    import pathlib
+
+    write_text = pathlib.Path.write_text
+
+    def stopped_at_sources(self, *args, **kwargs):
+        if self.name == "sources.yaml":
+            raise KeyboardInterrupt
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", stopped_at_sources)
+    try:
+        write_corpus(tmp_path, SynthConfig(num_images=2, width=96, height=80))
+    except KeyboardInterrupt:
+        pass
+    assert (tmp_path / "classes.txt").is_file() and not (tmp_path / "synth.json").exists()
+    monkeypatch.undo()
+    write_corpus(tmp_path, SynthConfig(num_images=2, width=96, height=80))
+    assert (tmp_path / "sources.yaml").is_file() and (tmp_path / "synth.json").is_file()
