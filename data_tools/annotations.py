@@ -22,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_tools.files import is_entry_to_read
 from data_tools.issues import issue as data_issue
 from data_tools.sources import IMAGE_EXTENSIONS
 from data_tools.walk import walk_matching
@@ -210,11 +211,11 @@ def _annotation_files(fmt: str, folder: str, suffix: str = "", nested: bool = Fa
 
     if not nested:
         return [(stem(n), os.path.join(folder, n)) for n in sorted(os.listdir(folder))
-                if _is_annotation_file(fmt, n, suffix)]
+                if _is_annotation_file(fmt, n, suffix) and is_entry_to_read(os.path.join(folder, n))]
     out = []  # linked sequence folders are read as the frames' are (walk_matching: each folder once)
     for rel in walk_matching(folder, ["**/*"]).files:
         here, name = os.path.split(rel)
-        if _is_annotation_file(fmt, name, suffix):
+        if _is_annotation_file(fmt, name, suffix) and is_entry_to_read(os.path.join(folder, rel)):
             out.append((f"{here}/{stem(name)}" if here else stem(name), os.path.join(folder, rel)))
     return out
 

@@ -33,6 +33,13 @@ def storage_problem(e: OSError) -> str | None:
     return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
 
 
+def is_entry_to_read(path: str | Path) -> bool:
+    """Whether a folder entry named like a frame or an annotation file is one to read: a regular file,
+    or a link to nothing (its read is then a named skip). A folder, FIFO or device so named is not:
+    reading a FIFO would wait until something writes to it."""
+    return os.path.isfile(path) or not os.path.exists(path)
+
+
 def atomic_write(path: str | Path, write: Callable[[IO], object], binary: bool = False) -> None:
     """``write(file)`` to a temporary name, made durable, then renamed: readers see old or new, never half."""
     tmp = f"{path}.tmp"

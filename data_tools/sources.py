@@ -18,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from data_tools.config import schema_problems, yaml_problem
-from data_tools.files import file_not_folder, folder_kind, folders_below
+from data_tools.files import file_not_folder, folder_kind, folders_below, is_entry_to_read
 from data_tools.schema import DEFAULT_GLOBS, SourceBoxesSchema, SourceMasksSchema, SourceSchema, number_as_text
 from data_tools.walk import walk_matching
 
@@ -216,9 +216,7 @@ def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
     for rel in walk.files:
         name = rel.lower()
         kind = files if name.endswith(IMAGE_EXTENSIONS) else videos if name.endswith(VIDEO_EXTENSIONS) else None
-        # one stat, only for the files it keeps: a link to nothing stays (its read is a named skip), a
-        # FIFO or device named like an image does not (reading it would block)
-        if kind is not None and (os.path.isfile(root / rel) or not os.path.exists(root / rel)):
+        if kind is not None and is_entry_to_read(root / rel):  # one stat, only for the files it keeps
             kind.add(rel)
     if not files:
         if videos:

@@ -1,5 +1,6 @@
 """Refusals of the smaller commands and helpers: each names what is wrong."""
 import argparse
+import contextlib
 import errno
 import os
 
@@ -592,3 +593,57 @@ def test_a_command_run_outside_the_main_thread_sets_no_signal_handlers():
     worker.start()
     worker.join()
     assert results == [7]
+
+
+def test_a_fifo_or_folder_named_like_a_frame_or_label_file_is_not_read(tmp_path):
+    """A FIFO named like a frame or a label file made building a fine-tuning split wait forever (its
+    read waits for a writer); it is not a file to read, as the shard builder already held: its
+    frame is counted as one whose partner or label is missing. A folder so named is not a frame."""
+    import threading
+
+    from data_tools.annotations import read_annotations
+    from finetune.factory import det_dataset, seg_dataset
+
+    write_corpus(tmp_path, SynthConfig(num_images=6, width=96, height=80))
+    names = sorted(p.stem for p in (tmp_path / "ir").glob("*.png"))
+    (tmp_path / "ir" / f"{names[1]}.png").unlink()
+    os.mkfifo(tmp_path / "ir" / f"{names[1]}.png")
+    (tmp_path / "labels" / f"{names[2]}.txt").unlink()
+    os.mkfifo(tmp_path / "labels" / f"{names[2]}.txt")
+    (tmp_path / "masks" / f"{names[3]}.png").unlink()
+    os.mkfifo(tmp_path / "masks" / f"{names[3]}.png")
+    (tmp_path / "vi" / "folder.png").mkdir()
+    fifos = [tmp_path / "ir" / f"{names[1]}.png", tmp_path / "labels" / f"{names[2]}.txt",
+             tmp_path / "masks" / f"{names[3]}.png"]
+    split = ["data.train_split=null", "data.val_split=null"]
+    det_cfg = load_config(CONFIG_DIR / "finetune" / "det_tiny.yaml",
+                          [f"data.root={tmp_path}", "data.boxes.path=labels", *split])
+    seg_cfg = load_config(CONFIG_DIR / "finetune" / "seg_tiny.yaml", [f"data.root={tmp_path}", *split])
+    built = {}
+
+    def build():
+        built["det"] = det_dataset(det_cfg, "train")
+        built["seg"] = seg_dataset(seg_cfg, "train")
+        built["nested"] = read_annotations("yolo", str(tmp_path / "labels"), classes=("person", "car"), nested=True)
+
+    worker = threading.Thread(target=build, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    waited = worker.is_alive()
+    for _ in range(200):  # a read waiting on a FIFO: let it go (a writer that closes at once), so the test ends
+        if not worker.is_alive():
+            break
+        for fifo in fifos:
+            with contextlib.suppress(OSError):  # ENXIO: nothing reads it
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout=0.05)
+    assert not waited, "building the splits waited on a FIFO"
+    (det, det_issues, _), (seg, seg_issues, _) = built["det"], built["seg"]
+    assert sorted((i["name"], i["reason"]) for i in det_issues) == [(names[1], "label_without_image"),
+                                                                   (names[1], "missing_partner")]
+    assert sorted((i["name"], i["reason"]) for i in seg_issues) == [(names[1], "missing_partner"),
+                                                                   (names[3], "missing_label")]
+    # a detection frame without a label file has no objects (YOLO's rule): the FIFO is read as that
+    assert len(det) == 5 and [len(r.boxes) for r in det.records if r.pair.name == names[2]] == [0]
+    assert len(seg) == 4 and "folder" not in [r.name for r in seg.records]
+    assert built["nested"].stems() == set(names) - {names[2]}  # labels in per-sequence folders: the same rule

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools.annotations import ISSUE_REASONS, UNNAMED_COCO_CATEGORY
-from data_tools.files import file_not_folder
+from data_tools.files import file_not_folder, is_entry_to_read
 from data_tools.issues import count_by_reason
 from data_tools.issues import issue as data_issue
 from data_tools.sources import IMAGE_EXTENSIONS, nested_images_note
@@ -62,12 +62,12 @@ def issue(name: str, reason: str, detail: str = "") -> dict:
 
 
 def list_images(folder: Path, suffix: str = "") -> dict[str, str]:
-    """stem (without ``suffix``) -> path for the image files of a folder."""
+    """stem (without ``suffix``) -> path for the image files of a folder (not a folder or FIFO so named)."""
     if not folder.is_dir():
         raise FileNotFoundError(file_not_folder(folder) or f"{folder}: no such folder")
     out = {}
     for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem.endswith(suffix):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem.endswith(suffix) and is_entry_to_read(p):
             out[p.stem[: len(p.stem) - len(suffix)] if suffix else p.stem] = str(p)
     return out
 
