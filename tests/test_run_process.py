@@ -306,3 +306,32 @@ def test_the_training_commands_hand_the_engine_their_run_directory_and_flags(com
     assert [(k["task"].name, k["task"].config_name, k["eval_only"], d, o) for k, d, o in handed] == [
         (task, config, False, run_dir, False), (task, config, False, run_dir, True),
         (task, config, True, run_dir, False)]
+
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "DONE"])
+def test_a_full_disk_as_a_run_ends_leaves_no_half_written_result(name, pairs, tmp_path, monkeypatch):
+    """metrics.json and DONE (by which run.sh takes a run for finished, and which the summaries read) are
+    written whole or not at all: a full disk while either is written leaves no half file, and the same
+    command then evaluates the saved last step again, without training, and writes both."""
+    import errno
+
+    run_dir = tmp_path / "run"
+    fsync = os.fsync
+
+    def full_at(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(f"/{name}.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", full_at)
+        with pytest.raises(OSError, match="No space left"):
+            _run(run_dir, pairs, "train.steps=2")
+    assert not (run_dir / "DONE").exists() and not (run_dir / f"{name}.tmp").exists()
+    assert (run_dir / "metrics.json").exists() == (name == "DONE")
+    task = CountingSegTask()
+    assert _run(run_dir, pairs, "train.steps=2", task=task) is True
+    assert (task.forwards, task.evaluations) == (0, 1)
+    assert json.loads((run_dir / "DONE").read_text())["steps"] == 2
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 2

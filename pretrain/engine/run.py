@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from data_tools.config import check_config, config_hash
+from data_tools.files import atomic_write_text
 from pretrain.engine.batching import (Batching, fit_positions_to_stream_order, fit_positions_to_workers,
                                       fit_state_to_batching, fit_state_to_plan, resolve_batching)
 from pretrain.engine.checkpoint import Checkpointer, ResumeError
@@ -160,7 +161,8 @@ def _finish(task: Task, model, cfg, where: Process, state: dict, evaluation: Eva
         done["best"] = state["best"]
     if metrics is not None:
         metrics.update(task=task.name, steps=state["step"], processes=where.world)
-        (where.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (where.run_dir / "DONE").write_text(json.dumps(done))
+        atomic_write_text(where.run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    # whole or not there (run.sh and rerun take the run for finished by it; summaries read it)
+    atomic_write_text(where.run_dir / "DONE", json.dumps(done))
     print(task.result_line(metrics, state["step"], where), flush=True)
     return True
