@@ -303,8 +303,7 @@ stage_pretrain() {
 stage_export() {
   need "$OUT/pretrain/DONE" pretrain
   # the JSON is written last (each file whole, by a rename): an export stopped between the two is redone
-  if [[ -f "$OUT/backbone.pth" && "$OUT/backbone.pth" -nt "$OUT/pretrain/DONE" && -f "$OUT/backbone.json" \
-        && "$OUT/backbone.json" -nt "$OUT/pretrain/DONE" ]]; then
+  if [[ -f "$OUT/backbone.pth" && "$OUT/backbone.json" -nt "$OUT/pretrain/DONE" ]]; then
     say "export: $OUT/backbone.pth is up to date"; return 0
   fi
   say "export: encoder + PAD adapters -> $OUT/backbone.pth"
