@@ -35,7 +35,7 @@ from data_tools.annotations import (ISSUE_REASONS, AnnotationSet, BoxRecord, ass
 from data_tools.config import (check_config, config_changes, config_hash, earlier_version_of, save_resolved,
                                to_container)
 from data_tools.imageio import (SKIP_REASONS, SkipSample, crop_border, label_map_values, mask_foreground, read_frame,
-                               read_mask)
+                               read_mask, write_png)
 from data_tools.manifest import MANIFEST, read_manifest
 from data_tools.overlay import OverlayFinding, find_source_overlay, overlay_message
 from data_tools.proposals import ProposalConfig, compute_proposals, method_input_files, unique_boxes
@@ -437,7 +437,7 @@ def source_overlays(sources: list[Source], discoveries: dict, cfg: dict, out: Pa
         finding = found[s.name] = find_source_overlay(s, discoveries[s.name].items)
         picture = out / overlay_picture(s.name)
         if finding.mask is not None:
-            cv2.imwrite(str(picture), finding.mask * 255)
+            write_png(picture, finding.mask * 255)
         message = overlay_message(s.name, finding, picture)
         if message:
             print(message, file=sys.stderr)

@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_tools.files import atomic_write
+
 # Every reason a frame can be skipped, with the meaning written into the manifest's docs.
 SKIP_REASONS = {
     "unreadable": "the file could not be opened or read (permissions, I/O error)",
@@ -235,3 +237,11 @@ def encode_png(image: np.ndarray, compression: int = 3) -> bytes:
     if not ok:
         raise ValueError("PNG encoding failed")
     return buf.tobytes()
+
+
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """``image`` (grey or BGR, 8- or 16-bit) as a PNG file, whole or not at all. Not cv2.imwrite: on a
+    full disk it returns False, which a caller easily drops, and leaves half a file."""
+    data = encode_png(image)
+    atomic_write(path, lambda f: f.write(data), binary=True)
+    return Path(path)

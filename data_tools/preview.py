@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_tools.imageio import write_png
 from data_tools.manifest import read_manifest
 from data_tools.shards import decode_sample, iter_shard
 from data_tools.transforms import RoICropConfig, object_sensitive_crop, to_uint8
@@ -62,5 +63,4 @@ def write_grid(tiles: list[np.ndarray], columns: int, out_png: str | Path) -> Pa
     rows = [np.concatenate(tiles[i : i + columns], axis=1) for i in range(0, len(tiles), columns)]
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out_png), np.concatenate(rows, axis=0))
-    return out_png
+    return write_png(out_png, np.concatenate(rows, axis=0))

@@ -23,7 +23,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.files import sha256_file
+from data_tools.files import atomic_write_text, sha256_file
+from data_tools.imageio import write_png
 from data_tools.preview import display_bgr, write_grid
 from data_tools.overlay import find_source_overlay, overlay_message
 from data_tools.proposals import (
@@ -269,7 +270,7 @@ def plot_recall_curves(summaries: list[dict], path: Path, cap: int) -> None:
         cv2.putText(canvas, s["method"], (w - right - 210, h - bottom - 20 - 20 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
                     colour, 2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), canvas)
+    write_png(path, canvas)
 
 
 def missed_tile(image: np.ndarray, miss: dict, height: int = 160) -> np.ndarray:
@@ -368,7 +369,7 @@ def run(sources, base: ProposalConfig, methods: list[str], out: Path | None, min
             s[name] = {"path": path, "sha256": sha256_file(path)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "proposals_eval.json").write_text(json.dumps(summaries, indent=1))
+        atomic_write_text(out / "proposals_eval.json", json.dumps(summaries, indent=1))
         plot_recall_curves(summaries, out / "recall_vs_proposals.png", base.max_proposals)
         write_missed_sheets(results, out)
     return summaries

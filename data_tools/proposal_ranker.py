@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from data_tools.files import atomic_write_text
 from data_tools.proposals import (
     ProposalConfig,
     box_iou,
@@ -244,7 +245,7 @@ def _candidate_settings(cfg: ProposalConfig) -> dict:
 def save_ranker(ranker: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ranker, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(ranker, indent=1) + "\n")
 
 
 class Ranker:

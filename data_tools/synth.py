@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from data_tools.files import atomic_write_text
+from data_tools.imageio import write_png
 
 SEG_CLASSES = ("background", "road", "person", "car")  # mask values 0..3
 BOX_CLASSES = ("person", "car")  # YOLO class ids 0, 1
@@ -160,9 +161,9 @@ def write_corpus(out_dir: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
         scene = render_scene(cfg, i)
         name = f"{i:05d}{'N' if scene['night'] else 'D'}"
         names.append(name)
-        cv2.imwrite(str(out / "ir" / f"{name}.png"), scene["ir"])
-        cv2.imwrite(str(out / "vi" / f"{name}.png"), cv2.cvtColor(scene["vi"], cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(out / "masks" / f"{name}.png"), scene["mask"])
+        write_png(out / "ir" / f"{name}.png", scene["ir"])
+        write_png(out / "vi" / f"{name}.png", cv2.cvtColor(scene["vi"], cv2.COLOR_RGB2BGR))
+        write_png(out / "masks" / f"{name}.png", scene["mask"])
         lines = [f"{c} {(x + bw / 2) / cfg.width:.6f} {(y + bh / 2) / cfg.height:.6f} "
                  f"{bw / cfg.width:.6f} {bh / cfg.height:.6f}" for c, x, y, bw, bh in scene["boxes"]]
         (out / "labels" / f"{name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))

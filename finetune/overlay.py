@@ -6,6 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_tools.imageio import write_png
 from data_tools.transforms import stretch_to_uint8
 
 
@@ -48,7 +49,7 @@ def _title(img: np.ndarray, text: str) -> np.ndarray:
 
 def _save(path: Path, rows: list[np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
+    write_png(path, cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
 
 
 def write_seg_overlay(path: Path, sample: dict, pred: np.ndarray, label: np.ndarray | None, ignore: int) -> None:

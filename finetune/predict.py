@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
+from data_tools.files import atomic_write_text
+from data_tools.imageio import write_png
 from data_tools.sources import nested_images_note
 from finetune.coco_eval import coco_results
 from finetune.data.pairs import PairRecord, discover, name_suffix, summarise_issues
@@ -131,7 +132,7 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
         else:
             mask = pred.cpu().numpy().astype(np.uint8 if len(classes) <= 256 else np.uint16)
             (out / "masks").mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(out / "masks" / f"{record.name}.png"), mask)
+            write_png(out / "masks" / f"{record.name}.png", mask)
             if overlay:
                 write_seg_overlay(overlay, sample, mask, None, int(cfg.data.ignore_index))
         predicted.append(record.name)
@@ -139,10 +140,10 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     if detection:
         for k, d in enumerate(detections, 1):
             d["id"] = k
-        (out / "detections.json").write_text(json.dumps({
+        atomic_write_text(out / "detections.json", json.dumps({
             "images": images, "annotations": detections,
             "categories": [{"id": i + 1, "name": name} for i, name in enumerate(classes)]}))
     report = summarise_issues("predict", found, len(predicted), issues)
     report.update(run_dir=str(run_dir), checkpoint=tag, task=task.name, classes=classes, frames=predicted)
-    (out / "predict_report.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(out / "predict_report.json", json.dumps(report, indent=1))
     return report

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import torch
 
+from data_tools.imageio import write_png
 from data_tools.shards import SampleDecodeError, decode_for_training, iter_shard
 from data_tools.transforms import IntensityConfig, normalize_ir, stretch_to_uint8, to_unit_intensity
 from pretrain.models.mae import patchify, unpatchify
@@ -74,5 +75,4 @@ def reconstruction_grid(model, images: torch.Tensor, seed: int = 0) -> np.ndarra
 
 def write_preview(model, images: torch.Tensor, path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), reconstruction_grid(model, images, seed))
-    return path
+    return write_png(path, reconstruction_grid(model, images, seed))

@@ -137,6 +137,21 @@ def folder_locked_by_another_process(folder: Path):
         holder.wait()
 
 
+def disk_full_when_saving(monkeypatch, path_end: str):
+    """Make every durable write of a file whose temporary name ends with ``path_end`` fail as on a full
+    disk (our atomic writes fsync before their rename: where a full disk shows at the latest)."""
+    import errno
+
+    fsync = os.fsync
+
+    def full_at(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(path_end):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_at)
+
+
 def run_finetune_cli(task: str, run_dir, config, *overrides: str, nproc: int = 0, eval_only: bool = False,
                      env_extra: dict | None = None, wait: bool = True):
     """``python -m finetune TASK`` in a subprocess (nproc > 0: under torchrun with nproc gloo

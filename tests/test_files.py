@@ -5,9 +5,11 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import pytest
 
 from data_tools import files
+from tests.conftest import disk_full_when_saving
 
 
 def test_a_log_reads_back_its_records_and_its_torn_last_line(tmp_path):
@@ -38,6 +40,25 @@ def test_checksums_and_atomic_writes(tmp_path):
     files.atomic_write_text(tmp_path / "latest", "step00000002")
     files.atomic_write_text(tmp_path / "latest", "step00000004")
     assert (tmp_path / "latest").read_text() == "step00000004" and sorted(os.listdir(tmp_path)) == ["big", "latest"]
+
+
+def test_a_png_is_written_exactly_and_a_full_disk_raises_leaving_the_earlier_file(tmp_path, monkeypatch):
+    import cv2
+
+    from data_tools.imageio import write_png
+
+    rng = np.random.default_rng(0)
+    for image in (rng.integers(0, 256, (9, 7), dtype=np.uint8), rng.integers(0, 65536, (9, 7), dtype=np.uint16),
+                  rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)):
+        write_png(tmp_path / "a.png", image)
+        read = cv2.imread(str(tmp_path / "a.png"), cv2.IMREAD_UNCHANGED)
+        assert read.dtype == image.dtype and np.array_equal(read, image)
+    # cv2.imwrite says a full disk only by returning False: here it raises, and nothing half-written is left
+    disk_full_when_saving(monkeypatch, "/a.png.tmp")
+    with pytest.raises(OSError, match="No space left"):
+        write_png(tmp_path / "a.png", np.zeros((9, 7), np.uint8))
+    assert sorted(os.listdir(tmp_path)) == ["a.png"]
+    assert np.array_equal(cv2.imread(str(tmp_path / "a.png"), cv2.IMREAD_UNCHANGED), image)
 
 
 def test_a_storage_error_is_said_as_one_and_any_other_is_not():

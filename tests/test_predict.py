@@ -2,6 +2,7 @@
 own evaluation computed on the same frames (segmentation: the confusion matrix; detection: the
 detections), and names the frames it could not use."""
 import json
+import os
 import shutil
 
 import cv2
@@ -13,7 +14,7 @@ from data_tools.imageio import read_label_map
 from data_tools.synth import SynthConfig, write_corpus
 from finetune.cli import main as finetune_main
 from finetune.metrics import confusion_matrix
-from tests.conftest import run_finetune_cli
+from tests.conftest import disk_full_when_saving, run_finetune_cli
 
 SEG = str(CONFIG_DIR / "finetune" / "seg_tiny.yaml")
 DET = str(CONFIG_DIR / "finetune" / "det_tiny.yaml")
@@ -34,7 +35,7 @@ def _trained(task, run_dir, config, *overrides):
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys):
+def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys, monkeypatch):
     import torch
 
     metrics = _trained("seg", tmp_path / "run", SEG, f"data.root={pairs}", "model.encoder.img_size=[64,80]")
@@ -58,6 +59,13 @@ def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys
     assert len(list((out / "overlays").glob("*.png"))) == 2
     report = json.loads((out / "predict_report.json").read_text())
     assert report["frames"] == names and report["checkpoint"] == "step00000004" and report["left_out"] == 0
+    # a full disk while the masks are written (cv2.imwrite said it only by returning False): one line, no report
+    with monkeypatch.context() as m:
+        disk_full_when_saving(m, ".png.tmp")
+        assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
+                              "--out", str(tmp_path / "pred_full"), "--overlays", "0"]) == 2
+    assert "error: a write failed (No space left on device" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "pred_full").rglob("*")] == ["masks"]
 
     # MFNet's packed 4-channel images (BGR + thermal as OpenCV writes them) give the same masks
     packed = tmp_path / "packed"
@@ -158,7 +166,7 @@ def test_one_folder_of_both_modalities_pairs_by_the_runs_name_suffixes(pairs, tm
     assert "ir files ending in '_PreviewData' or vi files ending in '_RGB'" in capsys.readouterr().err
 
 
-def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys):
+def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys, monkeypatch):
     # 4 steps from random init score every box low: keep them all, so that there is something to compare.
     # The 128x160 frames fit the 96x128 input at 0.75: boxes are mapped back to the frames' pixels.
     _trained("det", tmp_path / "run", DET, f"data.root={pairs}", f"data.boxes.path={pairs / 'labels'}",
@@ -193,6 +201,12 @@ def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys):
     assert "6 of 6 frames predicted with best of" in capsys.readouterr().out
     assert json.loads((tmp_path / "pred_best" / "predict_report.json").read_text())["checkpoint"] == "best"
     assert not (tmp_path / "pred_best" / "overlays").exists()
+    # a full disk while the detections are written: said in one line, no half file, no report
+    disk_full_when_saving(monkeypatch, "/detections.json.tmp")
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
+                          "--out", str(tmp_path / "pred_full"), "--overlays", "0"]) == 2
+    assert "error: a write failed (No space left on device" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "pred_full") == []
 
 
 def test_ctrl_c_during_predict_is_one_line(tmp_path, monkeypatch, capsys):

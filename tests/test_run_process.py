@@ -26,7 +26,7 @@ from pretrain.engine.health import NONFINITE_FAULT_ENV
 from pretrain.engine.optim import group_layout
 from pretrain.engine.run import _run_process
 from pretrain.engine.task import TrainingPlan
-from tests.conftest import tiny_pad_export
+from tests.conftest import disk_full_when_saving, tiny_pad_export
 
 FRAMES = 6
 
@@ -314,18 +314,9 @@ def test_a_full_disk_as_a_run_ends_leaves_no_half_written_result(name, pairs, tm
     """metrics.json and DONE (by which run.sh takes a run for finished, and which the summaries read) are
     written whole or not at all: a full disk while either is written leaves no half file, and the same
     command then evaluates the saved last step again, without training, and writes both."""
-    import errno
-
     run_dir = tmp_path / "run"
-    fsync = os.fsync
-
-    def full_at(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(f"/{name}.tmp"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        fsync(fd)
-
     with monkeypatch.context() as m:
-        m.setattr(os, "fsync", full_at)
+        disk_full_when_saving(m, f"/{name}.tmp")
         with pytest.raises(OSError, match="No space left"):
             _run(run_dir, pairs, "train.steps=2")
     assert not (run_dir / "DONE").exists() and not (run_dir / f"{name}.tmp").exists()
