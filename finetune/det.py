@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from data_tools.files import atomic_write_text
 from finetune.factory import build_detector, det_dataset
 from finetune.data.eval_frames import rank_frames
 from finetune.runner import FinetuneTask
@@ -69,7 +70,7 @@ class DetTask(FinetuneTask):
         metrics = coco_metrics(coco_ground_truth(frames, names), results)
         metrics["frames"] = len(frames)
         if rank == 0:
-            (run_dir / "predictions.json").write_text(json.dumps(results))
+            atomic_write_text(run_dir / "predictions.json", json.dumps(results))
         return metrics
 
     @staticmethod

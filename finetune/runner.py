@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from data_tools.config import as_the_run_began
+from data_tools.files import atomic_write_text
 from finetune.data.pairs import unknown_classes_note, write_report
 from finetune.data.stream import MapBatchStream
 from finetune.factory import intensity_rule_mismatch, parameter_report
@@ -69,7 +70,7 @@ class FinetuneTask(Task):
             print(model.backbone.load_report.summary(), flush=True)
         if (mismatch := intensity_rule_mismatch(cfg)) is not None:
             print(mismatch, file=sys.stderr, flush=True)
-        (where.run_dir / "params.json").write_text(json.dumps(self.report, indent=1))
+        atomic_write_text(where.run_dir / "params.json", json.dumps(self.report, indent=1))
         r = self.report
         print(f"{self.name} {cfg.model.method}: {r['trainable_backbone']:,} of {r['backbone_total']:,} backbone "
               f"parameters train ({100 * r['trainable_backbone_share']:.2f}%), head {r['trainable_head']:,}",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools.annotations import ISSUE_REASONS, UNNAMED_COCO_CATEGORY
-from data_tools.files import file_not_folder, is_entry_to_read
+from data_tools.files import atomic_write_text, file_not_folder, is_entry_to_read
 from data_tools.issues import count_by_reason
 from data_tools.issues import issue as data_issue
 from data_tools.sources import IMAGE_EXTENSIONS, nested_images_note
@@ -246,5 +246,5 @@ def write_report(path: Path, split_name: str, found: int, used: int, issues: lis
     """:func:`summarise_issues`, written to ``path``."""
     report = summarise_issues(split_name, found, used, issues)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
+    atomic_write_text(path, json.dumps(report, indent=1))
     return report
