@@ -43,7 +43,7 @@ from data_tools.schema import BuildConfig
 from data_tools.command import STOP_SIGNALS, Interrupted
 from data_tools.files import atomic_write_text, sha256_file, storage_problem
 from data_tools.shards import ENCODINGS, ShardFile, encode_image, encode_sample, sample_key, tar_bytes
-from data_tools.sources import Source, check_roots, discover
+from data_tools.sources import Source, check_roots, discover, visible_left_out_text
 
 SAMPLE_FRAME_FORMAT = {
     "png": "the frame, lossless PNG, one channel, uint8 or uint16 exactly as read",
@@ -349,7 +349,8 @@ def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[So
                               "colour_converted": 0, "annotation_issues": 0, "videos_not_read": len(d.videos),
                               "held_by_earlier_sources": dict(d.held_earlier),
                               "links_not_followed": len(d.links_not_followed),
-                              "unreadable_folders": len(d.unreadable_folders)}
+                              "unreadable_folders": len(d.unreadable_folders),
+                              "visible_left_out": dict(d.visible_left_out)}
         if s.name in overlays:
             per_source[s.name]["overlay"] = overlays[s.name].describe()
     skipped, colour, issues, shards = [], [], list(orphan_issues), []
@@ -489,6 +490,10 @@ def discover_corpus(sources: list[Source], out: Path) -> Corpus:
         for other, n in d.held_earlier.items():
             print(f"warning: source '{s.name}': {n} frame(s) left out, source '{other}' already holds them "
                   "(overlapping roots or links to the same files): a frame enters the corpus once", file=sys.stderr)
+        if d.visible_left_out:  # an infrared-visible dataset's root given: its visible frames are not infrared
+            print(f"note: source '{s.name}': {visible_left_out_text(d.visible_left_out)} left out, the visible "
+                  "half of an infrared-visible dataset (a folder named for the visible modality beside one named "
+                  "for infrared); to read a visible folder anyway, make it a source's root", file=sys.stderr)
         if d.videos:  # beside its frames: not read, so said (and counted in the manifest)
             print(f"warning: source '{s.name}': {len(d.videos)} video file(s) not read (e.g. {d.videos[0]}): "
                   "the builder reads frames; extract them into folders to include them", file=sys.stderr)

@@ -83,12 +83,75 @@ class Item:
 @dataclass
 class Discovery:
     items: list[Item] = field(default_factory=list)
-    matched: int = 0  # files matching the globs, before the stride
+    matched: int = 0  # files matching the globs (outside visible halves), before the stride
     all_rel: list[str] = field(default_factory=list)  # every matched file (annotations match these)
     videos: list[str] = field(default_factory=list)  # matched recordings, not read (VIDEO_EXTENSIONS)
     held_earlier: dict[str, int] = field(default_factory=dict)  # frames an earlier source holds, by source
     links_not_followed: list[str] = field(default_factory=list)  # linked folders already read (loops, aliases)
     unreadable_folders: list[str] = field(default_factory=list)  # folders that could not be listed
+    visible_left_out: dict[str, int] = field(default_factory=dict)  # visible halves of pairs: folder -> frames
+
+
+# Folder names of the two halves of an infrared-visible dataset as they ship (MSRS ir / vi, M3FD Ir / Vis,
+# LLVIP and LasHeR infrared / visible, KAIST lwir / visible, FLIR thermal_8_bit / RGB, PST900 thermal /
+# rgb, RoadScene cropinfrared / crop_HR_visible): whole words, or the long words anywhere in the name.
+VISIBLE_WORDS = frozenset({"vi", "vis", "visible", "rgb", "color", "colour", "optical", "visual"})
+INFRARED_WORDS = frozenset({"ir", "lwir", "mwir", "tir", "thermal", "infrared"})
+
+
+def folder_modality(name: str) -> str | None:
+    """'visible' or 'infrared' for a folder named for one modality of a pair, else None (both or neither)."""
+    low = name.lower()
+    words = set(re.findall(r"[a-z]+", low))
+    visible = bool(words & VISIBLE_WORDS) or "visible" in low
+    infrared = bool(words & INFRARED_WORDS) or "infrared" in low or "thermal" in low
+    return "visible" if visible and not infrared else "infrared" if infrared and not visible else None
+
+
+def _folders_above(rel: str) -> list[str]:
+    """``a/b/c.png`` -> ``['a', 'a/b']``: the folders holding a file, outermost first."""
+    parts = rel.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def visible_halves(files) -> set[str]:
+    """The folders among ``files``' (paths relative to a source's root) named for the visible modality
+    beside a sibling named for infrared: the visible half of an infrared-visible dataset, whose frames
+    are not infrared frames. A root named for either is no sibling of anything: a source rooted at a
+    visible folder reads it."""
+    folders = {folder for rel in files for folder in _folders_above(rel)}
+    by_parent: dict[str, list[str]] = {}
+    for folder in folders:
+        parent, _, name = folder.rpartition("/")
+        by_parent.setdefault(parent, []).append(name)
+    halves = set()
+    for parent, names in by_parent.items():
+        kinds = {name: folder_modality(name) for name in names}
+        if "infrared" in kinds.values():
+            halves.update(f"{parent}/{n}" if parent else n for n, kind in kinds.items() if kind == "visible")
+    return halves
+
+
+def _outside_visible_halves(files: set[str]) -> tuple[set[str], dict[str, int]]:
+    """``files`` without those under a visible half (:func:`visible_halves`), and how many each held."""
+    halves = visible_halves(files)
+    if not halves:
+        return files, {}
+    left: dict[str, int] = {}
+    kept = set()
+    for rel in files:
+        half = next((folder for folder in _folders_above(rel) if folder in halves), None)
+        if half is None:
+            kept.add(rel)
+        else:
+            left[half] = left.get(half, 0) + 1
+    return kept, dict(sorted(left.items()))
+
+
+def visible_left_out_text(left_out: dict[str, int]) -> str:
+    """``{'vi': 20}`` -> ``20 frame(s) under vi/`` (the first three folders named)."""
+    folders = ", ".join(f"{folder}/" for folder in list(left_out)[:3]) + (", ..." if len(left_out) > 3 else "")
+    return f"{sum(left_out.values()):,} frame(s) under {folders}"
 
 
 def natural_key(text: str) -> list:
@@ -218,6 +281,7 @@ def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
         kind = files if name.endswith(IMAGE_EXTENSIONS) else videos if name.endswith(VIDEO_EXTENSIONS) else None
         if kind is not None and is_entry_to_read(root / rel):  # one stat, only for the files it keeps
             kind.add(rel)
+    files, visible_left_out = _outside_visible_halves(files)
     if not files:
         if videos:
             first = min(videos)
@@ -237,7 +301,8 @@ def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
     for rel in files:
         by_folder.setdefault(os.path.dirname(rel) or ".", []).append(rel)
     out = Discovery(matched=len(files), all_rel=sorted(files), videos=sorted(videos),
-                    links_not_followed=walk.links_not_followed, unreadable_folders=walk.unreadable_folders)
+                    links_not_followed=walk.links_not_followed, unreadable_folders=walk.unreadable_folders,
+                    visible_left_out=visible_left_out)
     for folder in sorted(by_folder, key=key):
         frames = sorted(by_folder[folder], key=lambda r: key(os.path.basename(r)))
         for index in range(0, len(frames), source.stride):

@@ -189,6 +189,54 @@ def test_video_recordings_are_named_and_counted_never_passed_over(tmp_path, caps
     assert manifest["sources"]["cam"]["videos_not_read"] == 2 and manifest["sources"]["cam"]["written"] == 3
 
 
+def test_the_visible_half_of_an_infrared_visible_dataset_is_left_out_and_counted(tmp_path, capsys):
+    """A dataset's root given as one folder (run.sh --data DIR): its visible frames, grey ones included, are
+    not infrared frames. Told by the folder's name beside an infrared-named sibling, said and counted."""
+    root = tmp_path / "dataset"
+    frames = ["ir/0001.png", "ir/0002.png", "vi/0001.png", "vi/0002.png",  # MSRS
+              "set00/V000/lwir/I00000.png", "set00/V000/visible/I00000.png", "set00/V000/visible/I00001.png",  # KAIST
+              "drone/rgb/x.png"]  # no infrared-named sibling: read
+    for i, rel in enumerate(frames):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_png(_scene(seed=i)))
+    out = tmp_path / "o"
+    assert cli_main(["build", "--source", f"ds={root}", "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert ("note: source 'ds': 4 frame(s) under set00/V000/visible/, vi/ left out, the visible half of an "
+            "infrared-visible dataset") in said.err
+    assert "found 4 (of 4 matched), written 4, skipped 0 (none), 4 frame(s) under set00/V000/visible/, vi/ left out " \
+           "(visible)" in said.out
+    per = json.loads((out / "manifest.json").read_text())["sources"]["ds"]
+    assert per["visible_left_out"] == {"set00/V000/visible": 2, "vi": 2} and per["written"] == 4
+    stored = sorted(decode_sample(members)[2]["path"] for shard in sorted(out.glob("*.tar"))
+                    for _, members in iter_shard(str(shard)))
+    assert stored == ["drone/rgb/x.png", "ir/0001.png", "ir/0002.png", "set00/V000/lwir/I00000.png"]
+    # boxes named by the frame's stem belong to the infrared frame alone (with its visible twin read too,
+    # they could be either's, and were given to neither)
+    from data_tools.build import annotations_for_source
+
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "0001.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    boxed = source_from_dict({"name": "ds", "root": str(root), "boxes": {
+        "format": "yolo", "path": str(tmp_path / "labels"), "classes": ["person"]}}, tmp_path)
+    by_image, issues = annotations_for_source(boxed, discover(boxed))
+    assert list(by_image) == ["ir/0001.png"] and len(by_image["ir/0001.png"][0]) == 1 and issues == []
+    # a source rooted at a visible folder reads it, as asked
+    assert [it.rel for it in discover(Source("vis", str(root / "vi"))).items] == ["0001.png", "0002.png"]
+
+
+@pytest.mark.parametrize("name, modality", [
+    ("ir", "infrared"), ("Ir", "infrared"), ("infrared", "infrared"), ("lwir", "infrared"), ("thermal_8_bit", "infrared"),
+    ("cropinfrared", "infrared"), ("images_thermal_train", "infrared"), ("thermal_raw", "infrared"),
+    ("vi", "visible"), ("Vis", "visible"), ("visible", "visible"), ("RGB", "visible"), ("crop_HR_visible", "visible"),
+    ("images_rgb_train", "visible"),
+    ("rgb_thermal", None), ("RGBT234", None), ("images", None), ("Segmentation_labels", None), ("video", None)])
+def test_folders_are_told_by_the_names_datasets_ship_them_under(name, modality):
+    from data_tools.sources import folder_modality
+
+    assert folder_modality(name) == modality
+
+
 def test_missing_root_is_an_error(tmp_path):
     with pytest.raises(SourceError, match="root folder does not exist") as e:
         discover(Source("gone", str(tmp_path / "gone")))
