@@ -226,8 +226,9 @@ def test_the_visible_half_of_an_infrared_visible_dataset_is_left_out_and_counted
 
 
 @pytest.mark.parametrize("name, modality", [
-    ("ir", "infrared"), ("Ir", "infrared"), ("infrared", "infrared"), ("lwir", "infrared"), ("thermal_8_bit", "infrared"),
-    ("cropinfrared", "infrared"), ("images_thermal_train", "infrared"), ("thermal_raw", "infrared"),
+    ("ir", "infrared"), ("Ir", "infrared"), ("infrared", "infrared"), ("lwir", "infrared"),
+    ("thermal_8_bit", "infrared"), ("cropinfrared", "infrared"), ("images_thermal_train", "infrared"),
+    ("thermal_raw", "infrared"),
     ("vi", "visible"), ("Vis", "visible"), ("visible", "visible"), ("RGB", "visible"), ("crop_HR_visible", "visible"),
     ("images_rgb_train", "visible"),
     ("rgb_thermal", None), ("RGBT234", None), ("images", None), ("Segmentation_labels", None), ("video", None)])
