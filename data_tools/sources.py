@@ -269,7 +269,8 @@ def select_sources(sources: list[Source], names: list[str]) -> list[Source]:
 
 
 def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
-    """The frames of ``source`` (stride applied), outside the folders ``skip``."""
+    """The frames of ``source`` (stride applied), outside the folders ``skip`` and the visible half of
+    an infrared-visible dataset (:func:`visible_halves`, counted in ``visible_left_out``)."""
     root = Path(source.root)
     if problem := _root_problem(root):
         raise SourceError(f"source '{source.name}': root {problem}")
