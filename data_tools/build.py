@@ -350,7 +350,8 @@ def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[So
                               "held_by_earlier_sources": dict(d.held_earlier),
                               "links_not_followed": len(d.links_not_followed),
                               "unreadable_folders": len(d.unreadable_folders),
-                              "visible_left_out": dict(d.visible_left_out)}
+                              "visible_left_out": dict(d.visible_left_out),
+                              "infrared_twins": [{"folders": [a, b], "same_names": n} for a, b, n in d.infrared_twins]}
         if s.name in overlays:
             per_source[s.name]["overlay"] = overlays[s.name].describe()
     skipped, colour, issues, shards = [], [], list(orphan_issues), []
@@ -494,6 +495,10 @@ def discover_corpus(sources: list[Source], out: Path) -> Corpus:
             print(f"note: source '{s.name}': {visible_left_out_text(d.visible_left_out)} left out, the visible "
                   "half of an infrared-visible dataset (a folder named for the visible modality beside one named "
                   "for infrared); to read a visible folder anyway, make it a source's root", file=sys.stderr)
+        for a, b, shared in d.infrared_twins:  # read, both: which copy to keep is the user's choice
+            print(f"warning: source '{s.name}': {a}/ and {b}/ hold {shared:,} frame(s) of the same names: the same "
+                  "frames twice (as FLIR's thermal_8_bit/ and thermal_16_bit/)? Both are read; to keep one, give "
+                  f"the source a glob (glob: \"**/{b.rpartition('/')[2]}/*\") or that folder as its root", file=sys.stderr)
         if d.videos:  # beside its frames: not read, so said (and counted in the manifest)
             print(f"warning: source '{s.name}': {len(d.videos)} video file(s) not read (e.g. {d.videos[0]}): "
                   "the builder reads frames; extract them into folders to include them", file=sys.stderr)

@@ -90,6 +90,7 @@ class Discovery:
     links_not_followed: list[str] = field(default_factory=list)  # linked folders already read (loops, aliases)
     unreadable_folders: list[str] = field(default_factory=list)  # folders that could not be listed
     visible_left_out: dict[str, int] = field(default_factory=dict)  # visible halves of pairs: folder -> frames
+    infrared_twins: list[tuple[str, str, int]] = field(default_factory=list)  # folders, frame names in both
 
 
 # Folder names of the two halves of an infrared-visible dataset as they ship (MSRS ir / vi, M3FD Ir / Vis,
@@ -146,6 +147,28 @@ def _outside_visible_halves(files: set[str]) -> tuple[set[str], dict[str, int]]:
         else:
             left[half] = left.get(half, 0) + 1
     return kept, dict(sorted(left.items()))
+
+
+def infrared_twins(files) -> list[tuple[str, str, int]]:
+    """Sibling folders both named for infrared whose frames mostly share names (at least half of the
+    smaller folder's), with the count shared: the same frames stored twice, as FLIR ADAS ships each
+    frame in ``thermal_8_bit/`` (JPEG) and ``thermal_16_bit/`` (TIFF). Sequences named alike
+    (KAIST's ``V000`` / ``V001``, each from ``I00000``) are not named for infrared and not compared."""
+    stems: dict[str, set[str]] = {}
+    for rel in files:
+        folder, _, name = rel.rpartition("/")
+        if folder and folder_modality(folder.rpartition("/")[2]) == "infrared":
+            stems.setdefault(folder, set()).add(os.path.splitext(name)[0])
+    twins = []
+    folders = sorted(stems)
+    for i, a in enumerate(folders):
+        for b in folders[i + 1:]:
+            if a.rpartition("/")[0] != b.rpartition("/")[0]:
+                continue
+            shared = len(stems[a] & stems[b])
+            if shared and 2 * shared >= min(len(stems[a]), len(stems[b])):
+                twins.append((a, b, shared))
+    return twins
 
 
 def visible_left_out_text(left_out: dict[str, int]) -> str:
@@ -303,7 +326,7 @@ def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
         by_folder.setdefault(os.path.dirname(rel) or ".", []).append(rel)
     out = Discovery(matched=len(files), all_rel=sorted(files), videos=sorted(videos),
                     links_not_followed=walk.links_not_followed, unreadable_folders=walk.unreadable_folders,
-                    visible_left_out=visible_left_out)
+                    visible_left_out=visible_left_out, infrared_twins=infrared_twins(files))
     for folder in sorted(by_folder, key=key):
         frames = sorted(by_folder[folder], key=lambda r: key(os.path.basename(r)))
         for index in range(0, len(frames), source.stride):

@@ -225,6 +225,41 @@ def test_the_visible_half_of_an_infrared_visible_dataset_is_left_out_and_counted
     assert [it.rel for it in discover(Source("vis", str(root / "vi"))).items] == ["0001.png", "0002.png"]
 
 
+def test_the_same_frames_in_two_infrared_folders_are_said_and_a_glob_keeps_one(tmp_path, capsys):
+    """FLIR ADAS ships each frame as thermal_8_bit/*.jpeg and thermal_16_bit/*.tiff (and RGB/*.jpg)."""
+    root = tmp_path / "FLIR_ADAS"
+    for split in ("train", "val"):
+        for i in range(2):
+            frame = _scene(seed=i)
+            for rel, image in ((f"thermal_8_bit/FLIR_{i:05d}.jpeg", frame),
+                               (f"thermal_16_bit/FLIR_{i:05d}.tiff", frame.astype(np.uint16) * 200),
+                               (f"RGB/FLIR_{i:05d}.jpg", cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))):
+                (root / split / rel).parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(root / split / rel), image)
+    out = tmp_path / "o"
+    assert cli_main(["build", "--source", f"flir={root}", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    for split in ("train", "val"):
+        assert (f"warning: source 'flir': {split}/thermal_16_bit/ and {split}/thermal_8_bit/ hold 2 frame(s) of the "
+                'same names: the same frames twice') in err
+    assert err.count('give the source a glob (glob: "**/thermal_8_bit/*")') == 2
+    per = json.loads((out / "manifest.json").read_text())["sources"]["flir"]
+    assert per["infrared_twins"] == [{"folders": [f"{s}/thermal_16_bit", f"{s}/thermal_8_bit"], "same_names": 2}
+                                     for s in ("train", "val")]
+    assert per["written"] == 8 and per["visible_left_out"] == {"train/RGB": 2, "val/RGB": 2}
+    # the glob it suggests keeps one copy of each frame, and nothing is said
+    (tmp_path / "sources.yaml").write_text(f'sources:\n  - name: flir\n    root: {root}\n    glob: "**/thermal_8_bit/*"\n')
+    assert cli_main(["build", "--sources", str(tmp_path / "sources.yaml"), "--out", str(tmp_path / "o2")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "o2" / "manifest.json").read_text())["sources"]["flir"]["written"] == 4
+    # sequences whose frames are named alike (KAIST: every V000, V001 ... from I00000) are not twins
+    # (in an infrared folder each, or holding their frames themselves, as tracking sets do)
+    for sequence in ("V000/lwir", "V001/lwir", "flat/V000", "flat/V001"):
+        (tmp_path / "kaist" / sequence).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "kaist" / sequence / "I00000.png"), _scene())
+    assert discover(Source("kaist", str(tmp_path / "kaist"))).infrared_twins == []
+
+
 @pytest.mark.parametrize("name, modality", [
     ("ir", "infrared"), ("Ir", "infrared"), ("infrared", "infrared"), ("lwir", "infrared"),
     ("thermal_8_bit", "infrared"), ("cropinfrared", "infrared"), ("images_thermal_train", "infrared"),
