@@ -498,7 +498,8 @@ def discover_corpus(sources: list[Source], out: Path) -> Corpus:
         for a, b, shared in d.infrared_twins:  # read, both: which copy to keep is the user's choice
             print(f"warning: source '{s.name}': {a}/ and {b}/ hold {shared:,} frame(s) of the same names: the same "
                   "frames twice (as FLIR's thermal_8_bit/ and thermal_16_bit/)? Both are read; to keep one, give "
-                  f"the source a glob (glob: \"**/{b.rpartition('/')[2]}/*\") or that folder as its root", file=sys.stderr)
+                  f"the source a glob (glob: \"**/{b.rpartition('/')[2]}/*\") or that folder as its root",
+                  file=sys.stderr)
         if d.videos:  # beside its frames: not read, so said (and counted in the manifest)
             print(f"warning: source '{s.name}': {len(d.videos)} video file(s) not read (e.g. {d.videos[0]}): "
                   "the builder reads frames; extract them into folders to include them", file=sys.stderr)

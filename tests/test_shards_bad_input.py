@@ -248,7 +248,8 @@ def test_the_same_frames_in_two_infrared_folders_are_said_and_a_glob_keeps_one(t
                                      for s in ("train", "val")]
     assert per["written"] == 8 and per["visible_left_out"] == {"train/RGB": 2, "val/RGB": 2}
     # the glob it suggests keeps one copy of each frame, and nothing is said
-    (tmp_path / "sources.yaml").write_text(f'sources:\n  - name: flir\n    root: {root}\n    glob: "**/thermal_8_bit/*"\n')
+    (tmp_path / "sources.yaml").write_text(
+        f'sources:\n  - name: flir\n    root: {root}\n    glob: "**/thermal_8_bit/*"\n')
     assert cli_main(["build", "--sources", str(tmp_path / "sources.yaml"), "--out", str(tmp_path / "o2")]) == 0
     assert "warning" not in capsys.readouterr().err
     assert json.loads((tmp_path / "o2" / "manifest.json").read_text())["sources"]["flir"]["written"] == 4
