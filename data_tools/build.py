@@ -43,7 +43,7 @@ from data_tools.schema import BuildConfig
 from data_tools.command import STOP_SIGNALS, Interrupted
 from data_tools.files import atomic_write_text, sha256_file, storage_problem
 from data_tools.shards import ENCODINGS, ShardFile, encode_image, encode_sample, sample_key, tar_bytes
-from data_tools.sources import Source, check_roots, discover, visible_left_out_text
+from data_tools.sources import Source, check_roots, discover, left_out_text
 
 SAMPLE_FRAME_FORMAT = {
     "png": "the frame, lossless PNG, one channel, uint8 or uint16 exactly as read",
@@ -350,7 +350,7 @@ def _write_manifest(out: Path, identity: dict, ident_hash: str, sources: list[So
                               "held_by_earlier_sources": dict(d.held_earlier),
                               "links_not_followed": len(d.links_not_followed),
                               "unreadable_folders": len(d.unreadable_folders),
-                              "visible_left_out": dict(d.visible_left_out),
+                              "other_modalities_left_out": dict(d.other_modalities_left_out),
                               "infrared_twins": [{"folders": [a, b], "same_names": n} for a, b, n in d.infrared_twins]}
         if s.name in overlays:
             per_source[s.name]["overlay"] = overlays[s.name].describe()
@@ -491,10 +491,10 @@ def discover_corpus(sources: list[Source], out: Path) -> Corpus:
         for other, n in d.held_earlier.items():
             print(f"warning: source '{s.name}': {n} frame(s) left out, source '{other}' already holds them "
                   "(overlapping roots or links to the same files): a frame enters the corpus once", file=sys.stderr)
-        if d.visible_left_out:  # an infrared-visible dataset's root given: its visible frames are not infrared
-            print(f"note: source '{s.name}': {visible_left_out_text(d.visible_left_out)} left out, the visible "
-                  "half of an infrared-visible dataset (a folder named for the visible modality beside one named "
-                  "for infrared); to read a visible folder anyway, make it a source's root", file=sys.stderr)
+        if d.other_modalities_left_out:  # a multi-modal dataset's root given: its visible frames are not infrared
+            print(f"note: source '{s.name}': {left_out_text(d.other_modalities_left_out)} left out, folders named "
+                  "for another modality (visible, depth) beside one named for infrared, as infrared-visible datasets "
+                  "ship; to read such a folder anyway, make it a source's root", file=sys.stderr)
         for a, b, shared in d.infrared_twins:  # read, both: which copy to keep is the user's choice
             print(f"warning: source '{s.name}': {a}/ and {b}/ hold {shared:,} frame(s) of the same names: the same "
                   "frames twice (as FLIR's thermal_8_bit/ and thermal_16_bit/)? Both are read; to keep one, give "

@@ -51,7 +51,7 @@ def _dry_run(sources, out: Path) -> int:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from data_tools.build import BuildError, build_shards, overlay_picture
-    from data_tools.sources import SourceError, visible_left_out_text
+    from data_tools.sources import SourceError, left_out_text
 
     try:
         sources = _read_sources(args)
@@ -76,8 +76,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(ps["skipped_by_reason"].items())) or "none"
         videos = f", {ps['videos_not_read']} video file(s) not read" if ps.get("videos_not_read") else ""
         videos += f", {ps['unreadable_folders']} folder(s) not listed" if ps.get("unreadable_folders") else ""
-        videos += f", {visible_left_out_text(ps['visible_left_out'])} left out (visible)" if ps.get(
-            "visible_left_out") else ""
+        videos += f", {left_out_text(ps['other_modalities_left_out'])} left out (another modality)" if ps.get(
+            "other_modalities_left_out") else ""
         held = "".join(f", {n} already in source '{other}'"
                        for other, n in ps.get("held_by_earlier_sources", {}).items())
         overlay = ps.get("overlay", {})

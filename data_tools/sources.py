@@ -89,24 +89,26 @@ class Discovery:
     held_earlier: dict[str, int] = field(default_factory=dict)  # frames an earlier source holds, by source
     links_not_followed: list[str] = field(default_factory=list)  # linked folders already read (loops, aliases)
     unreadable_folders: list[str] = field(default_factory=list)  # folders that could not be listed
-    visible_left_out: dict[str, int] = field(default_factory=dict)  # visible halves of pairs: folder -> frames
+    other_modalities_left_out: dict[str, int] = field(default_factory=dict)  # visible, depth: folder -> frames
     infrared_twins: list[tuple[str, str, int]] = field(default_factory=list)  # folders, frame names in both
 
 
-# Folder names of the two halves of an infrared-visible dataset as they ship (MSRS ir / vi, M3FD Ir / Vis,
-# LLVIP and LasHeR infrared / visible, KAIST lwir / visible, FLIR thermal_8_bit / RGB, PST900 thermal /
-# rgb, RoadScene cropinfrared / crop_HR_visible): whole words, or the long words anywhere in the name.
-VISIBLE_WORDS = frozenset({"vi", "vis", "visible", "rgb", "color", "colour", "optical", "visual"})
-INFRARED_WORDS = frozenset({"ir", "lwir", "mwir", "tir", "thermal", "infrared"})
+# Folder names of the modalities of a multi-modal dataset as it ships (MSRS ir / vi, M3FD Ir / Vis, LLVIP
+# and LasHeR infrared / visible, KAIST lwir / visible, FLIR thermal_8_bit / RGB, PST900 thermal / rgb /
+# depth, RoadScene cropinfrared / crop_HR_visible): whole words, or the long words anywhere in the name.
+MODALITY_WORDS = {
+    "infrared": (frozenset({"ir", "lwir", "mwir", "tir", "thermal", "infrared"}), ("infrared", "thermal")),
+    "visible": (frozenset({"vi", "vis", "visible", "rgb", "color", "colour", "optical", "visual"}), ("visible",)),
+    "depth": (frozenset({"depth", "disparity"}), ("depth",)),
+}
 
 
 def folder_modality(name: str) -> str | None:
-    """'visible' or 'infrared' for a folder named for one modality of a pair, else None (both or neither)."""
+    """The modality a folder is named for ('infrared', 'visible', 'depth'), or None (several or none)."""
     low = name.lower()
     words = set(re.findall(r"[a-z]+", low))
-    visible = bool(words & VISIBLE_WORDS) or "visible" in low
-    infrared = bool(words & INFRARED_WORDS) or "infrared" in low or "thermal" in low
-    return "visible" if visible and not infrared else "infrared" if infrared and not visible else None
+    named = [m for m, (whole, anywhere) in MODALITY_WORDS.items() if words & whole or any(w in low for w in anywhere)]
+    return named[0] if len(named) == 1 else None
 
 
 def _folders_above(rel: str) -> list[str]:
@@ -115,10 +117,10 @@ def _folders_above(rel: str) -> list[str]:
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def visible_halves(files) -> set[str]:
-    """The folders among ``files``' (paths relative to a source's root) named for the visible modality
-    beside a sibling named for infrared: the visible half of an infrared-visible dataset, whose frames
-    are not infrared frames. A root named for either is no sibling of anything: a source rooted at a
+def other_modality_folders(files) -> set[str]:
+    """The folders among ``files``' (paths relative to a source's root) named for another modality
+    (visible, depth) beside a sibling named for infrared: the other halves of a multi-modal dataset,
+    whose frames are not infrared frames. A root is no sibling of anything: a source rooted at a
     visible folder reads it."""
     folders = {folder for rel in files for folder in _folders_above(rel)}
     by_parent: dict[str, list[str]] = {}
@@ -129,13 +131,15 @@ def visible_halves(files) -> set[str]:
     for parent, names in by_parent.items():
         kinds = {name: folder_modality(name) for name in names}
         if "infrared" in kinds.values():
-            halves.update(f"{parent}/{n}" if parent else n for n, kind in kinds.items() if kind == "visible")
+            halves.update(f"{parent}/{n}" if parent else n for n, kind in kinds.items()
+                          if kind not in (None, "infrared"))
     return halves
 
 
-def _outside_visible_halves(files: set[str]) -> tuple[set[str], dict[str, int]]:
-    """``files`` without those under a visible half (:func:`visible_halves`), and how many each held."""
-    halves = visible_halves(files)
+def _outside_other_modalities(files: set[str]) -> tuple[set[str], dict[str, int]]:
+    """``files`` without those under another modality's folder (:func:`other_modality_folders`), and how
+    many each held."""
+    halves = other_modality_folders(files)
     if not halves:
         return files, {}
     left: dict[str, int] = {}
@@ -171,7 +175,7 @@ def infrared_twins(files) -> list[tuple[str, str, int]]:
     return twins
 
 
-def visible_left_out_text(left_out: dict[str, int]) -> str:
+def left_out_text(left_out: dict[str, int]) -> str:
     """``{'vi': 20}`` -> ``20 frame(s) under vi/`` (the first three folders named)."""
     folders = ", ".join(f"{folder}/" for folder in list(left_out)[:3]) + (", ..." if len(left_out) > 3 else "")
     return f"{sum(left_out.values()):,} frame(s) under {folders}"
@@ -292,8 +296,8 @@ def select_sources(sources: list[Source], names: list[str]) -> list[Source]:
 
 
 def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
-    """The frames of ``source`` (stride applied), outside the folders ``skip`` and the visible half of
-    an infrared-visible dataset (:func:`visible_halves`, counted in ``visible_left_out``)."""
+    """The frames of ``source`` (stride applied), outside the folders ``skip`` and the other modalities'
+    folders of a multi-modal dataset (:func:`other_modality_folders`, counted in ``other_modalities_left_out``)."""
     root = Path(source.root)
     if problem := _root_problem(root):
         raise SourceError(f"source '{source.name}': root {problem}")
@@ -305,7 +309,7 @@ def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
         kind = files if name.endswith(IMAGE_EXTENSIONS) else videos if name.endswith(VIDEO_EXTENSIONS) else None
         if kind is not None and is_entry_to_read(root / rel):  # one stat, only for the files it keeps
             kind.add(rel)
-    files, visible_left_out = _outside_visible_halves(files)
+    files, other_modalities_left_out = _outside_other_modalities(files)
     if not files:
         if videos:
             first = min(videos)
@@ -326,7 +330,7 @@ def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
         by_folder.setdefault(os.path.dirname(rel) or ".", []).append(rel)
     out = Discovery(matched=len(files), all_rel=sorted(files), videos=sorted(videos),
                     links_not_followed=walk.links_not_followed, unreadable_folders=walk.unreadable_folders,
-                    visible_left_out=visible_left_out, infrared_twins=infrared_twins(files))
+                    other_modalities_left_out=other_modalities_left_out, infrared_twins=infrared_twins(files))
     for folder in sorted(by_folder, key=key):
         frames = sorted(by_folder[folder], key=lambda r: key(os.path.basename(r)))
         for index in range(0, len(frames), source.stride):

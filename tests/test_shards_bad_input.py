@@ -190,11 +190,13 @@ def test_video_recordings_are_named_and_counted_never_passed_over(tmp_path, caps
 
 
 def test_the_visible_half_of_an_infrared_visible_dataset_is_left_out_and_counted(tmp_path, capsys):
-    """A dataset's root given as one folder (run.sh --data DIR): its visible frames, grey ones included, are
-    not infrared frames. Told by the folder's name beside an infrared-named sibling, said and counted."""
+    """A dataset's root given as one folder (run.sh --data DIR): its visible frames, grey ones included, and
+    depth maps are not infrared frames. Told by the folder's name beside an infrared-named sibling, said and
+    counted."""
     root = tmp_path / "dataset"
     frames = ["ir/0001.png", "ir/0002.png", "vi/0001.png", "vi/0002.png",  # MSRS
               "set00/V000/lwir/I00000.png", "set00/V000/visible/I00000.png", "set00/V000/visible/I00001.png",  # KAIST
+              "pst900/thermal/0.png", "pst900/rgb/0.png", "pst900/depth/0.png",  # PST900's depth maps too
               "drone/rgb/x.png"]  # no infrared-named sibling: read
     for i, rel in enumerate(frames):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -202,15 +204,17 @@ def test_the_visible_half_of_an_infrared_visible_dataset_is_left_out_and_counted
     out = tmp_path / "o"
     assert cli_main(["build", "--source", f"ds={root}", "--out", str(out)]) == 0
     said = capsys.readouterr()
-    assert ("note: source 'ds': 4 frame(s) under set00/V000/visible/, vi/ left out, the visible half of an "
-            "infrared-visible dataset") in said.err
-    assert "found 4 (of 4 matched), written 4, skipped 0 (none), 4 frame(s) under set00/V000/visible/, vi/ left out " \
-           "(visible)" in said.out
+    assert ("note: source 'ds': 6 frame(s) under pst900/depth/, pst900/rgb/, set00/V000/visible/, ... left out, "
+            "folders named for another modality (visible, depth) beside one named for infrared") in said.err
+    assert "found 5 (of 5 matched), written 5, skipped 0 (none), 6 frame(s) under pst900/depth/, pst900/rgb/, " \
+           "set00/V000/visible/, ... left out (another modality)" in said.out
     per = json.loads((out / "manifest.json").read_text())["sources"]["ds"]
-    assert per["visible_left_out"] == {"set00/V000/visible": 2, "vi": 2} and per["written"] == 4
+    assert per["other_modalities_left_out"] == {"pst900/depth": 1, "pst900/rgb": 1, "set00/V000/visible": 2, "vi": 2}
+    assert per["written"] == 5
     stored = sorted(decode_sample(members)[2]["path"] for shard in sorted(out.glob("*.tar"))
                     for _, members in iter_shard(str(shard)))
-    assert stored == ["drone/rgb/x.png", "ir/0001.png", "ir/0002.png", "set00/V000/lwir/I00000.png"]
+    assert stored == ["drone/rgb/x.png", "ir/0001.png", "ir/0002.png", "pst900/thermal/0.png",
+                      "set00/V000/lwir/I00000.png"]
     # boxes named by the frame's stem belong to the infrared frame alone (with its visible twin read too,
     # they could be either's, and were given to neither)
     from data_tools.build import annotations_for_source
@@ -246,7 +250,7 @@ def test_the_same_frames_in_two_infrared_folders_are_said_and_a_glob_keeps_one(t
     per = json.loads((out / "manifest.json").read_text())["sources"]["flir"]
     assert per["infrared_twins"] == [{"folders": [f"{s}/thermal_16_bit", f"{s}/thermal_8_bit"], "same_names": 2}
                                      for s in ("train", "val")]
-    assert per["written"] == 8 and per["visible_left_out"] == {"train/RGB": 2, "val/RGB": 2}
+    assert per["written"] == 8 and per["other_modalities_left_out"] == {"train/RGB": 2, "val/RGB": 2}
     # the glob it suggests keeps one copy of each frame, and nothing is said
     (tmp_path / "sources.yaml").write_text(
         f'sources:\n  - name: flir\n    root: {root}\n    glob: "**/thermal_8_bit/*"\n')
@@ -266,8 +270,9 @@ def test_the_same_frames_in_two_infrared_folders_are_said_and_a_glob_keeps_one(t
     ("thermal_8_bit", "infrared"), ("cropinfrared", "infrared"), ("images_thermal_train", "infrared"),
     ("thermal_raw", "infrared"),
     ("vi", "visible"), ("Vis", "visible"), ("visible", "visible"), ("RGB", "visible"), ("crop_HR_visible", "visible"),
-    ("images_rgb_train", "visible"),
-    ("rgb_thermal", None), ("RGBT234", None), ("images", None), ("Segmentation_labels", None), ("video", None)])
+    ("images_rgb_train", "visible"), ("depth", "depth"),
+    ("rgb_thermal", None), ("rgb_depth", None), ("RGBT234", None), ("images", None), ("Segmentation_labels", None),
+    ("video", None)])
 def test_folders_are_told_by_the_names_datasets_ship_them_under(name, modality):
     from data_tools.sources import folder_modality
 
