@@ -111,24 +111,37 @@ def folder_modality(name: str) -> str | None:
     return named[0] if len(named) == 1 else None
 
 
-def _folders_above(rel: str) -> list[str]:
-    """``a/b/c.png`` -> ``['a', 'a/b']``: the folders holding a file, outermost first."""
-    parts = rel.split("/")[:-1]
+def _folder_and_above(folder: str) -> list[str]:
+    """``a/b`` -> ``['a', 'a/b']``: a folder (relative to a root) and those holding it, outermost first."""
+    parts = folder.split("/") if folder else []
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def other_modality_folders(files) -> set[str]:
-    """The folders among ``files``' (paths relative to a source's root) named for another modality
-    (visible, depth) beside a sibling named for infrared: the other halves of a multi-modal dataset,
-    whose frames are not infrared frames. A root is no sibling of anything: a source rooted at a
-    visible folder reads it."""
-    folders = {folder for rel in files for folder in _folders_above(rel)}
-    by_parent: dict[str, list[str]] = {}
+def _files_by_folder(files) -> dict[str, list[str]]:
+    """Paths relative to a root, by their folder ('' for the root itself)."""
+    by_folder: dict[str, list[str]] = {}
+    for rel in files:
+        by_folder.setdefault(rel.rpartition("/")[0], []).append(rel)
+    return by_folder
+
+
+def _by_parent(folders) -> dict[str, list[str]]:
+    """Folder paths by the folder holding them: {parent: [names]}."""
+    out: dict[str, list[str]] = {}
     for folder in folders:
         parent, _, name = folder.rpartition("/")
-        by_parent.setdefault(parent, []).append(name)
+        out.setdefault(parent, []).append(name)
+    return out
+
+
+def other_modality_folders(folders) -> set[str]:
+    """Among ``folders`` (those holding frames, relative to a source's root) and the folders above them,
+    those named for another modality (visible, depth) beside a sibling named for infrared: the other
+    halves of a multi-modal dataset, whose frames are not infrared frames. A root is no sibling of
+    anything: a source rooted at a visible folder reads it."""
+    every = {above for folder in folders for above in _folder_and_above(folder)}
     halves = set()
-    for parent, names in by_parent.items():
+    for parent, names in _by_parent(every).items():
         kinds = {name: folder_modality(name) for name in names}
         if "infrared" in kinds.values():
             halves.update(f"{parent}/{n}" if parent else n for n, kind in kinds.items()
@@ -139,17 +152,18 @@ def other_modality_folders(files) -> set[str]:
 def _outside_other_modalities(files: set[str]) -> tuple[set[str], dict[str, int]]:
     """``files`` without those under another modality's folder (:func:`other_modality_folders`), and how
     many each held."""
-    halves = other_modality_folders(files)
+    by_folder = _files_by_folder(files)
+    halves = other_modality_folders(by_folder)
     if not halves:
         return files, {}
     left: dict[str, int] = {}
     kept = set()
-    for rel in files:
-        half = next((folder for folder in _folders_above(rel) if folder in halves), None)
+    for folder, rels in by_folder.items():
+        half = next((above for above in _folder_and_above(folder) if above in halves), None)
         if half is None:
-            kept.add(rel)
+            kept.update(rels)
         else:
-            left[half] = left.get(half, 0) + 1
+            left[half] = left.get(half, 0) + len(rels)
     return kept, dict(sorted(left.items()))
 
 
@@ -158,20 +172,17 @@ def infrared_twins(files) -> list[tuple[str, str, int]]:
     smaller folder's), with the count shared: the same frames stored twice, as FLIR ADAS ships each
     frame in ``thermal_8_bit/`` (JPEG) and ``thermal_16_bit/`` (TIFF). Sequences named alike
     (KAIST's ``V000`` / ``V001``, each from ``I00000``) are not named for infrared and not compared."""
-    stems: dict[str, set[str]] = {}
-    for rel in files:
-        folder, _, name = rel.rpartition("/")
-        if folder and folder_modality(folder.rpartition("/")[2]) == "infrared":
-            stems.setdefault(folder, set()).add(os.path.splitext(name)[0])
+    stems = {folder: {os.path.splitext(rel.rpartition("/")[2])[0] for rel in rels}
+             for folder, rels in _files_by_folder(files).items()
+             if folder and folder_modality(folder.rpartition("/")[2]) == "infrared"}
     twins = []
-    folders = sorted(stems)
-    for i, a in enumerate(folders):
-        for b in folders[i + 1:]:
-            if a.rpartition("/")[0] != b.rpartition("/")[0]:
-                continue
-            shared = len(stems[a] & stems[b])
-            if shared and 2 * shared >= min(len(stems[a]), len(stems[b])):
-                twins.append((a, b, shared))
+    for parent, names in sorted(_by_parent(stems).items()):
+        siblings = sorted(f"{parent}/{n}" if parent else n for n in names)
+        for i, a in enumerate(siblings):
+            for b in siblings[i + 1:]:
+                shared = len(stems[a] & stems[b])
+                if shared and 2 * shared >= min(len(stems[a]), len(stems[b])):
+                    twins.append((a, b, shared))
     return twins
 
 

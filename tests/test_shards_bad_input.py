@@ -197,6 +197,7 @@ def test_the_visible_half_of_an_infrared_visible_dataset_is_left_out_and_counted
     frames = ["ir/0001.png", "ir/0002.png", "vi/0001.png", "vi/0002.png",  # MSRS
               "set00/V000/lwir/I00000.png", "set00/V000/visible/I00000.png", "set00/V000/visible/I00001.png",  # KAIST
               "pst900/thermal/0.png", "pst900/rgb/0.png", "pst900/depth/0.png",  # PST900's depth maps too
+              "llvip/infrared/train/0.png", "llvip/visible/train/0.png",  # the modality a level up (LLVIP)
               "drone/rgb/x.png"]  # no infrared-named sibling: read
     for i, rel in enumerate(frames):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -204,17 +205,18 @@ def test_the_visible_half_of_an_infrared_visible_dataset_is_left_out_and_counted
     out = tmp_path / "o"
     assert cli_main(["build", "--source", f"ds={root}", "--out", str(out)]) == 0
     said = capsys.readouterr()
-    assert ("note: source 'ds': 6 frame(s) under pst900/depth/, pst900/rgb/, set00/V000/visible/, ... left out, "
+    assert ("note: source 'ds': 7 frame(s) under llvip/visible/, pst900/depth/, pst900/rgb/, ... left out, "
             "folders named for another modality (visible, depth) beside one named for infrared") in said.err
-    assert "found 5 (of 5 matched), written 5, skipped 0 (none), 6 frame(s) under pst900/depth/, pst900/rgb/, " \
-           "set00/V000/visible/, ... left out (another modality)" in said.out
+    assert "found 6 (of 6 matched), written 6, skipped 0 (none), 7 frame(s) under llvip/visible/, pst900/depth/, " \
+           "pst900/rgb/, ... left out (another modality)" in said.out
     per = json.loads((out / "manifest.json").read_text())["sources"]["ds"]
-    assert per["other_modalities_left_out"] == {"pst900/depth": 1, "pst900/rgb": 1, "set00/V000/visible": 2, "vi": 2}
-    assert per["written"] == 5
+    assert per["other_modalities_left_out"] == {"llvip/visible": 1, "pst900/depth": 1, "pst900/rgb": 1,
+                                                "set00/V000/visible": 2, "vi": 2}
+    assert per["written"] == 6
     stored = sorted(decode_sample(members)[2]["path"] for shard in sorted(out.glob("*.tar"))
                     for _, members in iter_shard(str(shard)))
-    assert stored == ["drone/rgb/x.png", "ir/0001.png", "ir/0002.png", "pst900/thermal/0.png",
-                      "set00/V000/lwir/I00000.png"]
+    assert stored == ["drone/rgb/x.png", "ir/0001.png", "ir/0002.png", "llvip/infrared/train/0.png",
+                      "pst900/thermal/0.png", "set00/V000/lwir/I00000.png"]
     # boxes named by the frame's stem belong to the infrared frame alone (with its visible twin read too,
     # they could be either's, and were given to neither)
     from data_tools.build import annotations_for_source
