@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 from data_tools.config import CONFIG_DIR, int_in, load_config, out_file, out_folder, override_arg
@@ -49,6 +50,23 @@ def _dry_run(sources, out: Path) -> int:
     return 0
 
 
+def _colour_folders(converted: list[dict]) -> list[str]:
+    """One warning per source with colour frames, naming the folder holding most of them: visible photos
+    in an infrared corpus, where the folders' names did not tell (DroneVehicle's trainimg/ beside
+    trainimgr/), or pseudo-coloured infrared, which luma suits."""
+    by_source: dict[str, Counter] = {}
+    for c in converted:
+        if c["kind"] == "colour_converted_to_luma":
+            by_source.setdefault(c["source"], Counter())[c["path"].rpartition("/")[0] or "."] += 1
+    lines = []
+    for source, folders in by_source.items():
+        folder, n = folders.most_common(1)[0]
+        lines.append(f"warning: source '{source}': {sum(folders.values()):,} colour frame(s) read as their luma, "
+                     f"{n:,} of them in {folder}/: if they are visible photographs, not pseudo-coloured infrared, "
+                     "leave them out (a glob, or the infrared folder as the source's root)")
+    return lines
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from data_tools.build import BuildError, build_shards, overlay_picture
     from data_tools.sources import SourceError, left_out_text
@@ -72,6 +90,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print(f"warning: {len(packed)} frame(s) carry a 4th channel that is another image, not transparency "
               f"(e.g. {packed[0]['source']}: {packed[0]['path']}; MFNet packs the thermal frame there): their colour "
               "channels were read. To read the 4th, set `channel: 3` on the source", file=sys.stderr)
+    for line in _colour_folders(manifest["colour_converted"]):
+        print(line, file=sys.stderr)
     for name, ps in manifest["sources"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(ps["skipped_by_reason"].items())) or "none"
         videos = f", {ps['videos_not_read']} video file(s) not read" if ps.get("videos_not_read") else ""

@@ -198,10 +198,11 @@ def test_the_visible_half_of_an_infrared_visible_dataset_is_left_out_and_counted
               "set00/V000/lwir/I00000.png", "set00/V000/visible/I00000.png", "set00/V000/visible/I00001.png",  # KAIST
               "pst900/thermal/0.png", "pst900/rgb/0.png", "pst900/depth/0.png",  # PST900's depth maps too
               "llvip/infrared/train/0.png", "llvip/visible/train/0.png",  # the modality a level up (LLVIP)
-              "drone/rgb/x.png"]  # no infrared-named sibling: read
+              "drone/rgb/x.png"]  # no infrared-named sibling: read (a colour frame, warned about)
     for i, rel in enumerate(frames):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(_png(_scene(seed=i)))
+        frame = _scene(seed=i)
+        (root / rel).write_bytes(_png(np.dstack([frame, frame // 2, 255 - frame]) if "drone" in rel else frame))
     out = tmp_path / "o"
     assert cli_main(["build", "--source", f"ds={root}", "--out", str(out)]) == 0
     said = capsys.readouterr()
@@ -209,6 +210,8 @@ def test_the_visible_half_of_an_infrared_visible_dataset_is_left_out_and_counted
             "folders named for another modality (visible, depth) beside one named for infrared") in said.err
     assert "found 6 (of 6 matched), written 6, skipped 0 (none), 7 frame(s) under llvip/visible/, pst900/depth/, " \
            "pst900/rgb/, ... left out (another modality)" in said.out
+    assert ("warning: source 'ds': 1 colour frame(s) read as their luma, 1 of them in drone/rgb/: if they are visible "
+            "photographs, not pseudo-coloured infrared, leave them out") in said.err
     per = json.loads((out / "manifest.json").read_text())["sources"]["ds"]
     assert per["other_modalities_left_out"] == {"llvip/visible": 1, "pst900/depth": 1, "pst900/rgb": 1,
                                                 "set00/V000/visible": 2, "vi": 2}
@@ -265,6 +268,18 @@ def test_the_same_frames_in_two_infrared_folders_are_said_and_a_glob_keeps_one(t
         (tmp_path / "kaist" / sequence).mkdir(parents=True)
         cv2.imwrite(str(tmp_path / "kaist" / sequence / "I00000.png"), _scene())
     assert discover(Source("kaist", str(tmp_path / "kaist"))).infrared_twins == []
+
+
+def test_colour_frames_are_said_per_source_with_the_folder_holding_most():
+    from data_tools.cli import _colour_folders
+
+    luma, packed = "colour_converted_to_luma", "colour_converted_to_luma_4th_channel_left_out"
+    converted = [{"source": "dv", "path": p, "kind": luma} for p in ("a/1.jpg", "trainimg/1.jpg", "trainimg/2.jpg")]
+    converted += [{"source": "mfnet", "path": "images/1.png", "kind": packed}, {"source": "top", "path": "1.png",
+                                                                                 "kind": luma}]
+    assert [line.split(": if")[0] for line in _colour_folders(converted)] == [
+        "warning: source 'dv': 3 colour frame(s) read as their luma, 2 of them in trainimg/",
+        "warning: source 'top': 1 colour frame(s) read as their luma, 1 of them in ./"]
 
 
 @pytest.mark.parametrize("name, modality", [
