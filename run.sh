@@ -10,7 +10,8 @@
 #
 # Options (before or after the stage name):
 #   --data FILE|DIR  sources YAML for the shard builder, or one folder of frames (a source named after
-#                    it, its subfolders included); default: the synthetic corpus
+#                    it, its subfolders included, not the visible or depth half of an infrared-visible
+#                    dataset); default: the synthetic corpus
 #   --config FILE    pre-training config (default: configs/pretrain/tiny.yaml, the CPU demo size)
 #   --seg-config F   segmentation config (default: configs/finetune/seg_tiny.yaml on the synthetic pairs;
 #                    your own config names its data.root)
