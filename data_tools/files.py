@@ -97,6 +97,28 @@ def file_not_folder(path: str | Path) -> str | None:
     return None
 
 
+def missing_folder(path: str | Path) -> str:
+    """The line for a folder that is not there (or is a file), with :func:`folder_hint`."""
+    return file_not_folder(path) or f"{path}: no such folder{folder_hint(path)}"
+
+
+def folder_hint(path: str | Path) -> str:
+    """For a folder that is not there, what the folder above it holds: an entry named the same but for
+    case (``Infrared`` against ``infrared``: a download renamed, or unpacked on a file system that
+    ignores case), else its subfolders; '' where that folder is not there either."""
+    path = Path(path)
+    try:
+        subfolders = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+    except OSError:  # not there, or not listable
+        return ""
+    same = [name for name in subfolders if name.lower() == path.name.lower()]
+    if same:
+        return f"; {path.parent / same[0]} differs in case only (names are case-sensitive here)"
+    if subfolders:
+        return f"; {path.parent} holds {', '.join(subfolders[:12])}{', ...' if len(subfolders) > 12 else ''}"
+    return ""
+
+
 def unwritable(path: str | Path) -> str | None:
     """Where this user cannot write ``path`` (a folder or file to write, there or not yet): the line
     that says so, naming the folder in the way (not writable, or on a read-only mount); None otherwise.

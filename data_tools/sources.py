@@ -18,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from data_tools.config import schema_problems, yaml_problem
-from data_tools.files import file_not_folder, folder_kind, folders_below, is_entry_to_read
+from data_tools.files import file_not_folder, folder_hint, folder_kind, folders_below, is_entry_to_read
 from data_tools.schema import DEFAULT_GLOBS, SourceBoxesSchema, SourceMasksSchema, SourceSchema, number_as_text
 from data_tools.walk import walk_matching
 
@@ -278,7 +278,7 @@ def _found_below(missing: Path, ancestors: int = 3) -> str:
 def _root_problem(root: Path) -> str | None:
     if root.is_dir():
         return None
-    return file_not_folder(root) or f"folder does not exist: {root}{_found_below(root)}"
+    return file_not_folder(root) or f"folder does not exist: {root}{_found_below(root) or folder_hint(root)}"
 
 
 def check_roots(sources: list[Source]) -> None:

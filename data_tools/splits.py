@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.files import atomic_write_text, file_not_folder
+from data_tools.files import atomic_write_text, missing_folder
 from data_tools.sources import IMAGE_EXTENSIONS, nested_images_note
 
 
@@ -18,7 +18,7 @@ def write_split(root: str | Path, images: str, val_fraction: float, seed: int = 
     root = Path(root)
     folder = root / images
     if not folder.is_dir():
-        raise FileNotFoundError(file_not_folder(folder) or f"{folder}: no such folder")
+        raise FileNotFoundError(missing_folder(folder))
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     stems = sorted({p.stem for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS})

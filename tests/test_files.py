@@ -190,6 +190,23 @@ def test_a_split_fraction_outside_0_to_1_is_refused(tmp_path, fraction):
         write_split(tmp_path, "Ir", fraction)
 
 
+def test_a_missing_folder_is_said_with_what_the_folder_above_holds(tmp_path):
+    for name in ("Visible", "Label", "IR"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    (tmp_path / "train" / "notes.txt").write_text("")
+    assert files.missing_folder(tmp_path / "train" / "visible") == (
+        f"{tmp_path / 'train' / 'visible'}: no such folder; {tmp_path / 'train' / 'Visible'} differs in case only "
+        "(names are case-sensitive here)")
+    assert files.missing_folder(tmp_path / "train" / "Infrared") == (
+        f"{tmp_path / 'train' / 'Infrared'}: no such folder; {tmp_path / 'train'} holds IR, Label, Visible")
+    assert files.missing_folder(tmp_path / "test" / "Infrared") == f"{tmp_path / 'test' / 'Infrared'}: no such folder"
+    assert "is a file where a folder is expected" in files.missing_folder(tmp_path / "train" / "notes.txt")
+    for i in range(14):
+        (tmp_path / "many" / f"d{i:02d}").mkdir(parents=True)
+    assert files.missing_folder(tmp_path / "many" / "x").endswith("holds d00, d01, d02, d03, d04, d05, d06, d07, "
+                                                                 "d08, d09, d10, d11, ...")
+
+
 def test_a_split_of_no_folder_or_a_single_frame_is_refused(tmp_path):
     from data_tools.splits import write_split
 

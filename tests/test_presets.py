@@ -279,6 +279,8 @@ def test_frames_in_folders_of_their_own_are_told_apart_by_their_folder(tmp_path,
     shutil.rmtree(root / "images")
     assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={root}"]) == 2
     assert f"(train): not found: {root / 'images'}: no such folder" in capsys.readouterr().err
+    assert finetune_main(["check", "--config", str(PRESETS / "kaist.yaml"), f"data.root={tmp_path / 'KAIST'}"]) == 2
+    assert f"data.root {tmp_path / 'KAIST'}: no such folder; {root} differs in case only" in capsys.readouterr().err
 
 
 def test_kaist_scores_on_test_annotations_published_apart_in_one_folder(tmp_path, capsys):

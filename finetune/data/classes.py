@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from data_tools.config import ConfigError, override_arg, yaml_problem
-from data_tools.files import file_not_folder
+from data_tools.files import missing_folder
 
 
 TEXT_CLASS_FILES = (".txt", ".names")  # one name per line: LabelImg's classes.txt, darknet's obj.names
@@ -105,7 +105,7 @@ def _refuse_missing(root: Path, name: str) -> None:
     from data_tools.files import folders_below
 
     if not root.is_dir():
-        raise FileNotFoundError(f"data.root {file_not_folder(root) or f'{root} is not a folder'}")
+        raise FileNotFoundError(f"data.root {missing_folder(root)}")
     where = next(folders_below(root, [name]), None)
     if where is not None:
         raise FileNotFoundError(f"data.classes_file {root / name}: no such file, but the dataset is under {where}: "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools.annotations import ISSUE_REASONS, UNNAMED_COCO_CATEGORY
-from data_tools.files import atomic_write_text, file_not_folder, is_entry_to_read
+from data_tools.files import atomic_write_text, is_entry_to_read, missing_folder
 from data_tools.issues import count_by_reason
 from data_tools.issues import issue as data_issue
 from data_tools.sources import IMAGE_EXTENSIONS, nested_images_note
@@ -64,7 +64,7 @@ def issue(name: str, reason: str, detail: str = "") -> dict:
 def list_images(folder: Path, suffix: str = "") -> dict[str, str]:
     """stem (without ``suffix``) -> path for the image files of a folder (not a folder or FIFO so named)."""
     if not folder.is_dir():
-        raise FileNotFoundError(file_not_folder(folder) or f"{folder}: no such folder")
+        raise FileNotFoundError(missing_folder(folder))
     out = {}
     for p in sorted(folder.iterdir()):
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem.endswith(suffix) and is_entry_to_read(p):
@@ -111,7 +111,7 @@ def list_frames(root: Path, folder: str, suffix: str = "", dirs: list[str] | Non
         return list_images(root / folder, suffix)
     base = root / folder.split(FRAME_DIR)[0]
     if not base.is_dir():
-        raise FileNotFoundError(file_not_folder(base) or f"{base}: no such folder")
+        raise FileNotFoundError(missing_folder(base))
     out = {}
     for d in dirs or ():
         where = root / folder.replace(FRAME_DIR, d)
@@ -149,7 +149,7 @@ def discover(data, split: str | None, need_label: bool = True) -> tuple[list[Pai
     (each names the frame and why it was left out) and the number of frames considered."""
     root = Path(data.root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data.root {file_not_folder(root) or f'{root} is not a folder'}")
+        raise FileNotFoundError(f"data.root {missing_folder(root)}")
     dirs = data.dirs
     issues: list[dict] = []
     wanted = split_names(data, split)
