@@ -331,8 +331,8 @@ def test_sources_not_downloaded_yet_are_named_together_and_the_rest_built_with_o
         err = capsys.readouterr().err
         assert (f"error: 2 of 3 sources cannot be read:\n  source 'drone': root folder does not exist: "
                 f"{tmp_path / 'dl' / 'DroneVehicle' / 'train'}\n  source 'ship': root folder does not exist: "
-                f"{tmp_path / 'dl' / 'ship'}; {tmp_path / 'dl'} holds LLVIP\nthe other source is there: build from them "
-                "alone with --only llvip") in err
+                f"{tmp_path / 'dl' / 'ship'}; {tmp_path / 'dl'} holds LLVIP\nthe other source is there: build from "
+                "them alone with --only llvip") in err
         assert not (tmp_path / "o" / "manifest.json").exists()
     assert cli_main(build + ["--only", "llvip", "--quiet"]) == 0
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
