@@ -355,6 +355,10 @@ def test_class_names_come_from_the_datasets_yaml_in_id_order(tmp_path, capsys):
     assert finetune_main(["check", "--config", str(PRESETS / "yolo.yaml"), f"data.root={tmp_path / 'replica'}",
                           "model.method=full"]) == 0
     assert "is there; 2 classes (from data.yaml): person, car" in capsys.readouterr().out
+    # the class names are read first: a data.root of other case is said there
+    assert finetune_main(["check", "--config", str(PRESETS / "yolo.yaml"), f"data.root={tmp_path / 'Replica'}"]) == 2
+    assert f"data.root {tmp_path / 'Replica'}: no such folder; {tmp_path / 'replica'} differs in case only" in (
+        capsys.readouterr().err)
 
 
 def _tiny(preset: str) -> list[str]:
