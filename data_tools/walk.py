@@ -63,6 +63,13 @@ def split_pattern(pattern: str) -> list[str]:
     return [s for s in pattern.replace(os.sep, "/").split("/") if s not in ("", ".")]
 
 
+def path_matches(rel: str, patterns: Sequence[str]) -> bool:
+    """Whether ``rel`` (a path below a root, POSIX separators) matches one of ``patterns`` as the walk
+    matches them."""
+    parts = split_pattern(rel)
+    return any(_matches(parts, split_pattern(p)) for p in patterns)
+
+
 def walk_matching(root: str, patterns: Sequence[str], skip: Sequence[str] = ()) -> Walk:
     """Every file (or link to one, dangling included: the reader names it) under ``root`` whose
     relative path matches one of ``patterns``, outside the folders ``skip`` (the build's own output).

@@ -18,10 +18,14 @@ the folder listing and the first frames of each split.
 """
 from __future__ import annotations
 
+import os
 import shlex
+import sys
+from collections import Counter
 from pathlib import Path
 
 from data_tools.config import override_arg
+from data_tools.walk import path_matches
 
 
 def check_weights_given(cfg, name: str) -> None:
@@ -94,6 +98,8 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
             raise FileNotFoundError(f"{name} ({split}): {problem}")
         if read_frames and (problem := _first_frames_problem(cfg, listed[0])):
             raise ValueError(f"{name} ({split}): {problem}")
+        if split == "val" and (note := seen_in_pretraining(cfg, listed[0])) and _first_process():
+            print(f"note: {name} (val): {note}", file=sys.stderr)
         if detection:  # its boxes.path is set (above)
             try:  # a folder of label files where they are read (each frame folder's), or one COCO file
                 problem = classes_problem(listed[0], data.boxes, tuple(cfg.data.classes), name_suffix(data, "ir"),
@@ -105,6 +111,41 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
                 raise ValueError(f"{name} ({split}): {problem}")
             if problem := misordered_classes_problem(data):
                 raise ValueError(f"{name} ({split}): {problem}")
+
+
+def _first_process() -> bool:
+    """Whether this process says what every process of a launch would (checked before the group forms)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def seen_in_pretraining(cfg, records: list) -> str | None:
+    """Which of ``records`` (the validation frames) a pre-training source of ``init.checkpoint`` reads (under
+    its root, matched by its globs), said with the count per source; None when none is, or when the export
+    does not say what it was pre-trained on. Self-supervised, without labels, but a benchmark's figures
+    are comparable only with a backbone that has not seen its evaluation frames."""
+    from pretrain.backbone_meta import is_exported_backbone, read_backbone_meta
+
+    init = cfg.init.checkpoint
+    if not init or not is_exported_backbone(init):
+        return None
+    sources = [s for entry in read_backbone_meta(init).get("pretraining_corpus") or () for s in entry["sources"] or ()]
+    roots = [(s["name"], os.path.realpath(s["root"]), s["globs"]) for s in sources]
+    seen: Counter = Counter()
+    for record in records:
+        if not (record.ir or record.packed):  # visible frames alone: not what pre-training reads
+            continue
+        frame = os.path.realpath(record.ir or record.packed)
+        for source, root, globs in roots:
+            rel = os.path.relpath(frame, root)
+            if rel.split(os.sep)[0] != ".." and path_matches(rel.replace(os.sep, "/"), globs):
+                seen[source] += 1
+                break
+    if not seen:
+        return None
+    said = ", ".join(f"{n:,} under source '{source}'" for source, n in seen.items())
+    return (f"{sum(seen.values()):,} of its {len(records):,} frames are among the frames {init} was pre-trained on "
+            f"({said}): the backbone may have seen them, without labels; a figure comparable with a paper's needs "
+            "a pre-training corpus that leaves the evaluation frames out")
 
 
 def _split_folders_note(cfg, split: str) -> str:

@@ -279,10 +279,12 @@ def _load_matching(model: nn.Module, sd: dict, target: dict, report: LoadReport)
 
 # --- the backbone handed to fine-tuning ------------------------------------------------------
 
-def export_backbone(model: nn.Module, out_path: str | Path, input_norm: dict | None = None) -> tuple[Path, Path]:
+def export_backbone(model: nn.Module, out_path: str | Path, input_norm: dict | None = None,
+                    corpus: list[dict] | None = None) -> tuple[Path, Path]:
     """Encoder + adapters (decoder dropped) with timm names, and a JSON that rebuilds it.
     ``input_norm``: how pre-training normalised its input (``mean``, ``std`` of the 8-bit-scaled
     infrared intensity and the 16-bit ``intensity`` rule), for fine-tuning to do the same.
+    ``corpus``: the shard folders and their sources it was pre-trained on (``pretraining_corpus``).
     ``out_path``: the .pth to write, or a folder to write ``backbone.pth`` into."""
     out_path = Path(out_path)
     if out_path.is_dir():  # `--out exports/`: torch.save would fail on the folder itself
@@ -301,6 +303,8 @@ def export_backbone(model: nn.Module, out_path: str | Path, input_norm: dict | N
         "input": input_norm,
         "num_tensors": len(sd), "num_parameters": int(sum(v.numel() for v in sd.values())),
     }
+    if corpus is not None:  # optional: an export of an earlier version, or of weights alone, has none
+        meta["pretraining_corpus"] = corpus
     json_path = out_path.with_suffix(".json")
     atomic_write_text(json_path, json.dumps(meta, indent=1))
     return out_path, json_path

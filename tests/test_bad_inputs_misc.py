@@ -87,6 +87,46 @@ def test_check_refuses_an_init_checkpoint_that_is_not_there_as_training_would(tm
     assert "train.batch_size=1 with one process" in capsys.readouterr().err
 
 
+def test_check_says_which_validation_frames_the_backbone_was_pre_trained_on(tmp_path, monkeypatch, capsys):
+    """An export names the corpus it was pre-trained on (shard folders, their sources' roots and globs):
+    validation frames among them are said before fine-tuning (self-supervised, but not a clean benchmark)."""
+    import json
+
+    from finetune.cli import main as finetune_main
+    from tests.conftest import tiny_pad_export
+
+    write_corpus(tmp_path / "syn", SynthConfig(num_images=9, width=80, height=64))
+    val = (tmp_path / "syn" / "val.txt").read_text().split()
+    init = tiny_pad_export(tmp_path / "export", depth=2)
+    meta_path = tmp_path / "export" / "backbone.json"
+    meta = json.loads(meta_path.read_text())
+    args = ["check", "--config", str(CONFIG_DIR / "finetune" / "seg_tiny.yaml"), f"data.root={tmp_path / 'syn'}",
+            f"init.checkpoint={init}", "model.method=pad", "model.modality=ir", "data.train_split=train.txt",
+            "data.val_split=val.txt"]
+
+    def said_with(*sources):
+        corpus = [{"shards": str(tmp_path / "shards"), "sources": list(s) if s is not None else None} for s in sources]
+        meta_path.write_text(json.dumps(dict(meta, pretraining_corpus=corpus)))
+        assert finetune_main(args) == 0
+        return capsys.readouterr().err
+
+    ir = str(tmp_path / "syn" / "ir")
+    err = said_with([{"name": "cam", "root": ir, "globs": ["*.png"]}])
+    assert (f"note: {args[2]} (val): {len(val)} of its {len(val)} frames are among the frames {init} was pre-trained "
+            f"on ({len(val)} under source 'cam'): the backbone may have seen them") in err
+    assert err.count("note:") == 1  # the evaluation frames: pre-training on the training frames is no leak
+    day = sum(name.endswith("D") for name in val)
+    assert 0 < day < len(val)  # the globs count: night frames (N) left out of pre-training
+    assert f"{day} of its {len(val)} frames are among" in said_with([{"name": "cam", "root": ir, "globs": ["*D.png"]}])
+    monkeypatch.setenv("RANK", "1")  # every process of a launch checks; the first says it
+    assert "note:" not in said_with([{"name": "cam", "root": ir, "globs": ["*.png"]}])
+    monkeypatch.delenv("RANK")
+    for sources in ([{"name": "cam", "root": str(tmp_path / "other"), "globs": ["**/*"]}], None):
+        assert "note:" not in said_with(sources)  # elsewhere; a manifest not readable at export
+    meta_path.write_text(json.dumps(meta))  # an export of an earlier version says nothing of its corpus
+    assert finetune_main(args) == 0 and "note:" not in capsys.readouterr().err
+
+
 def test_pretrain_check_refuses_what_training_would_refuse_at_its_start(tmp_path, capsys):
     """`pretrain check` (run.sh: before the shard build) says what `pretrain train` would say before it
     touches its run directory: a key the config lacks, an init.checkpoint that is not there, a global

@@ -423,7 +423,7 @@ def test_ctrl_c_saves_and_exits_75_then_the_rerun_finishes_with_0(shards, tmp_pa
     assert "took over the lock" not in res.stdout + res.stderr  # a run that stopped let go of it, unlike a killed one
 
 
-def test_export_from_a_run(uninterrupted, tmp_path, capsys):
+def test_export_from_a_run(uninterrupted, shards, tmp_path, capsys):
     from pretrain.cli import main
     from pretrain.weights import load_backbone
 
@@ -433,6 +433,9 @@ def test_export_from_a_run(uninterrupted, tmp_path, capsys):
     saved = trainable(uninterrupted)["module"]
     assert torch.equal(vit.blocks[1].parallel_mlp["pad"].up.weight, saved["encoder.blocks.1.parallel_mlp.pad.up.weight"])
     assert [a["name"] for a in meta["adapters"]] == ["pad"]
+    # the corpus it was pre-trained on, for fine-tuning to say which evaluation frames it may have seen
+    assert meta["pretraining_corpus"] == [{"shards": str(shards), "sources": [
+        {"name": "synth", "root": str(shards.parent / "synth" / "ir"), "globs": ["*.png"]}]}]
     assert main(["export", str(uninterrupted), "--tag", "step00000010", "--out", str(tmp_path / "at10.pth")]) == 0
     vit, _, _ = load_backbone(tmp_path / "at10.pth")  # an earlier checkpoint's weights, not the latest's
     at10 = trainable(uninterrupted, "step00000010")["module"]["encoder.blocks.1.parallel_mlp.pad.up.weight"]
