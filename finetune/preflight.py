@@ -128,7 +128,8 @@ def seen_in_pretraining(cfg, records: list) -> str | None:
     init = cfg.init.checkpoint
     if not init or not is_exported_backbone(init):
         return None
-    sources = [s for entry in read_backbone_meta(init).get("pretraining_corpus") or () for s in entry["sources"] or ()]
+    corpus = read_backbone_meta(init).get("pretraining_corpus") or ()
+    sources = [s for entry in corpus for s in entry.get("sources") or ()]
     roots = [(s["name"], os.path.realpath(s["root"]), s["globs"]) for s in sources]
     seen: Counter = Counter()
     for record in records:
