@@ -131,6 +131,7 @@ def seen_in_pretraining(cfg, records: list) -> str | None:
     corpus = read_backbone_meta(init).get("pretraining_corpus") or ()
     sources = [s for entry in corpus for s in entry.get("sources") or ()]
     roots = [(s["name"], os.path.realpath(s["root"]), s["globs"]) for s in sources]
+    strides = {s["name"]: int(s.get("stride") or 1) for s in sources}
     seen: Counter = Counter()
     for record in records:
         if not (record.ir or record.packed):  # visible frames alone: not what pre-training reads
@@ -143,8 +144,9 @@ def seen_in_pretraining(cfg, records: list) -> str | None:
                 break
     if not seen:
         return None
-    said = ", ".join(f"{n:,} under source '{source}'" for source, n in seen.items())
-    return (f"{sum(seen.values()):,} of its {len(records):,} frames are among the frames {init} was pre-trained on "
+    said = ", ".join(f"{n:,} under source '{source}'" + (f", which read 1 in {strides[source]} of each folder"
+                                                         if strides[source] > 1 else "") for source, n in seen.items())
+    return (f"{sum(seen.values()):,} of its {len(records):,} frames are among those {init} was pre-trained on "
             f"({said}): the backbone may have seen them, without labels; a figure comparable with a paper's needs "
             "a pre-training corpus that leaves the evaluation frames out")
 

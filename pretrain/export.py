@@ -25,13 +25,14 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
 
 def pretraining_corpus(cfg) -> list[dict]:
     """The shard folders a run pre-trained on, each with the sources it was built from (name, root,
-    globs; None where its manifest cannot be read now): for fine-tuning to tell which of its evaluation
-    frames the backbone may have seen."""
+    globs, stride; None where its manifest cannot be read now): for fine-tuning to tell which of its
+    evaluation frames the backbone may have seen."""
     corpus = []
     for entry in cfg.data.shards:
         try:
             built = read_manifest(entry.path)["config"]["sources"]
-            sources = [{"name": s["name"], "root": s["root"], "globs": list(s["globs"])} for s in built]
+            sources = [{"name": s["name"], "root": s["root"], "globs": list(s["globs"]), "stride": s["stride"]}
+                       for s in built]
         except (ManifestError, OSError, KeyError, TypeError):
             sources = None
         corpus.append({"shards": str(entry.path), "sources": sources})

@@ -112,12 +112,14 @@ def test_check_says_which_validation_frames_the_backbone_was_pre_trained_on(tmp_
 
     ir = str(tmp_path / "syn" / "ir")
     err = said_with([{"name": "cam", "root": ir, "globs": ["*.png"]}])
-    assert (f"note: {args[2]} (val): {len(val)} of its {len(val)} frames are among the frames {init} was pre-trained "
+    assert (f"note: {args[2]} (val): {len(val)} of its {len(val)} frames are among those {init} was pre-trained "
             f"on ({len(val)} under source 'cam'): the backbone may have seen them") in err
     assert err.count("note:") == 1  # the evaluation frames: pre-training on the training frames is no leak
     day = sum(name.endswith("D") for name in val)
     assert 0 < day < len(val)  # the globs count: night frames (N) left out of pre-training
     assert f"{day} of its {len(val)} frames are among" in said_with([{"name": "cam", "root": ir, "globs": ["*D.png"]}])
+    strided = said_with([{"name": "cam", "root": ir, "globs": ["*.png"], "stride": 10}])  # SCUT FIR's, LSOTB's
+    assert f"({len(val)} under source 'cam', which read 1 in 10 of each folder)" in strided
     monkeypatch.setenv("RANK", "1")  # every process of a launch checks; the first says it
     assert "note:" not in said_with([{"name": "cam", "root": ir, "globs": ["*.png"]}])
     monkeypatch.delenv("RANK")

@@ -435,7 +435,7 @@ def test_export_from_a_run(uninterrupted, shards, tmp_path, capsys):
     assert [a["name"] for a in meta["adapters"]] == ["pad"]
     # the corpus it was pre-trained on, for fine-tuning to say which evaluation frames it may have seen
     assert meta["pretraining_corpus"] == [{"shards": str(shards), "sources": [
-        {"name": "synth", "root": str(shards.parent / "synth" / "ir"), "globs": ["*.png"]}]}]
+        {"name": "synth", "root": str(shards.parent / "synth" / "ir"), "globs": ["*.png"], "stride": 1}]}]
     assert main(["export", str(uninterrupted), "--tag", "step00000010", "--out", str(tmp_path / "at10.pth")]) == 0
     vit, _, _ = load_backbone(tmp_path / "at10.pth")  # an earlier checkpoint's weights, not the latest's
     at10 = trainable(uninterrupted, "step00000010")["module"]["encoder.blocks.1.parallel_mlp.pad.up.weight"]
