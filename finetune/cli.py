@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from data_tools.config import CONFIG_DIR, float_in, int_in, load_config, out_folder
 from data_tools.command import run_command
@@ -117,6 +118,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(f"{report['task']}: {report['used']} of {report['found']} frames predicted with {report['checkpoint']} "
           f"of {args.run_dir}; left out {report['issues_by_reason'] or 'none'}; {what}, overlays and "
           f"predict_report.json in {args.out}")
+    if earlier := report["earlier_files"]:
+        print(f"note: {args.out} also holds {len(earlier)} file(s) this predict did not write (an earlier one's, "
+              f"e.g. {earlier[0]}): predict_report.json lists this run's frames", file=sys.stderr)
     return 0
 
 

@@ -67,6 +67,16 @@ def _check_modality(modality: str, given: set[str], detection: bool) -> None:
         raise ValueError(f"the run's model takes model.modality={modality} frames only: give --{modality} alone")
 
 
+def _earlier_files(out: Path, predicted: list[str], overlays: int, detection: bool) -> list[str]:
+    """The masks and overlays in ``out`` this run did not write (an earlier predict into the same folder):
+    named in the report and said, so that a folder of masks is not taken for this run's alone."""
+    wrote = {f"overlays/{name}.png" for name in predicted[:overlays]}
+    if not detection:
+        wrote |= {f"masks/{name}.png" for name in predicted}
+    found = (p.relative_to(out).as_posix() for folder in ("masks", "overlays") for p in (out / folder).glob("*.png"))
+    return sorted(rel for rel in found if rel not in wrote)
+
+
 def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi: str | None = None,
                 tag: str | None = None, overlays: int = 8, device: str | None = None, min_score: float = 0.0,
                 packed: str | None = None) -> dict:
@@ -144,6 +154,7 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
             "images": images, "annotations": detections,
             "categories": [{"id": i + 1, "name": name} for i, name in enumerate(classes)]}))
     report = summarise_issues("predict", found, len(predicted), issues)
-    report.update(run_dir=str(run_dir), checkpoint=tag, task=task.name, classes=classes, frames=predicted)
+    report.update(run_dir=str(run_dir), checkpoint=tag, task=task.name, classes=classes, frames=predicted,
+                  earlier_files=_earlier_files(out, predicted, overlays, detection))
     atomic_write_text(out / "predict_report.json", json.dumps(report, indent=1))
     return report

@@ -59,6 +59,18 @@ def test_segmentation_masks_score_as_the_runs_evaluation(pairs, tmp_path, capsys
     assert len(list((out / "overlays").glob("*.png"))) == 2
     report = json.loads((out / "predict_report.json").read_text())
     assert report["frames"] == names and report["checkpoint"] == "step00000004" and report["left_out"] == 0
+    # again into the same folder, on two of the frames: the files of the first predict are named, not taken for its own
+    for modality in ("ir", "vi"):
+        (tmp_path / "two" / modality).mkdir(parents=True)
+        for name in names[:2]:
+            shutil.copy(pairs / modality / f"{name}.png", tmp_path / "two" / modality)
+    assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(tmp_path / "two" / "ir"), "--vi",
+                          str(tmp_path / "two" / "vi"), "--out", str(out), "--overlays", "0"]) == 0
+    earlier = [f"masks/{name}.png" for name in names[2:]] + [f"overlays/{name}.png" for name in names[:2]]
+    assert (f"note: {out} also holds 6 file(s) this predict did not write (an earlier one's, e.g. {earlier[0]})"
+            in capsys.readouterr().err)
+    report = json.loads((out / "predict_report.json").read_text())
+    assert report["frames"] == names[:2] and report["earlier_files"] == earlier
     # a full disk while the masks are written (cv2.imwrite said it only by returning False): one line, no report
     with monkeypatch.context() as m:
         disk_full_when_saving(m, ".png.tmp")
