@@ -81,6 +81,7 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
     from finetune.data.det import ScoringLimits, classes_problem
     from finetune.data.pairs import discover, name_suffix, no_frames_problem
     from finetune.factory import data_for_split, split_list
+    from pretrain.engine.distributed import launched_rank
 
     detection = "boxes" in cfg.data
     for split in splits:
@@ -98,7 +99,8 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
             raise FileNotFoundError(f"{name} ({split}): {problem}")
         if read_frames and (problem := _first_frames_problem(cfg, listed[0])):
             raise ValueError(f"{name} ({split}): {problem}")
-        if split == "val" and (note := seen_in_pretraining(cfg, listed[0])) and _first_process():
+        # every process of a launch checks; the first says it (and alone reads the export's corpus)
+        if split == "val" and launched_rank() == 0 and (note := seen_in_pretraining(cfg, listed[0])):
             print(f"note: {name} (val): {note}", file=sys.stderr)
         if detection:  # its boxes.path is set (above)
             try:  # a folder of label files where they are read (each frame folder's), or one COCO file
@@ -111,11 +113,6 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
                 raise ValueError(f"{name} ({split}): {problem}")
             if problem := misordered_classes_problem(data):
                 raise ValueError(f"{name} ({split}): {problem}")
-
-
-def _first_process() -> bool:
-    """Whether this process says what every process of a launch would (checked before the group forms)."""
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def seen_in_pretraining(cfg, records: list) -> str | None:

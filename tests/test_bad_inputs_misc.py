@@ -203,6 +203,11 @@ def test_segmentation_on_one_frame_per_process_is_refused_before_the_run_starts(
     assert launched_world_size({}) == 1 and launched_world_size({"RANK": "3", "WORLD_SIZE": "8"}) == 8
     assert launched_world_size({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == 4  # srun
     assert launched_world_size({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == 2
+    from pretrain.engine.distributed import launched_rank
+
+    assert launched_rank({}) == 0 and launched_rank({"RANK": "3", "WORLD_SIZE": "8"}) == 3
+    assert launched_rank({"SLURM_PROCID": "2", "SLURM_NTASKS": "4"}) == 2  # srun
+    assert launched_rank({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == 1
 
     config = str(CONFIG_DIR / "finetune" / "seg_tiny.yaml")
     assert finetune_main(["check", "--config", config, f"data.root={tmp_path}", "train.batch_size=1"]) == 2

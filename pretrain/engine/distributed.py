@@ -69,6 +69,14 @@ def launched_world_size(env=os.environ) -> int:
     return int(env.get("WORLD_SIZE") or 1)
 
 
+def launched_rank(env=os.environ) -> int:
+    """This process's rank in its launch, from the launcher's variables, before the process group
+    exists (as :func:`launched_world_size`); 0 without a launcher."""
+    if _under_srun(env):
+        return int(env.get("SLURM_PROCID") or 0)
+    return int(env.get("RANK") or 0)
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Initialise torch.distributed through DeepSpeed. Works under torchrun, the deepspeed
     launcher, SLURM's srun (SLURM_* variables) and as a single process without a launcher."""
