@@ -167,13 +167,14 @@ def _outside_other_modalities(files: set[str]) -> tuple[set[str], dict[str, int]
     return kept, dict(sorted(left.items()))
 
 
-def infrared_twins(files) -> list[tuple[str, str, int]]:
+def infrared_twins(by_folder: dict[str, list[str]]) -> list[tuple[str, str, int]]:
     """Sibling folders both named for infrared whose frames mostly share names (at least half of the
     smaller folder's), with the count shared: the same frames stored twice, as FLIR ADAS ships each
     frame in ``thermal_8_bit/`` (JPEG) and ``thermal_16_bit/`` (TIFF). Sequences named alike
-    (KAIST's ``V000`` / ``V001``, each from ``I00000``) are not named for infrared and not compared."""
+    (KAIST's ``V000`` / ``V001``, each from ``I00000``) are not named for infrared and not compared.
+    ``by_folder``: the frames by folder (:func:`_files_by_folder`)."""
     stems = {folder: {os.path.splitext(rel.rpartition("/")[2])[0] for rel in rels}
-             for folder, rels in _files_by_folder(files).items()
+             for folder, rels in by_folder.items()
              if folder and folder_modality(folder.rpartition("/")[2]) == "infrared"}
     twins = []
     for parent, names in sorted(_by_parent(stems).items()):
@@ -336,17 +337,16 @@ def discover(source: Source, skip: tuple[str, ...] = ()) -> Discovery:
         raise SourceError(f"source '{source.name}': no image files match {list(source.globs)} "
                           f"under {root}{built}")
     key = natural_key if source.sort == "natural" else (lambda s: s)
-    by_folder: dict[str, list[str]] = {}
-    for rel in files:
-        by_folder.setdefault(os.path.dirname(rel) or ".", []).append(rel)
+    by_folder = _files_by_folder(files)
     out = Discovery(matched=len(files), all_rel=sorted(files), videos=sorted(videos),
                     links_not_followed=walk.links_not_followed, unreadable_folders=walk.unreadable_folders,
-                    other_modalities_left_out=other_modalities_left_out, infrared_twins=infrared_twins(files))
-    for folder in sorted(by_folder, key=key):
-        frames = sorted(by_folder[folder], key=lambda r: key(os.path.basename(r)))
+                    other_modalities_left_out=other_modalities_left_out, infrared_twins=infrared_twins(by_folder))
+    # a folder's frames are one sequence, named by the folder ('.' for the root's own frames)
+    for sequence, folder in sorted(((folder or ".", folder) for folder in by_folder), key=lambda s: key(s[0])):
+        frames = sorted(by_folder[folder], key=lambda r: key(r.rpartition("/")[2]))
         for index in range(0, len(frames), source.stride):
             rel = frames[index]
-            out.items.append(Item(source.name, str(root / rel), rel, folder, index))
+            out.items.append(Item(source.name, str(root / rel), rel, sequence, index))
     return out
 
 
