@@ -52,8 +52,8 @@ def _dry_run(sources, out: Path) -> int:
 
 def _colour_folders(converted: list[dict]) -> list[str]:
     """One warning per source with colour frames, naming the folder holding most of them: visible photos
-    in an infrared corpus, where the folders' names did not tell (DroneVehicle's trainimg/ beside
-    trainimgr/), or pseudo-coloured infrared, which luma suits."""
+    in an infrared corpus, where the folders' names did not tell (no infrared-named folder beside them),
+    or pseudo-coloured infrared, which luma suits."""
     by_source: dict[str, Counter] = {}
     for c in converted:
         if c["kind"] == "colour_converted_to_luma":

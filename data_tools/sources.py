@@ -95,7 +95,8 @@ class Discovery:
 
 # Folder names of the modalities of a multi-modal dataset as it ships (MSRS ir / vi, M3FD Ir / Vis, LLVIP
 # and LasHeR infrared / visible, KAIST lwir / visible, FLIR thermal_8_bit / RGB, PST900 thermal / rgb /
-# depth, RoadScene cropinfrared / crop_HR_visible): whole words, or the long words anywhere in the name.
+# depth, RoadScene cropinfrared / crop_HR_visible): whole words, or the long words anywhere in the name
+# (DroneVehicle's trainimg / trainimgr: by the pair, _sibling_modalities).
 MODALITY_WORDS = {
     "infrared": (frozenset({"ir", "lwir", "mwir", "tir", "thermal", "infrared"}), ("infrared", "thermal")),
     "visible": (frozenset({"vi", "vis", "visible", "rgb", "color", "colour", "optical", "visual"}), ("visible",)),
@@ -134,6 +135,18 @@ def _by_parent(folders) -> dict[str, list[str]]:
     return out
 
 
+def _sibling_modalities(names: list[str]) -> dict[str, str | None]:
+    """The modality each of these sibling folders is named for (:func:`folder_modality`). A pair named
+    ``<x>img`` / ``<x>imgr`` is visible / infrared: DroneVehicle ships each split as ``trainimg/`` (RGB)
+    beside ``trainimgr/`` (infrared), which no word names; alone, ``trainimg`` says nothing."""
+    kinds = {name: folder_modality(name) for name in names}
+    by_lower = {name.lower(): name for name in names}
+    for name in names:
+        if name.lower().endswith("img") and (infrared := by_lower.get(name.lower() + "r")):
+            kinds[name], kinds[infrared] = "visible", "infrared"
+    return kinds
+
+
 def other_modality_folders(folders) -> set[str]:
     """Among ``folders`` (those holding frames, relative to a source's root) and the folders above them,
     those named for another modality (visible, depth) beside a sibling named for infrared: the other
@@ -142,7 +155,7 @@ def other_modality_folders(folders) -> set[str]:
     every = {above for folder in folders for above in _folder_and_above(folder)}
     halves = set()
     for parent, names in _by_parent(every).items():
-        kinds = {name: folder_modality(name) for name in names}
+        kinds = _sibling_modalities(names)
         if "infrared" in kinds.values():
             halves.update(f"{parent}/{n}" if parent else n for n, kind in kinds.items()
                           if kind not in (None, "infrared"))

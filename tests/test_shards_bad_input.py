@@ -234,6 +234,24 @@ def test_the_visible_half_of_an_infrared_visible_dataset_is_left_out_and_counted
     assert [it.rel for it in discover(Source("vis", str(root / "vi"))).items] == ["0001.png", "0002.png"]
 
 
+def test_dronevehicles_visible_half_is_told_by_its_infrared_twins_name(tmp_path):
+    """DroneVehicle ships train/trainimg/ (RGB) beside train/trainimgr/ (infrared), and val/, test/ alike:
+    no modality word in either name, the pair tells them apart."""
+    root = tmp_path / "DroneVehicle"
+    for split in ("train", "val"):
+        for folder in (f"{split}img", f"{split}imgr"):
+            for i in (1, 2):
+                (root / split / folder).mkdir(parents=True, exist_ok=True)
+                (root / split / folder / f"{i:05d}.jpg").write_bytes(b"jpg")
+    (root / "extra" / "img").mkdir(parents=True)  # no twin: read
+    (root / "extra" / "img" / "00001.jpg").write_bytes(b"jpg")
+    found = discover(Source("dv", str(root)))
+    assert [it.rel for it in found.items] == ["extra/img/00001.jpg", "train/trainimgr/00001.jpg",
+                                              "train/trainimgr/00002.jpg", "val/valimgr/00001.jpg",
+                                              "val/valimgr/00002.jpg"]
+    assert found.other_modalities_left_out == {"train/trainimg": 2, "val/valimg": 2}
+
+
 def test_the_same_frames_in_two_infrared_folders_are_said_and_a_glob_keeps_one(tmp_path, capsys):
     """FLIR ADAS ships each frame as thermal_8_bit/*.jpeg and thermal_16_bit/*.tiff (and RGB/*.jpg)."""
     root = tmp_path / "FLIR_ADAS"
