@@ -183,5 +183,5 @@ def det_dataset(cfg, split: str):
     pairs, issues, found = discover(data, split_file, need_label=False)
     records, more = build_records(pairs, data.boxes, spec.classes, split_names(data, split_file),
                                   name_suffix(data, "ir"), tuple(data.get("ignore_classes") or ()),
-                                  label_id_names(data))
+                                  label_id_names(data), dict(data.get("class_aliases") or {}))
     return DetDataset(records, spec), issues + more, found

@@ -106,7 +106,7 @@ def _check_layout(cfg, name: str, splits: tuple[str, ...] = ("train", "val"), re
             try:  # a folder of label files where they are read (each frame folder's), or one COCO file
                 problem = classes_problem(listed[0], data.boxes, tuple(cfg.data.classes), name_suffix(data, "ir"),
                                           ScoringLimits.of(cfg) if split == "val" and scoring else None,
-                                          label_id_names(data))
+                                          label_id_names(data), dict(data.get("class_aliases") or {}))
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{name} ({split}): {e}") from None
             if problem:

@@ -225,6 +225,9 @@ class DetDataSchema(_DataSchema):
     boxes: BoxesSchema
     val_boxes: ValBoxesSchema = ValBoxesSchema()
     ignore_classes: list[str] = []  # labels whose boxes are ignore regions (KAIST: people, cyclist, person?)
+    # a label as the files write it -> the class of data.classes (or data.ignore_classes) it is: datasets
+    # that spell a class several ways (DroneVehicle: feright car, feright, truvk)
+    class_aliases: dict[str, str] = {}
     augment: DetAugmentSchema
 
     @model_validator(mode="after")
@@ -233,6 +236,17 @@ class DetDataSchema(_DataSchema):
         if both:
             raise ValueError(f"data.ignore_classes and data.classes both name {both}: a box is an object or an "
                              "ignore region, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _aliases_name_classes(self):
+        named = set(self.classes) | set(self.ignore_classes)
+        if nowhere := sorted({v for v in self.class_aliases.values() if v not in named}):
+            raise ValueError(f"data.class_aliases renames labels to {nowhere}, which neither data.classes nor "
+                             "data.ignore_classes names")
+        if both := sorted(set(self.class_aliases) & named):
+            raise ValueError(f"data.class_aliases renames {both}, which data.classes or data.ignore_classes names: "
+                             "a label is a class or another spelling of one, not both")
         return self
 
 

@@ -133,6 +133,10 @@ SEG_TINY = CONFIG_DIR / "finetune" / "seg_tiny.yaml"  # 64 x 80 windows, 4 class
      "data.val_boxes.path (the validation boxes)"),
     ("det_tiny.yaml", ["data.ignore_classes=[person]"], "data: data.ignore_classes and data.classes both name "
      "['person']: a box is an object or an ignore region, not both"),
+    ("det_tiny.yaml", ["data.class_aliases={pedestrian: walker}"], "data: data.class_aliases renames labels to "
+     "['walker'], which neither data.classes nor data.ignore_classes names"),
+    ("det_tiny.yaml", ["data.class_aliases={car: person}"], "data: data.class_aliases renames ['car'], which "
+     "data.classes or data.ignore_classes names: a label is a class or another spelling of one, not both"),
     ("seg_tiny.yaml", ["optim.milestones=[0.5,3]"], "optim.milestones: milestones must be all steps (integers >= 1) "
      "or all shares of train.steps (between 0 and 1) (got [0.5, 3])"),
     ("seg_tiny.yaml", ["optim.milestones=[1.0]"], "optim.milestones: milestones must be all steps (integers >= 1) "

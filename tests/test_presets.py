@@ -20,10 +20,10 @@ from tests.conftest import SHARED_DATA, run_finetune_cli
 PRESETS = CONFIG_DIR / "finetune" / "presets"
 N_TRAIN, N_VAL = 5, 3
 SEG = ("mfnet", "msrs_seg", "soda", "scut_seg", "pst900", "fmb")
-DET = ("flir_v1", "flir_v2", "flir_aligned", "m3fd", "llvip", "msrs_det", "yolo", "roboflow", "kaist")
+DET = ("flir_v1", "flir_v2", "flir_aligned", "m3fd", "llvip", "msrs_det", "yolo", "roboflow", "kaist", "dronevehicle")
 THERMAL_ONLY = ("soda", "scut_seg", "flir_v1", "flir_v2", "yolo", "roboflow")
 # a synthetic scene's classes (person, car) as each detection preset names them
-DET_NAMES = {"m3fd": ("People", "Car")}
+DET_NAMES = {"m3fd": ("People", "Car"), "dronevehicle": ("truvk", "feright car")}  # DroneVehicle's: aliases
 
 
 def _scenes(bit_depth=8):
@@ -49,13 +49,20 @@ def _lists(root: Path, names: list[str], train: str, val: str) -> None:
     (root / val).write_text("\n".join(names[N_TRAIN:]) + "\n")
 
 
-def _voc(path: Path, name: str, boxes, classes, size, xywh: bool = False) -> None:
-    """VOC XML; ``xywh``: boxes as KAIST writes them, <x><y><w><h> in <bndbox>."""
+def _voc(path: Path, name: str, boxes, classes, size, xywh: bool = False, polygon: bool = False) -> None:
+    """VOC XML; ``xywh``: boxes as KAIST writes them, <x><y><w><h> in <bndbox>; ``polygon``: as DroneVehicle
+    writes its oriented boxes, four corners <x1><y1>..<x4><y4> (here a diamond inside the box, touching its sides)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     corners = "<xmin>{:.0f}</xmin><ymin>{:.0f}</ymin><xmax>{:.0f}</xmax><ymax>{:.0f}</ymax>"
-    objs = "".join(f"<object><name>{classes[c]}</name><bndbox>"
-                   + ("<x>{:.0f}</x><y>{:.0f}</y><w>{:.0f}</w><h>{:.0f}</h>".format(x, y, w, h) if xywh else
-                      corners.format(x, y, x + w, y + h)) + "</bndbox></object>" for c, x, y, w, h in boxes)
+
+    def shape(x, y, w, h):
+        if polygon:
+            points = ((x + w / 2, y), (x + w, y + h / 2), (x + w / 2, y + h), (x, y + h / 2))
+            return "<polygon>" + "".join(f"<x{k}>{px:g}</x{k}><y{k}>{py:g}</y{k}>"
+                                         for k, (px, py) in enumerate(points, 1)) + "</polygon>"
+        return "<bndbox>" + ("<x>{:.0f}</x><y>{:.0f}</y><w>{:.0f}</w><h>{:.0f}</h>".format(x, y, w, h) if xywh else
+                             corners.format(x, y, x + w, y + h)) + "</bndbox>"
+    objs = "".join(f"<object><name>{classes[c]}</name>{shape(x, y, w, h)}</object>" for c, x, y, w, h in boxes)
     path.write_text(f"<annotation><filename>{name}</filename><size><width>{size[1]}</width><height>{size[0]}"
                     f"</height><depth>3</depth></size>{objs}</annotation>")
 
@@ -144,6 +151,12 @@ def build_replica(preset: str, root: Path) -> int:
             people = [(2, 2, 2, 20, 30)] if i in (0, N_TRAIN) else []  # a class the preset ignores
             _voc(root / "annotations-xml-new-sanitized" / video / f"I{i:05d}.xml", f"I{i:05d}", s["boxes"] + people,
                  ("person", "person", "people"), (128, 160), xywh=True)
+        elif preset == "dronevehicle":  # {split}/{split}imgr (infrared), {split}img (visible), {split}labelr
+            _write(root / folder / f"{folder}imgr" / f"{n}.jpg", s["ir"])
+            _write(root / folder / f"{folder}img" / f"{n}.jpg", _bgr(s["vi"]))
+            unnamed = [(2, 1, 1, 20, 20)] if i in (0, N_TRAIN) else []  # "*": a box without a class
+            _voc(root / folder / f"{folder}labelr" / f"{n}.xml", f"{n}.jpg", s["boxes"] + unnamed,
+                 DET_NAMES["dronevehicle"] + ("*",), (128, 160), polygon=True)
         elif preset == "llvip":
             _write(root / "infrared" / folder / f"{n}.jpg", s["ir"])
             _write(root / "visible" / folder / f"{n}.jpg", _bgr(s["vi"]))
@@ -172,6 +185,8 @@ def build_replica(preset: str, root: Path) -> int:
             _coco(root / split / "thermal_annotations.json",
                   [(f"thermal_8_bit/FLIR_{offset + k:05d}.jpeg", s) for k, (_, s) in enumerate(part)], "bicycle")
         return 2  # the dog box of frame 0 of each split
+    elif preset == "dronevehicle":
+        return 2  # the "*" box of frame 0 of each split
     elif preset in ("yolo", "roboflow"):
         (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\n"
                                         "names:\n  0: person\n  1: car\n")

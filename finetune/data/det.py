@@ -3,16 +3,17 @@ folders or VOC XML folders (which modality's labels to use is the choice of ``da
 
 Rules, each counted and named in the data report: boxes extending outside the image are clipped
 (``box_clipped``); boxes with no area after clipping are dropped (``box_empty``); boxes of a class
-not in ``data.classes`` are dropped (``unknown_class``); boxes of ``data.ignore_classes``, COCO
-crowd boxes, VOC difficult objects and bbGt ignore boxes become ignore regions (``ignore_region``:
-not trained on; at evaluation a detection on one
-counts neither as a hit nor as a false positive, as in Caltech / KAIST pedestrian evaluation); label
+not in ``data.classes`` are dropped (``unknown_class``), after ``data.class_aliases`` renames the
+labels a dataset spells several ways (DroneVehicle's ``feright car`` for freight car); boxes of
+``data.ignore_classes``, COCO crowd boxes, VOC difficult objects and bbGt ignore boxes become ignore
+regions (``ignore_region``: not trained on; at evaluation a detection on one counts neither as a hit
+nor as a false positive, as in Caltech / KAIST pedestrian evaluation); label
 files without an image are listed (``label_without_image``); frames without boxes stay as negatives.
 Nothing fails mid-epoch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -71,14 +72,16 @@ def _class_index(label, classes: tuple[str, ...]) -> int | None:
     return int(label) if 0 <= int(label) < len(classes) else None
 
 
-def frame_boxes(boxes_cfg, id_names: tuple[str, ...], names: list[str], name_suffix: str = "") -> AnnotationSet:
+def frame_boxes(boxes_cfg, id_names: tuple[str, ...], names: list[str], name_suffix: str = "",
+                aliases: dict[str, str] | None = None) -> AnnotationSet:
     """The annotations of ``data.boxes`` by frame name: stems without ``name_suffix`` (annotations
     named as the infrared files); where the path holds ``{dir}``, the folder of each frame
     ``DIR/NAME`` of ``names``; else, for frames named by their folders, also a file named by the
     whole name with its folders joined by ``_`` (``set06_V000_I00019.txt`` is frame
     ``set06/V000/I00019``: KAIST's improved test annotations and Caltech's converted releases
     are one folder of such files). A label file that cannot be parsed is an issue of its frame
-    (the file in the detail). ``id_names``: the names YOLO class ids index (``label_id_names``)."""
+    (the file in the detail). ``id_names``: the names YOLO class ids index (``label_id_names``);
+    ``aliases``: label as written -> class name (``data.class_aliases``)."""
     path, fmt = str(boxes_cfg.path), boxes_cfg.format
     if FRAME_DIR in path and fmt == "coco":
         raise ValueError(f"data.boxes.path {path}: {FRAME_DIR} names a folder per frame folder, for label files "
@@ -93,7 +96,8 @@ def frame_boxes(boxes_cfg, id_names: tuple[str, ...], names: list[str], name_suf
     out = AnnotationSet()
     for prefix, folder in folders:
         ann = read_annotations(fmt, folder, classes=id_names)
-        out.boxes.update({frame(prefix, stem): recs for stem, recs in ann.boxes.items()})
+        out.boxes.update({frame(prefix, stem): [_renamed(r, aliases) for r in recs] if aliases else recs
+                          for stem, recs in ann.boxes.items()})
         for i in ann.issues:
             if i["reason"] != "annotation_parse_error":
                 i = dict(i, name=frame(prefix, i["name"]))
@@ -103,6 +107,11 @@ def frame_boxes(boxes_cfg, id_names: tuple[str, ...], names: list[str], name_suf
     return out
 
 
+def _renamed(record, aliases: dict[str, str]):
+    """The record with its label as ``aliases`` renames it (names; a YOLO class id is no key)."""
+    return replace(record, label=aliases[record.label]) if record.label in aliases else record
+
+
 def _unreadable_coco(ann: AnnotationSet, boxes_cfg) -> str | None:
     if boxes_cfg.format == "coco" and ann.issues and ann.issues[0]["reason"] == "annotation_parse_error":
         return f"the COCO file {boxes_cfg.path} could not be read ({ann.issues[0]['detail']})"
@@ -110,12 +119,13 @@ def _unreadable_coco(ann: AnnotationSet, boxes_cfg) -> str | None:
 
 
 def classes_problem(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...], name_suffix: str = "",
-                    scoring: ScoringLimits | None = None, id_names: tuple[str, ...] | None = None) -> str | None:
+                    scoring: ScoringLimits | None = None, id_names: tuple[str, ...] | None = None,
+                    aliases: dict[str, str] | None = None) -> str | None:
     """From the annotation files (no pixel read): why the boxes of these frames cannot teach a
     detector of ``classes`` (none at all, or none of a configured class: trained on, every frame
     would be background), or, with ``scoring``, why none of them would be scored; or None."""
     names = {p.name for p in pairs}
-    ann = frame_boxes(boxes_cfg, id_names or classes, sorted(names), name_suffix)
+    ann = frame_boxes(boxes_cfg, id_names or classes, sorted(names), name_suffix, aliases)
     if problem := _unreadable_coco(ann, boxes_cfg):
         return problem
     labels = [r.label for name, recs in ann.boxes.items() if name in names for r in recs]
@@ -198,13 +208,15 @@ def _pixel_boxes(recs, w: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
                   in_split: list[str] | None = None, name_suffix: str = "",
                   ignore_classes: tuple[str, ...] = (),
-                  id_names: tuple[str, ...] | None = None) -> tuple[list[DetRecord], list[dict]]:
+                  id_names: tuple[str, ...] | None = None,
+                  aliases: dict[str, str] | None = None) -> tuple[list[DetRecord], list[dict]]:
     """Read every frame once (size check) and attach its boxes under the documented rules.
     ``in_split``: the split's names (label files of other frames are not orphans);
     ``name_suffix``: removed from annotation stems (annotations named as the infrared files);
     ``ignore_classes``: labels whose boxes are ignore regions; ``id_names``: the names YOLO class ids
-    index, where they are more than ``classes`` (a dataset's class file)."""
-    ann = frame_boxes(boxes_cfg, id_names or classes, [p.name for p in pairs], name_suffix)
+    index, where they are more than ``classes`` (a dataset's class file); ``aliases``: label as
+    written -> class name."""
+    ann = frame_boxes(boxes_cfg, id_names or classes, [p.name for p in pairs], name_suffix, aliases)
     if problem := _unreadable_coco(ann, boxes_cfg):
         raise DataError(f"{problem}; no frame would have its boxes")
     issues = list(ann.issues)
