@@ -107,7 +107,7 @@ def _below_root(pattern: str) -> str:
     return pattern
 
 
-def _four_sides(value: Any) -> Any:
+def four_sides(value: Any) -> Any:
     """``n`` is every side, ``[v, h]`` is (top and bottom, left and right)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return (value,) * 4
@@ -118,6 +118,9 @@ def _four_sides(value: Any) -> Any:
     return value
 
 
+# Pixels cut off each side of a frame before anything reads it (DroneVehicle's 100 px white frame).
+BorderCrop = Annotated[tuple[NonNegInt, NonNegInt, NonNegInt, NonNegInt], BeforeValidator(four_sides),
+                       Field(description="an int >= 0, [v, h] or [top, bottom, left, right]")]
 Text = Annotated[str, BeforeValidator(number_as_text)]
 Labels = list[Text]
 GlobPattern = Annotated[str, AfterValidator(_below_root)]
@@ -146,8 +149,7 @@ class SourceSchema(SourceSection):
                      Field(min_length=1, validation_alias=AliasChoices("glob", "globs"))] = list(DEFAULT_GLOBS)
     stride: PosInt = 1
     sort: Literal["natural", "lexical"] = "natural"
-    border_crop: Annotated[tuple[NonNegInt, NonNegInt, NonNegInt, NonNegInt], BeforeValidator(_four_sides),
-                           Field(description="an int >= 0, [v, h] or [top, bottom, left, right]")] = (0, 0, 0, 0)
+    border_crop: BorderCrop = (0, 0, 0, 0)
     black_threshold: Annotated[float | None, Field(description="the largest value of a frame dropped as black")] = None
     expected_frames: PosInt | None = None
     channel: Annotated[NonNegInt | None, Field(description="0-based, in stored order B, G, R, A")] = None

@@ -3,7 +3,7 @@
 Trains a ViTDet-style detector (torchvision Faster R-CNN, RetinaNet or FCOS) with the shared loop,
 then evaluates the validation split with pycocotools: ``metrics.json`` (AP, AP50, AP75, APs/m/l,
 per-class AP, log-average miss rate MR), ``predictions.json`` (COCO results format, original frame
-pixels), overlays.
+pixels: before ``data.border_crop``), overlays.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -20,6 +21,21 @@ from finetune.data.eval_frames import rank_frames
 from finetune.runner import FinetuneTask
 from pretrain.engine import run
 from finetune.schema import DetConfig
+
+
+def detections_in_frame(pred: dict, scale: float, size: tuple[int, int], crop=(0, 0, 0, 0)) -> dict:
+    """A frame's detections (:meth:`DetTask.predict_frame`'s, in the network input's pixels) in its
+    file's pixels: scaled back by ``scale``, clipped to the frame of ``size`` (height, width), whose
+    padding in the input is no part of it, and those left without area dropped (as detectron2's
+    ``detector_postprocess``), then moved by the ``crop`` (top, bottom, left, right) cut off it."""
+    height, width = size
+    top, _, left, _ = crop
+    boxes = pred["boxes"] / scale
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return {"boxes": boxes[keep] + np.array([left, top, left, top], np.float32), "scores": pred["scores"][keep],
+            "labels": pred["labels"][keep]}
 
 
 class DetTask(FinetuneTask):
@@ -51,12 +67,15 @@ class DetTask(FinetuneTask):
         names = list(cfg.data.classes)
         for n, (index, sample) in enumerate(zip(indices, samples)):
             scaled = self.predict_frame(model, cfg, sample, device)
-            boxes = scaled["boxes"] / sample["scale"]  # back to the original frame's pixels
             record = dataset.records[index]
+            in_frame = detections_in_frame(scaled, sample["scale"], record.size, record.pair.crop)
+            top, bottom, left, right = record.pair.crop  # the truth in the files' pixels too
+            offset = np.array([left, top, left, top], np.float32)
             boxes_scored, labels, ignore = evaluation_truth(record, limits)
-            frames.append({"id": index + 1, "name": record.pair.name, "height": record.size[0], "width": record.size[1],
-                           "boxes": boxes_scored, "labels": labels, "ignore": ignore})
-            results += coco_results(index + 1, boxes, scaled["scores"], scaled["labels"])
+            frames.append({"id": index + 1, "name": record.pair.name, "height": record.size[0] + top + bottom,
+                           "width": record.size[1] + left + right, "boxes": boxes_scored + offset, "labels": labels,
+                           "ignore": ignore + offset})
+            results += coco_results(index + 1, in_frame["boxes"], in_frame["scores"], in_frame["labels"])
             if rank == 0 and n < int(cfg.eval.overlays):
                 write_det_overlay(run_dir / "overlays" / f"{record.pair.name}.png", sample, scaled,
                                   {"boxes": sample["boxes"] * sample["scale"], "labels": sample["labels"]}, names,

@@ -5,7 +5,8 @@
 The run's model is rebuilt in one process from its config and a checkpoint (``best`` when the run
 kept one, else the newest; the frozen weights are checked against the checkpoint's record), and
 each frame goes through the same input normalisation and inference as the run's evaluation:
-segmentation by sliding windows of the training input size, detection on the frame fitted to it.
+segmentation by sliding windows of the training input size, detection on the frame fitted to it
+(after the run's ``data.border_crop``).
 
 Writes ``OUT/masks/<name>.png`` (segmentation: class indices) or ``OUT/detections.json``
 (detection: COCO format, boxes in the frame's pixels), overlays of the first frames, and
@@ -14,6 +15,7 @@ Writes ``OUT/masks/<name>.png`` (segmentation: class indices) or ``OUT/detection
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from data_tools.files import atomic_write_text
 from data_tools.imageio import write_png
 from data_tools.sources import nested_images_note
 from finetune.coco_eval import coco_results
-from finetune.data.pairs import PairRecord, discover, name_suffix, summarise_issues
+from finetune.data.pairs import PairRecord, border_crop, discover, name_suffix, summarise_issues
 from finetune.data.seg import read_checked_pair
 
 
@@ -86,6 +88,7 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     from data_tools.files import FINETUNE_RUNS
     from finetune.data.augment import network_inputs, pad_inputs, whole_frame_intensity
     from finetune.data.det import fit_to_input
+    from finetune.det import detections_in_frame
     from finetune.factory import intensity_config, ir_normalisation
     from finetune.overlay import write_det_overlay, write_seg_overlay
     from pretrain.engine.trained import load_trained, run_config
@@ -117,9 +120,10 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     model.to(dev)
     mean, std = ir_normalisation(cfg)
     intensity, classes, detection = intensity_config(cfg), list(cfg.data.classes), "boxes" in cfg.data
+    top, bottom, left, right = crop = border_crop(cfg.data)  # the frames as the run saw them
     images, detections, predicted = [], [], []
     for record in records:
-        frames, problem = read_checked_pair(record)
+        frames, problem = read_checked_pair(replace(record, crop=crop))
         if problem:
             issues.append(problem)
             continue
@@ -134,8 +138,10 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
         overlay = out / "overlays" / f"{record.name}.png" if len(predicted) < overlays else None
         if detection:
             file_name = Path(record.ir or record.vi or record.packed).name
-            images.append({"id": len(images) + 1, "file_name": file_name, "height": height, "width": width})
-            kept = coco_results(images[-1]["id"], pred["boxes"] / scale, pred["scores"], pred["labels"])
+            images.append({"id": len(images) + 1, "file_name": file_name, "height": height + top + bottom,
+                           "width": width + left + right})  # the file's own pixels, before the border crop
+            in_frame = detections_in_frame(pred, scale, (height, width), crop)
+            kept = coco_results(images[-1]["id"], in_frame["boxes"], in_frame["scores"], in_frame["labels"])
             detections += [d for d in kept if d["score"] >= min_score]
             if overlay:
                 write_det_overlay(overlay, sample, pred, None, classes, float(cfg.eval.overlay_score))

@@ -6,7 +6,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from data_tools.config import Section
-from data_tools.schema import BOX_FORMATS, Fraction, IntensitySchema, NonNegFloat, NonNegInt, PosFloat, PosInt
+from data_tools.schema import (BOX_FORMATS, BorderCrop, Fraction, IntensitySchema, NonNegFloat, NonNegInt, PosFloat,
+                               PosInt)
 from pretrain.schema import Dropout, EncoderSchema, InitSchema, LoopSchema, OptimSchema
 
 
@@ -228,6 +229,7 @@ class DetDataSchema(_DataSchema):
     # a label as the files write it -> the class of data.classes (or data.ignore_classes) it is: datasets
     # that spell a class several ways (DroneVehicle: feright car, feright, truvk)
     class_aliases: dict[str, str] = {}
+    border_crop: BorderCrop = (0, 0, 0, 0)  # cut off every frame first (DroneVehicle: 100); boxes move with it
     augment: DetAugmentSchema
 
     @model_validator(mode="after")

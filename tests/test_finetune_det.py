@@ -930,3 +930,74 @@ def test_real_msrs_pairs_overfit_with_vitdets_attention_and_heads(tmp_path):
                                   "optim.lr=3e-4")
     print({k: m[k] for k in ("AP", "AP50", "AP75")})
     assert m["frames"] == 4 and m["AP50"] > 0.3  # an untrained detector scores ~0 here
+
+
+def test_a_border_crop_cuts_every_frame_first_and_the_boxes_move_with_it(tmp_path):
+    """data.border_crop (DroneVehicle's white frame): frames are read without it, boxes (normalised YOLO ones
+    are fractions of the whole file) move by it and are clipped to what is left; a frame the crop leaves
+    nothing of is named; evaluation gives predictions.json in the files' own pixels."""
+    import torch
+
+    from finetune.data.seg import read_pair
+    from finetune.det import DetTask
+
+    frame = np.random.default_rng(0).integers(0, 200, (148, 200), np.uint8)  # 128 x 160 inside 10 / 20 px
+    for name in ("a", "b"):
+        _png(tmp_path / "ir" / f"{name}.png", frame)
+        _png(tmp_path / "vi" / f"{name}.png", np.dstack([frame] * 3))
+    _png(tmp_path / "ir" / "c.png", frame[:20])  # 20 px tall: nothing left under 10 + 10
+    _png(tmp_path / "vi" / "c.png", np.dstack([frame[:20]] * 3))
+    (tmp_path / "labels").mkdir()
+    # a: (40, 30)-(100, 90) in the file, and one reaching into the left frame, (5, 50)-(45, 70)
+    (tmp_path / "labels" / "a.txt").write_text(f"0 {70 / 200} {60 / 148} {60 / 200} {60 / 148}\n"
+                                               f"1 {25 / 200} {60 / 148} {40 / 200} {20 / 148}\n")
+    (tmp_path / "labels" / "b.txt").write_text(f"1 {50 / 200} {40 / 148} {20 / 200} {20 / 148}\n")
+    (tmp_path / "labels" / "c.txt").write_text("")
+    cfg = load_config(TINY, [f"data.root={tmp_path}", "data.boxes.path=labels", "data.num_workers=0",
+                             "train.precision=fp32", "data.border_crop=[10,20]"])
+    dataset, issues, found = det_dataset(cfg, "train")
+    assert found == 3 and [r.pair.name for r in dataset.records] == ["a", "b"]
+    assert [(i["name"], i["reason"]) for i in issues] == [("a", "box_clipped"), ("c", "too_small")]
+    a, b = dataset.records
+    assert a.size == (128, 160) and a.pair.crop == (10, 10, 20, 20)
+    np.testing.assert_allclose(a.boxes, [[20, 20, 80, 80], [0, 40, 25, 60]], atol=1e-3)
+    np.testing.assert_allclose(b.boxes, [[20, 20, 40, 40]], atol=1e-3)
+    np.testing.assert_array_equal(read_pair(a.pair)["ir"], frame[10:-10, 20:-20])
+    from finetune.data.det import _frame_size
+
+    assert _frame_size(a.pair) == (128, 160)  # from the header, as the check's scoring rule reads it
+
+    class Finds:  # finds each frame's boxes, in frame order (the 128 x 160 frames fill the input: scale 1),
+        # and on b a region its ignore box covers, which counts neither way
+        truth = [(a.boxes, [1, 1]), (np.array([*b.boxes, [100, 60, 140, 100]], np.float32), [1, 2])]
+
+        def eval(self):
+            return self
+
+        def predict(self, ir, vi):  # b's box on its ignore region ranks first: were it a false positive, AP would drop
+            boxes, scores = self.truth.pop(0)
+            return [{"boxes": torch.tensor(boxes), "scores": torch.tensor(scores, dtype=torch.float32),
+                     "labels": torch.zeros(len(boxes), dtype=torch.int64)}]
+
+    cfg.data.classes = ["person"]  # every box one class, so that the boxes alone decide
+    for r in dataset.records:
+        r.labels[:] = 0
+    b.ignore = np.array([[100, 60, 140, 100]], np.float32)
+    metrics = DetTask().evaluate_split(Finds(), cfg, dataset, torch.device("cpu"), 0, 1, tmp_path / "run")
+    assert metrics["AP50"] == pytest.approx(1.0) and metrics["objects"] == 3
+    written = sorted((d["image_id"], [round(v, 3) for v in d["bbox"]])
+                     for d in json.loads((tmp_path / "run" / "predictions.json").read_text()))
+    assert written == [(1, [20.0, 50.0, 25.0, 20.0]), (1, [40.0, 30.0, 60.0, 60.0]), (2, [40.0, 30.0, 20.0, 20.0]),
+                       (2, [120.0, 70.0, 40.0, 40.0])]
+
+
+def test_detections_are_clipped_to_the_frame_then_moved_by_the_crop():
+    """The input's padding is no part of the frame: a box reaching into it is clipped, one inside it is
+    dropped (detectron2's detector_postprocess); then the border crop moves them into the file's pixels."""
+    from finetune.det import detections_in_frame
+
+    pred = {"boxes": np.array([[10, 10, 50, 40], [100, 20, 140, 60], [130, 10, 150, 30]], np.float32),
+            "scores": np.array([0.9, 0.8, 0.7], np.float32), "labels": np.array([0, 1, 0])}
+    out = detections_in_frame(pred, 0.5, (100, 240), (5, 5, 7, 7))  # 0.5: the input is half the frame
+    np.testing.assert_allclose(out["boxes"], [[27, 25, 107, 85], [207, 45, 247, 105]])
+    assert out["scores"].tolist() == pytest.approx([0.9, 0.8]) and out["labels"].tolist() == [0, 1]

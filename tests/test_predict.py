@@ -27,6 +27,29 @@ def pairs(tmp_path_factory):
     return root
 
 
+def _bordered(pairs, root, top: int, left: int):
+    """The pairs in a white frame of ``top`` / ``left`` pixels on each side (DroneVehicle ships its frames in
+    one of 100 px), their YOLO boxes re-normalised to the framed size."""
+    for folder in ("ir", "vi", "labels"):
+        (root / folder).mkdir(parents=True)
+    for path in sorted((pairs / "ir").iterdir()):
+        for folder in ("ir", "vi"):
+            frame = cv2.imread(str(pairs / folder / path.name), cv2.IMREAD_UNCHANGED)
+            h, w = frame.shape[:2]
+            white = [255] * (frame.shape[2] if frame.ndim == 3 else 1)
+            cv2.imwrite(str(root / folder / path.name),
+                        cv2.copyMakeBorder(frame, top, top, left, left, cv2.BORDER_CONSTANT, value=white))
+        lines = []
+        for line in (pairs / "labels" / f"{path.stem}.txt").read_text().split("\n"):
+            if line.strip():
+                c, cx, cy, bw, bh = line.split()
+                x, y = (float(cx) * w + left) / (w + 2 * left), (float(cy) * h + top) / (h + 2 * top)
+                bw, bh = float(bw) * w / (w + 2 * left), float(bh) * h / (h + 2 * top)
+                lines.append(f"{c} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}")
+        (root / "labels" / f"{path.stem}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def _trained(task, run_dir, config, *overrides):
     res = run_finetune_cli(task, run_dir, config, *overrides, "train.steps=4", "train.batch_size=2",
                            "eval.overlays=0")
@@ -180,9 +203,12 @@ def test_one_folder_of_both_modalities_pairs_by_the_runs_name_suffixes(pairs, tm
 
 def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys, monkeypatch):
     # 4 steps from random init score every box low: keep them all, so that there is something to compare.
-    # The 128x160 frames fit the 96x128 input at 0.75: boxes are mapped back to the frames' pixels.
+    # The frames come in a white frame that data.border_crop cuts off (10 px above and below, 20 left and
+    # right); the 128x160 left fit the 96x128 input at 0.75: boxes are mapped back to the files' pixels.
+    pairs = _bordered(pairs, tmp_path / "framed", 10, 20)
     _trained("det", tmp_path / "run", DET, f"data.root={pairs}", f"data.boxes.path={pairs / 'labels'}",
-             "eval.every_steps=2", "model.head.score_threshold=0.0", "model.encoder.img_size=[96,128]")
+             "eval.every_steps=2", "model.head.score_threshold=0.0", "model.encoder.img_size=[96,128]",
+             "data.border_crop=[10,20]")
     out = tmp_path / "pred"
     assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--out", str(out)]) == 2
     assert "the run's detector takes infrared and visible frames" in capsys.readouterr().err  # it stacks both
@@ -192,14 +218,16 @@ def test_detections_are_the_runs_evaluation_detections(pairs, tmp_path, capsys, 
     coco = json.loads((out / "detections.json").read_text())
     theirs = json.loads((tmp_path / "run" / "predictions.json").read_text())  # the last evaluation's
     assert [c["name"] for c in coco["categories"]] == ["person", "car"] and len(coco["images"]) == 6
-    assert {(i["height"], i["width"]) for i in coco["images"]} == {(128, 160)}
+    assert {(i["height"], i["width"]) for i in coco["images"]} == {(148, 200)}  # the files' own size
 
     def key(d):
         return (d["category_id"], *np.round(d["bbox"], 2), round(d["score"], 4))
 
     assert len(theirs) > 0 and sorted(map(key, coco["annotations"])) == sorted(map(key, theirs))
-    corners = np.array([d["bbox"] for d in theirs])  # x y w h in the frames' pixels, past the input's 96x128
-    assert (corners[:, 0] + corners[:, 2]).max() > 128 and (corners[:, 1] + corners[:, 3]).max() > 96
+    corners = np.array([d["bbox"] for d in theirs])  # x y w h in the files' pixels, past the input's 96x128
+    assert (corners[:, 0] + corners[:, 2]).max() > 20 + 128 and (corners[:, 1] + corners[:, 3]).max() > 10 + 96
+    assert corners[:, 0].min() >= 20 and corners[:, 1].min() >= 10  # inside the picture, not the white frame
+    assert (corners[:, 0] + corners[:, 2]).max() <= 20 + 160 and (corners[:, 1] + corners[:, 3]).max() <= 10 + 128
     median = float(np.median([d["score"] for d in theirs]))
     assert finetune_main(["predict", str(tmp_path / "run"), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
                           "--out", str(tmp_path / "sure"), "--checkpoint", "step00000004",

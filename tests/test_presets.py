@@ -152,11 +152,14 @@ def build_replica(preset: str, root: Path) -> int:
             _voc(root / "annotations-xml-new-sanitized" / video / f"I{i:05d}.xml", f"I{i:05d}", s["boxes"] + people,
                  ("person", "person", "people"), (128, 160), xywh=True)
         elif preset == "dronevehicle":  # {split}/{split}imgr (infrared), {split}img (visible), {split}labelr
-            _write(root / folder / f"{folder}imgr" / f"{n}.jpg", s["ir"])
-            _write(root / folder / f"{folder}img" / f"{n}.jpg", _bgr(s["vi"]))
+            framed = [cv2.copyMakeBorder(f, *(100,) * 4, cv2.BORDER_CONSTANT, value=[255] * 3)  # its white frame
+                      for f in (s["ir"], _bgr(s["vi"]))]
+            _write(root / folder / f"{folder}imgr" / f"{n}.jpg", framed[0])
+            _write(root / folder / f"{folder}img" / f"{n}.jpg", framed[1])
             unnamed = [(2, 1, 1, 20, 20)] if i in (0, N_TRAIN) else []  # "*": a box without a class
-            _voc(root / folder / f"{folder}labelr" / f"{n}.xml", f"{n}.jpg", s["boxes"] + unnamed,
-                 DET_NAMES["dronevehicle"] + ("*",), (128, 160), polygon=True)
+            _voc(root / folder / f"{folder}labelr" / f"{n}.xml", f"{n}.jpg",
+                 [(c, x + 100, y + 100, w, h) for c, x, y, w, h in s["boxes"] + unnamed],
+                 DET_NAMES["dronevehicle"] + ("*",), (328, 360), polygon=True)
         elif preset == "llvip":
             _write(root / "infrared" / folder / f"{n}.jpg", s["ir"])
             _write(root / "visible" / folder / f"{n}.jpg", _bgr(s["vi"]))

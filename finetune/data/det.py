@@ -159,7 +159,7 @@ def _unscored_problem(objects: list[tuple[PairRecord, list]], limits: ScoringLim
         needs_size = limits.border or any(r.normalized for r in recs)
         if (size := _frame_size(pair) if needs_size else (np.inf, np.inf)) is None:
             return None
-        boxes, keep, _ = _pixel_boxes(recs, size[1], size[0])
+        boxes, keep, _ = _pixel_boxes(recs, size[1], size[0], pair.crop)
         occlusion = np.array([-1 if r.occlusion is None else r.occlusion for r in recs], np.int64)
         boxes, occlusion = boxes[keep], occlusion[keep]
         if scored_objects(boxes, occlusion, size, limits).any():
@@ -179,14 +179,16 @@ def _unscored_problem(objects: list[tuple[PairRecord, list]], limits: ScoringLim
 
 
 def _frame_size(pair: PairRecord) -> tuple[int, int] | None:
-    """(height, width) of a pair's frames from the first file's header (PIL reads no pixels; frames
-    are decoded without EXIF rotation, as this size is), else by decoding it; None if unreadable."""
+    """(height, width) of a pair's frames after its crop, from the first file's header (PIL reads no
+    pixels; frames are decoded without EXIF rotation, as this size is), else by decoding it; None if
+    unreadable."""
     from PIL import Image
 
     path = next(p for p in (pair.ir, pair.vi, pair.packed) if p)
+    top, bottom, left, right = pair.crop
     try:
         with Image.open(path) as image:
-            return image.size[1], image.size[0]
+            return max(image.size[1] - top - bottom, 0), max(image.size[0] - left - right, 0)
     except (OSError, ValueError, SyntaxError):  # a format PIL does not know, a damaged header: decode
         size = _size_or_issue(pair)
         return None if isinstance(size, dict) else size
@@ -198,9 +200,13 @@ def _size_or_issue(pair: PairRecord) -> tuple[int, int] | dict:
     return problem or next(f.shape[:2] for f in frames.values() if f is not None)
 
 
-def _pixel_boxes(recs, w: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """xyxy pixel boxes of ``recs`` clipped to the frame, which of them have an area, which were clipped."""
-    xywh, keep, clipped = clip_boxes(boxes_to_pixels(recs, w, h), w, h)
+def _pixel_boxes(recs, w: int, h: int, crop=(0, 0, 0, 0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xyxy pixel boxes of ``recs`` in the (w, h) frame left after ``crop`` (top, bottom, left, right;
+    the files' boxes are in the whole frame's pixels), clipped to it, which of them have an area, which
+    were clipped."""
+    top, bottom, left, right = crop
+    xywh = boxes_to_pixels(recs, w + left + right, h + top + bottom) - np.array([left, top, 0, 0], np.float64)
+    xywh, keep, clipped = clip_boxes(xywh, w, h)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).astype(np.float32).reshape(-1, 4)
     return xyxy, keep, clipped
 
@@ -245,10 +251,10 @@ def build_records(pairs: list[PairRecord], boxes_cfg, classes: tuple[str, ...],
                 objects.append(r)
                 labels.append(k)
                 occlusion.append(-1 if r.occlusion is None else r.occlusion)
-        xyxy, keep, clipped = _pixel_boxes(objects, w, h)
+        xyxy, keep, clipped = _pixel_boxes(objects, w, h, pair.crop)
         issues += [issue(pair.name, "box_clipped", f"box {i}") for i in np.flatnonzero(clipped)]
         issues += [issue(pair.name, "box_empty", f"box {i}") for i in np.flatnonzero(~keep)]
-        ignore, has_area, _ = _pixel_boxes(regions, w, h)  # a region outside the frame ignores nothing
+        ignore, has_area, _ = _pixel_boxes(regions, w, h, pair.crop)  # a region outside the frame ignores nothing
         records.append(DetRecord(pair, xyxy[keep], np.array(labels, np.int64).reshape(-1)[keep], (h, w),
                                  ignore[has_area], np.array(occlusion, np.int64).reshape(-1)[keep]))
     return records, issues

@@ -24,6 +24,7 @@ from data_tools.annotations import ISSUE_REASONS, UNNAMED_COCO_CATEGORY
 from data_tools.files import atomic_write_text, is_entry_to_read, missing_folder
 from data_tools.issues import count_by_reason
 from data_tools.issues import issue as data_issue
+from data_tools.schema import four_sides
 from data_tools.sources import IMAGE_EXTENSIONS, nested_images_note
 
 PAIR_ISSUES = {
@@ -36,6 +37,7 @@ PAIR_ISSUES = {
     "mask_size_mismatch": "the label map's size differs from the image's",
     "unknown_label_values": "the label map holds values that are neither a class index nor the ignore index",
     "wrong_channels": "a packed (MFNet-style) image does not have 4 channels",
+    "too_small": "nothing of the frame is left after data.border_crop",
     "unknown_class": "a box's class is not among the configured classes; the box was dropped",
     "ignore_region": "a box of data.ignore_classes (or a COCO crowd box) is an ignore region: not trained on, and "
                      "a detection on it counts neither as a hit nor as a false positive",
@@ -55,6 +57,7 @@ class PairRecord:
     vi: str | None = None
     label: str | None = None
     packed: str | None = None  # MFNet-style 4-channel file (RGB + thermal)
+    crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # (top, bottom, left, right) pixels cut off (data.border_crop)
 
 
 def issue(name: str, reason: str, detail: str = "") -> dict:
@@ -144,6 +147,12 @@ def _check_modalities_apart(data, root: Path) -> None:
                          "or name two folders")
 
 
+def border_crop(data) -> tuple[int, int, int, int]:
+    """``data.border_crop`` as (top, bottom, left, right): an int is every side, [v, h] two (detection only)."""
+    value = data.get("border_crop") or 0
+    return tuple(int(v) for v in four_sides(value if isinstance(value, int) else list(value)))
+
+
 def discover(data, split: str | None, need_label: bool = True) -> tuple[list[PairRecord], list[dict], int]:
     """Records for the ``data`` config section (layout, root, dirs, label_suffix), the issues met
     (each names the frame and why it was left out) and the number of frames considered."""
@@ -181,7 +190,7 @@ def discover(data, split: str | None, need_label: bool = True) -> tuple[list[Pai
     else:
         label_orphans = [n for n in labels if n not in listed]
     issues += [issue(n, "label_without_image", labels[n]) for n in sorted(label_orphans)]
-    records = []
+    records, crop = [], border_crop(data)
     for n in names:
         missing = [m for m, files in images.items() if n not in files]
         if missing:
@@ -191,7 +200,7 @@ def discover(data, split: str | None, need_label: bool = True) -> tuple[list[Pai
             issues.append(issue(n, "missing_label"))
             continue
         files = {m: images[m][n] for m in images}
-        records.append(PairRecord(n, label=labels.get(n), **files))
+        records.append(PairRecord(n, label=labels.get(n), crop=crop, **files))
     return records, issues, len(names)
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data_tools.imageio import SkipSample, mask_foreground, read_frame, read_label_map, read_raw, read_rgb
+from data_tools.imageio import (SkipSample, crop_border, mask_foreground, read_frame, read_label_map, read_raw,
+                                read_rgb)
 from data_tools.transforms import IR_MEAN, IR_STD, IntensityConfig
 from finetune.data.augment import (AugmentConfig, crop, crop_corner, hflip, network_inputs, pad_inputs, photometric,
                                     photometric_infrared, rescale, scale_factor, whole_frame_intensity)
@@ -33,7 +34,16 @@ class SegDataSpec:
 
 
 def read_pair(record: PairRecord) -> dict:
-    """{'ir': (H, W) uint8/16 or None, 'vi': (H, W, 3) uint8 RGB or None} of one record."""
+    """{'ir': (H, W) uint8/16 or None, 'vi': (H, W, 3) uint8 RGB or None} of one record, its
+    ``crop`` cut off."""
+    frames = _read_whole_pair(record)
+    if any(record.crop):
+        frames = {m: None if f is None else np.ascontiguousarray(crop_border(f, record.crop))
+                  for m, f in frames.items()}
+    return frames
+
+
+def _read_whole_pair(record: PairRecord) -> dict:
     if record.packed:
         image = read_raw(record.packed)
         if image.ndim != 3 or image.shape[2] != 4:
@@ -57,6 +67,9 @@ def read_checked_pair(record: PairRecord) -> tuple[dict | None, dict | None]:
     shapes = {m: f.shape[:2] for m, f in frames.items() if f is not None}
     if len(set(shapes.values())) > 1:
         return None, issue(record.name, "size_mismatch", str(shapes))
+    if min(min(s) for s in shapes.values()) == 0:
+        return None, issue(record.name, "too_small", f"data.border_crop (top, bottom, left, right) {list(record.crop)} "
+                                                     "leaves no pixel")
     return frames, None
 
 
