@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from data_tools.files import atomic_write_text
 from finetune.factory import build_detector, det_dataset
+from finetune.data.det import crop_offset, whole_size
 from finetune.data.eval_frames import rank_frames
 from finetune.runner import FinetuneTask
 from pretrain.engine import run
@@ -29,13 +29,11 @@ def detections_in_frame(pred: dict, scale: float, size: tuple[int, int], crop=(0
     padding in the input is no part of it, and those left without area dropped (as detectron2's
     ``detector_postprocess``), then moved by the ``crop`` (top, bottom, left, right) cut off it."""
     height, width = size
-    top, _, left, _ = crop
     boxes = pred["boxes"] / scale
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return {"boxes": boxes[keep] + np.array([left, top, left, top], np.float32), "scores": pred["scores"][keep],
-            "labels": pred["labels"][keep]}
+    return {"boxes": boxes[keep] + crop_offset(crop), "scores": pred["scores"][keep], "labels": pred["labels"][keep]}
 
 
 class DetTask(FinetuneTask):
@@ -69,12 +67,11 @@ class DetTask(FinetuneTask):
             scaled = self.predict_frame(model, cfg, sample, device)
             record = dataset.records[index]
             in_frame = detections_in_frame(scaled, sample["scale"], record.size, record.pair.crop)
-            top, bottom, left, right = record.pair.crop  # the truth in the files' pixels too
-            offset = np.array([left, top, left, top], np.float32)
+            offset = crop_offset(record.pair.crop)  # the truth in the files' pixels too
+            height, width = whole_size(record.size, record.pair.crop)
             boxes_scored, labels, ignore = evaluation_truth(record, limits)
-            frames.append({"id": index + 1, "name": record.pair.name, "height": record.size[0] + top + bottom,
-                           "width": record.size[1] + left + right, "boxes": boxes_scored + offset, "labels": labels,
-                           "ignore": ignore + offset})
+            frames.append({"id": index + 1, "name": record.pair.name, "height": height, "width": width,
+                           "boxes": boxes_scored + offset, "labels": labels, "ignore": ignore + offset})
             results += coco_results(index + 1, in_frame["boxes"], in_frame["scores"], in_frame["labels"])
             if rank == 0 and n < int(cfg.eval.overlays):
                 write_det_overlay(run_dir / "overlays" / f"{record.pair.name}.png", sample, scaled,

@@ -87,7 +87,7 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     ``min_score``: detections scoring lower are not written (all the detector keeps by default)."""
     from data_tools.files import FINETUNE_RUNS
     from finetune.data.augment import network_inputs, pad_inputs, whole_frame_intensity
-    from finetune.data.det import fit_to_input
+    from finetune.data.det import fit_to_input, whole_size
     from finetune.det import detections_in_frame
     from finetune.factory import intensity_config, ir_normalisation
     from finetune.overlay import write_det_overlay, write_seg_overlay
@@ -120,7 +120,7 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
     model.to(dev)
     mean, std = ir_normalisation(cfg)
     intensity, classes, detection = intensity_config(cfg), list(cfg.data.classes), "boxes" in cfg.data
-    top, bottom, left, right = crop = border_crop(cfg.data)  # the frames as the run saw them
+    crop = border_crop(cfg.data)  # the frames as the run saw them
     images, detections, predicted = [], [], []
     for record in records:
         frames, problem = read_checked_pair(replace(record, crop=crop))
@@ -138,8 +138,8 @@ def predict_run(run_dir: str | Path, out: str | Path, ir: str | None = None, vi:
         overlay = out / "overlays" / f"{record.name}.png" if len(predicted) < overlays else None
         if detection:
             file_name = Path(record.ir or record.vi or record.packed).name
-            images.append({"id": len(images) + 1, "file_name": file_name, "height": height + top + bottom,
-                           "width": width + left + right})  # the file's own pixels, before the border crop
+            whole_h, whole_w = whole_size((height, width), crop)  # the file's own pixels, before the border crop
+            images.append({"id": len(images) + 1, "file_name": file_name, "height": whole_h, "width": whole_w})
             in_frame = detections_in_frame(pred, scale, (height, width), crop)
             kept = coco_results(images[-1]["id"], in_frame["boxes"], in_frame["scores"], in_frame["labels"])
             detections += [d for d in kept if d["score"] >= min_score]

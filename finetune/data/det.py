@@ -200,12 +200,24 @@ def _size_or_issue(pair: PairRecord) -> tuple[int, int] | dict:
     return problem or next(f.shape[:2] for f in frames.values() if f is not None)
 
 
+def crop_offset(crop: tuple[int, int, int, int]) -> np.ndarray:
+    """What a (top, bottom, left, right) border crop adds to an xyxy box to give the file's pixels."""
+    top, _, left, _ = crop
+    return np.array([left, top, left, top], np.float32)
+
+
+def whole_size(size: tuple[int, int], crop: tuple[int, int, int, int]) -> tuple[int, int]:
+    """(height, width) of the file whose frame, after ``crop`` (top, bottom, left, right), is ``size``."""
+    top, bottom, left, right = crop
+    return size[0] + top + bottom, size[1] + left + right
+
+
 def _pixel_boxes(recs, w: int, h: int, crop=(0, 0, 0, 0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """xyxy pixel boxes of ``recs`` in the (w, h) frame left after ``crop`` (top, bottom, left, right;
     the files' boxes are in the whole frame's pixels), clipped to it, which of them have an area, which
     were clipped."""
-    top, bottom, left, right = crop
-    xywh = boxes_to_pixels(recs, w + left + right, h + top + bottom) - np.array([left, top, 0, 0], np.float64)
+    whole_h, whole_w = whole_size((h, w), crop)
+    xywh = boxes_to_pixels(recs, whole_w, whole_h) - np.array([*crop_offset(crop)[:2], 0, 0], np.float64)
     xywh, keep, clipped = clip_boxes(xywh, w, h)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).astype(np.float32).reshape(-1, 4)
     return xyxy, keep, clipped
